@@ -1,0 +1,582 @@
+//! `FakeAsterisk`: one Asterisk channel running `AGI(agi://addr/...)`.
+//!
+//! It behaves as `shared/fastagi-protocol.md` measured a real Asterisk 23 to
+//! behave (how AGISTATUS is decided, the unsolicited and end-of-session
+//! `HANGUP`, dead-channel replies, one header line per `write()`), and it
+//! records every protocol violation a proxy in front of it must never cause:
+//! pipelined commands, partial lines, `\r\n`.
+
+mod args;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, timeout_at};
+
+use crate::framing::ReadBuf;
+use crate::header::AgiHeader;
+
+/// Asterisk's `MAX_AGI_CONNECT`: each address gets this long to connect.
+pub const MAX_AGI_CONNECT: Duration = Duration::from_millis(2000);
+
+/// Asterisk reads commands into an 8192-byte buffer: longer lines are cut.
+pub const MAX_LINE: usize = 8191;
+
+/// How long bytes may sit without their `\n` before it counts as a partial
+/// line. A whole line written in one `write()` arrives in one piece on
+/// loopback, so any visible gap means the writer split it; the bound only
+/// has to be well under [`crate::backend::SPLIT_LINE_PAUSE`] so that a proxy
+/// forwarding a split line as it comes is caught.
+pub const PARTIAL_LINE_GRACE: Duration = Duration::from_millis(20);
+
+/// The AGISTATUS the dialplan would see after `AGI()` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AgiStatus {
+    /// The server closed (FIN or RST) with the channel up; the dialplan
+    /// continues as if the script had worked.
+    Success,
+    /// Connect failed, or the server sent a line starting with `failure`.
+    Failure,
+    /// The caller hung up during the session.
+    Hangup,
+    /// `call_timeout` ran out while Asterisk was still waiting. A real
+    /// Asterisk would wait for ever: tests treat this as a bug.
+    Hung,
+}
+
+impl fmt::Display for AgiStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AgiStatus::Success => "SUCCESS",
+            AgiStatus::Failure => "FAILURE",
+            AgiStatus::Hangup => "HANGUP",
+            AgiStatus::Hung => "HUNG",
+        })
+    }
+}
+
+/// Asterisk's answer to one command, and how long the command "runs".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Time before the reply is written (a command executing).
+    pub delay: Duration,
+    /// The bytes written, usually one `200 result=N\n` line.
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    /// `200 result=0\n`, at once.
+    pub fn ok() -> Self {
+        Self::result(0)
+    }
+
+    /// `200 result=<n>\n`, at once.
+    pub fn result(n: i64) -> Self {
+        Self::line(&format!("200 result={n}"))
+    }
+
+    /// One line, `\n` appended when missing.
+    pub fn line(line: &str) -> Self {
+        let mut bytes = line.as_bytes().to_vec();
+        if !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        Self {
+            delay: Duration::ZERO,
+            bytes,
+        }
+    }
+
+    /// Exactly these bytes (a `520-` block, a broken reply, ...).
+    pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
+        Self {
+            delay: Duration::ZERO,
+            bytes: bytes.into(),
+        }
+    }
+
+    /// The same reply, written after `delay`.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    fn usage(usage: &str) -> Self {
+        Self::raw(format!(
+            "520-Invalid command syntax.  Proper usage follows:\n{usage}\n520 End of proper usage.\n"
+        ))
+    }
+}
+
+/// Decides the reply to each ordinary command line (without its `\n`).
+pub type ReplyFn = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
+
+/// What one `AGI()` call saw.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    /// AGISTATUS after the call.
+    pub status: AgiStatus,
+    /// Every line received from the server, without `\n`, in order.
+    pub commands: Vec<String>,
+    /// Channel variables set with `SET VARIABLE`.
+    pub variables: HashMap<String, String>,
+    /// Payloads received with `PUT SOUNDFILE <name> <size>`.
+    pub received_files: Vec<(String, Vec<u8>)>,
+    /// Why the connect failed, when it did.
+    pub connect_error: Option<String>,
+    /// Protocol violations by the server; a correct proxy causes none.
+    pub violations: Vec<String>,
+    /// Time inside `AGI()`, connect included.
+    pub elapsed: Duration,
+    /// From the start of the call (connect included) to the first command:
+    /// the silence the caller hears.
+    pub time_to_first_command: Option<Duration>,
+    /// Bytes written to the server: header, replies, `HANGUP`s.
+    pub bytes_sent: u64,
+    /// Bytes read from the server.
+    pub bytes_received: u64,
+}
+
+impl CallOutcome {
+    fn new() -> Self {
+        Self {
+            status: AgiStatus::Hung,
+            commands: Vec::new(),
+            variables: HashMap::new(),
+            received_files: Vec::new(),
+            connect_error: None,
+            violations: Vec::new(),
+            elapsed: Duration::ZERO,
+            time_to_first_command: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+}
+
+/// A simulated Asterisk channel, configured builder-style and run against an
+/// address with [`run`](Self::run). Cloning is cheap; one value can run many
+/// calls concurrently.
+#[derive(Clone)]
+pub struct FakeAsterisk {
+    header: AgiHeader,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+    partial_line_grace: Duration,
+    reply: ReplyFn,
+    hangup_after: Option<usize>,
+    hangup_at_start: bool,
+    files: Arc<HashMap<String, Vec<u8>>>,
+}
+
+impl fmt::Debug for FakeAsterisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeAsterisk")
+            .field("header", &self.header)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("call_timeout", &self.call_timeout)
+            .field("partial_line_grace", &self.partial_line_grace)
+            .field("hangup_after", &self.hangup_after)
+            .field("hangup_at_start", &self.hangup_at_start)
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for FakeAsterisk {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeAsterisk {
+    /// The [`Fixture::FX`](crate::Fixture::FX) header, a 2000 ms connect
+    /// timeout, a 30 s call bound, `200 result=0` to every command, no hangup.
+    pub fn new() -> Self {
+        Self {
+            header: AgiHeader::default(),
+            connect_timeout: MAX_AGI_CONNECT,
+            call_timeout: Duration::from_secs(30),
+            partial_line_grace: PARTIAL_LINE_GRACE,
+            reply: Arc::new(|_| Reply::ok()),
+            hangup_after: None,
+            hangup_at_start: false,
+            files: Arc::default(),
+        }
+    }
+
+    /// The header sent after connecting.
+    pub fn header(mut self, header: AgiHeader) -> Self {
+        self.header = header;
+        self
+    }
+
+    /// Connect timeout (Asterisk: 2000 ms per address).
+    pub fn connect_timeout(mut self, limit: Duration) -> Self {
+        self.connect_timeout = limit;
+        self
+    }
+
+    /// Safety bound for tests on the whole call; hitting it gives
+    /// [`AgiStatus::Hung`].
+    pub fn call_timeout(mut self, limit: Duration) -> Self {
+        self.call_timeout = limit;
+        self
+    }
+
+    /// How long an incomplete line may wait for its `\n` before it is
+    /// recorded as a violation (default [`PARTIAL_LINE_GRACE`]).
+    pub fn partial_line_grace(mut self, grace: Duration) -> Self {
+        self.partial_line_grace = grace;
+        self
+    }
+
+    /// Replies to ordinary commands (not `SET VARIABLE`, the sound-file
+    /// transfers, or commands refused on a dead channel).
+    pub fn reply_with(mut self, reply: impl Fn(&str) -> Reply + Send + Sync + 'static) -> Self {
+        self.reply = Arc::new(reply);
+        self
+    }
+
+    /// The caller hangs up after Asterisk replied to `n` commands: an
+    /// unsolicited `HANGUP\n`, then only dead-safe commands work. `0` is
+    /// the same as [`hangup_at_start`](Self::hangup_at_start).
+    pub fn hangup_after(mut self, n: usize) -> Self {
+        self.hangup_after = Some(n);
+        self
+    }
+
+    /// The caller hangs up right after the header was sent.
+    pub fn hangup_at_start(mut self, yes: bool) -> Self {
+        self.hangup_at_start = yes;
+        self
+    }
+
+    /// A file `GET SOUNDFILE <name>` returns.
+    pub fn file(mut self, name: &str, data: impl Into<Vec<u8>>) -> Self {
+        Arc::make_mut(&mut self.files).insert(name.to_owned(), data.into());
+        self
+    }
+
+    /// Connects and writes `header` in one go, for tests that drive the
+    /// rest of the conversation by hand.
+    pub async fn raw_session(addr: SocketAddr, header: &[u8]) -> std::io::Result<TcpStream> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(header).await?;
+        Ok(stream)
+    }
+
+    /// Runs one `AGI()` call against `addr` and reports what it saw. Never
+    /// panics on network errors: they end up in the outcome.
+    pub async fn run(&self, addr: SocketAddr) -> CallOutcome {
+        let started = Instant::now();
+        let mut out = CallOutcome::new();
+        // On timeout the call future is dropped and `out` keeps what it saw.
+        let status = timeout(self.call_timeout, self.call(addr, started, &mut out))
+            .await
+            .unwrap_or(AgiStatus::Hung);
+        out.status = status;
+        out.elapsed = started.elapsed();
+        out
+    }
+
+    async fn call(&self, addr: SocketAddr, started: Instant, out: &mut CallOutcome) -> AgiStatus {
+        let stream = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                out.connect_error = Some(format!("connect {addr}: {e}"));
+                return AgiStatus::Failure;
+            }
+            Err(_) => {
+                out.connect_error = Some(format!(
+                    "connect {addr}: timed out after {:?}",
+                    self.connect_timeout
+                ));
+                return AgiStatus::Failure;
+            }
+        };
+        Session {
+            cfg: self,
+            stream,
+            rb: ReadBuf::new(),
+            out,
+            started,
+            replies: 0,
+            dead: false,
+            hung_up: false,
+            failure: false,
+        }
+        .run()
+        .await
+    }
+}
+
+/// How a conversation step ended.
+enum Flow {
+    Continue,
+    End,
+}
+
+/// One connected call.
+struct Session<'a> {
+    cfg: &'a FakeAsterisk,
+    stream: TcpStream,
+    rb: ReadBuf,
+    out: &'a mut CallOutcome,
+    started: Instant,
+    /// Replies written so far (for `hangup_after`).
+    replies: usize,
+    /// The channel is gone: only dead-safe commands work.
+    dead: bool,
+    /// The caller hung up during the session (AGISTATUS=HANGUP).
+    hung_up: bool,
+    /// A `failure` line was received (AGISTATUS=FAILURE).
+    failure: bool,
+}
+
+impl Session<'_> {
+    async fn run(mut self) -> AgiStatus {
+        // A server that resets during the header ends the session like any
+        // other close: nothing is wrong on Asterisk's side.
+        if self.send_header().await.is_ok() {
+            if self.cfg.hangup_at_start || self.cfg.hangup_after == Some(0) {
+                self.hang_up().await;
+            }
+            while let Some(line) = self.next_line().await {
+                if let Flow::End = self.handle(line).await {
+                    break;
+                }
+            }
+        }
+        self.end().await
+    }
+
+    /// One `write()` per line, then the blank line, as Asterisk does.
+    async fn send_header(&mut self) -> std::io::Result<()> {
+        let mut line = Vec::with_capacity(64);
+        for (name, value) in self.cfg.header.vars() {
+            AgiHeader::line_into(name, value, &mut line);
+            self.write(&line).await?;
+        }
+        self.write(b"\n").await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.out.bytes_sent += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The caller hangs up: unsolicited `HANGUP`, channel dead from now on.
+    async fn hang_up(&mut self) {
+        let _ = self.write(b"HANGUP\n").await;
+        self.dead = true;
+        self.hung_up = true;
+    }
+
+    /// End of session, however it ended: `HANGUP` once more, close.
+    async fn end(mut self) -> AgiStatus {
+        let _ = self.write(b"HANGUP\n").await;
+        let _ = self.stream.shutdown().await;
+        if self.failure {
+            AgiStatus::Failure
+        } else if self.hung_up {
+            AgiStatus::Hangup
+        } else {
+            AgiStatus::Success
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        self.out.violations.push(what);
+    }
+
+    /// The next line from the server, or `None` when it closed. Records a
+    /// partial line that stays incomplete past the grace, or that the close
+    /// cuts off.
+    async fn next_line(&mut self) -> Option<String> {
+        let mut deadline: Option<Instant> = None;
+        let mut reported = false;
+        loop {
+            if let Some(line) = self.rb.take_line(MAX_LINE) {
+                let line = String::from_utf8_lossy(line).into_owned();
+                self.out
+                    .time_to_first_command
+                    .get_or_insert_with(|| self.started.elapsed());
+                return Some(line);
+            }
+            let read = if self.rb.has_pending() && !reported {
+                let deadline =
+                    *deadline.get_or_insert_with(|| Instant::now() + self.cfg.partial_line_grace);
+                match timeout_at(deadline.into(), self.rb.fill(&mut self.stream)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        reported = true;
+                        let pending = String::from_utf8_lossy(self.rb.pending()).into_owned();
+                        self.violation(format!(
+                            "partial line: {pending:?} waited over {:?} for its newline",
+                            self.cfg.partial_line_grace
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                self.rb.fill(&mut self.stream).await
+            };
+            match read {
+                Ok(n) if n > 0 => self.out.bytes_received += n as u64,
+                _ => {
+                    if self.rb.has_pending() {
+                        let pending = String::from_utf8_lossy(self.rb.pending()).into_owned();
+                        self.violation(format!(
+                            "partial line: connection closed inside {pending:?}"
+                        ));
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Handles one command line: decide the reply, check pacing, reply.
+    async fn handle(&mut self, line: String) -> Flow {
+        self.out.commands.push(line.clone());
+        if line
+            .as_bytes()
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"failure"))
+        {
+            // No reply; end() sends HANGUP and closes.
+            self.failure = true;
+            return Flow::End;
+        }
+        let words = args::parse(&line);
+        let reply = if line.ends_with('\r') {
+            self.violation(format!("\\r\\n line ending: {line:?}"));
+            Reply::line("510 Invalid or unknown command")
+        } else if args::starts_with(&words, &["PUT", "SOUNDFILE"]) {
+            match self.put_soundfile(&words).await {
+                Some(reply) => reply,
+                None => return Flow::End,
+            }
+        } else if args::starts_with(&words, &["GET", "SOUNDFILE"]) {
+            self.get_soundfile(&words)
+        } else if words.is_empty() {
+            Reply::line("510 Invalid or unknown command")
+        } else if self.dead && !args::dead_safe(&words) {
+            Reply::line("511 Command Not Permitted on a dead channel or intercept routine")
+        } else if args::starts_with(&words, &["SET", "VARIABLE"]) {
+            self.set_variable(words)
+        } else {
+            (self.cfg.reply)(&line)
+        };
+        self.reply(&line, reply).await
+    }
+
+    /// Writes `reply` to the command `line`, checking first that the server
+    /// waited for it.
+    async fn reply(&mut self, line: &str, reply: Reply) -> Flow {
+        let mut early = self.rb.pending().len();
+        if !reply.delay.is_zero() {
+            sleep(reply.delay).await;
+        }
+        early += self.rb.try_fill(&self.stream);
+        if early > 0 {
+            self.violation(format!(
+                "pipelining: {early} bytes of a further command arrived before the reply to {line:?}"
+            ));
+        }
+        if self.write(&reply.bytes).await.is_err() {
+            return Flow::End;
+        }
+        self.replies += 1;
+        if !self.dead && self.cfg.hangup_after == Some(self.replies) {
+            self.hang_up().await;
+        }
+        Flow::Continue
+    }
+
+    fn set_variable(&mut self, mut words: Vec<String>) -> Reply {
+        if words.len() != 4 {
+            return Reply::usage(" Usage: SET VARIABLE <variablename> <value>");
+        }
+        let value = words.pop().unwrap_or_default();
+        let name = words.pop().unwrap_or_default();
+        self.out.variables.insert(name, value);
+        Reply::result(1)
+    }
+
+    /// Reads the `<size>` raw bytes behind `PUT SOUNDFILE <name> <size>`.
+    /// `None` when the server closed inside the payload.
+    async fn put_soundfile(&mut self, words: &[String]) -> Option<Reply> {
+        let size = match (
+            words.len(),
+            words.get(3).and_then(|s| s.parse::<usize>().ok()),
+        ) {
+            (4, Some(size)) => size,
+            _ => return Some(Reply::usage(" Usage: PUT SOUNDFILE <filename> <size>")),
+        };
+        let mut data = Vec::with_capacity(size.min(1 << 20));
+        while data.len() < size {
+            data.extend_from_slice(self.rb.take_up_to(size - data.len()));
+            if data.len() == size {
+                break;
+            }
+            match self.rb.fill(&mut self.stream).await {
+                Ok(n) if n > 0 => self.out.bytes_received += n as u64,
+                _ => {
+                    self.violation(format!(
+                        "connection closed after {} of {size} PUT SOUNDFILE payload bytes",
+                        data.len()
+                    ));
+                    return None;
+                }
+            }
+        }
+        self.out.received_files.push((words[2].clone(), data));
+        Some(Reply::ok())
+    }
+
+    /// `200 result=<size>\n` and the file's bytes, or `result=-1` if unknown.
+    fn get_soundfile(&self, words: &[String]) -> Reply {
+        match words.get(2).and_then(|name| self.cfg.files.get(name)) {
+            Some(data) if words.len() == 3 => {
+                let mut bytes = format!("200 result={}\n", data.len()).into_bytes();
+                bytes.extend_from_slice(data);
+                Reply::raw(bytes)
+            }
+            _ => Reply::result(-1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_whole_lines() {
+        assert_eq!(Reply::ok().bytes, b"200 result=0\n");
+        assert_eq!(Reply::result(-1).bytes, b"200 result=-1\n");
+        assert_eq!(
+            Reply::line("510 Invalid or unknown command\n").bytes,
+            b"510 Invalid or unknown command\n"
+        );
+        let slow = Reply::ok().after(Duration::from_millis(5));
+        assert_eq!(slow.delay, Duration::from_millis(5));
+        let usage = Reply::usage(" Usage: X");
+        assert!(usage.bytes.starts_with(b"520-"));
+        assert!(usage.bytes.ends_with(b"\n520 End of proper usage.\n"));
+    }
+
+    #[test]
+    fn status_prints_as_the_dialplan_sees_it() {
+        assert_eq!(AgiStatus::Failure.to_string(), "FAILURE");
+        assert_eq!(AgiStatus::Hangup.to_string(), "HANGUP");
+    }
+}

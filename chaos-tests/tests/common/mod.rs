@@ -1,0 +1,53 @@
+//! Shared set-up for the integration tests: a proxy from a YAML snippet,
+//! listening on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agiproxy::{Server, SessionRecord};
+use chaos_tests::{AgiHeader, FakeAsterisk};
+
+pub struct Proxy {
+    pub server: Server,
+    pub addr: SocketAddr,
+}
+
+/// Starts a proxy. `body` is the config without `version` and `listeners`.
+pub async fn proxy(body: &str) -> Proxy {
+    let text =
+        format!("version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{body}");
+    let config = agiproxy_config::from_yaml_str(&text)
+        .unwrap_or_else(|e| panic!("test config:\n{e}\n---\n{text}"));
+    let server = Server::start(config).await.expect("proxy starts");
+    let addr = server.local_addrs()[0];
+    Proxy { server, addr }
+}
+
+/// A one-pool config: every call goes to `backends` with `balance`.
+pub fn one_pool(balance: &str, backends: &[SocketAddr], extra_timeouts: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|a| format!("      - {{ address: \"{a}\" }}\n"))
+        .collect();
+    format!(
+        "{extra_timeouts}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: {balance}\n    backends:\n{list}"
+    )
+}
+
+/// A FakeAsterisk calling `script` (no leading slash, as Asterisk sends it).
+pub fn caller(script: &str, uniqueid: &str) -> FakeAsterisk {
+    FakeAsterisk::new()
+        .header(AgiHeader::realistic(script, &["a1"], uniqueid))
+        .call_timeout(Duration::from_secs(20))
+}
+
+/// Waits for the next finished-session record.
+pub async fn next_record(
+    rx: &mut tokio::sync::broadcast::Receiver<SessionRecord>,
+) -> SessionRecord {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a session record within 10 s")
+        .expect("record channel open")
+}

@@ -1,0 +1,153 @@
+//! Every failure before commit ends with AGISTATUS=FAILURE and the reason in
+//! AGIPROXY_ERROR, inside the budget; at once when no backend is eligible.
+
+mod common;
+
+use std::time::Duration;
+
+use chaos_tests::{
+    blackholed_listener, refused_addr, AgiStatus, Behaviour, CallOutcome, FakeBackend,
+};
+use common::*;
+
+fn assert_failure(out: &CallOutcome, reason: &str) {
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some(reason),
+        "{out:?}"
+    );
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+}
+
+const BUDGET: Duration = Duration::from_millis(1500);
+
+#[tokio::test]
+async fn refused_backend_gives_failure_fast() {
+    let p = proxy(&one_pool("round_robin", &[refused_addr()], "")).await;
+    let out = caller("ivr/main", "1.1").run(p.addr).await;
+    assert_failure(&out, "connect_failed");
+    assert!(
+        out.elapsed < Duration::from_millis(200),
+        "{:?}",
+        out.elapsed
+    );
+}
+
+#[tokio::test]
+async fn blackholed_backend_gives_failure_within_budget() {
+    let (_hole, addr) = blackholed_listener();
+    let p = proxy(&one_pool("round_robin", &[addr], "")).await;
+    let out = caller("ivr/main", "1.1").run(p.addr).await;
+    assert_failure(&out, "connect_failed");
+    // One 250 ms connect attempt, well inside the budget.
+    assert!(
+        out.elapsed >= Duration::from_millis(240),
+        "{:?}",
+        out.elapsed
+    );
+    assert!(out.elapsed < BUDGET, "{:?}", out.elapsed);
+}
+
+#[tokio::test]
+async fn budget_bounds_many_blackholed_backends() {
+    let holes: Vec<_> = (0..4).map(|_| blackholed_listener()).collect();
+    let addrs: Vec<_> = holes.iter().map(|(_, a)| *a).collect();
+    let t = "timeouts:\n  budget: 600ms\n  connect: 250ms\n";
+    let p = proxy(&one_pool("round_robin", &addrs, t)).await;
+    let out = caller("ivr/main", "1.1").run(p.addr).await;
+    assert_failure(&out, "budget_exhausted");
+    assert!(
+        out.elapsed >= Duration::from_millis(590),
+        "{:?}",
+        out.elapsed
+    );
+    assert!(
+        out.elapsed < Duration::from_millis(900),
+        "{:?}",
+        out.elapsed
+    );
+}
+
+#[tokio::test]
+async fn backends_closing_before_the_first_byte_give_failure() {
+    for behaviour in [
+        Behaviour::CloseImmediately,
+        Behaviour::CloseAfterHeader,
+        Behaviour::ResetImmediately,
+        Behaviour::ResetAfterHeader,
+    ] {
+        let b = FakeBackend::start(behaviour.clone()).await;
+        let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+        let out = caller("ivr/main", "1.1").run(p.addr).await;
+        assert_failure(&out, "backend_closed");
+        assert!(
+            out.elapsed < Duration::from_millis(500),
+            "{behaviour:?}: {:?}",
+            out.elapsed
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_eligible_backend_fails_at_once_without_a_connect() {
+    let b = FakeBackend::start(Behaviour::CloseImmediately).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    // The first call finds the backend broken: it enters its backoff.
+    assert_failure(&caller("x", "1.1").run(p.addr).await, "backend_closed");
+    let accepted = b.stats().accepted();
+    for i in 0..20 {
+        let out = caller("x", &format!("2.{i}")).run(p.addr).await;
+        assert_failure(&out, "no_backend");
+        assert!(out.elapsed < Duration::from_millis(50), "{:?}", out.elapsed);
+    }
+    assert_eq!(
+        b.stats().accepted(),
+        accepted,
+        "no connect to a backend known to be down"
+    );
+}
+
+#[tokio::test]
+async fn no_route_gives_failure() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let body = format!(
+        "routes:\n  - name: ivr\n    match: {{ script: {{ prefix: \"ivr/\" }} }}\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        b.addr()
+    );
+    let p = proxy(&body).await;
+    let out = caller("billing/x", "1.1").run(p.addr).await;
+    assert_failure(&out, "no_route");
+    assert!(out.elapsed < Duration::from_millis(50), "{:?}", out.elapsed);
+    assert_eq!(b.stats().accepted(), 0);
+}
+
+#[tokio::test]
+async fn first_command_deadline_fails_over_then_failure() {
+    let stalled = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let t = "timeouts:\n  first_command: 300ms\n  budget: 1500ms\n";
+    let p = proxy(&one_pool("round_robin", &[stalled.addr()], t)).await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_failure(&out, "first_command_timeout");
+    assert!(
+        out.elapsed >= Duration::from_millis(290) && out.elapsed < Duration::from_millis(800),
+        "{:?}",
+        out.elapsed
+    );
+    // The abandoned backend got a whole header, then HANGUP, then a close.
+    assert!(
+        stalled
+            .stats()
+            .wait_completed(1, Duration::from_secs(3))
+            .await
+    );
+    assert_eq!(stalled.stats().hangups(), 1);
+
+    // With a live second backend the call fails over and succeeds.
+    let live = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let stalled2 = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&one_pool("round_robin", &[stalled2.addr(), live.addr()], t)).await;
+    let out = caller("x", "1.2").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["NOOP"]);
+}

@@ -1,0 +1,87 @@
+//! One-line summaries of routes, for `agiproxy check` and logs.
+
+use crate::model::{Pool, Rewrite, Route, RouteTarget, ScriptMatch};
+
+impl Route {
+    /// A one-line human summary, e.g.
+    /// `ivr: script prefix "ivr/", query lang=de, args 1~^[0-9]+$, source 10.0.0.0/8 -> pool ivr (least_sessions, 2 backends) rewrite strip "ivr/" set agi_x_route=ivr mode lines`.
+    /// `pools` is the config's pool list, which the route's targets index into.
+    pub fn describe(&self, pools: &[Pool]) -> String {
+        let m = &self.matcher;
+        let mut criteria = Vec::new();
+        if let Some(script) = &m.script {
+            criteria.push(match script {
+                ScriptMatch::Exact(s) => format!("script exact {s:?}"),
+                ScriptMatch::Prefix(s) => format!("script prefix {s:?}"),
+                ScriptMatch::Regex(r) => format!("script regex {}", r.as_str()),
+            });
+        }
+        if !m.query.is_empty() {
+            let q: Vec<String> = m.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            criteria.push(format!("query {}", q.join("&")));
+        }
+        if !m.args.is_empty() {
+            let a: Vec<String> = m.args.iter().map(|(n, r)| format!("{n}~{}", r.as_str())).collect();
+            criteria.push(format!("args {}", a.join(" ")));
+        }
+        if !m.vars.is_empty() {
+            let v: Vec<String> = m.vars.iter().map(|(k, r)| format!("{k}~{}", r.as_str())).collect();
+            criteria.push(format!("vars {}", v.join(" ")));
+        }
+        if !m.source.is_empty() {
+            let s: Vec<String> = m.source.iter().map(|n| n.to_string()).collect();
+            criteria.push(format!("source {}", s.join(" ")));
+        }
+        let criteria = if criteria.is_empty() {
+            "any call".to_string()
+        } else {
+            criteria.join(", ")
+        };
+
+        let target = match &self.target {
+            RouteTarget::Pool(i) => format!("pool {}", describe_pool(pools, *i)),
+            RouteTarget::Split(sides) => {
+                let s: Vec<String> = sides
+                    .iter()
+                    .map(|t| format!("{}:{}", pool_name(pools, t.pool), t.weight))
+                    .collect();
+                format!("split {} by {}", s.join(" "), self.split_key)
+            }
+        };
+
+        let mut out = format!("{}: {criteria} -> {target}", self.name);
+        match &self.rewrite {
+            Some(Rewrite::StripPrefix(p)) => out.push_str(&format!(" rewrite strip {p:?}")),
+            Some(Rewrite::ReplacePrefix { from, to }) => {
+                out.push_str(&format!(" rewrite replace {from:?} with {to:?}"));
+            }
+            None => {}
+        }
+        if !self.set.is_empty() {
+            let s: Vec<String> = self.set.iter().map(|(k, t)| format!("{k}={t}")).collect();
+            out.push_str(&format!(" set {}", s.join(" ")));
+        }
+        out.push_str(&format!(" mode {}", self.mode));
+        if !self.forward_hangup {
+            out.push_str(" hangup withheld");
+        }
+        out
+    }
+}
+
+fn pool_name(pools: &[Pool], i: usize) -> String {
+    pools
+        .get(i)
+        .map_or_else(|| format!("#{i}"), |p| p.name.clone())
+}
+
+fn describe_pool(pools: &[Pool], i: usize) -> String {
+    match pools.get(i) {
+        None => format!("#{i}"),
+        Some(p) => {
+            let n = p.backends.len();
+            let plural = if n == 1 { "" } else { "s" };
+            format!("{} ({}, {n} backend{plural})", p.name, p.balance)
+        }
+    }
+}

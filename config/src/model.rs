@@ -1,0 +1,319 @@
+//! The typed, validated config the proxy runs on. Everything here has been checked:
+//! names resolved to indices, regexes compiled, addresses parsed, defaults applied.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::template::Template;
+
+/// Asterisk's FastAGI port, used when an `agi://` URL gives none.
+pub const DEFAULT_PORT: u16 = 4573;
+
+/// The header variable a split (and `balance: hash`) hashes by default: one value per call,
+/// so every AGI of a call lands on the same side.
+pub const DEFAULT_SPLIT_KEY: &str = "agi_uniqueid";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Always 1.
+    pub version: u32,
+    /// Never empty. Absent in the file: one listener `asterisk` on 0.0.0.0:4573.
+    pub listeners: Vec<Listener>,
+    /// The global defaults; each route carries its own merged copy in [`Route::timeouts`].
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// First match wins. May be empty: then every call gets FAILURE (no route).
+    pub routes: Vec<Route>,
+    /// Referenced by index from [`RouteTarget`]. Pools no route uses are allowed.
+    pub pools: Vec<Pool>,
+}
+
+impl Config {
+    /// The index of the pool called `name`, as used in [`RouteTarget`].
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique; `[A-Za-z0-9_.-]+`.
+    pub name: String,
+    /// Unique (except port 0, which asks the OS for a free port each time).
+    pub address: SocketAddr,
+}
+
+impl Listener {
+    /// The listener used when the file has no `listeners:` key.
+    pub fn default_listener() -> Listener {
+        Listener {
+            name: "asterisk".to_string(),
+            address: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// The whole header from Asterisk.
+    pub header: Duration,
+    /// Finding a backend, all attempts together. Always >= `connect`.
+    pub budget: Duration,
+    /// One connect attempt.
+    pub connect: Duration,
+    /// The backend's first command after the header.
+    pub first_command: Duration,
+    /// The backend's next command after a reply.
+    pub next_command: Duration,
+    /// Sessions in flight at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(5),
+            budget: Duration::from_millis(1500),
+            connect: Duration::from_millis(250),
+            first_command: Duration::from_secs(3),
+            next_command: Duration::from_secs(60),
+            drain: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions at once, over all listeners; 1..=1_000_000, default 20000.
+    pub max_sessions: usize,
+    /// Header size from Asterisk; 512..=1 MiB, default 16384.
+    pub max_header_bytes: usize,
+    /// Header lines from Asterisk; 8..=4096, default 512.
+    pub max_header_lines: usize,
+}
+
+impl Limits {
+    pub const MAX_SESSIONS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+    pub const MAX_HEADER_BYTES: std::ops::RangeInclusive<usize> = 512..=1024 * 1024;
+    pub const MAX_HEADER_LINES: std::ops::RangeInclusive<usize> = 8..=4096;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 20_000,
+            max_header_bytes: 16_384,
+            max_header_lines: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Unique; `[A-Za-z0-9_.-]+`.
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub target: RouteTarget,
+    /// The header variable a `split:` hashes (default `agi_uniqueid`). Set but unused for
+    /// `pool:` targets, so a split can be promoted to one pool without touching it.
+    pub split_key: String,
+    pub rewrite: Option<Rewrite>,
+    /// Header variables added, in file order. Keys are new `agi_*` names (never ones Asterisk sends).
+    pub set: Vec<(String, Template)>,
+    pub mode: Mode,
+    /// Forward Asterisk's unsolicited `HANGUP` to the backend (default true). `false` protects
+    /// backends that mistake it for a reply or crash on it.
+    pub forward_hangup: bool,
+    /// The global timeouts with this route's `timeouts:` overrides applied.
+    pub timeouts: Timeouts,
+}
+
+/// What a call must look like for a route to take it. Every listed criterion must hold;
+/// an empty matcher takes every call.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// Against the script path: `agi_network_script` up to any `?`, without a leading `/`
+    /// (see [`script_path`]).
+    pub script: Option<ScriptMatch>,
+    /// Query parameters that must be present and equal, stored as written; the proxy compares
+    /// after percent-decoding the call's query.
+    pub query: Vec<(String, String)>,
+    /// `agi_arg_N` (N in 1..=127) against a regex (unanchored: add `^`/`$` as needed).
+    pub args: Vec<(usize, regex::Regex)>,
+    /// Any `agi_*` header variable against a regex (unanchored).
+    pub vars: Vec<(String, regex::Regex)>,
+    /// Asterisk's address must be in one of these networks (empty: any address).
+    pub source: Vec<ipnet::IpNet>,
+}
+
+impl RouteMatch {
+    /// True when the matcher has no criteria and so takes every call.
+    pub fn is_catch_all(&self) -> bool {
+        self.script.is_none()
+            && self.query.is_empty()
+            && self.args.is_empty()
+            && self.vars.is_empty()
+            && self.source.is_empty()
+    }
+}
+
+/// How a route matches the script. Matching is against the path part only: what Asterisk
+/// sends in `agi_network_script` before any `?`, without a leading `/` (real Asterisk sends
+/// none; the config may write one, which is removed at load: `/ivr/` means `ivr/`, and a
+/// regex starting `^/` becomes `^/?`).
+#[derive(Debug, Clone)]
+pub enum ScriptMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl ScriptMatch {
+    /// `path` as returned by [`script_path`].
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            ScriptMatch::Exact(s) => path == s,
+            ScriptMatch::Prefix(p) => path.starts_with(p.as_str()),
+            ScriptMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// The path routes match against: `agi_network_script` without its query and without one
+/// leading `/` (which Asterisk never sends, but other clients might).
+pub fn script_path(network_script: &str) -> &str {
+    let path = network_script
+        .split_once('?')
+        .map_or(network_script, |(p, _)| p);
+    path.strip_prefix('/').unwrap_or(path)
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteTarget {
+    /// Index into [`Config::pools`].
+    Pool(usize),
+    /// Weighted split by a hash of [`Route::split_key`]. Pools distinct, weights sum > 0.
+    Split(Vec<SplitTarget>),
+}
+
+#[derive(Debug, Clone)]
+pub struct SplitTarget {
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    /// 0..=10000; 0 keeps the pool listed but sends it nothing.
+    pub weight: u32,
+}
+
+/// A change to the script path before the header goes to the backend. Prefixes carry no
+/// leading `/` (removed at load, as for script matches).
+#[derive(Debug, Clone)]
+pub enum Rewrite {
+    StripPrefix(String),
+    ReplacePrefix { from: String, to: String },
+}
+
+impl Rewrite {
+    /// Applies the rewrite to `agi_network_script` (a leading `/` and the query are kept as
+    /// they are); unchanged when the path does not start with the prefix.
+    pub fn apply<'a>(&self, network_script: &'a str) -> Cow<'a, str> {
+        let (slash, rest) = match network_script.strip_prefix('/') {
+            Some(rest) => ("/", rest),
+            None => ("", network_script),
+        };
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let (from, to) = match self {
+            Rewrite::StripPrefix(p) => (p.as_str(), ""),
+            Rewrite::ReplacePrefix { from, to } => (from.as_str(), to.as_str()),
+        };
+        let Some(tail) = path.strip_prefix(from) else {
+            return Cow::Borrowed(network_script);
+        };
+        let mut out = format!("{slash}{to}{tail}");
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        Cow::Owned(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Paced: whole lines, one command at a time, towards Asterisk.
+    Lines,
+    /// Bytes pass untouched both ways.
+    Raw,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Lines => "lines",
+            Mode::Raw => "raw",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    /// Unique; `[A-Za-z0-9_.-]+`.
+    pub name: String,
+    pub balance: Balance,
+    /// Never empty; addresses distinct.
+    pub backends: Vec<Backend>,
+    /// Sessions at once over the whole pool.
+    pub max_sessions: Option<u32>,
+    /// Passive ejection after connect failures.
+    pub backoff: Backoff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Weighted,
+    LeastSessions,
+    /// By a hash of this header variable's value (`hash_key`, default `agi_uniqueid`).
+    Hash { key: String },
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Balance::RoundRobin => f.write_str("round_robin"),
+            Balance::Weighted => f.write_str("weighted"),
+            Balance::LeastSessions => f.write_str("least_sessions"),
+            Balance::Hash { key } => write!(f, "hash {key}"),
+        }
+    }
+}
+
+/// Backoff for a backend ejected after connect failures: `base`, doubling up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    /// Always >= `base`.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub address: SocketAddr,
+    /// 1..=1000, default 1.
+    pub weight: u32,
+    /// Sessions at once on this backend.
+    pub max_sessions: Option<u32>,
+}

@@ -1,0 +1,183 @@
+//! YAML text → [`RawConfig`], reporting every structural mistake (unknown key, wrong type).
+//!
+//! serde stops at the first mistake. When the whole file does not deserialize, each top-level
+//! section and each entry of `listeners`, `routes` and `pools` is deserialized again on its own,
+//! straight from the text (the rest skipped), so every broken piece is reported, each with the
+//! path and line/column serde_yaml gives it. Within one piece only its first mistake is found.
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_yaml::Value;
+
+use crate::error::{from_yaml, ConfigError};
+use crate::raw::{
+    RawConfig, RawControl, RawLimits, RawListener, RawPool, RawRoute, RawTimeouts, Scalar,
+    TOP_LEVEL_KEYS,
+};
+
+pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
+    let first = match serde_yaml::from_str::<RawConfig>(text) {
+        Ok(raw) => return Ok(raw),
+        Err(e) => e,
+    };
+    // Not YAML at all (or a shape the survey cannot read): the one error is all there is to say.
+    let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {
+        return Err(vec![from_yaml(&first)]);
+    };
+
+    let mut errors: Vec<ConfigError> = Vec::new();
+    for (key, value) in &top {
+        let Some(key) = key.as_str() else { continue };
+        if !TOP_LEVEL_KEYS.contains(&key) {
+            // Found here rather than by a probe: serde_yaml would place it at line 1, column 1.
+            let at = top_level_line(text, key)
+                .map(|line| format!(" (line {line}, column 1)"))
+                .unwrap_or_default();
+            errors.push(ConfigError::new(
+                "",
+                format!(
+                    "unknown field `{key}`, expected one of {}{at}",
+                    TOP_LEVEL_KEYS
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+            continue;
+        }
+        let pieces = match (key, value) {
+            ("listeners" | "routes" | "pools", Value::Sequence(entries)) => {
+                (0..entries.len()).map(|i| Piece::Entry(key, i)).collect()
+            }
+            _ => vec![Piece::Section(key)],
+        };
+        for piece in pieces {
+            let de = serde_yaml::Deserializer::from_str(text);
+            if let Err(e) = piece.deserialize(de) {
+                let e = from_yaml(&e);
+                if !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        // The pieces all deserialize, so the mistake is in how they fit together; never lose it.
+        errors.push(from_yaml(&first));
+    }
+    Err(errors)
+}
+
+/// One part of the file to deserialize on its own.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// A top-level key and its whole value.
+    Section(&'a str),
+    /// One entry of a top-level list.
+    Entry(&'a str, usize),
+}
+
+impl<'de> DeserializeSeed<'de> for Piece<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Piece<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping of config sections")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (wanted, entry) = match self {
+            Piece::Section(key) => (key, None),
+            Piece::Entry(key, i) => (key, Some(i)),
+        };
+        while let Some(key) = map.next_key::<Scalar>()? {
+            if key.0 != wanted {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            match entry {
+                Some(index) => map.next_value_seed(EntryOf { key: wanted, index })?,
+                None => section(wanted, &mut map)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes one top-level section with its real type.
+fn section<'de, A: MapAccess<'de>>(key: &str, map: &mut A) -> Result<(), A::Error> {
+    match key {
+        "version" => map.next_value::<Option<Scalar>>().map(drop),
+        "listeners" => map.next_value::<Option<Vec<RawListener>>>().map(drop),
+        "timeouts" => map.next_value::<Option<RawTimeouts>>().map(drop),
+        "limits" => map.next_value::<Option<RawLimits>>().map(drop),
+        "routes" => map.next_value::<Option<Vec<RawRoute>>>().map(drop),
+        "pools" => map.next_value::<Option<Vec<RawPool>>>().map(drop),
+        "control" => map.next_value::<Option<RawControl>>().map(drop),
+        _ => map.next_value::<IgnoredAny>().map(drop),
+    }
+}
+
+/// Walks a top-level list, deserializing only entry `index` with its real type.
+struct EntryOf<'a> {
+    key: &'a str,
+    index: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for EntryOf<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntryOf<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a list of {}", self.key)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            let more = if i == self.index {
+                match self.key {
+                    "listeners" => seq.next_element::<RawListener>()?.is_some(),
+                    "routes" => seq.next_element::<RawRoute>()?.is_some(),
+                    "pools" => seq.next_element::<RawPool>()?.is_some(),
+                    _ => seq.next_element::<IgnoredAny>()?.is_some(),
+                }
+            } else {
+                seq.next_element::<IgnoredAny>()?.is_some()
+            };
+            if !more {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+}
+
+/// The 1-based line where a top-level `key:` is written, if it can be found.
+fn top_level_line(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|line| {
+        [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .any(|k| {
+                line.strip_prefix(k.as_str())
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            })
+    })
+    .map(|i| i + 1)
+}

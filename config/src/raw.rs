@@ -1,0 +1,291 @@
+//! The config file as written: serde structs mirroring the YAML.
+//!
+//! Everything is optional here and values are kept as text where the YAML could hold
+//! a number or a string, so that mistakes surface in validation (which reports all of
+//! them, with fixes) rather than as serde's first-error-only type errors. Unknown keys
+//! are still refused here, by `deny_unknown_fields`.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// The top-level keys of [`RawConfig`], for reporting unknown ones found by [`crate::parse`].
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
+    "version",
+    "listeners",
+    "timeouts",
+    "limits",
+    "routes",
+    "pools",
+    "control",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub version: Option<Scalar>,
+    pub listeners: Option<Vec<RawListener>>,
+    pub timeouts: Option<RawTimeouts>,
+    pub limits: Option<RawLimits>,
+    pub routes: Option<Vec<RawRoute>>,
+    pub pools: Option<Vec<RawPool>>,
+    pub control: Option<RawControl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: Option<String>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub header: Option<DurationText>,
+    pub budget: Option<DurationText>,
+    pub connect: Option<DurationText>,
+    pub first_command: Option<DurationText>,
+    pub next_command: Option<DurationText>,
+    pub drain: Option<DurationText>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_sessions: Option<u64>,
+    pub max_header_bytes: Option<u64>,
+    pub max_header_lines: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matcher: Option<RawMatch>,
+    pub pool: Option<String>,
+    pub split: Option<Vec<RawSplit>>,
+    pub split_key: Option<String>,
+    pub rewrite: Option<RawRewrite>,
+    pub set: Option<OrderedMap<Scalar>>,
+    pub mode: Option<RawMode>,
+    pub forward_hangup: Option<bool>,
+    pub timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub script: Option<RawScript>,
+    pub query: Option<OrderedMap<Scalar>>,
+    pub args: Option<OrderedMap<Scalar>>,
+    pub vars: Option<OrderedMap<Scalar>>,
+    pub source: Option<Vec<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawScript {
+    pub exact: Option<Scalar>,
+    pub prefix: Option<Scalar>,
+    pub regex: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSplit {
+    pub pool: Option<String>,
+    pub weight: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRewrite {
+    pub strip_prefix: Option<Scalar>,
+    pub replace_prefix: Option<RawReplacePrefix>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReplacePrefix {
+    pub from: Option<Scalar>,
+    pub to: Option<Scalar>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawMode {
+    Lines,
+    Raw,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub name: Option<String>,
+    pub balance: Option<RawBalance>,
+    pub hash_key: Option<String>,
+    pub backends: Option<Vec<RawBackend>>,
+    pub max_sessions: Option<u64>,
+    pub passive: Option<RawPassive>,
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawBalance {
+    RoundRobin,
+    Weighted,
+    LeastSessions,
+    Hash,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackend {
+    pub address: Option<String>,
+    pub srv: Option<String>,
+    pub weight: Option<u64>,
+    pub max_sessions: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPassive {
+    pub backoff: Option<DurationText>,
+    pub max_backoff: Option<DurationText>,
+}
+
+/// Active health checks: part of the contract's shape, parsed so typos are caught, but refused
+/// until they are implemented (hence fields that are never read).
+#[allow(dead_code)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    #[serde(rename = "type")]
+    pub kind: Option<RawHealthKind>,
+    pub script: Option<Scalar>,
+    pub interval: Option<DurationText>,
+    pub timeout: Option<DurationText>,
+    pub rise: Option<u64>,
+    pub fall: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawHealthKind {
+    Agi,
+    Tcp,
+}
+
+/// The control API: part of the contract's shape, refused until implemented.
+#[allow(dead_code)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControl {
+    pub address: Option<String>,
+    pub token_file: Option<String>,
+}
+
+/// A YAML scalar kept as text: strings as written, integers and booleans in their usual spelling
+/// (`1` → "1"), so `args: { 1: "^x" }` and `query: { page: 2 }` work unquoted.
+/// Decimals are refused: `1.50` would come back as "1.5" and then never match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor {
+            expecting: "a string (quote decimals, e.g. \"1.50\", to keep them as written)",
+            allow_float: false,
+        })
+        .map(Scalar)
+    }
+}
+
+/// A duration as written. Numbers are accepted here only so validation can answer them with
+/// "add a unit" instead of a type error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DurationText(pub String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor {
+            expecting: "a duration with a unit, e.g. 250ms, 2s, 5m",
+            allow_float: true,
+        })
+        .map(DurationText)
+    }
+}
+
+struct ScalarVisitor {
+    expecting: &'static str,
+    allow_float: bool,
+}
+
+impl Visitor<'_> for ScalarVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+        Ok(v)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+        if self.allow_float {
+            Ok(v.to_string())
+        } else {
+            Err(E::invalid_type(de::Unexpected::Float(v), &self))
+        }
+    }
+}
+
+/// A YAML mapping kept in file order, duplicates included (validation reports them by name;
+/// serde_yaml's own `Mapping` would stop at the first one without a path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OrderedMap<V>(pub Vec<(Scalar, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapVisitor<V>(std::marker::PhantomData<V>);
+
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for MapVisitor<V> {
+            type Value = OrderedMap<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping of names to values, e.g. { name: value }")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<Scalar>()? {
+                    entries.push((key, map.next_value()?));
+                }
+                Ok(OrderedMap(entries))
+            }
+        }
+
+        d.deserialize_map(MapVisitor(std::marker::PhantomData))
+    }
+}

@@ -1,0 +1,334 @@
+//! Checks shared by the sections: names, header variables, addresses, networks, regexes, numbers.
+//! Each returns the message for the field's path, with the fix in it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+use regex::Regex;
+
+use crate::model::DEFAULT_PORT;
+
+/// Names of routes, pools and listeners end up in logs, metrics labels and `${route}`-style
+/// header values, so they are kept to a safe alphabet.
+pub(crate) fn name(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("is empty; use letters, digits, _, . or -".to_string());
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{text:?} contains {c:?}; names may contain only letters, digits, _, . and -"
+        ));
+    }
+    Ok(())
+}
+
+/// A header variable name as Asterisk writes them: `agi_` then `[a-z0-9_]`.
+pub(crate) fn var_name(text: &str) -> Result<(), String> {
+    let well_formed = text.len() > 4
+        && text.starts_with("agi_")
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if well_formed {
+        return Ok(());
+    }
+    let hint = if text.to_ascii_lowercase().starts_with("agi_") && text.len() > 4 {
+        "header variable names are lowercase: agi_ then a-z, 0-9 and _"
+    } else {
+        "header variable names start with agi_ and use only a-z, 0-9 and _ (e.g. agi_context)"
+    };
+    Err(format!("{text:?} is not a header variable name; {hint}"))
+}
+
+/// Variables Asterisk itself sends (fastagi-protocol.md). `set:` must not add a second copy:
+/// backends would see two different values and frameworks disagree on which one wins.
+pub(crate) fn is_asterisk_var(name: &str) -> bool {
+    const SENT: &[&str] = &[
+        "agi_network",
+        "agi_network_script",
+        "agi_request",
+        "agi_channel",
+        "agi_language",
+        "agi_type",
+        "agi_uniqueid",
+        "agi_version",
+        "agi_callerid",
+        "agi_calleridname",
+        "agi_callingpres",
+        "agi_callingani2",
+        "agi_callington",
+        "agi_callingtns",
+        "agi_dnid",
+        "agi_rdnis",
+        "agi_context",
+        "agi_extension",
+        "agi_priority",
+        "agi_enhanced",
+        "agi_accountcode",
+        "agi_threadid",
+    ];
+    SENT.contains(&name)
+        || name
+            .strip_prefix("agi_arg_")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Compiles a regex; the error keeps regex's own explanation but on one line.
+pub(crate) fn regex(text: &str) -> Result<Regex, String> {
+    Regex::new(text).map_err(|e| {
+        let detail = e.to_string();
+        // Syntax errors are several lines (pattern, caret, "error: ..."); keep the last.
+        let reason = detail
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .map_or_else(|| detail.replace('\n', " "), str::to_string);
+        format!("{text:?} is not a valid regex: {reason}")
+    })
+}
+
+/// A network for `source:`; a bare address means just that address.
+pub(crate) fn network(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "{text:?} is not an IP network; write e.g. 10.0.0.0/8, or 127.0.0.1 for one address"
+    ))
+}
+
+/// Why an address did not parse as ip:port.
+enum AddrProblem {
+    Empty,
+    NoPort(IpAddr),
+    NoHost,
+    BadPort(String),
+    DnsName,
+    Garbage,
+}
+
+fn socket_addr(text: &str) -> Result<SocketAddr, AddrProblem> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(AddrProblem::Empty);
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let unbracketed = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+        return Err(AddrProblem::NoPort(ip));
+    }
+    if text.starts_with(':') {
+        return Err(AddrProblem::NoHost);
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    };
+    let host_ok = host.parse::<IpAddr>().is_ok()
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<IpAddr>().is_ok());
+    let looks_like_dns = host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && host.chars().any(|c| c.is_ascii_alphabetic());
+    match port {
+        Some(p) if (host_ok || looks_like_dns) && p.parse::<u16>().is_err() => {
+            Err(AddrProblem::BadPort(p.to_string()))
+        }
+        _ if looks_like_dns => Err(AddrProblem::DnsName),
+        _ => Err(AddrProblem::Garbage),
+    }
+}
+
+fn with_port(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, DEFAULT_PORT)
+}
+
+/// Where a backend is: ip:port, port not 0, a concrete address.
+pub(crate) fn backend_address(text: &str) -> Result<SocketAddr, String> {
+    let addr = socket_addr(text).map_err(|p| match p {
+        AddrProblem::Empty => "is empty; write ip:port, e.g. 10.0.0.1:4573".to_string(),
+        AddrProblem::NoPort(ip) => format!(
+            "{text:?} has no port; write host:port, e.g. {}",
+            with_port(ip)
+        ),
+        AddrProblem::NoHost => format!("{text:?} has no host; write ip:port, e.g. 10.0.0.1:4573"),
+        AddrProblem::BadPort(port) => {
+            format!("{text:?} has an invalid port {port:?}; ports run from 1 to 65535")
+        }
+        AddrProblem::DnsName => "DNS names are not supported yet (DNS discovery arrives in a \
+                                 later release); use ip:port"
+            .to_string(),
+        AddrProblem::Garbage => {
+            format!("{text:?} is not an address; write ip:port, e.g. 10.0.0.1:4573")
+        }
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{text:?} has port 0, which cannot be connected to; give the backend's port, e.g. {}",
+            with_port(addr.ip())
+        ));
+    }
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "{text:?} is not a backend's address (it means \"any address\"); \
+             write the backend's own IP, e.g. 127.0.0.1:{}",
+            addr.port()
+        ));
+    }
+    Ok(addr)
+}
+
+/// Where a listener binds: ip:port; port 0 asks the OS for a free port (used by tests).
+pub(crate) fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    socket_addr(text).map_err(|p| match p {
+        AddrProblem::Empty => "is empty; write ip:port, e.g. 0.0.0.0:4573".to_string(),
+        AddrProblem::NoPort(ip) => format!(
+            "{text:?} has no port; write ip:port, e.g. {}",
+            with_port(ip)
+        ),
+        AddrProblem::NoHost => format!(
+            "{text:?} has no IP; write 0.0.0.0{text} for every address or 127.0.0.1{text} for loopback"
+        ),
+        AddrProblem::BadPort(port) => {
+            format!("{text:?} has an invalid port {port:?}; ports run from 0 to 65535")
+        }
+        AddrProblem::DnsName => format!(
+            "{text:?} is a name; listeners bind IP addresses, e.g. 0.0.0.0:4573 or 127.0.0.1:4573"
+        ),
+        AddrProblem::Garbage => {
+            format!("{text:?} is not an address; write ip:port, e.g. 0.0.0.0:4573")
+        }
+    })
+}
+
+/// A number from the file that must fit `range` (and its target type).
+pub(crate) fn in_range<T>(value: u64, range: RangeInclusive<T>, default: Option<T>) -> Result<T, String>
+where
+    T: TryFrom<u64> + PartialOrd + std::fmt::Display + Copy,
+{
+    match T::try_from(value) {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => {
+            let default = default.map(|d| format!(" (default {d})")).unwrap_or_default();
+            Err(format!(
+                "{value} is out of range; use {} to {}{default}",
+                range.start(),
+                range.end()
+            ))
+        }
+    }
+}
+
+/// Remembers where each name was first seen, to point duplicates at it.
+pub(crate) struct Seen<K>(HashMap<K, String>);
+
+impl<K> Default for Seen<K> {
+    fn default() -> Self {
+        Seen(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Seen<K> {
+    /// Records `key` at `path`; if it was already there, returns where.
+    pub(crate) fn first(&mut self, key: K, path: &str) -> Option<&str> {
+        use std::collections::hash_map::Entry;
+        match self.0.entry(key) {
+            Entry::Occupied(e) => Some(e.into_mut().as_str()),
+            Entry::Vacant(e) => {
+                e.insert(path.to_string());
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_addresses() {
+        assert_eq!(
+            backend_address("10.0.0.1:4573"),
+            Ok("10.0.0.1:4573".parse().unwrap())
+        );
+        assert_eq!(backend_address("[::1]:5000"), Ok("[::1]:5000".parse().unwrap()));
+        let e = backend_address("10.0.0.1").unwrap_err();
+        assert_eq!(e, "\"10.0.0.1\" has no port; write host:port, e.g. 10.0.0.1:4573");
+        assert!(backend_address("::1").unwrap_err().contains("[::1]:4573"));
+        assert!(backend_address("[::1]").unwrap_err().contains("[::1]:4573"));
+        assert!(backend_address("ivr.svc:4573").unwrap_err().starts_with("DNS names"));
+        assert!(backend_address("localhost").unwrap_err().starts_with("DNS names"));
+        assert!(backend_address("10.0.0.1:99999").unwrap_err().contains("invalid port"));
+        assert!(backend_address("10.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(backend_address("0.0.0.0:4573").unwrap_err().contains("any address"));
+        assert!(backend_address(":4573").unwrap_err().contains("no host"));
+        assert!(backend_address("10.0.0.1:45 73").unwrap_err().contains("invalid port"));
+        assert!(backend_address("10.0.0.1/8:4573").unwrap_err().contains("not an address"));
+        assert!(backend_address("").unwrap_err().contains("is empty"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(listen_address("127.0.0.1:0"), Ok("127.0.0.1:0".parse().unwrap()));
+        assert!(listen_address(":4573").unwrap_err().contains("0.0.0.0:4573"));
+        assert!(listen_address("0.0.0.0").unwrap_err().contains("0.0.0.0:4573"));
+        assert!(listen_address("pbx.local:4573").unwrap_err().contains("is a name"));
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(network("10.1.2.3/8"), Ok("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(network("127.0.0.1"), Ok("127.0.0.1/32".parse().unwrap()));
+        assert_eq!(network("::1"), Ok("::1/128".parse().unwrap()));
+        assert!(network("10.0.0.0/33").unwrap_err().contains("not an IP network"));
+    }
+
+    #[test]
+    fn names_and_vars() {
+        assert!(name("ivr-blue_2.x").is_ok());
+        assert!(name("ivr blue").unwrap_err().contains("' '"));
+        assert!(name("").is_err());
+        assert!(var_name("agi_x_route").is_ok());
+        assert!(var_name("agi_").is_err());
+        assert!(var_name("context").unwrap_err().contains("start with agi_"));
+        assert!(var_name("AGI_Context").unwrap_err().contains("lowercase"));
+        assert!(var_name("agi_x-y").is_err());
+        assert!(is_asterisk_var("agi_uniqueid") && is_asterisk_var("agi_arg_12"));
+        assert!(!is_asterisk_var("agi_arg_x") && !is_asterisk_var("agi_x_route"));
+    }
+
+    #[test]
+    fn regex_errors_are_one_line() {
+        let e = regex("^[0-9+$").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("unclosed character class"), "{e}");
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(in_range::<u32>(5, 1..=1000, Some(1)), Ok(5));
+        assert_eq!(
+            in_range::<u32>(0, 1..=1000, Some(1)),
+            Err("0 is out of range; use 1 to 1000 (default 1)".to_string())
+        );
+        assert!(in_range::<u32>(u64::MAX, 1..=u32::MAX, None).is_err());
+    }
+}

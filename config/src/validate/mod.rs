@@ -1,0 +1,164 @@
+//! Raw config → typed [`Config`]: every check, every default, every name resolved.
+//! Validation never stops at a mistake; it records it and goes on, so one run reports all.
+
+mod checks;
+mod pool;
+mod route;
+mod timeouts;
+
+use crate::error::{ConfigError, Errors};
+use crate::model::{Config, Limits, Listener};
+use crate::raw::{RawConfig, RawLimits, RawListener, Scalar};
+
+pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+    let mut errs = Errors::default();
+    let version = version(raw.version.as_ref(), &mut errs);
+    let listeners = listeners(raw.listeners, &mut errs);
+    let timeouts = timeouts::global(raw.timeouts.as_ref(), &mut errs);
+    let limits = limits(raw.limits.as_ref(), &mut errs);
+
+    // Routes refer to pools by name, so the names are gathered first; a pool with other
+    // mistakes still counts as known, to avoid a second, misleading "unknown pool" error.
+    let raw_pools = raw.pools.unwrap_or_default();
+    let pool_names: Vec<Option<&str>> = raw_pools.iter().map(|p| p.name.as_deref()).collect();
+    let routes = route::compile_all(
+        raw.routes.unwrap_or_default(),
+        &pool_names,
+        &timeouts,
+        &mut errs,
+    );
+    let pools = pool::compile_all(&raw_pools, &mut errs);
+
+    if raw.control.is_some() {
+        errs.push(
+            "control",
+            "the control API is not supported yet (it arrives in a later release); \
+             remove the block for now",
+        );
+    }
+
+    if !errs.is_empty() {
+        return Err(errs.into_vec());
+    }
+    Ok(Config {
+        version,
+        listeners,
+        timeouts,
+        limits,
+        routes,
+        pools,
+    })
+}
+
+fn version(raw: Option<&Scalar>, errs: &mut Errors) -> u32 {
+    match raw.map(|s| s.0.trim()) {
+        None => errs.push("version", "missing; add `version: 1` at the top"),
+        Some("1") => {}
+        Some(other) if other.parse::<u64>().is_ok() => errs.push(
+            "version",
+            format!("unsupported version {other}; this agiproxy reads version 1"),
+        ),
+        Some(other) => errs.push("version", format!("{other:?} is not a version; write `version: 1`")),
+    }
+    1
+}
+
+fn listeners(raw: Option<Vec<RawListener>>, errs: &mut Errors) -> Vec<Listener> {
+    let Some(raw) = raw else {
+        return vec![Listener::default_listener()];
+    };
+    if raw.is_empty() {
+        errs.push(
+            "listeners",
+            "empty; list at least one listener, or remove the key for the default \
+             (asterisk on 0.0.0.0:4573)",
+        );
+    }
+    let mut names = checks::Seen::default();
+    let mut bound: Vec<(std::net::SocketAddr, String)> = Vec::new();
+    let mut out = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        let name = match &l.name {
+            None => {
+                errs.push(
+                    format!("{path}.name"),
+                    "missing; give each listener a name, e.g. name: asterisk",
+                );
+                None
+            }
+            Some(name) => match checks::name(name) {
+                Err(m) => {
+                    errs.push(format!("{path}.name"), m);
+                    None
+                }
+                Ok(()) => {
+                    if let Some(first) = names.first(name.as_str(), &path) {
+                        errs.push(
+                            format!("{path}.name"),
+                            format!("{name:?} is also the name of {first}; listener names must be unique"),
+                        );
+                    }
+                    Some(name.clone())
+                }
+            },
+        };
+        let address = match &l.address {
+            None => {
+                errs.push(
+                    format!("{path}.address"),
+                    "missing; write ip:port, e.g. address: \"0.0.0.0:4573\"",
+                );
+                None
+            }
+            Some(text) => match checks::listen_address(text) {
+                Err(m) => {
+                    errs.push(format!("{path}.address"), m);
+                    None
+                }
+                Ok(addr) => {
+                    if let Some((other, at)) = bound.iter().find(|(b, _)| binds_clash(*b, addr)) {
+                        errs.push(
+                            format!("{path}.address"),
+                            format!("{addr} clashes with {at} ({other}); two listeners cannot bind the same port"),
+                        );
+                    }
+                    bound.push((addr, format!("{path}.address")));
+                    Some(addr)
+                }
+            },
+        };
+        if let (Some(name), Some(address)) = (name, address) {
+            out.push(Listener { name, address });
+        }
+    }
+    out
+}
+
+/// Whether binding both addresses would fail: same port, and the same IP or a wildcard of the
+/// same family. Port 0 picks a free port each time, so it never clashes.
+fn binds_clash(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn limits(raw: Option<&RawLimits>, errs: &mut Errors) -> Limits {
+    let mut limits = Limits::default();
+    let Some(raw) = raw else { return limits };
+    let defaults = Limits::default();
+    let fields = [
+        ("max_sessions", raw.max_sessions, Limits::MAX_SESSIONS, defaults.max_sessions, &mut limits.max_sessions),
+        ("max_header_bytes", raw.max_header_bytes, Limits::MAX_HEADER_BYTES, defaults.max_header_bytes, &mut limits.max_header_bytes),
+        ("max_header_lines", raw.max_header_lines, Limits::MAX_HEADER_LINES, defaults.max_header_lines, &mut limits.max_header_lines),
+    ];
+    for (key, value, range, default, slot) in fields {
+        let Some(value) = value else { continue };
+        match checks::in_range(value, range, Some(default)) {
+            Ok(v) => *slot = v,
+            Err(m) => errs.push(format!("limits.{key}"), m),
+        }
+    }
+    limits
+}

@@ -1,0 +1,339 @@
+//! Bad configs are refused with every mistake, each at its path and with a helpful message.
+
+use agiproxy_config::{from_yaml_str, ConfigError};
+
+/// Two pools most cases route to.
+const POOLS: &str = r#"
+pools:
+  - name: ivr-blue
+    backends: [{ address: "10.0.0.1:4573" }]
+  - name: ivr-green
+    backends: [{ address: "10.0.0.2:4573" }]
+"#;
+
+/// A config with `version: 1`, the given body and, unless the body has its own, [`POOLS`].
+fn config(body: &str) -> String {
+    let pools = if body.contains("\npools:") || body.starts_with("pools:") {
+        ""
+    } else {
+        POOLS
+    };
+    format!("version: 1\n{body}\n{pools}")
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match from_yaml_str(text) {
+        Ok(_) => panic!("expected errors, the config was accepted:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+/// Asserts exactly these errors, in this order: path equal, message containing the text.
+fn assert_errors(name: &str, text: &str, expected: &[(&str, &str)]) {
+    let got = errors(text);
+    let show = || {
+        got.iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "case {name}: expected {} error(s), got:\n{}",
+        expected.len(),
+        show()
+    );
+    for (e, (path, message)) in got.iter().zip(expected) {
+        assert_eq!(e.path, *path, "case {name}: wrong path; got:\n{}", show());
+        assert!(
+            e.message.contains(message),
+            "case {name}: message of {path} should contain {message:?}; got:\n{}",
+            show()
+        );
+        assert!(!e.message.contains('\n'), "case {name}: multi-line message");
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_with_path_and_fix() {
+    #[rustfmt::skip]
+    let cases: &[(&str, String, &[(&str, &str)])] = &[
+        ("unknown pool",
+         config("routes: [{ name: a, pool: ivr-gren }]"),
+         &[("routes[0].pool", "unknown pool \"ivr-gren\"; known pools: ivr-blue, ivr-green")]),
+        ("unknown pool, no pools at all",
+         config("routes: [{ name: a, pool: x }]\npools: []"),
+         &[("routes[0].pool", "no pools are defined")]),
+        ("not a duration",
+         config("timeouts: { budget: 15OOms }"),
+         &[("timeouts.budget", "\"15OOms\" is not a duration (write e.g. 250ms, 2s, 5m)")]),
+        ("duration without unit",
+         config("timeouts: { connect: 250 }"),
+         &[("timeouts.connect", "250 has no unit; durations need one, e.g. 250ms")]),
+        ("zero duration",
+         config("timeouts: { header: 0s }"),
+         &[("timeouts.header", "zero")]),
+        ("connect longer than budget",
+         config("timeouts: { budget: 200ms, connect: 300ms }"),
+         &[("timeouts.connect", "connect (300ms) is longer than budget (200ms)")]),
+        ("route budget below the global connect",
+         config("routes: [{ name: a, pool: ivr-blue, timeouts: { budget: 100ms } }]"),
+         &[("routes[0].timeouts.budget", "connect (250ms) is longer than budget (100ms)")]),
+        ("version missing",
+         "routes: []\n".to_string(),
+         &[("version", "missing; add `version: 1` at the top")]),
+        ("version 2",
+         "version: 2\n".to_string(),
+         &[("version", "unsupported version 2")]),
+        ("backend without port",
+         config("pools:\n  - name: p\n    backends: [{ address: \"10.0.0.2:4573\" }, { address: \"10.0.0.1\" }]"),
+         &[("pools[0].backends[1].address", "\"10.0.0.1\" has no port; write host:port, e.g. 10.0.0.1:4573")]),
+        ("backend by DNS name",
+         config("pools: [{ name: p, backends: [{ address: \"ivr.svc.cluster.local:4573\" }] }]"),
+         &[("pools[0].backends[0].address", "DNS names are not supported yet (DNS discovery arrives in a later release); use ip:port")]),
+        ("backend by SRV",
+         config("pools: [{ name: p, backends: [{ srv: \"_agi._tcp.ivr\" }] }]"),
+         &[("pools[0].backends[0].srv", "not supported yet")]),
+        ("backend on 0.0.0.0",
+         config("pools: [{ name: p, backends: [{ address: \"0.0.0.0:4573\" }] }]"),
+         &[("pools[0].backends[0].address", "any address")]),
+        ("duplicate backend",
+         config("pools: [{ name: p, backends: [{ address: \"10.0.0.1:4573\" }, { address: \"10.0.0.1:4573\" }] }]"),
+         &[("pools[0].backends[1].address", "10.0.0.1:4573 is listed twice in this pool (also pools[0].backends[0])")]),
+        ("backend weight 0 and pool cap 0",
+         config("pools: [{ name: p, max_sessions: 0, backends: [{ address: \"10.0.0.1:4573\", weight: 0 }] }]"),
+         &[("pools[0].backends[0].weight", "0 is out of range; use 1 to 1000 (default 1)"),
+           ("pools[0].max_sessions", "out of range")]),
+        ("pool without backends",
+         config("pools: [{ name: p }, { name: q, backends: [] }]"),
+         &[("pools[0].backends", "at least one backend"),
+           ("pools[1].backends", "at least one backend")]),
+        ("duplicate pool name",
+         config("pools: [{ name: p, backends: [{ address: \"10.0.0.1:1\" }] }, { name: p, backends: [{ address: \"10.0.0.2:1\" }] }]"),
+         &[("pools[1].name", "\"p\" is also the name of pools[0]; pool names must be unique")]),
+        ("bad hash key",
+         config("pools: [{ name: p, balance: hash, hash_key: uniqueid, backends: [{ address: \"10.0.0.1:1\" }] }]"),
+         &[("pools[0].hash_key", "start with agi_")]),
+        ("backoff above its maximum",
+         config("pools: [{ name: p, passive: { backoff: 1m, max_backoff: 10s }, backends: [{ address: \"10.0.0.1:1\" }] }]"),
+         &[("pools[0].passive.max_backoff", "backoff (1m) is longer than max_backoff (10s)")]),
+        ("health checks",
+         config("pools: [{ name: p, health: { type: tcp }, backends: [{ address: \"10.0.0.1:1\" }] }]"),
+         &[("pools[0].health", "active health checks are not supported yet")]),
+        ("control API",
+         config("control: { address: \"127.0.0.1:9090\" }"),
+         &[("control", "the control API is not supported yet")]),
+        ("both pool and split",
+         config("routes: [{ name: a, pool: ivr-blue, split: [{ pool: ivr-green, weight: 1 }] }]"),
+         &[("routes[0]", "has both pool: and split:; keep one")]),
+        ("no target",
+         config("routes: [{ name: a }]"),
+         &[("routes[0]", "has no target; add pool: NAME")]),
+        ("split weights add up to 0",
+         config("routes: [{ name: a, split: [{ pool: ivr-blue, weight: 0 }, { pool: ivr-green, weight: 0 }] }]"),
+         &[("routes[0].split", "weights add up to 0")]),
+        ("split: weight too big, pool twice, unknown pool, weight missing",
+         config("routes: [{ name: a, split: [{ pool: ivr-blue, weight: 20000 }, { pool: ivr-blue, weight: 1 }, { pool: ivr-gren, weight: 1 }, { pool: ivr-green }] }]"),
+         &[("routes[0].split[0].weight", "20000 is out of range; use 0 to 10000"),
+           ("routes[0].split[1].pool", "\"ivr-blue\" is listed twice (also routes[0].split[0])"),
+           ("routes[0].split[2].pool", "unknown pool \"ivr-gren\""),
+           ("routes[0].split[3].weight", "missing")]),
+        ("empty split",
+         config("routes: [{ name: a, split: [] }]"),
+         &[("routes[0].split", "empty")]),
+        ("route name missing, duplicate, malformed",
+         config("routes: [{ pool: ivr-blue }, { name: a, pool: ivr-blue }, { name: a, pool: ivr-blue }, { name: \"ivr main\", pool: ivr-blue }]"),
+         &[("routes[0].name", "missing; give each route a name"),
+           ("routes[2].name", "\"a\" is also the name of routes[1]; route names must be unique"),
+           ("routes[3].name", "names may contain only letters, digits, _, . and -")]),
+        ("argument numbers out of range",
+         config("routes: [{ name: a, pool: ivr-blue, match: { args: { \"0\": x, 128: y, first: z } } }]"),
+         &[("routes[0].match.args.0", "run from 1 to 127"),
+           ("routes[0].match.args.128", "run from 1 to 127"),
+           ("routes[0].match.args.first", "\"first\" is not an argument number")]),
+        ("argument listed twice",
+         config("routes: [{ name: a, pool: ivr-blue, match: { args: { 1: x, \"01\": y } } }]"),
+         &[("routes[0].match.args.01", "argument 1 is listed twice (also routes[0].match.args.1)")]),
+        ("bad regex",
+         config("routes: [{ name: a, pool: ivr-blue, match: { args: { 1: \"^[0-9+$\" } } }]"),
+         &[("routes[0].match.args.1", "\"^[0-9+$\" is not a valid regex: unclosed character class")]),
+        ("vars not header variables",
+         config("routes: [{ name: a, pool: ivr-blue, match: { vars: { context: x, AGI_CONTEXT: y, agi_context: \"(\" } } }]"),
+         &[("routes[0].match.vars.context", "start with agi_"),
+           ("routes[0].match.vars.AGI_CONTEXT", "lowercase"),
+           ("routes[0].match.vars.agi_context", "not a valid regex")]),
+        ("script with two kinds",
+         config("routes: [{ name: a, pool: ivr-blue, match: { script: { exact: a, prefix: b } } }]"),
+         &[("routes[0].match.script", "has exact and prefix; a script match takes exactly one of them")]),
+        ("script with none",
+         config("routes: [{ name: a, pool: ivr-blue, match: { script: {} } }]"),
+         &[("routes[0].match.script", "empty; write one of")]),
+        ("script with a query",
+         config("routes: [{ name: a, pool: ivr-blue, match: { script: { exact: \"ivr?lang=de\" } } }]"),
+         &[("routes[0].match.script.exact", "match query parameters with match.query")]),
+        ("bad regex script",
+         config("routes: [{ name: a, pool: ivr-blue, match: { script: { regex: \"^/(ivr\" } } }]"),
+         &[("routes[0].match.script.regex", "not a valid regex")]),
+        ("query key twice",
+         config("routes: [{ name: a, pool: ivr-blue, match: { query: { lang: de, lang: en } } }]"),
+         &[("routes[0].match.query.lang", "listed twice; keep one")]),
+        ("bad source networks",
+         config("routes: [{ name: a, pool: ivr-blue, match: { source: [\"10.0.0.0/8\", \"10.0.0.0/33\", \"lan\"] } }]"),
+         &[("routes[0].match.source[1]", "\"10.0.0.0/33\" is not an IP network; write e.g. 10.0.0.0/8"),
+           ("routes[0].match.source[2]", "not an IP network")]),
+        ("empty source list",
+         config("routes: [{ name: a, pool: ivr-blue, match: { source: [] } }]"),
+         &[("routes[0].match.source", "remove the key to accept every address")]),
+        ("set: bad placeholder, line break, Asterisk's variable, bad name, lone $",
+         config("routes:\n  - name: a\n    pool: ivr-blue\n    set:\n      agi_x: \"${remote_host}\"\n      agi_y: \"a\\nb\"\n      agi_context: x\n      x_route: y\n      agi_z: \"cost $5\""),
+         &[("routes[0].set.agi_x", "unknown placeholder ${remote_host}; known placeholders: ${remote_ip}"),
+           ("routes[0].set.agi_y", "line break"),
+           ("routes[0].set.agi_context", "agi_context is sent by Asterisk; set adds new variables only"),
+           ("routes[0].set.x_route", "start with agi_"),
+           ("routes[0].set.agi_z", "write $$ for a literal $")]),
+        ("rewrite with both",
+         config("routes: [{ name: a, pool: ivr-blue, rewrite: { strip_prefix: a, replace_prefix: { from: a, to: b } } }]"),
+         &[("routes[0].rewrite", "has both strip_prefix and replace_prefix; keep one")]),
+        ("rewrite replace without from and to",
+         config("routes: [{ name: a, pool: ivr-blue, rewrite: { replace_prefix: {} } }]"),
+         &[("routes[0].rewrite.replace_prefix.from", "missing"),
+           ("routes[0].rewrite.replace_prefix.to", "missing")]),
+        ("rewrite stripping nothing",
+         config("routes: [{ name: a, pool: ivr-blue, rewrite: { strip_prefix: \"/\" } }]"),
+         &[("routes[0].rewrite.strip_prefix", "strip nothing")]),
+        ("bad split key",
+         config("routes: [{ name: a, pool: ivr-blue, split_key: uniqueid }]"),
+         &[("routes[0].split_key", "not a header variable name")]),
+        ("listener problems",
+         config("listeners:\n  - { name: a, address: \"0.0.0.0\" }\n  - { name: b, address: \":4573\" }\n  - { name: c, address: \"0.0.0.0:4573\" }\n  - { name: c, address: \"127.0.0.1:4573\" }\n  - { address: \"pbx.lan:4573\" }"),
+         &[("listeners[0].address", "\"0.0.0.0\" has no port; write ip:port, e.g. 0.0.0.0:4573"),
+           ("listeners[1].address", "has no IP; write 0.0.0.0:4573"),
+           ("listeners[3].name", "\"c\" is also the name of listeners[2]"),
+           ("listeners[3].address", "127.0.0.1:4573 clashes with listeners[2].address (0.0.0.0:4573)"),
+           ("listeners[4].name", "missing"),
+           ("listeners[4].address", "listeners bind IP addresses")]),
+        ("no listeners",
+         config("listeners: []"),
+         &[("listeners", "empty; list at least one listener")]),
+        ("limits out of range",
+         config("limits: { max_sessions: 0, max_header_bytes: 100, max_header_lines: 5000 }"),
+         &[("limits.max_sessions", "0 is out of range; use 1 to 1000000 (default 20000)"),
+           ("limits.max_header_bytes", "100 is out of range; use 512 to 1048576 (default 16384)"),
+           ("limits.max_header_lines", "5000 is out of range; use 8 to 4096 (default 512)")]),
+        // Structural mistakes, found by serde: reported with the path and line/column it gives.
+        ("unknown mode",
+         config("routes: [{ name: a, pool: ivr-blue, mode: line }]"),
+         &[("routes[0].mode", "unknown variant `line`, expected `lines` or `raw` (line 2, column")]),
+        ("wrong type",
+         config("routes: [{ name: a, pool: ivr-blue, forward_hangup: \"yes\" }]"),
+         &[("routes[0].forward_hangup", "invalid type: string \"yes\", expected a boolean")]),
+        ("negative number",
+         config("limits: { max_sessions: -5 }"),
+         &[("limits.max_sessions", "integer `-5`")]),
+        ("decimal where text is compared",
+         config("routes: [{ name: a, pool: ivr-blue, match: { query: { v: 1.50 } } }]"),
+         &[("routes[0].match.query.v", "quote decimals")]),
+        ("list where a mapping belongs",
+         config("routes: { name: a }"),
+         &[("routes", "invalid type: map, expected a sequence")]),
+    ];
+    assert!(cases.len() >= 20);
+    for (name, text, expected) in cases {
+        assert_errors(name, text, expected);
+    }
+}
+
+#[test]
+fn independent_mistakes_are_all_reported_at_once() {
+    let text = config(
+        "timeouts: { budget: 15OOms }\nroutes: [{ name: a, pool: ivr-gren }]\n\
+         pools:\n  - name: ivr-blue\n    backends: [{ address: \"10.0.0.1\" }]",
+    );
+    let errs = errors(&text);
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "timeouts.budget",
+            "routes[0].pool",
+            "pools[0].backends[0].address"
+        ]
+    );
+    // And they print one per line, each with its path.
+    let printed = from_yaml_str(&text).unwrap_err().to_string();
+    assert_eq!(printed.lines().count(), 3);
+    assert!(printed.lines().all(|l| !l.starts_with(':') && l.contains(": ")));
+}
+
+#[test]
+fn unknown_fields_are_refused_by_name_with_the_known_ones() {
+    let errs = errors("version: 1\nroutes:\n  - name: a\n    pols: x\n");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].path, "routes[0]");
+    let m = &errs[0].message;
+    assert!(m.starts_with("unknown field `pols`, expected one of"), "{m}");
+    assert!(m.contains("`pool`") && m.contains("`split`"), "{m}");
+    assert!(m.ends_with("(line 4, column 5)"), "{m}");
+
+    // Deeper down, and at the top level (where the line is found by name).
+    let errs = errors(&config(
+        "pools: [{ name: p, backends: [{ address: \"10.0.0.1:1\", wieght: 2 }] }]\nrotues: []",
+    ));
+    let printed: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errs.len(), 2, "{printed:?}");
+    assert_eq!(errs[0].path, "pools[0].backends[0]");
+    assert!(errs[0].message.contains("unknown field `wieght`"), "{printed:?}");
+    assert_eq!(errs[1].path, "");
+    assert!(
+        printed[1].starts_with("unknown field `rotues`, expected one of `version`, `listeners`"),
+        "{printed:?}"
+    );
+    assert!(printed[1].ends_with("(line 3, column 1)"), "{printed:?}");
+}
+
+#[test]
+fn structural_mistakes_in_separate_places_are_all_reported() {
+    let text = "version: 1\n\
+                listeners: [{ name: a, adress: \"0.0.0.0:4573\" }]\n\
+                timeouts: { bugdet: 1s }\n\
+                routes:\n\
+                \x20 - { name: a, pool: p, mode: line }\n\
+                \x20 - { name: b, pool: p }\n\
+                \x20 - { name: c, pool: p, forward_hangup: 3 }\n\
+                pools: [{ name: p, balance: fastest, backends: [{ address: \"10.0.0.1:1\" }] }]\n";
+    let errs = errors(text);
+    let got: Vec<(&str, &str)> = errs
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    let expected = [
+        ("listeners[0]", "unknown field `adress`"),
+        ("timeouts", "unknown field `bugdet`"),
+        ("routes[0].mode", "unknown variant `line`"),
+        ("routes[2].forward_hangup", "invalid type: integer `3`"),
+        ("pools[0].balance", "unknown variant `fastest`"),
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    for ((path, message), (want_path, want_message)) in got.iter().zip(expected) {
+        assert_eq!(*path, want_path, "{got:#?}");
+        assert!(message.contains(want_message), "{got:#?}");
+        assert!(message.contains("(line "), "no location: {got:#?}");
+    }
+}
+
+#[test]
+fn yaml_syntax_errors_give_line_and_column() {
+    let errs = errors("version: 1\nroutes:\n  - name: a\n     pool: b\n");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].path, "");
+    assert!(errs[0].message.contains("(line 4, column 10)"), "{}", errs[0]);
+
+    let errs = errors("version: 1\nroutes: [{ name: \"a }]\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].message.contains("line 2"), "{}", errs[0]);
+
+    let errs = errors("- just\n- a list\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].message.contains("invalid type: sequence"), "{}", errs[0]);
+}

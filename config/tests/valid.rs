@@ -1,0 +1,355 @@
+//! Valid configs compile to the expected values: defaults, merges, normalisation, templates.
+
+use std::time::Duration;
+
+use agiproxy_config::{
+    example_config, from_yaml_str, load_file, script_path, Balance, Config, Limits, Mode,
+    Rewrite, RouteTarget, ScriptMatch, Template, TemplatePart, Timeouts, DEFAULT_PORT,
+};
+
+const FULL: &str = r#"
+version: 1
+listeners:
+  - name: asterisk
+    address: "0.0.0.0:4573"
+  - name: local6
+    address: "[::1]:4574"
+timeouts:
+  budget: 1s
+  connect: 200ms
+limits:
+  max_header_lines: 64
+routes:
+  - name: ivr
+    match:
+      script: { prefix: "/ivr/" }
+      query: { lang: de, page: 2 }
+      args: { "1": "^[0-9]+$", 3: "x" }
+      vars: { agi_context: "^from-" }
+      source: ["10.0.0.0/8", "127.0.0.1", "::1"]
+    pool: ivr
+    rewrite: { strip_prefix: "/ivr/" }
+    set:
+      agi_x_route: "${route}"
+      agi_x_from: "${remote_ip}:${remote_port} $$5"
+    mode: lines
+    timeouts: { connect: 100ms, next_command: 2m }
+  - name: canary
+    match:
+      script: { regex: "^/menu/(main|alt)$" }
+    split: [{ pool: ivr-blue, weight: 90 }, { pool: ivr-green, weight: 10 }]
+    split_key: agi_callerid
+    rewrite: { replace_prefix: { from: "/menu/", to: "/ivr/" } }
+    mode: raw
+    forward_hangup: false
+  - name: hello
+    match: { script: { exact: "/hello" } }
+    pool: general
+  - name: everything-else
+    pool: general
+pools:
+  - name: ivr
+    backends:
+      - { address: "10.1.0.5:4573", weight: 2, max_sessions: 500 }
+      - { address: "[fd00::5]:4573" }
+  - name: ivr-blue
+    balance: hash
+    backends: [{ address: "10.2.0.1:4573" }]
+    max_sessions: 1000
+    passive: { backoff: 500ms, max_backoff: 1m }
+  - name: ivr-green
+    balance: hash
+    hash_key: agi_callerid
+    backends: [{ address: "10.3.0.1:4573" }]
+  - name: general
+    balance: round_robin
+    backends: [{ address: "127.0.0.1:5001" }]
+  - name: unused
+    balance: weighted
+    backends: [{ address: "127.0.0.1:5002" }]
+"#;
+
+fn compile(text: &str) -> Config {
+    match from_yaml_str(text) {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+#[test]
+fn full_config_compiles_to_the_expected_values() {
+    let c = compile(FULL);
+    assert_eq!(c.version, 1);
+
+    let l: Vec<(&str, String)> = c
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.address.to_string()))
+        .collect();
+    assert_eq!(
+        l,
+        [
+            ("asterisk", "0.0.0.0:4573".to_string()),
+            ("local6", "[::1]:4574".to_string())
+        ]
+    );
+
+    // Global: two keys given, the rest defaults.
+    let global = Timeouts {
+        budget: ms(1000),
+        connect: ms(200),
+        ..Timeouts::default()
+    };
+    assert_eq!(c.timeouts, global);
+    assert_eq!(
+        c.limits,
+        Limits {
+            max_header_lines: 64,
+            ..Limits::default()
+        }
+    );
+
+    let names: Vec<&str> = c.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["ivr", "canary", "hello", "everything-else"]);
+
+    // Route 0: every matcher, prefix slash dropped, override merged over the global block.
+    let ivr = &c.routes[0];
+    let m = &ivr.matcher;
+    assert!(matches!(&m.script, Some(ScriptMatch::Prefix(p)) if p == "ivr/"));
+    assert_eq!(
+        m.query,
+        [
+            ("lang".to_string(), "de".to_string()),
+            ("page".to_string(), "2".to_string())
+        ]
+    );
+    let args: Vec<(usize, &str)> = m.args.iter().map(|(n, r)| (*n, r.as_str())).collect();
+    assert_eq!(args, [(1, "^[0-9]+$"), (3, "x")]);
+    let vars: Vec<(&str, &str)> = m.vars.iter().map(|(k, r)| (k.as_str(), r.as_str())).collect();
+    assert_eq!(vars, [("agi_context", "^from-")]);
+    let source: Vec<String> = m.source.iter().map(|n| n.to_string()).collect();
+    assert_eq!(source, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+    assert!(matches!(ivr.target, RouteTarget::Pool(0)));
+    assert!(matches!(&ivr.rewrite, Some(Rewrite::StripPrefix(p)) if p == "ivr/"));
+    assert_eq!(ivr.set.len(), 2);
+    assert_eq!(ivr.set[0].0, "agi_x_route");
+    assert_eq!(ivr.set[0].1, Template(vec![TemplatePart::Route]));
+    assert_eq!(ivr.set[1].0, "agi_x_from");
+    assert_eq!(
+        ivr.set[1].1,
+        Template(vec![
+            TemplatePart::RemoteIp,
+            TemplatePart::Literal(":".into()),
+            TemplatePart::RemotePort,
+            TemplatePart::Literal(" $5".into()),
+        ])
+    );
+    assert_eq!(ivr.mode, Mode::Lines);
+    assert!(ivr.forward_hangup);
+    assert_eq!(ivr.split_key, "agi_uniqueid");
+    assert_eq!(
+        ivr.timeouts,
+        Timeouts {
+            connect: ms(100),
+            next_command: Duration::from_secs(120),
+            ..global
+        }
+    );
+
+    // Route 1: split, regex "^/" made optional, replace rewrite normalised, raw, no HANGUP.
+    let canary = &c.routes[1];
+    let Some(ScriptMatch::Regex(re)) = &canary.matcher.script else {
+        panic!("expected a regex script match");
+    };
+    assert_eq!(re.as_str(), "^/?menu/(main|alt)$");
+    assert!(re.is_match("menu/main") && re.is_match("/menu/alt") && !re.is_match("xmenu/main"));
+    let RouteTarget::Split(sides) = &canary.target else {
+        panic!("expected a split");
+    };
+    let sides: Vec<(usize, u32)> = sides.iter().map(|s| (s.pool, s.weight)).collect();
+    assert_eq!(sides, [(1, 90), (2, 10)]);
+    assert_eq!(canary.split_key, "agi_callerid");
+    assert!(matches!(&canary.rewrite,
+        Some(Rewrite::ReplacePrefix { from, to }) if from == "menu/" && to == "ivr/"));
+    assert_eq!(canary.mode, Mode::Raw);
+    assert!(!canary.forward_hangup);
+    assert_eq!(canary.timeouts, global);
+
+    assert!(matches!(&c.routes[2].matcher.script, Some(ScriptMatch::Exact(s)) if s == "hello"));
+    assert!(c.routes[3].matcher.is_catch_all());
+    assert!(matches!(c.routes[3].target, RouteTarget::Pool(3)));
+
+    // Pools: defaults, balances, caps, backoff.
+    let p = &c.pools;
+    assert_eq!(p.len(), 5);
+    assert_eq!(p[0].balance, Balance::LeastSessions);
+    let b: Vec<(String, u32, Option<u32>)> = p[0]
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.weight, b.max_sessions))
+        .collect();
+    assert_eq!(
+        b,
+        [
+            ("10.1.0.5:4573".to_string(), 2, Some(500)),
+            ("[fd00::5]:4573".to_string(), 1, None)
+        ]
+    );
+    assert_eq!(p[0].max_sessions, None);
+    assert_eq!((p[0].backoff.base, p[0].backoff.max), (ms(1000), ms(30_000)));
+    assert_eq!(
+        p[1].balance,
+        Balance::Hash {
+            key: "agi_uniqueid".into()
+        }
+    );
+    assert_eq!(p[1].max_sessions, Some(1000));
+    assert_eq!((p[1].backoff.base, p[1].backoff.max), (ms(500), ms(60_000)));
+    assert_eq!(
+        p[2].balance,
+        Balance::Hash {
+            key: "agi_callerid".into()
+        }
+    );
+    assert_eq!(p[3].balance, Balance::RoundRobin);
+    assert_eq!(p[4].balance, Balance::Weighted);
+    assert_eq!(c.pool_index("general"), Some(3));
+    assert_eq!(c.pool_index("nope"), None);
+}
+
+#[test]
+fn a_bare_config_gets_every_default() {
+    let c = compile("version: 1\n");
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].name, "asterisk");
+    assert_eq!(c.listeners[0].address.to_string(), "0.0.0.0:4573");
+    assert_eq!(c.listeners[0].address.port(), DEFAULT_PORT);
+    assert_eq!(
+        c.timeouts,
+        Timeouts {
+            header: ms(5000),
+            budget: ms(1500),
+            connect: ms(250),
+            first_command: ms(3000),
+            next_command: ms(60_000),
+            drain: ms(300_000),
+        }
+    );
+    assert_eq!(
+        (
+            c.limits.max_sessions,
+            c.limits.max_header_bytes,
+            c.limits.max_header_lines
+        ),
+        (20_000, 16_384, 512)
+    );
+    assert!(c.routes.is_empty() && c.pools.is_empty());
+    // Empty sections are as good as absent ones.
+    let c = compile("version: 1\nroutes:\npools:\ntimeouts:\n");
+    assert!(c.routes.is_empty());
+    assert_eq!(c.timeouts, Timeouts::default());
+}
+
+#[test]
+fn edge_values_are_accepted() {
+    let c = compile(
+        r#"
+version: 1
+listeners:
+  - { name: a, address: "127.0.0.1:0" }
+  - { name: b, address: "127.0.0.1:0" }    # port 0 twice: the OS picks two ports
+  - { name: c, address: "[::]:4573" }
+  - { name: d, address: "0.0.0.0:4573" }   # another family than [::]
+timeouts: { budget: 2500ms, connect: 2500ms }   # connect may equal budget; budget may pass 2s
+limits: { max_header_bytes: 512, max_header_lines: 4096, max_sessions: 1 }
+routes:
+  - name: r
+    match: { script: { prefix: "" }, args: { 127: "" } }
+    split: [{ pool: p, weight: 0 }, { pool: q, weight: 10000 }]
+    rewrite: { replace_prefix: { from: "", to: "v2/" } }
+    set: { agi_x_empty: "" }
+pools:
+  - { name: p, backends: [{ address: "10.0.0.1:1", weight: 1000 }] }
+  - { name: q, backends: [{ address: "10.0.0.1:1" }] }   # same address, other pool: fine
+"#,
+    );
+    assert_eq!(c.listeners.len(), 4);
+    assert_eq!(c.timeouts.connect, c.timeouts.budget);
+    assert_eq!(c.routes[0].set[0].1, Template(vec![]));
+    assert_eq!(c.pools[0].backends[0].weight, 1000);
+}
+
+#[test]
+fn routes_describe_themselves_on_one_line() {
+    let c = compile(FULL);
+    let d: Vec<String> = c.routes.iter().map(|r| r.describe(&c.pools)).collect();
+    assert_eq!(
+        d[0],
+        "ivr: script prefix \"ivr/\", query lang=de&page=2, args 1~^[0-9]+$ 3~x, \
+         vars agi_context~^from-, source 10.0.0.0/8 127.0.0.1/32 ::1/128 \
+         -> pool ivr (least_sessions, 2 backends) rewrite strip \"ivr/\" \
+         set agi_x_route=${route} agi_x_from=${remote_ip}:${remote_port} $$5 mode lines"
+    );
+    assert_eq!(
+        d[1],
+        "canary: script regex ^/?menu/(main|alt)$ -> split ivr-blue:90 ivr-green:10 by agi_callerid \
+         rewrite replace \"menu/\" with \"ivr/\" mode raw hangup withheld"
+    );
+    assert_eq!(
+        d[3],
+        "everything-else: any call -> pool general (round_robin, 1 backend) mode lines"
+    );
+    for line in &d {
+        assert!(!line.contains('\n'));
+    }
+}
+
+#[test]
+fn script_matching_and_rewrites_follow_asterisk_spelling() {
+    assert_eq!(script_path("ivr/main?lang=de"), "ivr/main");
+    assert_eq!(script_path("/ivr/main"), "ivr/main");
+    assert_eq!(script_path(""), "");
+
+    let c = compile(FULL);
+    let prefix = c.routes[0].matcher.script.as_ref().unwrap();
+    assert!(prefix.matches(script_path("ivr/main?x=1")));
+    assert!(!prefix.matches(script_path("menu/ivr/")));
+    let exact = c.routes[2].matcher.script.as_ref().unwrap();
+    assert!(exact.matches(script_path("/hello?x")) && !exact.matches("hello2"));
+
+    let strip = c.routes[0].rewrite.as_ref().unwrap();
+    assert_eq!(strip.apply("ivr/main?lang=de"), "main?lang=de");
+    assert_eq!(strip.apply("/ivr/main"), "/main");
+    assert_eq!(strip.apply("other/ivr/x"), "other/ivr/x");
+    let replace = c.routes[1].rewrite.as_ref().unwrap();
+    assert_eq!(replace.apply("menu/main?a=menu/"), "ivr/main?a=menu/");
+}
+
+#[test]
+fn the_example_config_is_valid_and_commented() {
+    let text = example_config();
+    assert!(text.contains('#'));
+    let c = compile(text);
+    assert!(!c.routes.is_empty() && !c.pools.is_empty());
+}
+
+#[test]
+fn load_file_reads_and_names_an_unreadable_file() {
+    let dir = std::env::temp_dir().join(format!("agiproxy-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, example_config()).unwrap();
+    assert!(load_file(&good).is_ok());
+
+    let missing = dir.join("missing.yaml");
+    let errs = load_file(&missing).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs.0[0].path, "");
+    assert!(errs.0[0].message.contains("missing.yaml"), "{errs}");
+    assert!(!errs.to_string().starts_with(':'));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,139 @@
+//! Prometheus metrics. Label values come from closed sets (outcomes,
+//! reasons), resolved to counter handles once, so the session path does no
+//! label hashing.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+use crate::outcome::{Outcome, Reason};
+
+pub struct Metrics {
+    pub registry: Registry,
+    sessions: Vec<IntCounter>,
+    failures: Vec<IntCounter>,
+    pub header_errors: IntCounterVec,
+    pub active_sessions: IntGauge,
+    pub connect_attempts: IntCounterVec,
+    pub bytes_from_asterisk: IntCounter,
+    pub bytes_to_asterisk: IntCounter,
+    pub crlf_fixed: IntCounter,
+    pub connect_seconds: Histogram,
+    pub first_command_seconds: Histogram,
+    pub session_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("agiproxy".into()), None).expect("valid prefix");
+        let sessions_vec = IntCounterVec::new(
+            Opts::new("sessions_total", "Sessions ended, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let failures_vec = IntCounterVec::new(
+            Opts::new(
+                "failures_sent_total",
+                "FAILUREs sent to Asterisk (AGISTATUS=FAILURE), by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let header_errors = IntCounterVec::new(
+            Opts::new("header_errors_total", "Refused Asterisk headers, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let connect_attempts = IntCounterVec::new(
+            Opts::new("connect_attempts_total", "Backend connect attempts, by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let active_sessions = IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
+        let bytes_from_asterisk =
+            IntCounter::new("bytes_from_asterisk_total", "Bytes relayed from Asterisk to backends").expect("valid metric");
+        let bytes_to_asterisk =
+            IntCounter::new("bytes_to_asterisk_total", "Bytes relayed from backends to Asterisk").expect("valid metric");
+        let crlf_fixed = IntCounter::new(
+            "backend_crlf_commands_total",
+            "Backend commands ending in CRLF, forwarded with LF (Asterisk rejects CRLF)",
+        )
+        .expect("valid metric");
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let connect_seconds = Histogram::with_opts(
+            HistogramOpts::new("connect_seconds", "Time from header to a connected backend").buckets(buckets.clone()),
+        )
+        .expect("valid metric");
+        let first_command_seconds = Histogram::with_opts(
+            HistogramOpts::new("first_command_seconds", "Time from header to the backend's first byte").buckets(buckets),
+        )
+        .expect("valid metric");
+        let session_seconds = Histogram::with_opts(
+            HistogramOpts::new("session_seconds", "Session duration").buckets(vec![
+                0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(sessions_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(failures_vec.clone()),
+            Box::new(header_errors.clone()),
+            Box::new(connect_attempts.clone()),
+            Box::new(active_sessions.clone()),
+            Box::new(bytes_from_asterisk.clone()),
+            Box::new(bytes_to_asterisk.clone()),
+            Box::new(crlf_fixed.clone()),
+            Box::new(connect_seconds.clone()),
+            Box::new(first_command_seconds.clone()),
+            Box::new(session_seconds.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        let sessions = Outcome::ALL
+            .iter()
+            .map(|o| sessions_vec.with_label_values(&[o.as_str()]))
+            .collect();
+        let failures = Reason::ALL
+            .iter()
+            .map(|r| failures_vec.with_label_values(&[r.as_str()]))
+            .collect();
+        Metrics {
+            registry,
+            sessions,
+            failures,
+            header_errors,
+            active_sessions,
+            connect_attempts,
+            bytes_from_asterisk,
+            bytes_to_asterisk,
+            crlf_fixed,
+            connect_seconds,
+            first_command_seconds,
+            session_seconds,
+        }
+    }
+
+    pub fn session(&self, o: Outcome) -> &IntCounter {
+        &self.sessions[o as usize]
+    }
+
+    pub fn failure(&self, r: Reason) -> &IntCounter {
+        &self.failures[r as usize]
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let enc = prometheus::TextEncoder::new();
+        let _ = enc.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,539 @@
+//! The relay: bytes both ways after commit.
+//!
+//! Towards Asterisk it paces what the backend writes, because a real
+//! Asterisk busy-spins on a partial line and stalls on a pipelined command
+//! (see `shared/fastagi-protocol.md`): whole lines only, one command at a
+//! time, the next held until Asterisk has replied. Asterisk is always read
+//! promptly (it truncates a line it cannot write within 100 ms). Binary
+//! payloads of `PUT SOUNDFILE` / `GET SOUNDFILE` pass by their announced
+//! size. Nothing is rewritten (a CRLF command is the one exception: Asterisk
+//! would reject it, so it goes out with LF and is counted).
+//!
+//! The relay reads into a stack buffer and writes straight through; heap
+//! buffers are used only for bytes that must wait (a held command, a
+//! partial line, a full socket), so a quiet session holds none.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::failure;
+use crate::outcome::Reason;
+use crate::turn::{AsteriskLine, BackendLine, Turn};
+
+/// Bytes read per syscall. Lives on the stack for the length of one read.
+const READ_CHUNK: usize = 16 * 1024;
+/// A backend line longer than this can never be a valid AGI command
+/// (Asterisk cuts lines at 8191 bytes).
+const MAX_COMMAND_LINE: usize = 16 * 1024;
+/// Bytes that may wait for a slow peer before we stop reading the other side.
+const MAX_PENDING: usize = 256 * 1024;
+/// A stash bigger than this is freed when it empties, so quiet sessions
+/// don't keep burst-sized buffers.
+const KEEP_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    /// When the backend's first command is due (counted from the header).
+    pub first_command_deadline: Instant,
+    pub next_command: Duration,
+    /// Forward Asterisk's unsolicited `HANGUP` to the backend.
+    pub forward_hangup: bool,
+}
+
+/// How the relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides closed in order.
+    Closed,
+    /// Asterisk was sent FAILURE for this reason.
+    Failed(Reason),
+    /// A peer vanished (reset, write error) mid-session.
+    PeerError,
+    /// Cut by shutdown.
+    Aborted,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayStats {
+    pub bytes_from_asterisk: u64,
+    pub bytes_to_asterisk: u64,
+    pub commands: u64,
+    /// Asterisk reported the channel hung up during the session.
+    pub caller_hung_up: bool,
+    pub crlf_fixed: u64,
+}
+
+pub struct Relay<'s> {
+    a: &'s mut TcpStream,
+    b: &'s mut TcpStream,
+    opts: RelayOptions,
+    turn: Turn,
+    /// Backend bytes not yet released to Asterisk (held command, partial line).
+    held: Vec<u8>,
+    /// Bytes released to Asterisk that its socket has not taken yet.
+    a_out: Vec<u8>,
+    /// Asterisk's incomplete line.
+    a_partial: Vec<u8>,
+    /// Bytes for the backend that its socket has not taken yet.
+    b_out: Vec<u8>,
+    a_eof: bool,
+    a_dead: bool,
+    b_eof: bool,
+    /// The backend reset: tell Asterisk FAILURE as soon as it waits for a command.
+    b_dead: bool,
+    /// We closed our side towards Asterisk (after the backend closed).
+    a_shut: bool,
+    b_shut: bool,
+    protocol_error: bool,
+    deadline: Option<Instant>,
+    pub stats: RelayStats,
+}
+
+impl<'s> Relay<'s> {
+    pub fn new(a: &'s mut TcpStream, b: &'s mut TcpStream, opts: RelayOptions) -> Relay<'s> {
+        Relay {
+            a,
+            b,
+            opts,
+            turn: Turn::default(),
+            held: Vec::new(),
+            a_out: Vec::new(),
+            a_partial: Vec::new(),
+            b_out: Vec::new(),
+            a_eof: false,
+            a_dead: false,
+            b_eof: false,
+            b_dead: false,
+            a_shut: false,
+            b_shut: false,
+            protocol_error: false,
+            deadline: Some(opts.first_command_deadline),
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// Runs the session to its end. `early` are bytes Asterisk sent before
+    /// the backend was attached.
+    pub async fn run(mut self, early: &[u8], cancel: &CancellationToken) -> (RelayEnd, RelayStats) {
+        if !early.is_empty() {
+            self.ingest_asterisk(early);
+        }
+        let sleep = tokio::time::sleep_until(self.deadline.unwrap_or_else(far_future));
+        tokio::pin!(sleep);
+        let mut armed_at = self.deadline;
+        let end = loop {
+            if let Some(end) = self.finished() {
+                break end;
+            }
+            if let Some(reason) = self.failure_due() {
+                break self.fail(reason).await;
+            }
+            let deadline = self.active_deadline();
+            if deadline != armed_at {
+                if let Some(d) = deadline {
+                    sleep.as_mut().reset(d);
+                }
+                armed_at = deadline;
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break self.abort().await,
+                r = self.a.readable(), if self.want_read_a() => {
+                    if r.is_err() { self.a_dead = true } else { self.on_asterisk_readable() }
+                }
+                r = self.a.writable(), if !self.a_out.is_empty() && !self.a_dead => {
+                    if r.is_err() { self.a_dead = true } else { self.flush_a() }
+                }
+                r = self.b.writable(), if !self.b_out.is_empty() && !self.b_shut => {
+                    if r.is_err() { self.b_write_failed() } else { self.flush_b() }
+                }
+                r = self.b.readable(), if self.want_read_b() => {
+                    if r.is_err() { self.backend_reset() } else { self.on_backend_readable() }
+                }
+                _ = &mut sleep, if deadline.is_some() => {
+                    if self.turn.backend_owes_command() && !self.b_eof {
+                        break self.fail(Reason::NextCommandTimeout).await;
+                    }
+                    // Asterisk closed and the backend lingers: stop waiting.
+                    break RelayEnd::Closed;
+                }
+            }
+        };
+        (end, self.stats)
+    }
+
+    fn want_read_a(&self) -> bool {
+        !self.a_eof && !self.a_dead && self.b_out.len() < MAX_PENDING
+    }
+
+    fn want_read_b(&self) -> bool {
+        !self.b_eof && self.held.len() < MAX_PENDING && self.a_out.is_empty() && !self.a_dead
+    }
+
+    /// The deadline in force: the backend's (first or next) command while it
+    /// owes one; none while Asterisk executes a command (`EXEC Dial` may run
+    /// for hours); after Asterisk closed, a bound on the backend's linger.
+    fn active_deadline(&self) -> Option<Instant> {
+        if self.a_eof {
+            return self.deadline;
+        }
+        if self.turn.backend_owes_command() && !self.b_eof {
+            self.deadline
+        } else {
+            None
+        }
+    }
+
+    fn finished(&mut self) -> Option<RelayEnd> {
+        if self.a_dead {
+            self.shut_backend();
+            return Some(RelayEnd::PeerError);
+        }
+        if self.a_eof && self.b_eof && self.a_out.is_empty() {
+            return Some(RelayEnd::Closed);
+        }
+        if self.a_eof && self.b_out.is_empty() && !self.b_shut {
+            self.shut_backend();
+            self.deadline = Some(Instant::now() + self.opts.next_command);
+        }
+        if self.b_eof && !self.a_shut && self.held.is_empty() && self.a_out.is_empty() && !self.turn.in_payload() && !self.b_dead {
+            self.a_shut = true;
+            shutdown_write(self.a);
+        }
+        None
+    }
+
+    fn failure_due(&self) -> Option<Reason> {
+        if !self.turn.backend_owes_command() || self.a_eof || self.a_shut || !self.a_out.is_empty() {
+            return None;
+        }
+        if self.protocol_error {
+            Some(Reason::BackendProtocol)
+        } else if self.b_dead {
+            Some(Reason::BackendReset)
+        } else {
+            None
+        }
+    }
+
+    /// Asterisk waits for a command: tell it FAILURE, end the backend politely.
+    async fn fail(&mut self, reason: Reason) -> RelayEnd {
+        tracing::info!(reason = reason.as_str(), "telling Asterisk FAILURE after commit");
+        self.close_backend_politely().await;
+        let _ = failure::tell_failure(self.a, reason).await;
+        RelayEnd::Failed(reason)
+    }
+
+    async fn abort(&mut self) -> RelayEnd {
+        if self.turn.backend_owes_command() && !self.a_eof && !self.a_shut && self.a_out.is_empty() {
+            return self.fail(Reason::ShuttingDown).await;
+        }
+        self.shut_backend();
+        RelayEnd::Aborted
+    }
+
+    async fn close_backend_politely(&mut self) {
+        if self.b_dead || self.b_shut {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.b.write_all(b"HANGUP\n")).await;
+        self.shut_backend();
+    }
+
+    fn shut_backend(&mut self) {
+        if !self.b_shut {
+            self.b_shut = true;
+            shutdown_write(self.b);
+        }
+    }
+
+    // ---- backend -> Asterisk ----
+
+    fn on_backend_readable(&mut self) {
+        let mut buf = [0u8; READ_CHUNK];
+        match self.b.try_read(&mut buf) {
+            Ok(0) => self.backend_eof(),
+            Ok(n) => {
+                self.stats.bytes_to_asterisk += n as u64;
+                self.ingest_backend(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.backend_reset(),
+        }
+    }
+
+    fn backend_eof(&mut self) {
+        self.b_eof = true;
+        // A last command without its newline: complete it rather than make
+        // Asterisk spin on a partial line.
+        if !self.held.is_empty() && !self.turn.in_payload() && self.held.last() != Some(&b'\n') {
+            self.held.push(b'\n');
+            self.release_held();
+        }
+    }
+
+    fn backend_reset(&mut self) {
+        self.b_eof = true;
+        self.b_dead = true;
+        self.b_shut = true;
+        self.held = Vec::new();
+        self.b_out = Vec::new();
+    }
+
+    fn b_write_failed(&mut self) {
+        // The backend closed its read side: nothing more can reach it.
+        self.b_shut = true;
+        self.b_out = Vec::new();
+    }
+
+    fn ingest_backend(&mut self, data: &[u8]) {
+        if self.held.is_empty() {
+            let used = self.release(data);
+            if used < data.len() {
+                self.held.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.held.extend_from_slice(data);
+            self.release_held();
+        }
+        if !self.turn.in_payload() && self.turn.backend_owes_command() && self.held.len() > MAX_COMMAND_LINE {
+            self.protocol_error = true;
+            self.held = Vec::new();
+        }
+    }
+
+    fn release_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        let used = self.release(&held);
+        self.held = held;
+        self.held.drain(..used);
+        if self.held.is_empty() && self.held.capacity() > KEEP_CAPACITY {
+            self.held = Vec::new();
+        }
+    }
+
+    /// Releases to Asterisk what the turn allows; returns the bytes used.
+    fn release(&mut self, data: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < data.len() {
+            if let Some(n) = self.turn.payload_remaining() {
+                let k = (n as usize).min(data.len() - pos);
+                self.send_a(&data[pos..pos + k]);
+                self.turn.payload_sent(k as u64);
+                pos += k;
+                continue;
+            }
+            if !self.turn.backend_owes_command() {
+                break;
+            }
+            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else { break };
+            let line = &data[pos..pos + nl + 1];
+            pos += nl + 1;
+            match self.turn.on_backend_line(line) {
+                BackendLine::Crlf => {
+                    self.stats.crlf_fixed += 1;
+                    self.stats.commands += 1;
+                    self.send_a_parts(&line[..line.len() - 2], b"\n");
+                }
+                BackendLine::Command => {
+                    self.stats.commands += 1;
+                    self.send_a(line);
+                }
+            }
+        }
+        pos
+    }
+
+    fn send_a(&mut self, bytes: &[u8]) {
+        if self.a_dead {
+            return;
+        }
+        if self.a_out.is_empty() {
+            match self.a.try_write(bytes) {
+                Ok(n) if n == bytes.len() => return,
+                Ok(n) => self.a_out.extend_from_slice(&bytes[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.a_out.extend_from_slice(bytes),
+                Err(_) => self.a_dead = true,
+            }
+        } else {
+            self.a_out.extend_from_slice(bytes);
+        }
+    }
+
+    /// One line from two pieces, written with one syscall.
+    fn send_a_parts(&mut self, head: &[u8], tail: &[u8]) {
+        let mut line = Vec::with_capacity(head.len() + tail.len());
+        line.extend_from_slice(head);
+        line.extend_from_slice(tail);
+        self.send_a(&line);
+    }
+
+    fn flush_a(&mut self) {
+        match self.a.try_write(&self.a_out) {
+            Ok(n) => {
+                self.a_out.drain(..n);
+                if self.a_out.is_empty() && self.a_out.capacity() > KEEP_CAPACITY {
+                    self.a_out = Vec::new();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.a_dead = true,
+        }
+    }
+
+    // ---- Asterisk -> backend ----
+
+    fn on_asterisk_readable(&mut self) {
+        let mut buf = [0u8; READ_CHUNK];
+        match self.a.try_read(&mut buf) {
+            Ok(0) => {
+                self.a_eof = true;
+                if !self.a_partial.is_empty() {
+                    let rest = std::mem::take(&mut self.a_partial);
+                    self.send_b(&rest);
+                }
+            }
+            Ok(n) => {
+                self.stats.bytes_from_asterisk += n as u64;
+                self.ingest_asterisk(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.a_dead = true,
+        }
+    }
+
+    fn ingest_asterisk(&mut self, data: &[u8]) {
+        if self.a_partial.is_empty() {
+            let used = self.observe_asterisk(data);
+            if used < data.len() {
+                self.a_partial.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.a_partial);
+            buf.extend_from_slice(data);
+            let used = self.observe_asterisk(&buf);
+            buf.drain(..used);
+            self.a_partial = buf;
+        }
+    }
+
+    /// Forwards Asterisk's complete lines (and payload bytes) to the backend,
+    /// advancing the turn; returns the bytes used.
+    fn observe_asterisk(&mut self, data: &[u8]) -> usize {
+        let mut pos = 0;
+        let mut seg = 0; // start of bytes not yet forwarded
+        while pos < data.len() {
+            if let Some(n) = self.turn.reply_payload_remaining() {
+                let k = (n as usize).min(data.len() - pos);
+                pos += k;
+                if self.turn.reply_payload_read(k as u64) {
+                    self.reply_done();
+                }
+                continue;
+            }
+            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else { break };
+            let line = &data[pos..pos + nl + 1];
+            let start = pos;
+            pos += nl + 1;
+            match self.turn.on_asterisk_line(line) {
+                AsteriskLine::Hangup => {
+                    // After the backend closed, this is Asterisk's
+                    // end-of-session HANGUP: expected, dropped quietly.
+                    let end_of_session = self.a_shut || self.b_eof;
+                    if !end_of_session {
+                        self.stats.caller_hung_up = true;
+                    }
+                    if end_of_session || !self.opts.forward_hangup {
+                        self.send_b(&data[seg..start]);
+                        seg = pos;
+                    }
+                }
+                AsteriskLine::ReplyDone => self.reply_done_after(&data[seg..pos], &mut seg, pos),
+                AsteriskLine::Other => {}
+            }
+        }
+        self.send_b(&data[seg..pos]);
+        pos
+    }
+
+    /// A reply is complete: forward it first, then let the next command go.
+    fn reply_done_after(&mut self, fwd: &[u8], seg: &mut usize, pos: usize) {
+        self.send_b(fwd);
+        *seg = pos;
+        self.reply_done();
+    }
+
+    fn reply_done(&mut self) {
+        self.deadline = Some(Instant::now() + self.opts.next_command);
+        if !self.held.is_empty() {
+            self.release_held();
+        }
+    }
+
+    fn send_b(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.b_shut {
+            return;
+        }
+        if self.b_out.is_empty() {
+            match self.b.try_write(bytes) {
+                Ok(n) if n == bytes.len() => {}
+                Ok(n) => self.b_out.extend_from_slice(&bytes[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.b_out.extend_from_slice(bytes),
+                Err(_) => self.b_write_failed(),
+            }
+        } else {
+            self.b_out.extend_from_slice(bytes);
+        }
+    }
+
+    fn flush_b(&mut self) {
+        match self.b.try_write(&self.b_out) {
+            Ok(n) => {
+                self.b_out.drain(..n);
+                if self.b_out.is_empty() && self.b_out.capacity() > KEEP_CAPACITY {
+                    self.b_out = Vec::new();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.b_write_failed(),
+        }
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// Half-closes a shared socket (`shutdown(SHUT_WR)`): the peer reads EOF
+/// but may still send.
+fn shutdown_write(s: &TcpStream) {
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
+/// Raw mode: everything passes untouched both ways, no pacing, no deadlines.
+pub async fn relay_raw(a: &mut TcpStream, b: &mut TcpStream, early: &[u8], cancel: &CancellationToken) -> (RelayEnd, RelayStats) {
+    let mut stats = RelayStats::default();
+    if !early.is_empty() {
+        if b.write_all(early).await.is_err() {
+            return (RelayEnd::PeerError, stats);
+        }
+        stats.bytes_from_asterisk += early.len() as u64;
+    }
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(a, b) => match r {
+            Ok((up, down)) => {
+                stats.bytes_from_asterisk += up;
+                stats.bytes_to_asterisk += down;
+                (RelayEnd::Closed, stats)
+            }
+            Err(_) => (RelayEnd::PeerError, stats),
+        },
+        _ = cancel.cancelled() => (RelayEnd::Aborted, stats),
+    }
+}

@@ -1,0 +1,180 @@
+//! Builds the header a backend receives: Asterisk's bytes as sent, plus only
+//! the route's path rewrite (in `agi_network_script` and `agi_request`) and
+//! its injected variables, written before the blank line.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use agiproxy_config::{Rewrite, Template, TemplatePart};
+
+use crate::header::Header;
+
+/// What `${...}` placeholders in a route's `set:` values expand to.
+pub struct TemplateContext<'a> {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub route: &'a str,
+    pub listener: &'a str,
+    pub pool: &'a str,
+}
+
+pub fn render(template: &Template, ctx: &TemplateContext<'_>, out: &mut String) {
+    for part in &template.0 {
+        let _ = match part {
+            TemplatePart::Literal(s) => write!(out, "{s}"),
+            TemplatePart::RemoteIp => write!(out, "{}", ctx.remote.ip().to_canonical()),
+            TemplatePart::RemotePort => write!(out, "{}", ctx.remote.port()),
+            TemplatePart::RemoteAddr => write!(out, "{}", ctx.remote),
+            TemplatePart::LocalAddr => write!(out, "{}", ctx.local),
+            TemplatePart::Route => write!(out, "{}", ctx.route),
+            TemplatePart::Listener => write!(out, "{}", ctx.listener),
+            TemplatePart::Pool => write!(out, "{}", ctx.pool),
+        };
+    }
+}
+
+/// Applies a prefix rewrite to a script path (no leading slash).
+fn rewrite_path<'a>(rewrite: &Rewrite, path: &'a str) -> Option<Cow<'a, str>> {
+    match rewrite {
+        Rewrite::StripPrefix(p) => path.strip_prefix(p.as_str()).map(Cow::Borrowed),
+        Rewrite::ReplacePrefix { from, to } => path
+            .strip_prefix(from.as_str())
+            .map(|rest| Cow::Owned(format!("{to}{rest}"))),
+    }
+}
+
+/// Rewrites the path part of a script value (`path?query`), keeping a
+/// leading slash if the original had one.
+fn rewrite_script(rewrite: &Rewrite, script: &str) -> Option<String> {
+    let (slash, rest) = match script.strip_prefix('/') {
+        Some(r) => ("/", r),
+        None => ("", script),
+    };
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    let new = rewrite_path(rewrite, path)?;
+    let mut out = format!("{slash}{new}");
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Some(out)
+}
+
+/// Rewrites the path in `agi_request` (`agi://host:port/path?query`).
+fn rewrite_request(rewrite: &Rewrite, request: &str) -> Option<String> {
+    let after_scheme = request.find("://").map_or(0, |i| i + 3);
+    let path_start = after_scheme + request[after_scheme..].find('/')?;
+    let script = &request[path_start + 1..];
+    let new = rewrite_script(rewrite, script)?;
+    Some(format!("{}/{}", &request[..path_start], new))
+}
+
+/// The header to replay to a backend. Borrowed (no copy) when the route
+/// neither rewrites nor injects.
+pub fn backend_header<'h>(
+    header: &'h Header,
+    rewrite: Option<&Rewrite>,
+    set: &[(String, Template)],
+    ctx: &TemplateContext<'_>,
+) -> Cow<'h, [u8]> {
+    if rewrite.is_none() && set.is_empty() {
+        return Cow::Borrowed(header.raw());
+    }
+    let mut out = String::with_capacity(header.raw().len() + 64 * set.len() + 32);
+    let mut value = String::new();
+    for (name, v) in header.vars() {
+        // An injected variable replaces one a client sent under the same
+        // name, so a caller cannot spoof e.g. agi_x_forwarded_for.
+        if let Some((_, t)) = set.iter().find(|(n, _)| n == name) {
+            value.clear();
+            render(t, ctx, &mut value);
+            let _ = writeln!(out, "{name}: {value}");
+            continue;
+        }
+        let rewritten = rewrite.and_then(|rw| match name {
+            "agi_network_script" => rewrite_script(rw, v),
+            "agi_request" => rewrite_request(rw, v),
+            _ => None,
+        });
+        let _ = writeln!(out, "{name}: {}", rewritten.as_deref().unwrap_or(v));
+    }
+    for (name, t) in set {
+        if header.get(name).is_none() {
+            value.clear();
+            render(t, ctx, &mut value);
+            let _ = writeln!(out, "{name}: {value}");
+        }
+    }
+    out.push('\n');
+    Cow::Owned(out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HC: &[u8] = include_bytes!("../../../shared/fixtures/header-HC.bin");
+
+    fn ctx() -> TemplateContext<'static> {
+        TemplateContext {
+            remote: "10.0.0.7:40000".parse().unwrap(),
+            local: "127.0.0.1:4573".parse().unwrap(),
+            route: "ivr",
+            listener: "asterisk",
+            pool: "ivr-blue",
+        }
+    }
+
+    #[test]
+    fn untouched_header_is_borrowed() {
+        let h = Header::parse(HC.to_vec(), 512).unwrap();
+        let out = backend_header(&h, None, &[], &ctx());
+        assert!(matches!(out, Cow::Borrowed(_)));
+        assert_eq!(&*out, HC);
+    }
+
+    #[test]
+    fn strip_and_replace_prefix_in_script_and_request() {
+        let h = Header::parse(HC.to_vec(), 512).unwrap();
+        let rw = Rewrite::StripPrefix("ivr/".into());
+        let out = backend_header(&h, Some(&rw), &[], &ctx());
+        let expected = String::from_utf8(HC.to_vec())
+            .unwrap()
+            .replace("agi_network_script: ivr/main", "agi_network_script: main")
+            .replace("4573/ivr/main", "4573/main");
+        assert_eq!(String::from_utf8(out.into_owned()).unwrap(), expected);
+
+        let rw = Rewrite::ReplacePrefix { from: "ivr/".into(), to: "menu/v2/".into() };
+        let out = String::from_utf8(backend_header(&h, Some(&rw), &[], &ctx()).into_owned()).unwrap();
+        assert!(out.contains("agi_network_script: menu/v2/main?lang=de&x=1\n"));
+        assert!(out.contains("agi_request: agi://127.0.0.1:4573/menu/v2/main?lang=de&x=1\n"));
+    }
+
+    #[test]
+    fn injected_variables_go_before_the_blank_line_and_replace_spoofed_ones() {
+        let mut raw = HC[..HC.len() - 1].to_vec();
+        raw.extend_from_slice(b"agi_x_forwarded_for: 6.6.6.6\n\n");
+        let h = Header::parse(raw, 512).unwrap();
+        let set = vec![
+            ("agi_x_forwarded_for".to_string(), Template(vec![TemplatePart::RemoteIp])),
+            (
+                "agi_x_route".to_string(),
+                Template(vec![TemplatePart::Literal("r=".into()), TemplatePart::Route]),
+            ),
+        ];
+        let out = String::from_utf8(backend_header(&h, None, &set, &ctx()).into_owned()).unwrap();
+        assert!(out.ends_with("agi_x_forwarded_for: 10.0.0.7\nagi_x_route: r=ivr\n\n"), "{out}");
+        assert!(!out.contains("6.6.6.6"));
+    }
+
+    #[test]
+    fn non_matching_rewrite_leaves_header_bytes_equal() {
+        let h = Header::parse(HC.to_vec(), 512).unwrap();
+        let rw = Rewrite::StripPrefix("billing/".into());
+        assert_eq!(&*backend_header(&h, Some(&rw), &[], &ctx()), HC);
+    }
+}

@@ -1,0 +1,254 @@
+//! One session from accept to close: read the header, route, pick a pool,
+//! attach a backend within the budget, relay, and write one access-log line.
+//! Every failure before commit is spoken to Asterisk as FAILURE.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::balancer::NoBackend;
+use crate::connect::{attach, AttachError};
+use crate::failure::tell_failure;
+use crate::header::{discard_rest, read_header, HeaderError, HeaderLimits};
+use crate::outcome::{Outcome, Reason};
+use crate::relay::{relay_raw, Relay, RelayEnd, RelayOptions};
+use crate::rewrite::{backend_header, TemplateContext};
+use crate::server::Shared;
+use crate::snapshot::Snapshot;
+use agiproxy_config::Mode;
+
+/// What happened in one session: the access-log line, and what tests and
+/// the demo observe.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub peer: SocketAddr,
+    pub listener: Arc<str>,
+    /// `agi_network_script` as Asterisk sent it.
+    pub script: String,
+    pub route: Option<String>,
+    pub pool: Option<String>,
+    pub backend: Option<SocketAddr>,
+    pub attempts: u32,
+    pub connect_time: Option<Duration>,
+    pub first_command_time: Option<Duration>,
+    pub duration: Duration,
+    pub bytes_from_asterisk: u64,
+    pub bytes_to_asterisk: u64,
+    pub commands: u64,
+    pub caller_hung_up: bool,
+    pub outcome: Outcome,
+    pub reason: Option<Reason>,
+    pub header_error: Option<&'static str>,
+}
+
+impl SessionRecord {
+    fn new(peer: SocketAddr, listener: Arc<str>) -> SessionRecord {
+        SessionRecord {
+            peer,
+            listener,
+            script: String::new(),
+            route: None,
+            pool: None,
+            backend: None,
+            attempts: 0,
+            connect_time: None,
+            first_command_time: None,
+            duration: Duration::ZERO,
+            bytes_from_asterisk: 0,
+            bytes_to_asterisk: 0,
+            commands: 0,
+            caller_hung_up: false,
+            outcome: Outcome::Completed,
+            reason: None,
+            header_error: None,
+        }
+    }
+
+    fn log(&self) {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "agiproxy::access",
+            peer = %self.peer,
+            listener = %self.listener,
+            script = %self.script,
+            route = self.route.as_deref().unwrap_or("-"),
+            pool = self.pool.as_deref().unwrap_or("-"),
+            backend = %self.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+            attempts = self.attempts,
+            connect_ms = ms(self.connect_time),
+            first_command_ms = ms(self.first_command_time),
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            bytes_in = self.bytes_from_asterisk,
+            bytes_out = self.bytes_to_asterisk,
+            commands = self.commands,
+            hangup = self.caller_hung_up,
+            outcome = self.outcome.as_str(),
+            reason = self.reason.map_or(self.header_error.unwrap_or("-"), |r| r.as_str()),
+            "session"
+        );
+    }
+}
+
+/// Serves one accepted connection from Asterisk.
+pub async fn serve(shared: Arc<Shared>, snap: Arc<Snapshot>, listener: Arc<str>, mut a: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let mut rec = SessionRecord::new(peer, listener);
+    run(&shared, &snap, &mut a, &mut rec).await;
+    rec.duration = started.elapsed();
+    let m = &shared.metrics;
+    m.session(rec.outcome).inc();
+    if let Some(r) = rec.reason {
+        if rec.outcome == Outcome::Failed {
+            m.failure(r).inc();
+        }
+    }
+    m.bytes_from_asterisk.inc_by(rec.bytes_from_asterisk);
+    m.bytes_to_asterisk.inc_by(rec.bytes_to_asterisk);
+    if rec.outcome != Outcome::BadHeader {
+        m.session_seconds.observe(rec.duration.as_secs_f64());
+    }
+    rec.log();
+    shared.publish(rec);
+}
+
+async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut SessionRecord) {
+    let cfg = &snap.config;
+    let limits = HeaderLimits {
+        max_bytes: cfg.limits.max_header_bytes,
+        max_lines: cfg.limits.max_header_lines,
+        timeout: cfg.timeouts.header,
+    };
+    let header = match read_header(a, &limits).await {
+        Ok(h) => h,
+        Err(e) => return bad_header(shared, a, rec, e, &limits).await,
+    };
+    let header_done = Instant::now();
+    rec.script = header.get("agi_network_script").unwrap_or("").to_string();
+
+    let Some(ri) = snap.router.route(&header, rec.peer.ip()) else {
+        return fail(a, rec, Reason::NoRoute).await;
+    };
+    let route = &snap.router.routes()[ri].route;
+    rec.route = Some(route.name.clone());
+    let pi = snap.router.pool_for(ri, &header);
+    let pool = &snap.pools[pi];
+    rec.pool = Some(pool.name.clone());
+    let order = match pool.candidates(&header) {
+        Ok(o) => o,
+        Err(NoBackend::AllEjected) => return fail(a, rec, Reason::NoBackend).await,
+        Err(NoBackend::Full) => return fail(a, rec, Reason::PoolFull).await,
+    };
+
+    let local = a.local_addr().unwrap_or(rec.peer);
+    let ctx = TemplateContext { remote: rec.peer, local, route: &route.name, listener: &rec.listener, pool: &pool.name };
+    let replay = backend_header(&header, route.rewrite.as_ref(), &route.set, &ctx);
+    let mut early = header.trailing().to_vec();
+    let t = &route.timeouts;
+    let raw = route.mode == Mode::Raw;
+    let attached = attach(pool, &order, &replay, a, &mut early, t, header_done, raw, &shared.metrics).await;
+    drop(replay);
+    let mut at = match attached {
+        Ok(at) => at,
+        Err(AttachError::Failed { reason, attempts }) => {
+            rec.attempts = attempts;
+            return fail(a, rec, reason).await;
+        }
+        Err(AttachError::ClientGone { attempts }) => {
+            rec.attempts = attempts;
+            rec.outcome = Outcome::ClientGone;
+            return;
+        }
+    };
+    drop(header);
+    rec.attempts = at.attempts;
+    rec.backend = Some(at.lease.backend.addr);
+    rec.connect_time = Some(at.connect_time);
+    rec.first_command_time = Some(at.first_byte_time);
+    shared.metrics.connect_seconds.observe(at.connect_time.as_secs_f64());
+    shared.metrics.first_command_seconds.observe(at.first_byte_time.as_secs_f64());
+
+    let (end, stats) = match route.mode {
+        Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &shared.drain.force).await,
+        Mode::Lines => {
+            let opts = RelayOptions {
+                first_command_deadline: tokio::time::Instant::from_std(header_done + t.first_command),
+                next_command: t.next_command,
+                forward_hangup: route.forward_hangup,
+            };
+            let early = std::mem::take(&mut at.early);
+            Relay::new(a, &mut at.stream, opts).run(&early, &shared.drain.force).await
+        }
+    };
+    rec.bytes_from_asterisk = stats.bytes_from_asterisk;
+    rec.bytes_to_asterisk = stats.bytes_to_asterisk;
+    rec.commands = stats.commands;
+    rec.caller_hung_up = stats.caller_hung_up;
+    if stats.crlf_fixed > 0 {
+        shared.metrics.crlf_fixed.inc_by(stats.crlf_fixed);
+    }
+    match end {
+        RelayEnd::Closed | RelayEnd::PeerError => rec.outcome = Outcome::Completed,
+        RelayEnd::Failed(r) => {
+            rec.outcome = Outcome::Failed;
+            rec.reason = Some(r);
+        }
+        RelayEnd::Aborted => rec.outcome = Outcome::Aborted,
+    }
+}
+
+async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
+    rec.outcome = Outcome::Failed;
+    rec.reason = Some(reason);
+    if let Err(e) = tell_failure(a, reason).await {
+        tracing::debug!(peer = %rec.peer, error = %e, "Asterisk went away while told FAILURE");
+    }
+}
+
+async fn bad_header(shared: &Shared, a: &mut TcpStream, rec: &mut SessionRecord, e: HeaderError, limits: &HeaderLimits) {
+    rec.outcome = Outcome::BadHeader;
+    rec.header_error = Some(e.reason());
+    shared.metrics.header_errors.with_label_values(&[e.reason()]).inc();
+    match e {
+        HeaderError::Closed | HeaderError::Io(_) => {
+            tracing::debug!(peer = %rec.peer, error = %e, "connection ended before a header")
+        }
+        _ => tracing::warn!(peer = %rec.peer, error = %e, "refused Asterisk header"),
+    }
+    if e.answer_with_failure() && discard_rest(a, limits.timeout).await {
+        // A real Asterisk with an oversized header is waiting for a
+        // command: its dialplan deserves the fallback, not a silent SUCCESS.
+        rec.outcome = Outcome::Failed;
+        rec.reason = Some(Reason::HeaderTooLarge);
+        let _ = tell_failure(a, Reason::HeaderTooLarge).await;
+    }
+}
+
+/// Over `limits.max_sessions`: read the header and answer FAILURE, so the
+/// dialplan falls back at once (refusing to read would hang the call).
+pub async fn reject_overloaded(shared: Arc<Shared>, snap: Arc<Snapshot>, listener: Arc<str>, mut a: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let mut rec = SessionRecord::new(peer, listener);
+    let cfg = &snap.config;
+    let limits = HeaderLimits {
+        max_bytes: cfg.limits.max_header_bytes,
+        max_lines: cfg.limits.max_header_lines,
+        timeout: cfg.timeouts.header,
+    };
+    match read_header(&mut a, &limits).await {
+        Ok(h) => {
+            rec.script = h.get("agi_network_script").unwrap_or("").to_string();
+            fail(&mut a, &mut rec, Reason::Overloaded).await;
+        }
+        Err(e) => bad_header(&shared, &mut a, &mut rec, e, &limits).await,
+    }
+    rec.duration = started.elapsed();
+    shared.metrics.session(rec.outcome).inc();
+    if rec.outcome == Outcome::Failed {
+        shared.metrics.failure(Reason::Overloaded).inc();
+    }
+    rec.log();
+    shared.publish(rec);
+}
+
