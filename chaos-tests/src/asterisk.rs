@@ -166,6 +166,9 @@ impl CallOutcome {
 pub struct FakeAsterisk {
     header: AgiHeader,
     connect_timeout: Duration,
+    /// Source address for the connect (a loopback alias such as
+    /// 127.0.0.7), to exercise routing by the Asterisk's address.
+    source: Option<std::net::IpAddr>,
     call_timeout: Duration,
     partial_line_grace: Duration,
     reply: ReplyFn,
@@ -201,6 +204,7 @@ impl FakeAsterisk {
         Self {
             header: AgiHeader::default(),
             connect_timeout: MAX_AGI_CONNECT,
+            source: None,
             call_timeout: Duration::from_secs(30),
             partial_line_grace: PARTIAL_LINE_GRACE,
             reply: Arc::new(|_| Reply::ok()),
@@ -217,6 +221,12 @@ impl FakeAsterisk {
     }
 
     /// Connect timeout (Asterisk: 2000 ms per address).
+    /// Connects from this local address (loopback only, e.g. 127.0.0.7).
+    pub fn source(mut self, ip: std::net::IpAddr) -> Self {
+        self.source = Some(ip);
+        self
+    }
+
     pub fn connect_timeout(mut self, limit: Duration) -> Self {
         self.connect_timeout = limit;
         self
@@ -286,7 +296,7 @@ impl FakeAsterisk {
     }
 
     async fn call(&self, addr: SocketAddr, started: Instant, out: &mut CallOutcome) -> AgiStatus {
-        let stream = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        let stream = match timeout(self.connect_timeout, connect_from(self.source, addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 out.connect_error = Some(format!("connect {addr}: {e}"));
@@ -320,6 +330,22 @@ impl FakeAsterisk {
 enum Flow {
     Continue,
     End,
+}
+
+async fn connect_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }
 
 /// One connected call.

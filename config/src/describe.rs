@@ -21,11 +21,19 @@ impl Route {
             criteria.push(format!("query {}", q.join("&")));
         }
         if !m.args.is_empty() {
-            let a: Vec<String> = m.args.iter().map(|(n, r)| format!("{n}~{}", r.as_str())).collect();
+            let a: Vec<String> = m
+                .args
+                .iter()
+                .map(|(n, r)| format!("{n}~{}", r.as_str()))
+                .collect();
             criteria.push(format!("args {}", a.join(" ")));
         }
         if !m.vars.is_empty() {
-            let v: Vec<String> = m.vars.iter().map(|(k, r)| format!("{k}~{}", r.as_str())).collect();
+            let v: Vec<String> = m
+                .vars
+                .iter()
+                .map(|(k, r)| format!("{k}~{}", r.as_str()))
+                .collect();
             criteria.push(format!("vars {}", v.join(" ")));
         }
         if !m.source.is_empty() {

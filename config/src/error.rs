@@ -132,7 +132,10 @@ mod tests {
 
     #[test]
     fn display_omits_an_empty_path() {
-        assert_eq!(ConfigError::new("", "cannot read").to_string(), "cannot read");
+        assert_eq!(
+            ConfigError::new("", "cannot read").to_string(),
+            "cannot read"
+        );
         assert_eq!(
             ConfigError::new("routes[0].name", "missing").to_string(),
             "routes[0].name: missing"

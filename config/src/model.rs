@@ -278,7 +278,9 @@ pub enum Balance {
     Weighted,
     LeastSessions,
     /// By a hash of this header variable's value (`hash_key`, default `agi_uniqueid`).
-    Hash { key: String },
+    Hash {
+        key: String,
+    },
 }
 
 impl fmt::Display for Balance {

@@ -21,7 +21,8 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
         Ok(raw) => return Ok(raw),
         Err(e) => e,
     };
-    // Not YAML at all (or a shape the survey cannot read): the one error is all there is to say.
+    // Not YAML, not a mapping, or refused as a `Value` (e.g. a duplicate key): the one error
+    // is all there is to say.
     let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {
         return Err(vec![from_yaml(&first)]);
     };
@@ -48,9 +49,15 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
             continue;
         }
         let pieces = match (key, value) {
-            ("listeners" | "routes" | "pools", Value::Sequence(entries)) => {
-                (0..entries.len()).map(|i| Piece::Entry(key, i)).collect()
-            }
+            // Entries are screened on the parsed value first (cheap), and only broken ones are
+            // read again from the text for their location: a parse per entry would be
+            // quadratic in a config with thousands of routes.
+            ("listeners" | "routes" | "pools", Value::Sequence(entries)) => entries
+                .iter()
+                .enumerate()
+                .filter(|(_, entry)| !entry_deserializes(key, entry))
+                .map(|(i, _)| Piece::Entry(key, i))
+                .collect(),
             _ => vec![Piece::Section(key)],
         };
         for piece in pieces {
@@ -68,6 +75,17 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
         errors.push(from_yaml(&first));
     }
     Err(errors)
+}
+
+/// Whether an entry of a top-level list deserializes with its real type.
+fn entry_deserializes(key: &str, entry: &Value) -> bool {
+    use serde::Deserialize;
+    match key {
+        "listeners" => RawListener::deserialize(entry).is_ok(),
+        "routes" => RawRoute::deserialize(entry).is_ok(),
+        "pools" => RawPool::deserialize(entry).is_ok(),
+        _ => false,
+    }
 }
 
 /// One part of the file to deserialize on its own.
@@ -171,13 +189,14 @@ impl<'de> Visitor<'de> for EntryOf<'_> {
 
 /// The 1-based line where a top-level `key:` is written, if it can be found.
 fn top_level_line(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
-            .iter()
-            .any(|k| {
-                line.strip_prefix(k.as_str())
-                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
-            })
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|line| {
+            [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+                .iter()
+                .any(|k| {
+                    line.strip_prefix(k.as_str())
+                        .is_some_and(|rest| rest.trim_start().starts_with(':'))
+                })
+        })
+        .map(|i| i + 1)
 }

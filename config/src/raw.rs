@@ -10,7 +10,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-/// The top-level keys of [`RawConfig`], for reporting unknown ones found by [`crate::parse`].
+/// The top-level keys of [`RawConfig`], for reporting unknown ones (see `parse`).
 pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "version",
     "listeners",

@@ -150,7 +150,8 @@ mod tests {
 
     #[test]
     fn parses_placeholders_and_escapes() {
-        let t = Template::parse("from ${remote_ip}:${remote_port} via $${listener}${pool}").unwrap();
+        let t =
+            Template::parse("from ${remote_ip}:${remote_port} via $${listener}${pool}").unwrap();
         assert_eq!(
             t.0,
             vec![
@@ -184,8 +185,10 @@ mod tests {
 
     #[test]
     fn renders_with_session_values() {
-        let t = Template::parse("${remote_addr} ${remote_ip} ${local_addr} ${route}/${listener}/${pool}")
-            .unwrap();
+        let t = Template::parse(
+            "${remote_addr} ${remote_ip} ${local_addr} ${route}/${listener}/${pool}",
+        )
+        .unwrap();
         let ctx = TemplateContext {
             remote: "[::ffff:10.0.0.7]:40000".parse().unwrap(),
             local: "[::1]:4573".parse().unwrap(),

@@ -55,10 +55,17 @@ fn assert_errors(name: &str, text: &str, expected: &[(&str, &str)]) {
     }
 }
 
+/// A case: its name, the config, and the errors expected as (path, part of the message).
+type Case = (
+    &'static str,
+    String,
+    &'static [(&'static str, &'static str)],
+);
+
 #[test]
 fn bad_configs_are_refused_with_path_and_fix() {
     #[rustfmt::skip]
-    let cases: &[(&str, String, &[(&str, &str)])] = &[
+    let cases: &[Case] = &[
         ("unknown pool",
          config("routes: [{ name: a, pool: ivr-gren }]"),
          &[("routes[0].pool", "unknown pool \"ivr-gren\"; known pools: ivr-blue, ivr-green")]),
@@ -174,7 +181,7 @@ fn bad_configs_are_refused_with_path_and_fix() {
          &[("routes[0].match.script.exact", "match query parameters with match.query")]),
         ("bad regex script",
          config("routes: [{ name: a, pool: ivr-blue, match: { script: { regex: \"^/(ivr\" } } }]"),
-         &[("routes[0].match.script.regex", "not a valid regex")]),
+         &[("routes[0].match.script.regex", "\"^/(ivr\" is not a valid regex: unclosed group")]),
         ("query key twice",
          config("routes: [{ name: a, pool: ivr-blue, match: { query: { lang: de, lang: en } } }]"),
          &[("routes[0].match.query.lang", "listed twice; keep one")]),
@@ -263,7 +270,9 @@ fn independent_mistakes_are_all_reported_at_once() {
     // And they print one per line, each with its path.
     let printed = from_yaml_str(&text).unwrap_err().to_string();
     assert_eq!(printed.lines().count(), 3);
-    assert!(printed.lines().all(|l| !l.starts_with(':') && l.contains(": ")));
+    assert!(printed
+        .lines()
+        .all(|l| !l.starts_with(':') && l.contains(": ")));
 }
 
 #[test]
@@ -272,7 +281,10 @@ fn unknown_fields_are_refused_by_name_with_the_known_ones() {
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].path, "routes[0]");
     let m = &errs[0].message;
-    assert!(m.starts_with("unknown field `pols`, expected one of"), "{m}");
+    assert!(
+        m.starts_with("unknown field `pols`, expected one of"),
+        "{m}"
+    );
     assert!(m.contains("`pool`") && m.contains("`split`"), "{m}");
     assert!(m.ends_with("(line 4, column 5)"), "{m}");
 
@@ -283,7 +295,10 @@ fn unknown_fields_are_refused_by_name_with_the_known_ones() {
     let printed: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
     assert_eq!(errs.len(), 2, "{printed:?}");
     assert_eq!(errs[0].path, "pools[0].backends[0]");
-    assert!(errs[0].message.contains("unknown field `wieght`"), "{printed:?}");
+    assert!(
+        errs[0].message.contains("unknown field `wieght`"),
+        "{printed:?}"
+    );
     assert_eq!(errs[1].path, "");
     assert!(
         printed[1].starts_with("unknown field `rotues`, expected one of `version`, `listeners`"),
@@ -327,7 +342,11 @@ fn yaml_syntax_errors_give_line_and_column() {
     let errs = errors("version: 1\nroutes:\n  - name: a\n     pool: b\n");
     assert_eq!(errs.len(), 1);
     assert_eq!(errs[0].path, "");
-    assert!(errs[0].message.contains("(line 4, column 10)"), "{}", errs[0]);
+    assert!(
+        errs[0].message.contains("(line 4, column 10)"),
+        "{}",
+        errs[0]
+    );
 
     let errs = errors("version: 1\nroutes: [{ name: \"a }]\n");
     assert_eq!(errs.len(), 1);
@@ -335,5 +354,9 @@ fn yaml_syntax_errors_give_line_and_column() {
 
     let errs = errors("- just\n- a list\n");
     assert_eq!(errs.len(), 1);
-    assert!(errs[0].message.contains("invalid type: sequence"), "{}", errs[0]);
+    assert!(
+        errs[0].message.contains("invalid type: sequence"),
+        "{}",
+        errs[0]
+    );
 }

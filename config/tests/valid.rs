@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use agiproxy_config::{
-    example_config, from_yaml_str, load_file, script_path, Balance, Config, Limits, Mode,
-    Rewrite, RouteTarget, ScriptMatch, Template, TemplatePart, Timeouts, DEFAULT_PORT,
+    example_config, from_yaml_str, load_file, script_path, Balance, Config, Limits, Mode, Rewrite,
+    RouteTarget, ScriptMatch, Template, TemplatePart, Timeouts, DEFAULT_PORT,
 };
 
 const FULL: &str = r#"
@@ -129,7 +129,11 @@ fn full_config_compiles_to_the_expected_values() {
     );
     let args: Vec<(usize, &str)> = m.args.iter().map(|(n, r)| (*n, r.as_str())).collect();
     assert_eq!(args, [(1, "^[0-9]+$"), (3, "x")]);
-    let vars: Vec<(&str, &str)> = m.vars.iter().map(|(k, r)| (k.as_str(), r.as_str())).collect();
+    let vars: Vec<(&str, &str)> = m
+        .vars
+        .iter()
+        .map(|(k, r)| (k.as_str(), r.as_str()))
+        .collect();
     assert_eq!(vars, [("agi_context", "^from-")]);
     let source: Vec<String> = m.source.iter().map(|n| n.to_string()).collect();
     assert_eq!(source, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
@@ -200,7 +204,10 @@ fn full_config_compiles_to_the_expected_values() {
         ]
     );
     assert_eq!(p[0].max_sessions, None);
-    assert_eq!((p[0].backoff.base, p[0].backoff.max), (ms(1000), ms(30_000)));
+    assert_eq!(
+        (p[0].backoff.base, p[0].backoff.max),
+        (ms(1000), ms(30_000))
+    );
     assert_eq!(
         p[1].balance,
         Balance::Hash {

@@ -194,7 +194,11 @@ impl PoolState {
             }
         });
         if order.is_empty() {
-            return Err(if ejected == n { NoBackend::AllEjected } else { NoBackend::Full });
+            return Err(if ejected == n {
+                NoBackend::AllEjected
+            } else {
+                NoBackend::Full
+            });
         }
         Ok(order)
     }
@@ -217,7 +221,10 @@ impl PoolState {
         let b = &self.backends[i];
         let prev = b.active.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
-        let lease = Lease { backend: b.clone(), pool_active: self.active.clone() };
+        let lease = Lease {
+            backend: b.clone(),
+            pool_active: self.active.clone(),
+        };
         if b.max_sessions.is_some_and(|m| prev >= m) {
             return None; // dropping the lease gives the slot back
         }
@@ -255,7 +262,13 @@ mod tests {
 
     fn pool(yaml_balance: &str, n: usize) -> PoolState {
         let backends: String = (0..n)
-            .map(|i| format!("      - {{ address: \"127.0.0.1:{}\", weight: {} }}\n", 6000 + i, i + 1))
+            .map(|i| {
+                format!(
+                    "      - {{ address: \"127.0.0.1:{}\", weight: {} }}\n",
+                    6000 + i,
+                    i + 1
+                )
+            })
             .collect();
         let text = format!(
             "version: 1\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: {yaml_balance}\n    backends:\n{backends}"
@@ -265,7 +278,11 @@ mod tests {
     }
 
     fn header(uid: &str) -> Header {
-        Header::parse(format!("agi_network: yes\nagi_uniqueid: {uid}\n\n").into_bytes(), 16).unwrap()
+        Header::parse(
+            format!("agi_network: yes\nagi_uniqueid: {uid}\n\n").into_bytes(),
+            16,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -307,7 +324,10 @@ mod tests {
     #[test]
     fn ejection_backs_off_and_empty_pool_fails_at_once() {
         let p = pool("round_robin", 2);
-        let b = Backoff { base: Duration::from_secs(10), max: Duration::from_secs(60) };
+        let b = Backoff {
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(60),
+        };
         assert_eq!(p.backends[0].record_failure(&b), Duration::from_secs(10));
         assert_eq!(p.backends[0].record_failure(&b), Duration::from_secs(20));
         let h = header("1");
@@ -331,11 +351,18 @@ mod tests {
             assert_eq!(a, p4.backends[p4.candidates(&h).unwrap()[0]].addr);
             let b = p3.backends[p3.candidates(&h).unwrap()[0]].addr;
             if a != b {
-                assert_eq!(a.port(), 7003, "a key moved that was not on the removed backend");
+                assert_eq!(
+                    a.port(),
+                    7003,
+                    "a key moved that was not on the removed backend"
+                );
                 moved += 1;
             }
         }
-        assert!((350..650).contains(&moved), "about a quarter should move: {moved}");
+        assert!(
+            (350..650).contains(&moved),
+            "about a quarter should move: {moved}"
+        );
     }
 
     #[test]

@@ -26,9 +26,14 @@ pub struct Attached {
 }
 
 pub enum AttachError {
-    Failed { reason: Reason, attempts: u32 },
+    Failed {
+        reason: Reason,
+        attempts: u32,
+    },
     /// Asterisk closed while we searched; nobody is left to tell.
-    ClientGone { attempts: u32 },
+    ClientGone {
+        attempts: u32,
+    },
 }
 
 enum Wait {
@@ -39,19 +44,37 @@ enum Wait {
     ClientGone,
 }
 
-/// Finds a backend for the call. `started` is when the header was complete;
-/// the budget counts from there.
+/// What the connector needs to know about one call.
+pub struct AttachPlan<'a> {
+    pub pool: &'a PoolState,
+    /// Backend indexes in the order the balancer chose.
+    pub order: &'a [usize],
+    /// The header to replay to each backend tried.
+    pub header: &'a [u8],
+    pub timeouts: &'a Timeouts,
+    /// When the header was complete; the budget counts from here.
+    pub started: Instant,
+    /// Raw-mode route: a client half-close is not a hang-up.
+    pub raw: bool,
+    pub metrics: &'a Metrics,
+}
+
+/// Finds a backend for the call, reading Asterisk meanwhile (bytes it sends
+/// land in `early`).
 pub async fn attach(
-    pool: &PoolState,
-    order: &[usize],
-    header: &[u8],
+    plan: &AttachPlan<'_>,
     asterisk: &mut TcpStream,
     early: &mut Vec<u8>,
-    t: &Timeouts,
-    started: Instant,
-    raw: bool,
-    metrics: &Metrics,
 ) -> Result<Attached, AttachError> {
+    let AttachPlan {
+        pool,
+        order,
+        header,
+        timeouts: t,
+        started,
+        raw,
+        metrics,
+    } = *plan;
     let deadline = started + t.budget;
     let mut attempts = 0;
     let mut reason = Reason::NoBackend;
@@ -71,21 +94,34 @@ pub async fn attach(
         let stream = match tokio::time::timeout(limit, TcpStream::connect(backend.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                metrics.connect_attempts.with_label_values(&[connect_error_label(&e)]).inc();
+                metrics
+                    .connect_attempts
+                    .with_label_values(&[connect_error_label(&e)])
+                    .inc();
                 let wait = backend.record_failure(&pool.backoff);
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, error = %e, backoff = ?wait, "connect failed");
                 reason = Reason::ConnectFailed;
                 continue;
             }
             Err(_) => {
-                metrics.connect_attempts.with_label_values(&["timeout"]).inc();
+                metrics
+                    .connect_attempts
+                    .with_label_values(&["timeout"])
+                    .inc();
                 let wait = backend.record_failure(&pool.backoff);
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
-                reason = if limit < t.connect { Reason::BudgetExhausted } else { Reason::ConnectFailed };
+                reason = if limit < t.connect {
+                    Reason::BudgetExhausted
+                } else {
+                    Reason::ConnectFailed
+                };
                 continue;
             }
         };
-        metrics.connect_attempts.with_label_values(&["connected"]).inc();
+        metrics
+            .connect_attempts
+            .with_label_values(&["connected"])
+            .inc();
         let connect_time = started.elapsed();
         let _ = stream.set_nodelay(true);
         // The header is far smaller than a socket buffer, so this completes
@@ -101,7 +137,9 @@ pub async fn attach(
         match wait_first_byte(&mut stream, asterisk, early, first_deadline, raw).await {
             Wait::FirstByte => {
                 backend.record_success();
-                backend.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                backend
+                    .total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(Attached {
                     lease,
                     stream,

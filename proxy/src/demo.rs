@@ -1,4 +1,147 @@
-//! `agiproxy demo`: placeholder until the fake peers land.
-pub async fn run(_listen: std::net::SocketAddr, _once: bool) -> anyhow::Result<()> {
+//! `agiproxy demo`: the proxy on loopback with an embedded config, two
+//! built-in FastAGI backends (`blue` and `green`), and a handful of
+//! simulated Asterisk calls whose conversations and AGISTATUS are printed.
+//! Then it keeps serving, so a real Asterisk can be pointed at it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chaos_tests::{refused_addr, AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+
+use agiproxy::{Server, SessionRecord};
+
+const CONFIG: &str = include_str!("demo.yaml");
+
+struct Call {
+    dialplan: &'static str,
+    script: &'static str,
+    args: &'static [&'static str],
+}
+
+const CALLS: &[Call] = &[
+    Call {
+        dialplan: "AGI(agi://PROXY/ivr/main?lang=en,1001)",
+        script: "ivr/main?lang=en",
+        args: &["1001"],
+    },
+    Call {
+        dialplan: "AGI(agi://PROXY/ivr/main?lang=de,1002)",
+        script: "ivr/main?lang=de",
+        args: &["1002"],
+    },
+    Call {
+        dialplan: "AGI(agi://PROXY/billing,acct42)",
+        script: "billing",
+        args: &["acct42"],
+    },
+    Call {
+        dialplan: "AGI(agi://PROXY/unknown/script)",
+        script: "unknown/script",
+        args: &[],
+    },
+];
+
+fn backend_script(colour: &str) -> Behaviour {
+    Behaviour::script(&[
+        format!("VERBOSE \"{colour} backend answering\" 1"),
+        "ANSWER".to_string(),
+        format!("SET VARIABLE IVR_BACKEND {colour}"),
+        "STREAM FILE hello-world \"\"".to_string(),
+    ])
+}
+
+pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
+    let blue = FakeBackend::start(backend_script("blue"))
+        .await
+        .with_name("blue");
+    let green = FakeBackend::start(backend_script("green"))
+        .await
+        .with_name("green");
+    let down = refused_addr();
+    let text = CONFIG
+        .replace("{LISTEN}", &listen.to_string())
+        .replace("{BLUE}", &blue.addr().to_string())
+        .replace("{GREEN}", &green.addr().to_string())
+        .replace("{DOWN}", &down.to_string());
+    let config = agiproxy_config::from_yaml_str(&text)
+        .map_err(|e| anyhow::anyhow!("the embedded demo config is invalid:\n{e}"))?;
+    let server = match Server::start(config).await {
+        Ok(s) => s,
+        Err(e) if listen.port() != 0 => {
+            // Port 4573 may be taken (by a real Asterisk setup); any port will do for the demo.
+            eprintln!("note: {e}; using a free port instead");
+            let config = agiproxy_config::from_yaml_str(&text.replace(
+                &listen.to_string(),
+                &SocketAddr::new(listen.ip(), 0).to_string(),
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Server::start(config)
+                .await
+                .context("starting the demo proxy")?
+        }
+        Err(e) => return Err(e).context("starting the demo proxy"),
+    };
+    let addr = server.local_addrs()[0];
+    let names = [
+        (blue.addr(), "blue"),
+        (green.addr(), "green"),
+        (down, "down (nothing listens)"),
+    ];
+    let name_of = |a: SocketAddr| names.iter().find(|(x, _)| *x == a).map_or("?", |(_, n)| n);
+
+    println!("agiproxy demo: proxy on {addr}; backends blue {}, green {}; pool \"billing\" points at {down}, where nothing listens\n", blue.addr(), green.addr());
+    let mut records = server.subscribe();
+    for (i, call) in CALLS.iter().enumerate() {
+        let header = AgiHeader::realistic(call.script, call.args, &format!("1700000000.{i}"));
+        let out = FakeAsterisk::new()
+            .header(header)
+            .call_timeout(Duration::from_secs(10))
+            .run(addr)
+            .await;
+        let rec: Option<SessionRecord> =
+            tokio::time::timeout(Duration::from_secs(2), records.recv())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        println!(
+            "call {}: {}",
+            i + 1,
+            call.dialplan.replace("PROXY", &addr.to_string())
+        );
+        if let Some(r) = &rec {
+            let backend = r
+                .backend
+                .map_or("-".to_string(), |b| format!("{} ({b})", name_of(b)));
+            println!(
+                "  route {} -> pool {} -> backend {backend}",
+                r.route.as_deref().unwrap_or("(none)"),
+                r.pool.as_deref().unwrap_or("-")
+            );
+        }
+        for cmd in &out.commands {
+            println!("  backend> {cmd}");
+        }
+        let reason = out
+            .variables
+            .get("AGIPROXY_ERROR")
+            .map(|r| format!(" (AGIPROXY_ERROR={r})"))
+            .unwrap_or_default();
+        println!("  AGISTATUS={}{reason}", out.status);
+        if out.status == AgiStatus::Failure {
+            println!("  -> the dialplan's fallback runs: same(n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1))");
+        }
+        println!();
+    }
+    if once {
+        server.drain(Duration::from_secs(5)).await;
+        return Ok(());
+    }
+    println!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits.");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("draining...");
+    server.drain(Duration::from_secs(10)).await;
     Ok(())
 }

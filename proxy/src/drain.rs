@@ -36,7 +36,10 @@ impl Drain {
     /// waits (briefly) for them to end. True when all finished in time.
     pub async fn finish(&self, deadline: Duration) -> bool {
         self.start();
-        if tokio::time::timeout(deadline, self.sessions.wait()).await.is_ok() {
+        if tokio::time::timeout(deadline, self.sessions.wait())
+            .await
+            .is_ok()
+        {
             return true;
         }
         self.force.cancel();

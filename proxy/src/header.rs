@@ -43,7 +43,10 @@ impl HeaderError {
     /// waiting: it then deserves a FAILURE rather than a silent close
     /// (which Asterisk reports as SUCCESS).
     pub fn answer_with_failure(&self) -> bool {
-        matches!(self, HeaderError::TooLarge(_) | HeaderError::TooManyLines(_))
+        matches!(
+            self,
+            HeaderError::TooLarge(_) | HeaderError::TooManyLines(_)
+        )
     }
 }
 
@@ -78,14 +81,19 @@ impl Header {
                 return Err(HeaderError::TooManyLines(max_lines));
             }
             let nl = start + memchr::memchr(b'\n', &raw[start..end]).expect("end is a newline");
-            let (name, value) = split_line(&raw, start, nl).ok_or(HeaderError::Malformed(line_no))?;
+            let (name, value) =
+                split_line(&raw, start, nl).ok_or(HeaderError::Malformed(line_no))?;
             vars.push((name, value));
             start = nl + 1;
         }
         if vars.is_empty() {
             return Err(HeaderError::Malformed(1));
         }
-        Ok(Header { raw, len: end, vars })
+        Ok(Header {
+            raw,
+            len: end,
+            vars,
+        })
     }
 
     /// The header bytes exactly as Asterisk sent them, blank line included.
@@ -211,7 +219,10 @@ fn check_prefix(buf: &[u8], limits: &HeaderLimits) -> Result<usize, HeaderError>
 }
 
 /// Reads one header from Asterisk, within `limits`.
-pub async fn read_header(stream: &mut TcpStream, limits: &HeaderLimits) -> Result<Header, HeaderError> {
+pub async fn read_header(
+    stream: &mut TcpStream,
+    limits: &HeaderLimits,
+) -> Result<Header, HeaderError> {
     let fut = async {
         let mut buf = Vec::with_capacity(2048);
         let mut checked = 0;
@@ -263,7 +274,9 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> bool {
             };
             total += n;
             let chunk = &buf[..n];
-            if (last == b'\n' && chunk[0] == b'\n') || memchr::memmem::find(chunk, b"\n\n").is_some() {
+            if (last == b'\n' && chunk[0] == b'\n')
+                || memchr::memmem::find(chunk, b"\n\n").is_some()
+            {
                 return true;
             }
             last = chunk[n - 1];
@@ -310,7 +323,8 @@ mod tests {
 
     #[test]
     fn query_is_percent_decoded_and_plus_kept() {
-        let raw = b"agi_network: yes\nagi_network_script: /ivr/x?n=%4A%C3%BCrgen&cid=+4930&e\n\n".to_vec();
+        let raw = b"agi_network: yes\nagi_network_script: /ivr/x?n=%4A%C3%BCrgen&cid=+4930&e\n\n"
+            .to_vec();
         let h = Header::parse(raw, 16).unwrap();
         assert_eq!(h.script_path(), "ivr/x");
         assert_eq!(h.query_param("n").as_deref(), Some("Jürgen"));
@@ -329,14 +343,30 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_early() {
-        let limits = HeaderLimits { max_bytes: 1024, max_lines: 8, timeout: Duration::from_secs(1) };
-        assert_eq!(check_prefix(b"GET / HTTP/1.1\r\n", &limits), Err(HeaderError::Malformed(1)));
-        assert_eq!(check_prefix(b"\x16\x03\x01", &limits), Err(HeaderError::Malformed(1)));
+        let limits = HeaderLimits {
+            max_bytes: 1024,
+            max_lines: 8,
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(
+            check_prefix(b"GET / HTTP/1.1\r\n", &limits),
+            Err(HeaderError::Malformed(1))
+        );
+        assert_eq!(
+            check_prefix(b"\x16\x03\x01", &limits),
+            Err(HeaderError::Malformed(1))
+        );
         assert_eq!(check_prefix(b"agi_network: yes\nag", &limits), Ok(1));
         assert_eq!(check_prefix(b"agi_network: yes\nagi_x", &limits), Ok(1));
-        assert_eq!(check_prefix(b"agi_network yes\n", &limits), Err(HeaderError::Malformed(1)));
+        assert_eq!(
+            check_prefix(b"agi_network yes\n", &limits),
+            Err(HeaderError::Malformed(1))
+        );
         let many = b"agi_a: 1\n".repeat(9);
-        assert_eq!(check_prefix(&many, &limits), Err(HeaderError::TooManyLines(8)));
+        assert_eq!(
+            check_prefix(&many, &limits),
+            Err(HeaderError::TooManyLines(8))
+        );
     }
 
     #[test]

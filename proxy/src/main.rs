@@ -12,7 +12,11 @@ use agiproxy::Server;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "agiproxy", version, about = "A clustered FastAGI proxy and load balancer for Asterisk")]
+#[command(
+    name = "agiproxy",
+    version,
+    about = "A clustered FastAGI proxy and load balancer for Asterisk"
+)]
 struct Cli {
     /// Log format: human-readable text or JSON lines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -58,7 +62,10 @@ fn main() -> ExitCode {
             report(runtime().and_then(|rt| rt.block_on(run(config))))
         }
         Command::Demo { listen, once } => {
-            logging::init(cli.log_format, &format!("{},agiproxy::access=warn", cli.log_level));
+            logging::init(
+                cli.log_format,
+                &format!("{},agiproxy::access=warn", cli.log_level),
+            );
             report(runtime().and_then(|rt| rt.block_on(demo::run(listen, once))))
         }
     }
@@ -84,7 +91,13 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match agiproxy_config::load_file(path) {
         Ok(cfg) => {
-            println!("{}: OK ({} listeners, {} routes, {} pools)", path.display(), cfg.listeners.len(), cfg.routes.len(), cfg.pools.len());
+            println!(
+                "{}: OK ({} listeners, {} routes, {} pools)",
+                path.display(),
+                cfg.listeners.len(),
+                cfg.routes.len(),
+                cfg.pools.len()
+            );
             for l in &cfg.listeners {
                 println!("  listener {} on {}", l.name, l.address);
             }
@@ -104,10 +117,13 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = agiproxy_config::load_file(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    let config = agiproxy_config::load_file(&path)
+        .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
     let drain_deadline = config.timeouts.drain;
+    // Installed before serving, so no signal is missed between the two waits.
+    let mut signals = Signals::install()?;
     let server = Server::start(config).await?;
-    wait_for_signal().await?;
+    signals.recv().await;
     tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     server.stop_accepting();
     tokio::select! {
@@ -118,8 +134,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
                 tracing::warn!("drain deadline passed; remaining sessions were cut");
             }
         }
-        r = wait_for_signal() => {
-            r?;
+        _ = signals.recv() => {
             tracing::warn!(active = server.active_sessions(), "second signal: stopping now");
             server.abort();
         }
@@ -127,13 +142,25 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM (Kubernetes) and SIGINT (Ctrl-C), either of which drains.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

@@ -2,9 +2,7 @@
 //! reasons), resolved to counter handles once, so the session path does no
 //! label hashing.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::outcome::{Outcome, Reason};
 
@@ -45,15 +43,25 @@ impl Metrics {
         )
         .expect("valid metric");
         let connect_attempts = IntCounterVec::new(
-            Opts::new("connect_attempts_total", "Backend connect attempts, by result"),
+            Opts::new(
+                "connect_attempts_total",
+                "Backend connect attempts, by result",
+            ),
             &["result"],
         )
         .expect("valid metric");
-        let active_sessions = IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
-        let bytes_from_asterisk =
-            IntCounter::new("bytes_from_asterisk_total", "Bytes relayed from Asterisk to backends").expect("valid metric");
-        let bytes_to_asterisk =
-            IntCounter::new("bytes_to_asterisk_total", "Bytes relayed from backends to Asterisk").expect("valid metric");
+        let active_sessions =
+            IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
+        let bytes_from_asterisk = IntCounter::new(
+            "bytes_from_asterisk_total",
+            "Bytes relayed from Asterisk to backends",
+        )
+        .expect("valid metric");
+        let bytes_to_asterisk = IntCounter::new(
+            "bytes_to_asterisk_total",
+            "Bytes relayed from backends to Asterisk",
+        )
+        .expect("valid metric");
         let crlf_fixed = IntCounter::new(
             "backend_crlf_commands_total",
             "Backend commands ending in CRLF, forwarded with LF (Asterisk rejects CRLF)",
@@ -63,11 +71,16 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
         let connect_seconds = Histogram::with_opts(
-            HistogramOpts::new("connect_seconds", "Time from header to a connected backend").buckets(buckets.clone()),
+            HistogramOpts::new("connect_seconds", "Time from header to a connected backend")
+                .buckets(buckets.clone()),
         )
         .expect("valid metric");
         let first_command_seconds = Histogram::with_opts(
-            HistogramOpts::new("first_command_seconds", "Time from header to the backend's first byte").buckets(buckets),
+            HistogramOpts::new(
+                "first_command_seconds",
+                "Time from header to the backend's first byte",
+            )
+            .buckets(buckets),
         )
         .expect("valid metric");
         let session_seconds = Histogram::with_opts(

@@ -201,7 +201,13 @@ impl<'s> Relay<'s> {
             self.shut_backend();
             self.deadline = Some(Instant::now() + self.opts.next_command);
         }
-        if self.b_eof && !self.a_shut && self.held.is_empty() && self.a_out.is_empty() && !self.turn.in_payload() && !self.b_dead {
+        if self.b_eof
+            && !self.a_shut
+            && self.held.is_empty()
+            && self.a_out.is_empty()
+            && !self.turn.in_payload()
+            && !self.b_dead
+        {
             self.a_shut = true;
             shutdown_write(self.a);
         }
@@ -209,7 +215,8 @@ impl<'s> Relay<'s> {
     }
 
     fn failure_due(&self) -> Option<Reason> {
-        if !self.turn.backend_owes_command() || self.a_eof || self.a_shut || !self.a_out.is_empty() {
+        if !self.turn.backend_owes_command() || self.a_eof || self.a_shut || !self.a_out.is_empty()
+        {
             return None;
         }
         if self.protocol_error {
@@ -223,14 +230,18 @@ impl<'s> Relay<'s> {
 
     /// Asterisk waits for a command: tell it FAILURE, end the backend politely.
     async fn fail(&mut self, reason: Reason) -> RelayEnd {
-        tracing::info!(reason = reason.as_str(), "telling Asterisk FAILURE after commit");
+        tracing::info!(
+            reason = reason.as_str(),
+            "telling Asterisk FAILURE after commit"
+        );
         self.close_backend_politely().await;
         let _ = failure::tell_failure(self.a, reason).await;
         RelayEnd::Failed(reason)
     }
 
     async fn abort(&mut self) -> RelayEnd {
-        if self.turn.backend_owes_command() && !self.a_eof && !self.a_shut && self.a_out.is_empty() {
+        if self.turn.backend_owes_command() && !self.a_eof && !self.a_shut && self.a_out.is_empty()
+        {
             return self.fail(Reason::ShuttingDown).await;
         }
         self.shut_backend();
@@ -241,7 +252,8 @@ impl<'s> Relay<'s> {
         if self.b_dead || self.b_shut {
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.b.write_all(b"HANGUP\n")).await;
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), self.b.write_all(b"HANGUP\n")).await;
         self.shut_backend();
     }
 
@@ -301,7 +313,10 @@ impl<'s> Relay<'s> {
             self.held.extend_from_slice(data);
             self.release_held();
         }
-        if !self.turn.in_payload() && self.turn.backend_owes_command() && self.held.len() > MAX_COMMAND_LINE {
+        if !self.turn.in_payload()
+            && self.turn.backend_owes_command()
+            && self.held.len() > MAX_COMMAND_LINE
+        {
             self.protocol_error = true;
             self.held = Vec::new();
         }
@@ -331,7 +346,9 @@ impl<'s> Relay<'s> {
             if !self.turn.backend_owes_command() {
                 break;
             }
-            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else { break };
+            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else {
+                break;
+            };
             let line = &data[pos..pos + nl + 1];
             pos += nl + 1;
             match self.turn.on_backend_line(line) {
@@ -355,9 +372,11 @@ impl<'s> Relay<'s> {
         }
         if self.a_out.is_empty() {
             match self.a.try_write(bytes) {
-                Ok(n) if n == bytes.len() => return,
+                Ok(n) if n == bytes.len() => {}
                 Ok(n) => self.a_out.extend_from_slice(&bytes[n..]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.a_out.extend_from_slice(bytes),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.a_out.extend_from_slice(bytes)
+                }
                 Err(_) => self.a_dead = true,
             }
         } else {
@@ -436,7 +455,9 @@ impl<'s> Relay<'s> {
                 }
                 continue;
             }
-            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else { break };
+            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else {
+                break;
+            };
             let line = &data[pos..pos + nl + 1];
             let start = pos;
             pos += nl + 1;
@@ -483,7 +504,9 @@ impl<'s> Relay<'s> {
             match self.b.try_write(bytes) {
                 Ok(n) if n == bytes.len() => {}
                 Ok(n) => self.b_out.extend_from_slice(&bytes[n..]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.b_out.extend_from_slice(bytes),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.b_out.extend_from_slice(bytes)
+                }
                 Err(_) => self.b_write_failed(),
             }
         } else {
@@ -517,7 +540,12 @@ fn shutdown_write(s: &TcpStream) {
 }
 
 /// Raw mode: everything passes untouched both ways, no pacing, no deadlines.
-pub async fn relay_raw(a: &mut TcpStream, b: &mut TcpStream, early: &[u8], cancel: &CancellationToken) -> (RelayEnd, RelayStats) {
+pub async fn relay_raw(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    early: &[u8],
+    cancel: &CancellationToken,
+) -> (RelayEnd, RelayStats) {
     let mut stats = RelayStats::default();
     if !early.is_empty() {
         if b.write_all(early).await.is_err() {

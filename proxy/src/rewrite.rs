@@ -148,8 +148,12 @@ mod tests {
             .replace("4573/ivr/main", "4573/main");
         assert_eq!(String::from_utf8(out.into_owned()).unwrap(), expected);
 
-        let rw = Rewrite::ReplacePrefix { from: "ivr/".into(), to: "menu/v2/".into() };
-        let out = String::from_utf8(backend_header(&h, Some(&rw), &[], &ctx()).into_owned()).unwrap();
+        let rw = Rewrite::ReplacePrefix {
+            from: "ivr/".into(),
+            to: "menu/v2/".into(),
+        };
+        let out =
+            String::from_utf8(backend_header(&h, Some(&rw), &[], &ctx()).into_owned()).unwrap();
         assert!(out.contains("agi_network_script: menu/v2/main?lang=de&x=1\n"));
         assert!(out.contains("agi_request: agi://127.0.0.1:4573/menu/v2/main?lang=de&x=1\n"));
     }
@@ -160,14 +164,23 @@ mod tests {
         raw.extend_from_slice(b"agi_x_forwarded_for: 6.6.6.6\n\n");
         let h = Header::parse(raw, 512).unwrap();
         let set = vec![
-            ("agi_x_forwarded_for".to_string(), Template(vec![TemplatePart::RemoteIp])),
+            (
+                "agi_x_forwarded_for".to_string(),
+                Template(vec![TemplatePart::RemoteIp]),
+            ),
             (
                 "agi_x_route".to_string(),
-                Template(vec![TemplatePart::Literal("r=".into()), TemplatePart::Route]),
+                Template(vec![
+                    TemplatePart::Literal("r=".into()),
+                    TemplatePart::Route,
+                ]),
             ),
         ];
         let out = String::from_utf8(backend_header(&h, None, &set, &ctx()).into_owned()).unwrap();
-        assert!(out.ends_with("agi_x_forwarded_for: 10.0.0.7\nagi_x_route: r=ivr\n\n"), "{out}");
+        assert!(
+            out.ends_with("agi_x_forwarded_for: 10.0.0.7\nagi_x_route: r=ivr\n\n"),
+            "{out}"
+        );
         assert!(!out.contains("6.6.6.6"));
     }
 

@@ -45,10 +45,17 @@ impl Router {
                         split_bands.push((acc, t.pool));
                     }
                 }
-                CompiledRoute { route: r.clone(), arg_names, split_bands }
+                CompiledRoute {
+                    route: r.clone(),
+                    arg_names,
+                    split_bands,
+                }
             })
             .collect();
-        Router { routes, fallback: AtomicU64::new(0) }
+        Router {
+            routes,
+            fallback: AtomicU64::new(0),
+        }
     }
 
     pub fn routes(&self) -> &[CompiledRoute] {

@@ -24,7 +24,12 @@ const LISTEN_BACKLOG: i32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("listeners[{index}] ({name}): cannot listen on {addr}: {source}; is another process using it?")]
-    Bind { index: usize, name: String, addr: SocketAddr, source: io::Error },
+    Bind {
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// State every session shares.
@@ -76,7 +81,11 @@ impl Server {
         for (name, addr, listener) in bound {
             tracing::info!(listener = %name, %addr, "listening for Asterisk");
             addrs.push((name.clone(), addr));
-            tokio::spawn(accept_loop(shared.clone(), Arc::from(name.as_str()), listener));
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                Arc::from(name.as_str()),
+                listener,
+            ));
         }
         Ok(Server { shared, addrs })
     }
@@ -122,7 +131,11 @@ impl Server {
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -170,7 +183,10 @@ fn spawn_session(shared: &Arc<Shared>, name: &Arc<str>, stream: TcpStream, peer:
     let name = name.clone();
     if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
         shared.active.fetch_sub(1, Ordering::Relaxed);
-        shared.drain.sessions.spawn(session::reject_overloaded(sh, snap, name, stream, peer));
+        shared
+            .drain
+            .sessions
+            .spawn(session::reject_overloaded(sh, snap, name, stream, peer));
         return;
     }
     shared.metrics.active_sessions.inc();

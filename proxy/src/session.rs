@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use crate::balancer::NoBackend;
-use crate::connect::{attach, AttachError};
+use crate::connect::{attach, AttachError, AttachPlan};
 use crate::failure::tell_failure;
 use crate::header::{discard_rest, read_header, HeaderError, HeaderLimits};
 use crate::outcome::{Outcome, Reason};
@@ -92,7 +92,13 @@ impl SessionRecord {
 }
 
 /// Serves one accepted connection from Asterisk.
-pub async fn serve(shared: Arc<Shared>, snap: Arc<Snapshot>, listener: Arc<str>, mut a: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    listener: Arc<str>,
+    mut a: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener);
     run(&shared, &snap, &mut a, &mut rec).await;
@@ -142,12 +148,26 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     };
 
     let local = a.local_addr().unwrap_or(rec.peer);
-    let ctx = TemplateContext { remote: rec.peer, local, route: &route.name, listener: &rec.listener, pool: &pool.name };
+    let ctx = TemplateContext {
+        remote: rec.peer,
+        local,
+        route: &route.name,
+        listener: &rec.listener,
+        pool: &pool.name,
+    };
     let replay = backend_header(&header, route.rewrite.as_ref(), &route.set, &ctx);
     let mut early = header.trailing().to_vec();
     let t = &route.timeouts;
-    let raw = route.mode == Mode::Raw;
-    let attached = attach(pool, &order, &replay, a, &mut early, t, header_done, raw, &shared.metrics).await;
+    let plan = AttachPlan {
+        pool,
+        order: &order,
+        header: &replay,
+        timeouts: t,
+        started: header_done,
+        raw: route.mode == Mode::Raw,
+        metrics: &shared.metrics,
+    };
+    let attached = attach(&plan, a, &mut early).await;
     drop(replay);
     let mut at = match attached {
         Ok(at) => at,
@@ -166,19 +186,29 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     rec.backend = Some(at.lease.backend.addr);
     rec.connect_time = Some(at.connect_time);
     rec.first_command_time = Some(at.first_byte_time);
-    shared.metrics.connect_seconds.observe(at.connect_time.as_secs_f64());
-    shared.metrics.first_command_seconds.observe(at.first_byte_time.as_secs_f64());
+    shared
+        .metrics
+        .connect_seconds
+        .observe(at.connect_time.as_secs_f64());
+    shared
+        .metrics
+        .first_command_seconds
+        .observe(at.first_byte_time.as_secs_f64());
 
     let (end, stats) = match route.mode {
         Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &shared.drain.force).await,
         Mode::Lines => {
             let opts = RelayOptions {
-                first_command_deadline: tokio::time::Instant::from_std(header_done + t.first_command),
+                first_command_deadline: tokio::time::Instant::from_std(
+                    header_done + t.first_command,
+                ),
                 next_command: t.next_command,
                 forward_hangup: route.forward_hangup,
             };
             let early = std::mem::take(&mut at.early);
-            Relay::new(a, &mut at.stream, opts).run(&early, &shared.drain.force).await
+            Relay::new(a, &mut at.stream, opts)
+                .run(&early, &shared.drain.force)
+                .await
         }
     };
     rec.bytes_from_asterisk = stats.bytes_from_asterisk;
@@ -206,10 +236,20 @@ async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
     }
 }
 
-async fn bad_header(shared: &Shared, a: &mut TcpStream, rec: &mut SessionRecord, e: HeaderError, limits: &HeaderLimits) {
+async fn bad_header(
+    shared: &Shared,
+    a: &mut TcpStream,
+    rec: &mut SessionRecord,
+    e: HeaderError,
+    limits: &HeaderLimits,
+) {
     rec.outcome = Outcome::BadHeader;
     rec.header_error = Some(e.reason());
-    shared.metrics.header_errors.with_label_values(&[e.reason()]).inc();
+    shared
+        .metrics
+        .header_errors
+        .with_label_values(&[e.reason()])
+        .inc();
     match e {
         HeaderError::Closed | HeaderError::Io(_) => {
             tracing::debug!(peer = %rec.peer, error = %e, "connection ended before a header")
@@ -227,7 +267,13 @@ async fn bad_header(shared: &Shared, a: &mut TcpStream, rec: &mut SessionRecord,
 
 /// Over `limits.max_sessions`: read the header and answer FAILURE, so the
 /// dialplan falls back at once (refusing to read would hang the call).
-pub async fn reject_overloaded(shared: Arc<Shared>, snap: Arc<Snapshot>, listener: Arc<str>, mut a: TcpStream, peer: SocketAddr) {
+pub async fn reject_overloaded(
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    listener: Arc<str>,
+    mut a: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener);
     let cfg = &snap.config;
@@ -251,4 +297,3 @@ pub async fn reject_overloaded(shared: Arc<Shared>, snap: Arc<Snapshot>, listene
     rec.log();
     shared.publish(rec);
 }
-

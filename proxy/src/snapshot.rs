@@ -22,6 +22,11 @@ impl Snapshot {
     pub fn build(config: Config, generation: u64) -> Snapshot {
         let router = Router::new(&config.routes);
         let pools = config.pools.iter().map(PoolState::new).collect();
-        Snapshot { config: Arc::new(config), router, pools, generation }
+        Snapshot {
+            config: Arc::new(config),
+            router,
+            pools,
+            generation,
+        }
     }
 }

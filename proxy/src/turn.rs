@@ -79,13 +79,21 @@ impl Turn {
 
     pub fn payload_sent(&mut self, k: u64) {
         if let State::CommandPayload(n) = self.state {
-            self.state = if n <= k { State::AsteriskOwesReply } else { State::CommandPayload(n - k) };
+            self.state = if n <= k {
+                State::AsteriskOwesReply
+            } else {
+                State::CommandPayload(n - k)
+            };
         }
     }
 
     /// A whole line from the backend while it owes a command.
     pub fn on_backend_line(&mut self, line: &[u8]) -> BackendLine {
-        let kind = if line.ends_with(b"\r\n") { BackendLine::Crlf } else { BackendLine::Command };
+        let kind = if line.ends_with(b"\r\n") {
+            BackendLine::Crlf
+        } else {
+            BackendLine::Command
+        };
         let cmd = trim_eol(line);
         self.get_file = false;
         self.state = if starts_with_ci(cmd, b"failure") {
@@ -170,11 +178,17 @@ mod tests {
     fn command_then_reply() {
         let mut t = Turn::default();
         assert!(t.backend_owes_command());
-        assert_eq!(t.on_backend_line(b"VERBOSE \"hi\" 1\n"), BackendLine::Command);
+        assert_eq!(
+            t.on_backend_line(b"VERBOSE \"hi\" 1\n"),
+            BackendLine::Command
+        );
         assert!(!t.backend_owes_command());
         assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Hangup);
         assert!(!t.backend_owes_command(), "HANGUP is not a reply");
-        assert_eq!(t.on_asterisk_line(b"200 result=1\n"), AsteriskLine::ReplyDone);
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=1\n"),
+            AsteriskLine::ReplyDone
+        );
         assert!(t.backend_owes_command());
         assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Hangup);
     }
@@ -183,9 +197,18 @@ mod tests {
     fn usage_block_is_one_reply() {
         let mut t = Turn::default();
         t.on_backend_line(b"STREAM FILE\n");
-        assert_eq!(t.on_asterisk_line(b"520-Invalid command syntax.  Proper usage follows:\n"), AsteriskLine::Other);
-        assert_eq!(t.on_asterisk_line(b"Usage: STREAM FILE <filename>\n"), AsteriskLine::Other);
-        assert_eq!(t.on_asterisk_line(b"520 End of proper usage.\n"), AsteriskLine::ReplyDone);
+        assert_eq!(
+            t.on_asterisk_line(b"520-Invalid command syntax.  Proper usage follows:\n"),
+            AsteriskLine::Other
+        );
+        assert_eq!(
+            t.on_asterisk_line(b"Usage: STREAM FILE <filename>\n"),
+            AsteriskLine::Other
+        );
+        assert_eq!(
+            t.on_asterisk_line(b"520 End of proper usage.\n"),
+            AsteriskLine::ReplyDone
+        );
     }
 
     #[test]
@@ -207,7 +230,10 @@ mod tests {
         assert_eq!(t.payload_remaining(), Some(6));
         t.payload_sent(6);
         assert!(!t.in_payload());
-        assert_eq!(t.on_asterisk_line(b"200 result=0\n"), AsteriskLine::ReplyDone);
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=0\n"),
+            AsteriskLine::ReplyDone
+        );
 
         t.on_backend_line(b"GET SOUNDFILE greeting\n");
         assert_eq!(t.on_asterisk_line(b"200 result=5\n"), AsteriskLine::Other);
@@ -218,7 +244,10 @@ mod tests {
 
         // A GET SOUNDFILE that fails carries no payload.
         t.on_backend_line(b"GET SOUNDFILE missing\n");
-        assert_eq!(t.on_asterisk_line(b"200 result=-1\n"), AsteriskLine::ReplyDone);
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1\n"),
+            AsteriskLine::ReplyDone
+        );
         // PUT SOUNDFILE without a believable size is an ordinary command.
         t.on_backend_line(b"PUT SOUNDFILE x lots\n");
         assert!(!t.in_payload());

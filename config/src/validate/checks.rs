@@ -219,14 +219,20 @@ pub(crate) fn listen_address(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// A number from the file that must fit `range` (and its target type).
-pub(crate) fn in_range<T>(value: u64, range: RangeInclusive<T>, default: Option<T>) -> Result<T, String>
+pub(crate) fn in_range<T>(
+    value: u64,
+    range: RangeInclusive<T>,
+    default: Option<T>,
+) -> Result<T, String>
 where
     T: TryFrom<u64> + PartialOrd + std::fmt::Display + Copy,
 {
     match T::try_from(value) {
         Ok(v) if range.contains(&v) => Ok(v),
         _ => {
-            let default = default.map(|d| format!(" (default {d})")).unwrap_or_default();
+            let default = default
+                .map(|d| format!(" (default {d})"))
+                .unwrap_or_default();
             Err(format!(
                 "{value} is out of range; use {} to {}{default}",
                 range.start(),
@@ -269,28 +275,57 @@ mod tests {
             backend_address("10.0.0.1:4573"),
             Ok("10.0.0.1:4573".parse().unwrap())
         );
-        assert_eq!(backend_address("[::1]:5000"), Ok("[::1]:5000".parse().unwrap()));
+        assert_eq!(
+            backend_address("[::1]:5000"),
+            Ok("[::1]:5000".parse().unwrap())
+        );
         let e = backend_address("10.0.0.1").unwrap_err();
-        assert_eq!(e, "\"10.0.0.1\" has no port; write host:port, e.g. 10.0.0.1:4573");
+        assert_eq!(
+            e,
+            "\"10.0.0.1\" has no port; write host:port, e.g. 10.0.0.1:4573"
+        );
         assert!(backend_address("::1").unwrap_err().contains("[::1]:4573"));
         assert!(backend_address("[::1]").unwrap_err().contains("[::1]:4573"));
-        assert!(backend_address("ivr.svc:4573").unwrap_err().starts_with("DNS names"));
-        assert!(backend_address("localhost").unwrap_err().starts_with("DNS names"));
-        assert!(backend_address("10.0.0.1:99999").unwrap_err().contains("invalid port"));
-        assert!(backend_address("10.0.0.1:0").unwrap_err().contains("port 0"));
-        assert!(backend_address("0.0.0.0:4573").unwrap_err().contains("any address"));
+        assert!(backend_address("ivr.svc:4573")
+            .unwrap_err()
+            .starts_with("DNS names"));
+        assert!(backend_address("localhost")
+            .unwrap_err()
+            .starts_with("DNS names"));
+        assert!(backend_address("10.0.0.1:99999")
+            .unwrap_err()
+            .contains("invalid port"));
+        assert!(backend_address("10.0.0.1:0")
+            .unwrap_err()
+            .contains("port 0"));
+        assert!(backend_address("0.0.0.0:4573")
+            .unwrap_err()
+            .contains("any address"));
         assert!(backend_address(":4573").unwrap_err().contains("no host"));
-        assert!(backend_address("10.0.0.1:45 73").unwrap_err().contains("invalid port"));
-        assert!(backend_address("10.0.0.1/8:4573").unwrap_err().contains("not an address"));
+        assert!(backend_address("10.0.0.1:45 73")
+            .unwrap_err()
+            .contains("invalid port"));
+        assert!(backend_address("10.0.0.1/8:4573")
+            .unwrap_err()
+            .contains("not an address"));
         assert!(backend_address("").unwrap_err().contains("is empty"));
     }
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(listen_address("127.0.0.1:0"), Ok("127.0.0.1:0".parse().unwrap()));
-        assert!(listen_address(":4573").unwrap_err().contains("0.0.0.0:4573"));
-        assert!(listen_address("0.0.0.0").unwrap_err().contains("0.0.0.0:4573"));
-        assert!(listen_address("pbx.local:4573").unwrap_err().contains("is a name"));
+        assert_eq!(
+            listen_address("127.0.0.1:0"),
+            Ok("127.0.0.1:0".parse().unwrap())
+        );
+        assert!(listen_address(":4573")
+            .unwrap_err()
+            .contains("0.0.0.0:4573"));
+        assert!(listen_address("0.0.0.0")
+            .unwrap_err()
+            .contains("0.0.0.0:4573"));
+        assert!(listen_address("pbx.local:4573")
+            .unwrap_err()
+            .contains("is a name"));
     }
 
     #[test]
@@ -298,7 +333,9 @@ mod tests {
         assert_eq!(network("10.1.2.3/8"), Ok("10.0.0.0/8".parse().unwrap()));
         assert_eq!(network("127.0.0.1"), Ok("127.0.0.1/32".parse().unwrap()));
         assert_eq!(network("::1"), Ok("::1/128".parse().unwrap()));
-        assert!(network("10.0.0.0/33").unwrap_err().contains("not an IP network"));
+        assert!(network("10.0.0.0/33")
+            .unwrap_err()
+            .contains("not an IP network"));
     }
 
     #[test]

@@ -58,7 +58,10 @@ fn version(raw: Option<&Scalar>, errs: &mut Errors) -> u32 {
             "version",
             format!("unsupported version {other}; this agiproxy reads version 1"),
         ),
-        Some(other) => errs.push("version", format!("{other:?} is not a version; write `version: 1`")),
+        Some(other) => errs.push(
+            "version",
+            format!("{other:?} is not a version; write `version: 1`"),
+        ),
     }
     1
 }
@@ -149,9 +152,27 @@ fn limits(raw: Option<&RawLimits>, errs: &mut Errors) -> Limits {
     let Some(raw) = raw else { return limits };
     let defaults = Limits::default();
     let fields = [
-        ("max_sessions", raw.max_sessions, Limits::MAX_SESSIONS, defaults.max_sessions, &mut limits.max_sessions),
-        ("max_header_bytes", raw.max_header_bytes, Limits::MAX_HEADER_BYTES, defaults.max_header_bytes, &mut limits.max_header_bytes),
-        ("max_header_lines", raw.max_header_lines, Limits::MAX_HEADER_LINES, defaults.max_header_lines, &mut limits.max_header_lines),
+        (
+            "max_sessions",
+            raw.max_sessions,
+            Limits::MAX_SESSIONS,
+            defaults.max_sessions,
+            &mut limits.max_sessions,
+        ),
+        (
+            "max_header_bytes",
+            raw.max_header_bytes,
+            Limits::MAX_HEADER_BYTES,
+            defaults.max_header_bytes,
+            &mut limits.max_header_bytes,
+        ),
+        (
+            "max_header_lines",
+            raw.max_header_lines,
+            Limits::MAX_HEADER_LINES,
+            defaults.max_header_lines,
+            &mut limits.max_header_lines,
+        ),
     ];
     for (key, value, range, default, slot) in fields {
         let Some(value) = value else { continue };

@@ -48,7 +48,11 @@ fn compile(p: &RawPool, path: &str, errs: &mut Errors) -> Option<Pool> {
         }
     };
     let balance = balance(p, path, &mut local);
-    let backends = backends(p.backends.as_deref(), &format!("{path}.backends"), &mut local);
+    let backends = backends(
+        p.backends.as_deref(),
+        &format!("{path}.backends"),
+        &mut local,
+    );
     let max_sessions = p.max_sessions.and_then(|n| {
         checks::in_range(n, 1..=u32::MAX, None)
             .map_err(|m| local.push(format!("{path}.max_sessions"), m))
@@ -113,7 +117,10 @@ fn backends(raw: Option<&[RawBackend]>, path: &str, errs: &mut Errors) -> Vec<Ba
                 None
             }
             (None, None) => {
-                errs.push(&at, "has no address; write e.g. { address: \"10.0.0.1:4573\" }");
+                errs.push(
+                    &at,
+                    "has no address; write e.g. { address: \"10.0.0.1:4573\" }",
+                );
                 None
             }
             (None, Some(_)) => {
@@ -183,7 +190,11 @@ fn passive(raw: Option<&RawPassive>, path: &str, errs: &mut Errors) -> Backoff {
         }
     }
     if parsed && backoff.base > backoff.max {
-        let key = if raw.max_backoff.is_some() { "max_backoff" } else { "backoff" };
+        let key = if raw.max_backoff.is_some() {
+            "max_backoff"
+        } else {
+            "backoff"
+        };
         errs.push(
             format!("{path}.{key}"),
             format!(

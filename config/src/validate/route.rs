@@ -5,7 +5,9 @@ use crate::model::{
     Mode, Rewrite, Route, RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts,
     DEFAULT_SPLIT_KEY,
 };
-use crate::raw::{OrderedMap, RawMatch, RawMode, RawRewrite, RawRoute, RawScript, RawSplit, Scalar};
+use crate::raw::{
+    OrderedMap, RawMatch, RawMode, RawRewrite, RawRoute, RawScript, RawSplit, Scalar,
+};
 use crate::template::Template;
 
 use super::checks::{self, Seen};
@@ -156,7 +158,10 @@ fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> RouteMatch {
                 }
             };
             if let Some(first) = seen.first(n, &at) {
-                errs.push(at, format!("argument {n} is listed twice (also {first}); keep one"));
+                errs.push(
+                    at,
+                    format!("argument {n} is listed twice (also {first}); keep one"),
+                );
                 continue;
             }
             match checks::regex(&pattern.0) {
@@ -226,7 +231,10 @@ fn script(s: &RawScript, path: &str, errs: &mut Errors) -> Option<ScriptMatch> {
             let keys: Vec<&str> = many.iter().map(|(k, _)| *k).collect();
             errs.push(
                 path,
-                format!("has {}; a script match takes exactly one of them", keys.join(" and ")),
+                format!(
+                    "has {}; a script match takes exactly one of them",
+                    keys.join(" and ")
+                ),
             );
             return None;
         }
@@ -234,12 +242,12 @@ fn script(s: &RawScript, path: &str, errs: &mut Errors) -> Option<ScriptMatch> {
     let at = format!("{path}.{kind}");
     match kind {
         "regex" => {
-            // Asterisk sends no leading '/', but configs written against URLs often expect one.
-            let pattern = match value.0.strip_prefix("^/") {
-                Some(rest) => format!("^/?{rest}"),
-                None => value.0.clone(),
-            };
-            match checks::regex(&pattern) {
+            // Validated as written, so errors quote the user's pattern.
+            if let Err(msg) = checks::regex(&value.0) {
+                errs.push(at, msg);
+                return None;
+            }
+            match checks::regex(&optional_leading_slash(&value.0)) {
                 Ok(re) => Some(ScriptMatch::Regex(re)),
                 Err(msg) => {
                     errs.push(at, msg);
@@ -258,11 +266,24 @@ fn script(s: &RawScript, path: &str, errs: &mut Errors) -> Option<ScriptMatch> {
     }
 }
 
+/// Asterisk sends the script without a leading `/`, but patterns written against URLs often
+/// start `^/`: that slash becomes optional. A slash the pattern quantifies itself (`^/*`, `^/+`)
+/// is left alone, as the pattern already says what it wants (and `^/?*` would not compile).
+fn optional_leading_slash(pattern: &str) -> String {
+    match pattern.strip_prefix("^/") {
+        Some(rest) if !rest.starts_with(['*', '+', '?', '{']) => format!("^/?{rest}"),
+        _ => pattern.to_string(),
+    }
+}
+
 /// A script path written in the config (match or rewrite): one leading `/` dropped, no query,
 /// nothing that would break the header line.
 fn path_prefix(text: &str, at: &str, errs: &mut Errors) -> Option<String> {
     if text.contains(['\n', '\r']) {
-        errs.push(at, format!("{text:?} contains a line break; script paths are one line"));
+        errs.push(
+            at,
+            format!("{text:?} contains a line break; script paths are one line"),
+        );
         return None;
     }
     if text.contains('?') {
@@ -327,7 +348,10 @@ fn compile_split(
         let at = format!("{path}[{j}]");
         let pool = match &side.pool {
             None => {
-                errs.push(format!("{at}.pool"), "missing; name the pool, e.g. pool: ivr-blue");
+                errs.push(
+                    format!("{at}.pool"),
+                    "missing; name the pool, e.g. pool: ivr-blue",
+                );
                 None
             }
             Some(name) => match resolve_pool(name, pool_names) {
@@ -390,9 +414,14 @@ fn resolve_pool(name: &str, pool_names: &[Option<&str>]) -> Result<usize, String
     known.sort_unstable();
     known.dedup();
     if known.is_empty() {
-        Err(format!("unknown pool {name:?}; no pools are defined (add one under pools:)"))
+        Err(format!(
+            "unknown pool {name:?}; no pools are defined (add one under pools:)"
+        ))
     } else {
-        Err(format!("unknown pool {name:?}; known pools: {}", known.join(", ")))
+        Err(format!(
+            "unknown pool {name:?}; known pools: {}",
+            known.join(", ")
+        ))
     }
 }
 
@@ -437,7 +466,10 @@ fn rewrite(rw: &RawRewrite, path: &str, errs: &mut Errors) -> Option<Rewrite> {
                 }
                 Some(to) => path_prefix(&to.0, &format!("{at}.to"), errs),
             };
-            Some(Rewrite::ReplacePrefix { from: from?, to: to? })
+            Some(Rewrite::ReplacePrefix {
+                from: from?,
+                to: to?,
+            })
         }
     }
 }
@@ -472,4 +504,20 @@ fn set(raw: &OrderedMap<Scalar>, path: &str, errs: &mut Errors) -> Vec<(String, 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_slash_in_regexes_becomes_optional() {
+        assert_eq!(optional_leading_slash("^/ivr/(a|b)$"), "^/?ivr/(a|b)$");
+        assert_eq!(optional_leading_slash("^/"), "^/?");
+        assert_eq!(optional_leading_slash("^ivr"), "^ivr");
+        assert_eq!(optional_leading_slash("ivr/"), "ivr/");
+        assert_eq!(optional_leading_slash("^/*ivr"), "^/*ivr");
+        assert_eq!(optional_leading_slash("^/+ivr"), "^/+ivr");
+        assert_eq!(optional_leading_slash("^/{0,1}ivr"), "^/{0,1}ivr");
+    }
 }

@@ -1,0 +1,156 @@
+//! Bad input costs nothing else: an oversized header, a stalled header
+//! (slowloris), binary garbage and a flood of connects that close at once
+//! are each refused and counted, while other sessions keep being served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads until the proxy closes; returns what it sent and how long it took.
+async fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, Duration) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("proxy closes");
+    (got, start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_counted_and_harmless() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  header: 300ms\nlimits:\n  max_header_bytes: 4096\n",
+    ))
+    .await;
+
+    // A well-behaved caller keeps calling through all of it.
+    let addr = p.addr;
+    let good = tokio::spawn(async move {
+        let mut n = 0;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let out = caller("ivr/main", &format!("9.{n}")).run(addr).await;
+            assert_eq!(
+                out.status,
+                AgiStatus::Success,
+                "a good call failed during the abuse: {out:?}"
+            );
+            n += 1;
+        }
+        n
+    });
+
+    // 1. Oversized header from a real-looking Asterisk (many long arguments):
+    //    FAILURE, so its dialplan falls back.
+    let long = "x".repeat(200);
+    let args: Vec<&str> = (0..40).map(|_| long.as_str()).collect();
+    let out = FakeAsterisk::new()
+        .header(AgiHeader::realistic("ivr/main", &args, "1.1"))
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some("header_too_large")
+    );
+
+    // 2. Slowloris: half a header, then silence. Closed at the header deadline.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"agi_network: yes\nagi_network_script: ivr/main\n")
+        .await
+        .unwrap();
+    let (got, took) = read_until_closed(&mut s).await;
+    assert!(got.is_empty());
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+
+    // 3. Binary garbage: closed at once, nothing sent back.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0xff, 0x00, b'\n', b'\n'])
+        .await
+        .unwrap();
+    let (got, took) = read_until_closed(&mut s).await;
+    assert!(got.is_empty());
+    assert!(took < Duration::from_millis(200), "{took:?}");
+    // An HTTP request (a port scanner, a misdirected health check) likewise.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut s).await.0.is_empty());
+
+    // 4. 10,000 connects that close at once, 200 at a time.
+    let flood_start = Instant::now();
+    for _ in 0..50 {
+        let batch: Vec<_> = (0..200)
+            .map(|_| tokio::spawn(async move { drop(TcpStream::connect(addr).await) }))
+            .collect();
+        for t in batch {
+            t.await.unwrap();
+        }
+    }
+    assert!(flood_start.elapsed() < Duration::from_secs(60));
+
+    let served = good.await.unwrap();
+    assert!(served > 5, "the good caller was starved: {served} calls");
+
+    // Every case was counted, by reason.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = p.server.metrics().render();
+        let closed = counter(&m, "agiproxy_header_errors_total{reason=\"closed\"}")
+            + counter(&m, "agiproxy_header_errors_total{reason=\"io\"}");
+        if closed >= 10_000 || Instant::now() > deadline {
+            assert_eq!(closed, 10_000, "{m}");
+            assert_eq!(
+                counter(&m, "agiproxy_header_errors_total{reason=\"too_large\"}"),
+                1,
+                "{m}"
+            );
+            assert_eq!(
+                counter(&m, "agiproxy_header_errors_total{reason=\"timeout\"}"),
+                1,
+                "{m}"
+            );
+            assert_eq!(
+                counter(&m, "agiproxy_header_errors_total{reason=\"malformed\"}"),
+                2,
+                "{m}"
+            );
+            assert_eq!(
+                counter(
+                    &m,
+                    "agiproxy_failures_sent_total{reason=\"header_too_large\"}"
+                ),
+                1,
+                "{m}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        b.stats().accepted(),
+        served,
+        "bad input never reached a backend"
+    );
+}

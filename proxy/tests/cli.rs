@@ -1,0 +1,104 @@
+//! The binary's command line: `check`, `--version`, `demo`.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("agiproxy-cli-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_a_good_config_and_prints_routes() {
+    let path = write_config(
+        "good",
+        "version: 1\nroutes:\n  - name: ivr\n    match: { script: { prefix: \"ivr/\" } }\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
+    );
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("route 0: ivr"), "{stdout}");
+    assert!(stdout.contains("ivr/"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_a_bad_config_with_every_error_and_its_path() {
+    let path = write_config(
+        "bad",
+        "version: 1\ntimeouts:\n  budget: 15OOms\nroutes:\n  - name: ivr\n    pool: ivr-gren\n  - name: x\n    match: { args: { \"1\": \"([\" } }\n    pool: ivr-blue\npools:\n  - name: ivr-blue\n    backends:\n      - { address: \"10.0.0.1\" }\n  - name: ivr-green\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
+    );
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "timeouts.budget",
+        "routes[0].pool: unknown pool \"ivr-gren\"",
+        "ivr-blue, ivr-green",
+        "routes[1].match.args",
+        "pools[0].backends[0].address",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let out = bin()
+        .args(["check", "-c", "/nonexistent/agiproxy.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agiproxy.yaml"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("agiproxy "));
+    let out = bin().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check", "demo"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
+
+#[test]
+fn demo_routes_real_fastagi_sessions() {
+    let out = bin()
+        .args(["demo", "--listen", "127.0.0.1:0", "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("route ivr -> pool blue -> backend blue"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("route ivr-german -> pool green -> backend green"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("AGISTATUS=SUCCESS").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("AGISTATUS=FAILURE (AGIPROXY_ERROR=connect_failed)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("AGISTATUS=FAILURE (AGIPROXY_ERROR=no_route)"),
+        "{stdout}"
+    );
+}
