@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use agiproxy_config::{Backoff, Balance, Pool};
+use arc_swap::ArcSwap;
 
 use crate::header::Header;
 
@@ -23,13 +24,12 @@ pub(crate) fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-/// Live state of one backend, shared by every session that uses it.
+/// Live state of one backend: shared by every session that uses it, and
+/// carried across config reloads (keyed by pool name and address), so a
+/// reload neither forgets active sessions nor forgives a failing backend.
 #[derive(Debug)]
-pub struct BackendState {
-    pub pool: String,
+pub struct BackendLive {
     pub addr: SocketAddr,
-    pub weight: u32,
-    pub max_sessions: Option<u32>,
     /// Sessions holding this backend (attempts in progress included).
     pub active: AtomicU32,
     pub total: AtomicU64,
@@ -37,17 +37,22 @@ pub struct BackendState {
     pub ejections: AtomicU64,
     /// `now_ms()` until which the backend is skipped; 0 when eligible.
     ejected_until: AtomicU64,
-    identity: u64,
 }
 
-impl BackendState {
-    pub fn is_ejected(&self, now: u64) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) > now
+impl BackendLive {
+    pub fn new(addr: SocketAddr) -> BackendLive {
+        BackendLive {
+            addr,
+            active: AtomicU32::new(0),
+            total: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU64::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
     }
 
-    fn is_full(&self) -> bool {
-        self.max_sessions
-            .is_some_and(|m| self.active.load(Ordering::Relaxed) >= m)
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
     }
 
     /// A connect failed, or the backend closed/stalled before its first
@@ -70,28 +75,92 @@ impl BackendState {
     }
 }
 
+/// A backend as the running config describes it, with its live state.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub max_sessions: Option<u32>,
+    pub live: Arc<BackendLive>,
+    /// Seed for rendezvous hashing, from the address: stable on every replica.
+    identity: u64,
+}
+
+impl Backend {
+    pub fn new(
+        addr: SocketAddr,
+        weight: u32,
+        max_sessions: Option<u32>,
+        live: Arc<BackendLive>,
+    ) -> Backend {
+        Backend {
+            addr,
+            weight: weight.max(1),
+            max_sessions,
+            live,
+            identity: stable_hash(addr.to_string().as_bytes(), 0),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.max_sessions
+            .is_some_and(|m| self.live.active.load(Ordering::Relaxed) >= m)
+    }
+}
+
+/// Live state of a pool, carried across reloads like a backend's.
+#[derive(Debug, Default)]
+pub struct PoolLive {
+    pub active: AtomicU32,
+    cursor: AtomicU64,
+}
+
 /// Holds a backend's (and its pool's) active-session count for as long as a
 /// session uses it; dropping it releases both.
 #[derive(Debug)]
 pub struct Lease {
-    pub backend: Arc<BackendState>,
-    pool_active: Arc<AtomicU32>,
+    pub backend: Arc<BackendLive>,
+    pool: Arc<PoolLive>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.active.fetch_sub(1, Ordering::Relaxed);
-        self.pool_active.fetch_sub(1, Ordering::Relaxed);
+        self.pool.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Why a pool offered no backend at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoBackend {
-    /// Every backend is in its passive backoff.
+    /// Every backend is in its passive backoff (or the pool has none).
     AllEjected,
     /// Every eligible backend, or the pool, is at its session limit.
     Full,
+}
+
+/// A pool's current backends. Replaced whole (never edited) when the set
+/// changes, so a session's view stays consistent while it tries them.
+#[derive(Debug)]
+pub struct Members {
+    pub backends: Vec<Backend>,
+    /// Smooth weighted round-robin schedule, computed once per set: a
+    /// lock-free counter indexes it.
+    schedule: Vec<u16>,
+}
+
+impl Members {
+    pub fn new(backends: Vec<Backend>) -> Members {
+        let schedule = smooth_wrr(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
+        Members { backends, schedule }
+    }
+}
+
+/// One call's candidates: the member set it was chosen from, best first.
+#[derive(Debug)]
+pub struct Candidates {
+    pub members: Arc<Members>,
+    pub order: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -100,75 +169,87 @@ pub struct PoolState {
     pub balance: Balance,
     pub backoff: Backoff,
     pub max_sessions: Option<u32>,
-    pub backends: Vec<Arc<BackendState>>,
-    pub active: Arc<AtomicU32>,
-    cursor: AtomicU64,
-    /// Smooth weighted round-robin schedule, computed once at load: a
-    /// lock-free counter indexes it.
-    schedule: Vec<u16>,
+    pub live: Arc<PoolLive>,
+    members: ArcSwap<Members>,
 }
 
 impl PoolState {
-    pub fn new(pool: &Pool) -> PoolState {
-        let backends: Vec<Arc<BackendState>> = pool
+    /// Builds a pool from config, reusing live state from `previous` (the
+    /// same pool in the config being replaced) so a reload keeps it.
+    pub fn new(pool: &Pool, previous: Option<&PoolState>) -> PoolState {
+        let prev_members = previous.map(|p| p.members());
+        let backends = pool
             .backends
             .iter()
             .map(|b| {
-                Arc::new(BackendState {
-                    pool: pool.name.clone(),
-                    addr: b.address,
-                    weight: b.weight.max(1),
-                    max_sessions: b.max_sessions,
-                    active: AtomicU32::new(0),
-                    total: AtomicU64::new(0),
-                    consecutive_failures: AtomicU32::new(0),
-                    ejections: AtomicU64::new(0),
-                    ejected_until: AtomicU64::new(0),
-                    identity: stable_hash(b.address.to_string().as_bytes(), 0),
-                })
+                let live = prev_members
+                    .as_ref()
+                    .and_then(|m| m.backends.iter().find(|x| x.addr == b.address))
+                    .map_or_else(|| Arc::new(BackendLive::new(b.address)), |x| x.live.clone());
+                Backend::new(b.address, b.weight, b.max_sessions, live)
             })
             .collect();
-        let schedule = smooth_wrr(&backends.iter().map(|b| b.weight).collect::<Vec<_>>());
         PoolState {
             name: pool.name.clone(),
             balance: pool.balance.clone(),
             backoff: pool.backoff,
             max_sessions: pool.max_sessions,
-            backends,
-            active: Arc::new(AtomicU32::new(0)),
-            cursor: AtomicU64::new(0),
-            schedule,
+            live: previous.map_or_else(Default::default, |p| p.live.clone()),
+            members: ArcSwap::from_pointee(Members::new(backends)),
         }
     }
 
+    /// Starts the pool's background work (health checks, discovery).
+    /// Static pools without active checks have none.
+    pub fn activate(&self) {}
+
+    /// Stops the pool's background work (see `Snapshot::retire`).
+    pub fn retire(&self) {}
+
+    /// The current member set.
+    pub fn members(&self) -> Arc<Members> {
+        self.members.load_full()
+    }
+
+    /// Replaces the member set (DNS discovery). Sessions keep the set they
+    /// were given; a removed backend's sessions run to their end.
+    pub fn set_members(&self, members: Members) {
+        self.members.store(Arc::new(members));
+    }
+
     /// The eligible backends for one call, best first. The caller tries them
-    /// in order; an empty list means fail at once.
-    pub fn candidates(&self, header: &Header) -> Result<Vec<usize>, NoBackend> {
+    /// in order; an error means fail at once.
+    pub fn candidates(&self, header: &Header) -> Result<Candidates, NoBackend> {
         if self
             .max_sessions
-            .is_some_and(|m| self.active.load(Ordering::Relaxed) >= m)
+            .is_some_and(|m| self.live.active.load(Ordering::Relaxed) >= m)
         {
             return Err(NoBackend::Full);
         }
+        let members = self.members();
+        let backends = &members.backends;
+        let n = backends.len();
+        if n == 0 {
+            return Err(NoBackend::AllEjected);
+        }
         let now = now_ms();
-        let n = self.backends.len();
         let mut order: Vec<usize> = Vec::with_capacity(n);
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let start = self.live.cursor.fetch_add(1, Ordering::Relaxed);
         match &self.balance {
             Balance::RoundRobin => order.extend((0..n).map(|i| (start as usize + i) % n)),
             Balance::Weighted => {
-                let first = self.schedule[(start % self.schedule.len() as u64) as usize] as usize;
+                let first =
+                    members.schedule[(start % members.schedule.len() as u64) as usize] as usize;
                 order.push(first);
                 order.extend((1..n).map(|i| (first + i) % n));
             }
-            Balance::LeastSessions => self.least_sessions(start, &mut order),
+            Balance::LeastSessions => least_sessions(backends, start, &mut order),
             Balance::Hash { key } => match header.get(key) {
                 Some(v) => {
                     // Weighted rendezvous hashing: removing a backend moves
                     // only the keys it owned; the ranking doubles as the
                     // failover order.
-                    let mut scored: Vec<(f64, usize)> = self
-                        .backends
+                    let mut scored: Vec<(f64, usize)> = backends
                         .iter()
                         .enumerate()
                         .map(|(i, b)| {
@@ -180,13 +261,13 @@ impl PoolState {
                     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
                     order.extend(scored.into_iter().map(|(_, i)| i));
                 }
-                None => self.least_sessions(start, &mut order),
+                None => least_sessions(backends, start, &mut order),
             },
         }
         let mut ejected = 0;
         order.retain(|&i| {
-            let b = &self.backends[i];
-            if b.is_ejected(now) {
+            let b = &backends[i];
+            if b.live.is_ejected(now) {
                 ejected += 1;
                 false
             } else {
@@ -200,36 +281,35 @@ impl PoolState {
                 NoBackend::Full
             });
         }
-        Ok(order)
+        Ok(Candidates { members, order })
     }
 
-    /// Orders by active sessions per unit of weight; ties broken by a
-    /// rotating start so equal backends share evenly.
-    fn least_sessions(&self, start: u64, order: &mut Vec<usize>) {
-        let n = self.backends.len();
-        order.extend((0..n).map(|i| (start as usize + i) % n));
-        order.sort_by_key(|&i| {
-            let b = &self.backends[i];
-            // Scaled integer ratio: no float, stable sort keeps the rotation.
-            u64::from(b.active.load(Ordering::Relaxed)) * 1_000_000 / u64::from(b.weight)
-        });
-    }
-
-    /// Takes a session slot on backend `i` for the duration of an attempt
+    /// Takes a session slot on `backend` for the duration of an attempt
     /// (and, if it commits, of the session). None when it filled up meanwhile.
-    pub fn lease(&self, i: usize) -> Option<Lease> {
-        let b = &self.backends[i];
-        let prev = b.active.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::Relaxed);
+    pub fn lease(&self, backend: &Backend) -> Option<Lease> {
+        let prev = backend.live.active.fetch_add(1, Ordering::Relaxed);
+        self.live.active.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
-            backend: b.clone(),
-            pool_active: self.active.clone(),
+            backend: backend.live.clone(),
+            pool: self.live.clone(),
         };
-        if b.max_sessions.is_some_and(|m| prev >= m) {
+        if backend.max_sessions.is_some_and(|m| prev >= m) {
             return None; // dropping the lease gives the slot back
         }
         Some(lease)
     }
+}
+
+/// Orders by active sessions per unit of weight; ties broken by a rotating
+/// start so equal backends share evenly.
+fn least_sessions(backends: &[Backend], start: u64, order: &mut Vec<usize>) {
+    let n = backends.len();
+    order.extend((0..n).map(|i| (start as usize + i) % n));
+    order.sort_by_key(|&i| {
+        let b = &backends[i];
+        // Scaled integer ratio: no float; the stable sort keeps the rotation.
+        u64::from(b.live.active.load(Ordering::Relaxed)) * 1_000_000 / u64::from(b.weight)
+    });
 }
 
 /// nginx's smooth weighted round robin, unrolled into a schedule whose
@@ -274,7 +354,19 @@ mod tests {
             "version: 1\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: {yaml_balance}\n    backends:\n{backends}"
         );
         let cfg = agiproxy_config::from_yaml_str(&text).unwrap();
-        PoolState::new(&cfg.pools[0])
+        PoolState::new(&cfg.pools[0], None)
+    }
+
+    fn order(p: &PoolState, h: &Header) -> Result<Vec<usize>, NoBackend> {
+        p.candidates(h).map(|c| c.order)
+    }
+
+    fn lease(p: &PoolState, i: usize) -> Option<Lease> {
+        p.lease(&p.members().backends[i])
+    }
+
+    fn live(p: &PoolState, i: usize) -> Arc<BackendLive> {
+        p.members().backends[i].live.clone()
     }
 
     fn header(uid: &str) -> Header {
@@ -297,7 +389,7 @@ mod tests {
         let h = header("1");
         let mut counts = [0; 3];
         for _ in 0..600 {
-            counts[p.candidates(&h).unwrap()[0]] += 1;
+            counts[order(&p, &h).unwrap()[0]] += 1;
         }
         assert_eq!(counts, [100, 200, 300]);
     }
@@ -306,19 +398,19 @@ mod tests {
     fn round_robin_rotates() {
         let p = pool("round_robin", 3);
         let h = header("1");
-        let firsts: Vec<usize> = (0..6).map(|_| p.candidates(&h).unwrap()[0]).collect();
+        let firsts: Vec<usize> = (0..6).map(|_| order(&p, &h).unwrap()[0]).collect();
         assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn least_sessions_prefers_idle_per_weight() {
         let p = pool("least_sessions", 2);
-        let _l1 = p.lease(0).unwrap();
+        let _l1 = lease(&p, 0).unwrap();
         let h = header("1");
-        assert_eq!(p.candidates(&h).unwrap()[0], 1);
-        let _l2 = p.lease(1).unwrap();
+        assert_eq!(order(&p, &h).unwrap()[0], 1);
+        let _l2 = lease(&p, 1).unwrap();
         // 1 session on weight 1 vs 1 on weight 2: backend 1 still lighter.
-        assert_eq!(p.candidates(&h).unwrap()[0], 1);
+        assert_eq!(order(&p, &h).unwrap()[0], 1);
     }
 
     #[test]
@@ -328,28 +420,34 @@ mod tests {
             base: Duration::from_secs(10),
             max: Duration::from_secs(60),
         };
-        assert_eq!(p.backends[0].record_failure(&b), Duration::from_secs(10));
-        assert_eq!(p.backends[0].record_failure(&b), Duration::from_secs(20));
+        assert_eq!(live(&p, 0).record_failure(&b), Duration::from_secs(10));
+        assert_eq!(live(&p, 0).record_failure(&b), Duration::from_secs(20));
         let h = header("1");
-        assert_eq!(p.candidates(&h).unwrap(), vec![1]);
-        p.backends[1].record_failure(&b);
-        assert_eq!(p.candidates(&h), Err(NoBackend::AllEjected));
-        p.backends[0].record_success();
-        assert_eq!(p.candidates(&h).unwrap(), vec![0]);
+        assert_eq!(order(&p, &h).unwrap(), vec![1]);
+        live(&p, 1).record_failure(&b);
+        assert_eq!(order(&p, &h), Err(NoBackend::AllEjected));
+        live(&p, 0).record_success();
+        assert_eq!(order(&p, &h).unwrap(), vec![0]);
     }
 
     #[test]
     fn hash_is_sticky_and_moves_only_removed_keys() {
         let text4 = "version: 1\npools:\n  - name: p\n    balance: hash\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n      - { address: \"127.0.0.1:7002\" }\n      - { address: \"127.0.0.1:7003\" }\n      - { address: \"127.0.0.1:7004\" }\n";
         let text3 = text4.replace("      - { address: \"127.0.0.1:7003\" }\n", "");
-        let p4 = PoolState::new(&agiproxy_config::from_yaml_str(text4).unwrap().pools[0]);
-        let p3 = PoolState::new(&agiproxy_config::from_yaml_str(&text3).unwrap().pools[0]);
+        let p4 = PoolState::new(
+            &agiproxy_config::from_yaml_str(text4).unwrap().pools[0],
+            None,
+        );
+        let p3 = PoolState::new(
+            &agiproxy_config::from_yaml_str(&text3).unwrap().pools[0],
+            None,
+        );
         let mut moved = 0;
         for k in 0..2000 {
             let h = header(&format!("17000000{k}.{k}"));
-            let a = p4.backends[p4.candidates(&h).unwrap()[0]].addr;
-            assert_eq!(a, p4.backends[p4.candidates(&h).unwrap()[0]].addr);
-            let b = p3.backends[p3.candidates(&h).unwrap()[0]].addr;
+            let a = p4.members().backends[order(&p4, &h).unwrap()[0]].addr;
+            assert_eq!(a, p4.members().backends[order(&p4, &h).unwrap()[0]].addr);
+            let b = p3.members().backends[order(&p3, &h).unwrap()[0]].addr;
             if a != b {
                 assert_eq!(
                     a.port(),
@@ -368,13 +466,16 @@ mod tests {
     #[test]
     fn max_sessions_is_a_hard_cap() {
         let text = "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"127.0.0.1:7001\", max_sessions: 1 }\n";
-        let p = PoolState::new(&agiproxy_config::from_yaml_str(text).unwrap().pools[0]);
+        let p = PoolState::new(
+            &agiproxy_config::from_yaml_str(text).unwrap().pools[0],
+            None,
+        );
         let h = header("1");
-        let l = p.lease(0).unwrap();
-        assert_eq!(p.candidates(&h), Err(NoBackend::Full));
-        assert!(p.lease(0).is_none());
+        let l = lease(&p, 0).unwrap();
+        assert_eq!(order(&p, &h), Err(NoBackend::Full));
+        assert!(lease(&p, 0).is_none());
         drop(l);
-        assert_eq!(p.backends[0].active.load(Ordering::Relaxed), 0);
-        assert!(p.lease(0).is_some());
+        assert_eq!(live(&p, 0).active.load(Ordering::Relaxed), 0);
+        assert!(lease(&p, 0).is_some());
     }
 }

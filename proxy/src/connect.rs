@@ -10,7 +10,7 @@ use agiproxy_config::Timeouts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::balancer::{Lease, PoolState};
+use crate::balancer::{Candidates, Lease, PoolState};
 use crate::metrics::Metrics;
 use crate::outcome::Reason;
 
@@ -47,8 +47,8 @@ enum Wait {
 /// What the connector needs to know about one call.
 pub struct AttachPlan<'a> {
     pub pool: &'a PoolState,
-    /// Backend indexes in the order the balancer chose.
-    pub order: &'a [usize],
+    /// The backends in the order the balancer chose.
+    pub candidates: &'a Candidates,
     /// The header to replay to each backend tried.
     pub header: &'a [u8],
     pub timeouts: &'a Timeouts,
@@ -68,7 +68,7 @@ pub async fn attach(
 ) -> Result<Attached, AttachError> {
     let AttachPlan {
         pool,
-        order,
+        candidates,
         header,
         timeouts: t,
         started,
@@ -78,13 +78,13 @@ pub async fn attach(
     let deadline = started + t.budget;
     let mut attempts = 0;
     let mut reason = Reason::NoBackend;
-    for &i in order {
+    for &i in &candidates.order {
         let now = Instant::now();
         if now >= deadline {
             reason = Reason::BudgetExhausted;
             break;
         }
-        let Some(lease) = pool.lease(i) else {
+        let Some(lease) = pool.lease(&candidates.members.backends[i]) else {
             reason = Reason::PoolFull;
             continue;
         };

@@ -128,9 +128,7 @@ impl Header {
     /// `agi_network_script` without its query string or leading slash.
     /// Real Asterisk sends `ivr/main?lang=de`; a hand-written client may add a `/`.
     pub fn script_path(&self) -> &str {
-        let script = self.get("agi_network_script").unwrap_or("");
-        let path = script.split_once('?').map_or(script, |(p, _)| p);
-        path.strip_prefix('/').unwrap_or(path)
+        agiproxy_config::script_path(self.get("agi_network_script").unwrap_or(""))
     }
 
     /// The raw query string of `agi_network_script` (after `?`), or "".

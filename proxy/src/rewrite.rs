@@ -4,73 +4,20 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 
-use agiproxy_config::{Rewrite, Template, TemplatePart};
+pub use agiproxy_config::TemplateContext;
+use agiproxy_config::{Rewrite, Template};
 
 use crate::header::Header;
-
-/// What `${...}` placeholders in a route's `set:` values expand to.
-pub struct TemplateContext<'a> {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
-    pub route: &'a str,
-    pub listener: &'a str,
-    pub pool: &'a str,
-}
-
-pub fn render(template: &Template, ctx: &TemplateContext<'_>, out: &mut String) {
-    for part in &template.0 {
-        let _ = match part {
-            TemplatePart::Literal(s) => write!(out, "{s}"),
-            TemplatePart::RemoteIp => write!(out, "{}", ctx.remote.ip().to_canonical()),
-            TemplatePart::RemotePort => write!(out, "{}", ctx.remote.port()),
-            TemplatePart::RemoteAddr => write!(out, "{}", ctx.remote),
-            TemplatePart::LocalAddr => write!(out, "{}", ctx.local),
-            TemplatePart::Route => write!(out, "{}", ctx.route),
-            TemplatePart::Listener => write!(out, "{}", ctx.listener),
-            TemplatePart::Pool => write!(out, "{}", ctx.pool),
-        };
-    }
-}
-
-/// Applies a prefix rewrite to a script path (no leading slash).
-fn rewrite_path<'a>(rewrite: &Rewrite, path: &'a str) -> Option<Cow<'a, str>> {
-    match rewrite {
-        Rewrite::StripPrefix(p) => path.strip_prefix(p.as_str()).map(Cow::Borrowed),
-        Rewrite::ReplacePrefix { from, to } => path
-            .strip_prefix(from.as_str())
-            .map(|rest| Cow::Owned(format!("{to}{rest}"))),
-    }
-}
-
-/// Rewrites the path part of a script value (`path?query`), keeping a
-/// leading slash if the original had one.
-fn rewrite_script(rewrite: &Rewrite, script: &str) -> Option<String> {
-    let (slash, rest) = match script.strip_prefix('/') {
-        Some(r) => ("/", r),
-        None => ("", script),
-    };
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rest, None),
-    };
-    let new = rewrite_path(rewrite, path)?;
-    let mut out = format!("{slash}{new}");
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Some(out)
-}
 
 /// Rewrites the path in `agi_request` (`agi://host:port/path?query`).
 fn rewrite_request(rewrite: &Rewrite, request: &str) -> Option<String> {
     let after_scheme = request.find("://").map_or(0, |i| i + 3);
     let path_start = after_scheme + request[after_scheme..].find('/')?;
-    let script = &request[path_start + 1..];
-    let new = rewrite_script(rewrite, script)?;
-    Some(format!("{}/{}", &request[..path_start], new))
+    match rewrite.apply(&request[path_start + 1..]) {
+        Cow::Owned(script) => Some(format!("{}/{script}", &request[..path_start])),
+        Cow::Borrowed(_) => None,
+    }
 }
 
 /// The header to replay to a backend. Borrowed (no copy) when the route
@@ -85,18 +32,15 @@ pub fn backend_header<'h>(
         return Cow::Borrowed(header.raw());
     }
     let mut out = String::with_capacity(header.raw().len() + 64 * set.len() + 32);
-    let mut value = String::new();
     for (name, v) in header.vars() {
         // An injected variable replaces one a client sent under the same
         // name, so a caller cannot spoof e.g. agi_x_forwarded_for.
         if let Some((_, t)) = set.iter().find(|(n, _)| n == name) {
-            value.clear();
-            render(t, ctx, &mut value);
-            let _ = writeln!(out, "{name}: {value}");
+            let _ = writeln!(out, "{name}: {}", t.render(ctx));
             continue;
         }
         let rewritten = rewrite.and_then(|rw| match name {
-            "agi_network_script" => rewrite_script(rw, v),
+            "agi_network_script" => Some(rw.apply(v).into_owned()),
             "agi_request" => rewrite_request(rw, v),
             _ => None,
         });
@@ -104,9 +48,7 @@ pub fn backend_header<'h>(
     }
     for (name, t) in set {
         if header.get(name).is_none() {
-            value.clear();
-            render(t, ctx, &mut value);
-            let _ = writeln!(out, "{name}: {value}");
+            let _ = writeln!(out, "{name}: {}", t.render(ctx));
         }
     }
     out.push('\n');
@@ -116,6 +58,7 @@ pub fn backend_header<'h>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agiproxy_config::TemplatePart;
 
     const HC: &[u8] = include_bytes!("../../../shared/fixtures/header-HC.bin");
 

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use agiproxy_config::{Route, RouteMatch, RouteTarget, ScriptMatch};
+use agiproxy_config::{Route, RouteMatch, RouteTarget};
 
 use crate::header::Header;
 
@@ -94,16 +94,11 @@ impl Router {
 impl CompiledRoute {
     fn matches(&self, h: &Header, source: IpAddr) -> bool {
         let m: &RouteMatch = &self.route.matcher;
-        if let Some(script) = &m.script {
-            let path = h.script_path();
-            let ok = match script {
-                ScriptMatch::Exact(s) => path == s,
-                ScriptMatch::Prefix(p) => path.starts_with(p.as_str()),
-                ScriptMatch::Regex(re) => re.is_match(path),
-            };
-            if !ok {
-                return false;
-            }
+        if m.script
+            .as_ref()
+            .is_some_and(|s| !s.matches(h.script_path()))
+        {
+            return false;
         }
         if !m
             .query

@@ -71,12 +71,13 @@ impl Server {
         }
         let (records, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, 1)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, 1, None)),
             metrics: Metrics::new(),
             drain: Drain::new(),
             active: AtomicUsize::new(0),
             records,
         });
+        shared.snapshot.load().activate();
         let mut addrs = Vec::new();
         for (name, addr, listener) in bound {
             tracing::info!(listener = %name, %addr, "listening for Asterisk");

@@ -141,7 +141,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     let pi = snap.router.pool_for(ri, &header);
     let pool = &snap.pools[pi];
     rec.pool = Some(pool.name.clone());
-    let order = match pool.candidates(&header) {
+    let candidates = match pool.candidates(&header) {
         Ok(o) => o,
         Err(NoBackend::AllEjected) => return fail(a, rec, Reason::NoBackend).await,
         Err(NoBackend::Full) => return fail(a, rec, Reason::PoolFull).await,
@@ -160,7 +160,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     let t = &route.timeouts;
     let plan = AttachPlan {
         pool,
-        order: &order,
+        candidates: &candidates,
         header: &replay,
         timeouts: t,
         started: header_done,
