@@ -72,6 +72,22 @@ impl FakeBackend {
         backend
     }
 
+    /// Like [`start`](Self::start), on a given loopback address (e.g.
+    /// `127.0.0.2:<port>`, for several backends behind one DNS name and port).
+    pub async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> io::Result<FakeBackend> {
+        let listener = listen(addr)?;
+        let addr = listener.local_addr()?;
+        let backend = FakeBackend {
+            name: format!("backend-{addr}"),
+            addr,
+            behaviour: Arc::new(RwLock::new(Arc::new(behaviour))),
+            stats: Arc::default(),
+            server: Mutex::new(None),
+        };
+        backend.spawn(listener);
+        Ok(backend)
+    }
+
     /// The same backend under another name (for demo output).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();

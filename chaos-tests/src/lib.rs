@@ -9,6 +9,7 @@
 //!   well-behaved scripts to resets, stalls and garbage.
 //! - [`refused_addr`] and [`blackholed_listener`] are the two ways a connect
 //!   fails.
+//! - [`FakeDns`] serves A/AAAA/SRV records that the test changes at run time.
 //! - [`AgiHeader`] builds, parses and serialises headers; [`Fixture`] holds
 //!   the real ones captured from Asterisk.
 //!
@@ -16,8 +17,10 @@
 
 pub mod asterisk;
 pub mod backend;
+pub mod dns;
 mod framing;
 pub mod header;
+pub mod loadgen;
 mod net;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};
@@ -25,6 +28,7 @@ pub use backend::{
     blackholed_listener, refused_addr, BackendStats, Behaviour, Blackhole, FakeBackend, SessionLog,
     Step, Then,
 };
+pub use dns::{FakeDns, SrvRecord};
 pub use header::{AgiHeader, Fixture};
 
 #[cfg(test)]

@@ -52,7 +52,10 @@ async fn retry_before_commit_reaches_the_live_backend() {
     );
     let m = p.server.metrics().render();
     assert!(
-        m.contains("agiproxy_sessions_total{outcome=\"completed\"} 200"),
+        m.contains(&format!(
+            "agiproxy_sessions_total{{backend=\"{}\",outcome=\"completed\",pool=\"p\",route=\"all\"}} 200",
+            live.addr()
+        )),
         "{m}"
     );
 }

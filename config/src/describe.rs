@@ -1,6 +1,6 @@
 //! One-line summaries of routes, for `agiproxy check` and logs.
 
-use crate::model::{Pool, Rewrite, Route, RouteTarget, ScriptMatch};
+use crate::model::{BackendTarget, Pool, Rewrite, Route, RouteTarget, ScriptMatch};
 
 impl Route {
     /// A one-line human summary, e.g.
@@ -87,9 +87,29 @@ fn describe_pool(pools: &[Pool], i: usize) -> String {
     match pools.get(i) {
         None => format!("#{i}"),
         Some(p) => {
-            let n = p.backends.len();
+            // Static addresses are counted; DNS and SRV names are named (their addresses
+            // change at run time).
+            let n = p
+                .backends
+                .iter()
+                .filter(|b| b.target.static_addr().is_some())
+                .count();
             let plural = if n == 1 { "" } else { "s" };
-            format!("{} ({}, {n} backend{plural})", p.name, p.balance)
+            let mut parts = Vec::new();
+            if n > 0 || !p.has_dns() {
+                parts.push(format!("{n} backend{plural}"));
+            }
+            for b in &p.backends {
+                match &b.target {
+                    BackendTarget::Static(_) => {}
+                    BackendTarget::Host { .. } => parts.push(format!("dns {}", b.target)),
+                    BackendTarget::Srv { .. } => parts.push(b.target.to_string()),
+                }
+            }
+            if let Some(h) = &p.health {
+                parts.push(format!("health {}", h.kind.as_str()));
+            }
+            format!("{} ({}, {})", p.name, p.balance, parts.join(", "))
         }
     }
 }

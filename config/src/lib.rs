@@ -27,8 +27,9 @@ use std::path::Path;
 pub use duration::MAX_DURATION;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::{
-    script_path, Backend, Backoff, Balance, Config, Limits, Listener, Mode, Pool, Rewrite, Route,
-    RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts, DEFAULT_PORT, DEFAULT_SPLIT_KEY,
+    script_path, Backend, BackendTarget, Backoff, Balance, Config, Control, ControlTls, Dns,
+    HealthCheck, HealthKind, Limits, Listener, Mode, Pool, Rewrite, Route, RouteMatch, RouteTarget,
+    ScriptMatch, SplitTarget, Timeouts, TokenSource, DEFAULT_PORT, DEFAULT_SPLIT_KEY,
 };
 pub use template::{Template, TemplateContext, TemplatePart};
 

@@ -28,6 +28,53 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Referenced by index from [`RouteTarget`]. Pools no route uses are allowed.
     pub pools: Vec<Pool>,
+    /// The control API (on by default, on loopback).
+    pub control: Control,
+}
+
+/// The control API: an HTTP listener of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    /// `enabled: false` runs no control API at all.
+    pub enabled: bool,
+    /// Default 127.0.0.1:9090. A non-loopback address requires a token.
+    pub address: SocketAddr,
+    /// Bearer token for every state-changing and `/v1` endpoint; none means
+    /// those endpoints are open (allowed on loopback only).
+    pub token: Option<TokenSource>,
+    pub tls: Option<ControlTls>,
+    /// Largest request body accepted (413 beyond). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Whole-request deadline. Default 10 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            enabled: true,
+            address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: None,
+            tls: None,
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the control API's bearer token comes from (read at start and on reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(std::path::PathBuf),
+    Env(String),
+}
+
+/// TLS for the control API (PEM files); `client_ca` turns on client-certificate auth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -264,12 +311,105 @@ pub struct Pool {
     /// Unique; `[A-Za-z0-9_.-]+`.
     pub name: String,
     pub balance: Balance,
-    /// Never empty; addresses distinct.
+    /// Never empty; static addresses, DNS names and SRV names each distinct.
     pub backends: Vec<Backend>,
     /// Sessions at once over the whole pool.
     pub max_sessions: Option<u32>,
     /// Passive ejection after connect failures.
     pub backoff: Backoff,
+    /// Consecutive passive failures (connect failed, closed or reset before the first byte,
+    /// first-command deadline missed) that eject a backend; 1..=100, default 1.
+    pub eject_after: u32,
+    /// At most this share of the pool's backends (percent, 0..=100, default 50) is ever treated
+    /// as ejected; at least one backend can always be ejected unless it is 0. Beyond it, the
+    /// least-bad ejected backends stay in rotation ("panic") and a warning is logged.
+    pub max_ejection_percent: u32,
+    /// Active health checks; none by default.
+    pub health: Option<HealthCheck>,
+    /// A backend that comes back (healthy again, readmitted after ejection, or newly found in
+    /// DNS) gets a share of new sessions rising from 10% to 100% over this window. Off by default.
+    pub slow_start: Option<Duration>,
+    /// How the pool's DNS names are resolved (the top-level `dns:` with the pool's overrides).
+    pub dns: Dns,
+}
+
+impl Pool {
+    /// True when some backend is a DNS or SRV name, to be resolved at run time.
+    pub fn has_dns(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| !matches!(b.target, BackendTarget::Static(_)))
+    }
+}
+
+/// Active health checks of every backend of a pool.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Time between two checks of one backend (each interval varied by up to `jitter`).
+    /// Default 2s.
+    pub interval: Duration,
+    /// One check, connect included. Default 1s; never longer than `interval`.
+    pub timeout: Duration,
+    /// Random variation of each interval, up to this much either way, so replicas do not probe
+    /// in lock-step. Default a tenth of `interval`; less than `interval`.
+    pub jitter: Duration,
+    /// Consecutive passing checks that make an unhealthy backend healthy; 1..=100, default 2.
+    pub rise: u32,
+    /// Consecutive failing checks that make a healthy backend unhealthy; 1..=100, default 3.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum HealthKind {
+    /// A synthetic FastAGI session: a whole header for `script`, one command expected (and
+    /// matched against `expect`, when given), answered `200 result=0`, then `HANGUP` and an
+    /// orderly close. Safe for every FastAGI framework.
+    Agi {
+        /// `agi_network_script` of the probe, without a leading `/` (default `healthz`).
+        script: String,
+        /// The backend's first command must match (unanchored).
+        expect: Option<regex::Regex>,
+    },
+    /// A connect, then a close. Unsafe for fragile frameworks (see the docs).
+    Tcp,
+}
+
+impl HealthKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthKind::Agi { .. } => "agi",
+            HealthKind::Tcp => "tcp",
+        }
+    }
+}
+
+/// How DNS backend names are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// Nameservers to ask (port 53 when not given); empty: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Search domains; empty: the system's when `nameservers` is empty too, else none.
+    pub search: Vec<String>,
+    /// Re-resolve no sooner than this after a lookup, whatever the TTL (default 1s); also the
+    /// wait before retrying a failed lookup.
+    pub min_ttl: Duration,
+    /// Re-resolve at least this often, whatever the TTL (default 300s).
+    pub max_ttl: Duration,
+    /// One lookup (default 2s).
+    pub timeout: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            nameservers: Vec::new(),
+            search: Vec::new(),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,9 +453,41 @@ impl Default for Backoff {
 
 #[derive(Debug, Clone)]
 pub struct Backend {
-    pub address: SocketAddr,
-    /// 1..=1000, default 1.
+    pub target: BackendTarget,
+    /// 1..=1000, default 1. For an SRV name, each record's own weight is used instead.
     pub weight: u32,
-    /// Sessions at once on this backend.
+    /// Sessions at once on this backend (on each address a name resolves to).
     pub max_sessions: Option<u32>,
+}
+
+/// Where a backend entry points.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendTarget {
+    /// `address: "10.1.0.5:4573"`.
+    Static(SocketAddr),
+    /// `address: "ivr.backends.svc.cluster.local:4573"`: every A/AAAA address is a backend.
+    Host { name: String, port: u16 },
+    /// `srv: "_agi._tcp.ivr.backends.svc.cluster.local"`: every SRV record is a backend, with
+    /// its port, priority and weight.
+    Srv { name: String },
+}
+
+impl BackendTarget {
+    /// The static address, if this is one.
+    pub fn static_addr(&self) -> Option<SocketAddr> {
+        match self {
+            BackendTarget::Static(a) => Some(*a),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendTarget::Static(a) => write!(f, "{a}"),
+            BackendTarget::Host { name, port } => write!(f, "{name}:{port}"),
+            BackendTarget::Srv { name } => write!(f, "srv {name}"),
+        }
+    }
 }

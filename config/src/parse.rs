@@ -12,7 +12,7 @@ use serde_yaml::Value;
 
 use crate::error::{from_yaml, ConfigError};
 use crate::raw::{
-    RawConfig, RawControl, RawLimits, RawListener, RawPool, RawRoute, RawTimeouts, Scalar,
+    RawConfig, RawControl, RawDns, RawLimits, RawListener, RawPool, RawRoute, RawTimeouts, Scalar,
     TOP_LEVEL_KEYS,
 };
 
@@ -141,6 +141,7 @@ fn section<'de, A: MapAccess<'de>>(key: &str, map: &mut A) -> Result<(), A::Erro
         "routes" => map.next_value::<Option<Vec<RawRoute>>>().map(drop),
         "pools" => map.next_value::<Option<Vec<RawPool>>>().map(drop),
         "control" => map.next_value::<Option<RawControl>>().map(drop),
+        "dns" => map.next_value::<Option<RawDns>>().map(drop),
         _ => map.next_value::<IgnoredAny>().map(drop),
     }
 }

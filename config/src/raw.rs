@@ -19,6 +19,7 @@ pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
     "routes",
     "pools",
     "control",
+    "dns",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -31,6 +32,7 @@ pub(crate) struct RawConfig {
     pub routes: Option<Vec<RawRoute>>,
     pub pools: Option<Vec<RawPool>>,
     pub control: Option<RawControl>,
+    pub dns: Option<RawDns>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,9 @@ pub(crate) struct RawPool {
     pub max_sessions: Option<u64>,
     pub passive: Option<RawPassive>,
     pub health: Option<RawHealth>,
+    pub slow_start: Option<DurationText>,
+    pub max_ejection_percent: Option<u64>,
+    pub dns: Option<RawDns>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,21 +161,33 @@ pub(crate) struct RawBackend {
 pub(crate) struct RawPassive {
     pub backoff: Option<DurationText>,
     pub max_backoff: Option<DurationText>,
+    pub consecutive_failures: Option<u64>,
 }
 
-/// Active health checks: part of the contract's shape, parsed so typos are caught, but refused
-/// until they are implemented (hence fields that are never read).
-#[allow(dead_code)]
+/// Active health checks of a pool's backends.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
     #[serde(rename = "type")]
     pub kind: Option<RawHealthKind>,
     pub script: Option<Scalar>,
+    pub expect: Option<Scalar>,
     pub interval: Option<DurationText>,
     pub timeout: Option<DurationText>,
+    pub jitter: Option<DurationText>,
     pub rise: Option<u64>,
     pub fall: Option<u64>,
+}
+
+/// How DNS backend names are resolved: top-level, and per pool over it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub nameservers: Option<Vec<Scalar>>,
+    pub search: Option<Vec<Scalar>>,
+    pub min_ttl: Option<DurationText>,
+    pub max_ttl: Option<DurationText>,
+    pub timeout: Option<DurationText>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -180,13 +197,25 @@ pub(crate) enum RawHealthKind {
     Tcp,
 }
 
-/// The control API: part of the contract's shape, refused until implemented.
-#[allow(dead_code)]
+/// The control API's listener, authentication and limits.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawControl {
+    pub enabled: Option<bool>,
     pub address: Option<String>,
     pub token_file: Option<String>,
+    pub token_env: Option<String>,
+    pub tls: Option<RawControlTls>,
+    pub max_body_bytes: Option<u64>,
+    pub request_timeout: Option<DurationText>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControlTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub client_ca: Option<String>,
 }
 
 /// A YAML scalar kept as text: strings as written, integers and booleans in their usual spelling

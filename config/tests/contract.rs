@@ -8,20 +8,16 @@ const CONTRACT: &str = include_str!("../examples/design-contract.yaml");
 
 #[test]
 fn the_contract_config_fails_only_on_what_is_not_supported_yet() {
-    let errs = from_yaml_str(CONTRACT).expect_err("the contract uses features not supported yet");
+    // DNS names, SRV names and health checks are supported: none of them is refused.
+    let errs = match from_yaml_str(CONTRACT) {
+        Ok(_) => agiproxy_config::ConfigErrors(Vec::new()),
+        Err(errs) => errs,
+    };
     let got: Vec<(&str, &str)> = errs
         .iter()
         .map(|e| (e.path.as_str(), e.message.as_str()))
         .collect();
-    let expected = [
-        (
-            "pools[0].backends[1].address",
-            "DNS names are not supported yet",
-        ),
-        ("pools[0].backends[2].srv", "not supported yet"),
-        ("pools[0].health", "not supported yet"),
-        ("control", "not supported yet"),
-    ];
+    let expected: [(&str, &str); 0] = [];
     assert_eq!(got.len(), expected.len(), "{errs}");
     for ((path, message), (want_path, want_message)) in got.iter().zip(expected) {
         assert_eq!(*path, want_path, "{errs}");
@@ -36,8 +32,7 @@ fn the_contract_config_without_unsupported_parts_compiles_as_written() {
     let mut in_control = false;
     for line in CONTRACT.lines() {
         in_control = line.starts_with("control:") || (in_control && line.starts_with(' '));
-        let unsupported = line.contains("ivr.backends.svc.cluster.local")
-            || line.trim_start().starts_with("health:");
+        let unsupported = false;
         if !in_control && !unsupported {
             text.push_str(line);
             text.push('\n');
@@ -64,11 +59,43 @@ fn the_contract_config_without_unsupported_parts_compiles_as_written() {
     // `hash_key` next to `balance: least_sessions` is accepted (and unused), as the contract writes it.
     assert_eq!(c.pools[0].balance, Balance::LeastSessions);
     assert_eq!(c.pools[0].backends[0].max_sessions, Some(500));
+    // DNS discovery and health checks, as the contract writes them.
+    use agiproxy_config::{BackendTarget, HealthKind};
+    let targets: Vec<String> = c.pools[0]
+        .backends
+        .iter()
+        .map(|b| b.target.to_string())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "10.1.0.5:4573",
+            "ivr.backends.svc.cluster.local:4573",
+            "srv _agi._tcp.ivr.backends.svc.cluster.local"
+        ]
+    );
+    assert!(matches!(
+        &c.pools[0].backends[1].target,
+        BackendTarget::Host { name, port: 4573 } if name == "ivr.backends.svc.cluster.local"
+    ));
+    let h = c.pools[0].health.as_ref().expect("health block");
+    assert!(matches!(&h.kind, HealthKind::Agi { script, expect: None } if script == "healthz"));
+    assert_eq!(
+        (h.interval, h.timeout, h.rise, h.fall),
+        (
+            std::time::Duration::from_secs(2),
+            std::time::Duration::from_secs(1),
+            2,
+            3
+        )
+    );
     assert!(matches!(c.routes[1].target, RouteTarget::Pool(1)));
     assert_eq!(
         ivr.describe(&c.pools),
         "ivr: script prefix \"ivr/\", query lang=de, args 1~^[0-9]+$, vars agi_context~^from-, \
-         source 10.0.0.0/8 127.0.0.1/32 -> pool ivr (least_sessions, 1 backend) \
+         source 10.0.0.0/8 127.0.0.1/32 -> pool ivr (least_sessions, 1 backend, \
+         dns ivr.backends.svc.cluster.local:4573, srv _agi._tcp.ivr.backends.svc.cluster.local, \
+         health agi) \
          rewrite strip \"ivr/\" set agi_x_route=ivr mode lines"
     );
 }

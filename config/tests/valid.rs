@@ -194,7 +194,7 @@ fn full_config_compiles_to_the_expected_values() {
     let b: Vec<(String, u32, Option<u32>)> = p[0]
         .backends
         .iter()
-        .map(|b| (b.address.to_string(), b.weight, b.max_sessions))
+        .map(|b| (b.target.to_string(), b.weight, b.max_sessions))
         .collect();
     assert_eq!(
         b,
@@ -359,4 +359,75 @@ fn load_file_reads_and_names_an_unreadable_file() {
     assert!(errs.0[0].message.contains("missing.yaml"), "{errs}");
     assert!(!errs.to_string().starts_with(':'));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn health_checks_dns_and_ejection_settings_compile_with_defaults_and_overrides() {
+    use agiproxy_config::{BackendTarget, HealthKind};
+    let c = compile(
+        r#"
+version: 1
+dns: { nameservers: ["127.0.0.1:5353", "10.96.0.10"], search: [svc.cluster.local], min_ttl: 2s }
+pools:
+  - name: a
+    backends:
+      - { address: "ivr.test:4573", max_sessions: 10 }
+      - { srv: "_agi._tcp.ivr.test." }
+    health: { type: agi, script: "/healthz?x=1", expect: "^(NOOP|VERBOSE)", interval: 500ms, timeout: 200ms, rise: 1, fall: 2 }
+    slow_start: 30s
+    max_ejection_percent: 0
+    passive: { consecutive_failures: 3 }
+    dns: { max_ttl: 60s }
+  - name: b
+    backends: [{ address: "10.0.0.1:4573" }]
+    health: { type: tcp }
+"#,
+    );
+    let a = &c.pools[0];
+    assert!(a.has_dns());
+    assert!(
+        matches!(&a.backends[0].target, BackendTarget::Host { name, port: 4573 } if name == "ivr.test")
+    );
+    assert_eq!(a.backends[0].max_sessions, Some(10));
+    assert!(
+        matches!(&a.backends[1].target, BackendTarget::Srv { name } if name == "_agi._tcp.ivr.test.")
+    );
+    let h = a.health.as_ref().unwrap();
+    match &h.kind {
+        HealthKind::Agi { script, expect } => {
+            // A leading "/" is dropped: Asterisk never sends one.
+            assert_eq!(script, "healthz?x=1");
+            assert!(expect.as_ref().unwrap().is_match("VERBOSE \"ok\" 1"));
+        }
+        HealthKind::Tcp => panic!("agi expected"),
+    }
+    assert_eq!(
+        (h.interval, h.timeout, h.jitter),
+        (ms(500), ms(200), ms(50))
+    );
+    assert_eq!((h.rise, h.fall), (1, 2));
+    assert_eq!(a.slow_start, Some(Duration::from_secs(30)));
+    assert_eq!((a.max_ejection_percent, a.eject_after), (0, 3));
+    assert_eq!(a.dns.nameservers.len(), 2);
+    assert_eq!(a.dns.nameservers[1].port(), 53);
+    assert_eq!(a.dns.search, ["svc.cluster.local"]);
+    // The pool's dns: overrides field by field over the top-level one.
+    assert_eq!(
+        (a.dns.min_ttl, a.dns.max_ttl),
+        (Duration::from_secs(2), Duration::from_secs(60))
+    );
+
+    let b = &c.pools[1];
+    assert!(!b.has_dns());
+    let h = b.health.as_ref().unwrap();
+    assert!(matches!(h.kind, HealthKind::Tcp));
+    assert_eq!(
+        (h.interval, h.timeout, h.rise, h.fall),
+        (Duration::from_secs(2), Duration::from_secs(1), 2, 3)
+    );
+    assert_eq!(
+        (b.max_ejection_percent, b.eject_after, b.slow_start),
+        (50, 1, None)
+    );
+    assert_eq!(b.dns.max_ttl, Duration::from_secs(300));
 }

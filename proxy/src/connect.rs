@@ -98,7 +98,7 @@ pub async fn attach(
                     .connect_attempts
                     .with_label_values(&[connect_error_label(&e)])
                     .inc();
-                let wait = backend.record_failure(&pool.backoff);
+                let wait = pool.passive_failure(&backend, "connect failed");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, error = %e, backoff = ?wait, "connect failed");
                 reason = Reason::ConnectFailed;
                 continue;
@@ -108,7 +108,7 @@ pub async fn attach(
                     .connect_attempts
                     .with_label_values(&["timeout"])
                     .inc();
-                let wait = backend.record_failure(&pool.backoff);
+                let wait = pool.passive_failure(&backend, "connect timed out");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
                 reason = if limit < t.connect {
                     Reason::BudgetExhausted
@@ -129,14 +129,14 @@ pub async fn attach(
         let mut stream = stream;
         if let Err(e) = stream.write_all(header).await {
             tracing::debug!(backend = %backend.addr, error = %e, "backend closed before taking the header");
-            backend.record_failure(&pool.backoff);
+            pool.passive_failure(&backend, "closed before taking the header");
             reason = Reason::BackendClosed;
             continue;
         }
         let first_deadline = tokio::time::Instant::now() + t.first_command;
         match wait_first_byte(&mut stream, asterisk, early, first_deadline, raw).await {
             Wait::FirstByte => {
-                backend.record_success();
+                pool.passive_success(&backend);
                 backend
                     .total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -155,12 +155,12 @@ pub async fn attach(
             }
             Wait::Closed | Wait::Reset => {
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, "backend closed before its first command");
-                backend.record_failure(&pool.backoff);
+                pool.passive_failure(&backend, "closed before its first command");
                 reason = Reason::BackendClosed;
             }
             Wait::Timeout => {
                 tracing::info!(backend = %backend.addr, pool = %pool.name, timeout = ?t.first_command, "backend sent no first command in time");
-                backend.record_failure(&pool.backoff);
+                pool.passive_failure(&backend, "no first command in time");
                 close_politely(stream);
                 reason = Reason::FirstCommandTimeout;
             }

@@ -9,9 +9,12 @@
 
 pub mod balancer;
 pub mod connect;
+pub mod control;
+pub mod discovery;
 pub mod drain;
 pub mod failure;
 pub mod header;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod outcome;
@@ -22,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod turn;
+pub mod watch;
 
 pub use outcome::{Outcome, Reason};
 pub use server::{Server, ServerError};

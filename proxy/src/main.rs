@@ -6,8 +6,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use agiproxy::control::ControlHandle;
 use agiproxy::logging::{self, LogFormat};
+use agiproxy::server::Origin;
 use agiproxy::Server;
+use agiproxy_config::{BackendTarget, Dns, TokenSource};
+use agiproxy_control::server::ServeOptions;
+use agiproxy_control::tls::TlsFiles;
+use agiproxy_control::ControlServer;
 
 mod demo;
 
@@ -41,6 +47,8 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Talk to running replicas through their control API.
+    Ctl(agiproxy_control::ctl::CtlArgs),
     /// Run a self-contained demo: the proxy, two built-in backends and
     /// simulated Asterisk calls, then keep serving on 127.0.0.1:4573.
     Demo {
@@ -60,6 +68,16 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             logging::init(cli.log_format, &cli.log_level);
             report(runtime().and_then(|rt| rt.block_on(run(config))))
+        }
+        Command::Ctl(args) => {
+            let code = match runtime() {
+                Ok(rt) => rt.block_on(agiproxy_control::ctl::run(args, &DnsCluster)),
+                Err(e) => {
+                    eprintln!("agiproxy: {e:#}");
+                    2
+                }
+            };
+            ExitCode::from(code as u8)
         }
         Command::Demo { listen, once } => {
             logging::init(
@@ -117,13 +135,70 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = agiproxy_config::load_file(&path)
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let config = agiproxy_config::from_yaml_str(&text)
         .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
-    let drain_deadline = config.timeouts.drain;
+    let control = config.control.clone();
+    let origin = Origin {
+        text: text.into(),
+        source: format!("file:{}", path.display()),
+        file: Some(path.clone()),
+    };
     // Installed before serving, so no signal is missed between the two waits.
     let mut signals = Signals::install()?;
-    let server = Server::start(config).await?;
-    signals.recv().await;
+    // SIGHUP reloads the config file.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let server = Server::start_with(config, origin).await?;
+    let _watch = agiproxy::watch::watch(server.clone())?;
+
+    if control.enabled {
+        let token = match &control.token {
+            Some(TokenSource::File(f)) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("control.token_file: cannot read {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            Some(TokenSource::Env(v)) => Some(
+                std::env::var(v)
+                    .with_context(|| format!("control.token_env: ${v} is not set"))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        if token.as_deref() == Some("") {
+            anyhow::bail!("control: the token is empty; put a secret in it");
+        }
+        let opts = ServeOptions {
+            address: control.address,
+            token,
+            tls: control.tls.as_ref().map(|t| TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+            }),
+            max_body_bytes: control.max_body_bytes,
+            request_timeout: control.request_timeout,
+        };
+        let api = ControlServer::bind(ControlHandle::new(server.clone()), opts).await?;
+        tracing::info!(address = %api.local_addr(), tls = control.tls.is_some(), "control API listening");
+        tokio::spawn(api.serve(std::future::pending()));
+    }
+
+    let drain_deadline = server.snapshot().config.timeouts.drain;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the config file");
+                let _ = server.reload_file().await;
+            }
+            _ = signals.recv() => break,
+            _ = server.draining() => break,
+        }
+    }
     tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     server.stop_accepting();
     tokio::select! {
@@ -140,6 +215,41 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Finds `ctl --cluster` replicas with the proxy's own resolver.
+struct DnsCluster;
+
+impl agiproxy_control::ctl::ClusterResolver for DnsCluster {
+    async fn resolve(
+        &self,
+        spec: &str,
+        dns_server: Option<std::net::SocketAddr>,
+    ) -> Result<Vec<std::net::SocketAddr>, String> {
+        let target = if spec.starts_with('_') {
+            BackendTarget::Srv {
+                name: spec.to_string(),
+            }
+        } else {
+            let (name, port) = spec
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{spec:?}: write NAME:PORT"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("{spec:?}: {port:?} is not a port"))?;
+            BackendTarget::Host {
+                name: name.to_string(),
+                port,
+            }
+        };
+        let dns = Dns {
+            nameservers: dns_server.into_iter().collect(),
+            ..Dns::default()
+        };
+        let resolver = agiproxy::discovery::resolver(&dns)?;
+        let (found, _ttl) = agiproxy::discovery::lookup(&resolver, &target, &dns).await?;
+        Ok(found.into_iter().map(|f| f.addr).collect())
+    }
 }
 
 /// SIGTERM (Kubernetes) and SIGINT (Ctrl-C), either of which drains.

@@ -1,14 +1,19 @@
-//! Prometheus metrics. Label values come from closed sets (outcomes,
-//! reasons), resolved to counter handles once, so the session path does no
-//! label hashing.
+//! Prometheus metrics. Every label comes from a closed set (outcomes,
+//! reasons) or from the config (routes, pools, backends): no per-call
+//! labels. FAILURE reasons are resolved to counter handles once. Live state
+//! (active sessions per backend, backend state) is read at scrape time
+//! instead of being updated on the session path.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::outcome::{Outcome, Reason};
 
 pub struct Metrics {
     pub registry: Registry,
-    sessions: Vec<IntCounter>,
+    /// By route, pool, backend and outcome: all bounded by the config.
+    pub sessions: IntCounterVec,
     failures: Vec<IntCounter>,
     pub header_errors: IntCounterVec,
     pub active_sessions: IntGauge,
@@ -19,16 +24,49 @@ pub struct Metrics {
     pub connect_seconds: Histogram,
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub control_requests: IntCounterVec,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("agiproxy".into()), None).expect("valid prefix");
-        let sessions_vec = IntCounterVec::new(
-            Opts::new("sessions_total", "Sessions ended, by outcome"),
-            &["outcome"],
+        let sessions = IntCounterVec::new(
+            Opts::new(
+                "sessions_total",
+                "Sessions ended, by route, pool, backend and outcome (\"-\" where none was reached)",
+            ),
+            &["route", "pool", "backend", "outcome"],
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Config changes (file, signal, API), by result: applied, unchanged, dry_run, invalid, stale, bind_failed, error",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_generation =
+            IntGauge::new("config_generation", "Generation of the running config")
+                .expect("valid metric");
+        let control_requests = IntCounterVec::new(
+            Opts::new(
+                "control_requests_total",
+                "Control API requests, by endpoint and status code",
+            ),
+            &["endpoint", "code"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; the version in a label"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let failures_vec = IntCounterVec::new(
             Opts::new(
                 "failures_sent_total",
@@ -90,7 +128,11 @@ impl Metrics {
         )
         .expect("valid metric");
         for c in [
-            Box::new(sessions_vec.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()),
+            Box::new(config_generation.clone()),
+            Box::new(control_requests.clone()),
+            Box::new(build_info),
             Box::new(failures_vec.clone()),
             Box::new(header_errors.clone()),
             Box::new(connect_attempts.clone()),
@@ -104,10 +146,6 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
-        let sessions = Outcome::ALL
-            .iter()
-            .map(|o| sessions_vec.with_label_values(&[o.as_str()]))
-            .collect();
         let failures = Reason::ALL
             .iter()
             .map(|r| failures_vec.with_label_values(&[r.as_str()]))
@@ -125,11 +163,16 @@ impl Metrics {
             connect_seconds,
             first_command_seconds,
             session_seconds,
+            config_reloads,
+            config_generation,
+            control_requests,
         }
     }
 
-    pub fn session(&self, o: Outcome) -> &IntCounter {
-        &self.sessions[o as usize]
+    pub fn session(&self, route: &str, pool: &str, backend: &str, o: Outcome) {
+        self.sessions
+            .with_label_values(&[route, pool, backend, o.as_str()])
+            .inc();
     }
 
     pub fn failure(&self, r: Reason) -> &IntCounter {
@@ -138,9 +181,16 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.render_with(Vec::new())
+    }
+
+    /// The exposition plus families computed at scrape time (live state).
+    pub fn render_with(&self, extra: Vec<prometheus::proto::MetricFamily>) -> String {
+        let mut families = self.registry.gather();
+        families.extend(extra);
         let mut out = String::new();
         let enc = prometheus::TextEncoder::new();
-        let _ = enc.encode_utf8(&self.registry.gather(), &mut out);
+        let _ = enc.encode_utf8(&families, &mut out);
         out
     }
 }

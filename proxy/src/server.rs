@@ -1,22 +1,29 @@
-//! Listeners and the accept loop: one task per session, a cap on sessions
-//! (enforced with FAILURE, never by refusing to read), backoff on accept
-//! errors, and a drain that closes listeners first.
+//! Listeners, the accept loop and config changes at run time.
+//!
+//! One task per session; a cap on sessions (enforced with FAILURE, never by
+//! refusing to read); backoff on accept errors; a drain that closes
+//! listeners first. A config change is validated and compiled off to the
+//! side, new listeners are bound before removed ones close (a bind failure
+//! refuses the whole change), and the new snapshot is swapped in atomically:
+//! sessions in flight keep the snapshot they started with.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agiproxy_config::Config;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::session::{self, SessionRecord};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
 
 /// Pending connections the kernel may queue per listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -32,6 +39,48 @@ pub enum ServerError {
     },
 }
 
+/// Why a config change was refused. The running config is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("invalid config:\n{0}")]
+    Invalid(agiproxy_config::ConfigErrors),
+    #[error("the running generation is {current}, not {expected}")]
+    Stale { current: u64, expected: u64 },
+    #[error(transparent)]
+    Bind(#[from] ServerError),
+    #[error("no config file to reload from (the config came from {0})")]
+    NoFile(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+}
+
+/// The result of a config change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub generation: u64,
+    pub hash: u64,
+    pub dry_run: bool,
+    /// False when the text equals the running config's (nothing was done).
+    pub changed: bool,
+}
+
+/// Where the starting config came from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The config text (YAML or JSON), for `GET /v1/config` and the hash.
+    pub text: Arc<str>,
+    /// `file:PATH`, `embedded`, ...
+    pub source: String,
+    /// The file that reloads read.
+    pub file: Option<PathBuf>,
+}
+
+struct ListenerEntry {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
 /// State every session shares.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
@@ -39,6 +88,10 @@ pub struct Shared {
     pub drain: Drain,
     active: AtomicUsize,
     records: broadcast::Sender<SessionRecord>,
+    /// Serialises config changes; holds the bound listeners.
+    changes: tokio::sync::Mutex<Vec<ListenerEntry>>,
+    file: Option<PathBuf>,
+    started: Instant,
 }
 
 impl Shared {
@@ -49,51 +102,62 @@ impl Shared {
     }
 }
 
-/// A running proxy: its listeners are bound and accepting.
+/// A running proxy: its listeners are bound and accepting. Cheap to clone.
+#[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
-    addrs: Vec<(String, SocketAddr)>,
 }
 
 impl Server {
     /// Binds every listener (all or none) and starts accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let mut bound = Vec::new();
-        for (index, l) in config.listeners.iter().enumerate() {
-            let listener = bind(l.address).map_err(|source| ServerError::Bind {
-                index,
-                name: l.name.clone(),
-                addr: l.address,
-                source,
-            })?;
-            let addr = listener.local_addr().unwrap_or(l.address);
-            bound.push((l.name.clone(), addr, listener));
-        }
+        let origin = Origin {
+            text: Arc::from(""),
+            source: "embedded".into(),
+            file: None,
+        };
+        Server::start_with(config, origin).await
+    }
+
+    pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
+        let bound = bind_all(&config, &[])?;
         let (records, _) = broadcast::channel(4096);
+        let meta = ConfigMeta::new(1, &origin.source, origin.text);
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, 1, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, meta, None)),
             metrics: Metrics::new(),
             drain: Drain::new(),
             active: AtomicUsize::new(0),
             records,
+            changes: tokio::sync::Mutex::new(Vec::new()),
+            file: origin.file,
+            started: Instant::now(),
         });
         shared.snapshot.load().activate();
-        let mut addrs = Vec::new();
-        for (name, addr, listener) in bound {
-            tracing::info!(listener = %name, %addr, "listening for Asterisk");
-            addrs.push((name.clone(), addr));
-            tokio::spawn(accept_loop(
-                shared.clone(),
-                Arc::from(name.as_str()),
-                listener,
-            ));
+        shared.metrics.config_generation.set(1);
+        let mut table = shared.changes.lock().await;
+        for (configured, listener) in bound {
+            table.push(spawn_listener(&shared, configured, listener));
         }
-        Ok(Server { shared, addrs })
+        drop(table);
+        Ok(Server { shared })
     }
 
-    /// Bound addresses (a port 0 in the config is resolved here).
+    /// Bound addresses, in config order (a port 0 in the config is resolved here).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.iter().map(|(_, a)| *a).collect()
+        let snap = self.shared.snapshot.load();
+        let table = self.shared.changes.try_lock();
+        snap.config
+            .listeners
+            .iter()
+            .map(|l| match &table {
+                Ok(t) => t
+                    .iter()
+                    .find(|e| e.configured == l.address)
+                    .map_or(l.address, |e| e.bound),
+                Err(_) => l.address,
+            })
+            .collect()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -104,6 +168,14 @@ impl Server {
         self.shared.snapshot.load_full()
     }
 
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    pub fn config_file(&self) -> Option<&PathBuf> {
+        self.shared.file.as_ref()
+    }
+
     /// A feed of finished sessions (for tests, the demo and tooling).
     pub fn subscribe(&self) -> broadcast::Receiver<SessionRecord> {
         self.shared.records.subscribe()
@@ -111,6 +183,160 @@ impl Server {
 
     pub fn active_sessions(&self) -> usize {
         self.shared.active.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.drain.is_draining()
+    }
+
+    /// Validates and applies a config text. With `dry_run`, validates only.
+    /// `if_match`: refuse unless this generation is the running one.
+    pub async fn apply(
+        &self,
+        text: &str,
+        source: &str,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let result = self.apply_inner(text, source, dry_run, if_match).await;
+        let label = match &result {
+            Ok(a) if a.dry_run => "dry_run",
+            Ok(a) if !a.changed => "unchanged",
+            Ok(_) => "applied",
+            Err(ApplyError::Invalid(_)) => "invalid",
+            Err(ApplyError::Stale { .. }) => "stale",
+            Err(ApplyError::Bind(_)) => "bind_failed",
+            Err(_) => "error",
+        };
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(a) if a.changed && !a.dry_run => {
+                tracing::info!(generation = a.generation, hash = %format!("{:016x}", a.hash), source, "config applied")
+            }
+            Err(e) => {
+                tracing::warn!(source, error = %e, "config change refused; the running config is unchanged")
+            }
+            _ => {}
+        }
+        result
+    }
+
+    async fn apply_inner(
+        &self,
+        text: &str,
+        source: &str,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let config = agiproxy_config::from_yaml_str(text).map_err(ApplyError::Invalid)?;
+        let mut table = self.shared.changes.lock().await;
+        let current = self.shared.snapshot.load_full();
+        let generation = current.meta.generation;
+        if let Some(expected) = if_match.filter(|g| *g != generation) {
+            return Err(ApplyError::Stale {
+                current: generation,
+                expected,
+            });
+        }
+        let hash = text_hash(text);
+        if dry_run || hash == current.meta.hash {
+            return Ok(Applied {
+                generation,
+                hash,
+                dry_run,
+                changed: hash != current.meta.hash,
+            });
+        }
+        // New listeners first: a bind failure refuses the whole change.
+        let kept: Vec<SocketAddr> = table.iter().map(|e| e.configured).collect();
+        let bound = bind_all(&config, &kept)?;
+        let meta = ConfigMeta::new(generation + 1, source, Arc::from(text));
+        let next = Arc::new(Snapshot::build(config, meta, Some(&current)));
+        let old = self.shared.snapshot.swap(next.clone());
+        next.activate();
+        old.retire();
+        for (configured, listener) in bound {
+            table.push(spawn_listener(&self.shared, configured, listener));
+        }
+        // Then close the listeners the new config no longer has.
+        table.retain(|e| {
+            let keep = next
+                .config
+                .listeners
+                .iter()
+                .any(|l| l.address == e.configured);
+            if !keep {
+                tracing::info!(address = %e.bound, "listener removed by config change");
+                e.stop.cancel();
+            }
+            keep
+        });
+        self.shared
+            .metrics
+            .config_generation
+            .set(generation as i64 + 1);
+        Ok(Applied {
+            generation: generation + 1,
+            hash,
+            dry_run: false,
+            changed: true,
+        })
+    }
+
+    /// Re-reads the config file and applies it.
+    pub async fn reload_file(&self) -> Result<Applied, ApplyError> {
+        let Some(path) = self.shared.file.clone() else {
+            let source = self.shared.snapshot.load().meta.source.to_string();
+            return Err(ApplyError::NoFile(source));
+        };
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(source) => {
+                self.shared
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                let e = ApplyError::Read { path, source };
+                tracing::warn!(error = %e, "config reload refused; the running config is unchanged");
+                return Err(e);
+            }
+        };
+        let source = format!("file:{}", path.display());
+        self.apply(&text, &source, false, None).await
+    }
+
+    /// Whether the config file's content differs from the running config.
+    pub fn differs_from_file(&self) -> bool {
+        let Some(path) = &self.shared.file else {
+            return false;
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => text_hash(&text) != self.shared.snapshot.load().meta.hash,
+            Err(_) => true,
+        }
+    }
+
+    /// Listener names and bound addresses.
+    pub async fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let table = self.shared.changes.lock().await;
+        let snap = self.shared.snapshot.load();
+        table
+            .iter()
+            .map(|e| {
+                let name = snap
+                    .config
+                    .listeners
+                    .iter()
+                    .find(|l| l.address == e.configured)
+                    .map_or("?", |l| &l.name);
+                (name.to_string(), e.bound)
+            })
+            .collect()
     }
 
     /// Stops accepting at once; sessions in flight go on.
@@ -129,6 +355,32 @@ impl Server {
         self.shared.drain.start();
         self.shared.drain.force.cancel();
     }
+
+    /// Resolves when a drain has started (signal or control API).
+    pub async fn draining(&self) {
+        self.shared.drain.stop_accepting.cancelled().await
+    }
+}
+
+/// Binds the listeners of `config` not already bound (`kept`), all or none.
+fn bind_all(
+    config: &Config,
+    kept: &[SocketAddr],
+) -> Result<Vec<(SocketAddr, TcpListener)>, ServerError> {
+    let mut bound = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        if kept.contains(&l.address) {
+            continue;
+        }
+        let listener = bind(l.address).map_err(|source| ServerError::Bind {
+            index,
+            name: l.name.clone(),
+            addr: l.address,
+            source,
+        })?;
+        bound.push((l.address, listener));
+    }
+    Ok(bound)
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -147,20 +399,46 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(shared: Arc<Shared>, name: Arc<str>, listener: TcpListener) {
+fn spawn_listener(
+    shared: &Arc<Shared>,
+    configured: SocketAddr,
+    listener: TcpListener,
+) -> ListenerEntry {
+    let bound = listener.local_addr().unwrap_or(configured);
+    let stop = shared.drain.stop_accepting.child_token();
+    tracing::info!(address = %bound, "listening for Asterisk");
+    tokio::spawn(accept_loop(
+        shared.clone(),
+        configured,
+        listener,
+        stop.clone(),
+    ));
+    ListenerEntry {
+        configured,
+        bound,
+        stop,
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    configured: SocketAddr,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
             biased;
-            _ = shared.drain.stop_accepting.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    spawn_session(&shared, &name, stream, peer);
+                    spawn_session(&shared, configured, stream, peer);
                 }
                 Err(e) => {
                     // Out of descriptors or memory: slow down rather than spin.
-                    tracing::warn!(listener = %name, error = %e, ?backoff, "accept failed");
+                    tracing::warn!(address = %configured, error = %e, ?backoff, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -171,17 +449,28 @@ async fn accept_loop(shared: Arc<Shared>, name: Arc<str>, listener: TcpListener)
     // listener closes, which Asterisk reads as SUCCESS: serve them too.
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
-        spawn_session(&shared, &name, stream, peer);
+        spawn_session(&shared, configured, stream, peer);
     }
-    tracing::info!(listener = %name, "listener closed");
+    tracing::info!(address = %configured, "listener closed");
 }
 
-fn spawn_session(shared: &Arc<Shared>, name: &Arc<str>, stream: TcpStream, peer: SocketAddr) {
+fn spawn_session(
+    shared: &Arc<Shared>,
+    configured: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let _ = stream.set_nodelay(true);
+    // The one snapshot load of this session: it keeps this config to its end.
     let snap = shared.snapshot.load_full();
+    let name: Arc<str> = snap
+        .config
+        .listeners
+        .iter()
+        .find(|l| l.address == configured)
+        .map_or_else(|| Arc::from("-"), |l| Arc::from(l.name.as_str()));
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
-    let name = name.clone();
     if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
         shared.active.fetch_sub(1, Ordering::Relaxed);
         shared

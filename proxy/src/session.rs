@@ -103,12 +103,21 @@ pub async fn serve(
     let mut rec = SessionRecord::new(peer, listener);
     run(&shared, &snap, &mut a, &mut rec).await;
     rec.duration = started.elapsed();
+    finish(&shared, rec);
+}
+
+/// Counts, logs and publishes a finished session.
+fn finish(shared: &Shared, rec: SessionRecord) {
     let m = &shared.metrics;
-    m.session(rec.outcome).inc();
-    if let Some(r) = rec.reason {
-        if rec.outcome == Outcome::Failed {
-            m.failure(r).inc();
-        }
+    let backend = rec.backend.map(|b| b.to_string());
+    m.session(
+        rec.route.as_deref().unwrap_or("-"),
+        rec.pool.as_deref().unwrap_or("-"),
+        backend.as_deref().unwrap_or("-"),
+        rec.outcome,
+    );
+    if let (Outcome::Failed, Some(r)) = (rec.outcome, rec.reason) {
+        m.failure(r).inc();
     }
     m.bytes_from_asterisk.inc_by(rec.bytes_from_asterisk);
     m.bytes_to_asterisk.inc_by(rec.bytes_to_asterisk);
@@ -290,10 +299,5 @@ pub async fn reject_overloaded(
         Err(e) => bad_header(&shared, &mut a, &mut rec, e, &limits).await,
     }
     rec.duration = started.elapsed();
-    shared.metrics.session(rec.outcome).inc();
-    if rec.outcome == Outcome::Failed {
-        shared.metrics.failure(Reason::Overloaded).inc();
-    }
-    rec.log();
-    shared.publish(rec);
+    finish(&shared, rec);
 }

@@ -15,14 +15,47 @@ pub struct Snapshot {
     pub router: Router,
     /// Index-aligned with `config.pools`.
     pub pools: Vec<PoolState>,
+    pub meta: ConfigMeta,
+}
+
+/// Where a running config came from, and which one it is.
+#[derive(Debug, Clone)]
+pub struct ConfigMeta {
+    /// 1 for the config the process started with, +1 per applied change.
     pub generation: u64,
+    /// Content hash of `text`: replicas that run the same text agree on it.
+    pub hash: u64,
+    /// `file:PATH`, `api`, `embedded`.
+    pub source: Arc<str>,
+    /// The config as applied (YAML or JSON).
+    pub text: Arc<str>,
+}
+
+impl ConfigMeta {
+    pub fn new(generation: u64, source: &str, text: Arc<str>) -> ConfigMeta {
+        ConfigMeta {
+            generation,
+            hash: text_hash(&text),
+            source: Arc::from(source),
+            text,
+        }
+    }
+
+    pub fn hash_hex(&self) -> String {
+        format!("{:016x}", self.hash)
+    }
+}
+
+/// The content hash used for configs (stable across replicas and releases).
+pub fn text_hash(text: &str) -> u64 {
+    crate::balancer::stable_hash(text.as_bytes(), 0xc0_4f16)
 }
 
 impl Snapshot {
     /// Compiles `config`. Live state (active sessions, passive ejections)
     /// of pools and backends that `previous` also has is carried over, by
     /// pool name and backend address.
-    pub fn build(config: Config, generation: u64, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn build(config: Config, meta: ConfigMeta, previous: Option<&Snapshot>) -> Snapshot {
         let router = Router::new(&config.routes);
         let pools = config
             .pools
@@ -33,7 +66,7 @@ impl Snapshot {
             config: Arc::new(config),
             router,
             pools,
-            generation,
+            meta,
         }
     }
 
@@ -52,6 +85,12 @@ impl Snapshot {
         for pool in &self.pools {
             pool.retire();
         }
+    }
+
+    /// Every pool's live state (backends, health, ejections, DNS names), in
+    /// config order: for the control API and metrics.
+    pub fn status(&self) -> Vec<crate::balancer::PoolStatus> {
+        self.pools.iter().map(PoolState::status).collect()
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {

@@ -20,7 +20,7 @@ async fn start_proxy(backend: SocketAddr, drain: &str) -> (Child, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
-        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
     let path =
         std::env::temp_dir().join(format!("agiproxy-drain-{}-{port}.yaml", std::process::id()));

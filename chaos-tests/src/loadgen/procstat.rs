@@ -18,8 +18,12 @@ pub struct Sample {
 /// Reads `/proc/<pid>/stat`.
 pub fn sample(pid: u32) -> io::Result<Sample> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat(&text, clock_ticks_per_sec(), page_size())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/PID/stat format"))
+    parse_stat(&text, clock_ticks_per_sec(), page_size()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected /proc/PID/stat format",
+        )
+    })
 }
 
 /// The fields after the command name, which may itself contain spaces and
@@ -75,7 +79,10 @@ impl std::str::FromStr for Watched {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
         let pid = pid.parse().map_err(|_| format!("not a pid: {pid}"))?;
-        Ok(Watched { name: name.to_owned(), pid })
+        Ok(Watched {
+            name: name.to_owned(),
+            pid,
+        })
     }
 }
 
@@ -133,7 +140,11 @@ impl Watcher {
         for (w, s0) in self.watched.iter().zip(samples0) {
             let s1 = sample(w.pid).ok();
             let (cpu, rss0, rss1) = match (s0, s1) {
-                (Some(a), Some(b)) => (b.cpu.saturating_sub(a.cpu).as_secs_f64(), a.rss_bytes, b.rss_bytes),
+                (Some(a), Some(b)) => (
+                    b.cpu.saturating_sub(a.cpu).as_secs_f64(),
+                    a.rss_bytes,
+                    b.rss_bytes,
+                ),
                 // The process is gone or was never there: say so with zeros
                 // rather than fail the whole run.
                 _ => (0.0, 0, 0),

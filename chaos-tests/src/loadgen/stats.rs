@@ -23,7 +23,9 @@ impl Default for Latency {
 
 impl Latency {
     pub fn new() -> Self {
-        Self(Histogram::new_with_bounds(1, MAX_NANOS, 3).expect("static histogram bounds are valid"))
+        Self(
+            Histogram::new_with_bounds(1, MAX_NANOS, 3).expect("static histogram bounds are valid"),
+        )
     }
 
     pub fn record(&mut self, d: Duration) {

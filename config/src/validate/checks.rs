@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use ipnet::IpNet;
 use regex::Regex;
 
-use crate::model::DEFAULT_PORT;
+use crate::model::{BackendTarget, DEFAULT_PORT};
 
 /// Names of routes, pools and listeners end up in logs, metrics labels and `${route}`-style
 /// header values, so they are kept to a safe alphabet.
@@ -160,9 +160,14 @@ fn with_port(ip: IpAddr) -> SocketAddr {
     SocketAddr::new(ip, DEFAULT_PORT)
 }
 
-/// Where a backend is: ip:port, port not 0, a concrete address.
-pub(crate) fn backend_address(text: &str) -> Result<SocketAddr, String> {
-    let addr = socket_addr(text).map_err(|p| match p {
+/// Where a backend is: ip:port (port not 0, a concrete address), or name:port for a DNS name
+/// whose A/AAAA records are the backends.
+pub(crate) fn backend_address(text: &str) -> Result<BackendTarget, String> {
+    let addr = match socket_addr(text) {
+        Err(AddrProblem::DnsName) => return host_and_port(text.trim()),
+        other => other,
+    };
+    let addr = addr.map_err(|p| match p {
         AddrProblem::Empty => "is empty; write ip:port, e.g. 10.0.0.1:4573".to_string(),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write host:port, e.g. {}",
@@ -172,12 +177,11 @@ pub(crate) fn backend_address(text: &str) -> Result<SocketAddr, String> {
         AddrProblem::BadPort(port) => {
             format!("{text:?} has an invalid port {port:?}; ports run from 1 to 65535")
         }
-        AddrProblem::DnsName => "DNS names are not supported yet (DNS discovery arrives in a \
-                                 later release); use ip:port"
-            .to_string(),
-        AddrProblem::Garbage => {
-            format!("{text:?} is not an address; write ip:port, e.g. 10.0.0.1:4573")
-        }
+        AddrProblem::DnsName => unreachable!("handled above"),
+        AddrProblem::Garbage => format!(
+            "{text:?} is not an address; write ip:port, e.g. 10.0.0.1:4573, or name:port, \
+             e.g. ivr.backends.svc.cluster.local:4573"
+        ),
     })?;
     if addr.port() == 0 {
         return Err(format!(
@@ -192,7 +196,93 @@ pub(crate) fn backend_address(text: &str) -> Result<SocketAddr, String> {
             addr.port()
         ));
     }
-    Ok(addr)
+    Ok(BackendTarget::Static(addr))
+}
+
+/// `name:port` of a DNS backend.
+fn host_and_port(text: &str) -> Result<BackendTarget, String> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?} has no port; write name:port, e.g. {text}:{DEFAULT_PORT}"
+        ));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(0) => {
+            return Err(format!(
+                "{text:?} has port 0, which cannot be connected to; give the backend's port, \
+                 e.g. {host}:{DEFAULT_PORT}"
+            ))
+        }
+        Ok(p) => p,
+        Err(_) => {
+            return Err(format!(
+                "{text:?} has an invalid port {port:?}; ports run from 1 to 65535"
+            ))
+        }
+    };
+    let name = dns_name(host)?;
+    Ok(BackendTarget::Host { name, port })
+}
+
+/// A DNS name as written (a final `.` allowed): labels of letters, digits, `-` and `_`
+/// (`_agi._tcp` SRV labels), at most 63 bytes each and 253 in all.
+pub(crate) fn dns_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if bare.is_empty() {
+        return Err("is empty; write a DNS name, e.g. ivr.backends.svc.cluster.local".to_string());
+    }
+    if bare.len() > 253 {
+        return Err(format!(
+            "{name:?} is longer than the 253 characters a DNS name may have"
+        ));
+    }
+    for label in bare.split('.') {
+        if label.is_empty() {
+            return Err(format!(
+                "{name:?} has an empty label (two dots in a row, or a leading dot)"
+            ));
+        }
+        if label.len() > 63 {
+            return Err(format!(
+                "{name:?} has a label longer than 63 characters: {label:?}"
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(format!(
+                "{name:?} contains {c:?}; DNS names use letters, digits, -, _ and ."
+            ));
+        }
+    }
+    if bare.parse::<IpAddr>().is_ok() || !bare.chars().any(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{name:?} is not a DNS name"));
+    }
+    Ok(name.to_string())
+}
+
+/// A nameserver: ip or ip:port (port 53 when absent); never a name.
+pub(crate) fn nameserver(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let unbracketed = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    match text.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(a),
+        Ok(_) => Err(format!(
+            "{text:?} is not a nameserver's address; write its IP, e.g. 10.96.0.10 or 127.0.0.1:5353"
+        )),
+        Err(_) => Err(format!(
+            "{text:?} is not an IP address; nameservers are given by IP (port 53 when absent), \
+             e.g. 10.96.0.10 or 127.0.0.1:5353"
+        )),
+    }
 }
 
 /// Where a listener binds: ip:port; port 0 asks the OS for a free port (used by tests).
@@ -273,11 +363,11 @@ mod tests {
     fn backend_addresses() {
         assert_eq!(
             backend_address("10.0.0.1:4573"),
-            Ok("10.0.0.1:4573".parse().unwrap())
+            Ok(BackendTarget::Static("10.0.0.1:4573".parse().unwrap()))
         );
         assert_eq!(
             backend_address("[::1]:5000"),
-            Ok("[::1]:5000".parse().unwrap())
+            Ok(BackendTarget::Static("[::1]:5000".parse().unwrap()))
         );
         let e = backend_address("10.0.0.1").unwrap_err();
         assert_eq!(
@@ -286,12 +376,21 @@ mod tests {
         );
         assert!(backend_address("::1").unwrap_err().contains("[::1]:4573"));
         assert!(backend_address("[::1]").unwrap_err().contains("[::1]:4573"));
-        assert!(backend_address("ivr.svc:4573")
+        assert_eq!(
+            backend_address("ivr.svc:4573"),
+            Ok(BackendTarget::Host {
+                name: "ivr.svc".into(),
+                port: 4573
+            })
+        );
+        assert_eq!(
+            backend_address("localhost").unwrap_err(),
+            "\"localhost\" has no port; write name:port, e.g. localhost:4573"
+        );
+        assert!(backend_address("ivr.svc:0").unwrap_err().contains("port 0"));
+        assert!(backend_address("ivr..svc:4573")
             .unwrap_err()
-            .starts_with("DNS names"));
-        assert!(backend_address("localhost")
-            .unwrap_err()
-            .starts_with("DNS names"));
+            .contains("empty label"));
         assert!(backend_address("10.0.0.1:99999")
             .unwrap_err()
             .contains("invalid port"));
@@ -309,6 +408,27 @@ mod tests {
             .unwrap_err()
             .contains("not an address"));
         assert!(backend_address("").unwrap_err().contains("is empty"));
+    }
+
+    #[test]
+    fn dns_names_and_nameservers() {
+        assert_eq!(
+            dns_name("_agi._tcp.ivr.test."),
+            Ok("_agi._tcp.ivr.test.".into())
+        );
+        assert!(dns_name("ivr test").unwrap_err().contains("' '"));
+        assert!(dns_name(&"a".repeat(64)).unwrap_err().contains("63"));
+        assert!(dns_name("").unwrap_err().contains("is empty"));
+        assert_eq!(
+            nameserver("127.0.0.1:5353"),
+            Ok("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(
+            nameserver("10.96.0.10"),
+            Ok("10.96.0.10:53".parse().unwrap())
+        );
+        assert_eq!(nameserver("[::1]"), Ok("[::1]:53".parse().unwrap()));
+        assert!(nameserver("dns.local").unwrap_err().contains("by IP"));
     }
 
     #[test]

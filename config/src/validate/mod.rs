@@ -2,6 +2,7 @@
 //! Validation never stops at a mistake; it records it and goes on, so one run reports all.
 
 mod checks;
+mod control;
 mod pool;
 mod route;
 mod timeouts;
@@ -27,15 +28,10 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         &timeouts,
         &mut errs,
     );
-    let pools = pool::compile_all(&raw_pools, &mut errs);
+    let dns = pool::global_dns(raw.dns.as_ref(), &mut errs);
+    let pools = pool::compile_all(&raw_pools, &dns, &mut errs);
 
-    if raw.control.is_some() {
-        errs.push(
-            "control",
-            "the control API is not supported yet (it arrives in a later release); \
-             remove the block for now",
-        );
-    }
+    let control = control::compile(raw.control.as_ref(), &mut errs);
 
     if !errs.is_empty() {
         return Err(errs.into_vec());
@@ -47,6 +43,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         limits,
         routes,
         pools,
+        control,
     })
 }
 

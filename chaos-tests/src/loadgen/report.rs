@@ -1,0 +1,587 @@
+//! What one run writes (`--json`), its human summary, and the comparison
+//! table that `agiproxy-bench report` builds from a directory of runs.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{IdleOutcome, LoadOutcome};
+use super::procstat::Usage;
+use super::stats::{ErrorCounts, Summary};
+
+/// One run of the generator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunReport {
+    /// What was measured (`direct`, `agiproxy`, `haproxy`, ...).
+    pub label: String,
+    /// `load` or `idle`.
+    pub mode: String,
+    pub targets: Vec<String>,
+    pub clients: usize,
+    pub header_lines: usize,
+    pub threads: usize,
+    /// The measurement window (load) or the hold (idle), seconds.
+    pub window_secs: f64,
+    /// Sessions completed normally inside the window.
+    pub sessions: u64,
+    pub sessions_per_sec: f64,
+    pub commands: u64,
+    pub commands_per_sec: f64,
+    /// Our reply written to the next command line received.
+    pub rtt_us: Summary,
+    /// Connect start to the first command line.
+    pub setup_us: Summary,
+    /// Connect start to our close.
+    pub session_us: Summary,
+    pub errors: ErrorCounts,
+    pub errors_total: u64,
+    /// The generator first, then every watched process, over the window.
+    pub processes: Vec<Usage>,
+    pub idle: Option<IdleReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IdleReport {
+    pub requested: usize,
+    pub established: usize,
+    /// First connect until every session held its command (or failed).
+    pub establish_ms: f64,
+    /// From the release until every session had closed.
+    pub release_ms: f64,
+}
+
+impl RunReport {
+    pub fn from_load(
+        label: &str,
+        targets: &[String],
+        threads: usize,
+        o: &LoadOutcome,
+        usage: &[Usage],
+    ) -> Self {
+        let secs = o.window.as_secs_f64().max(1e-9);
+        Self {
+            label: label.to_owned(),
+            mode: "load".to_owned(),
+            targets: targets.to_vec(),
+            clients: o.clients,
+            header_lines: o.header_lines,
+            threads,
+            window_secs: secs,
+            sessions: o.rec.sessions,
+            sessions_per_sec: o.rec.sessions as f64 / secs,
+            commands: o.rec.commands,
+            commands_per_sec: o.rec.commands as f64 / secs,
+            rtt_us: o.rec.rtt.summary(),
+            setup_us: o.rec.setup.summary(),
+            session_us: o.rec.session.summary(),
+            errors: o.rec.errors,
+            errors_total: o.rec.errors.total(),
+            processes: usage.to_vec(),
+            idle: None,
+        }
+    }
+
+    pub fn from_idle(
+        label: &str,
+        targets: &[String],
+        threads: usize,
+        header_lines: usize,
+        o: &IdleOutcome,
+        usage: &[Usage],
+    ) -> Self {
+        Self {
+            label: label.to_owned(),
+            mode: "idle".to_owned(),
+            targets: targets.to_vec(),
+            clients: o.requested,
+            header_lines,
+            threads,
+            window_secs: o.held.as_secs_f64(),
+            sessions: o.rec.sessions,
+            sessions_per_sec: 0.0,
+            commands: o.rec.commands,
+            commands_per_sec: 0.0,
+            rtt_us: o.rec.rtt.summary(),
+            setup_us: o.rec.setup.summary(),
+            session_us: o.rec.session.summary(),
+            errors: o.rec.errors,
+            errors_total: o.rec.errors.total(),
+            processes: usage.to_vec(),
+            idle: Some(IdleReport {
+                requested: o.requested,
+                established: o.established,
+                establish_ms: o.establish_time.as_secs_f64() * 1000.0,
+                release_ms: o.release_time.as_secs_f64() * 1000.0,
+            }),
+        }
+    }
+
+    /// The human summary of one run.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let _ = writeln!(
+            w,
+            "== {} ({}) -> {}",
+            self.label,
+            self.mode,
+            self.targets.join(", ")
+        );
+        if let Some(idle) = &self.idle {
+            let _ = writeln!(
+                w,
+                "sessions: {} requested, {} established in {:.0} ms, held {:.1} s, released in {:.0} ms, {} closed normally",
+                idle.requested, idle.established, idle.establish_ms, self.window_secs, idle.release_ms, self.sessions
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "clients: {}  window: {:.2} s  header: {} lines  sessions: {} ({:.0}/s)  commands: {} ({:.0}/s)",
+                self.clients, self.window_secs, self.header_lines, self.sessions, self.sessions_per_sec, self.commands, self.commands_per_sec
+            );
+        }
+        let _ = writeln!(
+            w,
+            "{:<22}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            "latency (µs)", "count", "p50", "p90", "p99", "p99.9", "max", "mean"
+        );
+        for (name, s) in [
+            ("command RTT", &self.rtt_us),
+            ("session setup", &self.setup_us),
+            ("whole session", &self.session_us),
+        ] {
+            if s.count > 0 {
+                let _ = writeln!(
+                    w,
+                    "{:<22}{:>9}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
+                    name, s.count, s.p50, s.p90, s.p99, s.p999, s.max, s.mean
+                );
+            }
+        }
+        let _ = writeln!(
+            w,
+            "errors: {} ({})",
+            self.errors_total,
+            self.errors.describe()
+        );
+        for p in &self.processes {
+            let rss = if p.rss_kib_end > 0 {
+                format!(
+                    "  rss {:.1} -> {:.1} MiB",
+                    p.rss_kib_start as f64 / 1024.0,
+                    p.rss_kib_end as f64 / 1024.0
+                )
+            } else {
+                String::new()
+            };
+            let per_k = if self.sessions > 0 && self.idle.is_none() {
+                format!(
+                    "  {:.1} ms CPU per 1,000 sessions",
+                    p.cpu_secs * 1e6 / self.sessions as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                w,
+                "cpu {:<10} pid {:<8} {:>7.2} s = {:>5.1} % of one core{per_k}{rss}",
+                p.name, p.pid, p.cpu_secs, p.cpu_percent
+            );
+        }
+        out
+    }
+
+    fn process(&self, name: &str) -> Option<&Usage> {
+        self.processes.iter().find(|p| p.name == name)
+    }
+}
+
+/// Which runs the comparison table sets against each other.
+#[derive(Debug, Clone)]
+pub struct Compare {
+    /// The floor: the generator straight to the backends.
+    pub baseline: String,
+    /// What the subject is held against (HAProxy).
+    pub reference: String,
+    /// The proxy under test.
+    pub subject: String,
+    /// The watched-process name of the proxy in each run.
+    pub proxy_process: String,
+    /// The watched-process names of the load side besides the generator.
+    pub load_processes: Vec<String>,
+}
+
+impl Default for Compare {
+    fn default() -> Self {
+        Self {
+            baseline: "direct".to_owned(),
+            reference: "haproxy".to_owned(),
+            subject: "agiproxy".to_owned(),
+            proxy_process: "proxy".to_owned(),
+            load_processes: vec!["backend".to_owned()],
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// One label's load runs reduced to medians over rounds.
+#[derive(Debug, Clone, Default)]
+struct LoadRow {
+    rounds: usize,
+    sps: f64,
+    rtt_p50: f64,
+    rtt_p99: f64,
+    setup_p50: f64,
+    setup_p99: f64,
+    errors: u64,
+    proxy_cpu_per_k: Option<f64>,
+    proxy_busy: Option<f64>,
+    load_busy: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct IdleRow {
+    requested: usize,
+    established: usize,
+    base_kib: u64,
+    peak_kib: u64,
+    errors: u64,
+}
+
+impl IdleRow {
+    fn per_session_kib(&self) -> f64 {
+        self.peak_kib.saturating_sub(self.base_kib) as f64 / self.established.max(1) as f64
+    }
+}
+
+impl Compare {
+    fn load_row(&self, runs: &[&RunReport]) -> Option<LoadRow> {
+        if runs.is_empty() {
+            return None;
+        }
+        let m = |f: &dyn Fn(&RunReport) -> f64| {
+            median(runs.iter().map(|r| f(r)).collect()).unwrap_or(0.0)
+        };
+        let proxy = |r: &RunReport| {
+            r.process(&self.proxy_process)
+                .map(|p| (p.cpu_secs, p.cpu_percent, r.sessions))
+        };
+        let has_proxy = runs.iter().all(|r| proxy(r).is_some());
+        let load_busy = |r: &RunReport| {
+            r.processes
+                .iter()
+                .filter(|p| p.name == "generator" || self.load_processes.contains(&p.name))
+                .map(|p| p.cpu_percent)
+                .sum::<f64>()
+        };
+        Some(LoadRow {
+            rounds: runs.len(),
+            sps: m(&|r| r.sessions_per_sec),
+            rtt_p50: m(&|r| r.rtt_us.p50),
+            rtt_p99: m(&|r| r.rtt_us.p99),
+            setup_p50: m(&|r| r.setup_us.p50),
+            setup_p99: m(&|r| r.setup_us.p99),
+            errors: runs.iter().map(|r| r.errors_total).sum(),
+            proxy_cpu_per_k: has_proxy
+                .then(|| m(&|r| proxy(r).map_or(0.0, |(cpu, _, n)| cpu * 1e6 / n.max(1) as f64))),
+            proxy_busy: has_proxy.then(|| m(&|r| proxy(r).map_or(0.0, |(_, pct, _)| pct))),
+            load_busy: m(&load_busy),
+        })
+    }
+
+    fn idle_row(&self, runs: &[&RunReport]) -> Option<IdleRow> {
+        // The last idle run of a label (normally there is one).
+        let r = runs.last()?;
+        let idle = r.idle.as_ref()?;
+        let p = r.process(&self.proxy_process)?;
+        Some(IdleRow {
+            requested: idle.requested,
+            established: idle.established,
+            base_kib: p.rss_kib_start,
+            peak_kib: p.rss_kib_end,
+            errors: runs.iter().map(|r| r.errors_total).sum(),
+        })
+    }
+
+    /// The comparison as Markdown tables plus the verdict on the targets.
+    pub fn render(&self, runs: &[RunReport]) -> String {
+        let mut labels: Vec<&str> = Vec::new();
+        for r in runs {
+            if !labels.contains(&r.label.as_str()) {
+                labels.push(&r.label);
+            }
+        }
+        // The baseline first, then the subject, then the reference, then the rest.
+        let rank = |l: &str| match l {
+            l if l == self.baseline => 0,
+            l if l == self.subject => 1,
+            l if l == self.reference => 2,
+            _ => 3,
+        };
+        labels.sort_by_key(|l| rank(l));
+        let of = |label: &str, mode: &str| -> Vec<&RunReport> {
+            runs.iter()
+                .filter(|r| r.label == label && r.mode == mode)
+                .collect()
+        };
+        let load: Vec<(&str, Option<LoadRow>)> = labels
+            .iter()
+            .map(|l| (*l, self.load_row(&of(l, "load"))))
+            .collect();
+        let idle: Vec<(&str, Option<IdleRow>)> = labels
+            .iter()
+            .map(|l| (*l, self.idle_row(&of(l, "idle"))))
+            .collect();
+        let find_load = |l: &str| {
+            load.iter()
+                .find(|(x, _)| *x == l)
+                .and_then(|(_, r)| r.clone())
+        };
+        let find_idle = |l: &str| {
+            idle.iter()
+                .find(|(x, _)| *x == l)
+                .and_then(|(_, r)| r.clone())
+        };
+        let base = find_load(&self.baseline);
+        let reference = find_load(&self.reference);
+
+        let mut out = String::new();
+        let w = &mut out;
+        let _ = writeln!(w, "Load (median of rounds; RTT = our reply written -> next command received; setup = connect -> first command; µs):\n");
+        let _ = writeln!(w, "| path | rounds | sessions/s | vs {} | RTT p50 | RTT p99 | extra p50 | extra p99 | setup p50 | setup p99 | errors |", self.reference);
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (label, row) in &load {
+            let Some(r) = row else { continue };
+            let ratio = reference.as_ref().map_or("-".to_owned(), |h| {
+                format!("{:.2}×", r.sps / h.sps.max(1e-9))
+            });
+            let extra =
+                |v: f64, b: Option<f64>| b.map_or("-".to_owned(), |b| format!("{:+.1}", v - b));
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {:.0} | {ratio} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} | {} |",
+                r.rounds,
+                r.sps,
+                r.rtt_p50,
+                r.rtt_p99,
+                extra(r.rtt_p50, base.as_ref().map(|b| b.rtt_p50)),
+                extra(r.rtt_p99, base.as_ref().map(|b| b.rtt_p99)),
+                r.setup_p50,
+                r.setup_p99,
+                r.errors
+            );
+        }
+        let _ = writeln!(w, "\nCost of the proxy (CPU from /proc/PID/stat over the measurement window; RSS with the idle sessions held):\n");
+        let _ = writeln!(w, "| path | proxy CPU ms / 1,000 sessions | proxy core busy | generator+backend busy | RSS baseline | RSS with idle | idle sessions | KiB / idle session | idle errors |");
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for label in &labels {
+            let l = find_load(label);
+            let i = find_idle(label);
+            if l.is_none() && i.is_none() {
+                continue;
+            }
+            let opt =
+                |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.1}{unit}"));
+            let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+            let _ = writeln!(
+                w,
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                opt(l.as_ref().and_then(|l| l.proxy_cpu_per_k), ""),
+                opt(l.as_ref().and_then(|l| l.proxy_busy), " %"),
+                opt(l.as_ref().map(|l| l.load_busy), " %"),
+                i.as_ref().map_or("-".to_owned(), |i| mib(i.base_kib)),
+                i.as_ref().map_or("-".to_owned(), |i| mib(i.peak_kib)),
+                i.as_ref().map_or("-".to_owned(), |i| format!(
+                    "{}/{}",
+                    i.established, i.requested
+                )),
+                i.as_ref()
+                    .map_or("-".to_owned(), |i| format!("{:.2}", i.per_session_kib())),
+                i.as_ref().map_or("-".to_owned(), |i| i.errors.to_string()),
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\n{}",
+            self.verdict(
+                find_load(&self.subject),
+                reference,
+                base,
+                find_idle(&self.subject),
+                find_idle(&self.reference)
+            )
+        );
+        out
+    }
+
+    fn verdict(
+        &self,
+        s: Option<LoadRow>,
+        h: Option<LoadRow>,
+        base: Option<LoadRow>,
+        si: Option<IdleRow>,
+        hi: Option<IdleRow>,
+    ) -> String {
+        let mut out = format!(
+            "Targets ({} against {} in the same run):\n\n",
+            self.subject, self.reference
+        );
+        let w = &mut out;
+        let mark = |ok: bool| if ok { "MET" } else { "NOT MET" };
+        if let (Some(s), Some(h)) = (&s, &h) {
+            let ratio = s.sps / h.sps.max(1e-9);
+            let _ = writeln!(
+                w,
+                "- throughput ≥ 1.0× {}: {:.2}× ({:.0} vs {:.0} sessions/s): {}",
+                self.reference,
+                ratio,
+                s.sps,
+                h.sps,
+                mark(ratio >= 1.0)
+            );
+            if let Some(b) = &base {
+                let (se, he) = (s.rtt_p99 - b.rtt_p99, h.rtt_p99 - b.rtt_p99);
+                let _ = writeln!(
+                    w,
+                    "- extra p99 RTT ≤ {}'s: {:+.1} µs vs {:+.1} µs: {}",
+                    self.reference,
+                    se,
+                    he,
+                    mark(se <= he)
+                );
+            }
+            if let (Some(sc), Some(hc)) = (s.proxy_cpu_per_k, h.proxy_cpu_per_k) {
+                let _ = writeln!(
+                    w,
+                    "- CPU per 1,000 sessions ≤ {}'s: {:.1} ms vs {:.1} ms ({:.2}×): {}",
+                    self.reference,
+                    sc,
+                    hc,
+                    sc / hc.max(1e-9),
+                    mark(sc <= hc)
+                );
+            }
+        }
+        if let (Some(si), Some(hi)) = (&si, &hi) {
+            let (sk, hk) = (si.per_session_kib(), hi.per_session_kib());
+            let _ = writeln!(
+                w,
+                "- RSS per idle session ≤ {}'s: {:.2} KiB vs {:.2} KiB ({:.2}×): {}",
+                self.reference,
+                sk,
+                hk,
+                sk / hk.max(1e-9),
+                mark(sk <= hk)
+            );
+        }
+        if let Some(si) = &si {
+            let ok = si.errors == 0 && si.established == si.requested;
+            let _ = writeln!(
+                w,
+                "- {} idle sessions with zero errors: {} established, {} errors: {}",
+                si.requested,
+                si.established,
+                si.errors,
+                mark(ok)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(label: &str, sps: f64, p99: f64, proxy_cpu: Option<f64>) -> RunReport {
+        let mut processes = vec![Usage {
+            name: "generator".into(),
+            cpu_percent: 40.0,
+            ..Usage::default()
+        }];
+        if let Some(cpu) = proxy_cpu {
+            processes.push(Usage {
+                name: "proxy".into(),
+                cpu_secs: cpu,
+                cpu_percent: 90.0,
+                ..Usage::default()
+            });
+        }
+        RunReport {
+            label: label.into(),
+            mode: "load".into(),
+            sessions: (sps * 10.0) as u64,
+            sessions_per_sec: sps,
+            rtt_us: Summary {
+                p50: p99 / 2.0,
+                p99,
+                ..Summary::default()
+            },
+            processes,
+            ..RunReport::default()
+        }
+    }
+
+    fn idle(label: &str, base: u64, peak: u64) -> RunReport {
+        RunReport {
+            label: label.into(),
+            mode: "idle".into(),
+            processes: vec![Usage {
+                name: "proxy".into(),
+                rss_kib_start: base,
+                rss_kib_end: peak,
+                ..Usage::default()
+            }],
+            idle: Some(IdleReport {
+                requested: 1000,
+                established: 1000,
+                ..IdleReport::default()
+            }),
+            ..RunReport::default()
+        }
+    }
+
+    #[test]
+    fn the_verdict_compares_subject_and_reference_on_medians() {
+        let runs = vec![
+            load("direct", 2000.0, 50.0, None),
+            load("agiproxy", 1100.0, 80.0, Some(1.0)),
+            load("agiproxy", 900.0, 70.0, Some(1.0)),
+            load("agiproxy", 1000.0, 75.0, Some(1.0)),
+            load("haproxy", 1000.0, 60.0, Some(2.0)),
+            idle("agiproxy", 10_000, 14_000),
+            idle("haproxy", 10_000, 12_000),
+        ];
+        let text = Compare::default().render(&runs);
+        // Median throughput 1000 vs 1000: exactly met.
+        assert!(
+            text.contains("throughput ≥ 1.0× haproxy: 1.00× (1000 vs 1000 sessions/s): MET"),
+            "{text}"
+        );
+        // Extra p99: +25 (median 75 - 50) against +10.
+        assert!(text.contains("+25.0 µs vs +10.0 µs: NOT MET"), "{text}");
+        // CPU: 1 s over 10,000 sessions = 100 ms per 1,000, half HAProxy's.
+        assert!(text.contains("100.0 ms vs 200.0 ms (0.50×): MET"), "{text}");
+        // RSS: 4000 KiB / 1000 against 2000 KiB / 1000.
+        assert!(
+            text.contains("4.00 KiB vs 2.00 KiB (2.00×): NOT MET"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1000 idle sessions with zero errors: 1000 established, 0 errors: MET"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! The control API block: where it listens, how callers authenticate, limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::duration;
+use crate::error::Errors;
+use crate::model::{Control, ControlTls, TokenSource};
+use crate::raw::RawControl;
+
+use super::checks;
+
+pub(super) fn compile(raw: Option<&RawControl>, errs: &mut Errors) -> Control {
+    let mut c = Control::default();
+    let Some(raw) = raw else { return c };
+    c.enabled = raw.enabled.unwrap_or(true);
+    if let Some(text) = &raw.address {
+        match checks::listen_address(text) {
+            Ok(a) => c.address = a,
+            Err(m) => errs.push("control.address", m),
+        }
+    }
+    c.token = match (&raw.token_file, &raw.token_env) {
+        (Some(_), Some(_)) => {
+            errs.push("control", "both token_file and token_env are set; keep one");
+            None
+        }
+        (Some(f), None) if f.trim().is_empty() => {
+            errs.push(
+                "control.token_file",
+                "empty; name the file that holds the token",
+            );
+            None
+        }
+        (Some(f), None) => Some(TokenSource::File(PathBuf::from(f))),
+        (None, Some(v)) if !valid_env_name(v) => {
+            errs.push(
+                "control.token_env",
+                format!("{v:?} is not an environment variable name (letters, digits, _)"),
+            );
+            None
+        }
+        (None, Some(v)) => Some(TokenSource::Env(v.clone())),
+        (None, None) => None,
+    };
+    if let Some(tls) = &raw.tls {
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => {
+                c.tls = Some(ControlTls {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                    client_ca: tls.client_ca.as_ref().map(PathBuf::from),
+                })
+            }
+            _ => errs.push(
+                "control.tls",
+                "needs both cert and key (PEM files); client_ca is optional",
+            ),
+        }
+    }
+    if let Some(n) = raw.max_body_bytes {
+        if !(1024..=64 << 20).contains(&n) {
+            errs.push(
+                "control.max_body_bytes",
+                format!("{n} is out of range; use 1024 to 67108864"),
+            );
+        } else {
+            c.max_body_bytes = n as usize;
+        }
+    }
+    if let Some(t) = &raw.request_timeout {
+        match duration::parse(&t.0) {
+            Ok(d) if d >= Duration::from_millis(100) => c.request_timeout = d,
+            Ok(_) => errs.push("control.request_timeout", "too short; use at least 100ms"),
+            Err(m) => errs.push("control.request_timeout", m),
+        }
+    }
+    if c.enabled && c.token.is_none() && !c.address.ip().is_loopback() {
+        errs.push(
+            "control.address",
+            format!(
+                "{} is reachable from other hosts but no token is set; set control.token_file \
+                 or control.token_env, or listen on 127.0.0.1",
+                c.address
+            ),
+        );
+    }
+    c
+}
+
+fn valid_env_name(v: &str) -> bool {
+    !v.is_empty()
+        && !v.starts_with(|ch: char| ch.is_ascii_digit())
+        && v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+}

@@ -1,0 +1,112 @@
+//! The control API's wire types (JSON), shared by the server and `ctl`.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: f64,
+    /// Increases by one with every applied config.
+    pub generation: u64,
+    /// Content hash of the running config text (hex).
+    pub hash: String,
+    /// Where the running config came from: `file:PATH`, `api`, `embedded`.
+    pub source: String,
+    /// The config file's current content differs from the running config
+    /// (a change through the API, or a file edit not yet applied).
+    pub differs_from_file: bool,
+    pub listeners: Vec<ListenerView>,
+    pub active_sessions: u64,
+    pub draining: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListenerView {
+    pub name: String,
+    pub address: String,
+}
+
+/// `GET /v1/config`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigView {
+    pub generation: u64,
+    pub hash: String,
+    pub source: String,
+    /// The config text as applied.
+    pub text: String,
+}
+
+/// The answer to a config change (`PUT /v1/config`, `POST /v1/reload`,
+/// `PUT /v1/routes/{route}/split`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Applied {
+    pub generation: u64,
+    pub hash: String,
+    /// Validated only (`?dry_run=true`): nothing changed.
+    pub dry_run: bool,
+    /// False when the new text equals the running one.
+    pub changed: bool,
+}
+
+/// One validation error, with the config path it concerns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// The running generation, on 412.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// `GET /v1/pools/{pool}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PoolView {
+    pub name: String,
+    pub balance: String,
+    pub active_sessions: u64,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    pub address: String,
+    /// healthy, unhealthy, ejected, draining, slow_start.
+    pub state: String,
+    pub weight: u32,
+    pub max_sessions: Option<u32>,
+    pub active_sessions: u64,
+    pub total_sessions: u64,
+    pub consecutive_failures: u64,
+    pub ejections: u64,
+    pub draining: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckView {
+    pub ok: bool,
+    pub latency_ms: f64,
+    pub detail: String,
+}
+
+/// `PUT /v1/routes/{route}/split`: pool weights for a blue-green route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SplitRequest {
+    pub split: Vec<SplitWeight>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SplitWeight {
+    pub pool: String,
+    pub weight: u32,
+}

@@ -1,0 +1,160 @@
+//! A small HTTP/1 client for the control API (plain or TLS), used by `ctl`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+/// One replica's control API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub https: bool,
+    /// The name its TLS certificate carries (and the Host header).
+    pub host: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}://{}",
+            if self.https { "https" } else { "http" },
+            self.addr
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{target}: cannot connect: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("{target}: TLS: {msg}")]
+    Tls { target: String, msg: String },
+    #[error("{target}: HTTP: {msg}")]
+    Http { target: String, msg: String },
+    #[error("{target}: no answer within {timeout:?}")]
+    Timeout { target: String, timeout: Duration },
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+pub struct Client {
+    pub token: Option<String>,
+    pub tls: Option<tokio_rustls::TlsConnector>,
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub async fn call(
+        &self,
+        target: &Target,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let t = target.to_string();
+        match tokio::time::timeout(
+            self.timeout,
+            self.call_inner(target, method, path, headers, body),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout {
+                target: t,
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        target: &Target,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let t = target.to_string();
+        let tcp = TcpStream::connect(target.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                target: t.clone(),
+                source,
+            })?;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, target.host.as_str());
+        if let Some(token) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http {
+                target: t.clone(),
+                msg: e.to_string(),
+            })?;
+        if target.https {
+            let connector = self.tls.as_ref().ok_or_else(|| ClientError::Tls {
+                target: t.clone(),
+                msg: "no TLS settings (--ca)".into(),
+            })?;
+            let name = ServerName::try_from(target.host.clone()).map_err(|e| ClientError::Tls {
+                target: t.clone(),
+                msg: e.to_string(),
+            })?;
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ClientError::Tls {
+                    target: t.clone(),
+                    msg: e.to_string(),
+                })?;
+            send(TokioIo::new(stream), req, &t).await
+        } else {
+            send(TokioIo::new(tcp), req, &t).await
+        }
+    }
+}
+
+async fn send<I>(io: I, req: hyper::Request<Full<Bytes>>, t: &str) -> Result<Response, ClientError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| ClientError::Http {
+        target: t.to_string(),
+        msg: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(http)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await.map_err(http)?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes()
+        .to_vec();
+    Ok(Response { status, body })
+}

@@ -1,0 +1,535 @@
+//! `agiproxy ctl`: a command line over the control API, for one replica
+//! (`--url`) or every replica behind a DNS name (`--cluster dns:NAME:PORT`).
+//! Human-readable tables by default, `--output json` for scripts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::api::{Applied, ConfigView, ErrorBody, PoolView, SplitRequest, SplitWeight, Status};
+use crate::client::{Client, Target};
+use crate::tls::{connector, ClientTls};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// One replica's control API, e.g. http://127.0.0.1:9090 or https://host:9090.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:9090",
+        conflicts_with = "cluster"
+    )]
+    pub url: String,
+    /// Every replica behind a DNS name: dns:NAME:PORT (A/AAAA), or
+    /// dns:_agiproxy._tcp.NAME (SRV, ports from the records).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Use https for --cluster replicas.
+    #[arg(long)]
+    pub https: bool,
+    /// DNS server for --cluster (default: the system's resolver).
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
+    /// File holding the bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token.
+    #[arg(long, value_name = "VAR", default_value = "AGIPROXY_TOKEN")]
+    pub token_env: String,
+    /// CA certificate (PEM) that signed the control API's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), when the API requires one.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: write e.g. 500ms, 5s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{s:?}: write e.g. 500ms, 5s")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Version, generation, config hash, listeners, sessions.
+    Status,
+    /// Show or change the running config.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Re-read the config file on the replica(s).
+    Reload,
+    /// Pools and their backends' state.
+    Pools { pool: Option<String> },
+    /// Drain one backend: no new sessions, existing ones finish.
+    Drain { pool: String, backend: String },
+    /// Take a drained backend back.
+    Enable { pool: String, backend: String },
+    /// Set a route's pool weights: `split ROUTE blue=90 green=10`.
+    Split {
+        route: String,
+        #[arg(required = true, value_name = "POOL=WEIGHT")]
+        weights: Vec<String>,
+    },
+    /// Drain the whole replica, as on SIGTERM.
+    DrainReplica,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the running config.
+    Get,
+    /// Apply a config file (YAML or JSON).
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Validate only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply only if this generation is still running (optimistic concurrency).
+        #[arg(long, value_name = "GENERATION")]
+        if_match: Option<u64>,
+    },
+}
+
+/// Looks up the replicas of `--cluster` (A/AAAA for NAME:PORT, SRV for a
+/// `_service._tcp` name); the binary provides it (it owns the resolver).
+pub trait ClusterResolver {
+    fn resolve(
+        &self,
+        spec: &str,
+        dns_server: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<Vec<SocketAddr>, String>>;
+}
+
+/// One replica's answer.
+#[derive(Debug, Serialize)]
+struct Reply {
+    replica: String,
+    ok: bool,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Runs a ctl command; returns the process exit code (0 all good, 1 a
+/// replica refused or failed, 2 bad usage).
+pub async fn run<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> i32 {
+    match run_inner(args, resolver).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agiproxy ctl: {e}");
+            2
+        }
+    }
+}
+
+async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i32, String> {
+    let token = match &args.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("--token-file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(&args.token_env)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    let targets = targets(&args, resolver).await?;
+    let tls = if targets.iter().any(|t| t.https) {
+        Some(connector(&ClientTls {
+            ca: args.ca.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+        })?)
+    } else {
+        None
+    };
+    let client = Client {
+        token,
+        tls,
+        timeout: args.timeout,
+    };
+    let (method, path, body, headers): (&str, String, Option<Vec<u8>>, Vec<(&str, String)>) =
+        match &args.command {
+            CtlCommand::Status => ("GET", "/v1/status".into(), None, vec![]),
+            CtlCommand::Config(ConfigCommand::Get) => ("GET", "/v1/config".into(), None, vec![]),
+            CtlCommand::Config(ConfigCommand::Apply {
+                file,
+                dry_run,
+                if_match,
+            }) => {
+                let text =
+                    std::fs::read(file).map_err(|e| format!("-f {}: {e}", file.display()))?;
+                let mut headers = vec![("content-type", "application/yaml".to_string())];
+                if let Some(g) = if_match {
+                    headers.push(("if-match", g.to_string()));
+                }
+                (
+                    "PUT",
+                    format!("/v1/config?dry_run={dry_run}"),
+                    Some(text),
+                    headers,
+                )
+            }
+            CtlCommand::Reload => ("POST", "/v1/reload".into(), None, vec![]),
+            CtlCommand::Pools { pool: None } => ("GET", "/v1/pools".into(), None, vec![]),
+            CtlCommand::Pools { pool: Some(p) } => ("GET", format!("/v1/pools/{p}"), None, vec![]),
+            CtlCommand::Drain { pool, backend } => (
+                "POST",
+                format!("/v1/pools/{pool}/backends/{backend}/drain"),
+                None,
+                vec![],
+            ),
+            CtlCommand::Enable { pool, backend } => (
+                "POST",
+                format!("/v1/pools/{pool}/backends/{backend}/enable"),
+                None,
+                vec![],
+            ),
+            CtlCommand::Split { route, weights } => {
+                let split = weights
+                    .iter()
+                    .map(|w| {
+                        let (pool, weight) = w
+                            .split_once('=')
+                            .ok_or_else(|| format!("{w:?}: write POOL=WEIGHT"))?;
+                        let weight = weight
+                            .parse()
+                            .map_err(|_| format!("{w:?}: the weight must be a whole number"))?;
+                        Ok(SplitWeight {
+                            pool: pool.to_string(),
+                            weight,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                let body =
+                    serde_json::to_vec(&SplitRequest { split }).map_err(|e| e.to_string())?;
+                (
+                    "PUT",
+                    format!("/v1/routes/{route}/split"),
+                    Some(body),
+                    vec![("content-type", "application/json".into())],
+                )
+            }
+            CtlCommand::DrainReplica => ("POST", "/v1/drain".into(), None, vec![]),
+        };
+    let replies = fan_out(&client, &targets, method, &path, &headers, body).await;
+    let mut code = if replies.iter().all(|r| r.ok) { 0 } else { 1 };
+
+    // A change must leave every replica on the same config.
+    let mut converged = None;
+    let changes_config = matches!(
+        args.command,
+        CtlCommand::Config(ConfigCommand::Apply { dry_run: false, .. })
+            | CtlCommand::Reload
+            | CtlCommand::Split { .. }
+    );
+    if changes_config && targets.len() > 1 {
+        let statuses = fan_out(&client, &targets, "GET", "/v1/status", &[], None).await;
+        let hashes: Vec<Option<String>> = statuses
+            .iter()
+            .map(|r| {
+                r.body
+                    .as_ref()
+                    .and_then(|b| b.get("hash"))
+                    .and_then(|h| h.as_str())
+                    .map(str::to_string)
+            })
+            .collect();
+        let all_same = hashes.iter().all(|h| h.is_some() && *h == hashes[0]);
+        converged = Some((
+            all_same,
+            statuses
+                .iter()
+                .zip(&hashes)
+                .map(|(r, h)| (r.replica.clone(), h.clone()))
+                .collect::<Vec<_>>(),
+        ));
+        if !all_same {
+            code = 1;
+        }
+    }
+    print(&args, &replies, converged.as_ref());
+    Ok(code)
+}
+
+async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec<Target>, String> {
+    let Some(spec) = &args.cluster else {
+        return Ok(vec![target_from_url(&args.url)?]);
+    };
+    let name = spec.strip_prefix("dns:").ok_or_else(|| {
+        format!("--cluster {spec:?}: write dns:NAME:PORT or dns:_service._tcp.NAME")
+    })?;
+    let addrs = resolver
+        .resolve(name, args.dns_server)
+        .await
+        .map_err(|e| format!("--cluster {spec}: {e}"))?;
+    if addrs.is_empty() {
+        return Err(format!("--cluster {spec}: no replica found"));
+    }
+    let host = name
+        .rsplit_once(':')
+        .map_or(name, |(h, _)| h)
+        .trim_start_matches('_')
+        .to_string();
+    Ok(addrs
+        .into_iter()
+        .map(|addr| Target {
+            addr,
+            https: args.https,
+            host: host.clone(),
+        })
+        .collect())
+}
+
+fn target_from_url(url: &str) -> Result<Target, String> {
+    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "--url {url:?}: write http://HOST:PORT or https://HOST:PORT"
+        ));
+    };
+    let hostport = rest.trim_end_matches('/');
+    let addr: SocketAddr = hostport.parse().or_else(|_| {
+        use std::net::ToSocketAddrs;
+        hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("--url {url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("--url {url}: no address"))
+    })?;
+    let host = hostport
+        .rsplit_once(':')
+        .map_or(hostport, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_string();
+    Ok(Target { addr, https, host })
+}
+
+async fn fan_out(
+    client: &Client,
+    targets: &[Target],
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Vec<u8>>,
+) -> Vec<Reply> {
+    let calls = targets.iter().map(|t| {
+        let body = body.clone();
+        async move {
+            match client.call(t, method, path, headers, body).await {
+                Ok(resp) => {
+                    let json: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
+                    let ok = (200..300).contains(&resp.status);
+                    let error = (!ok).then(|| {
+                        match json
+                            .as_ref()
+                            .and_then(|j| serde_json::from_value::<ErrorBody>(j.clone()).ok())
+                        {
+                            Some(e) => {
+                                let details: Vec<String> = e
+                                    .errors
+                                    .iter()
+                                    .map(|f| format!("{}: {}", f.path, f.message))
+                                    .collect();
+                                if details.is_empty() {
+                                    e.error
+                                } else {
+                                    format!("{}\n  {}", e.error, details.join("\n  "))
+                                }
+                            }
+                            None => String::from_utf8_lossy(&resp.body).trim().to_string(),
+                        }
+                    });
+                    let body = json.or_else(|| {
+                        Some(serde_json::Value::String(
+                            String::from_utf8_lossy(&resp.body).into_owned(),
+                        ))
+                    });
+                    Reply {
+                        replica: t.to_string(),
+                        ok,
+                        status: resp.status,
+                        body,
+                        error,
+                    }
+                }
+                Err(e) => Reply {
+                    replica: t.to_string(),
+                    ok: false,
+                    status: 0,
+                    body: None,
+                    error: Some(e.to_string()),
+                },
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+fn print(
+    args: &CtlArgs,
+    replies: &[Reply],
+    converged: Option<&(bool, Vec<(String, Option<String>)>)>,
+) {
+    if args.output == Output::Json {
+        let mut doc = serde_json::json!({ "replicas": replies });
+        if let Some((same, hashes)) = converged {
+            doc["converged"] = serde_json::json!(same);
+            doc["hashes"] = serde_json::json!(hashes
+                .iter()
+                .map(|(r, h)| serde_json::json!({"replica": r, "hash": h}))
+                .collect::<Vec<_>>());
+        }
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return;
+    }
+    for r in replies {
+        if replies.len() > 1 {
+            println!("== {}", r.replica);
+        }
+        if let Some(e) = &r.error {
+            println!(
+                "ERROR ({}): {e}",
+                if r.status == 0 {
+                    "no answer".to_string()
+                } else {
+                    r.status.to_string()
+                }
+            );
+            continue;
+        }
+        let Some(body) = &r.body else { continue };
+        print_table(&args.command, body);
+    }
+    if let Some((same, hashes)) = converged {
+        if *same {
+            println!(
+                "converged: all {} replicas run config {}",
+                hashes.len(),
+                hashes[0].1.as_deref().unwrap_or("?")
+            );
+        } else {
+            println!("NOT CONVERGED:");
+            for (replica, hash) in hashes {
+                println!("  {replica}  {}", hash.as_deref().unwrap_or("(no answer)"));
+            }
+        }
+    }
+}
+
+fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
+    match cmd {
+        CtlCommand::Status => {
+            if let Ok(s) = serde_json::from_value::<Status>(body.clone()) {
+                println!("version     {}\nuptime      {:.0}s\ngeneration  {}\nhash        {}\nsource      {}{}\nsessions    {}\ndraining    {}",
+                    s.version, s.uptime_seconds, s.generation, s.hash, s.source,
+                    if s.differs_from_file { " (differs from the file)" } else { "" }, s.active_sessions, s.draining);
+                for l in s.listeners {
+                    println!("listener    {} {}", l.name, l.address);
+                }
+            }
+        }
+        CtlCommand::Config(ConfigCommand::Get) => {
+            if let Ok(c) = serde_json::from_value::<ConfigView>(body.clone()) {
+                println!(
+                    "# generation {} hash {} from {}\n{}",
+                    c.generation, c.hash, c.source, c.text
+                );
+            }
+        }
+        CtlCommand::Pools { .. } => {
+            let pools: Vec<PoolView> = serde_json::from_value::<Vec<PoolView>>(body.clone())
+                .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
+                .unwrap_or_default();
+            println!(
+                "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
+                "POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "EJECTIONS"
+            );
+            for p in pools {
+                for b in p.backends {
+                    println!(
+                        "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
+                        p.name,
+                        b.address,
+                        b.state,
+                        b.weight,
+                        b.active_sessions,
+                        b.total_sessions,
+                        b.ejections
+                    );
+                }
+            }
+        }
+        CtlCommand::Config(ConfigCommand::Apply { .. })
+        | CtlCommand::Reload
+        | CtlCommand::Split { .. } => {
+            if let Ok(a) = serde_json::from_value::<Applied>(body.clone()) {
+                let what = if a.dry_run {
+                    "valid (dry run, nothing changed)"
+                } else if a.changed {
+                    "applied"
+                } else {
+                    "unchanged"
+                };
+                println!("{what}: generation {} hash {}", a.generation, a.hash);
+            }
+        }
+        _ => println!("{body}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            target_from_url("http://127.0.0.1:9090").unwrap(),
+            Target {
+                addr: "127.0.0.1:9090".parse().unwrap(),
+                https: false,
+                host: "127.0.0.1".into()
+            }
+        );
+        let t = target_from_url("https://[::1]:9443/").unwrap();
+        assert!(t.https && t.host == "::1" && t.addr.port() == 9443);
+        assert!(target_from_url("127.0.0.1:9090").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("5").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! agiproxy's control plane: the HTTP control API (served over the
+//! [`ControlPlane`] interface the proxy implements) and the `ctl` client
+//! that drives one replica or a whole cluster.
+
+pub mod api;
+pub mod client;
+pub mod ctl;
+pub mod plane;
+pub mod server;
+pub mod tls;
+
+pub use plane::{ControlError, ControlPlane};
+pub use server::{ControlServer, ServeError, ServeOptions};

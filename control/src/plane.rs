@@ -1,0 +1,65 @@
+//! The narrow interface between the control API and the proxy's runtime.
+//! The proxy implements it; this crate knows nothing else of the runtime.
+
+use std::future::Future;
+
+use crate::api::{Applied, BackendView, ConfigView, FieldError, PoolView, SplitWeight, Status};
+
+/// Why a control operation was refused; each maps to one HTTP status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// 400: the config (or request) is invalid; every error with its path.
+    #[error("invalid: {} error(s)", .0.len())]
+    Invalid(Vec<FieldError>),
+    /// 412: `If-Match` named a generation that is no longer running.
+    #[error("the running generation is {current}, not the one in If-Match")]
+    Stale { current: u64 },
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: valid, but could not be applied (a listener could not bind).
+    #[error("{0}")]
+    Conflict(String),
+    /// 503: e.g. no config file to reload from, or draining.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What the control API may ask of the runtime.
+pub trait ControlPlane: Send + Sync + 'static {
+    fn status(&self) -> Status;
+    /// Config loaded, listeners bound, not draining.
+    fn ready(&self) -> bool;
+    /// Prometheus text exposition.
+    fn metrics_text(&self) -> String;
+    fn config(&self) -> ConfigView;
+    /// Validates `text` (YAML or JSON) and, unless `dry_run`, applies it.
+    /// `if_match`: apply only if this generation is still running.
+    fn apply_config(
+        &self,
+        text: String,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
+    /// Re-reads the config file and applies it.
+    fn reload_file(&self) -> impl Future<Output = Result<Applied, ControlError>> + Send;
+    fn pools(&self) -> Vec<PoolView>;
+    /// Drain (no new sessions, existing ones finish) or re-enable a backend.
+    fn set_backend_draining(
+        &self,
+        pool: &str,
+        backend: &str,
+        draining: bool,
+    ) -> Result<BackendView, ControlError>;
+    /// Sets a route's pool weights (blue-green).
+    fn set_split(
+        &self,
+        route: &str,
+        split: Vec<SplitWeight>,
+        if_match: Option<u64>,
+    ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
+    /// Drains the whole replica, as on SIGTERM.
+    fn drain(&self);
+    /// Counts one control request (bounded labels: the route template).
+    fn observe_request(&self, endpoint: &str, status: u16);
+}

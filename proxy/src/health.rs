@@ -1,0 +1,404 @@
+//! Active health checks, and the watcher that keeps a pool's backend states
+//! current and logged.
+//!
+//! Two kinds of check (`health.type`):
+//! - `agi` (the default, and the safe one): a synthetic FastAGI session. The
+//!   probe sends a whole, well-formed header as a real Asterisk would, for
+//!   the configured script, with a channel (`agiproxy/healthcheck`),
+//!   context (`agiproxy-healthcheck`) and unique id (`agiproxy-probe-N`) by
+//!   which a backend tells a probe from a call; it expects one command line
+//!   within the timeout (matching `expect`, when given), answers it
+//!   `200 result=0` as Asterisk would, then sends `HANGUP`, closes its side
+//!   and reads until the backend closes. A backend that accepts but never
+//!   speaks, closes, resets, or sends something that is not an AGI command
+//!   (or a `failure` line) fails the check.
+//! - `tcp`: a connect, then a close. It kills or wedges fragile FastAGI
+//!   servers (`shared/fastagi-protocol.md`): use it only for backends known
+//!   to survive a connection closed before the header.
+//!
+//! Each backend is checked every `interval`, varied by up to `jitter` either
+//! way so that replicas do not probe in lock-step; the first check comes
+//! within `jitter` of the backend joining the pool.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use agiproxy_config::{HealthCheck, HealthKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::balancer::{stable_hash, BackendLive, CheckResult, Members, PoolShared};
+
+/// How often the watcher looks at the pool: state changes that happen by
+/// the clock alone (a backoff or a slow start running out) are logged
+/// within this, and a new member is checked within this plus `jitter`.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// Asterisk reads commands into an 8192-byte buffer: a longer line is not one.
+const MAX_LINE: usize = 8191;
+
+/// The channel every probe claims, so backends can tell probes from calls.
+pub const PROBE_CHANNEL: &str = "agiproxy/healthcheck";
+/// The context every probe claims.
+pub const PROBE_CONTEXT: &str = "agiproxy-healthcheck";
+/// Every probe's `agi_uniqueid` is this followed by a number.
+pub const PROBE_UNIQUEID_PREFIX: &str = "agiproxy-probe-";
+
+/// AGI commands Asterisk knows, by first word (it matches them without
+/// regard to case); `GET`/`PUT SOUNDFILE` are agiproxy's file transfer.
+const COMMAND_WORDS: &[&str] = &[
+    "ANSWER", "ASYNCAGI", "CHANNEL", "CONTROL", "DATABASE", "EXEC", "GET", "GOSUB", "HANGUP",
+    "NOOP", "PUT", "RECEIVE", "RECORD", "SAY", "SEND", "SET", "SPEECH", "STREAM", "TDD", "VERBOSE",
+    "WAIT",
+];
+
+static PROBES: AtomicU64 = AtomicU64::new(0);
+
+/// Keeps a pool's state current while its snapshot runs: starts and stops
+/// one check loop per member (when the pool has checks) as the member set
+/// changes, and logs state changes that happen by the clock alone.
+pub(crate) async fn supervise(pool: Arc<PoolShared>) {
+    let name: Arc<str> = Arc::from(pool.name.as_str());
+    let check = pool.config.health.clone().map(Arc::new);
+    let mut probes: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut seen: Option<Arc<Members>> = None;
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = pool.cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let members = pool.members.load_full();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &members)) {
+            if let Some(check) = &check {
+                reconcile(&pool, &name, check, &members, &mut probes);
+            }
+            seen = Some(members.clone());
+        }
+        for b in &members.backends {
+            b.live.note(&name, None);
+        }
+    }
+    for token in probes.values() {
+        token.cancel();
+    }
+}
+
+/// One check loop per member: new members get one, removed ones lose theirs.
+fn reconcile(
+    pool: &PoolShared,
+    name: &Arc<str>,
+    check: &Arc<HealthCheck>,
+    members: &Members,
+    probes: &mut HashMap<SocketAddr, CancellationToken>,
+) {
+    probes.retain(|addr, token| {
+        let keep = members.backends.iter().any(|b| b.addr == *addr);
+        if !keep {
+            token.cancel();
+        }
+        keep
+    });
+    for b in &members.backends {
+        if probes.contains_key(&b.addr) {
+            continue;
+        }
+        let token = pool.cancel.child_token();
+        probes.insert(b.addr, token.clone());
+        tokio::spawn(check_loop(
+            name.clone(),
+            check.clone(),
+            b.live.clone(),
+            token,
+        ));
+    }
+}
+
+/// Checks one backend every `interval` ± `jitter` (start to start) until
+/// cancelled. A check in flight is never cut: it ends politely first.
+async fn check_loop(
+    pool: Arc<str>,
+    check: Arc<HealthCheck>,
+    live: Arc<BackendLive>,
+    cancel: CancellationToken,
+) {
+    let mut next = tokio::time::Instant::now() + jittered(Duration::ZERO, check.jitter, live.addr);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let started = tokio::time::Instant::now();
+        let result = probe(live.addr, &check).await;
+        live.record_check(result, check.rise, check.fall, &pool);
+        next = started + jittered(check.interval, check.jitter, live.addr);
+    }
+}
+
+/// `base` plus a pseudo-random offset in [-jitter, +jitter] (never negative).
+fn jittered(base: Duration, jitter: Duration, addr: SocketAddr) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    let seed = PROBES.load(Ordering::Relaxed) ^ std::process::id() as u64;
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let r = stable_hash(addr.to_string().as_bytes(), seed ^ nanos);
+    let span = jitter.as_micros() as u64 * 2 + 1;
+    let offset = Duration::from_micros(r % span);
+    (base + offset).saturating_sub(jitter)
+}
+
+/// Runs one check against `addr`.
+pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> CheckResult {
+    let started = Instant::now();
+    let outcome = match &check.kind {
+        HealthKind::Tcp => probe_tcp(addr, check.timeout).await,
+        HealthKind::Agi { script, expect } => {
+            probe_agi(addr, script, expect.as_ref(), check.timeout).await
+        }
+    };
+    let (ok, detail) = match outcome {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    CheckResult {
+        ok,
+        latency: started.elapsed(),
+        at: SystemTime::now(),
+        detail,
+    }
+}
+
+async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<TcpStream, String> {
+    match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err("connect refused".to_string())
+        }
+        Ok(Err(e)) => Err(format!("connect failed: {e}")),
+        Err(_) => Err("connect timed out".to_string()),
+    }
+}
+
+async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = connect(addr, deadline).await?;
+    drop(stream);
+    Ok("connected".to_string())
+}
+
+/// The header of probe number `seq`: the variables a real Asterisk sends,
+/// in its order, with values that mark it as a probe.
+pub fn probe_header(addr: SocketAddr, script: &str, seq: u64) -> Vec<u8> {
+    let version = env!("CARGO_PKG_VERSION");
+    let vars: [(&str, String); 22] = [
+        ("agi_network", "yes".into()),
+        ("agi_network_script", script.into()),
+        ("agi_request", format!("agi://{addr}/{script}")),
+        ("agi_channel", PROBE_CHANNEL.into()),
+        ("agi_language", "en".into()),
+        ("agi_type", "agiproxy".into()),
+        ("agi_uniqueid", format!("{PROBE_UNIQUEID_PREFIX}{seq}")),
+        ("agi_version", format!("agiproxy-{version}")),
+        ("agi_callerid", "unknown".into()),
+        ("agi_calleridname", "agiproxy healthcheck".into()),
+        ("agi_callingpres", "0".into()),
+        ("agi_callingani2", "0".into()),
+        ("agi_callington", "0".into()),
+        ("agi_callingtns", "0".into()),
+        ("agi_dnid", "unknown".into()),
+        ("agi_rdnis", "unknown".into()),
+        ("agi_context", PROBE_CONTEXT.into()),
+        ("agi_extension", "s".into()),
+        ("agi_priority", "1".into()),
+        ("agi_enhanced", "0.0".into()),
+        ("agi_accountcode", String::new()),
+        ("agi_threadid", "0".into()),
+    ];
+    let mut out = Vec::with_capacity(640);
+    for (name, value) in vars {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out
+}
+
+async fn probe_agi(
+    addr: SocketAddr,
+    script: &str,
+    expect: Option<&regex::Regex>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut stream = connect(addr, deadline).await?;
+    let _ = stream.set_nodelay(true);
+    let seq = PROBES.fetch_add(1, Ordering::Relaxed) + 1;
+    let header = probe_header(addr, script, seq);
+    // A header is far smaller than a socket buffer: this fails only when
+    // the backend is already gone.
+    if let Err(e) = stream.write_all(&header).await {
+        return Err(format!("closed before taking the header: {e}"));
+    }
+    let mut buf = Vec::with_capacity(256);
+    let line = loop {
+        if let Some(end) = memchr::memchr(b'\n', &buf) {
+            break buf[..end].to_vec();
+        }
+        if buf.len() > MAX_LINE {
+            crate::connect::close_politely(stream);
+            return Err(format!(
+                "sent {} bytes without a newline: not an AGI command",
+                buf.len()
+            ));
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => {
+                crate::connect::close_politely(stream);
+                return Err(format!("no command within {}", humantime_ms(timeout)));
+            }
+            Ok(Ok(0)) => {
+                crate::connect::close_politely(stream);
+                return Err("closed without sending a command".to_string());
+            }
+            Ok(Err(e)) => return Err(format!("connection failed before a command: {e}")),
+            Ok(Ok(_)) => {}
+        }
+    };
+    let verdict = judge(&line, expect);
+    if matches!(verdict, Ok(_) | Err(Judged::Mismatch(_))) {
+        // A command: answered as Asterisk would, so the backend's script
+        // sees the reply it waits for before it reads the HANGUP.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(100),
+            stream.write_all(b"200 result=0\n"),
+        )
+        .await;
+    }
+    crate::connect::close_politely(stream);
+    match verdict {
+        Ok(command) => Ok(format!("first command {command:?}")),
+        Err(Judged::Mismatch(m) | Judged::Bad(m)) => Err(m),
+    }
+}
+
+fn humantime_ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+enum Judged {
+    /// A command, but not the one `expect` asks for.
+    Mismatch(String),
+    /// Not a command at all, or a `failure` line.
+    Bad(String),
+}
+
+/// Whether a backend's first line is a well-formed AGI command (matching
+/// `expect` when given). A trailing `\r` is tolerated, as the relay
+/// tolerates it for calls.
+fn judge(line: &[u8], expect: Option<&regex::Regex>) -> Result<String, Judged> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let shown = || {
+        let text = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+        format!("{text:?}")
+    };
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(Judged::Bad(format!(
+            "sent {} (not text): not an AGI command",
+            shown()
+        )));
+    };
+    if text.len() >= 7 && text[..7].eq_ignore_ascii_case("failure") {
+        return Err(Judged::Bad(format!("answered {}", shown())));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(Judged::Bad(format!(
+            "sent {} (control characters): not an AGI command",
+            shown()
+        )));
+    }
+    let first = text.split_ascii_whitespace().next().unwrap_or("");
+    if !COMMAND_WORDS.iter().any(|w| w.eq_ignore_ascii_case(first)) {
+        return Err(Judged::Bad(format!("sent {}: not an AGI command", shown())));
+    }
+    if let Some(re) = expect {
+        if !re.is_match(text) {
+            return Err(Judged::Mismatch(format!(
+                "first command {} does not match expect {:?}",
+                shown(),
+                re.as_str()
+            )));
+        }
+    }
+    Ok(text.chars().take(80).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_headers_look_like_asterisk_and_say_probe() {
+        let h = probe_header("127.0.0.1:4573".parse().unwrap(), "healthz", 7);
+        let text = String::from_utf8(h).unwrap();
+        assert!(text.starts_with(
+            "agi_network: yes\nagi_network_script: healthz\nagi_request: agi://127.0.0.1:4573/healthz\nagi_channel: agiproxy/healthcheck\n"
+        ));
+        assert!(text.contains("\nagi_uniqueid: agiproxy-probe-7\n"));
+        assert!(text.contains("\nagi_context: agiproxy-healthcheck\n"));
+        assert!(text.contains("\nagi_accountcode: \n"));
+        assert!(text.ends_with("agi_threadid: 0\n\n"));
+        assert_eq!(text.matches('\n').count(), 23);
+        let v6 = probe_header("[::1]:4573".parse().unwrap(), "h?x=1", 1);
+        assert!(String::from_utf8(v6)
+            .unwrap()
+            .contains("agi_request: agi://[::1]:4573/h?x=1\n"));
+    }
+
+    #[test]
+    fn first_lines_are_judged() {
+        assert_eq!(judge(b"NOOP", None).ok().as_deref(), Some("NOOP"));
+        assert!(judge(b"verbose \"ok\" 1\r", None).is_ok());
+        assert!(matches!(judge(b"FAILURE", None), Err(Judged::Bad(_))));
+        assert!(matches!(
+            judge(b"HTTP/1.1 400 Bad Request", None),
+            Err(Judged::Bad(_))
+        ));
+        assert!(matches!(judge(b"\x00\xff\x01", None), Err(Judged::Bad(_))));
+        assert!(matches!(judge(b"NOOP\x1b[31m", None), Err(Judged::Bad(_))));
+        assert!(matches!(judge(b"", None), Err(Judged::Bad(_))));
+        let re = regex::Regex::new("^VERBOSE").unwrap();
+        assert!(matches!(
+            judge(b"NOOP", Some(&re)),
+            Err(Judged::Mismatch(_))
+        ));
+        assert!(judge(b"VERBOSE \"up\" 1", Some(&re)).is_ok());
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        for _ in 0..200 {
+            let d = jittered(Duration::from_millis(100), Duration::from_millis(10), addr);
+            assert!(
+                d >= Duration::from_millis(90) && d <= Duration::from_millis(110),
+                "{d:?}"
+            );
+            let first = jittered(Duration::ZERO, Duration::from_millis(10), addr);
+            assert!(first <= Duration::from_millis(10));
+        }
+    }
+}
