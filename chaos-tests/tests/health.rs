@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use agiproxy::balancer::{BackendState, BackendStatus};
 use agiproxy::{Outcome, SessionRecord};
-use chaos_tests::{AgiStatus, Behaviour, FakeBackend};
+use chaos_tests::{AgiStatus, Behaviour, FakeBackend, Reply};
 use common::*;
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -374,10 +374,15 @@ async fn a_thousand_sessions_while_a_backend_is_killed_and_restarted() {
                 let mut outs = Vec::new();
                 for i in 0..PER_WORKER {
                     let script = format!("s/{w}/{i}");
-                    let out = caller(&script, &format!("{w}.{i}")).run(addr).await;
+                    // Each command "runs" 10 ms: sessions are in flight
+                    // on the victim when it is killed.
+                    let out = caller(&script, &format!("{w}.{i}"))
+                        .reply_with(|_| Reply::ok().after(Duration::from_millis(10)))
+                        .run(addr)
+                        .await;
                     outs.push((script, out, started.elapsed()));
                     done.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(35)).await;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
                 }
                 outs
             })
@@ -435,6 +440,19 @@ async fn a_thousand_sessions_while_a_backend_is_killed_and_restarted() {
         on_victim_after > 0,
         "never readmitted (killed at {killed_at:?})"
     );
+    let on_victim_before = outs
+        .iter()
+        .filter(|(s, _, at)| *at < killed_at && by_script[s.as_str()].backend == Some(victim))
+        .count();
+    assert!(
+        on_victim_before > 0,
+        "the victim served nothing before the kill"
+    );
+    let retried = recs.iter().filter(|r| r.attempts > 1).count();
+    eprintln!(
+        "victim: {on_victim_before} sessions before the kill, {on_victim_after} after the restart; \
+         {cut} cut by the kill ({in_flight_at_kill} in flight), {retried} retried before commit"
+    );
 
     // The counters add up: per backend, sessions committed = records.
     let st = states(&p, "p");
@@ -451,15 +469,18 @@ async fn a_thousand_sessions_while_a_backend_is_killed_and_restarted() {
         .map(|b| b.stats().headers().iter().filter(|h| !is_probe(h)).count())
         .sum();
     assert!(calls_seen >= 1000, "{calls_seen}");
+    // And the proxy's own metric agrees (summed over whatever labels it has).
     let m = p.server.metrics().render();
     let completed = recs
         .iter()
         .filter(|r| r.outcome == Outcome::Completed)
-        .count();
-    assert!(
-        m.contains(&format!(
-            "agiproxy_sessions_total{{outcome=\"completed\"}} {completed}"
-        )),
-        "{m}"
-    );
+        .count() as u64;
+    let metric: u64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("agiproxy_sessions_total{") && l.contains("outcome=\"completed\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(metric, completed, "{m}");
 }

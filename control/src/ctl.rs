@@ -127,6 +127,37 @@ pub trait ClusterResolver {
     ) -> impl Future<Output = Result<Vec<SocketAddr>, String>>;
 }
 
+/// One request, sent to every replica.
+struct Call<'a> {
+    method: &'a str,
+    path: String,
+    body: Option<Vec<u8>>,
+    headers: Vec<(&'a str, String)>,
+}
+
+impl<'a> Call<'a> {
+    fn new(
+        method: &'a str,
+        path: impl Into<String>,
+        body: Option<Vec<u8>>,
+        headers: Vec<(&'a str, String)>,
+    ) -> Self {
+        Call {
+            method,
+            path: path.into(),
+            body,
+            headers,
+        }
+    }
+}
+
+/// Whether the replicas run the same config after a change.
+struct Convergence {
+    same: bool,
+    /// Each replica and the hash it reported (None: no answer).
+    hashes: Vec<(String, Option<String>)>,
+}
+
 /// One replica's answer.
 #[derive(Debug, Serialize)]
 struct Reply {
@@ -179,70 +210,74 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         tls,
         timeout: args.timeout,
     };
-    let (method, path, body, headers): (&str, String, Option<Vec<u8>>, Vec<(&str, String)>) =
-        match &args.command {
-            CtlCommand::Status => ("GET", "/v1/status".into(), None, vec![]),
-            CtlCommand::Config(ConfigCommand::Get) => ("GET", "/v1/config".into(), None, vec![]),
-            CtlCommand::Config(ConfigCommand::Apply {
-                file,
-                dry_run,
-                if_match,
-            }) => {
-                let text =
-                    std::fs::read(file).map_err(|e| format!("-f {}: {e}", file.display()))?;
-                let mut headers = vec![("content-type", "application/yaml".to_string())];
-                if let Some(g) = if_match {
-                    headers.push(("if-match", g.to_string()));
-                }
-                (
-                    "PUT",
-                    format!("/v1/config?dry_run={dry_run}"),
-                    Some(text),
-                    headers,
-                )
+    let Call {
+        method,
+        path,
+        body,
+        headers,
+    } = match &args.command {
+        CtlCommand::Status => Call::new("GET", "/v1/status", None, vec![]),
+        CtlCommand::Config(ConfigCommand::Get) => Call::new("GET", "/v1/config", None, vec![]),
+        CtlCommand::Config(ConfigCommand::Apply {
+            file,
+            dry_run,
+            if_match,
+        }) => {
+            let text = std::fs::read(file).map_err(|e| format!("-f {}: {e}", file.display()))?;
+            let mut headers = vec![("content-type", "application/yaml".to_string())];
+            if let Some(g) = if_match {
+                headers.push(("if-match", g.to_string()));
             }
-            CtlCommand::Reload => ("POST", "/v1/reload".into(), None, vec![]),
-            CtlCommand::Pools { pool: None } => ("GET", "/v1/pools".into(), None, vec![]),
-            CtlCommand::Pools { pool: Some(p) } => ("GET", format!("/v1/pools/{p}"), None, vec![]),
-            CtlCommand::Drain { pool, backend } => (
-                "POST",
-                format!("/v1/pools/{pool}/backends/{backend}/drain"),
-                None,
-                vec![],
-            ),
-            CtlCommand::Enable { pool, backend } => (
-                "POST",
-                format!("/v1/pools/{pool}/backends/{backend}/enable"),
-                None,
-                vec![],
-            ),
-            CtlCommand::Split { route, weights } => {
-                let split = weights
-                    .iter()
-                    .map(|w| {
-                        let (pool, weight) = w
-                            .split_once('=')
-                            .ok_or_else(|| format!("{w:?}: write POOL=WEIGHT"))?;
-                        let weight = weight
-                            .parse()
-                            .map_err(|_| format!("{w:?}: the weight must be a whole number"))?;
-                        Ok(SplitWeight {
-                            pool: pool.to_string(),
-                            weight,
-                        })
+            Call::new(
+                "PUT",
+                format!("/v1/config?dry_run={dry_run}"),
+                Some(text),
+                headers,
+            )
+        }
+        CtlCommand::Reload => Call::new("POST", "/v1/reload", None, vec![]),
+        CtlCommand::Pools { pool: None } => Call::new("GET", "/v1/pools", None, vec![]),
+        CtlCommand::Pools { pool: Some(p) } => {
+            Call::new("GET", format!("/v1/pools/{p}"), None, vec![])
+        }
+        CtlCommand::Drain { pool, backend } => Call::new(
+            "POST",
+            format!("/v1/pools/{pool}/backends/{backend}/drain"),
+            None,
+            vec![],
+        ),
+        CtlCommand::Enable { pool, backend } => Call::new(
+            "POST",
+            format!("/v1/pools/{pool}/backends/{backend}/enable"),
+            None,
+            vec![],
+        ),
+        CtlCommand::Split { route, weights } => {
+            let split = weights
+                .iter()
+                .map(|w| {
+                    let (pool, weight) = w
+                        .split_once('=')
+                        .ok_or_else(|| format!("{w:?}: write POOL=WEIGHT"))?;
+                    let weight = weight
+                        .parse()
+                        .map_err(|_| format!("{w:?}: the weight must be a whole number"))?;
+                    Ok(SplitWeight {
+                        pool: pool.to_string(),
+                        weight,
                     })
-                    .collect::<Result<Vec<_>, String>>()?;
-                let body =
-                    serde_json::to_vec(&SplitRequest { split }).map_err(|e| e.to_string())?;
-                (
-                    "PUT",
-                    format!("/v1/routes/{route}/split"),
-                    Some(body),
-                    vec![("content-type", "application/json".into())],
-                )
-            }
-            CtlCommand::DrainReplica => ("POST", "/v1/drain".into(), None, vec![]),
-        };
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let body = serde_json::to_vec(&SplitRequest { split }).map_err(|e| e.to_string())?;
+            Call::new(
+                "PUT",
+                format!("/v1/routes/{route}/split"),
+                Some(body),
+                vec![("content-type", "application/json".into())],
+            )
+        }
+        CtlCommand::DrainReplica => Call::new("POST", "/v1/drain", None, vec![]),
+    };
     let replies = fan_out(&client, &targets, method, &path, &headers, body).await;
     let mut code = if replies.iter().all(|r| r.ok) { 0 } else { 1 };
 
@@ -267,14 +302,14 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             })
             .collect();
         let all_same = hashes.iter().all(|h| h.is_some() && *h == hashes[0]);
-        converged = Some((
-            all_same,
-            statuses
+        converged = Some(Convergence {
+            same: all_same,
+            hashes: statuses
                 .iter()
                 .zip(&hashes)
                 .map(|(r, h)| (r.replica.clone(), h.clone()))
-                .collect::<Vec<_>>(),
-        ));
+                .collect(),
+        });
         if !all_same {
             code = 1;
         }
@@ -400,14 +435,10 @@ async fn fan_out(
     futures_util::future::join_all(calls).await
 }
 
-fn print(
-    args: &CtlArgs,
-    replies: &[Reply],
-    converged: Option<&(bool, Vec<(String, Option<String>)>)>,
-) {
+fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
     if args.output == Output::Json {
         let mut doc = serde_json::json!({ "replicas": replies });
-        if let Some((same, hashes)) = converged {
+        if let Some(Convergence { same, hashes }) = converged {
             doc["converged"] = serde_json::json!(same);
             doc["hashes"] = serde_json::json!(hashes
                 .iter()
@@ -435,7 +466,7 @@ fn print(
         let Some(body) = &r.body else { continue };
         print_table(&args.command, body);
     }
-    if let Some((same, hashes)) = converged {
+    if let Some(Convergence { same, hashes }) = converged {
         if *same {
             println!(
                 "converged: all {} replicas run config {}",

@@ -329,16 +329,16 @@ struct DryRun {
 }
 
 /// `If-Match: <generation>` (quotes allowed, as for an ETag).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Response> {
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
     let text = v.to_str().unwrap_or("").trim().trim_matches('"');
     text.parse().map(Some).map_err(|_| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("If-Match: {text:?} is not a generation number"),
-        )
+        ))
     })
 }
 
@@ -350,7 +350,7 @@ async fn config_put<P: ControlPlane>(
 ) -> Response {
     let expect = match if_match(&headers) {
         Ok(g) => g,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     match ctx.plane.apply_config(body, q.dry_run, expect).await {
         Ok(applied) => Json(applied).into_response(),
@@ -404,16 +404,18 @@ async fn split<P: ControlPlane>(
 ) -> Response {
     let expect = match if_match(&headers) {
         Ok(g) => g,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let req: SplitRequest = match serde_json::from_str(&body) {
         Ok(r) => r,
-        Err(e) => return error(
-            StatusCode::BAD_REQUEST,
-            format!(
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
                 "body: {e}; expected {{\"split\": [{{\"pool\": \"blue\", \"weight\": 90}}, ...]}}"
             ),
-        ),
+            )
+        }
     };
     match ctx.plane.set_split(&route, req.split, expect).await {
         Ok(applied) => Json(applied).into_response(),

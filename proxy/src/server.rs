@@ -256,6 +256,9 @@ impl Server {
         let bound = bind_all(&config, &kept)?;
         let meta = ConfigMeta::new(generation + 1, source, Arc::from(text));
         let next = Arc::new(Snapshot::build(config, meta, Some(&current)));
+        if next.config.control != current.config.control {
+            tracing::warn!("the control block changed; it takes effect at the next restart");
+        }
         let old = self.shared.snapshot.swap(next.clone());
         next.activate();
         old.retire();

@@ -25,6 +25,8 @@ use agiproxy_config::Mode;
 pub struct SessionRecord {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
+    /// Generation of the config snapshot the session ran on.
+    pub generation: u64,
     /// `agi_network_script` as Asterisk sent it.
     pub script: String,
     pub route: Option<String>,
@@ -44,10 +46,11 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
-    fn new(peer: SocketAddr, listener: Arc<str>) -> SessionRecord {
+    fn new(peer: SocketAddr, listener: Arc<str>, generation: u64) -> SessionRecord {
         SessionRecord {
             peer,
             listener,
+            generation,
             script: String::new(),
             route: None,
             pool: None,
@@ -72,6 +75,7 @@ impl SessionRecord {
             target: "agiproxy::access",
             peer = %self.peer,
             listener = %self.listener,
+            generation = self.generation,
             script = %self.script,
             route = self.route.as_deref().unwrap_or("-"),
             pool = self.pool.as_deref().unwrap_or("-"),
@@ -100,7 +104,7 @@ pub async fn serve(
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    let mut rec = SessionRecord::new(peer, listener);
+    let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
     run(&shared, &snap, &mut a, &mut rec).await;
     rec.duration = started.elapsed();
     finish(&shared, rec);
@@ -284,7 +288,7 @@ pub async fn reject_overloaded(
     peer: SocketAddr,
 ) {
     let started = Instant::now();
-    let mut rec = SessionRecord::new(peer, listener);
+    let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
     let cfg = &snap.config;
     let limits = HeaderLimits {
         max_bytes: cfg.limits.max_header_bytes,

@@ -1,0 +1,256 @@
+//! DNS discovery against a DNS server on loopback that the test controls:
+//! A and SRV changes follow within one TTL, sessions in flight on a removed
+//! backend are untouched, SERVFAIL keeps the last good set, SRV priority and
+//! weight are honoured.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
+use common::*;
+
+/// The TTL the records are served with, in seconds.
+const TTL: u32 = 1;
+/// A change must show within one TTL (plus this, for the lookup itself and
+/// the scheduler of a loaded 2-core machine).
+const SLACK: Duration = Duration::from_millis(600);
+
+fn members(p: &Proxy) -> BTreeSet<SocketAddr> {
+    p.server
+        .snapshot()
+        .pool("p")
+        .expect("pool p")
+        .snapshot_state()
+        .into_iter()
+        .map(|s| s.address)
+        .collect()
+}
+
+async fn wait_members(p: &Proxy, want: &BTreeSet<SocketAddr>, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if members(p) == *want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "members {:?}, want {want:?}, not within {within:?}",
+            members(p)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Three backends on 127.0.0.1, .2 and .3, all on the same port.
+async fn three_on_one_port(behaviour: Behaviour) -> Vec<FakeBackend> {
+    for _ in 0..10 {
+        let first = FakeBackend::start(behaviour.clone()).await;
+        let port = first.addr().port();
+        let mut all = vec![first];
+        for host in [2u8, 3] {
+            let addr = SocketAddr::from(([127, 0, 0, host], port));
+            match FakeBackend::start_on(addr, behaviour.clone()).await {
+                Ok(b) => all.push(b),
+                Err(_) => break,
+            }
+        }
+        if all.len() == 3 {
+            return all;
+        }
+    }
+    panic!("no port free on 127.0.0.1, .2 and .3 at once")
+}
+
+fn dns_block(dns: &FakeDns) -> String {
+    // Only the loopback FakeDns is asked: never the system's resolver.
+    format!(
+        "dns: {{ nameservers: [\"{}\"], min_ttl: 200ms, max_ttl: 10s, timeout: 500ms }}\n",
+        dns.addr()
+    )
+}
+
+fn ips(hosts: &[u8]) -> Vec<IpAddr> {
+    hosts
+        .iter()
+        .map(|h| IpAddr::from([127, 0, 0, *h]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changes_follow_within_a_ttl_and_servfail_keeps_the_last_good_set() {
+    let backends = three_on_one_port(Behaviour::script(&["EXEC Wait 1"])).await;
+    let port = backends[0].addr().port();
+    let addr = |i: usize| backends[i].addr();
+    let dns = FakeDns::start().await;
+    dns.set_addrs("ivr.test", &ips(&[1, 2]), TTL);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: round_robin\n    backends:\n      - {{ address: \"ivr.test:{port}\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    wait_members(&p, &[addr(0), addr(1)].into(), Duration::from_secs(3)).await;
+
+    // Two long calls (each command "runs" 3 s): round robin puts one on
+    // each backend.
+    let mut rx = p.server.subscribe();
+    let long = |uid: &'static str| {
+        let a = p.addr;
+        tokio::spawn(async move {
+            caller("ivr/long", uid)
+                .reply_with(|_| Reply::ok().after(Duration::from_millis(3000)))
+                .run(a)
+                .await
+        })
+    };
+    let long1 = long("1.1");
+    let long2 = long("1.2");
+    let first = Instant::now();
+    let wait_active = Instant::now();
+    while backends[0].stats().active() + backends[1].stats().active() < 2 {
+        assert!(
+            wait_active.elapsed() < Duration::from_secs(2),
+            "long calls not attached"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // 127.0.0.1 leaves, 127.0.0.3 joins: within one TTL.
+    dns.set_addrs("ivr.test", &ips(&[2, 3]), TTL);
+    let took = wait_members(&p, &[addr(1), addr(2)].into(), Duration::from_secs(5)).await;
+    assert!(
+        took <= Duration::from_secs(TTL.into()) + SLACK,
+        "the change took {took:?}"
+    );
+    // The removed backend's session is still running, untouched.
+    assert_eq!(backends[0].stats().active(), 1);
+    assert!(first.elapsed() < Duration::from_millis(3000));
+
+    // New calls go to the new set only.
+    let mut seen = BTreeSet::new();
+    for i in 0..6 {
+        let out = caller("ivr/short", &format!("2.{i}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+        let rec = next_record(&mut rx).await;
+        seen.insert(rec.backend.unwrap());
+    }
+    assert_eq!(seen, [addr(1), addr(2)].into());
+    for call in [long1, long2] {
+        let out = call.await.unwrap();
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+        assert_eq!(out.commands, vec!["EXEC Wait 1"]);
+    }
+    // Both long sessions ran to their end, the removed backend's included.
+    assert!(
+        backends[0]
+            .stats()
+            .wait_completed(1, Duration::from_secs(3))
+            .await
+    );
+    let log = &backends[0].stats().sessions()[0];
+    assert_eq!(log.replies, vec!["200 result=0".to_string()]);
+
+    // SERVFAIL: the last good set stays, the failures are counted.
+    let status = |p: &Proxy| p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    let before = status(&p);
+    assert_eq!(before.failures, 0);
+    dns.set_servfail(true);
+    tokio::time::sleep(Duration::from_secs(u64::from(TTL) * 2) + SLACK).await;
+    assert_eq!(members(&p), [addr(1), addr(2)].into());
+    let during = status(&p);
+    assert!(during.failures >= 1, "{during:?}");
+    assert!(
+        during
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("ivr.test"),
+        "{during:?}"
+    );
+    for i in 0..4 {
+        let out = caller("ivr/short", &format!("3.{i}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    }
+
+    // Back to normal, and a removal of everything but one follows again.
+    dns.set_servfail(false);
+    dns.set_addrs("ivr.test", &ips(&[3]), TTL);
+    wait_members(&p, &[addr(2)].into(), Duration::from_secs(4)).await;
+    assert!(dns.queries() >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_priority_and_weight_are_honoured_and_changes_follow() {
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(FakeBackend::start(Behaviour::script(&["NOOP"])).await);
+    }
+    let port = |i: usize| backends[i].addr().port();
+    let addr = |i: usize| backends[i].addr();
+    let dns = FakeDns::start().await;
+    dns.set_addrs("a.ivr.test", &ips(&[1]), TTL);
+    let srv = "_agi._tcp.ivr.test";
+    // Priority 10: weights 3 and 1. Priority 20: a standby.
+    dns.set_srv(
+        srv,
+        &[
+            SrvRecord::new(10, 3, port(0), "a.ivr.test"),
+            SrvRecord::new(10, 1, port(1), "a.ivr.test"),
+            SrvRecord::new(20, 1, port(2), "a.ivr.test"),
+        ],
+        TTL,
+    );
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: weighted\n    backends:\n      - {{ srv: \"{srv}\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    wait_members(
+        &p,
+        &[addr(0), addr(1), addr(2)].into(),
+        Duration::from_secs(3),
+    )
+    .await;
+    let state = p.server.snapshot().pool("p").unwrap().snapshot_state();
+    let by_addr: HashMap<SocketAddr, _> = state.iter().map(|s| (s.address, s)).collect();
+    assert_eq!((by_addr[&addr(0)].weight, by_addr[&addr(0)].tier), (3, 0));
+    assert_eq!((by_addr[&addr(1)].weight, by_addr[&addr(1)].tier), (1, 0));
+    assert_eq!(by_addr[&addr(2)].tier, 1);
+    assert_eq!(by_addr[&addr(0)].source, format!("srv {srv}"));
+
+    let mut rx = p.server.subscribe();
+    let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+    for i in 0..200 {
+        let out = caller("x", &format!("1.{i}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+        *counts
+            .entry(next_record(&mut rx).await.backend.unwrap())
+            .or_default() += 1;
+    }
+    let c = |i: usize| counts.get(&addr(i)).copied().unwrap_or(0);
+    assert!((140..=160).contains(&c(0)), "{counts:?}");
+    assert!((40..=60).contains(&c(1)), "{counts:?}");
+    assert_eq!(c(2), 0, "the priority-20 standby got calls: {counts:?}");
+
+    // The priority-10 backends die: the standby takes the calls.
+    backends[0].stop().await;
+    backends[1].stop().await;
+    for i in 0..10 {
+        let out = caller("x", &format!("2.{i}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+        assert_eq!(next_record(&mut rx).await.backend, Some(addr(2)));
+    }
+
+    // The SRV set changes: within one TTL.
+    dns.set_srv(srv, &[SrvRecord::new(5, 1, port(2), "a.ivr.test")], TTL);
+    let took = wait_members(&p, &[addr(2)].into(), Duration::from_secs(5)).await;
+    assert!(
+        took <= Duration::from_secs(TTL.into()) + SLACK,
+        "the change took {took:?}"
+    );
+    let status = p.server.snapshot().pool("p").unwrap().status();
+    assert_eq!(status.discovery[0].addresses, vec![addr(2)]);
+    assert_eq!(status.discovery[0].ttl, Duration::from_secs(TTL.into()));
+}

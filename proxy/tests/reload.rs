@@ -1,0 +1,370 @@
+//! Config changes on the real binary: a ConfigMap-style symlink swap picked
+//! up by the file watcher, invalid configs through the file, SIGHUP and the
+//! API all refused with the old config kept, `If-Match` with a stale
+//! generation, and `ctl --cluster` across three replicas found through a
+//! DNS server on loopback.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chaos_tests::dns::FakeDns;
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+
+const TOKEN: &str = "reload-test-token";
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(control: &str, route_pool: &str, a: SocketAddr, b: SocketAddr) -> String {
+    format!(
+        "version: 1\ncontrol:\n{control}\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: all\n    pool: {route_pool}\npools:\n  - name: a\n    backends: [{{ address: \"{a}\" }}]\n  - name: b\n    backends: [{{ address: \"{b}\" }}]\n"
+    )
+}
+
+/// A directory laid out like a mounted Kubernetes ConfigMap.
+struct ConfigMap {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMap {
+    fn new(text: &str) -> ConfigMap {
+        let dir = std::env::temp_dir().join(format!(
+            "agiproxy-cm-{}-{}",
+            std::process::id(),
+            free_port("127.0.0.1")
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cm = ConfigMap { dir, version: 0 };
+        cm.update(text);
+        std::os::unix::fs::symlink("..data/agiproxy.yaml", cm.path()).unwrap();
+        cm
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("agiproxy.yaml")
+    }
+
+    /// What the kubelet does: write a new timestamped directory, point a
+    /// temporary symlink at it, and rename it over `..data` atomically.
+    fn update(&mut self, text: &str) {
+        self.version += 1;
+        let data = format!("..v{}", self.version);
+        std::fs::create_dir_all(self.dir.join(&data)).unwrap();
+        std::fs::write(self.dir.join(&data).join("agiproxy.yaml"), text).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&data, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+impl Drop for ConfigMap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(config: &Path) -> Proxy {
+    Proxy(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "--log-level", "warn", "-c"])
+            .arg(config)
+            .env("AGIPROXY_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn ctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .arg("ctl")
+        .args(args)
+        .env("AGIPROXY_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
+fn status(api: &str) -> Option<serde_json::Value> {
+    let out = ctl(&["--url", api, "--output", "json", "status"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    doc["replicas"][0]["body"]
+        .as_object()
+        .map(|o| serde_json::Value::Object(o.clone()))
+}
+
+/// Waits until the replica's generation is `g` (or the time runs out).
+fn wait_generation(api: &str, g: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = status(api)
+            .and_then(|s| s["generation"].as_u64())
+            .unwrap_or(0);
+        if now == g || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(api: &str, needle: &str) -> u64 {
+    let addr = api.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Places one call through the replica whose control API is `api`.
+async fn call_through(api: &str) {
+    let st = status(api).unwrap();
+    let addr: SocketAddr = st["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let b = FakeAsterisk::new().header(AgiHeader::realistic("ivr/main", &[], "1.1"));
+    let out = b.run(addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_watch_sighup_and_api_refuse_invalid_configs() {
+    let a = FakeBackend::start(Behaviour::script(&["VERBOSE \"from a\" 1"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["VERBOSE \"from b\" 1"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let mut cm = ConfigMap::new(&config(&control, "a", a.addr(), b.addr()));
+    let _proxy = start(&cm.path());
+    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+    call_through(&api).await;
+    assert_eq!(a.stats().accepted(), 1);
+
+    // A ConfigMap update (atomic symlink swap) is picked up by the watcher.
+    cm.update(&config(&control, "b", a.addr(), b.addr()));
+    assert_eq!(wait_generation(&api, 2, Duration::from_secs(5)), 2);
+    call_through(&api).await;
+    assert_eq!(b.stats().accepted(), 1);
+
+    // An invalid file: refused, generation 2 keeps serving.
+    let invalid = config(&control, "nope", a.addr(), b.addr());
+    cm.update(&invalid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&api, "agiproxy_config_reloads_total{result=\"invalid\"}") < 1 {
+        assert!(Instant::now() < deadline, "the invalid file was not seen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&api).unwrap()["generation"], 2);
+    assert_eq!(status(&api).unwrap()["differs_from_file"], true);
+
+    // SIGHUP re-reads the (still invalid) file: refused again.
+    let pid = _proxy.0.id() as i32;
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&api, "agiproxy_config_reloads_total{result=\"invalid\"}") < 2 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&api).unwrap()["generation"], 2);
+
+    // The API: refused with every error and its path, non-zero exit.
+    let bad = std::env::temp_dir().join(format!("agiproxy-bad-{port}.yaml"));
+    std::fs::write(&bad, &invalid).unwrap();
+    let out = ctl(&[
+        "--url",
+        &api,
+        "config",
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("routes[0].pool: unknown pool \"nope\""),
+        "{stdout}"
+    );
+    assert_eq!(status(&api).unwrap()["generation"], 2);
+    call_through(&api).await;
+    assert_eq!(b.stats().accepted(), 2, "the old config kept serving");
+
+    // If-Match with a stale generation: 412, nothing changes.
+    let good = std::env::temp_dir().join(format!("agiproxy-good-{port}.yaml"));
+    std::fs::write(&good, config(&control, "a", a.addr(), b.addr())).unwrap();
+    let out = ctl(&[
+        "--url",
+        &api,
+        "config",
+        "apply",
+        "-f",
+        good.to_str().unwrap(),
+        "--if-match",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("412"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ctl(&[
+        "--url",
+        &api,
+        "config",
+        "apply",
+        "-f",
+        good.to_str().unwrap(),
+        "--if-match",
+        "2",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(status(&api).unwrap()["generation"], 3);
+    let _ = std::fs::remove_file(&bad);
+    let _ = std::fs::remove_file(&good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    // One port free on all three addresses.
+    let port = loop {
+        let p = free_port("127.0.0.1");
+        if ips
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
+        {
+            break p;
+        }
+    };
+    let dns = FakeDns::start().await;
+    dns.set_addrs("agiproxy.test.", &ips.map(|ip| ip.parse().unwrap()), 5);
+    let mut dirs = Vec::new();
+    let mut replicas = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        // The third replica takes small request bodies only: it will refuse a big config.
+        let limit = if i == 2 {
+            "\n  max_body_bytes: 1024"
+        } else {
+            ""
+        };
+        let control = format!("  address: \"{ip}:{port}\"\n  token_env: AGIPROXY_TOKEN{limit}");
+        let cm = ConfigMap::new(&config(&control, "a", a.addr(), b.addr()));
+        replicas.push(start(&cm.path()));
+        dirs.push(cm);
+    }
+    for ip in ips {
+        assert_eq!(
+            wait_generation(&format!("http://{ip}:{port}"), 1, Duration::from_secs(10)),
+            1
+        );
+    }
+    let cluster = format!("dns:agiproxy.test:{port}");
+    let dns_server = dns.addr().to_string();
+    // The control block is per replica; the applied config must keep each
+    // one's own, so apply a config without the control block (defaults),
+    // which the replicas all accept: control changes need a restart anyway.
+    let new = std::env::temp_dir().join(format!("agiproxy-cluster-{port}.yaml"));
+    std::fs::write(
+        &new,
+        config("  enabled: true", "b", a.addr(), b.addr())
+            .replace("control:\n  enabled: true\n", ""),
+    )
+    .unwrap();
+    let out = ctl(&[
+        "--cluster",
+        &cluster,
+        "--dns-server",
+        &dns_server,
+        "config",
+        "apply",
+        "-f",
+        new.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("converged: all 3 replicas"), "{stdout}");
+    for ip in ips {
+        assert_eq!(
+            status(&format!("http://{ip}:{port}")).unwrap()["generation"],
+            2
+        );
+    }
+
+    // A config over the third replica's body limit: it refuses (413); ctl
+    // says so, reports that the replicas did not converge, and fails.
+    let padded = format!(
+        "{}# {}\n",
+        std::fs::read_to_string(&new)
+            .unwrap()
+            .replace("pool: b", "pool: a"),
+        "x".repeat(2000)
+    );
+    std::fs::write(&new, padded).unwrap();
+    let out = ctl(&[
+        "--cluster",
+        &cluster,
+        "--dns-server",
+        &dns_server,
+        "--output",
+        "json",
+        "config",
+        "apply",
+        "-f",
+        new.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refused: Vec<&str> = doc["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ok"] == false)
+        .map(|r| r["replica"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused, vec![format!("http://127.0.0.3:{port}")], "{doc}");
+    assert_eq!(doc["replicas"][2]["status"], 413);
+    assert_eq!(doc["converged"], false);
+    let _ = std::fs::remove_file(&new);
+    drop(replicas);
+}
