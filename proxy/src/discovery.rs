@@ -209,7 +209,7 @@ fn record_failure(pool: &PoolShared, k: &str, target: &BackendTarget, error: Str
     d.failures += 1;
     d.failing += 1;
     let failing = d.failing;
-    if failing == 1 || failing % 10 == 0 {
+    if failing == 1 || failing.is_multiple_of(10) {
         tracing::warn!(
             pool = %pool.name,
             name = %target,

@@ -20,8 +20,10 @@ pub enum HeaderError {
     Timeout(Duration),
     #[error("line {0} is not an `agi_name: value` line")]
     Malformed(usize),
-    #[error("connection closed before the blank line that ends the header")]
+    #[error("connection closed before sending anything")]
     Closed,
+    #[error("connection closed before the blank line that ends the header")]
+    Truncated,
     #[error("read error: {0:?}")]
     Io(std::io::ErrorKind),
 }
@@ -35,6 +37,7 @@ impl HeaderError {
             HeaderError::Timeout(_) => "timeout",
             HeaderError::Malformed(_) => "malformed",
             HeaderError::Closed => "closed",
+            HeaderError::Truncated => "truncated",
             HeaderError::Io(_) => "io",
         }
     }
@@ -71,7 +74,7 @@ impl Header {
     /// Parses a complete header (`raw[..]` must end with the blank line;
     /// anything after it is kept as early bytes from Asterisk).
     pub fn parse(raw: Vec<u8>, max_lines: usize) -> Result<Header, HeaderError> {
-        let end = find_end(&raw, 0).ok_or(HeaderError::Closed)?;
+        let end = find_end(&raw, 0).ok_or(HeaderError::Truncated)?;
         let mut vars = Vec::with_capacity(32);
         let mut start = 0;
         let mut line_no = 0;
@@ -238,7 +241,11 @@ pub async fn read_header(
                 .await
                 .map_err(|e| HeaderError::Io(e.kind()))?;
             if n == 0 {
-                return Err(HeaderError::Closed);
+                return Err(if buf.is_empty() {
+                    HeaderError::Closed
+                } else {
+                    HeaderError::Truncated
+                });
             }
             if let Some(_end) = find_end(&buf, checked) {
                 return Header::parse(buf, limits.max_lines);

@@ -388,6 +388,50 @@ mod tests {
         assert!(judge(b"VERBOSE \"up\" 1", Some(&re)).is_ok());
     }
 
+    /// Checks start with `activate` and stop with `retire`; the verdict
+    /// lives on in the next snapshot's pool.
+    #[tokio::test]
+    async fn checks_run_while_active_and_stop_when_retired() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+            }
+        });
+        let text = format!(
+            "version: 1\npools:\n  - name: p\n    health: {{ type: tcp, interval: 50ms, timeout: 40ms, jitter: 5ms }}\n    backends:\n      - {{ address: \"{addr}\" }}\n"
+        );
+        let cfg = agiproxy_config::from_yaml_str(&text).unwrap();
+        let old = crate::balancer::PoolState::new(&cfg.pools[0], None);
+        old.activate();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let n = accepted.load(Ordering::Relaxed);
+        assert!(n >= 5, "{n} checks in 600 ms at a 50 ms interval");
+        let live = old.members().backends[0].live.clone();
+        assert_eq!(live.check_verdict(), Some(true));
+
+        let new = crate::balancer::PoolState::new(&cfg.pools[0], Some(&old));
+        old.retire();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after_retire = accepted.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            after_retire,
+            "a retired pool still checks"
+        );
+
+        new.activate();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(accepted.load(Ordering::Relaxed) > after_retire);
+        assert!(Arc::ptr_eq(&new.members().backends[0].live, &live));
+        new.retire();
+    }
+
     #[test]
     fn jitter_stays_within_bounds() {
         let addr = "127.0.0.1:1".parse().unwrap();

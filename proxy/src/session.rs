@@ -70,6 +70,12 @@ impl SessionRecord {
     }
 
     fn log(&self) {
+        // A connect closed before any header byte is a port probe (a load
+        // balancer's TCP check, a scanner): counted in metrics
+        // (header_errors_total{reason="closed"}), not worth a log line each.
+        if self.header_error == Some("closed") {
+            return;
+        }
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         tracing::info!(
             target: "agiproxy::access",
@@ -264,7 +270,7 @@ async fn bad_header(
         .with_label_values(&[e.reason()])
         .inc();
     match e {
-        HeaderError::Closed | HeaderError::Io(_) => {
+        HeaderError::Closed | HeaderError::Truncated | HeaderError::Io(_) => {
             tracing::debug!(peer = %rec.peer, error = %e, "connection ended before a header")
         }
         _ => tracing::warn!(peer = %rec.peer, error = %e, "refused Asterisk header"),
