@@ -254,3 +254,45 @@ async fn srv_priority_and_weight_are_honoured_and_changes_follow() {
     assert_eq!(status.discovery[0].addresses, vec![addr(2)]);
     assert_eq!(status.discovery[0].ttl, Duration::from_secs(TTL.into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_last_good_dns_set_even_while_dns_fails() {
+    let backends = three_on_one_port(Behaviour::script(&["NOOP"])).await;
+    let port = backends[0].addr().port();
+    let dns = FakeDns::start().await;
+    dns.set_addrs("ivr.test", &ips(&[1, 2]), TTL);
+    let pools = |timeout: &str| {
+        format!(
+            "{}timeouts:\n  first_command: {timeout}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"ivr.test:{port}\" }}\n",
+            dns_block(&dns)
+        )
+    };
+    let p = proxy(&pools("3s")).await;
+    let want: BTreeSet<SocketAddr> = [backends[0].addr(), backends[1].addr()].into();
+    wait_members(&p, &want, Duration::from_secs(3)).await;
+
+    // DNS breaks, then the config changes: the new pool starts with the
+    // last good set, not with nothing.
+    dns.set_servfail(true);
+    let text = format!(
+        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{}",
+        pools("2s")
+    );
+    let before = p.server.snapshot().meta.generation;
+    p.server
+        .apply(&text, "test", false, None)
+        .await
+        .expect("the reload applies");
+    assert_eq!(p.server.snapshot().meta.generation, before + 1);
+    assert_eq!(members(&p), want);
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    // The new pool follows the name: failures are counted, the set stays.
+    tokio::time::sleep(Duration::from_secs(u64::from(TTL)) + SLACK).await;
+    let d = p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    assert!(d.failures >= 1, "{d:?}");
+    assert_eq!(members(&p), want);
+    dns.set_servfail(false);
+    dns.set_addrs("ivr.test", &ips(&[3]), TTL);
+    wait_members(&p, &[backends[2].addr()].into(), Duration::from_secs(4)).await;
+}

@@ -151,3 +151,46 @@ async fn first_command_deadline_fails_over_then_failure() {
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
     assert_eq!(out.commands, vec!["NOOP"]);
 }
+
+#[tokio::test]
+async fn over_max_sessions_gives_failure_not_a_hang() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Wait 1"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "limits:\n  max_sessions: 2\n",
+    ))
+    .await;
+    // Two calls hold the proxy's two session slots.
+    let slow = |i: u32| {
+        let addr = p.addr;
+        tokio::spawn(async move {
+            caller("x", &format!("1.{i}"))
+                .reply_with(|_| chaos_tests::Reply::ok().after(Duration::from_millis(800)))
+                .run(addr)
+                .await
+        })
+    };
+    let (s1, s2) = (slow(1), slow(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.stats().accepted() < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The third is answered at once with FAILURE, its header read first.
+    let out = caller("x", "1.3").run(p.addr).await;
+    assert_failure(&out, "overloaded");
+    assert!(
+        out.elapsed < Duration::from_millis(100),
+        "{:?}",
+        out.elapsed
+    );
+    assert_eq!(s1.await.unwrap().status, AgiStatus::Success);
+    assert_eq!(s2.await.unwrap().status, AgiStatus::Success);
+    // Slots free again: the next call is served.
+    assert_eq!(
+        caller("x", "1.4").run(p.addr).await.status,
+        AgiStatus::Success
+    );
+    assert_eq!(b.stats().accepted(), 3);
+}

@@ -312,3 +312,18 @@ async fn backend_failure_line_passes_through() {
         "the backend's own FAILURE is not the proxy's"
     );
 }
+
+#[tokio::test]
+async fn regression_first_command_deadline_counts_from_the_committing_attempt() {
+    // The first backend stalls past first_command; the second one starts its
+    // first command at once but finishes the line 50 ms later. The deadline
+    // for that line is the second attempt's, not the first one's (which has
+    // passed by then).
+    let stalled = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let split = FakeBackend::start(Behaviour::SplitLines(vec!["NOOP".into()])).await;
+    let t = "timeouts:\n  first_command: 300ms\n";
+    let p = proxy(&one_pool("round_robin", &[stalled.addr(), split.addr()], t)).await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["NOOP"]);
+}

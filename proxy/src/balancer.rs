@@ -542,7 +542,7 @@ impl PoolShared {
     pub(crate) fn rebuild_members(&self) {
         let _serial = lock(&self.live.rebuild);
         let previous = self.members.load_full();
-        let members = build_members(&self.config, &self.live, Some(&previous));
+        let members = build_members(&self.config, &self.live, Some(&previous), true);
         self.members.store(Arc::new(members));
     }
 }
@@ -625,13 +625,10 @@ impl PoolState {
     pub fn new(pool: &Pool, previous: Option<&PoolState>) -> PoolState {
         let live: Arc<PoolLive> = previous.map_or_else(Default::default, |p| p.live.clone());
         let prev_members = previous.map(|p| p.members());
-        let members = build_members(pool, &live, prev_members.as_deref());
-        if pool.health.is_none() {
-            // No checks any more: an old verdict would never be revised.
-            for b in &members.backends {
-                b.live.clear_checks();
-            }
-        }
+        // Building changes nothing that a running pool uses: a snapshot that
+        // is built but never runs (a dry run, a refused reload) leaves no
+        // trace. `activate` applies this config to the carried state.
+        let members = build_members(pool, &live, prev_members.as_deref(), false);
         let shared = Arc::new(PoolShared {
             name: pool.name.clone(),
             config: pool.clone(),
@@ -656,6 +653,15 @@ impl PoolState {
     pub fn activate(&self) {
         if self.activated.swap(true, Ordering::Relaxed) {
             return;
+        }
+        let config = &self.shared.config;
+        let window = config.slow_start.map_or(0, |d| d.as_millis() as u64);
+        for b in &self.members().backends {
+            b.live.ramp_ms.store(window, Ordering::Relaxed);
+            if config.health.is_none() {
+                // No checks any more: an old verdict would never be revised.
+                b.live.clear_checks();
+            }
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(pool = %self.name, "no async runtime: health checks and DNS discovery not started");
@@ -1067,8 +1073,15 @@ impl Drop for PoolState {
 /// last good answer, in config order; an address listed twice is taken
 /// once (its first listing wins). Live state comes from `previous` or the
 /// pool's registry, so a backend keeps it across reloads and DNS changes;
-/// one that DNS adds (after the name's first answer) starts slow.
-pub(crate) fn build_members(pool: &Pool, live: &PoolLive, previous: Option<&Members>) -> Members {
+/// one that DNS adds (after the name's first answer) starts slow. `running`:
+/// the pool serves (a DNS change), so its settings apply to every member;
+/// else only to backends seen for the first time.
+pub(crate) fn build_members(
+    pool: &Pool,
+    live: &PoolLive,
+    previous: Option<&Members>,
+    running: bool,
+) -> Members {
     let window = pool.slow_start.map_or(0, |d| d.as_millis() as u64);
     let now = now_ms();
     let discovered = lock(&live.discovery);
@@ -1103,8 +1116,11 @@ pub(crate) fn build_members(pool: &Pool, live: &PoolLive, previous: Option<&Memb
             let known = was_member
                 .clone()
                 .or_else(|| registry.get(&addr).and_then(Weak::upgrade));
+            let fresh = known.is_none();
             let backend_live = known.unwrap_or_else(|| Arc::new(BackendLive::new(addr)));
-            backend_live.ramp_ms.store(window, Ordering::Relaxed);
+            if running || fresh {
+                backend_live.ramp_ms.store(window, Ordering::Relaxed);
+            }
             if new && was_member.is_none() {
                 backend_live.begin_ramp(now);
             }
@@ -1501,6 +1517,10 @@ mod tests {
             &agiproxy_config::from_yaml_str(without).unwrap().pools[0],
             Some(&b),
         );
+        // Built but not running (a dry run): nothing changes.
+        assert_eq!(live(&c, 0).state(), BackendState::Unhealthy);
+        // Running (no runtime here, so no tasks): the stale verdict goes.
+        c.activate();
         assert_eq!(live(&c, 0).state(), BackendState::Healthy);
         assert_eq!(live(&c, 0).active.load(Ordering::Relaxed), 1);
     }

@@ -21,6 +21,9 @@ pub struct Attached {
     pub attempts: u32,
     pub connect_time: Duration,
     pub first_byte_time: Duration,
+    /// When the committed backend's first command is due: the attempt's own
+    /// deadline (a slow earlier attempt does not shorten it).
+    pub first_command_deadline: tokio::time::Instant,
     /// Bytes Asterisk sent while we searched (normally none; a `HANGUP`).
     pub early: Vec<u8>,
 }
@@ -146,6 +149,7 @@ pub async fn attach(
                     attempts,
                     connect_time,
                     first_byte_time: started.elapsed(),
+                    first_command_deadline: first_deadline,
                     early: std::mem::take(early),
                 });
             }

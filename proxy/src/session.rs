@@ -218,9 +218,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
         Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &shared.drain.force).await,
         Mode::Lines => {
             let opts = RelayOptions {
-                first_command_deadline: tokio::time::Instant::from_std(
-                    header_done + t.first_command,
-                ),
+                first_command_deadline: at.first_command_deadline,
                 next_command: t.next_command,
                 forward_hangup: route.forward_hangup,
             };

@@ -13,6 +13,7 @@ use chaos_tests::loadgen::backend::{Backend, BackendConfig, BackendMode};
 use chaos_tests::loadgen::client::{self, ClientConfig, IdleConfig, RunLength};
 use chaos_tests::loadgen::procstat::{Watched, Watcher};
 use chaos_tests::loadgen::report::{Compare, RunReport};
+use chaos_tests::{Behaviour, FakeBackend};
 
 #[derive(Parser)]
 #[command(
@@ -166,6 +167,10 @@ struct BackendArgs {
     /// Write the bound addresses here, one per line.
     #[arg(long, value_name = "FILE")]
     port_file: Option<PathBuf>,
+    /// Serve with `chaos_tests::FakeBackend` and `Behaviour::Echo` instead
+    /// (one listener on a free port, load sessions only), to compare the two.
+    #[arg(long)]
+    fake_echo: bool,
 }
 
 #[derive(Args)]
@@ -338,6 +343,9 @@ fn backend(a: BackendArgs) -> Res {
         think: a.think,
         ..BackendConfig::default()
     };
+    if a.fake_echo {
+        return rt.block_on(fake_echo(a.commands, a.port_file.as_deref()));
+    }
     rt.block_on(async {
         let backend = Backend::start(&a.listen, cfg)
             .await
@@ -356,6 +364,24 @@ fn backend(a: BackendArgs) -> Res {
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+async fn fake_echo(commands: usize, port_file: Option<&std::path::Path>) -> Res {
+    let fake = FakeBackend::start(Behaviour::Echo { commands }).await;
+    if let Some(path) = port_file {
+        std::fs::write(path, format!("{}\n", fake.addr()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    eprintln!("backend (FakeBackend Echo): listening on {}", fake.addr());
+    wait_for_signal().await?;
+    let stats = fake.stats();
+    println!(
+        "{{\"completed\":{},\"replies\":{},\"hangups\":{}}}",
+        stats.sessions_completed(),
+        stats.replies(),
+        stats.hangups()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_signal() -> Result<(), String> {
