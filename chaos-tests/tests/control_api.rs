@@ -413,7 +413,10 @@ async fn pools_drain_split_and_metrics() {
 /// Parses the Prometheus text format strictly enough to catch a malformed
 /// exposition: every family has HELP and TYPE, every sample is
 /// `name{label="value",...} number` of a declared family.
-fn parse_prometheus(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_prometheus(text: &str) -> Vec<Sample> {
     let sample = regex::Regex::new(r#"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$"#).unwrap();
     let label = regex::Regex::new(r#"([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)""#).unwrap();
     let mut typed = std::collections::HashSet::new();

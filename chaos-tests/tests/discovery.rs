@@ -296,3 +296,36 @@ async fn a_reload_keeps_the_last_good_dns_set_even_while_dns_fails() {
     dns.set_addrs("ivr.test", &ips(&[3]), TTL);
     wait_members(&p, &[backends[2].addr()].into(), Duration::from_secs(4)).await;
 }
+
+#[tokio::test]
+async fn a_name_with_a_and_aaaa_records_gives_every_address() {
+    use agiproxy::discovery::{lookup, resolver};
+    use agiproxy_config::{BackendTarget, Dns};
+    let dns = FakeDns::start().await;
+    let both: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "::1".parse().unwrap()];
+    dns.set_addrs("dual.test", &both, 7);
+    let conf = Dns {
+        nameservers: vec![dns.addr()],
+        ..Dns::default()
+    };
+    let r = resolver(&conf).expect("resolver");
+    let target = BackendTarget::Host {
+        name: "dual.test".into(),
+        port: 4573,
+    };
+    let (found, ttl) = lookup(&r, &target, &conf).await.expect("lookup");
+    let got: BTreeSet<SocketAddr> = found.iter().map(|f| f.addr).collect();
+    let want: BTreeSet<SocketAddr> = [
+        "127.0.0.2:4573".parse().unwrap(),
+        "[::1]:4573".parse().unwrap(),
+    ]
+    .into();
+    assert_eq!(got, want);
+    assert_eq!(ttl, Duration::from_secs(7));
+    // An unknown name is an error (the caller keeps its last good set).
+    let missing = BackendTarget::Host {
+        name: "missing.test".into(),
+        port: 4573,
+    };
+    assert!(lookup(&r, &missing, &conf).await.is_err());
+}

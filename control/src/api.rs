@@ -73,12 +73,36 @@ pub struct PoolView {
     pub name: String,
     pub balance: String,
     pub active_sessions: u64,
+    /// More backends are ejected than the pool's cap allows: some ejected
+    /// ones are kept in rotation (Envoy's panic mode).
+    #[serde(default)]
+    pub panic: bool,
     pub backends: Vec<BackendView>,
+    /// DNS names the pool follows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discovery: Vec<DiscoveryView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiscoveryView {
+    /// `NAME:PORT` (A/AAAA) or `srv NAME`.
+    pub target: String,
+    /// The last good answer.
+    pub addresses: Vec<String>,
+    pub ttl_seconds: f64,
+    pub lookups: u64,
+    /// Failed or empty lookups (the last good set was kept).
+    pub failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendView {
     pub address: String,
+    /// `static`, `dns NAME:PORT` or `srv NAME`.
+    #[serde(default)]
+    pub source: String,
     /// healthy, unhealthy, ejected, draining, slow_start.
     pub state: String,
     pub weight: u32,
@@ -88,6 +112,12 @@ pub struct BackendView {
     pub consecutive_failures: u64,
     pub ejections: u64,
     pub draining: bool,
+    /// Seconds left in the passive backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected_for_seconds: Option<f64>,
+    /// Share of new sessions while in slow start (0..1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_share: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<CheckView>,
 }

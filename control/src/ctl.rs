@@ -332,11 +332,7 @@ async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec
     if addrs.is_empty() {
         return Err(format!("--cluster {spec}: no replica found"));
     }
-    let host = name
-        .rsplit_once(':')
-        .map_or(name, |(h, _)| h)
-        .trim_start_matches('_')
-        .to_string();
+    let host = tls_name(name);
     Ok(addrs
         .into_iter()
         .map(|addr| Target {
@@ -345,6 +341,16 @@ async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec
             host: host.clone(),
         })
         .collect())
+}
+
+/// The name the replicas' certificates carry: NAME of `NAME:PORT`, or the
+/// SRV name without its `_service._tcp.` labels.
+fn tls_name(name: &str) -> String {
+    let labels: Vec<&str> = name.splitn(3, '.').collect();
+    if labels.len() == 3 && labels[0].starts_with('_') && labels[1].starts_with('_') {
+        return labels[2].trim_end_matches('.').to_string();
+    }
+    name.rsplit_once(':').map_or(name, |(h, _)| h).to_string()
 }
 
 fn target_from_url(url: &str) -> Result<Target, String> {
@@ -562,5 +568,10 @@ mod tests {
         assert!(target_from_url("127.0.0.1:9090").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("5").is_err());
+        assert_eq!(
+            tls_name("_agiproxy._tcp.agiproxy.ops.svc"),
+            "agiproxy.ops.svc"
+        );
+        assert_eq!(tls_name("agiproxy.ops.svc:9090"), "agiproxy.ops.svc");
     }
 }

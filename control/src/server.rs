@@ -247,7 +247,9 @@ async fn auth<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> Re
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
         .map(str::trim);
     let ok = presented.is_some_and(|p| {
         p.len() == token.len() && bool::from(p.as_bytes().ct_eq(token.as_bytes()))

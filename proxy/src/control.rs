@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use agiproxy_control::api::{
-    Applied, BackendView, ConfigView, FieldError, ListenerView, PoolView, SplitWeight, Status,
+    Applied, BackendView, CheckView, ConfigView, DiscoveryView, FieldError, ListenerView, PoolView,
+    SplitWeight, Status,
 };
 use agiproxy_control::{ControlError, ControlPlane};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGaugeVec, Opts};
 
-use crate::balancer::{now_ms, Backend, PoolState};
+use crate::balancer::{BackendStatus, PoolState};
 use crate::server::{ApplyError, Server};
 use crate::snapshot::Snapshot;
 
@@ -47,45 +48,55 @@ fn control_error(e: ApplyError) -> ControlError {
         ),
         ApplyError::Stale { current, .. } => ControlError::Stale { current },
         ApplyError::Bind(e) => ControlError::Conflict(e.to_string()),
-        e @ (ApplyError::NoFile(_) | ApplyError::Read { .. }) => {
+        ApplyError::NotFound(m) => ControlError::NotFound(m),
+        e @ (ApplyError::NoFile(_) | ApplyError::Read { .. } | ApplyError::Uneditable(_)) => {
             ControlError::Unavailable(e.to_string())
         }
     }
 }
 
-/// A backend's state for humans and dashboards.
-fn state_of(b: &Backend) -> &'static str {
-    if b.live.is_draining() {
-        "draining"
-    } else if b.live.is_ejected(now_ms()) {
-        "ejected"
-    } else {
-        "healthy"
-    }
-}
-
-fn backend_view(b: &Backend) -> BackendView {
-    use std::sync::atomic::Ordering::Relaxed;
+fn backend_view(b: &BackendStatus) -> BackendView {
     BackendView {
-        address: b.addr.to_string(),
-        state: state_of(b).to_string(),
+        address: b.address.to_string(),
+        source: b.source.clone(),
+        state: b.state.as_str().to_string(),
         weight: b.weight,
         max_sessions: b.max_sessions,
-        active_sessions: u64::from(b.live.active.load(Relaxed)),
-        total_sessions: b.live.total.load(Relaxed),
-        consecutive_failures: u64::from(b.live.consecutive_failures.load(Relaxed)),
-        ejections: b.live.ejections.load(Relaxed),
-        draining: b.live.is_draining(),
-        last_check: None,
+        active_sessions: u64::from(b.active_sessions),
+        total_sessions: b.total_sessions,
+        consecutive_failures: u64::from(b.consecutive_failures),
+        ejections: b.ejections,
+        draining: b.draining,
+        ejected_for_seconds: b.ejected_for.map(|d| d.as_secs_f64()),
+        slow_start_share: b.slow_start_share,
+        last_check: b.last_check.as_ref().map(|c| CheckView {
+            ok: c.ok,
+            latency_ms: c.latency.as_secs_f64() * 1000.0,
+            detail: c.detail.clone(),
+        }),
     }
 }
 
 fn pool_view(p: &PoolState) -> PoolView {
+    let st = p.status();
     PoolView {
-        name: p.name.clone(),
-        balance: p.balance.to_string(),
-        active_sessions: u64::from(p.live.active.load(std::sync::atomic::Ordering::Relaxed)),
-        backends: p.members().backends.iter().map(backend_view).collect(),
+        name: st.name,
+        balance: st.balance,
+        active_sessions: u64::from(st.active_sessions),
+        panic: st.panic,
+        backends: st.backends.iter().map(backend_view).collect(),
+        discovery: st
+            .discovery
+            .into_iter()
+            .map(|d| DiscoveryView {
+                target: d.target,
+                addresses: d.addresses.iter().map(ToString::to_string).collect(),
+                ttl_seconds: d.ttl.as_secs_f64(),
+                lookups: d.lookups,
+                failures: d.failures,
+                last_error: d.last_error,
+            })
+            .collect(),
     }
 }
 
@@ -127,7 +138,7 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
                 .with_label_values(&labels)
                 .set(i64::from(b.live.active.load(Relaxed)));
             state
-                .with_label_values(&[&p.name, &addr, state_of(b)])
+                .with_label_values(&[&p.name, &addr, b.live.state().as_str()])
                 .set(1);
             failures
                 .with_label_values(&labels)
@@ -145,21 +156,21 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
 }
 
 /// Sets a route's `split:` in a config text (the route's `pool:` goes).
-fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, ControlError> {
+fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, ApplyError> {
     let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        ControlError::Unavailable(format!("the running config text cannot be edited: {e}"))
+        ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
     })?;
     let routes = doc
         .get_mut("routes")
         .and_then(|r| r.as_sequence_mut())
         .ok_or_else(|| {
-            ControlError::NotFound(format!("no route {route:?}: the config has no routes"))
+            ApplyError::NotFound(format!("no route {route:?}: the config has no routes"))
         })?;
     let entry = routes
         .iter_mut()
         .filter_map(|r| r.as_mapping_mut())
         .find(|m| m.get("name").and_then(|n| n.as_str()) == Some(route))
-        .ok_or_else(|| ControlError::NotFound(format!("no route {route:?}")))?;
+        .ok_or_else(|| ApplyError::NotFound(format!("no route {route:?}")))?;
     entry.remove("pool");
     let list = split
         .iter()
@@ -171,7 +182,7 @@ fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, 
         })
         .collect();
     entry.insert("split".into(), serde_yaml::Value::Sequence(list));
-    serde_yaml::to_string(&doc).map_err(|e| ControlError::Unavailable(e.to_string()))
+    serde_yaml::to_string(&doc).map_err(|e| ApplyError::Uneditable(e.to_string()))
 }
 
 impl ControlPlane for ControlHandle {
@@ -255,24 +266,26 @@ impl ControlPlane for ControlHandle {
         let p = snap
             .pool(pool)
             .ok_or_else(|| ControlError::NotFound(format!("no pool {pool:?}")))?;
-        let members = p.members();
-        let b = members
-            .backends
-            .iter()
-            .find(|b| b.addr.to_string() == backend)
-            .ok_or_else(|| {
-                ControlError::NotFound(format!(
-                    "no backend {backend:?} in pool {pool:?} (write it as ip:port)"
-                ))
-            })?;
-        b.live.set_draining(draining);
+        let not_found = || {
+            ControlError::NotFound(format!(
+                "no backend {backend:?} in pool {pool:?} (write it as ip:port)"
+            ))
+        };
+        let addr: std::net::SocketAddr = backend.parse().map_err(|_| not_found())?;
+        if !p.set_draining(addr, draining) {
+            return Err(not_found());
+        }
         tracing::info!(
             pool,
             backend,
             draining,
             "backend drain changed through the control API"
         );
-        Ok(backend_view(b))
+        p.snapshot_state()
+            .iter()
+            .find(|b| b.address == addr)
+            .map(backend_view)
+            .ok_or_else(not_found)
     }
 
     async fn set_split(
@@ -281,9 +294,8 @@ impl ControlPlane for ControlHandle {
         split: Vec<SplitWeight>,
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
-        let text = with_split(&self.server.snapshot().meta.text, route, &split)?;
         self.server
-            .apply(&text, "api", false, if_match)
+            .apply_edit("api", if_match, |text| with_split(text, route, &split))
             .await
             .map(applied)
             .map_err(control_error)

@@ -104,6 +104,8 @@ pub fn resolver(dns: &Dns) -> Result<TokioResolver, String> {
     };
     opts.timeout = dns.timeout;
     opts.attempts = 1;
+    // Every address is a backend: A and AAAA both, not AAAA only when A is empty.
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     Resolver::builder_with_config(config, TokioRuntimeProvider::default())
         .with_options(opts)
         .build()

@@ -52,6 +52,12 @@ pub enum ApplyError {
     NoFile(String),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
+    /// An edit of the running config (e.g. a split) found nothing to edit.
+    #[error("{0}")]
+    NotFound(String),
+    /// The running config text cannot be edited (it is not a YAML mapping).
+    #[error("{0}")]
+    Uneditable(String),
 }
 
 /// The result of a config change.
@@ -198,6 +204,28 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
+        self.change(source, dry_run, if_match, |_| Ok(text.to_string()))
+            .await
+    }
+
+    /// Applies an edit of the running config text, made while no other
+    /// change can slip in between (no lost update, even without `If-Match`).
+    pub async fn apply_edit(
+        &self,
+        source: &str,
+        if_match: Option<u64>,
+        edit: impl FnOnce(&str) -> Result<String, ApplyError>,
+    ) -> Result<Applied, ApplyError> {
+        self.change(source, false, if_match, edit).await
+    }
+
+    async fn change(
+        &self,
+        source: &str,
+        dry_run: bool,
+        if_match: Option<u64>,
+        text: impl FnOnce(&str) -> Result<String, ApplyError>,
+    ) -> Result<Applied, ApplyError> {
         let result = self.apply_inner(text, source, dry_run, if_match).await;
         let label = match &result {
             Ok(a) if a.dry_run => "dry_run",
@@ -227,12 +255,11 @@ impl Server {
 
     async fn apply_inner(
         &self,
-        text: &str,
+        text: impl FnOnce(&str) -> Result<String, ApplyError>,
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let config = agiproxy_config::from_yaml_str(text).map_err(ApplyError::Invalid)?;
         let mut table = self.shared.changes.lock().await;
         let current = self.shared.snapshot.load_full();
         let generation = current.meta.generation;
@@ -242,6 +269,9 @@ impl Server {
                 expected,
             });
         }
+        let text = text(&current.meta.text)?;
+        let text = text.as_str();
+        let config = agiproxy_config::from_yaml_str(text).map_err(ApplyError::Invalid)?;
         let hash = text_hash(text);
         if dry_run || hash == current.meta.hash {
             return Ok(Applied {

@@ -28,6 +28,13 @@ pub struct WatchError {
     source: notify::Error,
 }
 
+/// The content hash of the file, or None when it cannot be read.
+fn file_hash(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| crate::snapshot::text_hash(&t))
+}
+
 /// Reloads `server` from its config file whenever the file changes.
 pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
     let Some(file) = server.config_file().cloned() else {
@@ -39,7 +46,9 @@ pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reads (ours included: every status call reads the file) are not
+        // changes; reacting to them would loop.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })
@@ -53,11 +62,19 @@ pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
             path: dir.clone(),
             source,
         })?;
+    let watched = file.clone();
     tokio::spawn(async move {
+        let file = watched;
+        // Reload only when the file's content changes: a change made through
+        // the API lasts until the file itself changes (or a reload is asked
+        // for), not until the next unrelated event in the directory.
+        let mut last = file_hash(&file);
         while rx.recv().await.is_some() {
             // Debounce: wait until the directory has been quiet for a while.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            if server.differs_from_file() {
+            let now = file_hash(&file);
+            if now != last {
+                last = now;
                 let _ = server.reload_file().await;
             }
         }

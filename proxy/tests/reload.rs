@@ -368,3 +368,38 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     let _ = std::fs::remove_file(&new);
     drop(replicas);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_api_changes_last_until_the_file_changes() {
+    // With a plain config file, the watcher once reacted to its own reads
+    // (and to any event in the directory) and undid API changes within
+    // 250 ms. An API change must last until the file's content changes.
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let dir = std::env::temp_dir().join(format!("agiproxy-plain-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agiproxy.yaml");
+    std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+    let _proxy = start(&file);
+    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+
+    let change = dir.join("change.yaml");
+    std::fs::write(&change, config(&control, "b", a.addr(), b.addr())).unwrap();
+    let out = ctl(&["--url", &api, "config", "apply", "-f", change.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    // Status calls read the file; another file in the directory changes.
+    for i in 0..10 {
+        std::fs::write(dir.join("unrelated.txt"), format!("{i}")).unwrap();
+        let st = status(&api).unwrap();
+        assert_eq!((st["generation"].as_u64(), st["source"].as_str()), (Some(2), Some("api")), "{st}");
+        assert_eq!(st["differs_from_file"], true);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Editing the file itself is a change: the watcher applies it.
+    std::fs::write(&file, config(&control, "a", a.addr(), b.addr()).replace("name: all", "name: all2")).unwrap();
+    assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

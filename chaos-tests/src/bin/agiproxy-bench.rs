@@ -433,3 +433,58 @@ fn free_ports(n: usize) -> Res {
     println!("{}", ports.join(" "));
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_addresses_are_accepted() {
+        assert!(loopback("127.0.0.1:4573").is_ok());
+        assert!(loopback("127.0.0.2:0").is_ok());
+        assert!(loopback("[::1]:4573").is_ok());
+        assert!(loopback("10.0.0.1:4573").is_err());
+        assert!(loopback("0.0.0.0:4573").is_err());
+        assert!(
+            loopback("localhost:4573").is_err(),
+            "names are not resolved"
+        );
+    }
+
+    #[test]
+    fn the_cli_parses_each_subcommand() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let ok = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        ok(&[
+            "b",
+            "load",
+            "--target",
+            "127.0.0.1:1",
+            "--clients",
+            "2",
+            "--duration",
+            "1s",
+        ])
+        .unwrap();
+        ok(&[
+            "b",
+            "idle",
+            "--target",
+            "127.0.0.1:1",
+            "--sessions",
+            "3",
+            "--hold",
+            "10ms",
+        ])
+        .unwrap();
+        ok(&["b", "backend", "--listen", "127.0.0.1:0", "--mode", "idle"]).unwrap();
+        ok(&["b", "report", "/tmp"]).unwrap();
+        assert!(ok(&["b", "load"]).is_err(), "a target is required");
+        assert!(ok(&["b", "load", "--target", "192.0.2.1:4573"]).is_err());
+    }
+}
