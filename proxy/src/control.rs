@@ -349,7 +349,7 @@ mod tests {
         }
         assert!(matches!(
             with_split(text, "c", &split),
-            Err(ControlError::NotFound(_))
+            Err(ApplyError::NotFound(_))
         ));
     }
 }
