@@ -34,11 +34,11 @@ impl Fixture {
     /// The header exactly as Asterisk sent it, blank line included.
     pub fn bytes(self) -> &'static [u8] {
         match self {
-            Fixture::FX => include_bytes!("../../../shared/fixtures/header-FX.bin"),
-            Fixture::HC => include_bytes!("../../../shared/fixtures/header-HC.bin"),
-            Fixture::J => include_bytes!("../../../shared/fixtures/header-J.bin"),
-            Fixture::J2 => include_bytes!("../../../shared/fixtures/header-J2.bin"),
-            Fixture::SRV1 => include_bytes!("../../../shared/fixtures/header-SRV1.bin"),
+            Fixture::FX => include_bytes!("../fixtures/header-FX.bin"),
+            Fixture::HC => include_bytes!("../fixtures/header-HC.bin"),
+            Fixture::J => include_bytes!("../fixtures/header-J.bin"),
+            Fixture::J2 => include_bytes!("../fixtures/header-J2.bin"),
+            Fixture::SRV1 => include_bytes!("../fixtures/header-SRV1.bin"),
         }
     }
 }

@@ -106,6 +106,15 @@ pub async fn attach(
                 reason = Reason::ConnectFailed;
                 continue;
             }
+            Err(_) if limit < t.connect => {
+                // The budget ran out mid-connect: not the backend's fault.
+                metrics
+                    .connect_attempts
+                    .with_label_values(&["timeout"])
+                    .inc();
+                reason = Reason::BudgetExhausted;
+                continue;
+            }
             Err(_) => {
                 metrics
                     .connect_attempts
@@ -113,11 +122,7 @@ pub async fn attach(
                     .inc();
                 let wait = pool.passive_failure(&backend, "connect timed out");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
-                reason = if limit < t.connect {
-                    Reason::BudgetExhausted
-                } else {
-                    Reason::ConnectFailed
-                };
+                reason = Reason::ConnectFailed;
                 continue;
             }
         };

@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 pub enum HeaderError {
     #[error("header larger than {0} bytes")]
     TooLarge(usize),
+    /// The flag says whether the blank line was already read.
     #[error("header has more than {0} lines")]
-    TooManyLines(usize),
+    TooManyLines(usize, bool),
     #[error("header not complete within {0:?} (slow or stalled client)")]
     Timeout(Duration),
     #[error("line {0} is not an `agi_name: value` line")]
@@ -33,7 +34,7 @@ impl HeaderError {
     pub fn reason(&self) -> &'static str {
         match self {
             HeaderError::TooLarge(_) => "too_large",
-            HeaderError::TooManyLines(_) => "too_many_lines",
+            HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
             HeaderError::Malformed(_) => "malformed",
             HeaderError::Closed => "closed",
@@ -48,8 +49,14 @@ impl HeaderError {
     pub fn answer_with_failure(&self) -> bool {
         matches!(
             self,
-            HeaderError::TooLarge(_) | HeaderError::TooManyLines(_)
+            HeaderError::TooLarge(_) | HeaderError::TooManyLines(..)
         )
+    }
+
+    /// The blank line ending the header was read already (nothing of the
+    /// header is left in the socket).
+    pub fn header_complete(&self) -> bool {
+        matches!(self, HeaderError::TooManyLines(_, true))
     }
 }
 
@@ -81,7 +88,7 @@ impl Header {
         while start < end - 1 {
             line_no += 1;
             if line_no > max_lines {
-                return Err(HeaderError::TooManyLines(max_lines));
+                return Err(HeaderError::TooManyLines(max_lines, true));
             }
             let nl = start + memchr::memchr(b'\n', &raw[start..end]).expect("end is a newline");
             let (name, value) =
@@ -150,9 +157,22 @@ impl Header {
         })
     }
 
+    /// A value as text. Asterisk passes bytes through as the channel has
+    /// them (a Latin-1 caller name is not UTF-8): routing sees the valid
+    /// UTF-8 prefix, while replay always sends the original bytes.
     fn str_at(&self, r: Range<usize>) -> &str {
-        // Validated as UTF-8 in `split_line`.
-        std::str::from_utf8(&self.raw[r]).unwrap_or("")
+        let bytes = &self.raw[r];
+        match std::str::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+        }
+    }
+
+    /// Variables as (name, raw value bytes), in the order Asterisk sent them.
+    pub fn raw_vars(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (self.str_at(n.clone()), &self.raw[v.clone()]))
     }
 }
 
@@ -174,7 +194,7 @@ pub(crate) fn find_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Splits `name: value` (Asterisk always writes `": "`, also for an empty value).
 fn split_line(raw: &[u8], start: usize, nl: usize) -> Option<(Range<usize>, Range<usize>)> {
     let line = &raw[start..nl];
-    std::str::from_utf8(line).ok()?;
+    // Names are ASCII; values are whatever bytes the channel holds.
     if !line.starts_with(b"agi_") {
         return None;
     }
@@ -205,7 +225,7 @@ fn check_prefix(buf: &[u8], limits: &HeaderLimits) -> Result<usize, HeaderError>
         }
         lines += 1;
         if lines > limits.max_lines {
-            return Err(HeaderError::TooManyLines(limits.max_lines));
+            return Err(HeaderError::TooManyLines(limits.max_lines, false));
         }
         split_line(buf, start, nl).ok_or(HeaderError::Malformed(lines))?;
         start = nl + 1;
@@ -295,10 +315,10 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> bool {
 mod tests {
     use super::*;
 
-    const FX: &[u8] = include_bytes!("../../../shared/fixtures/header-FX.bin");
-    const J: &[u8] = include_bytes!("../../../shared/fixtures/header-J.bin");
-    const J2: &[u8] = include_bytes!("../../../shared/fixtures/header-J2.bin");
-    const HC: &[u8] = include_bytes!("../../../shared/fixtures/header-HC.bin");
+    const FX: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-FX.bin");
+    const J: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-J.bin");
+    const J2: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-J2.bin");
+    const HC: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-HC.bin");
 
     #[test]
     fn parses_real_headers() {
@@ -338,6 +358,18 @@ mod tests {
     }
 
     #[test]
+    fn latin1_values_are_accepted_and_kept() {
+        let raw = b"agi_network: yes\nagi_calleridname: Ren\xe9 M\xfcller\nagi_context: from-x\n\n"
+            .to_vec();
+        let h = Header::parse(raw.clone(), 16).unwrap();
+        assert_eq!(h.raw(), &raw[..]);
+        assert_eq!(h.get("agi_calleridname"), Some("Ren"));
+        assert_eq!(h.get("agi_context"), Some("from-x"));
+        let (_, v) = h.raw_vars().nth(1).unwrap();
+        assert_eq!(v, b"Ren\xe9 M\xfcller");
+    }
+
+    #[test]
     fn trailing_bytes_are_kept_apart() {
         let mut raw = FX.to_vec();
         raw.extend_from_slice(b"HANGUP\n");
@@ -370,7 +402,7 @@ mod tests {
         let many = b"agi_a: 1\n".repeat(9);
         assert_eq!(
             check_prefix(&many, &limits),
-            Err(HeaderError::TooManyLines(8))
+            Err(HeaderError::TooManyLines(8, false))
         );
     }
 

@@ -190,7 +190,6 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(api.serve(std::future::pending()));
     }
 
-    let drain_deadline = server.snapshot().config.timeouts.drain;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -201,6 +200,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             _ = server.draining() => break,
         }
     }
+    // The running config's deadline: a reload may have changed it.
+    let drain_deadline = server.snapshot().config.timeouts.drain;
     tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     server.stop_accepting();
     tokio::select! {

@@ -156,7 +156,7 @@ impl<'s> Relay<'s> {
                     if r.is_err() { self.backend_reset() } else { self.on_backend_readable() }
                 }
                 _ = &mut sleep, if deadline.is_some() => {
-                    if self.turn.backend_owes_command() && !self.b_eof {
+                    if self.turn.backend_owes_command() && !self.b_eof && !self.a_eof {
                         break self.fail(Reason::NextCommandTimeout).await;
                     }
                     // Asterisk closed and the backend lingers: stop waiting.
@@ -465,7 +465,7 @@ impl<'s> Relay<'s> {
                 AsteriskLine::Hangup => {
                     // After the backend closed, this is Asterisk's
                     // end-of-session HANGUP: expected, dropped quietly.
-                    let end_of_session = self.a_shut || self.b_eof;
+                    let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
                     if !end_of_session {
                         self.stats.caller_hung_up = true;
                     }

@@ -3,7 +3,6 @@
 //! its injected variables, written before the blank line.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 pub use agiproxy_config::TemplateContext;
 use agiproxy_config::{Rewrite, Template};
@@ -21,7 +20,8 @@ fn rewrite_request(rewrite: &Rewrite, request: &str) -> Option<String> {
 }
 
 /// The header to replay to a backend. Borrowed (no copy) when the route
-/// neither rewrites nor injects.
+/// neither rewrites nor injects. Values are copied as bytes: a header from
+/// Asterisk need not be UTF-8.
 pub fn backend_header<'h>(
     header: &'h Header,
     rewrite: Option<&Rewrite>,
@@ -31,28 +31,35 @@ pub fn backend_header<'h>(
     if rewrite.is_none() && set.is_empty() {
         return Cow::Borrowed(header.raw());
     }
-    let mut out = String::with_capacity(header.raw().len() + 64 * set.len() + 32);
-    for (name, v) in header.vars() {
+    let mut out: Vec<u8> = Vec::with_capacity(header.raw().len() + 64 * set.len() + 32);
+    let mut line = |name: &str, value: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    };
+    for (name, v) in header.raw_vars() {
         // An injected variable replaces one a client sent under the same
         // name, so a caller cannot spoof e.g. agi_x_forwarded_for.
         if let Some((_, t)) = set.iter().find(|(n, _)| n == name) {
-            let _ = writeln!(out, "{name}: {}", t.render(ctx));
+            line(name, t.render(ctx).as_bytes());
             continue;
         }
+        let text = || std::str::from_utf8(v).ok();
         let rewritten = rewrite.and_then(|rw| match name {
-            "agi_network_script" => Some(rw.apply(v).into_owned()),
-            "agi_request" => rewrite_request(rw, v),
+            "agi_network_script" => text().map(|t| rw.apply(t).into_owned()),
+            "agi_request" => text().and_then(|t| rewrite_request(rw, t)),
             _ => None,
         });
-        let _ = writeln!(out, "{name}: {}", rewritten.as_deref().unwrap_or(v));
+        line(name, rewritten.as_deref().map_or(v, str::as_bytes));
     }
     for (name, t) in set {
         if header.get(name).is_none() {
-            let _ = writeln!(out, "{name}: {}", t.render(ctx));
+            line(name, t.render(ctx).as_bytes());
         }
     }
-    out.push('\n');
-    Cow::Owned(out.into_bytes())
+    out.push(b'\n');
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -60,7 +67,7 @@ mod tests {
     use super::*;
     use agiproxy_config::TemplatePart;
 
-    const HC: &[u8] = include_bytes!("../../../shared/fixtures/header-HC.bin");
+    const HC: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-HC.bin");
 
     fn ctx() -> TemplateContext<'static> {
         TemplateContext {

@@ -273,7 +273,7 @@ async fn bad_header(
         }
         _ => tracing::warn!(peer = %rec.peer, error = %e, "refused Asterisk header"),
     }
-    if e.answer_with_failure() && discard_rest(a, limits.timeout).await {
+    if e.answer_with_failure() && (e.header_complete() || discard_rest(a, limits.timeout).await) {
         // A real Asterisk with an oversized header is waiting for a
         // command: its dialplan deserves the fallback, not a silent SUCCESS.
         rec.outcome = Outcome::Failed;

@@ -388,18 +388,38 @@ async fn regression_api_changes_last_until_the_file_changes() {
 
     let change = dir.join("change.yaml");
     std::fs::write(&change, config(&control, "b", a.addr(), b.addr())).unwrap();
-    let out = ctl(&["--url", &api, "config", "apply", "-f", change.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = ctl(&[
+        "--url",
+        &api,
+        "config",
+        "apply",
+        "-f",
+        change.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // Status calls read the file; another file in the directory changes.
     for i in 0..10 {
         std::fs::write(dir.join("unrelated.txt"), format!("{i}")).unwrap();
         let st = status(&api).unwrap();
-        assert_eq!((st["generation"].as_u64(), st["source"].as_str()), (Some(2), Some("api")), "{st}");
+        assert_eq!(
+            (st["generation"].as_u64(), st["source"].as_str()),
+            (Some(2), Some("api")),
+            "{st}"
+        );
         assert_eq!(st["differs_from_file"], true);
         std::thread::sleep(Duration::from_millis(100));
     }
     // Editing the file itself is a change: the watcher applies it.
-    std::fs::write(&file, config(&control, "a", a.addr(), b.addr()).replace("name: all", "name: all2")).unwrap();
+    std::fs::write(
+        &file,
+        config(&control, "a", a.addr(), b.addr()).replace("name: all", "name: all2"),
+    )
+    .unwrap();
     assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }

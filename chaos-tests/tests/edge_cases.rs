@@ -1,0 +1,213 @@
+//! Edge cases of each failure reason, and regressions found in review.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use agiproxy::Outcome;
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Reply, Step};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn reason(out: &chaos_tests::CallOutcome) -> Option<&str> {
+    out.variables.get("AGIPROXY_ERROR").map(String::as_str)
+}
+
+#[tokio::test]
+async fn regression_too_many_lines_in_one_write_gets_failure_at_once() {
+    // The whole header, blank line included, arrives in one segment: the
+    // proxy must not wait for a blank line it already read.
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "limits:\n  max_header_lines: 30\n",
+    ))
+    .await;
+    let args: Vec<String> = (0..40).map(|i| format!("a{i}")).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let header = AgiHeader::realistic("x", &args, "1.1").to_bytes();
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let t = Instant::now();
+    s.write_all(&header).await.unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).await.unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    assert_eq!(line, b"SET VARIABLE AGIPROXY_ERROR \"header_too_large\"");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(b.stats().accepted(), 0);
+}
+
+#[tokio::test]
+async fn regression_latin1_header_values_pass_byte_exact() {
+    // Asterisk sends channel data as it has it; a Latin-1 caller name is
+    // not UTF-8 and must not turn the call into a silent close.
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut raw = AgiHeader::realistic("ivr/main", &[], "1.1").to_bytes();
+    let at = raw
+        .windows(15)
+        .position(|w| w == b"agi_calleridnam")
+        .unwrap();
+    let end = at + raw[at..].iter().position(|c| *c == b'\n').unwrap();
+    raw.splice(
+        at..end,
+        b"agi_calleridname: Ren\xe9 M\xfcller".iter().copied(),
+    );
+    let mut s = FakeAsterisk::raw_session(p.addr, &raw).await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"NOOP\n");
+    assert!(b.stats().wait_completed(0, Duration::from_secs(1)).await);
+    assert_eq!(
+        b.stats().headers()[0],
+        raw,
+        "the header reached the backend byte for byte"
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_header_is_counted() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut rx = p.server.subscribe();
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"agi_network: yes\nagi_network_script: x\n")
+        .await
+        .unwrap();
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(
+        (rec.outcome, rec.header_error),
+        (Outcome::BadHeader, Some("truncated"))
+    );
+}
+
+#[tokio::test]
+async fn a_full_backend_gives_pool_full_at_once() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Wait 1"])).await;
+    let body = format!(
+        "routes:\n  - name: r\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\", max_sessions: 1 }}\n",
+        b.addr()
+    );
+    let p = proxy(&body).await;
+    let addr = p.addr;
+    let holder = tokio::spawn(async move {
+        caller("x", "1.1")
+            .reply_with(|_| Reply::ok().after(Duration::from_millis(600)))
+            .run(addr)
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.stats().accepted() < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = caller("x", "1.2").run(p.addr).await;
+    assert_eq!(
+        (out.status, reason(&out)),
+        (AgiStatus::Failure, Some("pool_full"))
+    );
+    assert!(out.elapsed < Duration::from_millis(50), "{:?}", out.elapsed);
+    assert_eq!(holder.await.unwrap().status, AgiStatus::Success);
+}
+
+#[tokio::test]
+async fn an_endless_backend_line_gives_backend_protocol() {
+    let b = FakeBackend::start(Behaviour::steps(vec![
+        Step::Command("NOOP".into()),
+        Step::Send(vec![b'A'; 20_000]),
+        Step::Sleep(Duration::from_secs(5)),
+    ]))
+    .await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_eq!(
+        (out.status, reason(&out)),
+        (AgiStatus::Failure, Some("backend_protocol")),
+        "{out:?}"
+    );
+    assert!(
+        out.violations.is_empty(),
+        "no partial line reached Asterisk: {:?}",
+        out.violations
+    );
+    assert!(out.elapsed < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn asterisk_leaving_during_the_search_is_client_gone() {
+    let stalled = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&one_pool("round_robin", &[stalled.addr()], "")).await;
+    let mut rx = p.server.subscribe();
+    let s = FakeAsterisk::raw_session(p.addr, &AgiHeader::realistic("x", &[], "1.1").to_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stalled.stats().accepted() < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::ClientGone);
+    // The backend, which had the whole header, is told HANGUP and closed.
+    assert!(
+        stalled
+            .stats()
+            .wait_completed(1, Duration::from_secs(3))
+            .await
+    );
+    assert_eq!(stalled.stats().hangups(), 1);
+}
+
+#[tokio::test]
+async fn the_drain_deadline_tells_a_waiting_asterisk_shutting_down() {
+    let b = FakeBackend::start(Behaviour::StallAfterCommands(1)).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  next_command: 30s\n",
+    ))
+    .await;
+    let addr = p.addr;
+    let call = tokio::spawn(async move { caller("x", "1.1").run(addr).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.stats().replies() < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The backend owes a command when the drain deadline passes.
+    assert!(!p.server.drain(Duration::from_millis(300)).await);
+    let out = call.await.unwrap();
+    assert_eq!(
+        (out.status, reason(&out)),
+        (AgiStatus::Failure, Some("shutting_down")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n  - name: extra\n    address: \"{}\"\n{}",
+        taken.local_addr().unwrap(),
+        one_pool("round_robin", &[b.addr()], "")
+    );
+    let err = p.server.apply(&text, "api", false, None).await.unwrap_err();
+    assert!(err.to_string().contains("listeners[1] (extra)"), "{err}");
+    assert_eq!(p.server.snapshot().meta.generation, 1);
+    assert_eq!(
+        caller("x", "1.1").run(p.addr).await.status,
+        AgiStatus::Success
+    );
+}

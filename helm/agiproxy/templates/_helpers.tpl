@@ -1,0 +1,216 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "agiproxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name: RELEASE-agiproxy, or RELEASE when it already contains the chart
+name. Truncated to 54 characters so that "-headless" still fits in 63.
+*/}}
+{{- define "agiproxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 54 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 54 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 54 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "agiproxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "agiproxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "agiproxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agiproxy.labels" -}}
+helm.sh/chart: {{ include "agiproxy.chart" . }}
+{{ include "agiproxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The headless Service: one record per ready replica, SRV per named port. */}}
+{{- define "agiproxy.headlessName" -}}
+{{- printf "%s-headless" (include "agiproxy.fullname" .) }}
+{{- end }}
+
+{{- define "agiproxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "agiproxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "agiproxy.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion (toString .Values.image.tag)) }}
+{{- end }}
+
+{{/* The Secret holding the control token, and the key in it. */}}
+{{- define "agiproxy.tokenSecretName" -}}
+{{- if .Values.controlToken.existingSecret }}
+{{- .Values.controlToken.existingSecret }}
+{{- else }}
+{{- printf "%s-control-token" (include "agiproxy.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "agiproxy.tokenSecretKey" -}}
+{{- if .Values.controlToken.existingSecret }}
+{{- default "token" .Values.controlToken.existingSecretKey }}
+{{- else }}
+{{- "token" }}
+{{- end }}
+{{- end }}
+
+{{/* Where the pod finds its files. */}}
+{{- define "agiproxy.configDir" -}}/etc/agiproxy{{- end }}
+{{- define "agiproxy.configFile" -}}/etc/agiproxy/agiproxy.yaml{{- end }}
+{{- define "agiproxy.tokenDir" -}}/etc/agiproxy-token{{- end }}
+{{- define "agiproxy.tokenFile" -}}/etc/agiproxy-token/token{{- end }}
+
+{{/*
+The control block agiproxy gets: the chart's default (listen on the pod's
+address, read the token from the mounted Secret), with the keys of
+.Values.config.control over it. token_env given there replaces token_file.
+*/}}
+{{- define "agiproxy.controlDict" -}}
+{{- $control := dict "address" (printf "0.0.0.0:%v" .Values.ports.control) "token_file" (include "agiproxy.tokenFile" .) }}
+{{- $user := dict }}
+{{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.control) }}
+{{- $user = deepCopy .Values.config.control }}
+{{- end }}
+{{- if hasKey $user "token_env" }}
+{{- $_ := unset $control "token_file" }}
+{{- end }}
+{{- toYaml (mergeOverwrite $control $user) }}
+{{- end }}
+
+{{/*
+The whole config as a dict (as YAML; callers fromYaml it): .Values.config with
+the control block above. Fails the render on a config the pod cannot run with
+the chart's ports and probes.
+*/}}
+{{- define "agiproxy.configDict" -}}
+{{- if not (kindIs "map" .Values.config) }}
+{{- fail "config must be a YAML object: agiproxy's config file (docs/configuration.md)" }}
+{{- end }}
+{{- $cfg := deepCopy .Values.config }}
+{{- $control := include "agiproxy.controlDict" . | fromYaml }}
+{{- $_ := set $cfg "control" $control }}
+{{- /* The probes, the headless Service and Prometheus need the control API on the pod's address. */}}
+{{- if and (hasKey $control "enabled") (not $control.enabled) }}
+{{- fail "config.control.enabled is false, but the liveness and readiness probes use the control API (/healthz, /readyz): keep it enabled" }}
+{{- end }}
+{{- $address := toString $control.address }}
+{{- if not (hasSuffix (printf ":%v" .Values.ports.control) $address) }}
+{{- fail (printf "config.control.address %s does not use ports.control (%v): set both to the same port" $address .Values.ports.control) }}
+{{- end }}
+{{- if or (hasPrefix "127." $address) (hasPrefix "[::1]" $address) (hasPrefix "localhost" $address) }}
+{{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 (the chart's default) and keep the token" $address) }}
+{{- end }}
+{{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
+{{- fail "config.control.tls.client_ca requires client certificates on every endpoint, /healthz and /readyz included, so the kubelet's httpGet probes cannot pass: drop client_ca (the bearer token still guards /v1)" }}
+{{- end }}
+{{- /* One listener must use ports.agi: the Services send Asterisk there. */}}
+{{- $agiSuffix := printf ":%v" .Values.ports.agi }}
+{{- $found := false }}
+{{- if hasKey $cfg "listeners" }}
+{{- range $cfg.listeners }}
+{{- if and (kindIs "map" .) (hasSuffix $agiSuffix (toString .address)) }}
+{{- $found = true }}
+{{- end }}
+{{- end }}
+{{- else if eq (int .Values.ports.agi) 4573 }}
+{{- $found = true }}
+{{- end }}
+{{- if not $found }}
+{{- fail (printf "no listener in config.listeners uses ports.agi (%v): the Services send Asterisk to that port; add a listener on 0.0.0.0%s or change ports.agi" .Values.ports.agi $agiSuffix) }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* The config file's text. */}}
+{{- define "agiproxy.configYaml" -}}
+{{- include "agiproxy.configDict" . }}
+{{- end }}
+
+{{/*
+Seconds in an agiproxy duration string (humantime syntax: "5m", "300s",
+"1h 30m", "1.5s", "250ms"), rounded up. Called with the string.
+*/}}
+{{- define "agiproxy.durationSeconds" -}}
+{{- $text := toString . | replace " " "" }}
+{{- $parts := regexFindAll "[0-9]+(\\.[0-9]+)?[a-zA-Zµ]+" $text -1 }}
+{{- if or (not $parts) (ne (join "" $parts) $text) }}
+{{- fail (printf "timeouts.drain %q: not a duration agiproxy understands (write e.g. 5m, 300s, 1h)" $text) }}
+{{- end }}
+{{- $units := dict "ns" 0.000000001 "nsec" 0.000000001 "us" 0.000001 "µs" 0.000001 "usec" 0.000001 "ms" 0.001 "msec" 0.001 "s" 1.0 "sec" 1.0 "second" 1.0 "seconds" 1.0 "m" 60.0 "min" 60.0 "minute" 60.0 "minutes" 60.0 "h" 3600.0 "hr" 3600.0 "hour" 3600.0 "hours" 3600.0 "d" 86400.0 "day" 86400.0 "days" 86400.0 "w" 604800.0 "week" 604800.0 "weeks" 604800.0 }}
+{{- $total := 0.0 }}
+{{- range $parts }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . }}
+{{- $unit := trimPrefix $number . }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "timeouts.drain %q: unknown unit %q (use ms, s, m, h or d)" $text $unit) }}
+{{- end }}
+{{- $total = addf $total (mulf (float64 $number) (index $units $unit)) }}
+{{- end }}
+{{- ceil $total | int }}
+{{- end }}
+
+{{/* Seconds agiproxy keeps serving before SIGTERM (0 without a preStop hook). */}}
+{{- define "agiproxy.preStopMode" -}}
+{{- $mode := default "auto" .Values.preStop.mode }}
+{{- if eq $mode "auto" }}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}sleep{{ else }}none{{ end }}
+{{- else if has $mode (list "sleep" "exec" "none") }}
+{{- $mode }}
+{{- else }}
+{{- fail (printf "preStop.mode %q: use auto, sleep, exec or none" $mode) }}
+{{- end }}
+{{- end }}
+
+{{- define "agiproxy.preStopSeconds" -}}
+{{- if eq (include "agiproxy.preStopMode" .) "none" }}0{{ else }}{{ int .Values.preStop.sleepSeconds }}{{ end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, then the drain
+(config.timeouts.drain, 5m when absent), then a margin, so SIGKILL never
+cuts a drain short.
+*/}}
+{{- define "agiproxy.terminationGrace" -}}
+{{- if .Values.terminationGracePeriodSeconds }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- else }}
+{{- $drain := "5m" }}
+{{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.timeouts) .Values.config.timeouts.drain }}
+{{- $drain = .Values.config.timeouts.drain }}
+{{- end }}
+{{- add (include "agiproxy.preStopSeconds" . | int) (include "agiproxy.durationSeconds" $drain | int) (int .Values.terminationGraceMarginSeconds) }}
+{{- end }}
+{{- end }}
+
+{{/* http or https for the control API, from config.control.tls. */}}
+{{- define "agiproxy.controlScheme" -}}
+{{- $control := include "agiproxy.controlDict" . | fromYaml }}
+{{- if kindIs "map" $control.tls }}HTTPS{{ else }}HTTP{{ end }}
+{{- end }}
+
+{{/* Label matchers selecting this release's series in alert rules. */}}
+{{- define "agiproxy.ruleSelector" -}}
+{{- if .Values.prometheusRule.selector }}
+{{- .Values.prometheusRule.selector }}
+{{- else }}
+{{- printf "job=%q,namespace=%q" (include "agiproxy.headlessName" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
