@@ -8,7 +8,7 @@ use agiproxy_control::api::{
 };
 use agiproxy_control::{ControlError, ControlPlane};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntGaugeVec, Opts};
+use prometheus::{GaugeVec, IntGaugeVec, Opts};
 
 use crate::balancer::{BackendStatus, PoolState};
 use crate::server::{ApplyError, Server};
@@ -100,59 +100,142 @@ fn pool_view(p: &PoolState) -> PoolView {
     }
 }
 
-/// Gauges read from live state at scrape time.
+/// Gauges read from live state at scrape time: nothing on the session path
+/// updates them.
 fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
-    let gauge = |name: &str, help: &str, labels: &[&str]| {
+    let int = |name: &str, help: &str, labels: &[&str]| {
         IntGaugeVec::new(Opts::new(name, help).namespace("agiproxy"), labels).expect("valid metric")
     };
-    let active = gauge(
+    let pb = &["pool", "backend"][..];
+    let active = int(
         "backend_active_sessions",
         "Sessions holding each backend",
-        &["pool", "backend"],
+        pb,
     );
-    let state = gauge(
+    let state = int(
         "backend_state",
-        "1 for each backend's current state (healthy, ejected, draining, ...)",
+        "1 for each backend's current state: healthy, slow_start, ejected, unhealthy, draining",
         &["pool", "backend", "state"],
     );
-    let failures = gauge(
+    let failures = int(
         "backend_consecutive_failures",
-        "Consecutive failures of each backend",
-        &["pool", "backend"],
+        "Passive failures in a row",
+        pb,
     );
-    let ejections = gauge(
+    let ejections = int(
         "backend_ejections",
-        "Times each backend was ejected (since it was first configured)",
-        &["pool", "backend"],
+        "Passive ejections since the backend was first configured",
+        pb,
     );
-    let pool_active = gauge("pool_active_sessions", "Sessions in each pool", &["pool"]);
-    use std::sync::atomic::Ordering::Relaxed;
+    let checks = int(
+        "backend_checks",
+        "Active health checks run against each backend",
+        pb,
+    );
+    let check_up = int(
+        "backend_check_up",
+        "1 if the last active check passed, 0 if it failed",
+        pb,
+    );
+    let check_latency = GaugeVec::new(
+        Opts::new(
+            "backend_check_latency_seconds",
+            "Duration of the last active check",
+        )
+        .namespace("agiproxy"),
+        pb,
+    )
+    .expect("valid metric");
+    let pool_active = int("pool_active_sessions", "Sessions in each pool", &["pool"]);
+    let panic = int(
+        "pool_panic",
+        "1 when more backends are ejected than max_ejection_percent allows (some kept in rotation)",
+        &["pool"],
+    );
+    let dns_lookups = int(
+        "dns_lookups",
+        "DNS lookups of each name a pool follows",
+        &["pool", "name"],
+    );
+    let dns_failures = int(
+        "dns_lookup_failures",
+        "Failed or empty DNS lookups (the last good set was kept)",
+        &["pool", "name"],
+    );
+    let dns_addresses = int(
+        "dns_addresses",
+        "Addresses in the last good DNS answer",
+        &["pool", "name"],
+    );
+    // Replicas that converged export the same hash.
+    let config_info = int(
+        "config_info",
+        "Always 1; the running config's content hash in a label",
+        &["hash"],
+    );
+    config_info
+        .with_label_values(&[&snap.meta.hash_hex()])
+        .set(1);
     for p in &snap.pools {
+        let st = p.status();
         pool_active
-            .with_label_values(&[&p.name])
-            .set(i64::from(p.live.active.load(Relaxed)));
-        for b in &p.members().backends {
-            let addr = b.addr.to_string();
-            let labels = [p.name.as_str(), addr.as_str()];
+            .with_label_values(&[&st.name])
+            .set(i64::from(st.active_sessions));
+        panic
+            .with_label_values(&[&st.name])
+            .set(i64::from(st.panic));
+        for b in &st.backends {
+            let addr = b.address.to_string();
+            let l = [st.name.as_str(), addr.as_str()];
             active
-                .with_label_values(&labels)
-                .set(i64::from(b.live.active.load(Relaxed)));
+                .with_label_values(&l)
+                .set(i64::from(b.active_sessions));
             state
-                .with_label_values(&[&p.name, &addr, b.live.state().as_str()])
+                .with_label_values(&[&st.name, &addr, b.state.as_str()])
                 .set(1);
             failures
-                .with_label_values(&labels)
-                .set(i64::from(b.live.consecutive_failures.load(Relaxed)));
-            ejections
-                .with_label_values(&labels)
-                .set(b.live.ejections.load(Relaxed) as i64);
+                .with_label_values(&l)
+                .set(i64::from(b.consecutive_failures));
+            ejections.with_label_values(&l).set(b.ejections as i64);
+            if b.checks > 0 {
+                checks.with_label_values(&l).set(b.checks as i64);
+            }
+            if let Some(c) = &b.last_check {
+                check_up.with_label_values(&l).set(i64::from(c.ok));
+                check_latency
+                    .with_label_values(&l)
+                    .set(c.latency.as_secs_f64());
+            }
+        }
+        for d in &st.discovery {
+            let l = [st.name.as_str(), d.target.as_str()];
+            dns_lookups.with_label_values(&l).set(d.lookups as i64);
+            dns_failures.with_label_values(&l).set(d.failures as i64);
+            dns_addresses
+                .with_label_values(&l)
+                .set(d.addresses.len() as i64);
         }
     }
     use prometheus::core::Collector;
-    [active, state, failures, ejections, pool_active]
-        .iter()
-        .flat_map(|g| g.collect())
-        .collect()
+    let mut out: Vec<MetricFamily> = [
+        active,
+        state,
+        failures,
+        ejections,
+        checks,
+        check_up,
+        pool_active,
+        panic,
+        dns_lookups,
+        dns_failures,
+        dns_addresses,
+        config_info,
+    ]
+    .iter()
+    .flat_map(|g| g.collect())
+    .collect();
+    out.extend(check_latency.collect());
+    out
 }
 
 /// Sets a route's `split:` in a config text (the route's `pool:` goes).
