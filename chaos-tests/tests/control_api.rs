@@ -392,6 +392,22 @@ async fn pools_drain_split_and_metrics() {
         2.0
     );
     assert_eq!(get("agiproxy_build_info", &[]), 1.0);
+    let (_, st) = call(&good, t, "GET", "/v1/status", &[], None).await;
+    let hash = st["hash"].as_str().unwrap();
+    // Regression: an empty live family (no health checks here) once cut the
+    // exposition short; everything after it was missing.
+    assert_eq!(
+        get("agiproxy_config_info", &[("hash", hash)]),
+        1.0,
+        "one series, the running hash"
+    );
+    assert_eq!(
+        samples
+            .iter()
+            .filter(|(n, _, _)| n == "agiproxy_config_info")
+            .count(),
+        1
+    );
     assert!(
         get(
             "agiproxy_control_requests_total",

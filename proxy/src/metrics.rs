@@ -187,10 +187,14 @@ impl Metrics {
     /// The exposition plus families computed at scrape time (live state).
     pub fn render_with(&self, extra: Vec<prometheus::proto::MetricFamily>) -> String {
         let mut families = self.registry.gather();
-        families.extend(extra);
+        // A family without samples (no pool has health checks, say) is an
+        // encoding error that would cut the exposition short.
+        families.extend(extra.into_iter().filter(|f| !f.get_metric().is_empty()));
         let mut out = String::new();
         let enc = prometheus::TextEncoder::new();
-        let _ = enc.encode_utf8(&families, &mut out);
+        if let Err(e) = enc.encode_utf8(&families, &mut out) {
+            tracing::warn!(error = %e, "metrics exposition incomplete");
+        }
         out
     }
 }
