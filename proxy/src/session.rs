@@ -101,6 +101,14 @@ impl SessionRecord {
     }
 }
 
+fn header_limits(cfg: &agiproxy_config::Config) -> HeaderLimits {
+    HeaderLimits {
+        max_bytes: cfg.limits.max_header_bytes,
+        max_lines: cfg.limits.max_header_lines,
+        timeout: cfg.timeouts.header,
+    }
+}
+
 /// Serves one accepted connection from Asterisk.
 pub async fn serve(
     shared: Arc<Shared>,
@@ -140,11 +148,7 @@ fn finish(shared: &Shared, rec: SessionRecord) {
 
 async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut SessionRecord) {
     let cfg = &snap.config;
-    let limits = HeaderLimits {
-        max_bytes: cfg.limits.max_header_bytes,
-        max_lines: cfg.limits.max_header_lines,
-        timeout: cfg.timeouts.header,
-    };
+    let limits = header_limits(cfg);
     let header = match read_header(a, &limits).await {
         Ok(h) => h,
         Err(e) => return bad_header(shared, a, rec, e, &limits).await,
@@ -294,11 +298,7 @@ pub async fn reject_overloaded(
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
     let cfg = &snap.config;
-    let limits = HeaderLimits {
-        max_bytes: cfg.limits.max_header_bytes,
-        max_lines: cfg.limits.max_header_lines,
-        timeout: cfg.timeouts.header,
-    };
+    let limits = header_limits(cfg);
     match read_header(&mut a, &limits).await {
         Ok(h) => {
             rec.script = h.get("agi_network_script").unwrap_or("").to_string();

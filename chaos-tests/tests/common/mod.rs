@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use agiproxy::{Server, SessionRecord};
-use chaos_tests::{AgiHeader, FakeAsterisk};
+use chaos_tests::{AgiHeader, AgiStatus, CallOutcome, FakeAsterisk};
 
 pub struct Proxy {
     pub server: Server,
@@ -50,4 +50,28 @@ pub async fn next_record(
         .await
         .expect("a session record within 10 s")
         .expect("record channel open")
+}
+
+/// The call ended with AGISTATUS=FAILURE, the proxy's reason in
+/// AGIPROXY_ERROR, and no protocol violation on the way.
+pub fn assert_failure(out: &CallOutcome, reason: &str) {
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some(reason),
+        "{out:?}"
+    );
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+}
+
+/// Polls `cond` every 5 ms until it holds; panics after `within`.
+pub async fn wait_until(what: &str, within: Duration, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
