@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks the agiproxy Helm chart: `helm lint --strict`, `helm template` with
-# the default values and with every helm/agiproxy/ci/*-values.yaml, and
-# `agiproxy check` on the config file each rendering puts in the ConfigMap.
+# the default values, with every helm/agiproxy/ci/*-values.yaml and with each
+# values file given as an argument, and `agiproxy check` on the config file
+# each rendering puts in the ConfigMap.
 #
-#   bash helm/test-chart.sh
+#   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
 # Exit 0: every check passed, or helm is not installed (then it says
 # "helm not installed, skipped" and checks nothing). Exit 1: a check failed.
@@ -69,9 +70,17 @@ sets=(default)
 for f in "$chart"/ci/*-values.yaml; do
     [[ -e "$f" ]] && sets+=("$f")
 done
+for f in "$@"; do
+    if [[ ! -r "$f" ]]; then
+        echo "test-chart: cannot read values file $f" >&2
+        exit 1
+    fi
+    sets+=("$(cd "$(dirname "$f")" && pwd)/$(basename "$f")")
+done
 
 for set in "${sets[@]}"; do
     name="$(basename "$set" .yaml)"
+    [[ -e "$work/$name.all.yaml" ]] && name="$name-$RANDOM"
     args=()
     [[ "$set" != default ]] && args=(-f "$set")
     echo "== $name"

@@ -24,7 +24,8 @@ pub struct CtlArgs {
     )]
     pub url: String,
     /// Every replica behind a DNS name: dns:NAME:PORT (A/AAAA), or
-    /// dns:_agiproxy._tcp.NAME (SRV, ports from the records).
+    /// dns:_control._tcp.NAME (SRV, ports from the records; the helm chart's
+    /// headless Service publishes `_control._tcp`).
     #[arg(long)]
     pub cluster: Option<String>,
     /// Use https for --cluster replicas.
@@ -569,7 +570,7 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("5").is_err());
         assert_eq!(
-            tls_name("_agiproxy._tcp.agiproxy.ops.svc"),
+            tls_name("_control._tcp.agiproxy.ops.svc"),
             "agiproxy.ops.svc"
         );
         assert_eq!(tls_name("agiproxy.ops.svc:9090"), "agiproxy.ops.svc");

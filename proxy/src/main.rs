@@ -136,7 +136,36 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every proxied session
+/// holds two descriptors, and runtimes often start processes at 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let soft = lim.rlim_cur;
+        if soft < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                lim.rlim_cur = soft;
+            }
+        }
+    }
+    tracing::info!(
+        soft = lim.rlim_cur,
+        hard = lim.rlim_max,
+        sessions = lim.rlim_cur / 2,
+        "open-files limit (two per session)"
+    );
+}
+
 async fn run(path: PathBuf) -> anyhow::Result<()> {
+    raise_fd_limit();
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let config = agiproxy_config::from_yaml_str(&text)
