@@ -373,6 +373,9 @@ impl BackendLive {
         self.awaiting_check.store(false, Ordering::Relaxed);
         self.check_passes.store(0, Ordering::Relaxed);
         self.check_failures.store(0, Ordering::Relaxed);
+        // No stale `check_up` series (and alerts on it) after checks go.
+        self.checks.store(0, Ordering::Relaxed);
+        *lock(&self.last_check) = None;
     }
 }
 

@@ -234,6 +234,9 @@ impl Server {
             Err(ApplyError::Invalid(_)) => "invalid",
             Err(ApplyError::Stale { .. }) => "stale",
             Err(ApplyError::Bind(_)) => "bind_failed",
+            // A split naming a route that does not exist: a request error,
+            // not a refused config.
+            Err(ApplyError::NotFound(_)) => "not_found",
             Err(_) => "error",
         };
         self.shared
