@@ -16,7 +16,11 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -125,13 +129,17 @@ impl<'s> Relay<'s> {
         }
         let sleep = tokio::time::sleep_until(self.deadline.unwrap_or_else(far_future));
         tokio::pin!(sleep);
+        // Made once: a new `cancelled()` each turn would register and drop a
+        // waiter under the token's lock every time.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         let mut armed_at = self.deadline;
         let end = loop {
             if let Some(end) = self.finished() {
                 break end;
             }
             if let Some(reason) = self.failure_due() {
-                break self.fail(reason).await;
+                break Box::pin(self.fail(reason)).await;
             }
             let deadline = self.active_deadline();
             if deadline != armed_at {
@@ -142,7 +150,7 @@ impl<'s> Relay<'s> {
             }
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break self.abort().await,
+                _ = &mut cancelled => break Box::pin(self.abort()).await,
                 r = self.a.readable(), if self.want_read_a() => {
                     if r.is_err() { self.a_dead = true } else { self.on_asterisk_readable() }
                 }
@@ -157,7 +165,7 @@ impl<'s> Relay<'s> {
                 }
                 _ = &mut sleep, if deadline.is_some() => {
                     if self.turn.backend_owes_command() && !self.b_eof && !self.a_eof {
-                        break self.fail(Reason::NextCommandTimeout).await;
+                        break Box::pin(self.fail(Reason::NextCommandTimeout)).await;
                     }
                     // Asterisk closed and the backend lingers: stop waiting.
                     break RelayEnd::Closed;
@@ -267,15 +275,16 @@ impl<'s> Relay<'s> {
     // ---- backend -> Asterisk ----
 
     fn on_backend_readable(&mut self) {
-        let mut buf = [0u8; READ_CHUNK];
-        match self.b.try_read(&mut buf) {
-            Ok(0) => self.backend_eof(),
-            Ok(n) => {
+        let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut buf);
+        match read_now(self.b, &mut buf) {
+            Some(Ok(0)) => self.backend_eof(),
+            Some(Ok(n)) => {
                 self.stats.bytes_to_asterisk += n as u64;
-                self.ingest_backend(&buf[..n]);
+                self.ingest_backend(buf.filled());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.backend_reset(),
+            None => {}
+            Some(Err(_)) => self.backend_reset(),
         }
     }
 
@@ -408,21 +417,22 @@ impl<'s> Relay<'s> {
     // ---- Asterisk -> backend ----
 
     fn on_asterisk_readable(&mut self) {
-        let mut buf = [0u8; READ_CHUNK];
-        match self.a.try_read(&mut buf) {
-            Ok(0) => {
+        let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut buf);
+        match read_now(self.a, &mut buf) {
+            Some(Ok(0)) => {
                 self.a_eof = true;
                 if !self.a_partial.is_empty() {
                     let rest = std::mem::take(&mut self.a_partial);
                     self.send_b(&rest);
                 }
             }
-            Ok(n) => {
+            Some(Ok(n)) => {
                 self.stats.bytes_from_asterisk += n as u64;
-                self.ingest_asterisk(&buf[..n]);
+                self.ingest_asterisk(buf.filled());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.a_dead = true,
+            None => {}
+            Some(Err(_)) => self.a_dead = true,
         }
     }
 
@@ -525,6 +535,20 @@ impl<'s> Relay<'s> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.b_write_failed(),
         }
+    }
+}
+
+/// One read, now: `Some(Ok(n))` bytes read (0 at EOF), `None` when nothing
+/// is there. Goes through `poll_read` rather than `try_read` because tokio
+/// then clears the socket's readiness after a short read: the next turn
+/// waits for epoll instead of paying a `recvfrom` that returns EAGAIN. The
+/// buffer is uninitialised stack memory: nothing is zeroed per read.
+fn read_now(stream: &mut TcpStream, buf: &mut ReadBuf<'_>) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(stream).poll_read(&mut cx, buf) {
+        Poll::Ready(Ok(())) => Some(Ok(buf.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
     }
 }
 

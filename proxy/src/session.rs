@@ -151,13 +151,13 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     let limits = header_limits(cfg);
     let header = match read_header(a, &limits).await {
         Ok(h) => h,
-        Err(e) => return bad_header(shared, a, rec, e, &limits).await,
+        Err(e) => return Box::pin(bad_header(shared, a, rec, e, &limits)).await,
     };
     let header_done = Instant::now();
     rec.script = header.get("agi_network_script").unwrap_or("").to_string();
 
     let Some(ri) = snap.router.route(&header, rec.peer.ip()) else {
-        return fail(a, rec, Reason::NoRoute).await;
+        return Box::pin(fail(a, rec, Reason::NoRoute)).await;
     };
     let route = &snap.router.routes()[ri].route;
     rec.route = Some(route.name.clone());
@@ -166,11 +166,16 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     rec.pool = Some(pool.name.clone());
     let candidates = match pool.candidates(&header) {
         Ok(o) => o,
-        Err(NoBackend::AllEjected) => return fail(a, rec, Reason::NoBackend).await,
-        Err(NoBackend::Full) => return fail(a, rec, Reason::PoolFull).await,
+        Err(NoBackend::AllEjected) => return Box::pin(fail(a, rec, Reason::NoBackend)).await,
+        Err(NoBackend::Full) => return Box::pin(fail(a, rec, Reason::PoolFull)).await,
     };
 
-    let local = a.local_addr().unwrap_or(rec.peer);
+    // A `getsockname` per session, only when a template can use it.
+    let local = if route.set.is_empty() {
+        rec.peer
+    } else {
+        a.local_addr().unwrap_or(rec.peer)
+    };
     let ctx = TemplateContext {
         remote: rec.peer,
         local,
@@ -196,7 +201,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
         Ok(at) => at,
         Err(AttachError::Failed { reason, attempts }) => {
             rec.attempts = attempts;
-            return fail(a, rec, reason).await;
+            return Box::pin(fail(a, rec, reason)).await;
         }
         Err(AttachError::ClientGone { attempts }) => {
             rec.attempts = attempts;
