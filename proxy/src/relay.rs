@@ -16,6 +16,7 @@
 use std::io;
 use std::time::Duration;
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -47,6 +48,26 @@ pub struct RelayOptions {
     pub next_command: Duration,
     /// Forward Asterisk's unsolicited `HANGUP` to the backend.
     pub forward_hangup: bool,
+}
+
+/// What the relay waits for in one turn.
+#[derive(Clone, Copy)]
+struct Wants {
+    read_a: bool,
+    write_a: bool,
+    write_b: bool,
+    read_b: bool,
+    deadline: bool,
+}
+
+/// What woke the relay (`false`: the socket reported an error).
+enum Event {
+    Cancelled,
+    ReadA(bool),
+    WriteA(bool),
+    WriteB(bool),
+    ReadB(bool),
+    Deadline,
 }
 
 /// How the relay ended.
@@ -123,7 +144,7 @@ impl<'s> Relay<'s> {
 
     /// Runs the session to its end. `early` are bytes Asterisk sent before
     /// the backend was attached.
-    pub async fn run(mut self, early: &[u8], cancel: &CancellationToken) -> (RelayEnd, RelayStats) {
+    pub async fn run(&mut self, early: &[u8], cancel: &CancellationToken) -> RelayEnd {
         if !early.is_empty() {
             self.ingest_asterisk(early);
         }
@@ -134,12 +155,12 @@ impl<'s> Relay<'s> {
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
         let mut armed_at = self.deadline;
-        let end = loop {
+        loop {
             if let Some(end) = self.finished() {
-                break end;
+                return end;
             }
             if let Some(reason) = self.failure_due() {
-                break Box::pin(self.fail(reason)).await;
+                return Box::pin(self.fail(reason)).await;
             }
             let deadline = self.active_deadline();
             if deadline != armed_at {
@@ -148,31 +169,65 @@ impl<'s> Relay<'s> {
                 }
                 armed_at = deadline;
             }
-            tokio::select! {
-                biased;
-                _ = &mut cancelled => break Box::pin(self.abort()).await,
-                r = self.a.readable(), if self.want_read_a() => {
-                    if r.is_err() { self.a_dead = true } else { self.on_asterisk_readable() }
+            // One hand-written poll over the sockets' readiness instead of a
+            // `select!` of readiness futures: nothing is built, registered
+            // and dropped per turn, and the future stays small.
+            let want = Wants {
+                read_a: self.want_read_a(),
+                write_a: !self.a_out.is_empty() && !self.a_dead,
+                write_b: !self.b_out.is_empty() && !self.b_shut,
+                read_b: self.want_read_b(),
+                deadline: deadline.is_some(),
+            };
+            let (a, b) = (&*self.a, &*self.b);
+            let event = std::future::poll_fn(|cx| {
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Cancelled);
                 }
-                r = self.a.writable(), if !self.a_out.is_empty() && !self.a_dead => {
-                    if r.is_err() { self.a_dead = true } else { self.flush_a() }
+                if want.read_a {
+                    if let Poll::Ready(r) = a.poll_read_ready(cx) {
+                        return Poll::Ready(Event::ReadA(r.is_ok()));
+                    }
                 }
-                r = self.b.writable(), if !self.b_out.is_empty() && !self.b_shut => {
-                    if r.is_err() { self.b_write_failed() } else { self.flush_b() }
+                if want.write_a {
+                    if let Poll::Ready(r) = a.poll_write_ready(cx) {
+                        return Poll::Ready(Event::WriteA(r.is_ok()));
+                    }
                 }
-                r = self.b.readable(), if self.want_read_b() => {
-                    if r.is_err() { self.backend_reset() } else { self.on_backend_readable() }
+                if want.write_b {
+                    if let Poll::Ready(r) = b.poll_write_ready(cx) {
+                        return Poll::Ready(Event::WriteB(r.is_ok()));
+                    }
                 }
-                _ = &mut sleep, if deadline.is_some() => {
+                if want.read_b {
+                    if let Poll::Ready(r) = b.poll_read_ready(cx) {
+                        return Poll::Ready(Event::ReadB(r.is_ok()));
+                    }
+                }
+                if want.deadline && sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Deadline);
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Cancelled => return Box::pin(self.abort()).await,
+                Event::ReadA(true) => self.on_asterisk_readable(),
+                Event::ReadA(false) | Event::WriteA(false) => self.a_dead = true,
+                Event::WriteA(true) => self.flush_a(),
+                Event::WriteB(true) => self.flush_b(),
+                Event::WriteB(false) => self.b_write_failed(),
+                Event::ReadB(true) => self.on_backend_readable(),
+                Event::ReadB(false) => self.backend_reset(),
+                Event::Deadline => {
                     if self.turn.backend_owes_command() && !self.b_eof && !self.a_eof {
-                        break Box::pin(self.fail(Reason::NextCommandTimeout)).await;
+                        return Box::pin(self.fail(Reason::NextCommandTimeout)).await;
                     }
                     // Asterisk closed and the backend lingers: stop waiting.
-                    break RelayEnd::Closed;
+                    return RelayEnd::Closed;
                 }
             }
-        };
-        (end, self.stats)
+        }
     }
 
     fn want_read_a(&self) -> bool {

@@ -232,9 +232,9 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
                 forward_hangup: route.forward_hangup,
             };
             let early = std::mem::take(&mut at.early);
-            Relay::new(a, &mut at.stream, opts)
-                .run(&early, &shared.drain.force)
-                .await
+            let mut relay = Relay::new(a, &mut at.stream, opts);
+            let end = relay.run(&early, &shared.drain.force).await;
+            (end, relay.stats)
         }
     };
     rec.bytes_from_asterisk = stats.bytes_from_asterisk;
