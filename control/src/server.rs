@@ -150,11 +150,11 @@ pub fn router<P: ControlPlane>(
         .route("/v1/pools/{pool}", get(pool::<P>))
         .route(
             "/v1/pools/{pool}/backends/{backend}/drain",
-            post(backend_drain::<P>),
+            post(|s: S<P>, p| backend_draining(s, p, true)),
         )
         .route(
             "/v1/pools/{pool}/backends/{backend}/enable",
-            post(backend_enable::<P>),
+            post(|s: S<P>, p| backend_draining(s, p, false)),
         )
         .route("/v1/routes/{route}/split", put(split::<P>))
         .route("/v1/drain", post(drain::<P>))
@@ -378,21 +378,13 @@ async fn pool<P: ControlPlane>(State(ctx): S<P>, Path(name): Path<String>) -> Re
     }
 }
 
-async fn backend_drain<P: ControlPlane>(
+/// `drain` (true) or `enable` (false) one backend.
+async fn backend_draining<P: ControlPlane>(
     State(ctx): S<P>,
     Path((pool, backend)): Path<(String, String)>,
+    draining: bool,
 ) -> Response {
-    match ctx.plane.set_backend_draining(&pool, &backend, true) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn backend_enable<P: ControlPlane>(
-    State(ctx): S<P>,
-    Path((pool, backend)): Path<(String, String)>,
-) -> Response {
-    match ctx.plane.set_backend_draining(&pool, &backend, false) {
+    match ctx.plane.set_backend_draining(&pool, &backend, draining) {
         Ok(v) => Json(v).into_response(),
         Err(e) => control_error(e),
     }

@@ -102,6 +102,22 @@ fn ctl(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `agiproxy ctl --url API config apply -f FILE [--if-match GENERATION]`.
+fn apply(api: &str, file: &Path, if_match: Option<&str>) -> Output {
+    let mut args = vec![
+        "--url",
+        api,
+        "config",
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+    ];
+    if let Some(g) = if_match {
+        args.extend(["--if-match", g]);
+    }
+    ctl(&args)
+}
+
 fn status(api: &str) -> Option<serde_json::Value> {
     let out = ctl(&["--url", api, "--output", "json", "status"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
@@ -199,14 +215,7 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     // The API: refused with every error and its path, non-zero exit.
     let bad = std::env::temp_dir().join(format!("agiproxy-bad-{port}.yaml"));
     std::fs::write(&bad, &invalid).unwrap();
-    let out = ctl(&[
-        "--url",
-        &api,
-        "config",
-        "apply",
-        "-f",
-        bad.to_str().unwrap(),
-    ]);
+    let out = apply(&api, &bad, None);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -220,32 +229,14 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     // If-Match with a stale generation: 412, nothing changes.
     let good = std::env::temp_dir().join(format!("agiproxy-good-{port}.yaml"));
     std::fs::write(&good, config(&control, "a", a.addr(), b.addr())).unwrap();
-    let out = ctl(&[
-        "--url",
-        &api,
-        "config",
-        "apply",
-        "-f",
-        good.to_str().unwrap(),
-        "--if-match",
-        "1",
-    ]);
+    let out = apply(&api, &good, Some("1"));
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("412"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let out = ctl(&[
-        "--url",
-        &api,
-        "config",
-        "apply",
-        "-f",
-        good.to_str().unwrap(),
-        "--if-match",
-        "2",
-    ]);
+    let out = apply(&api, &good, Some("2"));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -388,14 +379,7 @@ async fn regression_api_changes_last_until_the_file_changes() {
 
     let change = dir.join("change.yaml");
     std::fs::write(&change, config(&control, "b", a.addr(), b.addr())).unwrap();
-    let out = ctl(&[
-        "--url",
-        &api,
-        "config",
-        "apply",
-        "-f",
-        change.to_str().unwrap(),
-    ]);
+    let out = apply(&api, &change, None);
     assert_eq!(
         out.status.code(),
         Some(0),
