@@ -185,7 +185,7 @@ async fn routing_table() {
         };
         assert_eq!(out.status, AgiStatus::Success, "case {i}: {out:?}");
         let pool = rec.pool.clone().unwrap();
-        let got = backends[pool.as_str()]
+        let got = backends[&*pool]
             .stats()
             .headers()
             .pop()

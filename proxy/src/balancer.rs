@@ -128,6 +128,8 @@ const FAILING: u8 = 2;
 #[derive(Debug)]
 pub struct BackendLive {
     pub addr: SocketAddr,
+    /// The address as text, formatted once: the `backend` metric label.
+    pub label: Box<str>,
     /// Sessions holding this backend (attempts in progress included).
     pub active: AtomicU32,
     /// Sessions committed on this backend.
@@ -162,6 +164,7 @@ impl BackendLive {
     pub fn new(addr: SocketAddr) -> BackendLive {
         BackendLive {
             addr,
+            label: addr.to_string().into(),
             active: AtomicU32::new(0),
             total: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -612,7 +615,8 @@ pub struct PoolStatus {
 
 #[derive(Debug)]
 pub struct PoolState {
-    pub name: String,
+    /// Shared text: every session's record names its pool without a copy.
+    pub name: Arc<str>,
     pub balance: Balance,
     pub backoff: Backoff,
     pub max_sessions: Option<u32>,
@@ -640,7 +644,7 @@ impl PoolState {
             cancel: CancellationToken::new(),
         });
         PoolState {
-            name: pool.name.clone(),
+            name: pool.name.as_str().into(),
             balance: pool.balance.clone(),
             backoff: pool.backoff,
             max_sessions: pool.max_sessions,
@@ -1055,7 +1059,7 @@ impl PoolState {
                 .collect()
         };
         PoolStatus {
-            name: self.name.clone(),
+            name: self.name.to_string(),
             balance: self.balance.to_string(),
             active_sessions: self.live.active.load(Ordering::Relaxed),
             backends,

@@ -4,7 +4,12 @@
 //! silent is abandoned (politely) and the next one gets the same header.
 
 use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::ReadBuf;
 
 use agiproxy_config::Timeouts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,6 +18,7 @@ use tokio::net::TcpStream;
 use crate::balancer::{Candidates, Lease, PoolState};
 use crate::metrics::Metrics;
 use crate::outcome::Reason;
+use crate::relay::read_now;
 
 /// A backend that has sent its first byte: the session commits on it.
 pub struct Attached {
@@ -26,6 +32,9 @@ pub struct Attached {
     pub first_command_deadline: tokio::time::Instant,
     /// Bytes Asterisk sent while we searched (normally none; a `HANGUP`).
     pub early: Vec<u8>,
+    /// The backend's first bytes (its first command, normally), already
+    /// read: the relay starts with them.
+    pub first: Vec<u8>,
 }
 
 pub enum AttachError {
@@ -40,7 +49,7 @@ pub enum AttachError {
 }
 
 enum Wait {
-    FirstByte,
+    FirstBytes(Vec<u8>),
     Closed,
     Reset,
     Timeout,
@@ -94,56 +103,44 @@ pub async fn attach(
         attempts += 1;
         let backend = lease.backend.clone();
         let limit = t.connect.min(deadline - now);
-        let stream = match tokio::time::timeout(limit, TcpStream::connect(backend.addr)).await {
+        let stream = match tokio::time::timeout(limit, connect_with_header(backend.addr, header))
+            .await
+        {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                metrics
-                    .connect_attempts
-                    .with_label_values(&[connect_error_label(&e)])
-                    .inc();
+            Ok(Err(Opened::ConnectFailed(e))) => {
+                metrics.connect_result(connect_error_label(&e)).inc();
                 let wait = pool.passive_failure(&backend, "connect failed");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, error = %e, backoff = ?wait, "connect failed");
                 reason = Reason::ConnectFailed;
                 continue;
             }
+            Ok(Err(Opened::HeaderRefused(e))) => {
+                metrics.connect_result("connected").inc();
+                tracing::debug!(backend = %backend.addr, error = %e, "backend closed before taking the header");
+                pool.passive_failure(&backend, "closed before taking the header");
+                reason = Reason::BackendClosed;
+                continue;
+            }
             Err(_) if limit < t.connect => {
                 // The budget ran out mid-connect: not the backend's fault.
-                metrics
-                    .connect_attempts
-                    .with_label_values(&["timeout"])
-                    .inc();
+                metrics.connect_result("timeout").inc();
                 reason = Reason::BudgetExhausted;
                 continue;
             }
             Err(_) => {
-                metrics
-                    .connect_attempts
-                    .with_label_values(&["timeout"])
-                    .inc();
+                metrics.connect_result("timeout").inc();
                 let wait = pool.passive_failure(&backend, "connect timed out");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
                 reason = Reason::ConnectFailed;
                 continue;
             }
         };
-        metrics
-            .connect_attempts
-            .with_label_values(&["connected"])
-            .inc();
+        metrics.connect_result("connected").inc();
         let connect_time = started.elapsed();
-        let _ = stream.set_nodelay(true);
-        // The header is far smaller than a socket buffer, so this completes
-        // at once unless the backend is already gone.
         let mut stream = stream;
-        if let Err(e) = stream.write_all(header).await {
-            tracing::debug!(backend = %backend.addr, error = %e, "backend closed before taking the header");
-            pool.passive_failure(&backend, "closed before taking the header");
-            reason = Reason::BackendClosed;
-            continue;
-        }
         let first_deadline = tokio::time::Instant::now() + t.first_command;
         match wait_first_byte(&mut stream, asterisk, early, first_deadline, raw).await {
-            Wait::FirstByte => {
+            Wait::FirstBytes(first) => {
                 pool.passive_success(&backend);
                 backend
                     .total
@@ -156,6 +153,7 @@ pub async fn attach(
                     first_byte_time: started.elapsed(),
                     first_command_deadline: first_deadline,
                     early: std::mem::take(early),
+                    first,
                 });
             }
             Wait::ClientGone => {
@@ -190,8 +188,9 @@ fn connect_error_label(e: &io::Error) -> &'static str {
 /// stop reading (only a raw-mode client sends more than a `HANGUP`).
 const MAX_EARLY: usize = 64 * 1024;
 
-/// Waits for the backend's first byte without consuming it (the relay reads
-/// it), while still reading Asterisk promptly: it may hang up meanwhile.
+/// Waits for the backend's first bytes and returns them, while still reading
+/// Asterisk promptly: it may hang up meanwhile. (Reading rather than
+/// peeking saves a system call per session; the relay starts with them.)
 /// In raw mode a half-close from the client is legitimate, not a hang-up.
 async fn wait_first_byte(
     backend: &mut TcpStream,
@@ -204,13 +203,20 @@ async fn wait_first_byte(
     tokio::pin!(sleep);
     let mut asterisk_eof = false;
     loop {
-        let mut one = [0u8; 1];
         tokio::select! {
-            r = backend.peek(&mut one) => return match r {
-                Ok(0) => Wait::Closed,
-                Ok(_) => Wait::FirstByte,
-                Err(_) => Wait::Reset,
-            },
+            r = backend.readable() => {
+                if r.is_err() {
+                    return Wait::Reset;
+                }
+                let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+                let mut buf = ReadBuf::uninit(&mut buf);
+                match read_now(backend, &mut buf) {
+                    Some(Ok(0)) => return Wait::Closed,
+                    Some(Ok(_)) => return Wait::FirstBytes(buf.filled().to_vec()),
+                    Some(Err(_)) => return Wait::Reset,
+                    None => {}
+                }
+            }
             r = asterisk.readable(), if !asterisk_eof && early.len() < MAX_EARLY => {
                 if r.is_err() {
                     return Wait::ClientGone;
@@ -227,6 +233,63 @@ async fn wait_first_byte(
             _ = &mut sleep => return Wait::Timeout,
         }
     }
+}
+
+/// Why a backend could not be opened with the header sent.
+enum Opened {
+    ConnectFailed(io::Error),
+    HeaderRefused(io::Error),
+}
+
+/// Connects and sends the header at once, the way HAProxy does: on
+/// loopback and fast networks the handshake has finished by the time
+/// `connect` returns `EINPROGRESS`, so the header goes out without waiting
+/// for writability and asking `SO_ERROR` (one wake-up and one system call
+/// fewer per session). Otherwise it waits for the connect like any client.
+async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStream, Opened> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(Opened::ConnectFailed)?;
+    socket
+        .set_nonblocking(true)
+        .map_err(Opened::ConnectFailed)?;
+    socket.set_nodelay(true).map_err(Opened::ConnectFailed)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(Opened::ConnectFailed(e)),
+    }
+    let mut stream =
+        TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(Opened::ConnectFailed)?;
+    let mut sent = 0;
+    let mut connected = false;
+    while sent < header.len() {
+        match stream.try_write(&header[sent..]) {
+            Ok(n) => {
+                sent += n;
+                connected = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !connected {
+                    stream.writable().await.map_err(Opened::ConnectFailed)?;
+                    if let Some(e) = stream.take_error().map_err(Opened::ConnectFailed)? {
+                        return Err(Opened::ConnectFailed(e));
+                    }
+                    connected = true;
+                } else {
+                    // The header is far smaller than a socket buffer; this
+                    // only happens when the backend stopped reading.
+                    return stream
+                        .write_all(&header[sent..])
+                        .await
+                        .map(|()| stream)
+                        .map_err(Opened::HeaderRefused);
+                }
+            }
+            Err(e) if !connected => return Err(Opened::ConnectFailed(e)),
+            Err(e) => return Err(Opened::HeaderRefused(e)),
+        }
+    }
+    Ok(stream)
 }
 
 /// How long an abandoned backend gets to close after our `HANGUP`.

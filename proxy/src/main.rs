@@ -30,6 +30,12 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
+    /// Threads serving sessions (default: the CPUs this process may use,
+    /// cgroup quota included). 1 runs everything on one thread with no
+    /// cross-thread scheduling: the cheapest per session, and the right
+    /// choice for a replica limited to one CPU.
+    #[arg(long, env = "AGIPROXY_WORKERS", global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,10 +75,10 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config } => {
             logging::init(cli.log_format, &cli.log_level);
-            report(runtime().and_then(|rt| rt.block_on(run(config))))
+            report(runtime(cli.workers).and_then(|rt| rt.block_on(run(config))))
         }
         Command::Ctl(args) => {
-            let code = match runtime() {
+            let code = match runtime(Some(1)) {
                 Ok(rt) => rt.block_on(agiproxy_control::ctl::run(args, &DnsCluster)),
                 Err(e) => {
                     eprintln!("agiproxy: {e:#}");
@@ -86,13 +92,28 @@ fn main() -> ExitCode {
                 cli.log_format,
                 &format!("{},agiproxy::access=warn", cli.log_level),
             );
-            report(runtime().and_then(|rt| rt.block_on(demo::run(listen, once))))
+            report(runtime(cli.workers).and_then(|rt| rt.block_on(demo::run(listen, once))))
         }
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// One worker: a current-thread runtime (no work stealing, no wake-ups
+/// across threads; about a tenth less CPU per session than a one-worker
+/// multi-thread runtime, see docs/benchmarks.md). More: a multi-thread
+/// runtime with that many workers.
+fn runtime(workers: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

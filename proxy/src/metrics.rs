@@ -10,6 +10,9 @@ use prometheus::{
 
 use crate::outcome::{Outcome, Reason};
 
+/// The results `connect_attempts_total` counts ("error" last: the catch-all).
+pub const CONNECT_RESULTS: [&str; 5] = ["connected", "refused", "reset", "timeout", "error"];
+
 pub struct Metrics {
     pub registry: Registry,
     /// By route, pool, backend and outcome: all bounded by the config.
@@ -18,6 +21,8 @@ pub struct Metrics {
     pub header_errors: IntCounterVec,
     pub active_sessions: IntGauge,
     pub connect_attempts: IntCounterVec,
+    /// `connect_attempts` by result, resolved once (the session path).
+    connect_results: [IntCounter; 5],
     pub bytes_from_asterisk: IntCounter,
     pub bytes_to_asterisk: IntCounter,
     pub crlf_fixed: IntCounter,
@@ -146,6 +151,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
+        let connect_results = CONNECT_RESULTS.map(|r| connect_attempts.with_label_values(&[r]));
         let failures = Reason::ALL
             .iter()
             .map(|r| failures_vec.with_label_values(&[r.as_str()]))
@@ -157,6 +163,7 @@ impl Metrics {
             header_errors,
             active_sessions,
             connect_attempts,
+            connect_results,
             bytes_from_asterisk,
             bytes_to_asterisk,
             crlf_fixed,
@@ -173,6 +180,13 @@ impl Metrics {
         self.sessions
             .with_label_values(&[route, pool, backend, o.as_str()])
             .inc();
+    }
+
+    /// The `connect_attempts_total` counter of one result (one of
+    /// [`CONNECT_RESULTS`]).
+    pub fn connect_result(&self, result: &str) -> &IntCounter {
+        let i = CONNECT_RESULTS.iter().position(|r| *r == result);
+        &self.connect_results[i.unwrap_or(CONNECT_RESULTS.len() - 1)]
     }
 
     pub fn failure(&self, r: Reason) -> &IntCounter {

@@ -143,10 +143,20 @@ impl<'s> Relay<'s> {
     }
 
     /// Runs the session to its end. `early` are bytes Asterisk sent before
-    /// the backend was attached.
-    pub async fn run(&mut self, early: &[u8], cancel: &CancellationToken) -> RelayEnd {
+    /// the backend was attached, `first` the backend's bytes read while
+    /// attaching it.
+    pub async fn run(
+        &mut self,
+        early: &[u8],
+        first: &[u8],
+        cancel: &CancellationToken,
+    ) -> RelayEnd {
         if !early.is_empty() {
             self.ingest_asterisk(early);
+        }
+        if !first.is_empty() {
+            self.stats.bytes_to_asterisk += first.len() as u64;
+            self.ingest_backend(first);
         }
         let sleep = tokio::time::sleep_until(self.deadline.unwrap_or_else(far_future));
         tokio::pin!(sleep);
@@ -598,7 +608,7 @@ impl<'s> Relay<'s> {
 /// then clears the socket's readiness after a short read: the next turn
 /// waits for epoll instead of paying a `recvfrom` that returns EAGAIN. The
 /// buffer is uninitialised stack memory: nothing is zeroed per read.
-fn read_now(stream: &mut TcpStream, buf: &mut ReadBuf<'_>) -> Option<io::Result<usize>> {
+pub(crate) fn read_now(stream: &mut TcpStream, buf: &mut ReadBuf<'_>) -> Option<io::Result<usize>> {
     let mut cx = Context::from_waker(Waker::noop());
     match Pin::new(stream).poll_read(&mut cx, buf) {
         Poll::Ready(Ok(())) => Some(Ok(buf.filled().len())),
@@ -623,9 +633,16 @@ pub async fn relay_raw(
     a: &mut TcpStream,
     b: &mut TcpStream,
     early: &[u8],
+    first: &[u8],
     cancel: &CancellationToken,
 ) -> (RelayEnd, RelayStats) {
     let mut stats = RelayStats::default();
+    if !first.is_empty() {
+        if a.write_all(first).await.is_err() {
+            return (RelayEnd::PeerError, stats);
+        }
+        stats.bytes_to_asterisk += first.len() as u64;
+    }
     if !early.is_empty() {
         if b.write_all(early).await.is_err() {
             return (RelayEnd::PeerError, stats);

@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use agiproxy_config::{Route, RouteMatch, RouteTarget};
 
@@ -13,6 +14,8 @@ use crate::header::Header;
 #[derive(Debug)]
 pub struct CompiledRoute {
     pub route: Route,
+    /// The route's name as shared text for session records (no copy per call).
+    pub name: Arc<str>,
     /// `agi_arg_N` names, built once so matching does not format strings.
     arg_names: Vec<(String, regex::Regex)>,
     /// Cumulative split weights: (upper bound, pool index).
@@ -47,6 +50,7 @@ impl Router {
                 }
                 CompiledRoute {
                     route: r.clone(),
+                    name: r.name.as_str().into(),
                     arg_names,
                     split_bands,
                 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use crate::balancer::NoBackend;
+use crate::balancer::{BackendLive, NoBackend};
 use crate::connect::{attach, AttachError, AttachPlan};
 use crate::failure::tell_failure;
 use crate::header::{discard_rest, read_header, HeaderError, HeaderLimits};
@@ -29,8 +29,8 @@ pub struct SessionRecord {
     pub generation: u64,
     /// `agi_network_script` as Asterisk sent it.
     pub script: String,
-    pub route: Option<String>,
-    pub pool: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub pool: Option<Arc<str>>,
     pub backend: Option<SocketAddr>,
     pub attempts: u32,
     pub connect_time: Option<Duration>,
@@ -43,6 +43,8 @@ pub struct SessionRecord {
     pub outcome: Outcome,
     pub reason: Option<Reason>,
     pub header_error: Option<&'static str>,
+    /// The committed backend, for its preformatted metric label.
+    live_backend: Option<Arc<BackendLive>>,
 }
 
 impl SessionRecord {
@@ -66,6 +68,7 @@ impl SessionRecord {
             outcome: Outcome::Completed,
             reason: None,
             header_error: None,
+            live_backend: None,
         }
     }
 
@@ -127,11 +130,10 @@ pub async fn serve(
 /// Counts, logs and publishes a finished session.
 fn finish(shared: &Shared, rec: SessionRecord) {
     let m = &shared.metrics;
-    let backend = rec.backend.map(|b| b.to_string());
     m.session(
         rec.route.as_deref().unwrap_or("-"),
         rec.pool.as_deref().unwrap_or("-"),
-        backend.as_deref().unwrap_or("-"),
+        rec.live_backend.as_ref().map_or("-", |b| &b.label),
         rec.outcome,
     );
     if let (Outcome::Failed, Some(r)) = (rec.outcome, rec.reason) {
@@ -159,8 +161,9 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     let Some(ri) = snap.router.route(&header, rec.peer.ip()) else {
         return Box::pin(fail(a, rec, Reason::NoRoute)).await;
     };
-    let route = &snap.router.routes()[ri].route;
-    rec.route = Some(route.name.clone());
+    let compiled = &snap.router.routes()[ri];
+    let route = &compiled.route;
+    rec.route = Some(compiled.name.clone());
     let pi = snap.router.pool_for(ri, &header);
     let pool = &snap.pools[pi];
     rec.pool = Some(pool.name.clone());
@@ -212,6 +215,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     drop(header);
     rec.attempts = at.attempts;
     rec.backend = Some(at.lease.backend.addr);
+    rec.live_backend = Some(at.lease.backend.clone());
     rec.connect_time = Some(at.connect_time);
     rec.first_command_time = Some(at.first_byte_time);
     shared
@@ -224,7 +228,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
         .observe(at.first_byte_time.as_secs_f64());
 
     let (end, stats) = match route.mode {
-        Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &shared.drain.force).await,
+        Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &at.first, &shared.drain.force).await,
         Mode::Lines => {
             let opts = RelayOptions {
                 first_command_deadline: at.first_command_deadline,
@@ -232,8 +236,9 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
                 forward_hangup: route.forward_hangup,
             };
             let early = std::mem::take(&mut at.early);
+            let first = std::mem::take(&mut at.first);
             let mut relay = Relay::new(a, &mut at.stream, opts);
-            let end = relay.run(&early, &shared.drain.force).await;
+            let end = relay.run(&early, &first, &shared.drain.force).await;
             (end, relay.stats)
         }
     };

@@ -94,6 +94,6 @@ impl Snapshot {
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
-        self.pools.iter().find(|p| p.name == name)
+        self.pools.iter().find(|p| &*p.name == name)
     }
 }

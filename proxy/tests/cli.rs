@@ -74,7 +74,36 @@ fn version_and_help() {
 
 #[test]
 fn demo_routes_real_fastagi_sessions() {
+    demo_once(&[]);
+}
+
+#[test]
+fn demo_serves_with_one_worker_thread() {
+    demo_once(&["--workers", "1"]);
+}
+
+#[test]
+fn zero_workers_is_refused_with_the_flag_named() {
     let out = bin()
+        .args(["--workers", "0", "demo", "--once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--workers"), "{stderr}");
+    let out = bin()
+        .args(["demo", "--once"])
+        .env("AGIPROXY_WORKERS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--workers"), "{stderr}");
+}
+
+fn demo_once(flags: &[&str]) {
+    let out = bin()
+        .args(flags)
         .args(["demo", "--listen", "127.0.0.1:0", "--once"])
         .output()
         .unwrap();

@@ -16,7 +16,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_proxy(backend: SocketAddr, drain: &str) -> (Child, SocketAddr) {
+/// `workers`: the `AGIPROXY_WORKERS` the proxy runs with ("1": everything
+/// on one thread, a current-thread runtime).
+async fn start_proxy(backend: SocketAddr, drain: &str, workers: &str) -> (Child, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
@@ -29,6 +31,7 @@ async fn start_proxy(backend: SocketAddr, drain: &str) -> (Child, SocketAddr) {
         .args(["run", "-c"])
         .arg(&path)
         .args(["--log-level", "warn"])
+        .env("AGIPROXY_WORKERS", workers)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -61,8 +64,17 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_calls_and_lets_50_finish() {
+    sigterm_drains_50("2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_50_on_one_worker_thread() {
+    sigterm_drains_50("1").await;
+}
+
+async fn sigterm_drains_50(workers: &str) {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Playback hello", "NOOP"])).await;
-    let (mut child, addr) = start_proxy(b.addr(), "30s").await;
+    let (mut child, addr) = start_proxy(b.addr(), "30s", workers).await;
     let calls: Vec<_> = (0..50)
         .map(|i| {
             tokio::spawn(async move {
@@ -115,7 +127,7 @@ async fn sigterm_refuses_new_calls_and_lets_50_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
-    let (mut child, addr) = start_proxy(b.addr(), "5m").await;
+    let (mut child, addr) = start_proxy(b.addr(), "5m", "1").await;
     let call = tokio::spawn(async move {
         FakeAsterisk::new()
             .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))

@@ -72,6 +72,10 @@ struct ClientArgs {
     /// The name of this run in the report.
     #[arg(long, default_value = "run")]
     label: String,
+    /// The benchmark round of this run: the report pairs the runs of two
+    /// labels with the same round (they ran back to back).
+    #[arg(long)]
+    round: Option<u32>,
     /// Print JSON instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -242,6 +246,9 @@ impl ClientArgs {
     }
 
     fn emit(&self, report: &RunReport) -> Res {
+        let mut report = report.clone();
+        report.round = self.round;
+        let report = &report;
         let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
         if let Some(path) = &self.json_out {
             std::fs::write(path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
