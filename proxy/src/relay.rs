@@ -142,15 +142,11 @@ impl<'s> Relay<'s> {
         }
     }
 
-    /// Runs the session to its end. `early` are bytes Asterisk sent before
-    /// the backend was attached, `first` the backend's bytes read while
-    /// attaching it.
-    pub async fn run(
-        &mut self,
-        early: &[u8],
-        first: &[u8],
-        cancel: &CancellationToken,
-    ) -> RelayEnd {
+    /// Takes what was read while the backend was attached: `early`, bytes
+    /// Asterisk sent meanwhile, and `first`, the backend's first bytes. (Not
+    /// part of `run`: the caller's buffers are freed before the session
+    /// settles into its long wait.)
+    pub fn begin(&mut self, early: &[u8], first: &[u8]) {
         if !early.is_empty() {
             self.ingest_asterisk(early);
         }
@@ -158,6 +154,10 @@ impl<'s> Relay<'s> {
             self.stats.bytes_to_asterisk += first.len() as u64;
             self.ingest_backend(first);
         }
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(&mut self, cancel: &CancellationToken) -> RelayEnd {
         let sleep = tokio::time::sleep_until(self.deadline.unwrap_or_else(far_future));
         tokio::pin!(sleep);
         // Made once: a new `cancelled()` each turn would register and drop a

@@ -499,12 +499,7 @@ fn spawn_session(
     let _ = stream.set_nodelay(true);
     // The one snapshot load of this session: it keeps this config to its end.
     let snap = shared.snapshot.load_full();
-    let name: Arc<str> = snap
-        .config
-        .listeners
-        .iter()
-        .find(|l| l.address == configured)
-        .map_or_else(|| Arc::from("-"), |l| Arc::from(l.name.as_str()));
+    let name = snap.listener_name(configured);
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
     if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
@@ -516,15 +511,17 @@ fn spawn_session(
         return;
     }
     shared.metrics.active_sessions.inc();
-    shared.drain.sessions.spawn(async move {
-        let guard = ActiveGuard(sh.clone());
-        session::serve(sh, snap, name, stream, peer).await;
-        drop(guard);
-    });
+    // The guard goes in as an argument, not captured by a wrapping block:
+    // the task then holds each value once.
+    let guard = ActiveGuard(sh.clone());
+    shared
+        .drain
+        .sessions
+        .spawn(session::serve(sh, snap, name, stream, peer, guard));
 }
 
 /// Counts a session as active until it ends, however it ends.
-struct ActiveGuard(Arc<Shared>);
+pub(crate) struct ActiveGuard(Arc<Shared>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {

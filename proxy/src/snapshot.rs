@@ -2,6 +2,7 @@
 //! table and live pools. A session loads the current snapshot once and keeps
 //! it for its whole life; a reload swaps in a new one atomically.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use agiproxy_config::Config;
@@ -15,6 +16,9 @@ pub struct Snapshot {
     pub router: Router,
     /// Index-aligned with `config.pools`.
     pub pools: Vec<PoolState>,
+    /// Listener names by configured address, as shared text: a session's
+    /// record names its listener without an allocation.
+    listener_names: Vec<(SocketAddr, Arc<str>)>,
     pub meta: ConfigMeta,
 }
 
@@ -62,10 +66,16 @@ impl Snapshot {
             .iter()
             .map(|p| PoolState::new(p, previous.and_then(|s| s.pool(&p.name))))
             .collect();
+        let listener_names = config
+            .listeners
+            .iter()
+            .map(|l| (l.address, Arc::from(l.name.as_str())))
+            .collect();
         Snapshot {
             config: Arc::new(config),
             router,
             pools,
+            listener_names,
             meta,
         }
     }
@@ -91,6 +101,15 @@ impl Snapshot {
     /// config order: for the control API and metrics.
     pub fn status(&self) -> Vec<crate::balancer::PoolStatus> {
         self.pools.iter().map(PoolState::status).collect()
+    }
+
+    /// The name of the listener configured at `address` ("-" when this
+    /// snapshot no longer has it: a session accepted just before a reload).
+    pub fn listener_name(&self, address: SocketAddr) -> Arc<str> {
+        self.listener_names
+            .iter()
+            .find(|(a, _)| *a == address)
+            .map_or_else(|| Arc::from("-"), |(_, n)| n.clone())
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
