@@ -98,9 +98,8 @@ fn main() -> ExitCode {
 }
 
 /// One worker: a current-thread runtime (no work stealing, no wake-ups
-/// across threads; about a tenth less CPU per session than a one-worker
-/// multi-thread runtime, see docs/benchmarks.md). More: a multi-thread
-/// runtime with that many workers.
+/// across threads: the cheapest per session). More: a multi-thread runtime
+/// with that many workers.
 fn runtime(workers: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
     let workers = workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -459,16 +459,34 @@ impl Compare {
                 i.as_ref().map_or("-".to_owned(), |i| i.errors.to_string()),
             );
         }
-        let throughput_runs = |label: &str| -> Vec<&RunReport> {
+        let runs_with = |label: &str, n: Option<usize>| -> Vec<&RunReport> {
             loads(label)
                 .into_iter()
-                .filter(|r| Some(r.clients) == max_clients)
+                .filter(|r| Some(r.clients) == n)
                 .collect()
+        };
+        let throughput_runs = |label: &str| runs_with(label, max_clients);
+        // The hop's own latency: from the low-concurrency runs when there
+        // are any, else from the throughput runs (as the verdict reads it).
+        let latency_runs = |label: &str| {
+            runs_with(
+                label,
+                if min_clients != max_clients {
+                    min_clients
+                } else {
+                    max_clients
+                },
+            )
         };
         let verdict = Verdict {
             paired: self.paired(
                 &throughput_runs(&self.subject),
                 &throughput_runs(&self.reference),
+            ),
+            paired_p99: paired_difference(
+                &latency_runs(&self.subject),
+                &latency_runs(&self.reference),
+                |r| r.rtt_us.p99,
             ),
             subject: throughput(&self.subject),
             reference: throughput(&self.reference),
@@ -557,17 +575,18 @@ impl Compare {
                 self.reference
             );
             match (s.capacity(), h.capacity()) {
-                // A proxy core that was not saturated says nothing about the
-                // proxy's limit: the load side was. Its CPU per session does:
-                // one core serves 1 / (CPU per session) sessions a second.
+                // A proxy core that was not saturated says little about the
+                // proxy's limit: the load side was. Its CPU per session says
+                // more: one core serves 1 / (CPU per session) sessions a
+                // second. Both must hold.
                 (Some(sc), Some(hc)) if !s.saturated() || !h.saturated() => {
                     let per_core = sc / hc.max(1e-9);
                     let _ = writeln!(
                         w,
-                        ", proxy cores {:.0} % and {:.0} % busy: not both saturated, so compared per proxy core); per proxy core {per_core:.2}× ({sc:.0} vs {hc:.0} sessions/s per core): {}",
+                        ", proxy cores {:.0} % and {:.0} % busy: not both saturated, so also compared per proxy core); per proxy core {per_core:.2}× ({sc:.0} vs {hc:.0} sessions/s per core): {}",
                         s.proxy_busy.unwrap_or(0.0),
                         h.proxy_busy.unwrap_or(0.0),
-                        mark(per_core >= 1.0)
+                        mark(measured >= 1.0 && per_core >= 1.0)
                     );
                 }
                 _ => {
@@ -586,14 +605,30 @@ impl Compare {
         };
         if let Some((s, h, b, when)) = lat {
             let (se, he) = (s.rtt_p99 - b.rtt_p99, h.rtt_p99 - b.rtt_p99);
-            let _ = writeln!(
-                w,
-                "- extra p99 RTT ≤ {}'s ({when}): {:+.1} µs vs {:+.1} µs: {}",
-                self.reference,
-                se,
-                he,
-                mark(se <= he)
-            );
+            match v.paired_p99 {
+                Some((rounds, (m, lo, hi))) => {
+                    let _ = writeln!(
+                        w,
+                        "- extra p99 RTT ≤ {}'s ({when}): medians {:+.1} µs vs {:+.1} µs; p99 {} − {} in {rounds} paired rounds: median {m:+.1} µs ({lo:+.1} to {hi:+.1}): {}",
+                        self.reference,
+                        se,
+                        he,
+                        self.subject,
+                        self.reference,
+                        mark(m <= 0.0)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        w,
+                        "- extra p99 RTT ≤ {}'s ({when}): {:+.1} µs vs {:+.1} µs: {}",
+                        self.reference,
+                        se,
+                        he,
+                        mark(se <= he)
+                    );
+                }
+            }
         }
         if let (Some(sc), Some(hc)) = (
             v.subject.as_ref().and_then(|s| s.proxy_cpu_per_k),
@@ -668,6 +703,25 @@ fn spread(v: Vec<f64>) -> Option<(f64, f64, f64)> {
     median(v).map(|m| (m, lo, hi))
 }
 
+/// Median, lowest and highest of `f(subject) - f(reference)` over the
+/// rounds both have.
+fn paired_difference(
+    subject: &[&RunReport],
+    reference: &[&RunReport],
+    f: impl Fn(&RunReport) -> f64,
+) -> Option<(usize, (f64, f64, f64))> {
+    let diffs: Vec<f64> = subject
+        .iter()
+        .filter_map(|s| {
+            let round = s.round?;
+            let h = reference.iter().find(|h| h.round == Some(round))?;
+            Some(f(s) - f(h))
+        })
+        .collect();
+    let n = diffs.len();
+    spread(diffs).map(|d| (n, d))
+}
+
 impl Compare {
     fn paired(&self, subject: &[&RunReport], reference: &[&RunReport]) -> Option<Paired> {
         let cpu_per_k = |r: &RunReport| {
@@ -699,6 +753,10 @@ impl Compare {
 /// The rows the verdict compares.
 struct Verdict {
     paired: Option<Paired>,
+    /// Subject's p99 RTT minus the reference's, round by round, from the
+    /// runs the latency target reads: the direct floor is common to both
+    /// extras, so this is the difference of the extras without the drift.
+    paired_p99: Option<(usize, (f64, f64, f64))>,
     subject: Option<LoadRow>,
     reference: Option<LoadRow>,
     base: Option<LoadRow>,
@@ -767,10 +825,16 @@ mod tests {
         // happened to land in a quiet moment: the medians (2.0 vs 1.5 s)
         // say agiproxy costs more, yet in every round but that one it cost
         // less than HAProxy beside it.
-        let mut runs = Vec::new();
-        for (round, (s, h)) in [(1.0, 1.1), (2.0, 2.2), (3.0, 1.5)].into_iter().enumerate() {
-            let mut a = load("agiproxy", 1000.0, 70.0, Some(s));
-            let mut b = load("haproxy", 1000.0, 70.0, Some(h));
+        // p99 RTTs per round: agiproxy 70, 80, 90 against 75, 70, 95.
+        let mut runs = vec![load("direct", 2000.0, 50.0, None)];
+        let rounds = [
+            (1.0, 1.1, 70.0, 75.0),
+            (2.0, 2.2, 80.0, 70.0),
+            (3.0, 1.5, 90.0, 95.0),
+        ];
+        for (round, (s, h, sp, hp)) in rounds.into_iter().enumerate() {
+            let mut a = load("agiproxy", 1000.0, sp, Some(s));
+            let mut b = load("haproxy", 1000.0, hp, Some(h));
             a.round = Some(round as u32 + 1);
             b.round = Some(round as u32 + 1);
             runs.extend([a, b]);
@@ -784,6 +848,25 @@ mod tests {
             text.contains("measured 1.00× (median of 3 paired rounds 1.00× (1.00–1.00); medians 1000 vs 1000 sessions/s"),
             "{text}"
         );
+        // p99 differences −5, +10, −5: median −5 µs. (The medians, 80
+        // against 75, would have said the opposite.)
+        assert!(
+            text.contains("medians +30.0 µs vs +25.0 µs; p99 agiproxy − haproxy in 3 paired rounds: median -5.0 µs (-5.0 to +10.0): MET"),
+            "{text}"
+        );
+        // Cheaper per session but slower in sessions/s: the cheaper core
+        // does not make up for the rate measured.
+        let mut slower = runs.clone();
+        for r in slower.iter_mut().filter(|r| r.label == "agiproxy") {
+            r.sessions_per_sec = 900.0;
+        }
+        let text = Compare::default().render(&slower);
+        assert!(
+            text.contains("measured 0.90× (median of 3 paired rounds 0.90× (0.90–0.90)"),
+            "{text}"
+        );
+        let line = text.lines().find(|l| l.contains("- throughput")).unwrap();
+        assert!(line.ends_with("NOT MET"), "{line}");
         // Without rounds the same runs are compared on medians.
         for r in &mut runs {
             r.round = None;
@@ -811,7 +894,7 @@ mod tests {
         // the verdict goes by CPU per session, half of HAProxy's.
         assert!(
             text.contains("measured 1.00× (1000 vs 1000 sessions/s, proxy cores 90 % and 90 % busy: not both \
-             saturated, so compared per proxy core); per proxy core 2.00× (10000 vs 5000 sessions/s per core): MET"),
+             saturated, so also compared per proxy core); per proxy core 2.00× (10000 vs 5000 sessions/s per core): MET"),
             "{text}"
         );
         // Extra p99: +25 (median 75 - 50) against +10.
