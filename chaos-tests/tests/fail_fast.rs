@@ -181,3 +181,37 @@ async fn over_max_sessions_gives_failure_not_a_hang() {
     );
     assert_eq!(b.stats().accepted(), 3);
 }
+
+/// A handshake that is not over when `connect` returns (the backend's accept
+/// queue was full and the SYN is retried a second later) still delivers
+/// the whole header once it completes: the header is written after the
+/// connect, not lost to the optimistic first write.
+#[tokio::test]
+async fn slow_handshake_still_delivers_the_whole_header() {
+    let (hole, addr) = blackholed_listener();
+    let t = "timeouts:\n  budget: 5s\n  connect: 4s\n";
+    let p = proxy(&one_pool("round_robin", &[addr], t)).await;
+    let call = tokio::spawn(async move { caller("ivr/main", "1.1").run(p.addr).await });
+    // The proxy's SYN has been dropped; a real backend takes the address
+    // before the kernel retries it (about a second after the first).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(hole);
+    let backend = FakeBackend::start_on(addr, Behaviour::script(&["NOOP"]))
+        .await
+        .expect("rebind the blackholed address");
+    let out = call.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(
+        out.elapsed >= Duration::from_millis(500),
+        "the handshake was retried: {:?}",
+        out.elapsed
+    );
+    let headers = backend.stats().headers();
+    assert_eq!(headers.len(), 1);
+    let header = String::from_utf8_lossy(&headers[0]);
+    assert!(
+        header.contains("agi_network_script: ivr/main\n"),
+        "{header}"
+    );
+    assert!(header.ends_with("\n\n"), "{header}");
+}

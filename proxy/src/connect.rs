@@ -247,48 +247,46 @@ enum Opened {
 /// for writability and asking `SO_ERROR` (one wake-up and one system call
 /// fewer per session). Otherwise it waits for the connect like any client.
 async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStream, Opened> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(Opened::ConnectFailed)?;
-    socket
-        .set_nonblocking(true)
-        .map_err(Opened::ConnectFailed)?;
-    socket.set_nodelay(true).map_err(Opened::ConnectFailed)?;
+    let fail = Opened::ConnectFailed;
+    // Non-blocking from birth (no fcntl), NODELAY before the handshake.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+    .map_err(fail)?;
+    socket.set_nodelay(true).map_err(fail)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(Opened::ConnectFailed(e)),
+        Err(e) => return Err(fail(e)),
     }
-    let mut stream =
-        TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(Opened::ConnectFailed)?;
-    let mut sent = 0;
-    let mut connected = false;
-    while sent < header.len() {
-        match stream.try_write(&header[sent..]) {
-            Ok(n) => {
-                sent += n;
-                connected = true;
+    // Straight on the socket, before tokio knows it: tokio's `try_write`
+    // on a socket it has not yet seen writable would not even try.
+    let sent = match socket.send_with_flags(header, libc::MSG_NOSIGNAL) {
+        Ok(n) => Some(n),
+        // Still connecting.
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        // Refused, reset, unreachable: the connect failed.
+        Err(e) => return Err(fail(e)),
+    };
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(fail)?;
+    let sent = match sent {
+        Some(n) => n,
+        None => {
+            stream.writable().await.map_err(fail)?;
+            if let Some(e) = stream.take_error().map_err(fail)? {
+                return Err(fail(e));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !connected {
-                    stream.writable().await.map_err(Opened::ConnectFailed)?;
-                    if let Some(e) = stream.take_error().map_err(Opened::ConnectFailed)? {
-                        return Err(Opened::ConnectFailed(e));
-                    }
-                    connected = true;
-                } else {
-                    // The header is far smaller than a socket buffer; this
-                    // only happens when the backend stopped reading.
-                    return stream
-                        .write_all(&header[sent..])
-                        .await
-                        .map(|()| stream)
-                        .map_err(Opened::HeaderRefused);
-                }
-            }
-            Err(e) if !connected => return Err(Opened::ConnectFailed(e)),
-            Err(e) => return Err(Opened::HeaderRefused(e)),
+            0
         }
-    }
+    };
+    // The rest (normally all of it is gone by now: the header is far
+    // smaller than a socket buffer).
+    stream
+        .write_all(&header[sent..])
+        .await
+        .map_err(Opened::HeaderRefused)?;
     Ok(stream)
 }
 

@@ -113,6 +113,9 @@ pub struct Relay<'s> {
     b_dead: bool,
     /// We closed our side towards Asterisk (after the backend closed).
     a_shut: bool,
+    /// Asterisk sent its end-of-session `HANGUP` after the backend closed
+    /// and we half-closed towards it: nothing more can pass either way.
+    a_done: bool,
     b_shut: bool,
     protocol_error: bool,
     deadline: Option<Instant>,
@@ -135,6 +138,7 @@ impl<'s> Relay<'s> {
             b_eof: false,
             b_dead: false,
             a_shut: false,
+            a_done: false,
             b_shut: false,
             protocol_error: false,
             deadline: Some(opts.first_command_deadline),
@@ -267,7 +271,9 @@ impl<'s> Relay<'s> {
             self.shut_backend();
             return Some(RelayEnd::PeerError);
         }
-        if self.a_eof && self.b_eof && self.a_out.is_empty() {
+        if (self.a_eof || self.a_done) && self.b_eof && self.a_out.is_empty() {
+            // After the end-of-session `HANGUP`, Asterisk's close is all
+            // that is left: no need to wait for it (and read it) first.
             return Some(RelayEnd::Closed);
         }
         if self.a_eof && self.b_out.is_empty() && !self.b_shut {
@@ -543,6 +549,9 @@ impl<'s> Relay<'s> {
                     let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
                     if !end_of_session {
                         self.stats.caller_hung_up = true;
+                    }
+                    if self.a_shut && self.b_eof {
+                        self.a_done = true;
                     }
                     if end_of_session || !self.opts.forward_hangup {
                         self.send_b(&data[seg..start]);

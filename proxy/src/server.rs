@@ -430,6 +430,9 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux): set
+    // once here rather than with a system call per session.
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
@@ -496,7 +499,7 @@ fn spawn_session(
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (see `bind`).
     // The one snapshot load of this session: it keeps this config to its end.
     let snap = shared.snapshot.load_full();
     let name = snap.listener_name(configured);
@@ -527,5 +530,21 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.active_sessions.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions rely on it: without TCP_NODELAY every command to Asterisk
+    /// could wait for Nagle's algorithm.
+    #[tokio::test]
+    async fn accepted_sessions_have_nodelay_without_a_call_per_session() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
