@@ -154,6 +154,13 @@ async fn auth_limits_and_config_changes() {
         (s, body["error"].as_str()),
         (401, Some("wrong bearer token"))
     );
+    // The token's prefix, or the token with more after it: refused too
+    // (digests are compared, not bytes up to the shorter length).
+    let prefix = &TOKEN[..TOKEN.len() - 1];
+    for near in [prefix.to_string(), format!("{TOKEN}x")] {
+        let (s, _) = call(&client(Some(&near)), t, "GET", "/v1/status", &[], None).await;
+        assert_eq!(s, 401, "{near}");
+    }
     let (s, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
     assert_eq!(s, 200);
     assert_eq!(status["generation"], 1);

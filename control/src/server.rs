@@ -251,9 +251,12 @@ async fn auth<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> Re
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token)
         .map(str::trim);
-    let ok = presented.is_some_and(|p| {
-        p.len() == token.len() && bool::from(p.as_bytes().ct_eq(token.as_bytes()))
-    });
+    // Compared as SHA-256 digests, in constant time: equal lengths always,
+    // so neither the content nor the length of the token leaks through
+    // how fast a wrong one is refused.
+    let digest = |b: &str| ring::digest::digest(&ring::digest::SHA256, b.as_bytes());
+    let ok =
+        presented.is_some_and(|p| bool::from(digest(p).as_ref().ct_eq(digest(token).as_ref())));
     if ok {
         return next.run(req).await;
     }
