@@ -646,29 +646,25 @@ impl Compare {
                         mark(cpu.0 <= 1.0)
                     );
                 }
-                None => {
-                    let _ = writeln!(
-                        w,
-                        "- CPU per 1,000 sessions ≤ {}'s: {:.1} ms vs {:.1} ms ({:.2}×): {}",
-                        self.reference,
-                        sc,
-                        hc,
-                        sc / hc.max(1e-9),
-                        mark(sc <= hc)
-                    );
-                }
+                None => self.ratio_line(
+                    w,
+                    "CPU per 1,000 sessions",
+                    format!("{sc:.1} ms"),
+                    format!("{hc:.1} ms"),
+                    sc,
+                    hc,
+                ),
             }
         }
         if let (Some(si), Some(hi)) = (&v.subject_idle, &v.reference_idle) {
             let (sk, hk) = (si.per_session_kib(), hi.per_session_kib());
-            let _ = writeln!(
+            self.ratio_line(
                 w,
-                "- RSS per idle session ≤ {}'s: {:.2} KiB vs {:.2} KiB ({:.2}×): {}",
-                self.reference,
+                "RSS per idle session",
+                format!("{sk:.2} KiB"),
+                format!("{hk:.2} KiB"),
                 sk,
                 hk,
-                sk / hk.max(1e-9),
-                mark(sk <= hk)
             );
         }
         if let Some(si) = &v.subject_idle {
@@ -747,6 +743,27 @@ impl Compare {
             sps: spread(sps)?,
             cpu,
         })
+    }
+}
+
+impl Compare {
+    /// "- WHAT ≤ reference's: S vs H (ratio×): MET": lower is better.
+    fn ratio_line(
+        &self,
+        w: &mut String,
+        what: &str,
+        s_text: String,
+        h_text: String,
+        s: f64,
+        h: f64,
+    ) {
+        let mark = if s <= h { "MET" } else { "NOT MET" };
+        let _ = writeln!(
+            w,
+            "- {what} ≤ {}'s: {s_text} vs {h_text} ({:.2}×): {mark}",
+            self.reference,
+            s / h.max(1e-9)
+        );
     }
 }
 
