@@ -155,7 +155,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     // backend hold far more state than relaying, and a session spends its
     // life relaying (an `EXEC Dial` may last hours). Boxed, that state is
     // freed when the backend is found instead of sizing every session's
-    // task: one allocation per session buys about 0.7 KiB less per idle
+    // task: one allocation per session buys about 0.6 KiB less per idle
     // session (see docs/benchmarks.md).
     let Some((at, route)) = Box::pin(find_backend(shared, snap, a, rec)).await else {
         return;
