@@ -35,6 +35,15 @@ fn config_text(blue: &str, green: &str) -> String {
 }
 
 async fn start(text: &str, tls: Option<TlsFiles>, max_body: usize) -> Api {
+    start_timed(text, tls, max_body, Duration::from_secs(5)).await
+}
+
+async fn start_timed(
+    text: &str,
+    tls: Option<TlsFiles>,
+    max_body: usize,
+    request_timeout: Duration,
+) -> Api {
     let dir = std::env::temp_dir().join(format!(
         "agiproxy-api-{}-{}",
         std::process::id(),
@@ -57,7 +66,7 @@ async fn start(text: &str, tls: Option<TlsFiles>, max_body: usize) -> Api {
         token: Some(TOKEN.into()),
         tls,
         max_body_bytes: max_body,
-        request_timeout: Duration::from_secs(5),
+        request_timeout,
     };
     let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
         .await
@@ -167,11 +176,31 @@ async fn auth_limits_and_config_changes() {
     assert_eq!(status["differs_from_file"], false);
     assert_eq!(call(&good, t, "GET", "/v1/nope", &[], None).await.0, 404);
 
-    // A body over the limit: 413, nothing changed.
+    // A body over the limit: 413, nothing changed, the setting named (in
+    // the API's one error shape, like every refusal below).
     let big = format!("{text}#{}\n", "x".repeat(5000));
+    let (s, body) = call(&good, t, "PUT", "/v1/config", &[], Some(&big)).await;
+    assert_eq!(s, 413, "{body}");
     assert_eq!(
-        call(&good, t, "PUT", "/v1/config", &[], Some(&big)).await.0,
-        413
+        body["error"].as_str(),
+        Some("the request body is over control.max_body_bytes (4096 bytes)"),
+        "{body}"
+    );
+    // A method the path does not have, a query that does not parse: JSON too.
+    let (s, body) = call(&good, t, "DELETE", "/v1/status", &[], None).await;
+    assert_eq!(s, 405, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("method not allowed"),
+        "{body}"
+    );
+    let (s, body) = call(&good, t, "PUT", "/v1/config?dry_run=1", &[], Some(&text)).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("dry_run"),
+        "{body}"
     );
 
     // An invalid config: 400 with every error and its path; nothing changed.
@@ -581,4 +610,44 @@ async fn tls_with_client_certificates() {
         .await
         .is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A request whose body stops coming: 408 when `request_timeout` is over,
+/// in the API's JSON error shape, naming the setting.
+#[tokio::test]
+async fn a_stalled_request_gets_408_in_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let api = start_timed(&text, None, 4096, Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(api.target.addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "PUT /v1/config HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\nversion: 1\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "no answer within 5 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/json"), "{answer}");
+    assert!(
+        answer.contains(
+            r#"{"error":"the request took longer than control.request_timeout (300ms)"}"#
+        ),
+        "{answer}"
+    );
+    assert_eq!(api.server.snapshot().meta.generation, 1, "nothing applied");
+    // Counted like any other answer.
+    let (_, metrics) = call(&client(None), &api.target, "GET", "/metrics", &[], None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains(r#"agiproxy_control_requests_total{code="408",endpoint="/v1/config"} 1"#),
+        "{metrics}"
+    );
 }

@@ -170,13 +170,80 @@ pub fn router<P: ControlPlane>(
                 "no such endpoint; see docs/control-api.md",
             )
         })
-        .layer(middleware::from_fn_with_state(ctx.clone(), observe::<P>))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Outside the timeout, so a request cut by it is counted too.
+        .layer(middleware::from_fn_with_state(ctx.clone(), observe::<P>))
+        .layer(middleware::from_fn_with_state(
+            Limits { max_body, timeout },
+            json_errors,
+        ))
         .with_state(ctx)
+}
+
+/// What the framework's own refusals refer to.
+#[derive(Clone, Copy)]
+struct Limits {
+    max_body: usize,
+    timeout: Duration,
+}
+
+/// The refusals that axum and tower produce themselves (a body over the
+/// limit, a request over time, a method a path does not have, a query or
+/// body that does not parse) come as plain text or empty; clients of this
+/// API parse one error shape, so they get it here too, naming the setting
+/// to change. Headers such as `Allow` are kept.
+async fn json_errors(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let framework = matches!(
+        status,
+        StatusCode::BAD_REQUEST
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::REQUEST_TIMEOUT
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNSUPPORTED_MEDIA_TYPE
+            | StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !framework || json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // The framework's texts are one line; never read more than a little.
+    let text = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 4096))
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+        .unwrap_or_default();
+    let msg = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is over control.max_body_bytes ({} bytes)",
+            limits.max_body
+        ),
+        StatusCode::REQUEST_TIMEOUT => format!(
+            "the request took longer than control.request_timeout ({:?})",
+            limits.timeout
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            "method not allowed on this path (see the Allow header and docs/control-api.md)".into()
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("bad request").into(),
+        _ => text,
+    };
+    let mut out = error(status, msg);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 type S<P> = State<Arc<Ctx<P>>>;
