@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::balancer::{Candidates, Lease, PoolState};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectResult, Metrics};
 use crate::outcome::Reason;
 use crate::relay::read_now;
 
@@ -108,14 +108,14 @@ pub async fn attach(
         {
             Ok(Ok(s)) => s,
             Ok(Err(Opened::ConnectFailed(e))) => {
-                metrics.connect_result(connect_error_label(&e)).inc();
+                metrics.connect_result(connect_result_of(&e)).inc();
                 let wait = pool.passive_failure(&backend, "connect failed");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, error = %e, backoff = ?wait, "connect failed");
                 reason = Reason::ConnectFailed;
                 continue;
             }
             Ok(Err(Opened::HeaderRefused(e))) => {
-                metrics.connect_result("connected").inc();
+                metrics.connect_result(ConnectResult::Connected).inc();
                 tracing::debug!(backend = %backend.addr, error = %e, "backend closed before taking the header");
                 pool.passive_failure(&backend, "closed before taking the header");
                 reason = Reason::BackendClosed;
@@ -123,19 +123,19 @@ pub async fn attach(
             }
             Err(_) if limit < t.connect => {
                 // The budget ran out mid-connect: not the backend's fault.
-                metrics.connect_result("timeout").inc();
+                metrics.connect_result(ConnectResult::Timeout).inc();
                 reason = Reason::BudgetExhausted;
                 continue;
             }
             Err(_) => {
-                metrics.connect_result("timeout").inc();
+                metrics.connect_result(ConnectResult::Timeout).inc();
                 let wait = pool.passive_failure(&backend, "connect timed out");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
                 reason = Reason::ConnectFailed;
                 continue;
             }
         };
-        metrics.connect_result("connected").inc();
+        metrics.connect_result(ConnectResult::Connected).inc();
         let connect_time = started.elapsed();
         let mut stream = stream;
         let first_deadline = tokio::time::Instant::now() + t.first_command;
@@ -176,11 +176,11 @@ pub async fn attach(
     Err(AttachError::Failed { reason, attempts })
 }
 
-fn connect_error_label(e: &io::Error) -> &'static str {
+fn connect_result_of(e: &io::Error) -> ConnectResult {
     match e.kind() {
-        io::ErrorKind::ConnectionRefused => "refused",
-        io::ErrorKind::ConnectionReset => "reset",
-        _ => "error",
+        io::ErrorKind::ConnectionRefused => ConnectResult::Refused,
+        io::ErrorKind::ConnectionReset => ConnectResult::Reset,
+        _ => ConnectResult::Error,
     }
 }
 

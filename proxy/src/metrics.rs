@@ -10,8 +10,35 @@ use prometheus::{
 
 use crate::outcome::{Outcome, Reason};
 
-/// The results `connect_attempts_total` counts ("error" last: the catch-all).
-pub const CONNECT_RESULTS: [&str; 5] = ["connected", "refused", "reset", "timeout", "error"];
+/// What `connect_attempts_total` counts, by its `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectResult {
+    Connected,
+    Refused,
+    Reset,
+    Timeout,
+    Error,
+}
+
+impl ConnectResult {
+    pub const ALL: [ConnectResult; 5] = [
+        ConnectResult::Connected,
+        ConnectResult::Refused,
+        ConnectResult::Reset,
+        ConnectResult::Timeout,
+        ConnectResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectResult::Connected => "connected",
+            ConnectResult::Refused => "refused",
+            ConnectResult::Reset => "reset",
+            ConnectResult::Timeout => "timeout",
+            ConnectResult::Error => "error",
+        }
+    }
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -151,7 +178,8 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
-        let connect_results = CONNECT_RESULTS.map(|r| connect_attempts.with_label_values(&[r]));
+        let connect_results =
+            ConnectResult::ALL.map(|r| connect_attempts.with_label_values(&[r.as_str()]));
         let failures = Reason::ALL
             .iter()
             .map(|r| failures_vec.with_label_values(&[r.as_str()]))
@@ -182,11 +210,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The `connect_attempts_total` counter of one result (one of
-    /// [`CONNECT_RESULTS`]).
-    pub fn connect_result(&self, result: &str) -> &IntCounter {
-        let i = CONNECT_RESULTS.iter().position(|r| *r == result);
-        &self.connect_results[i.unwrap_or(CONNECT_RESULTS.len() - 1)]
+    /// The `connect_attempts_total` counter of one result.
+    pub fn connect_result(&self, result: ConnectResult) -> &IntCounter {
+        &self.connect_results[result as usize]
     }
 
     pub fn failure(&self, r: Reason) -> &IntCounter {
@@ -216,5 +242,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_connect_result_counts_under_its_own_label() {
+        let m = Metrics::new();
+        for (i, r) in ConnectResult::ALL.into_iter().enumerate() {
+            // `connect_result` indexes by discriminant: ALL must follow it.
+            assert_eq!(r as usize, i);
+            m.connect_result(r).inc_by(i as u64 + 1);
+        }
+        let text = m.render();
+        for (i, r) in ConnectResult::ALL.into_iter().enumerate() {
+            let line = format!(
+                "agiproxy_connect_attempts_total{{result=\"{}\"}} {}",
+                r.as_str(),
+                i + 1
+            );
+            assert!(text.contains(&line), "{line} missing in\n{text}");
+        }
     }
 }
