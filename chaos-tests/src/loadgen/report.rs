@@ -304,8 +304,7 @@ impl Compare {
                 .map(|p| (p.cpu_secs, p.cpu_percent, r.sessions))
         };
         let has_proxy = runs.iter().all(|r| proxy(r).is_some());
-        let cpu_per_k =
-            |r: &RunReport| proxy(r).map_or(0.0, |(cpu, _, n)| cpu * 1e6 / n.max(1) as f64);
+        let cpu_per_k = |r: &RunReport| self.cpu_per_k(r).unwrap_or(0.0);
         let range = |f: &dyn Fn(&RunReport) -> f64| {
             runs.iter()
                 .map(|r| f(r))
@@ -699,6 +698,23 @@ fn spread(v: Vec<f64>) -> Option<(f64, f64, f64)> {
     median(v).map(|m| (m, lo, hi))
 }
 
+/// `f(subject run, reference run)` for each round both have a run in, where
+/// it gives a value.
+fn per_round(
+    subject: &[&RunReport],
+    reference: &[&RunReport],
+    f: impl Fn(&RunReport, &RunReport) -> Option<f64>,
+) -> Vec<f64> {
+    subject
+        .iter()
+        .filter_map(|s| {
+            let round = s.round?;
+            let h = reference.iter().find(|h| h.round == Some(round))?;
+            f(s, h)
+        })
+        .collect()
+}
+
 /// Median, lowest and highest of `f(subject) - f(reference)` over the
 /// rounds both have.
 fn paired_difference(
@@ -706,36 +722,26 @@ fn paired_difference(
     reference: &[&RunReport],
     f: impl Fn(&RunReport) -> f64,
 ) -> Option<(usize, (f64, f64, f64))> {
-    let diffs: Vec<f64> = subject
-        .iter()
-        .filter_map(|s| {
-            let round = s.round?;
-            let h = reference.iter().find(|h| h.round == Some(round))?;
-            Some(f(s) - f(h))
-        })
-        .collect();
+    let diffs = per_round(subject, reference, |s, h| Some(f(s) - f(h)));
     let n = diffs.len();
     spread(diffs).map(|d| (n, d))
 }
 
 impl Compare {
+    /// The proxy's CPU milliseconds per 1,000 sessions of one run.
+    fn cpu_per_k(&self, r: &RunReport) -> Option<f64> {
+        r.process(&self.proxy_process)
+            .map(|p| p.cpu_secs * 1e6 / r.sessions.max(1) as f64)
+    }
+
     fn paired(&self, subject: &[&RunReport], reference: &[&RunReport]) -> Option<Paired> {
-        let cpu_per_k = |r: &RunReport| {
-            r.process(&self.proxy_process)
-                .map(|p| p.cpu_secs * 1e6 / r.sessions.max(1) as f64)
-        };
-        let mut sps = Vec::new();
-        let mut cpu = Vec::new();
-        for s in subject {
-            let Some(round) = s.round else { continue };
-            let Some(h) = reference.iter().find(|h| h.round == Some(round)) else {
-                continue;
-            };
-            sps.push(s.sessions_per_sec / h.sessions_per_sec.max(1e-9));
-            if let (Some(sc), Some(hc)) = (cpu_per_k(s), cpu_per_k(h)) {
-                cpu.push(sc / hc.max(1e-9));
-            }
-        }
+        let ratio = |s: f64, h: f64| s / h.max(1e-9);
+        let sps = per_round(subject, reference, |s, h| {
+            Some(ratio(s.sessions_per_sec, h.sessions_per_sec))
+        });
+        let cpu = per_round(subject, reference, |s, h| {
+            Some(ratio(self.cpu_per_k(s)?, self.cpu_per_k(h)?))
+        });
         let rounds = sps.len();
         let cpu = (cpu.len() == rounds).then(|| spread(cpu)).flatten();
         Some(Paired {
