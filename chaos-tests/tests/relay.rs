@@ -246,6 +246,42 @@ async fn stall_after_commit_gives_failure_at_next_command_deadline() {
 }
 
 #[tokio::test]
+async fn the_next_command_deadline_moves_with_each_reply() {
+    // The timer is re-armed lazily (when it fires early), so check both
+    // edges: commands that keep coming inside `next_command`, well past the
+    // first-command deadline and past several `next_command` spans in all,
+    // are never cut; the stall after them is cut one `next_command` after
+    // the last reply, not earlier and not much later.
+    let mut steps = Vec::new();
+    for _ in 0..6 {
+        steps.push(Step::Command("NOOP".into()));
+        steps.push(Step::Sleep(Duration::from_millis(200)));
+    }
+    steps.push(Step::Command("NOOP".into()));
+    steps.push(Step::Sleep(Duration::from_secs(5)));
+    steps.push(Step::Command("VERBOSE late 1".into()));
+    let b = FakeBackend::start(Behaviour::steps(steps)).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  first_command: 300ms\n  next_command: 500ms\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_failure(&out, "next_command_timeout");
+    let noops = out.commands.iter().take_while(|c| *c == "NOOP").count();
+    assert_eq!(noops, 7, "{:?}", out.commands);
+    assert!(!out.commands.iter().any(|c| c.starts_with("VERBOSE")));
+    // 6 gaps of 200 ms, then 500 ms of stall.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1650) && took < Duration::from_millis(2600),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
 async fn reset_after_commit_gives_failure_at_once() {
     let b = FakeBackend::start(Behaviour::ResetAfterCommands(1)).await;
     let p = proxy(&one_pool(

@@ -823,12 +823,12 @@ impl PoolState {
         let mut counted = 0usize;
         let mut unhealthy = 0usize;
         let mut full = false;
-        let mut kept: Vec<usize> = Vec::with_capacity(n);
         let mut ejected: Vec<usize> = Vec::new();
-        for i in order {
+        // Filtered in place: one list per call, not two.
+        order.retain(|&i| {
             let b = &backends[i];
             if b.live.is_draining() {
-                continue;
+                return false;
             }
             counted += 1;
             if b.live.is_unhealthy() {
@@ -838,9 +838,11 @@ impl PoolState {
             } else if b.is_full() {
                 full = true;
             } else {
-                kept.push(i);
+                return true;
             }
-        }
+            false
+        });
+        let mut kept = order;
 
         // The ejection cap: beyond it, the least-bad ejected stay eligible.
         let pct = self.shared.config.max_ejection_percent as usize;

@@ -81,29 +81,11 @@ impl Header {
     /// Parses a complete header (`raw[..]` must end with the blank line;
     /// anything after it is kept as early bytes from Asterisk).
     pub fn parse(raw: Vec<u8>, max_lines: usize) -> Result<Header, HeaderError> {
-        let end = find_end(&raw, 0).ok_or(HeaderError::Truncated)?;
-        let mut vars = Vec::with_capacity(32);
-        let mut start = 0;
-        let mut line_no = 0;
-        while start < end - 1 {
-            line_no += 1;
-            if line_no > max_lines {
-                return Err(HeaderError::TooManyLines(max_lines, true));
-            }
-            let nl = start + memchr::memchr(b'\n', &raw[start..end]).expect("end is a newline");
-            let (name, value) =
-                split_line(&raw, start, nl).ok_or(HeaderError::Malformed(line_no))?;
-            vars.push((name, value));
-            start = nl + 1;
+        let mut scan = Scan::new();
+        match scan.advance(&raw, max_lines)? {
+            Some(len) => Ok(scan.finish(raw, len)),
+            None => Err(HeaderError::Truncated),
         }
-        if vars.is_empty() {
-            return Err(HeaderError::Malformed(1));
-        }
-        Ok(Header {
-            raw,
-            len: end,
-            vars,
-        })
     }
 
     /// The header bytes exactly as Asterisk sent them, blank line included.
@@ -180,63 +162,100 @@ fn decode(s: &str) -> Cow<'_, str> {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy()
 }
 
-/// Finds the blank line ending the header, searching from `from` (a resume
-/// point, so re-scans after each read cost nothing). Returns the index one
-/// past it.
-pub(crate) fn find_end(buf: &[u8], from: usize) -> Option<usize> {
-    let from = from.saturating_sub(1);
-    if from == 0 && buf.first() == Some(&b'\n') {
-        return Some(1);
+/// Bytes allowed in a variable name (`agi_` + ASCII letters, digits, `_`, `-`).
+const NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+        c += 1;
     }
-    memchr::memmem::find(&buf[from..], b"\n\n").map(|i| from + i + 2)
+    t
+};
+
+/// A name span, a value span, and the index of the line's `\n`.
+type Line = (Range<usize>, Range<usize>, usize);
+
+/// Reads one `agi_name: value` line at `start` in a single pass (Asterisk
+/// always writes `": "`, also for an empty value; names are ASCII, values
+/// whatever bytes the channel holds). `Err` when the bytes so far cannot be
+/// such a line; `Ok(None)` when they can but its `\n` has not arrived.
+fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, ()> {
+    let rest = &buf[start..];
+    let n = rest.len().min(4);
+    if rest[..n] != b"agi_"[..n] {
+        return Err(());
+    }
+    let mut i = start + n;
+    while i < buf.len() && NAME_BYTE[buf[i] as usize] {
+        i += 1;
+    }
+    if i == buf.len() {
+        return Ok(None);
+    }
+    if buf[i] != b':' {
+        return Err(());
+    }
+    let colon = i;
+    let mut v = colon + 1;
+    if buf.get(v) == Some(&b' ') {
+        v += 1;
+    }
+    let v = v.min(buf.len());
+    Ok(memchr::memchr(b'\n', &buf[v..]).map(|k| (start..colon, v..v + k, v + k)))
 }
 
-/// Splits `name: value` (Asterisk always writes `": "`, also for an empty value).
-fn split_line(raw: &[u8], start: usize, nl: usize) -> Option<(Range<usize>, Range<usize>)> {
-    let line = &raw[start..nl];
-    // Names are ASCII; values are whatever bytes the channel holds.
-    if !line.starts_with(b"agi_") {
-        return None;
-    }
-    let colon = memchr::memchr(b':', line)?;
-    let name = &line[..colon];
-    if !name
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-')
-    {
-        return None;
-    }
-    let mut vstart = start + colon + 1;
-    if raw.get(vstart) == Some(&b' ') {
-        vstart += 1;
-    }
-    Some((start..start + colon, vstart.min(nl)..nl))
+/// The header parser, fed as bytes arrive: each line is checked once, when
+/// its `\n` arrives (garbage is refused at once, not at the header
+/// deadline), and its spans are kept for the parsed header.
+struct Scan {
+    vars: Vec<(Range<usize>, Range<usize>)>,
+    /// Where the next unread line starts.
+    pos: usize,
 }
 
-/// Checks the lines seen so far as they arrive, so garbage is refused at once
-/// instead of at the header deadline. Returns the number of complete lines.
-fn check_prefix(buf: &[u8], limits: &HeaderLimits) -> Result<usize, HeaderError> {
-    let mut lines = 0;
-    let mut start = 0;
-    while let Some(i) = memchr::memchr(b'\n', &buf[start..]) {
-        let nl = start + i;
-        if nl == start {
-            break; // the blank line
+impl Scan {
+    fn new() -> Scan {
+        Scan {
+            vars: Vec::with_capacity(32),
+            pos: 0,
         }
-        lines += 1;
-        if lines > limits.max_lines {
-            return Err(HeaderError::TooManyLines(limits.max_lines, false));
+    }
+
+    /// Reads the lines complete in `buf` past those already read. Returns
+    /// the header's length (blank line included) once the blank line is in.
+    fn advance(&mut self, buf: &[u8], max_lines: usize) -> Result<Option<usize>, HeaderError> {
+        while self.pos < buf.len() {
+            if buf[self.pos] == b'\n' {
+                if self.vars.is_empty() {
+                    return Err(HeaderError::Malformed(1));
+                }
+                return Ok(Some(self.pos + 1));
+            }
+            if self.vars.len() == max_lines {
+                let complete = memchr::memmem::find(&buf[self.pos..], b"\n\n").is_some();
+                return Err(HeaderError::TooManyLines(max_lines, complete));
+            }
+            match scan_line(buf, self.pos) {
+                Err(()) => return Err(HeaderError::Malformed(self.vars.len() + 1)),
+                Ok(None) => return Ok(None),
+                Ok(Some((name, value, nl))) => {
+                    self.vars.push((name, value));
+                    self.pos = nl + 1;
+                }
+            }
         }
-        split_line(buf, start, nl).ok_or(HeaderError::Malformed(lines))?;
-        start = nl + 1;
+        Ok(None)
     }
-    // A partial first line must still look like the start of an agi_ line.
-    let tail = &buf[start..];
-    let n = tail.len().min(4);
-    if tail[..n] != b"agi_"[..n] {
-        return Err(HeaderError::Malformed(lines + 1));
+
+    fn finish(self, raw: Vec<u8>, len: usize) -> Header {
+        Header {
+            raw,
+            len,
+            vars: self.vars,
+        }
     }
-    Ok(lines)
 }
 
 /// Reads one header from Asterisk, within `limits`.
@@ -246,7 +265,7 @@ pub async fn read_header(
 ) -> Result<Header, HeaderError> {
     let fut = async {
         let mut buf = Vec::with_capacity(2048);
-        let mut checked = 0;
+        let mut scan = Scan::new();
         loop {
             if buf.len() >= limits.max_bytes {
                 return Err(HeaderError::TooLarge(limits.max_bytes));
@@ -267,13 +286,9 @@ pub async fn read_header(
                     HeaderError::Truncated
                 });
             }
-            if let Some(_end) = find_end(&buf, checked) {
-                return Header::parse(buf, limits.max_lines);
+            if let Some(len) = scan.advance(&buf, limits.max_lines)? {
+                return Ok(scan.finish(buf, len));
             }
-            // Validate only complete lines; resume where the last check ended.
-            let last_nl = memchr::memrchr(b'\n', &buf).map_or(0, |i| i + 1);
-            check_prefix(&buf, limits)?;
-            checked = last_nl;
         }
     };
     match tokio::time::timeout(limits.timeout, fut).await {
@@ -378,38 +393,60 @@ mod tests {
         assert_eq!(h.trailing(), b"HANGUP\n");
     }
 
+    fn scan(buf: &[u8], max_lines: usize) -> Result<Option<usize>, HeaderError> {
+        Scan::new().advance(buf, max_lines)
+    }
+
     #[test]
     fn garbage_is_refused_early() {
-        let limits = HeaderLimits {
-            max_bytes: 1024,
-            max_lines: 8,
-            timeout: Duration::from_secs(1),
-        };
         assert_eq!(
-            check_prefix(b"GET / HTTP/1.1\r\n", &limits),
+            scan(b"GET / HTTP/1.1\r\n", 8),
             Err(HeaderError::Malformed(1))
         );
+        assert_eq!(scan(b"\x16\x03\x01", 8), Err(HeaderError::Malformed(1)));
+        assert_eq!(scan(b"agi_network: yes\nag", 8), Ok(None));
+        assert_eq!(scan(b"agi_network: yes\nagi_x", 8), Ok(None));
+        // A name that cannot go on is refused before its line ends.
+        assert_eq!(scan(b"agi_network yes", 8), Err(HeaderError::Malformed(1)));
         assert_eq!(
-            check_prefix(b"\x16\x03\x01", &limits),
-            Err(HeaderError::Malformed(1))
+            scan(b"agi_a: 1\nagi_b\n", 8),
+            Err(HeaderError::Malformed(2))
         );
-        assert_eq!(check_prefix(b"agi_network: yes\nag", &limits), Ok(1));
-        assert_eq!(check_prefix(b"agi_network: yes\nagi_x", &limits), Ok(1));
-        assert_eq!(
-            check_prefix(b"agi_network yes\n", &limits),
-            Err(HeaderError::Malformed(1))
-        );
+        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1)));
         let many = b"agi_a: 1\n".repeat(9);
+        assert_eq!(scan(&many, 8), Err(HeaderError::TooManyLines(8, false)));
+        let mut done = many.clone();
+        done.push(b'\n');
+        assert_eq!(scan(&done, 8), Err(HeaderError::TooManyLines(8, true)));
+        assert_eq!(scan(&done[9..], 8).map(|e| e.is_some()), Ok(true));
+    }
+
+    #[test]
+    fn values_keep_colons_and_may_be_empty() {
+        let raw = b"agi_a:\nagi_b: \nagi_c: x: y\nagi_d:z\n\n".to_vec();
+        let h = Header::parse(raw, 8).unwrap();
+        let vars: Vec<_> = h.vars().collect();
         assert_eq!(
-            check_prefix(&many, &limits),
-            Err(HeaderError::TooManyLines(8, false))
+            vars,
+            [
+                ("agi_a", ""),
+                ("agi_b", ""),
+                ("agi_c", "x: y"),
+                ("agi_d", "z")
+            ]
         );
     }
 
     #[test]
-    fn end_is_found_across_reads() {
-        assert_eq!(find_end(b"agi_a: 1\n", 0), None);
-        assert_eq!(find_end(b"agi_a: 1\n\n", 9), Some(10));
-        assert_eq!(find_end(b"\n", 0), Some(1));
+    fn a_header_split_anywhere_parses_the_same() {
+        let whole = Header::parse(FX.to_vec(), 512).unwrap();
+        for cut in 1..FX.len() {
+            let mut s = Scan::new();
+            assert_eq!(s.advance(&FX[..cut], 512), Ok(None), "cut at {cut}");
+            let len = s.advance(FX, 512).unwrap().expect("complete");
+            let h = s.finish(FX.to_vec(), len);
+            assert!(h.vars().eq(whole.vars()), "cut at {cut}");
+            assert_eq!(h.raw(), FX);
+        }
     }
 }

@@ -21,14 +21,13 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
+use crate::drain::Cut;
 use crate::failure;
 use crate::outcome::Reason;
 use crate::turn::{AsteriskLine, BackendLine, Turn};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Bytes read per syscall. Lives on the stack for the length of one read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -161,14 +160,18 @@ impl<'s> Relay<'s> {
     }
 
     /// Runs the session to its end.
-    pub async fn run(&mut self, cancel: &CancellationToken) -> RelayEnd {
+    pub async fn run(&mut self, cut: &Cut) -> RelayEnd {
         let sleep = tokio::time::sleep_until(self.deadline.unwrap_or_else(far_future));
         tokio::pin!(sleep);
-        // Made once: a new `cancelled()` each turn would register and drop a
-        // waiter under the token's lock every time.
-        let cancelled = cancel.cancelled();
+        // Made once: a new watch each turn would register and drop a waiter
+        // under a lock every time.
+        let cancelled = cut.watch();
         tokio::pin!(cancelled);
-        let mut armed_at = self.deadline;
+        // The timer is armed lazily: a reply pushes the deadline later, and
+        // re-arming it for every command (a timer-wheel removal and insert)
+        // would cost more than the rest of the turn. It is moved earlier at
+        // once, later only when it fires early.
+        let mut armed_at = self.deadline.unwrap_or_else(far_future);
         loop {
             if let Some(end) = self.finished() {
                 return end;
@@ -177,11 +180,9 @@ impl<'s> Relay<'s> {
                 return Box::pin(self.fail(reason)).await;
             }
             let deadline = self.active_deadline();
-            if deadline != armed_at {
-                if let Some(d) = deadline {
-                    sleep.as_mut().reset(d);
-                }
-                armed_at = deadline;
+            if let Some(d) = deadline.filter(|d| *d < armed_at) {
+                sleep.as_mut().reset(d);
+                armed_at = d;
             }
             // One hand-written poll over the sockets' readiness instead of a
             // `select!` of readiness futures: nothing is built, registered
@@ -234,6 +235,12 @@ impl<'s> Relay<'s> {
                 Event::ReadB(true) => self.on_backend_readable(),
                 Event::ReadB(false) => self.backend_reset(),
                 Event::Deadline => {
+                    if let Some(d) = deadline.filter(|d| *d > Instant::now()) {
+                        // Fired at an older, earlier deadline: re-arm.
+                        sleep.as_mut().reset(d);
+                        armed_at = d;
+                        continue;
+                    }
                     if self.turn.backend_owes_command() && !self.b_eof && !self.a_eof {
                         return Box::pin(self.fail(Reason::NextCommandTimeout)).await;
                     }
@@ -643,7 +650,7 @@ pub async fn relay_raw(
     b: &mut TcpStream,
     early: &[u8],
     first: &[u8],
-    cancel: &CancellationToken,
+    cut: &Cut,
 ) -> (RelayEnd, RelayStats) {
     let mut stats = RelayStats::default();
     if !first.is_empty() {
@@ -667,6 +674,6 @@ pub async fn relay_raw(
             }
             Err(_) => (RelayEnd::PeerError, stats),
         },
-        _ = cancel.cancelled() => (RelayEnd::Aborted, stats),
+        _ = cut.watch() => (RelayEnd::Aborted, stats),
     }
 }

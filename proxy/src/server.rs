@@ -389,7 +389,7 @@ impl Server {
     /// Ends every session now (a second signal).
     pub fn abort(&self) {
         self.shared.drain.start();
-        self.shared.drain.force.cancel();
+        self.shared.drain.force.fire();
     }
 
     /// Resolves when a drain has started (signal or control API).
