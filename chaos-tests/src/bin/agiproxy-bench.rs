@@ -76,6 +76,10 @@ struct ClientArgs {
     /// labels with the same round (they ran back to back).
     #[arg(long)]
     round: Option<u32>,
+    /// This run shared the proxy core, at the same time, with the run of the
+    /// other proxy of its round (the report compares such runs apart).
+    #[arg(long)]
+    head_to_head: bool,
     /// Print JSON instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -248,6 +252,7 @@ impl ClientArgs {
     fn emit(&self, report: &RunReport) -> Res {
         let mut report = report.clone();
         report.round = self.round;
+        report.head_to_head = self.head_to_head;
         let report = &report;
         let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
         if let Some(path) = &self.json_out {

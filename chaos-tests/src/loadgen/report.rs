@@ -20,6 +20,10 @@ pub struct RunReport {
     /// paths in one round ran back to back and are compared as a pair.
     #[serde(default)]
     pub round: Option<u32>,
+    /// Ran at the same time as the other proxy's run of its round, both
+    /// proxies on the same core (`--head-to-head`).
+    #[serde(default)]
+    pub head_to_head: bool,
     pub targets: Vec<String>,
     pub clients: usize,
     pub header_lines: usize,
@@ -67,6 +71,7 @@ impl RunReport {
             label: label.to_owned(),
             mode: "load".to_owned(),
             round: None,
+            head_to_head: false,
             targets: targets.to_vec(),
             clients: o.clients,
             header_lines: o.header_lines,
@@ -98,6 +103,7 @@ impl RunReport {
             label: label.to_owned(),
             mode: "idle".to_owned(),
             round: None,
+            head_to_head: false,
             targets: targets.to_vec(),
             clients: o.requested,
             header_lines,
@@ -354,9 +360,14 @@ impl Compare {
     /// are the throughput runs (the proxy saturated, latency mostly
     /// queueing), the fewest, when different, the latency runs (what the
     /// extra hop itself adds to a round trip).
-    pub fn render(&self, runs: &[RunReport]) -> String {
+    pub fn render(&self, all: &[RunReport]) -> String {
+        // Head-to-head runs shared the proxy core with the other proxy: their
+        // rates are not a proxy's alone, so they get their own table.
+        let runs: Vec<RunReport> = all.iter().filter(|r| !r.head_to_head).cloned().collect();
+        let h2h: Vec<&RunReport> = all.iter().filter(|r| r.head_to_head).collect();
+        let h2h = self.head_to_head(&h2h);
         let mut labels: Vec<&str> = Vec::new();
-        for r in runs {
+        for r in &runs {
             if !labels.contains(&r.label.as_str()) {
                 labels.push(&r.label);
             }
@@ -477,7 +488,11 @@ impl Compare {
                 },
             )
         };
+        if let Some(h) = &h2h {
+            self.head_to_head_table(w, h);
+        }
         let verdict = Verdict {
+            h2h,
             paired: self.paired(
                 &throughput_runs(&self.subject),
                 &throughput_runs(&self.reference),
@@ -549,7 +564,22 @@ impl Compare {
         let w = &mut out;
         let mark = |ok: bool| if ok { "MET" } else { "NOT MET" };
         let range = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}× ({lo:.2}–{hi:.2})");
-        if let (Some(s), Some(h)) = (&v.subject, &v.reference) {
+        let h2h = v.h2h.as_ref();
+        if let Some(p) = h2h.and_then(|h| h.load.as_ref()) {
+            // Both proxies at once on one core, the same load on each: the
+            // machine's drift hits both alike, so this decides.
+            let alone = v.paired.as_ref().map_or(String::new(), |a| {
+                format!("; alone, round by round: {}", range(a.sps))
+            });
+            let _ = writeln!(
+                w,
+                "- throughput ≥ 1.0× {}: head to head, median of {} rounds {}{alone}: {}",
+                self.reference,
+                p.rounds,
+                range(p.sps),
+                mark(p.sps.0 >= 1.0)
+            );
+        } else if let (Some(s), Some(h)) = (&v.subject, &v.reference) {
             // Round by round when the runs say their round: the ratio of
             // medians of separate runs carries the machine's drift.
             let (measured, how) = match &v.paired {
@@ -602,7 +632,19 @@ impl Compare {
                 _ => None,
             },
         };
-        if let Some((s, h, b, when)) = lat {
+        if let Some((rounds, (m, lo, hi))) = h2h.and_then(|h| h.p99) {
+            let alone = v.paired_p99.map_or(String::new(), |(_, (m, lo, hi))| {
+                format!("; alone, round by round: {m:+.1} µs ({lo:+.1} to {hi:+.1})")
+            });
+            let _ = writeln!(
+                w,
+                "- extra p99 RTT ≤ {}'s (low concurrency): p99 {} − {} head to head, median of {rounds} rounds {m:+.1} µs ({lo:+.1} to {hi:+.1}){alone}: {}",
+                self.reference,
+                self.subject,
+                self.reference,
+                mark(m <= 0.0)
+            );
+        } else if let Some((s, h, b, when)) = lat {
             let (se, he) = (s.rtt_p99 - b.rtt_p99, h.rtt_p99 - b.rtt_p99);
             match v.paired_p99 {
                 Some((rounds, (m, lo, hi))) => {
@@ -629,7 +671,26 @@ impl Compare {
                 }
             }
         }
-        if let (Some(sc), Some(hc)) = (
+        if let Some((p, cpu)) = h2h
+            .and_then(|h| h.load.as_ref())
+            .and_then(|p| Some((p, p.cpu?)))
+        {
+            let alone = v
+                .paired
+                .as_ref()
+                .and_then(|a| a.cpu)
+                .map_or(String::new(), |c| {
+                    format!("; alone, round by round: {}", range(c))
+                });
+            let _ = writeln!(
+                w,
+                "- CPU per 1,000 sessions ≤ {}'s: head to head, median of {} rounds {}{alone}: {}",
+                self.reference,
+                p.rounds,
+                range(cpu),
+                mark(cpu.0 <= 1.0)
+            );
+        } else if let (Some(sc), Some(hc)) = (
             v.subject.as_ref().and_then(|s| s.proxy_cpu_per_k),
             v.reference.as_ref().and_then(|h| h.proxy_cpu_per_k),
         ) {
@@ -773,8 +834,120 @@ impl Compare {
     }
 }
 
+fn split(v: &[(RunReport, RunReport)]) -> (Vec<&RunReport>, Vec<&RunReport>) {
+    v.iter().map(|(s, h)| (s, h)).unzip()
+}
+
+/// The head-to-head runs, paired by round: throughput (the most clients)
+/// and latency (the fewest, when different).
+#[derive(Debug, Clone)]
+struct HeadToHead {
+    load_runs: Vec<(RunReport, RunReport)>,
+    load: Option<Paired>,
+    latency_runs: Vec<(RunReport, RunReport)>,
+    /// p99 subject − reference: rounds, (median, lowest, highest).
+    p99: Option<(usize, (f64, f64, f64))>,
+}
+
+impl Compare {
+    fn head_to_head(&self, runs: &[&RunReport]) -> Option<HeadToHead> {
+        let of = |label: &str, n: usize| -> Vec<&RunReport> {
+            runs.iter()
+                .copied()
+                .filter(|r| r.label == label && r.mode == "load" && r.clients == n)
+                .collect()
+        };
+        let pairs = |n: usize| -> Vec<(RunReport, RunReport)> {
+            let reference = of(&self.reference, n);
+            of(&self.subject, n)
+                .into_iter()
+                .filter_map(|s| {
+                    let h = reference
+                        .iter()
+                        .find(|h| h.round.is_some() && h.round == s.round)?;
+                    Some((s.clone(), (*h).clone()))
+                })
+                .collect()
+        };
+        let max = runs.iter().map(|r| r.clients).max()?;
+        let min = runs.iter().map(|r| r.clients).min()?;
+        let load_runs = pairs(max);
+        let latency_runs = if min != max { pairs(min) } else { Vec::new() };
+        let (ls, lh) = split(&load_runs);
+        let (ts, th) = split(&latency_runs);
+        let load = (!load_runs.is_empty())
+            .then(|| self.paired(&ls, &lh))
+            .flatten();
+        let p99 = paired_difference(&ts, &th, |r| r.rtt_us.p99);
+        (load.is_some() || p99.is_some()).then_some(HeadToHead {
+            load_runs,
+            load,
+            latency_runs,
+            p99,
+        })
+    }
+
+    fn head_to_head_table(&self, w: &mut String, h: &HeadToHead) {
+        let (s, r) = (&self.subject, &self.reference);
+        if let Some((a, _)) = h.load_runs.first() {
+            let _ = writeln!(
+                w,
+                "\nHead to head: {s} and {r} under load at the same time, on the same proxy core, {} clients each (the machine's drift hits both alike):\n",
+                a.clients
+            );
+            let _ = writeln!(w, "| round | {s} sessions/s | {r} sessions/s | ratio | {s} CPU ms / 1,000 | {r} CPU ms / 1,000 | ratio | errors |");
+            let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for (a, b) in &h.load_runs {
+                let cpu = |x: &RunReport| self.cpu_per_k(x);
+                let _ = writeln!(
+                    w,
+                    "| {} | {:.0} | {:.0} | {:.3} | {} | {} | {} | {} |",
+                    a.round.unwrap_or(0),
+                    a.sessions_per_sec,
+                    b.sessions_per_sec,
+                    a.sessions_per_sec / b.sessions_per_sec.max(1e-9),
+                    cpu(a).map_or("-".into(), |c| format!("{c:.1}")),
+                    cpu(b).map_or("-".into(), |c| format!("{c:.1}")),
+                    cpu(a)
+                        .zip(cpu(b))
+                        .map_or("-".into(), |(x, y)| format!("{:.3}", x / y.max(1e-9))),
+                    a.errors_total + b.errors_total,
+                );
+            }
+        }
+        if let Some((a, _)) = h.latency_runs.first() {
+            let _ = writeln!(
+                w,
+                "\nHead to head at low concurrency, {} clients each, command RTT in µs:\n",
+                a.clients
+            );
+            let _ = writeln!(
+                w,
+                "| round | {s} p50 | {r} p50 | {s} p99 | {r} p99 | p99 difference | errors |"
+            );
+            let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|");
+            for (a, b) in &h.latency_runs {
+                let _ = writeln!(
+                    w,
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1} | {} |",
+                    a.round.unwrap_or(0),
+                    a.rtt_us.p50,
+                    b.rtt_us.p50,
+                    a.rtt_us.p99,
+                    b.rtt_us.p99,
+                    a.rtt_us.p99 - b.rtt_us.p99,
+                    a.errors_total + b.errors_total,
+                );
+            }
+        }
+    }
+}
+
 /// The rows the verdict compares.
 struct Verdict {
+    /// Head-to-head rounds, when the run has them: they decide throughput,
+    /// CPU and p99 (the alone rounds are then context).
+    h2h: Option<HeadToHead>,
     paired: Option<Paired>,
     /// Subject's p99 RTT minus the reference's, round by round, from the
     /// runs the latency target reads: the direct floor is common to both
@@ -899,6 +1072,91 @@ mod tests {
             text.contains("200.0 ms vs 150.0 ms (1.33×): NOT MET"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn head_to_head_rounds_decide_and_stay_out_of_the_alone_tables() {
+        // Alone, round by round, agiproxy looks slower and dearer (the
+        // machine drifted); at the same time on the same core it was
+        // faster and cheaper in every round.
+        let mut runs = vec![load("direct", 2000.0, 50.0, None)];
+        for round in 1..=3u32 {
+            let mut a = load("agiproxy", 900.0, 80.0, Some(1.2));
+            let mut b = load("haproxy", 1000.0, 70.0, Some(1.0));
+            a.round = Some(round);
+            b.round = Some(round);
+            a.clients = 50;
+            b.clients = 50;
+            runs.extend([a, b]);
+            // Head to head: 25 clients each; agiproxy 1050 vs 1000 sessions/s
+            // for 0.95 vs 1.0 CPU-seconds over the window.
+            let mut a = load("agiproxy", 1050.0 + f64::from(round), 60.0, Some(0.95));
+            let mut b = load("haproxy", 1000.0, 70.0, Some(1.0));
+            // Latency head to head, 2 clients each: p99 −4, −2, +1 µs.
+            let mut la = load(
+                "agiproxy",
+                200.0,
+                66.0 + [0.0, 2.0, 5.0][round as usize - 1],
+                Some(0.1),
+            );
+            let mut lb = load("haproxy", 200.0, 70.0, Some(0.1));
+            for (r, n) in [(&mut a, 25), (&mut b, 25), (&mut la, 2), (&mut lb, 2)] {
+                r.round = Some(round);
+                r.clients = n;
+                r.head_to_head = true;
+            }
+            runs.extend([a, b, la, lb]);
+        }
+        let text = Compare::default().render(&runs);
+        // The alone tables hold only the alone runs: 3 rounds at 900/s.
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("| agiproxy | 3 |"))
+            .unwrap();
+        assert!(row.contains("| 900 (900–900) |"), "{row}");
+        assert!(
+            text.contains("Head to head: agiproxy and haproxy under load at the same time"),
+            "{text}"
+        );
+        assert!(text.contains("| 1 | 1051 | 1000 | 1.051 |"), "{text}");
+        let line = |what: &str| {
+            text.lines()
+                .find(|l| l.starts_with(what))
+                .unwrap()
+                .to_owned()
+        };
+        let t = line("- throughput");
+        assert!(
+            t.contains(
+                "head to head, median of 3 rounds 1.05× (1.05–1.05); alone, round by round: 0.90×"
+            ),
+            "{t}"
+        );
+        assert!(t.ends_with(": MET"), "{t}");
+        let c = line("- CPU per 1,000 sessions");
+        // 0.95 s for 10,520 sessions against 1.0 s for 10,000: 0.90×.
+        assert!(c.contains("head to head, median of 3 rounds 0.90×"), "{c}");
+        assert!(c.contains("alone, round by round: 1.33×"), "{c}");
+        assert!(c.ends_with(": MET"), "{c}");
+        let p = line("- extra p99 RTT");
+        assert!(
+            p.contains("head to head, median of 3 rounds -2.0 µs (-4.0 to +1.0)"),
+            "{p}"
+        );
+        assert!(p.ends_with(": MET"), "{p}");
+        // A head-to-head loss is a loss, whatever the alone rounds said.
+        for r in runs
+            .iter_mut()
+            .filter(|r| r.head_to_head && r.label == "agiproxy" && r.clients == 25)
+        {
+            r.sessions_per_sec = 990.0;
+        }
+        let text = Compare::default().render(&runs);
+        let t = text
+            .lines()
+            .find(|l| l.starts_with("- throughput"))
+            .unwrap();
+        assert!(t.ends_with("NOT MET"), "{t}");
     }
 
     #[test]
