@@ -21,13 +21,14 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
 use crate::drain::Cut;
 use crate::failure;
 use crate::outcome::Reason;
 use crate::turn::{AsteriskLine, BackendLine, Turn};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Bytes read per syscall. Lives on the stack for the length of one read.
 const READ_CHUNK: usize = 16 * 1024;
