@@ -939,6 +939,13 @@ mod tests {
         }
     }
 
+    /// The report's line starting with `prefix`.
+    fn line_of<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{text}"))
+    }
+
     fn idle(label: &str, base: u64, peak: u64) -> RunReport {
         RunReport {
             label: label.into(),
@@ -1004,7 +1011,7 @@ mod tests {
             text.contains("measured 0.90× (median of 3 paired rounds 0.90× (0.90–0.90)"),
             "{text}"
         );
-        let line = text.lines().find(|l| l.contains("- throughput")).unwrap();
+        let line = line_of(&text, "- throughput");
         assert!(line.ends_with("NOT MET"), "{line}");
         // Without rounds the same runs are compared on medians.
         for r in &mut runs {
@@ -1046,22 +1053,14 @@ mod tests {
         }
         let text = Compare::default().render(&runs);
         // The alone tables hold only the alone runs: 3 rounds at 900/s.
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("| agiproxy | 3 |"))
-            .unwrap();
+        let row = line_of(&text, "| agiproxy | 3 |");
         assert!(row.contains("| 900 (900–900) |"), "{row}");
         assert!(
             text.contains("Head to head: agiproxy and haproxy under load at the same time"),
             "{text}"
         );
         assert!(text.contains("| 1 | 1051 | 1000 | 1.051 |"), "{text}");
-        let line = |what: &str| {
-            text.lines()
-                .find(|l| l.starts_with(what))
-                .unwrap()
-                .to_owned()
-        };
+        let line = |what: &str| line_of(&text, what).to_owned();
         let t = line("- throughput");
         assert!(
             t.contains(
@@ -1091,10 +1090,7 @@ mod tests {
             r.sessions_per_sec = 990.0;
         }
         let text = Compare::default().render(&runs);
-        let t = text
-            .lines()
-            .find(|l| l.starts_with("- throughput"))
-            .unwrap();
+        let t = line_of(&text, "- throughput");
         assert!(t.ends_with("NOT MET"), "{t}");
     }
 
