@@ -466,10 +466,14 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(5);
+    // Made once: a new `cancelled()` per accept would register and drop a
+    // waiter under the token's lock for every call.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
