@@ -744,6 +744,21 @@ fn spread(v: Vec<f64>) -> Option<(f64, f64, f64)> {
     median(v).map(|m| (m, lo, hi))
 }
 
+/// The (subject run, reference run) of each round both have a run in.
+fn pairs<'a>(
+    subject: &[&'a RunReport],
+    reference: &[&'a RunReport],
+) -> Vec<(&'a RunReport, &'a RunReport)> {
+    subject
+        .iter()
+        .filter_map(|s| {
+            let round = s.round?;
+            let h = reference.iter().find(|h| h.round == Some(round))?;
+            Some((*s, *h))
+        })
+        .collect()
+}
+
 /// `f(subject run, reference run)` for each round both have a run in, where
 /// it gives a value.
 fn per_round(
@@ -751,13 +766,9 @@ fn per_round(
     reference: &[&RunReport],
     f: impl Fn(&RunReport, &RunReport) -> Option<f64>,
 ) -> Vec<f64> {
-    subject
-        .iter()
-        .filter_map(|s| {
-            let round = s.round?;
-            let h = reference.iter().find(|h| h.round == Some(round))?;
-            f(s, h)
-        })
+    pairs(subject, reference)
+        .into_iter()
+        .filter_map(|(s, h)| f(s, h))
         .collect()
 }
 
@@ -823,41 +834,31 @@ impl Compare {
 /// proxies sharing a core wait on each other's wake-ups, which swamps the
 /// hop's own latency, so latency is compared on runs alone.)
 #[derive(Debug, Clone)]
-struct HeadToHead {
-    load_runs: Vec<(RunReport, RunReport)>,
+struct HeadToHead<'a> {
+    rounds: Vec<(&'a RunReport, &'a RunReport)>,
     load: Paired,
 }
 
 impl Compare {
-    fn head_to_head(&self, runs: &[&RunReport]) -> Option<HeadToHead> {
-        let of = |label: &str| -> Vec<&RunReport> {
+    fn head_to_head<'a>(&self, runs: &[&'a RunReport]) -> Option<HeadToHead<'a>> {
+        let of = |label: &str| -> Vec<&'a RunReport> {
             runs.iter()
                 .copied()
                 .filter(|r| r.label == label && r.mode == "load")
                 .collect()
         };
-        let reference = of(&self.reference);
-        let load_runs: Vec<(RunReport, RunReport)> = of(&self.subject)
-            .into_iter()
-            .filter_map(|s| {
-                let h = reference
-                    .iter()
-                    .find(|h| h.round.is_some() && h.round == s.round)?;
-                Some((s.clone(), (*h).clone()))
-            })
-            .collect();
-        if load_runs.is_empty() {
+        let (subject, reference) = (of(&self.subject), of(&self.reference));
+        let rounds = pairs(&subject, &reference);
+        if rounds.is_empty() {
             return None;
         }
-        let (ls, lh): (Vec<&RunReport>, Vec<&RunReport>) =
-            load_runs.iter().map(|(s, h)| (s, h)).unzip();
-        let load = self.paired(&ls, &lh)?;
-        Some(HeadToHead { load_runs, load })
+        let load = self.paired(&subject, &reference)?;
+        Some(HeadToHead { rounds, load })
     }
 
     fn head_to_head_table(&self, w: &mut String, h: &HeadToHead) {
         let (s, r) = (&self.subject, &self.reference);
-        if let Some((a, _)) = h.load_runs.first() {
+        if let Some((a, _)) = h.rounds.first() {
             let _ = writeln!(
                 w,
                 "\nHead to head: {s} and {r} under load at the same time, on the same proxy core, {} clients each (the machine's drift hits both alike):\n",
@@ -865,7 +866,7 @@ impl Compare {
             );
             let _ = writeln!(w, "| round | {s} sessions/s | {r} sessions/s | ratio | {s} CPU ms / 1,000 | {r} CPU ms / 1,000 | ratio | errors |");
             let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|---:|");
-            for (a, b) in &h.load_runs {
+            for &(a, b) in &h.rounds {
                 let cpu = |x: &RunReport| self.cpu_per_k(x);
                 let _ = writeln!(
                     w,
@@ -887,10 +888,10 @@ impl Compare {
 }
 
 /// The rows the verdict compares.
-struct Verdict {
+struct Verdict<'a> {
     /// Head-to-head rounds, when the run has them: they decide throughput
     /// and CPU (the alone rounds are then context).
-    h2h: Option<HeadToHead>,
+    h2h: Option<HeadToHead<'a>>,
     paired: Option<Paired>,
     /// Subject's p99 RTT minus the reference's, round by round, from the
     /// runs the latency target reads: the direct floor is common to both
