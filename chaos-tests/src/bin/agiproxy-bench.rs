@@ -113,6 +113,12 @@ struct LoadArgs {
     /// Run exactly this many sessions instead (no warm-up).
     #[arg(long)]
     sessions: Option<u64>,
+    /// Start this many sessions a second in all (an open loop, spread over
+    /// the clients) instead of each client's next session as soon as its
+    /// last one ends. Latency is compared at the same offered load this
+    /// way: back to back, a faster path just gets more sessions.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Commands a session must have; fewer is a short session (0: any).
     #[arg(long, default_value_t = 0)]
     commands: usize,
@@ -277,6 +283,12 @@ fn load(a: LoadArgs) -> Res {
     let mut cfg = a.c.config(&a.script);
     cfg.expect_commands = a.commands;
     cfg.session_timeout = a.session_timeout;
+    if let Some(rate) = a.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!("--rate {rate}: give sessions a second, above 0"));
+        }
+        cfg.session_interval = Some(Duration::from_secs_f64(a.clients.max(1) as f64 / rate));
+    }
     let length = match a.sessions {
         Some(n) => RunLength::Sessions(n),
         None => RunLength::Time {
@@ -289,13 +301,14 @@ fn load(a: LoadArgs) -> Res {
         a.c.wait_ready(&cfg).await?;
         Ok::<_, String>(client::run_load(cfg, a.clients, length, &mut watcher).await)
     })?;
-    let report = RunReport::from_load(
+    let mut report = RunReport::from_load(
         &a.c.label,
         &a.c.target_names(),
         a.c.threads,
         &outcome,
         watcher.usage(),
     );
+    report.offered_rate = a.rate;
     a.c.emit(&report)
 }
 

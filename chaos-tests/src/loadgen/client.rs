@@ -91,6 +91,10 @@ pub struct ClientConfig {
     /// Bound on one session outside an idle hold.
     pub session_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Each client starts a session every this often (an open loop at a
+    /// fixed rate) instead of back to back. A session that ends late starts
+    /// the next one at once, without a burst to catch up.
+    pub session_interval: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -102,6 +106,7 @@ impl ClientConfig {
             expect_commands: 0,
             session_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            session_interval: None,
         }
     }
 
@@ -326,9 +331,20 @@ impl Client {
     }
 
     /// Sessions back to back until the run says stop.
-    async fn run_load(mut self, ctl: Arc<Control>) -> Recorder {
+    async fn run_load(mut self, ctl: Arc<Control>, clients: u64) -> Recorder {
         let mut rec = Recorder::default();
+        // Paced clients start spread over one interval, so that the
+        // sessions of a fixed rate do not arrive in step.
+        let mut pace = self.cfg.session_interval.map(|every| {
+            let offset = every.mul_f64(self.id as f64 / clients.max(1) as f64);
+            let mut t = tokio::time::interval_at(Instant::now() + offset, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         while ctl.next_session() {
+            if let Some(t) = pace.as_mut() {
+                t.tick().await;
+            }
             match self.session(&ctl, Some(&mut rec), None).await {
                 Ok(done) => {
                     if ctl.measuring() {
@@ -414,7 +430,10 @@ pub async fn run_load(
         window.start();
     }
     let tasks: Vec<_> = (0..clients)
-        .map(|i| tokio::spawn(Client::new(i as u64, Arc::clone(&cfg)).run_load(Arc::clone(&ctl))))
+        .map(|i| {
+            let client = Client::new(i as u64, Arc::clone(&cfg));
+            tokio::spawn(client.run_load(Arc::clone(&ctl), clients as u64))
+        })
         .collect();
     let mut measure_end = None;
     if let RunLength::Time { warmup, measure } = length {

@@ -26,6 +26,10 @@ pub struct RunReport {
     pub head_to_head: bool,
     pub targets: Vec<String>,
     pub clients: usize,
+    /// Sessions a second offered (`--rate`), when the clients were paced
+    /// rather than back to back.
+    #[serde(default)]
+    pub offered_rate: Option<f64>,
     pub header_lines: usize,
     pub threads: usize,
     /// The measurement window (load) or the hold (idle), seconds.
@@ -74,6 +78,7 @@ impl RunReport {
             head_to_head: false,
             targets: targets.to_vec(),
             clients: o.clients,
+            offered_rate: None,
             header_lines: o.header_lines,
             threads,
             window_secs: secs,
@@ -106,6 +111,7 @@ impl RunReport {
             head_to_head: false,
             targets: targets.to_vec(),
             clients: o.requested,
+            offered_rate: None,
             header_lines,
             threads,
             window_secs: o.held.as_secs_f64(),
@@ -146,9 +152,12 @@ impl RunReport {
                 idle.requested, idle.established, idle.establish_ms, self.window_secs, idle.release_ms, self.sessions
             );
         } else {
+            let offered = self
+                .offered_rate
+                .map_or(String::new(), |r| format!(" of {r:.0}/s offered"));
             let _ = writeln!(
                 w,
-                "clients: {}  window: {:.2} s  header: {} lines  sessions: {} ({:.0}/s)  commands: {} ({:.0}/s)",
+                "clients: {}  window: {:.2} s  header: {} lines  sessions: {} ({:.0}/s{offered})  commands: {} ({:.0}/s)",
                 self.clients, self.window_secs, self.header_lines, self.sessions, self.sessions_per_sec, self.commands, self.commands_per_sec
             );
         }
@@ -427,10 +436,18 @@ impl Compare {
             self.latency_table(w, &labels, &throughput, true);
         }
         if let (Some(n), true) = (min_clients, min_clients != max_clients) {
-            let _ = writeln!(
-                w,
-                "\nLatency, {n} clients (little queueing: what the extra hop itself costs):\n"
+            // Back to back, even 2 clients keep a proxy core busy (a session
+            // is short and mostly connection set-up and tear-down); a
+            // command then waits at most behind the other client's work.
+            let offered = runs
+                .iter()
+                .find(|r| r.clients == n && r.mode == "load")
+                .and_then(|r| r.offered_rate);
+            let how = offered.map_or_else(
+                || "back to back: a command queues behind one other session at most".to_owned(),
+                |r| format!("{r:.0} sessions/s offered to every path"),
             );
+            let _ = writeln!(w, "\nLatency, {n} clients ({how}):\n");
             self.latency_table(w, &labels, &latency, false);
         }
         let _ = writeln!(w, "\nCost of the proxy (CPU from /proc/PID/stat over the throughput runs' windows; RSS with the idle sessions held):\n");
@@ -635,16 +652,22 @@ impl Compare {
         if let Some((s, h, b, when)) = lat {
             let (se, he) = (s.rtt_p99 - b.rtt_p99, h.rtt_p99 - b.rtt_p99);
             match v.paired_p99 {
-                Some((rounds, (m, lo, hi))) => {
+                Some(d) => {
                     let _ = writeln!(
                         w,
-                        "- extra p99 RTT ≤ {}'s ({when}): medians {:+.1} µs vs {:+.1} µs; p99 {} − {} in {rounds} paired rounds: median {m:+.1} µs ({lo:+.1} to {hi:+.1}): {}",
+                        "- extra p99 RTT ≤ {}'s ({when}): medians {:+.1} µs vs {:+.1} µs; p99 {} − {} in {} paired rounds: median {:+.1} µs ({:+.1} to {:+.1}), lower in {} of {}: {}",
                         self.reference,
                         se,
                         he,
                         self.subject,
                         self.reference,
-                        mark(m <= 0.0)
+                        d.rounds,
+                        d.median,
+                        d.lowest,
+                        d.highest,
+                        d.below,
+                        d.rounds,
+                        mark(d.median <= 0.0)
                     );
                 }
                 None => {
@@ -772,16 +795,33 @@ fn per_round(
         .collect()
 }
 
-/// Median, lowest and highest of `f(subject) - f(reference)` over the
-/// rounds both have.
+/// `f(subject) - f(reference)` over the rounds both have.
+#[derive(Debug, Clone, Copy)]
+struct Differences {
+    rounds: usize,
+    median: f64,
+    lowest: f64,
+    highest: f64,
+    /// Rounds where the subject's value was the lower: a median a few µs
+    /// either side of 0 says little on its own; this says how often.
+    below: usize,
+}
+
 fn paired_difference(
     subject: &[&RunReport],
     reference: &[&RunReport],
     f: impl Fn(&RunReport) -> f64,
-) -> Option<(usize, (f64, f64, f64))> {
+) -> Option<Differences> {
     let diffs = per_round(subject, reference, |s, h| Some(f(s) - f(h)));
-    let n = diffs.len();
-    spread(diffs).map(|d| (n, d))
+    let rounds = diffs.len();
+    let below = diffs.iter().filter(|d| **d < 0.0).count();
+    spread(diffs).map(|(median, lowest, highest)| Differences {
+        rounds,
+        median,
+        lowest,
+        highest,
+        below,
+    })
 }
 
 impl Compare {
@@ -896,7 +936,7 @@ struct Verdict<'a> {
     /// Subject's p99 RTT minus the reference's, round by round, from the
     /// runs the latency target reads: the direct floor is common to both
     /// extras, so this is the difference of the extras without the drift.
-    paired_p99: Option<(usize, (f64, f64, f64))>,
+    paired_p99: Option<Differences>,
     subject: Option<LoadRow>,
     reference: Option<LoadRow>,
     base: Option<LoadRow>,
@@ -998,7 +1038,7 @@ mod tests {
         // p99 differences −5, +10, −5: median −5 µs. (The medians, 80
         // against 75, would have said the opposite.)
         assert!(
-            text.contains("medians +30.0 µs vs +25.0 µs; p99 agiproxy − haproxy in 3 paired rounds: median -5.0 µs (-5.0 to +10.0): MET"),
+            text.contains("medians +30.0 µs vs +25.0 µs; p99 agiproxy − haproxy in 3 paired rounds: median -5.0 µs (-5.0 to +10.0), lower in 2 of 3: MET"),
             "{text}"
         );
         // Cheaper per session but slower in sessions/s: the cheaper core

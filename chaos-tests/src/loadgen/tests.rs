@@ -82,6 +82,28 @@ async fn counts_add_up_between_generator_and_backend() {
 }
 
 #[tokio::test]
+async fn paced_clients_start_sessions_on_their_schedule() {
+    bounded(async {
+        let b = backend(2, Duration::ZERO).await;
+        let mut cfg = ClientConfig::new(b.addrs().to_vec(), "bench/load");
+        // 40 sessions/s over 2 clients: each starts one every 50 ms, the
+        // second 25 ms after the first, so the 10th session starts 225 ms
+        // in. Back to back these 10 take a few ms.
+        cfg.session_interval = Some(Duration::from_millis(50));
+        let t0 = std::time::Instant::now();
+        let rec = sessions(cfg, 2, 10).await;
+        let took = t0.elapsed();
+        assert_eq!(rec.errors.total(), 0, "{:?}", rec.errors);
+        assert_eq!(rec.sessions, 10);
+        assert!(
+            took >= Duration::from_millis(225),
+            "10 paced sessions took {took:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_known_delay_lands_in_the_rtt_percentiles() {
     bounded(async {
         // The backend waits 30 ms before each command: every RTT (reply
