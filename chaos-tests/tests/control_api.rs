@@ -428,6 +428,11 @@ async fn pools_drain_split_and_metrics() {
         2.0
     );
     assert_eq!(get("agiproxy_build_info", &[]), 1.0);
+    // The process's own, under the names every exporter uses: this test's
+    // process holds at least the listeners and the sessions' sockets.
+    assert!(get("process_open_fds", &[]) >= 3.0, "{text}");
+    assert!(get("process_resident_memory_bytes", &[]) > 0.0, "{text}");
+    assert!(get("process_start_time_seconds", &[]) > 0.0, "{text}");
     let (_, st) = call(&good, t, "GET", "/v1/status", &[], None).await;
     let hash = st["hash"].as_str().unwrap();
     // Regression: an empty live family (no health checks here) once cut the

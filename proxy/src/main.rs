@@ -30,6 +30,11 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
+    /// Log lines queued for the writer thread; beyond them lines are
+    /// dropped (and counted in agiproxy_log_lines_dropped_total) rather
+    /// than a stalled log reader holding up calls.
+    #[arg(long, env = "AGIPROXY_LOG_BUFFER_LINES", default_value_t = logging::DEFAULT_BUFFER_LINES, global = true, value_parser = clap::value_parser!(u32).range(1..))]
+    log_buffer_lines: u32,
     /// Threads serving sessions (default: the CPUs this process may use,
     /// cgroup quota included). 1 runs everything on one thread with no
     /// cross-thread scheduling: the cheapest per session, and the right
@@ -74,8 +79,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => {
-            logging::init(cli.log_format, &cli.log_level);
-            report(runtime(cli.workers).and_then(|rt| rt.block_on(run(config))))
+            let log = logging::init(
+                cli.log_format,
+                &cli.log_level,
+                cli.log_buffer_lines as usize,
+            );
+            let r = runtime(cli.workers).and_then(|rt| rt.block_on(run(config)));
+            // The queued lines first, so that an error is the last line.
+            drop(log);
+            report(r)
         }
         Command::Ctl(args) => {
             let code = match runtime(Some(1)) {
@@ -88,11 +100,14 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
         Command::Demo { listen, once } => {
-            logging::init(
+            let log = logging::init(
                 cli.log_format,
                 &format!("{},agiproxy::access=warn", cli.log_level),
+                cli.log_buffer_lines as usize,
             );
-            report(runtime(cli.workers).and_then(|rt| rt.block_on(demo::run(listen, once))))
+            let r = runtime(cli.workers).and_then(|rt| rt.block_on(demo::run(listen, once)));
+            drop(log);
+            report(r)
         }
     }
 }

@@ -4,6 +4,7 @@
 //! (active sessions per backend, backend state) is read at scrape time
 //! instead of being updated on the session path.
 
+use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -42,6 +43,11 @@ impl ConnectResult {
 
 pub struct Metrics {
     pub registry: Registry,
+    /// `process_*` (CPU, memory, descriptors, threads, start time): kept out
+    /// of `registry` because its names carry no `agiproxy_` prefix, as
+    /// every exporter's process metrics don't, so dashboards built for
+    /// them work unchanged.
+    process: Registry,
     /// By route, pool, backend and outcome: all bounded by the config.
     pub sessions: IntCounterVec,
     failures: Vec<IntCounter>,
@@ -184,8 +190,16 @@ impl Metrics {
             .iter()
             .map(|r| failures_vec.with_label_values(&[r.as_str()]))
             .collect();
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registered once");
         Metrics {
             registry,
+            process,
             sessions,
             failures,
             header_errors,
@@ -227,6 +241,8 @@ impl Metrics {
     /// The exposition plus families computed at scrape time (live state).
     pub fn render_with(&self, extra: Vec<prometheus::proto::MetricFamily>) -> String {
         let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        families.extend(log_lines_dropped().collect());
         // A family without samples (no pool has health checks, say) is an
         // encoding error that would cut the exposition short.
         families.extend(extra.into_iter().filter(|f| !f.get_metric().is_empty()));
@@ -237,6 +253,21 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `agiproxy_log_lines_dropped_total`, read from the log writer's own
+/// count at each scrape (a fresh counter, so two scrapes cannot race).
+fn log_lines_dropped() -> IntCounter {
+    let c = IntCounter::with_opts(
+        Opts::new(
+            "log_lines_dropped_total",
+            "Log lines dropped because the log writer was --log-buffer-lines behind (a stalled stderr reader)",
+        )
+        .namespace("agiproxy"),
+    )
+    .expect("valid metric");
+    c.inc_by(crate::logging::dropped_lines());
+    c
 }
 
 impl Default for Metrics {
@@ -266,5 +297,30 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} missing in\n{text}");
         }
+    }
+
+    /// The value of the unlabelled sample `name` in an exposition.
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+            .parse()
+            .expect("a number")
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_exposition_has_the_process_metrics_unprefixed() {
+        let text = Metrics::new().render();
+        // This test process has its standard streams open, some memory, a
+        // start time after 2020 and a descriptor limit above what it uses.
+        let open = sample(&text, "process_open_fds");
+        assert!(open >= 3.0, "{open}");
+        assert!(sample(&text, "process_max_fds") > open);
+        assert!(sample(&text, "process_resident_memory_bytes") > 1e6);
+        assert!(sample(&text, "process_start_time_seconds") > 1.6e9);
+        assert!(sample(&text, "process_threads") >= 1.0);
+        sample(&text, "process_cpu_seconds_total");
+        assert!(!text.contains("agiproxy_process_"), "{text}");
     }
 }

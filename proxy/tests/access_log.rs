@@ -86,3 +86,114 @@ async fn json_access_log_has_one_line_per_session() {
         (Some("failed"), Some("no_route"))
     );
 }
+
+/// A port free at the time of asking, on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` on the control API, plain HTTP/1.1, the body as text.
+async fn scrape(control: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(control).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agiproxy\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A log reader that stops reading (a container runtime's full pipe, a
+/// frozen terminal) costs log lines, counted, and never a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_costs_log_lines_not_calls() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let (port, cport) = (free_port(), free_port());
+    let text = format!(
+        "version: 1\ncontrol: {{ address: \"127.0.0.1:{cport}\" }}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n  - name: ivr\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"{}\" }}]\n",
+        b.addr()
+    );
+    let path = std::env::temp_dir().join(format!("agiproxy-stalled-log-{port}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    // stderr is a pipe nobody reads until the end: it fills at 64 KiB,
+    // about 200 access lines.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .args([
+            "run",
+            "--log-format",
+            "json",
+            "--log-buffer-lines",
+            "16",
+            "-c",
+        ])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut started = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started);
+    // 1,000 calls, 8 at a time, each bounded: a proxy blocked on its log
+    // pipe would time them out.
+    const CALLS: usize = 1000;
+    let mut done = 0;
+    for batch in 0..CALLS / 8 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let uid = format!("9.{}", batch * 8 + i);
+            calls.spawn(async move {
+                let caller =
+                    FakeAsterisk::new().header(AgiHeader::realistic("ivr/main", &[], &uid));
+                tokio::time::timeout(Duration::from_secs(5), caller.run(addr)).await
+            });
+        }
+        while let Some(out) = calls.join_next().await {
+            let out = out.unwrap().expect("a call hung behind the log");
+            assert_eq!(out.status, AgiStatus::Success);
+            done += 1;
+        }
+    }
+    assert_eq!(done, CALLS);
+    let metrics = scrape(format!("127.0.0.1:{cport}").parse().unwrap()).await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agiproxy_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "{metrics}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // What got through is whole lines of JSON: the writer drops lines,
+    // never parts of them.
+    let stderr = child.stderr.take().unwrap();
+    let access = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|l| l["target"] == "agiproxy::access")
+        .count();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        access > 0 && access < CALLS,
+        "{access} access lines, {dropped} dropped"
+    );
+    let _ = std::fs::remove_file(&path);
+}

@@ -101,6 +101,24 @@ fn zero_workers_is_refused_with_the_flag_named() {
     assert!(stderr.contains("--workers"), "{stderr}");
 }
 
+#[test]
+fn a_log_buffer_of_zero_lines_is_refused_with_the_flag_named() {
+    for (args, env) in [
+        (&["--log-buffer-lines", "0", "demo", "--once"][..], None),
+        (&["demo", "--once"][..], Some("0")),
+    ] {
+        let mut cmd = bin();
+        cmd.args(args);
+        if let Some(v) = env {
+            cmd.env("AGIPROXY_LOG_BUFFER_LINES", v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--log-buffer-lines"), "{stderr}");
+    }
+}
+
 fn demo_once(flags: &[&str]) {
     let out = bin()
         .args(flags)
