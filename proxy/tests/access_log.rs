@@ -1,41 +1,57 @@
 //! One structured access-log line per session, as JSON with --log-format json.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_access_log_has_one_line_per_session() {
-    let b = FakeBackend::start(Behaviour::script(&["NOOP", "NOOP"])).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+mod common;
+use common::free_port;
+
+/// Runs `agiproxy run --log-format json` with `flags` on a config of one
+/// listener on `port`, routes `routes` to a pool of `backend`, and `control`;
+/// stderr piped. Returns once the listener accepts.
+async fn start(
+    port: u16,
+    control: &str,
+    routes: &str,
+    backend: std::net::SocketAddr,
+    flags: &[&str],
+) -> Child {
     let text = format!(
-        "version: 1\ncontrol: {{ enabled: false }}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"{}\" }}]\n",
-        b.addr()
+        "version: 1\ncontrol: {control}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n{routes}pools:\n  - name: p\n    backends: [{{ address: \"{backend}\" }}]\n"
     );
     let path = std::env::temp_dir().join(format!("agiproxy-log-{port}.yaml"));
     std::fs::write(&path, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args(["run", "--log-format", "json", "-c"])
+        .args(["run", "--log-format", "json"])
+        .args(flags)
+        .arg("-c")
         .arg(&path)
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut started = false;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            started = true;
-            break;
+            return child;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(started);
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("agiproxy did not start listening on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_has_one_line_per_session() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP", "NOOP"])).await;
+    let port = free_port();
+    let routes = "  - name: ivr\n    match: { script: { prefix: ivr/ } }\n    pool: p\n";
+    let mut child = start(port, "{ enabled: false }", routes, b.addr(), &[]).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let out = FakeAsterisk::new()
         .header(AgiHeader::realistic("ivr/main?lang=de", &["7"], "1.1"))
         .run(addr)
@@ -87,15 +103,6 @@ async fn json_access_log_has_one_line_per_session() {
     );
 }
 
-/// A port free at the time of asking, on loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /metrics` on the control API, plain HTTP/1.1, the body as text.
 async fn scrape(control: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,38 +121,13 @@ async fn scrape(control: std::net::SocketAddr) -> String {
 async fn a_stalled_log_reader_costs_log_lines_not_calls() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let (port, cport) = (free_port(), free_port());
-    let text = format!(
-        "version: 1\ncontrol: {{ address: \"127.0.0.1:{cport}\" }}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n  - name: ivr\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"{}\" }}]\n",
-        b.addr()
-    );
-    let path = std::env::temp_dir().join(format!("agiproxy-stalled-log-{port}.yaml"));
-    std::fs::write(&path, text).unwrap();
     // stderr is a pipe nobody reads until the end: it fills at 64 KiB,
     // about 200 access lines.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args([
-            "run",
-            "--log-format",
-            "json",
-            "--log-buffer-lines",
-            "16",
-            "-c",
-        ])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut started = false;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(started);
+    let control = format!("{{ address: \"127.0.0.1:{cport}\" }}");
+    let routes = "  - name: ivr\n    pool: p\n";
+    let flags = ["--log-buffer-lines", "16"];
+    let mut child = start(port, &control, routes, b.addr(), &flags).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     // 1,000 calls, 8 at a time, each bounded: a proxy blocked on its log
     // pipe would time them out.
     const CALLS: usize = 1000;
@@ -195,5 +177,4 @@ async fn a_stalled_log_reader_costs_log_lines_not_calls() {
         access > 0 && access < CALLS,
         "{access} access lines, {dropped} dropped"
     );
-    let _ = std::fs::remove_file(&path);
 }

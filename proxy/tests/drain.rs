@@ -8,13 +8,8 @@ use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Reply};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::free_port;
 
 /// `workers`: the `AGIPROXY_WORKERS` the proxy runs with ("1": everything
 /// on one thread, a current-thread runtime).
