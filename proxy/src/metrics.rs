@@ -44,9 +44,8 @@ impl ConnectResult {
 pub struct Metrics {
     pub registry: Registry,
     /// `process_*` (CPU, memory, descriptors, threads, start time): kept out
-    /// of `registry` because its names carry no `agiproxy_` prefix, as
-    /// every exporter's process metrics don't, so dashboards built for
-    /// them work unchanged.
+    /// of `registry`, whose prefix would rename them; unprefixed, they have
+    /// the names every exporter uses, so stock dashboards and alerts work.
     process: Registry,
     /// By route, pool, backend and outcome: all bounded by the config.
     pub sessions: IntCounterVec,
