@@ -299,7 +299,7 @@ async fn a_reload_keeps_the_last_good_dns_set_even_while_dns_fails() {
 
 #[tokio::test]
 async fn a_name_with_a_and_aaaa_records_gives_every_address() {
-    use agiproxy::discovery::{lookup, resolver};
+    use agiproxy::pool::discovery::{lookup, resolver};
     use agiproxy_config::{BackendTarget, Dns};
     let dns = FakeDns::start().await;
     let both: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "::1".parse().unwrap()];

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agiproxy::balancer::{BackendState, BackendStatus};
+use agiproxy::pool::{BackendState, BackendStatus};
 use agiproxy::{Outcome, SessionRecord};
 use chaos_tests::{AgiStatus, Behaviour, FakeBackend, Reply};
 use common::*;

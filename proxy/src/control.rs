@@ -10,7 +10,7 @@ use agiproxy_control::{ControlError, ControlPlane};
 use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, IntGaugeVec, Opts};
 
-use crate::balancer::{BackendStatus, PoolState};
+use crate::pool::{BackendStatus, PoolState};
 use crate::server::{ApplyError, Server};
 use crate::snapshot::Snapshot;
 

@@ -1,32 +1,29 @@
 //! agiproxy: a FastAGI proxy and load balancer.
 //!
-//! A session's path through the modules: [`server`] accepts, [`header`]
-//! reads the `agi_*` header, [`router`] picks a route, [`balancer`] orders a
-//! pool's backends, [`connect`] attaches one within the budget, [`rewrite`]
-//! builds the header it receives, [`relay`] (with the [`turn`] observer)
-//! carries the conversation, and [`failure`] speaks FAILURE to Asterisk
-//! whenever the session cannot be served. [`drain`] orders shutdown.
+//! Three layers, one folder each, dependencies pointing down only:
+//! - the runtime (this folder): [`server`] (listeners, accept loop, config
+//!   changes), [`snapshot`] (the running config and the pools built from it),
+//!   [`control`] (the proxy's side of the control API), [`watch`] (the config
+//!   file), [`drain`] (shutdown order), [`metrics`], [`logging`];
+//! - a session's path ([`session`]): [`session::header`] reads the `agi_*`
+//!   header, [`session::router`] picks a route, [`session::connect`] attaches
+//!   a backend within the budget, [`session::rewrite`] builds the header it
+//!   receives, [`session::relay`] (with the [`session::turn`] observer)
+//!   carries the conversation, and [`session::failure`] speaks FAILURE to
+//!   Asterisk whenever the session cannot be served;
+//! - pools and what keeps them current ([`pool`]): backend state, balancing
+//!   policies, health checks and DNS discovery. It knows nothing above it.
 
-pub mod balancer;
-pub mod connect;
 pub mod control;
-pub mod discovery;
 pub mod drain;
-pub mod failure;
-pub mod header;
-pub mod health;
 pub mod logging;
 pub mod metrics;
-pub mod outcome;
-pub mod relay;
-pub mod rewrite;
-pub mod router;
+pub mod pool;
 pub mod server;
 pub mod session;
 pub mod snapshot;
-pub mod turn;
 pub mod watch;
 
-pub use outcome::{Outcome, Reason};
 pub use server::{Server, ServerError};
+pub use session::outcome::{Outcome, Reason};
 pub use session::SessionRecord;

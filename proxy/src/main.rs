@@ -313,8 +313,8 @@ impl agiproxy_control::ctl::ClusterResolver for DnsCluster {
             nameservers: dns_server.into_iter().collect(),
             ..Dns::default()
         };
-        let resolver = agiproxy::discovery::resolver(&dns)?;
-        let (found, _ttl) = agiproxy::discovery::lookup(&resolver, &target, &dns).await?;
+        let resolver = agiproxy::pool::discovery::resolver(&dns)?;
+        let (found, _ttl) = agiproxy::pool::discovery::lookup(&resolver, &target, &dns).await?;
         Ok(found.into_iter().map(|f| f.addr).collect())
     }
 }

@@ -9,7 +9,7 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-use crate::outcome::{Outcome, Reason};
+use crate::session::outcome::{Outcome, Reason};
 
 /// What `connect_attempts_total` counts, by its `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,19 +10,16 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agiproxy_config::Config;
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::drain::Drain;
 use crate::metrics::Metrics;
-use crate::session::{self, SessionRecord};
+use crate::session::{self, SessionRecord, Shared};
 use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
 
 /// Pending connections the kernel may queue per listener.
@@ -87,31 +84,19 @@ struct ListenerEntry {
     stop: CancellationToken,
 }
 
-/// State every session shares.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Metrics,
-    pub drain: Drain,
-    active: AtomicUsize,
-    records: broadcast::Sender<SessionRecord>,
-    /// Serialises config changes; holds the bound listeners.
-    changes: tokio::sync::Mutex<Vec<ListenerEntry>>,
+/// What config changes share: serialised by the lock, which also holds the
+/// bound listeners.
+struct Changes {
+    listeners: tokio::sync::Mutex<Vec<ListenerEntry>>,
     file: Option<PathBuf>,
     started: Instant,
-}
-
-impl Shared {
-    pub(crate) fn publish(&self, rec: SessionRecord) {
-        if self.records.receiver_count() > 0 {
-            let _ = self.records.send(rec);
-        }
-    }
 }
 
 /// A running proxy: its listeners are bound and accepting. Cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
+    changes: Arc<Changes>,
 }
 
 impl Server {
@@ -127,32 +112,27 @@ impl Server {
 
     pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
         let bound = bind_all(&config, &[])?;
-        let (records, _) = broadcast::channel(4096);
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
-        let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, meta, None)),
-            metrics: Metrics::new(),
-            drain: Drain::new(),
-            active: AtomicUsize::new(0),
-            records,
-            changes: tokio::sync::Mutex::new(Vec::new()),
+        let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
+        let changes = Arc::new(Changes {
+            listeners: tokio::sync::Mutex::new(Vec::new()),
             file: origin.file,
             started: Instant::now(),
         });
         shared.snapshot.load().activate();
         shared.metrics.config_generation.set(1);
-        let mut table = shared.changes.lock().await;
+        let mut table = changes.listeners.lock().await;
         for (configured, listener) in bound {
             table.push(spawn_listener(&shared, configured, listener));
         }
         drop(table);
-        Ok(Server { shared })
+        Ok(Server { shared, changes })
     }
 
     /// Bound addresses, in config order (a port 0 in the config is resolved here).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         let snap = self.shared.snapshot.load();
-        let table = self.shared.changes.try_lock();
+        let table = self.changes.listeners.try_lock();
         snap.config
             .listeners
             .iter()
@@ -175,20 +155,20 @@ impl Server {
     }
 
     pub fn uptime(&self) -> Duration {
-        self.shared.started.elapsed()
+        self.changes.started.elapsed()
     }
 
     pub fn config_file(&self) -> Option<&PathBuf> {
-        self.shared.file.as_ref()
+        self.changes.file.as_ref()
     }
 
     /// A feed of finished sessions (for tests, the demo and tooling).
     pub fn subscribe(&self) -> broadcast::Receiver<SessionRecord> {
-        self.shared.records.subscribe()
+        self.shared.subscribe()
     }
 
     pub fn active_sessions(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.shared.active()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -263,7 +243,7 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let mut table = self.shared.changes.lock().await;
+        let mut table = self.changes.listeners.lock().await;
         let current = self.shared.snapshot.load_full();
         let generation = current.meta.generation;
         if let Some(expected) = if_match.filter(|g| *g != generation) {
@@ -325,7 +305,7 @@ impl Server {
 
     /// Re-reads the config file and applies it.
     pub async fn reload_file(&self) -> Result<Applied, ApplyError> {
-        let Some(path) = self.shared.file.clone() else {
+        let Some(path) = self.changes.file.clone() else {
             let source = self.shared.snapshot.load().meta.source.to_string();
             return Err(ApplyError::NoFile(source));
         };
@@ -348,7 +328,7 @@ impl Server {
 
     /// Whether the config file's content differs from the running config.
     pub fn differs_from_file(&self) -> bool {
-        let Some(path) = &self.shared.file else {
+        let Some(path) = &self.changes.file else {
             return false;
         };
         match std::fs::read_to_string(path) {
@@ -359,7 +339,7 @@ impl Server {
 
     /// Listener names and bound addresses.
     pub async fn listeners(&self) -> Vec<(String, SocketAddr)> {
-        let table = self.shared.changes.lock().await;
+        let table = self.changes.listeners.lock().await;
         let snap = self.shared.snapshot.load();
         table
             .iter()
@@ -509,32 +489,17 @@ fn spawn_session(
     let name = snap.listener_name(configured);
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
-    if shared.active.fetch_add(1, Ordering::Relaxed) >= max {
-        shared.active.fetch_sub(1, Ordering::Relaxed);
+    let Some(guard) = shared.admit(max) else {
         shared
             .drain
             .sessions
             .spawn(session::reject_overloaded(sh, snap, name, stream, peer));
         return;
-    }
-    shared.metrics.active_sessions.inc();
-    // The guard goes in as an argument, not captured by a wrapping block:
-    // the task then holds each value once.
-    let guard = ActiveGuard(sh.clone());
+    };
     shared
         .drain
         .sessions
         .spawn(session::serve(sh, snap, name, stream, peer, guard));
-}
-
-/// Counts a session as active until it ends, however it ends.
-pub(crate) struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics.active_sessions.dec();
-    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use agiproxy_config::Config;
 
-use crate::balancer::PoolState;
-use crate::router::Router;
+use crate::pool::{discovery, health, PoolState, PoolStatus};
+use crate::session::router::Router;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -52,7 +52,7 @@ impl ConfigMeta {
 
 /// The content hash used for configs (stable across replicas and releases).
 pub fn text_hash(text: &str) -> u64 {
-    crate::balancer::stable_hash(text.as_bytes(), 0xc0_4f16)
+    crate::pool::stable_hash(text.as_bytes(), 0xc0_4f16)
 }
 
 impl Snapshot {
@@ -83,9 +83,25 @@ impl Snapshot {
     /// Starts what keeps this snapshot's pools current (active health
     /// checks, DNS discovery). Called once, right after the snapshot is
     /// made the running one.
+    /// The pool layer never starts its own work: this is the one place
+    /// that does. Needs a Tokio runtime for the tasks; idempotent.
     pub fn activate(&self) {
+        let rt = tokio::runtime::Handle::try_current();
         for pool in &self.pools {
-            pool.activate();
+            if !pool.activate() {
+                continue;
+            }
+            let Ok(rt) = &rt else {
+                tracing::warn!(pool = %pool.name, "no async runtime: health checks and DNS discovery not started");
+                continue;
+            };
+            let shared = pool.shared();
+            rt.spawn(health::supervise(shared.clone()));
+            for (i, b) in pool.config().backends.iter().enumerate() {
+                if b.target.static_addr().is_none() {
+                    rt.spawn(discovery::follow(shared.clone(), i));
+                }
+            }
         }
     }
 
@@ -99,7 +115,7 @@ impl Snapshot {
 
     /// Every pool's live state (backends, health, ejections, DNS names), in
     /// config order: for the control API and metrics.
-    pub fn status(&self) -> Vec<crate::balancer::PoolStatus> {
+    pub fn status(&self) -> Vec<PoolStatus> {
         self.pools.iter().map(PoolState::status).collect()
     }
 

@@ -330,10 +330,10 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> bool {
 mod tests {
     use super::*;
 
-    const FX: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-FX.bin");
-    const J: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-J.bin");
-    const J2: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-J2.bin");
-    const HC: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-HC.bin");
+    const FX: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-FX.bin");
+    const J: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-J.bin");
+    const J2: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-J2.bin");
+    const HC: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-HC.bin");
 
     #[test]
     fn parses_real_headers() {

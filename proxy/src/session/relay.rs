@@ -25,10 +25,10 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::failure;
+use super::outcome::Reason;
+use super::turn::{AsteriskLine, BackendLine, Turn};
 use crate::drain::Cut;
-use crate::failure;
-use crate::outcome::Reason;
-use crate::turn::{AsteriskLine, BackendLine, Turn};
 
 /// Bytes read per syscall. Lives on the stack for the length of one read.
 const READ_CHUNK: usize = 16 * 1024;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::outcome::Reason;
+use super::outcome::Reason;
 
 /// The channel variable that tells the dialplan why.
 pub const ERROR_VARIABLE: &str = "AGIPROXY_ERROR";

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 pub use agiproxy_config::TemplateContext;
 use agiproxy_config::{Rewrite, Template};
 
-use crate::header::Header;
+use super::header::Header;
 
 /// Rewrites the path in `agi_request` (`agi://host:port/path?query`).
 fn rewrite_request(rewrite: &Rewrite, request: &str) -> Option<String> {
@@ -67,7 +67,7 @@ mod tests {
     use super::*;
     use agiproxy_config::TemplatePart;
 
-    const HC: &[u8] = include_bytes!("../../chaos-tests/fixtures/header-HC.bin");
+    const HC: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-HC.bin");
 
     fn ctx() -> TemplateContext<'static> {
         TemplateContext {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use agiproxy_config::{Route, RouteMatch, RouteTarget};
 
-use crate::header::Header;
+use super::header::Header;
 
 /// One compiled rule.
 #[derive(Debug)]
@@ -82,7 +82,7 @@ impl Router {
             RouteTarget::Split(_) => {
                 let total = r.split_bands.last().map_or(1, |b| b.0);
                 let h = match header.get(&r.route.split_key) {
-                    Some(key) => crate::balancer::stable_hash(key.as_bytes(), 0x5eed),
+                    Some(key) => crate::pool::stable_hash(key.as_bytes(), 0x5eed),
                     None => self.fallback.fetch_add(1, Ordering::Relaxed),
                 };
                 let point = h % total;

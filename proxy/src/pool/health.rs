@@ -31,7 +31,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::{stable_hash, BackendLive, CheckResult, Members, PoolShared};
+use super::backend::{BackendLive, CheckResult};
+use super::hash::stable_hash;
+use super::members::Members;
+use super::polite_close::close_politely;
+use super::state::PoolShared;
 
 /// How often the watcher looks at the pool: state changes that happen by
 /// the clock alone (a backoff or a slow start running out) are logged
@@ -255,7 +259,7 @@ async fn probe_agi(
             break buf[..end].to_vec();
         }
         if buf.len() > MAX_LINE {
-            crate::connect::close_politely(stream);
+            close_politely(stream);
             return Err(format!(
                 "sent {} bytes without a newline: not an AGI command",
                 buf.len()
@@ -263,11 +267,11 @@ async fn probe_agi(
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Err(_) => {
-                crate::connect::close_politely(stream);
+                close_politely(stream);
                 return Err(format!("no command within {}", humantime_ms(timeout)));
             }
             Ok(Ok(0)) => {
-                crate::connect::close_politely(stream);
+                close_politely(stream);
                 return Err("closed without sending a command".to_string());
             }
             Ok(Err(e)) => return Err(format!("connection failed before a command: {e}")),
@@ -284,7 +288,7 @@ async fn probe_agi(
         )
         .await;
     }
-    crate::connect::close_politely(stream);
+    close_politely(stream);
     match verdict {
         Ok(command) => Ok(format!("first command {command:?}")),
         Err(Judged::Mismatch(m) | Judged::Bad(m)) => Err(m),
@@ -388,7 +392,14 @@ mod tests {
         assert!(judge(b"VERBOSE \"up\" 1", Some(&re)).is_ok());
     }
 
-    /// Checks start with `activate` and stop with `retire`; the verdict
+    /// Starts a pool's checks as a snapshot's activation does.
+    fn activate(p: &super::super::PoolState) {
+        if p.activate() {
+            tokio::spawn(supervise(p.shared().clone()));
+        }
+    }
+
+    /// Checks start with activation and stop with `retire`; the verdict
     /// lives on in the next snapshot's pool.
     #[tokio::test]
     async fn checks_run_while_active_and_stop_when_retired() {
@@ -406,15 +417,15 @@ mod tests {
             "version: 1\npools:\n  - name: p\n    health: {{ type: tcp, interval: 50ms, timeout: 40ms, jitter: 5ms }}\n    backends:\n      - {{ address: \"{addr}\" }}\n"
         );
         let cfg = agiproxy_config::from_yaml_str(&text).unwrap();
-        let old = crate::balancer::PoolState::new(&cfg.pools[0], None);
-        old.activate();
+        let old = super::super::PoolState::new(&cfg.pools[0], None);
+        activate(&old);
         tokio::time::sleep(Duration::from_millis(600)).await;
         let n = accepted.load(Ordering::Relaxed);
         assert!(n >= 5, "{n} checks in 600 ms at a 50 ms interval");
         let live = old.members().backends[0].live.clone();
         assert_eq!(live.check_verdict(), Some(true));
 
-        let new = crate::balancer::PoolState::new(&cfg.pools[0], Some(&old));
+        let new = super::super::PoolState::new(&cfg.pools[0], Some(&old));
         old.retire();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let after_retire = accepted.load(Ordering::Relaxed);
@@ -425,7 +436,7 @@ mod tests {
             "a retired pool still checks"
         );
 
-        new.activate();
+        activate(&new);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(accepted.load(Ordering::Relaxed) > after_retire);
         assert!(Arc::ptr_eq(&new.members().backends[0].live, &live));

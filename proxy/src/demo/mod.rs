@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use chaos_tests::{refused_addr, AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 use agiproxy::{Server, SessionRecord};
+
+mod sim;
+use sim::{refused_addr, ScriptedBackend};
 
 const CONFIG: &str = include_str!("demo.yaml");
 
@@ -42,23 +44,23 @@ const CALLS: &[Call] = &[
     },
 ];
 
-fn backend_script(colour: &str) -> Behaviour {
-    Behaviour::script(&[
+fn backend_script(colour: &str) -> Vec<String> {
+    vec![
         format!("VERBOSE \"{colour} backend answering\" 1"),
         "ANSWER".to_string(),
         format!("SET VARIABLE IVR_BACKEND {colour}"),
         "STREAM FILE hello-world \"\"".to_string(),
-    ])
+    ]
 }
 
 pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
-    let blue = FakeBackend::start(backend_script("blue"))
+    let blue = ScriptedBackend::start(backend_script("blue"))
         .await
-        .with_name("blue");
-    let green = FakeBackend::start(backend_script("green"))
+        .context("starting the blue backend")?;
+    let green = ScriptedBackend::start(backend_script("green"))
         .await
-        .with_name("green");
-    let down = refused_addr();
+        .context("starting the green backend")?;
+    let down = refused_addr().context("finding a free port")?;
     let text = CONFIG
         .replace("{LISTEN}", &listen.to_string())
         .replace("{BLUE}", &blue.addr().to_string())
@@ -93,12 +95,9 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
     println!("agiproxy demo: proxy on {addr}; backends blue {}, green {}; pool \"billing\" points at {down}, where nothing listens\n", blue.addr(), green.addr());
     let mut records = server.subscribe();
     for (i, call) in CALLS.iter().enumerate() {
-        let header = AgiHeader::realistic(call.script, call.args, &format!("1700000000.{i}"));
-        let out = FakeAsterisk::new()
-            .header(header)
-            .call_timeout(Duration::from_secs(10))
-            .run(addr)
-            .await;
+        let out = sim::call(addr, call.script, call.args, &format!("1700000000.{i}"))
+            .await
+            .context("calling the demo proxy")?;
         let rec: Option<SessionRecord> =
             tokio::time::timeout(Duration::from_secs(2), records.recv())
                 .await
@@ -123,12 +122,12 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
             println!("  backend> {cmd}");
         }
         let reason = out
-            .variables
-            .get("AGIPROXY_ERROR")
+            .error
+            .as_ref()
             .map(|r| format!(" (AGIPROXY_ERROR={r})"))
             .unwrap_or_default();
         println!("  AGISTATUS={}{reason}", out.status);
-        if out.status == AgiStatus::Failure {
+        if out.status == "FAILURE" {
             println!("  -> the dialplan's fallback runs: same(n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1))");
         }
         println!();

@@ -26,48 +26,9 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData, Record};
 use hickory_resolver::{Resolver, TokioResolver};
 
-use crate::balancer::{lock, PoolShared};
-
-/// One address of a DNS name's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Found {
-    pub addr: SocketAddr,
-    /// The SRV record's weight (scaled into 1..=1000); None for A/AAAA,
-    /// which take the entry's weight.
-    pub weight: Option<u32>,
-    /// Failover tier: the rank of the SRV priority (0 for A/AAAA).
-    pub tier: u16,
-    /// Not in the previous good answer (and this is not the first answer):
-    /// a backend that just appeared, so it slow-starts.
-    pub new: bool,
-}
-
-/// What is known of one DNS name of a pool: carried across reloads, so a
-/// reload neither forgets the last good set nor waits for a new lookup.
-#[derive(Debug, Clone, Default)]
-pub struct Discovered {
-    /// The last good answer.
-    pub found: Vec<Found>,
-    pub last_success: Option<SystemTime>,
-    /// The TTL of the last good answer, bounded by min_ttl and max_ttl.
-    pub ttl: Duration,
-    pub lookups: u64,
-    pub failures: u64,
-    /// Failures since the last good answer.
-    pub failing: u32,
-    pub last_error: Option<String>,
-}
-
-/// The key of a DNS entry in [`crate::balancer::PoolLive`]: case and a
-/// final dot do not matter.
-pub(crate) fn key(target: &BackendTarget) -> String {
-    let norm = |n: &str| n.trim_end_matches('.').to_ascii_lowercase();
-    match target {
-        BackendTarget::Static(a) => a.to_string(),
-        BackendTarget::Host { name, port } => format!("{}:{port}", norm(name)),
-        BackendTarget::Srv { name } => format!("srv {}", norm(name)),
-    }
-}
+use super::clock::lock;
+use super::live::{key, Found};
+use super::state::PoolShared;
 
 /// Builds the resolver `dns` describes: the system's configuration
 /// (`/etc/resolv.conf`) unless nameservers are given, search domains

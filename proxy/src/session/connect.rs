@@ -12,13 +12,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::ReadBuf;
 
 use agiproxy_config::Timeouts;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::balancer::{Candidates, Lease, PoolState};
+use super::outcome::Reason;
+use super::relay::read_now;
 use crate::metrics::{ConnectResult, Metrics};
-use crate::outcome::Reason;
-use crate::relay::read_now;
+use crate::pool::polite_close::close_politely;
+use crate::pool::{Candidates, Lease, PoolState};
 
 /// A backend that has sent its first byte: the session commits on it.
 pub struct Attached {
@@ -288,22 +289,4 @@ async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStrea
         .await
         .map_err(Opened::HeaderRefused)?;
     Ok(stream)
-}
-
-/// How long an abandoned backend gets to close after our `HANGUP`.
-const POLITE_CLOSE: Duration = Duration::from_secs(2);
-
-/// Ends a backend connection the way Asterisk would: it already has the
-/// whole header; send `HANGUP`, close our side, and read what it sends until
-/// it closes. Fragile FastAGI servers crash on anything ruder.
-pub fn close_politely(mut stream: TcpStream) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(POLITE_CLOSE, async {
-            let _ = stream.write_all(b"HANGUP\n").await;
-            let _ = stream.shutdown().await;
-            let mut sink = [0u8; 512];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
-    });
 }

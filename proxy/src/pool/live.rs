@@ -1,0 +1,94 @@
+//! What a pool carries across reloads besides its backends' own state: the
+//! rotation cursor, rate-limited warnings, the registry of every backend
+//! still referenced, and the last good answer of each DNS name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use agiproxy_config::BackendTarget;
+
+use super::backend::BackendLive;
+use super::hash::stable_hash;
+
+/// One address of a DNS name's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub addr: SocketAddr,
+    /// The SRV record's weight (scaled into 1..=1000); None for A/AAAA,
+    /// which take the entry's weight.
+    pub weight: Option<u32>,
+    /// Failover tier: the rank of the SRV priority (0 for A/AAAA).
+    pub tier: u16,
+    /// Not in the previous good answer (and this is not the first answer):
+    /// a backend that just appeared, so it slow-starts.
+    pub new: bool,
+}
+
+/// What is known of one DNS name of a pool: carried across reloads, so a
+/// reload neither forgets the last good set nor waits for a new lookup.
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
+    /// The last good answer.
+    pub found: Vec<Found>,
+    pub last_success: Option<SystemTime>,
+    /// The TTL of the last good answer, bounded by min_ttl and max_ttl.
+    pub ttl: Duration,
+    pub lookups: u64,
+    pub failures: u64,
+    /// Failures since the last good answer.
+    pub failing: u32,
+    pub last_error: Option<String>,
+}
+
+/// The key of a DNS entry in [`PoolLive`]: case and a
+/// final dot do not matter.
+pub(crate) fn key(target: &BackendTarget) -> String {
+    let norm = |n: &str| n.trim_end_matches('.').to_ascii_lowercase();
+    match target {
+        BackendTarget::Static(a) => a.to_string(),
+        BackendTarget::Host { name, port } => format!("{}:{port}", norm(name)),
+        BackendTarget::Srv { name } => format!("srv {}", norm(name)),
+    }
+}
+
+/// Loud pool warnings (panic, no healthy backend) at most this often.
+const WARN_EVERY_MS: u64 = 10_000;
+
+/// Live state of a pool, carried across reloads like a backend's.
+#[derive(Debug, Default)]
+pub struct PoolLive {
+    pub active: AtomicU32,
+    pub(super) cursor: AtomicU64,
+    /// Counter behind the pseudo-random slow-start draws.
+    pub(super) draws: AtomicU64,
+    pub(super) last_warn_ms: AtomicU64,
+    /// Every backend of the pool still referenced anywhere (members of a
+    /// running or retired snapshot, sessions), so an address that leaves and
+    /// comes back finds its state again.
+    pub(super) registry: Mutex<HashMap<SocketAddr, Weak<BackendLive>>>,
+    /// The last good DNS answer of each name, keyed by [`discovery::key`].
+    pub(crate) discovery: Mutex<HashMap<String, Discovered>>,
+    /// Serialises member-set rebuilds.
+    pub(super) rebuild: Mutex<()>,
+}
+
+impl PoolLive {
+    /// True at most once per [`WARN_EVERY_MS`]: for loud, rate-limited warnings.
+    pub(super) fn warn_due(&self, now: u64) -> bool {
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        (last == 0 || now >= last + WARN_EVERY_MS)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// A uniform draw in [0, 1).
+    pub(super) fn draw(&self) -> f64 {
+        let n = self.draws.fetch_add(1, Ordering::Relaxed);
+        (stable_hash(&n.to_le_bytes(), 0x51_0e5a) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

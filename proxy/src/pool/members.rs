@@ -1,0 +1,128 @@
+//! A pool's member set: the backends it offers now, grouped in failover
+//! tiers, rebuilt whole from the config and the last good DNS answers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use agiproxy_config::{BackendTarget, Pool};
+
+use super::live::key;
+
+use super::backend::{Backend, BackendLive};
+use super::clock::{lock, now_ms};
+use super::live::PoolLive;
+use super::policy::smooth_wrr;
+
+/// One failover tier of a member set.
+#[derive(Debug)]
+pub(crate) struct Tier {
+    /// Indices into `Members::backends`.
+    pub(crate) idx: Vec<usize>,
+    /// Smooth weighted round-robin schedule over `idx` (positions in it).
+    pub(crate) schedule: Vec<u16>,
+}
+
+/// A pool's current backends. Replaced whole (never edited) when the set
+/// changes, so a session's view stays consistent while it tries them.
+#[derive(Debug)]
+pub struct Members {
+    pub backends: Vec<Backend>,
+    /// By ascending tier.
+    pub(crate) tiers: Vec<Tier>,
+}
+
+impl Members {
+    pub fn new(backends: Vec<Backend>) -> Members {
+        let mut levels: Vec<u16> = backends.iter().map(|b| b.tier).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let tiers = levels
+            .into_iter()
+            .map(|level| {
+                let idx: Vec<usize> = (0..backends.len())
+                    .filter(|&i| backends[i].tier == level)
+                    .collect();
+                let weights: Vec<u32> = idx.iter().map(|&i| backends[i].weight).collect();
+                Tier {
+                    schedule: smooth_wrr(&weights),
+                    idx,
+                }
+            })
+            .collect();
+        Members { backends, tiers }
+    }
+}
+
+/// One call's candidates: the member set it was chosen from, best first.
+#[derive(Debug)]
+pub struct Candidates {
+    pub members: Arc<Members>,
+    pub order: Vec<usize>,
+}
+
+/// The member set for `pool`: its static addresses, then each DNS name's
+/// last good answer, in config order; an address listed twice is taken
+/// once (its first listing wins). Live state comes from `previous` or the
+/// pool's registry, so a backend keeps it across reloads and DNS changes;
+/// one that DNS adds (after the name's first answer) starts slow. `running`:
+/// the pool serves (a DNS change), so its settings apply to every member;
+/// else only to backends seen for the first time.
+pub(crate) fn build_members(
+    pool: &Pool,
+    live: &PoolLive,
+    previous: Option<&Members>,
+    running: bool,
+) -> Members {
+    let window = pool.slow_start.map_or(0, |d| d.as_millis() as u64);
+    let now = now_ms();
+    let discovered = lock(&live.discovery);
+    let mut registry = lock(&live.registry);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for entry in &pool.backends {
+        let found: Vec<(SocketAddr, u32, u16, bool)> = match &entry.target {
+            BackendTarget::Static(addr) => vec![(*addr, entry.weight, 0, false)],
+            target => discovered
+                .get(&key(target))
+                .map(|d| {
+                    d.found
+                        .iter()
+                        .map(|f| (f.addr, f.weight.unwrap_or(entry.weight), f.tier, f.new))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let source: Arc<str> = match &entry.target {
+            BackendTarget::Static(_) => Arc::from("static"),
+            BackendTarget::Host { .. } => Arc::from(format!("dns {}", entry.target)),
+            BackendTarget::Srv { .. } => Arc::from(entry.target.to_string()),
+        };
+        for (addr, weight, tier, new) in found {
+            if !seen.insert(addr) {
+                continue;
+            }
+            let was_member = previous
+                .and_then(|m| m.backends.iter().find(|b| b.addr == addr))
+                .map(|b| b.live.clone());
+            let known = was_member
+                .clone()
+                .or_else(|| registry.get(&addr).and_then(Weak::upgrade));
+            let fresh = known.is_none();
+            let backend_live = known.unwrap_or_else(|| Arc::new(BackendLive::new(addr)));
+            if running || fresh {
+                backend_live.ramp_ms.store(window, Ordering::Relaxed);
+            }
+            if new && was_member.is_none() {
+                backend_live.begin_ramp(now);
+            }
+            registry.insert(addr, Arc::downgrade(&backend_live));
+            let mut b = Backend::new(addr, weight, entry.max_sessions, backend_live);
+            b.tier = tier;
+            b.source = source.clone();
+            out.push(b);
+        }
+    }
+    registry.retain(|_, w| w.strong_count() > 0);
+    Members::new(out)
+}

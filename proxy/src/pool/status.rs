@@ -1,0 +1,159 @@
+//! The readable state of pools and backends, for the control API and
+//! metrics. Reading takes no lock on the session path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use super::backend::{Backend, BackendState, CheckResult};
+use super::clock::{lock, now_ms};
+use super::live::key;
+use super::state::PoolState;
+
+/// Readable state of one backend, for the control API and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStatus {
+    pub address: SocketAddr,
+    /// `static`, `dns NAME:PORT` or `srv NAME`.
+    pub source: String,
+    pub state: BackendState,
+    pub weight: u32,
+    /// Failover tier (SRV priority rank; 0 otherwise).
+    pub tier: u16,
+    pub max_sessions: Option<u32>,
+    pub active_sessions: u32,
+    pub total_sessions: u64,
+    /// Passive failures in a row.
+    pub consecutive_failures: u32,
+    pub ejections: u64,
+    /// Time left in the passive backoff.
+    pub ejected_for: Option<Duration>,
+    pub draining: bool,
+    /// Active checks: the verdict (None before the first one or without
+    /// checks), the last result, passes and failures in a row, checks run.
+    pub check_verdict: Option<bool>,
+    pub last_check: Option<CheckResult>,
+    pub check_passes: u32,
+    pub check_failures: u32,
+    pub checks: u64,
+    /// Share of new sessions while in slow start.
+    pub slow_start_share: Option<f64>,
+}
+
+/// Readable state of one DNS name of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryStatus {
+    /// `NAME:PORT` (A/AAAA) or `srv NAME`.
+    pub target: String,
+    /// Addresses in the last good answer.
+    pub addresses: Vec<SocketAddr>,
+    /// When the last good answer came.
+    pub last_success: Option<SystemTime>,
+    /// The TTL it was re-resolved on (bounded by min_ttl and max_ttl).
+    pub ttl: Duration,
+    pub lookups: u64,
+    /// Failed or empty lookups (the last good set was kept).
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+/// Readable state of a pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolStatus {
+    pub name: String,
+    pub balance: String,
+    pub active_sessions: u32,
+    pub backends: Vec<BackendStatus>,
+    /// More backends are ejected than `max_ejection_percent` allows: some
+    /// ejected ones are kept in rotation.
+    pub panic: bool,
+    pub discovery: Vec<DiscoveryStatus>,
+}
+
+impl PoolState {
+    /// Every member's state, in member order.
+    pub fn snapshot_state(&self) -> Vec<BackendStatus> {
+        let now = now_ms();
+        self.members()
+            .backends
+            .iter()
+            .map(|b| {
+                let l = &b.live;
+                let (check_passes, check_failures) = l.check_streak();
+                BackendStatus {
+                    address: b.addr,
+                    source: b.source.to_string(),
+                    state: l.state_at(now),
+                    weight: b.weight,
+                    tier: b.tier,
+                    max_sessions: b.max_sessions,
+                    active_sessions: l.active.load(Ordering::Relaxed),
+                    total_sessions: l.total.load(Ordering::Relaxed),
+                    consecutive_failures: l.consecutive_failures.load(Ordering::Relaxed),
+                    ejections: l.ejections.load(Ordering::Relaxed),
+                    ejected_for: l.ejected_for(),
+                    draining: l.is_draining(),
+                    check_verdict: l.check_verdict(),
+                    last_check: l.last_check(),
+                    check_passes,
+                    check_failures,
+                    checks: l.checks.load(Ordering::Relaxed),
+                    slow_start_share: l.share_at(now),
+                }
+            })
+            .collect()
+    }
+
+    /// The whole pool's state: backends, panic, DNS names.
+    pub fn status(&self) -> PoolStatus {
+        let backends = self.snapshot_state();
+        let now = now_ms();
+        let members = self.members();
+        let counted: Vec<&Backend> = members
+            .backends
+            .iter()
+            .filter(|b| !b.live.is_draining())
+            .collect();
+        let ejected = counted
+            .iter()
+            .filter(|b| !b.live.is_unhealthy() && b.live.is_ejected(now))
+            .count();
+        let pct = self.shared.config.max_ejection_percent as usize;
+        let cap = if pct == 0 {
+            0
+        } else {
+            (counted.len() * pct / 100).max(1)
+        };
+        let discovery = {
+            let map = lock(&self.live.discovery);
+            self.shared
+                .config
+                .backends
+                .iter()
+                .filter(|b| b.target.static_addr().is_none())
+                .map(|b| {
+                    let key = key(&b.target);
+                    let d = map.get(&key);
+                    DiscoveryStatus {
+                        target: b.target.to_string(),
+                        addresses: d
+                            .map_or_else(Vec::new, |d| d.found.iter().map(|f| f.addr).collect()),
+                        last_success: d.and_then(|d| d.last_success),
+                        ttl: d.map_or(Duration::ZERO, |d| d.ttl),
+                        lookups: d.map_or(0, |d| d.lookups),
+                        failures: d.map_or(0, |d| d.failures),
+                        last_error: d.and_then(|d| d.last_error.clone()),
+                    }
+                })
+                .collect()
+        };
+        PoolStatus {
+            name: self.name.to_string(),
+            balance: self.balance.to_string(),
+            active_sessions: self.live.active.load(Ordering::Relaxed),
+            backends,
+            panic: pct > 0 && ejected > cap,
+            discovery,
+        }
+    }
+}

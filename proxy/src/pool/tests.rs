@@ -1,0 +1,359 @@
+//! The pool layer's unit tests: policies, ejection, checks, slow start, tiers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::clock::now_ms;
+use super::policy::smooth_wrr;
+use super::*;
+
+/// The hash key's value in a call (what a session reads from its header).
+type Header = str;
+
+fn pool_with(yaml_balance: &str, n: usize, extra: &str) -> PoolState {
+    let backends: String = (0..n)
+        .map(|i| {
+            format!(
+                "      - {{ address: \"127.0.0.1:{}\", weight: {} }}\n",
+                6000 + i,
+                i + 1
+            )
+        })
+        .collect();
+    let text = format!(
+        "version: 1\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: {yaml_balance}\n{extra}    backends:\n{backends}"
+    );
+    let cfg = agiproxy_config::from_yaml_str(&text).unwrap();
+    PoolState::new(&cfg.pools[0], None)
+}
+
+fn pool(yaml_balance: &str, n: usize) -> PoolState {
+    pool_with(yaml_balance, n, "")
+}
+
+fn order(p: &PoolState, h: &Header) -> Result<Vec<usize>, NoBackend> {
+    p.candidates(Some(h)).map(|c| c.order)
+}
+
+fn lease(p: &PoolState, i: usize) -> Option<Lease> {
+    p.lease(&p.members().backends[i])
+}
+
+fn live(p: &PoolState, i: usize) -> Arc<BackendLive> {
+    p.members().backends[i].live.clone()
+}
+
+fn fail(p: &PoolState, i: usize) -> Option<Duration> {
+    p.passive_failure(&live(p, i), "connect refused")
+}
+
+fn header(uid: &str) -> String {
+    uid.to_string()
+}
+
+fn check(ok: bool) -> CheckResult {
+    CheckResult {
+        ok,
+        latency: Duration::from_millis(1),
+        at: SystemTime::now(),
+        detail: if ok {
+            "first command \"NOOP\""
+        } else {
+            "refused"
+        }
+        .into(),
+    }
+}
+
+#[test]
+fn smooth_wrr_interleaves() {
+    assert_eq!(smooth_wrr(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+    assert_eq!(smooth_wrr(&[1, 2, 3]).len(), 6);
+}
+
+#[test]
+fn weighted_follows_weights() {
+    let p = pool("weighted", 3);
+    let h = header("1");
+    let mut counts = [0; 3];
+    for _ in 0..600 {
+        counts[order(&p, &h).unwrap()[0]] += 1;
+    }
+    assert_eq!(counts, [100, 200, 300]);
+}
+
+#[test]
+fn round_robin_rotates() {
+    let p = pool("round_robin", 3);
+    let h = header("1");
+    let firsts: Vec<usize> = (0..6).map(|_| order(&p, &h).unwrap()[0]).collect();
+    assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn least_sessions_prefers_idle_per_weight() {
+    let p = pool("least_sessions", 2);
+    let _l1 = lease(&p, 0).unwrap();
+    let h = header("1");
+    assert_eq!(order(&p, &h).unwrap()[0], 1);
+    let _l2 = lease(&p, 1).unwrap();
+    // 1 session on weight 1 vs 1 on weight 2: backend 1 still lighter.
+    assert_eq!(order(&p, &h).unwrap()[0], 1);
+}
+
+#[test]
+fn ejection_backs_off_and_empty_pool_fails_at_once() {
+    let p = pool_with(
+        "round_robin",
+        2,
+        "    max_ejection_percent: 100\n    passive: { backoff: 5ms, max_backoff: 60s }\n",
+    );
+    assert_eq!(fail(&p, 0), Some(Duration::from_millis(5)));
+    // Already ejected: a late failure does not stretch the backoff.
+    assert_eq!(fail(&p, 0), None);
+    std::thread::sleep(Duration::from_millis(10));
+    assert_eq!(live(&p, 0).state(), BackendState::Healthy);
+    assert_eq!(fail(&p, 0), Some(Duration::from_millis(10)));
+    assert_eq!(fail(&p, 0), None);
+    assert_eq!(live(&p, 0).state(), BackendState::Ejected);
+    let h = header("1");
+    assert_eq!(order(&p, &h).unwrap(), vec![1]);
+    fail(&p, 1);
+    assert_eq!(order(&p, &h), Err(NoBackend::AllEjected));
+    p.passive_success(&live(&p, 0));
+    assert_eq!(order(&p, &h).unwrap(), vec![0]);
+    assert_eq!(live(&p, 0).state(), BackendState::Healthy);
+    assert_eq!(live(&p, 0).ejections.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn ejection_threshold_counts_failures_in_a_row() {
+    let p = pool_with(
+        "round_robin",
+        2,
+        "    passive: { consecutive_failures: 3, backoff: 10s }\n",
+    );
+    assert_eq!(fail(&p, 0), None);
+    assert_eq!(fail(&p, 0), None);
+    assert_eq!(fail(&p, 0), Some(Duration::from_secs(10)));
+    assert_eq!(live(&p, 0).consecutive_failures.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn ejection_cap_keeps_the_least_bad_in_rotation() {
+    // 4 backends, default 50%: at most 2 are ever treated as ejected.
+    let p = pool_with(
+        "round_robin",
+        4,
+        "    passive: { backoff: 10s, max_backoff: 60s }\n",
+    );
+    let h = header("1");
+    fail(&p, 0);
+    fail(&p, 1);
+    assert!(!p.status().panic);
+    let mut o = order(&p, &h).unwrap();
+    o.sort_unstable();
+    assert_eq!(o, vec![2, 3]);
+    // Backends 2 and 3 have failed more often before (their failure
+    // streaks are longer): 0 and 1 are the least bad.
+    live(&p, 2).consecutive_failures.store(1, Ordering::Relaxed);
+    live(&p, 3).consecutive_failures.store(2, Ordering::Relaxed);
+    fail(&p, 2);
+    fail(&p, 3);
+    let o = order(&p, &h).unwrap();
+    assert_eq!(o.len(), 2, "the pool is never emptied by ejection: {o:?}");
+    let mut o2 = o.clone();
+    o2.sort_unstable();
+    assert_eq!(o2, vec![0, 1], "least bad (one failure each) kept: {o:?}");
+    assert!(p.status().panic);
+    // A one-backend pool can still be emptied (at least one ejection).
+    let one = pool("round_robin", 1);
+    fail(&one, 0);
+    assert_eq!(order(&one, &h), Err(NoBackend::AllEjected));
+    // 0% never treats any backend as ejected.
+    let none = pool_with("round_robin", 1, "    max_ejection_percent: 0\n");
+    fail(&none, 0);
+    assert_eq!(order(&none, &h).unwrap(), vec![0]);
+}
+
+#[test]
+fn active_checks_rise_and_fall_and_unhealthy_is_never_offered() {
+    let p = pool_with(
+        "round_robin",
+        2,
+        "    health: { type: tcp, interval: 1s, timeout: 500ms, rise: 2, fall: 3 }\n",
+    );
+    let b = live(&p, 0);
+    let h = header("1");
+    b.record_check(check(true), 2, 3, "p");
+    assert_eq!(b.check_verdict(), Some(true));
+    b.record_check(check(false), 2, 3, "p");
+    b.record_check(check(false), 2, 3, "p");
+    assert_eq!(b.state(), BackendState::Healthy);
+    b.record_check(check(false), 2, 3, "p");
+    assert_eq!(b.state(), BackendState::Unhealthy);
+    // Unhealthy is out even past the ejection cap: it is known down.
+    assert_eq!(order(&p, &h).unwrap(), vec![1]);
+    live(&p, 1).record_check(check(false), 2, 3, "p");
+    assert_eq!(order(&p, &h), Err(NoBackend::AllEjected));
+    b.record_check(check(true), 2, 3, "p");
+    assert_eq!(b.state(), BackendState::Unhealthy);
+    b.record_check(check(true), 2, 3, "p");
+    assert_eq!(b.state(), BackendState::Healthy);
+    assert_eq!(order(&p, &h).unwrap(), vec![0]);
+    let s = &p.snapshot_state()[0];
+    assert_eq!((s.checks, s.check_passes, s.check_failures), (6, 2, 0));
+    assert!(s.last_check.as_ref().unwrap().ok);
+}
+
+#[test]
+fn with_checks_an_ejected_backend_waits_for_a_passing_check() {
+    let p = pool_with(
+        "round_robin",
+        2,
+        "    health: { type: tcp, interval: 1s, timeout: 500ms }\n    passive: { backoff: 1ms, max_backoff: 1ms }\n",
+    );
+    let b = live(&p, 0);
+    fail(&p, 0);
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(
+        b.state(),
+        BackendState::Ejected,
+        "backoff over, no check yet"
+    );
+    b.record_check(check(true), 2, 3, "p");
+    assert_eq!(b.state(), BackendState::Healthy);
+    assert_eq!(order(&p, &header("1")).unwrap().len(), 2);
+}
+
+#[test]
+fn draining_is_never_offered() {
+    let p = pool("round_robin", 2);
+    assert!(p.set_draining("127.0.0.1:6000".parse().unwrap(), true));
+    assert_eq!(live(&p, 0).state(), BackendState::Draining);
+    assert_eq!(order(&p, &header("1")).unwrap(), vec![1]);
+    assert!(!p.set_draining("127.0.0.1:1".parse().unwrap(), true));
+    live(&p, 0).set_draining(false);
+    assert_eq!(order(&p, &header("1")).unwrap().len(), 2);
+}
+
+#[test]
+fn slow_start_share_rises_over_the_window() {
+    let p = pool_with("round_robin", 2, "    slow_start: 10s\n");
+    let b = live(&p, 0);
+    let h = header("1");
+    // Came back 1 s ago: 10% of the window, so a share of about 10%.
+    b.begin_ramp(now_ms() - 1000);
+    assert_eq!(b.state(), BackendState::SlowStart);
+    let first = (0..2000).filter(|_| order(&p, &h).unwrap()[0] == 0).count();
+    // Round robin puts it first in half the orders; it keeps ~10% of those.
+    assert!((50..160).contains(&first), "{first}");
+    // Always still a candidate (a fallback), never dropped.
+    assert_eq!(order(&p, &h).unwrap().len(), 2);
+    // 9 s in: about 90%.
+    b.begin_ramp(now_ms() - 9000);
+    let first = (0..2000).filter(|_| order(&p, &h).unwrap()[0] == 0).count();
+    assert!((800..1000).contains(&first), "{first}");
+    b.begin_ramp(now_ms() - 10_001);
+    assert_eq!(b.state(), BackendState::Healthy);
+}
+
+#[test]
+fn tiers_fail_over_in_order() {
+    let text = "version: 1\npools:\n  - name: p\n    balance: round_robin\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n      - { address: \"127.0.0.1:7002\" }\n      - { address: \"127.0.0.1:7003\" }\n";
+    let p = PoolState::new(
+        &agiproxy_config::from_yaml_str(text).unwrap().pools[0],
+        None,
+    );
+    let mut bs: Vec<Backend> = p.members().backends.clone();
+    bs[0].tier = 1;
+    p.set_members(Members::new(bs));
+    let h = header("1");
+    for _ in 0..4 {
+        let o = order(&p, &h).unwrap();
+        assert_eq!(o[2], 0, "the tier-1 backend comes last: {o:?}");
+    }
+    p.passive_failure(&live(&p, 1), "x");
+    p.passive_failure(&live(&p, 2), "x");
+    // Cap 50% of 3 = 1: one of them is kept, after the tier-1 backend.
+    assert_eq!(order(&p, &h).unwrap()[0], 0);
+}
+
+#[test]
+fn hash_is_sticky_and_moves_only_removed_keys() {
+    let text4 = "version: 1\npools:\n  - name: p\n    balance: hash\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n      - { address: \"127.0.0.1:7002\" }\n      - { address: \"127.0.0.1:7003\" }\n      - { address: \"127.0.0.1:7004\" }\n";
+    let text3 = text4.replace("      - { address: \"127.0.0.1:7003\" }\n", "");
+    let p4 = PoolState::new(
+        &agiproxy_config::from_yaml_str(text4).unwrap().pools[0],
+        None,
+    );
+    let p3 = PoolState::new(
+        &agiproxy_config::from_yaml_str(&text3).unwrap().pools[0],
+        None,
+    );
+    let mut moved = 0;
+    for k in 0..2000 {
+        let h = header(&format!("17000000{k}.{k}"));
+        let a = p4.members().backends[order(&p4, &h).unwrap()[0]].addr;
+        assert_eq!(a, p4.members().backends[order(&p4, &h).unwrap()[0]].addr);
+        let b = p3.members().backends[order(&p3, &h).unwrap()[0]].addr;
+        if a != b {
+            assert_eq!(
+                a.port(),
+                7003,
+                "a key moved that was not on the removed backend"
+            );
+            moved += 1;
+        }
+    }
+    assert!(
+        (350..650).contains(&moved),
+        "about a quarter should move: {moved}"
+    );
+}
+
+#[test]
+fn max_sessions_is_a_hard_cap() {
+    let text = "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"127.0.0.1:7001\", max_sessions: 1 }\n";
+    let p = PoolState::new(
+        &agiproxy_config::from_yaml_str(text).unwrap().pools[0],
+        None,
+    );
+    let h = header("1");
+    let l = lease(&p, 0).unwrap();
+    assert_eq!(order(&p, &h), Err(NoBackend::Full));
+    assert!(lease(&p, 0).is_none());
+    drop(l);
+    assert_eq!(live(&p, 0).active.load(Ordering::Relaxed), 0);
+    assert!(lease(&p, 0).is_some());
+}
+
+#[test]
+fn reload_carries_backend_state_and_drops_stale_verdicts() {
+    let with = "version: 1\npools:\n  - name: p\n    health: { type: tcp }\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n";
+    let without =
+        "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n";
+    let a = PoolState::new(
+        &agiproxy_config::from_yaml_str(with).unwrap().pools[0],
+        None,
+    );
+    live(&a, 0).record_check(check(false), 2, 3, "p");
+    let _l = lease(&a, 0).unwrap();
+    let b = PoolState::new(
+        &agiproxy_config::from_yaml_str(with).unwrap().pools[0],
+        Some(&a),
+    );
+    assert!(Arc::ptr_eq(&live(&a, 0), &live(&b, 0)));
+    assert_eq!(live(&b, 0).state(), BackendState::Unhealthy);
+    let c = PoolState::new(
+        &agiproxy_config::from_yaml_str(without).unwrap().pools[0],
+        Some(&b),
+    );
+    // Built but not running (a dry run): nothing changes.
+    assert_eq!(live(&c, 0).state(), BackendState::Unhealthy);
+    // Running (no runtime here, so no tasks): the stale verdict goes.
+    c.activate();
+    assert_eq!(live(&c, 0).state(), BackendState::Healthy);
+    assert_eq!(live(&c, 0).active.load(Ordering::Relaxed), 1);
+}
