@@ -80,7 +80,11 @@ async fn backends_closing_before_the_first_byte_give_failure() {
 #[tokio::test]
 async fn no_eligible_backend_fails_at_once_without_a_connect() {
     let b = FakeBackend::start(Behaviour::CloseImmediately).await;
-    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    // Passive ejection empties a pool only when asked to (issue 18): the
+    // opt-in of the old behaviour, one failure ejects and 100% may go.
+    let mut body = one_pool("round_robin", &[b.addr()], "");
+    body.push_str("    max_ejection_percent: 100\n    passive: { consecutive_failures: 1 }\n");
+    let p = proxy(&body).await;
     // The first call finds the backend broken: it enters its backoff.
     assert_failure(&caller("x", "1.1").run(p.addr).await, "backend_closed");
     let accepted = b.stats().accepted();

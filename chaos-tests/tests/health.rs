@@ -304,7 +304,7 @@ async fn passive_ejection_alone_never_empties_a_pool() {
         .map(|b| format!("      - {{ address: \"{}\" }}\n", b.addr()))
         .collect();
     let body = format!(
-        "routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive: {{ backoff: 30s, max_backoff: 30s }}\n    backends:\n{list}"
+        "routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive: {{ consecutive_failures: 1, backoff: 30s, max_backoff: 30s }}\n    backends:\n{list}"
     );
     let p = proxy(&body).await;
     let mut rx = p.server.subscribe();

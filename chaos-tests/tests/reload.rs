@@ -17,7 +17,7 @@ use common::*;
 
 fn config(route_pool: &str, blue: &str, green: &str, dead: &str) -> String {
     format!(
-        "version: 1\ncontrol: {{ enabled: false }}\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: spare\n    match: {{ script: {{ exact: spare }} }}\n    pool: spare\n  - name: all\n    pool: {route_pool}\npools:\n  - name: blue\n    backends: [{{ address: \"{blue}\" }}]\n  - name: green\n    backends: [{{ address: \"{green}\" }}]\n  - name: spare\n    passive: {{ backoff: 60s, max_backoff: 60s }}\n    backends: [{{ address: \"{dead}\" }}]\n"
+        "version: 1\ncontrol: {{ enabled: false }}\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: spare\n    match: {{ script: {{ exact: spare }} }}\n    pool: spare\n  - name: all\n    pool: {route_pool}\npools:\n  - name: blue\n    backends: [{{ address: \"{blue}\" }}]\n  - name: green\n    backends: [{{ address: \"{green}\" }}]\n  - name: spare\n    max_ejection_percent: 100\n    passive: {{ consecutive_failures: 1, backoff: 60s, max_backoff: 60s }}\n    backends: [{{ address: \"{dead}\" }}]\n"
     )
 }
 

@@ -113,3 +113,25 @@ fn describe_pool(pools: &[Pool], i: usize) -> String {
         }
     }
 }
+
+impl crate::model::Config {
+    /// Things that are valid but probably not what the operator wants, one
+    /// line each, naming the config path: `agiproxy check` prints them, and
+    /// `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let single =
+                p.backends.len() == 1 && !matches!(p.backends[0].target, BackendTarget::Srv { .. });
+            if single && p.health.is_none() {
+                out.push(format!(
+                    "pools[{i}] ({}): one backend address and no `health:`: passive ejection \
+                     cannot tell a dead backend from one bad connection, so a dead one costs every \
+                     call a connect; add `health:` to fail calls at once while it is down",
+                    p.name
+                ));
+            }
+        }
+        out
+    }
+}

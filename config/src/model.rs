@@ -318,11 +318,12 @@ pub struct Pool {
     /// Passive ejection after connect failures.
     pub backoff: Backoff,
     /// Consecutive passive failures (connect failed, closed or reset before the first byte,
-    /// first-command deadline missed) that eject a backend; 1..=100, default 1.
+    /// first-command deadline missed) that eject a backend; 1..=100, default 5.
     pub eject_after: u32,
     /// At most this share of the pool's backends (percent, 0..=100, default 50) is ever treated
-    /// as ejected; at least one backend can always be ejected unless it is 0. Beyond it, the
-    /// least-bad ejected backends stay in rotation ("panic") and a warning is logged.
+    /// as ejected, at least one, and never every backend that passes its checks: passive ejection
+    /// alone never empties a pool, even of one backend (only 100 allows it, an explicit opt-in).
+    /// Beyond it, the least-bad ejected backends stay in rotation ("panic"), with a warning.
     pub max_ejection_percent: u32,
     /// Active health checks; none by default.
     pub health: Option<HealthCheck>,

@@ -159,6 +159,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             for (i, r) in cfg.routes.iter().enumerate() {
                 println!("  route {i}: {}", r.describe(&cfg.pools));
             }
+            for w in cfg.warnings() {
+                println!("  warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -205,6 +208,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", path.display()))?;
     let config = agiproxy_config::from_yaml_str(&text)
         .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let control = config.control.clone();
     let origin = Origin {
         text: text.into(),

@@ -149,3 +149,22 @@ fn demo_once(flags: &[&str]) {
         "{stdout}"
     );
 }
+
+/// Issue 18: a pool of one backend address without active checks is
+/// valid, but passive ejection cannot tell a dead service from one bad
+/// connection there: `check` says so, and where to look.
+#[test]
+fn check_warns_about_a_single_address_pool_without_health_checks() {
+    let pools = "pools:\n  - name: one\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n  - name: checked\n    health: { type: agi, script: healthz }\n    backends:\n      - { address: \"127.0.0.1:5002\" }\n  - name: two\n    backends:\n      - { address: \"127.0.0.1:5003\" }\n      - { address: \"127.0.0.1:5004\" }\n";
+    let path = write_config(
+        "single",
+        &format!("version: 1\nroutes:\n  - name: all\n    pool: one\n{pools}"),
+    );
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning is not an error: {stdout}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(warnings[0].contains("pools[0] (one)"), "{stdout}");
+    assert!(warnings[0].contains("health:"), "{stdout}");
+}

@@ -4,6 +4,12 @@ use crate::duration;
 use crate::error::Errors;
 use std::time::Duration;
 
+/// Passive failures in a row before an ejection. Envoy's outlier detection
+/// ejects after 5 consecutive errors; HAProxy, asked to observe, after 10.
+/// One failure (the old default) turned a single early close into a second
+/// of failed calls on a one-address pool.
+pub const DEFAULT_EJECT_AFTER: u32 = 5;
+
 use crate::model::{
     Backend, BackendTarget, Backoff, Balance, Dns, HealthCheck, HealthKind, Pool, DEFAULT_SPLIT_KEY,
 };
@@ -74,10 +80,10 @@ fn compile(p: &RawPool, path: &str, global_dns: &Dns, errs: &mut Errors) -> Opti
     });
     let backoff = passive(p.passive.as_ref(), &format!("{path}.passive"), &mut local);
     let eject_after = match p.passive.as_ref().and_then(|r| r.consecutive_failures) {
-        None => 1,
-        Some(n) => checks::in_range(n, 1..=100u32, Some(1))
+        None => DEFAULT_EJECT_AFTER,
+        Some(n) => checks::in_range(n, 1..=100u32, Some(DEFAULT_EJECT_AFTER))
             .map_err(|m| local.push(format!("{path}.passive.consecutive_failures"), m))
-            .unwrap_or(1),
+            .unwrap_or(DEFAULT_EJECT_AFTER),
     };
     let max_ejection_percent = match p.max_ejection_percent {
         None => 50,

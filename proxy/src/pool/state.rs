@@ -313,12 +313,8 @@ impl PoolState {
         let mut kept = order;
 
         // The ejection cap: beyond it, the least-bad ejected stay eligible.
-        let pct = self.shared.config.max_ejection_percent as usize;
-        let cap = if pct == 0 {
-            0
-        } else {
-            (counted * pct / 100).max(1)
-        };
+        let pct = self.shared.config.max_ejection_percent;
+        let cap = ejection_cap(counted, unhealthy, pct);
         let mut reinstated: Vec<usize> = Vec::new();
         if ejected.len() > cap {
             let keep = ejected.len() - cap;
@@ -343,7 +339,7 @@ impl PoolState {
                     backends = counted,
                     max_ejection_percent = pct,
                     kept_in_rotation = keep,
-                    "pool in panic: too many backends failing; keeping the least bad of them in rotation"
+                    "pool in panic: passive ejection would take out more than max_ejection_percent, or every backend; keeping the least bad of them in rotation"
                 );
             }
         }
@@ -417,4 +413,26 @@ impl Drop for PoolState {
         // A snapshot dropped without being retired must not leave tasks behind.
         self.shared.cancel.cancel();
     }
+}
+
+/// How many of a pool's `counted` backends (those not draining; `unhealthy`
+/// of them failing active checks) passive ejection may keep out of rotation.
+///
+/// `max_ejection_percent` of them, at least one; but passive ejection alone
+/// never empties a pool: at least one backend that passes its checks (or has
+/// none) stays in rotation, so one bad connection costs only the calls it
+/// failed, also in a pool of one address (a Kubernetes Service). Only `100`,
+/// an explicit opt-in, lets passive ejection take out every backend (then a
+/// pool whose backends all failed fails calls at once, without a connect).
+/// `0` turns passive ejection off.
+pub(super) fn ejection_cap(counted: usize, unhealthy: usize, max_ejection_percent: u32) -> usize {
+    let pct = max_ejection_percent as usize;
+    if pct == 0 {
+        return 0;
+    }
+    let share = (counted * pct / 100).max(1);
+    if pct >= 100 {
+        return share;
+    }
+    share.min(counted.saturating_sub(unhealthy).saturating_sub(1))
 }

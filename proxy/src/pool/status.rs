@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::backend::{Backend, BackendState, CheckResult};
 use super::clock::{lock, now_ms};
 use super::live::key;
-use super::state::PoolState;
+use super::state::{ejection_cap, PoolState};
 
 /// Readable state of one backend, for the control API and metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,12 +118,9 @@ impl PoolState {
             .iter()
             .filter(|b| !b.live.is_unhealthy() && b.live.is_ejected(now))
             .count();
-        let pct = self.shared.config.max_ejection_percent as usize;
-        let cap = if pct == 0 {
-            0
-        } else {
-            (counted.len() * pct / 100).max(1)
-        };
+        let unhealthy = counted.iter().filter(|b| b.live.is_unhealthy()).count();
+        let pct = self.shared.config.max_ejection_percent;
+        let cap = ejection_cap(counted.len(), unhealthy, pct);
         let discovery = {
             let map = lock(&self.live.discovery);
             self.shared

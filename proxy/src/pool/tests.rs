@@ -107,7 +107,7 @@ fn ejection_backs_off_and_empty_pool_fails_at_once() {
     let p = pool_with(
         "round_robin",
         2,
-        "    max_ejection_percent: 100\n    passive: { backoff: 5ms, max_backoff: 60s }\n",
+        "    max_ejection_percent: 100\n    passive: { consecutive_failures: 1, backoff: 5ms, max_backoff: 60s }\n",
     );
     assert_eq!(fail(&p, 0), Some(Duration::from_millis(5)));
     // Already ejected: a late failure does not stretch the backoff.
@@ -146,7 +146,7 @@ fn ejection_cap_keeps_the_least_bad_in_rotation() {
     let p = pool_with(
         "round_robin",
         4,
-        "    passive: { backoff: 10s, max_backoff: 60s }\n",
+        "    passive: { consecutive_failures: 1, backoff: 10s, max_backoff: 60s }\n",
     );
     let h = header("1");
     fail(&p, 0);
@@ -167,10 +167,24 @@ fn ejection_cap_keeps_the_least_bad_in_rotation() {
     o2.sort_unstable();
     assert_eq!(o2, vec![0, 1], "least bad (one failure each) kept: {o:?}");
     assert!(p.status().panic);
-    // A one-backend pool can still be emptied (at least one ejection).
-    let one = pool("round_robin", 1);
+    // A one-backend pool is never emptied by passive ejection: its
+    // backend stays in rotation, ejected or not (issue 18).
+    let one = pool_with(
+        "round_robin",
+        1,
+        "    passive: { consecutive_failures: 1 }\n",
+    );
     fail(&one, 0);
-    assert_eq!(order(&one, &h), Err(NoBackend::AllEjected));
+    assert_eq!(live(&one, 0).state(), BackendState::Ejected);
+    assert_eq!(order(&one, &h).unwrap(), vec![0]);
+    // Only 100% (an explicit opt-in) lets it empty the pool.
+    let all = pool_with(
+        "round_robin",
+        1,
+        "    max_ejection_percent: 100\n    passive: { consecutive_failures: 1 }\n",
+    );
+    fail(&all, 0);
+    assert_eq!(order(&all, &h), Err(NoBackend::AllEjected));
     // 0% never treats any backend as ejected.
     let none = pool_with("round_robin", 1, "    max_ejection_percent: 0\n");
     fail(&none, 0);
@@ -212,7 +226,7 @@ fn with_checks_an_ejected_backend_waits_for_a_passing_check() {
     let p = pool_with(
         "round_robin",
         2,
-        "    health: { type: tcp, interval: 1s, timeout: 500ms }\n    passive: { backoff: 1ms, max_backoff: 1ms }\n",
+        "    health: { type: tcp, interval: 1s, timeout: 500ms }\n    passive: { consecutive_failures: 1, backoff: 1ms, max_backoff: 1ms }\n",
     );
     let b = live(&p, 0);
     fail(&p, 0);
@@ -261,7 +275,7 @@ fn slow_start_share_rises_over_the_window() {
 
 #[test]
 fn tiers_fail_over_in_order() {
-    let text = "version: 1\npools:\n  - name: p\n    balance: round_robin\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n      - { address: \"127.0.0.1:7002\" }\n      - { address: \"127.0.0.1:7003\" }\n";
+    let text = "version: 1\npools:\n  - name: p\n    balance: round_robin\n    passive: { consecutive_failures: 1 }\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n      - { address: \"127.0.0.1:7002\" }\n      - { address: \"127.0.0.1:7003\" }\n";
     let p = PoolState::new(
         &agiproxy_config::from_yaml_str(text).unwrap().pools[0],
         None,
@@ -356,4 +370,53 @@ fn reload_carries_backend_state_and_drops_stale_verdicts() {
     c.activate();
     assert_eq!(live(&c, 0).state(), BackendState::Healthy);
     assert_eq!(live(&c, 0).active.load(Ordering::Relaxed), 1);
+}
+
+/// Issue 18: passive ejection never turns one failure into many. With the
+/// defaults, one failure ejects nothing; a backend ejected after several
+/// stays in rotation when it is the pool's last; only 100% empties a pool.
+#[test]
+fn passive_ejection_alone_never_empties_a_pool() {
+    use super::state::ejection_cap;
+    // (backends not draining, of them failing checks, percent) -> cap
+    for (counted, unhealthy, pct, cap) in [
+        (1, 0, 50, 0),
+        (1, 0, 99, 0),
+        (1, 0, 100, 1),
+        (2, 0, 50, 1),
+        (2, 1, 50, 0),
+        (3, 0, 25, 1),
+        (4, 0, 50, 2),
+        (4, 0, 90, 3),
+        (4, 0, 100, 4),
+        (4, 0, 0, 0),
+        (10, 9, 50, 0),
+    ] {
+        assert_eq!(
+            ejection_cap(counted, unhealthy, pct),
+            cap,
+            "{counted} backends, {unhealthy} unhealthy, {pct}%"
+        );
+    }
+    let p = pool("round_robin", 1);
+    let h = header("1");
+    for _ in 0..4 {
+        assert_eq!(fail(&p, 0), None, "below the default of 5 in a row");
+    }
+    assert_eq!(live(&p, 0).state(), BackendState::Healthy);
+    assert!(fail(&p, 0).is_some(), "the 5th in a row ejects");
+    assert_eq!(
+        order(&p, &h).unwrap(),
+        vec![0],
+        "but the pool's last backend stays"
+    );
+    // With a second backend failing its checks, the passing one is the last.
+    let two = pool_with(
+        "round_robin",
+        2,
+        "    health: { type: tcp, interval: 1s, timeout: 500ms, fall: 1 }\n    passive: { consecutive_failures: 1 }\n",
+    );
+    live(&two, 1).record_check(check(false), 2, 1, "p");
+    fail(&two, 0);
+    assert_eq!(order(&two, &h).unwrap(), vec![0]);
 }
