@@ -427,7 +427,7 @@ pools:
     );
     assert_eq!(
         (b.max_ejection_percent, b.eject_after, b.slow_start),
-        (50, 1, None)
+        (50, 5, None)
     );
     assert_eq!(b.dns.max_ttl, Duration::from_secs(300));
 }
