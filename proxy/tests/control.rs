@@ -28,7 +28,7 @@ struct Replica {
 impl Replica {
     /// Starts a replica whose config is one listener on a free port,
     /// `control` (a YAML block, or "" for none) and one pool of `backend`;
-    /// returns once the listener accepts.
+    /// returns once the listener accepts and the control API is up.
     async fn start(name: &str, control: &str, backend: SocketAddr) -> Replica {
         let port = free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -57,7 +57,16 @@ impl Replica {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        // The control API is set up after the listeners; its start line
+        // (or the one saying it is off) comes once it is bound.
+        let control_up = |log: &str| {
+            ["control API off", "control API: open", "control socket"]
+                .iter()
+                .any(|l| log.contains(l))
+        };
+        while tokio::net::TcpStream::connect(addr).await.is_err()
+            || !control_up(&log.lock().unwrap())
+        {
             if let Some(status) = child.try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!(
