@@ -80,11 +80,11 @@ pub enum ServeError {
     Nowhere,
 }
 
-/// How a request reached the API, set per connection.
+/// Marks a request that came over the control socket, with the peer's
+/// user id as the kernel reports it (set per connection).
 #[derive(Debug, Clone, Copy)]
-enum Channel {
-    /// The control socket, from this (peer) user id.
-    Socket { uid: Option<u32> },
+struct SocketPeer {
+    uid: Option<u32>,
 }
 
 struct Ctx<P> {
@@ -229,39 +229,53 @@ impl ControlServer {
             tokio::select! {
                 _ = &mut shutdown => break,
                 r = accept_tcp(tcp) => match r {
-                    Ok((stream, peer)) => {
-                        let app = self.app.clone();
-                        let timeout = self.request_timeout;
-                        match self.tls.clone() {
-                            Some(acceptor) => {
-                                tokio::spawn(async move {
-                                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                                        Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
-                                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "control API TLS handshake failed"),
-                                        Err(_) => {}
-                                    }
-                                });
-                            }
-                            None => {
-                                tokio::spawn(serve_connection(stream, app, None, timeout, peer.to_string()));
-                            }
-                        }
-                    }
+                    Ok((stream, peer)) => self.spawn_tcp(stream, peer),
                     Err(e) => accept_failed(e).await,
                 },
                 r = accept_unix(unix) => match r {
-                    Ok(stream) => {
-                        // Who is on the other end, from the kernel: the
-                        // guard lets only the socket's owner and root in.
-                        let uid = stream.peer_cred().ok().map(|c| c.uid());
-                        let channel = Some(Channel::Socket { uid });
-                        let peer = format!("socket uid {}", uid.map_or("?".into(), |u| u.to_string()));
-                        tokio::spawn(serve_connection(stream, self.app.clone(), channel, self.request_timeout, peer));
-                    }
+                    Ok(stream) => self.spawn_unix(stream),
                     Err(e) => accept_failed(e).await,
                 },
             }
         }
+    }
+
+    fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let app = self.app.clone();
+        let timeout = self.request_timeout;
+        let Some(acceptor) = self.tls.clone() else {
+            tokio::spawn(serve_connection(
+                stream,
+                app,
+                None,
+                timeout,
+                peer.to_string(),
+            ));
+            return;
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    fn spawn_unix(&self, stream: tokio::net::UnixStream) {
+        // Who is on the other end, from the kernel: the guard lets only the
+        // socket's owner and root in.
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let peer = format!("control socket, uid {uid:?}");
+        tokio::spawn(serve_connection(
+            stream,
+            self.app.clone(),
+            Some(SocketPeer { uid }),
+            self.request_timeout,
+            peer,
+        ));
     }
 }
 
@@ -286,18 +300,19 @@ async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::Un
     }
 }
 
-/// HTTP/1 on one connection; requests carry the connection's `channel`.
+/// HTTP/1 on one connection; on the control socket, every request carries
+/// the peer's `SocketPeer`.
 async fn serve_connection<I>(
     io: I,
     app: Router,
-    channel: Option<Channel>,
+    socket_peer: Option<SocketPeer>,
     header_timeout: Duration,
     peer: String,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let app = tower::ServiceExt::map_request(app, move |mut req: Request<_>| {
-        if let Some(c) = channel {
+        if let Some(c) = socket_peer {
             req.extensions_mut().insert(c);
         }
         req
@@ -546,7 +561,7 @@ async fn guard<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> R
         return next.run(req).await;
     }
     let what = format!("{} {}", req.method(), path.as_deref().unwrap_or("?"));
-    if let Some(Channel::Socket { uid }) = req.extensions().get::<Channel>().copied() {
+    if let Some(SocketPeer { uid }) = req.extensions().get::<SocketPeer>().copied() {
         // File permissions keep others out; this holds even if the mode
         // was loosened by hand.
         let owner = ctx.socket_owner;
