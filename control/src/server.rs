@@ -59,9 +59,11 @@ pub struct ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    // `error`, not `source`: the message carries it, and anyhow's `{:#}`
+    // would print a source a second time.
     #[error(
-        "control.address: cannot listen on {addr}: {source}{}",
-        if source.kind() == std::io::ErrorKind::AddrInUse {
+        "control.address: cannot listen on {addr}: {error}{}",
+        if error.kind() == std::io::ErrorKind::AddrInUse {
             "; another process holds that port (another agiproxy on this host?): give each \
              replica its own control.address port, or remove the control block"
         } else {
@@ -70,7 +72,7 @@ pub enum ServeError {
     )]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("control.tls: {0}")]
     Tls(String),
@@ -154,7 +156,7 @@ impl ControlServer {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(|source| ServeError::Bind { addr, source })?,
+                    .map_err(|error| ServeError::Bind { addr, error })?,
             ),
             None => None,
         };

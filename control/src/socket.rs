@@ -21,11 +21,13 @@ pub enum SocketError {
          give each replica its own control.socket"
     )]
     InUse { path: PathBuf },
-    #[error("control.socket: {path}: {action}: {source}")]
+    // `error`, not `source`: the message carries it, and anyhow's `{:#}`
+    // would print a source a second time.
+    #[error("control.socket: {path}: {action}: {error}")]
     Io {
         path: PathBuf,
         action: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -56,10 +58,10 @@ impl Drop for SocketFile {
 pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError> {
     let io = |action: &'static str| {
         let path = path.to_path_buf();
-        move |source| SocketError::Io {
+        move |error| SocketError::Io {
             path,
             action,
-            source,
+            error,
         }
     };
     match std::fs::symlink_metadata(path) {
@@ -83,7 +85,14 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile), SocketError
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("cannot inspect")(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io("cannot listen"))?;
+    let listener = UnixListener::bind(path).map_err(|e| {
+        let action = if e.kind() == io::ErrorKind::NotFound {
+            "cannot listen (create its directory first, e.g. systemd's RuntimeDirectory=)"
+        } else {
+            "cannot listen"
+        };
+        io(action)(e)
+    })?;
     // The umask may have left the socket open to others for an instant;
     // requests from another user are refused by their peer credentials too.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
