@@ -1,7 +1,8 @@
 //! The control API against a real proxy: auth, limits, config changes with
 //! optimistic concurrency, backend drain, blue-green split, replica drain,
-//! Prometheus metrics that match the traffic, and TLS with client
-//! certificates made in the test.
+//! Prometheus metrics that match the traffic, TLS with client certificates
+//! made in the test, and (issue 17) no state change without a credential:
+//! 403 with no token configured, the control socket for its owner only.
 
 mod common;
 
@@ -11,8 +12,8 @@ use std::time::Duration;
 use agiproxy::control::ControlHandle;
 use agiproxy::server::Origin;
 use agiproxy::Server;
-use agiproxy_control::client::{Client, Response, Target};
-use agiproxy_control::server::ServeOptions;
+use agiproxy_control::client::{Address, Client, Response, Target};
+use agiproxy_control::server::{Endpoint, ServeOptions};
 use agiproxy_control::tls::{connector, ClientTls, TlsFiles};
 use agiproxy_control::ControlServer;
 use chaos_tests::{AgiStatus, Behaviour, FakeBackend};
@@ -23,9 +24,34 @@ const TOKEN: &str = "s3cret-token-for-tests";
 
 struct Api {
     server: Server,
+    /// The control API over TCP (or the socket, when it has no address).
     target: Target,
+    /// The proxy's FastAGI listener.
     addr: std::net::SocketAddr,
-    _dir: std::path::PathBuf,
+    endpoints: Vec<Endpoint>,
+    /// Holds the config file.
+    dir: std::path::PathBuf,
+    /// Stops the control API (which removes its socket).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Api {
+    fn control_addr(&self) -> std::net::SocketAddr {
+        match self.target.addr {
+            Address::Tcp(a) => a,
+            Address::Unix(_) => panic!("this API has no TCP address"),
+        }
+    }
+
+    /// Stops the control API and waits until it has.
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.served)
+            .await
+            .expect("the control API stops")
+            .unwrap();
+    }
 }
 
 fn config_text(blue: &str, green: &str) -> String {
@@ -44,12 +70,32 @@ async fn start_timed(
     max_body: usize,
     request_timeout: Duration,
 ) -> Api {
+    start_with(
+        text,
+        ServeOptions {
+            address: Some("127.0.0.1:0".parse().unwrap()),
+            socket: None,
+            token: Some(TOKEN.into()),
+            tls,
+            max_body_bytes: max_body,
+            request_timeout,
+        },
+    )
+    .await
+}
+
+fn temp_dir(what: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
-        "agiproxy-api-{}-{}",
+        "agiproxy-{what}-{}-{}",
         std::process::id(),
         rand_suffix()
     ));
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn start_with(text: &str, opts: ServeOptions) -> Api {
+    let dir = temp_dir("api");
     let file = dir.join("agiproxy.yaml");
     std::fs::write(&file, text).unwrap();
     let origin = Origin {
@@ -60,29 +106,34 @@ async fn start_timed(
     let server = Server::start_with(agiproxy_config::from_yaml_str(text).unwrap(), origin)
         .await
         .unwrap();
-    let https = tls.is_some();
-    let opts = ServeOptions {
-        address: "127.0.0.1:0".parse().unwrap(),
-        token: Some(TOKEN.into()),
-        tls,
-        max_body_bytes: max_body,
-        request_timeout,
-    };
+    let https = opts.tls.is_some();
+    let socket = opts.socket.clone();
     let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
         .await
         .unwrap();
-    let target = Target {
-        addr: api.local_addr(),
-        https,
-        host: "localhost".into(),
+    let target = match (api.local_addr(), socket) {
+        (Some(addr), _) => Target {
+            addr: Address::Tcp(addr),
+            https,
+            host: "localhost".into(),
+        },
+        (None, Some(path)) => Target::socket(path),
+        (None, None) => unreachable!("bind refuses options without address and socket"),
     };
-    tokio::spawn(api.serve(std::future::pending()));
+    let endpoints = api.endpoints().to_vec();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(api.serve(async {
+        let _ = stopped.await;
+    }));
     let addr = server.local_addrs()[0];
     Api {
         server,
         target,
         addr,
-        _dir: dir,
+        endpoints,
+        dir,
+        stop: Some(stop),
+        served,
     }
 }
 
@@ -143,9 +194,10 @@ async fn auth_limits_and_config_changes() {
         assert_eq!(call(&c, t, "GET", "/healthz", &[], None).await.0, 200);
         assert_eq!(call(&c, t, "GET", "/readyz", &[], None).await.0, 200);
         assert_eq!(call(&c, t, "GET", "/metrics", &[], None).await.0, 200);
+        assert_eq!(call(&c, t, "GET", "/v1/status", &[], None).await.0, 200);
     }
-    // Protected endpoints: no token and a wrong token get 401.
-    let (s, body) = call(&client(None), t, "GET", "/v1/status", &[], None).await;
+    // Everything else: no token and a wrong token get 401.
+    let (s, body) = call(&client(None), t, "GET", "/v1/config", &[], None).await;
     assert_eq!(
         (s, body["error"].as_str()),
         (401, Some("missing bearer token"))
@@ -153,8 +205,8 @@ async fn auth_limits_and_config_changes() {
     let (s, body) = call(
         &client(Some("s3cret-token-for-testX")),
         t,
-        "GET",
-        "/v1/status",
+        "POST",
+        "/v1/drain",
         &[],
         None,
     )
@@ -167,9 +219,10 @@ async fn auth_limits_and_config_changes() {
     // (digests are compared, not bytes up to the shorter length).
     let prefix = &TOKEN[..TOKEN.len() - 1];
     for near in [prefix.to_string(), format!("{TOKEN}x")] {
-        let (s, _) = call(&client(Some(&near)), t, "GET", "/v1/status", &[], None).await;
+        let (s, _) = call(&client(Some(&near)), t, "GET", "/v1/config", &[], None).await;
         assert_eq!(s, 401, "{near}");
     }
+    assert!(!api.server.is_draining());
     let (s, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
     assert_eq!(s, 200);
     assert_eq!(status["generation"], 1);
@@ -628,7 +681,7 @@ async fn a_stalled_request_gets_408_in_json() {
     );
     let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     let api = start_timed(&text, None, 4096, Duration::from_millis(300)).await;
-    let mut s = tokio::net::TcpStream::connect(api.target.addr)
+    let mut s = tokio::net::TcpStream::connect(api.control_addr())
         .await
         .unwrap();
     let head = format!(
@@ -655,4 +708,362 @@ async fn a_stalled_request_gets_408_in_json() {
         metrics.contains(r#"agiproxy_control_requests_total{code="408",endpoint="/v1/config"} 1"#),
         "{metrics}"
     );
+}
+
+/// The requests that change state, as route templates: each must be
+/// guarded (the tests below walk every guarded route, these included).
+const STATE_CHANGES: &[(&str, &str)] = &[
+    ("PUT", "/v1/config"),
+    ("POST", "/v1/reload"),
+    ("POST", "/v1/pools/{pool}/backends/{backend}/drain"),
+    ("POST", "/v1/pools/{pool}/backends/{backend}/enable"),
+    ("PUT", "/v1/routes/{route}/split"),
+    ("POST", "/v1/drain"),
+];
+
+/// A request to `e` that would change something if it were served:
+/// `backend` in the path, a valid new config or split as the body.
+fn request_for(e: &Endpoint, backend: &str, new_config: &str) -> (String, Option<String>) {
+    let path = e
+        .path
+        .replace("{pool}", "blue")
+        .replace("{backend}", backend)
+        .replace("{route}", "ivr");
+    let body = match e.path {
+        "/v1/config" => Some(new_config.to_string()),
+        "/v1/routes/{route}/split" => Some(
+            r#"{"split": [{"pool": "blue", "weight": 0}, {"pool": "green", "weight": 100}]}"#
+                .into(),
+        ),
+        _ => None,
+    };
+    (path, body)
+}
+
+/// Issue 17: with no token configured, every endpoint beyond the open,
+/// read-only ones answers 403 with how to configure one, whatever the
+/// address (loopback included) and whatever token is presented, and
+/// nothing changes: same generation, backends as they were, the replica
+/// not draining and still serving calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_without_a_token_no_state_changes_on_any_address() {
+    let b1 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b2 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let text = config_text(&b1.addr().to_string(), &b2.addr().to_string());
+    let changed = text.replace("prefix: ivr/", "prefix: ivr");
+    // 127.0.0.2: loopback too, but not 127.0.0.1 (the address the old
+    // code trusted).
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let api = start_with(
+            &text,
+            ServeOptions {
+                address: Some(format!("{ip}:0").parse().unwrap()),
+                socket: None,
+                token: None,
+                tls: None,
+                max_body_bytes: 1 << 20,
+                request_timeout: Duration::from_secs(5),
+            },
+        )
+        .await;
+        let t = &api.target;
+        let handle = ControlHandle::new(api.server.clone());
+        // The file differs from the running config: a served reload would
+        // show as a new generation.
+        std::fs::write(api.dir.join("agiproxy.yaml"), &changed).unwrap();
+        // A backend drained by hand: a served `enable` would show.
+        use agiproxy_control::ControlPlane;
+        handle
+            .set_backend_draining("green", &b2.addr().to_string(), true)
+            .unwrap();
+
+        let guarded: Vec<&Endpoint> = api.endpoints.iter().filter(|e| !e.open()).collect();
+        for (m, p) in STATE_CHANGES {
+            assert!(
+                guarded.iter().any(|e| e.method == *m && e.path == *p),
+                "{m} {p} is not guarded"
+            );
+        }
+        for e in &guarded {
+            for c in [client(None), client(Some(TOKEN))] {
+                let (path, body) = request_for(e, &b2.addr().to_string(), &changed);
+                let path = if e.path.ends_with("/enable") {
+                    path.replace("/blue/", "/green/")
+                } else {
+                    path
+                };
+                let (s, answer) = call(&c, t, e.method.as_str(), &path, &[], body.as_deref()).await;
+                assert_eq!(s, 403, "{ip}: {e}: {answer}");
+                let msg = answer["error"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains("set control.token_file (or control.token_env)")
+                        && msg.contains("ctl --socket PATH"),
+                    "{ip}: {e}: {msg}"
+                );
+            }
+        }
+        // Nothing changed.
+        assert_eq!(api.server.snapshot().meta.generation, 1, "{ip}");
+        assert!(!api.server.is_draining(), "{ip}");
+        let pools = handle.pools();
+        let state = |pool: &str| {
+            pools.iter().find(|p| p.name == pool).unwrap().backends[usize::from(pool == "blue")]
+                .draining
+        };
+        assert!(!state("blue"), "{ip}: blue's second backend was drained");
+        let green = pools.iter().find(|p| p.name == "green").unwrap();
+        assert!(
+            green.backends[0].draining,
+            "{ip}: green's backend was enabled"
+        );
+        // Open endpoints still answer without a credential.
+        for path in ["/healthz", "/readyz", "/metrics", "/v1/status"] {
+            let (s, body) = call(&client(None), t, "GET", path, &[], None).await;
+            assert_eq!(s, 200, "{ip}: {path}: {body}");
+        }
+        // And the replica serves calls, through the blue pool (no split).
+        let mut rx = api.server.subscribe();
+        let out = caller("ivr/main", &format!("17.{}", ip.len()))
+            .run(api.addr)
+            .await;
+        assert_eq!(out.status, AgiStatus::Success, "{ip}");
+        assert_eq!(next_record(&mut rx).await.pool.as_deref(), Some("blue"));
+        api.stop().await;
+    }
+}
+
+/// `(mode & 0o777, owner uid)` of `path`, which must be a socket.
+fn socket_mode_and_owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(path).unwrap();
+    assert!(m.file_type().is_socket(), "{}", path.display());
+    (m.mode() & 0o777, m.uid())
+}
+
+/// What a request as another user got (see `post_drain_as`).
+#[derive(Debug, PartialEq, Eq)]
+enum AsOther {
+    /// connect(2) failed with EACCES: the file's mode kept the user out.
+    PermissionDenied,
+    /// The API answered 403.
+    Forbidden,
+    /// Anything else, with the child's exit code.
+    Other(i32),
+}
+
+/// `POST /v1/drain` on the Unix socket `path`, as uid/gid `id`, from a
+/// forked child that calls only async-signal-safe functions (this process
+/// has threads): everything it needs is prepared before the fork.
+fn post_drain_as(id: u32, path: &std::path::Path) -> AsOther {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let request = b"POST /v1/drain HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let forbidden = b"HTTP/1.1 403";
+    // SAFETY: fork; the child only calls async-signal-safe functions on
+    // memory prepared above, and always ends in _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(id) != 0
+                || libc::setuid(id) != 0
+            {
+                libc::_exit(90);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                libc::_exit(91);
+            }
+            if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+                libc::_exit(if *libc::__errno_location() == libc::EACCES {
+                    13
+                } else {
+                    92
+                });
+            }
+            let mut sent = 0;
+            while sent < request.len() {
+                let n = libc::write(fd, request[sent..].as_ptr().cast(), request.len() - sent);
+                if n <= 0 {
+                    libc::_exit(93);
+                }
+                sent += n as usize;
+            }
+            let mut buf = [0u8; 64];
+            let mut got = 0;
+            while got < forbidden.len() {
+                let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got);
+                if n <= 0 {
+                    libc::_exit(94);
+                }
+                got += n as usize;
+            }
+            libc::_exit(if buf[..forbidden.len()] == forbidden[..] {
+                43
+            } else {
+                95
+            });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(waited, pid);
+    assert!(libc::WIFEXITED(status), "child status {status}");
+    match libc::WEXITSTATUS(status) {
+        13 => AsOther::PermissionDenied,
+        43 => AsOther::Forbidden,
+        code => AsOther::Other(code),
+    }
+}
+
+/// Issue 17: the control socket is created with mode 0600, owned by the
+/// proxy's user, and takes state changes from that user without a token;
+/// another user is kept out by the mode and, were the mode loosened, by
+/// the peer credentials the kernel reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_the_control_socket_serves_its_owner_and_refuses_others() {
+    let b1 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b2 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let text = config_text(&b1.addr().to_string(), &b2.addr().to_string());
+    let dir = temp_dir("sock");
+    let sock = dir.join("control.sock");
+    let api = start_with(
+        &text,
+        ServeOptions {
+            address: None,
+            socket: Some(sock.clone()),
+            token: None,
+            tls: None,
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(5),
+        },
+    )
+    .await;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    assert_eq!(socket_mode_and_owner(&sock), (0o600, me));
+
+    // The owner: every endpoint, no token.
+    let t = &api.target;
+    let owner = client(None);
+    let changed = text.replace("prefix: ivr/", "prefix: ivr");
+    let (s, body) = call(&owner, t, "PUT", "/v1/config", &[], Some(&changed)).await;
+    assert_eq!((s, body["generation"].as_u64()), (200, Some(2)), "{body}");
+    for e in api
+        .endpoints
+        .iter()
+        .filter(|e| e.method != "PUT" && e.path != "/v1/drain")
+    {
+        let (path, body) = request_for(e, &b2.addr().to_string(), &changed);
+        let (s, answer) = call(&owner, t, e.method.as_str(), &path, &[], body.as_deref()).await;
+        assert_eq!(s, 200, "{e}: {answer}");
+    }
+
+    // Another user (nobody, 65534): needs root to become them.
+    if me == 0 {
+        let sock2 = sock.clone();
+        let r = tokio::task::spawn_blocking(move || post_drain_as(65534, &sock2))
+            .await
+            .unwrap();
+        assert_eq!(r, AsOther::PermissionDenied);
+        // Loosened by hand: the kernel's peer credentials still keep them out.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let sock2 = sock.clone();
+        let r = tokio::task::spawn_blocking(move || post_drain_as(65534, &sock2))
+            .await
+            .unwrap();
+        assert_eq!(r, AsOther::Forbidden);
+        assert!(!api.server.is_draining());
+    } else {
+        eprintln!("not root: the request as another user is skipped (mode and owner checked)");
+    }
+
+    // The owner drains the replica.
+    let (s, _) = call(&owner, t, "POST", "/v1/drain", &[], None).await;
+    assert_eq!(s, 202);
+    assert!(api.server.is_draining());
+    api.stop().await;
+    assert!(!sock.exists(), "the socket is removed when the API stops");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 17: binding the control socket replaces a stale socket file, and
+/// nothing else: not a live socket (another replica), not a regular file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_the_control_socket_replaces_only_a_stale_socket() {
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let dir = temp_dir("stale");
+    let sock = dir.join("control.sock");
+    let opts = ServeOptions {
+        address: None,
+        socket: Some(sock.clone()),
+        token: None,
+        tls: None,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    };
+    let server = Server::start_with(
+        agiproxy_config::from_yaml_str(&text).unwrap(),
+        Origin {
+            text: text.clone().into(),
+            source: "test".into(),
+            file: None,
+        },
+    )
+    .await
+    .unwrap();
+    let bind = || ControlServer::bind(ControlHandle::new(server.clone()), opts.clone());
+
+    // A regular file: refused, and left as it was.
+    std::fs::write(&sock, "keep me").unwrap();
+    let e = bind().await.err().expect("a regular file is not replaced");
+    assert!(
+        e.to_string()
+            .contains("exists and is not a socket; refusing to replace it"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&sock).unwrap(), "keep me");
+    std::fs::remove_file(&sock).unwrap();
+
+    // A stale socket (its process gone): replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let live = bind().await.expect("a stale socket is replaced");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(live.serve(async {
+        let _ = stopped.await;
+    }));
+
+    // A live one: refused, and still serving.
+    let e = bind().await.err().expect("a live socket is not replaced");
+    assert!(e.to_string().contains("another process is serving"), "{e}");
+    let (s, _) = call(
+        &client(None),
+        &Target::socket(&sock),
+        "GET",
+        "/v1/status",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let _ = stop.send(());
+    served.await.unwrap();
+    assert!(!sock.exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

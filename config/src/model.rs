@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::template::Template;
@@ -28,19 +29,26 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Referenced by index from [`RouteTarget`]. Pools no route uses are allowed.
     pub pools: Vec<Pool>,
-    /// The control API (on by default, on loopback).
+    /// The control API: off unless the file has a `control:` block.
     pub control: Control,
 }
 
-/// The control API: an HTTP listener of its own.
+/// The control API: an HTTP listener of its own and/or a Unix socket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Control {
-    /// `enabled: false` runs no control API at all.
+    /// On when the file has a `control:` block (unless it says
+    /// `enabled: false`); off without one, so no port is opened unasked.
     pub enabled: bool,
-    /// Default 127.0.0.1:9090. A non-loopback address requires a token.
-    pub address: SocketAddr,
-    /// Bearer token for every state-changing and `/v1` endpoint; none means
-    /// those endpoints are open (allowed on loopback only).
+    /// The HTTP listener. No default port: the operator picks it (two
+    /// replicas on one host, or Prometheus's 9090, would clash with any
+    /// fixed default).
+    pub address: Option<SocketAddr>,
+    /// A Unix socket (mode 0600) that accepts every endpoint without a
+    /// token: its file permissions are the credential.
+    pub socket: Option<PathBuf>,
+    /// Bearer token for every endpoint beyond the open, read-only ones
+    /// (`/healthz`, `/readyz`, `/metrics`, `GET /v1/status`). Without one,
+    /// those endpoints answer 403 on `address` (the socket still works).
     pub token: Option<TokenSource>,
     pub tls: Option<ControlTls>,
     /// Largest request body accepted (413 beyond). Default 1 MiB.
@@ -52,8 +60,9 @@ pub struct Control {
 impl Default for Control {
     fn default() -> Self {
         Control {
-            enabled: true,
-            address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            enabled: false,
+            address: None,
+            socket: None,
             token: None,
             tls: None,
             max_body_bytes: 1 << 20,

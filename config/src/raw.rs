@@ -203,6 +203,7 @@ pub(crate) enum RawHealthKind {
 pub(crate) struct RawControl {
     pub enabled: Option<bool>,
     pub address: Option<String>,
+    pub socket: Option<String>,
     pub token_file: Option<String>,
     pub token_env: Option<String>,
     pub tls: Option<RawControlTls>,

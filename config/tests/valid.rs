@@ -261,6 +261,26 @@ fn a_bare_config_gets_every_default() {
     assert_eq!(c.timeouts, Timeouts::default());
 }
 
+/// Issue 17: no `control:` block, no control API (no port opened unasked);
+/// with a block, no token is needed anywhere, since without one the API
+/// refuses every state change instead of serving it.
+#[test]
+fn control_is_off_without_a_block_and_needs_no_token_on_any_address() {
+    let c = compile("version: 1\n");
+    assert!(!c.control.enabled);
+    assert_eq!((c.control.address, c.control.socket.as_ref()), (None, None));
+    let c = compile("version: 1\ncontrol: { address: \"0.0.0.0:4574\" }\n");
+    assert!(c.control.enabled && c.control.token.is_none());
+    assert_eq!(c.control.address, Some("0.0.0.0:4574".parse().unwrap()));
+    let c = compile("version: 1\ncontrol: { socket: /run/agiproxy/control.sock }\n");
+    assert_eq!(
+        (c.control.enabled, c.control.address, c.control.socket),
+        (true, None, Some("/run/agiproxy/control.sock".into()))
+    );
+    let c = compile("version: 1\ncontrol: { enabled: false }\n");
+    assert!(!c.control.enabled);
+}
+
 #[test]
 fn edge_values_are_accepted() {
     let c = compile(

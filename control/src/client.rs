@@ -1,31 +1,66 @@
-//! A small HTTP/1 client for the control API (plain or TLS), used by `ctl`.
+//! A small HTTP/1 client for the control API (plain, TLS, or over the
+//! control socket), used by `ctl`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where a replica's control API is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `control.address`.
+    Tcp(SocketAddr),
+    /// `control.socket` (plain HTTP; the file's permissions are the credential).
+    Unix(PathBuf),
+}
+
+impl From<SocketAddr> for Address {
+    fn from(a: SocketAddr) -> Self {
+        Address::Tcp(a)
+    }
+}
 
 /// One replica's control API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub addr: SocketAddr,
+    pub addr: Address,
     pub https: bool,
     /// The name its TLS certificate carries (and the Host header).
     pub host: String,
 }
 
+impl Target {
+    /// Plain HTTP to `addr`.
+    pub fn http(addr: SocketAddr) -> Target {
+        Target {
+            addr: Address::Tcp(addr),
+            https: false,
+            host: addr.ip().to_string(),
+        }
+    }
+
+    /// The control socket at `path`.
+    pub fn socket(path: impl Into<PathBuf>) -> Target {
+        Target {
+            addr: Address::Unix(path.into()),
+            https: false,
+            host: "localhost".into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}://{}",
-            if self.https { "https" } else { "http" },
-            self.addr
-        )
+        match &self.addr {
+            Address::Tcp(a) => write!(f, "{}://{a}", if self.https { "https" } else { "http" }),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
     }
 }
 
@@ -88,12 +123,6 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
         let t = target.to_string();
-        let tcp = TcpStream::connect(target.addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                target: t.clone(),
-                source,
-            })?;
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -110,6 +139,18 @@ impl Client {
                 target: t.clone(),
                 msg: e.to_string(),
             })?;
+        let connect = |source| ClientError::Connect {
+            target: t.clone(),
+            source,
+        };
+        let tcp = match &target.addr {
+            Address::Tcp(a) => TcpStream::connect(a).await.map_err(connect)?,
+            // Plain HTTP only: the file's permissions are the protection.
+            Address::Unix(p) => {
+                let unix = UnixStream::connect(p).await.map_err(connect)?;
+                return send(TokioIo::new(unix), req, &t).await;
+            }
+        };
         if target.https {
             let connector = self.tls.as_ref().ok_or_else(|| ClientError::Tls {
                 target: t.clone(),

@@ -1,5 +1,6 @@
 //! `agiproxy ctl`: a command line over the control API, for one replica
-//! (`--url`) or every replica behind a DNS name (`--cluster dns:NAME:PORT`).
+//! (`--url`, or `--socket` on its host) or every replica behind a DNS name
+//! (`--cluster dns:NAME:PORT`).
 //! Human-readable tables by default, `--output json` for scripts.
 
 use std::future::Future;
@@ -11,18 +12,20 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::api::{Applied, ConfigView, ErrorBody, PoolView, SplitRequest, SplitWeight, Status};
-use crate::client::{Client, Target};
+use crate::client::{Address, Client, Target};
 use crate::tls::{connector, ClientTls};
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// One replica's control API, e.g. http://127.0.0.1:9090 or https://host:9090.
-    #[arg(
-        long,
-        default_value = "http://127.0.0.1:9090",
-        conflicts_with = "cluster"
-    )]
-    pub url: String,
+    /// One replica's control API (its control.address), e.g.
+    /// http://127.0.0.1:4574 or https://host:4574. There is no default: the
+    /// control API has no default port.
+    #[arg(long, conflicts_with_all = ["cluster", "socket"])]
+    pub url: Option<String>,
+    /// One replica's control socket (its control.socket), on this host: no
+    /// token needed, the file's permissions are the credential.
+    #[arg(long, value_name = "PATH", conflicts_with = "cluster")]
+    pub socket: Option<PathBuf>,
     /// Every replica behind a DNS name: dns:NAME:PORT (A/AAAA), or
     /// dns:_control._tcp.NAME (SRV, ports from the records; the helm chart's
     /// headless Service publishes `_control._tcp`).
@@ -320,8 +323,17 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
 }
 
 async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec<Target>, String> {
-    let Some(spec) = &args.cluster else {
-        return Ok(vec![target_from_url(&args.url)?]);
+    let spec = match (&args.cluster, &args.socket, &args.url) {
+        (Some(spec), _, _) => spec,
+        (None, Some(path), _) => return Ok(vec![Target::socket(path.clone())]),
+        (None, None, Some(url)) => return Ok(vec![target_from_url(url)?]),
+        (None, None, None) => {
+            return Err(
+                "say which replica: --url http://HOST:PORT (its control.address), \
+                 --socket PATH (its control.socket) or --cluster dns:NAME:PORT"
+                    .into(),
+            )
+        }
     };
     let name = spec.strip_prefix("dns:").ok_or_else(|| {
         format!("--cluster {spec:?}: write dns:NAME:PORT or dns:_service._tcp.NAME")
@@ -337,7 +349,7 @@ async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec
     Ok(addrs
         .into_iter()
         .map(|addr| Target {
-            addr,
+            addr: Address::Tcp(addr),
             https: args.https,
             host: host.clone(),
         })
@@ -378,7 +390,11 @@ fn target_from_url(url: &str) -> Result<Target, String> {
         .map_or(hostport, |(h, _)| h)
         .trim_matches(['[', ']'])
         .to_string();
-    Ok(Target { addr, https, host })
+    Ok(Target {
+        addr: Address::Tcp(addr),
+        https,
+        host,
+    })
 }
 
 async fn fan_out(
@@ -557,16 +573,18 @@ mod tests {
     #[test]
     fn urls_parse() {
         assert_eq!(
-            target_from_url("http://127.0.0.1:9090").unwrap(),
+            target_from_url("http://127.0.0.1:4574").unwrap(),
             Target {
-                addr: "127.0.0.1:9090".parse().unwrap(),
+                addr: Address::Tcp("127.0.0.1:4574".parse().unwrap()),
                 https: false,
                 host: "127.0.0.1".into()
             }
         );
         let t = target_from_url("https://[::1]:9443/").unwrap();
-        assert!(t.https && t.host == "::1" && t.addr.port() == 9443);
-        assert!(target_from_url("127.0.0.1:9090").is_err());
+        assert!(
+            t.https && t.host == "::1" && t.addr == Address::Tcp("[::1]:9443".parse().unwrap())
+        );
+        assert!(target_from_url("127.0.0.1:4574").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("5").is_err());
         assert_eq!(

@@ -7,6 +7,7 @@ pub mod client;
 pub mod ctl;
 pub mod plane;
 pub mod server;
+pub mod socket;
 pub mod tls;
 
 pub use plane::{ControlError, ControlPlane};

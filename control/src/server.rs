@@ -1,32 +1,56 @@
-//! The control API server: axum routes over the `ControlPlane`, a bearer
-//! token compared in constant time, optional TLS (and client certificates),
-//! a body limit and a request deadline.
+//! The control API server: axum routes over the `ControlPlane` on a TCP
+//! listener (optional TLS) and/or a Unix socket, a body limit and a
+//! request deadline.
+//!
+//! Access is decided in one place, [`guard`], laid over every route: only
+//! the read-only requests listed in [`OPEN`] are served without a
+//! credential; every other route, including any added later, needs one (a
+//! bearer token compared in constant time, or the control socket). With no
+//! token configured, those routes answer 403 on TCP, on any address.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::api::{ErrorBody, SplitRequest};
 use crate::plane::{ControlError, ControlPlane};
+use crate::socket::{SocketError, SocketFile};
 use crate::tls::TlsFiles;
 
-/// How the control API is served.
+/// The only requests served without a credential: what probes, Prometheus
+/// and a convergence check need, all read-only (HEAD counts as GET).
+/// `GET /v1/status` holds version, generation, config hash, sessions and
+/// draining, which `/metrics` and `/readyz` publish already. Every other
+/// route needs a credential, whatever its method.
+pub const OPEN: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/status"),
+];
+
+/// How the control API is served. At least one of `address` and `socket`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub address: SocketAddr,
-    /// Bearer token for `/v1/*`; None leaves them open (loopback only).
+    /// The HTTP listener (probes, metrics, `ctl --url`).
+    pub address: Option<SocketAddr>,
+    /// A Unix socket (mode 0600) accepting every endpoint without a token.
+    pub socket: Option<PathBuf>,
+    /// Bearer token for every endpoint but [`OPEN`] on `address`; None
+    /// refuses them there (403).
     pub token: Option<String>,
     pub tls: Option<TlsFiles>,
     pub max_body_bytes: usize,
@@ -35,135 +59,355 @@ pub struct ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("control.address: cannot listen on {addr}: {source}")]
+    // `error`, not `source`: the message carries it, and anyhow's `{:#}`
+    // would print a source a second time.
+    #[error(
+        "control.address: cannot listen on {addr}: {error}{}",
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process holds that port (another agiproxy on this host?): give each \
+             replica its own control.address port, or remove the control block"
+        } else {
+            ""
+        }
+    )]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("control.tls: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("control: set address or socket (or both); the control API has nowhere to listen")]
+    Nowhere,
+}
+
+/// Marks a request that came over the control socket, with the peer's
+/// user id as the kernel reports it (set per connection).
+#[derive(Debug, Clone, Copy)]
+struct SocketPeer {
+    uid: Option<u32>,
 }
 
 struct Ctx<P> {
     plane: Arc<P>,
     token: Option<String>,
+    /// The control socket's owner, whose requests (and root's) need no token.
+    socket_owner: Option<u32>,
+}
+
+/// One route: its method and path template (as in `MatchedPath`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+}
+
+impl Endpoint {
+    /// Served without a credential (listed in [`OPEN`]).
+    pub fn open(&self) -> bool {
+        is_open(&self.method, self.path)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
+}
+
+fn is_open(method: &Method, path: &str) -> bool {
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    OPEN.iter().any(|&(m, p)| m == method && p == path)
 }
 
 /// A bound control API; `serve` runs it until `shutdown` resolves.
 pub struct ControlServer {
-    listener: TcpListener,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, SocketFile)>,
     app: Router,
+    endpoints: Vec<Endpoint>,
+    has_token: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
     request_timeout: Duration,
 }
 
 impl ControlServer {
+    /// Binds the listener and/or the socket, and logs once which endpoints
+    /// are open and which need (or, with no token, refuse) a credential.
     pub async fn bind<P: ControlPlane>(
         plane: Arc<P>,
         opts: ServeOptions,
     ) -> Result<ControlServer, ServeError> {
+        if opts.address.is_none() && opts.socket.is_none() {
+            return Err(ServeError::Nowhere);
+        }
         let tls = match &opts.tls {
-            Some(files) => Some(crate::tls::acceptor(files).map_err(ServeError::Tls)?),
+            Some(files) if opts.address.is_some() => {
+                Some(crate::tls::acceptor(files).map_err(ServeError::Tls)?)
+            }
+            _ => None,
+        };
+        let tcp = match opts.address {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| ServeError::Bind { addr, error })?,
+            ),
             None => None,
         };
-        let listener =
-            TcpListener::bind(opts.address)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: opts.address,
-                    source,
-                })?;
-        let app = router(plane, opts.token, opts.max_body_bytes, opts.request_timeout);
-        Ok(ControlServer {
-            listener,
+        let unix = match &opts.socket {
+            Some(path) => Some(crate::socket::bind(path).await?),
+            None => None,
+        };
+        let has_token = opts.token.is_some();
+        let (app, endpoints) = build(
+            plane,
+            opts.token,
+            unix.as_ref().map(|(_, f)| f.owner),
+            opts.max_body_bytes,
+            opts.request_timeout,
+        );
+        let server = ControlServer {
+            tcp,
+            unix,
             app,
+            endpoints,
+            has_token,
             tls,
             request_timeout: opts.request_timeout,
-        })
+        };
+        server.log_access(opts.socket.as_deref());
+        Ok(server)
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+    fn log_access(&self, socket: Option<&std::path::Path>) {
+        let list = |open: bool| {
+            self.endpoints
+                .iter()
+                .filter(|e| e.open() == open)
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(addr) = self.local_addr() {
+            if self.has_token {
+                tracing::info!(address = %addr, open = %list(true), token_required = %list(false),
+                    "control API: open endpoints, and those that need the bearer token");
+            } else {
+                tracing::info!(address = %addr, open = %list(true), refused = %list(false),
+                    "control API: open endpoints, and those refused with 403 because no \
+                     token is configured (set control.token_file or control.token_env, or \
+                     use control.socket)");
+            }
+        }
+        if let Some(path) = socket {
+            tracing::info!(socket = %path.display(), "control socket (mode 0600): every \
+                endpoint, for its owner and root; file permissions are the credential");
+        }
     }
 
-    /// Serves connections until `shutdown` completes.
+    /// The TCP listener's address, if there is one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Every route, in the order registered.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Serves connections until `shutdown` completes; then removes the
+    /// control socket.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send) {
         tokio::pin!(shutdown);
+        let tcp = self.tcp.as_ref();
+        let unix = self.unix.as_ref().map(|(l, _)| l);
         loop {
-            let (tcp, peer) = tokio::select! {
+            tokio::select! {
                 _ = &mut shutdown => break,
-                r = self.listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control API accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                r = accept_tcp(tcp) => match r {
+                    Ok((stream, peer)) => self.spawn_tcp(stream, peer),
+                    Err(e) => accept_failed(e).await,
                 },
-            };
-            let app = self.app.clone();
-            let tls = self.tls.clone();
-            let handshake_timeout = self.request_timeout;
-            tokio::spawn(async move {
-                let service = TowerToHyperService::new(app);
-                let mut http = hyper::server::conn::http1::Builder::new();
-                http.timer(TokioTimer::new())
-                    .header_read_timeout(handshake_timeout);
-                let result = match tls {
-                    Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                http.serve_connection(TokioIo::new(stream), service).await
-                            }
-                            Ok(Err(e)) => {
-                                tracing::info!(%peer, error = %e, "control API TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        }
-                    }
-                    None => http.serve_connection(TokioIo::new(tcp), service).await,
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "control API connection ended");
-                }
-            });
+                r = accept_unix(unix) => match r {
+                    Ok(stream) => self.spawn_unix(stream),
+                    Err(e) => accept_failed(e).await,
+                },
+            }
         }
+    }
+
+    fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let app = self.app.clone();
+        let timeout = self.request_timeout;
+        let Some(acceptor) = self.tls.clone() else {
+            tokio::spawn(serve_connection(
+                stream,
+                app,
+                None,
+                timeout,
+                peer.to_string(),
+            ));
+            return;
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    fn spawn_unix(&self, stream: tokio::net::UnixStream) {
+        // Who is on the other end, from the kernel: the guard lets only the
+        // socket's owner and root in.
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let peer = format!("control socket, uid {uid:?}");
+        tokio::spawn(serve_connection(
+            stream,
+            self.app.clone(),
+            Some(SocketPeer { uid }),
+            self.request_timeout,
+            peer,
+        ));
     }
 }
 
-/// The routes, for serving or for in-process tests.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "control API accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn accept_tcp(
+    l: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// HTTP/1 on one connection; on the control socket, every request carries
+/// the peer's `SocketPeer`.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    socket_peer: Option<SocketPeer>,
+    header_timeout: Duration,
+    peer: String,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = tower::ServiceExt::map_request(app, move |mut req: Request<_>| {
+        if let Some(c) = socket_peer {
+            req.extensions_mut().insert(c);
+        }
+        req
+    });
+    let service = TowerToHyperService::new(app);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    if let Err(e) = http.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%peer, error = %e, "control API connection ended");
+    }
+}
+
+type AppState<P> = Arc<Ctx<P>>;
+
+/// The route table: axum's router and the list of what it holds, kept
+/// together so the list (logged at start, walked by the tests) cannot miss
+/// a route.
+struct Routes<P: ControlPlane> {
+    router: Router<AppState<P>>,
+    endpoints: Vec<Endpoint>,
+}
+
+impl<P: ControlPlane> Routes<P> {
+    fn add(
+        mut self,
+        method: Method,
+        path: &'static str,
+        handler: MethodRouter<AppState<P>>,
+    ) -> Self {
+        self.router = self.router.route(path, handler);
+        self.endpoints.push(Endpoint { method, path });
+        self
+    }
+}
+
+/// Every endpoint. A new one goes here, and is guarded unless [`OPEN`]
+/// lists it.
+fn routes<P: ControlPlane>() -> Routes<P> {
+    Routes {
+        router: Router::new(),
+        endpoints: Vec::new(),
+    }
+    .add(Method::GET, "/healthz", get(|| async { "ok\n" }))
+    .add(Method::GET, "/readyz", get(readyz::<P>))
+    .add(Method::GET, "/metrics", get(metrics::<P>))
+    .add(Method::GET, "/v1/status", get(status::<P>))
+    .add(Method::GET, "/v1/config", get(config_get::<P>))
+    .add(Method::PUT, "/v1/config", put(config_put::<P>))
+    .add(Method::POST, "/v1/reload", post(reload::<P>))
+    .add(Method::GET, "/v1/pools", get(pools::<P>))
+    .add(Method::GET, "/v1/pools/{pool}", get(pool::<P>))
+    .add(
+        Method::POST,
+        "/v1/pools/{pool}/backends/{backend}/drain",
+        post(|s: S<P>, p| backend_draining(s, p, true)),
+    )
+    .add(
+        Method::POST,
+        "/v1/pools/{pool}/backends/{backend}/enable",
+        post(|s: S<P>, p| backend_draining(s, p, false)),
+    )
+    .add(Method::PUT, "/v1/routes/{route}/split", put(split::<P>))
+    .add(Method::POST, "/v1/drain", post(drain::<P>))
+}
+
+/// The routes, for serving or for in-process tests (requests count as
+/// coming over TCP).
 pub fn router<P: ControlPlane>(
     plane: Arc<P>,
     token: Option<String>,
     max_body: usize,
     timeout: Duration,
 ) -> Router {
-    let ctx = Arc::new(Ctx { plane, token });
-    let v1 = Router::new()
-        .route("/v1/status", get(status::<P>))
-        .route("/v1/config", get(config_get::<P>).put(config_put::<P>))
-        .route("/v1/reload", post(reload::<P>))
-        .route("/v1/pools", get(pools::<P>))
-        .route("/v1/pools/{pool}", get(pool::<P>))
-        .route(
-            "/v1/pools/{pool}/backends/{backend}/drain",
-            post(|s: S<P>, p| backend_draining(s, p, true)),
-        )
-        .route(
-            "/v1/pools/{pool}/backends/{backend}/enable",
-            post(|s: S<P>, p| backend_draining(s, p, false)),
-        )
-        .route("/v1/routes/{route}/split", put(split::<P>))
-        .route("/v1/drain", post(drain::<P>))
-        .route_layer(middleware::from_fn_with_state(ctx.clone(), auth::<P>));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz::<P>))
-        .route("/metrics", get(metrics::<P>))
-        .merge(v1)
+    build(plane, token, None, max_body, timeout).0
+}
+
+fn build<P: ControlPlane>(
+    plane: Arc<P>,
+    token: Option<String>,
+    socket_owner: Option<u32>,
+    max_body: usize,
+    timeout: Duration,
+) -> (Router, Vec<Endpoint>) {
+    let ctx = Arc::new(Ctx {
+        plane,
+        token,
+        socket_owner,
+    });
+    let Routes { router, endpoints } = routes::<P>();
+    let app = router
+        // Over every route at once, so none can be added without it.
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), guard::<P>))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -181,7 +425,8 @@ pub fn router<P: ControlPlane>(
             Limits { max_body, timeout },
             json_errors,
         ))
-        .with_state(ctx)
+        .with_state(ctx);
+    (app, endpoints)
 }
 
 /// What the framework's own refusals refer to.
@@ -306,9 +551,45 @@ fn control_error(e: ControlError) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn auth<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> Response {
-    let Some(token) = &ctx.token else {
+/// The one access check, over every route: [`OPEN`] requests pass; any
+/// other needs the control socket (its owner or root) or, on TCP, the
+/// bearer token. With no token configured, TCP gets 403 and how to set one.
+async fn guard<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    if path.as_deref().is_some_and(|p| is_open(req.method(), p)) {
         return next.run(req).await;
+    }
+    let what = format!("{} {}", req.method(), path.as_deref().unwrap_or("?"));
+    if let Some(SocketPeer { uid }) = req.extensions().get::<SocketPeer>().copied() {
+        // File permissions keep others out; this holds even if the mode
+        // was loosened by hand.
+        let owner = ctx.socket_owner;
+        if uid.is_some_and(|u| u == 0 || Some(u) == owner) {
+            return next.run(req).await;
+        }
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what}: the control socket serves only its owner (uid {}) and root, not uid {}",
+                owner.map_or("?".into(), |o| o.to_string()),
+                uid.map_or("?".into(), |u| u.to_string())
+            ),
+        );
+    }
+    let Some(token) = &ctx.token else {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what} needs a credential and this replica has no control token: set \
+                 control.token_file (or control.token_env) and send the token as \
+                 \"Authorization: Bearer TOKEN\" (ctl --token-file FILE, or $AGIPROXY_TOKEN), \
+                 or set control.socket and use ctl --socket PATH on the replica's host; \
+                 see docs/control-api.md#authentication"
+            ),
+        );
     };
     let presented = req
         .headers()

@@ -225,7 +225,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let server = Server::start_with(config, origin).await?;
     let _watch = agiproxy::watch::watch(server.clone())?;
 
-    if control.enabled {
+    // Off unless the file has a control block: no port opened unasked
+    // (docs/control-api.md, "Where it listens").
+    let (stop_control, control_task) = if control.enabled {
         let token = match &control.token {
             Some(TokenSource::File(f)) => Some(
                 std::fs::read_to_string(f)
@@ -246,6 +248,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
         let opts = ServeOptions {
             address: control.address,
+            socket: control.socket.clone(),
             token,
             tls: control.tls.as_ref().map(|t| TlsFiles {
                 cert: t.cert.clone(),
@@ -256,9 +259,21 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             request_timeout: control.request_timeout,
         };
         let api = ControlServer::bind(ControlHandle::new(server.clone()), opts).await?;
-        tracing::info!(address = %api.local_addr(), tls = control.tls.is_some(), "control API listening");
-        tokio::spawn(api.serve(std::future::pending()));
-    }
+        if let Some(addr) = api.local_addr() {
+            tracing::info!(address = %addr, tls = control.tls.is_some(), "control API listening");
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(api.serve(async {
+            let _ = stopped.await;
+        }));
+        (Some(stop), Some(task))
+    } else {
+        tracing::info!(
+            "control API off: the config has no control block, so no port or socket is \
+             opened for it (see docs/control-api.md)"
+        );
+        (None, None)
+    };
 
     loop {
         tokio::select! {
@@ -286,6 +301,11 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             tracing::warn!(active = server.active_sessions(), "second signal: stopping now");
             server.abort();
         }
+    }
+    // Stops the control API, which removes its socket file.
+    if let (Some(stop), Some(task)) = (stop_control, control_task) {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
     }
     Ok(())
 }

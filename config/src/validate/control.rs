@@ -1,4 +1,5 @@
 //! The control API block: where it listens, how callers authenticate, limits.
+//! No block, no control API: nothing is opened that the file does not ask for.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,8 +17,14 @@ pub(super) fn compile(raw: Option<&RawControl>, errs: &mut Errors) -> Control {
     c.enabled = raw.enabled.unwrap_or(true);
     if let Some(text) = &raw.address {
         match checks::listen_address(text) {
-            Ok(a) => c.address = a,
+            Ok(a) => c.address = Some(a),
             Err(m) => errs.push("control.address", m),
+        }
+    }
+    if let Some(text) = &raw.socket {
+        match socket_path(text) {
+            Ok(p) => c.socket = Some(p),
+            Err(m) => errs.push("control.socket", m),
         }
     }
     c.token = match (&raw.token_file, &raw.token_env) {
@@ -75,17 +82,48 @@ pub(super) fn compile(raw: Option<&RawControl>, errs: &mut Errors) -> Control {
             Err(m) => errs.push("control.request_timeout", m),
         }
     }
-    if c.enabled && c.token.is_none() && !c.address.ip().is_loopback() {
+    // No default port (see docs/control-api.md): a block that enables the
+    // API must say where it listens. Checked only when neither was given or
+    // mistyped, so a typo is not reported twice.
+    if c.enabled && raw.address.is_none() && raw.socket.is_none() {
         errs.push(
-            "control.address",
-            format!(
-                "{} is reachable from other hosts but no token is set; set control.token_file \
-                 or control.token_env, or listen on 127.0.0.1",
-                c.address
-            ),
+            "control",
+            "no address and no socket: add address: \"127.0.0.1:PORT\" (HTTP: probes, \
+             metrics, ctl --url) and/or socket: /run/agiproxy/control.sock (local admin, \
+             ctl --socket), or remove the control block to run without a control API",
+        );
+    }
+    if c.tls.is_some() && raw.address.is_none() && raw.socket.is_some() {
+        errs.push(
+            "control.tls",
+            "TLS applies to control.address, which is not set (the socket is plain HTTP)",
         );
     }
     c
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes
+/// on Linux, with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn socket_path(text: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(text);
+    if text.trim().is_empty() {
+        return Err("is empty; write a path, e.g. /run/agiproxy/control.sock".into());
+    }
+    if !p.is_absolute() {
+        // `run` and `ctl` usually start in different directories.
+        return Err(format!(
+            "{text:?} is relative; write an absolute path, e.g. /run/agiproxy/control.sock"
+        ));
+    }
+    if text.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+            text.len()
+        ));
+    }
+    Ok(p)
 }
 
 fn valid_env_name(v: &str) -> bool {

@@ -1,0 +1,322 @@
+//! Issue 17 on the real binary: the control API opens nothing unasked (two
+//! replicas with default settings both start), refuses state changes with
+//! no token configured (`ctl` prints how to set one), says at start which
+//! endpoints are open and which are refused, and takes changes through
+//! `ctl --socket` without a token.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+
+mod common;
+use common::free_port;
+
+/// A running `agiproxy run`, its stderr collected by a thread.
+struct Replica {
+    child: Child,
+    /// The FastAGI listener.
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    dir: PathBuf,
+}
+
+impl Replica {
+    /// Starts a replica whose config is one listener on a free port,
+    /// `control` (a YAML block, or "" for none) and one pool of `backend`;
+    /// returns once the listener accepts and the control API is up.
+    async fn start(name: &str, control: &str, backend: SocketAddr) -> Replica {
+        let port = free_port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir = std::env::temp_dir().join(format!(
+            "agiproxy-control-{name}-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agiproxy.yaml");
+        std::fs::write(&file, config(addr, control, backend, "all")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "-c"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The control API is set up after the listeners; its start line
+        // (or the one saying it is off) comes once it is bound.
+        let control_up = |log: &str| {
+            ["control API off", "control API: open", "control socket"]
+                .iter()
+                .any(|l| log.contains(l))
+        };
+        while tokio::net::TcpStream::connect(addr).await.is_err()
+            || !control_up(&log.lock().unwrap())
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "{name} exited ({status}) instead of serving:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            assert!(Instant::now() < deadline, "{name} did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Replica {
+            child,
+            addr,
+            log,
+            dir,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    async fn call_succeeds(&self, uniqueid: &str) -> bool {
+        let out = FakeAsterisk::new()
+            .header(AgiHeader::realistic("ivr/main", &[], uniqueid))
+            .run(self.addr)
+            .await;
+        out.status == AgiStatus::Success
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// TCP sockets this process listens on (its /proc view).
+    fn listening_tcp(&self) -> usize {
+        listening_tcp_sockets(self.child.id())
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(addr: SocketAddr, control: &str, backend: SocketAddr, route: &str) -> String {
+    format!(
+        "version: 1\n{control}\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: {route}\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    )
+}
+
+/// Listening TCP sockets held by `pid`: its socket descriptors matched
+/// against the LISTEN entries (state 0A) of its /proc/net/tcp{,6}.
+fn listening_tcp_sockets(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 9 && cols[3] == "0A" && inodes.iter().any(|i| i == cols[9])
+        })
+        .count()
+}
+
+fn ctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .arg("ctl")
+        .args(args)
+        .env_remove("AGIPROXY_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Issue 17: with default control settings (no `control:` block) a replica
+/// opens no control port, so a second one on the same host starts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_two_replicas_with_default_control_settings_both_start() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let mut one = Replica::start("one", "", b.addr()).await;
+    let mut two = Replica::start("two", "", b.addr()).await;
+    for (r, uid) in [(&mut one, "1.1"), (&mut two, "2.1")] {
+        assert!(r.running(), "{}", r.log());
+        assert!(r.call_succeeds(uid).await, "{}", r.log());
+        // The FastAGI listener and nothing else.
+        assert_eq!(r.listening_tcp(), 1, "{}", r.log());
+        assert!(
+            r.log().contains("control API off"),
+            "the start says so: {}",
+            r.log()
+        );
+    }
+}
+
+/// Two replicas given the same control.address: the second fails at start
+/// and says what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_a_taken_control_port_fails_with_what_to_change() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let cport = free_port();
+    let control = format!("control: {{ address: \"127.0.0.1:{cport}\" }}");
+    let one = Replica::start("first", &control, b.addr()).await;
+    let file = one.dir.join("second.yaml");
+    let second = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(&file, config(second, &control, b.addr(), "all")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .args(["run", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "control.address: cannot listen on 127.0.0.1:{cport}"
+        )) && err.contains("give each replica its own control.address port"),
+        "{err}"
+    );
+}
+
+/// Issue 17: a control API with no token refuses every state change (403),
+/// `ctl` prints how to configure a token, the replica keeps its config and
+/// serves on; the start log lists what is open and what is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_without_a_token_ctl_is_refused_and_says_how_to_set_one() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let cport = free_port();
+    let control = format!("control: {{ address: \"127.0.0.1:{cport}\" }}");
+    let mut r = Replica::start("notoken", &control, b.addr()).await;
+    let url = format!("http://127.0.0.1:{cport}");
+    let changed = r.dir.join("changed.yaml");
+    std::fs::write(&changed, config(r.addr, &control, b.addr(), "other")).unwrap();
+    let backend = b.addr().to_string();
+    let changes: [&[&str]; 6] = [
+        &["config", "apply", "-f", changed.to_str().unwrap()],
+        &["reload"],
+        &["drain", "p", &backend],
+        &["enable", "p", &backend],
+        &["split", "all", "p=1"],
+        &["drain-replica"],
+    ];
+    for change in changes {
+        let out = ctl(&[&["--url", url.as_str()], change].concat());
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{change:?}: {said}");
+        assert!(
+            said.contains("ERROR (403)")
+                && said.contains("set control.token_file (or control.token_env)"),
+            "{change:?}: {said}"
+        );
+    }
+    // Nothing changed; still serving.
+    let out = ctl(&["--url", &url, "--output", "json", "status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["replicas"][0]["body"]["generation"], 1);
+    assert_eq!(status["replicas"][0]["body"]["draining"], false);
+    assert!(r.running());
+    assert!(r.call_succeeds("3.1").await);
+    let log = r.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused with 403"))
+        .unwrap_or_else(|| panic!("no start line on access: {log}"));
+    assert!(
+        line.contains("GET /metrics") && line.contains("POST /v1/drain"),
+        "{line}"
+    );
+    assert_eq!(log.matches("refused with 403").count(), 1, "once: {log}");
+}
+
+/// Issue 17: `ctl --socket` changes state without a token; the socket is
+/// 0600 and the proxy's; no TCP port is opened for control; the socket is
+/// removed when the replica exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_17_ctl_over_the_control_socket_needs_no_token() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let dir = std::env::temp_dir().join(format!("agiproxy-ctlsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("control.sock");
+    let control = format!("control: {{ socket: {} }}", sock.display());
+    let mut r = Replica::start("socket", &control, b.addr()).await;
+    let s = sock.to_str().unwrap();
+    assert_mode_and_owner(&sock);
+    assert_eq!(r.listening_tcp(), 1, "no control port: {}", r.log());
+
+    let out = ctl(&["--socket", s, "--output", "json", "status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let changed = dir.join("changed.yaml");
+    std::fs::write(&changed, config(r.addr, &control, b.addr(), "other")).unwrap();
+    let out = ctl(&[
+        "--socket",
+        s,
+        "config",
+        "apply",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("applied: generation 2"),
+        "{}",
+        text(&out)
+    );
+    let out = ctl(&["--socket", s, "drain-replica"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        r.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        r.log()
+    );
+    assert!(!sock.exists(), "the socket is removed at exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn assert_mode_and_owner(path: &Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(path).unwrap();
+    assert!(m.file_type().is_socket());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    assert_eq!((m.mode() & 0o777, m.uid()), (0o600, me));
+}
