@@ -193,3 +193,26 @@ async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
         AgiStatus::Success
     );
 }
+
+#[tokio::test]
+async fn regression_a_header_of_100000_lines_gets_failure_not_a_reset() {
+    // 1.5 MB of header: the proxy used to stop discarding after 1 MiB and
+    // close with unread bytes (a reset, which Asterisk reads as SUCCESS).
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut raw = AgiHeader::realistic("ivr/main", &[], "1.1").to_bytes();
+    raw.pop();
+    for i in 0..100_000 {
+        raw.extend_from_slice(format!("agi_x_{i}: 1\n").as_bytes());
+    }
+    raw.push(b'\n');
+    let header = AgiHeader::parse(&raw).expect("a header");
+    assert!(header.to_bytes().len() > 1_300_000);
+    let out = FakeAsterisk::new().header(header).run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some("header_too_large")
+    );
+    assert_eq!(b.stats().accepted(), 0);
+}

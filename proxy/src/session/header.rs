@@ -297,19 +297,36 @@ pub async fn read_header(
     }
 }
 
+/// How [`discard_rest`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discarded {
+    /// The blank line was read: Asterisk now waits for a command.
+    BlankLine,
+    /// The byte or time bound was reached first: the peer is still writing
+    /// (or stalled). It is told FAILURE anyway; a real Asterisk reads it
+    /// once its write is done.
+    Bounded,
+    /// The peer closed or the connection failed: nobody to tell.
+    Gone,
+}
+
+/// Bytes of an oversized header read (and dropped) at most. Dropping costs
+/// no memory, so the bound is generous: far beyond any header a real
+/// Asterisk could send (100,000 lines are 1.3 MB), small next to what a
+/// session may relay.
+pub const MAX_DISCARD: usize = 64 << 20;
+
 /// After an oversized header, reads (and drops) the rest up to the blank
 /// line, so that Asterisk, which writes the whole header before it reads, is
-/// then waiting for a command. Bounded in bytes and time; true when the
-/// blank line was seen.
-pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> bool {
-    const MAX_DISCARD: usize = 1 << 20;
+/// then waiting for a command. Bounded in bytes ([`MAX_DISCARD`]) and time.
+pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> Discarded {
     let fut = async {
-        let mut buf = [0u8; 4096];
+        let mut buf = [0u8; 8192];
         let mut total = 0;
         let mut last = 0u8;
         while total < MAX_DISCARD {
             let n = match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return Discarded::Gone,
                 Ok(n) => n,
             };
             total += n;
@@ -317,13 +334,15 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> bool {
             if (last == b'\n' && chunk[0] == b'\n')
                 || memchr::memmem::find(chunk, b"\n\n").is_some()
             {
-                return true;
+                return Discarded::BlankLine;
             }
             last = chunk[n - 1];
         }
-        false
+        Discarded::Bounded
     };
-    tokio::time::timeout(timeout, fut).await.unwrap_or(false)
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Discarded::Bounded)
 }
 
 #[cfg(test)]

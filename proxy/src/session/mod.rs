@@ -26,7 +26,7 @@ pub mod turn;
 
 use connect::{attach, AttachError, AttachPlan, Attached};
 use failure::tell_failure;
-use header::{discard_rest, read_header, HeaderError, HeaderLimits};
+use header::{discard_rest, read_header, Discarded, HeaderError, HeaderLimits};
 use outcome::{Outcome, Reason};
 pub use record::SessionRecord;
 use relay::{relay_raw, Relay, RelayEnd, RelayOptions};
@@ -259,9 +259,14 @@ async fn bad_header(
         }
         _ => tracing::warn!(peer = %rec.peer, error = %e, "refused Asterisk header"),
     }
-    if e.answer_with_failure() && (e.header_complete() || discard_rest(a, limits.timeout).await) {
-        // A real Asterisk with an oversized header is waiting for a
-        // command: its dialplan deserves the fallback, not a silent SUCCESS.
+    // A real Asterisk with an oversized header is waiting for a command (or
+    // will be once its write is done: told FAILURE even when the discard hit
+    // its bound, and what it still sends is read while it is told, so that
+    // the close is not a reset): its dialplan deserves the fallback, not a
+    // silent SUCCESS.
+    if e.answer_with_failure()
+        && (e.header_complete() || discard_rest(a, limits.timeout).await != Discarded::Gone)
+    {
         rec.outcome = Outcome::Failed;
         rec.reason = Some(Reason::HeaderTooLarge);
         let _ = tell_failure(a, Reason::HeaderTooLarge).await;
