@@ -16,8 +16,10 @@
 mod describe;
 mod duration;
 mod error;
+mod file;
 mod model;
 mod parse;
+pub mod prescan;
 mod raw;
 mod template;
 mod validate;
@@ -26,6 +28,7 @@ use std::path::Path;
 
 pub use duration::MAX_DURATION;
 pub use error::{ConfigError, ConfigErrors};
+pub use file::{read_file, FileError};
 pub use model::{
     script_path, Backend, BackendTarget, Backoff, Balance, Config, Control, ControlTls, Dns,
     HealthCheck, HealthKind, Limits, Listener, Mode, Pool, Rewrite, Route, RouteMatch, RouteTarget,
@@ -33,21 +36,48 @@ pub use model::{
 };
 pub use template::{Template, TemplateContext, TemplatePart};
 
-/// Parses, validates and compiles a config.
+/// Parses, validates and compiles a config of any size `limits.max_config_bytes` accepts.
 pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
-    let raw = parse::parse(text).map_err(ConfigErrors)?;
-    validate::compile(raw).map_err(ConfigErrors)
+    from_yaml_str_within(text, *Limits::MAX_CONFIG_BYTES.end())
 }
 
-/// Reads and compiles a config file. A file that cannot be read gives one error with an
-/// empty path, naming the file.
-pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new(
+/// Parses, validates and compiles a config, refusing before any parsing a text over
+/// `max_bytes` (a replacement is held to the running config's `limits.max_config_bytes`) or
+/// one whose nesting or aliases exceed the bounds of [`prescan`]. A config over its own
+/// `limits.max_config_bytes` is refused too, so that what starts can also be reloaded.
+pub fn from_yaml_str_within(text: &str, max_bytes: usize) -> Result<Config, ConfigErrors> {
+    if text.len() > max_bytes {
+        return Err(ConfigError::new(
             "",
-            format!("cannot read config file {}: {e}", path.display()),
+            format!(
+                "the config is {} bytes, over limits.max_config_bytes ({max_bytes} bytes) of \
+                 the running config; raise that limit first, or make the config smaller",
+                text.len()
+            ),
         )
-    })?;
+        .into());
+    }
+    let raw = parse::parse(text).map_err(ConfigErrors)?;
+    let config = validate::compile(raw).map_err(ConfigErrors)?;
+    if text.len() > config.limits.max_config_bytes {
+        return Err(ConfigError::new(
+            "limits.max_config_bytes",
+            format!(
+                "the config is {} bytes, over its own limit of {}; raise the limit",
+                text.len(),
+                config.limits.max_config_bytes
+            ),
+        )
+        .into());
+    }
+    Ok(config)
+}
+
+/// Reads (see [`read_file`]) and compiles a config file of any size `limits.max_config_bytes`
+/// accepts. A file that cannot be read gives one error with an empty path, naming the file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read_file(path, *Limits::MAX_CONFIG_BYTES.end())
+        .map_err(|e| ConfigError::new("", e.to_string()))?;
     from_yaml_str(&text)
 }
 

@@ -51,7 +51,7 @@ pub struct Control {
     /// those endpoints answer 403 on `address` (the socket still works).
     pub token: Option<TokenSource>,
     pub tls: Option<ControlTls>,
-    /// Largest request body accepted (413 beyond). Default 1 MiB.
+    /// Largest request body accepted (413 beyond). Default: `limits.max_config_bytes`.
     pub max_body_bytes: usize,
     /// Whole-request deadline. Default 10 s.
     pub request_timeout: Duration,
@@ -65,7 +65,7 @@ impl Default for Control {
             socket: None,
             token: None,
             tls: None,
-            max_body_bytes: 1 << 20,
+            max_body_bytes: Limits::DEFAULT_MAX_CONFIG_BYTES,
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -148,12 +148,19 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Header lines from Asterisk; 8..=4096, default 512.
     pub max_header_lines: usize,
+    /// Size of a config text (file or API body); 65536..=64 MiB, default 4 MiB. Nothing larger
+    /// is read or parsed: a replacement is held to the running config's limit.
+    pub max_config_bytes: usize,
 }
 
 impl Limits {
     pub const MAX_SESSIONS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
     pub const MAX_HEADER_BYTES: std::ops::RangeInclusive<usize> = 512..=1024 * 1024;
     pub const MAX_HEADER_LINES: std::ops::RangeInclusive<usize> = 8..=4096;
+    pub const MAX_CONFIG_BYTES: std::ops::RangeInclusive<usize> = 65_536..=64 << 20;
+    /// `max_config_bytes` when not set (and the API's body limit when `control.max_body_bytes`
+    /// is not set).
+    pub const DEFAULT_MAX_CONFIG_BYTES: usize = 4 << 20;
 }
 
 impl Default for Limits {
@@ -162,6 +169,7 @@ impl Default for Limits {
             max_sessions: 20_000,
             max_header_bytes: 16_384,
             max_header_lines: 512,
+            max_config_bytes: Limits::DEFAULT_MAX_CONFIG_BYTES,
         }
     }
 }

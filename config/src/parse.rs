@@ -4,6 +4,11 @@
 //! section and each entry of `listeners`, `routes` and `pools` is deserialized again on its own,
 //! straight from the text (the rest skipped), so every broken piece is reported, each with the
 //! path and line/column serde_yaml gives it. Within one piece only its first mistake is found.
+//!
+//! Before any of it, [`crate::prescan`] refuses text that nests too deeply or whose aliases
+//! expand too far. Each piece read again costs a parse of the whole text, so only as many are
+//! read again as [`REPARSE_BYTES`] allows (4,000 broken routes once took 31 s); the other broken
+//! pieces are still reported, from the parsed value, without their line.
 
 use std::fmt;
 
@@ -16,7 +21,11 @@ use crate::raw::{
     TOP_LEVEL_KEYS,
 };
 
+/// Text parsed again, in all, to locate broken pieces.
+const REPARSE_BYTES: usize = 8 << 20;
+
 pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
+    crate::prescan::check(text).map_err(|e| vec![e])?;
     let first = match serde_yaml::from_str::<RawConfig>(text) {
         Ok(raw) => return Ok(raw),
         Err(e) => e,
@@ -28,6 +37,7 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
     };
 
     let mut errors: Vec<ConfigError> = Vec::new();
+    let mut reparses = REPARSE_BYTES / text.len().max(1);
     for (key, value) in &top {
         let Some(key) = key.as_str() else { continue };
         if !TOP_LEVEL_KEYS.contains(&key) {
@@ -48,25 +58,32 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
             ));
             continue;
         }
-        let pieces = match (key, value) {
+        let pieces: Vec<(Piece, Option<ConfigError>)> = match (key, value) {
             // Entries are screened on the parsed value first (cheap), and only broken ones are
             // read again from the text for their location: a parse per entry would be
             // quadratic in a config with thousands of routes.
             ("listeners" | "routes" | "pools", Value::Sequence(entries)) => entries
                 .iter()
                 .enumerate()
-                .filter(|(_, entry)| !entry_deserializes(key, entry))
-                .map(|(i, _)| Piece::Entry(key, i))
+                .filter_map(|(i, entry)| {
+                    entry_error(key, entry).map(|e| {
+                        let e = ConfigError::new(format!("{key}[{i}]"), e.to_string());
+                        (Piece::Entry(key, i), Some(e))
+                    })
+                })
                 .collect(),
-            _ => vec![Piece::Section(key)],
+            _ => vec![(Piece::Section(key), section_error(key, value))],
         };
-        for piece in pieces {
-            let de = serde_yaml::Deserializer::from_str(text);
-            if let Err(e) = piece.deserialize(de) {
-                let e = from_yaml(&e);
-                if !errors.contains(&e) {
-                    errors.push(e);
-                }
+        for (piece, unlocated) in pieces {
+            let e = if reparses > 0 {
+                reparses -= 1;
+                let de = serde_yaml::Deserializer::from_str(text);
+                piece.deserialize(de).err().map(|e| from_yaml(&e))
+            } else {
+                unlocated
+            };
+            if let Some(e) = e.filter(|e| !errors.contains(e)) {
+                errors.push(e);
             }
         }
     }
@@ -77,15 +94,33 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
     Err(errors)
 }
 
-/// Whether an entry of a top-level list deserializes with its real type.
-fn entry_deserializes(key: &str, entry: &Value) -> bool {
+/// Why an entry of a top-level list does not deserialize with its real type, if it does not.
+fn entry_error(key: &str, entry: &Value) -> Option<serde_yaml::Error> {
     use serde::Deserialize;
     match key {
-        "listeners" => RawListener::deserialize(entry).is_ok(),
-        "routes" => RawRoute::deserialize(entry).is_ok(),
-        "pools" => RawPool::deserialize(entry).is_ok(),
-        _ => false,
+        "listeners" => RawListener::deserialize(entry).err(),
+        "routes" => RawRoute::deserialize(entry).err(),
+        "pools" => RawPool::deserialize(entry).err(),
+        _ => None,
     }
+}
+
+/// Why a top-level section does not deserialize with its real type (no line: read from the
+/// parsed value), if it does not.
+fn section_error(key: &str, value: &Value) -> Option<ConfigError> {
+    use serde::Deserialize;
+    let e = match key {
+        "version" => Option::<Scalar>::deserialize(value).err(),
+        "listeners" => Option::<Vec<RawListener>>::deserialize(value).err(),
+        "timeouts" => Option::<RawTimeouts>::deserialize(value).err(),
+        "limits" => Option::<RawLimits>::deserialize(value).err(),
+        "routes" => Option::<Vec<RawRoute>>::deserialize(value).err(),
+        "pools" => Option::<Vec<RawPool>>::deserialize(value).err(),
+        "control" => Option::<RawControl>::deserialize(value).err(),
+        "dns" => Option::<RawDns>::deserialize(value).err(),
+        _ => None,
+    }?;
+    Some(ConfigError::new(key, e.to_string()))
 }
 
 /// One part of the file to deserialize on its own.

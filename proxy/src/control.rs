@@ -49,9 +49,10 @@ fn control_error(e: ApplyError) -> ControlError {
         ApplyError::Stale { current, .. } => ControlError::Stale { current },
         ApplyError::Bind(e) => ControlError::Conflict(e.to_string()),
         ApplyError::NotFound(m) => ControlError::NotFound(m),
-        e @ (ApplyError::NoFile(_) | ApplyError::Read { .. } | ApplyError::Uneditable(_)) => {
-            ControlError::Unavailable(e.to_string())
-        }
+        e @ (ApplyError::NoFile(_)
+        | ApplyError::File(_)
+        | ApplyError::Uneditable(_)
+        | ApplyError::Internal(_)) => ControlError::Unavailable(e.to_string()),
     }
 }
 

@@ -204,10 +204,19 @@ fn raise_fd_limit() {
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     raise_fd_limit();
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let config = agiproxy_config::from_yaml_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+    // Read and parsed on a blocking thread, within bounds (a regular file
+    // only, at most the largest limits.max_config_bytes; the config's own
+    // limit is then checked by the parse).
+    let file = path.clone();
+    let (text, config) = tokio::task::spawn_blocking(move || {
+        let max = *agiproxy_config::Limits::MAX_CONFIG_BYTES.end();
+        let text = agiproxy_config::read_file(&file, max)?;
+        let config = agiproxy_config::from_yaml_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:\n{e}", file.display()))?;
+        anyhow::Ok((text, config))
+    })
+    .await
+    .context("the config parse stopped")??;
     for w in config.warnings() {
         tracing::warn!("{w}");
     }

@@ -6,16 +6,22 @@
 //! side, new listeners are bound before removed ones close (a bind failure
 //! refuses the whole change), and the new snapshot is swapped in atomically:
 //! sessions in flight keep the snapshot they started with.
+//!
+//! Config text is untrusted (an API body, a file anyone with write access
+//! can replace), so it is read and parsed on blocking threads, one parse at
+//! a time, within `limits.max_config_bytes` and the parser's bounds; the
+//! change lock is taken only to swap. A caller that gives up (the API's
+//! request timeout) stops waiting; the parse it started runs out, bounded.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agiproxy_config::Config;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -47,8 +53,11 @@ pub enum ApplyError {
     Bind(#[from] ServerError),
     #[error("no config file to reload from (the config came from {0})")]
     NoFile(String),
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    File(#[from] agiproxy_config::FileError),
+    /// A parse that could not finish (a bug: it panicked).
+    #[error("the config could not be parsed: {0}")]
+    Internal(String),
     /// An edit of the running config (e.g. a split) found nothing to edit.
     #[error("{0}")]
     NotFound(String),
@@ -88,7 +97,13 @@ struct ListenerEntry {
 /// bound listeners.
 struct Changes {
     listeners: tokio::sync::Mutex<Vec<ListenerEntry>>,
+    /// One parse of a config text at a time: each may take a few hundred
+    /// MB and a second for the largest text allowed.
+    parses: Arc<Semaphore>,
     file: Option<PathBuf>,
+    /// Content hash of the config file as last read (None: not readable),
+    /// so that a status call never reads the file.
+    file_hash: Mutex<Option<u64>>,
     started: Instant,
 }
 
@@ -113,10 +128,13 @@ impl Server {
     pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
         let bound = bind_all(&config, &[])?;
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
+        let file_hash = origin.file.as_ref().map(|_| meta.hash);
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
+            parses: Arc::new(Semaphore::new(1)),
             file: origin.file,
+            file_hash: Mutex::new(file_hash),
             started: Instant::now(),
         });
         shared.snapshot.load().activate();
@@ -184,7 +202,7 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, dry_run, if_match, |_| Ok(text.to_string()))
+        self.change(source, dry_run, if_match, false, |_| Ok(text.to_string()))
             .await
     }
 
@@ -194,9 +212,9 @@ impl Server {
         &self,
         source: &str,
         if_match: Option<u64>,
-        edit: impl FnOnce(&str) -> Result<String, ApplyError>,
+        edit: impl Fn(&str) -> Result<String, ApplyError>,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, edit).await
+        self.change(source, false, if_match, true, edit).await
     }
 
     async fn change(
@@ -204,9 +222,12 @@ impl Server {
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
-        text: impl FnOnce(&str) -> Result<String, ApplyError>,
+        edit: bool,
+        text: impl Fn(&str) -> Result<String, ApplyError>,
     ) -> Result<Applied, ApplyError> {
-        let result = self.apply_inner(text, source, dry_run, if_match).await;
+        let result = self
+            .apply_inner(text, source, dry_run, if_match, edit)
+            .await;
         let label = match &result {
             Ok(a) if a.dry_run => "dry_run",
             Ok(a) if !a.changed => "unchanged",
@@ -238,36 +259,85 @@ impl Server {
 
     async fn apply_inner(
         &self,
-        text: impl FnOnce(&str) -> Result<String, ApplyError>,
+        text: impl Fn(&str) -> Result<String, ApplyError>,
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
+        edit: bool,
     ) -> Result<Applied, ApplyError> {
-        let mut table = self.changes.listeners.lock().await;
-        let current = self.shared.snapshot.load_full();
+        // An edit of the running text that finds another change applied
+        // while it was parsed is made again on the newer text (a bounded
+        // number of times): no lost update, and no lock held while parsing.
+        let mut attempts = 0;
+        let (mut table, current, config, text, hash) = loop {
+            attempts += 1;
+            let current = self.shared.snapshot.load_full();
+            let generation = current.meta.generation;
+            if let Some(expected) = if_match.filter(|g| *g != generation) {
+                return Err(ApplyError::Stale {
+                    current: generation,
+                    expected,
+                });
+            }
+            let text: Arc<str> = Arc::from(text(&current.meta.text)?);
+            let hash = text_hash(&text);
+            if hash == current.meta.hash {
+                // The running text: valid, and nothing to do.
+                return Ok(Applied {
+                    generation,
+                    hash,
+                    dry_run,
+                    changed: false,
+                });
+            }
+            let config = self
+                .compile(text.clone(), current.config.limits.max_config_bytes)
+                .await?;
+            if dry_run {
+                return Ok(Applied {
+                    generation,
+                    hash,
+                    dry_run,
+                    changed: true,
+                });
+            }
+            let table = self.changes.listeners.lock().await;
+            let now = self.shared.snapshot.load_full();
+            if now.meta.generation == generation {
+                break (table, current, config, text, hash);
+            }
+            // Another change went in while this one was parsed.
+            if let Some(expected) = if_match {
+                return Err(ApplyError::Stale {
+                    current: now.meta.generation,
+                    expected,
+                });
+            }
+            if !edit || attempts >= 3 {
+                // A whole new text does not depend on the running one: the
+                // last one applied wins, as when changes queued on the lock.
+                if now.meta.hash == hash {
+                    return Ok(Applied {
+                        generation: now.meta.generation,
+                        hash,
+                        dry_run,
+                        changed: false,
+                    });
+                }
+                if !edit {
+                    break (table, now, config, text, hash);
+                }
+                return Err(ApplyError::Stale {
+                    current: now.meta.generation,
+                    expected: generation,
+                });
+            }
+        };
         let generation = current.meta.generation;
-        if let Some(expected) = if_match.filter(|g| *g != generation) {
-            return Err(ApplyError::Stale {
-                current: generation,
-                expected,
-            });
-        }
-        let text = text(&current.meta.text)?;
-        let text = text.as_str();
-        let config = agiproxy_config::from_yaml_str(text).map_err(ApplyError::Invalid)?;
-        let hash = text_hash(text);
-        if dry_run || hash == current.meta.hash {
-            return Ok(Applied {
-                generation,
-                hash,
-                dry_run,
-                changed: hash != current.meta.hash,
-            });
-        }
         // New listeners first: a bind failure refuses the whole change.
         let kept: Vec<SocketAddr> = table.iter().map(|e| e.configured).collect();
         let bound = bind_all(&config, &kept)?;
-        let meta = ConfigMeta::new(generation + 1, source, Arc::from(text));
+        let meta = ConfigMeta::new(generation + 1, source, text);
         let next = Arc::new(Snapshot::build(config, meta, Some(&current)));
         if next.config.control != current.config.control {
             tracing::warn!("the control block changed; it takes effect at the next restart");
@@ -303,38 +373,93 @@ impl Server {
         })
     }
 
+    /// Parses and compiles a config text on a blocking thread, one at a
+    /// time. Refused at once when over `max_bytes` (the running config's
+    /// `limits.max_config_bytes`). Dropping the future stops only the wait.
+    async fn compile(&self, text: Arc<str>, max_bytes: usize) -> Result<Config, ApplyError> {
+        if text.len() > max_bytes {
+            return agiproxy_config::from_yaml_str_within(&text, max_bytes)
+                .map_err(ApplyError::Invalid);
+        }
+        let permit = self
+            .changes
+            .parses
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = permit;
+            agiproxy_config::from_yaml_str_within(&text, max_bytes)
+        })
+        .await
+        .map_err(|e| ApplyError::Internal(e.to_string()))?
+        .map_err(ApplyError::Invalid)
+    }
+
     /// Re-reads the config file and applies it.
     pub async fn reload_file(&self) -> Result<Applied, ApplyError> {
+        let text = self.read_config_file().await?;
+        let source = self.file_source();
+        self.apply(&text, &source, false, None).await
+    }
+
+    /// `file:PATH`, the source of a config read from the file.
+    pub(crate) fn file_source(&self) -> String {
+        match &self.changes.file {
+            Some(path) => format!("file:{}", path.display()),
+            None => "file".into(),
+        }
+    }
+
+    /// Reads the config file on a blocking thread: a regular file only, of
+    /// at most the running `limits.max_config_bytes` (see
+    /// [`agiproxy_config::read_file`]). Remembers its hash for
+    /// [`Server::differs_from_file`]. A failure is counted and logged.
+    pub async fn read_config_file(&self) -> Result<String, ApplyError> {
         let Some(path) = self.changes.file.clone() else {
             let source = self.shared.snapshot.load().meta.source.to_string();
             return Err(ApplyError::NoFile(source));
         };
-        let text = match tokio::fs::read_to_string(&path).await {
-            Ok(t) => t,
-            Err(source) => {
-                self.shared
-                    .metrics
-                    .config_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                let e = ApplyError::Read { path, source };
-                tracing::warn!(error = %e, "config reload refused; the running config is unchanged");
-                return Err(e);
-            }
-        };
-        let source = format!("file:{}", path.display());
-        self.apply(&text, &source, false, None).await
+        let max = self.shared.snapshot.load().config.limits.max_config_bytes;
+        let read = tokio::task::spawn_blocking(move || agiproxy_config::read_file(&path, max))
+            .await
+            .map_err(|e| ApplyError::Internal(e.to_string()))
+            .and_then(|r| r.map_err(ApplyError::File));
+        let hash = read.as_ref().ok().map(|t| text_hash(t));
+        *self
+            .changes
+            .file_hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hash;
+        if let Err(e) = &read {
+            self.shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            tracing::warn!(error = %e, "config file not read; the running config is unchanged");
+        }
+        read
     }
 
-    /// Whether the config file's content differs from the running config.
+    /// Content hash of the config file when last read (None: unreadable).
+    pub fn file_hash(&self) -> Option<u64> {
+        *self
+            .changes
+            .file_hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the config file's content, as last read (at start, by the
+    /// watcher or a reload), differs from the running config. Never reads
+    /// the file: a status call must not block or buffer.
     pub fn differs_from_file(&self) -> bool {
-        let Some(path) = &self.changes.file else {
+        if self.changes.file.is_none() {
             return false;
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => text_hash(&text) != self.shared.snapshot.load().meta.hash,
-            Err(_) => true,
         }
+        self.file_hash() != Some(self.shared.snapshot.load().meta.hash)
     }
 
     /// Listener names and bound addresses.

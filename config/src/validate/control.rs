@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use crate::duration;
 use crate::error::Errors;
-use crate::model::{Control, ControlTls, TokenSource};
+use crate::model::{Control, ControlTls, Limits, TokenSource};
 use crate::raw::RawControl;
 
 use super::checks;
 
-pub(super) fn compile(raw: Option<&RawControl>, errs: &mut Errors) -> Control {
-    let mut c = Control::default();
+pub(super) fn compile(raw: Option<&RawControl>, limits: &Limits, errs: &mut Errors) -> Control {
+    // A config PUT is a config text: by default the body may be as large as a config may be.
+    let mut c = Control {
+        max_body_bytes: limits.max_config_bytes,
+        ..Control::default()
+    };
     let Some(raw) = raw else { return c };
     c.enabled = raw.enabled.unwrap_or(true);
     if let Some(text) = &raw.address {

@@ -31,7 +31,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     let dns = pool::global_dns(raw.dns.as_ref(), &mut errs);
     let pools = pool::compile_all(&raw_pools, &dns, &mut errs);
 
-    let control = control::compile(raw.control.as_ref(), &mut errs);
+    let control = control::compile(raw.control.as_ref(), &limits, &mut errs);
 
     if !errs.is_empty() {
         return Err(errs.into_vec());
@@ -169,6 +169,13 @@ fn limits(raw: Option<&RawLimits>, errs: &mut Errors) -> Limits {
             Limits::MAX_HEADER_LINES,
             defaults.max_header_lines,
             &mut limits.max_header_lines,
+        ),
+        (
+            "max_config_bytes",
+            raw.max_config_bytes,
+            Limits::MAX_CONFIG_BYTES,
+            defaults.max_config_bytes,
+            &mut limits.max_config_bytes,
         ),
     ];
     for (key, value, range, default, slot) in fields {
