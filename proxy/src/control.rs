@@ -379,7 +379,10 @@ impl ControlPlane for ControlHandle {
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
         self.server
-            .apply_edit("api", if_match, |text| with_split(text, route, &split))
+            .apply_edit("api", if_match, {
+                let route = route.to_string();
+                move |text| with_split(text, &route, &split)
+            })
             .await
             .map(applied)
             .map_err(control_error)

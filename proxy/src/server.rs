@@ -66,6 +66,9 @@ pub enum ApplyError {
     Uneditable(String),
 }
 
+/// Makes the text of a change from the running config's text.
+type Edit = Arc<dyn Fn(&str) -> Result<String, ApplyError> + Send + Sync>;
+
 /// The result of a config change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -202,8 +205,9 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, dry_run, if_match, false, |_| Ok(text.to_string()))
-            .await
+        let text: Arc<str> = Arc::from(text);
+        let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
+        self.change(source, dry_run, if_match, false, edit).await
     }
 
     /// Applies an edit of the running config text, made while no other
@@ -212,9 +216,10 @@ impl Server {
         &self,
         source: &str,
         if_match: Option<u64>,
-        edit: impl Fn(&str) -> Result<String, ApplyError>,
+        edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, true, edit).await
+        self.change(source, false, if_match, true, Arc::new(edit))
+            .await
     }
 
     async fn change(
@@ -223,7 +228,7 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
         edit: bool,
-        text: impl Fn(&str) -> Result<String, ApplyError>,
+        text: Edit,
     ) -> Result<Applied, ApplyError> {
         let result = self
             .apply_inner(text, source, dry_run, if_match, edit)
@@ -259,7 +264,7 @@ impl Server {
 
     async fn apply_inner(
         &self,
-        text: impl Fn(&str) -> Result<String, ApplyError>,
+        text: Edit,
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
@@ -279,7 +284,16 @@ impl Server {
                     expected,
                 });
             }
-            let text: Arc<str> = Arc::from(text(&current.meta.text)?);
+            let text: Arc<str> = if edit {
+                // Editing parses the running text: off the runtime threads.
+                let (f, running) = (text.clone(), current.clone());
+                tokio::task::spawn_blocking(move || f(&running.meta.text))
+                    .await
+                    .map_err(|e| ApplyError::Internal(e.to_string()))??
+                    .into()
+            } else {
+                text("")?.into()
+            };
             let hash = text_hash(&text);
             if hash == current.meta.hash {
                 // The running text: valid, and nothing to do.
@@ -338,13 +352,24 @@ impl Server {
         let kept: Vec<SocketAddr> = table.iter().map(|e| e.configured).collect();
         let bound = bind_all(&config, &kept)?;
         let meta = ConfigMeta::new(generation + 1, source, text);
-        let next = Arc::new(Snapshot::build(config, meta, Some(&current)));
+        // Compiling the routes (regexes) of a large config takes seconds:
+        // off the runtime threads.
+        let previous = current.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            Arc::new(Snapshot::build(config, meta, Some(&previous)))
+        })
+        .await
+        .map_err(|e| ApplyError::Internal(e.to_string()))?;
         if next.config.control != current.config.control {
             tracing::warn!("the control block changed; it takes effect at the next restart");
         }
         let old = self.shared.snapshot.swap(next.clone());
         next.activate();
         old.retire();
+        // The last reference here goes to `release`, so that the replaced
+        // config is freed there, before the trim.
+        drop(current);
+        release(old);
         for (configured, listener) in bound {
             table.push(spawn_listener(&self.shared, configured, listener));
         }
@@ -390,7 +415,10 @@ impl Server {
             .map_err(|e| ApplyError::Internal(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
             let _one_at_a_time = permit;
-            agiproxy_config::from_yaml_str_within(&text, max_bytes)
+            let config = agiproxy_config::from_yaml_str_within(&text, max_bytes);
+            // The parse's intermediate values are gone by now.
+            give_back_memory();
+            config
         })
         .await
         .map_err(|e| ApplyError::Internal(e.to_string()))?
@@ -500,6 +528,28 @@ impl Server {
     /// Resolves when a drain has started (signal or control API).
     pub async fn draining(&self) {
         self.shared.drain.stop_accepting.cancelled().await
+    }
+}
+
+/// Lets go of a replaced snapshot off the runtime threads (dropping 100,000
+/// routes takes a while), then gives the memory freed back to the system.
+/// Sessions still holding the snapshot free it when they end, without a trim.
+fn release(old: Arc<Snapshot>) {
+    tokio::task::spawn_blocking(move || {
+        drop(old);
+        give_back_memory();
+    });
+}
+
+/// Returns free memory of every malloc arena to the system. glibc keeps
+/// what a large config's parse and snapshot freed (fragmented, in the
+/// arenas of the threads that built them): swapping a 100,000-route config
+/// for a small one left the process at its peak for good.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; callable from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

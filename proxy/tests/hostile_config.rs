@@ -384,3 +384,41 @@ async fn a_file_written_in_two_steps_is_not_applied_half_written() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(p.status()["generation"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_given_back_when_a_large_config_is_replaced_by_a_small_one() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = Proxy::start("memory", b.addr(), "");
+    let start = p.memory_kib("VmRSS");
+    // 8,000 routes, each with a regex: a few hundred MB once compiled.
+    let routes: String = (0..8_000)
+        .map(|i| {
+            format!(
+                "  - {{ name: r{i}, match: {{ script: {{ exact: \"s{i}\" }}, args: {{ \"1\": \"^x{i}$\" }} }}, pool: a }}\n"
+            )
+        })
+        .collect();
+    let large = config(p.api, b.addr(), "").replace("routes:\n", &format!("routes:\n{routes}"));
+    for round in 0..3 {
+        let (code, body) = p
+            .http("PUT", "/v1/config", large.as_bytes())
+            .expect("an answer");
+        assert_eq!(code, 200, "{body}");
+        let large_rss = p.memory_kib("VmRSS");
+        let small = config(p.api, b.addr(), &format!("# round {round}\n"));
+        let (code, body) = p
+            .http("PUT", "/v1/config", small.as_bytes())
+            .expect("an answer");
+        assert_eq!(code, 200, "{body}");
+        // The replaced config is freed on a blocking thread, then trimmed.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut rss = p.memory_kib("VmRSS");
+        while rss > start + 48 * 1024 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            rss = p.memory_kib("VmRSS");
+        }
+        eprintln!("round {round}: RSS {start} -> {large_rss} (large) -> {rss} KiB (small)");
+        assert!(rss <= start + 48 * 1024, "round {round}: {rss} KiB kept");
+    }
+    p.call_through().await;
+}
