@@ -308,6 +308,7 @@ impl Server {
                 .compile(text.clone(), current.config.limits.max_config_bytes)
                 .await?;
             if dry_run {
+                release(config);
                 return Ok(Applied {
                     generation,
                     hash,
@@ -531,10 +532,11 @@ impl Server {
     }
 }
 
-/// Lets go of a replaced snapshot off the runtime threads (dropping 100,000
-/// routes takes a while), then gives the memory freed back to the system.
-/// Sessions still holding the snapshot free it when they end, without a trim.
-fn release(old: Arc<Snapshot>) {
+/// Lets go of a replaced snapshot (or a config validated only) off the
+/// runtime threads (dropping 100,000 routes takes a while), then gives the
+/// memory freed back to the system. Sessions still holding a snapshot free
+/// it when they end, without a trim.
+fn release<T: Send + 'static>(old: T) {
     tokio::task::spawn_blocking(move || {
         drop(old);
         give_back_memory();
