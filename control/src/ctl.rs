@@ -612,7 +612,7 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 println!("no rollout in the running config");
             }
             for r in list {
-                print_rollout(&r);
+                print!("{}", format_rollout(&r));
             }
         }
         CtlCommand::Config(ConfigCommand::Apply { .. })
@@ -634,9 +634,13 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
     }
 }
 
-fn print_rollout(r: &RolloutView) {
+/// `ctl rollout status` for one route, as printed.
+pub fn format_rollout(r: &RolloutView) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let steps: Vec<String> = r.steps.iter().map(|s| format!("{s}%")).collect();
-    println!(
+    let _ = writeln!(
+        out,
         "route {}: {} -> {}  state {}  step {} of {} [{}]  green {}% of new calls",
         r.route,
         r.from,
@@ -647,32 +651,36 @@ fn print_rollout(r: &RolloutView) {
         steps.join(" "),
         r.weight_percent
     );
-    println!("  started   {}", r.start);
+    let _ = writeln!(out, "  started   {}", r.start);
     if let Some(n) = &r.next_step_at {
-        println!("  next step {n}");
+        let _ = writeln!(out, "  next step {n}");
     }
-    println!(
+    let _ = writeln!(
+        out,
         "  in flight blue {} green {}  (unkeyed sessions {})",
         r.active_blue, r.active_green, r.unkeyed_sessions
     );
     for o in &r.overrides {
-        println!("  override  {o}");
+        let _ = writeln!(out, "  override  {o}");
     }
     if let Some(d) = &r.decision {
-        println!(
+        let _ = writeln!(
+            out,
             "  ROLLED BACK at {} (tick {}, {}): {}",
             d.at, d.tick, d.source, d.reason
         );
     }
     if let Some(e) = &r.last_evaluation {
-        println!(
+        let _ = writeln!(
+            out,
             "  judged    tick {} ({}) step {} over {} replica(s): blue {} sessions, green {}: {}",
             e.tick, e.at, e.step, e.replicas, e.blue.sessions, e.green.sessions, e.verdict
         );
     }
     if let Some(d) = &r.differs_from_file {
-        println!("  DIFFERS FROM THE FILE: {d}");
+        let _ = writeln!(out, "  DIFFERS FROM THE FILE: {d}");
     }
+    out
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use agiproxy_config::{Peers, Rollout};
@@ -21,17 +21,6 @@ use crate::server::Server;
 use crate::session::rollout::judge::{judge, Counts, Verdict};
 use crate::session::rollout::live::{Decision, Evaluation, Published, RolloutLive};
 use crate::session::rollout::{now_ms, State};
-
-/// This process among its peers (random: a replica listed twice, or
-/// itself, is counted once).
-pub fn replica_id() -> &'static str {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| {
-        let seed = format!("{}-{}", std::process::id(), now_ms());
-        let n = crate::pool::hash::stable_hash(seed.as_bytes(), std::ptr::addr_of!(ID) as u64);
-        format!("{n:016x}")
-    })
-}
 
 pub fn to_api(c: &Counts) -> RolloutCounts {
     RolloutCounts {
@@ -69,7 +58,7 @@ pub fn decision_view(d: &Decision) -> RolloutDecisionView {
 pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
     let p = live.published(tick);
     RolloutTick {
-        replica: replica_id().to_string(),
+        replica: live.id.clone(),
         tick,
         step: p.as_ref().map(|p| p.step),
         blue: p.as_ref().map(|p| to_api(&p.blue)).unwrap_or_default(),
@@ -190,7 +179,7 @@ async fn evaluate(
     });
     let answers = futures_util::future::join_all(asks).await;
 
-    let mut seen: HashSet<String> = HashSet::from([replica_id().to_string()]);
+    let mut seen: HashSet<String> = HashSet::from([live.id.clone()]);
     let (mut blue, mut green, mut replicas) = match &own {
         Some(p) => (p.blue, p.green, 1),
         None => (Counts::default(), Counts::default(), 0),

@@ -88,6 +88,9 @@ pub struct Evaluation {
 #[derive(Debug)]
 pub struct RolloutLive {
     identity: String,
+    /// This replica among its peers (random: a replica listed twice, or
+    /// itself, is counted once).
+    pub id: String,
     /// `[step][side]`.
     counters: Box<[[SideCounters; 2]]>,
     active: [AtomicI64; 2],
@@ -125,8 +128,19 @@ impl RolloutLive {
         if let Some(p) = previous.filter(|p| p.identity == identity) {
             return p.clone();
         }
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let seed = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            super::schedule::now_ms(),
+            MADE.fetch_add(1, Relaxed)
+        );
         Arc::new(RolloutLive {
             identity,
+            id: format!(
+                "{:016x}",
+                crate::pool::hash::stable_hash(seed.as_bytes(), 0x1d)
+            ),
             counters: (0..ro.steps.len()).map(|_| Default::default()).collect(),
             active: Default::default(),
             unkeyed: AtomicU64::new(0),

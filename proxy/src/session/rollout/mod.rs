@@ -10,6 +10,9 @@ pub mod live;
 pub mod schedule;
 pub mod sticky;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
