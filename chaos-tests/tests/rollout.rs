@@ -324,3 +324,123 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     );
     assert_eq!(view(&rs[1]).await.active_blue, 0);
 }
+
+#[tokio::test]
+async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_flagged() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    // Not started for an hour: 0 % on green.
+    let start = agiproxy_config::format_ms(now_ms() + 3_600_000);
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [10, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      skew: 1s\n      canary: {{ query: {{ canary: \"1\" }}, vars: {{ agi_accountcode: \"^qa$\" }} }}\n"
+    );
+    let text = config(&rollout, blue.addr(), green.addr());
+    let dir = std::env::temp_dir().join(format!("agiproxy-rollout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agiproxy.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let server = Server::start_with(
+        agiproxy_config::from_yaml_str(&text).unwrap(),
+        Origin {
+            text: text.as_str().into(),
+            source: format!("file:{}", file.display()),
+            file: Some(file),
+        },
+    )
+    .await
+    .unwrap();
+    let opts = ServeOptions {
+        address: "127.0.0.1:0".parse().unwrap(),
+        token: Some(TOKEN.into()),
+        tls: None,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    };
+    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
+        .await
+        .unwrap();
+    let r = Replica {
+        api: Target {
+            addr: api.local_addr(),
+            https: false,
+            host: "127.0.0.1".into(),
+        },
+        addr: server.local_addrs()[0],
+        _server: server,
+    };
+    tokio::spawn(api.serve(std::future::pending()));
+
+    let uid = |i: u32| format!("{}.{i}", now_ms() / 1000);
+    for i in 0..10 {
+        let out = caller("ivr/menu", &uid(i)).run(r.addr).await;
+        assert_eq!(out.status, AgiStatus::Success);
+    }
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (10, 0));
+    let out = caller("ivr/menu?canary=1", &uid(11)).run(r.addr).await;
+    assert_eq!(out.status, AgiStatus::Success);
+    let mut qa = chaos_tests::AgiHeader::realistic("ivr/menu", &[], &uid(12));
+    qa.set("agi_accountcode", "qa");
+    let out = chaos_tests::FakeAsterisk::new()
+        .header(qa)
+        .run(r.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success);
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (10, 2));
+    let v = view(&r).await;
+    assert_eq!(
+        (v.state.as_str(), v.step, v.weight_percent),
+        ("pending", None, 0.0)
+    );
+
+    // Overrides change state: the token is required.
+    let at = "2026-01-01T00:00:00Z";
+    let body = format!("{{\"at\": \"{at}\"}}").into_bytes();
+    let anonymous = Client {
+        token: None,
+        tls: None,
+        timeout: Duration::from_secs(5),
+    };
+    let resp = anonymous
+        .call(
+            &r.api,
+            "POST",
+            "/v1/rollouts/ivr/promote",
+            &[],
+            Some(body.clone()),
+        )
+        .await
+        .unwrap();
+    // 401 or 403, whichever the guard answers a request without a token.
+    assert!(matches!(resp.status, 401 | 403), "{}", resp.status);
+    let resp = client()
+        .call(&r.api, "POST", "/v1/rollouts/ivr/promote", &[], Some(body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let v = view(&r).await;
+    assert_eq!(v.state, "promoted");
+    assert_eq!(
+        v.overrides,
+        vec!["promote at 2026-01-01T00:00:01.000Z".to_string()]
+    );
+    let note = v.differs_from_file.expect("differs from the file");
+    assert!(
+        note.contains("write overrides: [{ action: promote, at: \"2026-01-01T00:00:00.000Z\" }]"),
+        "{note}"
+    );
+    let status = client()
+        .call(&r.api, "GET", "/v1/status", &[], None)
+        .await
+        .unwrap();
+    let status: agiproxy_control::api::Status = serde_json::from_slice(&status.body).unwrap();
+    assert!(status.differs_from_file);
+    assert_eq!(status.rollouts_differ, vec![note]);
+    let resp = client()
+        .call(&r.api, "POST", "/v1/rollouts/ivr/undo", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 404);
+    let out = caller("ivr/menu", &uid(13)).run(r.addr).await;
+    assert_eq!(out.status, AgiStatus::Success);
+    assert_eq!(green.stats().accepted(), 3);
+}
