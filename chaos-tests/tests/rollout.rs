@@ -18,7 +18,7 @@ use agiproxy_control::api::RolloutView;
 use agiproxy_control::client::{Client, Target};
 use agiproxy_control::server::ServeOptions;
 use agiproxy_control::ControlServer;
-use chaos_tests::{AgiStatus, Behaviour, FakeBackend, Reply};
+use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
 use common::*;
 
 const TOKEN: &str = "rollout-test-token";
@@ -243,14 +243,29 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     let blue = FakeBackend::start(Behaviour::script(&["NOOP", "EXEC Wait 1"])).await;
     let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let ports = [free_port(), free_port(), free_port()];
-    let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    // Peers found as `ctl --cluster` finds them: SRV records of the
+    // headless Service, here served by a loopback FakeDns.
+    let dns = FakeDns::start().await;
+    let records: Vec<SrvRecord> = ports
+        .iter()
+        .map(|p| SrvRecord::new(0, 1, *p, "replica.agiproxy.test"))
+        .collect();
+    dns.set_srv("_control._tcp.agiproxy.test", &records, 1);
+    dns.set_addrs("replica.agiproxy.test", &["127.0.0.1".parse().unwrap()], 1);
     let start = now_ms() + 300;
     let rollout = format!(
-        "      from: blue\n      to: green\n      steps: [10, 50, 100]\n      step_duration: 1500ms\n      start: \"{}\"\n      judge: {{ interval: 500ms, min_sessions: 5, peers: [{}] }}\n",
+        "      from: blue\n      to: green\n      steps: [10, 50, 100]\n      step_duration: 1500ms\n      start: \"{}\"\n      judge: {{ interval: 500ms, min_sessions: 5, peers: \"dns:_control._tcp.agiproxy.test\" }}\n",
         agiproxy_config::format_ms(start),
-        peers.join(", ")
     );
-    let rs = replicas(&config(&rollout, blue.addr(), green.addr()), &ports).await;
+    let text = config(&rollout, blue.addr(), green.addr()).replacen(
+        "version: 1\n",
+        &format!(
+            "version: 1\ndns: {{ nameservers: [\"{}\"], timeout: 500ms }}\n",
+            dns.addr()
+        ),
+        1,
+    );
+    let rs = replicas(&text, &ports).await;
     while now_ms() < start + 200 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -299,6 +314,8 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
         judged.verdict == "pass" || judged.verdict.starts_with("waiting"),
         "{judged:?}"
     );
+    // Judged on the counters of all three replicas, found through DNS.
+    assert_eq!(judged.replicas, 3, "{judged:?}");
 
     // Blue's call in flight is still there, shown per replica, then ends well.
     assert_eq!(view(&rs[1]).await.active_blue, 1);
