@@ -280,7 +280,7 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
         caller("ivr/long", &uid)
             .reply_with(|c| {
                 if c.starts_with("EXEC") {
-                    Reply::ok().after(Duration::from_millis(6000))
+                    Reply::ok().after(Duration::from_millis(10_000))
                 } else {
                     Reply::ok()
                 }
