@@ -57,7 +57,8 @@ async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
         let server = Server::start_with(config, origin).await.unwrap();
         agiproxy::rollout::eval::spawn(server.clone(), Some(TOKEN.into()));
         let opts = ServeOptions {
-            address: SocketAddr::from(([127, 0, 0, 1], *port)),
+            address: Some(SocketAddr::from(([127, 0, 0, 1], *port))),
+            socket: None,
             token: Some(TOKEN.into()),
             tls: None,
             max_body_bytes: 1 << 20,
@@ -66,11 +67,7 @@ async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
         let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
             .await
             .unwrap();
-        let api_target = Target {
-            addr: api.local_addr(),
-            https: false,
-            host: "127.0.0.1".into(),
-        };
+        let api_target = Target::http(api.local_addr().expect("a TCP listener"));
         tokio::spawn(api.serve(std::future::pending()));
         let addr = server.local_addrs()[0];
         out.push(Replica {
@@ -367,7 +364,8 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
     .await
     .unwrap();
     let opts = ServeOptions {
-        address: "127.0.0.1:0".parse().unwrap(),
+        address: Some("127.0.0.1:0".parse().unwrap()),
+        socket: None,
         token: Some(TOKEN.into()),
         tls: None,
         max_body_bytes: 1 << 20,
@@ -377,11 +375,7 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         .await
         .unwrap();
     let r = Replica {
-        api: Target {
-            addr: api.local_addr(),
-            https: false,
-            host: "127.0.0.1".into(),
-        },
+        api: Target::http(api.local_addr().expect("a TCP listener")),
         addr: server.local_addrs()[0],
         _server: server,
     };
