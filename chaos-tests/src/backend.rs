@@ -179,12 +179,19 @@ async fn accept_loop(
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut sessions = JoinSet::new();
+    let mut accepted_here = 0usize;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let behaviour = Arc::clone(&behaviour.read().unwrap_or_else(|e| e.into_inner()));
+                    let mut behaviour = Arc::clone(&behaviour.read().unwrap_or_else(|e| e.into_inner()));
+                    if let Behaviour::Cycle(list) = &*behaviour {
+                        if !list.is_empty() {
+                            behaviour = Arc::new(list[accepted_here % list.len()].clone());
+                        }
+                    }
+                    accepted_here += 1;
                     // Counted as accepted here, so an abort before the first
                     // poll still files the session as finished.
                     let mut conn = Conn::new(stream, Arc::clone(&stats), records(&behaviour));

@@ -56,7 +56,7 @@ impl Api {
 
 fn config_text(blue: &str, green: &str) -> String {
     format!(
-        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    pool: blue\npools:\n  - name: blue\n    backends:\n      - {{ address: \"{blue}\" }}\n      - {{ address: \"{green}\" }}\n  - name: green\n    backends: [{{ address: \"{green}\" }}]\n"
+        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    pool: blue\n  - name: ro\n    match: {{ script: {{ prefix: rollout/ }} }}\n    rollout: {{ from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2030-01-01T00:00:00Z\" }}\npools:\n  - name: blue\n    backends:\n      - {{ address: \"{blue}\" }}\n      - {{ address: \"{green}\" }}\n  - name: green\n    backends: [{{ address: \"{green}\" }}]\n"
     )
 }
 
@@ -724,11 +724,17 @@ const STATE_CHANGES: &[(&str, &str)] = &[
 /// A request to `e` that would change something if it were served:
 /// `backend` in the path, a valid new config or split as the body.
 fn request_for(e: &Endpoint, backend: &str, new_config: &str) -> (String, Option<String>) {
-    let path = e
+    // Rollout endpoints act on the rollout route `ro` of `config_text`.
+    let rollout = e.path.starts_with("/v1/rollouts");
+    let mut path = e
         .path
         .replace("{pool}", "blue")
         .replace("{backend}", backend)
-        .replace("{route}", "ivr");
+        .replace("{route}", if rollout { "ro" } else { "ivr" })
+        .replace("{action}", "pause");
+    if path.ends_with("/counts") {
+        path.push_str("?tick=0");
+    }
     let body = match e.path {
         "/v1/config" => Some(new_config.to_string()),
         "/v1/routes/{route}/split" => Some(

@@ -46,9 +46,25 @@ impl Route {
             criteria.join(", ")
         };
 
-        let target = match &self.target {
-            RouteTarget::Pool(i) => format!("pool {}", describe_pool(pools, *i)),
-            RouteTarget::Split(sides) => {
+        let target = match (&self.target, &self.rollout) {
+            (_, Some(ro)) => {
+                let steps: Vec<String> = ro
+                    .steps
+                    .iter()
+                    .map(|bp| format!("{}%", *bp as f64 / 100.0))
+                    .collect();
+                format!(
+                    "rollout {} -> {} steps {} every {} from {} by {}",
+                    describe_pool(pools, ro.from),
+                    describe_pool(pools, ro.to),
+                    steps.join(" "),
+                    crate::duration::format(ro.step_duration),
+                    ro.start_text,
+                    self.split_key
+                )
+            }
+            (RouteTarget::Pool(i), None) => format!("pool {}", describe_pool(pools, *i)),
+            (RouteTarget::Split(sides), None) => {
                 let s: Vec<String> = sides
                     .iter()
                     .map(|t| format!("{}:{}", pool_name(pools, t.pool), t.weight))

@@ -192,6 +192,8 @@ pub struct Route {
     pub forward_hangup: bool,
     /// The global timeouts with this route's `timeouts:` overrides applied.
     pub timeouts: Timeouts,
+    /// A declared blue-green rollout; `target` is then `Pool(rollout.from)`.
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 /// What a call must look like for a route to take it. Every listed criterion must hold;

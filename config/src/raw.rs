@@ -76,6 +76,7 @@ pub(crate) struct RawRoute {
     pub mode: Option<RawMode>,
     pub forward_hangup: Option<bool>,
     pub timeouts: Option<RawTimeouts>,
+    pub rollout: Option<crate::raw_rollout::RawRollout>,
 }
 
 #[derive(Debug, Default, Deserialize)]

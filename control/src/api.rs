@@ -19,6 +19,10 @@ pub struct Status {
     pub listeners: Vec<ListenerView>,
     pub active_sessions: u64,
     pub draining: bool,
+    /// Rollouts whose running state differs from the config file, one
+    /// line each saying what to write to keep it across a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts_differ: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,4 +143,101 @@ pub struct SplitRequest {
 pub struct SplitWeight {
     pub pool: String,
     pub weight: u32,
+}
+
+/// One colour's sessions in one step of a rollout (see the proxy's
+/// `rollout::judge::Counts`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RolloutCounts {
+    pub sessions: u64,
+    pub failures: u64,
+    pub connect_errors: u64,
+    pub early_closes: u64,
+    pub deadlines: u64,
+    /// Committed sessions by time to first command: <= 5, 10, 25, 50, 100,
+    /// 250, 500, 1000, 2500, 5000, 10000 ms, longer.
+    pub first_command: [u64; 12],
+}
+
+/// A judged rollback (`GET /v1/rollouts`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RolloutDecisionView {
+    /// RFC 3339: calls created from then on go to blue.
+    pub at: String,
+    pub at_ms: i64,
+    pub tick: i64,
+    pub reason: String,
+    /// `judged here` or `adopted from REPLICA`.
+    pub source: String,
+}
+
+/// `GET /v1/rollouts/{route}/counts?tick=K`: this replica's counters of
+/// one step as frozen at tick K (what peers sum for judgement).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RolloutTick {
+    /// Random per process: a replica listed twice is counted once.
+    pub replica: String,
+    pub tick: i64,
+    /// None when this replica has not published tick K (yet, or any more).
+    pub step: Option<usize>,
+    pub blue: RolloutCounts,
+    pub green: RolloutCounts,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<RolloutDecisionView>,
+}
+
+/// The last judgement on this replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RolloutEvaluationView {
+    pub tick: i64,
+    pub at: String,
+    /// 1-based.
+    pub step: usize,
+    /// Replicas whose counters were summed (this one included).
+    pub replicas: usize,
+    pub blue: RolloutCounts,
+    pub green: RolloutCounts,
+    pub verdict: String,
+}
+
+/// `GET /v1/rollouts`: one rollout route as this replica runs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutView {
+    pub route: String,
+    pub from: String,
+    pub to: String,
+    /// pending, progressing, halted, rolled_back, promoted.
+    pub state: String,
+    /// 1-based step in force (None before the start).
+    pub step: Option<usize>,
+    pub steps: Vec<f64>,
+    /// Green's share of new calls now, percent.
+    pub weight_percent: f64,
+    pub start: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step_at: Option<String>,
+    /// Overrides in the running config, as `ACTION at TIME` (effective time).
+    pub overrides: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<RolloutDecisionView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluation: Option<RolloutEvaluationView>,
+    /// Sessions in flight on this replica, per colour.
+    pub active_blue: i64,
+    pub active_green: i64,
+    /// Sessions whose key held no creation time (routed by today's weight).
+    pub unkeyed_sessions: u64,
+    /// Set when what runs differs from the config file (an override made
+    /// through the API, or a judged rollback): what to write to keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differs_from_file: Option<String>,
+}
+
+/// `POST /v1/rollouts/{route}/{pause|resume|promote|rollback}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RolloutOverrideRequest {
+    /// RFC 3339 UTC; default now on the replica. `ctl` sends one time to
+    /// every replica so they all write the same override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }

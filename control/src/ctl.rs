@@ -11,7 +11,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::api::{Applied, ConfigView, ErrorBody, PoolView, SplitRequest, SplitWeight, Status};
+use crate::api::{
+    Applied, ConfigView, ErrorBody, PoolView, RolloutOverrideRequest, RolloutView, SplitRequest,
+    SplitWeight, Status,
+};
 use crate::client::{Address, Client, Target};
 use crate::tls::{connector, ClientTls};
 
@@ -102,6 +105,35 @@ pub enum CtlCommand {
     },
     /// Drain the whole replica, as on SIGTERM.
     DrainReplica,
+    /// Blue-green rollouts declared in the config: status and overrides.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// State, step, weights, last judgement and sessions in flight per colour.
+    Status { route: Option<String> },
+    /// Hold the current step on every replica.
+    Pause { route: String },
+    /// Go on after a pause (the remaining steps shift by the pause).
+    Resume { route: String },
+    /// Send every new call to green; calls on blue finish there.
+    Promote { route: String },
+    /// Send every new call to blue; calls on green finish there.
+    Rollback { route: String },
+}
+
+impl RolloutCommand {
+    fn action(&self) -> Option<(&'static str, &str)> {
+        match self {
+            RolloutCommand::Status { .. } => None,
+            RolloutCommand::Pause { route } => Some(("pause", route)),
+            RolloutCommand::Resume { route } => Some(("resume", route)),
+            RolloutCommand::Promote { route } => Some(("promote", route)),
+            RolloutCommand::Rollback { route } => Some(("rollback", route)),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +313,27 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             )
         }
         CtlCommand::DrainReplica => Call::new("POST", "/v1/drain", None, vec![]),
+        CtlCommand::Rollout(RolloutCommand::Status { route: None }) => {
+            Call::new("GET", "/v1/rollouts", None, vec![])
+        }
+        CtlCommand::Rollout(RolloutCommand::Status { route: Some(r) }) => {
+            Call::new("GET", format!("/v1/rollouts/{r}"), None, vec![])
+        }
+        CtlCommand::Rollout(cmd) => {
+            let (action, route) = cmd.action().unwrap_or(("pause", ""));
+            // One time for every replica: they all write the same override,
+            // so they converge on one config (and one routing).
+            let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+            eprintln!("{action} {route} at {at} (takes effect after the rollout's skew)");
+            let body = serde_json::to_vec(&RolloutOverrideRequest { at: Some(at) })
+                .map_err(|e| e.to_string())?;
+            Call::new(
+                "POST",
+                format!("/v1/rollouts/{route}/{action}"),
+                Some(body),
+                vec![("content-type", "application/json".into())],
+            )
+        }
     };
     let replies = fan_out(&client, &targets, method, &path, &headers, body).await;
     let mut code = if replies.iter().all(|r| r.ok) { 0 } else { 1 };
@@ -292,7 +345,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         CtlCommand::Config(ConfigCommand::Apply { dry_run: false, .. })
             | CtlCommand::Reload
             | CtlCommand::Split { .. }
-    );
+    ) || matches!(&args.command, CtlCommand::Rollout(c) if c.action().is_some());
     if changes_config && targets.len() > 1 {
         let statuses = fan_out(&client, &targets, "GET", "/v1/status", &[], None).await;
         let hashes: Vec<Option<String>> = statuses
@@ -515,6 +568,9 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 for l in s.listeners {
                     println!("listener    {} {}", l.name, l.address);
                 }
+                for note in s.rollouts_differ {
+                    println!("rollout     {note}");
+                }
             }
         }
         CtlCommand::Config(ConfigCommand::Get) => {
@@ -548,9 +604,21 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 }
             }
         }
+        CtlCommand::Rollout(RolloutCommand::Status { .. }) => {
+            let list: Vec<RolloutView> = serde_json::from_value::<Vec<RolloutView>>(body.clone())
+                .or_else(|_| serde_json::from_value::<RolloutView>(body.clone()).map(|r| vec![r]))
+                .unwrap_or_default();
+            if list.is_empty() {
+                println!("no rollout in the running config");
+            }
+            for r in list {
+                print!("{}", format_rollout(&r));
+            }
+        }
         CtlCommand::Config(ConfigCommand::Apply { .. })
         | CtlCommand::Reload
-        | CtlCommand::Split { .. } => {
+        | CtlCommand::Split { .. }
+        | CtlCommand::Rollout(_) => {
             if let Ok(a) = serde_json::from_value::<Applied>(body.clone()) {
                 let what = if a.dry_run {
                     "valid (dry run, nothing changed)"
@@ -564,6 +632,55 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         }
         _ => println!("{body}"),
     }
+}
+
+/// `ctl rollout status` for one route, as printed.
+pub fn format_rollout(r: &RolloutView) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let steps: Vec<String> = r.steps.iter().map(|s| format!("{s}%")).collect();
+    let _ = writeln!(
+        out,
+        "route {}: {} -> {}  state {}  step {} of {} [{}]  green {}% of new calls",
+        r.route,
+        r.from,
+        r.to,
+        r.state,
+        r.step.map_or("-".into(), |s| s.to_string()),
+        r.steps.len(),
+        steps.join(" "),
+        r.weight_percent
+    );
+    let _ = writeln!(out, "  started   {}", r.start);
+    if let Some(n) = &r.next_step_at {
+        let _ = writeln!(out, "  next step {n}");
+    }
+    let _ = writeln!(
+        out,
+        "  in flight blue {} green {}  (unkeyed sessions {})",
+        r.active_blue, r.active_green, r.unkeyed_sessions
+    );
+    for o in &r.overrides {
+        let _ = writeln!(out, "  override  {o}");
+    }
+    if let Some(d) = &r.decision {
+        let _ = writeln!(
+            out,
+            "  ROLLED BACK at {} (tick {}, {}): {}",
+            d.at, d.tick, d.source, d.reason
+        );
+    }
+    if let Some(e) = &r.last_evaluation {
+        let _ = writeln!(
+            out,
+            "  judged    tick {} ({}) step {} over {} replica(s): blue {} sessions, green {}: {}",
+            e.tick, e.at, e.step, e.replicas, e.blue.sessions, e.green.sessions, e.verdict
+        );
+    }
+    if let Some(d) = &r.differs_from_file {
+        let _ = writeln!(out, "  DIFFERS FROM THE FILE: {d}");
+    }
+    out
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 
 use std::future::Future;
 
-use crate::api::{Applied, BackendView, ConfigView, FieldError, PoolView, SplitWeight, Status};
+use crate::api::{
+    Applied, BackendView, ConfigView, FieldError, PoolView, RolloutTick, RolloutView, SplitWeight,
+    Status,
+};
 
 /// Why a control operation was refused; each maps to one HTTP status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,6 +60,19 @@ pub trait ControlPlane: Send + Sync + 'static {
         route: &str,
         split: Vec<SplitWeight>,
         if_match: Option<u64>,
+    ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
+    /// Every rollout route as this replica runs it.
+    fn rollouts(&self) -> Vec<RolloutView>;
+    /// This replica's counters of a rollout as frozen at evaluation `tick`
+    /// (what peers sum to judge).
+    fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError>;
+    /// Writes `pause`, `resume`, `promote` or `rollback` at `at` (RFC 3339;
+    /// None: now) into the running config's rollout of `route`.
+    fn rollout_override(
+        &self,
+        route: &str,
+        action: &str,
+        at: Option<String>,
     ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
     /// Drains the whole replica, as on SIGTERM.
     fn drain(&self);

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::api::{ErrorBody, SplitRequest};
+use crate::api::{ErrorBody, RolloutOverrideRequest, SplitRequest};
 use crate::plane::{ControlError, ControlPlane};
 use crate::socket::{SocketError, SocketFile};
 use crate::tls::TlsFiles;
@@ -378,6 +378,18 @@ fn routes<P: ControlPlane>() -> Routes<P> {
         post(|s: S<P>, p| backend_draining(s, p, false)),
     )
     .add(Method::PUT, "/v1/routes/{route}/split", put(split::<P>))
+    .add(Method::GET, "/v1/rollouts", get(rollouts::<P>))
+    .add(Method::GET, "/v1/rollouts/{route}", get(rollout::<P>))
+    .add(
+        Method::GET,
+        "/v1/rollouts/{route}/counts",
+        get(rollout_counts::<P>),
+    )
+    .add(
+        Method::POST,
+        "/v1/rollouts/{route}/{action}",
+        post(rollout_override::<P>),
+    )
     .add(Method::POST, "/v1/drain", post(drain::<P>))
 }
 
@@ -763,6 +775,60 @@ async fn split<P: ControlPlane>(
         }
     };
     match ctx.plane.set_split(&route, req.split, expect).await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn rollouts<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    Json(ctx.plane.rollouts()).into_response()
+}
+
+async fn rollout<P: ControlPlane>(State(ctx): S<P>, Path(route): Path<String>) -> Response {
+    match ctx.plane.rollouts().into_iter().find(|r| r.route == route) {
+        Some(r) => Json(r).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no rollout on route {route:?}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct TickQuery {
+    tick: i64,
+}
+
+async fn rollout_counts<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path(route): Path<String>,
+    Query(q): Query<TickQuery>,
+) -> Response {
+    match ctx.plane.rollout_tick(&route, q.tick) {
+        Ok(t) => Json(t).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn rollout_override<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path((route, action)): Path<(String, String)>,
+    body: String,
+) -> Response {
+    let req: RolloutOverrideRequest = if body.trim().is_empty() {
+        RolloutOverrideRequest::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("body: {e}; expected {{\"at\": \"2026-12-06T01:00:00Z\"}} or nothing"),
+                )
+            }
+        }
+    };
+    match ctx.plane.rollout_override(&route, &action, req.at).await {
         Ok(applied) => Json(applied).into_response(),
         Err(e) => control_error(e),
     }

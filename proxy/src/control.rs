@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use agiproxy_control::api::{
     Applied, BackendView, CheckView, ConfigView, DiscoveryView, FieldError, ListenerView, PoolView,
-    SplitWeight, Status,
+    RolloutTick, RolloutView, SplitWeight, Status,
 };
 use agiproxy_control::{ControlError, ControlPlane};
 use prometheus::proto::MetricFamily;
@@ -236,6 +236,7 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
     .flat_map(|g| g.collect())
     .collect();
     out.extend(check_latency.collect());
+    out.extend(crate::rollout::view::metric_families(snap));
     out
 }
 
@@ -269,6 +270,14 @@ fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, 
     serde_yaml::to_string(&doc).map_err(|e| ApplyError::Uneditable(e.to_string()))
 }
 
+impl ControlHandle {
+    /// The config file as it is now (None without a file, or when it does
+    /// not read or validate): to say what differs from it.
+    fn file_config(&self) -> Option<agiproxy_config::Config> {
+        agiproxy_config::load_file(self.server.config_file()?).ok()
+    }
+}
+
 impl ControlPlane for ControlHandle {
     fn status(&self) -> Status {
         let snap = self.server.snapshot();
@@ -292,6 +301,7 @@ impl ControlPlane for ControlHandle {
                 .collect(),
             active_sessions: self.server.active_sessions() as u64,
             draining: self.server.is_draining(),
+            rollouts_differ: crate::rollout::view::notes(&snap, self.file_config().as_ref()),
         }
     }
 
@@ -386,6 +396,33 @@ impl ControlPlane for ControlHandle {
             .await
             .map(applied)
             .map_err(control_error)
+    }
+
+    fn rollouts(&self) -> Vec<RolloutView> {
+        crate::rollout::view::views(&self.server.snapshot(), self.file_config().as_ref())
+    }
+
+    fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError> {
+        crate::rollout::view::tick(&self.server.snapshot(), route, tick)
+            .ok_or_else(|| ControlError::NotFound(format!("no rollout on route {route:?}")))
+    }
+
+    async fn rollout_override(
+        &self,
+        route: &str,
+        action: &str,
+        at: Option<String>,
+    ) -> Result<Applied, ControlError> {
+        let r = self
+            .server
+            .apply_edit("api", None, |text| {
+                crate::rollout::view::with_override(text, route, action, at.as_deref())
+            })
+            .await;
+        if r.is_ok() {
+            tracing::warn!(route, action, at = ?at, "rollout override written into the running config through the control API (not into the file)");
+        }
+        r.map(applied).map_err(control_error)
     }
 
     fn drain(&self) {

@@ -19,6 +19,7 @@ pub mod drain;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod rollout;
 pub mod server;
 pub mod session;
 pub mod snapshot;

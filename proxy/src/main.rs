@@ -158,6 +158,12 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             for (i, r) in cfg.routes.iter().enumerate() {
                 println!("  route {i}: {}", r.describe(&cfg.pools));
+                if let Some(ro) = &r.rollout {
+                    println!(
+                        "    {}",
+                        agiproxy::rollout::explain(ro, agiproxy::rollout::now_ms())
+                    );
+                }
             }
             for w in cfg.warnings() {
                 println!("  warning: {w}");
@@ -267,6 +273,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             max_body_bytes: control.max_body_bytes,
             request_timeout: control.request_timeout,
         };
+        // Judgement reads the peers' control APIs with the same token.
+        agiproxy::rollout::eval::spawn(server.clone(), opts.token.clone());
         let api = ControlServer::bind(ControlHandle::new(server.clone()), opts).await?;
         if let Some(addr) = api.local_addr() {
             tracing::info!(address = %addr, tls = control.tls.is_some(), "control API listening");
@@ -281,6 +289,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             "control API off: the config has no control block, so no port or socket is \
              opened for it (see docs/control-api.md)"
         );
+        // Rollouts are still judged, on this replica's counters and the
+        // peers' it can read (peers cannot read its own).
+        agiproxy::rollout::eval::spawn(server.clone(), None);
         (None, None)
     };
 

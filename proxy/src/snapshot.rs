@@ -60,7 +60,7 @@ impl Snapshot {
     /// of pools and backends that `previous` also has is carried over, by
     /// pool name and backend address.
     pub fn build(config: Config, meta: ConfigMeta, previous: Option<&Snapshot>) -> Snapshot {
-        let router = Router::new(&config.routes);
+        let router = Router::new(&config.routes, &config.pools, previous.map(|s| &s.router));
         let pools = config
             .pools
             .iter()

@@ -168,3 +168,30 @@ fn check_warns_about_a_single_address_pool_without_health_checks() {
     assert!(warnings[0].contains("pools[0] (one)"), "{stdout}");
     assert!(warnings[0].contains("health:"), "{stdout}");
 }
+
+#[test]
+fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
+    // Started an hour and a half ago, one hour a step: step 2 of 3 now.
+    let start = std::time::SystemTime::now() - std::time::Duration::from_secs(5400);
+    let start = humantime::format_rfc3339_seconds(start);
+    let path = write_config(
+        "rollout",
+        &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"),
+    );
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rollout blue"), "{stdout}");
+    assert!(
+        stdout.contains("rollout now: progressing, step 2 of 3, green 50% of new calls; the next step begins at"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("(in 30m 0s)") || stdout.contains("(in 29m 59s)"),
+        "{stdout}"
+    );
+}

@@ -90,6 +90,9 @@ pub enum Behaviour {
     /// Echo every byte back untouched, header included, until the peer
     /// closes: for raw-mode routes.
     Raw,
+    /// Connection n (counted from 0 per listener) behaves as `list[n % len]`:
+    /// e.g. one early close in five sessions.
+    Cycle(Vec<Behaviour>),
 }
 
 impl Behaviour {

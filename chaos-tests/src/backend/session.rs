@@ -274,6 +274,14 @@ impl Conn {
 /// Runs `behaviour` on the connection.
 pub(super) async fn serve(conn: &mut Conn, behaviour: &Behaviour) -> io::Result<()> {
     match behaviour {
+        // The accept loop picks one of the cycle per connection; this is
+        // only reached by a cycle nested in another behaviour.
+        Behaviour::Cycle(list) => {
+            return match list.first() {
+                Some(b) => Box::pin(serve(conn, b)).await,
+                None => conn.close().await,
+            }
+        }
         Behaviour::CloseImmediately => return conn.close().await,
         Behaviour::ResetImmediately => return conn.finish(Then::Reset).await,
         Behaviour::Raw => return conn.echo_raw().await,
@@ -365,7 +373,10 @@ pub(super) async fn serve(conn: &mut Conn, behaviour: &Behaviour) -> io::Result<
             sleep(*pause).await;
             Box::pin(serve(conn, inner)).await
         }
-        Behaviour::CloseImmediately | Behaviour::ResetImmediately | Behaviour::Raw => {
+        Behaviour::CloseImmediately
+        | Behaviour::ResetImmediately
+        | Behaviour::Raw
+        | Behaviour::Cycle(_) => {
             unreachable!("handled before the header")
         }
     }

@@ -4,6 +4,7 @@
 mod checks;
 mod control;
 mod pool;
+mod rollout;
 mod route;
 mod timeouts;
 
@@ -22,13 +23,14 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     // mistakes still counts as known, to avoid a second, misleading "unknown pool" error.
     let raw_pools = raw.pools.unwrap_or_default();
     let pool_names: Vec<Option<&str>> = raw_pools.iter().map(|p| p.name.as_deref()).collect();
+    let dns = pool::global_dns(raw.dns.as_ref(), &mut errs);
     let routes = route::compile_all(
         raw.routes.unwrap_or_default(),
         &pool_names,
         &timeouts,
+        &dns,
         &mut errs,
     );
-    let dns = pool::global_dns(raw.dns.as_ref(), &mut errs);
     let pools = pool::compile_all(&raw_pools, &dns, &mut errs);
 
     let control = control::compile(raw.control.as_ref(), &limits, &mut errs);

@@ -2,7 +2,7 @@
 
 use crate::error::Errors;
 use crate::model::{
-    Mode, Rewrite, Route, RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts,
+    Dns, Mode, Rewrite, Route, RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts,
     DEFAULT_SPLIT_KEY,
 };
 use crate::raw::{
@@ -22,6 +22,7 @@ pub(super) fn compile_all(
     raw: Vec<RawRoute>,
     pool_names: &[Option<&str>],
     global: &Timeouts,
+    dns: &Dns,
     errs: &mut Errors,
 ) -> Vec<Route> {
     let mut names = Seen::default();
@@ -36,7 +37,7 @@ pub(super) fn compile_all(
                 );
             }
         }
-        if let Some(route) = compile(r, &path, pool_names, global, errs) {
+        if let Some(route) = compile(r, &path, pool_names, global, dns, errs) {
             out.push(route);
         }
     }
@@ -49,6 +50,7 @@ fn compile(
     path: &str,
     pool_names: &[Option<&str>],
     global: &Timeouts,
+    dns: &Dns,
     errs: &mut Errors,
 ) -> Option<Route> {
     let mut local = Errors::default();
@@ -71,7 +73,23 @@ fn compile(
         Some(m) => compile_match(m, &format!("{path}.match"), &mut local),
         None => RouteMatch::default(),
     };
-    let target = target(r, path, pool_names, &mut local);
+    let rollout = r.rollout.as_ref().and_then(|ro| {
+        super::rollout::compile(ro, &format!("{path}.rollout"), pool_names, dns, &mut local)
+    });
+    let target = match (&r.rollout, &r.pool, &r.split) {
+        (None, _, _) => target(r, path, pool_names, &mut local),
+        (Some(_), None, None) => rollout.as_ref().map(|ro| RouteTarget::Pool(ro.from)),
+        (Some(_), _, _) => {
+            local.push(
+                path,
+                format!(
+                    "has both {}: and rollout:; a rollout names its pools (from:, to:), keep one",
+                    if r.pool.is_some() { "pool" } else { "split" }
+                ),
+            );
+            None
+        }
+    };
     let split_key = r
         .split_key
         .clone()
@@ -113,10 +131,11 @@ fn compile(
         },
         forward_hangup: r.forward_hangup.unwrap_or(true),
         timeouts,
+        rollout,
     })
 }
 
-fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> RouteMatch {
+pub(super) fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> RouteMatch {
     let mut out = RouteMatch {
         script: m
             .script
@@ -406,7 +425,7 @@ fn compile_split(
 }
 
 /// The index of the pool named `name`, or a message listing the known pools.
-fn resolve_pool(name: &str, pool_names: &[Option<&str>]) -> Result<usize, String> {
+pub(super) fn resolve_pool(name: &str, pool_names: &[Option<&str>]) -> Result<usize, String> {
     if let Some(i) = pool_names.iter().position(|p| *p == Some(name)) {
         return Ok(i);
     }

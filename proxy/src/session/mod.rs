@@ -20,6 +20,7 @@ pub mod outcome;
 pub mod record;
 pub mod relay;
 pub mod rewrite;
+pub mod rollout;
 pub mod router;
 pub mod shared;
 pub mod turn;
@@ -60,6 +61,15 @@ pub(crate) async fn serve(
 
 /// Counts, logs and publishes a finished session.
 fn finish(shared: &Shared, rec: SessionRecord) {
+    if let Some((live, pick)) = &rec.rollout {
+        live.session_ended(
+            pick.side,
+            pick.step,
+            rec.outcome,
+            rec.reason,
+            rec.first_command_time.map(|d| d.as_millis() as u64),
+        );
+    }
     let m = &shared.metrics;
     m.session(
         rec.route.as_deref().unwrap_or("-"),
@@ -119,7 +129,13 @@ async fn find_backend<'s>(
     let compiled = &snap.router.routes()[ri];
     let route = &compiled.route;
     rec.route = Some(compiled.name.clone());
-    let pi = snap.router.pool_for(ri, &header);
+    let (pi, pick) = snap
+        .router
+        .pool_for(ri, &header, rec.peer.ip(), rollout::now_ms());
+    if let (Some(pick), Some(ro)) = (pick, &compiled.rollout) {
+        ro.live.session_started(pick.side);
+        rec.rollout = Some((ro.live.clone(), pick));
+    }
     let pool = &snap.pools[pi];
     rec.pool = Some(pool.name.clone());
     let candidates = match pool.candidates(pool.hash_key().and_then(|k| header.get(k))) {

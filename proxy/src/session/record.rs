@@ -34,6 +34,8 @@ pub struct SessionRecord {
     pub header_error: Option<&'static str>,
     /// The committed backend, for its preformatted metric label.
     pub(crate) live_backend: Option<Arc<BackendLive>>,
+    /// A rollout route's colour; counted for judgement when the session ends.
+    pub(crate) rollout: Option<(Arc<super::rollout::RolloutLive>, super::rollout::Pick)>,
 }
 
 impl SessionRecord {
@@ -58,6 +60,7 @@ impl SessionRecord {
             reason: None,
             header_error: None,
             live_backend: None,
+            rollout: None,
         }
     }
 

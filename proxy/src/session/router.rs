@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use agiproxy_config::{Route, RouteMatch, RouteTarget};
+use agiproxy_config::{Pool, Route, RouteMatch, RouteTarget};
 
 use super::header::Header;
+use super::rollout::{CompiledRollout, Pick};
 
 /// One compiled rule.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct CompiledRoute {
     arg_names: Vec<(String, regex::Regex)>,
     /// Cumulative split weights: (upper bound, pool index).
     split_bands: Vec<(u64, usize)>,
+    /// The route's declared rollout, with its live state.
+    pub rollout: Option<CompiledRollout>,
 }
 
 #[derive(Debug)]
@@ -30,7 +33,9 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(routes: &[Route]) -> Router {
+    /// `previous`: the router being replaced, whose rollouts' live state
+    /// (counters, judged rollback) carries over when unchanged.
+    pub fn new(routes: &[Route], pools: &[Pool], previous: Option<&Router>) -> Router {
         let routes = routes
             .iter()
             .map(|r| {
@@ -48,8 +53,15 @@ impl Router {
                         split_bands.push((acc, t.pool));
                     }
                 }
+                let rollout = r.rollout.as_ref().map(|ro| {
+                    let before = previous
+                        .and_then(|p| p.routes.iter().find(|c| c.route.name == r.name))
+                        .and_then(|c| c.rollout.as_ref());
+                    CompiledRollout::new(ro, pools, before)
+                });
                 CompiledRoute {
                     route: r.clone(),
+                    rollout,
                     name: r.name.as_str().into(),
                     arg_names,
                     split_bands,
@@ -75,9 +87,23 @@ impl Router {
     /// The pool a routed call goes to. A split is decided by a hash of the
     /// route's split key (default `agi_uniqueid`), so every AGI of one call
     /// lands in the same pool, and moving a weight moves only that band.
-    pub fn pool_for(&self, route: usize, header: &Header) -> usize {
+    ///
+    /// A rollout route picks by its declared schedule instead (see
+    /// [`CompiledRollout::pick`]); the pick says how to count the session.
+    pub fn pool_for(
+        &self,
+        route: usize,
+        header: &Header,
+        source: IpAddr,
+        now_ms: i64,
+    ) -> (usize, Option<Pick>) {
         let r = &self.routes[route];
-        match &r.route.target {
+        if let Some(ro) = &r.rollout {
+            let key = header.get(&r.route.split_key);
+            let pick = ro.pick(key, header, source.to_canonical(), now_ms);
+            return (pick.pool, Some(pick));
+        }
+        let pool = match &r.route.target {
             RouteTarget::Pool(p) => *p,
             RouteTarget::Split(_) => {
                 let total = r.split_bands.last().map_or(1, |b| b.0);
@@ -91,7 +117,8 @@ impl Router {
                     .find(|(upper, _)| point < *upper)
                     .map_or(r.split_bands[0].1, |b| b.1)
             }
-        }
+        };
+        (pool, None)
     }
 }
 

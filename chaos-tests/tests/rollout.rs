@@ -1,0 +1,457 @@
+//! Blue-green rollouts on three replicas in one process, each with its own
+//! control API, reading each other's counters: a bad green is rolled back
+//! at its first step on all of them; a healthy green is promoted through
+//! every step, blue's calls in flight finish and blue gets no new call.
+//! Schedules are compressed to seconds.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agiproxy::control::ControlHandle;
+use agiproxy::rollout::{now_ms, sticky};
+use agiproxy::server::Origin;
+use agiproxy::Server;
+use agiproxy_control::api::RolloutView;
+use agiproxy_control::client::{Client, Target};
+use agiproxy_control::server::ServeOptions;
+use agiproxy_control::ControlServer;
+use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
+use common::*;
+
+const TOKEN: &str = "rollout-test-token";
+
+struct Replica {
+    /// Kept for the length of the test (the API and tasks hold it too).
+    _server: Server,
+    api: Target,
+    addr: SocketAddr,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(rollout: &str, blue: SocketAddr, green: SocketAddr) -> String {
+    format!(
+        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    rollout:\n{rollout}pools:\n  - name: blue\n    passive: {{ consecutive_failures: 100 }}\n    backends: [{{ address: \"{blue}\" }}]\n  - name: green\n    passive: {{ consecutive_failures: 100 }}\n    backends: [{{ address: \"{green}\" }}]\n"
+    )
+}
+
+/// Three replicas of `text`, each with a control API on `ports`.
+async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for port in ports {
+        let config = agiproxy_config::from_yaml_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let origin = Origin {
+            text: text.into(),
+            source: "test".into(),
+            file: None,
+        };
+        let server = Server::start_with(config, origin).await.unwrap();
+        agiproxy::rollout::eval::spawn(server.clone(), Some(TOKEN.into()));
+        let opts = ServeOptions {
+            address: Some(SocketAddr::from(([127, 0, 0, 1], *port))),
+            socket: None,
+            token: Some(TOKEN.into()),
+            tls: None,
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(5),
+        };
+        let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
+            .await
+            .unwrap();
+        let api_target = Target::http(api.local_addr().expect("a TCP listener"));
+        tokio::spawn(api.serve(std::future::pending()));
+        let addr = server.local_addrs()[0];
+        out.push(Replica {
+            _server: server,
+            api: api_target,
+            addr,
+        });
+    }
+    out
+}
+
+fn client() -> Client {
+    Client {
+        token: Some(TOKEN.into()),
+        tls: None,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+async fn view(r: &Replica) -> RolloutView {
+    let resp = client()
+        .call(&r.api, "GET", "/v1/rollouts/ivr", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    serde_json::from_slice(&resp.body).unwrap()
+}
+
+/// `n` calls spread over the replicas, `conc` at a time, each with a fresh
+/// Asterisk-style uniqueid of the current second.
+async fn traffic(rs: &[Replica], first: usize, n: usize, conc: usize) -> Vec<AgiStatus> {
+    let addrs: Arc<Vec<SocketAddr>> = Arc::new(rs.iter().map(|r| r.addr).collect());
+    let mut out = Vec::new();
+    for chunk in (first..first + n).collect::<Vec<_>>().chunks(conc) {
+        let mut calls = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let addrs = addrs.clone();
+            calls.spawn(async move {
+                let uid = format!("pbx-{}.{i}", now_ms() / 1000);
+                caller("ivr/menu", &uid)
+                    .run(addrs[i % addrs.len()])
+                    .await
+                    .status
+            });
+        }
+        out.extend(calls.join_all().await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_replica() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let good = Behaviour::script(&["NOOP"]);
+    let green = FakeBackend::start(Behaviour::Cycle(vec![
+        Behaviour::CloseAfterHeader,
+        good.clone(),
+        good.clone(),
+        good.clone(),
+        good,
+    ]))
+    .await;
+    let ports = [free_port(), free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let interval_ms = 2000;
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      judge: {{ interval: {interval_ms}ms, min_sessions: 15, peers: [{}] }}\n",
+        agiproxy_config::format_ms(now_ms() - 100),
+        peers.join(", ")
+    );
+    let rs = replicas(&config(&rollout, blue.addr(), green.addr()), &ports).await;
+
+    // Calls until every replica has rolled back (bounded: 1,500 calls, 40 s).
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut known_at: Vec<Option<Instant>> = vec![None; 3];
+    while known_at.iter().any(Option::is_none) {
+        assert!(
+            sent < 1500 && started.elapsed() < Duration::from_secs(40),
+            "not rolled back on every replica after {sent} calls: {:?}",
+            futures_views(&rs).await
+        );
+        if sent < 1500 {
+            traffic(&rs, sent, 12, 6).await;
+            sent += 12;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        for (i, r) in rs.iter().enumerate() {
+            if known_at[i].is_none() && view(r).await.decision.is_some() {
+                known_at[i] = Some(Instant::now());
+            }
+        }
+    }
+    let views = futures_views(&rs).await;
+    let at: Vec<i64> = views
+        .iter()
+        .map(|v| v.decision.as_ref().unwrap().at_ms)
+        .collect();
+    // One decision, in force at the same moment on every replica...
+    assert!(at.iter().all(|a| *a == at[0]), "{at:?}");
+    // ...known to all of them within one evaluation interval of each other.
+    let first = known_at.iter().flatten().min().unwrap();
+    let last = known_at.iter().flatten().max().unwrap();
+    assert!(
+        *last - *first <= Duration::from_millis(interval_ms),
+        "{:?}",
+        known_at
+    );
+    // Decided for a moment half an interval after the tick: in force then.
+    while now_ms() < at[0] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let views = futures_views(&rs).await;
+    for v in &views {
+        assert_eq!(v.state, "rolled_back", "{v:?}");
+        assert_eq!(
+            v.last_evaluation.as_ref().map(|e| e.replicas),
+            Some(3),
+            "{v:?}"
+        );
+        assert_eq!(v.step, Some(1), "rolled back at the first step: {v:?}");
+        let d = v.decision.as_ref().unwrap();
+        assert!(d.reason.starts_with("early closes: green"), "{d:?}");
+        let printed = agiproxy_control::ctl::format_rollout(v);
+        assert!(
+            printed.contains("ROLLED BACK") && printed.contains("early closes: green"),
+            "{printed}"
+        );
+    }
+    let metrics = client()
+        .call(&rs[2].api, "GET", "/metrics", &[], None)
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        "agiproxy_rollout_state{route=\"ivr\",state=\"rolled_back\"} 1",
+        "agiproxy_rollout_state{route=\"ivr\",state=\"progressing\"} 0",
+        "agiproxy_rollout_step{route=\"ivr\"} 1",
+        "agiproxy_rollout_weight_percent{route=\"ivr\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    // From the decision on, new calls go to blue only.
+    while now_ms() < at[0] + 1_000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let green_before = green.stats().accepted();
+    let statuses = traffic(&rs, 100_000, 60, 6).await;
+    assert!(
+        statuses.iter().all(|s| *s == AgiStatus::Success),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        green.stats().accepted(),
+        green_before,
+        "green got new calls"
+    );
+}
+
+async fn futures_views(rs: &[Replica]) -> Vec<RolloutView> {
+    let mut out = Vec::new();
+    for r in rs {
+        out.push(view(r).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_one() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP", "EXEC Wait 1"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let ports = [free_port(), free_port(), free_port()];
+    // Peers found as `ctl --cluster` finds them: SRV records of the
+    // headless Service, here served by a loopback FakeDns.
+    let dns = FakeDns::start().await;
+    let records: Vec<SrvRecord> = ports
+        .iter()
+        .map(|p| SrvRecord::new(0, 1, *p, "replica.agiproxy.test"))
+        .collect();
+    dns.set_srv("_control._tcp.agiproxy.test", &records, 1);
+    dns.set_addrs("replica.agiproxy.test", &["127.0.0.1".parse().unwrap()], 1);
+    let start = now_ms() + 300;
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [10, 50, 100]\n      step_duration: 1500ms\n      start: \"{}\"\n      judge: {{ interval: 500ms, min_sessions: 5, peers: \"dns:_control._tcp.agiproxy.test\" }}\n",
+        agiproxy_config::format_ms(start),
+    );
+    let text = config(&rollout, blue.addr(), green.addr()).replacen(
+        "version: 1\n",
+        &format!(
+            "version: 1\ndns: {{ nameservers: [\"{}\"], timeout: 500ms }}\n",
+            dns.addr()
+        ),
+        1,
+    );
+    let rs = replicas(&text, &ports).await;
+    while now_ms() < start + 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A long call on blue made in step 1 (a key green only at 100 %).
+    let uid = (0..)
+        .map(|i| format!("pbx-{}.{i}", now_ms() / 1000))
+        .find(|u| sticky::point(u.as_bytes()) >= 9000)
+        .unwrap();
+    let long_addr = rs[1].addr;
+    let long = tokio::spawn(async move {
+        caller("ivr/long", &uid)
+            .reply_with(|c| {
+                if c.starts_with("EXEC") {
+                    Reply::ok().after(Duration::from_millis(10_000))
+                } else {
+                    Reply::ok()
+                }
+            })
+            .run(long_addr)
+            .await
+    });
+    // Traffic through every step until promoted (bounded: 2,000 calls, 30 s).
+    let started = Instant::now();
+    let mut sent = 0;
+    loop {
+        let views = futures_views(&rs).await;
+        if views.iter().all(|v| v.state == "promoted") {
+            for v in &views {
+                assert!(v.decision.is_none(), "{v:?}");
+                assert_eq!(v.step, Some(3));
+            }
+            break;
+        }
+        assert!(
+            sent < 2000 && started.elapsed() < Duration::from_secs(30),
+            "not promoted: {views:?}"
+        );
+        traffic(&rs, sent, 9, 3).await;
+        sent += 9;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every step was judged and passed on the way.
+    let judged = view(&rs[0]).await.last_evaluation.expect("judged");
+    assert!(
+        judged.verdict == "pass" || judged.verdict.starts_with("waiting"),
+        "{judged:?}"
+    );
+    // Judged on the counters of all three replicas, found through DNS.
+    assert_eq!(judged.replicas, 3, "{judged:?}");
+
+    // Blue's call in flight is still there, shown per replica, then ends well.
+    assert_eq!(view(&rs[1]).await.active_blue, 1);
+    assert_eq!(view(&rs[0]).await.active_blue, 0);
+    // Keys carry whole seconds: a call made in the second promotion began
+    // counts at that second's start, under the step before.
+    while now_ms() < start + 3 * 1500 + 1000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(view(&rs[1]).await.active_blue, 1);
+    let blue_before = blue.stats().accepted();
+    let statuses = traffic(&rs, 100_000, 45, 5).await;
+    assert!(
+        statuses.iter().all(|s| *s == AgiStatus::Success),
+        "{statuses:?}"
+    );
+    assert_eq!(blue.stats().accepted(), blue_before, "blue got a new call");
+    let out = long.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(
+        out.commands.iter().any(|c| c.starts_with("EXEC")),
+        "{out:?}"
+    );
+    assert_eq!(view(&rs[1]).await.active_blue, 0);
+}
+
+#[tokio::test]
+async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_flagged() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    // Not started for an hour: 0 % on green.
+    let start = agiproxy_config::format_ms(now_ms() + 3_600_000);
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [10, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      skew: 1s\n      canary: {{ query: {{ canary: \"1\" }}, vars: {{ agi_accountcode: \"^qa$\" }} }}\n"
+    );
+    let text = config(&rollout, blue.addr(), green.addr());
+    let dir = std::env::temp_dir().join(format!("agiproxy-rollout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("agiproxy.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let server = Server::start_with(
+        agiproxy_config::from_yaml_str(&text).unwrap(),
+        Origin {
+            text: text.as_str().into(),
+            source: format!("file:{}", file.display()),
+            file: Some(file),
+        },
+    )
+    .await
+    .unwrap();
+    let opts = ServeOptions {
+        address: Some("127.0.0.1:0".parse().unwrap()),
+        socket: None,
+        token: Some(TOKEN.into()),
+        tls: None,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    };
+    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
+        .await
+        .unwrap();
+    let r = Replica {
+        api: Target::http(api.local_addr().expect("a TCP listener")),
+        addr: server.local_addrs()[0],
+        _server: server,
+    };
+    tokio::spawn(api.serve(std::future::pending()));
+
+    let uid = |i: u32| format!("{}.{i}", now_ms() / 1000);
+    for i in 0..10 {
+        let out = caller("ivr/menu", &uid(i)).run(r.addr).await;
+        assert_eq!(out.status, AgiStatus::Success);
+    }
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (10, 0));
+    let out = caller("ivr/menu?canary=1", &uid(11)).run(r.addr).await;
+    assert_eq!(out.status, AgiStatus::Success);
+    let mut qa = chaos_tests::AgiHeader::realistic("ivr/menu", &[], &uid(12));
+    qa.set("agi_accountcode", "qa");
+    let out = chaos_tests::FakeAsterisk::new()
+        .header(qa)
+        .run(r.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success);
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (10, 2));
+    let v = view(&r).await;
+    assert_eq!(
+        (v.state.as_str(), v.step, v.weight_percent),
+        ("pending", None, 0.0)
+    );
+
+    // Overrides change state: the token is required.
+    let at = "2026-01-01T00:00:00Z";
+    let body = format!("{{\"at\": \"{at}\"}}").into_bytes();
+    let anonymous = Client {
+        token: None,
+        tls: None,
+        timeout: Duration::from_secs(5),
+    };
+    let resp = anonymous
+        .call(
+            &r.api,
+            "POST",
+            "/v1/rollouts/ivr/promote",
+            &[],
+            Some(body.clone()),
+        )
+        .await
+        .unwrap();
+    // 401 or 403, whichever the guard answers a request without a token.
+    assert!(matches!(resp.status, 401 | 403), "{}", resp.status);
+    let resp = client()
+        .call(&r.api, "POST", "/v1/rollouts/ivr/promote", &[], Some(body))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let v = view(&r).await;
+    assert_eq!(v.state, "promoted");
+    assert_eq!(
+        v.overrides,
+        vec!["promote at 2026-01-01T00:00:01.000Z".to_string()]
+    );
+    let note = v.differs_from_file.expect("differs from the file");
+    assert!(
+        note.contains("write overrides: [{ action: promote, at: \"2026-01-01T00:00:00.000Z\" }]"),
+        "{note}"
+    );
+    let status = client()
+        .call(&r.api, "GET", "/v1/status", &[], None)
+        .await
+        .unwrap();
+    let status: agiproxy_control::api::Status = serde_json::from_slice(&status.body).unwrap();
+    assert!(status.differs_from_file);
+    assert_eq!(status.rollouts_differ, vec![note]);
+    let resp = client()
+        .call(&r.api, "POST", "/v1/rollouts/ivr/undo", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 404);
+    let out = caller("ivr/menu", &uid(13)).run(r.addr).await;
+    assert_eq!(out.status, AgiStatus::Success);
+    assert_eq!(green.stats().accepted(), 3);
+}

@@ -1,0 +1,259 @@
+//! What the control API shows and changes of rollouts: per-replica views,
+//! the counters peers read, overrides written into the running config, the
+//! notes on what differs from the file, and the metrics.
+
+use agiproxy_config::{format_ms, parse_time, Config, OverrideAction};
+use agiproxy_control::api::{RolloutEvaluationView, RolloutView};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+
+use super::eval::{decision_view, to_api};
+use crate::server::ApplyError;
+use crate::session::rollout::{now_ms, CompiledRollout, Side, State};
+use crate::session::router::CompiledRoute;
+use crate::snapshot::Snapshot;
+
+fn rollouts(snap: &Snapshot) -> impl Iterator<Item = (&CompiledRoute, &CompiledRollout)> {
+    snap.router
+        .routes()
+        .iter()
+        .filter_map(|r| r.rollout.as_ref().map(|ro| (r, ro)))
+}
+
+/// Every rollout route of `snap`; `file`: the config file's content, to
+/// say where the running rollout differs from it.
+pub fn views(snap: &Snapshot, file: Option<&Config>) -> Vec<RolloutView> {
+    let now = now_ms();
+    let pools = &snap.config.pools;
+    rollouts(snap)
+        .map(|(r, ro)| {
+            let p = ro.position(now);
+            let plan = &ro.plan;
+            RolloutView {
+                route: r.name.to_string(),
+                from: pools[plan.from].name.clone(),
+                to: pools[plan.to].name.clone(),
+                state: p.state.as_str().into(),
+                step: p.step.map(|s| s + 1),
+                steps: plan.steps.iter().map(|bp| f64::from(*bp) / 100.0).collect(),
+                weight_percent: f64::from(p.weight_bp) / 100.0,
+                start: plan.start_text.clone(),
+                next_step_at: p.next_change_ms.map(format_ms),
+                overrides: plan
+                    .overrides
+                    .iter()
+                    .map(|o| format!("{} at {}", o.action, format_ms(o.at_ms)))
+                    .collect(),
+                decision: ro.live.decision().as_ref().map(decision_view),
+                last_evaluation: ro.live.evaluation().map(|e| RolloutEvaluationView {
+                    tick: e.tick,
+                    at: format_ms(e.at_ms),
+                    step: e.step + 1,
+                    replicas: e.replicas,
+                    blue: to_api(&e.blue),
+                    green: to_api(&e.green),
+                    verdict: e.verdict,
+                }),
+                active_blue: ro.live.active(Side::Blue),
+                active_green: ro.live.active(Side::Green),
+                unkeyed_sessions: ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed),
+                differs_from_file: file.and_then(|f| differs(&r.route.name, ro, f)),
+            }
+        })
+        .collect()
+}
+
+/// What the running rollout of `route` has that the file lacks.
+fn differs(route: &str, ro: &CompiledRollout, file: &Config) -> Option<String> {
+    let in_file = file
+        .routes
+        .iter()
+        .find(|r| r.name == route)
+        .and_then(|r| r.rollout.as_ref());
+    let skew = ro.plan.skew.as_millis() as i64;
+    let Some(f) = in_file else {
+        return Some(format!(
+            "route {route}: the config file has no rollout here; a restart from the file ends it"
+        ));
+    };
+    if let Some(d) = ro.live.decision() {
+        let kept = f
+            .overrides
+            .iter()
+            .any(|o| o.action == OverrideAction::Rollback && o.at_ms <= d.at_ms);
+        if !kept {
+            return Some(format!(
+                "route {route}: rolled back by judgement ({}); the file does not say so: add overrides: [{{ action: rollback, at: \"{}\" }}] to keep it across a restart of every replica",
+                d.reason,
+                format_ms(d.at_ms - skew)
+            ));
+        }
+    }
+    if f.overrides != ro.plan.overrides
+        || f.start_ms != ro.plan.start_ms
+        || f.steps != ro.plan.steps
+    {
+        let list: Vec<String> = ro
+            .plan
+            .overrides
+            .iter()
+            .map(|o| {
+                format!(
+                    "{{ action: {}, at: \"{}\" }}",
+                    o.action,
+                    format_ms(o.at_ms - skew)
+                )
+            })
+            .collect();
+        return Some(format!(
+            "route {route}: the running rollout differs from the config file (changed through the API); to keep it, write overrides: [{}]",
+            list.join(", ")
+        ));
+    }
+    None
+}
+
+/// One line per rollout that differs from the file, for `/v1/status`.
+pub fn notes(snap: &Snapshot, file: Option<&Config>) -> Vec<String> {
+    views(snap, file)
+        .into_iter()
+        .filter_map(|v| v.differs_from_file)
+        .collect()
+}
+
+/// This replica's counters at `tick`, for a peer.
+pub fn tick(snap: &Snapshot, route: &str, tick: i64) -> Option<agiproxy_control::api::RolloutTick> {
+    rollouts(snap)
+        .find(|(r, _)| &*r.name == route)
+        .map(|(_, ro)| super::eval::tick_view(&ro.live, tick))
+}
+
+/// Appends an override to a route's rollout in a config text.
+pub fn with_override(
+    text: &str,
+    route: &str,
+    action: &str,
+    at: Option<&str>,
+) -> Result<String, ApplyError> {
+    if OverrideAction::parse(action).is_none() {
+        return Err(ApplyError::NotFound(format!(
+            "no rollout action {action:?}; use pause, resume, promote or rollback"
+        )));
+    }
+    let at = match at {
+        Some(t) => {
+            parse_time(t).map_err(|m| {
+                ApplyError::Invalid(agiproxy_config::ConfigErrors(vec![
+                    agiproxy_config::ConfigError::new("at", m),
+                ]))
+            })?;
+            t.to_string()
+        }
+        None => format_ms(now_ms()),
+    };
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
+    })?;
+    let entry = doc
+        .get_mut("routes")
+        .and_then(|r| r.as_sequence_mut())
+        .and_then(|routes| {
+            routes
+                .iter_mut()
+                .filter_map(|r| r.as_mapping_mut())
+                .find(|m| m.get("name").and_then(|n| n.as_str()) == Some(route))
+        })
+        .ok_or_else(|| ApplyError::NotFound(format!("no route {route:?}")))?;
+    let rollout = entry
+        .get_mut("rollout")
+        .and_then(|r| r.as_mapping_mut())
+        .ok_or_else(|| ApplyError::NotFound(format!("route {route:?} has no rollout")))?;
+    let mut o = serde_yaml::Mapping::new();
+    o.insert("action".into(), action.into());
+    o.insert("at".into(), at.into());
+    match rollout
+        .get_mut("overrides")
+        .and_then(|v| v.as_sequence_mut())
+    {
+        Some(list) => list.push(serde_yaml::Value::Mapping(o)),
+        None => {
+            rollout.insert(
+                "overrides".into(),
+                serde_yaml::Value::Sequence(vec![serde_yaml::Value::Mapping(o)]),
+            );
+        }
+    }
+    serde_yaml::to_string(&doc).map_err(|e| ApplyError::Uneditable(e.to_string()))
+}
+
+/// `agiproxy_rollout_*`, read from live state at scrape time.
+pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
+    use prometheus::core::Collector;
+    let gauge = |name: &str, help: &str, labels: &[&str]| {
+        IntGaugeVec::new(Opts::new(name, help).namespace("agiproxy"), labels).expect("valid metric")
+    };
+    let step = gauge(
+        "rollout_step",
+        "Step in force (1-based; 0 before the start)",
+        &["route"],
+    );
+    let weight = prometheus::GaugeVec::new(
+        Opts::new(
+            "rollout_weight_percent",
+            "Green's share of new calls now, percent",
+        )
+        .namespace("agiproxy"),
+        &["route"],
+    )
+    .expect("valid metric");
+    let state = gauge(
+        "rollout_state",
+        "1 for the rollout's state: pending, progressing, halted, rolled_back, promoted",
+        &["route", "state"],
+    );
+    let active = gauge(
+        "rollout_active_sessions",
+        "Sessions in flight on this replica by colour (blue: from, green: to)",
+        &["route", "colour"],
+    );
+    let unkeyed = IntCounterVec::new(
+        Opts::new(
+            "rollout_unkeyed_sessions_total",
+            "Sessions whose key held no creation time (routed by the weight at the time, not sticky across steps)",
+        )
+        .namespace("agiproxy"),
+        &["route"],
+    )
+    .expect("valid metric");
+    let now = now_ms();
+    for (r, ro) in rollouts(snap) {
+        let p = ro.position(now);
+        let name = &*r.name;
+        step.with_label_values(&[name])
+            .set(p.step.map_or(0, |s| s as i64 + 1));
+        weight
+            .with_label_values(&[name])
+            .set(f64::from(p.weight_bp) / 100.0);
+        for s in State::ALL {
+            state
+                .with_label_values(&[name, s.as_str()])
+                .set(i64::from(s == p.state));
+        }
+        active
+            .with_label_values(&[name, "blue"])
+            .set(ro.live.active(Side::Blue));
+        active
+            .with_label_values(&[name, "green"])
+            .set(ro.live.active(Side::Green));
+        unkeyed
+            .with_label_values(&[name])
+            .inc_by(ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    let mut out: Vec<MetricFamily> = [step, state, active]
+        .iter()
+        .flat_map(|g| g.collect())
+        .collect();
+    out.extend(weight.collect());
+    out.extend(unkeyed.collect());
+    out
+}

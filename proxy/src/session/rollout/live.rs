@@ -1,0 +1,257 @@
+//! A rollout's live state on this replica: session counters per step and
+//! colour (atomics: the session path takes no lock), sessions in flight
+//! per colour, the judged rollback, and the counters published at each
+//! evaluation tick for the other replicas to read. Carried across reloads
+//! while the rollout's identity (pools, start, steps) stays.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use agiproxy_config::{Pool, Rollout};
+
+use super::judge::{Counts, BUCKETS_MS};
+use crate::session::outcome::{Outcome, Reason};
+
+/// Published ticks kept for peers that ask late.
+const KEEP_TICKS: usize = 8;
+const NO_DECISION: i64 = i64::MIN;
+
+/// Blue or green.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Blue = 0,
+    Green = 1,
+}
+
+#[derive(Debug, Default)]
+struct SideCounters {
+    sessions: AtomicU64,
+    failures: AtomicU64,
+    connect_errors: AtomicU64,
+    early_closes: AtomicU64,
+    deadlines: AtomicU64,
+    first_command: [AtomicU64; 12],
+}
+
+impl SideCounters {
+    fn read(&self) -> Counts {
+        let mut c = Counts {
+            sessions: self.sessions.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            connect_errors: self.connect_errors.load(Relaxed),
+            early_closes: self.early_closes.load(Relaxed),
+            deadlines: self.deadlines.load(Relaxed),
+            first_command: [0; 12],
+        };
+        for (out, a) in c.first_command.iter_mut().zip(&self.first_command) {
+            *out = a.load(Relaxed);
+        }
+        c
+    }
+}
+
+/// A decision to roll back, reached by judgement here or adopted from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// When it takes effect (Unix ms): calls created from then go to blue.
+    pub at_ms: i64,
+    /// The tick whose counters showed it.
+    pub tick: i64,
+    pub reason: String,
+    /// `judged here` or `adopted from <replica>`.
+    pub source: String,
+}
+
+/// This replica's counters of one step, frozen at a tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub tick: i64,
+    pub step: usize,
+    pub blue: Counts,
+    pub green: Counts,
+}
+
+/// The last judgement, for `ctl rollout status`.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub tick: i64,
+    pub at_ms: i64,
+    pub step: usize,
+    /// Replicas whose counters were summed (this one included).
+    pub replicas: usize,
+    pub blue: Counts,
+    pub green: Counts,
+    pub verdict: String,
+}
+
+#[derive(Debug)]
+pub struct RolloutLive {
+    identity: String,
+    /// This replica among its peers (random: a replica listed twice, or
+    /// itself, is counted once).
+    pub id: String,
+    /// `[step][side]`.
+    counters: Box<[[SideCounters; 2]]>,
+    active: [AtomicI64; 2],
+    /// Sessions whose key held no creation time (routed by the weight now).
+    pub unkeyed: AtomicU64,
+    judged_ms: AtomicI64,
+    decision: Mutex<Option<Decision>>,
+    published: Mutex<VecDeque<Published>>,
+    evaluation: Mutex<Option<Evaluation>>,
+    /// Last tick published / judged here.
+    pub(crate) published_tick: AtomicI64,
+    pub(crate) judged_tick: AtomicI64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What must stay equal for counters and decisions to carry over a reload.
+fn identity(ro: &Rollout, pools: &[Pool]) -> String {
+    format!(
+        "{}>{}@{}/{:?}/{}",
+        pools[ro.from].name,
+        pools[ro.to].name,
+        ro.start_ms,
+        ro.steps,
+        ro.step_duration.as_millis()
+    )
+}
+
+impl RolloutLive {
+    /// The live state for `ro`: `previous` when it is the same rollout.
+    pub fn new(ro: &Rollout, pools: &[Pool], previous: Option<&Arc<RolloutLive>>) -> Arc<Self> {
+        let identity = identity(ro, pools);
+        if let Some(p) = previous.filter(|p| p.identity == identity) {
+            return p.clone();
+        }
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let seed = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            super::schedule::now_ms(),
+            MADE.fetch_add(1, Relaxed)
+        );
+        Arc::new(RolloutLive {
+            identity,
+            id: format!(
+                "{:016x}",
+                crate::pool::hash::stable_hash(seed.as_bytes(), 0x1d)
+            ),
+            counters: (0..ro.steps.len()).map(|_| Default::default()).collect(),
+            active: Default::default(),
+            unkeyed: AtomicU64::new(0),
+            judged_ms: AtomicI64::new(NO_DECISION),
+            decision: Mutex::new(None),
+            published: Mutex::new(VecDeque::new()),
+            evaluation: Mutex::new(None),
+            published_tick: AtomicI64::new(-1),
+            judged_tick: AtomicI64::new(-1),
+        })
+    }
+
+    /// When the judged rollback takes effect, if there is one.
+    pub fn judged_ms(&self) -> Option<i64> {
+        Some(self.judged_ms.load(Relaxed)).filter(|v| *v != NO_DECISION)
+    }
+
+    pub fn decision(&self) -> Option<Decision> {
+        lock(&self.decision).clone()
+    }
+
+    /// Records a rollback unless an earlier one is known: every replica
+    /// ends on the earliest, whichever it heard first.
+    pub fn decide(&self, d: Decision) -> bool {
+        let mut cur = lock(&self.decision);
+        if cur.as_ref().is_some_and(|c| c.at_ms <= d.at_ms) {
+            return false;
+        }
+        self.judged_ms.store(d.at_ms, Relaxed);
+        *cur = Some(d);
+        true
+    }
+
+    pub fn session_started(&self, side: Side) {
+        self.active[side as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn active(&self, side: Side) -> i64 {
+        self.active[side as usize].load(Relaxed)
+    }
+
+    /// Counts a finished session (and ends it in the in-flight count).
+    pub fn session_ended(
+        &self,
+        side: Side,
+        step: Option<usize>,
+        outcome: Outcome,
+        reason: Option<Reason>,
+        first_command_ms: Option<u64>,
+    ) {
+        self.active[side as usize].fetch_sub(1, Relaxed);
+        let Some(c) = step.and_then(|s| self.counters.get(s)) else {
+            return;
+        };
+        let c = &c[side as usize];
+        c.sessions.fetch_add(1, Relaxed);
+        if outcome == Outcome::Failed {
+            c.failures.fetch_add(1, Relaxed);
+        }
+        match reason {
+            Some(
+                Reason::ConnectFailed
+                | Reason::BudgetExhausted
+                | Reason::NoBackend
+                | Reason::BackendReset,
+            ) => {
+                c.connect_errors.fetch_add(1, Relaxed);
+            }
+            Some(Reason::BackendClosed) => {
+                c.early_closes.fetch_add(1, Relaxed);
+            }
+            Some(Reason::FirstCommandTimeout | Reason::NextCommandTimeout) => {
+                c.deadlines.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        if let Some(ms) = first_command_ms {
+            let b = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(11);
+            c.first_command[b].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// This replica's counters of `step`, now.
+    pub fn counts(&self, step: usize) -> (Counts, Counts) {
+        match self.counters.get(step) {
+            Some(c) => (c[0].read(), c[1].read()),
+            None => (Counts::default(), Counts::default()),
+        }
+    }
+
+    pub fn publish(&self, p: Published) {
+        let mut q = lock(&self.published);
+        self.published_tick.store(p.tick, Relaxed);
+        q.push_back(p);
+        while q.len() > KEEP_TICKS {
+            q.pop_front();
+        }
+    }
+
+    pub fn published(&self, tick: i64) -> Option<Published> {
+        lock(&self.published)
+            .iter()
+            .find(|p| p.tick == tick)
+            .cloned()
+    }
+
+    pub fn set_evaluation(&self, e: Evaluation) {
+        *lock(&self.evaluation) = Some(e);
+    }
+
+    pub fn evaluation(&self) -> Option<Evaluation> {
+        lock(&self.evaluation).clone()
+    }
+}

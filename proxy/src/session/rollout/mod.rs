@@ -1,0 +1,187 @@
+//! Blue-green rollouts declared on routes: a schedule every replica
+//! computes from the clock and the config alone ([`schedule`]), calls kept
+//! on one colour by the time in their key ([`sticky`]), canaries, and a
+//! judgement of green against blue on every replica's counters
+//! ([`judge`]; the loop that reads peers is `crate::rollout::eval`) that
+//! rolls back on bad outcomes.
+
+pub mod judge;
+pub mod live;
+pub mod schedule;
+pub mod sticky;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use agiproxy_config::{Pool, Rollout};
+
+use crate::session::header::Header;
+pub use live::{Decision, RolloutLive, Side};
+pub use schedule::{now_ms, position, Position, State};
+
+/// One line for `agiproxy check`: where the rollout stands at `now_ms`
+/// by the file alone (a judged rollback lives in the running replicas).
+pub fn explain(ro: &Rollout, now_ms: i64) -> String {
+    let p = schedule::position(ro, now_ms, None);
+    let step = match p.step {
+        Some(s) => format!("step {} of {}", s + 1, ro.steps.len()),
+        None => "not started".into(),
+    };
+    let next = match p.next_change_ms {
+        Some(t) => format!(
+            "; the next step begins at {} (in {})",
+            agiproxy_config::format_ms(t),
+            humanize(t - now_ms)
+        ),
+        None => String::new(),
+    };
+    let judge = if ro.judge.enabled {
+        format!(
+            "judged every {} on {} sessions a colour at least",
+            humanize(ro.judge.interval.as_millis() as i64),
+            ro.judge.min_sessions
+        )
+    } else {
+        "not judged".into()
+    };
+    format!(
+        "rollout now: {}, {step}, green {}% of new calls{next}; {judge}",
+        p.state.as_str(),
+        f64::from(p.weight_bp) / 100.0
+    )
+}
+
+fn humanize(ms: i64) -> String {
+    let d = std::time::Duration::from_secs((ms.max(0) as u64).div_ceil(1000));
+    humantime_like(d)
+}
+
+/// `1h 5m 3s` without a dependency for it.
+fn humantime_like(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h "));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m "));
+    }
+    out.push_str(&format!("{s}s"));
+    out
+}
+
+/// A route's rollout, compiled once per config.
+#[derive(Debug)]
+pub struct CompiledRollout {
+    pub plan: Rollout,
+    pub live: Arc<RolloutLive>,
+    /// `agi_arg_N` names of the canary's argument criteria.
+    canary_args: Vec<(String, regex::Regex)>,
+    /// Drives the weights for calls without the key at all.
+    fallback: AtomicU64,
+}
+
+/// Where one session of a rollout route went, and how it is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub pool: usize,
+    pub side: Side,
+    /// The step in force when the session ran (its counters); None when
+    /// no step is being judged (pending, rolled back, promoted).
+    pub step: Option<usize>,
+    pub canary: bool,
+    /// The key held no creation time.
+    pub unkeyed: bool,
+}
+
+impl CompiledRollout {
+    pub fn new(plan: &Rollout, pools: &[Pool], previous: Option<&CompiledRollout>) -> Self {
+        CompiledRollout {
+            plan: plan.clone(),
+            live: RolloutLive::new(plan, pools, previous.map(|p| &p.live)),
+            canary_args: plan
+                .canary
+                .args
+                .iter()
+                .map(|(n, re)| (format!("agi_arg_{n}"), re.clone()))
+                .collect(),
+            fallback: AtomicU64::new(0),
+        }
+    }
+
+    /// Where the rollout stands at `t_ms`.
+    pub fn position(&self, t_ms: i64) -> Position {
+        schedule::position(&self.plan, t_ms, self.live.judged_ms())
+    }
+
+    fn is_canary(&self, h: &Header, source: IpAddr) -> bool {
+        let m = &self.plan.canary;
+        m.query
+            .iter()
+            .any(|(k, v)| h.query_param(k).is_some_and(|got| got == v.as_str()))
+            || self
+                .canary_args
+                .iter()
+                .any(|(name, re)| h.get(name).is_some_and(|v| re.is_match(v)))
+            || m.vars
+                .iter()
+                .any(|(name, re)| h.get(name).is_some_and(|v| re.is_match(v)))
+            || m.source.iter().any(|net| net.contains(&source))
+    }
+
+    /// The colour of one session: canaries to green; otherwise the key's
+    /// hash point against the weight in force when the key was created.
+    pub fn pick(&self, key: Option<&str>, h: &Header, source: IpAddr, now_ms: i64) -> Pick {
+        let now = self.position(now_ms);
+        let step = match now.state {
+            State::Progressing | State::Halted => now.step,
+            _ => None,
+        };
+        let (green, canary, unkeyed) = if self.is_canary(h, source) {
+            (true, true, false)
+        } else {
+            match key {
+                Some(k) => match sticky::key_time_ms(k) {
+                    Some(created) => {
+                        let w = self.position(created).weight_bp;
+                        (
+                            sticky::goes_green(sticky::point(k.as_bytes()), w),
+                            false,
+                            false,
+                        )
+                    }
+                    None => (
+                        sticky::goes_green(sticky::point(k.as_bytes()), now.weight_bp),
+                        false,
+                        true,
+                    ),
+                },
+                None => {
+                    let n = self.fallback.fetch_add(1, Ordering::Relaxed);
+                    let p = sticky::point(&n.to_le_bytes());
+                    (sticky::goes_green(p, now.weight_bp), false, true)
+                }
+            }
+        };
+        if unkeyed {
+            self.live.unkeyed.fetch_add(1, Ordering::Relaxed);
+        }
+        let (pool, side) = if green {
+            (self.plan.to, Side::Green)
+        } else {
+            (self.plan.from, Side::Blue)
+        };
+        Pick {
+            pool,
+            side,
+            step,
+            canary,
+            unkeyed,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The routing decision across simulated replicas and a simulated clock:
+//! thousands of calls, each with AGIs at different times on different
+//! replicas, while the rollout steps, is overridden, or rolled back.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use agiproxy_config::Config;
+
+use crate::session::header::Header;
+use crate::session::router::Router;
+
+const T0: i64 = 1_796_500_000_000;
+const STEP_MS: i64 = 10_000;
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn config(steps: &str, overrides: &str) -> Config {
+    let text = format!(
+        "version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: {steps}\n      step_duration: 10s\n      start: \"{}\"\n      skew: 1s\n      canary: {{ query: {{ canary: \"1\" }}, vars: {{ agi_callerid: \"^\\\\+1555\" }} }}\n{overrides}pools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:2\" }}]\n",
+        agiproxy_config::format_ms(T0)
+    );
+    agiproxy_config::from_yaml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn router(cfg: &Config, previous: Option<&Router>) -> Router {
+    Router::new(&cfg.routes, &cfg.pools, previous)
+}
+
+fn header(uniqueid: &str, extra: &str) -> Header {
+    let text = format!(
+        "agi_network_script: ivr\nagi_request: agi://127.0.0.1/ivr\nagi_uniqueid: {uniqueid}\nagi_callerid: 2000\n{extra}\n"
+    );
+    Header::parse(text.into_bytes(), 512).unwrap()
+}
+
+/// Pool index (0 blue, 1 green) for one AGI.
+fn pick(r: &Router, h: &Header, now: i64) -> usize {
+    r.pool_for(0, h, LOCAL, now).0
+}
+
+/// One simulated call: created at `created` (ms), AGIs at these offsets.
+struct Call {
+    id: String,
+    created: i64,
+}
+
+fn calls(n: usize, from: i64, span: i64) -> Vec<Call> {
+    (0..n)
+        .map(|i| {
+            let created = from + span * i as i64 / n as i64;
+            Call {
+                // Asterisk's form with a system name; seconds of creation.
+                id: format!("pbx-1-{}.{}", created / 1000, 4000 + i),
+                created,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn stickiness_across_a_moving_split_on_three_replicas_with_a_restart() {
+    let cfg = config("[10, 25, 50]", "");
+    let mut replicas = [router(&cfg, None), router(&cfg, None), router(&cfg, None)];
+    let all = calls(2000, T0, 3 * STEP_MS);
+    // Events in time order: (time, call, agi number).
+    let mut events: Vec<(i64, usize, usize)> = Vec::new();
+    for (i, c) in all.iter().enumerate() {
+        for (j, offset) in [
+            0,
+            4_000 + (i as i64 % 7) * 500,
+            9_000 + (i as i64 % 5) * 1000,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            events.push((c.created + offset, i, j));
+        }
+    }
+    events.sort();
+    let mut seen: Vec<Option<usize>> = vec![None; all.len()];
+    let mut restarted = false;
+    for (now, i, j) in events {
+        if !restarted && now >= T0 + 15_000 {
+            // Replica 2 restarts mid-rollout: nothing carried over.
+            replicas[2] = router(&cfg, None);
+            restarted = true;
+        }
+        let h = header(&all[i].id, "");
+        let pool = pick(&replicas[(i + j) % 3], &h, now);
+        match seen[i] {
+            None => seen[i] = Some(pool),
+            Some(first) => assert_eq!(first, pool, "call {} moved at AGI {j}", all[i].id),
+        }
+    }
+    // The share of new calls on green follows each step within 3 points.
+    for (step, want) in [(0, 10.0), (1, 25.0), (2, 50.0)] {
+        let (lo, hi) = (T0 + step * STEP_MS, T0 + (step + 1) * STEP_MS);
+        let in_step: Vec<usize> = (0..all.len())
+            .filter(|&i| (lo..hi).contains(&all[i].created))
+            .collect();
+        let green = in_step.iter().filter(|&&i| seen[i] == Some(1)).count();
+        let share = green as f64 * 100.0 / in_step.len() as f64;
+        eprintln!(
+            "step {step}: {share:.1}% of {} new calls on green (want {want}%)",
+            in_step.len()
+        );
+        assert!(
+            (share - want).abs() <= 3.0,
+            "step {step}: {share:.1}% on green of {} calls, want {want}%",
+            in_step.len()
+        );
+    }
+}
+
+/// Applies `overrides` (as ctl would, through a reload) at `applied`; every
+/// call's AGIs before and after must stay on one pool, and calls made once
+/// the override is in force go where it says.
+fn override_keeps_calls(overrides: &str, effective: i64, after: Option<usize>) {
+    let before = config("[10, 25, 50]", "");
+    let with = config("[10, 25, 50]", overrides);
+    let old = router(&before, None);
+    let new = router(&with, Some(&old));
+    let applied = effective - 1_000; // ctl's time; the skew (1 s) later it counts
+    let all = calls(1500, T0, 3 * STEP_MS);
+    for c in &all {
+        let h = header(&c.id, "");
+        let r_at = |now: i64| if now < applied { &old } else { &new };
+        let first = pick(r_at(c.created), &h, c.created);
+        for later in [c.created + 3_000, c.created + 12_000, c.created + 40_000] {
+            assert_eq!(
+                pick(r_at(later), &h, later),
+                first,
+                "call {} (created {}) moved at {later}",
+                c.id,
+                c.created - T0
+            );
+        }
+        if let Some(pool) = after {
+            if c.created >= effective + 1_000 {
+                assert_eq!(first, pool, "new call {} after the override", c.id);
+            }
+        }
+    }
+}
+
+#[test]
+fn rollback_promote_and_pause_are_anchored_in_time() {
+    let at = agiproxy_config::format_ms(T0 + 15_000);
+    // Effective 1 s (the skew) after the time written.
+    let eff = T0 + 16_000;
+    let o = |action: &str| format!("      overrides: [{{ action: {action}, at: \"{at}\" }}]\n");
+    override_keeps_calls(&o("rollback"), eff, Some(0));
+    override_keeps_calls(&o("promote"), eff, Some(1));
+    override_keeps_calls(&o("pause"), eff, None);
+}
+
+#[test]
+fn a_judged_rollback_learnt_before_it_takes_effect_moves_no_call() {
+    let cfg = config("[10, 25, 50]", "");
+    let replicas = [router(&cfg, None), router(&cfg, None), router(&cfg, None)];
+    let at = T0 + 12_500;
+    let all = calls(1500, T0, 3 * STEP_MS);
+    let live = |r: &Router| r.routes()[0].rollout.as_ref().unwrap().live.clone();
+    let mut learnt = [false; 3];
+    let mut events: Vec<(i64, usize, usize)> = Vec::new();
+    for (i, c) in all.iter().enumerate() {
+        for (j, off) in [0i64, 2_000, 7_000].into_iter().enumerate() {
+            events.push((c.created + off, i, j));
+        }
+    }
+    events.sort();
+    let mut seen = vec![None; all.len()];
+    for (now, i, j) in events {
+        // Each replica hears of the decision at its own moment, all before `at`.
+        for (r, heard) in [T0 + 12_100, T0 + 12_200, T0 + 12_400]
+            .into_iter()
+            .enumerate()
+        {
+            if now >= heard && !learnt[r] {
+                learnt[r] = live(&replicas[r]).decide(super::Decision {
+                    at_ms: at,
+                    tick: 12,
+                    reason: "test".into(),
+                    source: "test".into(),
+                });
+            }
+        }
+        let pool = pick(&replicas[(i + j) % 3], &header(&all[i].id, ""), now);
+        match seen[i] {
+            None => seen[i] = Some(pool),
+            Some(first) => assert_eq!(first, pool, "call {} moved", all[i].id),
+        }
+        // Whole seconds: a call created in the second of `at` counts before it.
+        if all[i].created >= at + 1_000 {
+            assert_eq!(pool, 0, "a call made after the rollback went to green");
+        }
+    }
+}
+
+#[test]
+fn canaries_reach_green_at_zero_percent_and_keys_without_time_are_counted() {
+    let cfg = config("[10, 25]", "");
+    let r = router(&cfg, None);
+    let before_start = T0 - 60_000;
+    let uid = format!("{}.1", before_start / 1000);
+    assert_eq!(pick(&r, &header(&uid, ""), before_start), 0);
+    let by_query = Header::parse(
+        format!("agi_network_script: ivr?canary=1\nagi_uniqueid: {uid}\n\n").into_bytes(),
+        512,
+    )
+    .unwrap();
+    assert_eq!(pick(&r, &by_query, before_start), 1);
+    let by_callerid = Header::parse(
+        format!("agi_network_script: ivr\nagi_uniqueid: {uid}\nagi_callerid: +15551234\n\n")
+            .into_bytes(),
+        512,
+    )
+    .unwrap();
+    assert_eq!(pick(&r, &by_callerid, before_start), 1);
+
+    let live = r.routes()[0].rollout.as_ref().unwrap().live.clone();
+    let unkeyed = |id: &str| pick(&r, &header(id, ""), T0 + 1_000);
+    unkeyed("7c3e0b1a-originate");
+    assert_eq!(live.unkeyed.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
