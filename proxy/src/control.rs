@@ -413,10 +413,13 @@ impl ControlPlane for ControlHandle {
         action: &str,
         at: Option<String>,
     ) -> Result<Applied, ControlError> {
+        // The edit runs on a blocking thread (the parse is bounded but not
+        // free): it owns what it needs.
+        let (r_route, r_action, r_at) = (route.to_string(), action.to_string(), at.clone());
         let r = self
             .server
-            .apply_edit("api", None, |text| {
-                crate::rollout::view::with_override(text, route, action, at.as_deref())
+            .apply_edit("api", None, move |text| {
+                crate::rollout::view::with_override(text, &r_route, &r_action, r_at.as_deref())
             })
             .await;
         if r.is_ok() {
