@@ -22,9 +22,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Sends the reason and the FAILURE line, then waits for Asterisk to close.
 /// Asterisk must be waiting for a command (never mid-line).
 pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Result<()> {
-    let set = format!("SET VARIABLE {ERROR_VARIABLE} \"{}\"\n", reason.as_str());
+    // Built on the stack, no formatting: a pool that is down answers every
+    // call this way, thousands a second.
+    let mut set = [0u8; 128];
+    let len = set_variable_line(&mut set, reason.as_str());
     let exchange = async {
-        asterisk.write_all(set.as_bytes()).await?;
+        asterisk.write_all(&set[..len]).await?;
         read_reply(asterisk).await?;
         asterisk.write_all(b"FAILURE\n").await?;
         // Asterisk answers FAILURE with HANGUP and a close; read it so our
@@ -39,26 +42,118 @@ pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Resul
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-/// Reads one reply line, skipping unsolicited `HANGUP` lines.
-async fn read_reply(asterisk: &mut TcpStream) -> io::Result<()> {
-    let mut line = [0u8; 512];
+/// `SET VARIABLE AGIPROXY_ERROR "<reason>"\n` into `buf`; its length.
+fn set_variable_line(buf: &mut [u8; 128], reason: &str) -> usize {
+    let parts: [&[u8]; 4] = [
+        b"SET VARIABLE ",
+        ERROR_VARIABLE.as_bytes(),
+        b" \"",
+        reason.as_bytes(),
+    ];
     let mut len = 0;
+    for part in parts.into_iter().chain([&b"\"\n"[..]]) {
+        // Reasons are short fixed names; a longer one is cut, never a panic.
+        let n = part.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    len
+}
+
+/// Reads up to the end of one reply line, skipping unsolicited `HANGUP`
+/// lines. Reads in blocks, not byte by byte (one system call, not one per
+/// byte), so it may read past the reply: the caller only sends FAILURE and
+/// drains after it, so nothing that follows is lost to anyone.
+async fn read_reply(asterisk: &mut TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 512];
+    // Bytes of the unfinished line at the start of `buf`.
+    let mut kept = 0;
+    // The unfinished line outgrew `buf`: it is no HANGUP, whatever follows.
+    let mut long = false;
     loop {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(ANSWER_TIMEOUT, asterisk.read(&mut byte))
+        let n = tokio::time::timeout(ANSWER_TIMEOUT, asterisk.read(&mut buf[kept..]))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        if byte[0] == b'\n' {
-            if &line[..len] != b"HANGUP" {
+        let end = kept + n;
+        let mut start = 0;
+        while let Some(nl) = memchr::memchr(b'\n', &buf[start..end]) {
+            if long || &buf[start..start + nl] != b"HANGUP" {
                 return Ok(());
             }
-            len = 0;
-        } else if len < line.len() {
-            line[len] = byte[0];
-            len += 1;
+            start += nl + 1;
         }
+        buf.copy_within(start..end, 0);
+        kept = end - start;
+        if kept == buf.len() {
+            (kept, long) = (0, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// What the proxy sent, for `asterisk_says` written by a fake Asterisk
+    /// in the chunks given.
+    async fn exchange(asterisk_says: &[&[u8]]) -> (io::Result<()>, Vec<u8>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut ast = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut proxy, _) = l.accept().await.unwrap();
+        let chunks: Vec<Vec<u8>> = asterisk_says.iter().map(|c| c.to_vec()).collect();
+        let fake = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            // The SET VARIABLE line first, then the reply in chunks.
+            while !got.ends_with(b"\n") {
+                let n = ast.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            for c in chunks {
+                ast.write_all(&c).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = ast.read_to_end(&mut got).await;
+            got
+        });
+        let r = tell_failure(&mut proxy, Reason::ConnectFailed).await;
+        drop(proxy);
+        (r, fake.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn failure_follows_the_reply_however_it_arrives() {
+        let long = [b'x'; 700];
+        let long_reply: &[u8] = &[&long[..], b"\n"].concat();
+        for says in [
+            &[&b"200 result=1\n"[..]][..],
+            &[b"20", b"0 resu", b"lt=1\n"],
+            &[b"HANGUP\n", b"200 result=1\n"],
+            &[b"HANGUP\nHANG", b"UP\n200 result=1\nHANGUP\n"],
+            &[long_reply],
+        ] {
+            let (r, got) = exchange(says).await;
+            r.unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                "SET VARIABLE AGIPROXY_ERROR \"connect_failed\"\nFAILURE\n",
+                "{says:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_failure_line_before_a_reply() {
+        // Only HANGUPs, then a close: no reply ever came.
+        let (r, got) = exchange(&[b"HANGUP\nHAN", b"GUP\n"]).await;
+        assert!(r.is_err());
+        assert!(
+            !String::from_utf8_lossy(&got).contains("FAILURE"),
+            "{got:?}"
+        );
     }
 }
