@@ -4,7 +4,9 @@
 //! behave (how AGISTATUS is decided, the unsolicited and end-of-session
 //! `HANGUP`, dead-channel replies, one header line per `write()`), and it
 //! records every protocol violation a proxy in front of it must never cause:
-//! pipelined commands, partial lines, `\r\n`.
+//! pipelined commands, partial lines, `\r\n`. It speaks the sound-file
+//! transfer of `asterisk-agi-audiotx` as the protocol file describes it
+//! (base64 lines, two replies to `PUT SOUNDFILE`).
 
 mod args;
 
@@ -20,12 +22,20 @@ use tokio::time::{sleep, timeout, timeout_at};
 
 use crate::framing::ReadBuf;
 use crate::header::AgiHeader;
+use crate::soundfile;
 
 /// Asterisk's `MAX_AGI_CONNECT`: each address gets this long to connect.
 pub const MAX_AGI_CONNECT: Duration = Duration::from_millis(2000);
 
 /// Asterisk reads commands into an 8192-byte buffer: longer lines are cut.
 pub const MAX_LINE: usize = 8191;
+
+/// How long the sound-file module waits for the next payload line of a
+/// `PUT SOUNDFILE` before it gives up (`200 result=-1`).
+pub const SOUNDFILE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest base64 payload line the module takes.
+const MAX_PAYLOAD_LINE: usize = 64 * 1024;
 
 /// How long bytes may sit without their `\n` before it counts as a partial
 /// line. A whole line written in one `write()` arrives in one piece on
@@ -125,8 +135,10 @@ pub struct CallOutcome {
     pub commands: Vec<String>,
     /// Channel variables set with `SET VARIABLE`.
     pub variables: HashMap<String, String>,
-    /// Payloads received with `PUT SOUNDFILE <name> <size>`.
+    /// Files stored with `PUT SOUNDFILE <name> <size>` (whole payloads only).
     pub received_files: Vec<(String, Vec<u8>)>,
+    /// `PUT SOUNDFILE` payloads the module gave up on (too slow, cut).
+    pub put_timeouts: usize,
     /// Why the connect failed, when it did.
     pub connect_error: Option<String>,
     /// Protocol violations by the server; a correct proxy causes none.
@@ -149,6 +161,7 @@ impl CallOutcome {
             commands: Vec::new(),
             variables: HashMap::new(),
             received_files: Vec::new(),
+            put_timeouts: 0,
             connect_error: None,
             violations: Vec::new(),
             elapsed: Duration::ZERO,
@@ -175,6 +188,14 @@ pub struct FakeAsterisk {
     hangup_after: Option<usize>,
     hangup_at_start: bool,
     files: Arc<HashMap<String, Vec<u8>>>,
+    /// `res_agi_audiotx` loaded (otherwise its commands get 510).
+    audiotx: bool,
+    /// The first reply to `PUT SOUNDFILE` (0: ready).
+    put_ready: i64,
+    soundfile_timeout: Duration,
+    /// The caller hangs up once this many bytes of a `PUT SOUNDFILE`
+    /// payload have arrived.
+    hangup_during_put: Option<usize>,
 }
 
 impl fmt::Debug for FakeAsterisk {
@@ -211,6 +232,10 @@ impl FakeAsterisk {
             hangup_after: None,
             hangup_at_start: false,
             files: Arc::default(),
+            audiotx: true,
+            put_ready: 0,
+            soundfile_timeout: SOUNDFILE_TIMEOUT,
+            hangup_during_put: None,
         }
     }
 
@@ -267,9 +292,39 @@ impl FakeAsterisk {
         self
     }
 
-    /// A file `GET SOUNDFILE <name>` returns.
+    /// A file `GET SOUNDFILE <name>` returns (files stored with
+    /// `PUT SOUNDFILE` during the call are returned too).
     pub fn file(mut self, name: &str, data: impl Into<Vec<u8>>) -> Self {
         Arc::make_mut(&mut self.files).insert(name.to_owned(), data.into());
+        self
+    }
+
+    /// An Asterisk without `asterisk-agi-audiotx`: `PUT`, `GET` and
+    /// `ISEXISTING SOUNDFILE` get `510 Invalid or unknown command`.
+    pub fn without_audiotx(mut self) -> Self {
+        self.audiotx = false;
+        self
+    }
+
+    /// The first reply to `PUT SOUNDFILE`: 0 (ready, the default), or the
+    /// module's error (-10 cannot create the file, -11 the directory).
+    pub fn put_ready(mut self, result: i64) -> Self {
+        self.put_ready = result;
+        self
+    }
+
+    /// How long the module waits for a payload line (default
+    /// [`SOUNDFILE_TIMEOUT`]) before it answers `200 result=-1`.
+    pub fn soundfile_timeout(mut self, limit: Duration) -> Self {
+        self.soundfile_timeout = limit;
+        self
+    }
+
+    /// The caller hangs up in the middle of a `PUT SOUNDFILE` payload, once
+    /// `bytes` of it have arrived: an unsolicited `HANGUP\n`, and the module
+    /// still reads the rest and answers.
+    pub fn hangup_during_put(mut self, bytes: usize) -> Self {
+        self.hangup_during_put = Some(bytes);
         self
     }
 
@@ -320,6 +375,7 @@ impl FakeAsterisk {
             dead: false,
             hung_up: false,
             failure: false,
+            stored: HashMap::new(),
         }
         .run()
         .await
@@ -363,6 +419,8 @@ struct Session<'a> {
     hung_up: bool,
     /// A `failure` line was received (AGISTATUS=FAILURE).
     failure: bool,
+    /// Files stored by `PUT SOUNDFILE` in this call.
+    stored: HashMap<String, Vec<u8>>,
 }
 
 impl Session<'_> {
@@ -485,13 +543,21 @@ impl Session<'_> {
         let reply = if line.ends_with('\r') {
             self.violation(format!("\\r\\n line ending: {line:?}"));
             Reply::line("510 Invalid or unknown command")
+        } else if !self.cfg.audiotx
+            && (args::starts_with(&words, &["PUT", "SOUNDFILE"])
+                || args::starts_with(&words, &["GET", "SOUNDFILE"])
+                || args::starts_with(&words, &["ISEXISTING", "SOUNDFILE"]))
+        {
+            Reply::line("510 Invalid or unknown command")
         } else if args::starts_with(&words, &["PUT", "SOUNDFILE"]) {
-            match self.put_soundfile(&words).await {
-                Some(reply) => reply,
-                None => return Flow::End,
-            }
+            return self.put_soundfile(&line, &words).await;
         } else if args::starts_with(&words, &["GET", "SOUNDFILE"]) {
             self.get_soundfile(&words)
+        } else if args::starts_with(&words, &["ISEXISTING", "SOUNDFILE"]) {
+            match words.get(2) {
+                Some(name) if words.len() == 3 && self.file(name).is_some() => Reply::ok(),
+                _ => Reply::result(-1),
+            }
         } else if words.is_empty() {
             Reply::line("510 Invalid or unknown command")
         } else if self.dead && !args::dead_safe(&words) {
@@ -537,43 +603,108 @@ impl Session<'_> {
         Reply::result(1)
     }
 
-    /// Reads the `<size>` raw bytes behind `PUT SOUNDFILE <name> <size>`.
-    /// `None` when the server closed inside the payload.
-    async fn put_soundfile(&mut self, words: &[String]) -> Option<Reply> {
+    /// `PUT SOUNDFILE <name> <size>`: answers ready (or the configured
+    /// error), then reads base64 lines until `<size>` decoded bytes, each
+    /// within the module's timeout, and answers once more. The pacing
+    /// checks of [`reply`](Self::reply) apply to both answers: payload
+    /// before the first, or a command before the second, is a violation.
+    async fn put_soundfile(&mut self, line: &str, words: &[String]) -> Flow {
         let size = match (
             words.len(),
             words.get(3).and_then(|s| s.parse::<usize>().ok()),
         ) {
             (4, Some(size)) => size,
-            _ => return Some(Reply::usage(" Usage: PUT SOUNDFILE <filename> <size>")),
-        };
-        let mut data = Vec::with_capacity(size.min(1 << 20));
-        while data.len() < size {
-            data.extend_from_slice(self.rb.take_up_to(size - data.len()));
-            if data.len() == size {
-                break;
+            _ => {
+                let usage = Reply::usage(" Usage: PUT SOUNDFILE <filename> <size>");
+                return self.reply(line, usage).await;
             }
-            match self.rb.fill(&mut self.stream).await {
-                Ok(n) if n > 0 => self.out.bytes_received += n as u64,
-                _ => {
-                    self.violation(format!(
-                        "connection closed after {} of {size} PUT SOUNDFILE payload bytes",
-                        data.len()
-                    ));
-                    return None;
-                }
+        };
+        let ready = self.cfg.put_ready;
+        if let Flow::End = self.reply(line, Reply::result(ready)).await {
+            return Flow::End;
+        }
+        if ready != 0 {
+            return Flow::Continue;
+        }
+        let mut data = Vec::with_capacity(size.min(1 << 20));
+        let mut hangup_due = self.cfg.hangup_during_put.filter(|_| !self.dead);
+        while data.len() < size {
+            let next = timeout(self.cfg.soundfile_timeout, self.payload_line()).await;
+            let Ok(next) = next else {
+                // The module gives up; the rest of the payload, should it
+                // come, is read as commands.
+                self.out.put_timeouts += 1;
+                return self.answer(Reply::result(-1)).await;
+            };
+            let Some(ok) = next else {
+                self.violation(format!(
+                    "connection closed after {} of {size} PUT SOUNDFILE payload bytes",
+                    data.len()
+                ));
+                return Flow::End;
+            };
+            if !ok {
+                return Flow::End;
+            }
+            let Some(line) = self.rb.take_line(MAX_PAYLOAD_LINE) else {
+                continue;
+            };
+            if let Err(e) = soundfile::decode_line(line, &mut data) {
+                let text = String::from_utf8_lossy(line).into_owned();
+                self.violation(format!("PUT SOUNDFILE payload line {text:?}: {e}"));
+            }
+            if hangup_due.is_some_and(|n| data.len() >= n) {
+                hangup_due = None;
+                self.hang_up().await;
             }
         }
-        self.out.received_files.push((words[2].clone(), data));
-        Some(Reply::ok())
+        if data.len() > size {
+            self.violation(format!(
+                "PUT SOUNDFILE payload of {} bytes, {size} announced",
+                data.len()
+            ));
+        }
+        let name = words[2].clone();
+        self.stored.insert(name.clone(), data.clone());
+        self.out.received_files.push((name, data));
+        self.reply(line, Reply::ok()).await
     }
 
-    /// `200 result=<size>\n` and the file's bytes, or `result=-1` if unknown.
+    /// Waits until a whole line is buffered: `Some(true)`; `Some(false)`
+    /// on a read error, `None` when the server closed.
+    async fn payload_line(&mut self) -> Option<bool> {
+        loop {
+            let pending = self.rb.pending();
+            if memchr::memchr(b'\n', pending).is_some() || pending.len() >= MAX_PAYLOAD_LINE {
+                return Some(true);
+            }
+            match self.rb.fill(&mut self.stream).await {
+                Ok(0) => return None,
+                Ok(n) => self.out.bytes_received += n as u64,
+                Err(_) => return Some(false),
+            }
+        }
+    }
+
+    /// Writes a reply that answers no new command (the module's own).
+    async fn answer(&mut self, reply: Reply) -> Flow {
+        if self.write(&reply.bytes).await.is_err() {
+            return Flow::End;
+        }
+        Flow::Continue
+    }
+
+    fn file(&self, name: &str) -> Option<&Vec<u8>> {
+        self.stored.get(name).or_else(|| self.cfg.files.get(name))
+    }
+
+    /// `200 result=0 size=<n>` and the file as base64 lines (no final line),
+    /// or `200 result=-1` if unknown.
     fn get_soundfile(&self, words: &[String]) -> Reply {
-        match words.get(2).and_then(|name| self.cfg.files.get(name)) {
+        match words.get(2).and_then(|name| self.file(name)) {
             Some(data) if words.len() == 3 => {
-                let mut bytes = format!("200 result={}\n", data.len()).into_bytes();
-                bytes.extend_from_slice(data);
+                let mut bytes = format!("200 result=0 size={}\n", data.len()).into_bytes();
+                bytes.extend_from_slice(&soundfile::encode_lines(data));
                 Reply::raw(bytes)
             }
             _ => Reply::result(-1),

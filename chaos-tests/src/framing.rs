@@ -1,7 +1,7 @@
-//! A read buffer that hands out whole lines and exact-size payloads.
+//! A read buffer that hands out whole lines.
 //!
-//! Both fake peers speak a line protocol with occasional binary payloads
-//! (`PUT SOUNDFILE` / `GET SOUNDFILE`). Keeping "is a whole line here?" apart
+//! Both fake peers speak a line protocol (sound-file payloads included:
+//! they are base64 lines). Keeping "is a whole line here?" apart
 //! from the socket reads lets each peer decide what to do while a line is
 //! incomplete (FakeAsterisk times it, FakeBackend just waits), and lets the
 //! benchmark backend reuse one buffer for a whole session.
@@ -59,14 +59,6 @@ impl ReadBuf {
         Some(&self.buf[from..from + len])
     }
 
-    /// Takes up to `n` pending bytes (a payload chunk).
-    pub(crate) fn take_up_to(&mut self, n: usize) -> &[u8] {
-        let len = n.min(self.buf.len() - self.start);
-        let from = self.start;
-        self.start += len;
-        &self.buf[from..from + len]
-    }
-
     /// Reads once from `r`; `Ok(0)` means end of stream.
     pub(crate) async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
         self.compact();
@@ -122,13 +114,5 @@ mod tests {
         let mut exact = filled(b"abc\n");
         assert_eq!(exact.take_line(3), Some(&b"abc"[..]));
         assert!(!exact.has_pending());
-    }
-
-    #[test]
-    fn payload_chunks_stop_at_what_is_there() {
-        let mut rb = filled(b"12345");
-        assert_eq!(rb.take_up_to(3), b"123");
-        assert_eq!(rb.take_up_to(10), b"45");
-        assert!(!rb.has_pending());
     }
 }

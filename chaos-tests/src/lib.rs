@@ -22,6 +22,7 @@ mod framing;
 pub mod header;
 pub mod loadgen;
 mod net;
+pub mod soundfile;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};
 pub use backend::{

@@ -230,14 +230,17 @@ async fn hangup_at_start_reaches_a_waiting_backend() {
 }
 
 #[tokio::test]
-async fn put_soundfile_payload_arrives_byte_exact() {
+async fn put_soundfile_then_get_soundfile_round_trip_as_base64_lines() {
     let data: Vec<u8> = (0..1 << 20)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let backend = FakeBackend::start(Behaviour::steps(vec![
         Step::PutFile {
-            name: "greeting".into(),
+            name: "greeting.gsm".into(),
             data: data.clone(),
+        },
+        Step::GetFile {
+            name: "greeting.gsm".into(),
         },
         Step::Command("NOOP".into()),
     ]))
@@ -247,15 +250,80 @@ async fn put_soundfile_payload_arrives_byte_exact() {
     assert_eq!(out.status, AgiStatus::Success);
     assert!(out.violations.is_empty(), "{:?}", out.violations);
     assert_eq!(out.received_files.len(), 1);
-    assert_eq!(out.received_files[0].0, "greeting");
+    assert_eq!(out.received_files[0].0, "greeting.gsm");
     assert!(out.received_files[0].1 == data, "payload differs");
+    // Payload lines are not commands.
     assert_eq!(
         out.commands,
         [
-            format!("PUT SOUNDFILE greeting {}", data.len()),
+            format!("PUT SOUNDFILE greeting.gsm {}", data.len()),
+            "GET SOUNDFILE greeting.gsm".into(),
             "NOOP".into()
         ]
     );
+    let session = &backend.stats().sessions()[0];
+    assert_eq!(
+        session.replies,
+        [
+            "200 result=0",
+            "200 result=0",
+            "200 result=0 size=1048576",
+            "200 result=0"
+        ]
+    );
+    assert!(session.files[0].1 == data, "GET payload differs");
+}
+
+#[tokio::test]
+async fn put_soundfile_refused_or_unknown_sends_no_payload() {
+    let steps = || {
+        Behaviour::steps(vec![
+            Step::PutFile {
+                name: "x.gsm".into(),
+                data: vec![1; 1000],
+            },
+            Step::Command("NOOP".into()),
+        ])
+    };
+    let backend = FakeBackend::start(steps()).await;
+    let out = call(&FakeAsterisk::new().put_ready(-10), &backend).await;
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.commands.len(), 2, "{:?}", out.commands);
+    assert_eq!(
+        backend.stats().sessions()[0].replies,
+        ["200 result=-10", "200 result=0"]
+    );
+    let backend = FakeBackend::start(steps()).await;
+    let out = call(&FakeAsterisk::new().without_audiotx(), &backend).await;
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(
+        backend.stats().sessions()[0].replies,
+        ["510 Invalid or unknown command", "200 result=0"]
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_put_payload_times_the_module_out() {
+    let backend = FakeBackend::start(Behaviour::Steps {
+        steps: vec![Step::PutFileCut {
+            name: "x.gsm".into(),
+            data: vec![1; 10_000],
+            send: 5_000,
+        }],
+        then: Then::Stall,
+    })
+    .await;
+    let out = call(
+        &FakeAsterisk::new()
+            .soundfile_timeout(Duration::from_millis(200))
+            .call_timeout(Duration::from_secs(2)),
+        &backend,
+    )
+    .await;
+    // The module answered -1; then Asterisk waits for a command for ever.
+    assert_eq!(out.status, AgiStatus::Hung);
+    assert_eq!(out.put_timeouts, 1);
+    assert!(out.received_files.is_empty());
 }
 
 #[tokio::test]
@@ -277,7 +345,7 @@ async fn get_soundfile_payload_reaches_the_backend() {
     let session = &backend.stats().sessions()[0];
     assert_eq!(
         session.replies,
-        ["200 result=100000", "200 result=-1", "200 result=0"]
+        ["200 result=0 size=100000", "200 result=-1", "200 result=0"]
     );
     assert_eq!(session.files, [("prompt".to_owned(), data)]);
 }

@@ -1,4 +1,4 @@
-//! The relay after commit: binary payloads byte-exact, raw mode, pacing of
+//! The relay after commit: sound-file transfers (issue 20), raw mode, pacing of
 //! pipelined and split commands, half-close, HANGUP, and the turn deadlines.
 
 mod common;
@@ -15,52 +15,261 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// A proxy in front of `b` with a short `next_command`.
+async fn soundfile_proxy(b: &FakeBackend) -> Proxy {
+    proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  next_command: 500ms\n",
+    ))
+    .await
+}
+
 #[tokio::test]
-async fn put_soundfile_payload_passes_byte_exact() {
-    let data = pattern(1 << 20, 7);
-    // Payload bytes include '\n' and look like commands: they must not be paced.
+async fn issue_20_put_then_get_of_50_kb_and_1_mib_pass_byte_exact() {
+    let small = pattern(50 * 1024, 7);
+    let large = pattern(1 << 20, 9);
+    // `next_command` far below the 1 MiB payload's time on a loaded
+    // machine would still not cut it: it bounds silence, not transfers.
     let b = FakeBackend::start(Behaviour::steps(vec![
         Step::Command("VERBOSE \"sending\" 1".into()),
         Step::PutFile {
-            name: "greeting".into(),
-            data: data.clone(),
+            name: "small.gsm".into(),
+            data: small.clone(),
+        },
+        Step::PutFile {
+            name: "large.gsm".into(),
+            data: large.clone(),
+        },
+        Step::GetFile {
+            name: "small.gsm".into(),
+        },
+        Step::GetFile {
+            name: "large.gsm".into(),
         },
         Step::Command("NOOP".into()),
     ]))
     .await;
-    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let p = soundfile_proxy(&b).await;
     let out = caller("x", "1.1").run(p.addr).await;
-    assert_eq!(out.status, AgiStatus::Success, "{:?}", out.status);
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
     assert!(out.violations.is_empty(), "{:?}", out.violations);
-    assert_eq!(out.received_files.len(), 1);
+    assert_eq!(out.received_files.len(), 2);
     assert!(
-        out.received_files[0].1 == data,
-        "payload changed in transit"
+        out.received_files[0].1 == small,
+        "50 KB PUT changed in transit"
     );
-    assert_eq!(out.commands.last().map(String::as_str), Some("NOOP"));
+    assert!(
+        out.received_files[1].1 == large,
+        "1 MiB PUT changed in transit"
+    );
+    // Not one payload line reached Asterisk as a command.
+    assert_eq!(
+        out.commands,
+        [
+            "VERBOSE \"sending\" 1".to_owned(),
+            format!("PUT SOUNDFILE small.gsm {}", small.len()),
+            format!("PUT SOUNDFILE large.gsm {}", large.len()),
+            "GET SOUNDFILE small.gsm".into(),
+            "GET SOUNDFILE large.gsm".into(),
+            "NOOP".into(),
+        ]
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    let s = &b.stats().sessions()[0];
+    assert_eq!(s.files.len(), 2, "{:?}", s.replies);
+    assert!(s.files[0].1 == small, "50 KB GET changed in transit");
+    assert!(s.files[1].1 == large, "1 MiB GET changed in transit");
+    assert_eq!(
+        s.replies,
+        [
+            "200 result=0",
+            "200 result=0",
+            "200 result=0",
+            "200 result=0",
+            "200 result=0",
+            "200 result=0 size=51200",
+            "200 result=0 size=1048576",
+            "200 result=0",
+        ]
+    );
 }
 
 #[tokio::test]
-async fn get_soundfile_reply_payload_passes_byte_exact() {
-    let data = pattern(300_000, 3);
+async fn issue_20_a_command_pipelined_after_the_payload_waits_for_the_final_reply() {
+    let data = pattern(10_000, 1);
     let b = FakeBackend::start(Behaviour::steps(vec![
-        Step::GetFile { name: "rec".into() },
+        // The whole payload, then at once (no wait for the final reply) a
+        // command: it must reach Asterisk only after that reply.
+        Step::PutFileCut {
+            name: "x.gsm".into(),
+            data: data.clone(),
+            send: data.len(),
+        },
+        Step::Command("NOOP".into()),
         Step::Command("NOOP".into()),
     ]))
     .await;
-    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let p = soundfile_proxy(&b).await;
     let out = caller("x", "1.1")
-        .file("rec", data.clone())
+        .reply_with(|_| Reply::ok().after(Duration::from_millis(20)))
         .run(p.addr)
         .await;
-    assert_eq!(out.status, AgiStatus::Success);
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert!(out.received_files[0].1 == data);
+    assert_eq!(out.commands.len(), 3, "{:?}", out.commands);
+}
+
+#[tokio::test]
+async fn issue_20_put_answered_minus_10_has_no_payload_and_the_next_command_works() {
+    let b = FakeBackend::start(Behaviour::steps(vec![
+        Step::PutFile {
+            name: "x.gsm".into(),
+            data: pattern(5000, 2),
+        },
+        Step::Command("NOOP".into()),
+    ]))
+    .await;
+    let p = soundfile_proxy(&b).await;
+    let out = caller("x", "1.1").put_ready(-10).run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.commands, ["PUT SOUNDFILE x.gsm 5000", "NOOP"]);
     assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
-    let sessions = b.stats().sessions();
-    assert!(
-        sessions[0].files.len() == 1 && sessions[0].files[0].1 == data,
-        "GET SOUNDFILE payload changed"
+    assert_eq!(
+        b.stats().sessions()[0].replies,
+        ["200 result=-10", "200 result=0"]
     );
-    assert_eq!(out.commands, vec!["GET SOUNDFILE rec", "NOOP"]);
+}
+
+#[tokio::test]
+async fn issue_20_put_to_an_asterisk_without_the_module_gets_510() {
+    let b = FakeBackend::start(Behaviour::steps(vec![
+        Step::PutFile {
+            name: "x.gsm".into(),
+            data: pattern(5000, 2),
+        },
+        Step::GetFile {
+            name: "x.gsm".into(),
+        },
+        Step::Command("NOOP".into()),
+    ]))
+    .await;
+    let p = soundfile_proxy(&b).await;
+    let out = caller("x", "1.1").without_audiotx().run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.commands.len(), 3, "{:?}", out.commands);
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    assert_eq!(
+        b.stats().sessions()[0].replies,
+        [
+            "510 Invalid or unknown command",
+            "510 Invalid or unknown command",
+            "200 result=0"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn issue_20_a_payload_cut_midway_ends_in_failure_after_the_module_answers() {
+    // Stalled: bounded by `next_command` like any silence. Closed: the file
+    // is incomplete. Either way Asterisk's module is reading payload lines
+    // and hears nothing until it gives up; then the dialplan gets FAILURE.
+    for (then, reason) in [
+        (Then::Stall, "next_command_timeout"),
+        (Then::Close, "backend_closed"),
+    ] {
+        let b = FakeBackend::start(Behaviour::Steps {
+            steps: vec![
+                Step::Command("NOOP".into()),
+                Step::PutFileCut {
+                    name: "x.gsm".into(),
+                    data: pattern(100_000, 3),
+                    send: 40_000,
+                },
+            ],
+            then,
+        })
+        .await;
+        let p = soundfile_proxy(&b).await;
+        let started = Instant::now();
+        let out = caller("x", "1.1")
+            .soundfile_timeout(Duration::from_secs(1))
+            .run(p.addr)
+            .await;
+        assert_failure(&out, reason);
+        assert_eq!(out.put_timeouts, 1, "{then:?}: {out:?}");
+        assert!(out.received_files.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{then:?}: {:?}",
+            started.elapsed()
+        );
+        // The backend was told HANGUP and closed.
+        assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+        assert_eq!(b.stats().hangups(), 1, "{then:?}");
+    }
+}
+
+#[tokio::test]
+async fn issue_20_get_of_a_missing_file_carries_no_payload() {
+    let b = FakeBackend::start(Behaviour::steps(vec![
+        Step::GetFile {
+            name: "missing.gsm".into(),
+        },
+        Step::Command("NOOP".into()),
+    ]))
+    .await;
+    let p = soundfile_proxy(&b).await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.commands, ["GET SOUNDFILE missing.gsm", "NOOP"]);
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    let s = &b.stats().sessions()[0];
+    assert_eq!(s.replies, ["200 result=-1", "200 result=0"]);
+    assert!(s.files.is_empty());
+}
+
+#[tokio::test]
+async fn issue_20_hangup_from_asterisk_in_the_middle_of_a_put_payload() {
+    let data = pattern(50 * 1024, 4);
+    let b = FakeBackend::start(Behaviour::Steps {
+        steps: vec![
+            Step::PutFile {
+                name: "x.gsm".into(),
+                data: data.clone(),
+            },
+            Step::Command("NOOP".into()),
+        ],
+        then: Then::WaitForHangupThenClose,
+    })
+    .await;
+    let p = soundfile_proxy(&b).await;
+    let mut rx = p.server.subscribe();
+    let out = caller("x", "1.1")
+        .hangup_during_put(20_000)
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Hangup, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    // The payload went on past the HANGUP and the module stored it.
+    assert!(out.received_files[0].1 == data);
+    assert_eq!(
+        out.commands,
+        [format!("PUT SOUNDFILE x.gsm {}", data.len()), "NOOP".into()]
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    // The unsolicited HANGUP reached the backend and was not taken for the
+    // final reply; the end-of-session one was dropped.
+    assert_eq!(b.stats().hangups(), 1);
+    assert_eq!(
+        b.stats().sessions()[0].replies,
+        ["200 result=0", "200 result=0", "200 result=0"]
+    );
+    assert!(next_record(&mut rx).await.caller_hung_up);
 }
 
 #[tokio::test]

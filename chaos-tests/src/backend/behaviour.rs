@@ -25,11 +25,20 @@ pub enum Step {
     /// Write the command line (`\n` appended when missing) in one `write()`
     /// and read one reply. `GET SOUNDFILE` replies carry their payload.
     Command(String),
-    /// `PUT SOUNDFILE <name> <len>\n`, then the `data` bytes, then read
-    /// one reply.
+    /// `PUT SOUNDFILE <name> <len>\n`, read the first reply; if it is
+    /// `200 result=0` (ready), `data` as base64 lines of 76 characters in
+    /// one write, then read the final reply.
     PutFile { name: String, data: Vec<u8> },
-    /// `GET SOUNDFILE <name>\n`; read `200 result=N` and the N bytes behind
-    /// it (recorded in the session log's `files`).
+    /// As `PutFile`, but only the first `send` bytes of `data` (whole
+    /// lines of 57 bytes, the last one shorter) are sent, and no final
+    /// reply is read: a payload cut midway (the session's `then` follows).
+    PutFileCut {
+        name: String,
+        data: Vec<u8>,
+        send: usize,
+    },
+    /// `GET SOUNDFILE <name>\n`; read `200 result=0 size=N` and the base64
+    /// lines behind it up to N bytes (recorded in the session log's `files`).
     GetFile { name: String },
     /// Write these bytes as they are and read nothing (`failure\n`, a broken
     /// line, garbage).

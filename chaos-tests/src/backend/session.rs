@@ -13,6 +13,7 @@ use super::behaviour::{Behaviour, Step, Then, FILLER_COMMAND, SPLIT_LINE_PAUSE};
 use super::stats::{BackendStats, SessionLog};
 use crate::framing::ReadBuf;
 use crate::header::AgiHeader;
+use crate::soundfile;
 
 /// Replies longer than this are cut into several lines (a real reply is
 /// short; this only bounds memory against a broken peer).
@@ -25,6 +26,8 @@ const MAX_HEADER: usize = 1 << 20;
 struct Replied {
     /// N of a plain `200 result=N` line.
     result: Option<i64>,
+    /// N of a `size=N` word (the answer to `GET SOUNDFILE`).
+    size: Option<usize>,
 }
 
 /// One connection and its log. Dropping it (the session ending, or the
@@ -131,10 +134,10 @@ impl Conn {
                 if !complete {
                     continue;
                 }
-                let result = if block.is_some() {
-                    None
+                let (result, size) = if block.is_some() {
+                    (None, None)
                 } else {
-                    parse_result(line)
+                    (parse_result(line), parse_size(line))
                 };
                 self.stats.replies.fetch_add(1, Relaxed);
                 self.log.reply_count += 1;
@@ -145,7 +148,7 @@ impl Conn {
                     };
                     self.log.replies.push(text);
                 }
-                return Ok(Some(Replied { result }));
+                return Ok(Some(Replied { result, size }));
             }
             if !self.read_more().await? {
                 return Ok(None);
@@ -153,18 +156,22 @@ impl Conn {
         }
     }
 
-    /// Reads exactly `n` payload bytes; `None` if the peer closed first.
+    /// Reads base64 lines until `n` decoded bytes; `None` if the peer
+    /// closed first. Nothing in them is a reply or a `HANGUP`.
     async fn read_payload(&mut self, n: usize) -> io::Result<Option<Vec<u8>>> {
         let mut data = Vec::with_capacity(n.min(1 << 20));
-        loop {
-            data.extend_from_slice(self.rb.take_up_to(n - data.len()));
-            if data.len() == n {
-                return Ok(Some(data));
-            }
-            if !self.read_more().await? {
-                return Ok(None);
+        while data.len() < n {
+            match self.rb.take_line(MAX_REPLY_LINE) {
+                Some(line) => soundfile::decode_line(line, &mut data)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+                None => {
+                    if !self.read_more().await? {
+                        return Ok(None);
+                    }
+                }
             }
         }
+        Ok(Some(data))
     }
 
     /// Sends one command line in one write and reads its reply (and the
@@ -179,7 +186,7 @@ impl Conn {
             && words
                 .next()
                 .is_some_and(|w| w.eq_ignore_ascii_case("SOUNDFILE"));
-        if let (true, Some(size)) = (is_get, reply.result.and_then(|n| usize::try_from(n).ok())) {
+        if let (true, Some(0), Some(size)) = (is_get, reply.result, reply.size) {
             let Some(data) = self.read_payload(size).await? else {
                 return Ok(false);
             };
@@ -189,10 +196,24 @@ impl Conn {
         Ok(true)
     }
 
-    async fn put_file(&mut self, name: &str, data: &[u8]) -> io::Result<bool> {
+    /// `PUT SOUNDFILE <name> <len>`; on `200 result=0` (ready) the first
+    /// `send` bytes of `data` as base64 lines (all of it: `None`) in one
+    /// write, then the final reply when all was sent. `false` when the
+    /// peer closed.
+    async fn put_file(&mut self, name: &str, data: &[u8], send: Option<usize>) -> io::Result<bool> {
         self.send(format!("PUT SOUNDFILE {name} {}\n", data.len()).as_bytes())
             .await?;
-        self.send(data).await?;
+        let Some(ready) = self.read_reply().await? else {
+            return Ok(false);
+        };
+        if ready.result != Some(0) {
+            return Ok(true);
+        }
+        let part = send.unwrap_or(data.len()).min(data.len());
+        self.send(&soundfile::encode_lines(&data[..part])).await?;
+        if part < data.len() {
+            return Ok(true);
+        }
         Ok(self.read_reply().await?.is_some())
     }
 
@@ -303,7 +324,10 @@ pub(super) async fn serve(conn: &mut Conn, behaviour: &Behaviour) -> io::Result<
             for step in steps {
                 let open = match step {
                     Step::Command(command) => conn.command(command).await?,
-                    Step::PutFile { name, data } => conn.put_file(name, data).await?,
+                    Step::PutFile { name, data } => conn.put_file(name, data, None).await?,
+                    Step::PutFileCut { name, data, send } => {
+                        conn.put_file(name, data, Some(*send)).await?
+                    }
                     Step::GetFile { name } => {
                         conn.command(&format!("GET SOUNDFILE {name}")).await?
                     }
@@ -392,6 +416,14 @@ fn with_newline(command: &str) -> Vec<u8> {
     line
 }
 
+/// N of a `size=N` word.
+fn parse_size(line: &[u8]) -> Option<usize> {
+    let word = line
+        .split(|b| *b == b' ')
+        .find_map(|w| w.strip_prefix(b"size="))?;
+    std::str::from_utf8(word).ok()?.parse().ok()
+}
+
 /// N of `200 result=N[ ...]`.
 fn parse_result(line: &[u8]) -> Option<i64> {
     let rest = line.strip_prefix(b"200 result=")?;
@@ -413,6 +445,8 @@ mod tests {
         assert_eq!(parse_result(b"200 result=1048576"), Some(1_048_576));
         assert_eq!(parse_result(b"200 result=49 endpos=1234"), Some(49));
         assert_eq!(parse_result(b"510 Invalid or unknown command"), None);
+        assert_eq!(parse_size(b"200 result=0 size=51200"), Some(51200));
+        assert_eq!(parse_size(b"200 result=-1"), None);
     }
 
     #[test]

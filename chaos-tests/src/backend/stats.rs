@@ -18,7 +18,7 @@ pub struct SessionLog {
     pub reply_count: usize,
     /// `HANGUP` lines received, unsolicited and end-of-session alike.
     pub hangups: usize,
-    /// Payloads received with `GET SOUNDFILE`.
+    /// Files received with `GET SOUNDFILE` (decoded).
     pub files: Vec<(String, Vec<u8>)>,
     pub bytes_received: u64,
     /// The I/O error that ended the session, if one did.

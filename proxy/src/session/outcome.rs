@@ -60,6 +60,11 @@ pub enum Reason {
     BackendReset,
     /// A backend sent a line Asterisk could not take (over-long line).
     BackendProtocol,
+    /// The Asterisk side sent a line no Asterisk sends (over-long): ended.
+    AsteriskProtocol,
+    /// The proxy ran out of a local resource (file descriptors, socket
+    /// buffers, memory) while connecting: not the backend's fault.
+    LocalResources,
     /// The proxy is at `limits.max_sessions`.
     Overloaded,
     /// The header was over a limit.
@@ -69,7 +74,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::NoRoute,
         Reason::NoBackend,
         Reason::PoolFull,
@@ -80,6 +85,8 @@ impl Reason {
         Reason::NextCommandTimeout,
         Reason::BackendReset,
         Reason::BackendProtocol,
+        Reason::AsteriskProtocol,
+        Reason::LocalResources,
         Reason::Overloaded,
         Reason::HeaderTooLarge,
         Reason::ShuttingDown,
@@ -97,6 +104,8 @@ impl Reason {
             Reason::NextCommandTimeout => "next_command_timeout",
             Reason::BackendReset => "backend_reset",
             Reason::BackendProtocol => "backend_protocol",
+            Reason::AsteriskProtocol => "asterisk_protocol",
+            Reason::LocalResources => "local_resources",
             Reason::Overloaded => "overloaded",
             Reason::HeaderTooLarge => "header_too_large",
             Reason::ShuttingDown => "shutting_down",

@@ -4,16 +4,19 @@
 //! Asterisk busy-spins on a partial line and stalls on a pipelined command
 //! (see `shared/fastagi-protocol.md`): whole lines only, one command at a
 //! time, the next held until Asterisk has replied. Asterisk is always read
-//! promptly (it truncates a line it cannot write within 100 ms). Binary
-//! payloads of `PUT SOUNDFILE` / `GET SOUNDFILE` pass by their announced
-//! size. Nothing is rewritten (a CRLF command is the one exception: Asterisk
-//! would reject it, so it goes out with LF and is counted).
+//! promptly (it truncates a line it cannot write within 100 ms). The
+//! base64 lines of a sound-file transfer (`PUT SOUNDFILE` towards Asterisk,
+//! the reply of `GET SOUNDFILE` towards the backend) pass unpaced, counted
+//! by the bytes they decode to (see `turn.rs`). Nothing is rewritten (a CRLF
+//! command is the one exception: Asterisk would reject it, so it goes out
+//! with LF and is counted). Every buffered partial line is bounded, and only
+//! new bytes are scanned for its end.
 //!
 //! The relay reads into a stack buffer and writes straight through; heap
 //! buffers are used only for bytes that must wait (a held command, a
 //! partial line, a full socket), so a quiet session holds none.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::Duration;
 
 use std::future::Future;
@@ -27,7 +30,7 @@ use tokio::time::Instant;
 
 use super::failure;
 use super::outcome::Reason;
-use super::turn::{AsteriskLine, BackendLine, Turn};
+use super::turn::{AsteriskLine, BackendLine, PayloadLine, Turn};
 use crate::drain::Cut;
 
 /// Bytes read per syscall. Lives on the stack for the length of one read.
@@ -35,6 +38,16 @@ const READ_CHUNK: usize = 16 * 1024;
 /// A backend line longer than this can never be a valid AGI command
 /// (Asterisk cuts lines at 8191 bytes).
 const MAX_COMMAND_LINE: usize = 16 * 1024;
+/// A base64 line of a `PUT SOUNDFILE` payload longer than this is refused
+/// (the known client and module write 76 characters a line).
+const MAX_PAYLOAD_LINE: usize = 64 * 1024;
+/// Longest line taken from Asterisk: a reply (a `GET VARIABLE` value
+/// included), one line of a `520-` block, or a base64 line of a
+/// `GET SOUNDFILE` payload. Real ones are far shorter.
+const MAX_ASTERISK_LINE: usize = 64 * 1024;
+/// How long Asterisk's sound-file module gets to answer a `PUT SOUNDFILE`
+/// whose payload the backend abandoned (the module gives up after 10 s).
+const ABANDONED_PAYLOAD_WAIT: Duration = Duration::from_secs(15);
 /// Bytes that may wait for a slow peer before we stop reading the other side.
 const MAX_PENDING: usize = 256 * 1024;
 /// A stash bigger than this is freed when it empties, so quiet sessions
@@ -118,6 +131,11 @@ pub struct Relay<'s> {
     a_done: bool,
     b_shut: bool,
     protocol_error: bool,
+    /// Asterisk sent a line over `MAX_ASTERISK_LINE`.
+    a_protocol_error: bool,
+    /// A `PUT SOUNDFILE` payload was abandoned: tell Asterisk FAILURE for
+    /// this reason once its module has answered.
+    pending_failure: Option<Reason>,
     deadline: Option<Instant>,
     pub stats: RelayStats,
 }
@@ -141,6 +159,8 @@ impl<'s> Relay<'s> {
             a_done: false,
             b_shut: false,
             protocol_error: false,
+            a_protocol_error: false,
+            pending_failure: None,
             deadline: Some(opts.first_command_deadline),
             stats: RelayStats::default(),
         }
@@ -179,6 +199,20 @@ impl<'s> Relay<'s> {
             }
             if let Some(reason) = self.failure_due() {
                 return Box::pin(self.fail(reason)).await;
+            }
+            if self.a_protocol_error {
+                let peer = self.a.peer_addr().ok();
+                tracing::warn!(
+                    peer = ?peer,
+                    limit = MAX_ASTERISK_LINE,
+                    "Asterisk side sent a line over the limit: ending the session"
+                );
+                return Box::pin(self.fail(Reason::AsteriskProtocol)).await;
+            }
+            if self.pending_failure.is_some() && !self.b_shut {
+                // The backend's payload was given up: end it now, the
+                // FAILURE follows when Asterisk's module has answered.
+                Box::pin(self.close_backend_politely()).await;
             }
             let deadline = self.active_deadline();
             if let Some(d) = deadline.filter(|d| *d < armed_at) {
@@ -242,6 +276,17 @@ impl<'s> Relay<'s> {
                         armed_at = d;
                         continue;
                     }
+                    if let (Some(reason), false) = (self.pending_failure, self.a_eof) {
+                        // The module never answered the abandoned payload.
+                        return Box::pin(self.fail(reason)).await;
+                    }
+                    if self.turn.in_payload() && !self.a_eof {
+                        // The payload stopped flowing: bounded like any
+                        // silence, but Asterisk can hear FAILURE only after
+                        // its module answers.
+                        self.give_up_payload(Reason::NextCommandTimeout);
+                        continue;
+                    }
                     if self.turn.backend_owes_command() && !self.b_eof && !self.a_eof {
                         return Box::pin(self.fail(Reason::NextCommandTimeout)).await;
                     }
@@ -253,21 +298,27 @@ impl<'s> Relay<'s> {
     }
 
     fn want_read_a(&self) -> bool {
-        !self.a_eof && !self.a_dead && self.b_out.len() < MAX_PENDING
+        !self.a_eof && !self.a_dead && !self.a_protocol_error && self.b_out.len() < MAX_PENDING
     }
 
     fn want_read_b(&self) -> bool {
-        !self.b_eof && self.held.len() < MAX_PENDING && self.a_out.is_empty() && !self.a_dead
+        !self.b_eof
+            && self.pending_failure.is_none()
+            && self.held.len() < MAX_PENDING
+            && self.a_out.is_empty()
+            && !self.a_dead
     }
 
     /// The deadline in force: the backend's (first or next) command while it
-    /// owes one; none while Asterisk executes a command (`EXEC Dial` may run
-    /// for hours); after Asterisk closed, a bound on the backend's linger.
+    /// owes one, or its next payload line; none while Asterisk executes a
+    /// command (`EXEC Dial` may run for hours); after Asterisk closed, a
+    /// bound on the backend's linger; after an abandoned payload, a bound
+    /// on the module's answer.
     fn active_deadline(&self) -> Option<Instant> {
-        if self.a_eof {
+        if self.a_eof || self.pending_failure.is_some() {
             return self.deadline;
         }
-        if self.turn.backend_owes_command() && !self.b_eof {
+        if (self.turn.backend_owes_command() || self.turn.in_payload()) && !self.b_eof {
             self.deadline
         } else {
             None
@@ -293,6 +344,7 @@ impl<'s> Relay<'s> {
             && self.held.is_empty()
             && self.a_out.is_empty()
             && !self.turn.in_payload()
+            && self.pending_failure.is_none()
             && !self.b_dead
         {
             self.a_shut = true;
@@ -306,7 +358,9 @@ impl<'s> Relay<'s> {
         {
             return None;
         }
-        if self.protocol_error {
+        if let Some(reason) = self.pending_failure {
+            Some(reason)
+        } else if self.protocol_error {
             Some(Reason::BackendProtocol)
         } else if self.b_dead {
             Some(Reason::BackendReset)
@@ -369,20 +423,31 @@ impl<'s> Relay<'s> {
 
     fn backend_eof(&mut self) {
         self.b_eof = true;
+        if self.turn.in_payload() {
+            // The file is cut short: Asterisk's module waits for lines that
+            // will not come. Its answer (when it gives up) is awaited, then
+            // the dialplan is told FAILURE rather than a silent SUCCESS.
+            self.give_up_payload(Reason::BackendClosed);
+            return;
+        }
         // A last command without its newline: complete it rather than make
         // Asterisk spin on a partial line.
-        if !self.held.is_empty() && !self.turn.in_payload() && self.held.last() != Some(&b'\n') {
+        if !self.held.is_empty() && self.held.last() != Some(&b'\n') {
             self.held.push(b'\n');
             self.release_held();
         }
     }
 
     fn backend_reset(&mut self) {
+        let in_payload = self.turn.in_payload();
         self.b_eof = true;
         self.b_dead = true;
         self.b_shut = true;
         self.held = Vec::new();
         self.b_out = Vec::new();
+        if in_payload {
+            self.give_up_payload(Reason::BackendReset);
+        }
     }
 
     fn b_write_failed(&mut self) {
@@ -391,22 +456,69 @@ impl<'s> Relay<'s> {
         self.b_out = Vec::new();
     }
 
-    fn ingest_backend(&mut self, data: &[u8]) {
-        if self.held.is_empty() {
-            let used = self.release(data);
-            if used < data.len() {
-                self.held.extend_from_slice(&data[used..]);
-            }
-        } else {
-            self.held.extend_from_slice(data);
-            self.release_held();
+    /// The backend's `PUT SOUNDFILE` payload will not be completed (it
+    /// stalled, closed, reset or broke the line bound). The module on
+    /// Asterisk's side still reads payload lines: nothing may be sent to it
+    /// until it answers (it gives up after its own timeout). Then Asterisk
+    /// is told FAILURE for `reason`; if it never answers, after
+    /// [`ABANDONED_PAYLOAD_WAIT`] anyway.
+    fn give_up_payload(&mut self, reason: Reason) {
+        self.turn.abandon_payload();
+        self.pending_failure.get_or_insert(reason);
+        self.held = Vec::new();
+        self.deadline = Some(Instant::now() + ABANDONED_PAYLOAD_WAIT);
+    }
+
+    fn ingest_backend(&mut self, mut data: &[u8]) {
+        if self.pending_failure.is_some() {
+            return;
         }
-        if !self.turn.in_payload()
-            && self.turn.backend_owes_command()
-            && self.held.len() > MAX_COMMAND_LINE
-        {
+        if !self.held.is_empty() {
+            if !self.turn.takes_backend_lines() {
+                // Waiting for Asterisk's reply; `want_read_b` bounds this.
+                self.held.extend_from_slice(data);
+                return;
+            }
+            // Everything whole was released before: `held` is the start of
+            // one line, and only the new bytes can end it (no rescan).
+            let Some(nl) = memchr::memchr(b'\n', data) else {
+                self.held.extend_from_slice(data);
+                self.check_backend_line();
+                return;
+            };
+            if self.turn.in_payload() {
+                // The line's start and the whole lines behind it go out in
+                // one write.
+                let head = std::mem::take(&mut self.held);
+                let used = self.release_payload(&head, data);
+                self.held = recycle(head);
+                data = &data[used..];
+            } else {
+                self.held.extend_from_slice(&data[..=nl]);
+                self.release_held();
+                data = &data[nl + 1..];
+                if !self.held.is_empty() {
+                    self.held.extend_from_slice(data);
+                    return;
+                }
+            }
+        }
+        let used = self.release(data);
+        if used < data.len() {
+            self.held.extend_from_slice(&data[used..]);
+            self.check_backend_line();
+        }
+    }
+
+    /// Bounds the line being buffered while it is taken as a command or as
+    /// payload (held commands behind a pending reply are bounded by
+    /// `want_read_b`).
+    fn check_backend_line(&mut self) {
+        if self.turn.backend_owes_command() && self.held.len() > MAX_COMMAND_LINE {
             self.protocol_error = true;
             self.held = Vec::new();
+        } else if self.turn.in_payload() && self.held.len() > MAX_PAYLOAD_LINE {
+            self.give_up_payload(Reason::BackendProtocol);
         }
     }
 
@@ -418,17 +530,21 @@ impl<'s> Relay<'s> {
         if self.held.is_empty() && self.held.capacity() > KEEP_CAPACITY {
             self.held = Vec::new();
         }
+        if self.turn.takes_backend_lines() {
+            self.check_backend_line();
+        }
     }
 
     /// Releases to Asterisk what the turn allows; returns the bytes used.
     fn release(&mut self, data: &[u8]) -> usize {
         let mut pos = 0;
         while pos < data.len() {
-            if let Some(n) = self.turn.payload_remaining() {
-                let k = (n as usize).min(data.len() - pos);
-                self.send_a(&data[pos..pos + k]);
-                self.turn.payload_sent(k as u64);
-                pos += k;
+            if self.turn.in_payload() {
+                let used = self.release_payload(&[], &data[pos..]);
+                if used == 0 {
+                    break;
+                }
+                pos += used;
                 continue;
             }
             if !self.turn.backend_owes_command() {
@@ -454,6 +570,35 @@ impl<'s> Relay<'s> {
         pos
     }
 
+    /// Passes the whole payload lines at the start of `head` + `data`
+    /// (`head`, when not empty, is the start of the first line and `data`
+    /// holds its end) in one write, unpaced, up to the end of the payload;
+    /// returns the bytes of `data` used. Each line costs a `memchr` and a
+    /// look at its last bytes: no copy, no allocation, no system call of
+    /// its own. A flowing payload pushes the deadline on.
+    fn release_payload(&mut self, head: &[u8], data: &[u8]) -> usize {
+        let dropping = self.turn.dropping_payload();
+        let mut first = head;
+        let mut pos = 0;
+        while let Some(nl) = memchr::memchr(b'\n', &data[pos..]) {
+            let end = pos + nl + 1;
+            let done = self.turn.on_payload_line(first, &data[pos..end]);
+            first = &[];
+            pos = end;
+            if done == PayloadLine::Done {
+                break;
+            }
+        }
+        if pos == 0 {
+            return 0;
+        }
+        if !dropping {
+            self.send_a_parts(head, &data[..pos]);
+        }
+        self.deadline = Some(Instant::now() + self.opts.next_command);
+        pos
+    }
+
     fn send_a(&mut self, bytes: &[u8]) {
         if self.a_dead {
             return;
@@ -472,12 +617,27 @@ impl<'s> Relay<'s> {
         }
     }
 
-    /// One line from two pieces, written with one syscall.
+    /// Two pieces with one system call (`writev`), nothing copied unless
+    /// the socket is full.
     fn send_a_parts(&mut self, head: &[u8], tail: &[u8]) {
-        let mut line = Vec::with_capacity(head.len() + tail.len());
-        line.extend_from_slice(head);
-        line.extend_from_slice(tail);
-        self.send_a(&line);
+        if head.is_empty() {
+            return self.send_a(tail);
+        }
+        if self.a_dead {
+            return;
+        }
+        if self.a_out.is_empty() {
+            let parts = [IoSlice::new(head), IoSlice::new(tail)];
+            match self.a.try_write_vectored(&parts) {
+                Ok(n) => keep_unwritten(&mut self.a_out, head, tail, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    keep_unwritten(&mut self.a_out, head, tail, 0)
+                }
+                Err(_) => self.a_dead = true,
+            }
+        } else {
+            keep_unwritten(&mut self.a_out, head, tail, 0);
+        }
     }
 
     fn flush_a(&mut self) {
@@ -515,74 +675,109 @@ impl<'s> Relay<'s> {
         }
     }
 
-    fn ingest_asterisk(&mut self, data: &[u8]) {
-        if self.a_partial.is_empty() {
-            let used = self.observe_asterisk(data);
-            if used < data.len() {
-                self.a_partial.extend_from_slice(&data[used..]);
-            }
-        } else {
-            let mut buf = std::mem::take(&mut self.a_partial);
-            buf.extend_from_slice(data);
-            let used = self.observe_asterisk(&buf);
-            buf.drain(..used);
-            self.a_partial = buf;
+    fn ingest_asterisk(&mut self, mut data: &[u8]) {
+        let mut head = std::mem::take(&mut self.a_partial);
+        if !head.is_empty() {
+            // `a_partial` holds no newline: only the new bytes can end the
+            // line (no rescan of what is buffered).
+            let Some(nl) = memchr::memchr(b'\n', data) else {
+                head.extend_from_slice(data);
+                self.a_partial = head;
+                self.check_asterisk_line();
+                return;
+            };
+            head.extend_from_slice(&data[..=nl]);
+            data = &data[nl + 1..];
+        }
+        let used = self.observe_asterisk(&head, data);
+        let mut rest = recycle(head);
+        rest.extend_from_slice(&data[used..]);
+        self.a_partial = rest;
+        self.check_asterisk_line();
+    }
+
+    /// Asterisk's lines are short (a reply, a line of a `520-` block, a
+    /// base64 line of a `GET SOUNDFILE` payload): one that runs past
+    /// [`MAX_ASTERISK_LINE`] is no FastAGI peer's, and buffering it would
+    /// let anyone who reaches the listener grow the proxy without bound.
+    fn check_asterisk_line(&mut self) {
+        if self.a_partial.len() > MAX_ASTERISK_LINE {
+            self.a_partial = Vec::new();
+            self.a_protocol_error = true;
         }
     }
 
-    /// Forwards Asterisk's complete lines (and payload bytes) to the backend,
-    /// advancing the turn; returns the bytes used.
-    fn observe_asterisk(&mut self, data: &[u8]) -> usize {
-        let mut pos = 0;
-        let mut seg = 0; // start of bytes not yet forwarded
-        while pos < data.len() {
-            if let Some(n) = self.turn.reply_payload_remaining() {
-                let k = (n as usize).min(data.len() - pos);
-                pos += k;
-                if self.turn.reply_payload_read(k as u64) {
+    /// Forwards Asterisk's complete lines to the backend, advancing the
+    /// turn; returns the bytes of `data` used. `head`, when not empty, is one
+    /// whole line that came before `data` (a line completed by this read):
+    /// it goes out in the same write as the lines behind it.
+    fn observe_asterisk(&mut self, head: &[u8], data: &[u8]) -> usize {
+        // Not yet forwarded: `pending` (the head, unless dropped), then
+        // `data[seg..]`.
+        let mut pending: &[u8] = &[];
+        if !head.is_empty() {
+            match self.on_asterisk_line(head) {
+                Forward::Keep => pending = head,
+                Forward::Drop => {}
+                Forward::ReplyDone => {
+                    self.send_b(head);
                     self.reply_done();
                 }
-                continue;
-            }
-            let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else {
-                break;
-            };
-            let line = &data[pos..pos + nl + 1];
-            let start = pos;
-            pos += nl + 1;
-            match self.turn.on_asterisk_line(line) {
-                AsteriskLine::Hangup => {
-                    // After the backend closed, this is Asterisk's
-                    // end-of-session HANGUP: expected, dropped quietly.
-                    let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
-                    if !end_of_session {
-                        self.stats.caller_hung_up = true;
-                    }
-                    if self.a_shut && self.b_eof {
-                        self.a_done = true;
-                    }
-                    if end_of_session || !self.opts.forward_hangup {
-                        self.send_b(&data[seg..start]);
-                        seg = pos;
-                    }
-                }
-                AsteriskLine::ReplyDone => self.reply_done_after(&data[seg..pos], &mut seg, pos),
-                AsteriskLine::Other => {}
             }
         }
-        self.send_b(&data[seg..pos]);
+        let mut pos = 0;
+        let mut seg = 0;
+        while let Some(nl) = memchr::memchr(b'\n', &data[pos..]) {
+            let start = pos;
+            pos += nl + 1;
+            match self.on_asterisk_line(&data[start..pos]) {
+                Forward::Keep => {}
+                Forward::Drop => {
+                    self.send_b_parts(pending, &data[seg..start]);
+                    pending = &[];
+                    seg = pos;
+                }
+                Forward::ReplyDone => {
+                    // The reply goes out first, then the next command may.
+                    self.send_b_parts(pending, &data[seg..pos]);
+                    pending = &[];
+                    seg = pos;
+                    self.reply_done();
+                }
+            }
+        }
+        self.send_b_parts(pending, &data[seg..pos]);
         pos
     }
 
-    /// A reply is complete: forward it first, then let the next command go.
-    fn reply_done_after(&mut self, fwd: &[u8], seg: &mut usize, pos: usize) {
-        self.send_b(fwd);
-        *seg = pos;
-        self.reply_done();
+    /// What to do with one whole line from Asterisk.
+    fn on_asterisk_line(&mut self, line: &[u8]) -> Forward {
+        match self.turn.on_asterisk_line(line) {
+            AsteriskLine::Hangup => {
+                // After the backend closed, this is Asterisk's
+                // end-of-session HANGUP: expected, dropped quietly.
+                let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
+                if !end_of_session {
+                    self.stats.caller_hung_up = true;
+                }
+                if self.a_shut && self.b_eof {
+                    self.a_done = true;
+                }
+                if end_of_session || !self.opts.forward_hangup {
+                    Forward::Drop
+                } else {
+                    Forward::Keep
+                }
+            }
+            AsteriskLine::ReplyDone => Forward::ReplyDone,
+            AsteriskLine::Other => Forward::Keep,
+        }
     }
 
     fn reply_done(&mut self) {
-        self.deadline = Some(Instant::now() + self.opts.next_command);
+        if self.pending_failure.is_none() {
+            self.deadline = Some(Instant::now() + self.opts.next_command);
+        }
         if !self.held.is_empty() {
             self.release_held();
         }
@@ -606,6 +801,29 @@ impl<'s> Relay<'s> {
         }
     }
 
+    /// Two pieces with one system call, as [`send_a_parts`](Self::send_a_parts).
+    fn send_b_parts(&mut self, head: &[u8], tail: &[u8]) {
+        if head.is_empty() || tail.is_empty() {
+            self.send_b(head);
+            return self.send_b(tail);
+        }
+        if self.b_shut {
+            return;
+        }
+        if self.b_out.is_empty() {
+            let parts = [IoSlice::new(head), IoSlice::new(tail)];
+            match self.b.try_write_vectored(&parts) {
+                Ok(n) => keep_unwritten(&mut self.b_out, head, tail, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    keep_unwritten(&mut self.b_out, head, tail, 0)
+                }
+                Err(_) => self.b_write_failed(),
+            }
+        } else {
+            keep_unwritten(&mut self.b_out, head, tail, 0);
+        }
+    }
+
     fn flush_b(&mut self) {
         match self.b.try_write(&self.b_out) {
             Ok(n) => {
@@ -617,6 +835,34 @@ impl<'s> Relay<'s> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.b_write_failed(),
         }
+    }
+}
+
+/// What becomes of one line from Asterisk.
+enum Forward {
+    Keep,
+    /// Withheld from the backend (a `HANGUP` it must not see).
+    Drop,
+    /// A reply is complete: forward it, then the next command may go.
+    ReplyDone,
+}
+
+/// An emptied buffer for reuse, unless it grew past `KEEP_CAPACITY`.
+fn recycle(mut buf: Vec<u8>) -> Vec<u8> {
+    if buf.capacity() > KEEP_CAPACITY {
+        return Vec::new();
+    }
+    buf.clear();
+    buf
+}
+
+/// Queues what a write of `head` + `tail` left unwritten (`n` bytes went).
+fn keep_unwritten(out: &mut Vec<u8>, head: &[u8], tail: &[u8], n: usize) {
+    if n < head.len() {
+        out.extend_from_slice(&head[n..]);
+        out.extend_from_slice(tail);
+    } else {
+        out.extend_from_slice(&tail[n - head.len()..]);
     }
 }
 

@@ -2,20 +2,48 @@
 //! the bytes the relay passes. The backend owes a command; then Asterisk owes
 //! the reply (while it executes, which may take hours); `HANGUP` lines from
 //! Asterisk are not replies. Pure state, no I/O, so it is tested alone.
+//!
+//! The sound-file transfer of `asterisk-agi-audiotx` (see
+//! `shared/fastagi-protocol.md`, "Sound-file transfer") is the one place
+//! where lines are not commands and replies: `PUT SOUNDFILE <file> <size>`
+//! is answered `200 result=0` (ready), then the backend sends the file as
+//! base64 lines, no reply per line, until `<size>` decoded bytes, then
+//! Asterisk answers once more; `GET SOUNDFILE <file>` is answered
+//! `200 result=0 size=<n>` and then base64 lines from Asterisk, with no
+//! final line. Payload lines are counted by the bytes they decode to.
 
-/// Sound-file payloads larger than this are not believed (and the line is
-/// relayed as an ordinary command).
+/// Sound-file sizes larger than this are not believed: the command is
+/// relayed as an ordinary one (its first reply then ends it).
 const MAX_PAYLOAD: u64 = 1 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum State {
     #[default]
     BackendOwesCommand,
-    /// A `PUT SOUNDFILE` command's payload is still passing to Asterisk.
-    CommandPayload(u64),
     AsteriskOwesReply,
+    /// `PUT SOUNDFILE` was answered ready: the backend's lines are payload,
+    /// this many decoded bytes still due; then Asterisk owes the final reply.
+    CommandPayload(u64),
+    /// Asterisk answered a `PUT SOUNDFILE` before its payload was complete
+    /// (the module gave up): the rest of the payload, this many decoded
+    /// bytes, is dropped instead of reaching Asterisk as commands.
+    DropPayload(u64),
+    /// `GET SOUNDFILE` was answered with a size: Asterisk's lines are
+    /// payload, this many decoded bytes still due. No final reply follows.
+    ReplyPayload(u64),
     /// The backend sent a `failure` line: Asterisk answers with HANGUP and a close.
     Ended,
+}
+
+/// What the pending command's first reply means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Pending {
+    #[default]
+    Plain,
+    /// `PUT SOUNDFILE` of this many bytes: `200 result=0` starts the payload.
+    Put(u64),
+    /// `GET SOUNDFILE`: `200 result=0 size=N` starts Asterisk's payload.
+    Get,
 }
 
 #[derive(Debug, Default)]
@@ -23,9 +51,7 @@ pub struct Turn {
     state: State,
     /// Inside a `520-` multi-line usage reply.
     in_520: bool,
-    /// The pending command is `GET SOUNDFILE`: its reply carries a payload.
-    get_file: bool,
-    reply_payload: Option<u64>,
+    pending: Pending,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +64,19 @@ pub enum BackendLine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AsteriskLine {
     Hangup,
-    /// The reply to the pending command is complete.
+    /// The reply to the pending command is complete (or, for a sound-file
+    /// transfer, the part of it that lets the backend go on).
     ReplyDone,
     Other,
+}
+
+/// What one payload line did to the transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadLine {
+    /// More payload is due.
+    More,
+    /// That was the last payload line.
+    Done,
 }
 
 fn starts_with_ci(line: &[u8], prefix: &[u8]) -> bool {
@@ -57,33 +93,100 @@ fn last_number(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(tok).ok()?.parse().ok()
 }
 
+/// `N` of a `size=N` word in a reply line.
+fn size_field(line: &[u8]) -> Option<u64> {
+    let tok = line
+        .split(|c| *c == b' ')
+        .find_map(|t| t.strip_prefix(b"size="))?;
+    std::str::from_utf8(tok).ok()?.parse().ok()
+}
+
+/// The bytes one base64 line decodes to, the line given in two pieces
+/// (`head` then `tail`, `tail` ending in `\n`) so that a line split across
+/// reads needs no copy. Line breaks (`\n`, `\r\n`) and `=` padding do not
+/// count; an unpadded last group of 2 or 3 characters gives 1 or 2 bytes,
+/// as a lenient decoder (the known client's) reads it. Looks at the last
+/// few bytes only: constant time per line.
+pub fn decoded_len(head: &[u8], tail: &[u8]) -> u64 {
+    let mut len = head.len() + tail.len();
+    let mut rev = tail.iter().rev().chain(head.iter().rev()).peekable();
+    if rev.peek() == Some(&&b'\n') {
+        rev.next();
+        len -= 1;
+    }
+    if rev.peek() == Some(&&b'\r') {
+        rev.next();
+        len -= 1;
+    }
+    for _ in 0..2 {
+        if rev.next() != Some(&b'=') {
+            break;
+        }
+        len -= 1;
+    }
+    let len = len as u64;
+    len / 4 * 3 + [0, 0, 1, 2][(len % 4) as usize]
+}
+
 impl Turn {
     pub fn backend_owes_command(&self) -> bool {
         self.state == State::BackendOwesCommand
     }
 
+    /// The backend's next lines are payload (passed or dropped), not commands.
     pub fn in_payload(&self) -> bool {
-        matches!(self.state, State::CommandPayload(_))
+        matches!(self.state, State::CommandPayload(_) | State::DropPayload(_))
+    }
+
+    /// The rest of the backend's payload is dropped (Asterisk answered early).
+    pub fn dropping_payload(&self) -> bool {
+        matches!(self.state, State::DropPayload(_))
+    }
+
+    /// Asterisk's next lines are a `GET SOUNDFILE` payload.
+    pub fn in_reply_payload(&self) -> bool {
+        matches!(self.state, State::ReplyPayload(_))
+    }
+
+    /// The backend's whole lines are taken now (as a command or as payload):
+    /// a buffered partial line can be completed by the next bytes.
+    pub fn takes_backend_lines(&self) -> bool {
+        self.backend_owes_command() || self.in_payload()
     }
 
     pub fn ended(&self) -> bool {
         self.state == State::Ended
     }
 
-    pub fn payload_remaining(&self) -> Option<u64> {
-        match self.state {
-            State::CommandPayload(n) => Some(n),
-            _ => None,
-        }
+    /// The backend's payload is given up (it stopped, closed or broke):
+    /// Asterisk still owes the `PUT SOUNDFILE` its final reply, which the
+    /// module sends when it gives up waiting.
+    pub fn abandon_payload(&mut self) {
+        self.state = match self.state {
+            State::CommandPayload(_) => State::AsteriskOwesReply,
+            State::DropPayload(_) => State::BackendOwesCommand,
+            s => s,
+        };
     }
 
-    pub fn payload_sent(&mut self, k: u64) {
-        if let State::CommandPayload(n) = self.state {
-            self.state = if n <= k {
-                State::AsteriskOwesReply
-            } else {
-                State::CommandPayload(n - k)
+    /// One whole payload line from the backend (`head` then `tail`, see
+    /// [`decoded_len`]), while [`in_payload`](Self::in_payload).
+    pub fn on_payload_line(&mut self, head: &[u8], tail: &[u8]) -> PayloadLine {
+        let n = decoded_len(head, tail);
+        let (due, next) = match self.state {
+            State::CommandPayload(due) => (due, State::AsteriskOwesReply),
+            State::DropPayload(due) => (due, State::BackendOwesCommand),
+            _ => return PayloadLine::Done,
+        };
+        if n >= due {
+            self.state = next;
+            PayloadLine::Done
+        } else {
+            self.state = match self.state {
+                State::CommandPayload(_) => State::CommandPayload(due - n),
+                _ => State::DropPayload(due - n),
             };
+            PayloadLine::More
         }
     }
 
@@ -95,16 +198,17 @@ impl Turn {
             BackendLine::Command
         };
         let cmd = trim_eol(line);
-        self.get_file = false;
+        self.pending = Pending::Plain;
         self.state = if starts_with_ci(cmd, b"failure") {
             State::Ended
-        } else if starts_with_ci(cmd, b"PUT SOUNDFILE ") {
-            match last_number(cmd) {
-                Some(n) if n > 0 && n <= MAX_PAYLOAD => State::CommandPayload(n),
-                _ => State::AsteriskOwesReply,
-            }
         } else {
-            self.get_file = starts_with_ci(cmd, b"GET SOUNDFILE ");
+            if starts_with_ci(cmd, b"PUT SOUNDFILE ") {
+                if let Some(n @ 0..=MAX_PAYLOAD) = last_number(cmd) {
+                    self.pending = Pending::Put(n);
+                }
+            } else if starts_with_ci(cmd, b"GET SOUNDFILE ") {
+                self.pending = Pending::Get;
+            }
             State::AsteriskOwesReply
         };
         kind
@@ -113,8 +217,29 @@ impl Turn {
     /// A whole line from Asterisk.
     pub fn on_asterisk_line(&mut self, line: &[u8]) -> AsteriskLine {
         let line = trim_eol(line);
+        if let State::ReplyPayload(due) = self.state {
+            // Base64 never holds a space: a `200 ` line is the module's
+            // error in place of the rest. Anything else is payload, also a
+            // line that reads `HANGUP` (valid base64).
+            if line.starts_with(b"200 ") {
+                return self.reply_done();
+            }
+            let n = decoded_len(line, b"");
+            if n >= due {
+                return self.reply_done();
+            }
+            self.state = State::ReplyPayload(due - n);
+            return AsteriskLine::Other;
+        }
         if line == b"HANGUP" {
             return AsteriskLine::Hangup;
+        }
+        if let State::CommandPayload(due) = self.state {
+            // An answer before the payload is complete: the module gave up
+            // (it timed out or failed to write). The command is over; the
+            // rest of the payload must not reach Asterisk as commands.
+            self.state = State::DropPayload(due);
+            return AsteriskLine::ReplyDone;
         }
         if self.state != State::AsteriskOwesReply {
             return AsteriskLine::Other;
@@ -130,43 +255,31 @@ impl Turn {
             self.in_520 = true;
             return AsteriskLine::Other;
         }
-        if self.get_file && line.starts_with(b"200 result=") {
-            let n = std::str::from_utf8(&line[11..])
-                .ok()
-                .and_then(|s| s.split(' ').next())
-                .and_then(|s| s.parse::<u64>().ok());
-            if let Some(n @ 1..=MAX_PAYLOAD) = n {
-                self.reply_payload = Some(n);
-                return AsteriskLine::Other;
+        match std::mem::take(&mut self.pending) {
+            Pending::Put(n) if line == b"200 result=0" => {
+                // Ready: the payload, then the final reply.
+                self.state = if n > 0 {
+                    State::CommandPayload(n)
+                } else {
+                    State::AsteriskOwesReply
+                };
+                AsteriskLine::ReplyDone
             }
+            Pending::Get if line.starts_with(b"200 result=0 ") => match size_field(line) {
+                Some(n @ 1..) => {
+                    self.state = State::ReplyPayload(n);
+                    AsteriskLine::Other
+                }
+                _ => self.reply_done(),
+            },
+            _ => self.reply_done(),
         }
-        self.reply_done()
     }
 
     fn reply_done(&mut self) -> AsteriskLine {
         self.state = State::BackendOwesCommand;
-        self.get_file = false;
+        self.pending = Pending::Plain;
         AsteriskLine::ReplyDone
-    }
-
-    pub fn reply_payload_remaining(&self) -> Option<u64> {
-        self.reply_payload
-    }
-
-    /// Payload bytes of a `GET SOUNDFILE` reply passed; true when complete.
-    pub fn reply_payload_read(&mut self, k: u64) -> bool {
-        match self.reply_payload {
-            Some(n) if n > k => {
-                self.reply_payload = Some(n - k);
-                false
-            }
-            Some(_) => {
-                self.reply_payload = None;
-                self.reply_done();
-                true
-            }
-            None => false,
-        }
     }
 }
 
@@ -222,34 +335,144 @@ mod tests {
     }
 
     #[test]
-    fn sound_file_payloads() {
+    fn decoded_sizes_of_base64_lines() {
+        assert_eq!(decoded_len(b"QUJD\n", b""), 3);
+        assert_eq!(decoded_len(b"QUI=\n", b""), 2);
+        assert_eq!(decoded_len(b"QQ==\n", b""), 1);
+        assert_eq!(decoded_len(b"QQ==\r\n", b""), 1);
+        assert_eq!(decoded_len(b"QUI\n", b""), 2, "unpadded");
+        assert_eq!(decoded_len(b"QQ", b""), 1, "no newline");
+        assert_eq!(decoded_len(b"\n", b""), 0);
+        let line = [b'A'; 76];
+        assert_eq!(decoded_len(&line, b"\n"), 57);
+        // Split anywhere, even inside the padding or the line break.
+        assert_eq!(decoded_len(b"QQ=", b"=\n"), 1);
+        assert_eq!(decoded_len(b"QUJD\r", b"\n"), 3);
+        assert_eq!(decoded_len(b"QU", b"I=\n"), 2);
+    }
+
+    #[test]
+    fn put_soundfile_ready_payload_final_reply() {
         let mut t = Turn::default();
-        t.on_backend_line(b"PUT SOUNDFILE greeting 10\n");
-        assert_eq!(t.payload_remaining(), Some(10));
-        t.payload_sent(4);
-        assert_eq!(t.payload_remaining(), Some(6));
-        t.payload_sent(6);
-        assert!(!t.in_payload());
+        t.on_backend_line(b"PUT SOUNDFILE greeting.gsm 100\n");
+        assert!(!t.backend_owes_command() && !t.in_payload());
         assert_eq!(
             t.on_asterisk_line(b"200 result=0\n"),
             AsteriskLine::ReplyDone
         );
-
-        t.on_backend_line(b"GET SOUNDFILE greeting\n");
-        assert_eq!(t.on_asterisk_line(b"200 result=5\n"), AsteriskLine::Other);
-        assert_eq!(t.reply_payload_remaining(), Some(5));
-        assert!(!t.reply_payload_read(3));
-        assert!(t.reply_payload_read(2));
+        assert!(t.in_payload() && t.takes_backend_lines());
+        let line = [b'A'; 76];
+        assert_eq!(t.on_payload_line(&line, b"\n"), PayloadLine::More); // 57
+        assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Hangup);
+        assert!(t.in_payload(), "HANGUP does not end the payload");
+        assert_eq!(
+            t.on_payload_line(
+                b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                b"A==\n"
+            ),
+            PayloadLine::Done
+        );
+        assert!(!t.in_payload() && !t.backend_owes_command());
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=0\n"),
+            AsteriskLine::ReplyDone
+        );
         assert!(t.backend_owes_command());
+    }
 
-        // A GET SOUNDFILE that fails carries no payload.
-        t.on_backend_line(b"GET SOUNDFILE missing\n");
+    #[test]
+    fn put_soundfile_refused_has_no_payload() {
+        for reply in [
+            &b"200 result=-10\n"[..],
+            b"200 result=-11\n",
+            b"510 Invalid or unknown command\n",
+        ] {
+            let mut t = Turn::default();
+            t.on_backend_line(b"PUT SOUNDFILE x.gsm 100\n");
+            assert_eq!(t.on_asterisk_line(reply), AsteriskLine::ReplyDone);
+            assert!(t.backend_owes_command(), "{reply:?}");
+        }
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT SOUNDFILE\n");
+        t.on_asterisk_line(b"520-Invalid command syntax.  Proper usage follows:\n");
+        t.on_asterisk_line(b"Usage: PUT SOUNDFILE <file> <size>\n");
+        assert_eq!(
+            t.on_asterisk_line(b"520 End of proper usage.\n"),
+            AsteriskLine::ReplyDone
+        );
+        assert!(t.backend_owes_command());
+        // Without a believable size, `200 result=0` is an ordinary reply.
+        t.on_backend_line(b"PUT SOUNDFILE x lots\n");
+        t.on_asterisk_line(b"200 result=0\n");
+        assert!(t.backend_owes_command());
+    }
+
+    #[test]
+    fn an_early_answer_drops_the_rest_of_a_put_payload() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT SOUNDFILE x.gsm 10\n");
+        t.on_asterisk_line(b"200 result=0\n");
         assert_eq!(
             t.on_asterisk_line(b"200 result=-1\n"),
             AsteriskLine::ReplyDone
         );
-        // PUT SOUNDFILE without a believable size is an ordinary command.
-        t.on_backend_line(b"PUT SOUNDFILE x lots\n");
-        assert!(!t.in_payload());
+        assert!(t.dropping_payload() && !t.backend_owes_command());
+        assert_eq!(
+            t.on_payload_line(b"QUJDREVGR0hJSg==\n", b""),
+            PayloadLine::Done
+        );
+        assert!(t.backend_owes_command());
+    }
+
+    #[test]
+    fn get_soundfile_payload_is_not_read_as_replies() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"GET SOUNDFILE rec.gsm\n");
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=0 size=10\n"),
+            AsteriskLine::Other
+        );
+        assert!(t.in_reply_payload());
+        // `HANGUP` is valid base64 (4 bytes) inside a payload.
+        assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Other);
+        assert_eq!(t.on_asterisk_line(b"QUJD\n"), AsteriskLine::Other);
+        assert_eq!(t.on_asterisk_line(b"QUI=\n"), AsteriskLine::Other);
+        assert!(!t.backend_owes_command());
+        assert_eq!(t.on_asterisk_line(b"QQ==\n"), AsteriskLine::ReplyDone);
+        assert!(t.backend_owes_command());
+
+        // A missing file carries no payload; nor does size=0.
+        t.on_backend_line(b"GET SOUNDFILE missing.gsm\n");
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1\n"),
+            AsteriskLine::ReplyDone
+        );
+        t.on_backend_line(b"GET SOUNDFILE empty.gsm\n");
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=0 size=0\n"),
+            AsteriskLine::ReplyDone
+        );
+        // A `200 ` line inside the payload is the module's error.
+        t.on_backend_line(b"get soundfile rec.gsm\n");
+        t.on_asterisk_line(b"200 result=0 size=1000\n");
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1\n"),
+            AsteriskLine::ReplyDone
+        );
+        assert!(t.backend_owes_command());
+    }
+
+    #[test]
+    fn an_abandoned_payload_leaves_asterisk_owing_its_answer() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT SOUNDFILE x.gsm 1000\n");
+        t.on_asterisk_line(b"200 result=0\n");
+        t.abandon_payload();
+        assert!(!t.in_payload() && !t.backend_owes_command());
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1\n"),
+            AsteriskLine::ReplyDone
+        );
+        assert!(t.backend_owes_command());
     }
 }
