@@ -207,7 +207,13 @@ impl<'s> Relay<'s> {
                     limit = MAX_ASTERISK_LINE,
                     "Asterisk side sent a line over the limit: ending the session"
                 );
-                return Box::pin(self.fail(Reason::AsteriskProtocol)).await;
+                // No real Asterisk gets here, so no exchange (`SET
+                // VARIABLE` and its reply) that would keep reading a
+                // hostile stream: the backend is ended politely, the peer
+                // gets the FAILURE line and the close.
+                Box::pin(self.close_backend_politely()).await;
+                let _ = self.a.try_write(b"FAILURE\n");
+                return RelayEnd::Failed(Reason::AsteriskProtocol);
             }
             if self.pending_failure.is_some() && !self.b_shut {
                 // The backend's payload was given up: end it now, the

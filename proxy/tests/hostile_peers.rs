@@ -1,0 +1,142 @@
+//! Issue 12, item 1: an Asterisk-side peer whose reply line never ends.
+//! Before the fix the proxy buffered such a line without limit and
+//! rescanned it on every read (4 peers for 60 s: 418 MB, other calls' p50
+//! 1.4 s). The proxy runs as a process so that its own memory is measured.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod common;
+use common::free_port;
+
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_proxy(backend: SocketAddr) -> Proxy {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    );
+    let path = std::env::temp_dir().join(format!(
+        "agiproxy-hostile-{}-{port}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .args(["--log-level", "error"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proxy = Proxy { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "proxy did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy
+}
+
+/// A field of /proc/PID/status in kB (`VmRSS`, `VmHWM`).
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("{field} missing in /proc/{pid}/status"))
+}
+
+/// One hostile Asterisk side, again and again until `until`: header, wait
+/// for the backend's command, then `200 result=1 ` and bytes without a
+/// newline, as fast as the proxy takes them. Returns the connections made.
+async fn endless_reply_line(addr: SocketAddr, until: Instant) -> u32 {
+    let header = AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let chunk = vec![b'x'; 16 * 1024];
+    let mut connections = 0;
+    while Instant::now() < until {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        connections += 1;
+        if s.write_all(&header).await.is_err() {
+            continue;
+        }
+        // The backend's NOOP.
+        let mut buf = [0u8; 64];
+        if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+            continue;
+        }
+        let _ = s.write_all(b"200 result=1 ").await;
+        while Instant::now() < until {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, s.write_all(&chunk)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        // Cut off (or time is up): a short pause, then attack again.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    connections
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_12_endless_asterisk_reply_lines_are_bounded_and_calls_beside_them_pass() {
+    // Hostile sessions: the backend sends NOOP and waits; ordinary calls
+    // get two NOOPs.
+    let backend = FakeBackend::start(Behaviour::script(&["NOOP", "NOOP"])).await;
+    let proxy = start_proxy(backend.addr()).await;
+    let pid = proxy.child.id();
+    let rss_before = status_kb(pid, "VmRSS");
+
+    let until = Instant::now() + Duration::from_secs(10);
+    let attackers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(endless_reply_line(proxy.addr, until)))
+        .collect();
+    // Calls beside them, one after another, for the same 10 s.
+    let caller = FakeAsterisk::new()
+        .header(AgiHeader::realistic("x", &[], "2.1"))
+        .call_timeout(Duration::from_secs(10));
+    let mut took = Vec::new();
+    while Instant::now() < until {
+        let out = caller.run(proxy.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+        assert!(out.violations.is_empty(), "{:?}", out.violations);
+        took.push(out.elapsed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut connections = 0;
+    for a in attackers {
+        connections += a.await.unwrap();
+    }
+    let rss_after = status_kb(pid, "VmRSS");
+    let peak = status_kb(pid, "VmHWM");
+    took.sort();
+    let p50 = took[took.len() / 2];
+    eprintln!(
+        "4 endless-line peers for 10 s ({connections} connections): proxy RSS {rss_before} kB -> {rss_after} kB, peak {peak} kB; {} calls beside them, p50 {p50:?}, max {:?}",
+        took.len(),
+        took.last().unwrap()
+    );
+    assert!(peak < 64 * 1024, "proxy peak RSS {peak} kB");
+    // Generous: the machine is shared; before the fix p50 reached 1.4 s.
+    assert!(p50 < Duration::from_millis(300), "p50 {p50:?}");
+    assert!(took.len() >= 20, "only {} calls in 10 s", took.len());
+}
