@@ -42,6 +42,13 @@ pub const OPEN: &[(&str, &str)] = &[
     ("GET", "/v1/status"),
 ];
 
+/// Connections served at once (TCP and socket together); beyond it a new
+/// connection is closed at once. Idle connections (a flood of 1,000 once
+/// took a proxy's last descriptors) then cannot starve calls: the proxy
+/// keeps a descriptor reserve above this for the control API and health
+/// checks.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// How the control API is served. At least one of `address` and `socket`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -227,35 +234,43 @@ impl ControlServer {
         tokio::pin!(shutdown);
         let tcp = self.tcp.as_ref();
         let unix = self.unix.as_ref().map(|(l, _)| l);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 r = accept_tcp(tcp) => match r {
-                    Ok((stream, peer)) => self.spawn_tcp(stream, peer),
+                    Ok((stream, peer)) => {
+                        if let Some(slot) = take_slot(&slots) {
+                            self.spawn_tcp(stream, peer, slot);
+                        }
+                    }
                     Err(e) => accept_failed(e).await,
                 },
                 r = accept_unix(unix) => match r {
-                    Ok(stream) => self.spawn_unix(stream),
+                    Ok(stream) => {
+                        if let Some(slot) = take_slot(&slots) {
+                            self.spawn_unix(stream, slot);
+                        }
+                    }
                     Err(e) => accept_failed(e).await,
                 },
             }
         }
     }
 
-    fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr, slot: Slot) {
         let app = self.app.clone();
         let timeout = self.request_timeout;
         let Some(acceptor) = self.tls.clone() else {
-            tokio::spawn(serve_connection(
-                stream,
-                app,
-                None,
-                timeout,
-                peer.to_string(),
-            ));
+            let conn = serve_connection(stream, app, None, timeout, peer.to_string());
+            tokio::spawn(async move {
+                conn.await;
+                drop(slot);
+            });
             return;
         };
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
                 Ok(Err(e)) => {
@@ -266,19 +281,39 @@ impl ControlServer {
         });
     }
 
-    fn spawn_unix(&self, stream: tokio::net::UnixStream) {
+    fn spawn_unix(&self, stream: tokio::net::UnixStream, slot: Slot) {
         // Who is on the other end, from the kernel: the guard lets only the
         // socket's owner and root in.
         let uid = stream.peer_cred().ok().map(|c| c.uid());
         let peer = format!("control socket, uid {uid:?}");
-        tokio::spawn(serve_connection(
+        let conn = serve_connection(
             stream,
             self.app.clone(),
             Some(SocketPeer { uid }),
             self.request_timeout,
             peer,
-        ));
+        );
+        tokio::spawn(async move {
+            conn.await;
+            drop(slot);
+        });
     }
+}
+
+/// Held by a connection for its life (see [`MAX_CONNECTIONS`]).
+type Slot = tokio::sync::OwnedSemaphorePermit;
+
+/// A slot for a new connection, or `None`: the connection is then dropped
+/// (closed) by the caller at once.
+fn take_slot(slots: &Arc<tokio::sync::Semaphore>) -> Option<Slot> {
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        tracing::debug!(
+            limit = MAX_CONNECTIONS,
+            "control API at its connection cap: connection closed"
+        );
+    }
+    slot
 }
 
 async fn accept_failed(e: std::io::Error) {

@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod drain;
+pub mod fds;
 pub mod logging;
 pub mod metrics;
 pub mod pool;

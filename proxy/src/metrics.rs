@@ -58,6 +58,8 @@ pub struct Metrics {
     pub bytes_from_asterisk: IntCounter,
     pub bytes_to_asterisk: IntCounter,
     pub crlf_fixed: IntCounter,
+    /// Operations that failed for want of a local resource, by `op`.
+    pub local_resource_errors: IntCounterVec,
     pub connect_seconds: Histogram,
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
@@ -142,6 +144,17 @@ impl Metrics {
             "Backend commands ending in CRLF, forwarded with LF (Asterisk rejects CRLF)",
         )
         .expect("valid metric");
+        let local_resource_errors = IntCounterVec::new(
+            Opts::new(
+                "local_resource_errors_total",
+                "Accepts and backend connects that failed for want of descriptors, socket buffers or memory, or that would have used the descriptor reserve, by op (accept, connect); not held against any backend",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        for op in ["accept", "connect"] {
+            local_resource_errors.with_label_values(&[op]);
+        }
         let buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
@@ -177,6 +190,7 @@ impl Metrics {
             Box::new(bytes_from_asterisk.clone()),
             Box::new(bytes_to_asterisk.clone()),
             Box::new(crlf_fixed.clone()),
+            Box::new(local_resource_errors.clone()),
             Box::new(connect_seconds.clone()),
             Box::new(first_command_seconds.clone()),
             Box::new(session_seconds.clone()),
@@ -208,6 +222,7 @@ impl Metrics {
             bytes_from_asterisk,
             bytes_to_asterisk,
             crlf_fixed,
+            local_resource_errors,
             connect_seconds,
             first_command_seconds,
             session_seconds,

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::session::{self, SessionRecord, Shared};
 use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
+use crate::Reason;
 
 /// Pending connections the kernel may queue per listener.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -131,6 +132,7 @@ impl Server {
     pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
         let bound = bind_all(&config, &[])?;
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
+        crate::fds::init();
         let file_hash = origin.file.as_ref().map(|_| meta.hash);
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
@@ -638,7 +640,12 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     // Out of descriptors or memory: slow down rather than spin.
-                    tracing::warn!(address = %configured, error = %e, ?backoff, "accept failed");
+                    if crate::fds::is_local(&e) {
+                        shared.metrics.local_resource_errors.with_label_values(&["accept"]).inc();
+                        crate::fds::warn("accept", &e);
+                    } else {
+                        tracing::warn!(address = %configured, error = %e, ?backoff, "accept failed");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -666,11 +673,28 @@ fn spawn_session(
     let name = snap.listener_name(configured);
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
-    let Some(guard) = shared.admit(max) else {
+    if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+        // Fewer than the reserve's descriptors left: they are for the
+        // control API and health checks. The call hears FAILURE at once.
+        shared
+            .metrics
+            .local_resource_errors
+            .with_label_values(&["accept"])
+            .inc();
+        crate::fds::warn("accept", &crate::fds::reserve_error());
+        let reason = Reason::LocalResources;
         shared
             .drain
             .sessions
-            .spawn(session::reject_overloaded(sh, snap, name, stream, peer));
+            .spawn(session::reject(sh, snap, name, stream, peer, reason));
+        return;
+    }
+    let Some(guard) = shared.admit(max) else {
+        let reason = Reason::Overloaded;
+        shared
+            .drain
+            .sessions
+            .spawn(session::reject(sh, snap, name, stream, peer, reason));
         return;
     };
     shared

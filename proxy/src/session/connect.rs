@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::outcome::Reason;
 use super::relay::read_now;
+use crate::fds;
 use crate::metrics::{ConnectResult, Metrics};
 use crate::pool::polite_close::close_politely;
 use crate::pool::{Candidates, Lease, PoolState};
@@ -108,6 +109,18 @@ pub async fn attach(
             .await
         {
             Ok(Ok(s)) => s,
+            Ok(Err(Opened::Local(e))) => {
+                // Out of descriptors or memory here: not the backend's
+                // fault (no passive failure), and every other backend would
+                // fail the same way.
+                metrics
+                    .local_resource_errors
+                    .with_label_values(&["connect"])
+                    .inc();
+                fds::warn("connect", &e);
+                reason = Reason::LocalResources;
+                break;
+            }
             Ok(Err(Opened::ConnectFailed(e))) => {
                 metrics.connect_result(connect_result_of(&e)).inc();
                 let wait = pool.passive_failure(&backend, "connect failed");
@@ -238,6 +251,9 @@ async fn wait_first_byte(
 
 /// Why a backend could not be opened with the header sent.
 enum Opened {
+    /// The proxy is out of descriptors, socket buffers or memory, or the
+    /// socket would have used the descriptor reserve (see `fds`).
+    Local(io::Error),
     ConnectFailed(io::Error),
     HeaderRefused(io::Error),
 }
@@ -248,7 +264,13 @@ enum Opened {
 /// for writability and asking `SO_ERROR` (one wake-up and one system call
 /// fewer per session). Otherwise it waits for the connect like any client.
 async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStream, Opened> {
-    let fail = Opened::ConnectFailed;
+    let fail = |e: io::Error| {
+        if fds::is_local(&e) {
+            Opened::Local(e)
+        } else {
+            Opened::ConnectFailed(e)
+        }
+    };
     // Non-blocking from birth (no fcntl), NODELAY before the handshake.
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -256,6 +278,10 @@ async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStrea
         Some(Protocol::TCP),
     )
     .map_err(fail)?;
+    if fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&socket)) {
+        // Dropped (closed) on return: the reserve stays free.
+        return Err(Opened::Local(fds::reserve_error()));
+    }
     socket.set_nodelay(true).map_err(fail)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}

@@ -289,14 +289,16 @@ async fn bad_header(
     }
 }
 
-/// Over `limits.max_sessions`: read the header and answer FAILURE, so the
+/// Over `limits.max_sessions` (`overloaded`), or into the descriptor
+/// reserve (`local_resources`): read the header and answer FAILURE, so the
 /// dialplan falls back at once (refusing to read would hang the call).
-pub async fn reject_overloaded(
+pub async fn reject(
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     listener: Arc<str>,
     mut a: TcpStream,
     peer: SocketAddr,
+    reason: Reason,
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
@@ -305,7 +307,7 @@ pub async fn reject_overloaded(
     match read_header(&mut a, &limits).await {
         Ok(h) => {
             rec.script = h.get("agi_network_script").unwrap_or("").to_string();
-            fail(&mut a, &mut rec, Reason::Overloaded).await;
+            fail(&mut a, &mut rec, reason).await;
         }
         Err(e) => bad_header(&shared, &mut a, &mut rec, e, &limits).await,
     }
