@@ -256,7 +256,7 @@ impl Turn {
             return AsteriskLine::Other;
         }
         match std::mem::take(&mut self.pending) {
-            Pending::Put(n) if line == b"200 result=0" => {
+            Pending::Put(n) if line == b"200 result=0" || line.starts_with(b"200 result=0 ") => {
                 // Ready: the payload, then the final reply.
                 self.state = if n > 0 {
                     State::CommandPayload(n)
@@ -385,6 +385,7 @@ mod tests {
         for reply in [
             &b"200 result=-10\n"[..],
             b"200 result=-11\n",
+            b"200 result=01\n",
             b"510 Invalid or unknown command\n",
         ] {
             let mut t = Turn::default();
@@ -405,6 +406,15 @@ mod tests {
         t.on_backend_line(b"PUT SOUNDFILE x lots\n");
         t.on_asterisk_line(b"200 result=0\n");
         assert!(t.backend_owes_command());
+    }
+
+    #[test]
+    fn a_ready_answer_may_carry_text() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT SOUNDFILE x.gsm 3\n");
+        t.on_asterisk_line(b"200 result=0 (ready)\n");
+        assert!(t.in_payload());
+        assert_eq!(t.on_payload_line(b"QUJD\n", b""), PayloadLine::Done);
     }
 
     #[test]
