@@ -41,6 +41,7 @@ const TOKEN: &str = "netns-chaos-token";
 /// The proxy's deadlines in these scenarios (the config below).
 const BUDGET: Duration = Duration::from_millis(1500);
 const NEXT_COMMAND: Duration = Duration::from_secs(3);
+const FIRST_COMMAND: Duration = Duration::from_secs(3);
 /// How long each backend session pauses between its commands: long enough
 /// for a fault to land mid-session.
 const HOLD: Duration = Duration::from_millis(800);
@@ -96,7 +97,7 @@ struct Host {
     /// The proxy's end of the link (in the proxy namespace).
     link: String,
     ip: IpAddr,
-    _backend: Option<FakeBackend>,
+    backend: Option<FakeBackend>,
     /// The delay relay in front of the backend, when the scenario has one.
     relay: Option<DelayRelay>,
 }
@@ -253,7 +254,7 @@ impl Lab {
             _rt: rt,
             link,
             ip,
-            _backend: backend,
+            backend,
             relay,
         }
     }
@@ -379,25 +380,24 @@ impl Lab {
         n: usize,
         concurrency: usize,
         spacing: Duration,
-    ) -> tokio::task::JoinHandle<Vec<CallOutcome>> {
+    ) -> tokio::task::JoinHandle<Vec<Call>> {
+        static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let first = NEXT_ID.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         let target = SocketAddr::new(PROXY_IP.parse().expect("ip"), PORT);
         self.client_rt.spawn(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
             let mut tasks = Vec::with_capacity(n);
-            for i in 0..n {
+            for i in first..first + n {
                 let permit = sem.clone().acquire_owned().await.expect("semaphore");
+                let uid = format!("17.{i}");
                 let caller = FakeAsterisk::new()
-                    .header(AgiHeader::realistic(
-                        "ivr/main",
-                        &["a1"],
-                        &format!("17.{i}"),
-                    ))
+                    .header(AgiHeader::realistic("ivr/main", &["a1"], &uid))
                     .connect_timeout(Duration::from_secs(5))
                     .call_timeout(Duration::from_secs(30));
                 tasks.push(tokio::spawn(async move {
                     let out = caller.run(target).await;
                     drop(permit);
-                    out
+                    Call { uid, out }
                 }));
                 tokio::time::sleep(spacing).await;
             }
@@ -409,8 +409,24 @@ impl Lab {
         })
     }
 
-    fn wait(&self, calls: tokio::task::JoinHandle<Vec<CallOutcome>>) -> Vec<CallOutcome> {
+    fn wait(&self, calls: tokio::task::JoinHandle<Vec<Call>>) -> Vec<Call> {
         self.client_rt.block_on(calls).expect("calls")
+    }
+
+    /// Which host received each call's header (by `agi_uniqueid`).
+    fn hosts_by_call(&self) -> BTreeMap<String, String> {
+        let mut map = BTreeMap::new();
+        for h in self.hosts.iter().chain(&self.spare) {
+            let Some(b) = &h.backend else { continue };
+            for raw in b.stats().headers() {
+                let uid =
+                    AgiHeader::parse(&raw).and_then(|x| x.get("agi_uniqueid").map(str::to_string));
+                if let Some(uid) = uid {
+                    map.insert(uid, b.name().to_string());
+                }
+            }
+        }
+        map
     }
 
     /// Switches `fault` on for host `i`.
@@ -503,7 +519,7 @@ impl Lab {
                         _rt: rt,
                         link,
                         ip,
-                        _backend: backend,
+                        backend,
                         relay: None,
                     },
                 );
@@ -571,11 +587,19 @@ fn start_backend(rt: &Runtime, addr: SocketAddr, behaviour: Behaviour, i: usize)
     .expect("backend binds")
 }
 
+/// One call: its `agi_uniqueid` and what Asterisk saw.
+struct Call {
+    uid: String,
+    out: CallOutcome,
+}
+
 /// What a scenario allows and what it saw.
 struct Verdict {
     calls: usize,
     completed: usize,
     failures: usize,
+    /// FAILUREs after waiting for a first command past the budget.
+    first_command_waits: usize,
     hung: usize,
     worst_failure: Option<Duration>,
     before: (usize, u64),
@@ -608,7 +632,7 @@ struct Expect<'a> {
 fn judge(
     lab: &Lab,
     name: &str,
-    outs: &[CallOutcome],
+    outs: &[Call],
     n: usize,
     before: (usize, u64),
     x: Expect,
@@ -618,13 +642,15 @@ fn judge(
         calls: n,
         completed: 0,
         failures: 0,
+        first_command_waits: 0,
         hung: 0,
         worst_failure: None,
         before,
         after: (0, 0),
     };
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, o) in outs.iter().enumerate() {
+    let hosts = lab.hosts_by_call();
+    for (i, Call { uid, out: o }) in outs.iter().enumerate() {
         let var = |k: &str| o.variables.get(k).map(String::as_str);
         assert!(
             o.violations.is_empty(),
@@ -647,10 +673,18 @@ fn judge(
                     o.connect_error.is_none(),
                     "{name}: the proxy refused a call: {o:?}"
                 );
-                if BEFORE_COMMIT.contains(&reason) {
+                let waited_first_command = o.elapsed >= FIRST_COMMAND
+                    && matches!(reason, "budget_exhausted" | "first_command_timeout");
+                if waited_first_command && !x.faulted.is_empty() {
+                    // Known gap (docs/reliability.md): a host that goes dark
+                    // between connect and first command holds the call for
+                    // first_command (3 s), past the budget (1.5 s), so no
+                    // other backend is tried. Counted, reported, allowed.
+                    v.first_command_waits += 1;
+                } else if BEFORE_COMMIT.contains(&reason) {
                     assert!(
                         x.no_alternative,
-                        "{name}: call {i} failed before commit ({reason}) with healthy backends left"
+                        "{name}: call {i} failed before commit ({reason}) with healthy backends left: {o:?}"
                     );
                     assert!(
                         o.elapsed <= BUDGET + SLACK,
@@ -659,7 +693,7 @@ fn judge(
                     );
                 } else {
                     // After commit: only on a faulted host, by its deadline.
-                    let host = var("BACKEND").unwrap_or("none");
+                    let host = hosts.get(uid).map_or("none", String::as_str);
                     assert!(
                         x.faulted.contains(&host),
                         "{name}: call {i} failed ({reason}) on healthy host {host}"
@@ -720,10 +754,11 @@ fn judge(
         v.after.1
     );
     println!(
-        "ROW | {name} | {} | {} | {} | 0 | {} | {} | {} / {} | {} / {} | {reasons:?}",
+        "ROW | {name} | {} | {} | {} ({} first-command waits) | 0 | {} | {} | {} / {} | {} / {} | {reasons:?}",
         v.calls,
         v.completed,
         v.failures,
+        v.first_command_waits,
         v.hung,
         v.worst_failure
             .map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
@@ -739,10 +774,9 @@ fn judge(
 fn baseline(lab: &Lab) -> (usize, u64) {
     let n = lab.hosts.len();
     let outs = lab.wait(lab.calls(n, n, Duration::ZERO));
-    assert!(
-        outs.iter().all(|o| o.status == AgiStatus::Success),
-        "warm-up: {outs:?}"
-    );
+    for c in &outs {
+        assert_eq!(c.out.status, AgiStatus::Success, "warm-up: {:?}", c.out);
+    }
     std::thread::sleep(Duration::from_millis(300));
     lab.resources()
 }
@@ -811,6 +845,14 @@ fn fault_scenario(fault: Fault, after_commit: bool) -> Option<Verdict> {
         }
         Fault::Blackhole | Fault::LinkDown if !after_commit => {
             assert!(attempts > connected, "{name}: no connect attempt failed")
+        }
+        Fault::AddressMoved if !after_commit => {
+            // The new host took the address: it served calls.
+            let b = lab.hosts[0].backend.as_ref().expect("backend");
+            assert!(
+                b.stats().accepted() > 0,
+                "{name}: the moved address served nothing"
+            )
         }
         Fault::Blackhole | Fault::LinkDown | Fault::AddressMoved | Fault::Vanish => {
             assert!(v.failures > 0, "{name}: no session was caught by the fault")
