@@ -748,7 +748,7 @@ fn judge(
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        v.after.1 <= v.before.1 + 64 * 1024,
+        v.after.1 <= v.before.1 + 16 * 1024,
         "{name}: RSS grew from {} to {} KiB",
         v.before.1,
         v.after.1
