@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use agiproxy::drain::Cut;
-use agiproxy::header::{Header, HeaderError, Scan};
-use agiproxy::relay::{Relay, RelayEnd, RelayOptions};
-use agiproxy::rewrite::{backend_header, TemplateContext};
+use agiproxy::session::header::{Header, HeaderError, Scan};
+use agiproxy::session::relay::{Relay, RelayEnd, RelayOptions};
+use agiproxy::session::rewrite::{backend_header, TemplateContext};
 use agiproxy_control::api::{
     Applied, BackendView, ConfigView, ErrorBody, FieldError, PoolView, SplitWeight, Status,
 };
