@@ -89,6 +89,63 @@ fn skip_reason() -> Option<String> {
     reason
 }
 
+/// Why the kernel refuses `fault` here (a module or match missing), tried
+/// on two scratch namespaces; `None` when it works.
+fn kernel_refuses(fault: Fault) -> Option<String> {
+    let try_it = || -> std::io::Result<()> {
+        let a = Netns::create("probea")?;
+        let b = Netns::create("probeb")?;
+        a.link("p0", "192.0.2.253/30", &b, "eth0", "192.0.2.254/30")?;
+        let ipt = |args: &[&str]| b.exec("iptables", args).map(drop);
+        match fault {
+            Fault::SynDrop => ipt(&["-A", "INPUT", "-p", "tcp", "--syn", "-j", "DROP"]),
+            Fault::RstOnConnect => ipt(&[
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--syn",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ]),
+            Fault::Blackhole => ipt(&["-A", "OUTPUT", "-p", "tcp", "-j", "DROP"]),
+            Fault::Loss(_) => ipt(&[
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.2",
+                "-j",
+                "DROP",
+            ]),
+            Fault::Bandwidth(_) => b
+                .exec(
+                    "tc",
+                    &[
+                        "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "16kbit", "burst",
+                        "1600", "latency", "5s",
+                    ],
+                )
+                .map(drop),
+            Fault::LinkDown => a.ip(&["link", "set", "p0", "down"]).map(drop),
+            Fault::AddressMoved => {
+                let c = Netns::create("probec")?;
+                b.ip(&["link", "set", "eth0", "netns", c.name()]).map(drop)
+            }
+            Fault::Vanish => a.ip(&["link", "del", "p0"]).map(drop),
+            Fault::Delay => Ok(()),
+        }
+    };
+    try_it().err().map(|e| e.to_string())
+}
+
 /// One backend host.
 struct Host {
     ns: Netns,
@@ -805,6 +862,10 @@ fn fault_scenario(fault: Fault, after_commit: bool) -> Option<Verdict> {
             "before commit"
         }
     );
+    if let Some(why) = kernel_refuses(fault) {
+        eprintln!("SKIPPED {name}: the kernel refuses it here: {why}");
+        return None;
+    }
     let mut lab = Lab::new(
         &tag(&format!("{fault:?}{after_commit}")),
         3,
@@ -907,6 +968,10 @@ fn half_the_pool_blackholed_under_load() {
     if skip_reason().is_some() {
         return;
     }
+    if let Some(why) = kernel_refuses(Fault::Blackhole) {
+        eprintln!("SKIPPED half the pool black-holed: the kernel refuses it here: {why}");
+        return;
+    }
     let mut lab = Lab::new("half", 4, false);
     lab.start_proxy(
         &lab.static_pool(),
@@ -948,6 +1013,10 @@ fn half_the_pool_blackholed_under_load() {
 fn dns_answers_with_a_blackholed_host() {
     let _g = serial();
     if skip_reason().is_some() {
+        return;
+    }
+    if let Some(why) = kernel_refuses(Fault::SynDrop) {
+        eprintln!("SKIPPED DNS with a black-holed host: the kernel refuses it here: {why}");
         return;
     }
     let mut lab = Lab::new("dns", 2, false);
