@@ -14,7 +14,8 @@ use agiproxy::session::header::{Header, HeaderError, Scan};
 use agiproxy::session::relay::{Relay, RelayEnd, RelayOptions};
 use agiproxy::session::rewrite::{backend_header, TemplateContext};
 use agiproxy_control::api::{
-    Applied, BackendView, ConfigView, ErrorBody, FieldError, PoolView, SplitWeight, Status,
+    Applied, BackendView, ConfigView, ErrorBody, FieldError, PoolView, RolloutTick, RolloutView,
+    SplitWeight, Status,
 };
 use agiproxy_control::{ControlError, ControlPlane};
 use axum::body::Body;
@@ -461,7 +462,8 @@ const TOKEN: &str = "fuzz-token-0123456789";
 const MAX_BODY: usize = 64 * 1024;
 
 /// A ControlPlane with no proxy behind it: configs go through the real
-/// parse and validation; every state change is counted.
+/// parse and validation; every state-changing call that reaches it is
+/// counted, whether it then succeeds or not.
 #[derive(Default)]
 pub struct FakePlane {
     state: Mutex<(u64, String)>,
@@ -506,6 +508,7 @@ impl ControlPlane for FakePlane {
             listeners: vec![],
             active_sessions: 0,
             draining: false,
+            rollouts_differ: Vec::new(),
         }
     }
     fn ready(&self) -> bool {
@@ -531,6 +534,9 @@ impl ControlPlane for FakePlane {
     ) -> Result<Applied, ControlError> {
         self.longest_config
             .fetch_max(text.len() as u64, Ordering::SeqCst);
+        if !dry_run {
+            self.changes.fetch_add(1, Ordering::SeqCst);
+        }
         agiproxy_config::from_yaml_str(&text).map_err(|errs| {
             ControlError::Invalid(
                 errs.0
@@ -547,7 +553,6 @@ impl ControlPlane for FakePlane {
             return Err(ControlError::Stale { current: s.0 });
         }
         if !dry_run {
-            self.changes.fetch_add(1, Ordering::SeqCst);
             s.0 += 1;
             s.1 = text;
         }
@@ -559,6 +564,7 @@ impl ControlPlane for FakePlane {
         })
     }
     async fn reload_file(&self) -> Result<Applied, ControlError> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         Err(ControlError::Unavailable("no config file".into()))
     }
     fn pools(&self) -> Vec<PoolView> {
@@ -577,6 +583,7 @@ impl ControlPlane for FakePlane {
         backend: &str,
         draining: bool,
     ) -> Result<BackendView, ControlError> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         if pool != "p" || backend != "192.0.2.10:4573" {
             return Err(ControlError::NotFound(format!(
                 "no backend {backend} in {pool}"
@@ -591,7 +598,27 @@ impl ControlPlane for FakePlane {
         _split: Vec<SplitWeight>,
         _if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         Err(ControlError::NotFound(format!("no split route {route}")))
+    }
+    fn rollouts(&self) -> Vec<RolloutView> {
+        Vec::new()
+    }
+    fn rollout_tick(&self, route: &str, _tick: i64) -> Result<RolloutTick, ControlError> {
+        Err(ControlError::NotFound(format!(
+            "no rollout on route {route}"
+        )))
+    }
+    async fn rollout_override(
+        &self,
+        route: &str,
+        _action: &str,
+        _at: Option<String>,
+    ) -> Result<Applied, ControlError> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        Err(ControlError::NotFound(format!(
+            "no rollout on route {route}"
+        )))
     }
     fn drain(&self) {
         self.changes.fetch_add(1, Ordering::SeqCst);
@@ -754,7 +781,18 @@ pub fn control_api(data: &[u8]) {
     let suffix = parts.next().unwrap_or_default();
     let header_value = parts.next().unwrap_or_default();
     let mut body = parts.next().unwrap_or_default().to_vec();
-    let base = PATHS[choice % PATHS.len()];
+    // 96..128: the rollout endpoints (added after the first runs; the
+    // other choices keep the meaning they had in the corpus).
+    const ROLLOUT: [&str; 3] = [
+        "/v1/rollouts/r",
+        "/v1/rollouts/r/counts?tick=3",
+        "/v1/rollouts/r/pause",
+    ];
+    let base = if (96..128).contains(&choice) {
+        ROLLOUT[choice % ROLLOUT.len()]
+    } else {
+        PATHS[choice % PATHS.len()]
+    };
     let uri = if choice >= 128 {
         String::from_utf8_lossy(suffix).into_owned()
     } else {
