@@ -17,12 +17,15 @@
 
 pub mod asterisk;
 pub mod backend;
+pub mod delay;
 pub mod dns;
 mod framing;
 pub mod header;
 pub mod loadgen;
 mod net;
 pub mod soundfile;
+#[cfg(target_os = "linux")]
+pub mod netns;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};
 pub use backend::{

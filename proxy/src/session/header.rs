@@ -208,15 +208,22 @@ fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, ()> {
 
 /// The header parser, fed as bytes arrive: each line is checked once, when
 /// its `\n` arrives (garbage is refused at once, not at the header
-/// deadline), and its spans are kept for the parsed header.
-struct Scan {
+/// deadline), and its spans are kept for the parsed header. Public so the
+/// fuzzer can drive it with arbitrary read sizes, as `read_header` does.
+pub struct Scan {
     vars: Vec<(Range<usize>, Range<usize>)>,
     /// Where the next unread line starts.
     pos: usize,
 }
 
+impl Default for Scan {
+    fn default() -> Scan {
+        Scan::new()
+    }
+}
+
 impl Scan {
-    fn new() -> Scan {
+    pub fn new() -> Scan {
         Scan {
             vars: Vec::with_capacity(32),
             pos: 0,
@@ -225,7 +232,7 @@ impl Scan {
 
     /// Reads the lines complete in `buf` past those already read. Returns
     /// the header's length (blank line included) once the blank line is in.
-    fn advance(&mut self, buf: &[u8], max_lines: usize) -> Result<Option<usize>, HeaderError> {
+    pub fn advance(&mut self, buf: &[u8], max_lines: usize) -> Result<Option<usize>, HeaderError> {
         while self.pos < buf.len() {
             if buf[self.pos] == b'\n' {
                 if self.vars.is_empty() {
@@ -249,7 +256,8 @@ impl Scan {
         Ok(None)
     }
 
-    fn finish(self, raw: Vec<u8>, len: usize) -> Header {
+    /// The parsed header; `raw` is the buffer given to `advance`, `len` what it returned.
+    pub fn finish(self, raw: Vec<u8>, len: usize) -> Header {
         Header {
             raw,
             len,
