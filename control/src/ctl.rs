@@ -511,6 +511,29 @@ async fn fan_out(
     futures_util::future::join_all(calls).await
 }
 
+/// Prints a line to stdout, or returns from the printing function when it cannot: a reader
+/// that went away (`ctl ... | head -1`) ends the output quietly, as with `ls | head`. The
+/// exit code still tells the outcome, settled before anything is printed.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        if !line(format_args!($($arg)*)) {
+            return;
+        }
+    };
+}
+
+fn line(args: std::fmt::Arguments<'_>) -> bool {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{args}") {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+        Err(e) => {
+            eprintln!("agiproxy ctl: cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
 fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
     if args.output == Output::Json {
         let mut doc = serde_json::json!({ "replicas": replies });
@@ -521,15 +544,15 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
                 .map(|(r, h)| serde_json::json!({"replica": r, "hash": h}))
                 .collect::<Vec<_>>());
         }
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
     }
     for r in replies {
         if replies.len() > 1 {
-            println!("== {}", r.replica);
+            out!("== {}", r.replica);
         }
         if let Some(e) = &r.error {
-            println!(
+            out!(
                 "ERROR ({}): {e}",
                 if r.status == 0 {
                     "no answer".to_string()
@@ -544,15 +567,15 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
     }
     if let Some(Convergence { same, hashes }) = converged {
         if *same {
-            println!(
+            out!(
                 "converged: all {} replicas run config {}",
                 hashes.len(),
                 hashes[0].1.as_deref().unwrap_or("?")
             );
         } else {
-            println!("NOT CONVERGED:");
+            out!("NOT CONVERGED:");
             for (replica, hash) in hashes {
-                println!("  {replica}  {}", hash.as_deref().unwrap_or("(no answer)"));
+                out!("  {replica}  {}", hash.as_deref().unwrap_or("(no answer)"));
             }
         }
     }
@@ -562,11 +585,11 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
     match cmd {
         CtlCommand::Status => {
             if let Ok(s) = serde_json::from_value::<Status>(body.clone()) {
-                println!("version     {}\nuptime      {:.0}s\ngeneration  {}\nhash        {}\nsource      {}{}\nsessions    {}\ndraining    {}",
+                out!("version     {}\nuptime      {:.0}s\ngeneration  {}\nhash        {}\nsource      {}{}\nsessions    {}\ndraining    {}",
                     s.version, s.uptime_seconds, s.generation, s.hash, s.source,
                     if s.differs_from_file { " (differs from the file)" } else { "" }, s.active_sessions, s.draining);
                 for l in s.listeners {
-                    println!("listener    {} {}", l.name, l.address);
+                    out!("listener    {} {}", l.name, l.address);
                 }
                 for note in s.rollouts_differ {
                     println!("rollout     {note}");
@@ -575,9 +598,12 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         }
         CtlCommand::Config(ConfigCommand::Get) => {
             if let Ok(c) = serde_json::from_value::<ConfigView>(body.clone()) {
-                println!(
+                out!(
                     "# generation {} hash {} from {}\n{}",
-                    c.generation, c.hash, c.source, c.text
+                    c.generation,
+                    c.hash,
+                    c.source,
+                    c.text
                 );
             }
         }
@@ -585,13 +611,19 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
             let pools: Vec<PoolView> = serde_json::from_value::<Vec<PoolView>>(body.clone())
                 .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
                 .unwrap_or_default();
-            println!(
+            out!(
                 "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
-                "POOL", "BACKEND", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "EJECTIONS"
+                "POOL",
+                "BACKEND",
+                "STATE",
+                "WEIGHT",
+                "ACTIVE",
+                "TOTAL",
+                "EJECTIONS"
             );
             for p in pools {
                 for b in p.backends {
-                    println!(
+                    out!(
                         "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
                         p.name,
                         b.address,
@@ -627,10 +659,10 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 } else {
                     "unchanged"
                 };
-                println!("{what}: generation {} hash {}", a.generation, a.hash);
+                out!("{what}: generation {} hash {}", a.generation, a.hash);
             }
         }
-        _ => println!("{body}"),
+        _ => out!("{body}"),
     }
 }
 

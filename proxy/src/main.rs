@@ -146,36 +146,63 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match agiproxy_config::load_file(path) {
         Ok(cfg) => {
-            println!(
-                "{}: OK ({} listeners, {} routes, {} pools)",
+            let mut out = format!(
+                "{}: OK ({}, {}, {})\n",
                 path.display(),
-                cfg.listeners.len(),
-                cfg.routes.len(),
-                cfg.pools.len()
+                count(cfg.listeners.len(), "listener"),
+                count(cfg.routes.len(), "route"),
+                count(cfg.pools.len(), "pool")
             );
             for l in &cfg.listeners {
-                println!("  listener {} on {}", l.name, l.address);
+                out += &format!("  listener {} on {}\n", l.name, l.address);
             }
             for (i, r) in cfg.routes.iter().enumerate() {
-                println!("  route {i}: {}", r.describe(&cfg.pools));
+                out += &format!("  route {i}: {}\n", r.describe(&cfg.pools));
                 if let Some(ro) = &r.rollout {
-                    println!(
-                        "    {}",
+                    out += &format!(
+                        "    {}\n",
                         agiproxy::rollout::explain(ro, agiproxy::rollout::now_ms())
                     );
                 }
             }
             for w in cfg.warnings() {
-                println!("  warning: {w}");
+                out += &format!("  warning: {w}\n");
             }
+            print_out(&out);
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            eprintln!("{}: {} error(s):", path.display(), errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
+            let mut out = format!("{}: {}:\n", path.display(), count(errors.len(), "error"));
+            for e in &errors {
+                out += &format!("  {e}\n");
             }
+            // Written whole, so that `check 2>&1 | head` cannot cut it short with a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), out.as_bytes());
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `1 listener`, `2 listeners`.
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Writes to stdout. A reader that went away (`agiproxy check ... | head -1`) ends the
+/// output quietly, as with `ls | head`; the exit code still tells the outcome, which is
+/// settled before anything is printed (a `pipefail` script sees a bad config, not EPIPE).
+pub(crate) fn print_out(text: &str) -> bool {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+        Err(e) => {
+            eprintln!("agiproxy: cannot write to stdout: {e}");
+            false
         }
     }
 }

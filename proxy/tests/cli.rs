@@ -195,3 +195,86 @@ fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
         "{stdout}"
     );
 }
+
+/// Runs the binary with its stdout on a pipe whose reader has already gone, as
+/// `agiproxy ... | head -1` ends up once head has read its line.
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = bin()
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn assert_quiet_exit(out: &std::process::Output, code: i32) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.is_empty(), "expected no output on stderr:\n{stderr}");
+}
+
+#[test]
+fn check_into_a_closed_pipe_exits_quietly_with_its_verdict() {
+    let path = write_config(
+        "epipe",
+        "version: 1\nroutes:\n  - name: ivr\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
+    );
+    let out = run_into_closed_pipe(&["check", "-c", path.to_str().unwrap()]);
+    assert_quiet_exit(&out, 0);
+}
+
+/// A stand-in control API: answers every request with `body`, for `requests` requests.
+fn fake_control_api(body: String, requests: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for _ in 0..requests {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn ctl_into_a_closed_pipe_exits_quietly() {
+    let backends: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"address":"127.0.0.1:{}","state":"up","weight":1,"active_sessions":0,"total_sessions":0,"consecutive_failures":0,"ejections":0,"draining":false}}"#, 5000 + i))
+        .collect();
+    let pools = format!(
+        r#"[{{"name":"ivr","balance":"round_robin","active_sessions":0,"backends":[{}]}}]"#,
+        backends.join(",")
+    );
+    let url = fake_control_api(pools, 2);
+    let out = run_into_closed_pipe(&["ctl", "--url", &url, "--output", "json", "pools"]);
+    assert_quiet_exit(&out, 0);
+    let out = run_into_closed_pipe(&["ctl", "--url", &url, "pools"]);
+    assert_quiet_exit(&out, 0);
+
+    let text = "version: 1\n".repeat(200);
+    let config = format!(
+        r#"{{"generation":3,"hash":"abc","source":"file:x.yaml","text":{}}}"#,
+        serde_json::to_string(&text).unwrap()
+    );
+    let url = fake_control_api(config, 1);
+    let out = run_into_closed_pipe(&["ctl", "--url", &url, "config", "get"]);
+    assert_quiet_exit(&out, 0);
+}

@@ -13,6 +13,13 @@ use agiproxy::{Server, SessionRecord};
 mod sim;
 use sim::{refused_addr, ScriptedBackend};
 
+/// Prints a line; a closed stdout (`agiproxy demo | head`) silences the demo, not the proxy.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        crate::print_out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 const CONFIG: &str = include_str!("demo.yaml");
 
 struct Call {
@@ -92,7 +99,7 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
     ];
     let name_of = |a: SocketAddr| names.iter().find(|(x, _)| *x == a).map_or("?", |(_, n)| n);
 
-    println!("agiproxy demo: proxy on {addr}; backends blue {}, green {}; pool \"billing\" points at {down}, where nothing listens\n", blue.addr(), green.addr());
+    say!("agiproxy demo: proxy on {addr}; backends blue {}, green {}; pool \"billing\" points at {down}, where nothing listens\n", blue.addr(), green.addr());
     let mut records = server.subscribe();
     for (i, call) in CALLS.iter().enumerate() {
         let out = sim::call(addr, call.script, call.args, &format!("1700000000.{i}"))
@@ -103,7 +110,7 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
                 .await
                 .ok()
                 .and_then(Result::ok);
-        println!(
+        say!(
             "call {}: {}",
             i + 1,
             call.dialplan.replace("PROXY", &addr.to_string())
@@ -112,35 +119,35 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
             let backend = r
                 .backend
                 .map_or("-".to_string(), |b| format!("{} ({b})", name_of(b)));
-            println!(
+            say!(
                 "  route {} -> pool {} -> backend {backend}",
                 r.route.as_deref().unwrap_or("(none)"),
                 r.pool.as_deref().unwrap_or("-")
             );
         }
         for cmd in &out.commands {
-            println!("  backend> {cmd}");
+            say!("  backend> {cmd}");
         }
         let reason = out
             .error
             .as_ref()
             .map(|r| format!(" (AGIPROXY_ERROR={r})"))
             .unwrap_or_default();
-        println!("  AGISTATUS={}{reason}", out.status);
+        say!("  AGISTATUS={}{reason}", out.status);
         if out.status == "FAILURE" {
-            println!("  -> the dialplan's fallback runs: same(n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1))");
+            say!("  -> the dialplan's fallback runs: same(n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1))");
         }
-        println!();
+        say!("");
     }
     if once {
         server.drain(Duration::from_secs(5)).await;
         return Ok(());
     }
-    println!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits.");
+    say!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits.");
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl-C")?;
-    println!("draining...");
+    say!("draining...");
     server.drain(Duration::from_secs(10)).await;
     Ok(())
 }
