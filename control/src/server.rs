@@ -143,13 +143,18 @@ pub struct ControlServer {
     request_timeout: Duration,
 }
 
-impl ControlServer {
-    /// Binds the listener and/or the socket, and logs once which endpoints
-    /// are open and which need (or, with no token, refuse) a credential.
-    pub async fn bind<P: ControlPlane>(
-        plane: Arc<P>,
-        opts: ServeOptions,
-    ) -> Result<ControlServer, ServeError> {
+/// A control API whose TLS files are read and whose listener and/or socket are bound, not
+/// yet serving: the binary prepares it before it starts the proxy's listeners, so that a bad
+/// control config stops it before any call is accepted.
+pub struct PreparedControl {
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, SocketFile)>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    opts: ServeOptions,
+}
+
+impl PreparedControl {
+    pub async fn bind(opts: ServeOptions) -> Result<PreparedControl, ServeError> {
         if opts.address.is_none() && opts.socket.is_none() {
             return Err(ServeError::Nowhere);
         }
@@ -171,25 +176,58 @@ impl ControlServer {
             Some(path) => Some(crate::socket::bind(path).await?),
             None => None,
         };
+        Ok(PreparedControl {
+            tcp,
+            unix,
+            tls,
+            opts,
+        })
+    }
+
+    /// The TCP listener's address, if there is one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bearer token it will require.
+    pub fn token(&self) -> Option<&str> {
+        self.opts.token.as_deref()
+    }
+
+    /// The API over `plane`, ready to serve; logs once which endpoints are open and which
+    /// need (or, with no token, refuse) a credential.
+    pub fn with_plane<P: ControlPlane>(self, plane: Arc<P>) -> ControlServer {
+        let opts = self.opts;
         let has_token = opts.token.is_some();
         let (app, endpoints) = build(
             plane,
             opts.token,
-            unix.as_ref().map(|(_, f)| f.owner),
+            self.unix.as_ref().map(|(_, f)| f.owner),
             opts.max_body_bytes,
             opts.request_timeout,
         );
         let server = ControlServer {
-            tcp,
-            unix,
+            tcp: self.tcp,
+            unix: self.unix,
             app,
             endpoints,
             has_token,
-            tls,
+            tls: self.tls,
             request_timeout: opts.request_timeout,
         };
         server.log_access(opts.socket.as_deref());
-        Ok(server)
+        server
+    }
+}
+
+impl ControlServer {
+    /// Binds the listener and/or the socket, and logs once which endpoints
+    /// are open and which need (or, with no token, refuse) a credential.
+    pub async fn bind<P: ControlPlane>(
+        plane: Arc<P>,
+        opts: ServeOptions,
+    ) -> Result<ControlServer, ServeError> {
+        Ok(PreparedControl::bind(opts).await?.with_plane(plane))
     }
 
     fn log_access(&self, socket: Option<&std::path::Path>) {

@@ -10,10 +10,9 @@ use agiproxy::control::ControlHandle;
 use agiproxy::logging::{self, LogFormat};
 use agiproxy::server::Origin;
 use agiproxy::Server;
-use agiproxy_config::{BackendTarget, Dns, TokenSource};
-use agiproxy_control::server::ServeOptions;
+use agiproxy_config::{BackendTarget, Control, Dns, TokenSource};
+use agiproxy_control::server::{PreparedControl, ServeOptions};
 use agiproxy_control::tls::TlsFiles;
-use agiproxy_control::ControlServer;
 
 mod demo;
 
@@ -209,7 +208,7 @@ pub(crate) fn print_out(text: &str) -> bool {
 
 /// Raises the soft open-files limit to the hard one: every proxied session
 /// holds two descriptors, and runtimes often start processes at 1024.
-fn raise_fd_limit() {
+fn raise_fd_limit(max_sessions: usize) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -227,16 +226,29 @@ fn raise_fd_limit() {
             }
         }
     }
-    tracing::info!(
-        soft = lim.rlim_cur,
-        hard = lim.rlim_max,
-        sessions = lim.rlim_cur / 2,
-        "open-files limit (two per session)"
-    );
+    let sessions = lim.rlim_cur / 2;
+    if sessions < max_sessions as u64 {
+        tracing::warn!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            sessions,
+            max_sessions,
+            "open-files limit too low for limits.max_sessions (two descriptors per session): \
+             raise the hard limit to at least {} (ulimit -Hn, LimitNOFILE= in systemd, the \
+             container runtime's nofile ulimit), or lower limits.max_sessions",
+            max_sessions * 2 + 64
+        );
+    } else {
+        tracing::info!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            sessions,
+            "open-files limit (two per session)"
+        );
+    }
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    raise_fd_limit();
     // Read and parsed on a blocking thread, within bounds (a regular file
     // only, at most the largest limits.max_config_bytes; the config's own
     // limit is then checked by the parse).
@@ -253,7 +265,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
-    let control = config.control.clone();
+    raise_fd_limit(config.limits.max_sessions);
+    // Everything that can refuse to start is done before the proxy accepts a call: a
+    // replica that cannot start must not answer Asterisk, even for a moment.
+    let control = prepare_control(&config.control).await?;
     let origin = Origin {
         text: text.into(),
         source: format!("file:{}", path.display()),
@@ -267,59 +282,23 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let server = Server::start_with(config, origin).await?;
     let _watch = agiproxy::watch::watch(server.clone())?;
 
-    // Off unless the file has a control block: no port opened unasked
-    // (docs/control-api.md, "Where it listens").
-    let (stop_control, control_task) = if control.enabled {
-        let token = match &control.token {
-            Some(TokenSource::File(f)) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("control.token_file: cannot read {}", f.display()))?
-                    .trim()
-                    .to_string(),
-            ),
-            Some(TokenSource::Env(v)) => Some(
-                std::env::var(v)
-                    .with_context(|| format!("control.token_env: ${v} is not set"))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        if token.as_deref() == Some("") {
-            anyhow::bail!("control: the token is empty; put a secret in it");
+    let (stop_control, control_task) = match control {
+        Some(api) => {
+            // Judgement reads the peers' control APIs with the same token.
+            agiproxy::rollout::eval::spawn(server.clone(), api.token().map(str::to_string));
+            let api = api.with_plane(ControlHandle::new(server.clone()));
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(api.serve(async {
+                let _ = stopped.await;
+            }));
+            (Some(stop), Some(task))
         }
-        let opts = ServeOptions {
-            address: control.address,
-            socket: control.socket.clone(),
-            token,
-            tls: control.tls.as_ref().map(|t| TlsFiles {
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-                client_ca: t.client_ca.clone(),
-            }),
-            max_body_bytes: control.max_body_bytes,
-            request_timeout: control.request_timeout,
-        };
-        // Judgement reads the peers' control APIs with the same token.
-        agiproxy::rollout::eval::spawn(server.clone(), opts.token.clone());
-        let api = ControlServer::bind(ControlHandle::new(server.clone()), opts).await?;
-        if let Some(addr) = api.local_addr() {
-            tracing::info!(address = %addr, tls = control.tls.is_some(), "control API listening");
+        None => {
+            // Rollouts are still judged, on this replica's counters and the
+            // peers' it can read (peers cannot read its own).
+            agiproxy::rollout::eval::spawn(server.clone(), None);
+            (None, None)
         }
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(api.serve(async {
-            let _ = stopped.await;
-        }));
-        (Some(stop), Some(task))
-    } else {
-        tracing::info!(
-            "control API off: the config has no control block, so no port or socket is \
-             opened for it (see docs/control-api.md)"
-        );
-        // Rollouts are still judged, on this replica's counters and the
-        // peers' it can read (peers cannot read its own).
-        agiproxy::rollout::eval::spawn(server.clone(), None);
-        (None, None)
     };
 
     loop {
@@ -355,6 +334,54 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
     }
     Ok(())
+}
+
+/// Reads the control API's token and TLS files and binds its port, without serving yet.
+async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedControl>> {
+    // Off unless the file has a control block: no port opened unasked
+    // (docs/control-api.md, "Where it listens").
+    if !control.enabled {
+        tracing::info!(
+            "control API off: the config has no control block, so no port or socket is \
+             opened for it (see docs/control-api.md)"
+        );
+        return Ok(None);
+    }
+    let token = match &control.token {
+        Some(TokenSource::File(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("control.token_file: cannot read {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        Some(TokenSource::Env(v)) => Some(
+            std::env::var(v)
+                .with_context(|| format!("control.token_env: ${v} is not set"))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    if token.as_deref() == Some("") {
+        anyhow::bail!("control: the token is empty; put a secret in it");
+    }
+    let opts = ServeOptions {
+        address: control.address,
+        socket: control.socket.clone(),
+        token,
+        tls: control.tls.as_ref().map(|t| TlsFiles {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: t.client_ca.clone(),
+        }),
+        max_body_bytes: control.max_body_bytes,
+        request_timeout: control.request_timeout,
+    };
+    let api = PreparedControl::bind(opts).await?;
+    if let Some(addr) = api.local_addr() {
+        tracing::info!(address = %addr, tls = control.tls.is_some(), "control API listening");
+    }
+    Ok(Some(api))
 }
 
 /// Finds `ctl --cluster` replicas with the proxy's own resolver.

@@ -34,12 +34,17 @@ const LISTEN_BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("listeners[{index}] ({name}): cannot listen on {addr}: {source}; is another process using it?")]
+    // The OS error is in the message and not a `source`, so that a chain
+    // printed with `{:#}` says it once.
+    #[error(
+        "listeners[{index}] ({name}): cannot listen on {addr}: {error}{}",
+        bind_hint(error)
+    )]
     Bind {
         index: usize,
         name: String,
         addr: SocketAddr,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -554,6 +559,15 @@ fn give_back_memory() {
     // SAFETY: malloc_trim only releases free memory; callable from any thread.
     unsafe {
         libc::malloc_trim(0);
+}
+
+/// What to do about a failed bind, when there is a likely answer.
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "; is another process using it?",
+        io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
+        io::ErrorKind::PermissionDenied => "; ports below 1024 need CAP_NET_BIND_SERVICE",
+        _ => "",
     }
 }
 
@@ -567,11 +581,11 @@ fn bind_all(
         if kept.contains(&l.address) {
             continue;
         }
-        let listener = bind(l.address).map_err(|source| ServerError::Bind {
+        let listener = bind(l.address).map_err(|error| ServerError::Bind {
             index,
             name: l.name.clone(),
             addr: l.address,
-            source,
+            error,
         })?;
         bound.push((l.address, listener));
     }

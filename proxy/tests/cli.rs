@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agiproxy"))
 }
@@ -277,4 +279,99 @@ fn ctl_into_a_closed_pipe_exits_quietly() {
     let url = fake_control_api(config, 1);
     let out = run_into_closed_pipe(&["ctl", "--url", &url, "config", "get"]);
     assert_quiet_exit(&out, 0);
+}
+
+/// Runs `agiproxy run -c` and waits for it to exit (it must, on its own: the config cannot
+/// start); a hang is killed after a generous deadline.
+fn run_expecting_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = bin();
+    // SAFETY: setrlimit is async-signal-safe; it only lowers the child's own limit, to one
+    // known here (the open-files warning depends on it), whatever the machine's hard limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 4096,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .envs(env.iter().copied())
+        .args(["run", "-c"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_config(name: &str, control: &str) -> std::path::PathBuf {
+    let port = common::free_port();
+    write_config(
+        name,
+        &format!(
+            "version: 1\nlisteners:\n  - {{ name: asterisk, address: \"127.0.0.1:{port}\" }}\nlimits: {{ max_sessions: 1000000 }}\nroutes:\n  - {{ name: all, pool: p }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"127.0.0.1:1\" }}\ncontrol:\n{control}"
+        ),
+    )
+}
+
+#[test]
+fn run_refuses_an_unreadable_token_file_before_listening_for_asterisk() {
+    let port = common::free_port();
+    let config = run_config(
+        "token",
+        &format!("  enabled: true\n  address: \"127.0.0.1:{port}\"\n  token_file: /nonexistent/agiproxy-token\n"),
+    );
+    let (code, stderr) = run_expecting_exit(&config, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("control.token_file"), "{stderr}");
+    // Its limits.max_sessions of 1,000,000 needs 2,000,000 descriptors, not the 4,096 it
+    // runs with: said as a warning, with the fix.
+    assert!(
+        stderr.contains("WARN") && stderr.contains("raise the hard limit to at least 2000064"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening for Asterisk"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_busy_control_port_before_listening_for_asterisk() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let config = run_config(
+        "busy-control",
+        &format!(
+            "  enabled: true\n  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TEST_TOKEN\n"
+        ),
+    );
+    let (code, stderr) = run_expecting_exit(&config, &[("AGIPROXY_TEST_TOKEN", "secret")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "control.address: cannot listen on 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    // The OS error is said once, not again as the error's cause.
+    assert_eq!(stderr.matches("already in use").count(), 1, "{stderr}");
+    assert!(!stderr.contains("listening for Asterisk"), "{stderr}");
+    drop(busy);
 }
