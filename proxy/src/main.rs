@@ -64,9 +64,11 @@ enum Command {
     /// Run a self-contained demo: the proxy, two built-in backends and
     /// simulated Asterisk calls, then keep serving on 127.0.0.1:4573.
     Demo {
-        /// Where the demo proxy listens (use port 0 for any free port).
-        #[arg(long, default_value = "127.0.0.1:4573")]
-        listen: std::net::SocketAddr,
+        /// Where the demo proxy listens [default: 127.0.0.1:4573, or any free
+        /// port when that one is taken]. An address given here is used or
+        /// refused; port 0 takes any free port.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
         /// Exit after the simulated calls instead of serving on.
         #[arg(long)]
         once: bool,
@@ -420,13 +422,13 @@ impl agiproxy_control::ctl::ClusterResolver for DnsCluster {
 }
 
 /// SIGTERM (Kubernetes) and SIGINT (Ctrl-C), either of which drains.
-struct Signals {
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Signals> {
+    pub(crate) fn install() -> anyhow::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
@@ -434,7 +436,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}

@@ -672,7 +672,7 @@ async fn accept_loop(
     while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
         spawn_session(&shared, configured, stream, peer);
     }
-    tracing::info!(address = %configured, "listener closed");
+    tracing::info!(address = %listener.local_addr().unwrap_or(configured), "listener closed");
 }
 
 fn spawn_session(

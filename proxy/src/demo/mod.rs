@@ -60,7 +60,14 @@ fn backend_script(colour: &str) -> Vec<String> {
     ]
 }
 
-pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
+/// Where the demo listens unless `--listen` says otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4573);
+
+/// Runs the demo on `listen`, or on [`DEFAULT_LISTEN`] (any free port when that one is taken).
+pub async fn run(listen: Option<SocketAddr>, once: bool) -> anyhow::Result<()> {
+    // Installed first, so that no Ctrl-C is missed once the proxy serves.
+    let mut signals = crate::Signals::install()?;
     let blue = ScriptedBackend::start(backend_script("blue"))
         .await
         .context("starting the blue backend")?;
@@ -68,28 +75,30 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
         .await
         .context("starting the green backend")?;
     let down = refused_addr().context("finding a free port")?;
-    let text = CONFIG
-        .replace("{LISTEN}", &listen.to_string())
-        .replace("{BLUE}", &blue.addr().to_string())
-        .replace("{GREEN}", &green.addr().to_string())
-        .replace("{DOWN}", &down.to_string());
-    let config = agiproxy_config::from_yaml_str(&text)
-        .map_err(|e| anyhow::anyhow!("the embedded demo config is invalid:\n{e}"))?;
-    let server = match Server::start(config).await {
-        Ok(s) => s,
-        Err(e) if listen.port() != 0 => {
-            // Port 4573 may be taken (by a real Asterisk setup); any port will do for the demo.
-            eprintln!("note: {e}; using a free port instead");
-            let config = agiproxy_config::from_yaml_str(&text.replace(
-                &listen.to_string(),
-                &SocketAddr::new(listen.ip(), 0).to_string(),
-            ))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Server::start(config)
+    let config_for = |listen: SocketAddr| {
+        let text = CONFIG
+            .replace("{LISTEN}", &listen.to_string())
+            .replace("{BLUE}", &blue.addr().to_string())
+            .replace("{GREEN}", &green.addr().to_string())
+            .replace("{DOWN}", &down.to_string());
+        agiproxy_config::from_yaml_str(&text)
+            .map_err(|e| anyhow::anyhow!("the embedded demo config is invalid:\n{e}"))
+    };
+    let server = match (
+        listen,
+        Server::start(config_for(listen.unwrap_or(DEFAULT_LISTEN))?).await,
+    ) {
+        (_, Ok(s)) => s,
+        // Port 4573 may be taken (by a real Asterisk setup); any port will do for the demo.
+        // An address the user named is used or refused, never silently replaced.
+        (None, Err(e)) => {
+            eprintln!("note: {e}; using a free port instead (--listen names one)");
+            let any = SocketAddr::new(DEFAULT_LISTEN.ip(), 0);
+            Server::start(config_for(any)?)
                 .await
                 .context("starting the demo proxy")?
         }
-        Err(e) => return Err(e).context("starting the demo proxy"),
+        (Some(_), Err(e)) => return Err(e).context("starting the demo proxy on --listen"),
     };
     let addr = server.local_addrs()[0];
     let names = [
@@ -135,7 +144,7 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
             .unwrap_or_default();
         say!("  AGISTATUS={}{reason}", out.status);
         if out.status == "FAILURE" {
-            say!("  -> the dialplan's fallback runs: same(n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1))");
+            say!("  -> the dialplan's fallback runs: same => n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1)");
         }
         say!("");
     }
@@ -143,11 +152,22 @@ pub async fn run(listen: SocketAddr, once: bool) -> anyhow::Result<()> {
         server.drain(Duration::from_secs(5)).await;
         return Ok(());
     }
-    say!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    say!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits; a second Ctrl-C stops at once.");
+    signals.recv().await;
     say!("draining...");
-    server.drain(Duration::from_secs(10)).await;
+    tokio::select! {
+        clean = server.drain(Duration::from_secs(10)) => {
+            if clean {
+                say!("drained, exiting");
+            } else {
+                say!("drain deadline passed; remaining sessions were cut");
+            }
+        }
+        _ = signals.recv() => {
+            let cut = server.active_sessions();
+            server.abort();
+            say!("second Ctrl-C: stopped at once ({cut} in flight cut)");
+        }
+    }
     Ok(())
 }
