@@ -108,10 +108,10 @@ pub(crate) fn from_yaml(err: &serde_yaml::Error) -> ConfigError {
     let mut text = err.to_string();
     let location = err.location();
     if let Some(loc) = &location {
-        let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-        if let Some(stripped) = text.strip_suffix(&suffix) {
-            text = stripped.to_string();
-        }
+        // Said once, at the end: a syntax error has it mid-text (`… at line 3 column 1,
+        // while scanning a quoted scalar at line 2 column 18`).
+        let at = format!(" at line {} column {}", loc.line(), loc.column());
+        text = text.replacen(&at, "", 1);
     }
     let (path, message) = match text.split_once(": ") {
         Some((path, rest)) if !path.is_empty() && !path.contains(char::is_whitespace) => {

@@ -10,8 +10,8 @@
 //! timeouts.budget: "15OOms" is not a duration (write e.g. 250ms, 2s, 5m)
 //! ```
 //!
-//! Structural mistakes (unknown keys, wrong types) are reported first, with line and column;
-//! the checks on values run once the file's structure is right.
+//! Unknown keys and wrong types do not stop the checks on values: the file is read leniently
+//! and one run reports everything, in file order, each with its line and column.
 
 mod describe;
 mod duration;
@@ -62,8 +62,18 @@ pub fn from_yaml_str_within(text: &str, max_bytes: usize) -> Result<Config, Conf
         )
         .into());
     }
-    let raw = parse::parse(text).map_err(ConfigErrors)?;
-    let config = validate::compile(raw).map_err(ConfigErrors)?;
+    let parsed = parse::parse(text)?;
+    let config = match validate::compile(parsed.raw) {
+        Ok(config) if parsed.structural.is_empty() => config,
+        compiled => {
+            let validation = compiled.err().unwrap_or_default();
+            return Err(ConfigErrors(parse::report(
+                text,
+                parsed.structural,
+                validation,
+            )));
+        }
+    };
     if text.len() > config.limits.max_config_bytes {
         return Err(ConfigError::new(
             "limits.max_config_bytes",

@@ -1,217 +1,616 @@
-//! YAML text → [`RawConfig`], reporting every structural mistake (unknown key, wrong type).
+//! YAML text → [`RawConfig`], leniently: every unknown key and every value of the wrong type
+//! is reported, and the rest of the file is still read, so that validation checks the values
+//! in the same run. One `check` shows every mistake of a file.
 //!
-//! serde stops at the first mistake. When the whole file does not deserialize, each top-level
-//! section and each entry of `listeners`, `routes` and `pools` is deserialized again on its own,
-//! straight from the text (the rest skipped), so every broken piece is reported, each with the
-//! path and line/column serde_yaml gives it. Within one piece only its first mistake is found.
-//!
-//! Before any of it, [`crate::prescan`] refuses text that nests too deeply or whose aliases
-//! expand too far. Each piece read again costs a parse of the whole text, so only as many are
-//! read again as [`REPARSE_BYTES`] allows (4,000 broken routes once took 31 s); the other broken
-//! pieces are still reported, from the parsed value, without their line.
+//! The file is parsed once into serde_yaml's tree, which has no positions; the line and column
+//! of each reported path are found by [`locate`], which reads the text again up to that path
+//! (once per reported error, at most [`MAX_LOCATED`] of them).
 
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_yaml::Value;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess};
+use serde::de::{SeqAccess, Visitor};
+use serde_yaml::{Mapping, Value};
 
 use crate::error::{from_yaml, ConfigError};
 use crate::raw::{
-    RawConfig, RawControl, RawDns, RawLimits, RawListener, RawPool, RawRoute, RawTimeouts, Scalar,
-    TOP_LEVEL_KEYS,
+    DurationText, OrderedMap, RawBackend, RawBalance, RawConfig, RawControl, RawControlTls, RawDns,
+    RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPool,
+    RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
 };
+use crate::raw_rollout::RawRollout;
 
-/// Text parsed again, in all, to locate broken pieces.
-const REPARSE_BYTES: usize = 8 << 20;
+/// Errors given a line and column; beyond, each search would read the file again for little.
+const MAX_LOCATED: usize = 200;
 
-pub(crate) fn parse(text: &str) -> Result<RawConfig, Vec<ConfigError>> {
-    crate::prescan::check(text).map_err(|e| vec![e])?;
-    let first = match serde_yaml::from_str::<RawConfig>(text) {
-        Ok(raw) => return Ok(raw),
-        Err(e) => e,
+/// Text read again, in all, to locate errors (each search reads the text up to its path):
+/// a large file gets fewer located errors, not a long wait.
+const LOCATE_BYTES: usize = 8 << 20;
+
+/// The file read as far as its structure allows, and what did not fit.
+pub(crate) struct Parsed {
+    pub raw: RawConfig,
+    pub structural: Vec<Structural>,
+}
+
+/// An unknown key, or a value of the wrong type (left out of the [`RawConfig`]).
+pub(crate) struct Structural {
+    /// The mapping with the unknown key, or the refused value.
+    at: Vec<Seg>,
+    unknown_key: Option<String>,
+    message: String,
+}
+
+/// Not YAML at all (or beyond the bounds of [`crate::prescan`]): the one error there is to say.
+pub(crate) fn parse(text: &str) -> Result<Parsed, ConfigError> {
+    crate::prescan::check(text)?;
+    let tree: Node = serde_yaml::from_str(text).map_err(|e| from_yaml(&e))?;
+    let mut walk = Walk::default();
+    let raw = match &tree {
+        Node::Leaf(Value::Null) => RawConfig::default(),
+        v => RawConfig::lenient(v, &mut walk).unwrap_or_default(),
     };
-    // Not YAML, not a mapping, or refused as a `Value` (e.g. a duplicate key): the one error
-    // is all there is to say.
-    let Ok(Value::Mapping(top)) = serde_yaml::from_str::<Value>(text) else {
-        return Err(vec![from_yaml(&first)]);
-    };
+    Ok(Parsed {
+        raw,
+        structural: walk.found,
+    })
+}
 
-    let mut errors: Vec<ConfigError> = Vec::new();
-    let mut reparses = REPARSE_BYTES / text.len().max(1);
-    for (key, value) in &top {
-        let Some(key) = key.as_str() else { continue };
-        if !TOP_LEVEL_KEYS.contains(&key) {
-            // Found here rather than by a probe: serde_yaml would place it at line 1, column 1.
-            let at = top_level_line(text, key)
-                .map(|line| format!(" (line {line}, column 1)"))
-                .unwrap_or_default();
-            errors.push(ConfigError::new(
-                "",
-                format!(
-                    "unknown field `{key}`, expected one of {}{at}",
-                    TOP_LEVEL_KEYS
+/// Every error of a file: its structural mistakes, and the validation errors that are not
+/// consequences of them (a field refused for its type is not also "missing"), each with its
+/// line and column where it can be found, in file order.
+pub(crate) fn report(
+    text: &str,
+    structural: Vec<Structural>,
+    validation: Vec<ConfigError>,
+) -> Vec<ConfigError> {
+    let mut all: Vec<(Vec<Seg>, bool, ConfigError)> = Vec::new();
+    for s in &structural {
+        all.push((
+            s.at.clone(),
+            s.unknown_key.is_some(),
+            ConfigError::new(render(&s.at), s.message.clone()),
+        ));
+        if let Some(key) = &s.unknown_key {
+            // Located at the key itself.
+            let last = all.last_mut().expect("just pushed");
+            last.0.push(Seg::Key(key.clone()));
+        }
+    }
+    for e in validation {
+        if !structural.iter().any(|s| s.explains(&e)) {
+            all.push((segments(&e.path), false, e));
+        }
+    }
+    let mut located: Vec<(Option<(usize, usize)>, ConfigError)> = all
+        .into_iter()
+        .enumerate()
+        .map(|(i, (segs, key, mut e))| {
+            let at = if i < MAX_LOCATED.min(LOCATE_BYTES / text.len().max(1)) {
+                locate_nearest(text, &segs, key)
+            } else {
+                None
+            };
+            if let Some((line, column)) = at {
+                e.message = format!("{} (line {line}, column {column})", e.message);
+            }
+            (at, e)
+        })
+        .collect();
+    // File order by line (within a line, as found); errors about the file as a whole
+    // (nothing to point at) first.
+    located.sort_by_key(|(at, _)| at.map(|(line, _)| line));
+    located.into_iter().map(|(_, e)| e).collect()
+}
+
+impl Structural {
+    /// Whether a validation error follows from this mistake: anything at or under a refused
+    /// value; beside an unknown key (likely a misspelling), what is said of its mapping as a
+    /// whole (`has no target`) and of its fields that are "missing".
+    fn explains(&self, e: &ConfigError) -> bool {
+        let at = render(&self.at);
+        match &self.unknown_key {
+            None => {
+                at.is_empty()
+                    || e.path == at
+                    || e.path.starts_with(&format!("{at}."))
+                    || e.path.starts_with(&format!("{at}["))
+            }
+            Some(_) => {
+                e.path == at
+                    || e.message.starts_with("missing")
+                        && e.path
+                            .strip_prefix(at.as_str())
+                            .is_some_and(|rest| rest.starts_with('.') && !rest[1..].contains('.'))
+            }
+        }
+    }
+}
+
+/// One step of a config path: `routes[2].match` is `routes`, `2`, `match`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// `routes[2].match.args.1`, as validation writes paths.
+fn render(segs: &[Seg]) -> String {
+    let mut out = String::new();
+    for s in segs {
+        match s {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// The steps of a path as validation writes it (a key with a `.` or `[` in it is not found,
+/// and the error is located at its parent instead).
+fn segments(path: &str) -> Vec<Seg> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            out.push(Seg::Key(key.to_string()));
+        }
+        while let Some((index, after)) = rest.split_once(']') {
+            match index.parse() {
+                Ok(i) => out.push(Seg::Index(i)),
+                Err(_) => return out,
+            }
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    out
+}
+
+/// Reads a YAML tree into the raw structs, reporting what does not fit instead of stopping.
+#[derive(Default)]
+struct Walk {
+    path: Vec<Seg>,
+    found: Vec<Structural>,
+}
+
+impl Walk {
+    fn refuse(&mut self, message: String) {
+        self.found.push(Structural {
+            at: self.path.clone(),
+            unknown_key: None,
+            message,
+        });
+    }
+
+    fn wrong_type(&mut self, v: &Node, expected: &str) {
+        self.refuse(format!(
+            "invalid type: {}, expected {expected}",
+            Unexpected(v)
+        ));
+    }
+
+    fn leaf<T: DeserializeOwned>(&mut self, v: &Node) -> Option<T> {
+        match T::deserialize(&v.to_value()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.refuse(e.to_string());
+                None
+            }
+        }
+    }
+
+    fn mapping<'v>(&mut self, v: &'v Node) -> Option<&'v [(Node, Node)]> {
+        match v {
+            Node::Map(m) => Some(m),
+            _ => {
+                self.wrong_type(v, "a mapping");
+                None
+            }
+        }
+    }
+
+    fn unknown_keys(&mut self, map: &[(Node, Node)], known: &[&str]) {
+        for (i, (key, _)) in map.iter().enumerate() {
+            let name = match key.name() {
+                Some(name) if known.contains(&name.as_str()) => {
+                    if map[..i]
+                        .iter()
+                        .any(|(k, _)| k.name().as_ref() == Some(&name))
+                    {
+                        self.path.push(Seg::Key(name.clone()));
+                        self.refuse(format!("duplicate field `{name}`"));
+                        self.path.pop();
+                    }
+                    continue;
+                }
+                Some(name) => name,
+                None => format!("{:?}", key.to_value()),
+            };
+            let expected = match known {
+                [one] => format!("`{one}`"),
+                [a, b] => format!("`{a}` or `{b}`"),
+                _ => format!(
+                    "one of {}",
+                    known
                         .iter()
                         .map(|k| format!("`{k}`"))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            ));
-            continue;
-        }
-        let pieces: Vec<(Piece, Option<ConfigError>)> = match (key, value) {
-            // Entries are screened on the parsed value first (cheap), and only broken ones are
-            // read again from the text for their location: a parse per entry would be
-            // quadratic in a config with thousands of routes.
-            ("listeners" | "routes" | "pools", Value::Sequence(entries)) => entries
-                .iter()
-                .enumerate()
-                .filter_map(|(i, entry)| {
-                    entry_error(key, entry).map(|e| {
-                        let e = ConfigError::new(format!("{key}[{i}]"), e.to_string());
-                        (Piece::Entry(key, i), Some(e))
-                    })
-                })
-                .collect(),
-            _ => vec![(Piece::Section(key), section_error(key, value))],
-        };
-        for (piece, unlocated) in pieces {
-            let e = if reparses > 0 {
-                reparses -= 1;
-                let de = serde_yaml::Deserializer::from_str(text);
-                piece.deserialize(de).err().map(|e| from_yaml(&e))
-            } else {
-                unlocated
             };
-            if let Some(e) = e.filter(|e| !errors.contains(e)) {
-                errors.push(e);
+            self.found.push(Structural {
+                at: self.path.clone(),
+                unknown_key: Some(name.clone()),
+                message: format!("unknown field `{name}`, expected {expected}"),
+            });
+        }
+    }
+
+    /// An optional field: absent and `~` are both "not set".
+    fn field<T: Lenient>(&mut self, map: &[(Node, Node)], key: &str) -> Option<T> {
+        let (_, v) = map.iter().find(|(k, _)| k.name().as_deref() == Some(key))?;
+        if matches!(v, Node::Leaf(Value::Null)) {
+            return None;
+        }
+        self.path.push(Seg::Key(key.to_string()));
+        let out = T::lenient(v, self);
+        self.path.pop();
+        out
+    }
+}
+
+use serde::Deserialize;
+
+/// Read from a YAML tree, reporting mistakes to the [`Walk`].
+trait Lenient: Sized {
+    /// None: refused (and reported).
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self>;
+
+    /// What stands in for a refused list entry, so the entries after it keep their index.
+    fn placeholder() -> Option<Self> {
+        None
+    }
+}
+
+macro_rules! leaves {
+    ($($t:ty),* $(,)?) => {$(
+        impl Lenient for $t {
+            fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+                walk.leaf(v)
             }
         }
-    }
-    if errors.is_empty() {
-        // The pieces all deserialize, so the mistake is in how they fit together; never lose it.
-        errors.push(from_yaml(&first));
-    }
-    Err(errors)
+    )*};
 }
 
-/// Why an entry of a top-level list does not deserialize with its real type, if it does not.
-fn entry_error(key: &str, entry: &Value) -> Option<serde_yaml::Error> {
-    use serde::Deserialize;
-    match key {
-        "listeners" => RawListener::deserialize(entry).err(),
-        "routes" => RawRoute::deserialize(entry).err(),
-        "pools" => RawPool::deserialize(entry).err(),
+// A rollout is read whole by serde: its first mistake is reported, at `routes[N].rollout`.
+leaves!(
+    String,
+    u64,
+    bool,
+    RawMode,
+    RawBalance,
+    RawHealthKind,
+    RawRollout
+);
+
+impl Lenient for Scalar {
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+        walk.leaf(v)
+    }
+    fn placeholder() -> Option<Self> {
+        Some(Scalar::default())
+    }
+}
+
+impl Lenient for DurationText {
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+        walk.leaf(v)
+    }
+}
+
+impl<T: Lenient> Lenient for Vec<T> {
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+        let Node::Seq(items) = v else {
+            walk.wrong_type(v, "a sequence");
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            walk.path.push(Seg::Index(i));
+            out.extend(T::lenient(item, walk).or_else(T::placeholder));
+            walk.path.pop();
+        }
+        Some(out)
+    }
+}
+
+impl<V: Lenient> Lenient for OrderedMap<V> {
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+        let Node::Map(map) = v else {
+            walk.wrong_type(v, "a mapping of names to values, e.g. { name: value }");
+            return None;
+        };
+        let mut entries = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let key: Scalar = walk.leaf(key)?;
+            walk.path.push(Seg::Key(key.0.clone()));
+            if let Some(value) = V::lenient(value, walk) {
+                entries.push((key, value));
+            }
+            walk.path.pop();
+        }
+        Some(OrderedMap(entries))
+    }
+}
+
+/// A raw struct: its fields and the keys they are written as.
+macro_rules! structs {
+    ($($t:ident { $($field:ident: $key:literal),* $(,)? })*) => {$(
+        impl Lenient for $t {
+            fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+                let map = walk.mapping(v)?;
+                walk.unknown_keys(map, &[$($key),*]);
+                Some($t { $($field: walk.field(map, $key)),* })
+            }
+            fn placeholder() -> Option<Self> {
+                Some($t::default())
+            }
+        }
+    )*};
+}
+
+structs! {
+    RawConfig {
+        version: "version", listeners: "listeners", timeouts: "timeouts", limits: "limits",
+        routes: "routes", pools: "pools", control: "control", dns: "dns",
+    }
+    RawListener { name: "name", address: "address" }
+    RawTimeouts {
+        header: "header", budget: "budget", connect: "connect",
+        first_command: "first_command", next_command: "next_command", drain: "drain",
+    }
+    RawLimits {
+        max_sessions: "max_sessions", max_header_bytes: "max_header_bytes",
+        max_header_lines: "max_header_lines", max_config_bytes: "max_config_bytes",
+    }
+    RawRoute {
+        name: "name", matcher: "match", pool: "pool", split: "split", split_key: "split_key",
+        rewrite: "rewrite", set: "set", mode: "mode", forward_hangup: "forward_hangup",
+        timeouts: "timeouts", rollout: "rollout",
+    }
+    RawMatch { script: "script", query: "query", args: "args", vars: "vars", source: "source" }
+    RawScript { exact: "exact", prefix: "prefix", regex: "regex" }
+    RawSplit { pool: "pool", weight: "weight" }
+    RawRewrite { strip_prefix: "strip_prefix", replace_prefix: "replace_prefix" }
+    RawReplacePrefix { from: "from", to: "to" }
+    RawPool {
+        name: "name", balance: "balance", hash_key: "hash_key", backends: "backends",
+        max_sessions: "max_sessions", passive: "passive", health: "health",
+        slow_start: "slow_start", max_ejection_percent: "max_ejection_percent", dns: "dns",
+    }
+    RawBackend { address: "address", srv: "srv", weight: "weight", max_sessions: "max_sessions" }
+    RawPassive {
+        backoff: "backoff", max_backoff: "max_backoff",
+        consecutive_failures: "consecutive_failures",
+    }
+    RawHealth {
+        kind: "type", script: "script", expect: "expect", interval: "interval",
+        timeout: "timeout", jitter: "jitter", rise: "rise", fall: "fall",
+    }
+    RawDns {
+        nameservers: "nameservers", search: "search", min_ttl: "min_ttl", max_ttl: "max_ttl",
+        timeout: "timeout",
+    }
+    RawControl {
+        enabled: "enabled", address: "address", socket: "socket", token_file: "token_file",
+        token_env: "token_env", tls: "tls", max_body_bytes: "max_body_bytes",
+        request_timeout: "request_timeout",
+    }
+    RawControlTls { cert: "cert", key: "key", client_ca: "client_ca" }
+}
+
+/// The YAML tree as written: mappings keep their order and their duplicate keys (which are
+/// reported by path, not as one error for the whole file as serde_yaml's `Value` would).
+enum Node {
+    Leaf(Value),
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+impl Node {
+    /// A key as text: strings as written, integers and booleans in their usual spelling.
+    fn name(&self) -> Option<String> {
+        match self {
+            Node::Leaf(v) => Scalar::deserialize(v).ok().map(|s| s.0),
+            _ => None,
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        match self {
+            Node::Leaf(v) => v.clone(),
+            Node::Seq(items) => Value::Sequence(items.iter().map(Node::to_value).collect()),
+            Node::Map(entries) => Value::Mapping(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_value(), v.to_value()))
+                    .collect::<Mapping>(),
+            ),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Bool(v)))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Number(v.into())))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Number(v.into())))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Number(v.into())))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::String(v.to_string())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::String(v)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Null))
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+        Ok(Node::Leaf(Value::Null))
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+        Node::deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Node::Seq(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Node::Map(entries))
+    }
+}
+
+/// A YAML value as serde names it in `invalid type` messages.
+struct Unexpected<'a>(&'a Node);
+
+impl fmt::Display for Unexpected<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = match self.0 {
+            Node::Seq(_) => return f.write_str("sequence"),
+            Node::Map(_) => return f.write_str("map"),
+            Node::Leaf(v) => v,
+        };
+        match v {
+            Value::Null => f.write_str("unit"),
+            Value::Bool(b) => write!(f, "boolean `{b}`"),
+            Value::Number(n) if n.is_f64() => write!(f, "floating point `{n}`"),
+            Value::Number(n) => write!(f, "integer `{n}`"),
+            Value::String(s) => write!(f, "string {s:?}"),
+            Value::Sequence(_) => f.write_str("sequence"),
+            Value::Mapping(_) => f.write_str("map"),
+            Value::Tagged(t) => write!(f, "tagged value {}", t.tag),
+        }
+    }
+}
+
+/// The line and column of `segs`, or of its nearest ancestor that can be found (a missing
+/// field is located at the mapping it is missing from). Nothing for the file as a whole.
+fn locate_nearest(text: &str, segs: &[Seg], key: bool) -> Option<(usize, usize)> {
+    (1..=segs.len())
+        .rev()
+        .find_map(|n| locate(text, &segs[..n], key && n == segs.len()))
+}
+
+/// Marks the place found: serde_yaml gives an error raised by a visitor the position of the
+/// YAML node being read.
+const HERE: &str = "\u{1}here";
+
+/// The line and column of the value at `segs` (of its key, when `key`).
+fn locate(text: &str, segs: &[Seg], key: bool) -> Option<(usize, usize)> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    match (Find { segs, key }).deserialize(de) {
+        Err(e) if e.to_string().contains(HERE) => e.location().map(|l| (l.line(), l.column())),
         _ => None,
     }
 }
 
-/// Why a top-level section does not deserialize with its real type (no line: read from the
-/// parsed value), if it does not.
-fn section_error(key: &str, value: &Value) -> Option<ConfigError> {
-    use serde::Deserialize;
-    let e = match key {
-        "version" => Option::<Scalar>::deserialize(value).err(),
-        "listeners" => Option::<Vec<RawListener>>::deserialize(value).err(),
-        "timeouts" => Option::<RawTimeouts>::deserialize(value).err(),
-        "limits" => Option::<RawLimits>::deserialize(value).err(),
-        "routes" => Option::<Vec<RawRoute>>::deserialize(value).err(),
-        "pools" => Option::<Vec<RawPool>>::deserialize(value).err(),
-        "control" => Option::<RawControl>::deserialize(value).err(),
-        "dns" => Option::<RawDns>::deserialize(value).err(),
-        _ => None,
-    }?;
-    Some(ConfigError::new(key, e.to_string()))
+/// Walks the text down `segs` and fails at the node it names (see [`HERE`]).
+struct Find<'a> {
+    segs: &'a [Seg],
+    key: bool,
 }
 
-/// One part of the file to deserialize on its own.
-#[derive(Clone, Copy)]
-enum Piece<'a> {
-    /// A top-level key and its whole value.
-    Section(&'a str),
-    /// One entry of a top-level list.
-    Entry(&'a str, usize),
+impl Find<'_> {
+    fn here<E: de::Error>(&self) -> Result<(), E> {
+        if self.segs.is_empty() {
+            Err(E::custom(HERE))
+        } else {
+            Ok(())
+        }
+    }
 }
 
-impl<'de> DeserializeSeed<'de> for Piece<'_> {
+impl<'de> DeserializeSeed<'de> for Find<'_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+        d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Piece<'_> {
+impl<'de> Visitor<'de> for Find<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a mapping of config sections")
+        f.write_str("any YAML value")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let (wanted, entry) = match self {
-            Piece::Section(key) => (key, None),
-            Piece::Entry(key, i) => (key, Some(i)),
+        self.here()?;
+        let (Seg::Key(want), rest) = self.segs.split_first().expect("not empty") else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(());
         };
-        while let Some(key) = map.next_key::<Scalar>()? {
-            if key.0 != wanted {
+        let at_key = self.key && rest.is_empty();
+        while let Some(found) = map.next_key_seed(KeyIs { want, at_key })? {
+            if found {
+                map.next_value_seed(Find {
+                    segs: rest,
+                    key: self.key,
+                })?;
+            } else {
                 map.next_value::<IgnoredAny>()?;
-                continue;
-            }
-            match entry {
-                Some(index) => map.next_value_seed(EntryOf { key: wanted, index })?,
-                None => section(wanted, &mut map)?,
             }
         }
         Ok(())
     }
-}
-
-/// Deserializes one top-level section with its real type.
-fn section<'de, A: MapAccess<'de>>(key: &str, map: &mut A) -> Result<(), A::Error> {
-    match key {
-        "version" => map.next_value::<Option<Scalar>>().map(drop),
-        "listeners" => map.next_value::<Option<Vec<RawListener>>>().map(drop),
-        "timeouts" => map.next_value::<Option<RawTimeouts>>().map(drop),
-        "limits" => map.next_value::<Option<RawLimits>>().map(drop),
-        "routes" => map.next_value::<Option<Vec<RawRoute>>>().map(drop),
-        "pools" => map.next_value::<Option<Vec<RawPool>>>().map(drop),
-        "control" => map.next_value::<Option<RawControl>>().map(drop),
-        "dns" => map.next_value::<Option<RawDns>>().map(drop),
-        _ => map.next_value::<IgnoredAny>().map(drop),
-    }
-}
-
-/// Walks a top-level list, deserializing only entry `index` with its real type.
-struct EntryOf<'a> {
-    key: &'a str,
-    index: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for EntryOf<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EntryOf<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a list of {}", self.key)
-    }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.here()?;
+        let (Seg::Index(want), rest) = self.segs.split_first().expect("not empty") else {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        };
         let mut i = 0;
         loop {
-            let more = if i == self.index {
-                match self.key {
-                    "listeners" => seq.next_element::<RawListener>()?.is_some(),
-                    "routes" => seq.next_element::<RawRoute>()?.is_some(),
-                    "pools" => seq.next_element::<RawPool>()?.is_some(),
-                    _ => seq.next_element::<IgnoredAny>()?.is_some(),
-                }
+            let more = if i == *want {
+                seq.next_element_seed(Find {
+                    segs: rest,
+                    key: self.key,
+                })?
+                .is_some()
             } else {
                 seq.next_element::<IgnoredAny>()?.is_some()
             };
@@ -221,18 +620,112 @@ impl<'de> Visitor<'de> for EntryOf<'_> {
             i += 1;
         }
     }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.here()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.here()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.here()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.here()
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.here()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.here()
+    }
 }
 
-/// The 1-based line where a top-level `key:` is written, if it can be found.
-fn top_level_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
-                .iter()
-                .any(|k| {
-                    line.strip_prefix(k.as_str())
-                        .is_some_and(|rest| rest.trim_start().starts_with(':'))
-                })
-        })
-        .map(|i| i + 1)
+/// A mapping key: whether it is `want` (failing at it, when it is the place sought).
+struct KeyIs<'a> {
+    want: &'a str,
+    at_key: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl KeyIs<'_> {
+    fn is<E: de::Error>(&self, key: &str) -> Result<bool, E> {
+        match key == self.want {
+            true if self.at_key => Err(E::custom(HERE)),
+            same => Ok(same),
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping key")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        self.is(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<bool, E> {
+        self.is(&v.to_string())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<bool, E> {
+        self.is(&v.to_string())
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+        self.is(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_and_join() {
+        for path in [
+            "routes[2].match.args.1",
+            "pools[0].backends[1]",
+            "timeouts",
+            "",
+        ] {
+            assert_eq!(render(&segments(path)), path);
+        }
+    }
+
+    #[test]
+    fn values_and_keys_are_located() {
+        let text = "version: 1\nroutes:\n  - name: a\n    pool: x\n  - { name: b, pool: y }\n";
+        let at = |p: &str, key| locate(text, &segments(p), key);
+        assert_eq!(at("routes[0].pool", false), Some((4, 11)));
+        assert_eq!(at("routes[1].pool", false), Some((5, 22)));
+        assert_eq!(at("routes[1].pool", true), Some((5, 16)));
+        assert_eq!(at("routes[1].weight", false), None);
+        assert_eq!(
+            locate_nearest(text, &segments("routes[1].weight"), false),
+            Some((5, 5))
+        );
+    }
 }

@@ -2,25 +2,14 @@
 //!
 //! Everything is optional here and values are kept as text where the YAML could hold
 //! a number or a string, so that mistakes surface in validation (which reports all of
-//! them, with fixes) rather than as serde's first-error-only type errors. Unknown keys
-//! are still refused here, by `deny_unknown_fields`.
+//! them, with fixes). `parse` fills these field by field from the YAML tree, so one
+//! run reports every unknown key and wrong type too; the serde derives serve the
+//! leaves and `Deserialize` users.
 
 use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-
-/// The top-level keys of [`RawConfig`], for reporting unknown ones (see `parse`).
-pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
-    "version",
-    "listeners",
-    "timeouts",
-    "limits",
-    "routes",
-    "pools",
-    "control",
-    "dns",
-];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +24,7 @@ pub(crate) struct RawConfig {
     pub dns: Option<RawDns>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListener {
     pub name: Option<String>,
@@ -62,7 +51,7 @@ pub(crate) struct RawLimits {
     pub max_config_bytes: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
     pub name: Option<String>,
@@ -89,7 +78,7 @@ pub(crate) struct RawMatch {
     pub source: Option<Vec<Scalar>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawScript {
     pub exact: Option<Scalar>,
@@ -97,21 +86,21 @@ pub(crate) struct RawScript {
     pub regex: Option<Scalar>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawSplit {
     pub pool: Option<String>,
     pub weight: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRewrite {
     pub strip_prefix: Option<Scalar>,
     pub replace_prefix: Option<RawReplacePrefix>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawReplacePrefix {
     pub from: Option<Scalar>,
@@ -125,7 +114,7 @@ pub(crate) enum RawMode {
     Raw,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPool {
     pub name: Option<String>,
@@ -149,7 +138,7 @@ pub(crate) enum RawBalance {
     Hash,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackend {
     pub address: Option<String>,
@@ -158,7 +147,7 @@ pub(crate) struct RawBackend {
     pub max_sessions: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPassive {
     pub backoff: Option<DurationText>,
@@ -167,7 +156,7 @@ pub(crate) struct RawPassive {
 }
 
 /// Active health checks of a pool's backends.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
     #[serde(rename = "type")]
@@ -200,7 +189,7 @@ pub(crate) enum RawHealthKind {
 }
 
 /// The control API's listener, authentication and limits.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawControl {
     pub enabled: Option<bool>,
@@ -213,7 +202,7 @@ pub(crate) struct RawControl {
     pub request_timeout: Option<DurationText>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawControlTls {
     pub cert: Option<String>,
@@ -224,7 +213,7 @@ pub(crate) struct RawControlTls {
 /// A YAML scalar kept as text: strings as written, integers and booleans in their usual spelling
 /// (`1` → "1"), so `args: { 1: "^x" }` and `query: { page: 2 }` work unquoted.
 /// Decimals are refused: `1.50` would come back as "1.5" and then never match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Scalar(pub String);
 
 impl<'de> Deserialize<'de> for Scalar {
@@ -239,7 +228,7 @@ impl<'de> Deserialize<'de> for Scalar {
 
 /// A duration as written. Numbers are accepted here only so validation can answer them with
 /// "add a unit" instead of a type error.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct DurationText(pub String);
 
 impl<'de> Deserialize<'de> for DurationText {

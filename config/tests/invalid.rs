@@ -311,7 +311,7 @@ fn independent_mistakes_are_all_reported_at_once() {
 #[test]
 fn unknown_fields_are_refused_by_name_with_the_known_ones() {
     let errs = errors("version: 1\nroutes:\n  - name: a\n    pols: x\n");
-    assert_eq!(errs.len(), 1);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
     assert_eq!(errs[0].path, "routes[0]");
     let m = &errs[0].message;
     assert!(
@@ -384,6 +384,8 @@ fn yaml_syntax_errors_give_line_and_column() {
     let errs = errors("version: 1\nroutes: [{ name: \"a }]\n");
     assert_eq!(errs.len(), 1);
     assert!(errs[0].message.contains("line 2"), "{}", errs[0]);
+    // Where it failed is said once (line 3), where the quoted text began once (line 2).
+    assert_eq!(errs[0].message.matches("line 3").count(), 1, "{}", errs[0]);
 
     let errs = errors("- just\n- a list\n");
     assert_eq!(errs.len(), 1);
@@ -392,4 +394,50 @@ fn yaml_syntax_errors_give_line_and_column() {
         "{}",
         errs[0]
     );
+}
+
+#[test]
+fn every_mistake_of_a_file_is_reported_in_one_run_with_its_line_and_column() {
+    // A misspelt field in a route, an unknown `balance`, a misspelt backend field, a string
+    // weight, and value errors: once needed five runs of `check`.
+    let text = "version: 1\n\
+                timeouts: { budget: 15OOms }\n\
+                routes:\n\
+                \x20 - name: ivr\n\
+                \x20   pool: ivr-gren\n\
+                \x20   rewrte: { strip_prefix: \"ivr/\" }\n\
+                pools:\n\
+                \x20 - name: ivr-blue\n\
+                \x20   balance: roundrobin\n\
+                \x20   backends:\n\
+                \x20     - { address: \"10.0.0.1:4573\", wieght: 2 }\n\
+                \x20     - { address: \"10.0.0.2\", weight: \"ten\" }\n";
+    let errs = errors(text);
+    let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let expected = [
+        "timeouts.budget: \"15OOms\" is not a duration",
+        "routes[0].pool: unknown pool \"ivr-gren\"",
+        "routes[0]: unknown field `rewrte`, expected one of",
+        "pools[0].balance: unknown variant `roundrobin`",
+        "pools[0].backends[0]: unknown field `wieght`",
+        "pools[0].backends[1].weight: invalid type: string \"ten\"",
+        "pools[0].backends[1].address: \"10.0.0.2\" has no port",
+    ];
+    let at = [
+        (2, 21),
+        (5, 11),
+        (6, 5),
+        (9, 14),
+        (11, 37),
+        (12, 40),
+        (12, 20),
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:#?}");
+    for ((line, want), (l, c)) in got.iter().zip(expected).zip(at) {
+        assert!(line.starts_with(want), "{want:?} in {got:#?}");
+        assert!(
+            line.ends_with(&format!("(line {l}, column {c})")),
+            "line {l} column {c}: {got:#?}"
+        );
+    }
 }

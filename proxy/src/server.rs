@@ -559,6 +559,7 @@ fn give_back_memory() {
     // SAFETY: malloc_trim only releases free memory; callable from any thread.
     unsafe {
         libc::malloc_trim(0);
+    }
 }
 
 /// What to do about a failed bind, when there is a likely answer.
