@@ -261,6 +261,11 @@ impl Server {
             Ok(a) if a.changed && !a.dry_run => {
                 tracing::info!(generation = a.generation, hash = %format!("{:016x}", a.hash), source, "config applied")
             }
+            // Every mistake, on the log line itself: a text log line is one line.
+            Err(ApplyError::Invalid(errors)) => {
+                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::warn!(source, error = "invalid config", errors = %errors.join("; "), "config change refused; the running config is unchanged")
+            }
             Err(e) => {
                 tracing::warn!(source, error = %e, "config change refused; the running config is unchanged")
             }

@@ -375,3 +375,55 @@ fn run_refuses_a_busy_control_port_before_listening_for_asterisk() {
     assert!(!stderr.contains("listening for Asterisk"), "{stderr}");
     drop(busy);
 }
+
+#[test]
+fn a_refused_config_is_logged_on_one_line_with_every_error() {
+    use std::io::BufRead;
+    let port = common::free_port();
+    let good = format!(
+        "version: 1\nlisteners:\n  - {{ name: asterisk, address: \"127.0.0.1:{port}\" }}\ncontrol: {{ enabled: false }}\nroutes:\n  - {{ name: all, pool: p }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"127.0.0.1:1\" }}\n"
+    );
+    let path = write_config("refused", &good);
+    let mut child = bin()
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            }
+        }
+    };
+    wait_for("listening for Asterisk");
+    // Two mistakes; the file watcher picks the change up.
+    let bad = good
+        .replace("pool: p }", "pool: nope }")
+        .replace("127.0.0.1:1\"", "127.0.0.1\"");
+    std::fs::write(&path, bad).unwrap();
+    let line = wait_for("config change refused");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains("unknown pool \\\"nope\\\"") || line.contains("unknown pool \"nope\""),
+        "{line}"
+    );
+    assert!(line.contains("has no port"), "{line}");
+}
