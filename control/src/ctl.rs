@@ -23,42 +23,48 @@ pub struct CtlArgs {
     /// One replica's control API (its control.address), e.g.
     /// http://127.0.0.1:4574 or https://host:4574. There is no default: the
     /// control API has no default port.
-    #[arg(long, conflicts_with_all = ["cluster", "socket"])]
+    #[arg(long, conflicts_with_all = ["cluster", "socket"], global = true)]
     pub url: Option<String>,
     /// One replica's control socket (its control.socket), on this host: no
     /// token needed, the file's permissions are the credential.
-    #[arg(long, value_name = "PATH", conflicts_with = "cluster")]
+    #[arg(long, value_name = "PATH", conflicts_with = "cluster", global = true)]
     pub socket: Option<PathBuf>,
     /// Every replica behind a DNS name: dns:NAME:PORT (A/AAAA), or
     /// dns:_control._tcp.NAME (SRV, ports from the records; the helm chart's
     /// headless Service publishes `_control._tcp`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub cluster: Option<String>,
     /// Use https for --cluster replicas.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub https: bool,
     /// DNS server for --cluster (default: the system's resolver).
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", global = true)]
     pub dns_server: Option<SocketAddr>,
     /// File holding the bearer token.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub token_file: Option<PathBuf>,
     /// Environment variable holding the bearer token.
-    #[arg(long, value_name = "VAR", default_value = "AGIPROXY_TOKEN")]
+    #[arg(
+        long,
+        value_name = "VAR",
+        default_value = "AGIPROXY_TOKEN",
+        global = true
+    )]
     pub token_env: String,
     /// CA certificate (PEM) that signed the control API's certificate.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM), when the API requires one.
-    #[arg(long, value_name = "FILE", requires = "key")]
+    #[arg(long, value_name = "FILE", requires = "key", global = true)]
     pub cert: Option<PathBuf>,
     /// Client key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert")]
+    #[arg(long, value_name = "FILE", requires = "cert", global = true)]
     pub key: Option<PathBuf>,
     /// Per-request timeout.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
     pub timeout: Duration,
-    #[arg(long, value_enum, default_value_t = Output::Table)]
+    /// Tables for people, or JSON for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -92,14 +98,29 @@ pub enum CtlCommand {
     /// Re-read the config file on the replica(s).
     Reload,
     /// Pools and their backends' state.
-    Pools { pool: Option<String> },
+    Pools {
+        /// Only this pool (default: every pool).
+        pool: Option<String>,
+    },
     /// Drain one backend: no new sessions, existing ones finish.
-    Drain { pool: String, backend: String },
+    Drain {
+        /// The pool's name.
+        pool: String,
+        /// The backend's address, as `ctl pools` shows it.
+        backend: String,
+    },
     /// Take a drained backend back.
-    Enable { pool: String, backend: String },
+    Enable {
+        /// The pool's name.
+        pool: String,
+        /// The backend's address, as `ctl pools` shows it.
+        backend: String,
+    },
     /// Set a route's pool weights: `split ROUTE blue=90 green=10`.
     Split {
+        /// The route's name.
         route: String,
+        /// A pool and its weight; every pool of the split, e.g. blue=90 green=10.
         #[arg(required = true, value_name = "POOL=WEIGHT")]
         weights: Vec<String>,
     },
@@ -142,6 +163,7 @@ pub enum ConfigCommand {
     Get,
     /// Apply a config file (YAML or JSON).
     Apply {
+        /// The config file to apply (YAML or JSON).
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
         /// Validate only.

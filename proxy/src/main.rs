@@ -23,25 +23,60 @@ mod demo;
     about = "A clustered FastAGI proxy and load balancer for Asterisk"
 )]
 struct Cli {
-    /// Log format: human-readable text or JSON lines.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
-    #[arg(long, default_value = "info", global = true)]
-    log_level: String,
-    /// Log lines queued for the writer thread; beyond them lines are
-    /// dropped (and counted in agiproxy_log_lines_dropped_total) rather
-    /// than a stalled log reader holding up calls.
-    #[arg(long, env = "AGIPROXY_LOG_BUFFER_LINES", default_value_t = logging::DEFAULT_BUFFER_LINES, global = true, value_parser = clap::value_parser!(u32).range(1..))]
-    log_buffer_lines: u32,
+    // Given before the command, for `run` and `demo`.
+    #[command(flatten)]
+    serving: Serving,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options of the commands that serve calls (`run`, `demo`), accepted before or after the
+/// command name; `check` and `ctl` neither take nor list them.
+#[derive(clap::Args, Clone)]
+struct Serving {
+    /// Log format: human-readable text or JSON lines [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax) [default: info]; RUST_LOG
+    /// overrides it.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log lines queued for the writer thread (default 8192); beyond them
+    /// lines are dropped (and counted in agiproxy_log_lines_dropped_total)
+    /// rather than a stalled log reader holding up calls.
+    #[arg(long, env = "AGIPROXY_LOG_BUFFER_LINES", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    log_buffer_lines: Option<u32>,
     /// Threads serving sessions (default: the CPUs this process may use,
     /// cgroup quota included). 1 runs everything on one thread with no
     /// cross-thread scheduling: the cheapest per session, and the right
     /// choice for a replica limited to one CPU.
-    #[arg(long, env = "AGIPROXY_WORKERS", global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "AGIPROXY_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
-    #[command(subcommand)]
-    command: Command,
+}
+
+impl Serving {
+    /// The command's own options over those given before it.
+    fn or(self, before: Serving) -> Serving {
+        Serving {
+            log_format: self.log_format.or(before.log_format),
+            log_level: self.log_level.or(before.log_level),
+            log_buffer_lines: self.log_buffer_lines.or(before.log_buffer_lines),
+            workers: self.workers.or(before.workers),
+        }
+    }
+
+    fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(LogFormat::Text)
+    }
+
+    fn log_level(&self) -> &str {
+        self.log_level.as_deref().unwrap_or("info")
+    }
+
+    fn log_buffer_lines(&self) -> usize {
+        self.log_buffer_lines
+            .map_or(logging::DEFAULT_BUFFER_LINES as usize, |n| n as usize)
+    }
 }
 
 // Parsed once at start-up: the size of the ctl variant costs nothing.
@@ -53,9 +88,12 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        serving: Serving,
     },
     /// Validate a config file and print its compiled routes.
     Check {
+        /// The YAML config file to check.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -72,6 +110,8 @@ enum Command {
         /// Exit after the simulated calls instead of serving on.
         #[arg(long)]
         once: bool,
+        #[command(flatten)]
+        serving: Serving,
     },
 }
 
@@ -79,13 +119,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => {
+        Command::Run { config, serving } => {
+            let serving = serving.or(cli.serving);
             let log = logging::init(
-                cli.log_format,
-                &cli.log_level,
-                cli.log_buffer_lines as usize,
+                serving.log_format(),
+                serving.log_level(),
+                serving.log_buffer_lines(),
             );
-            let r = runtime(cli.workers).and_then(|rt| rt.block_on(run(config)));
+            let r = runtime(serving.workers).and_then(|rt| rt.block_on(run(config)));
             // The queued lines first, so that an error is the last line.
             drop(log);
             report(r)
@@ -100,13 +141,18 @@ fn main() -> ExitCode {
             };
             ExitCode::from(code as u8)
         }
-        Command::Demo { listen, once } => {
+        Command::Demo {
+            listen,
+            once,
+            serving,
+        } => {
+            let serving = serving.or(cli.serving);
             let log = logging::init(
-                cli.log_format,
-                &format!("{},agiproxy::access=warn", cli.log_level),
-                cli.log_buffer_lines as usize,
+                serving.log_format(),
+                &format!("{},agiproxy::access=warn", serving.log_level()),
+                serving.log_buffer_lines(),
             );
-            let r = runtime(cli.workers).and_then(|rt| rt.block_on(demo::run(listen, once)));
+            let r = runtime(serving.workers).and_then(|rt| rt.block_on(demo::run(listen, once)));
             drop(log);
             report(r)
         }

@@ -427,3 +427,71 @@ fn a_refused_config_is_logged_on_one_line_with_every_error() {
     );
     assert!(line.contains("has no port"), "{line}");
 }
+
+#[test]
+fn help_lists_what_a_command_takes_each_with_a_description() {
+    let helps: &[&[&str]] = &[
+        &["-h"],
+        &["check", "-h"],
+        &["run", "-h"],
+        &["demo", "-h"],
+        &["ctl", "-h"],
+        &["ctl", "status", "-h"],
+        &["ctl", "config", "get", "-h"],
+        &["ctl", "config", "apply", "-h"],
+        &["ctl", "pools", "-h"],
+        &["ctl", "drain", "-h"],
+        &["ctl", "enable", "-h"],
+        &["ctl", "split", "-h"],
+    ];
+    for args in helps {
+        let out = bin().args(*args).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}");
+        for line in help.lines() {
+            let item = line.trim_start();
+            if line.starts_with("  ")
+                && (item.starts_with('-') || item.starts_with('<') || item.starts_with('['))
+            {
+                assert!(
+                    item.contains("  "),
+                    "{args:?}: {item:?} has no description:\n{help}"
+                );
+            }
+        }
+        // Only the commands that serve calls take the serving options.
+        if matches!(args[0], "check" | "ctl") {
+            for serving in [
+                "--workers",
+                "--log-buffer-lines",
+                "--log-format",
+                "--log-level",
+            ] {
+                assert!(!help.contains(serving), "{args:?} lists {serving}:\n{help}");
+            }
+        }
+    }
+    // Those options go before or after `run`; `check` refuses them.
+    let out = bin()
+        .args(["run", "-c", "/nonexistent.yaml", "--workers", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}
+
+#[test]
+fn ctl_options_are_accepted_after_the_command() {
+    let url = fake_control_api("{\"ok\":true}".to_string(), 1);
+    let out = bin()
+        .args(["ctl", "status", "--url", &url, "--output", "json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"replicas\""), "{stdout}");
+}
