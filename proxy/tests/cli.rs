@@ -495,3 +495,29 @@ fn ctl_options_are_accepted_after_the_command() {
     );
     assert!(stdout.contains("\"replicas\""), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_failure_is_said_in_words() {
+    let dns = chaos_tests::FakeDns::start().await;
+    let server = dns.addr().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        bin()
+            .args([
+                "ctl",
+                "--cluster",
+                "dns:_control._tcp.nowhere.test",
+                "--dns-server",
+                &server,
+                "status",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("_control._tcp.nowhere.test"), "{stderr}");
+    assert!(stderr.contains("SRV"), "{stderr}");
+    assert!(!stderr.contains("Query {"), "a Rust debug value: {stderr}");
+}

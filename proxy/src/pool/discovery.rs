@@ -23,6 +23,8 @@ use std::time::{Duration, SystemTime};
 use agiproxy_config::{BackendTarget, Dns};
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, Record};
 use hickory_resolver::{Resolver, TokioResolver};
 
@@ -225,6 +227,22 @@ fn min_ttl(records: &[Record]) -> Duration {
     Duration::from_secs(u64::from(records.iter().map(|r| r.ttl).min().unwrap_or(0)))
 }
 
+/// A resolver error in words: hickory prints "no records found" with its query's Rust debug
+/// form (`Query { name: Name("…"), query_type: SRV, … }`).
+fn dns_error(e: &NetError) -> String {
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(none)) => {
+            let kind = none.query.query_type();
+            if none.response_code == ResponseCode::NXDomain {
+                format!("no such name (NXDOMAIN), asked for {kind}")
+            } else {
+                format!("no {kind} record")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
 async fn lookup_host(
     resolver: &TokioResolver,
     name: &str,
@@ -233,7 +251,7 @@ async fn lookup_host(
     let answer = resolver
         .lookup_ip(name)
         .await
-        .map_err(|e| format!("{name}: {e}"))?;
+        .map_err(|e| format!("{name}: {}", dns_error(&e)))?;
     let mut seen = HashSet::new();
     let found = answer
         .iter()
@@ -256,7 +274,7 @@ async fn lookup_srv(
     let answer = resolver
         .srv_lookup(name)
         .await
-        .map_err(|e| format!("srv {name}: {e}"))?;
+        .map_err(|e| format!("srv {name}: {}", dns_error(&e)))?;
     let mut ttl = min_ttl(answer.answers());
     let records: Vec<_> = answer
         .answers()
@@ -290,7 +308,7 @@ async fn lookup_srv(
                     a.iter().collect()
                 }
                 Err(e) => {
-                    tracing::debug!(srv = name, target = %srv.target, error = %e, "SRV target did not resolve");
+                    tracing::debug!(srv = name, target = %srv.target, error = dns_error(&e), "SRV target did not resolve");
                     Vec::new()
                 }
             }
