@@ -12,7 +12,7 @@ use crate::api::{
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
     /// 400: the config (or request) is invalid; every error with its path.
-    #[error("invalid: {} error(s)", .0.len())]
+    #[error("invalid: {} error{}", .0.len(), if .0.len() == 1 { "" } else { "s" })]
     Invalid(Vec<FieldError>),
     /// 412: `If-Match` named a generation that is no longer running.
     #[error("the running generation is {current}, not the one in If-Match")]

@@ -412,8 +412,8 @@ fn a_refused_config_is_logged_on_one_line_with_every_error() {
             }
         }
     };
-    wait_for("listening for Asterisk");
-    // Two mistakes; the file watcher picks the change up.
+    // Two mistakes; the file watcher (started after the listeners) picks the change up.
+    wait_for("watching the config file");
     let bad = good
         .replace("pool: p }", "pool: nope }")
         .replace("127.0.0.1:1\"", "127.0.0.1\"");
