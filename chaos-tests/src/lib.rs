@@ -23,9 +23,9 @@ mod framing;
 pub mod header;
 pub mod loadgen;
 mod net;
-pub mod soundfile;
 #[cfg(target_os = "linux")]
 pub mod netns;
+pub mod soundfile;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};
 pub use backend::{
