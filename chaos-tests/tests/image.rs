@@ -211,8 +211,7 @@ async fn the_image_proxies_a_call_as_non_root_read_only_and_drains_on_sigterm() 
     let root_options = mountinfo
         .lines()
         .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.len() > 5 && f[4] == "/")
-        .next_back()
+        .rfind(|f| f.len() > 5 && f[4] == "/")
         .map(|f| f[5].to_owned())
         .unwrap_or_else(|| panic!("no / in the container's mountinfo:\n{mountinfo}"));
     assert!(
