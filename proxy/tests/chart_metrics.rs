@@ -75,44 +75,64 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
         &[SrvRecord::new(1, 1, backend.addr().port(), "b.ivr.test")],
         60,
     );
-    let agi: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let text = format!(
-        "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\ndns: {{ nameservers: [\"{}\"], timeout: 2s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n    health: {{ type: tcp, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n",
-        dns.addr()
-    );
-    let path = std::env::temp_dir().join(format!(
-        "agiproxy-chart-metrics-{}-{}.yaml",
-        std::process::id(),
-        agi.port()
-    ));
-    std::fs::write(&path, text).unwrap();
-    let mut child = Kill(
-        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-            .args(["run", "-c"])
-            .arg(&path)
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-
-    // Wait for the backend to be found and checked, then make one call.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = get(control, "/metrics").await.unwrap_or_default();
-        if m.contains("agiproxy_backend_checks{") && m.contains("agiproxy_dns_addresses{") {
-            break;
+    // Ports picked free may be taken by the time the proxy binds them (other
+    // tests run beside this one): a proxy that exits at start is retried
+    // on new ports.
+    let mut started = None;
+    for attempt in 1..=3 {
+        let agi: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        while control == agi {
+            control = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         }
-        if let Some(status) = child.0.try_wait().unwrap() {
-            panic!("the proxy exited: {status:?} (its log is above)");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checked backend after 30 s:\n{m}"
+        let text = format!(
+            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\ndns: {{ nameservers: [\"{}\"], timeout: 2s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n    health: {{ type: tcp, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n",
+            dns.addr()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let path = std::env::temp_dir().join(format!(
+            "agiproxy-chart-metrics-{}-{}.yaml",
+            std::process::id(),
+            agi.port()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let mut child = Kill(
+            Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+                .args(["run", "-c"])
+                .arg(&path)
+                .args(["--log-level", "warn"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Wait for the backend to be found and checked.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exited = loop {
+            let m = get(control, "/metrics").await.unwrap_or_default();
+            if m.contains("agiproxy_backend_checks{") && m.contains("agiproxy_dns_addresses{") {
+                break None;
+            }
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break Some(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no checked backend after 30 s:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match exited {
+            None => {
+                started = Some((child, agi, control, path));
+                break;
+            }
+            Some(status) => {
+                let _ = std::fs::remove_file(&path);
+                eprintln!("attempt {attempt}: the proxy exited: {status:?} (its log is above)")
+            }
+        }
     }
+    let (child, agi, control, path) = started.expect("the proxy started in 3 attempts");
+
     let out = FakeAsterisk::new()
         .call_timeout(Duration::from_secs(20))
         .run(agi)
