@@ -257,6 +257,7 @@ refused "additional properties 'drian' not allowed" --set config.timeouts.drian=
 refused "at '/config/pools/0/balance'" --set 'config.pools[0].name=p' --set 'config.pools[0].balance=least_session'
 refused "at '/podDisruptionBudget/minAvailable'" --set podDisruptionBudget.minAvailable=-1
 refused "at '/image/digest'" --set image.digest=latest
+refused "additional properties 'tokn_file' not allowed" --set config.control.tokn_file=/x
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"
