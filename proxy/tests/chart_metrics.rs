@@ -139,7 +139,16 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
         .await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 
-    let metrics = get(control, "/metrics").await.expect("GET /metrics");
+    // The session is counted once both sides have closed, which may be just
+    // after the caller saw its end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = get(control, "/metrics").await.expect("GET /metrics");
+        if m.contains("agiproxy_sessions_total{") || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let names = exposed(&metrics);
     let missing: Vec<String> = wanted
         .iter()
