@@ -68,6 +68,9 @@ for lib in $(ldd "$ctx/rootfs/agiproxy" | awk '$2 == "=>" && $3 ~ /^\// { print 
     cp -L "$lib" "$ctx/rootfs$lib"
 done
 
+# The untagged image of the `runtime` stage is left behind by the build:
+# remove those that were not there before.
+dangling_before="$(podman images -q --filter dangling=true | sort)"
 start=$SECONDS
 podman build -q --target prebuilt --file Containerfile --tag "$image" \
     --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" \
@@ -79,5 +82,8 @@ status=0
 AGIPROXY_IMAGE="$image" cargo test -p chaos-tests --test image -- --nocapture || status=$?
 if [[ "${KEEP_IMAGE:-}" != 1 ]]; then
     podman rmi --force "$image" >/dev/null 2>&1 || true
+    for id in $(comm -13 <(echo "$dangling_before") <(podman images -q --filter dangling=true | sort)); do
+        podman rmi --force "$id" >/dev/null 2>&1 || true
+    done
 fi
 exit "$status"
