@@ -233,6 +233,32 @@ struct Exchange {
     crlf: bool,
     /// What Asterisk writes and the backend must receive unchanged.
     reply: Vec<u8>,
+    /// A command of its own (false for a `PUT SOUNDFILE` payload, which
+    /// the backend sends after Asterisk's "ready" and which has the
+    /// command's second reply).
+    counted: bool,
+}
+
+/// Standard base64 with padding, in lines of 76 characters (57 bytes) as
+/// the sound-file transfer sends them (`shared/fastagi-protocol.md`).
+fn base64_lines(data: &[u8]) -> Vec<u8> {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    for line in data.chunks(57) {
+        for c in line.chunks(3) {
+            let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+                out.push(if i <= c.len() {
+                    ABC[(n >> shift & 63) as usize]
+                } else {
+                    b'='
+                });
+            }
+        }
+        out.push(b'\n');
+    }
+    out
 }
 
 fn starts_with_ci(s: &[u8], p: &[u8]) -> bool {
@@ -282,26 +308,38 @@ fn exchanges(input: &mut Input) -> Vec<Exchange> {
         }
         let mut command = match kind % 4 {
             1 => {
+                // PUT SOUNDFILE: Asterisk's "ready", then the payload as
+                // base64 lines, then its second reply.
                 let n = input.byte() as usize % 300 + 1;
-                let mut c = format!("PUT SOUNDFILE f {n}\n").into_bytes();
-                let payload = input.bytes(n);
-                c.extend_from_slice(payload);
-                c.resize(c.len() + n - payload.len(), b'\n');
+                let mut payload = input.bytes(n).to_vec();
+                payload.resize(n, 0);
+                let c = format!("PUT SOUNDFILE f {n}\n").into_bytes();
                 reply.extend_from_slice(b"200 result=0\n");
                 out.push(Exchange {
                     to_asterisk: c.clone(),
                     command: c,
                     crlf: false,
                     reply,
+                    counted: true,
+                });
+                let lines = base64_lines(&payload);
+                out.push(Exchange {
+                    to_asterisk: lines.clone(),
+                    command: lines,
+                    crlf: false,
+                    reply: b"200 result=0\n".to_vec(),
+                    counted: false,
                 });
                 continue;
             }
             2 => {
+                // GET SOUNDFILE: `size=N`, then N bytes as base64 lines,
+                // no final line.
                 let n = input.byte() as usize % 300 + 1;
-                reply.extend_from_slice(format!("200 result={n}\n").as_bytes());
-                let payload = input.bytes(n);
-                reply.extend_from_slice(payload);
-                reply.resize(reply.len() + n - payload.len(), b'\n');
+                let mut payload = input.bytes(n).to_vec();
+                payload.resize(n, 0);
+                reply.extend_from_slice(format!("200 result=0 size={n}\n").as_bytes());
+                reply.extend(base64_lines(&payload));
                 b"GET SOUNDFILE f".to_vec()
             }
             3 => {
@@ -332,6 +370,7 @@ fn exchanges(input: &mut Input) -> Vec<Exchange> {
             to_asterisk,
             crlf,
             reply,
+            counted: true,
         });
     }
     out
@@ -408,14 +447,18 @@ pub fn relay(data: &[u8]) {
             (end, relay.stats)
         });
         let (mut wa, mut wb) = (0, 0);
+        let mut sent = vec![false; script.len()];
         for (i, ex) in script.iter().enumerate() {
-            if i == 0 || !pipelined {
+            if !sent[i] {
                 write_sliced(&mut backend, &ex.command, &sizes, &mut wb).await;
+                sent[i] = true;
             }
             if pipelined {
-                if let Some(next) = script.get(i + 1) {
-                    // Sent before the reply: the relay must hold it.
+                // Sent before the reply: the relay must hold it. (Never a
+                // payload: a backend sends it only after "ready".)
+                if let Some(next) = script.get(i + 1).filter(|n| n.counted) {
                     write_sliced(&mut backend, &next.command, &sizes, &mut wb).await;
+                    sent[i + 1] = true;
                 }
             }
             let got = read_exactly(&mut asterisk, ex.to_asterisk.len(), "command").await;
@@ -438,7 +481,7 @@ pub fn relay(data: &[u8]) {
             .expect("relay hung after both sides closed")
             .expect("relay task");
         assert_eq!(end, RelayEnd::Closed);
-        let commands: usize = script.len();
+        let commands: usize = script.iter().filter(|e| e.counted).count();
         assert_eq!(stats.commands as usize, commands, "commands counted");
         let crlf = script.iter().filter(|e| e.crlf).count();
         assert_eq!(stats.crlf_fixed as usize, crlf, "CRLF commands counted");
