@@ -21,8 +21,6 @@ mod model;
 mod parse;
 pub mod prescan;
 mod raw;
-mod raw_rollout;
-mod rollout;
 mod template;
 mod validate;
 
@@ -32,12 +30,12 @@ pub use duration::MAX_DURATION;
 pub use error::{ConfigError, ConfigErrors};
 pub use file::{read_file, FileError};
 pub use model::{
+    format_ms, parse_time, Judge, Override, OverrideAction, Peers, Rollout, MAX_ROLLOUT_STEPS,
+};
+pub use model::{
     script_path, Backend, BackendTarget, Backoff, Balance, Config, Control, ControlTls, Dns,
     HealthCheck, HealthKind, Limits, Listener, Mode, Pool, Rewrite, Route, RouteMatch, RouteTarget,
     ScriptMatch, SplitTarget, Timeouts, TokenSource, DEFAULT_PORT, DEFAULT_SPLIT_KEY,
-};
-pub use rollout::{
-    format_ms, parse_time, Judge, Override, OverrideAction, Peers, Rollout, MAX_ROLLOUT_STEPS,
 };
 pub use template::{Template, TemplateContext, TemplatePart};
 

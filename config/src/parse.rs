@@ -13,12 +13,12 @@ use serde::de::{SeqAccess, Visitor};
 use serde_yaml::{Mapping, Value};
 
 use crate::error::{from_yaml, ConfigError};
+use crate::raw::RawRollout;
 use crate::raw::{
     DurationText, OrderedMap, RawBackend, RawBalance, RawConfig, RawControl, RawControlTls, RawDns,
     RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPool,
     RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
 };
-use crate::raw_rollout::RawRollout;
 
 /// Errors given a line and column; beyond, each search would read the file again for little.
 const MAX_LOCATED: usize = 200;

@@ -355,6 +355,26 @@ impl<K: std::hash::Hash + Eq> Seen<K> {
     }
 }
 
+/// The index of the pool named `name`, or a message listing the known pools.
+pub(crate) fn resolve_pool(name: &str, pool_names: &[Option<&str>]) -> Result<usize, String> {
+    if let Some(i) = pool_names.iter().position(|p| *p == Some(name)) {
+        return Ok(i);
+    }
+    let mut known: Vec<&str> = pool_names.iter().flatten().copied().collect();
+    known.sort_unstable();
+    known.dedup();
+    if known.is_empty() {
+        Err(format!(
+            "unknown pool {name:?}; no pools are defined (add one under pools:)"
+        ))
+    } else {
+        Err(format!(
+            "unknown pool {name:?}; known pools: {}",
+            known.join(", ")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

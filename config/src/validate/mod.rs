@@ -3,6 +3,7 @@
 
 mod checks;
 mod control;
+mod matcher;
 mod pool;
 mod rollout;
 mod route;

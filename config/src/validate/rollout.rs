@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use crate::error::Errors;
-use crate::model::{BackendTarget, Dns, RouteMatch};
-use crate::raw_rollout::{RawJudge, RawOverride, RawPeers, RawRollout};
-use crate::rollout::{
+use crate::model::{
     parse_time, Judge, Override, OverrideAction, Peers, Rollout, MAX_ROLLOUT_STEPS,
 };
+use crate::model::{BackendTarget, Dns, RouteMatch};
+use crate::raw::{RawJudge, RawOverride, RawPeers, RawRollout};
 
 use super::checks;
-use super::route::{compile_match, resolve_pool};
+use super::checks::resolve_pool;
+use super::matcher::compile_match;
 
 const DEFAULT_SKEW: Duration = Duration::from_secs(2);
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(ro.canary.query.len(), 1);
         assert_eq!(
             ro.overrides[0].at_ms,
-            crate::rollout::parse_time("2026-12-06T01:30:02Z").unwrap()
+            crate::model::parse_time("2026-12-06T01:30:02Z").unwrap()
         );
         assert!(matches!(ro.judge.peers, crate::Peers::Dns { .. }));
     }
