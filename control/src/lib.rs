@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod ctl;
+mod handlers;
 pub mod plane;
 pub mod server;
 pub mod socket;

@@ -13,20 +13,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post, put, MethodRouter};
-use axum::{Json, Router};
+use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::api::{ErrorBody, RolloutOverrideRequest, SplitRequest};
-use crate::plane::{ControlError, ControlPlane};
+use crate::handlers::{self as h, error, Ctx, S};
+use crate::plane::ControlPlane;
 use crate::socket::{SocketError, SocketFile};
 use crate::tls::TlsFiles;
 
@@ -94,13 +93,6 @@ pub enum ServeError {
 #[derive(Debug, Clone, Copy)]
 struct SocketPeer {
     uid: Option<u32>,
-}
-
-struct Ctx<P> {
-    plane: Arc<P>,
-    token: Option<String>,
-    /// The control socket's owner, whose requests (and root's) need no token.
-    socket_owner: Option<u32>,
 }
 
 /// One route: its method and path template (as in `MatchedPath`).
@@ -432,38 +424,38 @@ fn routes<P: ControlPlane>() -> Routes<P> {
         endpoints: Vec::new(),
     }
     .add(Method::GET, "/healthz", get(|| async { "ok\n" }))
-    .add(Method::GET, "/readyz", get(readyz::<P>))
-    .add(Method::GET, "/metrics", get(metrics::<P>))
-    .add(Method::GET, "/v1/status", get(status::<P>))
-    .add(Method::GET, "/v1/config", get(config_get::<P>))
-    .add(Method::PUT, "/v1/config", put(config_put::<P>))
-    .add(Method::POST, "/v1/reload", post(reload::<P>))
-    .add(Method::GET, "/v1/pools", get(pools::<P>))
-    .add(Method::GET, "/v1/pools/{pool}", get(pool::<P>))
+    .add(Method::GET, "/readyz", get(h::readyz::<P>))
+    .add(Method::GET, "/metrics", get(h::metrics::<P>))
+    .add(Method::GET, "/v1/status", get(h::status::<P>))
+    .add(Method::GET, "/v1/config", get(h::config_get::<P>))
+    .add(Method::PUT, "/v1/config", put(h::config_put::<P>))
+    .add(Method::POST, "/v1/reload", post(h::reload::<P>))
+    .add(Method::GET, "/v1/pools", get(h::pools::<P>))
+    .add(Method::GET, "/v1/pools/{pool}", get(h::pool::<P>))
     .add(
         Method::POST,
         "/v1/pools/{pool}/backends/{backend}/drain",
-        post(|s: S<P>, p| backend_draining(s, p, true)),
+        post(|s: S<P>, p| h::backend_draining(s, p, true)),
     )
     .add(
         Method::POST,
         "/v1/pools/{pool}/backends/{backend}/enable",
-        post(|s: S<P>, p| backend_draining(s, p, false)),
+        post(|s: S<P>, p| h::backend_draining(s, p, false)),
     )
-    .add(Method::PUT, "/v1/routes/{route}/split", put(split::<P>))
-    .add(Method::GET, "/v1/rollouts", get(rollouts::<P>))
-    .add(Method::GET, "/v1/rollouts/{route}", get(rollout::<P>))
+    .add(Method::PUT, "/v1/routes/{route}/split", put(h::split::<P>))
+    .add(Method::GET, "/v1/rollouts", get(h::rollouts::<P>))
+    .add(Method::GET, "/v1/rollouts/{route}", get(h::rollout::<P>))
     .add(
         Method::GET,
         "/v1/rollouts/{route}/counts",
-        get(rollout_counts::<P>),
+        get(h::rollout_counts::<P>),
     )
     .add(
         Method::POST,
         "/v1/rollouts/{route}/{action}",
-        post(rollout_override::<P>),
+        post(h::rollout_override::<P>),
     )
-    .add(Method::POST, "/v1/drain", post(drain::<P>))
+    .add(Method::POST, "/v1/drain", post(h::drain::<P>))
 }
 
 /// The routes, for serving or for in-process tests (requests count as
@@ -576,66 +568,6 @@ async fn json_errors(State(limits): State<Limits>, req: Request, next: Next) -> 
     out
 }
 
-type S<P> = State<Arc<Ctx<P>>>;
-
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            error: msg.into(),
-            errors: vec![],
-            generation: None,
-        }),
-    )
-        .into_response()
-}
-
-fn control_error(e: ControlError) -> Response {
-    let (status, body) = match &e {
-        ControlError::Invalid(errors) => (
-            StatusCode::BAD_REQUEST,
-            ErrorBody {
-                error: "the config is invalid; nothing was changed".into(),
-                errors: errors.clone(),
-                generation: None,
-            },
-        ),
-        ControlError::Stale { current } => (
-            StatusCode::PRECONDITION_FAILED,
-            ErrorBody {
-                error: e.to_string(),
-                errors: vec![],
-                generation: Some(*current),
-            },
-        ),
-        ControlError::NotFound(_) => (
-            StatusCode::NOT_FOUND,
-            ErrorBody {
-                error: e.to_string(),
-                errors: vec![],
-                generation: None,
-            },
-        ),
-        ControlError::Conflict(_) => (
-            StatusCode::CONFLICT,
-            ErrorBody {
-                error: e.to_string(),
-                errors: vec![],
-                generation: None,
-            },
-        ),
-        ControlError::Unavailable(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorBody {
-                error: e.to_string(),
-                errors: vec![],
-                generation: None,
-            },
-        ),
-    };
-    (status, Json(body)).into_response()
-}
-
 /// The one access check, over every route: [`OPEN`] requests pass; any
 /// other needs the control socket (its owner or root) or, on TCP, the
 /// bearer token. With no token configured, TCP gets 403 and how to set one.
@@ -714,204 +646,4 @@ async fn observe<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) ->
     let resp = next.run(req).await;
     ctx.plane.observe_request(&endpoint, resp.status().as_u16());
     resp
-}
-
-async fn readyz<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    if ctx.plane.ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
-    }
-}
-
-async fn metrics<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        ctx.plane.metrics_text(),
-    )
-        .into_response()
-}
-
-async fn status<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    Json(ctx.plane.status()).into_response()
-}
-
-async fn config_get<P: ControlPlane>(State(ctx): S<P>, headers: HeaderMap) -> Response {
-    let view = ctx.plane.config();
-    let wants_yaml = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("yaml"));
-    let mut resp = if wants_yaml {
-        (
-            [(header::CONTENT_TYPE, "application/yaml")],
-            view.text.clone(),
-        )
-            .into_response()
-    } else {
-        Json(&view).into_response()
-    };
-    if let Ok(v) = header::HeaderValue::from_str(&view.generation.to_string()) {
-        resp.headers_mut().insert(header::ETAG, v);
-    }
-    resp
-}
-
-#[derive(Deserialize)]
-struct DryRun {
-    #[serde(default)]
-    dry_run: bool,
-}
-
-/// `If-Match: <generation>` (quotes allowed, as for an ETag).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = v.to_str().unwrap_or("").trim().trim_matches('"');
-    text.parse().map(Some).map_err(|_| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!("If-Match: {text:?} is not a generation number"),
-        ))
-    })
-}
-
-async fn config_put<P: ControlPlane>(
-    State(ctx): S<P>,
-    Query(q): Query<DryRun>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let expect = match if_match(&headers) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    match ctx.plane.apply_config(body, q.dry_run, expect).await {
-        Ok(applied) => Json(applied).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn reload<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    match ctx.plane.reload_file().await {
-        Ok(applied) => Json(applied).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn pools<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    Json(ctx.plane.pools()).into_response()
-}
-
-async fn pool<P: ControlPlane>(State(ctx): S<P>, Path(name): Path<String>) -> Response {
-    match ctx.plane.pools().into_iter().find(|p| p.name == name) {
-        Some(p) => Json(p).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no pool {name:?}")),
-    }
-}
-
-/// `drain` (true) or `enable` (false) one backend.
-async fn backend_draining<P: ControlPlane>(
-    State(ctx): S<P>,
-    Path((pool, backend)): Path<(String, String)>,
-    draining: bool,
-) -> Response {
-    match ctx.plane.set_backend_draining(&pool, &backend, draining) {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn split<P: ControlPlane>(
-    State(ctx): S<P>,
-    Path(route): Path<String>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let expect = match if_match(&headers) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
-    let req: SplitRequest = match serde_json::from_str(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                "body: {e}; expected {{\"split\": [{{\"pool\": \"blue\", \"weight\": 90}}, ...]}}"
-            ),
-            )
-        }
-    };
-    match ctx.plane.set_split(&route, req.split, expect).await {
-        Ok(applied) => Json(applied).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn rollouts<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    Json(ctx.plane.rollouts()).into_response()
-}
-
-async fn rollout<P: ControlPlane>(State(ctx): S<P>, Path(route): Path<String>) -> Response {
-    match ctx.plane.rollouts().into_iter().find(|r| r.route == route) {
-        Some(r) => Json(r).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("no rollout on route {route:?}"),
-        ),
-    }
-}
-
-#[derive(Deserialize)]
-struct TickQuery {
-    tick: i64,
-}
-
-async fn rollout_counts<P: ControlPlane>(
-    State(ctx): S<P>,
-    Path(route): Path<String>,
-    Query(q): Query<TickQuery>,
-) -> Response {
-    match ctx.plane.rollout_tick(&route, q.tick) {
-        Ok(t) => Json(t).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn rollout_override<P: ControlPlane>(
-    State(ctx): S<P>,
-    Path((route, action)): Path<(String, String)>,
-    body: String,
-) -> Response {
-    let req: RolloutOverrideRequest = if body.trim().is_empty() {
-        RolloutOverrideRequest::default()
-    } else {
-        match serde_json::from_str(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("body: {e}; expected {{\"at\": \"2026-12-06T01:00:00Z\"}} or nothing"),
-                )
-            }
-        }
-    };
-    match ctx.plane.rollout_override(&route, &action, req.at).await {
-        Ok(applied) => Json(applied).into_response(),
-        Err(e) => control_error(e),
-    }
-}
-
-async fn drain<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    ctx.plane.drain();
-    (
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "draining": true })),
-    )
-        .into_response()
 }

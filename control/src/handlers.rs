@@ -1,0 +1,285 @@
+//! The control API's endpoints: each reads its request, calls the
+//! [`ControlPlane`] and answers JSON (errors as [`ErrorBody`]). Who may
+//! call which is decided before them, by the guard in `server.rs`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use crate::api::{ErrorBody, RolloutOverrideRequest, SplitRequest};
+use crate::plane::{ControlError, ControlPlane};
+
+/// What every handler shares: the runtime, the token, the socket's owner.
+pub(crate) struct Ctx<P> {
+    pub(crate) plane: Arc<P>,
+    pub(crate) token: Option<String>,
+    /// The control socket's owner, whose requests (and root's) need no token.
+    pub(crate) socket_owner: Option<u32>,
+}
+
+pub(crate) type S<P> = State<Arc<Ctx<P>>>;
+
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: msg.into(),
+            errors: vec![],
+            generation: None,
+        }),
+    )
+        .into_response()
+}
+
+pub(crate) fn control_error(e: ControlError) -> Response {
+    let (status, body) = match &e {
+        ControlError::Invalid(errors) => (
+            StatusCode::BAD_REQUEST,
+            ErrorBody {
+                error: "the config is invalid; nothing was changed".into(),
+                errors: errors.clone(),
+                generation: None,
+            },
+        ),
+        ControlError::Stale { current } => (
+            StatusCode::PRECONDITION_FAILED,
+            ErrorBody {
+                error: e.to_string(),
+                errors: vec![],
+                generation: Some(*current),
+            },
+        ),
+        ControlError::NotFound(_) => (
+            StatusCode::NOT_FOUND,
+            ErrorBody {
+                error: e.to_string(),
+                errors: vec![],
+                generation: None,
+            },
+        ),
+        ControlError::Conflict(_) => (
+            StatusCode::CONFLICT,
+            ErrorBody {
+                error: e.to_string(),
+                errors: vec![],
+                generation: None,
+            },
+        ),
+        ControlError::Unavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody {
+                error: e.to_string(),
+                errors: vec![],
+                generation: None,
+            },
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
+pub(crate) async fn readyz<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    if ctx.plane.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+pub(crate) async fn metrics<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.plane.metrics_text(),
+    )
+        .into_response()
+}
+
+pub(crate) async fn status<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    Json(ctx.plane.status()).into_response()
+}
+
+pub(crate) async fn config_get<P: ControlPlane>(State(ctx): S<P>, headers: HeaderMap) -> Response {
+    let view = ctx.plane.config();
+    let wants_yaml = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("yaml"));
+    let mut resp = if wants_yaml {
+        (
+            [(header::CONTENT_TYPE, "application/yaml")],
+            view.text.clone(),
+        )
+            .into_response()
+    } else {
+        Json(&view).into_response()
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&view.generation.to_string()) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `If-Match: <generation>` (quotes allowed, as for an ETag).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim().trim_matches('"');
+    text.parse().map(Some).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("If-Match: {text:?} is not a generation number"),
+        ))
+    })
+}
+
+pub(crate) async fn config_put<P: ControlPlane>(
+    State(ctx): S<P>,
+    Query(q): Query<DryRun>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let expect = match if_match(&headers) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    match ctx.plane.apply_config(body, q.dry_run, expect).await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn reload<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    match ctx.plane.reload_file().await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn pools<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    Json(ctx.plane.pools()).into_response()
+}
+
+pub(crate) async fn pool<P: ControlPlane>(State(ctx): S<P>, Path(name): Path<String>) -> Response {
+    match ctx.plane.pools().into_iter().find(|p| p.name == name) {
+        Some(p) => Json(p).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no pool {name:?}")),
+    }
+}
+
+/// `drain` (true) or `enable` (false) one backend.
+pub(crate) async fn backend_draining<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path((pool, backend)): Path<(String, String)>,
+    draining: bool,
+) -> Response {
+    match ctx.plane.set_backend_draining(&pool, &backend, draining) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn split<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path(route): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let expect = match if_match(&headers) {
+        Ok(g) => g,
+        Err(resp) => return *resp,
+    };
+    let req: SplitRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                "body: {e}; expected {{\"split\": [{{\"pool\": \"blue\", \"weight\": 90}}, ...]}}"
+            ),
+            )
+        }
+    };
+    match ctx.plane.set_split(&route, req.split, expect).await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn rollouts<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    Json(ctx.plane.rollouts()).into_response()
+}
+
+pub(crate) async fn rollout<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path(route): Path<String>,
+) -> Response {
+    match ctx.plane.rollouts().into_iter().find(|r| r.route == route) {
+        Some(r) => Json(r).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no rollout on route {route:?}"),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct TickQuery {
+    tick: i64,
+}
+
+pub(crate) async fn rollout_counts<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path(route): Path<String>,
+    Query(q): Query<TickQuery>,
+) -> Response {
+    match ctx.plane.rollout_tick(&route, q.tick) {
+        Ok(t) => Json(t).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn rollout_override<P: ControlPlane>(
+    State(ctx): S<P>,
+    Path((route, action)): Path<(String, String)>,
+    body: String,
+) -> Response {
+    let req: RolloutOverrideRequest = if body.trim().is_empty() {
+        RolloutOverrideRequest::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("body: {e}; expected {{\"at\": \"2026-12-06T01:00:00Z\"}} or nothing"),
+                )
+            }
+        }
+    };
+    match ctx.plane.rollout_override(&route, &action, req.at).await {
+        Ok(applied) => Json(applied).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+pub(crate) async fn drain<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    ctx.plane.drain();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "draining": true })),
+    )
+        .into_response()
+}

@@ -1,0 +1,203 @@
+//! Asterisk -> backend: replies (a `520-` block whole), `HANGUP` forwarded
+//! or withheld, `GET SOUNDFILE` payloads passed as bytes; Asterisk is read
+//! promptly, whatever the backend does.
+
+use std::io;
+use std::mem::MaybeUninit;
+
+use tokio::io::ReadBuf;
+
+use super::*;
+
+impl Relay<'_> {
+    pub(super) fn on_asterisk_readable(&mut self) {
+        let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut buf);
+        match read_now(self.a, &mut buf) {
+            Some(Ok(0)) => {
+                self.a_eof = true;
+                if !self.a_partial.is_empty() {
+                    let rest = std::mem::take(&mut self.a_partial);
+                    self.send_b(&rest);
+                }
+            }
+            Some(Ok(n)) => {
+                self.stats.bytes_from_asterisk += n as u64;
+                self.ingest_asterisk(buf.filled());
+            }
+            None => {}
+            Some(Err(_)) => self.a_dead = true,
+        }
+    }
+
+    pub(super) fn ingest_asterisk(&mut self, mut data: &[u8]) {
+        let mut head = std::mem::take(&mut self.a_partial);
+        if !head.is_empty() {
+            // `a_partial` holds no newline: only the new bytes can end the
+            // line (no rescan of what is buffered).
+            let Some(nl) = memchr::memchr(b'\n', data) else {
+                head.extend_from_slice(data);
+                self.a_partial = head;
+                self.check_asterisk_line();
+                return;
+            };
+            head.extend_from_slice(&data[..=nl]);
+            data = &data[nl + 1..];
+        }
+        let used = self.observe_asterisk(&head, data);
+        let mut rest = recycle(head);
+        rest.extend_from_slice(&data[used..]);
+        self.a_partial = rest;
+        self.check_asterisk_line();
+    }
+
+    /// Asterisk's lines are short (a reply, a line of a `520-` block, a
+    /// base64 line of a `GET SOUNDFILE` payload): one that runs past
+    /// [`MAX_ASTERISK_LINE`] is no FastAGI peer's, and buffering it would
+    /// let anyone who reaches the listener grow the proxy without bound.
+    pub(super) fn check_asterisk_line(&mut self) {
+        if self.a_partial.len() > MAX_ASTERISK_LINE {
+            self.a_partial = Vec::new();
+            self.a_protocol_error = true;
+        }
+    }
+
+    /// Forwards Asterisk's complete lines to the backend, advancing the
+    /// turn; returns the bytes of `data` used. `head`, when not empty, is one
+    /// whole line that came before `data` (a line completed by this read):
+    /// it goes out in the same write as the lines behind it.
+    pub(super) fn observe_asterisk(&mut self, head: &[u8], data: &[u8]) -> usize {
+        // Not yet forwarded: `pending` (the head, unless dropped), then
+        // `data[seg..]`.
+        let mut pending: &[u8] = &[];
+        if !head.is_empty() {
+            match self.on_asterisk_line(head) {
+                Forward::Keep => pending = head,
+                Forward::Drop => {}
+                Forward::ReplyDone => {
+                    self.send_b(head);
+                    self.reply_done();
+                }
+            }
+        }
+        let mut pos = 0;
+        let mut seg = 0;
+        while let Some(nl) = memchr::memchr(b'\n', &data[pos..]) {
+            let start = pos;
+            pos += nl + 1;
+            match self.on_asterisk_line(&data[start..pos]) {
+                Forward::Keep => {}
+                Forward::Drop => {
+                    self.send_b_parts(pending, &data[seg..start]);
+                    pending = &[];
+                    seg = pos;
+                }
+                Forward::ReplyDone => {
+                    // The reply goes out first, then the next command may.
+                    self.send_b_parts(pending, &data[seg..pos]);
+                    pending = &[];
+                    seg = pos;
+                    self.reply_done();
+                }
+            }
+        }
+        self.send_b_parts(pending, &data[seg..pos]);
+        pos
+    }
+
+    /// What to do with one whole line from Asterisk.
+    fn on_asterisk_line(&mut self, line: &[u8]) -> Forward {
+        match self.turn.on_asterisk_line(line) {
+            AsteriskLine::Hangup => {
+                // After the backend closed, this is Asterisk's
+                // end-of-session HANGUP: expected, dropped quietly.
+                let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
+                if !end_of_session {
+                    self.stats.caller_hung_up = true;
+                }
+                if self.a_shut && self.b_eof {
+                    self.a_done = true;
+                }
+                if end_of_session || !self.opts.forward_hangup {
+                    Forward::Drop
+                } else {
+                    Forward::Keep
+                }
+            }
+            AsteriskLine::ReplyDone => Forward::ReplyDone,
+            AsteriskLine::Other => Forward::Keep,
+        }
+    }
+
+    pub(super) fn reply_done(&mut self) {
+        if self.pending_failure.is_none() {
+            self.deadline = Some(Instant::now() + self.opts.next_command);
+        }
+        if !self.held.is_empty() {
+            self.release_held();
+        }
+    }
+
+    pub(super) fn send_b(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() || self.b_shut {
+            return;
+        }
+        if self.b_out.is_empty() {
+            match self.b.try_write(bytes) {
+                Ok(n) if n == bytes.len() => {}
+                Ok(n) => self.b_out.extend_from_slice(&bytes[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.b_out.extend_from_slice(bytes)
+                }
+                Err(_) => self.b_write_failed(),
+            }
+        } else {
+            self.b_out.extend_from_slice(bytes);
+        }
+    }
+
+    /// Two pieces with one system call, as [`send_a_parts`](Self::send_a_parts).
+    pub(super) fn send_b_parts(&mut self, head: &[u8], tail: &[u8]) {
+        if head.is_empty() || tail.is_empty() {
+            self.send_b(head);
+            return self.send_b(tail);
+        }
+        if self.b_shut {
+            return;
+        }
+        if self.b_out.is_empty() {
+            let parts = [IoSlice::new(head), IoSlice::new(tail)];
+            match self.b.try_write_vectored(&parts) {
+                Ok(n) => keep_unwritten(&mut self.b_out, head, tail, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    keep_unwritten(&mut self.b_out, head, tail, 0)
+                }
+                Err(_) => self.b_write_failed(),
+            }
+        } else {
+            keep_unwritten(&mut self.b_out, head, tail, 0);
+        }
+    }
+
+    pub(super) fn flush_b(&mut self) {
+        match self.b.try_write(&self.b_out) {
+            Ok(n) => {
+                self.b_out.drain(..n);
+                if self.b_out.is_empty() && self.b_out.capacity() > KEEP_CAPACITY {
+                    self.b_out = Vec::new();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.b_write_failed(),
+        }
+    }
+}
+
+/// What becomes of one line from Asterisk.
+enum Forward {
+    Keep,
+    /// Withheld from the backend (a `HANGUP` it must not see).
+    Drop,
+    /// A reply is complete: forward it, then the next command may go.
+    ReplyDone,
+}
