@@ -65,6 +65,8 @@ fn import_graph() -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
         .map(|f| (module_path(&root, f), f.clone()))
         .collect();
     let path_re = regex::Regex::new(r"\b(crate|super)((?:::[a-z_][a-z0-9_]*)+)").unwrap();
+    let group_re =
+        regex::Regex::new(r"\b(crate|super)((?:::[a-z_][a-z0-9_]*)*)::(?:\{([^;]*)\}|\*)").unwrap();
     let use_re =
         regex::Regex::new(r"(?m)^\s*(?:pub(?:\([a-z]+\))? )?use ([a-z_][a-z0-9_]*)::").unwrap();
     let mut graph = BTreeMap::new();
@@ -90,6 +92,47 @@ fn import_graph() -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
             if let Some(target) = resolve(&modules, &base, &parts) {
                 if &target != f {
                     deps.insert(target);
+                }
+            }
+        }
+        // `use super::{A, b::C}` and `use super::*`: the module itself for
+        // plain names, its child module for paths inside the braces.
+        for c in group_re.captures_iter(&code) {
+            let mut base: Vec<String> = if &c[1] == "crate" {
+                Vec::new()
+            } else {
+                me[..me.len().saturating_sub(1)].to_vec()
+            };
+            base.extend(
+                c[2].split("::")
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string),
+            );
+            let mut targets = Vec::new();
+            let items = c.get(3).map_or("*", |m| m.as_str());
+            for item in items.split(',') {
+                let item = item.trim();
+                let segs: Vec<String> = match item.rsplit_once("::") {
+                    Some((path, _)) => path.split("::").map(str::to_string).collect(),
+                    None => Vec::new(),
+                };
+                if segs
+                    .iter()
+                    .all(|s| s.starts_with(|ch: char| ch.is_ascii_lowercase() || ch == '_'))
+                    && !segs.is_empty()
+                {
+                    if let Some(t) = resolve(&modules, &base, &segs) {
+                        targets.push(t);
+                        continue;
+                    }
+                }
+                if !item.is_empty() {
+                    targets.extend(modules.get(&base).cloned());
+                }
+            }
+            for t in targets {
+                if &t != f {
+                    deps.insert(t);
                 }
             }
         }

@@ -30,7 +30,8 @@ use failure::tell_failure;
 use header::{discard_rest, read_header, Discarded, HeaderError, HeaderLimits};
 use outcome::{Outcome, Reason};
 pub use record::SessionRecord;
-use relay::{relay_raw, Relay, RelayEnd, RelayOptions};
+use relay::raw::relay_raw;
+use relay::{Relay, RelayEnd, RelayOptions};
 use rewrite::{backend_header, TemplateContext};
 pub use shared::{ActiveGuard, Shared};
 

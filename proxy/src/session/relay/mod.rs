@@ -37,11 +37,9 @@ use super::outcome::Reason;
 use super::turn::{AsteriskLine, BackendLine, PayloadLine, Turn};
 use crate::drain::Cut;
 
-mod raw;
+pub mod raw;
 mod to_asterisk;
 mod to_backend;
-
-pub use raw::relay_raw;
 
 /// Bytes read per syscall. Lives on the stack for the length of one read.
 const READ_CHUNK: usize = 16 * 1024;
