@@ -383,7 +383,7 @@ impl Server {
         // The last reference here goes to `release`, so that the replaced
         // config is freed there, before the trim.
         drop(current);
-        release(old);
+        release_snapshot(old);
         for (configured, listener) in bound {
             table.push(spawn_listener(&self.shared, configured, listener));
         }
@@ -552,6 +552,35 @@ impl Server {
 fn release<T: Send + 'static>(old: T) {
     tokio::task::spawn_blocking(move || {
         drop(old);
+        give_back_memory();
+    });
+}
+
+/// [`release`] for a replaced snapshot, which a status request or the
+/// rollout judge may still be reading for a moment: wait (briefly, on the
+/// blocking thread) to hold the last reference, so that the snapshot is
+/// freed before the trim rather than by that reader after it. A session
+/// still running on it frees it when it ends.
+fn release_snapshot(old: Arc<Snapshot>) {
+    tokio::task::spawn_blocking(move || {
+        let mut old = old;
+        let until = Instant::now() + Duration::from_millis(200);
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(snapshot) => {
+                    drop(snapshot);
+                    break;
+                }
+                Err(shared) if Instant::now() < until => {
+                    old = shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(shared) => {
+                    drop(shared);
+                    break;
+                }
+            }
+        }
         give_back_memory();
     });
 }

@@ -78,16 +78,22 @@ pub fn spawn(server: Server, token: Option<String>) -> tokio::task::JoinHandle<(
             timeout: Duration::from_secs(5),
         });
         loop {
-            let snap = server.snapshot();
-            let mut pause = Duration::from_millis(250);
-            for cr in snap.router.routes() {
-                let Some(ro) = &cr.rollout else { continue };
-                if !ro.plan.judge.enabled {
-                    continue;
+            // The snapshot is let go before the sleep: a replaced one must
+            // be freed where the swap frees it (then memory is given back),
+            // not here a pause later.
+            let pause = {
+                let snap = server.snapshot();
+                let mut pause = Duration::from_millis(250);
+                for cr in snap.router.routes() {
+                    let Some(ro) = &cr.rollout else { continue };
+                    if !ro.plan.judge.enabled {
+                        continue;
+                    }
+                    pause = pause.min(ro.plan.judge.interval / 16);
+                    step(&cr.name, &ro.plan, &ro.live, &client);
                 }
-                pause = pause.min(ro.plan.judge.interval / 16);
-                step(&cr.name, &ro.plan, &ro.live, &client);
-            }
+                pause
+            };
             tokio::time::sleep(pause.max(Duration::from_millis(10))).await;
         }
     })
