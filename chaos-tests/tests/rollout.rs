@@ -336,6 +336,12 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
         out.commands.iter().any(|c| c.starts_with("EXEC")),
         "{out:?}"
     );
+    // The caller has its result when the backend closes; the proxy's
+    // session ends a moment later, after Asterisk's HANGUP.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while view(&rs[1]).await.active_blue != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(view(&rs[1]).await.active_blue, 0);
 }
 
