@@ -19,9 +19,11 @@ mod error;
 mod file;
 mod model;
 mod parse;
+mod pattern;
 pub mod prescan;
 mod raw;
 mod template;
+mod tree;
 mod validate;
 
 use std::path::Path;
@@ -37,6 +39,7 @@ pub use model::{
     HealthCheck, HealthKind, Limits, Listener, Mode, Pool, Rewrite, Route, RouteMatch, RouteTarget,
     ScriptMatch, SplitTarget, Timeouts, TokenSource, DEFAULT_PORT, DEFAULT_SPLIT_KEY,
 };
+pub use pattern::Pattern;
 pub use template::{Template, TemplateContext, TemplatePart};
 
 /// Parses, validates and compiles a config of any size `limits.max_config_bytes` accepts.

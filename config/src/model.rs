@@ -1,5 +1,5 @@
 //! The typed, validated config the proxy runs on. Everything here has been checked:
-//! names resolved to indices, regexes compiled, addresses parsed, defaults applied.
+//! names resolved to indices, regexes checked (see [`crate::Pattern`]), addresses parsed, defaults applied.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::pattern::Pattern;
 use crate::template::Template;
 
 /// Asterisk's FastAGI port, used when an `agi://` URL gives none.
@@ -207,9 +208,9 @@ pub struct RouteMatch {
     /// after percent-decoding the call's query.
     pub query: Vec<(String, String)>,
     /// `agi_arg_N` (N in 1..=127) against a regex (unanchored: add `^`/`$` as needed).
-    pub args: Vec<(usize, regex::Regex)>,
+    pub args: Vec<(usize, Pattern)>,
     /// Any `agi_*` header variable against a regex (unanchored).
-    pub vars: Vec<(String, regex::Regex)>,
+    pub vars: Vec<(String, Pattern)>,
     /// Asterisk's address must be in one of these networks (empty: any address).
     pub source: Vec<ipnet::IpNet>,
 }
@@ -233,7 +234,8 @@ impl RouteMatch {
 pub enum ScriptMatch {
     Exact(String),
     Prefix(String),
-    Regex(regex::Regex),
+    /// Checked at load, compiled on first use alone: the proxy matches script regexes as sets.
+    Regex(Pattern),
 }
 
 impl ScriptMatch {

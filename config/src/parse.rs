@@ -2,15 +2,14 @@
 //! is reported, and the rest of the file is still read, so that validation checks the values
 //! in the same run. One `check` shows every mistake of a file.
 //!
-//! The file is parsed once into serde_yaml's tree, which has no positions; the line and column
-//! of each reported path are found by [`locate`], which reads the text again up to that path
-//! (once per reported error, at most [`MAX_LOCATED`] of them).
+//! The file is parsed once into a YAML tree ([`crate::tree`]), which has no positions; the line
+//! and column of each reported path are found by [`locate`], which reads the text again up to
+//! that path (once per reported error, at most [`MAX_LOCATED`] of them).
 
 use std::fmt;
 
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess};
 use serde::de::{SeqAccess, Visitor};
-use serde_yaml::{Mapping, Value};
 
 use crate::error::{from_yaml, ConfigError};
 use crate::raw::RawRollout;
@@ -19,6 +18,7 @@ use crate::raw::{
     RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPool,
     RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
 };
+use crate::tree::{Leaf, Node};
 
 /// Errors given a line and column; beyond, each search would read the file again for little.
 const MAX_LOCATED: usize = 200;
@@ -43,11 +43,16 @@ pub(crate) struct Structural {
 
 /// Not YAML at all (or beyond the bounds of [`crate::prescan`]): the one error there is to say.
 pub(crate) fn parse(text: &str) -> Result<Parsed, ConfigError> {
-    crate::prescan::check(text)?;
-    let tree: Node = serde_yaml::from_str(text).map_err(|e| from_yaml(&e))?;
+    let tree = match crate::tree::read(text)? {
+        Some(tree) => tree,
+        None => {
+            crate::prescan::check(text)?;
+            serde_yaml::from_str(text).map_err(|e| from_yaml(&e))?
+        }
+    };
     let mut walk = Walk::default();
     let raw = match &tree {
-        Node::Leaf(Value::Null) => RawConfig::default(),
+        Node::Leaf(Leaf::Null) => RawConfig::default(),
         v => RawConfig::lenient(v, &mut walk).unwrap_or_default(),
     };
     Ok(Parsed {
@@ -195,7 +200,11 @@ impl Walk {
     }
 
     fn leaf<T: DeserializeOwned>(&mut self, v: &Node) -> Option<T> {
-        match T::deserialize(&v.to_value()) {
+        let parsed = match v {
+            Node::Leaf(leaf) => T::deserialize(leaf.to_value()),
+            _ => T::deserialize(&v.to_value()),
+        };
+        match parsed {
             Ok(t) => Some(t),
             Err(e) => {
                 self.refuse(e.to_string());
@@ -216,19 +225,16 @@ impl Walk {
 
     fn unknown_keys(&mut self, map: &[(Node, Node)], known: &[&str]) {
         for (i, (key, _)) in map.iter().enumerate() {
-            let name = match key.name() {
-                Some(name) if known.contains(&name.as_str()) => {
-                    if map[..i]
-                        .iter()
-                        .any(|(k, _)| k.name().as_ref() == Some(&name))
-                    {
-                        self.path.push(Seg::Key(name.clone()));
+            let name = match key.key() {
+                Some(name) if known.contains(&name.as_ref()) => {
+                    if map[..i].iter().any(|(k, _)| k.key() == Some(name.clone())) {
+                        self.path.push(Seg::Key(name.to_string()));
                         self.refuse(format!("duplicate field `{name}`"));
                         self.path.pop();
                     }
                     continue;
                 }
-                Some(name) => name,
+                Some(name) => name.into_owned(),
                 None => format!("{:?}", key.to_value()),
             };
             let expected = match known {
@@ -253,8 +259,8 @@ impl Walk {
 
     /// An optional field: absent and `~` are both "not set".
     fn field<T: Lenient>(&mut self, map: &[(Node, Node)], key: &str) -> Option<T> {
-        let (_, v) = map.iter().find(|(k, _)| k.name().as_deref() == Some(key))?;
-        if matches!(v, Node::Leaf(Value::Null)) {
+        let (_, v) = map.iter().find(|(k, _)| k.key().as_deref() == Some(key))?;
+        if matches!(v, Node::Leaf(Leaf::Null)) {
             return None;
         }
         self.path.push(Seg::Key(key.to_string()));
@@ -263,8 +269,6 @@ impl Walk {
         out
     }
 }
-
-use serde::Deserialize;
 
 /// Read from a YAML tree, reporting mistakes to the [`Walk`].
 trait Lenient: Sized {
@@ -414,94 +418,6 @@ structs! {
     RawControlTls { cert: "cert", key: "key", client_ca: "client_ca" }
 }
 
-/// The YAML tree as written: mappings keep their order and their duplicate keys (which are
-/// reported by path, not as one error for the whole file as serde_yaml's `Value` would).
-enum Node {
-    Leaf(Value),
-    Seq(Vec<Node>),
-    Map(Vec<(Node, Node)>),
-}
-
-impl Node {
-    /// A key as text: strings as written, integers and booleans in their usual spelling.
-    fn name(&self) -> Option<String> {
-        match self {
-            Node::Leaf(v) => Scalar::deserialize(v).ok().map(|s| s.0),
-            _ => None,
-        }
-    }
-
-    fn to_value(&self) -> Value {
-        match self {
-            Node::Leaf(v) => v.clone(),
-            Node::Seq(items) => Value::Sequence(items.iter().map(Node::to_value).collect()),
-            Node::Map(entries) => Value::Mapping(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.to_value(), v.to_value()))
-                    .collect::<Mapping>(),
-            ),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Node {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NodeVisitor)
-    }
-}
-
-struct NodeVisitor;
-
-impl<'de> Visitor<'de> for NodeVisitor {
-    type Value = Node;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML value")
-    }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Bool(v)))
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Number(v.into())))
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Number(v.into())))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Number(v.into())))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::String(v.to_string())))
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::String(v)))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Null))
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Node, E> {
-        Ok(Node::Leaf(Value::Null))
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
-        Node::deserialize(d)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(Node::Seq(items))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
-        let mut entries = Vec::new();
-        while let Some(entry) = map.next_entry()? {
-            entries.push(entry);
-        }
-        Ok(Node::Map(entries))
-    }
-}
-
 /// A YAML value as serde names it in `invalid type` messages.
 struct Unexpected<'a>(&'a Node);
 
@@ -513,14 +429,11 @@ impl fmt::Display for Unexpected<'_> {
             Node::Leaf(v) => v,
         };
         match v {
-            Value::Null => f.write_str("unit"),
-            Value::Bool(b) => write!(f, "boolean `{b}`"),
-            Value::Number(n) if n.is_f64() => write!(f, "floating point `{n}`"),
-            Value::Number(n) => write!(f, "integer `{n}`"),
-            Value::String(s) => write!(f, "string {s:?}"),
-            Value::Sequence(_) => f.write_str("sequence"),
-            Value::Mapping(_) => f.write_str("map"),
-            Value::Tagged(t) => write!(f, "tagged value {}", t.tag),
+            Leaf::Null => f.write_str("unit"),
+            Leaf::Bool(b) => write!(f, "boolean `{b}`"),
+            Leaf::Number(n) if n.is_f64() => write!(f, "floating point `{n}`"),
+            Leaf::Number(n) => write!(f, "integer `{n}`"),
+            Leaf::String(s) => write!(f, "string {s:?}"),
         }
     }
 }

@@ -36,7 +36,7 @@ pub const MAX_ALIAS_NODES: u64 = 100_000;
 /// Refuses `text` when it nests too deeply or its aliases expand too far. The error names the
 /// line (1-based) of the offending event.
 pub(crate) fn check(text: &str) -> Result<(), ConfigError> {
-    let mut parser = Parser::new(text.as_bytes());
+    let mut parser = Parser::new(text.as_bytes(), false);
     let mut scan = Scan::default();
     while let Some(event) = parser.next() {
         scan.event(&event)?;
@@ -49,7 +49,7 @@ pub(crate) fn check(text: &str) -> Result<(), ConfigError> {
 
 /// What the scan keeps: open collections, and each anchor's expanded size.
 #[derive(Default)]
-struct Scan {
+pub(crate) struct Scan {
     /// Per open collection: its anchor (if any) and the node count when it opened.
     open: Vec<(Option<Vec<u8>>, u64)>,
     /// Nodes so far, aliases counted at their expanded size.
@@ -62,16 +62,16 @@ struct Scan {
 }
 
 impl Scan {
-    fn event(&mut self, event: &Event) -> Result<(), ConfigError> {
+    pub(crate) fn event(&mut self, event: &Event) -> Result<(), ConfigError> {
         let line = event.line;
         match &event.kind {
-            Kind::Scalar(anchor) => {
+            Kind::Scalar { anchor, .. } => {
                 self.nodes += 1;
                 if let Some(a) = anchor {
                     self.anchors.insert(a.clone(), Some(1));
                 }
             }
-            Kind::Start(anchor) => {
+            Kind::Start { anchor, .. } => {
                 self.nodes += 1;
                 if self.open.len() >= MAX_DEPTH {
                     return Err(refused(
@@ -128,7 +128,7 @@ impl Scan {
                     ));
                 }
             }
-            Kind::Other => {}
+            Kind::DocumentStart | Kind::Other => {}
         }
         Ok(())
     }
@@ -138,23 +138,36 @@ fn refused(line: u64, what: String) -> ConfigError {
     ConfigError::new("", format!("refused before parsing: {what} (line {line})"))
 }
 
-/// One libyaml event, reduced to what the scan needs.
-struct Event {
-    kind: Kind,
+/// One libyaml event, reduced to what the scan (and [`crate::tree`]) needs.
+pub(crate) struct Event {
+    pub kind: Kind,
     /// 1-based line where the event starts.
-    line: u64,
+    pub line: u64,
 }
 
-enum Kind {
-    Scalar(Option<Vec<u8>>),
-    Start(Option<Vec<u8>>),
+pub(crate) enum Kind {
+    Scalar {
+        anchor: Option<Vec<u8>>,
+        /// The value as text (empty unless the parser was asked for values; None when it is
+        /// not UTF-8).
+        value: Option<String>,
+        /// Written plain (unquoted, not a block scalar): YAML resolves its type.
+        plain: bool,
+        tagged: bool,
+    },
+    Start {
+        anchor: Option<Vec<u8>>,
+        map: bool,
+        tagged: bool,
+    },
     End,
     Alias(Vec<u8>),
+    DocumentStart,
     Other,
 }
 
 impl Event {
-    fn is_stream_end(&self) -> bool {
+    pub(crate) fn is_stream_end(&self) -> bool {
         matches!(self.kind, Kind::Other) && self.line == u64::MAX
     }
 }
@@ -162,16 +175,18 @@ impl Event {
 /// libyaml's parser over a borrowed text. The parser keeps pointers to itself (its read
 /// handler's data) and into the text, so it lives in a box that never moves, and the text
 /// outlives it.
-struct Parser<'a> {
+pub(crate) struct Parser<'a> {
     sys: Box<MaybeUninit<unsafe_sys::yaml_parser_t>>,
     _text: &'a [u8],
+    /// Copy scalars' values out (for [`crate::tree`]); the scan alone does not need them.
+    values: bool,
     /// Initialised (and so to be deleted).
     live: bool,
     done: bool,
 }
 
 impl<'a> Parser<'a> {
-    fn new(text: &'a [u8]) -> Parser<'a> {
+    pub(crate) fn new(text: &'a [u8], values: bool) -> Parser<'a> {
         let mut sys: Box<MaybeUninit<unsafe_sys::yaml_parser_t>> = Box::new(MaybeUninit::uninit());
         // SAFETY: the parser is initialised in place before any other call; the input pointer
         // and length describe `text`, which the lifetime keeps alive and unmoved for as long
@@ -189,6 +204,7 @@ impl<'a> Parser<'a> {
         Parser {
             sys,
             _text: text,
+            values,
             live: ok,
             // Out of memory at initialisation: no scan (serde_yaml will fail the same way).
             done: !ok,
@@ -196,7 +212,7 @@ impl<'a> Parser<'a> {
     }
 
     /// The next event; None after the stream's end or a syntax error.
-    fn next(&mut self) -> Option<Event> {
+    pub(crate) fn next(&mut self) -> Option<Event> {
         if self.done {
             return None;
         }
@@ -211,13 +227,38 @@ impl<'a> Parser<'a> {
             let ev = raw.as_mut_ptr();
             let line = (*ev).start_mark.line + 1;
             let kind = match (*ev).type_ {
-                unsafe_sys::YAML_SCALAR_EVENT => Kind::Scalar(name((*ev).data.scalar.anchor)),
+                unsafe_sys::YAML_SCALAR_EVENT => {
+                    let s = &(*ev).data.scalar;
+                    let value = if self.values && !s.value.is_null() {
+                        let bytes = std::slice::from_raw_parts(s.value, s.length as usize);
+                        std::str::from_utf8(bytes).ok().map(str::to_owned)
+                    } else {
+                        Some(String::new())
+                    };
+                    Kind::Scalar {
+                        anchor: name(s.anchor),
+                        value,
+                        plain: s.style == unsafe_sys::YAML_PLAIN_SCALAR_STYLE,
+                        tagged: !s.tag.is_null(),
+                    }
+                }
                 unsafe_sys::YAML_SEQUENCE_START_EVENT => {
-                    Kind::Start(name((*ev).data.sequence_start.anchor))
+                    let s = &(*ev).data.sequence_start;
+                    Kind::Start {
+                        anchor: name(s.anchor),
+                        map: false,
+                        tagged: !s.tag.is_null(),
+                    }
                 }
                 unsafe_sys::YAML_MAPPING_START_EVENT => {
-                    Kind::Start(name((*ev).data.mapping_start.anchor))
+                    let s = &(*ev).data.mapping_start;
+                    Kind::Start {
+                        anchor: name(s.anchor),
+                        map: true,
+                        tagged: !s.tag.is_null(),
+                    }
                 }
+                unsafe_sys::YAML_DOCUMENT_START_EVENT => Kind::DocumentStart,
                 unsafe_sys::YAML_SEQUENCE_END_EVENT | unsafe_sys::YAML_MAPPING_END_EVENT => {
                     Kind::End
                 }

@@ -12,6 +12,9 @@ use crate::session::router::Router;
 
 #[derive(Debug)]
 pub struct Snapshot {
+    /// The config as validated, except its routes: they are moved into
+    /// `router` (read them from [`Router::routes`]), so that a large table
+    /// is not held twice.
     pub config: Arc<Config>,
     pub router: Router,
     /// Index-aligned with `config.pools`.
@@ -59,8 +62,9 @@ impl Snapshot {
     /// Compiles `config`. Live state (active sessions, passive ejections)
     /// of pools and backends that `previous` also has is carried over, by
     /// pool name and backend address.
-    pub fn build(config: Config, meta: ConfigMeta, previous: Option<&Snapshot>) -> Snapshot {
-        let router = Router::new(&config.routes, &config.pools, previous.map(|s| &s.router));
+    pub fn build(mut config: Config, meta: ConfigMeta, previous: Option<&Snapshot>) -> Snapshot {
+        let routes = std::mem::take(&mut config.routes);
+        let router = Router::new(routes, &config.pools, previous.map(|s| &s.router));
         let pools = config
             .pools
             .iter()

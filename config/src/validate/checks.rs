@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use crate::model::{BackendTarget, DEFAULT_PORT};
+use crate::pattern::Pattern;
 
 /// Names of routes, pools and listeners end up in logs, metrics labels and `${route}`-style
 /// header values, so they are kept to a safe alphabet.
@@ -80,16 +81,24 @@ pub(crate) fn is_asterisk_var(name: &str) -> bool {
 
 /// Compiles a regex; the error keeps regex's own explanation but on one line.
 pub(crate) fn regex(text: &str) -> Result<Regex, String> {
-    Regex::new(text).map_err(|e| {
-        let detail = e.to_string();
-        // Syntax errors are several lines (pattern, caret, "error: ..."); keep the last.
-        let reason = detail
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("error: "))
-            .map_or_else(|| detail.replace('\n', " "), str::to_string);
-        format!("{text:?} is not a valid regex: {reason}")
-    })
+    Regex::new(text).map_err(|e| regex_error(text, &e))
+}
+
+/// Checks a regex of a route, to be compiled on first use (see [`Pattern`]); the error is
+/// [`regex`]'s.
+pub(crate) fn pattern(text: &str) -> Result<Pattern, String> {
+    Pattern::new(text).map_err(|e| regex_error(text, &e))
+}
+
+fn regex_error(text: &str, e: &regex::Error) -> String {
+    let detail = e.to_string();
+    // Syntax errors are several lines (pattern, caret, "error: ..."); keep the last.
+    let reason = detail
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map_or_else(|| detail.replace('\n', " "), str::to_string);
+    format!("{text:?} is not a valid regex: {reason}")
 }
 
 /// A network for `source:`; a bare address means just that address.
@@ -355,12 +364,32 @@ impl<K: std::hash::Hash + Eq> Seen<K> {
     }
 }
 
-/// The index of the pool named `name`, or a message listing the known pools.
-pub(crate) fn resolve_pool(name: &str, pool_names: &[Option<&str>]) -> Result<usize, String> {
-    if let Some(i) = pool_names.iter().position(|p| *p == Some(name)) {
-        return Ok(i);
+/// The pools' names in config order (None for a pool without one), looked up by hash: a large
+/// config resolves a name per route.
+pub(crate) struct PoolNames<'a> {
+    all: Vec<Option<&'a str>>,
+    /// The first pool of each name.
+    index: HashMap<&'a str, usize>,
+}
+
+impl<'a> PoolNames<'a> {
+    pub(crate) fn new(all: Vec<Option<&'a str>>) -> PoolNames<'a> {
+        let mut index = HashMap::with_capacity(all.len());
+        for (i, name) in all.iter().enumerate() {
+            if let Some(name) = name {
+                index.entry(*name).or_insert(i);
+            }
+        }
+        PoolNames { all, index }
     }
-    let mut known: Vec<&str> = pool_names.iter().flatten().copied().collect();
+}
+
+/// The index of the pool named `name`, or a message listing the known pools.
+pub(crate) fn resolve_pool(name: &str, pool_names: &PoolNames) -> Result<usize, String> {
+    if let Some(i) = pool_names.index.get(name) {
+        return Ok(*i);
+    }
+    let mut known: Vec<&str> = pool_names.all.iter().flatten().copied().collect();
     known.sort_unstable();
     known.dedup();
     if known.is_empty() {

@@ -1,23 +1,27 @@
 //! A route's match criteria (script, query, arguments, variables, source),
-//! compiled once at load: for routes and for a rollout's canaries.
+//! checked once at load (regexes compile on first use, see `crate::pattern`): for routes and for
+//! a rollout's canaries.
 
 use crate::error::Errors;
 use crate::model::{RouteMatch, ScriptMatch};
 use crate::raw::{RawMatch, RawScript, Scalar};
 
 use super::checks::{self, Seen};
+use super::route::under;
 
 /// Largest argument number Asterisk sends (`agi_arg_127`).
 const MAX_ARG: usize = 127;
 
-pub(super) fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> RouteMatch {
+/// `path` is the match's own (`routes[2].match`); it is extended for its parts and cut back.
+pub(super) fn compile_match(m: &RawMatch, path: &mut String, errs: &mut Errors) -> RouteMatch {
     let mut out = RouteMatch {
         script: m
             .script
             .as_ref()
-            .and_then(|s| script(s, &format!("{path}.script"), errs)),
+            .and_then(|s| under(path, ".script", |p| script(s, p, errs))),
         ..RouteMatch::default()
     };
+    let path: &str = path;
 
     if let Some(query) = &m.query {
         let mut seen = Seen::default();
@@ -58,7 +62,7 @@ pub(super) fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> Rout
                 );
                 continue;
             }
-            match checks::regex(&pattern.0) {
+            match checks::pattern(&pattern.0) {
                 Ok(re) => out.args.push((n, re)),
                 Err(msg) => errs.push(at, msg),
             }
@@ -77,7 +81,7 @@ pub(super) fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> Rout
                 errs.push(at, "listed twice; keep one");
                 continue;
             }
-            match checks::regex(&pattern.0) {
+            match checks::pattern(&pattern.0) {
                 Ok(re) => out.vars.push((key.0.clone(), re)),
                 Err(msg) => errs.push(at, msg),
             }
@@ -103,28 +107,30 @@ pub(super) fn compile_match(m: &RawMatch, path: &str, errs: &mut Errors) -> Rout
 }
 
 /// `{ exact | prefix | regex }`, normalised to Asterisk's spelling: no leading `/`.
-fn script(s: &RawScript, path: &str, errs: &mut Errors) -> Option<ScriptMatch> {
-    let given: Vec<(&str, &Scalar)> = [
+fn script(s: &RawScript, path: &mut String, errs: &mut Errors) -> Option<ScriptMatch> {
+    let all: [(&str, &Option<Scalar>); 3] = [
         ("exact", &s.exact),
         ("prefix", &s.prefix),
         ("regex", &s.regex),
-    ]
-    .into_iter()
-    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
-    .collect();
-    let (kind, value) = match given.as_slice() {
-        [one] => *one,
-        [] => {
+    ];
+    let mut given = all.iter().filter_map(|(k, v)| v.as_ref().map(|v| (*k, v)));
+    let (kind, value) = match (given.next(), given.next()) {
+        (Some(one), None) => one,
+        (None, _) => {
             errs.push(
-                path,
+                path.as_str(),
                 "empty; write one of { exact: \"ivr/main\" }, { prefix: \"ivr/\" }, { regex: \"^ivr/\" }",
             );
             return None;
         }
-        many => {
-            let keys: Vec<&str> = many.iter().map(|(k, _)| *k).collect();
+        _ => {
+            let keys: Vec<&str> = all
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .map(|(k, _)| *k)
+                .collect();
             errs.push(
-                path,
+                path.as_str(),
                 format!(
                     "has {}; a script match takes exactly one of them",
                     keys.join(" and ")
@@ -133,31 +139,29 @@ fn script(s: &RawScript, path: &str, errs: &mut Errors) -> Option<ScriptMatch> {
             return None;
         }
     };
-    let at = format!("{path}.{kind}");
-    match kind {
-        "regex" => {
-            // Validated as written, so errors quote the user's pattern.
-            if let Err(msg) = checks::regex(&value.0) {
-                errs.push(at, msg);
-                return None;
-            }
-            match checks::regex(&optional_leading_slash(&value.0)) {
+    under(path, ".", |path| {
+        under(path, kind, |at| match kind {
+            "regex" => match checks::pattern(&optional_leading_slash(&value.0)) {
                 Ok(re) => Some(ScriptMatch::Regex(re)),
-                Err(msg) => {
-                    errs.push(at, msg);
+                Err(rewritten) => {
+                    // Errors quote the pattern as written, when it is the one at fault.
+                    errs.push(
+                        at.as_str(),
+                        checks::pattern(&value.0).err().unwrap_or(rewritten),
+                    );
                     None
                 }
+            },
+            _ => {
+                let text = path_prefix(&value.0, at, errs)?;
+                Some(if kind == "exact" {
+                    ScriptMatch::Exact(text)
+                } else {
+                    ScriptMatch::Prefix(text)
+                })
             }
-        }
-        _ => {
-            let text = path_prefix(&value.0, &at, errs)?;
-            Some(if kind == "exact" {
-                ScriptMatch::Exact(text)
-            } else {
-                ScriptMatch::Prefix(text)
-            })
-        }
-    }
+        })
+    })
 }
 
 /// Asterisk sends the script without a leading `/`, but patterns written against URLs often

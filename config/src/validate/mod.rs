@@ -23,7 +23,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     // Routes refer to pools by name, so the names are gathered first; a pool with other
     // mistakes still counts as known, to avoid a second, misleading "unknown pool" error.
     let raw_pools = raw.pools.unwrap_or_default();
-    let pool_names: Vec<Option<&str>> = raw_pools.iter().map(|p| p.name.as_deref()).collect();
+    let pool_names = checks::PoolNames::new(raw_pools.iter().map(|p| p.name.as_deref()).collect());
     let dns = pool::global_dns(raw.dns.as_ref(), &mut errs);
     let routes = route::compile_all(
         raw.routes.unwrap_or_default(),

@@ -11,7 +11,7 @@ use crate::model::{BackendTarget, Dns, RouteMatch};
 use crate::raw::{RawJudge, RawOverride, RawPeers, RawRollout};
 
 use super::checks;
-use super::checks::resolve_pool;
+use super::checks::{resolve_pool, PoolNames};
 use super::matcher::compile_match;
 
 const DEFAULT_SKEW: Duration = Duration::from_secs(2);
@@ -25,7 +25,7 @@ const DEFAULT_MAX_P95: Duration = Duration::from_millis(500);
 pub(super) fn compile(
     raw: &RawRollout,
     path: &str,
-    pool_names: &[Option<&str>],
+    pool_names: &PoolNames,
     dns: &Dns,
     errs: &mut Errors,
 ) -> Option<Rollout> {
@@ -88,14 +88,14 @@ pub(super) fn compile(
     let canary = match &raw.canary {
         None => RouteMatch::default(),
         Some(m) => {
-            let at = format!("{path}.canary");
+            let mut at = format!("{path}.canary");
             if m.script.is_some() {
                 local.push(
                     format!("{at}.script"),
                     "a canary is chosen by query, args, vars or source; the script already chose the route",
                 );
             }
-            compile_match(m, &at, &mut local)
+            compile_match(m, &mut at, &mut local)
         }
     };
     let judge = judge(

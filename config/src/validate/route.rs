@@ -1,5 +1,8 @@
 //! Routes: names, matchers, targets (pool or split), rewrites, added variables.
 
+use std::collections::HashMap;
+use std::fmt::Write;
+
 use crate::error::Errors;
 use crate::model::{
     Dns, Mode, Rewrite, Route, RouteMatch, RouteTarget, SplitTarget, Timeouts, DEFAULT_SPLIT_KEY,
@@ -7,7 +10,7 @@ use crate::model::{
 use crate::raw::{OrderedMap, RawMode, RawRewrite, RawRoute, RawSplit, Scalar};
 use crate::template::Template;
 
-use super::checks::{self, resolve_pool, Seen};
+use super::checks::{self, resolve_pool, PoolNames, Seen};
 use super::matcher::{compile_match, path_prefix};
 use super::timeouts;
 
@@ -16,35 +19,54 @@ const MAX_SPLIT_WEIGHT: u32 = 10_000;
 
 pub(super) fn compile_all(
     raw: Vec<RawRoute>,
-    pool_names: &[Option<&str>],
+    pool_names: &PoolNames,
     global: &Timeouts,
     dns: &Dns,
     errs: &mut Errors,
 ) -> Vec<Route> {
-    let mut names = Seen::default();
-    let mut out = Vec::new();
+    // By hash, and where each name was first seen by index: a path is written out only for
+    // a duplicate (a config may have 100,000 routes).
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    // One buffer for every route's path, extended and cut back for its parts.
+    let mut path = String::new();
     for (i, r) in raw.iter().enumerate() {
-        let path = format!("routes[{i}]");
+        path.clear();
+        let _ = write!(path, "routes[{i}]");
         if let Some(name) = r.name.as_deref() {
-            if let Some(first) = names.first(name, &path) {
+            if let Some(first) = names.get(name) {
                 errs.push(
                     format!("{path}.name"),
-                    format!("{name:?} is also the name of {first}; route names must be unique"),
+                    format!(
+                        "{name:?} is also the name of routes[{first}]; route names must be unique"
+                    ),
                 );
+            } else {
+                names.insert(name, i);
             }
         }
-        if let Some(route) = compile(r, &path, pool_names, global, dns, errs) {
+        if let Some(route) = compile(r, &mut path, pool_names, global, dns, errs) {
             out.push(route);
         }
     }
     out
 }
 
+/// Runs `f` on `path` with `part` appended, then cuts it back: paths of parts without an
+/// allocation each.
+pub(super) fn under<T>(path: &mut String, part: &str, f: impl FnOnce(&mut String) -> T) -> T {
+    let len = path.len();
+    path.push_str(part);
+    let out = f(path);
+    path.truncate(len);
+    out
+}
+
 /// One route; `None` when anything in it was refused (the errors say what).
 fn compile(
     r: &RawRoute,
-    path: &str,
-    pool_names: &[Option<&str>],
+    path: &mut String,
+    pool_names: &PoolNames,
     global: &Timeouts,
     dns: &Dns,
     errs: &mut Errors,
@@ -66,9 +88,10 @@ fn compile(
         }
     };
     let matcher = match &r.matcher {
-        Some(m) => compile_match(m, &format!("{path}.match"), &mut local),
+        Some(m) => under(path, ".match", |p| compile_match(m, p, &mut local)),
         None => RouteMatch::default(),
     };
+    let path: &str = path;
     let rollout = r.rollout.as_ref().and_then(|ro| {
         super::rollout::compile(ro, &format!("{path}.rollout"), pool_names, dns, &mut local)
     });
@@ -86,13 +109,15 @@ fn compile(
             None
         }
     };
-    let split_key = r
-        .split_key
-        .clone()
-        .unwrap_or_else(|| DEFAULT_SPLIT_KEY.to_string());
-    if let Err(m) = checks::var_name(&split_key) {
-        local.push(format!("{path}.split_key"), m);
-    }
+    let split_key = match &r.split_key {
+        None => DEFAULT_SPLIT_KEY.to_string(),
+        Some(key) => {
+            if let Err(m) = checks::var_name(key) {
+                local.push(format!("{path}.split_key"), m);
+            }
+            key.clone()
+        }
+    };
     let rewrite = r
         .rewrite
         .as_ref()
@@ -102,12 +127,10 @@ fn compile(
         .as_ref()
         .map(|s| set(s, &format!("{path}.set"), &mut local))
         .unwrap_or_default();
-    let timeouts = timeouts::route(
-        global,
-        r.timeouts.as_ref(),
-        &format!("{path}.timeouts"),
-        &mut local,
-    );
+    let timeouts = match &r.timeouts {
+        None => *global,
+        Some(t) => timeouts::route(global, Some(t), &format!("{path}.timeouts"), &mut local),
+    };
 
     let ok = local.is_empty();
     errs.extend(local);
@@ -134,7 +157,7 @@ fn compile(
 fn target(
     r: &RawRoute,
     path: &str,
-    pool_names: &[Option<&str>],
+    pool_names: &PoolNames,
     errs: &mut Errors,
 ) -> Option<RouteTarget> {
     match (&r.pool, &r.split) {
@@ -163,7 +186,7 @@ fn target(
 fn compile_split(
     split: &[RawSplit],
     path: &str,
-    pool_names: &[Option<&str>],
+    pool_names: &PoolNames,
     errs: &mut Errors,
 ) -> Option<RouteTarget> {
     if split.is_empty() {

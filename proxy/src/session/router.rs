@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use agiproxy_config::{Pool, Route, RouteMatch, RouteTarget, ScriptMatch};
+use agiproxy_config::{Pattern, Pool, Route, RouteMatch, RouteTarget, ScriptMatch};
 
 use super::header::Header;
 use super::rollout::{CompiledRollout, Pick};
@@ -35,7 +35,7 @@ pub struct CompiledRoute {
     /// The route's name as shared text for session records (no copy per call).
     pub name: Arc<str>,
     /// `agi_arg_N` names, built once so matching does not format strings.
-    arg_names: Vec<(String, regex::Regex)>,
+    arg_names: Vec<(String, Pattern)>,
     /// Cumulative split weights: (upper bound, pool index).
     split_bands: Vec<(u64, usize)>,
     /// The route's declared rollout, with its live state.
@@ -74,7 +74,7 @@ struct RegexChunk {
 impl ScriptIndex {
     fn new(routes: &[Route]) -> ScriptIndex {
         let mut ix = ScriptIndex::default();
-        let mut regexes: Vec<(usize, &regex::Regex)> = Vec::new();
+        let mut regexes: Vec<(usize, &Pattern)> = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             match &r.matcher.script {
                 None => ix.any.push(i),
@@ -110,9 +110,10 @@ impl ScriptIndex {
 
 impl Router {
     /// `previous`: the router being replaced, whose rollouts' live state
-    /// (counters, judged rollback) carries over when unchanged.
-    pub fn new(routes: &[Route], pools: &[Pool], previous: Option<&Router>) -> Router {
-        let index = ScriptIndex::new(routes);
+    /// (counters, judged rollback) carries over when unchanged. The routes
+    /// are moved in, not copied: a config may have 100,000 of them.
+    pub fn new(routes: Vec<Route>, pools: &[Pool], previous: Option<&Router>) -> Router {
+        let index = ScriptIndex::new(&routes);
         // By name, so a reload of many routes does not search the old
         // table once per route.
         let before: HashMap<&str, &CompiledRoute> = previous
@@ -125,7 +126,7 @@ impl Router {
             })
             .unwrap_or_default();
         let routes = routes
-            .iter()
+            .into_iter()
             .map(|r| {
                 let arg_names = r
                     .matcher
@@ -146,9 +147,9 @@ impl Router {
                     CompiledRollout::new(ro, pools, before)
                 });
                 CompiledRoute {
-                    route: r.clone(),
-                    rollout,
                     name: r.name.as_str().into(),
+                    route: r,
+                    rollout,
                     arg_names,
                     split_bands,
                 }
@@ -433,7 +434,7 @@ mod tests {
             }
             yaml.push_str("pools:\n  - name: p\n    backends: [{ address: \"127.0.0.1:9\" }]\n");
             let config = agiproxy_config::from_yaml_str(&yaml).unwrap();
-            let router = Router::new(&config.routes, &config.pools, None);
+            let router = Router::new(config.routes, &config.pools, None);
             let mut routed = 0;
             for _ in 0..20_000 {
                 let (h, src) = (header(&mut rng), source(&mut rng));

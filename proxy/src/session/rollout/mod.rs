@@ -81,7 +81,7 @@ pub struct CompiledRollout {
     pub plan: Rollout,
     pub live: Arc<RolloutLive>,
     /// `agi_arg_N` names of the canary's argument criteria.
-    canary_args: Vec<(String, regex::Regex)>,
+    canary_args: Vec<(String, agiproxy_config::Pattern)>,
     /// Drives the weights for calls without the key at all.
     fallback: AtomicU64,
 }

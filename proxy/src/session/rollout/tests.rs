@@ -22,7 +22,7 @@ fn config(steps: &str, overrides: &str) -> Config {
 }
 
 fn router(cfg: &Config, previous: Option<&Router>) -> Router {
-    Router::new(&cfg.routes, &cfg.pools, previous)
+    Router::new(cfg.routes.clone(), &cfg.pools, previous)
 }
 
 fn header(uniqueid: &str, extra: &str) -> Header {

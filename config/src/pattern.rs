@@ -1,0 +1,166 @@
+//! A regex of the config: checked at load, compiled on first use.
+//!
+//! Compiling a `regex::Regex` costs far more than checking that it would compile: the meta
+//! engine builds a prefilter, a one-pass DFA, a backtracker and a lazy DFA besides the NFA,
+//! and holds them (kilobytes per pattern). A config of 100,000 regex routes took 34 s and
+//! 1.4 GB that way, though the proxy matches script regexes as sets (`RegexSet`) and never
+//! needs most patterns on their own. So load runs only the steps of `regex`'s build that can
+//! refuse a pattern: the parse (syntax and nesting limit), and the forward and reverse
+//! Thompson NFAs within `regex`'s size limit (10 MiB); see `check`. The `Regex` is built
+//! when something first matches against the pattern alone.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use regex::Regex;
+use regex_automata::nfa::thompson;
+
+/// `regex`'s default size limit for one compiled pattern (`RegexBuilder::size_limit`).
+const NFA_SIZE_LIMIT: usize = 10 << 20;
+
+/// A regex that `regex::Regex::new` accepts, compiled on first use (shared by clones).
+#[derive(Clone)]
+pub struct Pattern(Arc<Inner>);
+
+struct Inner {
+    text: Box<str>,
+    compiled: OnceLock<Regex>,
+}
+
+impl Pattern {
+    /// Checks `text` as `Regex::new` would, without building it. The error is `regex`'s own.
+    pub fn new(text: &str) -> Result<Pattern, regex::Error> {
+        let compiled = OnceLock::new();
+        if !check(text) {
+            // The error to show is regex's own; and the check is stricter than regex in one
+            // case (a long alternation of literals, which regex runs without an NFA), so a
+            // pattern regex accepts is kept, compiled.
+            compiled
+                .set(Regex::new(text)?)
+                .expect("a new cell is empty");
+        }
+        Ok(Pattern(Arc::new(Inner {
+            text: text.into(),
+            compiled,
+        })))
+    }
+
+    /// The pattern as written (after the config's own rewrites, such as `^/` → `^/?`).
+    pub fn as_str(&self) -> &str {
+        &self.0.text
+    }
+
+    /// The compiled regex, built on the first call.
+    pub fn regex(&self) -> &Regex {
+        self.0.compiled.get_or_init(|| {
+            // `new` checked every step of the build that can fail; should the regex crate
+            // refuse anyway, the pattern matches nothing rather than crash a session.
+            Regex::new(&self.0.text).unwrap_or_else(|_| Regex::new(r"[^\s\S]").expect("valid"))
+        })
+    }
+
+    pub fn is_match(&self, haystack: &str) -> bool {
+        self.regex().is_match(haystack)
+    }
+
+    /// Whether the regex has been built (for tests of the laziness).
+    pub fn is_compiled(&self) -> bool {
+        self.0.compiled.get().is_some()
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pattern({:?})", self.as_str())
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// The steps of `regex::Regex::new` that can refuse a pattern (regex-automata's meta
+/// `Builder::build_many` and `Core::new` with `regex`'s defaults): parse and translate with
+/// the default syntax options, then the forward NFA (captures kept) and the reverse NFA
+/// (without captures) under the size limit. The engines built after those (PikeVM,
+/// backtracker, one-pass and lazy DFAs) give up quietly instead of failing.
+fn check(text: &str) -> bool {
+    let Ok(hir) = regex_syntax::ParserBuilder::new()
+        .utf8(true)
+        .build()
+        .parse(text)
+    else {
+        return false;
+    };
+    let config = thompson::Config::new()
+        .utf8(true)
+        .nfa_size_limit(Some(NFA_SIZE_LIMIT))
+        .shrink(false);
+    let forward = thompson::Compiler::new()
+        .configure(config.clone())
+        .build_from_hir(&hir);
+    forward.is_ok()
+        && thompson::Compiler::new()
+            .configure(
+                config
+                    .which_captures(thompson::WhichCaptures::None)
+                    .reverse(true),
+            )
+            .build_from_hir(&hir)
+            .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check refuses what regex refuses, and accepts what it accepts, over patterns at
+    /// the edges: syntax, nesting, size, and the literal alternation regex runs without an NFA.
+    #[test]
+    fn checked_like_regex() {
+        let big_literals = (0..40_000)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join("|");
+        let patterns = [
+            "^/?ivr/",
+            "a{1000}",
+            r"\w{100}",
+            r"\w{1000}",
+            r"(\w{100}){100}",
+            r"[\p{L}\p{N}]{500}",
+            "(",
+            "[z-a]",
+            "a{2,1}",
+            r"\p{NoSuchClass}",
+            "(?<n>a)(?<n>b)",
+            "x{1000000}",
+            &"(".repeat(300),
+            &format!("{}a{}", "(".repeat(200), ")".repeat(200)),
+            "",
+            "(?i)straße",
+            r"\b\B^$(?m)^$",
+            &big_literals,
+        ];
+        for p in patterns {
+            let regex = Regex::new(p);
+            let pattern = Pattern::new(p);
+            assert_eq!(regex.is_ok(), pattern.is_ok(), "{:.60}", p);
+            if let (Err(a), Err(b)) = (regex, pattern) {
+                assert_eq!(a.to_string(), b.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn built_on_first_use_and_shared_by_clones() {
+        let p = Pattern::new("^/?ivr/[0-9]+$").unwrap();
+        let q = p.clone();
+        assert!(!p.is_compiled());
+        assert!(q.is_match("ivr/12") && !q.is_match("ivr/x"));
+        assert!(p.is_compiled());
+        assert_eq!(p.as_str(), "^/?ivr/[0-9]+$");
+    }
+}
