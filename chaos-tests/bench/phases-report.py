@@ -61,6 +61,7 @@ pairs = [
     ("setup", "agi-tuned", "ha-tuned", "2 clients, tuned: agiproxy / HAProxy"),
     ("log", "agi-tuned-log", "agi-tuned", "access log on / off (tuned agiproxy)"),
     ("ab", "b-tuned", "a-tuned", "build B / build A (tuned, short sessions)"),
+    ("ab-def", "b-def", "a-def", "build B / build A (defaults, short sessions)"),
 ]
 for kind in ("exact", "prefix", "regex"):
     big = [p for p in runs.get("routes", {}) if p.startswith(f"routes-{kind}-") and not p.endswith("-10")]

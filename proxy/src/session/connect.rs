@@ -271,7 +271,7 @@ async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStrea
             Opened::ConnectFailed(e)
         }
     };
-    // Non-blocking from birth (no fcntl), NODELAY before the handshake.
+    // Non-blocking from birth (no fcntl).
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -282,7 +282,6 @@ async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStrea
         // Dropped (closed) on return: the reserve stays free.
         return Err(Opened::Local(fds::reserve_error()));
     }
-    socket.set_nodelay(true).map_err(fail)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -308,6 +307,11 @@ async fn connect_with_header(addr: SocketAddr, header: &[u8]) -> Result<TcpStrea
             0
         }
     };
+    // NODELAY once the backend has taken the header's first bytes, not
+    // before the connect: a pool that refuses (thousands of FAILUREs a
+    // second) skips the call. Nagle never holds a first segment, so the
+    // header did not wait for it.
+    stream.set_nodelay(true).map_err(fail)?;
     // The rest (normally all of it is gone by now: the header is far
     // smaller than a socket buffer).
     stream

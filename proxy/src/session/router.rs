@@ -154,7 +154,8 @@ impl Router {
                     split_bands,
                 }
             })
-            .collect();
+            .collect::<Vec<CompiledRoute>>();
+        warm_patterns(&routes);
         Router {
             routes,
             index,
@@ -245,6 +246,29 @@ impl Router {
         };
         (pool, None)
     }
+}
+
+/// Argument and variable regexes a config may leave to be compiled by
+/// the first call that needs them (huge tables load in a second that way)
+/// while the router is built off the runtime threads (`Snapshot::build` runs
+/// on a blocking thread): up to this many are compiled here, so an ordinary
+/// config never compiles a regex on a session's thread.
+const WARM_PATTERNS: usize = 4096;
+
+fn warm_patterns(routes: &[CompiledRoute]) {
+    routes
+        .iter()
+        .flat_map(|r| {
+            let m = &r.route.matcher;
+            m.args
+                .iter()
+                .map(|(_, p)| p)
+                .chain(m.vars.iter().map(|(_, p)| p))
+        })
+        .take(WARM_PATTERNS)
+        .for_each(|p| {
+            p.regex();
+        });
 }
 
 impl CompiledRoute {
@@ -464,5 +488,35 @@ mod tests {
             none > 1000 && deep > 1000,
             "{none} unrouted, {deep} past route 20"
         );
+    }
+
+    #[test]
+    fn an_ordinary_configs_argument_and_variable_regexes_are_compiled_with_the_router() {
+        let mut yaml = String::from(
+            "version: 1\nlisteners: [{ name: a, address: \"127.0.0.1:4573\" }]\n\
+             pools: [{ name: p, backends: [{ address: \"127.0.0.1:9\" }] }]\nroutes:\n",
+        );
+        let n = WARM_PATTERNS / 2 + 10;
+        for i in 0..n {
+            writeln!(
+                yaml,
+                "  - {{ name: r{i}, match: {{ args: {{ 1: \"^a{i}$\" }}, vars: {{ agi_callerid: \"^{i}\" }} }}, pool: p }}"
+            )
+            .unwrap();
+        }
+        let config = agiproxy_config::from_yaml_str(&yaml).unwrap();
+        let router = Router::new(config.routes, &config.pools, None);
+        let compiled = |r: &CompiledRoute| {
+            let m = &r.route.matcher;
+            (m.args[0].1.is_compiled(), m.vars[0].1.is_compiled())
+        };
+        // The first WARM_PATTERNS on the building thread, the rest left to
+        // their first call.
+        assert_eq!(compiled(&router.routes()[0]), (true, true));
+        assert_eq!(
+            compiled(&router.routes()[WARM_PATTERNS / 2 - 1]),
+            (true, true)
+        );
+        assert_eq!(compiled(&router.routes()[n - 1]), (false, false));
     }
 }
