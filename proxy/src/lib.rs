@@ -1,8 +1,8 @@
 //! agiproxy: a FastAGI proxy and load balancer.
 //!
 //! Three layers, one folder each, dependencies pointing down only:
-//! - the runtime (this folder): [`server`] (listeners, accept loop, config
-//!   changes), [`snapshot`] (the running config and the pools built from it),
+//! - the runtime (this folder): [`server`] (config changes), [`listener`]
+//!   (binding and the accept loop), [`snapshot`] (the running config and the pools built from it),
 //!   [`control`] (the proxy's side of the control API), [`watch`] (the config
 //!   file), [`drain`] (shutdown order), [`metrics`], [`logging`];
 //! - a session's path ([`session`]): [`session::header`] reads the `agi_*`
@@ -17,6 +17,7 @@
 pub mod control;
 pub mod drain;
 pub mod fds;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod pool;

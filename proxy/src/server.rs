@@ -1,8 +1,8 @@
-//! Listeners, the accept loop and config changes at run time.
+//! The running proxy and config changes at run time (listeners and the
+//! accept loop: [`crate::listener`]).
 //!
 //! One task per session; a cap on sessions (enforced with FAILURE, never by
-//! refusing to read); backoff on accept errors; a drain that closes
-//! listeners first. A config change is validated and compiled off to the
+//! refusing to read); a drain that closes listeners first. A config change is validated and compiled off to the
 //! side, new listeners are bound before removed ones close (a bind failure
 //! refuses the whole change), and the new snapshot is swapped in atomically:
 //! sessions in flight keep the snapshot they started with.
@@ -13,40 +13,19 @@
 //! change lock is taken only to swap. A caller that gives up (the API's
 //! request timeout) stops waiting; the parse it started runs out, bounded.
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agiproxy_config::Config;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Semaphore};
-use tokio_util::sync::CancellationToken;
 
+pub use crate::listener::ServerError;
+use crate::listener::{bind_all, spawn_listener, ListenerEntry};
 use crate::metrics::Metrics;
-use crate::session::{self, SessionRecord, Shared};
+use crate::session::{SessionRecord, Shared};
 use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
-use crate::Reason;
-
-/// Pending connections the kernel may queue per listener.
-const LISTEN_BACKLOG: i32 = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    // The OS error is in the message and not a `source`, so that a chain
-    // printed with `{:#}` says it once.
-    #[error(
-        "listeners[{index}] ({name}): cannot listen on {addr}: {error}{}",
-        bind_hint(error)
-    )]
-    Bind {
-        index: usize,
-        name: String,
-        addr: SocketAddr,
-        error: io::Error,
-    },
-}
 
 /// Why a config change was refused. The running config is untouched.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +73,6 @@ pub struct Origin {
     pub source: String,
     /// The file that reloads read.
     pub file: Option<PathBuf>,
-}
-
-struct ListenerEntry {
-    configured: SocketAddr,
-    bound: SocketAddr,
-    stop: CancellationToken,
 }
 
 /// What config changes share: serialised by the lock, which also holds the
@@ -150,8 +123,8 @@ impl Server {
         shared.snapshot.load().activate();
         shared.metrics.config_generation.set(1);
         let mut table = changes.listeners.lock().await;
-        for (configured, listener) in bound {
-            table.push(spawn_listener(&shared, configured, listener));
+        for b in bound {
+            table.push(spawn_listener(&shared, b));
         }
         drop(table);
         Ok(Server { shared, changes })
@@ -384,8 +357,8 @@ impl Server {
         // config is freed there, before the trim.
         drop(current);
         release_snapshot(old);
-        for (configured, listener) in bound {
-            table.push(spawn_listener(&self.shared, configured, listener));
+        for b in bound {
+            table.push(spawn_listener(&self.shared, b));
         }
         // Then close the listeners the new config no longer has.
         table.retain(|e| {
@@ -594,177 +567,5 @@ fn give_back_memory() {
     // SAFETY: malloc_trim only releases free memory; callable from any thread.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// What to do about a failed bind, when there is a likely answer.
-fn bind_hint(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::AddrInUse => "; is another process using it?",
-        io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
-        io::ErrorKind::PermissionDenied => "; ports below 1024 need CAP_NET_BIND_SERVICE",
-        _ => "",
-    }
-}
-
-/// Binds the listeners of `config` not already bound (`kept`), all or none.
-fn bind_all(
-    config: &Config,
-    kept: &[SocketAddr],
-) -> Result<Vec<(SocketAddr, TcpListener)>, ServerError> {
-    let mut bound = Vec::new();
-    for (index, l) in config.listeners.iter().enumerate() {
-        if kept.contains(&l.address) {
-            continue;
-        }
-        let listener = bind(l.address).map_err(|error| ServerError::Bind {
-            index,
-            name: l.name.clone(),
-            addr: l.address,
-            error,
-        })?;
-        bound.push((l.address, listener));
-    }
-    Ok(bound)
-}
-
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener (Linux): set
-    // once here rather than with a system call per session.
-    socket.set_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
-}
-
-fn spawn_listener(
-    shared: &Arc<Shared>,
-    configured: SocketAddr,
-    listener: TcpListener,
-) -> ListenerEntry {
-    let bound = listener.local_addr().unwrap_or(configured);
-    let stop = shared.drain.stop_accepting.child_token();
-    tracing::info!(address = %bound, "listening for Asterisk");
-    tokio::spawn(accept_loop(
-        shared.clone(),
-        configured,
-        listener,
-        stop.clone(),
-    ));
-    ListenerEntry {
-        configured,
-        bound,
-        stop,
-    }
-}
-
-async fn accept_loop(
-    shared: Arc<Shared>,
-    configured: SocketAddr,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(5);
-    // Made once: a new `cancelled()` per accept would register and drop a
-    // waiter under the token's lock for every call.
-    let stopped = stop.cancelled();
-    tokio::pin!(stopped);
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(5);
-                    spawn_session(&shared, configured, stream, peer);
-                }
-                Err(e) => {
-                    // Out of descriptors or memory: slow down rather than spin.
-                    if crate::fds::is_local(&e) {
-                        shared.metrics.local_resource_errors.with_label_values(&["accept"]).inc();
-                        crate::fds::warn("accept", &e);
-                    } else {
-                        tracing::warn!(address = %configured, error = %e, ?backoff, "accept failed");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-    // Connections already queued by the kernel would be reset when the
-    // listener closes, which Asterisk reads as SUCCESS: serve them too.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
-        spawn_session(&shared, configured, stream, peer);
-    }
-    tracing::info!(address = %listener.local_addr().unwrap_or(configured), "listener closed");
-}
-
-fn spawn_session(
-    shared: &Arc<Shared>,
-    configured: SocketAddr,
-    stream: TcpStream,
-    peer: SocketAddr,
-) {
-    // TCP_NODELAY: inherited from the listener (see `bind`).
-    // The one snapshot load of this session: it keeps this config to its end.
-    let snap = shared.snapshot.load_full();
-    let name = snap.listener_name(configured);
-    let max = snap.config.limits.max_sessions;
-    let sh = shared.clone();
-    if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
-        // Fewer than the reserve's descriptors left: they are for the
-        // control API and health checks. The call hears FAILURE at once.
-        shared
-            .metrics
-            .local_resource_errors
-            .with_label_values(&["accept"])
-            .inc();
-        crate::fds::warn("accept", &crate::fds::reserve_error());
-        let reason = Reason::LocalResources;
-        shared
-            .drain
-            .sessions
-            .spawn(session::reject(sh, snap, name, stream, peer, reason));
-        return;
-    }
-    let Some(guard) = shared.admit(max) else {
-        let reason = Reason::Overloaded;
-        shared
-            .drain
-            .sessions
-            .spawn(session::reject(sh, snap, name, stream, peer, reason));
-        return;
-    };
-    shared
-        .drain
-        .sessions
-        .spawn(session::serve(sh, snap, name, stream, peer, guard));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Sessions rely on it: without TCP_NODELAY every command to Asterisk
-    /// could wait for Nagle's algorithm.
-    #[tokio::test]
-    async fn accepted_sessions_have_nodelay_without_a_call_per_session() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap());
     }
 }

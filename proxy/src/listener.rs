@@ -1,0 +1,226 @@
+//! Listeners and the accept loop: binding (all or none), backoff on accept
+//! errors, serving what the kernel queued when a listener closes, and the
+//! hand-over of each accepted connection to its session (or to FAILURE when
+//! the session cap or the descriptor reserve says no).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agiproxy_config::Config;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{self, Shared};
+use crate::Reason;
+
+/// Pending connections the kernel may queue per listener.
+const LISTEN_BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    // The OS error is in the message and not a `source`, so that a chain
+    // printed with `{:#}` says it once.
+    #[error(
+        "listeners[{index}] ({name}): cannot listen on {addr}: {error}{}",
+        bind_hint(error)
+    )]
+    Bind {
+        index: usize,
+        name: String,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+}
+
+/// A listener that is accepting: its sockets' loops stop with `stop`.
+pub(crate) struct ListenerEntry {
+    pub(crate) configured: SocketAddr,
+    pub(crate) bound: SocketAddr,
+    pub(crate) stop: CancellationToken,
+}
+
+/// A configured listener, bound, not yet accepting.
+pub(crate) struct Bound {
+    configured: SocketAddr,
+    socket: std::net::TcpListener,
+}
+
+/// What to do about a failed bind, when there is a likely answer.
+fn bind_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "; is another process using it?",
+        io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
+        io::ErrorKind::PermissionDenied => "; ports below 1024 need CAP_NET_BIND_SERVICE",
+        _ => "",
+    }
+}
+
+/// Binds the listeners of `config` not already bound (`kept`), all or none.
+pub(crate) fn bind_all(config: &Config, kept: &[SocketAddr]) -> Result<Vec<Bound>, ServerError> {
+    let mut bound = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        if kept.contains(&l.address) {
+            continue;
+        }
+        let socket = bind(l.address).map_err(|error| ServerError::Bind {
+            index,
+            name: l.name.clone(),
+            addr: l.address,
+            error,
+        })?;
+        bound.push(Bound {
+            configured: l.address,
+            socket,
+        });
+    }
+    Ok(bound)
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux): set
+    // once here rather than with a system call per session.
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Starts accepting on `bound`, on the calling runtime.
+pub(crate) fn spawn_listener(shared: &Arc<Shared>, bound: Bound) -> ListenerEntry {
+    let configured = bound.configured;
+    let addr = bound.socket.local_addr().unwrap_or(configured);
+    let stop = shared.drain.stop_accepting.child_token();
+    tracing::info!(address = %addr, "listening for Asterisk");
+    tokio::spawn(accept_loop(
+        shared.clone(),
+        configured,
+        bound.socket,
+        stop.clone(),
+    ));
+    ListenerEntry {
+        configured,
+        bound: addr,
+        stop,
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    configured: SocketAddr,
+    socket: std::net::TcpListener,
+    stop: CancellationToken,
+) {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(address = %configured, error = %e, "cannot accept on this listener");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(5);
+    // Made once: a new `cancelled()` per accept would register and drop a
+    // waiter under the token's lock for every call.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    spawn_session(&shared, configured, stream, peer);
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: slow down rather than spin.
+                    if crate::fds::is_local(&e) {
+                        shared.metrics.local_resource_errors.with_label_values(&["accept"]).inc();
+                        crate::fds::warn("accept", &e);
+                    } else {
+                        tracing::warn!(address = %configured, error = %e, ?backoff, "accept failed");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    // Connections already queued by the kernel would be reset when the
+    // listener closes, which Asterisk reads as SUCCESS: serve them too.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
+        spawn_session(&shared, configured, stream, peer);
+    }
+    tracing::info!(address = %listener.local_addr().unwrap_or(configured), "listener closed");
+}
+
+fn spawn_session(
+    shared: &Arc<Shared>,
+    configured: SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    // TCP_NODELAY: inherited from the listener (see `bind`).
+    // The one snapshot load of this session: it keeps this config to its end.
+    let snap = shared.snapshot.load_full();
+    let name = snap.listener_name(configured);
+    let max = snap.config.limits.max_sessions;
+    let sh = shared.clone();
+    if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+        // Fewer than the reserve's descriptors left: they are for the
+        // control API and health checks. The call hears FAILURE at once.
+        shared
+            .metrics
+            .local_resource_errors
+            .with_label_values(&["accept"])
+            .inc();
+        crate::fds::warn("accept", &crate::fds::reserve_error());
+        let reason = Reason::LocalResources;
+        shared
+            .drain
+            .sessions
+            .spawn(session::reject(sh, snap, name, stream, peer, reason));
+        return;
+    }
+    let Some(guard) = shared.admit(max) else {
+        let reason = Reason::Overloaded;
+        shared
+            .drain
+            .sessions
+            .spawn(session::reject(sh, snap, name, stream, peer, reason));
+        return;
+    };
+    shared
+        .drain
+        .sessions
+        .spawn(session::serve(sh, snap, name, stream, peer, guard));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions rely on it: without TCP_NODELAY every command to Asterisk
+    /// could wait for Nagle's algorithm.
+    #[tokio::test]
+    async fn accepted_sessions_have_nodelay_without_a_call_per_session() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}
