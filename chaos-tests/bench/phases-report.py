@@ -62,6 +62,7 @@ pairs = [
     ("log", "agi-tuned-log", "agi-tuned", "access log on / off (tuned agiproxy)"),
     ("ab", "b-tuned", "a-tuned", "build B / build A (tuned, short sessions)"),
     ("ab-def", "b-def", "a-def", "build B / build A (defaults, short sessions)"),
+    ("ab-failure", "failure-b", "failure-a", "build B / build A (CPU per FAILURE)"),
 ]
 for kind in ("exact", "prefix", "regex"):
     big = [p for p in runs.get("routes", {}) if p.startswith(f"routes-{kind}-") and not p.endswith("-10")]
@@ -78,5 +79,11 @@ if "setup" in runs:
     ]
     print(f"| setup p50 at 2 clients, agiproxy − HAProxy (median of per-round differences) | {st.median(diffs):+.0f} µs |")
 if "failure" in runs:
-    rates = [r["errors"]["failure"] / r["window_secs"] for r in runs["failure"]["failure"].values()]
-    print(f"| FAILUREs/s, pool down, one worker on one core (median of {len(rates)} runs) | **{st.median(rates):,.0f}/s** |")
+    for path, what in (("failure", "pool known to be down (checks failed)"), ("failure-unchecked", "only backend refuses, no checks")):
+        if path in runs["failure"]:
+            rates = [r["errors"]["failure"] / r["window_secs"] for r in runs["failure"][path].values()]
+            print(f"| FAILUREs/s, {what}, one worker on one core (median of {len(rates)} runs) | **{st.median(rates):,.0f}/s** |")
+if "ab-failure" in runs:
+    for path in ("failure-a", "failure-b"):
+        rates = [r["errors"]["failure"] / r["window_secs"] for r in runs["ab-failure"][path].values()]
+        print(f"| FAILUREs/s, {path}, one worker on one core (median of {len(rates)} runs) | **{st.median(rates):,.0f}/s** |")
