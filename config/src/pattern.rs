@@ -3,20 +3,38 @@
 //! Compiling a `regex::Regex` costs far more than checking that it would compile: the meta
 //! engine builds a prefilter, a one-pass DFA, a backtracker and a lazy DFA besides the NFA,
 //! and holds them (kilobytes per pattern). A config of 100,000 regex routes took 34 s and
-//! 1.4 GB that way, though the proxy matches script regexes as sets (`RegexSet`) and never
-//! needs most patterns on their own. So load runs only the steps of `regex`'s build that can
-//! refuse a pattern: the parse (syntax and nesting limit), and the forward and reverse
-//! Thompson NFAs within `regex`'s size limit (10 MiB); see `check`. The `Regex` is built
-//! when something first matches against the pattern alone.
+//! 1.4 GB that way, though the proxy matches script regexes as sets and never needs most
+//! patterns on their own. So load runs only the steps of `regex`'s build that can refuse a
+//! pattern: the parse (syntax and nesting limit), and the forward and reverse Thompson NFAs
+//! within `regex`'s size limit (10 MiB); see `check`. Those NFAs are only built when a bound
+//! computed from the parse ([`nfa_size`]) does not already prove them far within the limit,
+//! as it does for the short patterns routes are made of. The `Regex` is built when something
+//! first matches against the pattern alone; the router builds its regex sets from parses
+//! ([`Pattern::parsed`]).
 
+mod nfa_size;
+
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use regex::Regex;
 use regex_automata::nfa::thompson;
+use regex_syntax::ast;
+use regex_syntax::hir::translate::TranslatorBuilder;
+use regex_syntax::hir::Hir;
 
 /// `regex`'s default size limit for one compiled pattern (`RegexBuilder::size_limit`).
 const NFA_SIZE_LIMIT: usize = 10 << 20;
+
+/// Patterns whose NFA bound is at most this are accepted without building the NFAs: a
+/// tenth of the limit, so the bound stays sound by a wide margin should the compiler's
+/// layout change (a test checks it against the real builder).
+const BOUND_TRUSTED: u64 = 1 << 20;
+
+/// Patterns up to this long are parsed by an AST parser kept per thread (see `parse`); what
+/// it keeps between parses grows with the pattern, so long ones get their own.
+const SHARED_PARSER_MAX: usize = 4096;
 
 /// A regex that `regex::Regex::new` accepts, compiled on first use (shared by clones).
 #[derive(Clone)]
@@ -50,6 +68,14 @@ impl Pattern {
         &self.0.text
     }
 
+    /// The pattern parsed as `regex` parses it, for building a regex set from it. (Not kept
+    /// from the load check: 100,000 parses hold 95 MB, and parsing again costs little.)
+    pub fn parsed(&self) -> Hir {
+        // As in `regex`: a pattern that parsed at load parses again; should it not, it
+        // matches nothing rather than crash.
+        parse(&self.0.text).unwrap_or_else(Hir::fail)
+    }
+
     /// The compiled regex, built on the first call.
     pub fn regex(&self) -> &Regex {
         self.0.compiled.get_or_init(|| {
@@ -81,26 +107,45 @@ impl PartialEq for Pattern {
     }
 }
 
+/// Parses and translates with `regex`'s default syntax options; `None` where regex reports
+/// a syntax error (the error shown is then regex's own).
+fn parse(text: &str) -> Option<Hir> {
+    thread_local! {
+        static SHARED: RefCell<ast::parse::Parser> = RefCell::new(ast::parse::Parser::new());
+    }
+    let ast = if text.len() > SHARED_PARSER_MAX {
+        ast::parse::Parser::new().parse(text).ok()
+    } else {
+        // The AST parser resets all its state at the start of each parse.
+        SHARED.with(|p| p.borrow_mut().parse(text).ok())
+    }?;
+    // A new translator each time: one keeps the flags a pattern sets at its top level
+    // (`(?i)`) for the next pattern it translates (regex-syntax 0.8.12). A new one
+    // allocates nothing until used.
+    TranslatorBuilder::new()
+        .utf8(true)
+        .build()
+        .translate(text, &ast)
+        .ok()
+}
+
 /// The steps of `regex::Regex::new` that can refuse a pattern (regex-automata's meta
 /// `Builder::build_many` and `Core::new` with `regex`'s defaults): parse and translate with
 /// the default syntax options, then the forward NFA (captures kept) and the reverse NFA
 /// (without captures) under the size limit. The engines built after those (PikeVM,
 /// backtracker, one-pass and lazy DFAs) give up quietly instead of failing.
 fn check(text: &str) -> bool {
-    let Ok(hir) = regex_syntax::ParserBuilder::new()
-        .utf8(true)
-        .build()
-        .parse(text)
-    else {
-        return false;
-    };
+    parse(text).is_some_and(|hir| nfa_size::bound(&hir) <= BOUND_TRUSTED || nfas_within_limit(&hir))
+}
+
+fn nfas_within_limit(hir: &Hir) -> bool {
     let config = thompson::Config::new()
         .utf8(true)
         .nfa_size_limit(Some(NFA_SIZE_LIMIT))
         .shrink(false);
     let forward = thompson::Compiler::new()
         .configure(config.clone())
-        .build_from_hir(&hir);
+        .build_from_hir(hir);
     forward.is_ok()
         && thompson::Compiler::new()
             .configure(
@@ -108,7 +153,7 @@ fn check(text: &str) -> bool {
                     .which_captures(thompson::WhichCaptures::None)
                     .reverse(true),
             )
-            .build_from_hir(&hir)
+            .build_from_hir(hir)
             .is_ok()
 }
 
@@ -151,6 +196,18 @@ mod tests {
             if let (Err(a), Err(b)) = (regex, pattern) {
                 assert_eq!(a.to_string(), b.to_string());
             }
+        }
+    }
+
+    /// The parse is regex's. Parses do not leak flags into each other (the AST parser is
+    /// shared on a thread, the translator would keep a top-level `(?i)`).
+    #[test]
+    fn parsed_as_regex_parses() {
+        let fresh = |p: &str| regex_syntax::Parser::new().parse(p).unwrap();
+        for p in ["(?i)^/?ivr/[0-9]+$", "^/?ivr/b(?-u)x", "b.", "é"] {
+            let pattern = Pattern::new(p).unwrap();
+            assert_eq!(pattern.parsed(), fresh(p), "{p}");
+            assert!(!pattern.is_compiled());
         }
     }
 

@@ -22,6 +22,7 @@ pub mod relay;
 pub mod rewrite;
 pub mod rollout;
 pub mod router;
+mod script_regex;
 pub mod shared;
 pub mod turn;
 

@@ -5,7 +5,7 @@
 //!
 //! Routes are not tried one by one: at load, script matches are indexed
 //! (exact scripts in a map, prefixes in a map by length, regexes in
-//! `RegexSet`s), so a call only looks at routes whose script criterion
+//! regex sets), so a call only looks at routes whose script criterion
 //! already holds, plus those without one. The first match is the smallest
 //! route index whose criteria all hold; each candidate list is in route
 //! order, so each is walked only until a match or an index no better than
@@ -21,12 +21,7 @@ use agiproxy_config::{Pattern, Pool, Route, RouteMatch, RouteTarget, ScriptMatch
 
 use super::header::Header;
 use super::rollout::{CompiledRollout, Pick};
-
-/// Regex script routes per `RegexSet`. One set for thousands of patterns
-/// compiles slowly and outgrows the lazy DFA's cache (then searches fall
-/// back to the slow engine); sets of this size stay fast, and a set is only
-/// searched when it holds a route earlier than the best match so far.
-const REGEX_SET_SIZE: usize = 256;
+use super::script_regex::{self, RegexChunk};
 
 /// One compiled rule.
 #[derive(Debug)]
@@ -60,15 +55,8 @@ struct ScriptIndex {
     /// The distinct prefix lengths in bytes, ascending: a path is looked up
     /// once per length it is at least as long as.
     prefix_lens: Vec<usize>,
-    /// Regex script routes in route order, in sets of [`REGEX_SET_SIZE`].
+    /// Regex script routes in route order, in sets.
     regex: Vec<RegexChunk>,
-}
-
-#[derive(Debug)]
-struct RegexChunk {
-    set: regex::RegexSet,
-    /// Pattern i of `set` is route `routes[i]`.
-    routes: Vec<usize>,
 }
 
 impl ScriptIndex {
@@ -90,20 +78,7 @@ impl ScriptIndex {
         ix.prefix_lens = ix.prefix.keys().map(|p| p.len()).collect();
         ix.prefix_lens.sort_unstable();
         ix.prefix_lens.dedup();
-        ix.regex = regexes
-            .chunks(REGEX_SET_SIZE)
-            .map(|chunk| RegexChunk {
-                // Each pattern compiled alone at config load with the same
-                // (default) options, so as a set it compiles and means the
-                // same; the limits are raised only for the set as a whole.
-                set: regex::RegexSetBuilder::new(chunk.iter().map(|(_, re)| re.as_str()))
-                    .size_limit(256 << 20)
-                    .dfa_size_limit(64 << 20)
-                    .build()
-                    .expect("patterns that compile alone compile as a set"),
-                routes: chunk.iter().map(|(i, _)| *i).collect(),
-            })
-            .collect();
+        ix.regex = script_regex::chunks(&regexes);
         ix
     }
 }
@@ -201,11 +176,10 @@ impl Router {
         }
         first_of(&mut best, &mut ix.any.iter().copied());
         for chunk in &ix.regex {
-            if chunk.routes[0] >= best {
+            if chunk.first_route() >= best {
                 break;
             }
-            let hits = chunk.set.matches(path);
-            first_of(&mut best, &mut hits.iter().map(|p| chunk.routes[p]));
+            chunk.with_matches(path, |hits| first_of(&mut best, hits));
         }
         (best != usize::MAX).then_some(best)
     }
