@@ -60,6 +60,7 @@ pairs = [
     ("long", "agi-tuned", "ha-tuned", "10-command sessions, tuned: agiproxy / HAProxy"),
     ("setup", "agi-tuned", "ha-tuned", "2 clients, tuned: agiproxy / HAProxy"),
     ("log", "agi-tuned-log", "agi-tuned", "access log on / off (tuned agiproxy)"),
+    ("log", "agi-tuned-json", "agi-tuned", "JSON access log on / off (tuned agiproxy)"),
     ("ab", "b-tuned", "a-tuned", "build B / build A (tuned, short sessions)"),
     ("ab-def", "b-def", "a-def", "build B / build A (defaults, short sessions)"),
     ("ab-failure", "failure-b", "failure-a", "build B / build A (CPU per FAILURE)"),
