@@ -427,4 +427,33 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&b), text);
         }
     }
+
+    /// What an access line costs to build, next to the ~90 µs of CPU a short
+    /// session costs the proxy (docs/benchmarks.md): prints ns per line.
+    /// `cargo test --release -p agiproxy --lib access_line_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn access_line_cost() {
+        let (r, at) = record();
+        let mut b = Vec::with_capacity(512);
+        for (name, json) in [("text", false), ("json", true)] {
+            let n = 200_000u32;
+            let started = std::time::Instant::now();
+            for _ in 0..n {
+                b.clear();
+                let now = SystemTime::now().max(at);
+                if json {
+                    r.write_json(&mut b, now);
+                } else {
+                    r.write_text(&mut b, now);
+                }
+                std::hint::black_box(&b);
+            }
+            println!(
+                "{name}: {:?} a line ({} bytes)",
+                started.elapsed() / n,
+                b.len()
+            );
+        }
+    }
 }
