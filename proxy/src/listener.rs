@@ -178,7 +178,7 @@ fn spawn_session(
     let name = snap.listener_name(configured);
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
-    if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
+    let admitted = if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
         // Fewer than the reserve's descriptors left: they are for the
         // control API and health checks. The call hears FAILURE at once.
         shared
@@ -187,25 +187,15 @@ fn spawn_session(
             .with_label_values(&["accept"])
             .inc();
         crate::fds::warn("accept", &crate::fds::reserve_error());
-        let reason = Reason::LocalResources;
-        shared
-            .drain
-            .sessions
-            .spawn(session::reject(sh, snap, name, stream, peer, reason));
-        return;
-    }
-    let Some(guard) = shared.admit(max) else {
-        let reason = Reason::Overloaded;
-        shared
-            .drain
-            .sessions
-            .spawn(session::reject(sh, snap, name, stream, peer, reason));
-        return;
+        Err(Reason::LocalResources)
+    } else {
+        shared.admit(max).ok_or(Reason::Overloaded)
     };
-    shared
-        .drain
-        .sessions
-        .spawn(session::serve(sh, snap, name, stream, peer, guard));
+    let sessions = &shared.drain.sessions;
+    match admitted {
+        Ok(guard) => sessions.spawn(session::serve(sh, snap, name, stream, peer, guard)),
+        Err(reason) => sessions.spawn(session::reject(sh, snap, name, stream, peer, reason)),
+    };
 }
 
 #[cfg(test)]

@@ -404,6 +404,16 @@ pub(crate) fn resolve_pool(name: &str, pool_names: &PoolNames) -> Result<usize, 
     }
 }
 
+/// Runs `f` on `path` with `part` appended, then cuts it back: paths of parts without an
+/// allocation each.
+pub(super) fn under<T>(path: &mut String, part: &str, f: impl FnOnce(&mut String) -> T) -> T {
+    let len = path.len();
+    path.push_str(part);
+    let out = f(path);
+    path.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

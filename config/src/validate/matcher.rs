@@ -6,8 +6,7 @@ use crate::error::Errors;
 use crate::model::{RouteMatch, ScriptMatch};
 use crate::raw::{RawMatch, RawScript, Scalar};
 
-use super::checks::{self, Seen};
-use super::route::under;
+use super::checks::{self, under, Seen};
 
 /// Largest argument number Asterisk sends (`agi_arg_127`).
 const MAX_ARG: usize = 127;

@@ -10,7 +10,7 @@ use crate::model::{
 use crate::raw::{OrderedMap, RawMode, RawRewrite, RawRoute, RawSplit, Scalar};
 use crate::template::Template;
 
-use super::checks::{self, resolve_pool, PoolNames, Seen};
+use super::checks::{self, resolve_pool, under, PoolNames, Seen};
 use super::matcher::{compile_match, path_prefix};
 use super::timeouts;
 
@@ -49,16 +49,6 @@ pub(super) fn compile_all(
             out.push(route);
         }
     }
-    out
-}
-
-/// Runs `f` on `path` with `part` appended, then cuts it back: paths of parts without an
-/// allocation each.
-pub(super) fn under<T>(path: &mut String, part: &str, f: impl FnOnce(&mut String) -> T) -> T {
-    let len = path.len();
-    path.push_str(part);
-    let out = f(path);
-    path.truncate(len);
     out
 }
 
