@@ -73,6 +73,9 @@ for kind in ("exact", "prefix", "regex"):
     big = [p for p in runs.get("routes", {}) if p.startswith(f"routes-{kind}-") and not p.endswith("-10")]
     for p in big:
         pairs.append(("routes", p, f"routes-{kind}-10", f"{p.split('-')[-1]} vs 10 {kind} routes"))
+    big = [p for p in runs.get("routes-h2h", {}) if p.startswith(f"routes-{kind}-") and not p.endswith("-10")]
+    for p in big:
+        pairs.append(("routes-h2h", p, f"routes-{kind}-10", f"{p.split('-')[-1]} vs 10 {kind} routes, head to head"))
 for phase, a, b, what in pairs:
     if a in runs.get(phase, {}) and b in runs.get(phase, {}):
         print(f"| {what} | {ratio(phase, a, b)} |")
