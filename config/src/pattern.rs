@@ -13,6 +13,7 @@
 //! ([`Pattern::parsed`]).
 
 mod nfa_size;
+mod simple;
 
 use std::cell::RefCell;
 use std::fmt;
@@ -110,6 +111,9 @@ impl PartialEq for Pattern {
 /// Parses and translates with `regex`'s default syntax options; `None` where regex reports
 /// a syntax error (the error shown is then regex's own).
 fn parse(text: &str) -> Option<Hir> {
+    if let Some(hir) = simple::parse(text) {
+        return Some(hir);
+    }
     thread_local! {
         static SHARED: RefCell<ast::parse::Parser> = RefCell::new(ast::parse::Parser::new());
     }
