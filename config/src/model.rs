@@ -193,8 +193,9 @@ pub struct Route {
     pub forward_hangup: bool,
     /// The global timeouts with this route's `timeouts:` overrides applied.
     pub timeouts: Timeouts,
-    /// A declared blue-green rollout; `target` is then `Pool(rollout.from)`.
-    pub rollout: Option<Rollout>,
+    /// A declared blue-green rollout; `target` is then `Pool(rollout.from)`. Boxed: it is
+    /// rare and large, and a table holds up to 100,000 routes (see `RawRoute`).
+    pub rollout: Option<Box<Rollout>>,
 }
 
 /// What a call must look like for a route to take it. Every listed criterion must hold;

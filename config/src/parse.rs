@@ -317,6 +317,12 @@ impl Lenient for DurationText {
     }
 }
 
+impl<T: Lenient> Lenient for Box<T> {
+    fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
+        T::lenient(v, walk).map(Box::new)
+    }
+}
+
 impl<T: Lenient> Lenient for Vec<T> {
     fn lenient(v: &Node, walk: &mut Walk) -> Option<Self> {
         let Node::Seq(items) = v else {

@@ -140,7 +140,7 @@ fn compile(
         },
         forward_hangup: r.forward_hangup.unwrap_or(true),
         timeouts,
-        rollout,
+        rollout: rollout.map(Box::new),
     })
 }
 

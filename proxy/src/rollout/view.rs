@@ -17,7 +17,7 @@ fn rollouts(snap: &Snapshot) -> impl Iterator<Item = (&CompiledRoute, &CompiledR
     snap.router
         .routes()
         .iter()
-        .filter_map(|r| r.rollout.as_ref().map(|ro| (r, ro)))
+        .filter_map(|r| r.rollout.as_deref().map(|ro| (r, ro)))
 }
 
 /// Every rollout route of `snap`; `file`: the config file's content, to

@@ -34,7 +34,8 @@ pub struct CompiledRoute {
     /// Cumulative split weights: (upper bound, pool index).
     split_bands: Vec<(u64, usize)>,
     /// The route's declared rollout, with its live state.
-    pub rollout: Option<CompiledRollout>,
+    /// Boxed: rare, and large (a table holds up to 100,000 routes).
+    pub rollout: Option<Box<CompiledRollout>>,
 }
 
 #[derive(Debug)]
@@ -118,8 +119,10 @@ impl Router {
                     }
                 }
                 let rollout = r.rollout.as_ref().map(|ro| {
-                    let before = before.get(r.name.as_str()).and_then(|c| c.rollout.as_ref());
-                    CompiledRollout::new(ro, pools, before)
+                    let before = before
+                        .get(r.name.as_str())
+                        .and_then(|c| c.rollout.as_deref());
+                    Box::new(CompiledRollout::new(ro, pools, before))
                 });
                 CompiledRoute {
                     name: r.name.as_str().into(),

@@ -163,7 +163,7 @@ pub(crate) mod tests {
                 at_ms: s * 1000,
             })
             .collect();
-        ro
+        *ro
     }
 
     const S: i64 = 1000;
