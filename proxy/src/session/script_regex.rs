@@ -76,10 +76,13 @@ pub(super) fn chunks(regexes: &[(usize, &Pattern)]) -> Vec<RegexChunk> {
 
 fn chunks_within(regexes: &[(usize, &Pattern)], nfa_limit: usize) -> Vec<RegexChunk> {
     let mut out = Vec::with_capacity(regexes.len().div_ceil(SET_SIZE));
+    // The parses are dropped with each chunk (a parse is about 1 KB); their vector is
+    // reused, since allocating it anew made glibc consolidate its free lists each time.
+    let mut hirs: Vec<Hir> = Vec::with_capacity(SET_SIZE.min(regexes.len()));
     for chunk in regexes.chunks(SET_SIZE) {
-        // The parses are dropped with each chunk: a parse is about 1 KB.
-        let hirs: Vec<Hir> = chunk.iter().map(|(_, p)| p.parsed()).collect();
+        hirs.extend(chunk.iter().map(|(_, p)| p.parsed()));
         build(chunk, &hirs, nfa_limit, &mut out);
+        hirs.clear();
     }
     out
 }
