@@ -10,7 +10,8 @@
 //! computed from the parse ([`nfa_size`]) does not already prove them far within the limit,
 //! as it does for the short patterns routes are made of. The `Regex` is built when something
 //! first matches against the pattern alone; the router builds its regex sets from parses
-//! ([`Pattern::parsed`]).
+//! ([`Pattern::parsed`]). The simple patterns routes are mostly made of are parsed without
+//! regex-syntax's AST, to the same `Hir` ([`simple`]); the rest by regex-syntax.
 
 mod nfa_size;
 mod simple;
@@ -109,7 +110,8 @@ impl PartialEq for Pattern {
 }
 
 /// Parses and translates with `regex`'s default syntax options; `None` where regex reports
-/// a syntax error (the error shown is then regex's own).
+/// a syntax error (the error shown is then regex's own). Simple patterns go straight to
+/// their `Hir` ([`simple::parse`], equal to regex-syntax's).
 fn parse(text: &str) -> Option<Hir> {
     if let Some(hir) = simple::parse(text) {
         return Some(hir);
