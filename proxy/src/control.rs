@@ -133,6 +133,11 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         "Active health checks run against each backend",
         pb,
     );
+    let checks_not_run = int(
+        "backend_checks_not_run",
+        "Active health checks that could not run for the proxy's own want of descriptors or memory (no verdict on the backend)",
+        pb,
+    );
     let check_up = int(
         "backend_check_up",
         "1 if the last active check passed, 0 if it failed",
@@ -201,6 +206,11 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
             if b.checks > 0 {
                 checks.with_label_values(&l).set(b.checks as i64);
             }
+            if b.checks_not_run > 0 {
+                checks_not_run
+                    .with_label_values(&l)
+                    .set(b.checks_not_run as i64);
+            }
             if let Some(c) = &b.last_check {
                 check_up.with_label_values(&l).set(i64::from(c.ok));
                 check_latency
@@ -224,6 +234,7 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         failures,
         ejections,
         checks,
+        checks_not_run,
         check_up,
         pool_active,
         panic,

@@ -35,6 +35,11 @@ impl Drop for Proxy {
 }
 
 async fn start_proxy(backends: &[SocketAddr], nofile: Option<u64>) -> Proxy {
+    start_proxy_with(backends, nofile, "").await
+}
+
+/// `pool_extra`: more of the pool's keys, indented as `passive:` is.
+async fn start_proxy_with(backends: &[SocketAddr], nofile: Option<u64>, pool_extra: &str) -> Proxy {
     let list: String = backends
         .iter()
         .map(|b| format!("      - {{ address: \"{b}\" }}\n"))
@@ -46,7 +51,7 @@ async fn start_proxy(backends: &[SocketAddr], nofile: Option<u64>) -> Proxy {
     // empties a pool, so two of them): any misattributed local error shows
     // in `backend_ejections`.
     let text = format!(
-        "version: 1\ncontrol:\n  address: \"{control}\"\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  header: 60s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive:\n      consecutive_failures: 1\n    backends:\n{list}"
+        "version: 1\ncontrol:\n  address: \"{control}\"\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  header: 60s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive:\n      consecutive_failures: 1\n{pool_extra}    backends:\n{list}"
     );
     let path =
         std::env::temp_dir().join(format!("agiproxy-fds-{}-{port}.yaml", std::process::id()));
@@ -252,4 +257,97 @@ async fn issue_12_idle_control_connections_are_capped() {
         during <= base + 64 + 8,
         "{base} -> {during} descriptors"
     );
+}
+
+/// Health checks that find the proxy out of descriptors give no verdict:
+/// before, a probe's own `EMFILE` failed the check ("connect failed: Too
+/// many open files"), so a replica at its limit marked every backend
+/// unhealthy and then answered `no_backend` until `rise` checks had passed
+/// after the shortage. Now such a check is counted as not run
+/// (`agiproxy_backend_checks_not_run`), and the backends are healthy the
+/// moment descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_at_the_descriptor_limit_blame_no_backend() {
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    // One failed check makes a backend unhealthy, and it takes 50 passing
+    // ones (5 s) to come back: a misattributed check shows for long.
+    let health = "    health: { interval: 100ms, timeout: 90ms, jitter: 1ms, rise: 50, fall: 1 }\n";
+    let proxy = start_proxy_with(&[a.addr(), b.addr()], Some(LIMIT), health).await;
+    let pid = proxy.child.id();
+    // From /metrics (open; /v1/pools takes a token).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = get(proxy.control, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        if healthy_up(&m) == (2, 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backends not checked healthy:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every descriptor taken: idle calls up to the reserve, then idle
+    // control connections (capped at 64, more than the reserve) into it.
+    let mut idle = Vec::new();
+    hold(pid, proxy.addr, &mut idle, LIMIT as usize - 17).await;
+    let mut control = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = TcpStream::connect(proxy.control).await {
+            control.push(s);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds(pid) < LIMIT as usize - 1 {
+        assert!(Instant::now() < deadline, "{} descriptors", open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Ten check intervals at the limit.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_limit = open_fds(pid);
+    drop(control);
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds(pid) > 20 {
+        assert!(Instant::now() < deadline, "{} descriptors", open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Well inside the 5 s a wrongly failed backend would need.
+    let (_, metrics) = get(proxy.control, "/metrics").await.expect("/metrics");
+    assert_eq!(
+        healthy_up(&metrics),
+        (2, 2),
+        "a backend was blamed:\n{metrics}"
+    );
+    let not_run: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("agiproxy_backend_checks_not_run{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(not_run >= 2.0, "no check met the limit: {not_run}");
+    let out = caller().run(proxy.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    eprintln!(
+        "limit {LIMIT}: {at_limit} descriptors held for 1 s; {not_run} checks not run; both backends healthy after"
+    );
+}
+
+/// Backends in state `healthy`, and backends whose last check passed.
+fn healthy_up(metrics: &str) -> (usize, usize) {
+    let ones = |prefix: &str, must: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(must) && l.ends_with(" 1"))
+            .count()
+    };
+    (
+        ones("agiproxy_backend_state{", "state=\"healthy\""),
+        ones("agiproxy_backend_check_up{", ""),
+    )
 }

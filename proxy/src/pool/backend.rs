@@ -114,6 +114,9 @@ pub struct BackendLive {
     pub(super) check_failures: AtomicU32,
     /// Active checks run so far.
     pub checks: AtomicU64,
+    /// Checks that could not run for the proxy's own want of descriptors or
+    /// memory: no verdict either way.
+    pub checks_not_run: AtomicU64,
     pub(super) last_check: Mutex<Option<CheckResult>>,
     /// `now_ms()` when the backend came back (slow start from there); 0: never.
     pub(super) ramp_from: AtomicU64,
@@ -139,6 +142,7 @@ impl BackendLive {
             check_passes: AtomicU32::new(0),
             check_failures: AtomicU32::new(0),
             checks: AtomicU64::new(0),
+            checks_not_run: AtomicU64::new(0),
             last_check: Mutex::new(None),
             ramp_from: AtomicU64::new(0),
             ramp_ms: AtomicU64::new(0),
@@ -341,6 +345,7 @@ impl BackendLive {
         self.check_failures.store(0, Ordering::Relaxed);
         // No stale `check_up` series (and alerts on it) after checks go.
         self.checks.store(0, Ordering::Relaxed);
+        self.checks_not_run.store(0, Ordering::Relaxed);
         *lock(&self.last_check) = None;
     }
 }

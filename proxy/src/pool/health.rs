@@ -138,8 +138,17 @@ async fn check_loop(
             _ = tokio::time::sleep_until(next) => {}
         }
         let started = tokio::time::Instant::now();
-        let result = probe(live.addr, &check).await;
-        live.record_check(result, check.rise, check.fall, &pool);
+        match probe(live.addr, &check).await {
+            Ok(result) => live.record_check(result, check.rise, check.fall, &pool),
+            // The proxy's own shortage says nothing of the backend: held
+            // against it, it would take a healthy pool out of rotation
+            // backend by backend, and keep it out for `rise` checks after
+            // the shortage ends.
+            Err(NotRun(e)) => {
+                live.checks_not_run.fetch_add(1, Ordering::Relaxed);
+                crate::fds::warn("health check", &e);
+            }
+        }
         next = started + jittered(check.interval, check.jitter, live.addr);
     }
 }
@@ -159,8 +168,28 @@ fn jittered(base: Duration, jitter: Duration, addr: SocketAddr) -> Duration {
     (base + offset).saturating_sub(jitter)
 }
 
+/// A check that could not run because the proxy itself is out of
+/// descriptors, socket buffers or memory ([`crate::fds::is_local`]): no
+/// verdict on the backend.
+#[derive(Debug)]
+pub struct NotRun(pub std::io::Error);
+
+/// Why a probe did not pass.
+enum Failed {
+    /// The backend's doing: a failed check.
+    Backend(String),
+    /// The proxy's own shortage.
+    Local(std::io::Error),
+}
+
+impl From<String> for Failed {
+    fn from(detail: String) -> Failed {
+        Failed::Backend(detail)
+    }
+}
+
 /// Runs one check against `addr`.
-pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> CheckResult {
+pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<CheckResult, NotRun> {
     let started = Instant::now();
     let outcome = match &check.kind {
         HealthKind::Tcp => probe_tcp(addr, check.timeout).await,
@@ -170,28 +199,30 @@ pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> CheckResult {
     };
     let (ok, detail) = match outcome {
         Ok(d) => (true, d),
-        Err(d) => (false, d),
+        Err(Failed::Backend(d)) => (false, d),
+        Err(Failed::Local(e)) => return Err(NotRun(e)),
     };
-    CheckResult {
+    Ok(CheckResult {
         ok,
         latency: started.elapsed(),
         at: SystemTime::now(),
         detail,
-    }
+    })
 }
 
-async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<TcpStream, String> {
+async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<TcpStream, Failed> {
     match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) if crate::fds::is_local(&e) => Err(Failed::Local(e)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err("connect refused".to_string())
+            Err("connect refused".to_string().into())
         }
-        Ok(Err(e)) => Err(format!("connect failed: {e}")),
-        Err(_) => Err("connect timed out".to_string()),
+        Ok(Err(e)) => Err(format!("connect failed: {e}").into()),
+        Err(_) => Err("connect timed out".to_string().into()),
     }
 }
 
-async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<String, Failed> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = connect(addr, deadline).await?;
     drop(stream);
@@ -242,7 +273,7 @@ async fn probe_agi(
     script: &str,
     expect: Option<&regex::Regex>,
     timeout: Duration,
-) -> Result<String, String> {
+) -> Result<String, Failed> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut stream = connect(addr, deadline).await?;
     let _ = stream.set_nodelay(true);
@@ -251,7 +282,7 @@ async fn probe_agi(
     // A header is far smaller than a socket buffer: this fails only when
     // the backend is already gone.
     if let Err(e) = stream.write_all(&header).await {
-        return Err(format!("closed before taking the header: {e}"));
+        return Err(format!("closed before taking the header: {e}").into());
     }
     let mut buf = Vec::with_capacity(256);
     let line = loop {
@@ -263,18 +294,19 @@ async fn probe_agi(
             return Err(format!(
                 "sent {} bytes without a newline: not an AGI command",
                 buf.len()
-            ));
+            )
+            .into());
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Err(_) => {
                 close_politely(stream);
-                return Err(format!("no command within {}", humantime_ms(timeout)));
+                return Err(format!("no command within {}", humantime_ms(timeout)).into());
             }
             Ok(Ok(0)) => {
                 close_politely(stream);
-                return Err("closed without sending a command".to_string());
+                return Err("closed without sending a command".to_string().into());
             }
-            Ok(Err(e)) => return Err(format!("connection failed before a command: {e}")),
+            Ok(Err(e)) => return Err(format!("connection failed before a command: {e}").into()),
             Ok(Ok(_)) => {}
         }
     };
@@ -291,7 +323,7 @@ async fn probe_agi(
     close_politely(stream);
     match verdict {
         Ok(command) => Ok(format!("first command {command:?}")),
-        Err(Judged::Mismatch(m) | Judged::Bad(m)) => Err(m),
+        Err(Judged::Mismatch(m) | Judged::Bad(m)) => Err(m.into()),
     }
 }
 

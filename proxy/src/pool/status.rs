@@ -36,6 +36,9 @@ pub struct BackendStatus {
     pub check_passes: u32,
     pub check_failures: u32,
     pub checks: u64,
+    /// Checks that could not run for the proxy's own want of descriptors
+    /// or memory (no verdict on the backend).
+    pub checks_not_run: u64,
     /// Share of new sessions while in slow start.
     pub slow_start_share: Option<f64>,
 }
@@ -98,6 +101,7 @@ impl PoolState {
                     check_passes,
                     check_failures,
                     checks: l.checks.load(Ordering::Relaxed),
+                    checks_not_run: l.checks_not_run.load(Ordering::Relaxed),
                     slow_start_share: l.share_at(now),
                 }
             })
