@@ -63,6 +63,8 @@ pairs = [
     ("log", "agi-tuned-json", "agi-tuned", "JSON access log on / off (tuned agiproxy)"),
     ("short-h2h", "agi-def", "ha-def", "short sessions, defaults, head to head: agiproxy / HAProxy"),
     ("short-h2h", "agi-tuned", "ha-tuned", "short sessions, tuned, head to head: agiproxy / HAProxy"),
+    ("long-h2h", "agi-def", "ha-def", "10-command sessions, defaults, head to head: agiproxy / HAProxy"),
+    ("long-h2h", "agi-tuned", "ha-tuned", "10-command sessions, tuned, head to head: agiproxy / HAProxy"),
     ("log-h2h", "agi-tuned-log", "agi-tuned", "access log on / off, head to head (tuned agiproxy)"),
     ("log-h2h", "agi-tuned-json", "agi-tuned", "JSON access log on / off, head to head (tuned agiproxy)"),
     ("ab", "b-tuned", "a-tuned", "build B / build A (tuned, short sessions)"),
