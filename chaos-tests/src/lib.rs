@@ -12,6 +12,7 @@
 //! - [`FakeDns`] serves A/AAAA/SRV records that the test changes at run time.
 //! - [`AgiHeader`] builds, parses and serialises headers; [`Fixture`] holds
 //!   the real ones captured from Asterisk.
+//! - [`http::get`] reads the control API as `curl` would.
 //!
 //! Everything listens and connects on loopback only.
 
@@ -21,6 +22,7 @@ pub mod delay;
 pub mod dns;
 mod framing;
 pub mod header;
+pub mod http;
 pub mod loadgen;
 mod net;
 #[cfg(target_os = "linux")]

@@ -76,21 +76,6 @@ impl Drop for Container {
     }
 }
 
-/// GET `path` on the control API; the status code, or None when it cannot connect.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn write_config(dir: &Path, agi: SocketAddr, control: SocketAddr, backend: SocketAddr) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
@@ -178,7 +163,11 @@ async fn the_image_proxies_a_call_as_non_root_read_only_and_drains_on_sigterm() 
     let container = Container { name, dir };
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http_status(control, "/readyz").await != Some(200) {
+    while chaos_tests::http::get(control, "/readyz")
+        .await
+        .map(|r| r.status)
+        != Some(200)
+    {
         assert!(
             Instant::now() < deadline,
             "the container's /readyz is not 200 within 60 s"

@@ -111,18 +111,6 @@ async fn json_access_log_has_one_line_per_session() {
     );
 }
 
-/// `GET /metrics` on the control API, plain HTTP/1.1, the body as text.
-async fn scrape(control: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(control).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agiproxy\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 /// A log reader that stops reading (a container runtime's full pipe, a
 /// frozen terminal) costs log lines, counted, and never a call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +145,10 @@ async fn a_stalled_log_reader_costs_log_lines_not_calls() {
         }
     }
     assert_eq!(done, CALLS);
-    let metrics = scrape(format!("127.0.0.1:{cport}").parse().unwrap()).await;
+    let metrics = chaos_tests::http::get(format!("127.0.0.1:{cport}").parse().unwrap(), "/metrics")
+        .await
+        .expect("GET /metrics")
+        .body;
     let dropped: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("agiproxy_log_lines_dropped_total "))

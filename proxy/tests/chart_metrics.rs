@@ -26,19 +26,10 @@ fn exposed(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The body of a 200 answer to `GET path`.
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.starts_with("HTTP/1.1 200")
-        .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))?
+    let r = chaos_tests::http::get(addr, path).await?;
+    (r.status == 200).then_some(r.body)
 }
 
 struct Kill(Child);

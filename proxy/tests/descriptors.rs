@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, CallOutcome, FakeAsterisk, FakeBackend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod common;
@@ -112,20 +111,9 @@ fn all_fds(pid: u32) -> usize {
 
 /// A plain `GET` on the control API: status code and body.
 async fn get(control: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut s = TcpStream::connect(control).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.ok()?;
-        let code = text.get(9..12)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_owned();
-        Some((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
+    chaos_tests::http::get(control, path)
         .await
-        .ok()
-        .flatten()
+        .map(|r| (r.status, r.body))
 }
 
 /// Opens idle connections to the AGI listener until the proxy holds

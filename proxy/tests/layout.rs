@@ -212,6 +212,9 @@ fn no_import_circles_between_files_of_proxy_src() {
     }
 }
 
+/// The pool layer imports only itself and leaves: modules that import
+/// nothing of the crate (`fds.rs`: is an error the proxy's own shortage),
+/// so nothing it imports can lead back above it.
 #[test]
 fn the_pool_layer_imports_nothing_above_it() {
     let graph = import_graph();
@@ -219,9 +222,10 @@ fn the_pool_layer_imports_nothing_above_it() {
     for (file, deps) in &graph {
         if file.starts_with(&pool) {
             for d in deps {
+                let leaf = graph.get(d).is_some_and(|dd| dd.is_empty());
                 assert!(
-                    d.starts_with(&pool),
-                    "{} imports {}",
+                    d.starts_with(&pool) || leaf,
+                    "{} imports {}, which is neither in pool/ nor a leaf",
                     file.display(),
                     d.display()
                 );
