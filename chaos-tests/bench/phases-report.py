@@ -69,6 +69,7 @@ pairs = [
     ("log-h2h", "agi-tuned-json", "agi-tuned", "JSON access log on / off, head to head (tuned agiproxy)"),
     ("ab", "b-tuned", "a-tuned", "build B / build A (tuned, short sessions)"),
     ("ab-def", "b-def", "a-def", "build B / build A (defaults, short sessions)"),
+    ("ab-h2h", "b-def", "a-def", "build B / build A (defaults, short sessions, head to head)"),
     ("ab-failure", "failure-b", "failure-a", "build B / build A (CPU per FAILURE)"),
 ]
 for kind in ("exact", "prefix", "regex"):
