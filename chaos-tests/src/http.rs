@@ -1,4 +1,4 @@
-//! One plain HTTP/1.1 request to the control API, as `curl` would send it:
+//! One plain HTTP/1.1 `GET` to the control API, as `curl` would send it:
 //! what tests need to read `/metrics` or `/healthz`, without an HTTP client
 //! library. Every step is bounded by [`TIMEOUT`]; any failure (refused,
 //! reset, timed out, not HTTP) is `None`.
@@ -21,33 +21,13 @@ pub struct Response {
 
 /// `GET path` on `addr`, `Connection: close`.
 pub async fn get(addr: SocketAddr, path: &str) -> Option<Response> {
-    request(addr, "GET", path, &[], b"").await
-}
-
-/// `method path` on `addr` with `headers` and `body` (a `Content-Length` is
-/// added when the body is not empty), `Connection: close`.
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Option<Response> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if !body.is_empty() {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let mut s = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
     let exchange = async {
-        s.write_all(head.as_bytes()).await.ok()?;
-        s.write_all(body).await.ok()?;
+        s.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.ok()?;
         Some(raw)
