@@ -395,6 +395,45 @@ async fn hangup_can_be_withheld_from_fragile_backends() {
 }
 
 #[tokio::test]
+async fn a_finished_session_closes_towards_asterisk_without_waiting_for_its_hangup() {
+    // The backend closes after its command was answered: Asterisk owes
+    // nothing, so agiproxy closes at once, as a backend connected directly
+    // does, instead of half-closing and reading Asterisk's end-of-session
+    // HANGUP first (docs/benchmarks.md: 0.95x the CPU a session).
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    assert_eq!(&command, b"NOOP\n");
+    s.write_all(b"200 result=0\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("EOF once the backend closed")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    // Over, while this Asterisk has neither sent its HANGUP nor closed.
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert_eq!(rec.commands, 1);
+    assert_eq!(rec.bytes_from_asterisk, 13, "the reply, nothing after it");
+    // Its end-of-session HANGUP meets a closed socket: a reset, as from a
+    // backend connected directly that has closed.
+    s.write_all(b"HANGUP\n").await.unwrap();
+    wait_until("the reset", Duration::from_secs(5), || {
+        s.take_error().ok().flatten().is_some()
+    })
+    .await;
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
 async fn half_close_from_asterisk_side_is_propagated() {
     // Asterisk half-closes after the header; the backend still gets its
     // whole conversation's end and the session ends cleanly.

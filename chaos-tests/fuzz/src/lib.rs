@@ -490,7 +490,9 @@ pub fn relay(data: &[u8]) {
             stats.bytes_to_asterisk as usize, to_a,
             "bytes from the backend"
         );
-        let from_a: usize = script.iter().map(|e| e.reply.len()).sum::<usize>() + 7;
+        // The end-of-session HANGUP is not read: Asterisk owed nothing when
+        // the backend closed, so the relay closed at once (see `finished`).
+        let from_a: usize = script.iter().map(|e| e.reply.len()).sum();
         assert_eq!(
             stats.bytes_from_asterisk as usize, from_a,
             "bytes from Asterisk"

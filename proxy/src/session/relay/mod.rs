@@ -361,6 +361,19 @@ impl<'s> Relay<'s> {
             && self.pending_failure.is_none()
             && !self.b_dead
         {
+            if self.turn.backend_owes_command()
+                && self.a_partial.is_empty()
+                && nothing_unread(self.a)
+            {
+                // Asterisk owes nothing and has sent nothing: close now, as
+                // a backend connected directly does. Its end-of-session
+                // `HANGUP` then meets a closed socket and the kernel answers
+                // it with a reset, after Asterisk has read our FIN (SUCCESS
+                // either way, see shared/fastagi-protocol.md). Half-closing
+                // and reading that `HANGUP` first costs a wake-up, a
+                // `recvfrom` and the TIME_WAIT it leaves (docs/benchmarks.md).
+                return Some(RelayEnd::Closed);
+            }
             self.a_shut = true;
             shutdown_write(self.a);
         }
@@ -457,9 +470,60 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365)
 }
 
+/// Nothing waits unread in the socket: closing it sends a FIN. With unread
+/// bytes the kernel would send a reset instead and drop what we wrote but
+/// the peer has not yet acknowledged.
+fn nothing_unread(s: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(s).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
+
 /// Half-closes a shared socket (`shutdown(SHUT_WR)`): the peer reads EOF
 /// but may still send.
 fn shutdown_write(s: &TcpStream) {
     let sock = socket2::SockRef::from(s);
     let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// The guard of the early close: only an empty socket may be closed
+    /// with a FIN; bytes or a FIN waiting keep the half-close and drain.
+    #[tokio::test]
+    async fn nothing_unread_only_when_nothing_waits() {
+        let (mut peer, ours) = pair().await;
+        assert!(nothing_unread(&ours));
+        peer.write_all(b"HANGUP\n").await.unwrap();
+        let waited = std::time::Instant::now();
+        while nothing_unread(&ours) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "bytes never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Peeked, not consumed.
+        assert!(!nothing_unread(&ours));
+
+        let (mut peer, ours) = pair().await;
+        peer.shutdown().await.unwrap();
+        let waited = std::time::Instant::now();
+        while nothing_unread(&ours) {
+            assert!(waited.elapsed() < Duration::from_secs(5), "FIN never seen");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
