@@ -289,13 +289,31 @@ async fn auth_limits_and_config_changes() {
     )
     .await;
     assert_eq!((s, body["generation"].as_u64()), (412, Some(1)));
-    // With the right one: applied.
+    // Not a generation number: 400 before anything is parsed or applied.
     let (s, body) = call(
         &good,
         t,
         "PUT",
         "/v1/config",
-        &[("if-match", "1".into())],
+        &[("if-match", "W/\"1\"".into())],
+        Some(&next),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is not a generation number")),
+        "{body}"
+    );
+    assert_eq!(api.server.snapshot().meta.generation, 1);
+    // With the right one (quoted, as an ETag may be): applied.
+    let (s, body) = call(
+        &good,
+        t,
+        "PUT",
+        "/v1/config",
+        &[("if-match", "\"1\"".into())],
         Some(&next),
     )
     .await;

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -131,30 +132,34 @@ pub(crate) struct DryRun {
     dry_run: bool,
 }
 
-/// `If-Match: <generation>` (quotes allowed, as for an ETag).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Box<Response>> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = v.to_str().unwrap_or("").trim().trim_matches('"');
-    text.parse().map(Some).map_err(|_| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            format!("If-Match: {text:?} is not a generation number"),
-        ))
-    })
+/// `If-Match: <generation>` (quotes allowed, as for an ETag); `None` when
+/// absent. A value that is not a generation number is refused with 400
+/// before the handler runs.
+pub(crate) struct IfMatch(Option<u64>);
+
+impl<St: Send + Sync> FromRequestParts<St> for IfMatch {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &St) -> Result<Self, Response> {
+        let Some(v) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(IfMatch(None));
+        };
+        let text = v.to_str().unwrap_or("").trim().trim_matches('"');
+        text.parse().map(|g| IfMatch(Some(g))).map_err(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("If-Match: {text:?} is not a generation number"),
+            )
+        })
+    }
 }
 
 pub(crate) async fn config_put<P: ControlPlane>(
     State(ctx): S<P>,
     Query(q): Query<DryRun>,
-    headers: HeaderMap,
+    IfMatch(expect): IfMatch,
     body: String,
 ) -> Response {
-    let expect = match if_match(&headers) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
     match ctx.plane.apply_config(body, q.dry_run, expect).await {
         Ok(applied) => Json(applied).into_response(),
         Err(e) => control_error(e),
@@ -194,13 +199,9 @@ pub(crate) async fn backend_draining<P: ControlPlane>(
 pub(crate) async fn split<P: ControlPlane>(
     State(ctx): S<P>,
     Path(route): Path<String>,
-    headers: HeaderMap,
+    IfMatch(expect): IfMatch,
     body: String,
 ) -> Response {
-    let expect = match if_match(&headers) {
-        Ok(g) => g,
-        Err(resp) => return *resp,
-    };
     let req: SplitRequest = match serde_json::from_str(&body) {
         Ok(r) => r,
         Err(e) => {
