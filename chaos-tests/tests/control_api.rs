@@ -29,8 +29,8 @@ struct Api {
     /// The proxy's FastAGI listener.
     addr: std::net::SocketAddr,
     endpoints: Vec<Endpoint>,
-    /// Holds the config file.
-    dir: std::path::PathBuf,
+    /// Holds the config file; removed on drop.
+    dir: tempfile::TempDir,
     /// Stops the control API (which removes its socket).
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: tokio::task::JoinHandle<()>,
@@ -84,19 +84,22 @@ async fn start_timed(
     .await
 }
 
-fn temp_dir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "agiproxy-{what}-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A fresh directory, removed with what it holds when dropped. Opened to
+/// 0755 (a `TempDir` is 0700): the socket test connects as another user,
+/// who must be kept out by the socket's own mode, not by its directory's.
+fn temp_dir(what: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("agiproxy-{what}-"))
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
 async fn start_with(text: &str, opts: ServeOptions) -> Api {
     let dir = temp_dir("api");
-    let file = dir.join("agiproxy.yaml");
+    let file = dir.path().join("agiproxy.yaml");
     std::fs::write(&file, text).unwrap();
     let origin = Origin {
         text: text.into(),
@@ -135,12 +138,6 @@ async fn start_with(text: &str, opts: ServeOptions) -> Api {
         stop: Some(stop),
         served,
     }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn client(token: Option<&str>) -> Client {
@@ -594,10 +591,9 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let dir = std::env::temp_dir().join(format!("agiproxy-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("tls");
     let write = |name: &str, pem: String| {
-        let p = dir.join(name);
+        let p = dir.path().join(name);
         std::fs::write(&p, pem).unwrap();
         p
     };
@@ -685,7 +681,6 @@ async fn tls_with_client_certificates() {
         .call(&plain, "GET", "/healthz", &[], None)
         .await
         .is_err());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A request whose body stops coming: 408 when `request_timeout` is over,
@@ -794,7 +789,7 @@ async fn issue_17_without_a_token_no_state_changes_on_any_address() {
         let handle = ControlHandle::new(api.server.clone());
         // The file differs from the running config: a served reload would
         // show as a new generation.
-        std::fs::write(api.dir.join("agiproxy.yaml"), &changed).unwrap();
+        std::fs::write(api.dir.path().join("agiproxy.yaml"), &changed).unwrap();
         // A backend drained by hand: a served `enable` would show.
         use agiproxy_control::ControlPlane;
         handle
@@ -960,7 +955,7 @@ async fn issue_17_the_control_socket_serves_its_owner_and_refuses_others() {
     let b2 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let text = config_text(&b1.addr().to_string(), &b2.addr().to_string());
     let dir = temp_dir("sock");
-    let sock = dir.join("control.sock");
+    let sock = dir.path().join("control.sock");
     let api = start_with(
         &text,
         ServeOptions {
@@ -1019,7 +1014,6 @@ async fn issue_17_the_control_socket_serves_its_owner_and_refuses_others() {
     assert!(api.server.is_draining());
     api.stop().await;
     assert!(!sock.exists(), "the socket is removed when the API stops");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 17: binding the control socket replaces a stale socket file, and
@@ -1032,7 +1026,7 @@ async fn issue_17_the_control_socket_replaces_only_a_stale_socket() {
     );
     let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     let dir = temp_dir("stale");
-    let sock = dir.join("control.sock");
+    let sock = dir.path().join("control.sock");
     let opts = ServeOptions {
         address: None,
         socket: Some(sock.clone()),
@@ -1089,5 +1083,4 @@ async fn issue_17_the_control_socket_replaces_only_a_stale_socket() {
     let _ = stop.send(());
     served.await.unwrap();
     assert!(!sock.exists());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,7 @@
 //! the test says so and returns (a plain `cargo test` has no image).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -42,10 +42,11 @@ fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// The container, removed (with its logs printed) when the test ends.
+/// The container, removed (with its logs printed) when the test ends; then
+/// the directory it mounted.
 struct Container {
     name: String,
-    dir: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Container {
@@ -72,14 +73,13 @@ impl Drop for Container {
             eprintln!("--- container log ---\n{}", self.logs());
         }
         let _ = run(&["rm", "--force", "--time", "0", &self.name]);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn write_config(dir: &Path, agi: SocketAddr, control: SocketAddr, backend: SocketAddr) {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).unwrap();
-    // The container's user (65532) must read the mounted directory.
+    // The container's user (65532) must read the mounted directory (a
+    // `TempDir` is made 0700).
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let text = format!(
         "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\ntimeouts:\n  drain: 30s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
@@ -137,12 +137,15 @@ async fn the_image_proxies_a_call_as_non_root_read_only_and_drains_on_sigterm() 
     let agi: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let name = format!("agiproxy-image-test-{}", std::process::id());
-    let dir = std::env::temp_dir().join(&name);
-    write_config(&dir, agi, control, backend.addr());
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-image-test-")
+        .tempdir()
+        .unwrap();
+    write_config(dir.path(), agi, control, backend.addr());
 
     // The image's own CMD reads /etc/agiproxy/config.yaml. The host's network
     // (loopback only is used): the backend and the caller are this process.
-    let mount = format!("{}:/etc/agiproxy:ro", dir.display());
+    let mount = format!("{}:/etc/agiproxy:ro", dir.path().display());
     let _ = run(&["rm", "--force", "--time", "0", &name]);
     run_ok(&[
         "run",
@@ -160,7 +163,7 @@ async fn the_image_proxies_a_call_as_non_root_read_only_and_drains_on_sigterm() 
         &mount,
         &image,
     ]);
-    let container = Container { name, dir };
+    let container = Container { name, _dir: dir };
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while chaos_tests::http::get(control, "/readyz")

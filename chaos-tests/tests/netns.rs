@@ -227,7 +227,9 @@ struct Lab {
     /// Namespaces a moved address went to (kept alive for the test).
     spare: Vec<Host>,
     proxy: Option<Child>,
-    dir: PathBuf,
+    /// The proxy's config, token and log; removed after `drop` has ended
+    /// the proxy.
+    dir: tempfile::TempDir,
     dns: Option<FakeDns>,
 }
 
@@ -257,8 +259,10 @@ impl Lab {
             .expect("client link");
         let proxy_rt = proxy_ns.runtime(1).expect("proxy-side runtime");
         let client_rt = client_ns.runtime(2).expect("client runtime");
-        let dir = std::env::temp_dir().join(format!("agx-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scenario dir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("agx-{name}-"))
+            .tempdir()
+            .expect("scenario dir");
         let mut lab = Lab {
             proxy_ns,
             proxy_rt,
@@ -327,7 +331,7 @@ impl Lab {
                 )
             })
             .unwrap_or_default();
-        let token = self.dir.join("token");
+        let token = self.dir.path().join("token");
         std::fs::write(&token, TOKEN).expect("token file");
         let config = format!(
             "version: 1\n\
@@ -338,9 +342,9 @@ impl Lab {
              control:\n  address: \"{CONTROL}\"\n  token_file: {}\n",
             token.display()
         );
-        let file = self.dir.join("agiproxy.yaml");
+        let file = self.dir.path().join("agiproxy.yaml");
         std::fs::write(&file, &config).expect("config file");
-        let log = std::fs::File::create(self.dir.join("proxy.log")).expect("log file");
+        let log = std::fs::File::create(self.dir.path().join("proxy.log")).expect("log file");
         let child = self
             .proxy_ns
             .command(proxy_bin().to_str().expect("utf-8 path"))
@@ -359,7 +363,7 @@ impl Lab {
             assert!(
                 Instant::now() < deadline,
                 "proxy not ready within 30 s; log: {}\nconfig:\n{config}",
-                std::fs::read_to_string(self.dir.join("proxy.log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -630,7 +634,6 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

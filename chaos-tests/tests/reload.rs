@@ -31,9 +31,11 @@ async fn a_thousand_reloads_under_300_sessions() {
     let text_a = config("blue", &b, &g, &dead);
     let text_b = config("green", &b, &g, &dead);
 
-    let dir = std::env::temp_dir().join(format!("agiproxy-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("agiproxy.yaml");
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-reload-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
     std::fs::write(&file, &text_a).unwrap();
     let origin = Origin {
         text: text_a.as_str().into(),
@@ -159,5 +161,4 @@ async fn a_thousand_reloads_under_300_sessions() {
     }
     let spare = &snap.pool("spare").unwrap().members().backends[0].live;
     assert_eq!(spare.consecutive_failures.load(Ordering::Relaxed), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -355,9 +355,12 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         "      from: blue\n      to: green\n      steps: [10, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      skew: 1s\n      canary: {{ query: {{ canary: \"1\" }}, vars: {{ agi_accountcode: \"^qa$\" }} }}\n"
     );
     let text = config(&rollout, blue.addr(), green.addr());
-    let dir = std::env::temp_dir().join(format!("agiproxy-rollout-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("agiproxy.yaml");
+    // Held to the end: the server compares its config with this file.
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-rollout-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
     std::fs::write(&file, &text).unwrap();
     let server = Server::start_with(
         agiproxy_config::from_yaml_str(&text).unwrap(),

@@ -95,22 +95,23 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
 mod tests {
     use super::*;
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("agiproxy-file-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh directory, removed with what it holds when dropped.
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("agiproxy-file-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn reads_a_file_within_the_limit_and_refuses_the_rest() {
         let dir = temp_dir("limits");
-        let f = dir.join("c.yaml");
+        let f = dir.path().join("c.yaml");
         std::fs::write(&f, "version: 1\n").unwrap();
         assert_eq!(read_file(&f, 100).unwrap(), "version: 1\n");
         assert!(matches!(read_file(&f, 5), Err(FileError::TooLarge { .. })));
         assert!(matches!(
-            read_file(&dir, 100),
+            read_file(dir.path(), 100),
             Err(FileError::NotRegular {
                 kind: "directory",
                 ..
@@ -126,19 +127,18 @@ mod tests {
         std::fs::write(&f, b"\xff\xfe").unwrap();
         assert!(matches!(read_file(&f, 100), Err(FileError::NotUtf8 { .. })));
         // A link to a device is the device.
-        let link = dir.join("link.yaml");
+        let link = dir.path().join("link.yaml");
         std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
         assert!(matches!(
             read_file(&link, 100),
             Err(FileError::NotRegular { .. })
         ));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_fifo_is_refused_without_waiting_for_a_writer() {
         let dir = temp_dir("fifo");
-        let fifo = dir.join("c.yaml");
+        let fifo = dir.path().join("c.yaml");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
@@ -148,6 +148,5 @@ mod tests {
             Err(FileError::NotRegular { kind: "FIFO", .. })
         ));
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

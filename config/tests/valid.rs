@@ -366,19 +366,21 @@ fn the_example_config_is_valid_and_commented() {
 
 #[test]
 fn load_file_reads_and_names_an_unreadable_file() {
-    let dir = std::env::temp_dir().join(format!("agiproxy-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let good = dir.join("good.yaml");
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-config-test-")
+        .tempdir()
+        .unwrap();
+    let good = dir.path().join("good.yaml");
     std::fs::write(&good, example_config()).unwrap();
     assert!(load_file(&good).is_ok());
 
-    let missing = dir.join("missing.yaml");
+    let missing = dir.path().join("missing.yaml");
     let errs = load_file(&missing).unwrap_err();
     assert_eq!(errs.len(), 1);
     assert_eq!(errs.0[0].path, "");
     assert!(errs.0[0].message.contains("missing.yaml"), "{errs}");
     assert!(!errs.to_string().starts_with(':'));
-    std::fs::remove_dir_all(&dir).unwrap();
+    dir.close().unwrap();
 }
 
 #[test]

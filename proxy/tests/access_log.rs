@@ -11,18 +11,23 @@ use common::free_port;
 
 /// Runs `agiproxy run --log-format json` with `flags` on a config of one
 /// listener on `port`, routes `routes` to a pool of `backend`, and `control`;
-/// stderr piped. Returns once the listener accepts.
+/// stderr piped. Returns once the listener accepts, with the directory of
+/// the config (removed on drop: keep it while the proxy runs).
 async fn start(
     port: u16,
     control: &str,
     routes: &str,
     backend: std::net::SocketAddr,
     flags: &[&str],
-) -> Child {
+) -> (Child, tempfile::TempDir) {
     let text = format!(
         "version: 1\ncontrol: {control}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n{routes}pools:\n  - name: p\n    backends: [{{ address: \"{backend}\" }}]\n"
     );
-    let path = std::env::temp_dir().join(format!("agiproxy-log-{port}.yaml"));
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-log-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(format!("agiproxy-log-{port}.yaml"));
     std::fs::write(&path, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "--log-format", "json"])
@@ -36,7 +41,7 @@ async fn start(
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return child;
+            return (child, dir);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -50,7 +55,7 @@ async fn json_access_log_has_one_line_per_session() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP", "NOOP"])).await;
     let port = free_port();
     let routes = "  - name: ivr\n    match: { script: { prefix: ivr/ } }\n    pool: p\n";
-    let mut child = start(port, "{ enabled: false }", routes, b.addr(), &[]).await;
+    let (mut child, _dir) = start(port, "{ enabled: false }", routes, b.addr(), &[]).await;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let out = FakeAsterisk::new()
         .header(AgiHeader::realistic("ivr/main?lang=de", &["7"], "1.1"))
@@ -122,7 +127,7 @@ async fn a_stalled_log_reader_costs_log_lines_not_calls() {
     let control = format!("{{ address: \"127.0.0.1:{cport}\" }}");
     let routes = "  - name: ivr\n    pool: p\n";
     let flags = ["--log-buffer-lines", "16"];
-    let mut child = start(port, &control, routes, b.addr(), &flags).await;
+    let (mut child, _dir) = start(port, &control, routes, b.addr(), &flags).await;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     // 1,000 calls, 8 at a time, each bounded: a proxy blocked on its log
     // pipe would time them out.

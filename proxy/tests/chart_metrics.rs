@@ -80,11 +80,14 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
             "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\ndns: {{ nameservers: [\"{}\"], timeout: 2s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n    health: {{ type: tcp, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n",
             dns.addr()
         );
-        let path = std::env::temp_dir().join(format!(
-            "agiproxy-chart-metrics-{}-{}.yaml",
-            std::process::id(),
-            agi.port()
-        ));
+        // Declared before the child: dropped (removed) after it is killed.
+        let dir = tempfile::Builder::new()
+            .prefix("agiproxy-chart-metrics-")
+            .tempdir()
+            .unwrap();
+        let path = dir
+            .path()
+            .join(format!("agiproxy-chart-metrics-{}.yaml", agi.port()));
         std::fs::write(&path, text).unwrap();
         let mut child = Kill(
             Command::new(env!("CARGO_BIN_EXE_agiproxy"))
@@ -113,16 +116,16 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
         };
         match exited {
             None => {
-                started = Some((child, agi, control, path));
+                started = Some((child, agi, control, dir));
                 break;
             }
             Some(status) => {
-                let _ = std::fs::remove_file(&path);
+                drop(dir);
                 eprintln!("attempt {attempt}: the proxy exited: {status:?} (its log is above)")
             }
         }
     }
-    let (child, agi, control, path) = started.expect("the proxy started in 3 attempts");
+    let (child, agi, control, dir) = started.expect("the proxy started in 3 attempts");
 
     let out = FakeAsterisk::new()
         .call_timeout(Duration::from_secs(20))
@@ -147,7 +150,7 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
         .map(|(n, file)| format!("{n} (in {file})"))
         .collect();
     drop(child);
-    let _ = std::fs::remove_file(&path);
+    drop(dir);
     assert!(
         missing.is_empty(),
         "metrics the chart queries but /metrics does not have: {missing:?}\n{metrics}"

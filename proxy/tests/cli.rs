@@ -8,16 +8,21 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agiproxy"))
 }
 
-fn write_config(name: &str, text: &str) -> std::path::PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("agiproxy-cli-{}-{name}.yaml", std::process::id()));
+/// `text` as `{name}.yaml` in a fresh directory, removed when the returned
+/// `TempDir` drops: keep it as long as the file is used.
+fn write_config(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-cli-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(format!("agiproxy-cli-{name}.yaml"));
     std::fs::write(&path, text).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
 fn check_accepts_a_good_config_and_prints_routes() {
-    let path = write_config(
+    let (_dir, path) = write_config(
         "good",
         "version: 1\nroutes:\n  - name: ivr\n    match: { script: { prefix: \"ivr/\" } }\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
     );
@@ -34,7 +39,7 @@ fn check_accepts_a_good_config_and_prints_routes() {
 
 #[test]
 fn check_rejects_a_bad_config_with_every_error_and_its_path() {
-    let path = write_config(
+    let (_dir, path) = write_config(
         "bad",
         "version: 1\ntimeouts:\n  budget: 15OOms\nroutes:\n  - name: ivr\n    pool: ivr-gren\n  - name: x\n    match: { args: { \"1\": \"([\" } }\n    pool: ivr-blue\npools:\n  - name: ivr-blue\n    backends:\n      - { address: \"10.0.0.1\" }\n  - name: ivr-green\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
     );
@@ -158,7 +163,7 @@ fn demo_once(flags: &[&str]) {
 #[test]
 fn check_warns_about_a_single_address_pool_without_health_checks() {
     let pools = "pools:\n  - name: one\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n  - name: checked\n    health: { type: agi, script: healthz }\n    backends:\n      - { address: \"127.0.0.1:5002\" }\n  - name: two\n    backends:\n      - { address: \"127.0.0.1:5003\" }\n      - { address: \"127.0.0.1:5004\" }\n";
-    let path = write_config(
+    let (_dir, path) = write_config(
         "single",
         &format!("version: 1\nroutes:\n  - name: all\n    pool: one\n{pools}"),
     );
@@ -176,7 +181,7 @@ fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
     // Started an hour and a half ago, one hour a step: step 2 of 3 now.
     let start = std::time::SystemTime::now() - std::time::Duration::from_secs(5400);
     let start = humantime::format_rfc3339_seconds(start);
-    let path = write_config(
+    let (_dir, path) = write_config(
         "rollout",
         &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"),
     );
@@ -220,7 +225,7 @@ fn assert_quiet_exit(out: &std::process::Output, code: i32) {
 
 #[test]
 fn check_into_a_closed_pipe_exits_quietly_with_its_verdict() {
-    let path = write_config(
+    let (_dir, path) = write_config(
         "epipe",
         "version: 1\nroutes:\n  - name: ivr\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
     );
@@ -323,7 +328,7 @@ fn run_expecting_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option
     )
 }
 
-fn run_config(name: &str, control: &str) -> std::path::PathBuf {
+fn run_config(name: &str, control: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let port = common::free_port();
     write_config(
         name,
@@ -336,7 +341,7 @@ fn run_config(name: &str, control: &str) -> std::path::PathBuf {
 #[test]
 fn run_refuses_an_unreadable_token_file_before_listening_for_asterisk() {
     let port = common::free_port();
-    let config = run_config(
+    let (_dir, config) = run_config(
         "token",
         &format!("  enabled: true\n  address: \"127.0.0.1:{port}\"\n  token_file: /nonexistent/agiproxy-token\n"),
     );
@@ -356,7 +361,7 @@ fn run_refuses_an_unreadable_token_file_before_listening_for_asterisk() {
 fn run_refuses_a_busy_control_port_before_listening_for_asterisk() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let config = run_config(
+    let (_dir, config) = run_config(
         "busy-control",
         &format!(
             "  enabled: true\n  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TEST_TOKEN\n"
@@ -383,7 +388,7 @@ fn a_refused_config_is_logged_on_one_line_with_every_error() {
     let good = format!(
         "version: 1\nlisteners:\n  - {{ name: asterisk, address: \"127.0.0.1:{port}\" }}\ncontrol: {{ enabled: false }}\nroutes:\n  - {{ name: all, pool: p }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"127.0.0.1:1\" }}\n"
     );
-    let path = write_config("refused", &good);
+    let (_dir, path) = write_config("refused", &good);
     let mut child = bin()
         .args(["run", "-c"])
         .arg(&path)

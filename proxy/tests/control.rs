@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,9 @@ struct Replica {
     /// The FastAGI listener.
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
-    dir: PathBuf,
+    /// Its config and the tests' other files; removed after `drop` has
+    /// ended the child.
+    dir: tempfile::TempDir,
 }
 
 impl Replica {
@@ -32,12 +34,11 @@ impl Replica {
     async fn start(name: &str, control: &str, backend: SocketAddr) -> Replica {
         let port = free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let dir = std::env::temp_dir().join(format!(
-            "agiproxy-control-{name}-{}-{port}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("agiproxy.yaml");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("agiproxy-control-{name}-{port}-"))
+            .tempdir()
+            .unwrap();
+        let file = dir.path().join("agiproxy.yaml");
         std::fs::write(&file, config(addr, control, backend, "all")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
             .args(["run", "-c"])
@@ -122,7 +123,6 @@ impl Drop for Replica {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -199,7 +199,7 @@ async fn issue_17_a_taken_control_port_fails_with_what_to_change() {
     let cport = free_port();
     let control = format!("control: {{ address: \"127.0.0.1:{cport}\" }}");
     let one = Replica::start("first", &control, b.addr()).await;
-    let file = one.dir.join("second.yaml");
+    let file = one.dir.path().join("second.yaml");
     let second = SocketAddr::from(([127, 0, 0, 1], free_port()));
     std::fs::write(&file, config(second, &control, b.addr(), "all")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
@@ -227,7 +227,7 @@ async fn issue_17_without_a_token_ctl_is_refused_and_says_how_to_set_one() {
     let control = format!("control: {{ address: \"127.0.0.1:{cport}\" }}");
     let mut r = Replica::start("notoken", &control, b.addr()).await;
     let url = format!("http://127.0.0.1:{cport}");
-    let changed = r.dir.join("changed.yaml");
+    let changed = r.dir.path().join("changed.yaml");
     std::fs::write(&changed, config(r.addr, &control, b.addr(), "other")).unwrap();
     let backend = b.addr().to_string();
     let changes: [&[&str]; 6] = [
@@ -274,9 +274,11 @@ async fn issue_17_without_a_token_ctl_is_refused_and_says_how_to_set_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_17_ctl_over_the_control_socket_needs_no_token() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let dir = std::env::temp_dir().join(format!("agiproxy-ctlsock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("control.sock");
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-ctlsock-")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("control.sock");
     let control = format!("control: {{ socket: {} }}", sock.display());
     let mut r = Replica::start("socket", &control, b.addr()).await;
     let s = sock.to_str().unwrap();
@@ -285,7 +287,7 @@ async fn issue_17_ctl_over_the_control_socket_needs_no_token() {
 
     let out = ctl(&["--socket", s, "--output", "json", "status"]);
     assert!(out.status.success(), "{}", text(&out));
-    let changed = dir.join("changed.yaml");
+    let changed = dir.path().join("changed.yaml");
     std::fs::write(&changed, config(r.addr, &control, b.addr(), "other")).unwrap();
     let out = ctl(&[
         "--socket",
@@ -309,7 +311,6 @@ async fn issue_17_ctl_over_the_control_socket_needs_no_token() {
         r.log()
     );
     assert!(!sock.exists(), "the socket is removed at exit");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn assert_mode_and_owner(path: &Path) {

@@ -24,6 +24,8 @@ struct Proxy {
     child: Child,
     addr: SocketAddr,
     control: SocketAddr,
+    /// Holds the config; removed after `drop` has ended the child.
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Proxy {
@@ -52,8 +54,11 @@ async fn start_proxy_with(backends: &[SocketAddr], nofile: Option<u64>, pool_ext
     let text = format!(
         "version: 1\ncontrol:\n  address: \"{control}\"\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  header: 60s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive:\n      consecutive_failures: 1\n{pool_extra}    backends:\n{list}"
     );
-    let path =
-        std::env::temp_dir().join(format!("agiproxy-fds-{}-{port}.yaml", std::process::id()));
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-fds-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(format!("agiproxy-fds-{port}.yaml"));
     std::fs::write(&path, text).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agiproxy"));
     cmd.args(["run", "-c"])
@@ -86,6 +91,7 @@ async fn start_proxy_with(backends: &[SocketAddr], nofile: Option<u64>, pool_ext
         child,
         addr,
         control,
+        _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(control).await.is_err() || TcpStream::connect(addr).await.is_err() {

@@ -12,15 +12,23 @@ mod common;
 use common::free_port;
 
 /// `workers`: the `AGIPROXY_WORKERS` the proxy runs with ("1": everything
-/// on one thread, a current-thread runtime).
-async fn start_proxy(backend: SocketAddr, drain: &str, workers: &str) -> (Child, SocketAddr) {
+/// on one thread, a current-thread runtime). The directory of its config is
+/// removed when the returned `TempDir` drops: keep it while the proxy runs.
+async fn start_proxy(
+    backend: SocketAddr,
+    drain: &str,
+    workers: &str,
+) -> (Child, SocketAddr, tempfile::TempDir) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
-    let path =
-        std::env::temp_dir().join(format!("agiproxy-drain-{}-{port}.yaml", std::process::id()));
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-drain-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(format!("agiproxy-drain-{port}.yaml"));
     std::fs::write(&path, text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "-c"])
@@ -35,7 +43,7 @@ async fn start_proxy(backend: SocketAddr, drain: &str, workers: &str) -> (Child,
         assert!(Instant::now() < deadline, "proxy did not start listening");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (child, addr)
+    (child, addr, dir)
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -69,7 +77,7 @@ async fn sigterm_drains_50_on_one_worker_thread() {
 
 async fn sigterm_drains_50(workers: &str) {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Playback hello", "NOOP"])).await;
-    let (mut child, addr) = start_proxy(b.addr(), "30s", workers).await;
+    let (mut child, addr, _dir) = start_proxy(b.addr(), "30s", workers).await;
     let calls: Vec<_> = (0..50)
         .map(|i| {
             tokio::spawn(async move {
@@ -122,7 +130,7 @@ async fn sigterm_drains_50(workers: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_at_once() {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
-    let (mut child, addr) = start_proxy(b.addr(), "5m", "1").await;
+    let (mut child, addr, _dir) = start_proxy(b.addr(), "5m", "1").await;
     let call = tokio::spawn(async move {
         FakeAsterisk::new()
             .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))

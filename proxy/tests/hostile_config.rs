@@ -39,14 +39,12 @@ fn deep_nesting(levels: usize) -> String {
     format!("x: {}", "{a: ".repeat(levels))
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "agiproxy-hostile-{name}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory, removed with what it holds when dropped.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("agiproxy-hostile-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Starts `agiproxy` with `args`, its address space limited.
@@ -118,7 +116,7 @@ fn check_refuses_an_alias_bomb_and_deep_nesting_quickly_in_bounded_memory() {
         // 100,000 levels (it took 120 s of CPU).
         ("deep.yaml", deep_nesting(100_000), "nest more than 64 deep"),
     ] {
-        let file = dir.join(name);
+        let file = dir.path().join(name);
         std::fs::write(&file, text).unwrap();
         let child = spawn(&["check", "-c"], &file);
         let (code, stderr, took, peak_kib) = wait_with_peak(child, Duration::from_secs(20));
@@ -129,21 +127,20 @@ fn check_refuses_an_alias_bomb_and_deep_nesting_quickly_in_bounded_memory() {
         assert!(took < Duration::from_secs(10), "{name}: {took:?}");
         assert!(peak_kib < 100 * 1024, "{name}: peak {peak_kib} KiB");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A proxy run from a config file in a directory of its own.
 struct Proxy {
     child: Child,
     api: SocketAddr,
-    dir: PathBuf,
+    /// Removed after `drop` has ended the child.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -157,7 +154,7 @@ impl Proxy {
     fn start(name: &str, backend: SocketAddr, extra: &str) -> Proxy {
         let dir = temp_dir(name);
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let file = dir.join("agiproxy.yaml");
+        let file = dir.path().join("agiproxy.yaml");
         std::fs::write(&file, config(api, backend, extra)).unwrap();
         let mut child = spawn(&["run", "--log-level", "warn", "-c"], &file);
         // Nothing reads the pipes: send them nowhere rather than let them fill.
@@ -173,12 +170,12 @@ impl Proxy {
     }
 
     fn file(&self) -> PathBuf {
-        self.dir.join("agiproxy.yaml")
+        self.dir.path().join("agiproxy.yaml")
     }
 
     /// Replaces the config file atomically by `make(tmp)`'s result.
     fn replace_file(&self, make: impl FnOnce(&Path)) {
-        let tmp = self.dir.join(".agiproxy.yaml.tmp");
+        let tmp = self.dir.path().join(".agiproxy.yaml.tmp");
         let _ = std::fs::remove_file(&tmp);
         make(&tmp);
         std::fs::rename(&tmp, self.file()).unwrap();

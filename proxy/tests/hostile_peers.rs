@@ -17,6 +17,8 @@ use common::free_port;
 struct Proxy {
     child: Child,
     addr: SocketAddr,
+    /// Holds the config; removed after `drop` has ended the child.
+    _dir: tempfile::TempDir,
 }
 
 impl Drop for Proxy {
@@ -32,10 +34,11 @@ async fn start_proxy(backend: SocketAddr) -> Proxy {
     let text = format!(
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
-    let path = std::env::temp_dir().join(format!(
-        "agiproxy-hostile-{}-{port}.yaml",
-        std::process::id()
-    ));
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-hostile-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(format!("agiproxy-hostile-{port}.yaml"));
     std::fs::write(&path, text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "-c"])
@@ -44,7 +47,11 @@ async fn start_proxy(backend: SocketAddr) -> Proxy {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let proxy = Proxy { child, addr };
+    let proxy = Proxy {
+        child,
+        addr,
+        _dir: dir,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).await.is_err() {
         assert!(Instant::now() < deadline, "proxy did not start listening");

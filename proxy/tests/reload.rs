@@ -28,20 +28,18 @@ fn config(control: &str, route_pool: &str, a: SocketAddr, b: SocketAddr) -> Stri
     )
 }
 
-/// A directory laid out like a mounted Kubernetes ConfigMap.
+/// A directory laid out like a mounted Kubernetes ConfigMap; removed on drop.
 struct ConfigMap {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     version: u32,
 }
 
 impl ConfigMap {
     fn new(text: &str) -> ConfigMap {
-        let dir = std::env::temp_dir().join(format!(
-            "agiproxy-cm-{}-{}",
-            std::process::id(),
-            free_port("127.0.0.1")
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("agiproxy-cm-")
+            .tempdir()
+            .unwrap();
         let mut cm = ConfigMap { dir, version: 0 };
         cm.update(text);
         std::os::unix::fs::symlink("..data/agiproxy.yaml", cm.path()).unwrap();
@@ -49,7 +47,7 @@ impl ConfigMap {
     }
 
     fn path(&self) -> PathBuf {
-        self.dir.join("agiproxy.yaml")
+        self.dir.path().join("agiproxy.yaml")
     }
 
     /// What the kubelet does: write a new timestamped directory, point a
@@ -57,18 +55,13 @@ impl ConfigMap {
     fn update(&mut self, text: &str) {
         self.version += 1;
         let data = format!("..v{}", self.version);
-        std::fs::create_dir_all(self.dir.join(&data)).unwrap();
-        std::fs::write(self.dir.join(&data).join("agiproxy.yaml"), text).unwrap();
-        let tmp = self.dir.join("..data_tmp");
+        let dir = self.dir.path();
+        std::fs::create_dir_all(dir.join(&data)).unwrap();
+        std::fs::write(dir.join(&data).join("agiproxy.yaml"), text).unwrap();
+        let tmp = dir.join("..data_tmp");
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&data, &tmp).unwrap();
-        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
-    }
-}
-
-impl Drop for ConfigMap {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
     }
 }
 
@@ -212,8 +205,13 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     }
     assert_eq!(status(&api).unwrap()["generation"], 2);
 
-    // The API: refused with every error and its path, non-zero exit.
-    let bad = std::env::temp_dir().join(format!("agiproxy-bad-{port}.yaml"));
+    // The API: refused with every error and its path, non-zero exit. Its
+    // files are kept out of the watched directory.
+    let files = tempfile::Builder::new()
+        .prefix("agiproxy-apply-")
+        .tempdir()
+        .unwrap();
+    let bad = files.path().join(format!("agiproxy-bad-{port}.yaml"));
     std::fs::write(&bad, &invalid).unwrap();
     let out = apply(&api, &bad, None);
     assert_eq!(out.status.code(), Some(1));
@@ -227,7 +225,7 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     assert_eq!(b.stats().accepted(), 2, "the old config kept serving");
 
     // If-Match with a stale generation: 412, nothing changes.
-    let good = std::env::temp_dir().join(format!("agiproxy-good-{port}.yaml"));
+    let good = files.path().join(format!("agiproxy-good-{port}.yaml"));
     std::fs::write(&good, config(&control, "a", a.addr(), b.addr())).unwrap();
     let out = apply(&api, &good, Some("1"));
     assert_eq!(out.status.code(), Some(1));
@@ -244,8 +242,6 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(status(&api).unwrap()["generation"], 3);
-    let _ = std::fs::remove_file(&bad);
-    let _ = std::fs::remove_file(&good);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +286,11 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     // The control block is per replica; the applied config must keep each
     // one's own, so apply a config without the control block (defaults),
     // which the replicas all accept: control changes need a restart anyway.
-    let new = std::env::temp_dir().join(format!("agiproxy-cluster-{port}.yaml"));
+    let files = tempfile::Builder::new()
+        .prefix("agiproxy-cluster-")
+        .tempdir()
+        .unwrap();
+    let new = files.path().join(format!("agiproxy-cluster-{port}.yaml"));
     std::fs::write(
         &new,
         config("  enabled: true", "b", a.addr(), b.addr())
@@ -356,7 +356,6 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     assert_eq!(refused, vec![format!("http://127.0.0.3:{port}")], "{doc}");
     assert_eq!(doc["replicas"][2]["status"], 413);
     assert_eq!(doc["converged"], false);
-    let _ = std::fs::remove_file(&new);
     drop(replicas);
 }
 
@@ -370,14 +369,17 @@ async fn regression_api_changes_last_until_the_file_changes() {
     let port = free_port("127.0.0.1");
     let api = format!("http://127.0.0.1:{port}");
     let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
-    let dir = std::env::temp_dir().join(format!("agiproxy-plain-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("agiproxy.yaml");
+    // Declared before the proxy: removed after it is killed.
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-plain-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
     std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
     let _proxy = start(&file);
     assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
 
-    let change = dir.join("change.yaml");
+    let change = dir.path().join("change.yaml");
     std::fs::write(&change, config(&control, "b", a.addr(), b.addr())).unwrap();
     let out = apply(&api, &change, None);
     assert_eq!(
@@ -388,7 +390,7 @@ async fn regression_api_changes_last_until_the_file_changes() {
     );
     // Status calls read the file; another file in the directory changes.
     for i in 0..10 {
-        std::fs::write(dir.join("unrelated.txt"), format!("{i}")).unwrap();
+        std::fs::write(dir.path().join("unrelated.txt"), format!("{i}")).unwrap();
         let st = status(&api).unwrap();
         assert_eq!(
             (st["generation"].as_u64(), st["source"].as_str()),
@@ -405,5 +407,4 @@ async fn regression_api_changes_last_until_the_file_changes() {
     )
     .unwrap();
     assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
-    let _ = std::fs::remove_dir_all(&dir);
 }
