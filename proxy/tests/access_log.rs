@@ -7,7 +7,7 @@ use std::time::Duration;
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 mod common;
-use common::free_port;
+use common::{config_file, free_port};
 
 /// Runs `agiproxy run --log-format json` with `flags` on a config of one
 /// listener on `port`, routes `routes` to a pool of `backend`, and `control`;
@@ -23,12 +23,7 @@ async fn start(
     let text = format!(
         "version: 1\ncontrol: {control}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n{routes}pools:\n  - name: p\n    backends: [{{ address: \"{backend}\" }}]\n"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-log-")
-        .tempdir()
-        .unwrap();
-    let path = dir.path().join(format!("agiproxy-log-{port}.yaml"));
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = config_file("log", &format!("agiproxy-log-{port}.yaml"), &text);
     let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "--log-format", "json"])
         .args(flags)

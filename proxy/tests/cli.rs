@@ -8,16 +8,10 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agiproxy"))
 }
 
-/// `text` as `{name}.yaml` in a fresh directory, removed when the returned
+/// `text` as a config file in a fresh directory, removed when the returned
 /// `TempDir` drops: keep it as long as the file is used.
 fn write_config(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-cli-")
-        .tempdir()
-        .unwrap();
-    let path = dir.path().join(format!("agiproxy-cli-{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    (dir, path)
+    common::config_file("cli", &format!("agiproxy-cli-{name}.yaml"), text)
 }
 
 #[test]

@@ -15,7 +15,7 @@ use chaos_tests::{AgiHeader, AgiStatus, Behaviour, CallOutcome, FakeAsterisk, Fa
 use tokio::net::TcpStream;
 
 mod common;
-use common::free_port;
+use common::{config_file, free_port};
 
 /// The proxy's descriptor limit in the exhaustion test.
 const LIMIT: u64 = 64;
@@ -54,12 +54,7 @@ async fn start_proxy_with(backends: &[SocketAddr], nofile: Option<u64>, pool_ext
     let text = format!(
         "version: 1\ncontrol:\n  address: \"{control}\"\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  header: 60s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    passive:\n      consecutive_failures: 1\n{pool_extra}    backends:\n{list}"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-fds-")
-        .tempdir()
-        .unwrap();
-    let path = dir.path().join(format!("agiproxy-fds-{port}.yaml"));
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = config_file("fds", &format!("agiproxy-fds-{port}.yaml"), &text);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agiproxy"));
     cmd.args(["run", "-c"])
         .arg(&path)

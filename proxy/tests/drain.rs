@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chaos_tests::{AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Reply};
 
 mod common;
-use common::free_port;
+use common::{config_file, free_port};
 
 /// `workers`: the `AGIPROXY_WORKERS` the proxy runs with ("1": everything
 /// on one thread, a current-thread runtime). The directory of its config is
@@ -24,12 +24,7 @@ async fn start_proxy(
     let text = format!(
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-drain-")
-        .tempdir()
-        .unwrap();
-    let path = dir.path().join(format!("agiproxy-drain-{port}.yaml"));
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = config_file("drain", &format!("agiproxy-drain-{port}.yaml"), &text);
     let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "-c"])
         .arg(&path)

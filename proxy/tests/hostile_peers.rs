@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod common;
-use common::free_port;
+use common::{config_file, free_port};
 
 struct Proxy {
     child: Child,
@@ -34,12 +34,7 @@ async fn start_proxy(backend: SocketAddr) -> Proxy {
     let text = format!(
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-hostile-")
-        .tempdir()
-        .unwrap();
-    let path = dir.path().join(format!("agiproxy-hostile-{port}.yaml"));
-    std::fs::write(&path, text).unwrap();
+    let (dir, path) = config_file("hostile", &format!("agiproxy-hostile-{port}.yaml"), &text);
     let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["run", "-c"])
         .arg(&path)
