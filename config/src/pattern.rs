@@ -163,6 +163,18 @@ fn nfas_within_limit(hir: &Hir) -> bool {
             .is_ok()
 }
 
+/// A reproducible xorshift generator for the randomized tests of the
+/// pattern modules: `next(n)` is in `0..n`.
+#[cfg(test)]
+fn xorshift(mut state: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -227,13 +227,7 @@ mod tests {
             "(?i)k",
             "(?-u:[0-9])",
         ];
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |n: usize| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
-        };
+        let mut next = crate::pattern::xorshift(0x2545_f491_4f6c_dd1d_u64);
         fn build(depth: u32, next: &mut dyn FnMut(usize) -> usize) -> String {
             if depth == 0 || next(4) == 0 {
                 return ATOMS[next(ATOMS.len())].to_string();

@@ -351,13 +351,7 @@ mod tests {
             "(?:", "[", "]", "[^", "a-z", "0-9", "-]", "?", "*", "+", "??", r"\.", r"\-", r"\\",
             "{", "}", " ", "&&", "~", "#",
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: usize| {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
-        };
+        let mut next = crate::pattern::xorshift(0x9e37_79b9_7f4a_7c15_u64);
         let (mut answered, mut valid) = (0, 0);
         for _ in 0..200_000 {
             let len = 1 + next(10);
