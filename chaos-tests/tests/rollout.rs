@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agiproxy::control::ControlHandle;
+use agiproxy::rollout::eval::PeerAccess;
 use agiproxy::rollout::{now_ms, sticky};
 use agiproxy::server::Origin;
 use agiproxy::Server;
 use agiproxy_control::api::RolloutView;
 use agiproxy_control::client::{Client, Target};
 use agiproxy_control::server::ServeOptions;
+use agiproxy_control::tls::TlsFiles;
 use agiproxy_control::ControlServer;
 use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
 use common::*;
@@ -27,6 +29,8 @@ struct Replica {
     /// Kept for the length of the test (the API and tasks hold it too).
     _server: Server,
     api: Target,
+    /// Reads `api` (over TLS with a client certificate when it serves TLS).
+    client: Client,
     addr: SocketAddr,
 }
 
@@ -48,35 +52,69 @@ fn config(rollout: &str, blue: SocketAddr, green: SocketAddr) -> String {
 async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
     let mut out = Vec::new();
     for port in ports {
-        let config = agiproxy_config::from_yaml_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let origin = Origin {
-            text: text.into(),
-            source: "test".into(),
-            file: None,
-        };
-        let server = Server::start_with(config, origin).await.unwrap();
-        agiproxy::rollout::eval::spawn(server.clone(), Some(TOKEN.into()));
-        let opts = ServeOptions {
-            address: Some(SocketAddr::from(([127, 0, 0, 1], *port))),
-            socket: None,
-            token: Some(TOKEN.into()),
-            tls: None,
-            max_body_bytes: 1 << 20,
-            request_timeout: Duration::from_secs(5),
-        };
-        let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
-            .await
-            .unwrap();
-        let api_target = Target::http(api.local_addr().expect("a TCP listener"));
-        tokio::spawn(api.serve(std::future::pending()));
-        let addr = server.local_addrs()[0];
-        out.push(Replica {
-            _server: server,
-            api: api_target,
-            addr,
-        });
+        out.push(replica(text, *port, None).await);
     }
     out
+}
+
+/// One replica of `text` with its control API on `port`, serving TLS as the
+/// config's `control.tls` says when `tls` gives the name its certificate
+/// carries; judgement reads the peers as `main` sets it up.
+async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
+    let config = agiproxy_config::from_yaml_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let peers = match tls {
+        Some(_) => PeerAccess::from_config(&config.control, Some(TOKEN.into())).unwrap(),
+        None => PeerAccess::plain(Some(TOKEN.into())),
+    };
+    // The operator's client trusts the fleet CA and presents a replica's
+    // certificate, as peers do.
+    let operator = config.control.tls.as_ref().map(|t| {
+        let (cert, key) = t.peers.client_cert.clone().unzip();
+        let files = agiproxy_control::tls::ClientTls {
+            ca: t.peers.ca.clone(),
+            cert,
+            key,
+        };
+        let mut c = client();
+        c.tls = Some(agiproxy_control::tls::connector(&files).unwrap());
+        c
+    });
+    let files = config.control.tls.as_ref().map(|t| TlsFiles {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        client_ca: t.client_ca.clone(),
+    });
+    let origin = Origin {
+        text: text.into(),
+        source: "test".into(),
+        file: None,
+    };
+    let server = Server::start_with(config, origin).await.unwrap();
+    agiproxy::rollout::eval::spawn(server.clone(), peers);
+    let opts = ServeOptions {
+        address: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        socket: None,
+        token: Some(TOKEN.into()),
+        tls: files,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    };
+    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
+        .await
+        .unwrap();
+    let local = api.local_addr().expect("a TCP listener");
+    let (api_target, client) = match (tls, operator) {
+        (Some(name), Some(c)) => (Target::https(local, name), c),
+        _ => (Target::http(local), client()),
+    };
+    tokio::spawn(api.serve(std::future::pending()));
+    let addr = server.local_addrs()[0];
+    Replica {
+        _server: server,
+        api: api_target,
+        client,
+        addr,
+    }
 }
 
 fn client() -> Client {
@@ -88,7 +126,8 @@ fn client() -> Client {
 }
 
 async fn view(r: &Replica) -> RolloutView {
-    let resp = client()
+    let resp = r
+        .client
         .call(&r.api, "GET", "/v1/rollouts/ivr", &[], None)
         .await
         .unwrap();
@@ -140,27 +179,7 @@ async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_repl
     );
     let rs = replicas(&config(&rollout, blue.addr(), green.addr()), &ports).await;
 
-    // Calls until every replica has rolled back (bounded: 1,500 calls, 40 s).
-    let started = Instant::now();
-    let mut sent = 0;
-    let mut known_at: Vec<Option<Instant>> = vec![None; 3];
-    while known_at.iter().any(Option::is_none) {
-        assert!(
-            sent < 1500 && started.elapsed() < Duration::from_secs(40),
-            "not rolled back on every replica after {sent} calls: {:?}",
-            futures_views(&rs).await
-        );
-        if sent < 1500 {
-            traffic(&rs, sent, 12, 6).await;
-            sent += 12;
-        }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        for (i, r) in rs.iter().enumerate() {
-            if known_at[i].is_none() && view(r).await.decision.is_some() {
-                known_at[i] = Some(Instant::now());
-            }
-        }
-    }
+    let known_at = until_every_replica_decides(&rs).await;
     let views = futures_views(&rs).await;
     let at: Vec<i64> = views
         .iter()
@@ -169,8 +188,8 @@ async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_repl
     // One decision, in force at the same moment on every replica...
     assert!(at.iter().all(|a| *a == at[0]), "{at:?}");
     // ...known to all of them within one evaluation interval of each other.
-    let first = known_at.iter().flatten().min().unwrap();
-    let last = known_at.iter().flatten().max().unwrap();
+    let first = known_at.iter().min().unwrap();
+    let last = known_at.iter().max().unwrap();
     assert!(
         *last - *first <= Duration::from_millis(interval_ms),
         "{:?}",
@@ -225,6 +244,99 @@ async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_repl
         green_before,
         "green got new calls"
     );
+}
+
+/// Calls until every replica has a decision (bounded: 1,500 calls, 40 s);
+/// when each learnt of it.
+async fn until_every_replica_decides(rs: &[Replica]) -> Vec<Instant> {
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut known_at: Vec<Option<Instant>> = vec![None; rs.len()];
+    while known_at.iter().any(Option::is_none) {
+        assert!(
+            sent < 1500 && started.elapsed() < Duration::from_secs(40),
+            "not rolled back on every replica after {sent} calls: {:?}",
+            futures_views(rs).await
+        );
+        if sent < 1500 {
+            traffic(rs, sent, 12, 6).await;
+            sent += 12;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        for (i, r) in rs.iter().enumerate() {
+            if known_at[i].is_none() && view(r).await.decision.is_some() {
+                known_at[i] = Some(Instant::now());
+            }
+        }
+    }
+    known_at.into_iter().flatten().collect()
+}
+
+/// The same judgement with the control APIs on TLS asking for client
+/// certificates (`control.tls` with `client_ca`), one config for all: the
+/// replicas read each other over HTTPS, verify the name every replica's
+/// certificate carries (`peers.server_name`; the certificate has no IP
+/// address) and present their own certificate. Each judges on all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_whose_control_apis_serve_tls_read_each_other() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::TempDir::with_prefix("agiproxy-rollout-tls").unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["agiproxy-control".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca, cert, key) = (
+        write("ca.pem", ca.pem()),
+        write("replica.pem", cert.pem()),
+        write("replica.key", key.serialize_pem()),
+    );
+
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let good = Behaviour::script(&["NOOP"]);
+    let green = FakeBackend::start(Behaviour::Cycle(vec![
+        Behaviour::CloseAfterHeader,
+        good.clone(),
+        good.clone(),
+        good.clone(),
+        good,
+    ]))
+    .await;
+    let ports = [free_port(), free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      judge: {{ interval: 2000ms, min_sessions: 15, peers: [{}] }}\n",
+        agiproxy_config::format_ms(now_ms() - 100),
+        peers.join(", ")
+    );
+    let base = config(&rollout, blue.addr(), green.addr());
+    let mut rs = Vec::new();
+    for port in ports {
+        let text = format!(
+            "{base}control:\n  address: \"127.0.0.1:{port}\"\n  tls:\n    cert: {cert}\n    key: {key}\n    client_ca: {ca}\n    peers: {{ server_name: agiproxy-control }}\n"
+        );
+        rs.push(replica(&text, port, Some("agiproxy-control")).await);
+    }
+
+    until_every_replica_decides(&rs).await;
+    for v in futures_views(&rs).await {
+        assert_eq!(
+            v.last_evaluation.as_ref().map(|e| e.replicas),
+            Some(3),
+            "judged on every replica's counters: {v:?}"
+        );
+        let d = v.decision.as_ref().unwrap();
+        assert!(d.reason.starts_with("early closes: green"), "{d:?}");
+    }
 }
 
 async fn futures_views(rs: &[Replica]) -> Vec<RolloutView> {
@@ -385,6 +497,7 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         .unwrap();
     let r = Replica {
         api: Target::http(api.local_addr().expect("a TCP listener")),
+        client: client(),
         addr: server.local_addrs()[0],
         _server: server,
     };

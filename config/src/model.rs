@@ -85,6 +85,24 @@ pub struct ControlTls {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
     pub client_ca: Option<std::path::PathBuf>,
+    /// How rollout judgement reads the other replicas' control APIs, which
+    /// serve TLS as this one does. Defaults resolved: see [`PeerTls`].
+    pub peers: PeerTls,
+}
+
+/// The client side of reading peers over TLS, defaults already applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    /// The CA that signed the peers' certificates: `peers.ca`, else
+    /// `client_ca` (one fleet CA signs replicas and operators alike). None:
+    /// peers cannot be verified, so they are not read.
+    pub ca: Option<std::path::PathBuf>,
+    /// The certificate and key presented to peers: `peers.cert`/`peers.key`,
+    /// else, when `client_ca` asks callers for one, this replica's own.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name the peers' certificates must carry; None: the peer's IP
+    /// address (the certificates then need IP SANs).
+    pub server_name: Option<String>,
 }
 
 impl Config {

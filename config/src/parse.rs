@@ -15,8 +15,8 @@ use crate::error::{from_yaml, ConfigError};
 use crate::raw::RawRollout;
 use crate::raw::{
     DurationText, OrderedMap, RawBackend, RawBalance, RawConfig, RawControl, RawControlTls, RawDns,
-    RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPool,
-    RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
+    RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPeerTls,
+    RawPool, RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
 };
 use crate::tree::{Leaf, Node};
 
@@ -421,7 +421,8 @@ structs! {
         token_env: "token_env", tls: "tls", max_body_bytes: "max_body_bytes",
         request_timeout: "request_timeout",
     }
-    RawControlTls { cert: "cert", key: "key", client_ca: "client_ca" }
+    RawControlTls { cert: "cert", key: "key", client_ca: "client_ca", peers: "peers" }
+    RawPeerTls { ca: "ca", cert: "cert", key: "key", server_name: "server_name" }
 }
 
 /// A YAML value as serde names it in `invalid type` messages.

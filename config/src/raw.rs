@@ -210,6 +210,17 @@ pub(crate) struct RawControlTls {
     pub cert: Option<String>,
     pub key: Option<String>,
     pub client_ca: Option<String>,
+    pub peers: Option<RawPeerTls>,
+}
+
+/// How this replica reads its peers' control APIs over TLS (rollout judgement).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPeerTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub server_name: Option<String>,
 }
 
 /// A YAML scalar kept as text: strings as written, integers and booleans in their usual spelling

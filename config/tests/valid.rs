@@ -281,6 +281,37 @@ fn control_is_off_without_a_block_and_needs_no_token_on_any_address() {
     assert!(!c.control.enabled);
 }
 
+/// Rollout judgement reads peers as this replica serves: with `control.tls`,
+/// over TLS; the fleet CA and this replica's own certificate are the
+/// defaults, each overridable under `control.tls.peers`.
+#[test]
+fn peers_are_read_with_the_fleet_ca_and_this_replicas_certificate_by_default() {
+    let base = "version: 1\ncontrol:\n  address: \"127.0.0.1:4574\"\n  tls: ";
+    let c = compile(&format!(
+        "{base}{{ cert: /c.pem, key: /k.pem, client_ca: /ca.pem }}\n"
+    ));
+    let p = &c.control.tls.as_ref().unwrap().peers;
+    assert_eq!(p.ca, Some("/ca.pem".into()));
+    assert_eq!(p.client_cert, Some(("/c.pem".into(), "/k.pem".into())));
+    assert_eq!(p.server_name, None);
+    // No client certificates asked for: none presented, and no CA known.
+    let c = compile(&format!("{base}{{ cert: /c.pem, key: /k.pem }}\n"));
+    let p = &c.control.tls.as_ref().unwrap().peers;
+    assert_eq!((p.ca.as_ref(), p.client_cert.as_ref()), (None, None));
+    let c = compile(&format!(
+        "{base}{{ cert: /c.pem, key: /k.pem, client_ca: /ca.pem, peers: {{ ca: /peer-ca.pem, cert: /p.pem, key: /p.key, server_name: agiproxy-control.ivr.svc. }} }}\n"
+    ));
+    let p = &c.control.tls.as_ref().unwrap().peers;
+    assert_eq!(p.ca, Some("/peer-ca.pem".into()));
+    assert_eq!(p.client_cert, Some(("/p.pem".into(), "/p.key".into())));
+    assert_eq!(p.server_name.as_deref(), Some("agiproxy-control.ivr.svc"));
+    let c = compile(&format!(
+        "{base}{{ cert: /c.pem, key: /k.pem, peers: {{ ca: /ca.pem, server_name: \"10.0.0.7\" }} }}\n"
+    ));
+    let p = &c.control.tls.as_ref().unwrap().peers;
+    assert_eq!(p.server_name.as_deref(), Some("10.0.0.7"));
+}
+
 #[test]
 fn edge_values_are_accepted() {
     let c = compile(

@@ -45,6 +45,16 @@ impl Target {
         }
     }
 
+    /// HTTPS to `addr`, whose certificate must carry `name` (a DNS name or
+    /// an IP address).
+    pub fn https(addr: SocketAddr, name: impl Into<String>) -> Target {
+        Target {
+            addr: Address::Tcp(addr),
+            https: true,
+            host: name.into(),
+        }
+    }
+
     /// The control socket at `path`.
     pub fn socket(path: impl Into<PathBuf>) -> Target {
         Target {

@@ -317,6 +317,20 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     // Everything that can refuse to start is done before the proxy accepts a call: a
     // replica that cannot start must not answer Asterisk, even for a moment.
     let control = prepare_control(&config.control).await?;
+    // How rollout judgement reads the other replicas: the same token, and
+    // TLS when they serve it. Its PEM files are read off the runtime.
+    let peers = match &control {
+        Some(api) => {
+            let (settings, token) = (config.control.clone(), api.token().map(str::to_string));
+            tokio::task::spawn_blocking(move || {
+                agiproxy::rollout::eval::PeerAccess::from_config(&settings, token)
+            })
+            .await
+            .context("reading control.tls.peers stopped")?
+            .map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => agiproxy::rollout::eval::PeerAccess::plain(None),
+    };
     let origin = Origin {
         text: text.into(),
         source: format!("file:{}", path.display()),
@@ -332,8 +346,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 
     let (stop_control, control_task) = match control {
         Some(api) => {
-            // Judgement reads the peers' control APIs with the same token.
-            agiproxy::rollout::eval::spawn(server.clone(), api.token().map(str::to_string));
+            agiproxy::rollout::eval::spawn(server.clone(), peers);
             let api = api.with_plane(ControlHandle::new(server.clone()));
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(api.serve(async {
@@ -344,7 +357,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         None => {
             // Rollouts are still judged, on this replica's counters and the
             // peers' it can read (peers cannot read its own).
-            agiproxy::rollout::eval::spawn(server.clone(), None);
+            agiproxy::rollout::eval::spawn(server.clone(), peers);
             (None, None)
         }
     };

@@ -1,13 +1,13 @@
 //! The control API block: where it listens, how callers authenticate, limits.
 //! No block, no control API: nothing is opened that the file does not ask for.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::duration;
 use crate::error::Errors;
-use crate::model::{Control, ControlTls, Limits, TokenSource};
-use crate::raw::RawControl;
+use crate::model::{Control, ControlTls, Limits, PeerTls, Peers, Route, TokenSource};
+use crate::raw::{RawControl, RawPeerTls};
 
 use super::checks;
 
@@ -57,10 +57,14 @@ pub(super) fn compile(raw: Option<&RawControl>, limits: &Limits, errs: &mut Erro
     if let Some(tls) = &raw.tls {
         match (&tls.cert, &tls.key) {
             (Some(cert), Some(key)) => {
+                let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+                let client_ca = tls.client_ca.as_ref().map(PathBuf::from);
+                let peers = peer_tls(tls.peers.as_ref(), &cert, &key, client_ca.as_ref(), errs);
                 c.tls = Some(ControlTls {
-                    cert: PathBuf::from(cert),
-                    key: PathBuf::from(key),
-                    client_ca: tls.client_ca.as_ref().map(PathBuf::from),
+                    cert,
+                    key,
+                    client_ca,
+                    peers,
                 })
             }
             _ => errs.push(
@@ -104,6 +108,77 @@ pub(super) fn compile(raw: Option<&RawControl>, limits: &Limits, errs: &mut Erro
         );
     }
     c
+}
+
+/// How rollout judgement reads the other replicas, which serve TLS as this
+/// one does: their CA defaults to `client_ca` (one fleet CA), the
+/// certificate presented to them to this replica's own when `client_ca`
+/// asks callers for one.
+fn peer_tls(
+    raw: Option<&RawPeerTls>,
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&PathBuf>,
+    errs: &mut Errors,
+) -> PeerTls {
+    let empty = RawPeerTls::default();
+    let raw = raw.unwrap_or(&empty);
+    let client_cert = match (&raw.cert, &raw.key) {
+        (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+        (None, None) => client_ca.map(|_| (cert.to_path_buf(), key.to_path_buf())),
+        _ => {
+            errs.push(
+                "control.tls.peers",
+                "cert and key go together (the certificate this replica presents to its peers)",
+            );
+            None
+        }
+    };
+    let server_name = raw.server_name.as_deref().and_then(|text| {
+        let text = text.trim();
+        if text.parse::<std::net::IpAddr>().is_ok() {
+            return Some(text.to_string());
+        }
+        match checks::dns_name(text) {
+            Ok(n) => Some(n.trim_end_matches('.').to_string()),
+            Err(m) => {
+                errs.push(
+                    "control.tls.peers.server_name",
+                    format!("{m}; write the name every replica's certificate carries, e.g. agiproxy-control.ivr.svc"),
+                );
+                None
+            }
+        }
+    });
+    PeerTls {
+        ca: raw
+            .ca
+            .as_ref()
+            .map(PathBuf::from)
+            .or_else(|| client_ca.cloned()),
+        client_cert,
+        server_name,
+    }
+}
+
+/// Peers serve TLS as this replica does: judgement that reads peers must
+/// be able to verify them, or a bad green could go on unjudged (no replica
+/// alone may reach `min_sessions`).
+pub(super) fn check_rollout_peers(c: &Control, routes: &[Route], errs: &mut Errors) {
+    let Some(tls) = &c.tls else { return };
+    if tls.peers.ca.is_some() {
+        return;
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let Some(ro) = &r.rollout else { continue };
+        if ro.judge.enabled && ro.judge.peers != Peers::None {
+            errs.push(
+                format!("routes[{i}].rollout.judge.peers"),
+                "the peers' control APIs serve TLS (control.tls), and nothing says which CA \
+                 signed their certificates: set control.tls.peers.ca (or control.tls.client_ca)",
+            );
+        }
+    }
 }
 
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes

@@ -35,6 +35,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     let pools = pool::compile_all(&raw_pools, &dns, &mut errs);
 
     let control = control::compile(raw.control.as_ref(), &limits, &mut errs);
+    control::check_rollout_peers(&control, &routes, &mut errs);
 
     if !errs.is_empty() {
         return Err(errs.into_vec());

@@ -67,16 +67,73 @@ pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
     }
 }
 
+/// How judgement reads its peers' control APIs: with the bearer token
+/// every replica shares, and over TLS when they serve it (as this
+/// replica's own control API does: one config for the whole fleet).
+pub struct PeerAccess {
+    client: Client,
+    /// Set when peers serve TLS: the name their certificates carry, None
+    /// for the peer's IP address.
+    https: Option<Option<String>>,
+}
+
+impl PeerAccess {
+    /// Plain HTTP (the control API has no `tls`).
+    pub fn plain(token: Option<String>) -> PeerAccess {
+        PeerAccess {
+            client: Client {
+                token,
+                tls: None,
+                timeout: Duration::from_secs(5),
+            },
+            https: None,
+        }
+    }
+
+    /// As `control` says: with `control.tls`, HTTPS verified against
+    /// `control.tls.peers`. Reads the PEM files: call it off the runtime's
+    /// workers. An error names the file and what is wrong with it.
+    pub fn from_config(
+        control: &agiproxy_config::Control,
+        token: Option<String>,
+    ) -> Result<PeerAccess, String> {
+        let mut access = PeerAccess::plain(token);
+        let Some(tls) = &control.tls else {
+            return Ok(access);
+        };
+        // Without a CA nothing can be verified; validation refuses rollouts
+        // that read peers then, so there is nothing to read.
+        let Some(ca) = &tls.peers.ca else {
+            return Ok(access);
+        };
+        let (cert, key) = tls.peers.client_cert.clone().unzip();
+        let files = agiproxy_control::tls::ClientTls {
+            ca: Some(ca.clone()),
+            cert,
+            key,
+        };
+        let connector = agiproxy_control::tls::connector(&files)
+            .map_err(|e| format!("control.tls.peers: {e}"))?;
+        access.client.tls = Some(connector);
+        access.https = Some(tls.peers.server_name.clone());
+        Ok(access)
+    }
+
+    fn target(&self, addr: SocketAddr) -> Target {
+        match &self.https {
+            None => Target::http(addr),
+            Some(name) => {
+                Target::https(addr, name.clone().unwrap_or_else(|| addr.ip().to_string()))
+            }
+        }
+    }
+}
+
 /// Runs the judgement of every rollout route of the running config, for
-/// as long as the process lives. `token`: the control API's bearer token,
-/// which every replica shares, for reading peers.
-pub fn spawn(server: Server, token: Option<String>) -> tokio::task::JoinHandle<()> {
+/// as long as the process lives, reading peers with `peers`.
+pub fn spawn(server: Server, peers: PeerAccess) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = Arc::new(Client {
-            token,
-            tls: None,
-            timeout: Duration::from_secs(5),
-        });
+        let client = Arc::new(peers);
         loop {
             // The snapshot is let go before the sleep: a replaced one must
             // be freed where the swap frees it (then memory is given back),
@@ -99,7 +156,7 @@ pub fn spawn(server: Server, token: Option<String>) -> tokio::task::JoinHandle<(
     })
 }
 
-fn step(route: &Arc<str>, plan: &Rollout, live: &Arc<RolloutLive>, client: &Arc<Client>) {
+fn step(route: &Arc<str>, plan: &Rollout, live: &Arc<RolloutLive>, client: &Arc<PeerAccess>) {
     let now = now_ms();
     let iv = (plan.judge.interval.as_millis() as i64).max(1);
     if now < plan.start_ms {
@@ -166,7 +223,7 @@ async fn evaluate(
     route: Arc<str>,
     plan: Rollout,
     live: Arc<RolloutLive>,
-    client: Arc<Client>,
+    client: Arc<PeerAccess>,
     k: i64,
     t_k: i64,
 ) {
@@ -175,8 +232,8 @@ async fn evaluate(
     let addrs = peers(&plan).await;
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
     let asks = addrs.iter().map(|a| {
-        let target = Target::http(*a);
-        let (client, path) = (&client, &path);
+        let target = client.target(*a);
+        let (client, path) = (&client.client, &path);
         async move {
             let r =
                 tokio::time::timeout(iv / 4, client.call(&target, "GET", path, &[], None)).await;
