@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::handlers::{self as h, error, Ctx, S};
 use crate::plane::ControlPlane;
 use crate::socket::{SocketError, SocketFile};
-use crate::tls::TlsFiles;
+use crate::tls::{Reloading, TlsFiles};
 
 /// The only requests served without a credential: what probes, Prometheus
 /// and a convergence check need, all read-only (HEAD counts as GET).
@@ -131,7 +131,7 @@ pub struct ControlServer {
     app: Router,
     endpoints: Vec<Endpoint>,
     has_token: bool,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>>,
     request_timeout: Duration,
 }
 
@@ -141,7 +141,7 @@ pub struct ControlServer {
 pub struct PreparedControl {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, SocketFile)>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>>,
     opts: ServeOptions,
 }
 
@@ -151,9 +151,9 @@ impl PreparedControl {
             return Err(ServeError::Nowhere);
         }
         let tls = match &opts.tls {
-            Some(files) if opts.address.is_some() => {
-                Some(crate::tls::acceptor(files).map_err(ServeError::Tls)?)
-            }
+            Some(files) if opts.address.is_some() => Some(Arc::new(
+                crate::tls::reloading_acceptor(files).map_err(ServeError::Tls)?,
+            )),
             _ => None,
         };
         let tcp = match opts.address {
@@ -186,6 +186,11 @@ impl PreparedControl {
         self.opts.token.as_deref()
     }
 
+    /// Its TLS settings, which follow their files when refreshed.
+    pub fn tls(&self) -> Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>> {
+        self.tls.clone()
+    }
+
     /// The API over `plane`, ready to serve; logs once which endpoints are open and which
     /// need (or, with no token, refuse) a credential.
     pub fn with_plane<P: ControlPlane>(self, plane: Arc<P>) -> ControlServer {
@@ -213,6 +218,10 @@ impl PreparedControl {
 }
 
 impl ControlServer {
+    /// Its TLS settings, which follow their files when refreshed.
+    pub fn tls(&self) -> Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>> {
+        self.tls.clone()
+    }
     /// Binds the listener and/or the socket, and logs once which endpoints
     /// are open and which need (or, with no token, refuse) a credential.
     pub async fn bind<P: ControlPlane>(
@@ -291,7 +300,9 @@ impl ControlServer {
     fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr, slot: Slot) {
         let app = self.app.clone();
         let timeout = self.request_timeout;
-        let Some(acceptor) = self.tls.clone() else {
+        // The settings in use now: a renewed certificate serves the next
+        // connection.
+        let Some(acceptor) = self.tls.as_ref().map(|t| t.current()) else {
             let conn = serve_connection(stream, app, None, timeout, peer.to_string());
             tokio::spawn(async move {
                 conn.await;

@@ -3,7 +3,11 @@
 //! client side for `ctl`. PEM is read through rustls-pki-types.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+/// The types the settings are built into, for crates that hold them.
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -97,4 +101,115 @@ pub fn connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, String> 
         _ => return Err("a client certificate needs both --cert and --key".into()),
     };
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// What reloading knows of each file: which file its path names now (a
+/// Kubernetes Secret volume swaps a symlink to new files) and when and how
+/// it last changed (a file rewritten in place); None: unreadable.
+type Stamp = Vec<Option<(u64, u64, i64, i64, u64)>>;
+
+fn stamp(paths: &[PathBuf]) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+        })
+        .collect()
+}
+
+/// What a [`Reloading::refresh`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// No file changed.
+    Unchanged,
+    /// A file changed and the new settings are in use.
+    Reloaded,
+    /// A file changed and the new settings are bad: the last good ones stay
+    /// in use. Tried again when a file changes again.
+    Refused(String),
+}
+
+/// TLS settings that follow their PEM files. Certificates are renewed in
+/// place (cert-manager, the kubelet's Secret volumes), and a replica that
+/// runs for months must not serve, or present, one that has expired.
+pub struct Reloading<T> {
+    current: ArcSwap<T>,
+    paths: Vec<PathBuf>,
+    seen: Mutex<Stamp>,
+    build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
+}
+
+impl<T> Reloading<T> {
+    fn new(
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Reloading<T>, String> {
+        let seen = stamp(&paths);
+        let first = build()?;
+        Ok(Reloading {
+            current: ArcSwap::from_pointee(first),
+            paths,
+            seen: Mutex::new(seen),
+            build: Box::new(build),
+        })
+    }
+
+    /// The settings in use.
+    pub fn current(&self) -> Arc<T> {
+        self.current.load_full()
+    }
+
+    /// The files it follows.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Reads the files again if any changed since the last look. Blocking
+    /// (`stat`, and reading the files): call it off the async runtime.
+    pub fn refresh(&self) -> Refresh {
+        let now = stamp(&self.paths);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *seen == now {
+            return Refresh::Unchanged;
+        }
+        // Taken before the files are read: a change during the read is seen
+        // again at the next look, never missed.
+        *seen = now;
+        match (self.build)() {
+            Ok(t) => {
+                self.current.store(Arc::new(t));
+                Refresh::Reloaded
+            }
+            Err(e) => Refresh::Refused(e),
+        }
+    }
+}
+
+/// The server side, following its files.
+pub fn reloading_acceptor(
+    files: &TlsFiles,
+) -> Result<Reloading<tokio_rustls::TlsAcceptor>, String> {
+    let f = files.clone();
+    let paths = [Some(&f.cert), Some(&f.key), f.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    Reloading::new(paths, move || acceptor(&f))
+}
+
+/// The client side, following its files.
+pub fn reloading_connector(
+    tls: &ClientTls,
+) -> Result<Reloading<tokio_rustls::TlsConnector>, String> {
+    let t = tls.clone();
+    let paths = [t.ca.as_ref(), t.cert.as_ref(), t.key.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    Reloading::new(paths, move || connector(&t))
 }

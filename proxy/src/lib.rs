@@ -14,6 +14,7 @@
 //! - pools and what keeps them current ([`pool`]): backend state, balancing
 //!   policies, health checks and DNS discovery. It knows nothing above it.
 
+pub mod certificates;
 pub mod control;
 pub mod drain;
 pub mod fds;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use agiproxy::certificates::{self, Followed};
 use agiproxy::control::ControlHandle;
 use agiproxy::logging::{self, LogFormat};
 use agiproxy::server::Origin;
@@ -342,6 +343,18 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
     let server = Server::start_with(config, origin).await?;
+    let followed: Vec<_> = control
+        .as_ref()
+        .and_then(|api| api.tls())
+        .map(|t| Followed::new("control", t))
+        .into_iter()
+        .chain(peers.tls().map(|t| Followed::new("peers", t)))
+        .collect();
+    certificates::spawn(
+        server.metrics().tls_reloads.clone(),
+        followed,
+        certificates::EVERY,
+    );
     let _watch = agiproxy::watch::watch(server.clone())?;
 
     let (stop_control, control_task) = match control {

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
     pub config_reloads: IntCounterVec,
+    pub tls_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub control_requests: IntCounterVec,
 }
@@ -99,6 +100,14 @@ impl Metrics {
                 "Config changes (file, signal, API), by result: applied, unchanged, dry_run, invalid, stale, bind_failed, error",
             ),
             &["result"],
+        )
+        .expect("valid metric");
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "tls_reloads_total",
+                "Changed TLS files read again, by files (control: the control API's; peers: what rollout judgement presents and trusts) and result (reloaded; refused: the new files are bad and the last good ones stay in use)",
+            ),
+            &["files", "result"],
         )
         .expect("valid metric");
         let config_generation =
@@ -194,6 +203,7 @@ impl Metrics {
         for c in [
             Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_reloads.clone()),
+            Box::new(tls_reloads.clone()),
             Box::new(config_generation.clone()),
             Box::new(control_requests.clone()),
             Box::new(build_info),
@@ -248,6 +258,7 @@ impl Metrics {
             first_command_seconds,
             session_seconds,
             config_reloads,
+            tls_reloads,
             config_generation,
             control_requests,
         }

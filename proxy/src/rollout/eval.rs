@@ -16,6 +16,7 @@ use std::time::Duration;
 use agiproxy_config::{Peers, Rollout};
 use agiproxy_control::api::{RolloutCounts, RolloutDecisionView, RolloutTick};
 use agiproxy_control::client::{Client, Target};
+use agiproxy_control::tls::{Reloading, TlsConnector};
 
 use crate::server::Server;
 use crate::session::rollout::judge::{judge, Counts, Verdict};
@@ -71,23 +72,21 @@ pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
 /// every replica shares, and over TLS when they serve it (as this
 /// replica's own control API does: one config for the whole fleet).
 pub struct PeerAccess {
-    client: Client,
-    /// Set when peers serve TLS: the name their certificates carry, None
-    /// for the peer's IP address.
-    https: Option<Option<String>>,
+    token: Option<String>,
+    tls: Option<PeerTls>,
+}
+
+struct PeerTls {
+    /// Follows its files (see [`crate::certificates`]).
+    connector: Arc<Reloading<TlsConnector>>,
+    /// The name the peers' certificates carry; None: the peer's IP address.
+    server_name: Option<String>,
 }
 
 impl PeerAccess {
     /// Plain HTTP (the control API has no `tls`).
     pub fn plain(token: Option<String>) -> PeerAccess {
-        PeerAccess {
-            client: Client {
-                token,
-                tls: None,
-                timeout: Duration::from_secs(5),
-            },
-            https: None,
-        }
+        PeerAccess { token, tls: None }
     }
 
     /// As `control` says: with `control.tls`, HTTPS verified against
@@ -112,19 +111,38 @@ impl PeerAccess {
             cert,
             key,
         };
-        let connector = agiproxy_control::tls::connector(&files)
+        let connector = agiproxy_control::tls::reloading_connector(&files)
             .map_err(|e| format!("control.tls.peers: {e}"))?;
-        access.client.tls = Some(connector);
-        access.https = Some(tls.peers.server_name.clone());
+        access.tls = Some(PeerTls {
+            connector: Arc::new(connector),
+            server_name: tls.peers.server_name.clone(),
+        });
         Ok(access)
     }
 
+    /// Its TLS settings, which follow their files when refreshed.
+    pub fn tls(&self) -> Option<Arc<Reloading<TlsConnector>>> {
+        self.tls.as_ref().map(|t| t.connector.clone())
+    }
+
+    /// A client with the settings in use now.
+    fn client(&self) -> Client {
+        Client {
+            token: self.token.clone(),
+            tls: self.tls.as_ref().map(|t| (*t.connector.current()).clone()),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
     fn target(&self, addr: SocketAddr) -> Target {
-        match &self.https {
+        match &self.tls {
             None => Target::http(addr),
-            Some(name) => {
-                Target::https(addr, name.clone().unwrap_or_else(|| addr.ip().to_string()))
-            }
+            Some(t) => Target::https(
+                addr,
+                t.server_name
+                    .clone()
+                    .unwrap_or_else(|| addr.ip().to_string()),
+            ),
         }
     }
 }
@@ -231,9 +249,10 @@ async fn evaluate(
     let own = live.published(k);
     let addrs = peers(&plan).await;
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
+    let http = client.client();
     let asks = addrs.iter().map(|a| {
         let target = client.target(*a);
-        let (client, path) = (&client.client, &path);
+        let (client, path) = (&http, &path);
         async move {
             let r =
                 tokio::time::timeout(iv / 4, client.call(&target, "GET", path, &[], None)).await;
