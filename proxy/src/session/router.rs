@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use agiproxy_config::{Pattern, Pool, Route, RouteMatch, RouteTarget, ScriptMatch};
@@ -44,6 +44,8 @@ pub struct Router {
     index: ScriptIndex,
     /// Drives the split for calls without the split key.
     fallback: AtomicU64,
+    /// Set when dropped: background regex compiling for it stops.
+    retired: Arc<AtomicBool>,
 }
 
 /// Route indices by script criterion; every list in route order.
@@ -133,11 +135,13 @@ impl Router {
                 }
             })
             .collect::<Vec<CompiledRoute>>();
-        warm_patterns(&routes);
+        let retired = Arc::new(AtomicBool::new(false));
+        warm_patterns(&routes, &retired);
         Router {
             routes,
             index,
             fallback: AtomicU64::new(0),
+            retired,
         }
     }
 
@@ -229,23 +233,57 @@ impl Router {
 /// the first call that needs them (huge tables load in a second that way)
 /// while the router is built off the runtime threads (`Snapshot::build` runs
 /// on a blocking thread): up to this many are compiled here, so an ordinary
-/// config never compiles a regex on a session's thread.
+/// config never compiles a regex on a session's thread; the rest are
+/// compiled by a background thread right after (see [`warm_rest`]).
 const WARM_PATTERNS: usize = 4096;
 
-fn warm_patterns(routes: &[CompiledRoute]) {
-    routes
-        .iter()
-        .flat_map(|r| {
-            let m = &r.route.matcher;
-            m.args
-                .iter()
-                .map(|(_, p)| p)
-                .chain(m.vars.iter().map(|(_, p)| p))
-        })
-        .take(WARM_PATTERNS)
-        .for_each(|p| {
+/// Compiles the first [`WARM_PATTERNS`] argument and variable regexes, and
+/// hands the rest to [`warm_rest`]. `retired` is set when the router is
+/// dropped.
+fn warm_patterns(routes: &[CompiledRoute], retired: &Arc<AtomicBool>) {
+    let mut all = routes.iter().flat_map(|r| {
+        let m = &r.route.matcher;
+        m.args
+            .iter()
+            .map(|(_, p)| p)
+            .chain(m.vars.iter().map(|(_, p)| p))
+    });
+    all.by_ref().take(WARM_PATTERNS).for_each(|p| {
+        p.regex();
+    });
+    let rest: Vec<Pattern> = all.filter(|p| !p.is_compiled()).cloned().collect();
+    if !rest.is_empty() {
+        warm_rest(rest, retired.clone());
+    }
+}
+
+/// Compiles `rest` on a blocking thread, in route order, so that a call
+/// rarely finds its regex still to compile (it would compile it on its
+/// session's thread, once, as before): the CPU of a reload, not of the
+/// calls. Stops early when the router it serves is replaced.
+fn warm_rest(rest: Vec<Pattern>, retired: Arc<AtomicBool>) {
+    let work = move || {
+        for p in &rest {
+            if retired.load(Ordering::Relaxed) {
+                return;
+            }
             p.regex();
-        });
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(work)),
+        Err(_) => {
+            let _ = std::thread::Builder::new()
+                .name("agiproxy-regex".into())
+                .spawn(work);
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
 }
 
 impl CompiledRoute {
@@ -487,13 +525,23 @@ mod tests {
             let m = &r.route.matcher;
             (m.args[0].1.is_compiled(), m.vars[0].1.is_compiled())
         };
-        // The first WARM_PATTERNS on the building thread, the rest left to
-        // their first call.
+        // The first WARM_PATTERNS on the building thread...
         assert_eq!(compiled(&router.routes()[0]), (true, true));
         assert_eq!(
             compiled(&router.routes()[WARM_PATTERNS / 2 - 1]),
             (true, true)
         );
-        assert_eq!(compiled(&router.routes()[n - 1]), (false, false));
+        // ...the rest by a background thread soon after (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while router.routes()[WARM_PATTERNS / 2..]
+            .iter()
+            .any(|r| compiled(r) != (true, true))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the regexes past the first {WARM_PATTERNS} were not compiled in the background"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
