@@ -1,13 +1,13 @@
 //! One structured access-log line per session, as JSON with --log-format json.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 mod common;
-use common::{config_file, free_port};
+use common::{config_file, free_port, Running};
 
 /// Runs `agiproxy run --log-format json` with `flags` on a config of one
 /// listener on `port`, routes `routes` to a pool of `backend`, and `control`;
@@ -19,20 +19,20 @@ async fn start(
     routes: &str,
     backend: std::net::SocketAddr,
     flags: &[&str],
-) -> (Child, tempfile::TempDir) {
+) -> (Running, tempfile::TempDir) {
     let text = format!(
         "version: 1\ncontrol: {control}\nlisteners:\n  - name: pbx\n    address: \"127.0.0.1:{port}\"\nroutes:\n{routes}pools:\n  - name: p\n    backends: [{{ address: \"{backend}\" }}]\n"
     );
     let (dir, path) = config_file("log", &format!("agiproxy-log-{port}.yaml"), &text);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args(["run", "--log-format", "json"])
-        .args(flags)
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "--log-format", "json"])
+            .args(flags)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -40,8 +40,6 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
     panic!("agiproxy did not start listening on {addr}");
 }
 

@@ -3,13 +3,13 @@
 //! an alert that can never fire and an empty panel.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiStatus, Behaviour, FakeAsterisk, FakeBackend, FakeDns, SrvRecord};
 
 mod common;
-use common::free_port;
+use common::{free_port, Running};
 
 /// Metric names in a text (rule expressions, dashboard queries, their prose).
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
@@ -30,14 +30,6 @@ fn exposed(text: &str) -> std::collections::BTreeSet<String> {
 async fn get(addr: SocketAddr, path: &str) -> Option<String> {
     let r = chaos_tests::http::get(addr, path).await?;
     (r.status == 200).then_some(r.body)
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,14 +81,12 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
             .path()
             .join(format!("agiproxy-chart-metrics-{}.yaml", agi.port()));
         std::fs::write(&path, text).unwrap();
-        let mut child = Kill(
+        let mut child = Running::spawn(
             Command::new(env!("CARGO_BIN_EXE_agiproxy"))
                 .args(["run", "-c"])
                 .arg(&path)
                 .args(["--log-level", "warn"])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .stdout(Stdio::null()),
         );
         // Wait for the backend to be found and checked.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -105,7 +95,7 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
             if m.contains("agiproxy_backend_checks{") && m.contains("agiproxy_dns_addresses{") {
                 break None;
             }
-            if let Some(status) = child.0.try_wait().unwrap() {
+            if let Some(status) = child.try_wait().unwrap() {
                 break Some(status);
             }
             assert!(

@@ -299,14 +299,13 @@ fn run_expecting_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option
             Ok(())
         });
     }
-    let mut child = cmd
-        .envs(env.iter().copied())
-        .args(["run", "-c"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::Running::spawn(
+        cmd.envs(env.iter().copied())
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
@@ -315,7 +314,7 @@ fn run_expecting_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let out = child.wait_with_output().unwrap();
+    let out = child.into_inner().wait_with_output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -383,13 +382,13 @@ fn a_refused_config_is_logged_on_one_line_with_every_error() {
         "version: 1\nlisteners:\n  - {{ name: asterisk, address: \"127.0.0.1:{port}\" }}\ncontrol: {{ enabled: false }}\nroutes:\n  - {{ name: all, pool: p }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"127.0.0.1:1\" }}\n"
     );
     let (_dir, path) = write_config("refused", &good);
-    let mut child = bin()
-        .args(["run", "-c"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::Running::spawn(
+        bin()
+            .args(["run", "-c"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -418,8 +417,7 @@ fn a_refused_config_is_logged_on_one_line_with_every_error() {
         .replace("127.0.0.1:1\"", "127.0.0.1\"");
     std::fs::write(&path, bad).unwrap();
     let line = wait_for("config change refused");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(
         line.contains("unknown pool \\\"nope\\\"") || line.contains("unknown pool \"nope\""),
         "{line}"

@@ -7,23 +7,23 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 mod common;
-use common::free_port;
+use common::{free_port, Running};
 
 /// A running `agiproxy run`, its stderr collected by a thread.
 struct Replica {
-    child: Child,
+    child: Running,
     /// The FastAGI listener.
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
-    /// Its config and the tests' other files; removed after `drop` has
-    /// ended the child.
+    /// Its config and the tests' other files; dropped (removed) after
+    /// `child`, which ends the process.
     dir: tempfile::TempDir,
 }
 
@@ -40,13 +40,13 @@ impl Replica {
             .unwrap();
         let file = dir.path().join("agiproxy.yaml");
         std::fs::write(&file, config(addr, control, backend, "all")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-            .args(["run", "-c"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Running::spawn(
+            Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+                .args(["run", "-c"])
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -116,13 +116,6 @@ impl Replica {
             assert!(Instant::now() < deadline, "did not exit within {within:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

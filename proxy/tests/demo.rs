@@ -5,16 +5,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::Running;
+
 /// Only a guard against a hang: nothing here is expected to take long.
 const HANG: Duration = Duration::from_secs(60);
 
-fn demo(listen: &str) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args(["demo", "--listen", listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn demo(listen: &str) -> (Running, mpsc::Receiver<String>) {
+    let mut child = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["demo", "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -47,7 +50,7 @@ fn sigint(child: &Child) {
 }
 
 /// Waits for the child to exit; kills it after [`HANG`]. Returns its stderr.
-fn exit_of(mut child: Child) -> (std::process::ExitStatus, String) {
+fn exit_of(mut child: Running) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + HANG;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

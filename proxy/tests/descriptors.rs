@@ -8,31 +8,24 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, CallOutcome, FakeAsterisk, FakeBackend};
 use tokio::net::TcpStream;
 
 mod common;
-use common::{config_file, free_port};
+use common::{config_file, free_port, Running};
 
 /// The proxy's descriptor limit in the exhaustion test.
 const LIMIT: u64 = 64;
 
 struct Proxy {
-    child: Child,
+    child: Running,
     addr: SocketAddr,
     control: SocketAddr,
-    /// Holds the config; removed after `drop` has ended the child.
+    /// Holds the config; dropped (removed) after `child`, which ends the process.
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn start_proxy(backends: &[SocketAddr], nofile: Option<u64>) -> Proxy {
@@ -81,7 +74,7 @@ async fn start_proxy_with(backends: &[SocketAddr], nofile: Option<u64>, pool_ext
             });
         }
     }
-    let child = cmd.spawn().unwrap();
+    let child = Running::spawn(&mut cmd);
     let proxy = Proxy {
         child,
         addr,

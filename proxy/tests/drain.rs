@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chaos_tests::{AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Reply};
 
 mod common;
-use common::{config_file, free_port};
+use common::{config_file, free_port, Running};
 
 /// `workers`: the `AGIPROXY_WORKERS` the proxy runs with ("1": everything
 /// on one thread, a current-thread runtime). The directory of its config is
@@ -18,21 +18,21 @@ async fn start_proxy(
     backend: SocketAddr,
     drain: &str,
     workers: &str,
-) -> (Child, SocketAddr, tempfile::TempDir) {
+) -> (Running, SocketAddr, tempfile::TempDir) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
     let (dir, path) = config_file("drain", &format!("agiproxy-drain-{port}.yaml"), &text);
-    let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .args(["--log-level", "warn"])
-        .env("AGIPROXY_WORKERS", workers)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .args(["--log-level", "warn"])
+            .env("AGIPROXY_WORKERS", workers)
+            .stdout(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(Instant::now() < deadline, "proxy did not start listening");

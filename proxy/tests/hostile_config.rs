@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
-use common::free_port;
+use common::{free_port, Running};
 
 const TOKEN: &str = "hostile-config-token";
 
@@ -131,17 +131,10 @@ fn check_refuses_an_alias_bomb_and_deep_nesting_quickly_in_bounded_memory() {
 
 /// A proxy run from a config file in a directory of its own.
 struct Proxy {
-    child: Child,
+    child: Running,
     api: SocketAddr,
-    /// Removed after `drop` has ended the child.
+    /// Dropped (removed) after `child`, which ends the process.
     dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn config(api: SocketAddr, backend: SocketAddr, extra: &str) -> String {
@@ -156,7 +149,7 @@ impl Proxy {
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let file = dir.path().join("agiproxy.yaml");
         std::fs::write(&file, config(api, backend, extra)).unwrap();
-        let mut child = spawn(&["run", "--log-level", "warn", "-c"], &file);
+        let mut child = Running::from(spawn(&["run", "--log-level", "warn", "-c"], &file));
         // Nothing reads the pipes: send them nowhere rather than let them fill.
         drop(child.stdout.take());
         drop(child.stderr.take());

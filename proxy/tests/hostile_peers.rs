@@ -4,7 +4,7 @@
 //! 1.4 s). The proxy runs as a process so that its own memory is measured.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
@@ -12,20 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod common;
-use common::{config_file, free_port};
+use common::{config_file, free_port, Running};
 
 struct Proxy {
-    child: Child,
+    child: Running,
     addr: SocketAddr,
-    /// Holds the config; removed after `drop` has ended the child.
+    /// Holds the config; dropped (removed) after `child`, which ends the process.
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn start_proxy(backend: SocketAddr) -> Proxy {
@@ -35,13 +28,13 @@ async fn start_proxy(backend: SocketAddr) -> Proxy {
         "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
     );
     let (dir, path) = config_file("hostile", &format!("agiproxy-hostile-{port}.yaml"), &text);
-    let child = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .args(["--log-level", "error"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "-c"])
+            .arg(&path)
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null()),
+    );
     let proxy = Proxy {
         child,
         addr,

@@ -6,11 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::dns::FakeDns;
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+
+mod common;
+use common::Running;
 
 const TOKEN: &str = "reload-test-token";
 
@@ -65,24 +68,13 @@ impl ConfigMap {
     }
 }
 
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path) -> Proxy {
-    Proxy(
+fn start(config: &Path) -> Running {
+    Running::spawn(
         Command::new(env!("CARGO_BIN_EXE_agiproxy"))
             .args(["run", "--log-level", "warn", "-c"])
             .arg(config)
             .env("AGIPROXY_TOKEN", TOKEN)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::null()),
     )
 }
 
@@ -195,7 +187,7 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     assert_eq!(status(&api).unwrap()["differs_from_file"], true);
 
     // SIGHUP re-reads the (still invalid) file: refused again.
-    let pid = _proxy.0.id() as i32;
+    let pid = _proxy.id() as i32;
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     let deadline = Instant::now() + Duration::from_secs(5);
