@@ -590,47 +590,31 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let dir = temp_dir("tls");
     let write = |name: &str, pem: String| {
         let p = dir.path().join(name);
         std::fs::write(&p, pem).unwrap();
         p
     };
-    // A CA, a server certificate for localhost, a client certificate.
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &ca, &ca_key)
-        .unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let client_cert = CertificateParams::new(vec!["ops-client".to_string()])
-        .unwrap()
-        .signed_by(&client_key, &ca, &ca_key)
-        .unwrap();
-    // A certificate from another CA, which the API must refuse.
-    let rogue_key = KeyPair::generate().unwrap();
-    let rogue = CertificateParams::new(vec!["rogue".to_string()])
-        .unwrap()
-        .self_signed(&rogue_key)
-        .unwrap();
+    // A CA, a server certificate for localhost, a client certificate; and
+    // one from another CA, which the API must refuse.
+    let ca = TestCa::new();
+    let (server_cert, server_key) = ca.issue(&["localhost"]);
+    let (client_cert, client_key) = ca.issue(&["ops-client"]);
+    let (rogue_cert, rogue_key) = TestCa::new().issue(&["rogue"]);
     let ca_pem = write("ca.pem", ca.pem());
     let files = TlsFiles {
-        cert: write("server.pem", server_cert.pem()),
-        key: write("server.key", server_key.serialize_pem()),
+        cert: write("server.pem", server_cert),
+        key: write("server.key", server_key),
         client_ca: Some(ca_pem.clone()),
     };
     let (client_pem, client_key_pem) = (
-        write("client.pem", client_cert.pem()),
-        write("client.key", client_key.serialize_pem()),
+        write("client.pem", client_cert),
+        write("client.key", client_key),
     );
     let (rogue_pem, rogue_key_pem) = (
-        write("rogue.pem", rogue.pem()),
-        write("rogue.key", rogue_key.serialize_pem()),
+        write("rogue.pem", rogue_cert),
+        write("rogue.key", rogue_key),
     );
 
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;

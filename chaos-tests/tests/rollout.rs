@@ -157,8 +157,9 @@ async fn traffic(rs: &[Replica], first: usize, n: usize, conc: usize) -> Vec<Agi
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_replica() {
+/// Blue that always works, and green that closes the first of every five
+/// sessions right after the header.
+async fn green_closing_early_on_a_fifth() -> (FakeBackend, FakeBackend) {
     let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let good = Behaviour::script(&["NOOP"]);
     let green = FakeBackend::start(Behaviour::Cycle(vec![
@@ -169,14 +170,26 @@ async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_repl
         good,
     ]))
     .await;
-    let ports = [free_port(), free_port(), free_port()];
+    (blue, green)
+}
+
+/// A rollout started just now, judged every `interval_ms` on the counters
+/// of the replicas whose control APIs are on `ports`.
+fn judged_rollout(ports: &[u16], interval_ms: u64) -> String {
     let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-    let interval_ms = 2000;
-    let rollout = format!(
+    format!(
         "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      judge: {{ interval: {interval_ms}ms, min_sessions: 15, peers: [{}] }}\n",
         agiproxy_config::format_ms(now_ms() - 100),
         peers.join(", ")
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_replica() {
+    let (blue, green) = green_closing_early_on_a_fifth().await;
+    let ports = [free_port(), free_port(), free_port()];
+    let interval_ms = 2000;
+    let rollout = judged_rollout(&ports, interval_ms);
     let rs = replicas(&config(&rollout, blue.addr(), green.addr()), &ports).await;
 
     let known_at = until_every_replica_decides(&rs).await;
@@ -279,45 +292,22 @@ async fn until_every_replica_decides(rs: &[Replica]) -> Vec<Instant> {
 /// address) and present their own certificate. Each judges on all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_whose_control_apis_serve_tls_read_each_other() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let dir = tempfile::TempDir::with_prefix("agiproxy-rollout-tls").unwrap();
     let write = |name: &str, pem: String| {
         let p = dir.path().join(name);
         std::fs::write(&p, pem).unwrap();
         p.display().to_string()
     };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["agiproxy-control".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
+    let fleet = TestCa::new();
+    let (cert, key) = fleet.issue(&["agiproxy-control"]);
     let (ca, cert, key) = (
-        write("ca.pem", ca.pem()),
-        write("replica.pem", cert.pem()),
-        write("replica.key", key.serialize_pem()),
+        write("ca.pem", fleet.pem()),
+        write("replica.pem", cert),
+        write("replica.key", key),
     );
-
-    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let good = Behaviour::script(&["NOOP"]);
-    let green = FakeBackend::start(Behaviour::Cycle(vec![
-        Behaviour::CloseAfterHeader,
-        good.clone(),
-        good.clone(),
-        good.clone(),
-        good,
-    ]))
-    .await;
+    let (blue, green) = green_closing_early_on_a_fifth().await;
     let ports = [free_port(), free_port(), free_port()];
-    let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-    let rollout = format!(
-        "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      judge: {{ interval: 2000ms, min_sessions: 15, peers: [{}] }}\n",
-        agiproxy_config::format_ms(now_ms() - 100),
-        peers.join(", ")
-    );
+    let rollout = judged_rollout(&ports, 2000);
     let base = config(&rollout, blue.addr(), green.addr());
     let mut rs = Vec::new();
     for port in ports {

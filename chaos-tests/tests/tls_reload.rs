@@ -18,23 +18,16 @@ use agiproxy_control::server::ServeOptions;
 use agiproxy_control::tls::{connector, ClientTls, Refresh, TlsFiles};
 use agiproxy_control::ControlServer;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
-/// A CA and a certificate for `localhost` it signed, as PEM files in `dir`.
+/// A CA (its certificate written to `dir/ca.pem`) and a certificate for
+/// `localhost` it signed, with its key, PEM.
 fn issue(dir: &Path) -> (PathBuf, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
+    let ca = TestCa::new();
     std::fs::create_dir_all(dir).unwrap();
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
-    (ca_file, cert.pem(), key.serialize_pem())
+    let (cert, key) = ca.issue(&["localhost"]);
+    (ca_file, cert, key)
 }
 
 /// Points `live/..data` at a new directory holding `cert` and `key`, in
