@@ -72,7 +72,7 @@ impl Default for Control {
     }
 }
 
-/// Where the control API's bearer token comes from (read at start and on reload).
+/// Where the control API's bearer token comes from (read once, at start).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     File(std::path::PathBuf),

@@ -150,10 +150,16 @@ impl PreparedControl {
         if opts.address.is_none() && opts.socket.is_none() {
             return Err(ServeError::Nowhere);
         }
+        // The PEM files are read on a blocking thread, not a runtime worker.
         let tls = match &opts.tls {
-            Some(files) if opts.address.is_some() => Some(Arc::new(
-                crate::tls::reloading_acceptor(files).map_err(ServeError::Tls)?,
-            )),
+            Some(files) if opts.address.is_some() => {
+                let files = files.clone();
+                let built =
+                    tokio::task::spawn_blocking(move || crate::tls::reloading_acceptor(&files))
+                        .await
+                        .map_err(|e| ServeError::Tls(e.to_string()))?;
+                Some(Arc::new(built.map_err(ServeError::Tls)?))
+            }
             _ => None,
         };
         let tcp = match opts.address {

@@ -26,9 +26,43 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The largest PEM file read: a chain of a dozen certificates is a few
+/// tens of KiB. A path that names something else (a device, a FIFO, a huge
+/// file by mistake) is refused before it is read.
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// The file at `path`, if it is a regular file of at most
+/// [`MAX_PEM_BYTES`] (links followed; at most that many bytes are read).
+fn pem(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| err(&e))?;
+    if !meta.is_file() {
+        return Err(err(&"not a regular file; name a PEM file"));
+    }
+    // Non-blocking: should a FIFO be swapped in after the check, the read
+    // fails instead of waiting.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| err(&e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(&e))?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(err(&format!(
+            "larger than {MAX_PEM_BYTES} bytes; is this the PEM file?"
+        )));
+    }
+    Ok(bytes)
+}
+
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+    let bytes = pem(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {
@@ -38,7 +72,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+    PrivateKeyDer::from_pem_slice(&pem(path)?).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, String> {

@@ -422,12 +422,27 @@ async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedCon
         return Ok(None);
     }
     let token = match &control.token {
-        Some(TokenSource::File(f)) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("control.token_file: cannot read {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(TokenSource::File(f)) => {
+            // Bounded (a token is short; a path naming a device or a large
+            // file by mistake is refused) and read off the runtime.
+            let file = f.clone();
+            let text = tokio::task::spawn_blocking(move || agiproxy_config::read_file(&file, 4096))
+                .await
+                .context("reading control.token_file stopped")?
+                .map_err(|e| {
+                    use agiproxy_config::FileError as E;
+                    let why = match e {
+                        E::Io { source, .. } => source.to_string(),
+                        E::NotRegular { kind, .. } => format!("not a regular file (a {kind})"),
+                        E::TooLarge { max, .. } => {
+                            format!("over {max} bytes; the file holds the token alone")
+                        }
+                        E::NotUtf8 { .. } => "not UTF-8 text".into(),
+                    };
+                    anyhow::anyhow!("control.token_file: cannot read {}: {why}", f.display())
+                })?;
+            Some(text.trim().to_string())
+        }
         Some(TokenSource::Env(v)) => Some(
             std::env::var(v)
                 .with_context(|| format!("control.token_env: ${v} is not set"))?

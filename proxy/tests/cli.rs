@@ -350,6 +350,43 @@ fn run_refuses_an_unreadable_token_file_before_listening_for_asterisk() {
     assert!(!stderr.contains("listening for Asterisk"), "{stderr}");
 }
 
+/// A token or TLS file that names something endless (`/dev/zero`) is
+/// refused at once, by what it is, before a byte is buffered: not read
+/// until memory runs out.
+#[test]
+fn run_refuses_endless_token_and_tls_files_at_once() {
+    let port = common::free_port();
+    for (what, control, said) in [
+        (
+            "token-zero",
+            format!("  address: \"127.0.0.1:{port}\"\n  token_file: /dev/zero\n"),
+            "control.token_file: cannot read /dev/zero: not a regular file (a character device)",
+        ),
+        (
+            "tls-zero",
+            format!(
+                "  address: \"127.0.0.1:{port}\"\n  tls: {{ cert: /dev/zero, key: /dev/zero }}\n"
+            ),
+            "control.tls: /dev/zero: not a regular file",
+        ),
+    ] {
+        let (_dir, config) = run_config(what, &control);
+        let started = std::time::Instant::now();
+        let (code, stderr) = run_expecting_exit(&config, &[]);
+        assert_eq!(code, Some(1), "{what}: {stderr}");
+        assert!(stderr.contains(said), "{what}: {stderr}");
+        assert!(
+            !stderr.contains("listening for Asterisk"),
+            "{what}: {stderr}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[test]
 fn run_refuses_a_busy_control_port_before_listening_for_asterisk() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
