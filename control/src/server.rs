@@ -228,6 +228,7 @@ impl ControlServer {
     pub fn tls(&self) -> Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>> {
         self.tls.clone()
     }
+
     /// Binds the listener and/or the socket, and logs once which endpoints
     /// are open and which need (or, with no token, refuse) a credential.
     pub async fn bind<P: ControlPlane>(

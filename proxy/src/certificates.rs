@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agiproxy_control::tls::{Refresh, Reloading};
-
 use prometheus::IntCounterVec;
 
 /// How often the files are looked at (a `stat` each).
