@@ -665,6 +665,30 @@ async fn tls_with_client_certificates() {
         .call(&plain, "GET", "/healthz", &[], None)
         .await
         .is_err());
+    // The three refused handshakes are counted, by reason (the server
+    // counts after it closed, so the count may trail the client a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (text, refused) = loop {
+        let m = ok.call(t, "GET", "/metrics", &[], None).await.unwrap();
+        let text = String::from_utf8(m.body).unwrap();
+        let samples = parse_prometheus(&text);
+        let refused = move |reason: &str| {
+            samples
+                .iter()
+                .find(|(n, l, _)| {
+                    n == "agiproxy_control_connections_refused_total"
+                        && l.iter().any(|(k, v)| k == "reason" && v == reason)
+                })
+                .map(|(_, _, v)| *v)
+        };
+        if refused("tls_handshake") >= Some(3.0) || std::time::Instant::now() > deadline {
+            break (text, refused);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused("tls_handshake"), Some(3.0), "{text}");
+    assert_eq!(refused("tls_timeout"), Some(0.0), "{text}");
+    assert_eq!(refused("connection_cap"), Some(0.0), "{text}");
 }
 
 /// A request whose body stops coming: 408 when `request_timeout` is over,

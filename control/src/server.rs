@@ -48,6 +48,12 @@ pub const OPEN: &[(&str, &str)] = &[
 /// checks.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// Why a connection was closed before a request was read: the TLS
+/// handshake failed (no client certificate, a wrong one, plain HTTP to the
+/// TLS port), did not finish within `request_timeout`, or the API was at
+/// [`MAX_CONNECTIONS`].
+pub const REFUSED_REASONS: [&str; 3] = ["tls_handshake", "tls_timeout", "connection_cap"];
+
 /// How the control API is served. At least one of `address` and `socket`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -133,6 +139,9 @@ pub struct ControlServer {
     has_token: bool,
     tls: Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>>,
     request_timeout: Duration,
+    /// Counts a connection refused before any request (the plane's
+    /// `observe_refused_connection`).
+    refused: Arc<dyn Fn(&'static str) + Send + Sync>,
 }
 
 /// A control API whose TLS files are read and whose listener and/or socket are bound, not
@@ -202,6 +211,7 @@ impl PreparedControl {
     pub fn with_plane<P: ControlPlane>(self, plane: Arc<P>) -> ControlServer {
         let opts = self.opts;
         let has_token = opts.token.is_some();
+        let counter = plane.clone();
         let (app, endpoints) = build(
             plane,
             opts.token,
@@ -217,6 +227,7 @@ impl PreparedControl {
             has_token,
             tls: self.tls,
             request_timeout: opts.request_timeout,
+            refused: Arc::new(move |reason| counter.observe_refused_connection(reason)),
         };
         server.log_access(opts.socket.as_deref());
         server
@@ -286,16 +297,18 @@ impl ControlServer {
                 _ = &mut shutdown => break,
                 r = accept_tcp(tcp) => match r {
                     Ok((stream, peer)) => {
-                        if let Some(slot) = take_slot(&slots) {
-                            self.spawn_tcp(stream, peer, slot);
+                        match take_slot(&slots) {
+                            Some(slot) => self.spawn_tcp(stream, peer, slot),
+                            None => (self.refused)("connection_cap"),
                         }
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = accept_unix(unix) => match r {
                     Ok(stream) => {
-                        if let Some(slot) = take_slot(&slots) {
-                            self.spawn_unix(stream, slot);
+                        match take_slot(&slots) {
+                            Some(slot) => self.spawn_unix(stream, slot),
+                            None => (self.refused)("connection_cap"),
                         }
                     }
                     Err(e) => accept_failed(e).await,
@@ -317,14 +330,19 @@ impl ControlServer {
             });
             return;
         };
+        let refused = self.refused.clone();
         tokio::spawn(async move {
             let _slot = slot;
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
                 Ok(Err(e)) => {
+                    refused("tls_handshake");
                     tracing::info!(%peer, error = %e, "control API TLS handshake failed")
                 }
-                Err(_) => {}
+                Err(_) => {
+                    refused("tls_timeout");
+                    tracing::info!(%peer, ?timeout, "control API TLS handshake did not finish within control.request_timeout")
+                }
             }
         });
     }

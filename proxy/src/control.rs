@@ -451,6 +451,14 @@ impl ControlPlane for ControlHandle {
             .with_label_values(&[endpoint, &status.to_string()])
             .inc();
     }
+
+    fn observe_refused_connection(&self, reason: &'static str) {
+        self.server
+            .metrics()
+            .control_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
 }
 
 #[cfg(test)]

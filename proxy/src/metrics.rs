@@ -81,6 +81,7 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub control_requests: IntCounterVec,
+    pub control_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -121,6 +122,17 @@ impl Metrics {
             &["endpoint", "code"],
         )
         .expect("valid metric");
+        let control_refused = IntCounterVec::new(
+            Opts::new(
+                "control_connections_refused_total",
+                "Control API connections closed before any request, by reason: tls_handshake (failed: no or a wrong client certificate, plain HTTP to the TLS port), tls_timeout (not finished within control.request_timeout), connection_cap (64 open already)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in agiproxy_control::server::REFUSED_REASONS {
+            control_refused.with_label_values(&[reason]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; the version in a label"),
             &["version"],
@@ -206,6 +218,7 @@ impl Metrics {
             Box::new(tls_reloads.clone()),
             Box::new(config_generation.clone()),
             Box::new(control_requests.clone()),
+            Box::new(control_refused.clone()),
             Box::new(build_info),
             Box::new(failures_vec.clone()),
             Box::new(header_errors.clone()),
@@ -261,6 +274,7 @@ impl Metrics {
             tls_reloads,
             config_generation,
             control_requests,
+            control_refused,
         }
     }
 

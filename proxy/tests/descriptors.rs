@@ -239,6 +239,27 @@ async fn issue_12_idle_control_connections_are_capped() {
         during <= base + 64 + 8,
         "{base} -> {during} descriptors"
     );
+    // Each connection past the cap is counted as refused.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let m = get(proxy.control, "/metrics").await.map(|r| r.1);
+        let n = m.as_deref().and_then(|m| {
+            m.lines()
+                .find(|l| {
+                    l.starts_with(
+                        "agiproxy_control_connections_refused_total{reason=\"connection_cap\"}",
+                    )
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        });
+        match n {
+            Some(n) if n >= 300 - 64 => break n,
+            _ if Instant::now() > deadline => panic!("refused connections not counted: {m:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    eprintln!("connections refused at the cap: {refused}");
 }
 
 /// Health checks that find the proxy out of descriptors give no verdict:
