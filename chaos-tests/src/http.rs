@@ -21,7 +21,13 @@ pub struct Response {
 
 /// `GET path` on `addr`, `Connection: close`.
 pub async fn get(addr: SocketAddr, path: &str) -> Option<Response> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    get_with(addr, path, None).await
+}
+
+/// The same, with `Authorization: Bearer TOKEN` when `token` is given.
+pub async fn get_with(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<Response> {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     let mut s = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
         .await
         .ok()?

@@ -63,8 +63,8 @@ async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
 async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
     let config = agiproxy_config::from_yaml_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let peers = match tls {
-        Some(_) => PeerAccess::from_config(&config.control, Some(TOKEN.into())).unwrap(),
-        None => PeerAccess::plain(Some(TOKEN.into())),
+        Some(_) => PeerAccess::from_config(&config.control, Some(tokens())).unwrap(),
+        None => PeerAccess::plain(Some(tokens())),
     };
     // The operator's client trusts the fleet CA and presents a replica's
     // certificate, as peers do.
@@ -115,6 +115,10 @@ async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
         client,
         addr,
     }
+}
+
+fn tokens() -> Arc<agiproxy_control::token::Tokens> {
+    Arc::new(agiproxy_control::token::Tokens::new(TOKEN.into()))
 }
 
 fn client() -> Client {

@@ -72,7 +72,8 @@ impl Default for Control {
     }
 }
 
-/// Where the control API's bearer token comes from (read once, at start).
+/// Where the control API's bearer token comes from: read at start; a file is
+/// followed while running (see `agiproxy_control::token`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     File(std::path::PathBuf),

@@ -17,7 +17,8 @@ use crate::plane::{ControlError, ControlPlane};
 /// What every handler shares: the runtime, the token, the socket's owner.
 pub(crate) struct Ctx<P> {
     pub(crate) plane: Arc<P>,
-    pub(crate) token: Option<String>,
+    /// The accepted bearer tokens (see [`crate::token`]).
+    pub(crate) token: Option<Arc<crate::token::Tokens>>,
     /// The control socket's owner, whose requests (and root's) need no token.
     pub(crate) socket_owner: Option<u32>,
 }

@@ -5,11 +5,13 @@
 pub mod api;
 pub mod client;
 pub mod ctl;
+pub mod files;
 mod handlers;
 pub mod plane;
 pub mod server;
 pub mod socket;
 pub mod tls;
+pub mod token;
 
 pub use plane::{ControlError, ControlPlane};
 pub use server::{ControlServer, ServeError, ServeOptions};

@@ -21,13 +21,13 @@ use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::handlers::{self as h, error, Ctx, S};
 use crate::plane::ControlPlane;
 use crate::socket::{SocketError, SocketFile};
 use crate::tls::{Reloading, TlsFiles};
+use crate::token::Tokens;
 
 /// The only requests served without a credential: what probes, Prometheus
 /// and a convergence check need, all read-only (HEAD counts as GET).
@@ -151,6 +151,7 @@ pub struct PreparedControl {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, SocketFile)>,
     tls: Option<Arc<Reloading<tokio_rustls::TlsAcceptor>>>,
+    tokens: Option<Arc<Tokens>>,
     opts: ServeOptions,
 }
 
@@ -183,10 +184,12 @@ impl PreparedControl {
             Some(path) => Some(crate::socket::bind(path).await?),
             None => None,
         };
+        let tokens = opts.token.clone().map(|t| Arc::new(Tokens::new(t)));
         Ok(PreparedControl {
             tcp,
             unix,
             tls,
+            tokens,
             opts,
         })
     }
@@ -196,9 +199,9 @@ impl PreparedControl {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The bearer token it will require.
-    pub fn token(&self) -> Option<&str> {
-        self.opts.token.as_deref()
+    /// The bearer tokens it accepts (rotated when its file is followed).
+    pub fn tokens(&self) -> Option<Arc<Tokens>> {
+        self.tokens.clone()
     }
 
     /// Its TLS settings, which follow their files when refreshed.
@@ -214,7 +217,7 @@ impl PreparedControl {
         let counter = plane.clone();
         let (app, endpoints) = build(
             plane,
-            opts.token,
+            self.tokens,
             self.unix.as_ref().map(|(_, f)| f.owner),
             opts.max_body_bytes,
             opts.request_timeout,
@@ -502,12 +505,13 @@ pub fn router<P: ControlPlane>(
     max_body: usize,
     timeout: Duration,
 ) -> Router {
-    build(plane, token, None, max_body, timeout).0
+    let tokens = token.map(|t| Arc::new(Tokens::new(t)));
+    build(plane, tokens, None, max_body, timeout).0
 }
 
 fn build<P: ControlPlane>(
     plane: Arc<P>,
-    token: Option<String>,
+    token: Option<Arc<Tokens>>,
     socket_owner: Option<u32>,
     max_body: usize,
     timeout: Duration,
@@ -652,12 +656,8 @@ async fn guard<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> R
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token)
         .map(str::trim);
-    // Compared as SHA-256 digests, in constant time: equal lengths always,
-    // so neither the content nor the length of the token leaks through
-    // how fast a wrong one is refused.
-    let digest = |b: &str| ring::digest::digest(&ring::digest::SHA256, b.as_bytes());
-    let ok =
-        presented.is_some_and(|p| bool::from(digest(p).as_ref().ct_eq(digest(token).as_ref())));
+    // Compared in constant time (see `Tokens::accepts`).
+    let ok = presented.is_some_and(|p| token.accepts(p));
     if ok {
         return next.run(req).await;
     }

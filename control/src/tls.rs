@@ -3,9 +3,12 @@
 //! client side for `ctl`. PEM is read through rustls-pki-types.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+
+pub use crate::files::Refresh;
+use crate::files::{read_bounded, Watched};
 /// The types the settings are built into, for crates that hold them.
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -31,33 +34,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// file by mistake) is refused before it is read.
 pub const MAX_PEM_BYTES: u64 = 1 << 20;
 
-/// The file at `path`, if it is a regular file of at most
-/// [`MAX_PEM_BYTES`] (links followed; at most that many bytes are read).
 fn pem(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| err(&e))?;
-    if !meta.is_file() {
-        return Err(err(&"not a regular file; name a PEM file"));
-    }
-    // Non-blocking: should a FIFO be swapped in after the check, the read
-    // fails instead of waiting.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| err(&e))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| err(&e))?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(err(&format!(
-            "larger than {MAX_PEM_BYTES} bytes; is this the PEM file?"
-        )));
-    }
-    Ok(bytes)
+    read_bounded(path, MAX_PEM_BYTES)
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -137,42 +115,12 @@ pub fn connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, String> 
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// What reloading knows of each file: which file its path names now (a
-/// Kubernetes Secret volume swaps a symlink to new files) and when and how
-/// it last changed (a file rewritten in place); None: unreadable.
-type Stamp = Vec<Option<(u64, u64, i64, i64, u64)>>;
-
-fn stamp(paths: &[PathBuf]) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
-        })
-        .collect()
-}
-
-/// What a [`Reloading::refresh`] did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refresh {
-    /// No file changed.
-    Unchanged,
-    /// A file changed and the new settings are in use.
-    Reloaded,
-    /// A file changed and the new settings are bad: the last good ones stay
-    /// in use. Tried again when a file changes again.
-    Refused(String),
-}
-
 /// TLS settings that follow their PEM files. Certificates are renewed in
 /// place (cert-manager, the kubelet's Secret volumes), and a replica that
 /// runs for months must not serve, or present, one that has expired.
 pub struct Reloading<T> {
     current: ArcSwap<T>,
-    paths: Vec<PathBuf>,
-    seen: Mutex<Stamp>,
+    files: Watched,
     build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
 }
 
@@ -181,12 +129,11 @@ impl<T> Reloading<T> {
         paths: Vec<PathBuf>,
         build: impl Fn() -> Result<T, String> + Send + Sync + 'static,
     ) -> Result<Reloading<T>, String> {
-        let seen = stamp(&paths);
+        let files = Watched::new(paths);
         let first = build()?;
         Ok(Reloading {
             current: ArcSwap::from_pointee(first),
-            paths,
-            seen: Mutex::new(seen),
+            files,
             build: Box::new(build),
         })
     }
@@ -198,20 +145,15 @@ impl<T> Reloading<T> {
 
     /// The files it follows.
     pub fn paths(&self) -> &[PathBuf] {
-        &self.paths
+        self.files.paths()
     }
 
     /// Reads the files again if any changed since the last look. Blocking
     /// (`stat`, and reading the files): call it off the async runtime.
     pub fn refresh(&self) -> Refresh {
-        let now = stamp(&self.paths);
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if *seen == now {
+        if !self.files.changed() {
             return Refresh::Unchanged;
         }
-        // Taken before the files are read: a change during the read is seen
-        // again at the next look, never missed.
-        *seen = now;
         match (self.build)() {
             Ok(t) => {
                 self.current.store(Arc::new(t));

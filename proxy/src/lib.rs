@@ -14,8 +14,8 @@
 //! - pools and what keeps them current ([`pool`]): backend state, balancing
 //!   policies, health checks and DNS discovery. It knows nothing above it.
 
-pub mod certificates;
 pub mod control;
+pub mod credentials;
 pub mod drain;
 pub mod fds;
 pub mod listener;

@@ -6,14 +6,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use agiproxy::certificates::{self, Followed};
 use agiproxy::control::ControlHandle;
+use agiproxy::credentials::{self, Followed};
 use agiproxy::logging::{self, LogFormat};
 use agiproxy::server::Origin;
 use agiproxy::Server;
 use agiproxy_config::{BackendTarget, Control, Dns, TokenSource};
 use agiproxy_control::server::{PreparedControl, ServeOptions};
 use agiproxy_control::tls::TlsFiles;
+use agiproxy_control::token::FollowedToken;
 
 mod demo;
 
@@ -322,7 +323,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     // TLS when they serve it. Its PEM files are read off the runtime.
     let peers = match &control {
         Some(api) => {
-            let (settings, token) = (config.control.clone(), api.token().map(str::to_string));
+            let (settings, token) = (config.control.clone(), api.tokens());
             tokio::task::spawn_blocking(move || {
                 agiproxy::rollout::eval::PeerAccess::from_config(&settings, token)
             })
@@ -342,18 +343,24 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     // SIGHUP reloads the config file.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
+    // Followed while running (a control block change waits for a restart).
+    let token_file = match &config.control.token {
+        Some(TokenSource::File(path)) => Some(path.clone()),
+        _ => None,
+    };
     let server = Server::start_with(config, origin).await?;
-    let followed: Vec<_> = control
-        .as_ref()
-        .and_then(|api| api.tls())
-        .map(|t| Followed::new("control", t))
-        .into_iter()
-        .chain(peers.tls().map(|t| Followed::new("peers", t)))
-        .collect();
-    certificates::spawn(
-        server.metrics().tls_reloads.clone(),
+    let mut followed = Vec::new();
+    if let Some(api) = &control {
+        followed.extend(api.tls().map(|t| Followed::tls("control_tls", t)));
+        if let (Some(path), Some(tokens)) = (token_file, api.tokens()) {
+            followed.push(Followed::token(FollowedToken::new(path, tokens)));
+        }
+    }
+    followed.extend(peers.tls().map(|t| Followed::tls("peer_tls", t)));
+    let credentials = credentials::spawn(
+        server.metrics().credential_reloads.clone(),
         followed,
-        certificates::EVERY,
+        credentials::EVERY,
     );
     let _watch = agiproxy::watch::watch(server.clone())?;
 
@@ -378,7 +385,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the config file");
+                tracing::info!("SIGHUP: reloading the config file, looking at the credential files");
+                credentials.now();
                 let _ = server.reload_file().await;
             }
             _ = signals.recv() => break,

@@ -78,7 +78,7 @@ pub struct Metrics {
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
     pub config_reloads: IntCounterVec,
-    pub tls_reloads: IntCounterVec,
+    pub credential_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub control_requests: IntCounterVec,
     pub control_refused: IntCounterVec,
@@ -103,10 +103,10 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        let tls_reloads = IntCounterVec::new(
+        let credential_reloads = IntCounterVec::new(
             Opts::new(
-                "tls_reloads_total",
-                "Changed TLS files read again, by files (control: the control API's; peers: what rollout judgement presents and trusts) and result (reloaded; refused: the new files are bad and the last good ones stay in use)",
+                "credential_reloads_total",
+                "Changed credential files read again, by files (control_tls: the control API's certificate, key and client CA; peer_tls: what rollout judgement trusts in and presents to peers; token: the control token file) and result (reloaded; refused: the new files are bad and the last good ones stay in use)",
             ),
             &["files", "result"],
         )
@@ -215,7 +215,7 @@ impl Metrics {
         for c in [
             Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_reloads.clone()),
-            Box::new(tls_reloads.clone()),
+            Box::new(credential_reloads.clone()),
             Box::new(config_generation.clone()),
             Box::new(control_requests.clone()),
             Box::new(control_refused.clone()),
@@ -271,7 +271,7 @@ impl Metrics {
             first_command_seconds,
             session_seconds,
             config_reloads,
-            tls_reloads,
+            credential_reloads,
             config_generation,
             control_requests,
             control_refused,

@@ -314,3 +314,88 @@ fn assert_mode_and_owner(path: &Path) {
     let me = unsafe { libc::geteuid() };
     assert_eq!((m.mode() & 0o777, m.uid()), (0o600, me));
 }
+
+/// A rotated token file (a Kubernetes Secret updated in place) is taken up
+/// without a restart: at once on SIGHUP (else within 30 s), the new token
+/// works, the old one keeps working for its grace (10 minutes, so `ctl`
+/// users and the other replicas can follow), and a file made empty is
+/// refused and counted while the last good token stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_taken_up_and_the_old_token_works_for_its_grace() {
+    use chaos_tests::http::get_with;
+    let backend = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let secrets = tempfile::TempDir::with_prefix("agiproxy-token-").unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "first-secret\n").unwrap();
+    let control_port = free_port();
+    let control = SocketAddr::from(([127, 0, 0, 1], control_port));
+    let r = Replica::start(
+        "token-rotation",
+        &format!(
+            "control:\n  address: \"{control}\"\n  token_file: {}\n",
+            token_file.display()
+        ),
+        backend.addr(),
+    )
+    .await;
+    let status = |token: &'static str| async move {
+        get_with(control, "/v1/config", Some(token))
+            .await
+            .map(|r| r.status)
+    };
+    let metric = |result: &'static str| async move {
+        let m = chaos_tests::http::get(control, "/metrics").await?.body;
+        let line =
+            format!("agiproxy_credential_reloads_total{{files=\"token\",result=\"{result}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(status("first-secret").await, Some(200));
+    assert_eq!(status("second-secret").await, Some(401));
+    assert_eq!(metric("reloaded").await, Some(0));
+
+    // Rotated as the kubelet does: a new file renamed over the old.
+    let swap = |text: &str| {
+        let tmp = secrets.path().join("token.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &token_file).unwrap();
+    };
+    swap("second-secret\n");
+    let sighup = || {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(r.child.id() as i32, libc::SIGHUP) }, 0);
+    };
+    sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status("second-secret").await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the new token was not taken up:\n{}",
+            r.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status("first-secret").await,
+        Some(200),
+        "the old token's grace"
+    );
+    assert_eq!(status("third-secret").await, Some(401));
+    assert_eq!(metric("reloaded").await, Some(1));
+
+    // Emptied by mistake: refused, counted, the last good token stays.
+    swap("\n");
+    sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric("refused").await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the empty file was not refused:\n{}",
+            r.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status("second-secret").await, Some(200));
+    assert!(r.log().contains("the token is empty"), "{}", r.log());
+}

@@ -17,6 +17,7 @@ use agiproxy_config::{Peers, Rollout};
 use agiproxy_control::api::{RolloutCounts, RolloutDecisionView, RolloutTick};
 use agiproxy_control::client::{Client, Target};
 use agiproxy_control::tls::{Reloading, TlsConnector};
+use agiproxy_control::token::Tokens;
 
 use crate::server::Server;
 use crate::session::rollout::judge::{judge, Counts, Verdict};
@@ -72,7 +73,8 @@ pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
 /// every replica shares, and over TLS when they serve it (as this
 /// replica's own control API does: one config for the whole fleet).
 pub struct PeerAccess {
-    token: Option<String>,
+    /// The control API's tokens: the one in use is presented.
+    token: Option<Arc<Tokens>>,
     tls: Option<PeerTls>,
 }
 
@@ -85,7 +87,7 @@ struct PeerTls {
 
 impl PeerAccess {
     /// Plain HTTP (the control API has no `tls`).
-    pub fn plain(token: Option<String>) -> PeerAccess {
+    pub fn plain(token: Option<Arc<Tokens>>) -> PeerAccess {
         PeerAccess { token, tls: None }
     }
 
@@ -94,7 +96,7 @@ impl PeerAccess {
     /// workers. An error names the file and what is wrong with it.
     pub fn from_config(
         control: &agiproxy_config::Control,
-        token: Option<String>,
+        token: Option<Arc<Tokens>>,
     ) -> Result<PeerAccess, String> {
         let mut access = PeerAccess::plain(token);
         let Some(tls) = &control.tls else {
@@ -128,7 +130,7 @@ impl PeerAccess {
     /// A client with the settings in use now.
     fn client(&self) -> Client {
         Client {
-            token: self.token.clone(),
+            token: self.token.as_ref().map(|t| t.current()),
             tls: self.tls.as_ref().map(|t| (*t.connector.current()).clone()),
             timeout: Duration::from_secs(5),
         }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agiproxy::certificates::{self, Followed};
 use agiproxy::control::ControlHandle;
+use agiproxy::credentials::{self, Followed};
 use agiproxy_control::client::{Client, Target};
 use agiproxy_control::server::ServeOptions;
 use agiproxy_control::tls::{connector, ClientTls, Refresh, TlsFiles};
@@ -150,13 +150,13 @@ async fn the_refresh_task_reloads_changed_files_and_counts_what_it_did() {
     };
     let r = Arc::new(agiproxy_control::tls::reloading_connector(&files).unwrap());
     let p = proxy("").await;
-    let reloads = p.server.metrics().tls_reloads.clone();
-    certificates::spawn(
+    let reloads = p.server.metrics().credential_reloads.clone();
+    credentials::spawn(
         reloads.clone(),
-        vec![Followed::new("peers", r.clone())],
+        vec![Followed::tls("peer_tls", r.clone())],
         Duration::from_millis(50),
     );
-    let count = |result: &str| reloads.with_label_values(&["peers", result]).get();
+    let count = |result: &str| reloads.with_label_values(&["peer_tls", result]).get();
     let until = |result: &'static str, n: u64| {
         let count = &count;
         async move {
