@@ -17,13 +17,15 @@ use agiproxy::server::Origin;
 use agiproxy::Server;
 use agiproxy_control::api::RolloutView;
 use agiproxy_control::client::{Client, Target};
-use agiproxy_control::server::ServeOptions;
+use agiproxy_control::server::{PreparedControl, ServeOptions};
 use agiproxy_control::tls::TlsFiles;
 use agiproxy_control::ControlServer;
 use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
 use common::*;
 
 const TOKEN: &str = "rollout-test-token";
+/// The token a replica rotated to first.
+const NEW_TOKEN: &str = "rollout-test-token-rotated";
 
 struct Replica {
     /// Kept for the length of the test (the API and tasks hold it too).
@@ -52,20 +54,18 @@ fn config(rollout: &str, blue: SocketAddr, green: SocketAddr) -> String {
 async fn replicas(text: &str, ports: &[u16]) -> Vec<Replica> {
     let mut out = Vec::new();
     for port in ports {
-        out.push(replica(text, *port, None).await);
+        out.push(replica(text, *port, None, false).await);
     }
     out
 }
 
 /// One replica of `text` with its control API on `port`, serving TLS as the
 /// config's `control.tls` says when `tls` gives the name its certificate
-/// carries; judgement reads the peers as `main` sets it up.
-async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
+/// carries; judgement reads the peers as `main` sets it up. `rotated`: its
+/// token was rotated to [`NEW_TOKEN`] a moment ago (its peers still know
+/// only [`TOKEN`]).
+async fn replica(text: &str, port: u16, tls: Option<&str>, rotated: bool) -> Replica {
     let config = agiproxy_config::from_yaml_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let peers = match tls {
-        Some(_) => PeerAccess::from_config(&config.control, Some(tokens())).unwrap(),
-        None => PeerAccess::plain(Some(tokens())),
-    };
     // The operator's client trusts the fleet CA and presents a replica's
     // certificate, as peers do.
     let operator = config.control.tls.as_ref().map(|t| {
@@ -84,6 +84,26 @@ async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
         key: t.key.clone(),
         client_ca: t.client_ca.clone(),
     });
+    let prepared = PreparedControl::bind(ServeOptions {
+        address: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+        socket: None,
+        token: Some(TOKEN.into()),
+        tls: files,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    // One set of tokens for the API and for reading peers, as in `main`.
+    let tokens = prepared.tokens();
+    if rotated {
+        let t = tokens.as_ref().unwrap();
+        assert!(t.rotate(NEW_TOKEN.into(), agiproxy_control::token::GRACE));
+    }
+    let peers = match tls {
+        Some(_) => PeerAccess::from_config(&config.control, tokens).unwrap(),
+        None => PeerAccess::plain(tokens),
+    };
     let origin = Origin {
         text: text.into(),
         source: "test".into(),
@@ -91,17 +111,7 @@ async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
     };
     let server = Server::start_with(config, origin).await.unwrap();
     agiproxy::rollout::eval::spawn(server.clone(), peers);
-    let opts = ServeOptions {
-        address: Some(SocketAddr::from(([127, 0, 0, 1], port))),
-        socket: None,
-        token: Some(TOKEN.into()),
-        tls: files,
-        max_body_bytes: 1 << 20,
-        request_timeout: Duration::from_secs(5),
-    };
-    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
-        .await
-        .unwrap();
+    let api = prepared.with_plane(ControlHandle::new(server.clone()));
     let local = api.local_addr().expect("a TCP listener");
     let (api_target, client) = match (tls, operator) {
         (Some(name), Some(c)) => (Target::https(local, name), c),
@@ -115,10 +125,6 @@ async fn replica(text: &str, port: u16, tls: Option<&str>) -> Replica {
         client,
         addr,
     }
-}
-
-fn tokens() -> Arc<agiproxy_control::token::Tokens> {
-    Arc::new(agiproxy_control::token::Tokens::new(TOKEN.into()))
 }
 
 fn client() -> Client {
@@ -318,7 +324,7 @@ async fn replicas_whose_control_apis_serve_tls_read_each_other() {
         let text = format!(
             "{base}control:\n  address: \"127.0.0.1:{port}\"\n  tls:\n    cert: {cert}\n    key: {key}\n    client_ca: {ca}\n    peers: {{ server_name: agiproxy-control }}\n"
         );
-        rs.push(replica(&text, port, Some("agiproxy-control")).await);
+        rs.push(replica(&text, port, Some("agiproxy-control"), false).await);
     }
 
     until_every_replica_decides(&rs).await;
@@ -330,6 +336,30 @@ async fn replicas_whose_control_apis_serve_tls_read_each_other() {
         );
         let d = v.decision.as_ref().unwrap();
         assert!(d.reason.starts_with("early closes: green"), "{d:?}");
+    }
+}
+
+/// Mid-way through a token rotation: one replica has the new token (its
+/// copy of the Secret changed first), the other two only the old. Each
+/// still judges on all three: the rotated one is asked with the old token
+/// (within its grace), and when a peer refuses its new token it asks again
+/// with the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_mid_token_rotation_still_read_each_other() {
+    let (blue, green) = green_closing_early_on_a_fifth().await;
+    let ports = [free_port(), free_port(), free_port()];
+    let text = config(&judged_rollout(&ports, 2000), blue.addr(), green.addr());
+    let mut rs = Vec::new();
+    for (i, port) in ports.into_iter().enumerate() {
+        rs.push(replica(&text, port, None, i == 0).await);
+    }
+    until_every_replica_decides(&rs).await;
+    for v in futures_views(&rs).await {
+        assert_eq!(
+            v.last_evaluation.as_ref().map(|e| e.replicas),
+            Some(3),
+            "judged on every replica's counters: {v:?}"
+        );
     }
 }
 

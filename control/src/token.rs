@@ -41,6 +41,17 @@ impl Tokens {
         self.0.load().current.clone()
     }
 
+    /// The token before the last rotation, while it is still accepted: a
+    /// peer whose own copy of the token file has not changed yet knows only
+    /// that one.
+    pub fn previous(&self) -> Option<String> {
+        let set = self.0.load();
+        set.previous
+            .as_ref()
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(t, _)| t.clone())
+    }
+
     /// Makes `token` the one in use; the one it replaces is accepted for
     /// `grace` more. False when `token` is already in use.
     pub fn rotate(&self, token: String, grace: Duration) -> bool {

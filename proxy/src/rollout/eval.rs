@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use agiproxy_config::{Peers, Rollout};
 use agiproxy_control::api::{RolloutCounts, RolloutDecisionView, RolloutTick};
-use agiproxy_control::client::{Client, Target};
+use agiproxy_control::client::{Client, ClientError, Response, Target};
 use agiproxy_control::tls::{Reloading, TlsConnector};
 use agiproxy_control::token::Tokens;
 
@@ -127,12 +127,33 @@ impl PeerAccess {
         self.tls.as_ref().map(|t| t.connector.clone())
     }
 
-    /// A client with the settings in use now.
-    fn client(&self) -> Client {
+    /// A client with the settings in use now, presenting `token`.
+    fn client(&self, token: Option<String>) -> Client {
         Client {
-            token: self.token.as_ref().map(|t| t.current()),
+            token,
             tls: self.tls.as_ref().map(|t| (*t.connector.current()).clone()),
             timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Reads `path` from the peer at `addr`. A 401 while the token before
+    /// the last rotation is still accepted is asked again with that one: the
+    /// peer's copy of the token file may not have changed yet.
+    async fn get(&self, addr: SocketAddr, path: &str) -> Result<Response, ClientError> {
+        let target = self.target(addr);
+        let current = self.token.as_ref().map(|t| t.current());
+        let r = self
+            .client(current)
+            .call(&target, "GET", path, &[], None)
+            .await;
+        let previous = self.token.as_ref().and_then(|t| t.previous());
+        match (&r, previous) {
+            (Ok(resp), Some(old)) if resp.status == 401 => {
+                self.client(Some(old))
+                    .call(&target, "GET", path, &[], None)
+                    .await
+            }
+            _ => r,
         }
     }
 
@@ -251,13 +272,10 @@ async fn evaluate(
     let own = live.published(k);
     let addrs = peers(&plan).await;
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
-    let http = client.client();
     let asks = addrs.iter().map(|a| {
-        let target = client.target(*a);
-        let (client, path) = (&http, &path);
+        let (client, path) = (&client, &path);
         async move {
-            let r =
-                tokio::time::timeout(iv / 4, client.call(&target, "GET", path, &[], None)).await;
+            let r = tokio::time::timeout(iv / 4, client.get(*a, path)).await;
             (*a, r)
         }
     });
