@@ -3,7 +3,7 @@
 //! Kubernetes Secret volume swaps them: a symlink to a new directory),
 //! keeps the last good one when the new files are bad, and the proxy's
 //! refresh task does both on its own and counts them in
-//! `agiproxy_tls_reloads_total`. Certificates are made in the test.
+//! `agiproxy_credential_reloads_total`. Certificates are made in the test.
 
 mod common;
 
