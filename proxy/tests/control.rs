@@ -397,5 +397,10 @@ async fn a_rotated_token_file_is_taken_up_and_the_old_token_works_for_its_grace(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status("second-secret").await, Some(200));
-    assert!(r.log().contains("the token is empty"), "{}", r.log());
+    // Logged too (the log is written out by a thread of its own, in batches).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.log().contains("the token is empty") {
+        assert!(Instant::now() < deadline, "not logged:\n{}", r.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
