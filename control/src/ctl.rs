@@ -240,14 +240,31 @@ pub async fn run<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> i32 {
     }
 }
 
+/// The file `config apply -f` sends: any file, `/dev/stdin` included (so
+/// not only regular files), read up to what any control API accepts
+/// (`control.max_body_bytes`, at most 64 MiB) and no further.
+fn read_config(file: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    const MAX: u64 = 64 << 20;
+    let err = |e: &dyn std::fmt::Display| format!("-f {}: {e}", file.display());
+    let mut text = Vec::new();
+    std::fs::File::open(file)
+        .map_err(|e| err(&e))?
+        .take(MAX + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| err(&e))?;
+    if text.len() as u64 > MAX {
+        return Err(err(&format!(
+            "larger than {MAX} bytes, more than any control API accepts"
+        )));
+    }
+    Ok(text)
+}
+
 async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i32, String> {
     let token = match &args.token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| format!("--token-file {}: {e}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
+        // The same bounds as the proxy's own token file.
+        Some(f) => Some(crate::token::read_token(f).map_err(|e| format!("--token-file {e}"))?),
         None => std::env::var(&args.token_env)
             .ok()
             .map(|t| t.trim().to_string())
@@ -281,7 +298,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             dry_run,
             if_match,
         }) => {
-            let text = std::fs::read(file).map_err(|e| format!("-f {}: {e}", file.display()))?;
+            let text = read_config(file)?;
             let mut headers = vec![("content-type", "application/yaml".to_string())];
             if let Some(g) = if_match {
                 headers.push(("if-match", g.to_string()));

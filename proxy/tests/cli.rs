@@ -555,3 +555,60 @@ async fn a_dns_failure_is_said_in_words() {
     assert!(stderr.contains("SRV"), "{stderr}");
     assert!(!stderr.contains("Query {"), "a Rust debug value: {stderr}");
 }
+
+/// `ctl` reads its token and config files within bounds too: a path naming
+/// something endless is refused (the token file at once; `-f`, which may
+/// be `/dev/stdin`, after 64 MiB), not read until memory runs out.
+#[test]
+fn ctl_refuses_endless_token_and_config_files() {
+    for (args, said) in [
+        (
+            vec!["--token-file", "/dev/zero", "status"],
+            "--token-file /dev/zero: not a regular file",
+        ),
+        (
+            vec!["config", "apply", "-f", "/dev/zero"],
+            "-f /dev/zero: larger than 67108864 bytes",
+        ),
+    ] {
+        let out = bin()
+            .args(["ctl", "--url", "http://127.0.0.1:1"])
+            .args(&args)
+            .env_remove("AGIPROXY_TOKEN")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+    }
+}
+
+/// `config apply -f /dev/stdin` reads standard input (a pipe), as documented.
+#[test]
+fn ctl_config_apply_reads_standard_input() {
+    use std::io::Write;
+    let mut child = common::Running::spawn(
+        bin()
+            .args(["ctl", "--url", "http://127.0.0.1:1", "config", "apply"])
+            .args(["-f", "/dev/stdin"])
+            .env_remove("AGIPROXY_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"version: 1\n").unwrap();
+    drop(stdin);
+    let out = child.into_inner().wait_with_output().unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Read, then sent: the error is the refused connection, not the file.
+    assert!(!printed.contains("-f /dev/stdin"), "{printed}");
+    assert!(
+        printed.contains("http://127.0.0.1:1: cannot connect"),
+        "{printed}"
+    );
+}
