@@ -327,16 +327,7 @@ async fn replicas_whose_control_apis_serve_tls_read_each_other() {
         rs.push(replica(&text, port, Some("agiproxy-control"), false).await);
     }
 
-    until_every_replica_decides(&rs).await;
-    for v in futures_views(&rs).await {
-        assert_eq!(
-            v.last_evaluation.as_ref().map(|e| e.replicas),
-            Some(3),
-            "judged on every replica's counters: {v:?}"
-        );
-        let d = v.decision.as_ref().unwrap();
-        assert!(d.reason.starts_with("early closes: green"), "{d:?}");
-    }
+    rolled_back_on_every_replicas_counters(&rs).await;
 }
 
 /// Mid-way through a token rotation: one replica has the new token (its
@@ -353,13 +344,22 @@ async fn replicas_mid_token_rotation_still_read_each_other() {
     for (i, port) in ports.into_iter().enumerate() {
         rs.push(replica(&text, port, None, i == 0).await);
     }
-    until_every_replica_decides(&rs).await;
-    for v in futures_views(&rs).await {
+    rolled_back_on_every_replicas_counters(&rs).await;
+}
+
+/// Drives calls until every replica has decided, then checks that each
+/// judged on the counters of all of them and rolled back for green's early
+/// closes.
+async fn rolled_back_on_every_replicas_counters(rs: &[Replica]) {
+    until_every_replica_decides(rs).await;
+    for v in futures_views(rs).await {
         assert_eq!(
             v.last_evaluation.as_ref().map(|e| e.replicas),
-            Some(3),
+            Some(rs.len()),
             "judged on every replica's counters: {v:?}"
         );
+        let d = v.decision.as_ref().unwrap();
+        assert!(d.reason.starts_with("early closes: green"), "{d:?}");
     }
 }
 
