@@ -431,25 +431,15 @@ async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedCon
     }
     let token = match &control.token {
         Some(TokenSource::File(f)) => {
-            // Bounded (a token is short; a path naming a device or a large
-            // file by mistake is refused) and read off the runtime.
+            // Read as it is when followed (`token::read_token`: a regular
+            // file of at most 4 KiB, trimmed, not empty), off the runtime.
             let file = f.clone();
-            let text = tokio::task::spawn_blocking(move || agiproxy_config::read_file(&file, 4096))
-                .await
-                .context("reading control.token_file stopped")?
-                .map_err(|e| {
-                    use agiproxy_config::FileError as E;
-                    let why = match e {
-                        E::Io { source, .. } => source.to_string(),
-                        E::NotRegular { kind, .. } => format!("not a regular file (a {kind})"),
-                        E::TooLarge { max, .. } => {
-                            format!("over {max} bytes; the file holds the token alone")
-                        }
-                        E::NotUtf8 { .. } => "not UTF-8 text".into(),
-                    };
-                    anyhow::anyhow!("control.token_file: cannot read {}: {why}", f.display())
-                })?;
-            Some(text.trim().to_string())
+            let token =
+                tokio::task::spawn_blocking(move || agiproxy_control::token::read_token(&file))
+                    .await
+                    .context("reading control.token_file stopped")?
+                    .map_err(|e| anyhow::anyhow!("control.token_file: {e}"))?;
+            Some(token)
         }
         Some(TokenSource::Env(v)) => Some(
             std::env::var(v)

@@ -79,7 +79,7 @@ pub struct PeerAccess {
 }
 
 struct PeerTls {
-    /// Follows its files (see [`crate::certificates`]).
+    /// Follows its files (see [`crate::credentials`]).
     connector: Arc<Reloading<TlsConnector>>,
     /// The name the peers' certificates carry; None: the peer's IP address.
     server_name: Option<String>,
