@@ -11,12 +11,20 @@
 //! (write a temporary file, rename it over the config, as the ConfigMap
 //! does) is the safe way, and what the docs ask for.
 //!
+//! Only events that can change what the path reads count: on the file
+//! itself, on a `..`-name (a ConfigMap's `..data` and its timestamped
+//! directories), or on the name the file links to when it is a symlink
+//! into its own directory. Anything else in the directory (a log written
+//! beside the config, say) is ignored: it once kept the directory from ever
+//! being quiet, and no edit was applied while it was being written. The
+//! wait for quiet is bounded too ([`MAX_SETTLE`]).
+//!
 //! The file is read on a blocking thread, a regular file only, within
 //! `limits.max_config_bytes` (`Server::read_config_file`): a FIFO, a device
 //! or a huge file put in its place is refused and the running config kept.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -32,6 +40,9 @@ const DEBOUNCE: Duration = Duration::from_millis(250);
 /// Quiet time while a writer still has the file open (a write was seen,
 /// its close was not).
 const WRITER_QUIET: Duration = Duration::from_secs(2);
+/// Longest wait for quiet after the first event, unless a writer still has
+/// the file open: a directory that never settles still gets its file read.
+const MAX_SETTLE: Duration = Duration::from_secs(10);
 
 /// Keeps the watch alive; dropping it stops watching.
 pub struct ConfigWatch {
@@ -57,17 +68,74 @@ enum Change {
     Other,
 }
 
-fn classify(event: &notify::Event, name: &OsString) -> Option<Change> {
-    let ours = event
-        .paths
-        .iter()
-        .any(|p| p.file_name() == Some(name.as_os_str()));
+/// Runs on notify's thread, never on the runtime: `readlink` is allowed.
+fn classify(event: &notify::Event, file: &Path, name: &OsStr) -> Option<Change> {
+    // An event without paths (the kernel's queue overflowed): look.
+    if event.paths.is_empty() {
+        return Some(Change::Other);
+    }
+    let mut target = None;
+    let mut ours = false;
+    let mut relevant = false;
+    for n in event.paths.iter().filter_map(|p| p.file_name()) {
+        let linked = || link_head(file);
+        if n == name || *target.get_or_insert_with(linked) == Some(n.to_os_string()) {
+            ours = true;
+        } else if n.as_encoded_bytes().starts_with(b"..") {
+            relevant = true;
+        }
+    }
+    if !ours && !relevant {
+        return None;
+    }
     match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) if ours => Some(Change::Closed),
         // Reads (ours included) are not changes; reacting to them would loop.
         EventKind::Access(_) => None,
         EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) if ours => Some(Change::Writing),
         _ => Some(Change::Other),
+    }
+}
+
+/// The first component of the file's symlink target when it points into
+/// the same directory (`..data/agiproxy.yaml` → `..data`, `v2.yaml` →
+/// `v2.yaml`): writing there writes the config.
+fn link_head(file: &Path) -> Option<OsString> {
+    let target = std::fs::read_link(file).ok()?;
+    if target.is_absolute() {
+        return None;
+    }
+    target.components().find_map(|c| match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        _ => None,
+    })
+}
+
+/// Debounce: waits until the directory has been quiet for [`DEBOUNCE`],
+/// and no longer than [`MAX_SETTLE`] in all; while a writer still has the
+/// file open, until it closes it or has not written for [`WRITER_QUIET`]
+/// (other events do not prolong that). `false` when the watcher is gone.
+async fn settle(rx: &mut mpsc::UnboundedReceiver<Change>, first: Change) -> bool {
+    use tokio::time::Instant;
+    let settle_by = Instant::now() + MAX_SETTLE;
+    let mut writing = first == Change::Writing;
+    let mut until = Instant::now() + if writing { WRITER_QUIET } else { DEBOUNCE };
+    loop {
+        let by = if writing { until } else { until.min(settle_by) };
+        match tokio::time::timeout_at(by, rx.recv()).await {
+            Err(_) => return true,
+            Ok(None) => return false,
+            Ok(Some(Change::Writing)) => {
+                writing = true;
+                until = Instant::now() + WRITER_QUIET;
+            }
+            Ok(Some(Change::Closed)) => {
+                writing = false;
+                until = Instant::now() + DEBOUNCE;
+            }
+            Ok(Some(Change::Other)) if !writing => until = Instant::now() + DEBOUNCE,
+            Ok(Some(Change::Other)) => {}
+        }
     }
 }
 
@@ -81,9 +149,10 @@ pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
         _ => PathBuf::from("."),
     };
     let name = file.file_name().map(OsString::from).unwrap_or_default();
+    let path = file.clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Some(change) = event.ok().and_then(|e| classify(&e, &name)) {
+        if let Some(change) = event.ok().and_then(|e| classify(&e, &path, &name)) {
             let _ = tx.send(change);
         }
     })
@@ -104,18 +173,8 @@ pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
         let mut last = server.file_hash();
         let source = server.file_source();
         while let Some(first) = rx.recv().await {
-            // Debounce: wait until the directory has been quiet for a while,
-            // longer while a writer still has the file open.
-            let mut writing = first == Change::Writing;
-            loop {
-                let quiet = if writing { WRITER_QUIET } else { DEBOUNCE };
-                match tokio::time::timeout(quiet, rx.recv()).await {
-                    Ok(Some(Change::Writing)) => writing = true,
-                    Ok(Some(Change::Closed)) => writing = false,
-                    Ok(Some(Change::Other)) => {}
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
+            if !settle(&mut rx, first).await {
+                return;
             }
             // Refused reads are counted and logged by the server.
             let text = server.read_config_file().await.ok();
@@ -130,4 +189,131 @@ pub fn watch(server: Server) -> Result<Option<ConfigWatch>, WatchError> {
     });
     tracing::info!(file = %file.display(), "watching the config file");
     Ok(Some(ConfigWatch { _watcher: watcher }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, paths: &[&Path]) -> notify::Event {
+        let mut e = notify::Event::new(kind);
+        for p in paths {
+            e = e.add_path(p.to_path_buf());
+        }
+        e
+    }
+
+    #[test]
+    fn only_events_that_can_change_the_file_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let file = d.join("agiproxy.yaml");
+        let name = OsStr::new("agiproxy.yaml");
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let created = EventKind::Create(CreateKind::File);
+        let at = |n: &str| d.join(n);
+
+        assert_eq!(
+            classify(&event(write, &[&file]), &file, name),
+            Some(Change::Writing)
+        );
+        assert_eq!(
+            classify(&event(closed, &[&file]), &file, name),
+            Some(Change::Closed)
+        );
+        let tmp = at(".agiproxy.yaml.new");
+        assert_eq!(
+            classify(&event(renamed, &[&tmp, &file]), &file, name),
+            Some(Change::Other)
+        );
+        // A ConfigMap swap, and a rescan without paths.
+        let data = at("..data");
+        assert_eq!(
+            classify(&event(renamed, &[&at("..data_tmp"), &data]), &file, name),
+            Some(Change::Other)
+        );
+        assert_eq!(
+            classify(&event(created, &[&at("..2026_12_06")]), &file, name),
+            Some(Change::Other)
+        );
+        assert_eq!(
+            classify(&event(EventKind::Any, &[]), &file, name),
+            Some(Change::Other)
+        );
+        // Neighbours: a log, an editor's scratch file, the new file before
+        // its rename.
+        for n in ["agiproxy.log", "4913", ".agiproxy.yaml.swp"] {
+            assert_eq!(classify(&event(write, &[&at(n)]), &file, name), None, "{n}");
+            assert_eq!(
+                classify(&event(created, &[&at(n)]), &file, name),
+                None,
+                "{n}"
+            );
+        }
+        assert_eq!(classify(&event(write, &[&tmp]), &file, name), None);
+
+        // A symlink to a file beside it: writing the target writes the config.
+        std::fs::write(at("v2.yaml"), "version: 1").unwrap();
+        std::os::unix::fs::symlink("v2.yaml", &file).unwrap();
+        assert_eq!(
+            classify(&event(write, &[&at("v2.yaml")]), &file, name),
+            Some(Change::Writing)
+        );
+        assert_eq!(
+            classify(&event(closed, &[&at("v2.yaml")]), &file, name),
+            Some(Change::Closed)
+        );
+        assert_eq!(
+            classify(&event(write, &[&at("agiproxy.log")]), &file, name),
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_directory_that_never_quiets_is_read_within_max_settle() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let noise = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DEBOUNCE / 2).await;
+                if tx.send(Change::Other).is_err() {
+                    return;
+                }
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        assert!(settle(&mut rx, Change::Other).await);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= MAX_SETTLE && waited < MAX_SETTLE + DEBOUNCE,
+            "{waited:?}"
+        );
+
+        // A writer's open file: WRITER_QUIET after its last write, however
+        // busy the rest of the directory.
+        let t0 = tokio::time::Instant::now();
+        assert!(settle(&mut rx, Change::Writing).await);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= WRITER_QUIET && waited < WRITER_QUIET + DEBOUNCE,
+            "{waited:?}"
+        );
+        noise.abort();
+
+        // A quiet directory: DEBOUNCE after the last event.
+        let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
+        let t0 = tokio::time::Instant::now();
+        let settled = tokio::spawn(async move { settle(&mut rx, Change::Other).await });
+        tokio::time::sleep(DEBOUNCE / 2).await;
+        tx.send(Change::Other).unwrap();
+        assert!(settled.await.unwrap());
+        let waited = t0.elapsed();
+        assert!(
+            waited >= DEBOUNCE + DEBOUNCE / 2 && waited < 2 * DEBOUNCE,
+            "{waited:?}"
+        );
+        drop(tx);
+    }
 }

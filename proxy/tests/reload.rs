@@ -400,3 +400,52 @@ async fn regression_api_changes_last_until_the_file_changes() {
     .unwrap();
     assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_beside_the_config_does_not_hold_back_its_changes() {
+    // A log written next to the config (`agiproxy run -c agiproxy.yaml
+    // 2>>agiproxy.log`) changes the directory every few milliseconds under
+    // traffic. The watcher waited for the directory to be quiet, so an edit
+    // of the config was never applied while the log was being written.
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-busy-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
+    let text = config(&control, "a", a.addr(), b.addr());
+    std::fs::write(&file, &text).unwrap();
+    let _proxy = start(&file);
+    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+
+    // The log: a line every 20 ms until the test ends (bounded: 30 s).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, log) = (stop.clone(), dir.path().join("agiproxy.log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(log).unwrap();
+            let until = Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                writeln!(f, "a session").unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Replaced atomically, as the docs ask, then edited in place.
+    let tmp = dir.path().join(".agiproxy.yaml.new");
+    std::fs::write(&tmp, text.replace("name: all", "name: all2")).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let replaced = wait_generation(&api, 2, Duration::from_secs(5));
+    std::fs::write(&file, text.replace("name: all", "name: all3")).unwrap();
+    let edited = wait_generation(&api, 3, Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!((replaced, edited), (2, 3));
+}
