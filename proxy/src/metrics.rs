@@ -11,6 +11,8 @@ use prometheus::{
 
 use crate::session::outcome::{Outcome, Reason};
 
+pub mod retention;
+
 /// What `connect_attempts_total` counts, by its `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectResult {
@@ -61,7 +63,8 @@ pub struct Metrics {
     /// of `registry`, whose prefix would rename them; unprefixed, they have
     /// the names every exporter uses, so stock dashboards and alerts work.
     process: Registry,
-    /// By route, pool, backend and outcome: all bounded by the config.
+    /// By route, pool, backend and outcome: bounded by the config and the
+    /// pools' members, past ones dropped after a while (`retention`).
     pub sessions: IntCounterVec,
     failures: Vec<IntCounter>,
     pub header_errors: IntCounterVec,

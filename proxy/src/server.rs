@@ -127,6 +127,7 @@ impl Server {
             table.push(spawn_listener(&shared, b));
         }
         drop(table);
+        tokio::spawn(retire_session_series(Arc::downgrade(&shared)));
         Ok(Server { shared, changes })
     }
 
@@ -567,5 +568,28 @@ fn give_back_memory() {
     // SAFETY: malloc_trim only releases free memory; callable from any thread.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Drops `sessions_total` series of routes, pools and backends gone for a
+/// while (`metrics::retention`); ends with the server.
+async fn retire_session_series(shared: std::sync::Weak<Shared>) {
+    use crate::metrics::retention::{Retention, EVERY};
+    let mut retention = Retention::default();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let live = shared.snapshot.load().live_labels();
+        let dropped = retention.prune(&shared.metrics.sessions, &live, Instant::now());
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                "sessions_total: series of vanished routes, pools or backends dropped"
+            );
+        }
     }
 }

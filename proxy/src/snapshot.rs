@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use agiproxy_config::Config;
 
+use crate::metrics::retention::LiveLabels;
 use crate::pool::{discovery, health, PoolState, PoolStatus};
 use crate::session::router::Router;
 
@@ -89,6 +90,22 @@ impl Snapshot {
     /// made the running one.
     /// The pool layer never starts its own work: this is the one place
     /// that does. Needs a Tokio runtime for the tasks; idempotent.
+    /// The route, pool and backend labels a session can end with now (see
+    /// `metrics::retention`).
+    pub fn live_labels(&self) -> LiveLabels {
+        let mut live = LiveLabels::default();
+        for r in self.router.routes() {
+            live.routes.insert(r.name.to_string());
+        }
+        for p in &self.pools {
+            live.pools.insert(p.name.to_string());
+            for b in &p.members().backends {
+                live.backends.insert(b.live.label.to_string());
+            }
+        }
+        live
+    }
+
     pub fn activate(&self) {
         let rt = tokio::runtime::Handle::try_current();
         for pool in &self.pools {
@@ -134,5 +151,34 @@ impl Snapshot {
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
         self.pools.iter().find(|p| &*p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_labels_are_the_routes_pools_and_members_now() {
+        let cfg = agiproxy_config::from_yaml_str(
+            "version: 1\nlisteners: [{ name: a, address: \"127.0.0.1:0\" }]\n\
+             routes:\n  - { name: ivr, match: { script: { exact: ivr } }, pool: ivr }\n  - { name: rest, pool: other }\n\
+             pools:\n  - { name: ivr, backends: [{ address: \"127.0.0.1:4573\" }, { address: \"127.0.0.2:4573\" }] }\n  - { name: other, backends: [{ address: \"[::1]:4574\" }] }\n",
+        )
+        .unwrap();
+        let snap = Snapshot::build(cfg, ConfigMeta::new(1, "test", Arc::from("")), None);
+        let live = snap.live_labels();
+        fn sorted(s: &std::collections::HashSet<String>) -> Vec<&str> {
+            let mut v: Vec<&str> = s.iter().map(String::as_str).collect();
+            v.sort();
+            v
+        }
+        assert_eq!(sorted(&live.routes), ["ivr", "rest"]);
+        assert_eq!(sorted(&live.pools), ["ivr", "other"]);
+        // The same text as the `backend` label of `sessions_total`.
+        assert_eq!(
+            sorted(&live.backends),
+            ["127.0.0.1:4573", "127.0.0.2:4573", "[::1]:4574"]
+        );
     }
 }
