@@ -231,6 +231,8 @@ struct Lab {
     /// the proxy.
     dir: tempfile::TempDir,
     dns: Option<FakeDns>,
+    /// More top-level config, written after `timeouts:`.
+    extra: String,
 }
 
 fn script(host: usize) -> Behaviour {
@@ -273,6 +275,7 @@ impl Lab {
             proxy: None,
             dir,
             dns: None,
+            extra: String::new(),
         };
         for i in 0..backends {
             let host = lab.host(i, Some(script(i)), delay && i == 0);
@@ -337,10 +340,12 @@ impl Lab {
             "version: 1\n\
              listeners:\n  - {{ name: asterisk, address: \"{PROXY_IP}:{PORT}\" }}\n\
              {dns}timeouts: {{ header: 5s, budget: 1500ms, connect: 250ms, first_command: 3s, next_command: 3s, drain: 2s }}\n\
+             {extra}\
              routes:\n  - {{ name: all, pool: p }}\n\
              pools:\n  - name: p\n    balance: round_robin\n{passive}    backends:\n{pool}\
              control:\n  address: \"{CONTROL}\"\n  token_file: {}\n",
-            token.display()
+            token.display(),
+            extra = self.extra,
         );
         let file = self.dir.path().join("agiproxy.yaml");
         std::fs::write(&file, &config).expect("config file");
@@ -1074,4 +1079,118 @@ fn dns_answers_with_a_blackholed_host() {
         v.failures, n,
         "with only a black-holed host, every call fails"
     );
+}
+
+/// The Asterisk host goes silent (every packet dropped, no FIN, no RST)
+/// while its call sits in a long command (`EXEC Dial`): TCP keepalive finds
+/// it, the session ends and the backend's connection is closed, within
+/// `idle + interval × probes`. Without keepalive both would wait for ever.
+#[test]
+fn an_asterisk_host_that_goes_silent_mid_command_is_found_by_keepalive() {
+    let _g = serial();
+    if skip_reason().is_some() {
+        return;
+    }
+    let mut lab = Lab::new("keepalive", 0, false);
+    let host = lab.host(
+        0,
+        Some(Behaviour::script(&["EXEC Dial PJSIP/alice,30"])),
+        false,
+    );
+    lab.hosts.push(host);
+    lab.extra = "tcp_keepalive: { idle: 2s, interval: 1s, probes: 2 }\n".into();
+    lab.start_proxy(&lab.static_pool(), "");
+    let bound = Duration::from_secs(2 + 2);
+
+    // A call that gets its `EXEC Dial` and holds it, as Asterisk does while
+    // the far end rings and talks.
+    let target = SocketAddr::new(PROXY_IP.parse().expect("ip"), PORT);
+    let header = AgiHeader::realistic("ivr/main", &[], "17.1").to_bytes();
+    let held = lab.client_rt.block_on(lab.client_rt.spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut s = FakeAsterisk::raw_session(target, &header)
+            .await
+            .expect("connect");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the command in time")
+                .expect("read");
+            assert!(n > 0, "closed before the command");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"EXEC Dial PJSIP/alice,30\n");
+        s
+    }));
+    let held = held.expect("client task");
+    let backend = lab.hosts[0].backend.as_ref().expect("backend").stats();
+    assert_eq!((backend.accepted(), backend.active()), (1, 1));
+    assert_eq!(lab.metric("agiproxy_active_sessions", ""), 1.0);
+
+    // Once the command has run for idle/2, both of the session's sockets
+    // probe (and only then: a short session never pays for it).
+    let keepalive_sockets = || {
+        let out = lab
+            .proxy_ns
+            .exec("ss", &["-tnoH", "state", "established"])
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("timer:(keepalive"))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string())
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(
+        keepalive_sockets(),
+        Vec::<String>::new(),
+        "keepalive before idle/2"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let probing = keepalive_sockets();
+    let asterisk_side = probing
+        .iter()
+        .filter(|l| **l == format!("{PROXY_IP}:{PORT}"))
+        .count();
+    let backend_side = probing
+        .iter()
+        .filter(|l| l.starts_with("192.0.2.1:"))
+        .count();
+    assert_eq!(
+        (probing.len(), asterisk_side, backend_side),
+        (2, 1, 1),
+        "sockets with keepalive, by local address: {probing:?}"
+    );
+
+    // The host goes silent.
+    let drop_all = |op: &str| {
+        for chain in ["INPUT", "OUTPUT"] {
+            lab._client_ns
+                .exec("iptables", &[op, chain, "-j", "DROP"])
+                .expect("iptables in the client namespace");
+        }
+    };
+    drop_all("-A");
+    let silent = Instant::now();
+    // Keepalive arms after idle/2 of the command, then idle/2 more to the
+    // first probe: the bound counts from the command, so from before now.
+    let deadline = silent + bound + SLACK;
+    while lab.metric("agiproxy_active_sessions", "") > 0.0 || backend.active() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived keepalive's bound ({bound:?} + {SLACK:?}): active {} at the proxy, {} at the backend",
+            lab.metric("agiproxy_active_sessions", ""),
+            backend.active()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let found = silent.elapsed();
+    drop_all("-D");
+    drop(held);
+    assert!(
+        found >= Duration::from_secs(1),
+        "ended after {found:?}: before keepalive could have found anything"
+    );
+    println!("| Asterisk host silent mid-command (keepalive 2s/1s×2) | session ended after {:.1} s, backend closed | keepalive |", found.as_secs_f64());
 }

@@ -32,6 +32,45 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// The control API: off unless the file has a `control:` block.
     pub control: Control,
+    /// TCP keepalive on every connection, both sides; `None` when off.
+    pub tcp_keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive: a peer that vanished (host down, a firewall or load
+/// balancer that forgot the flow) is found while a call sits in a long
+/// command, and idle flows stay known to middleboxes that time them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Quiet time before the first probe (`TCP_KEEPIDLE`).
+    pub idle: Duration,
+    /// Between unanswered probes (`TCP_KEEPINTVL`).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is given up (`TCP_KEEPCNT`).
+    pub probes: u32,
+}
+
+impl Keepalive {
+    /// Whole seconds, as the kernel counts them: 1 s to 32,767 s.
+    pub const SECONDS: std::ops::RangeInclusive<u64> = 1..=32_767;
+    pub const PROBES: std::ops::RangeInclusive<u32> = 1..=127;
+
+    /// How long a vanished peer can go unnoticed: `idle + interval × probes`.
+    pub fn detection(&self) -> Duration {
+        self.idle + self.interval * self.probes
+    }
+}
+
+impl Default for Keepalive {
+    /// A dead peer is found within 2 minutes; a flow is never quiet for
+    /// more than 60 s (AWS NLB forgets one after 350 s, Azure's load
+    /// balancer after 4 minutes by default).
+    fn default() -> Self {
+        Keepalive {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            probes: 6,
+        }
+    }
 }
 
 /// The control API: an HTTP listener of its own and/or a Unix socket.

@@ -15,8 +15,9 @@ use crate::error::{from_yaml, ConfigError};
 use crate::raw::RawRollout;
 use crate::raw::{
     DurationText, OrderedMap, RawBackend, RawBalance, RawConfig, RawControl, RawControlTls, RawDns,
-    RawHealth, RawHealthKind, RawLimits, RawListener, RawMatch, RawMode, RawPassive, RawPeerTls,
-    RawPool, RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts, Scalar,
+    RawHealth, RawHealthKind, RawKeepalive, RawLimits, RawListener, RawMatch, RawMode, RawPassive,
+    RawPeerTls, RawPool, RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts,
+    Scalar,
 };
 use crate::tree::{Leaf, Node};
 
@@ -378,7 +379,9 @@ structs! {
     RawConfig {
         version: "version", listeners: "listeners", timeouts: "timeouts", limits: "limits",
         routes: "routes", pools: "pools", control: "control", dns: "dns",
+        tcp_keepalive: "tcp_keepalive",
     }
+    RawKeepalive { enabled: "enabled", idle: "idle", interval: "interval", probes: "probes" }
     RawListener { name: "name", address: "address" }
     RawTimeouts {
         header: "header", budget: "budget", connect: "connect",

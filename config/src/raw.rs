@@ -22,6 +22,16 @@ pub(crate) struct RawConfig {
     pub pools: Option<Vec<RawPool>>,
     pub control: Option<RawControl>,
     pub dns: Option<RawDns>,
+    pub tcp_keepalive: Option<RawKeepalive>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKeepalive {
+    pub enabled: Option<bool>,
+    pub idle: Option<DurationText>,
+    pub interval: Option<DurationText>,
+    pub probes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use agiproxy_config::{
-    example_config, from_yaml_str, load_file, script_path, Balance, Config, Limits, Mode, Rewrite,
-    RouteTarget, ScriptMatch, Template, TemplatePart, Timeouts, DEFAULT_PORT,
+    example_config, from_yaml_str, load_file, script_path, Balance, Config, Keepalive, Limits,
+    Mode, Rewrite, RouteTarget, ScriptMatch, Template, TemplatePart, Timeouts, DEFAULT_PORT,
 };
 
 const FULL: &str = r#"
@@ -255,6 +255,12 @@ fn a_bare_config_gets_every_default() {
         (20_000, 16_384, 512)
     );
     assert!(c.routes.is_empty() && c.pools.is_empty());
+    assert_eq!(c.tcp_keepalive, Some(Keepalive::default()));
+    assert_eq!(
+        c.tcp_keepalive
+            .map(|k| (k.idle, k.interval, k.probes, k.detection())),
+        Some((ms(60_000), ms(10_000), 6, ms(120_000)))
+    );
     // Empty sections are as good as absent ones.
     let c = compile("version: 1\nroutes:\npools:\ntimeouts:\n");
     assert!(c.routes.is_empty());
@@ -532,4 +538,27 @@ fn a_large_route_table_loads_without_compiling_its_regexes() {
         "{}",
         errs.0[0].message
     );
+}
+
+#[test]
+fn tcp_keepalive_is_on_by_default_and_can_be_tuned_or_turned_off() {
+    let c = compile("version: 1\ntcp_keepalive: { idle: 30s, interval: 5s, probes: 3 }\n");
+    assert_eq!(
+        c.tcp_keepalive,
+        Some(Keepalive {
+            idle: ms(30_000),
+            interval: ms(5_000),
+            probes: 3
+        })
+    );
+    // Unset fields keep their defaults.
+    let c = compile("version: 1\ntcp_keepalive: { idle: 2m }\n");
+    assert_eq!(
+        c.tcp_keepalive.map(|k| (k.idle, k.probes)),
+        Some((ms(120_000), 6))
+    );
+    let c = compile("version: 1\ntcp_keepalive: { enabled: false }\n");
+    assert_eq!(c.tcp_keepalive, None);
+    let c = compile("version: 1\ntcp_keepalive:\n");
+    assert_eq!(c.tcp_keepalive, Some(Keepalive::default()));
 }

@@ -438,6 +438,7 @@ pub fn relay(data: &[u8]) {
             first_command_deadline: far,
             next_command: Duration::from_secs(3600),
             forward_hangup: true,
+            keepalive: None,
         };
         let relay = tokio::spawn(async move {
             let (mut a, mut b) = (a, b);

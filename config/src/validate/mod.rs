@@ -3,6 +3,7 @@
 
 mod checks;
 mod control;
+mod keepalive;
 mod matcher;
 mod pool;
 mod rollout;
@@ -36,6 +37,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
 
     let control = control::compile(raw.control.as_ref(), &limits, &mut errs);
     control::check_rollout_peers(&control, &routes, &mut errs);
+    let tcp_keepalive = keepalive::compile(raw.tcp_keepalive.as_ref(), &mut errs);
 
     if !errs.is_empty() {
         return Err(errs.into_vec());
@@ -48,6 +50,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         routes,
         pools,
         control,
+        tcp_keepalive,
     })
 }
 

@@ -16,6 +16,7 @@ use crate::snapshot::Snapshot;
 pub mod connect;
 pub mod failure;
 pub mod header;
+pub mod keepalive;
 pub mod outcome;
 pub mod record;
 pub mod relay;
@@ -101,7 +102,7 @@ async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut Sess
     let Some((at, route)) = Box::pin(find_backend(shared, snap, a, rec)).await else {
         return;
     };
-    relay(shared, route, a, rec, at).await;
+    relay(shared, route, snap.config.tcp_keepalive, a, rec, at).await;
 }
 
 /// Reads the header, routes it and attaches a backend; `None` when the
@@ -210,18 +211,27 @@ async fn find_backend<'s>(
 async fn relay(
     shared: &Shared,
     route: &Route,
+    keepalive: Option<agiproxy_config::Keepalive>,
     a: &mut TcpStream,
     rec: &mut SessionRecord,
     mut at: Attached,
 ) {
     let t = &route.timeouts;
     let (end, stats) = match route.mode {
-        Mode::Raw => relay_raw(a, &mut at.stream, &at.early, &at.first, &shared.drain.force).await,
+        Mode::Raw => {
+            // Raw bytes cannot tell a long command from a quiet moment.
+            if let Some(k) = &keepalive {
+                let _ = keepalive::apply_now(a, k);
+                let _ = keepalive::apply_now(&at.stream, k);
+            }
+            relay_raw(a, &mut at.stream, &at.early, &at.first, &shared.drain.force).await
+        }
         Mode::Lines => {
             let opts = RelayOptions {
                 first_command_deadline: at.first_command_deadline,
                 next_command: t.next_command,
                 forward_hangup: route.forward_hangup,
+                keepalive,
             };
             let mut relay = Relay::new(a, &mut at.stream, opts);
             relay.begin(

@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::failure;
+use super::keepalive;
 use super::outcome::Reason;
 use super::turn::{AsteriskLine, BackendLine, PayloadLine, Turn};
 use crate::drain::Cut;
@@ -69,6 +70,8 @@ pub struct RelayOptions {
     pub next_command: Duration,
     /// Forward Asterisk's unsolicited `HANGUP` to the backend.
     pub forward_hangup: bool,
+    /// TCP keepalive for both sockets once a command runs long.
+    pub keepalive: Option<agiproxy_config::Keepalive>,
 }
 
 /// What the relay waits for in one turn.
@@ -145,6 +148,10 @@ pub struct Relay<'s> {
     /// this reason once its module has answered.
     pending_failure: Option<Reason>,
     deadline: Option<Instant>,
+    /// When the command Asterisk runs has run long enough for keepalive.
+    keepalive_at: Option<Instant>,
+    /// Keepalive is on (it stays on for the rest of the session).
+    keepalive_on: bool,
     pub stats: RelayStats,
 }
 
@@ -170,6 +177,8 @@ impl<'s> Relay<'s> {
             a_protocol_error: false,
             pending_failure: None,
             deadline: Some(opts.first_command_deadline),
+            keepalive_at: None,
+            keepalive_on: false,
             stats: RelayStats::default(),
         }
     }
@@ -228,6 +237,7 @@ impl<'s> Relay<'s> {
                 // FAILURE follows when Asterisk's module has answered.
                 Box::pin(self.close_backend_politely()).await;
             }
+            self.track_keepalive();
             let deadline = self.active_deadline();
             if let Some(d) = deadline.filter(|d| *d < armed_at) {
                 sleep.as_mut().reset(d);
@@ -290,6 +300,11 @@ impl<'s> Relay<'s> {
                         armed_at = d;
                         continue;
                     }
+                    if self.keepalive_at.is_some() {
+                        // Asterisk has run this command long enough.
+                        self.keep_alive();
+                        continue;
+                    }
                     if let (Some(reason), false) = (self.pending_failure, self.a_eof) {
                         // The module never answered the abandoned payload.
                         return Box::pin(self.fail(reason)).await;
@@ -335,7 +350,46 @@ impl<'s> Relay<'s> {
         if (self.turn.backend_owes_command() || self.turn.in_payload()) && !self.b_eof {
             self.deadline
         } else {
-            None
+            self.keepalive_at
+        }
+    }
+
+    /// Asterisk runs a command: nothing flows until it answers.
+    fn asterisk_busy(&self) -> bool {
+        !self.turn.backend_owes_command()
+            && !self.turn.in_payload()
+            && !self.a_eof
+            && !self.a_dead
+            && self.pending_failure.is_none()
+    }
+
+    /// Starts counting when Asterisk begins a command, stops when it
+    /// answers: `keepalive_at` is set only while a command runs.
+    fn track_keepalive(&mut self) {
+        let Some(k) = &self.opts.keepalive else {
+            return;
+        };
+        if self.keepalive_on {
+            return;
+        }
+        if !self.asterisk_busy() {
+            self.keepalive_at = None;
+        } else if self.keepalive_at.is_none() {
+            self.keepalive_at = Some(Instant::now() + keepalive::arm_after(k));
+        }
+    }
+
+    /// Keepalive on both sockets, for the rest of the session.
+    fn keep_alive(&mut self) {
+        self.keepalive_at = None;
+        self.keepalive_on = true;
+        let Some(k) = &self.opts.keepalive else {
+            return;
+        };
+        for (side, s) in [("asterisk", &*self.a), ("backend", &*self.b)] {
+            if let Err(e) = keepalive::apply(s, k) {
+                tracing::debug!(side, error = %e, "cannot set TCP keepalive");
+            }
         }
     }
 
