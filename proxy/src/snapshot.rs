@@ -108,6 +108,7 @@ impl Snapshot {
 
     pub fn activate(&self) {
         let rt = tokio::runtime::Handle::try_current();
+        let mut unchecked = Vec::new();
         for pool in &self.pools {
             if !pool.activate() {
                 continue;
@@ -117,12 +118,19 @@ impl Snapshot {
                 continue;
             };
             let shared = pool.shared();
-            rt.spawn(health::supervise(shared.clone()));
+            if pool.config().health.is_some() {
+                rt.spawn(health::supervise(shared.clone()));
+            } else {
+                unchecked.push(shared.clone());
+            }
             for (i, b) in pool.config().backends.iter().enumerate() {
                 if b.target.static_addr().is_none() {
                     rt.spawn(discovery::follow(shared.clone(), i));
                 }
             }
+        }
+        if let (false, Ok(rt)) = (unchecked.is_empty(), &rt) {
+            rt.spawn(health::watch_unchecked(unchecked));
         }
     }
 
