@@ -156,6 +156,48 @@ async fn call_through(api: &str) {
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }
 
+/// A replica run from a plain config file in a directory of its own, its
+/// one route to pool `a`; two NOOP backends. The proxy is killed before
+/// the directory is removed (field order).
+struct PlainFile {
+    _proxy: Running,
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    api: String,
+    control: String,
+    a: FakeBackend,
+    b: FakeBackend,
+}
+
+impl PlainFile {
+    async fn start(prefix: &str) -> PlainFile {
+        let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+        let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+        let port = free_port("127.0.0.1");
+        let api = format!("http://127.0.0.1:{port}");
+        let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let file = dir.path().join("agiproxy.yaml");
+        std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+        let proxy = start(&file);
+        assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+        PlainFile {
+            _proxy: proxy,
+            dir,
+            file,
+            api,
+            control,
+            a,
+            b,
+        }
+    }
+
+    /// The config text routing to `pool`.
+    fn text(&self, pool: &str) -> String {
+        config(&self.control, pool, self.a.addr(), self.b.addr())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     let a = FakeBackend::start(Behaviour::script(&["VERBOSE \"from a\" 1"])).await;
@@ -356,24 +398,11 @@ async fn regression_api_changes_last_until_the_file_changes() {
     // With a plain config file, the watcher once reacted to its own reads
     // (and to any event in the directory) and undid API changes within
     // 250 ms. An API change must last until the file's content changes.
-    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let port = free_port("127.0.0.1");
-    let api = format!("http://127.0.0.1:{port}");
-    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
-    // Declared before the proxy: removed after it is killed.
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-plain-")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("agiproxy.yaml");
-    std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
-    let _proxy = start(&file);
-    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
-
-    let change = dir.path().join("change.yaml");
-    std::fs::write(&change, config(&control, "b", a.addr(), b.addr())).unwrap();
-    let out = apply(&api, &change, None);
+    let p = PlainFile::start("agiproxy-plain-").await;
+    let api = &p.api;
+    let change = p.dir.path().join("change.yaml");
+    std::fs::write(&change, p.text("b")).unwrap();
+    let out = apply(api, &change, None);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -382,8 +411,8 @@ async fn regression_api_changes_last_until_the_file_changes() {
     );
     // Status calls read the file; another file in the directory changes.
     for i in 0..10 {
-        std::fs::write(dir.path().join("unrelated.txt"), format!("{i}")).unwrap();
-        let st = status(&api).unwrap();
+        std::fs::write(p.dir.path().join("unrelated.txt"), format!("{i}")).unwrap();
+        let st = status(api).unwrap();
         assert_eq!(
             (st["generation"].as_u64(), st["source"].as_str()),
             (Some(2), Some("api")),
@@ -393,12 +422,8 @@ async fn regression_api_changes_last_until_the_file_changes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Editing the file itself is a change: the watcher applies it.
-    std::fs::write(
-        &file,
-        config(&control, "a", a.addr(), b.addr()).replace("name: all", "name: all2"),
-    )
-    .unwrap();
-    assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
+    std::fs::write(&p.file, p.text("a").replace("name: all", "name: all2")).unwrap();
+    assert_eq!(wait_generation(api, 3, Duration::from_secs(5)), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,25 +432,13 @@ async fn a_file_written_beside_the_config_does_not_hold_back_its_changes() {
     // 2>>agiproxy.log`) changes the directory every few milliseconds under
     // traffic. The watcher waited for the directory to be quiet, so an edit
     // of the config was never applied while the log was being written.
-    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let port = free_port("127.0.0.1");
-    let api = format!("http://127.0.0.1:{port}");
-    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-busy-")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("agiproxy.yaml");
-    let text = config(&control, "a", a.addr(), b.addr());
-    std::fs::write(&file, &text).unwrap();
-    let _proxy = start(&file);
-    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+    let p = PlainFile::start("agiproxy-busy-").await;
+    let (api, file, text) = (&p.api, &p.file, p.text("a"));
 
     // The log: a line every 20 ms until the test ends (bounded: 30 s).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (stop, log) = (stop.clone(), dir.path().join("agiproxy.log"));
+        let (stop, log) = (stop.clone(), p.dir.path().join("agiproxy.log"));
         std::thread::spawn(move || {
             use std::io::Write;
             let mut f = std::fs::File::create(log).unwrap();
@@ -439,12 +452,12 @@ async fn a_file_written_beside_the_config_does_not_hold_back_its_changes() {
     std::thread::sleep(Duration::from_millis(300));
 
     // Replaced atomically, as the docs ask, then edited in place.
-    let tmp = dir.path().join(".agiproxy.yaml.new");
+    let tmp = p.dir.path().join(".agiproxy.yaml.new");
     std::fs::write(&tmp, text.replace("name: all", "name: all2")).unwrap();
-    std::fs::rename(&tmp, &file).unwrap();
-    let replaced = wait_generation(&api, 2, Duration::from_secs(5));
-    std::fs::write(&file, text.replace("name: all", "name: all3")).unwrap();
-    let edited = wait_generation(&api, 3, Duration::from_secs(5));
+    std::fs::rename(&tmp, file).unwrap();
+    let replaced = wait_generation(api, 2, Duration::from_secs(5));
+    std::fs::write(file, text.replace("name: all", "name: all3")).unwrap();
+    let edited = wait_generation(api, 3, Duration::from_secs(5));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert_eq!((replaced, edited), (2, 3));
