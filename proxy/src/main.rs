@@ -205,6 +205,16 @@ fn check(path: &std::path::Path) -> ExitCode {
             for l in &cfg.listeners {
                 out += &format!("  listener {} on {}\n", l.name, l.address);
             }
+            out += &match cfg.tcp_keepalive {
+                Some(k) => format!(
+                    "  tcp keepalive: idle {}s, interval {}s, {} probes (a vanished peer found within {}s of a long command's last packet)\n",
+                    k.idle.as_secs(),
+                    k.interval.as_secs(),
+                    k.probes,
+                    k.detection().as_secs()
+                ),
+                None => "  tcp keepalive: off (a vanished peer holds its session until the process ends)\n".into(),
+            };
             for (i, r) in cfg.routes.iter().enumerate() {
                 out += &format!("  route {i}: {}\n", r.describe(&cfg.pools));
                 if let Some(ro) = &r.rollout {

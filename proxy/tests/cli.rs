@@ -29,6 +29,12 @@ fn check_accepts_a_good_config_and_prints_routes() {
     );
     assert!(stdout.contains("route 0: ivr"), "{stdout}");
     assert!(stdout.contains("ivr/"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "tcp keepalive: idle 60s, interval 10s, 6 probes (a vanished peer found within 120s"
+        ),
+        "{stdout}"
+    );
 }
 
 #[test]
