@@ -1186,6 +1186,11 @@ fn an_asterisk_host_that_goes_silent_mid_command_is_found_by_keepalive() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let found = silent.elapsed();
+    assert_eq!(
+        lab.metric("agiproxy_sessions_total", "outcome=\"client_gone\""),
+        1.0,
+        "counted as Asterisk gone"
+    );
     drop_all("-D");
     drop(held);
     assert!(

@@ -550,11 +550,13 @@ async fn reset_after_commit_gives_failure_at_once() {
 #[tokio::test]
 async fn a_long_command_is_not_cut() {
     // EXEC Dial may run for hours: no deadline while Asterisk executes.
+    // Keepalive probes (the shortest there are) do not cut it either: a
+    // live Asterisk's kernel answers them.
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100", "NOOP"])).await;
     let p = proxy(&one_pool(
         "round_robin",
         &[b.addr()],
-        "timeouts:\n  next_command: 1s\n  first_command: 1s\n",
+        "timeouts:\n  next_command: 1s\n  first_command: 1s\ntcp_keepalive: { idle: 1s, interval: 1s, probes: 1 }\n",
     ))
     .await;
     let started = Instant::now();
@@ -602,4 +604,37 @@ async fn regression_first_command_deadline_counts_from_the_committing_attempt() 
     let out = caller("x", "1.1").run(p.addr).await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
     assert_eq!(out.commands, vec!["NOOP"]);
+}
+
+#[tokio::test]
+async fn asterisk_resetting_mid_command_is_client_gone() {
+    // Asterisk went away while it ran a command (a reset here; keepalive
+    // finding a vanished host ends the same way): the backend's connection
+    // is closed and the session counts as `client_gone`, not `completed`.
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100", "NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    assert_eq!(&command, b"EXEC Dial PJSIP/100\n");
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, agiproxy::Outcome::ClientGone);
+    assert_eq!(rec.commands, 1);
+    let t0 = Instant::now();
+    while b.stats().active() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the backend's connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

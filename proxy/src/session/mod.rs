@@ -250,7 +250,11 @@ async fn relay(
         shared.metrics.crlf_fixed.inc_by(stats.crlf_fixed);
     }
     match end {
-        RelayEnd::Closed | RelayEnd::PeerError => rec.outcome = Outcome::Completed,
+        RelayEnd::Closed => rec.outcome = Outcome::Completed,
+        // Lines mode: Asterisk's side failed (a reset, or keepalive found
+        // it gone). Raw mode cannot tell which side it was.
+        RelayEnd::PeerError if route.mode == Mode::Lines => rec.outcome = Outcome::ClientGone,
+        RelayEnd::PeerError => rec.outcome = Outcome::Completed,
         RelayEnd::Failed(r) => {
             rec.outcome = Outcome::Failed;
             rec.reason = Some(r);

@@ -10,7 +10,8 @@ pub enum Outcome {
     Failed,
     /// The header was refused; no backend was touched.
     BadHeader,
-    /// Asterisk went away before a backend was attached.
+    /// Asterisk went away: before a backend was attached, or after commit
+    /// (a reset, a write error, or keepalive found it gone; `mode: lines`).
     ClientGone,
     /// Cut by the drain deadline or a forced shutdown.
     Aborted,
