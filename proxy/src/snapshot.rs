@@ -85,11 +85,6 @@ impl Snapshot {
         }
     }
 
-    /// Starts what keeps this snapshot's pools current (active health
-    /// checks, DNS discovery). Called once, right after the snapshot is
-    /// made the running one.
-    /// The pool layer never starts its own work: this is the one place
-    /// that does. Needs a Tokio runtime for the tasks; idempotent.
     /// The route, pool and backend labels a session can end with now (see
     /// `metrics::retention`).
     pub fn live_labels(&self) -> LiveLabels {
@@ -106,6 +101,12 @@ impl Snapshot {
         live
     }
 
+    /// Starts what keeps this snapshot's pools current (active health
+    /// checks for pools that have them, one watcher for those that do not,
+    /// DNS discovery). Called once, right after the snapshot is
+    /// made the running one.
+    /// The pool layer never starts its own work: this is the one place
+    /// that does. Needs a Tokio runtime for the tasks; idempotent.
     pub fn activate(&self) {
         let rt = tokio::runtime::Handle::try_current();
         let mut unchecked = Vec::new();
