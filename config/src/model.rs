@@ -32,7 +32,8 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// The control API: off unless the file has a `control:` block.
     pub control: Control,
-    /// TCP keepalive on every connection, both sides; `None` when off.
+    /// TCP keepalive for a call whose command runs long (both of its
+    /// sockets; see `tcp_keepalive` in docs/configuration.md); `None` when off.
     pub tcp_keepalive: Option<Keepalive>,
 }
 
