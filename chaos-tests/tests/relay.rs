@@ -394,6 +394,20 @@ async fn hangup_can_be_withheld_from_fragile_backends() {
     );
 }
 
+/// An Asterisk that sent its header and read the backend's first command,
+/// `expected`, byte for byte; nothing answered yet.
+async fn at_first_command(addr: std::net::SocketAddr, expected: &[u8]) -> tokio::net::TcpStream {
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(addr, &header).await.unwrap();
+    let mut command = vec![0u8; expected.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    assert_eq!(command, expected);
+    s
+}
+
 #[tokio::test]
 async fn a_finished_session_closes_towards_asterisk_without_waiting_for_its_hangup() {
     // The backend closes after its command was answered: Asterisk owes
@@ -403,14 +417,7 @@ async fn a_finished_session_closes_towards_asterisk_without_waiting_for_its_hang
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
     let mut rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
-    assert_eq!(&command, b"NOOP\n");
+    let mut s = at_first_command(p.addr, b"NOOP\n").await;
     s.write_all(b"200 result=0\n").await.unwrap();
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
@@ -614,14 +621,7 @@ async fn asterisk_resetting_mid_command_is_client_gone() {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100", "NOOP"])).await;
     let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
     let mut rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 20];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
-    assert_eq!(&command, b"EXEC Dial PJSIP/100\n");
+    let s = at_first_command(p.addr, b"EXEC Dial PJSIP/100\n").await;
     socket2::SockRef::from(&s)
         .set_linger(Some(Duration::ZERO))
         .unwrap();

@@ -78,8 +78,7 @@ fn classify(event: &notify::Event, file: &Path, name: &OsStr) -> Option<Change> 
     let mut ours = false;
     let mut relevant = false;
     for n in event.paths.iter().filter_map(|p| p.file_name()) {
-        let linked = || link_head(file);
-        if n == name || *target.get_or_insert_with(linked) == Some(n.to_os_string()) {
+        if n == name || target.get_or_insert_with(|| link_head(file)).as_deref() == Some(n) {
             ours = true;
         } else if n.as_encoded_bytes().starts_with(b"..") {
             relevant = true;

@@ -36,20 +36,19 @@ fn kernel_idle(k: &Keepalive) -> Duration {
 /// Turns keepalive on for `stream` now, the first probe `idle` after the
 /// last packet when that was `arm_after` ago.
 pub fn apply(stream: &TcpStream, k: &Keepalive) -> io::Result<()> {
-    SockRef::from(stream).set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(kernel_idle(k))
-            .with_interval(k.interval)
-            .with_retries(k.probes),
-    )
+    set(stream, kernel_idle(k), k)
 }
 
 /// For relays that cannot tell a long command from a quiet moment (`mode:
 /// raw`): keepalive from the start, with the configured idle time.
 pub fn apply_now(stream: &TcpStream, k: &Keepalive) -> io::Result<()> {
+    set(stream, k.idle, k)
+}
+
+fn set(stream: &TcpStream, idle: Duration, k: &Keepalive) -> io::Result<()> {
     SockRef::from(stream).set_tcp_keepalive(
         &TcpKeepalive::new()
-            .with_time(k.idle)
+            .with_time(idle)
             .with_interval(k.interval)
             .with_retries(k.probes),
     )
