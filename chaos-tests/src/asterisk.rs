@@ -182,6 +182,9 @@ pub struct FakeAsterisk {
     /// Source address for the connect (a loopback alias such as
     /// 127.0.0.7), to exercise routing by the Asterisk's address.
     source: Option<std::net::IpAddr>,
+    /// Bytes a load balancer in front writes before the header (a PROXY
+    /// protocol header), in one `write()`.
+    preamble: Option<Arc<[u8]>>,
     call_timeout: Duration,
     partial_line_grace: Duration,
     reply: ReplyFn,
@@ -226,6 +229,7 @@ impl FakeAsterisk {
             header: AgiHeader::default(),
             connect_timeout: MAX_AGI_CONNECT,
             source: None,
+            preamble: None,
             call_timeout: Duration::from_secs(30),
             partial_line_grace: PARTIAL_LINE_GRACE,
             reply: Arc::new(|_| Reply::ok()),
@@ -249,6 +253,13 @@ impl FakeAsterisk {
     /// Connects from this local address (loopback only, e.g. 127.0.0.7).
     pub fn source(mut self, ip: std::net::IpAddr) -> Self {
         self.source = Some(ip);
+        self
+    }
+
+    /// Writes `bytes` before the header, as a load balancer that speaks
+    /// the PROXY protocol does on behalf of the Asterisk behind it.
+    pub fn preamble(mut self, bytes: &[u8]) -> Self {
+        self.preamble = Some(Arc::from(bytes));
         self
     }
 
@@ -442,6 +453,9 @@ impl Session<'_> {
 
     /// One `write()` per line, then the blank line, as Asterisk does.
     async fn send_header(&mut self) -> std::io::Result<()> {
+        if let Some(p) = self.cfg.preamble.clone() {
+            self.write(&p).await?;
+        }
         let mut line = Vec::with_capacity(64);
         for (name, value) in self.cfg.header.vars() {
             AgiHeader::line_into(name, value, &mut line);

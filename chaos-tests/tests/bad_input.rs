@@ -154,3 +154,34 @@ async fn bad_input_is_refused_counted_and_harmless() {
         "bad input never reached a backend"
     );
 }
+
+/// A value with a newline in it (`AGI(agi://p/s,${VAR})` where VAR holds
+/// one) splits a header line in two. Asterisk sent it and waits, as for any
+/// header: it hears FAILURE with the reason once its blank line is in, not
+/// a silent close (SUCCESS) and not the header deadline, and no backend is
+/// asked.
+#[tokio::test]
+async fn a_value_with_a_newline_is_told_failure_at_once() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  header: 30s\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    // The bad line last (the blank line follows in its own write), and in
+    // the middle.
+    for args in [&["a\nb"][..], &["a\nb", "c"]] {
+        let out = FakeAsterisk::new()
+            .header(AgiHeader::realistic("ivr/main", args, "1.2"))
+            .call_timeout(Duration::from_secs(10))
+            .run(p.addr)
+            .await;
+        assert_failure(&out, "header_malformed");
+        assert!(out.elapsed < Duration::from_secs(5), "{out:?}");
+        let rec = next_record(&mut rx).await;
+        assert_eq!(rec.header_error, Some("malformed"), "{args:?}");
+    }
+    assert_eq!(b.stats().accepted(), 0);
+}

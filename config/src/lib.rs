@@ -36,9 +36,9 @@ pub use model::{
 };
 pub use model::{
     script_path, Backend, BackendTarget, Backoff, Balance, Config, Control, ControlTls, Dns,
-    HealthCheck, HealthKind, Keepalive, Limits, Listener, Mode, PeerTls, Pool, Rewrite, Route,
-    RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts, TokenSource, DEFAULT_PORT,
-    DEFAULT_SPLIT_KEY,
+    HealthCheck, HealthKind, Keepalive, Limits, Listener, Mode, PeerTls, Pool, ProxyProtocol,
+    Rewrite, Route, RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts, TokenSource,
+    DEFAULT_PORT, DEFAULT_SPLIT_KEY,
 };
 pub use pattern::Pattern;
 pub use template::{Template, TemplateContext, TemplatePart};

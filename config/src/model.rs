@@ -159,6 +159,9 @@ pub struct Listener {
     pub name: String,
     /// Unique (except port 0, which asks the OS for a free port each time).
     pub address: SocketAddr,
+    /// Load balancers in front that announce each caller with a PROXY
+    /// protocol header; `None`: every peer is the Asterisk itself.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl Listener {
@@ -167,7 +170,24 @@ impl Listener {
         Listener {
             name: "asterisk".to_string(),
             address: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            proxy_protocol: None,
         }
+    }
+}
+
+/// `listeners[].proxy_protocol`: which peers must begin with a PROXY
+/// protocol header (v1 or v2). Others connect as Asterisk does, directly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyProtocol {
+    /// Never empty. Only these peers may name another caller's address.
+    pub from: Vec<ipnet::IpNet>,
+}
+
+impl ProxyProtocol {
+    /// Whether a connection from `peer` must start with a PROXY header.
+    pub fn expected_from(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from.iter().any(|net| net.contains(&peer))
     }
 }
 

@@ -16,8 +16,8 @@ use crate::raw::RawRollout;
 use crate::raw::{
     DurationText, OrderedMap, RawBackend, RawBalance, RawConfig, RawControl, RawControlTls, RawDns,
     RawHealth, RawHealthKind, RawKeepalive, RawLimits, RawListener, RawMatch, RawMode, RawPassive,
-    RawPeerTls, RawPool, RawReplacePrefix, RawRewrite, RawRoute, RawScript, RawSplit, RawTimeouts,
-    Scalar,
+    RawPeerTls, RawPool, RawProxyProtocol, RawReplacePrefix, RawRewrite, RawRoute, RawScript,
+    RawSplit, RawTimeouts, Scalar,
 };
 use crate::tree::{Leaf, Node};
 
@@ -382,7 +382,8 @@ structs! {
         tcp_keepalive: "tcp_keepalive",
     }
     RawKeepalive { enabled: "enabled", idle: "idle", interval: "interval", probes: "probes" }
-    RawListener { name: "name", address: "address" }
+    RawListener { name: "name", address: "address", proxy_protocol: "proxy_protocol" }
+    RawProxyProtocol { from: "from" }
     RawTimeouts {
         header: "header", budget: "budget", connect: "connect",
         first_command: "first_command", next_command: "next_command", drain: "drain",

@@ -39,6 +39,13 @@ pub(crate) struct RawKeepalive {
 pub(crate) struct RawListener {
     pub name: Option<String>,
     pub address: Option<String>,
+    pub proxy_protocol: Option<RawProxyProtocol>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxyProtocol {
+    pub from: Option<Vec<Scalar>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

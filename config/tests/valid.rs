@@ -540,6 +540,25 @@ fn a_large_route_table_loads_without_compiling_its_regexes() {
     );
 }
 
+/// Only the listed balancers, canonical networks; an IPv4 balancer seen on
+/// an IPv6 socket (`::ffff:a.b.c.d`) is the same balancer.
+#[test]
+fn proxy_protocol_lists_the_balancers_a_listener_trusts() {
+    let c = compile(
+        "version: 1\nlisteners:\n  - name: a\n    address: \"0.0.0.0:4573\"\n    proxy_protocol: { from: [\"10.0.16.7/20\", \"192.0.2.7\", \"2001:db8::/32\"] }\n  - name: b\n    address: \"[::]:4573\"\n",
+    );
+    let pp = c.listeners[0].proxy_protocol.as_ref().unwrap();
+    let nets: Vec<String> = pp.from.iter().map(|n| n.to_string()).collect();
+    assert_eq!(nets, ["10.0.16.0/20", "192.0.2.7/32", "2001:db8::/32"]);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(pp.expected_from(ip("10.0.31.255")));
+    assert!(pp.expected_from(ip("::ffff:192.0.2.7")));
+    assert!(pp.expected_from(ip("2001:db8:1::9")));
+    assert!(!pp.expected_from(ip("10.0.32.0")));
+    assert!(!pp.expected_from(ip("192.0.2.8")));
+    assert_eq!(c.listeners[1].proxy_protocol, None);
+}
+
 #[test]
 fn tcp_keepalive_is_on_by_default_and_can_be_tuned_or_turned_off() {
     let c = compile("version: 1\ntcp_keepalive: { idle: 30s, interval: 5s, probes: 3 }\n");

@@ -175,7 +175,7 @@ fn spawn_session(
     // TCP_NODELAY: inherited from the listener (see `bind`).
     // The one snapshot load of this session: it keeps this config to its end.
     let snap = shared.snapshot.load_full();
-    let name = snap.listener_name(configured);
+    let (name, proxied) = snap.listener(configured, peer.ip());
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
     let admitted = if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
@@ -193,8 +193,10 @@ fn spawn_session(
     };
     let sessions = &shared.drain.sessions;
     match admitted {
-        Ok(guard) => sessions.spawn(session::serve(sh, snap, name, stream, peer, guard)),
-        Err(reason) => sessions.spawn(session::reject(sh, snap, name, stream, peer, reason)),
+        Ok(guard) => sessions.spawn(session::serve(sh, snap, name, stream, peer, proxied, guard)),
+        Err(reason) => sessions.spawn(session::reject(
+            sh, snap, name, stream, peer, proxied, reason,
+        )),
     };
 }
 

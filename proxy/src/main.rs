@@ -203,7 +203,12 @@ fn check(path: &std::path::Path) -> ExitCode {
                 count(cfg.pools.len(), "pool")
             );
             for l in &cfg.listeners {
-                out += &format!("  listener {} on {}\n", l.name, l.address);
+                out += &format!("  listener {} on {}", l.name, l.address);
+                if let Some(pp) = &l.proxy_protocol {
+                    let from: Vec<String> = pp.from.iter().map(|n| n.to_string()).collect();
+                    out += &format!(", PROXY header required from {}", from.join(", "));
+                }
+                out.push('\n');
             }
             out += &match cfg.tcp_keepalive {
                 Some(k) => format!(

@@ -2,10 +2,10 @@
 //! table and live pools. A session loads the current snapshot once and keeps
 //! it for its whole life; a reload swaps in a new one atomically.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use agiproxy_config::Config;
+use agiproxy_config::{Config, ProxyProtocol};
 
 use crate::metrics::retention::LiveLabels;
 use crate::pool::{discovery, health, PoolState, PoolStatus};
@@ -20,10 +20,18 @@ pub struct Snapshot {
     pub router: Router,
     /// Index-aligned with `config.pools`.
     pub pools: Vec<PoolState>,
-    /// Listener names by configured address, as shared text: a session's
+    /// Listeners by configured address, names as shared text: a session's
     /// record names its listener without an allocation.
-    listener_names: Vec<(SocketAddr, Arc<str>)>,
+    listeners: Vec<ListenerView>,
     pub meta: ConfigMeta,
+}
+
+/// A listener as sessions see it.
+#[derive(Debug)]
+struct ListenerView {
+    address: SocketAddr,
+    name: Arc<str>,
+    proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// Where a running config came from, and which one it is.
@@ -71,16 +79,20 @@ impl Snapshot {
             .iter()
             .map(|p| PoolState::new(p, previous.and_then(|s| s.pool(&p.name))))
             .collect();
-        let listener_names = config
+        let listeners = config
             .listeners
             .iter()
-            .map(|l| (l.address, Arc::from(l.name.as_str())))
+            .map(|l| ListenerView {
+                address: l.address,
+                name: Arc::from(l.name.as_str()),
+                proxy_protocol: l.proxy_protocol.clone(),
+            })
             .collect();
         Snapshot {
             config: Arc::new(config),
             router,
             pools,
-            listener_names,
+            listeners,
             meta,
         }
     }
@@ -151,11 +163,19 @@ impl Snapshot {
 
     /// The name of the listener configured at `address` ("-" when this
     /// snapshot no longer has it: a session accepted just before a reload).
-    pub fn listener_name(&self, address: SocketAddr) -> Arc<str> {
-        self.listener_names
-            .iter()
-            .find(|(a, _)| *a == address)
-            .map_or_else(|| Arc::from("-"), |(_, n)| n.clone())
+    /// The name of the listener configured at `address`, and whether a
+    /// connection from `peer` on it must begin with a PROXY header. A
+    /// `proxy_protocol` change applies to the next connection, no rebind.
+    pub fn listener(&self, address: SocketAddr, peer: IpAddr) -> (Arc<str>, bool) {
+        match self.listeners.iter().find(|l| l.address == address) {
+            Some(l) => (
+                l.name.clone(),
+                l.proxy_protocol
+                    .as_ref()
+                    .is_some_and(|p| p.expected_from(peer)),
+            ),
+            None => (Arc::from("-"), false),
+        }
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {

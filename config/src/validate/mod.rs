@@ -11,8 +11,8 @@ mod route;
 mod timeouts;
 
 use crate::error::{ConfigError, Errors};
-use crate::model::{Config, Limits, Listener};
-use crate::raw::{RawConfig, RawLimits, RawListener, Scalar};
+use crate::model::{Config, Limits, Listener, ProxyProtocol};
+use crate::raw::{RawConfig, RawLimits, RawListener, RawProxyProtocol, Scalar};
 
 pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
     let mut errs = Errors::default();
@@ -135,11 +135,48 @@ fn listeners(raw: Option<Vec<RawListener>>, errs: &mut Errors) -> Vec<Listener> 
                 }
             },
         };
+        let proxy_protocol = l
+            .proxy_protocol
+            .as_ref()
+            .and_then(|p| proxy_protocol(p, &path, errs));
         if let (Some(name), Some(address)) = (name, address) {
-            out.push(Listener { name, address });
+            out.push(Listener {
+                name,
+                address,
+                proxy_protocol,
+            });
         }
     }
     out
+}
+
+/// `listeners[N].proxy_protocol`: the networks of the load balancers that
+/// send a PROXY header. No default: "from anywhere" would let any caller
+/// claim any address, so the operator lists them (`0.0.0.0/0` if need be).
+fn proxy_protocol(raw: &RawProxyProtocol, path: &str, errs: &mut Errors) -> Option<ProxyProtocol> {
+    let at = format!("{path}.proxy_protocol.from");
+    let Some(from) = &raw.from else {
+        errs.push(
+            at,
+            "missing; list the load balancers that send a PROXY header, e.g. from: [\"10.0.0.0/8\"]",
+        );
+        return None;
+    };
+    if from.is_empty() {
+        errs.push(
+            at,
+            "empty; list the load balancers that send a PROXY header, or remove proxy_protocol",
+        );
+        return None;
+    }
+    let mut nets = Vec::with_capacity(from.len());
+    for (j, net) in from.iter().enumerate() {
+        match checks::network(&net.0) {
+            Ok(net) => nets.push(net),
+            Err(msg) => errs.push(format!("{at}[{j}]"), msg),
+        }
+    }
+    (nets.len() == from.len()).then_some(ProxyProtocol { from: nets })
 }
 
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard of the

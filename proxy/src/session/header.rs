@@ -3,11 +3,15 @@
 //! bytes for replay to a backend; look variables up without copying them.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+
+use super::outcome::Reason;
+use super::proxy_protocol::{self, Preamble};
 
 /// Why a header was refused. Each maps to a `reason` label in metrics.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -19,19 +23,28 @@ pub enum HeaderError {
     TooManyLines(usize, bool),
     #[error("header not complete within {0:?} (slow or stalled client)")]
     Timeout(Duration),
+    /// The flag says whether the blank line was already read.
     #[error("line {0} is not an `agi_name: value` line")]
-    Malformed(usize),
+    Malformed(usize, bool),
     #[error("connection closed before sending anything")]
     Closed,
     #[error("connection closed before the blank line that ends the header")]
     Truncated,
     #[error("read error: {0:?}")]
     Io(std::io::ErrorKind),
+    #[error(
+        "no PROXY protocol header, yet this peer is in the listener's proxy_protocol.from \
+         (list only load balancers that send one)"
+    )]
+    ProxyMissing,
+    /// The flag says whether the blank line was already read.
+    #[error("{0}")]
+    ProxyInvalid(super::proxy_protocol::Invalid, bool),
 }
 
 impl HeaderError {
     /// Every [`reason`](Self::reason), for metrics exported at 0 from the start.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 9] = [
         "too_large",
         "too_many_lines",
         "timeout",
@@ -39,6 +52,8 @@ impl HeaderError {
         "closed",
         "truncated",
         "io",
+        "proxy_missing",
+        "proxy_invalid",
     ];
 
     /// A bounded label for metrics and the access log.
@@ -47,27 +62,45 @@ impl HeaderError {
             HeaderError::TooLarge(_) => "too_large",
             HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
-            HeaderError::Malformed(_) => "malformed",
+            HeaderError::Malformed(..) => "malformed",
             HeaderError::Closed => "closed",
             HeaderError::Truncated => "truncated",
             HeaderError::Io(_) => "io",
+            HeaderError::ProxyMissing => "proxy_missing",
+            HeaderError::ProxyInvalid(..) => "proxy_invalid",
         }
     }
 
-    /// True when the peer is plausibly a real Asterisk whose dialplan is
-    /// waiting: it then deserves a FAILURE rather than a silent close
-    /// (which Asterisk reports as SUCCESS).
-    pub fn answer_with_failure(&self) -> bool {
-        matches!(
-            self,
-            HeaderError::TooLarge(_) | HeaderError::TooManyLines(..)
-        )
+    /// The FAILURE a real Asterisk whose dialplan is waiting deserves
+    /// rather than a silent close (which Asterisk reports as SUCCESS);
+    /// `None` when the peer is not plausibly one. A balancer listed in
+    /// `proxy_protocol.from` is in front of one.
+    pub fn failure(&self) -> Option<Reason> {
+        match self {
+            HeaderError::TooLarge(_) | HeaderError::TooManyLines(..) => {
+                Some(Reason::HeaderTooLarge)
+            }
+            HeaderError::ProxyMissing | HeaderError::ProxyInvalid(..) => {
+                Some(Reason::ProxyProtocol)
+            }
+            // After a good first line, a bad one is most likely a value
+            // with a newline in it (`AGI(agi://p/s,${VAR})`): Asterisk
+            // sent it, and a direct backend would have run the script.
+            HeaderError::Malformed(line, _) if *line > 1 => Some(Reason::HeaderMalformed),
+            _ => None,
+        }
     }
 
     /// The blank line ending the header was read already (nothing of the
     /// header is left in the socket).
     pub fn header_complete(&self) -> bool {
-        matches!(self, HeaderError::TooManyLines(_, true))
+        matches!(
+            self,
+            HeaderError::TooManyLines(_, true)
+                | HeaderError::Malformed(_, true)
+                | HeaderError::ProxyMissing
+                | HeaderError::ProxyInvalid(_, true)
+        )
     }
 }
 
@@ -247,7 +280,7 @@ impl Scan {
         while self.pos < buf.len() {
             if buf[self.pos] == b'\n' {
                 if self.vars.is_empty() {
-                    return Err(HeaderError::Malformed(1));
+                    return Err(HeaderError::Malformed(1, true));
                 }
                 return Ok(Some(self.pos + 1));
             }
@@ -256,7 +289,10 @@ impl Scan {
                 return Err(HeaderError::TooManyLines(max_lines, complete));
             }
             match scan_line(buf, self.pos) {
-                Err(()) => return Err(HeaderError::Malformed(self.vars.len() + 1)),
+                Err(()) => {
+                    let complete = memchr::memmem::find(&buf[self.pos..], b"\n\n").is_some();
+                    return Err(HeaderError::Malformed(self.vars.len() + 1, complete));
+                }
                 Ok(None) => return Ok(None),
                 Ok(Some((name, value, nl))) => {
                     self.vars.push((name, value));
@@ -277,14 +313,23 @@ impl Scan {
     }
 }
 
-/// Reads one header from Asterisk, within `limits`.
+/// Reads one header from Asterisk, within `limits`. With `proxied`, a
+/// PROXY protocol header must come first; the caller it names is returned
+/// (`None` without one, and for a balancer's `LOCAL` health check).
 pub async fn read_header(
     stream: &mut TcpStream,
     limits: &HeaderLimits,
-) -> Result<Header, HeaderError> {
+    mut proxied: bool,
+) -> Result<(Header, Option<SocketAddr>), HeaderError> {
     let fut = async {
         let mut buf = Vec::with_capacity(2048);
         let mut scan = Scan::new();
+        let mut caller = None;
+        let mut missing = false;
+        // A bad line after a good first one (see `failure`): read on to the
+        // blank line, so that FAILURE meets an Asterisk that waits for it.
+        let mut bad_line = None;
+        let mut searched: usize = 0;
         loop {
             if buf.len() >= limits.max_bytes {
                 return Err(HeaderError::TooLarge(limits.max_bytes));
@@ -305,8 +350,42 @@ pub async fn read_header(
                     HeaderError::Truncated
                 });
             }
-            if let Some(len) = scan.advance(&buf, limits.max_lines)? {
-                return Ok(scan.finish(buf, len));
+            if proxied {
+                match proxy_protocol::parse(&buf) {
+                    Ok(Preamble::Partial) => continue,
+                    Err(e) => {
+                        let complete = memchr::memmem::find(&buf, b"\n\n").is_some();
+                        return Err(HeaderError::ProxyInvalid(e, complete));
+                    }
+                    // Read on: a whole header is refused with FAILURE, as
+                    // the Asterisk behind a misconfigured balancer deserves.
+                    Ok(Preamble::Absent) => missing = true,
+                    Ok(Preamble::Done { len, caller: c }) => {
+                        // Once per connection, a few dozen bytes: the header
+                        // replayed to the backend starts at Asterisk's own.
+                        buf.drain(..len);
+                        caller = c;
+                    }
+                }
+                proxied = false;
+            }
+            if let Some(line) = bad_line {
+                let from = searched.saturating_sub(1);
+                if memchr::memmem::find(&buf[from..], b"\n\n").is_some() {
+                    return Err(HeaderError::Malformed(line, true));
+                }
+                searched = buf.len();
+                continue;
+            }
+            match scan.advance(&buf, limits.max_lines) {
+                Ok(None) => {}
+                Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
+                Ok(Some(len)) => return Ok((scan.finish(buf, len), caller)),
+                Err(HeaderError::Malformed(line, false)) if line > 1 => {
+                    bad_line = Some(line);
+                    searched = buf.len();
+                }
+                Err(e) => return Err(e),
             }
         }
     };
@@ -375,10 +454,12 @@ mod tests {
             HeaderError::TooLarge(1),
             HeaderError::TooManyLines(1, false),
             HeaderError::Timeout(Duration::from_secs(1)),
-            HeaderError::Malformed(1),
+            HeaderError::Malformed(1, false),
             HeaderError::Closed,
             HeaderError::Truncated,
             HeaderError::Io(ErrorKind::Other),
+            HeaderError::ProxyMissing,
+            HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), false),
         ];
         let reasons: Vec<&str> = all.iter().map(HeaderError::reason).collect();
         assert_eq!(reasons, HeaderError::REASONS);
@@ -455,18 +536,33 @@ mod tests {
     fn garbage_is_refused_early() {
         assert_eq!(
             scan(b"GET / HTTP/1.1\r\n", 8),
-            Err(HeaderError::Malformed(1))
+            Err(HeaderError::Malformed(1, false))
         );
-        assert_eq!(scan(b"\x16\x03\x01", 8), Err(HeaderError::Malformed(1)));
+        assert_eq!(
+            scan(b"\x16\x03\x01", 8),
+            Err(HeaderError::Malformed(1, false))
+        );
         assert_eq!(scan(b"agi_network: yes\nag", 8), Ok(None));
         assert_eq!(scan(b"agi_network: yes\nagi_x", 8), Ok(None));
         // A name that cannot go on is refused before its line ends.
-        assert_eq!(scan(b"agi_network yes", 8), Err(HeaderError::Malformed(1)));
+        assert_eq!(
+            scan(b"agi_network yes", 8),
+            Err(HeaderError::Malformed(1, false))
+        );
         assert_eq!(
             scan(b"agi_a: 1\nagi_b\n", 8),
-            Err(HeaderError::Malformed(2))
+            Err(HeaderError::Malformed(2, false))
         );
-        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1)));
+        // A value with a newline in it; the blank line already in, or not.
+        assert_eq!(
+            scan(b"agi_arg_1: a\nb\nagi_arg_2: c\n\n", 8),
+            Err(HeaderError::Malformed(2, true))
+        );
+        assert_eq!(
+            scan(b"agi_arg_1: a\nb\nagi_arg_2: c\n", 8),
+            Err(HeaderError::Malformed(2, false))
+        );
+        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1, true)));
         let many = b"agi_a: 1\n".repeat(9);
         assert_eq!(scan(&many, 8), Err(HeaderError::TooManyLines(8, false)));
         let mut done = many.clone();

@@ -18,6 +18,7 @@ pub mod failure;
 pub mod header;
 pub mod keepalive;
 pub mod outcome;
+pub mod proxy_protocol;
 pub mod record;
 pub mod relay;
 pub mod rewrite;
@@ -52,11 +53,12 @@ pub(crate) async fn serve(
     listener: Arc<str>,
     mut a: TcpStream,
     peer: SocketAddr,
+    proxied: bool,
     active: ActiveGuard,
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
-    run(&shared, &snap, &mut a, &mut rec).await;
+    run(&shared, &snap, &mut a, proxied, &mut rec).await;
     rec.duration = started.elapsed();
     finish(&shared, rec);
     drop(active);
@@ -92,14 +94,20 @@ fn finish(shared: &Shared, rec: SessionRecord) {
     shared.publish(rec);
 }
 
-async fn run(shared: &Shared, snap: &Snapshot, a: &mut TcpStream, rec: &mut SessionRecord) {
+async fn run(
+    shared: &Shared,
+    snap: &Snapshot,
+    a: &mut TcpStream,
+    proxied: bool,
+    rec: &mut SessionRecord,
+) {
     // Two phases, the first boxed: reading the header and searching for a
     // backend hold far more state than relaying, and a session spends its
     // life relaying (an `EXEC Dial` may last hours). Boxed, that state is
     // freed when the backend is found instead of sizing every session's
     // task: one allocation per session buys about 0.6 KiB less per idle
     // session (see docs/benchmarks.md).
-    let Some((at, route)) = Box::pin(find_backend(shared, snap, a, rec)).await else {
+    let Some((at, route)) = Box::pin(find_backend(shared, snap, a, proxied, rec)).await else {
         return;
     };
     relay(shared, route, snap.config.tcp_keepalive, a, rec, at).await;
@@ -111,12 +119,16 @@ async fn find_backend<'s>(
     shared: &Shared,
     snap: &'s Snapshot,
     a: &mut TcpStream,
+    proxied: bool,
     rec: &mut SessionRecord,
 ) -> Option<(Attached, &'s Route)> {
     let cfg = &snap.config;
     let limits = header_limits(cfg);
-    let header = match read_header(a, &limits).await {
-        Ok(h) => h,
+    let header = match read_header(a, &limits, proxied).await {
+        Ok((h, caller)) => {
+            rec.called_by(caller);
+            h
+        }
         Err(e) => {
             Box::pin(bad_header(shared, a, rec, e, &limits)).await;
             return None;
@@ -289,19 +301,23 @@ async fn bad_header(
         HeaderError::Closed | HeaderError::Truncated | HeaderError::Io(_) => {
             tracing::debug!(peer = %rec.peer, error = %e, "connection ended before a header")
         }
-        _ => tracing::warn!(peer = %rec.peer, error = %e, "refused Asterisk header"),
+        _ => tracing::warn!(
+            peer = %rec.peer,
+            listener = %rec.listener,
+            error = %e,
+            "refused Asterisk header"
+        ),
     }
     // A real Asterisk with an oversized header is waiting for a command (or
     // will be once its write is done: told FAILURE even when the discard hit
     // its bound, and what it still sends is read while it is told, so that
     // the close is not a reset): its dialplan deserves the fallback, not a
     // silent SUCCESS.
-    if e.answer_with_failure()
-        && (e.header_complete() || discard_rest(a, limits.timeout).await != Discarded::Gone)
-    {
+    let Some(reason) = e.failure() else { return };
+    if e.header_complete() || discard_rest(a, limits.timeout).await != Discarded::Gone {
         rec.outcome = Outcome::Failed;
-        rec.reason = Some(Reason::HeaderTooLarge);
-        let _ = tell_failure(a, Reason::HeaderTooLarge).await;
+        rec.reason = Some(reason);
+        let _ = tell_failure(a, reason).await;
     }
 }
 
@@ -314,14 +330,16 @@ pub async fn reject(
     listener: Arc<str>,
     mut a: TcpStream,
     peer: SocketAddr,
+    proxied: bool,
     reason: Reason,
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
     let cfg = &snap.config;
     let limits = header_limits(cfg);
-    match read_header(&mut a, &limits).await {
-        Ok(h) => {
+    match read_header(&mut a, &limits, proxied).await {
+        Ok((h, caller)) => {
+            rec.called_by(caller);
             rec.script = h.get("agi_network_script").unwrap_or("").to_string();
             fail(&mut a, &mut rec, reason).await;
         }

@@ -70,12 +70,18 @@ pub enum Reason {
     Overloaded,
     /// The header was over a limit.
     HeaderTooLarge,
+    /// A header line after the first was not `agi_name: value` (a value
+    /// with a newline in it).
+    HeaderMalformed,
     /// The proxy is shutting down.
     ShuttingDown,
+    /// A load balancer listed in `proxy_protocol.from` sent no valid PROXY
+    /// protocol header before Asterisk's.
+    ProxyProtocol,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::NoRoute,
         Reason::NoBackend,
         Reason::PoolFull,
@@ -90,7 +96,9 @@ impl Reason {
         Reason::LocalResources,
         Reason::Overloaded,
         Reason::HeaderTooLarge,
+        Reason::HeaderMalformed,
         Reason::ShuttingDown,
+        Reason::ProxyProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,7 +117,9 @@ impl Reason {
             Reason::LocalResources => "local_resources",
             Reason::Overloaded => "overloaded",
             Reason::HeaderTooLarge => "header_too_large",
+            Reason::HeaderMalformed => "header_malformed",
             Reason::ShuttingDown => "shutting_down",
+            Reason::ProxyProtocol => "proxy_protocol",
         }
     }
 }

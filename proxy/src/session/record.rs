@@ -14,7 +14,10 @@ use crate::pool::BackendLive;
 /// the demo observe.
 #[derive(Debug, Clone)]
 pub struct SessionRecord {
+    /// The Asterisk: the connection's peer, or the caller a load balancer's
+    /// PROXY header named (then the balancer is `via`).
     pub peer: SocketAddr,
+    pub via: Option<SocketAddr>,
     pub listener: Arc<str>,
     /// Generation of the config snapshot the session ran on.
     pub generation: u64,
@@ -44,6 +47,7 @@ impl SessionRecord {
     pub(crate) fn new(peer: SocketAddr, listener: Arc<str>, generation: u64) -> SessionRecord {
         SessionRecord {
             peer,
+            via: None,
             listener,
             generation,
             script: String::new(),
@@ -63,6 +67,13 @@ impl SessionRecord {
             header_error: None,
             live_backend: None,
             rollout: None,
+        }
+    }
+
+    /// A PROXY header named the Asterisk behind the connection's peer.
+    pub(crate) fn called_by(&mut self, caller: Option<SocketAddr>) {
+        if let Some(caller) = caller {
+            self.via = Some(std::mem::replace(&mut self.peer, caller));
         }
     }
 
@@ -100,6 +111,10 @@ impl SessionRecord {
         timestamp(b, now);
         b.extend_from_slice(b"  INFO agiproxy::access: session peer=");
         socket_addr(b, self.peer);
+        if let Some(via) = self.via {
+            b.extend_from_slice(b" via=");
+            socket_addr(b, via);
+        }
         b.extend_from_slice(b" listener=");
         b.extend_from_slice(self.listener.as_bytes());
         b.extend_from_slice(b" generation=");
@@ -151,6 +166,10 @@ impl SessionRecord {
         timestamp(b, now);
         b.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"session\",\"peer\":\"");
         socket_addr(b, self.peer);
+        if let Some(via) = self.via {
+            b.extend_from_slice(b"\",\"via\":\"");
+            socket_addr(b, via);
+        }
         b.extend_from_slice(b"\",\"listener\":");
         json_str(b, &self.listener);
         b.extend_from_slice(b",\"generation\":");
@@ -201,6 +220,7 @@ impl SessionRecord {
         tracing::info!(
             target: "agiproxy::access",
             peer = %self.peer,
+            via = self.via.map(tracing::field::display),
             listener = %self.listener,
             generation = self.generation,
             script = %self.script,
@@ -409,6 +429,34 @@ mod tests {
         assert_eq!(v["backend"], "-");
         assert_eq!(v["reason"], "connect_failed");
         assert_eq!(v["target"], "agiproxy::access");
+    }
+
+    /// Behind a balancer: `peer` is the Asterisk its PROXY header named,
+    /// `via` the balancer, right after `peer` in both formats.
+    #[test]
+    fn a_balancers_caller_is_the_peer_and_the_balancer_via() {
+        let (mut r, at) = record();
+        r.called_by(Some("192.0.2.7:40001".parse().unwrap()));
+        let mut b = Vec::new();
+        r.write_text(&mut b, at);
+        let line = String::from_utf8(b).unwrap();
+        assert!(
+            line.contains(" session peer=192.0.2.7:40001 via=127.0.0.1:58554 listener=asterisk "),
+            "{line}"
+        );
+        let mut b = Vec::new();
+        r.write_json(&mut b, at);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["peer"], "192.0.2.7:40001");
+        assert_eq!(v["via"], "127.0.0.1:58554");
+        // No header named anyone: nothing changes, no `via`.
+        let (mut r, at) = record();
+        r.called_by(None);
+        let mut b = Vec::new();
+        r.write_json(&mut b, at);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["peer"], "127.0.0.1:58554");
+        assert!(v.get("via").is_none());
     }
 
     #[test]
