@@ -436,6 +436,13 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Entries in `backends:` at most.
+    pub const MAX_BACKENDS: usize = 1000;
+    /// Addresses a pool offers at once, DNS answers included; past it the
+    /// rest are left out (with a warning). Each call orders its tier, so
+    /// this bounds a call's work and a member set's rebuild.
+    pub const MAX_MEMBERS: usize = 4096;
+
     /// True when some backend is a DNS or SRV name, to be resolved at run time.
     pub fn has_dns(&self) -> bool {
         self.backends

@@ -463,3 +463,35 @@ fn every_mistake_of_a_file_is_reported_in_one_run_with_its_line_and_column() {
         );
     }
 }
+
+/// A pool's list is bounded: every call orders a tier and every change
+/// rebuilds the member set (6,000 backends took 30 s to start).
+#[test]
+fn a_pool_of_more_than_1000_backends_is_refused() {
+    let list = |n: usize| -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "      - {{ address: \"10.{}.{}.1:4573\" }}\n",
+                    i / 250,
+                    i % 250
+                )
+            })
+            .collect()
+    };
+    let text = |n: usize| {
+        format!(
+            "version: 1\npools:\n  - name: big\n    backends:\n{}",
+            list(n)
+        )
+    };
+    assert!(from_yaml_str(&text(1000)).is_ok());
+    assert_errors(
+        "1001 backends",
+        &text(1001),
+        &[(
+            "pools[0].backends",
+            "1001 entries; a pool takes at most 1000",
+        )],
+    );
+}

@@ -151,6 +151,20 @@ fn backends(raw: Option<&[RawBackend]>, path: &str, errs: &mut Errors) -> Vec<Ba
             "a pool needs at least one backend, e.g. backends: [{ address: \"10.0.0.1:4573\" }]",
         );
     }
+    if raw.len() > Pool::MAX_BACKENDS {
+        // A pool's member set is rebuilt and each call orders its tier:
+        // bounded work per call and per change needs a bounded list.
+        errs.push(
+            path,
+            format!(
+                "{} entries; a pool takes at most {}: split it into pools, or let DNS \
+                 (a name or SRV record) list the addresses",
+                raw.len(),
+                Pool::MAX_BACKENDS
+            ),
+        );
+        return Vec::new();
+    }
     let mut seen = Seen::default();
     let mut out = Vec::new();
     for (j, b) in raw.iter().enumerate() {

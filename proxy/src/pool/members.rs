@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use agiproxy_config::{BackendTarget, Pool};
+use agiproxy_config::{BackendTarget, Balance, Pool};
 
 use super::live::key;
 
@@ -33,7 +33,9 @@ pub struct Members {
 }
 
 impl Members {
-    pub fn new(backends: Vec<Backend>) -> Members {
+    /// `weighted`: the pool balances by smooth weighted round robin, the
+    /// one policy that reads a tier's schedule (the others skip building it).
+    pub fn new(backends: Vec<Backend>, weighted: bool) -> Members {
         let mut levels: Vec<u16> = backends.iter().map(|b| b.tier).collect();
         levels.sort_unstable();
         levels.dedup();
@@ -45,7 +47,11 @@ impl Members {
                     .collect();
                 let weights: Vec<u32> = idx.iter().map(|&i| backends[i].weight).collect();
                 Tier {
-                    schedule: smooth_wrr(&weights),
+                    schedule: if weighted {
+                        smooth_wrr(&weights)
+                    } else {
+                        vec![0]
+                    },
                     idx,
                 }
             })
@@ -80,6 +86,7 @@ pub(crate) fn build_members(
     let mut registry = lock(&live.registry);
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
+    let mut left_out = 0usize;
     for entry in &pool.backends {
         let found: Vec<(SocketAddr, u32, u16, bool)> = match &entry.target {
             BackendTarget::Static(addr) => vec![(*addr, entry.weight, 0, false)],
@@ -99,6 +106,10 @@ pub(crate) fn build_members(
             BackendTarget::Srv { .. } => Arc::from(entry.target.to_string()),
         };
         for (addr, weight, tier, new) in found {
+            if out.len() == Pool::MAX_MEMBERS {
+                left_out += 1;
+                continue;
+            }
             if !seen.insert(addr) {
                 continue;
             }
@@ -124,5 +135,13 @@ pub(crate) fn build_members(
         }
     }
     registry.retain(|_, w| w.strong_count() > 0);
-    Members::new(out)
+    if left_out > 0 {
+        tracing::warn!(
+            pool = %pool.name,
+            offered = Pool::MAX_MEMBERS,
+            left_out,
+            "more backend addresses than a pool offers at once; split the pool"
+        );
+    }
+    Members::new(out, matches!(pool.balance, Balance::Weighted))
 }

@@ -64,15 +64,56 @@ fn least_sessions(backends: &[Backend], idx: impl Iterator<Item = usize>, order:
     });
 }
 
-/// nginx's smooth weighted round robin, unrolled into a schedule whose
-/// length is the sum of the weights (bounded by the config's weight range).
+/// Entries of a smooth weighted schedule at most: weights whose sum is
+/// larger are scaled down to it (each at least 1).
+pub(super) const MAX_SCHEDULE: u64 = 1 << 16;
+
+/// nginx's algorithm costs a step over every backend per entry; past this
+/// many, a tier is scheduled by virtual finish times instead (a heap: a
+/// logarithm per entry), so a rebuild of a large tier stays in milliseconds.
+const NGINX_WORK: u64 = 1 << 20;
+
+/// A tier's smooth weighted round-robin schedule: each backend's share of
+/// the entries is its share of the weight, spread out rather than in runs.
+/// Its length is the sum of the weights divided by their greatest common
+/// divisor (equal weights: one entry a backend), scaled down to
+/// [`MAX_SCHEDULE`] when larger. Small tiers (all real ones) get nginx's
+/// exact order. A tier has at most `Pool::MAX_MEMBERS` backends, so
+/// positions fit `u16`.
 pub(super) fn smooth_wrr(weights: &[u32]) -> Vec<u16> {
-    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let g = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
+    let sum: u64 = weights.iter().map(|&w| u64::from(w / g)).sum();
+    let weights: Vec<u64> = weights
+        .iter()
+        .map(|&w| {
+            let w = u64::from(w / g);
+            if sum > MAX_SCHEDULE {
+                (w * MAX_SCHEDULE / sum).max(1)
+            } else {
+                w
+            }
+        })
+        .collect();
+    let total: u64 = weights.iter().sum();
+    let mut out = if total * weights.len() as u64 <= NGINX_WORK {
+        nginx(&weights, total)
+    } else {
+        finish_times(&weights, total)
+    };
+    if out.is_empty() {
+        out.push(0);
+    }
+    out
+}
+
+/// nginx's smooth weighted round robin, unrolled.
+fn nginx(weights: &[u64], total: u64) -> Vec<u16> {
+    let total = total as i64;
     let mut current = vec![0i64; weights.len()];
     let mut out = Vec::with_capacity(total as usize);
     for _ in 0..total {
         for (c, &w) in current.iter_mut().zip(weights) {
-            *c += i64::from(w);
+            *c += w as i64;
         }
         let (best, _) = current
             .iter()
@@ -82,8 +123,53 @@ pub(super) fn smooth_wrr(weights: &[u32]) -> Vec<u16> {
         current[best] -= total;
         out.push(best as u16);
     }
-    if out.is_empty() {
-        out.push(0);
+    out
+}
+
+/// Each entry to the backend whose next turn, `(n + 1/2) / weight` after
+/// `n` turns so far, comes first (ties: the lower position).
+fn finish_times(weights: &[u64], total: u64) -> Vec<u16> {
+    use std::cmp::{Ordering as Order, Reverse};
+    #[derive(PartialEq, Eq)]
+    struct Turn {
+        n: u64,
+        weight: u64,
+        at: usize,
+    }
+    impl Ord for Turn {
+        fn cmp(&self, o: &Turn) -> Order {
+            // (2n+1)/w against (2m+1)/v without division.
+            (u128::from(2 * self.n + 1) * u128::from(o.weight))
+                .cmp(&(u128::from(2 * o.n + 1) * u128::from(self.weight)))
+                .then(self.at.cmp(&o.at))
+        }
+    }
+    impl PartialOrd for Turn {
+        fn partial_cmp(&self, o: &Turn) -> Option<Order> {
+            Some(self.cmp(o))
+        }
+    }
+    let mut heap: std::collections::BinaryHeap<Reverse<Turn>> = weights
+        .iter()
+        .enumerate()
+        .map(|(at, &weight)| Reverse(Turn { n: 0, weight, at }))
+        .collect();
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let Some(Reverse(mut t)) = heap.pop() else {
+            break;
+        };
+        out.push(t.at as u16);
+        t.n += 1;
+        heap.push(Reverse(t));
     }
     out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }

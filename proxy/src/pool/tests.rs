@@ -70,6 +70,35 @@ fn check(ok: bool) -> CheckResult {
 fn smooth_wrr_interleaves() {
     assert_eq!(smooth_wrr(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
     assert_eq!(smooth_wrr(&[1, 2, 3]).len(), 6);
+    // Common factors do not lengthen it: the same order.
+    assert_eq!(smooth_wrr(&[500, 100, 100]), smooth_wrr(&[5, 1, 1]));
+}
+
+/// A large pool's schedule is bounded (its rebuild took 30 s for 6,000
+/// backends of weight 1,000) and keeps the shares within rounding.
+#[test]
+fn a_large_tiers_schedule_is_bounded_and_keeps_the_shares() {
+    let equal = vec![1000; 4096];
+    let s = smooth_wrr(&equal);
+    assert_eq!(s.len(), 4096);
+    let mut distinct: Vec<u32> = (1..=1000).collect();
+    distinct.extend(std::iter::repeat_n(1000, 3096));
+    let started = std::time::Instant::now();
+    let s = smooth_wrr(&distinct);
+    let took = started.elapsed();
+    assert!(s.len() as u64 <= super::policy::MAX_SCHEDULE + distinct.len() as u64);
+    let mut counts = vec![0u64; distinct.len()];
+    for &i in &s {
+        counts[i as usize] += 1;
+    }
+    // Weight 1000 against weight 500: twice the share, within one entry.
+    let (a, b) = (counts[999], counts[499]);
+    assert!(a.abs_diff(2 * b) <= 2, "{a} vs {b}");
+    assert!(counts.iter().all(|&c| c >= 1));
+    eprintln!(
+        "4,096 backends of mixed weights: schedule of {} in {took:?}",
+        s.len()
+    );
 }
 
 #[test]
@@ -282,7 +311,7 @@ fn tiers_fail_over_in_order() {
     );
     let mut bs: Vec<Backend> = p.members().backends.clone();
     bs[0].tier = 1;
-    p.set_members(Members::new(bs));
+    p.set_members(Members::new(bs, false));
     let h = header("1");
     for _ in 0..4 {
         let o = order(&p, &h).unwrap();
