@@ -52,6 +52,8 @@ struct Zone {
     addrs: HashMap<String, (Vec<IpAddr>, u32)>,
     srv: HashMap<String, (Vec<SrvRecord>, u32)>,
     servfail: bool,
+    /// Names whose queries get SERVFAIL (a broken zone beside good ones).
+    servfail_names: std::collections::HashSet<String>,
 }
 
 /// Lowercase with a final dot: how the zone keys names.
@@ -87,7 +89,7 @@ impl Zone {
 
     /// Response code, answers, additionals.
     fn answer(&self, name: &str, kind: RecordType) -> (ResponseCode, Vec<Record>, Vec<Record>) {
-        if self.servfail {
+        if self.servfail || self.servfail_names.contains(name) {
             return (ResponseCode::ServFail, Vec::new(), Vec::new());
         }
         if !self.exists(name) {
@@ -118,6 +120,9 @@ impl Zone {
                         *ttl,
                         RData::SRV(SRV::new(r.priority, r.weight, r.port, target_name)),
                     ));
+                    if self.servfail_names.contains(&target) {
+                        continue;
+                    }
                     for kind in [RecordType::A, RecordType::AAAA] {
                         for rec in self.addr_records(&target, kind) {
                             if !additionals.contains(&rec) {
@@ -256,6 +261,18 @@ impl FakeDns {
     /// While on, every query gets SERVFAIL.
     pub fn set_servfail(&self, on: bool) {
         self.zone().servfail = on;
+    }
+
+    /// While on, queries for `name` get SERVFAIL, and SRV answers leave its
+    /// addresses out of their additional section.
+    pub fn set_servfail_for(&self, name: &str, on: bool) {
+        let name = fqdn(name);
+        let mut zone = self.zone();
+        if on {
+            zone.servfail_names.insert(name);
+        } else {
+            zone.servfail_names.remove(&name);
+        }
     }
 }
 

@@ -255,6 +255,46 @@ async fn srv_priority_and_weight_are_honoured_and_changes_follow() {
     assert_eq!(status.discovery[0].ttl, Duration::from_secs(TTL.into()));
 }
 
+/// One SRV target's name failing (SERVFAIL, a timeout) says nothing about
+/// it: the last good set stays whole, rather than shrinking by that target
+/// for a TTL. A target whose name is gone (NXDOMAIN) is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_srv_target_that_fails_to_resolve_keeps_the_last_good_set() {
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let dns = FakeDns::start().await;
+    dns.set_addrs("a.ivr.test", &ips(&[1]), TTL);
+    dns.set_addrs("b.ivr.test", &ips(&[1]), TTL);
+    let srv = "_agi._tcp.ivr.test";
+    dns.set_srv(
+        srv,
+        &[
+            SrvRecord::new(10, 1, a.addr().port(), "a.ivr.test"),
+            SrvRecord::new(10, 1, b.addr().port(), "b.ivr.test"),
+        ],
+        TTL,
+    );
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"{srv}\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    let both: BTreeSet<SocketAddr> = [a.addr(), b.addr()].into();
+    wait_members(&p, &both, Duration::from_secs(3)).await;
+
+    dns.set_servfail_for("b.ivr.test", true);
+    let queries = dns.queries();
+    tokio::time::sleep(Duration::from_secs(u64::from(TTL) * 2) + SLACK).await;
+    assert!(dns.queries() > queries, "the SRV name was asked again");
+    assert_eq!(members(&p), both, "a failing target shrank the pool");
+    let d = p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    assert!(d.failures >= 1, "{d:?}");
+
+    dns.set_servfail_for("b.ivr.test", false);
+    dns.remove("b.ivr.test");
+    wait_members(&p, &[a.addr()].into(), Duration::from_secs(4)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_last_good_dns_set_even_while_dns_fails() {
     let backends = three_on_one_port(Behaviour::script(&["NOOP"])).await;

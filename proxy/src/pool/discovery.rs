@@ -307,9 +307,20 @@ async fn lookup_srv(
                     ttl = ttl.min(min_ttl(a.as_lookup().answers()));
                     a.iter().collect()
                 }
-                Err(e) => {
-                    tracing::debug!(srv = name, target = %srv.target, error = dns_error(&e), "SRV target did not resolve");
+                // The name has no address: the target is gone, drop it.
+                Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
+                    tracing::debug!(srv = name, target = %srv.target, error = dns_error(&e), "SRV target has no address");
                     Vec::new()
+                }
+                // A timeout or a server failure says nothing about the
+                // target: fail the whole lookup, so that the last good set
+                // stays (a partial set would shrink the pool for a TTL).
+                Err(e) => {
+                    return Err(format!(
+                        "srv {name}: target {}: {}",
+                        srv.target,
+                        dns_error(&e)
+                    ))
                 }
             }
         } else {
