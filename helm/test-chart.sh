@@ -226,6 +226,10 @@ for set in "${sets[@]}"; do
     elif "$agiproxy" check -c "$work/$name.agiproxy.yaml" >"$work/$name.check" 2>&1; then
         pass
         echo "   agiproxy check: ok"
+        if [[ "$name" == full-values ]]; then
+            grep -q 'rollout now:' "$work/$name.check" && pass \
+                || fail "$name: agiproxy check shows no rollout (config.routes[].rollout)"
+        fi
     else
         cat "$work/$name.check" >&2
         fail "$name: agiproxy check refused the rendered config"
@@ -258,6 +262,9 @@ refused "at '/config/pools/0/balance'" --set 'config.pools[0].name=p' --set 'con
 refused "at '/podDisruptionBudget/minAvailable'" --set podDisruptionBudget.minAvailable=-1
 refused "at '/image/digest'" --set image.digest=latest
 refused "additional properties 'tokn_file' not allowed" --set config.control.tokn_file=/x
+refused "additional properties 'stpes' not allowed" --set 'config.routes[0].name=r' --set 'config.routes[0].rollout.stpes[0]=5'
+refused "at '/config/limits/max_header_bytes'" --set config.limits.max_header_bytes=100
+refused "at '/config/pools/0/backends/0/weight'" --set 'config.pools[0].name=p' --set 'config.pools[0].backends[0].weight=0'
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"
