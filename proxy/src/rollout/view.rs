@@ -58,6 +58,7 @@ pub fn views(snap: &Snapshot, file: Option<&Config>) -> Vec<RolloutView> {
                 active_green: ro.live.active(Side::Green),
                 unkeyed_sessions: ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed),
                 differs_from_file: file.and_then(|f| differs(&r.route.name, ro, f)),
+                identity: Some(ro.live.identity.clone()),
             }
         })
         .collect()
