@@ -350,6 +350,18 @@ async fn a_new_start_is_not_rolled_back_by_the_decision_of_the_rollout_before() 
         assert!(Instant::now() < until, "not judged together: {views:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // A rollout on several replicas takes an override only with one time
+    // for all of them (each replica's clock would give each its own config).
+    let resp = rs[0]
+        .client
+        .call(&rs[0].api, "POST", "/v1/rollouts/ivr/pause", &[], None)
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, 400, "{body}");
+    assert!(body.contains("\"at\"") && body.contains("ctl"), "{body}");
+    assert_eq!(view(&rs[0]).await.overrides, Vec::<String>::new());
 }
 
 /// Calls until every replica has a decision (bounded: 1,500 calls, 40 s);
