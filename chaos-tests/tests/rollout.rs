@@ -29,7 +29,7 @@ const NEW_TOKEN: &str = "rollout-test-token-rotated";
 
 struct Replica {
     /// Kept for the length of the test (the API and tasks hold it too).
-    _server: Server,
+    server: Server,
     api: Target,
     /// Reads `api` (over TLS with a client certificate when it serves TLS).
     client: Client,
@@ -120,7 +120,7 @@ async fn replica(text: &str, port: u16, tls: Option<&str>, rotated: bool) -> Rep
     tokio::spawn(api.serve(std::future::pending()));
     let addr = server.local_addrs()[0];
     Replica {
-        _server: server,
+        server,
         api: api_target,
         client,
         addr,
@@ -267,6 +267,101 @@ async fn green_closing_early_on_a_fifth_of_sessions_is_rolled_back_on_every_repl
         green_before,
         "green got new calls"
     );
+}
+
+/// After a judged rollback the operator declares a new start, and the
+/// config reaches the replicas one after the other. The one on the new
+/// rollout must not adopt the decision of the old from the one still on it
+/// (it would be rolled back from its start, and hand that on); once both
+/// run the new rollout, they judge it together, clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_start_is_not_rolled_back_by_the_decision_of_the_rollout_before() {
+    let (blue, green) = green_closing_early_on_a_fifth().await;
+    let ports = [free_port(), free_port()];
+    let interval = Duration::from_millis(1000);
+    let text = |start_ms| {
+        let rollout = judged_rollout(&ports, interval.as_millis() as u64).replacen(
+            &agiproxy_config::format_ms(now_ms() - 100),
+            &agiproxy_config::format_ms(start_ms),
+            1,
+        );
+        config(&rollout, blue.addr(), green.addr())
+    };
+    let rs = replicas(&text(now_ms() - 100), &ports).await;
+    until_every_replica_decides(&rs).await;
+    let at_ms = view(&rs[1]).await.decision.unwrap().at_ms;
+    while now_ms() <= at_ms {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = view(&rs[1]).await;
+    assert_eq!(before.state, "rolled_back", "{before:?}");
+
+    // The new start is now: the judgement loop reads the peer at once.
+    let again = text(now_ms() - 100);
+    rs[0]
+        .server
+        .apply(&again, "test", false, None)
+        .await
+        .unwrap();
+    let mut judged = 0;
+    let until = Instant::now() + 3 * interval;
+    while Instant::now() < until {
+        let v = view(&rs[0]).await;
+        assert!(
+            v.identity.is_some() && v.identity != before.identity,
+            "{v:?}"
+        );
+        assert!(
+            v.decision.is_none() && v.state == "progressing",
+            "the new rollout took the old one's decision: {v:?}"
+        );
+        if let Some(e) = &v.last_evaluation {
+            // The peer runs another rollout: its counters are left out.
+            assert_eq!(e.replicas, 1, "{v:?}");
+            judged = judged.max(e.tick + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(judged >= 2, "judged {judged} ticks of the new rollout");
+    assert_eq!(view(&rs[1]).await.state, "rolled_back");
+
+    // The config reaches the other replica: both run the new rollout.
+    rs[1]
+        .server
+        .apply(&again, "test", false, None)
+        .await
+        .unwrap();
+    let until = Instant::now() + 5 * interval;
+    loop {
+        let views = futures_views(&rs).await;
+        for v in &views {
+            assert!(
+                v.decision.is_none() && v.state == "progressing",
+                "{views:?}"
+            );
+            assert_eq!(v.identity, views[0].identity);
+        }
+        if views
+            .iter()
+            .all(|v| v.last_evaluation.as_ref().is_some_and(|e| e.replicas == 2))
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "not judged together: {views:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A rollout on several replicas takes an override only with one time
+    // for all of them (each replica's clock would give each its own config).
+    let resp = rs[0]
+        .client
+        .call(&rs[0].api, "POST", "/v1/rollouts/ivr/pause", &[], None)
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, 400, "{body}");
+    assert!(body.contains("\"at\"") && body.contains("ctl"), "{body}");
+    assert_eq!(view(&rs[0]).await.overrides, Vec::<String>::new());
 }
 
 /// Calls until every replica has a decision (bounded: 1,500 calls, 40 s);
@@ -523,7 +618,7 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         api: Target::http(api.local_addr().expect("a TCP listener")),
         client: client(),
         addr: server.local_addrs()[0],
-        _server: server,
+        server,
     };
     tokio::spawn(api.serve(std::future::pending()));
 

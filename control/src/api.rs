@@ -184,6 +184,12 @@ pub struct RolloutTick {
     pub green: RolloutCounts,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<RolloutDecisionView>,
+    /// The rollout these counters and this decision belong to (see
+    /// `RolloutView::identity`). A reader uses them only when it runs the
+    /// same one; absent from releases before it was added, which counts as
+    /// another rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// The last judgement on this replica.
@@ -231,6 +237,11 @@ pub struct RolloutView {
     /// through the API, or a judged rollback): what to write to keep it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub differs_from_file: Option<String>,
+    /// A fingerprint of what defines this rollout (route, from, to, start,
+    /// steps, step_duration, judge.interval): replicas exchange counters
+    /// and decisions only when theirs are equal. Absent from older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// `POST /v1/rollouts/{route}/{pause|resume|promote|rollback}`.

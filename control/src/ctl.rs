@@ -722,7 +722,14 @@ pub fn format_rollout(r: &RolloutView) -> String {
         steps.join(" "),
         r.weight_percent
     );
-    let _ = writeln!(out, "  started   {}", r.start);
+    match &r.identity {
+        Some(id) => {
+            let _ = writeln!(out, "  started   {}  identity {id}", r.start);
+        }
+        None => {
+            let _ = writeln!(out, "  started   {}", r.start);
+        }
+    }
     if let Some(n) = &r.next_step_at {
         let _ = writeln!(out, "  next step {n}");
     }

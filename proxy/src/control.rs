@@ -427,10 +427,17 @@ impl ControlPlane for ControlHandle {
         // The edit runs on a blocking thread (the parse is bounded but not
         // free): it owns what it needs.
         let (r_route, r_action, r_at) = (route.to_string(), action.to_string(), at.clone());
+        let fleet = crate::rollout::view::reads_peers(&self.server.snapshot(), route);
         let r = self
             .server
             .apply_edit("api", None, move |text| {
-                crate::rollout::view::with_override(text, &r_route, &r_action, r_at.as_deref())
+                crate::rollout::view::with_override(
+                    text,
+                    &r_route,
+                    &r_action,
+                    r_at.as_deref(),
+                    fleet,
+                )
             })
             .await;
         if r.is_ok() {

@@ -6,7 +6,10 @@
 //! same published counters give every replica the same sum and so the same
 //! verdict; a bad one takes effect at `tick + interval / 2` on all of them.
 //! Peers' decisions are adopted too (the earliest wins), so a replica that
-//! missed a peer, or restarted, converges at its next tick.
+//! missed a peer, or restarted, converges at its next tick. A peer's
+//! counters and decision are used only when it runs the same rollout (the
+//! same [identity](crate::session::rollout::live::identity)): a decision of
+//! a rollout since redeclared must not roll back its successor.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -66,6 +69,56 @@ pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
         blue: p.as_ref().map(|p| to_api(&p.blue)).unwrap_or_default(),
         green: p.as_ref().map(|p| to_api(&p.green)).unwrap_or_default(),
         decision: live.decision().as_ref().map(decision_view),
+        identity: Some(live.identity.clone()),
+    }
+}
+
+/// What one peer's answer brought to a judgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Taken {
+    /// It runs another rollout of this route (another config, or a release
+    /// that sends no identity): nothing of it was used.
+    pub other_rollout: bool,
+    /// Its decision was adopted (earlier than the one known here, if any).
+    pub adopted: bool,
+    /// Its counters were added to `blue` and `green`.
+    pub counted: bool,
+}
+
+/// Uses one peer's answer `peer` (read from `from`): adopts its decision and
+/// adds its counters of `step` (the step this replica froze) to `blue` and
+/// `green`, only when it runs the rollout `live` belongs to.
+pub fn take(
+    live: &RolloutLive,
+    step: Option<usize>,
+    peer: &RolloutTick,
+    from: &str,
+    blue: &mut Counts,
+    green: &mut Counts,
+) -> Taken {
+    if peer.identity.as_deref() != Some(live.identity.as_str()) {
+        return Taken {
+            other_rollout: true,
+            ..Taken::default()
+        };
+    }
+    let adopted = peer.decision.as_ref().is_some_and(|d| {
+        live.decide(Decision {
+            at_ms: d.at_ms,
+            tick: d.tick,
+            reason: d.reason.clone(),
+            source: format!("adopted from {from}"),
+        })
+    });
+    let counted = step.is_some() && peer.step == step;
+    if counted {
+        blue.add(&from_api(&peer.blue));
+        green.add(&from_api(&peer.green));
+    }
+    Taken {
+        other_rollout: false,
+        adopted,
+        counted,
     }
 }
 
@@ -287,6 +340,7 @@ async fn evaluate(
         None => (Counts::default(), Counts::default(), 0),
     };
     let mut missing = Vec::new();
+    let mut other_rollout = Vec::new();
     for (addr, answer) in answers {
         let tick: RolloutTick = match answer {
             Ok(Ok(resp)) if resp.status == 200 => match serde_json::from_slice(&resp.body) {
@@ -312,27 +366,33 @@ async fn evaluate(
         if !seen.insert(tick.replica.clone()) {
             continue;
         }
-        if let Some(d) = &tick.decision {
-            let adopted = live.decide(Decision {
-                at_ms: d.at_ms,
-                tick: d.tick,
-                reason: d.reason.clone(),
-                source: format!("adopted from {addr}"),
-            });
-            if adopted {
+        let from = addr.to_string();
+        let t = take(
+            &live,
+            own.as_ref().map(|p| p.step),
+            &tick,
+            &from,
+            &mut blue,
+            &mut green,
+        );
+        if t.other_rollout {
+            other_rollout.push(format!(
+                "{addr}: {}",
+                tick.identity.as_deref().unwrap_or("no identity")
+            ));
+        }
+        if t.adopted {
+            if let Some(d) = &tick.decision {
                 tracing::warn!(route = %route, peer = %addr, at = %d.at, reason = %d.reason, "rollout rolled back: decision adopted from a peer");
             }
         }
-        if let (Some(own), Some(step)) = (&own, tick.step) {
-            if step == own.step {
-                blue.add(&from_api(&tick.blue));
-                green.add(&from_api(&tick.green));
-                replicas += 1;
-            }
-        }
+        replicas += usize::from(t.counted);
     }
     if !missing.is_empty() {
         tracing::warn!(route = %route, tick = k, missing = ?missing, "rollout: some peers' counters are missing from this judgement");
+    }
+    if !other_rollout.is_empty() {
+        tracing::warn!(route = %route, tick = k, identity = %live.identity, others = ?other_rollout, "rollout: some peers run another rollout of this route (a config not applied there yet, or an older agiproxy); their counters and decision are left out");
     }
     let Some(own) = own else { return };
     let verdict = judge(&plan.judge, &blue, &green);
@@ -370,5 +430,186 @@ async fn evaluate(
         v => {
             tracing::info!(route = %route, tick = k, step = own.step + 1, replicas, blue_sessions = blue.sessions, green_sessions = green.sessions, verdict = %v.text(), "rollout judged")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::rollout::live::identity;
+    use crate::session::rollout::schedule::position;
+    use agiproxy_config::Pool;
+
+    /// Judged every 30 s from 09:00, one step a minute.
+    const BASE: &str = "      from: blue\n      to: green\n      steps: [10, 50]\n      step_duration: 1m\n      start: \"2026-12-06T09:00:00Z\"\n      judge: { interval: 30s, peers: [\"127.0.0.1:9090\"] }\n";
+    const START_MS: i64 = 1_796_547_600_000;
+
+    /// The rollout of route `route` declared by `fields`, and the pools.
+    fn compiled(route: &str, fields: &str) -> (Rollout, Vec<Pool>) {
+        let text = format!(
+            "version: 1\nroutes:\n  - name: {route}\n    rollout:\n{fields}pools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:2\" }}]\n  - name: teal\n    backends: [{{ address: \"127.0.0.1:3\" }}]\n"
+        );
+        let cfg = agiproxy_config::from_yaml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        (*cfg.routes[0].rollout.clone().unwrap(), cfg.pools)
+    }
+
+    fn id(route: &str, fields: &str) -> String {
+        let (ro, pools) = compiled(route, fields);
+        identity(route, &ro, &pools)
+    }
+
+    fn live(route: &str, fields: &str, previous: Option<&Arc<RolloutLive>>) -> Arc<RolloutLive> {
+        let (ro, pools) = compiled(route, fields);
+        RolloutLive::new(route, &ro, &pools, previous)
+    }
+
+    /// A replica that froze `sessions` a colour of step 0 at tick `tick`.
+    fn published(l: &RolloutLive, tick: i64, sessions: u64) {
+        let c = Counts {
+            sessions,
+            ..Counts::default()
+        };
+        l.publish(Published {
+            tick,
+            step: 0,
+            blue: c,
+            green: c,
+        });
+    }
+
+    fn rollback(at_ms: i64) -> Decision {
+        Decision {
+            at_ms,
+            tick: 2,
+            reason: "early closes: green 20.0%".into(),
+            source: "judged here".into(),
+        }
+    }
+
+    /// This replica's sum after reading `peer`, and what was taken.
+    fn read(l: &RolloutLive, peer: &RolloutTick) -> (Taken, Counts) {
+        let (mut blue, mut green) = (Counts::default(), Counts::default());
+        let t = take(l, Some(0), peer, "127.0.0.1:9091", &mut blue, &mut green);
+        assert_eq!(blue, green);
+        (t, blue)
+    }
+
+    #[test]
+    fn a_peer_on_the_same_rollout_gives_its_decision_and_counters() {
+        let (here, peer) = (live("ivr", BASE, None), live("ivr", BASE, None));
+        assert_ne!(here.id, peer.id);
+        published(&peer, 3, 40);
+        assert!(peer.decide(rollback(START_MS + 75_000)));
+        let (t, sum) = read(&here, &tick_view(&peer, 3));
+        assert_eq!(
+            t,
+            Taken {
+                other_rollout: false,
+                adopted: true,
+                counted: true
+            }
+        );
+        assert_eq!(sum.sessions, 40);
+        let d = here.decision().unwrap();
+        assert_eq!(
+            (d.at_ms, d.source.as_str()),
+            (START_MS + 75_000, "adopted from 127.0.0.1:9091")
+        );
+        // Counters of another step than the one frozen here are not summed.
+        let mut other_step = tick_view(&peer, 3);
+        other_step.step = Some(1);
+        assert!(!read(&here, &other_step).0.counted);
+    }
+
+    /// The auditor's case: after a judged rollback the operator declares a
+    /// new start; a replica already on it reads a peer still on the old one.
+    #[test]
+    fn a_decision_of_a_rollout_since_redeclared_is_not_adopted() {
+        let old = live("ivr", BASE, None);
+        published(&old, 3, 40);
+        assert!(old.decide(rollback(START_MS + 75_000)));
+        let again = BASE.replace("09:00:00Z", "11:00:00Z");
+        let (new_plan, _) = compiled("ivr", &again);
+        let new = live("ivr", &again, None);
+        published(&new, 3, 5);
+
+        let (t, sum) = read(&new, &tick_view(&old, 3));
+        assert_eq!(
+            t,
+            Taken {
+                other_rollout: true,
+                adopted: false,
+                counted: false
+            }
+        );
+        assert_eq!(sum.sessions, 0);
+        assert_eq!(new.decision(), None);
+        let p = position(&new_plan, new_plan.start_ms, new.judged_ms());
+        assert_eq!((p.state, p.weight_bp), (State::Progressing, 1000));
+        // Nor the other way round: the old one sums none of the new one's.
+        assert!(read(&old, &tick_view(&new, 3)).0.other_rollout);
+    }
+
+    #[test]
+    fn a_peer_of_a_release_without_identity_is_another_rollout() {
+        let here = live("ivr", BASE, None);
+        let zero = "{\"sessions\":40,\"failures\":0,\"connect_errors\":0,\"early_closes\":0,\"deadlines\":0,\"first_command\":[0,0,0,0,0,0,0,0,0,0,0,0]}";
+        let before = format!(
+            "{{\"replica\":\"00aa\",\"tick\":3,\"step\":0,\"blue\":{zero},\"green\":{zero},\"decision\":{{\"at\":\"2026-12-06T09:01:15.000Z\",\"at_ms\":{},\"tick\":2,\"reason\":\"x\",\"source\":\"judged here\"}}}}",
+            START_MS + 75_000
+        );
+        let peer: RolloutTick = serde_json::from_str(&before).unwrap();
+        assert_eq!(peer.identity, None);
+        let (t, sum) = read(&here, &peer);
+        assert!(t.other_rollout && !t.adopted && !t.counted, "{t:?}");
+        assert_eq!((sum.sessions, here.decision()), (0, None));
+    }
+
+    #[test]
+    fn the_identity_is_what_defines_the_rollout() {
+        let base = id("ivr", BASE);
+        // Every replica computes the same, and every release: pinned, as a
+        // change would stop adoption between releases during an upgrade.
+        assert_eq!(base, id("ivr", BASE));
+        assert_eq!(base, "80395223aa9f2b5f");
+        for (what, route, fields) in [
+            ("route", "menu", BASE.to_string()),
+            ("from", "ivr", BASE.replace("from: blue", "from: teal")),
+            ("to", "ivr", BASE.replace("to: green", "to: teal")),
+            ("start", "ivr", BASE.replace("09:00:00Z", "09:00:01Z")),
+            ("steps", "ivr", BASE.replace("[10, 50]", "[10, 60]")),
+            ("step_duration", "ivr", BASE.replace("1m", "2m")),
+            ("interval", "ivr", BASE.replace("30s", "20s")),
+        ] {
+            assert_ne!(base, id(route, &fields), "{what}");
+        }
+        // How it is run is not which rollout it is: the override the
+        // operator writes into the file after a judged rollback, above all.
+        for (what, extra) in [
+            (
+                "overrides",
+                "      overrides: [{ action: rollback, at: \"2026-12-06T09:01:13Z\" }]\n",
+            ),
+            ("skew", "      skew: 5s\n"),
+            ("canary", "      canary: { query: { canary: \"1\" } }\n"),
+        ] {
+            assert_eq!(base, id("ivr", &format!("{BASE}{extra}")), "{what}");
+        }
+        let thresholds = BASE.replace("30s,", "30s, min_sessions: 7, max_failures: 3,");
+        assert_eq!(base, id("ivr", &thresholds));
+    }
+
+    #[test]
+    fn a_new_start_starts_clean_and_a_written_override_keeps_the_rollback() {
+        let old = live("ivr", BASE, None);
+        assert!(old.decide(rollback(START_MS + 75_000)));
+        let kept = format!(
+            "{BASE}      overrides: [{{ action: rollback, at: \"2026-12-06T09:01:13Z\" }}]\n"
+        );
+        let same = live("ivr", &kept, Some(&old));
+        assert!(Arc::ptr_eq(&same, &old));
+        let again = live("ivr", &BASE.replace("09:00:00Z", "11:00:00Z"), Some(&old));
+        assert_eq!((again.decision(), again.judged_ms()), (None, None));
+        assert_ne!(again.identity, old.identity);
     }
 }

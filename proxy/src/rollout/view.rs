@@ -58,6 +58,7 @@ pub fn views(snap: &Snapshot, file: Option<&Config>) -> Vec<RolloutView> {
                 active_green: ro.live.active(Side::Green),
                 unkeyed_sessions: ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed),
                 differs_from_file: file.and_then(|f| differs(&r.route.name, ro, f)),
+                identity: Some(ro.live.identity.clone()),
             }
         })
         .collect()
@@ -128,29 +129,37 @@ pub fn tick(snap: &Snapshot, route: &str, tick: i64) -> Option<agiproxy_control:
         .map(|(_, ro)| super::eval::tick_view(&ro.live, tick))
 }
 
-/// Appends an override to a route's rollout in a config text.
+/// Whether the rollout of `route` reads peers: then it runs on several
+/// replicas, which must all write the same override.
+pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
+    rollouts(snap)
+        .any(|(r, ro)| &*r.name == route && ro.plan.judge.peers != agiproxy_config::Peers::None)
+}
+
+/// Appends an override to a route's rollout in a config text. Without
+/// `at`, the time is this replica's clock, unless `fleet` (the rollout reads
+/// peers): each replica would write its own time and their configs would
+/// differ, so `at` is then required.
 pub fn with_override(
     text: &str,
     route: &str,
     action: &str,
     at: Option<&str>,
+    fleet: bool,
 ) -> Result<String, ApplyError> {
     if OverrideAction::parse(action).is_none() {
         return Err(ApplyError::NotFound(format!(
             "no rollout action {action:?}; use pause, resume, promote or rollback"
         )));
     }
-    let at = match at {
-        Some(t) => {
-            parse_time(t).map_err(|m| {
-                ApplyError::Invalid(agiproxy_config::ConfigErrors(vec![
-                    agiproxy_config::ConfigError::new("at", m),
-                ]))
-            })?;
-            t.to_string()
-        }
-        None => format_ms(now_ms()),
+    let invalid = |m: String| {
+        ApplyError::Invalid(agiproxy_config::ConfigErrors(vec![
+            agiproxy_config::ConfigError::new("at", m),
+        ]))
     };
+    if let Some(t) = at {
+        parse_time(t).map_err(invalid)?;
+    }
     let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
     })?;
@@ -168,6 +177,16 @@ pub fn with_override(
         .get_mut("rollout")
         .and_then(|r| r.as_mapping_mut())
         .ok_or_else(|| ApplyError::NotFound(format!("route {route:?} has no rollout")))?;
+    let at = match at {
+        Some(t) => t.to_string(),
+        None if fleet => {
+            return Err(invalid(format!(
+                "required: this rollout reads its peers (judge.peers), and every replica must write the same override; send the same {{\"at\": \"{}\"}} to each, or use `agiproxy ctl --cluster ... rollout {action} {route}`, which does",
+                format_ms(now_ms())
+            )))
+        }
+        None => format_ms(now_ms()),
+    };
     let mut o = serde_yaml::Mapping::new();
     o.insert("action".into(), action.into());
     o.insert("at".into(), at.into());
@@ -256,4 +275,37 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
     out.extend(weight.collect());
     out.extend(unkeyed.collect());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "version: 1\nroutes:\n  - name: ivr\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\npools:\n  - name: blue\n    backends: [{ address: \"127.0.0.1:1\" }]\n  - name: green\n    backends: [{ address: \"127.0.0.1:2\" }]\n";
+
+    #[test]
+    fn without_at_a_rollout_on_several_replicas_is_refused() {
+        let at = "2026-12-06T09:06:00Z";
+        let edited = with_override(TEXT, "ivr", "rollback", Some(at), true).unwrap();
+        assert!(edited.contains(at), "{edited}");
+        // One replica: its clock is the only one.
+        let edited = with_override(TEXT, "ivr", "rollback", None, false).unwrap();
+        assert!(edited.contains("action: rollback"), "{edited}");
+        match with_override(TEXT, "ivr", "rollback", None, true) {
+            Err(ApplyError::Invalid(e)) => {
+                assert_eq!(e.0[0].path, "at");
+                assert!(e.0[0].message.contains("rollout rollback ivr"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // What does not exist is still 404, `at` or not.
+        assert!(matches!(
+            with_override(TEXT, "menu", "rollback", None, true),
+            Err(ApplyError::NotFound(_))
+        ));
+        assert!(matches!(
+            with_override(TEXT, "ivr", "undo", None, true),
+            Err(ApplyError::NotFound(_))
+        ));
+    }
 }

@@ -124,7 +124,7 @@ impl Router {
                     let before = before
                         .get(r.name.as_str())
                         .and_then(|c| c.rollout.as_deref());
-                    Box::new(CompiledRollout::new(ro, pools, before))
+                    Box::new(CompiledRollout::new(&r.name, ro, pools, before))
                 });
                 CompiledRoute {
                     name: r.name.as_str().into(),

@@ -2,7 +2,7 @@
 //! colour (atomics: the session path takes no lock), sessions in flight
 //! per colour, the judged rollback, and the counters published at each
 //! evaluation tick for the other replicas to read. Carried across reloads
-//! while the rollout's identity (pools, start, steps) stays.
+//! while the rollout's [`identity`] stays.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -87,7 +87,9 @@ pub struct Evaluation {
 
 #[derive(Debug)]
 pub struct RolloutLive {
-    identity: String,
+    /// See [`identity`]: a peer's counters and decision count only when
+    /// its identity is this one.
+    pub identity: String,
     /// This replica among its peers (random: a replica listed twice, or
     /// itself, is counted once).
     pub id: String,
@@ -109,22 +111,46 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What must stay equal for counters and decisions to carry over a reload.
-fn identity(ro: &Rollout, pools: &[Pool]) -> String {
+/// The rollout's identity: what must stay equal for counters and a judged
+/// rollback to carry over a reload, and for a peer's to be used. The
+/// interval is in it because ticks are numbered by it. Overrides, canaries,
+/// thresholds and skew are not: they change how it is run, not which
+/// rollout it is. Sent to peers, so the encoding and the seed must stay the
+/// same across releases (a change would only stop adoption while an upgrade
+/// is under way).
+pub fn identity(route: &str, ro: &Rollout, pools: &[Pool]) -> String {
+    let mut key = Vec::with_capacity(128);
+    for s in [route, &pools[ro.from].name, &pools[ro.to].name] {
+        // Length-prefixed: no name can imitate another field.
+        key.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        key.extend_from_slice(s.as_bytes());
+    }
+    key.extend_from_slice(&ro.start_ms.to_le_bytes());
+    key.extend_from_slice(&(ro.steps.len() as u64).to_le_bytes());
+    for bp in &ro.steps {
+        key.extend_from_slice(&bp.to_le_bytes());
+    }
+    for d in [ro.step_duration, ro.judge.interval] {
+        key.extend_from_slice(&(d.as_millis() as u64).to_le_bytes());
+    }
     format!(
-        "{}>{}@{}/{:?}/{}",
-        pools[ro.from].name,
-        pools[ro.to].name,
-        ro.start_ms,
-        ro.steps,
-        ro.step_duration.as_millis()
+        "{:016x}",
+        crate::pool::hash::stable_hash(&key, IDENTITY_SEED)
     )
 }
 
+const IDENTITY_SEED: u64 = 0x1d_e7;
+
 impl RolloutLive {
-    /// The live state for `ro`: `previous` when it is the same rollout.
-    pub fn new(ro: &Rollout, pools: &[Pool], previous: Option<&Arc<RolloutLive>>) -> Arc<Self> {
-        let identity = identity(ro, pools);
+    /// The live state for the rollout `ro` of `route`: `previous` when it is
+    /// the same rollout.
+    pub fn new(
+        route: &str,
+        ro: &Rollout,
+        pools: &[Pool],
+        previous: Option<&Arc<RolloutLive>>,
+    ) -> Arc<Self> {
+        let identity = identity(route, ro, pools);
         if let Some(p) = previous.filter(|p| p.identity == identity) {
             return p.clone();
         }

@@ -100,10 +100,15 @@ pub struct Pick {
 }
 
 impl CompiledRollout {
-    pub fn new(plan: &Rollout, pools: &[Pool], previous: Option<&CompiledRollout>) -> Self {
+    pub fn new(
+        route: &str,
+        plan: &Rollout,
+        pools: &[Pool],
+        previous: Option<&CompiledRollout>,
+    ) -> Self {
         CompiledRollout {
             plan: plan.clone(),
-            live: RolloutLive::new(plan, pools, previous.map(|p| &p.live)),
+            live: RolloutLive::new(route, plan, pools, previous.map(|p| &p.live)),
             canary_args: plan
                 .canary
                 .args
