@@ -465,6 +465,43 @@ fn no_result_lands_after_the_checks_are_forgotten() {
     }
 }
 
+/// A backend that DNS brings back into a pool whose checks a reload
+/// removed, while a session still held it: its old verdict goes too.
+#[test]
+fn a_backend_back_by_dns_after_checks_went_has_no_verdict() {
+    use super::live::{key, Discovered, Found};
+    let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
+    assert!(a.activate());
+    assert!(record(&a, 0, false, 1, 1));
+    let held = live(&a, 0);
+    let text =
+        "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"svc.test:7002\" }\n";
+    let by_name = agiproxy_config::from_yaml_str(text)
+        .unwrap()
+        .pools
+        .remove(0);
+    let b = PoolState::new(&by_name, Some(&a));
+    assert!(b.activate());
+    assert!(b.members().backends.is_empty(), "the name has not answered");
+    let answer = Discovered {
+        found: vec![Found {
+            addr: held.addr,
+            weight: None,
+            tier: 0,
+            new: false,
+        }],
+        ..Discovered::default()
+    };
+    let target = &by_name.backends[0].target;
+    b.live.discovery.lock().unwrap().insert(key(target), answer);
+    b.shared().rebuild_members();
+    assert!(Arc::ptr_eq(&live(&b, 0), &held));
+    assert_eq!(
+        (held.state(), held.check_verdict()),
+        (BackendState::Healthy, None)
+    );
+}
+
 /// Issue 18: passive ejection never turns one failure into many. With the
 /// defaults, one failure ejects nothing; a backend ejected after several
 /// stays in rotation when it is the pool's last; only 100% empties a pool.
