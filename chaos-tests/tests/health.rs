@@ -484,3 +484,125 @@ async fn a_thousand_sessions_while_a_backend_is_killed_and_restarted() {
         .sum();
     assert_eq!(metric, completed, "{m}");
 }
+
+/// A one-backend pool at `backend` with `health` (a YAML flow map, or
+/// nothing): a body for [`proxy`].
+fn one_checked(backend: SocketAddr, health: &str) -> String {
+    let health = if health.is_empty() {
+        String::new()
+    } else {
+        format!("    health: {health}\n")
+    };
+    format!(
+        "routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"{backend}\" }}\n"
+    )
+}
+
+/// Replaces the running config of `p` with `body` (as [`proxy`] takes it).
+async fn reload(p: &Proxy, body: &str) {
+    let text =
+        format!("version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{body}");
+    p.server
+        .apply(&text, "test", false, None)
+        .await
+        .expect("the reload applies");
+}
+
+/// Waits until the backend has taken a new connection (a probe: no call is
+/// made) and returns how many it has taken.
+async fn next_probe(b: &FakeBackend) -> u64 {
+    let seen = b.stats().accepted();
+    wait_until("the next probe", Duration::from_secs(3), || {
+        b.stats().accepted() > seen
+    })
+    .await;
+    b.stats().accepted()
+}
+
+/// Regression: a reload that removes `health:` forgets the verdict; a probe
+/// of the old checks still in flight then failed and, landing on a backend
+/// that was no longer checked, marked it unhealthy for good: nothing was
+/// left to check it again, and every call got `no_backend`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_probe_in_flight_does_not_undo_a_reload_that_removes_checks() {
+    let b = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let checks = "{ type: agi, script: healthz, interval: 700ms, timeout: 500ms, jitter: 1ms, rise: 1, fall: 1 }";
+    let p = proxy(&one_checked(b.addr(), checks)).await;
+    wait_until("unhealthy", Duration::from_secs(3), || {
+        states(&p, "p")[&b.addr()].state == BackendState::Unhealthy
+    })
+    .await;
+
+    // A probe of the old checks is in flight (it fails in 500 ms) when the
+    // reload removes them, and the backend is mended.
+    next_probe(&b).await;
+    reload(&p, &one_checked(b.addr(), "")).await;
+    b.set_behaviour(Behaviour::script(&["NOOP"]));
+    assert_eq!(b.stats().active(), 1, "the probe ended before the reload");
+    let s = &states(&p, "p")[&b.addr()];
+    assert_eq!((s.state, s.check_verdict), (BackendState::Healthy, None));
+
+    // The probe fails, and is ignored.
+    wait_until("the probe in flight ends", Duration::from_secs(2), || {
+        b.stats().active() == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = &states(&p, "p")[&b.addr()];
+    assert_eq!(
+        (s.state, s.check_verdict, s.checks),
+        (BackendState::Healthy, None, 0),
+        "{s:?}"
+    );
+    assert!(s.last_check.is_none(), "{s:?}");
+    for i in 0..5 {
+        let out = caller("x", &format!("1.{i}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    }
+}
+
+/// A reload that changes the checks: a probe of the old ones in flight
+/// does not judge the backend once the new ones run (it would have made it
+/// unhealthy with the old `fall: 1`, until the new `rise: 3` passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_in_flight_of_replaced_checks_does_not_judge_the_backend() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let old = "{ type: agi, script: healthz, interval: 700ms, timeout: 500ms, jitter: 1ms, rise: 1, fall: 1 }";
+    let new = "{ type: agi, script: healthz, interval: 150ms, timeout: 100ms, jitter: 1ms, rise: 3, fall: 1 }";
+    let p = proxy(&one_checked(b.addr(), old)).await;
+    wait_until("a passing check", Duration::from_secs(3), || {
+        states(&p, "p")[&b.addr()].check_verdict == Some(true)
+    })
+    .await;
+
+    // The next probe of the old checks stalls (fails in 500 ms); then the
+    // backend is mended and the checks change.
+    b.set_behaviour(Behaviour::StallAfterHeader);
+    let stalled = next_probe(&b).await;
+    b.set_behaviour(Behaviour::script(&["NOOP"]));
+    reload(&p, &one_checked(b.addr(), new)).await;
+
+    // Until well after the stalled probe ended, the backend stays healthy.
+    let started = Instant::now();
+    let mut ended = None;
+    while ended.is_none_or(|at: Instant| at.elapsed() < Duration::from_millis(400)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the stalled probe never ended"
+        );
+        let s = &states(&p, "p")[&b.addr()];
+        assert_eq!(s.state, BackendState::Healthy, "{s:?}");
+        let stalled_done = b
+            .stats()
+            .sessions()
+            .iter()
+            .any(|l| is_probe(&l.header) && l.replies.is_empty());
+        if ended.is_none() && stalled_done {
+            ended = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(b.stats().accepted() > stalled, "the new checks never ran");
+    let s = &states(&p, "p")[&b.addr()];
+    assert!(s.last_check.as_ref().unwrap().ok, "{s:?}");
+}

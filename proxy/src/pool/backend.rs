@@ -79,6 +79,32 @@ pub struct CheckResult {
     pub detail: String,
 }
 
+/// The check loops of one activation of a pool (one running config): the
+/// only ones whose results apply to its backends. Each activation (a
+/// reload) starts a new epoch. A probe is never cut, so one of a retired
+/// loop can end after the reload: its result is dropped, as it may judge
+/// the backend by checks that changed or went (and, with none left, nothing
+/// would ever revise it). The new config's loops, if any, check afresh.
+#[derive(Debug, Clone)]
+pub struct CheckEpoch {
+    /// The pool's current epoch (`PoolLive::check_epoch`).
+    current: Arc<AtomicU64>,
+    epoch: u64,
+}
+
+impl CheckEpoch {
+    pub(super) fn new(current: Arc<AtomicU64>, epoch: u64) -> CheckEpoch {
+        CheckEpoch { current, epoch }
+    }
+
+    /// Tested under a backend's `last_check` lock, which an activation
+    /// takes (to clear) after it starts a new epoch: no result of an older
+    /// one can land after the clear.
+    fn is_current(&self) -> bool {
+        self.current.load(Ordering::Relaxed) == self.epoch
+    }
+}
+
 /// The active checks' verdict on a backend.
 const UNCHECKED: u8 = 0;
 const PASSING: u8 = 1;
@@ -117,6 +143,8 @@ pub struct BackendLive {
     /// Checks that could not run for the proxy's own want of descriptors or
     /// memory: no verdict either way.
     pub checks_not_run: AtomicU64,
+    /// The last check's result. Its lock is held to apply a result and to
+    /// forget the verdict, so that each is one step (see [`CheckEpoch`]).
     pub(super) last_check: Mutex<Option<CheckResult>>,
     /// `now_ms()` when the backend came back (slow start from there); 0: never.
     pub(super) ramp_from: AtomicU64,
@@ -290,7 +318,21 @@ impl BackendLive {
     /// again (then it slow-starts). A backend never checked before goes
     /// straight to the verdict of its first check. A passing check also
     /// readmits a backend whose passive backoff is over.
-    pub fn record_check(&self, result: CheckResult, rise: u32, fall: u32, pool: &str) {
+    ///
+    /// False, and nothing applied, when `epoch` has ended: a reload took
+    /// over the pool since the check began.
+    pub fn record_check(
+        &self,
+        result: CheckResult,
+        rise: u32,
+        fall: u32,
+        pool: &str,
+        epoch: &CheckEpoch,
+    ) -> bool {
+        let mut last = lock(&self.last_check);
+        if !epoch.is_current() {
+            return false;
+        }
         self.checks.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let mut reason = None;
@@ -333,12 +375,25 @@ impl BackendLive {
                 }
             }
         }
-        *lock(&self.last_check) = Some(result);
+        *last = Some(result);
         self.note(pool, reason.as_deref());
+        true
+    }
+
+    /// Counts a check that could not run for the proxy's own shortage; false,
+    /// and not counted, when `epoch` has ended (as for [`Self::record_check`]).
+    pub(crate) fn record_not_run(&self, epoch: &CheckEpoch) -> bool {
+        let _last = lock(&self.last_check);
+        if !epoch.is_current() {
+            return false;
+        }
+        self.checks_not_run.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Forgets the active checks' verdict (the pool no longer checks).
     pub(super) fn clear_checks(&self) {
+        let mut last = lock(&self.last_check);
         self.health.store(UNCHECKED, Ordering::Relaxed);
         self.awaiting_check.store(false, Ordering::Relaxed);
         self.check_passes.store(0, Ordering::Relaxed);
@@ -346,7 +401,7 @@ impl BackendLive {
         // No stale `check_up` series (and alerts on it) after checks go.
         self.checks.store(0, Ordering::Relaxed);
         self.checks_not_run.store(0, Ordering::Relaxed);
-        *lock(&self.last_check) = None;
+        *last = None;
     }
 }
 

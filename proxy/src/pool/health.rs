@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{BackendLive, CheckResult};
+use super::backend::{BackendLive, CheckEpoch, CheckResult};
 use super::hash::stable_hash;
 use super::members::Members;
 use super::polite_close::close_politely;
@@ -68,6 +68,7 @@ static PROBES: AtomicU64 = AtomicU64::new(0);
 pub(crate) async fn supervise(pool: Arc<PoolShared>) {
     let name: Arc<str> = Arc::from(pool.name.as_str());
     let check = pool.config.health.clone().map(Arc::new);
+    let epoch = pool.check_epoch();
     let mut probes: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     let mut seen: Option<Arc<Members>> = None;
     let mut tick = tokio::time::interval(WATCH_EVERY);
@@ -80,7 +81,7 @@ pub(crate) async fn supervise(pool: Arc<PoolShared>) {
         let members = pool.members.load_full();
         if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &members)) {
             if let Some(check) = &check {
-                reconcile(&pool, &name, check, &members, &mut probes);
+                reconcile(&pool, &name, check, &epoch, &members, &mut probes);
             }
             seen = Some(members.clone());
         }
@@ -127,6 +128,7 @@ fn reconcile(
     pool: &PoolShared,
     name: &Arc<str>,
     check: &Arc<HealthCheck>,
+    epoch: &CheckEpoch,
     members: &Members,
     probes: &mut HashMap<SocketAddr, CancellationToken>,
 ) {
@@ -147,17 +149,20 @@ fn reconcile(
             name.clone(),
             check.clone(),
             b.live.clone(),
+            epoch.clone(),
             token,
         ));
     }
 }
 
 /// Checks one backend every `interval` ± `jitter` (start to start) until
-/// cancelled. A check in flight is never cut: it ends politely first.
+/// cancelled, or until its `epoch` ends. A check in flight is never cut: it
+/// ends politely first (and its result is dropped if the epoch ended).
 async fn check_loop(
     pool: Arc<str>,
     check: Arc<HealthCheck>,
     live: Arc<BackendLive>,
+    epoch: CheckEpoch,
     cancel: CancellationToken,
 ) {
     let mut next = tokio::time::Instant::now() + jittered(Duration::ZERO, check.jitter, live.addr);
@@ -167,16 +172,23 @@ async fn check_loop(
             _ = tokio::time::sleep_until(next) => {}
         }
         let started = tokio::time::Instant::now();
-        match probe(live.addr, &check).await {
-            Ok(result) => live.record_check(result, check.rise, check.fall, &pool),
+        let current = match probe(live.addr, &check).await {
+            Ok(result) => live.record_check(result, check.rise, check.fall, &pool, &epoch),
             // The proxy's own shortage says nothing of the backend: held
             // against it, it would take a healthy pool out of rotation
             // backend by backend, and keep it out for `rise` checks after
             // the shortage ends.
             Err(NotRun(e)) => {
-                live.checks_not_run.fetch_add(1, Ordering::Relaxed);
-                crate::fds::warn("health check", &e);
+                let current = live.record_not_run(&epoch);
+                if current {
+                    crate::fds::warn("health check", &e);
+                }
+                current
             }
+        };
+        if !current {
+            // A newer config runs; its own loops (if any) check.
+            return;
         }
         next = started + jittered(check.interval, check.jitter, live.addr);
     }

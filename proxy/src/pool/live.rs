@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use agiproxy_config::BackendTarget;
@@ -73,6 +73,9 @@ pub struct PoolLive {
     pub(crate) discovery: Mutex<HashMap<String, Discovered>>,
     /// Serialises member-set rebuilds.
     pub(super) rebuild: Mutex<()>,
+    /// The current [`super::backend::CheckEpoch`]: one more at each
+    /// activation of the pool.
+    pub(super) check_epoch: Arc<AtomicU64>,
 }
 
 impl PoolLive {

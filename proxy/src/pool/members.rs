@@ -127,6 +127,12 @@ pub(crate) fn build_members(
             if new && was_member.is_none() {
                 backend_live.begin_ramp(now);
             }
+            if running && was_member.is_none() && pool.health.is_none() {
+                // Back from the registry (a session held it) with a verdict
+                // from checks since removed: nothing would revise it.
+                // (A reload's activation clears the members it starts with.)
+                backend_live.clear_checks();
+            }
             registry.insert(addr, Arc::downgrade(&backend_live));
             let mut b = Backend::new(addr, weight, entry.max_sessions, backend_live);
             b.tier = tier;

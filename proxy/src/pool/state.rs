@@ -3,7 +3,7 @@
 //! everything on the session path is atomics.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use agiproxy_config::{Backoff, Balance, Pool};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Backend, BackendLive};
+use super::backend::{Backend, BackendLive, CheckEpoch};
 use super::clock::{lock, now_ms};
 use super::live::PoolLive;
 use super::members::{build_members, Candidates, Members};
@@ -51,6 +51,8 @@ pub(crate) struct PoolShared {
     pub members: ArcSwap<Members>,
     /// Cancelled when the pool's snapshot retires: stops its tasks.
     pub cancel: CancellationToken,
+    /// The check epoch this pool started when activated (0 before).
+    pub epoch: AtomicU64,
 }
 
 impl PoolShared {
@@ -61,6 +63,14 @@ impl PoolShared {
         let previous = self.members.load_full();
         let members = build_members(&self.config, &self.live, Some(&previous), true);
         self.members.store(Arc::new(members));
+    }
+
+    /// The epoch whose check results apply to this pool's backends.
+    pub(crate) fn check_epoch(&self) -> CheckEpoch {
+        CheckEpoch::new(
+            self.live.check_epoch.clone(),
+            self.epoch.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -93,6 +103,7 @@ impl PoolState {
             live: live.clone(),
             members: ArcSwap::from_pointee(members),
             cancel: CancellationToken::new(),
+            epoch: AtomicU64::new(0),
         });
         PoolState {
             name: pool.name.as_str().into(),
@@ -107,13 +118,18 @@ impl PoolState {
 
     /// Makes this pool's config the one that applies to its carried state
     /// (slow-start windows; stale check verdicts dropped when checks are
-    /// gone). True the first time only: the caller then starts the pool's
-    /// background work ([`super::health::supervise`] and one
-    /// [`super::discovery::follow`] per DNS name) with [`PoolState::shared`].
+    /// gone; results of the previous config's checks dropped from now on,
+    /// see [`CheckEpoch`]). True the first time only: the caller then
+    /// starts the pool's background work ([`super::health::supervise`] and
+    /// one [`super::discovery::follow`] per DNS name) with
+    /// [`PoolState::shared`].
     pub fn activate(&self) -> bool {
         if self.activated.swap(true, Ordering::Relaxed) {
             return false;
         }
+        // Before the clear below, which a late result must not undo.
+        let epoch = self.live.check_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.epoch.store(epoch, Ordering::Relaxed);
         let config = &self.shared.config;
         let window = config.slow_start.map_or(0, |d| d.as_millis() as u64);
         for b in &self.members().backends {

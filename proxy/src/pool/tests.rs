@@ -48,6 +48,11 @@ fn fail(p: &PoolState, i: usize) -> Option<Duration> {
     p.passive_failure(&live(p, i), "connect refused")
 }
 
+/// Applies one check result to backend `i` as the pool's checks do.
+fn record(p: &PoolState, i: usize, ok: bool, rise: u32, fall: u32) -> bool {
+    live(p, i).record_check(check(ok), rise, fall, "p", &p.shared().check_epoch())
+}
+
 fn header(uid: &str) -> String {
     uid.to_string()
 }
@@ -229,20 +234,20 @@ fn active_checks_rise_and_fall_and_unhealthy_is_never_offered() {
     );
     let b = live(&p, 0);
     let h = header("1");
-    b.record_check(check(true), 2, 3, "p");
+    assert!(record(&p, 0, true, 2, 3));
     assert_eq!(b.check_verdict(), Some(true));
-    b.record_check(check(false), 2, 3, "p");
-    b.record_check(check(false), 2, 3, "p");
+    assert!(record(&p, 0, false, 2, 3));
+    assert!(record(&p, 0, false, 2, 3));
     assert_eq!(b.state(), BackendState::Healthy);
-    b.record_check(check(false), 2, 3, "p");
+    assert!(record(&p, 0, false, 2, 3));
     assert_eq!(b.state(), BackendState::Unhealthy);
     // Unhealthy is out even past the ejection cap: it is known down.
     assert_eq!(order(&p, &h).unwrap(), vec![1]);
-    live(&p, 1).record_check(check(false), 2, 3, "p");
+    assert!(record(&p, 1, false, 2, 3));
     assert_eq!(order(&p, &h), Err(NoBackend::AllEjected));
-    b.record_check(check(true), 2, 3, "p");
+    assert!(record(&p, 0, true, 2, 3));
     assert_eq!(b.state(), BackendState::Unhealthy);
-    b.record_check(check(true), 2, 3, "p");
+    assert!(record(&p, 0, true, 2, 3));
     assert_eq!(b.state(), BackendState::Healthy);
     assert_eq!(order(&p, &h).unwrap(), vec![0]);
     let s = &p.snapshot_state()[0];
@@ -265,7 +270,7 @@ fn with_checks_an_ejected_backend_waits_for_a_passing_check() {
         BackendState::Ejected,
         "backoff over, no check yet"
     );
-    b.record_check(check(true), 2, 3, "p");
+    assert!(record(&p, 0, true, 2, 3));
     assert_eq!(b.state(), BackendState::Healthy);
     assert_eq!(order(&p, &header("1")).unwrap().len(), 2);
 }
@@ -381,7 +386,7 @@ fn reload_carries_backend_state_and_drops_stale_verdicts() {
         &agiproxy_config::from_yaml_str(with).unwrap().pools[0],
         None,
     );
-    live(&a, 0).record_check(check(false), 2, 3, "p");
+    assert!(record(&a, 0, false, 2, 3));
     let _l = lease(&a, 0).unwrap();
     let b = PoolState::new(
         &agiproxy_config::from_yaml_str(with).unwrap().pools[0],
@@ -399,6 +404,131 @@ fn reload_carries_backend_state_and_drops_stale_verdicts() {
     c.activate();
     assert_eq!(live(&c, 0).state(), BackendState::Healthy);
     assert_eq!(live(&c, 0).active.load(Ordering::Relaxed), 1);
+}
+
+/// Pool `p` of one backend, with `health` (a YAML flow map) unless empty.
+fn one_backend(health: &str) -> agiproxy_config::Pool {
+    let health = if health.is_empty() {
+        String::new()
+    } else {
+        format!("    health: {health}\n")
+    };
+    let text = format!(
+        "version: 1\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"127.0.0.1:7002\" }}\n"
+    );
+    agiproxy_config::from_yaml_str(&text)
+        .unwrap()
+        .pools
+        .remove(0)
+}
+
+/// A reload ends the check epoch of the config it replaces: a result of the
+/// old checks (a probe in flight at the reload) no longer applies, neither
+/// after the checks changed nor after they went; a config built but never
+/// run (a dry run) ends nothing.
+#[test]
+fn a_result_of_a_replaced_configs_checks_is_dropped() {
+    let old_checks = one_backend("{ type: tcp, interval: 1s, fall: 1 }");
+    let new_checks = one_backend("{ type: tcp, interval: 2s, fall: 1 }");
+    let none = one_backend("");
+    let a = PoolState::new(&old_checks, None);
+    assert!(a.activate());
+    let old = a.shared().check_epoch();
+    assert!(record(&a, 0, true, 1, 1));
+    let b = PoolState::new(&new_checks, Some(&a));
+    let dry = PoolState::new(&none, Some(&a));
+    assert!(record(&a, 0, true, 1, 1), "a dry run ends no epoch");
+    drop(dry);
+
+    assert!(b.activate());
+    let be = live(&b, 0);
+    assert!(!be.record_check(check(false), 1, 1, "p", &old));
+    assert!(!be.record_not_run(&old));
+    assert_eq!(
+        (be.state(), be.check_verdict()),
+        (BackendState::Healthy, Some(true))
+    );
+    assert_eq!(be.checks_not_run.load(Ordering::Relaxed), 0);
+    assert!(record(&b, 0, false, 1, 1), "the new checks judge");
+    assert_eq!(be.state(), BackendState::Unhealthy);
+
+    let c = PoolState::new(&none, Some(&b));
+    assert!(c.activate());
+    let was = b.shared().check_epoch();
+    assert!(!be.record_check(check(false), 1, 1, "p", &was));
+    assert!(!be.record_check(check(true), 1, 1, "p", &old));
+    assert_eq!(
+        (be.state(), be.check_verdict()),
+        (BackendState::Healthy, None)
+    );
+    assert_eq!(be.checks.load(Ordering::Relaxed), 0);
+    assert!(be.last_check().is_none());
+}
+
+/// The end of an epoch and a result of it cannot interleave: once a
+/// reload that removes the checks has activated, the verdict is forgotten
+/// for good, whatever the old checks were doing meanwhile.
+#[test]
+fn no_result_lands_after_the_checks_are_forgotten() {
+    let with = one_backend("{ type: tcp, fall: 1 }");
+    let without = one_backend("");
+    let mut running = PoolState::new(&with, None);
+    running.activate();
+    for _ in 0..200 {
+        let epoch = running.shared().check_epoch();
+        let be = live(&running, 0);
+        // An old check loop, failing the backend as fast as it can.
+        let loop_ = std::thread::spawn({
+            let be = be.clone();
+            move || while be.record_check(check(false), 1, 1, "p", &epoch) {}
+        });
+        while be.checks.load(Ordering::Relaxed) == 0 {
+            std::hint::spin_loop();
+        }
+        let next = PoolState::new(&without, Some(&running));
+        next.activate();
+        loop_.join().unwrap();
+        assert_eq!(live(&next, 0).check_verdict(), None);
+        running = PoolState::new(&with, Some(&next));
+        running.activate();
+    }
+}
+
+/// A backend that DNS brings back into a pool whose checks a reload
+/// removed, while a session still held it: its old verdict goes too.
+#[test]
+fn a_backend_back_by_dns_after_checks_went_has_no_verdict() {
+    use super::live::{key, Discovered, Found};
+    let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
+    assert!(a.activate());
+    assert!(record(&a, 0, false, 1, 1));
+    let held = live(&a, 0);
+    let text =
+        "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"svc.test:7002\" }\n";
+    let by_name = agiproxy_config::from_yaml_str(text)
+        .unwrap()
+        .pools
+        .remove(0);
+    let b = PoolState::new(&by_name, Some(&a));
+    assert!(b.activate());
+    assert!(b.members().backends.is_empty(), "the name has not answered");
+    let answer = Discovered {
+        found: vec![Found {
+            addr: held.addr,
+            weight: None,
+            tier: 0,
+            new: false,
+        }],
+        ..Discovered::default()
+    };
+    let target = &by_name.backends[0].target;
+    b.live.discovery.lock().unwrap().insert(key(target), answer);
+    b.shared().rebuild_members();
+    assert!(Arc::ptr_eq(&live(&b, 0), &held));
+    assert_eq!(
+        (held.state(), held.check_verdict()),
+        (BackendState::Healthy, None)
+    );
 }
 
 /// Issue 18: passive ejection never turns one failure into many. With the
@@ -445,7 +575,7 @@ fn passive_ejection_alone_never_empties_a_pool() {
         2,
         "    health: { type: tcp, interval: 1s, timeout: 500ms, fall: 1 }\n    passive: { consecutive_failures: 1 }\n",
     );
-    live(&two, 1).record_check(check(false), 2, 1, "p");
+    assert!(record(&two, 1, false, 2, 1));
     fail(&two, 0);
     assert_eq!(order(&two, &h).unwrap(), vec![0]);
 }
