@@ -133,7 +133,8 @@ pub struct Relay<'s> {
     a_eof: bool,
     a_dead: bool,
     b_eof: bool,
-    /// The backend reset: tell Asterisk FAILURE as soon as it waits for a command.
+    /// The backend reset: tell Asterisk FAILURE as soon as it waits for a
+    /// command, unless the caller has hung up (see `reset_fails`).
     b_dead: bool,
     /// We closed our side towards Asterisk (after the backend closed).
     a_shut: bool,
@@ -413,7 +414,7 @@ impl<'s> Relay<'s> {
             && self.a_out.is_empty()
             && !self.turn.in_payload()
             && self.pending_failure.is_none()
-            && !self.b_dead
+            && !self.reset_fails()
         {
             if self.turn.backend_owes_command()
                 && self.a_partial.is_empty()
@@ -443,11 +444,23 @@ impl<'s> Relay<'s> {
             Some(reason)
         } else if self.protocol_error {
             Some(Reason::BackendProtocol)
-        } else if self.b_dead {
+        } else if self.reset_fails() {
             Some(Reason::BackendReset)
         } else {
             None
         }
+    }
+
+    /// A backend reset is its failure: the backend lost the connection
+    /// (crashed with a reply unread, restarted, its address moved: the
+    /// reset answers the reply written to it), which a close would report
+    /// as SUCCESS. Not once the caller has hung up: the dialplan is over
+    /// (only hangup handlers run), a direct connection would report HANGUP,
+    /// and the reset is most likely the backend's kernel answering the
+    /// forwarded `HANGUP` that the finished script never read. It then ends
+    /// the session as a close does.
+    fn reset_fails(&self) -> bool {
+        self.b_dead && !self.stats.caller_hung_up
     }
 
     /// Asterisk waits for a command: tell it FAILURE, end the backend politely.
