@@ -677,6 +677,26 @@ async fn skip_header(s: &mut tokio::net::TcpStream) {
     }
 }
 
+/// A raw route in front of `backend` with `next_command: 300ms`.
+fn raw_route(backend: std::net::SocketAddr) -> String {
+    format!(
+        "timeouts:\n  next_command: 300ms\nroutes:\n  - name: raw\n    mode: raw\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    )
+}
+
+/// Writes until the peer's socket is found closed (a reset answers the
+/// writes); `false` if it is still open after 3 s.
+async fn closed_by_peer(s: &mut tokio::net::TcpStream, probe: &[u8]) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        if s.write_all(probe).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn regression_a_backend_reset_after_the_caller_hung_up_is_hangup_not_failure() {
     // The caller hangs up right after a reply; the script has read that
@@ -766,4 +786,80 @@ async fn regression_a_hangup_after_a_backend_reset_mid_command_is_the_callers() 
     assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
     assert_eq!(rec.reason, None);
     assert!(rec.caller_hung_up);
+}
+
+#[tokio::test]
+async fn regression_raw_mode_ends_a_backend_that_lingers_after_asterisk_closed() {
+    // The backend ignores the close passed on to it: the session must not
+    // hold its task, sockets and slot for ever, but end `next_command`
+    // after Asterisk's close, as in lines mode.
+    let (go, probe) = tokio::sync::oneshot::channel::<()>();
+    let (addr, backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"NOOP\n").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("Asterisk's close passed on within 5 s")
+            .unwrap();
+        // Silent from here (a write would end the session by itself),
+        // until the test has seen the session end.
+        let _ = tokio::time::timeout(Duration::from_secs(10), probe).await;
+        closed_by_peer(&mut s, b"NOOP\n").await
+    })
+    .await;
+    let p = proxy(&raw_route(addr)).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    s.write_all(b"200 result=0\n").await.unwrap();
+    drop(s);
+    let closed = Instant::now();
+    let rec = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .expect("the session ends within 3 s of Asterisk's close")
+        .unwrap();
+    let took = closed.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert_eq!(rec.bytes_from_asterisk, 13);
+    let _ = go.send(());
+    assert!(
+        backend.await.unwrap(),
+        "the backend's connection stayed open"
+    );
+}
+
+#[tokio::test]
+async fn regression_raw_mode_ends_an_asterisk_side_that_lingers_after_the_backend_closed() {
+    let b = FakeBackend::start(Behaviour::steps(vec![Step::Send(b"NOOP\n".to_vec())])).await;
+    let p = proxy(&raw_route(b.addr())).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the backend's close passed on within 5 s")
+        .unwrap();
+    assert_eq!(got, b"NOOP\n");
+    // This peer neither answers nor closes.
+    let closed = Instant::now();
+    let rec = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .expect("the session ends within 3 s of the backend's close")
+        .unwrap();
+    let took = closed.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert!(
+        closed_by_peer(&mut s, b"HANGUP\n").await,
+        "Asterisk's connection stayed open"
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
 }
