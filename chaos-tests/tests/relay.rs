@@ -638,3 +638,228 @@ async fn asterisk_resetting_mid_command_is_client_gone() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A backend for one connection, served by `serve` on a plain socket, for
+/// what FakeBackend cannot do: read a reply byte by byte (it reads ahead, so
+/// nothing it skips stays unread in the kernel) or ignore a close.
+async fn one_connection<F, Fut>(
+    serve: F,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Fut::Output>)
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(10), l.accept())
+            .await
+            .expect("the proxy connects within 10 s")
+            .unwrap();
+        serve(s).await
+    });
+    (addr, task)
+}
+
+/// Reads the header up to its blank line (the proxy sends nothing behind it
+/// until the backend speaks).
+async fn skip_header(s: &mut tokio::net::TcpStream) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\n\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the header within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed inside the header");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A raw route in front of `backend` with `next_command: 300ms`.
+fn raw_route(backend: std::net::SocketAddr) -> String {
+    format!(
+        "timeouts:\n  next_command: 300ms\nroutes:\n  - name: raw\n    mode: raw\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    )
+}
+
+/// Writes until the peer's socket is found closed (a reset answers the
+/// writes); `false` if it is still open after 3 s.
+async fn closed_by_peer(s: &mut tokio::net::TcpStream, probe: &[u8]) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        if s.write_all(probe).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn regression_a_backend_reset_after_the_caller_hung_up_is_hangup_not_failure() {
+    // The caller hangs up right after a reply; the script has read that
+    // reply and closes a moment later with the forwarded HANGUP unread, so
+    // its kernel sends a reset. Connected directly, Asterisk reports
+    // HANGUP; FAILURE would tell the hangup handlers the script failed.
+    let (addr, _backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"STREAM FILE foo \"\"\n").await.unwrap();
+        let mut byte = [0u8];
+        while byte[0] != b'\n' {
+            s.read_exact(&mut byte).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[addr],
+        "timeouts:\n  next_command: 30s\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let out = caller("x", "1.1").hangup_after(1).run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Hangup, "{out:?}");
+    assert!(!out.variables.contains_key("AGIPROXY_ERROR"), "{out:?}");
+    assert!(out.elapsed < Duration::from_secs(5), "{:?}", out.elapsed);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert!(rec.caller_hung_up);
+
+    // The rule kept without a hang-up (docs/reliability.md): a script that
+    // sends its last command and closes after the reply has arrived, with
+    // it unread, resets like a backend that lost the connection, and gets
+    // FAILURE.
+    let (addr, _backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"VERBOSE \"bye\" 1\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[addr],
+        "timeouts:\n  next_command: 30s\n",
+    ))
+    .await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_failure(&out, "backend_reset");
+}
+
+#[tokio::test]
+async fn regression_a_hangup_after_a_backend_reset_mid_command_is_the_callers() {
+    // The backend resets while Asterisk runs its command; then the caller
+    // hangs up. That HANGUP is the caller's (Asterisk sends its
+    // end-of-session one only after the proxy has closed), so the session
+    // ends as a close: no FAILURE to a hung-up channel.
+    let b = FakeBackend::start(Behaviour::Steps {
+        steps: vec![
+            Step::Send(b"EXEC Dial PJSIP/100\n".to_vec()),
+            Step::Sleep(Duration::from_millis(100)),
+        ],
+        then: Then::Reset,
+    })
+    .await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  next_command: 30s\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let mut s = at_first_command(p.addr, b"EXEC Dial PJSIP/100\n").await;
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    // The reset has reached the proxy (loopback: well within this).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"HANGUP\n200 result=-1\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    s.write_all(b"HANGUP\n").await.unwrap();
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert_eq!(rec.reason, None);
+    assert!(rec.caller_hung_up);
+}
+
+#[tokio::test]
+async fn regression_raw_mode_ends_a_backend_that_lingers_after_asterisk_closed() {
+    // The backend ignores the close passed on to it: the session must not
+    // hold its task, sockets and slot for ever, but end `next_command`
+    // after Asterisk's close, as in lines mode.
+    let (go, probe) = tokio::sync::oneshot::channel::<()>();
+    let (addr, backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"NOOP\n").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("Asterisk's close passed on within 5 s")
+            .unwrap();
+        // Silent from here (a write would end the session by itself),
+        // until the test has seen the session end.
+        let _ = tokio::time::timeout(Duration::from_secs(10), probe).await;
+        closed_by_peer(&mut s, b"NOOP\n").await
+    })
+    .await;
+    let p = proxy(&raw_route(addr)).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    s.write_all(b"200 result=0\n").await.unwrap();
+    drop(s);
+    let closed = Instant::now();
+    let rec = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .expect("the session ends within 3 s of Asterisk's close")
+        .unwrap();
+    let took = closed.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert_eq!(rec.bytes_from_asterisk, 13);
+    let _ = go.send(());
+    assert!(
+        backend.await.unwrap(),
+        "the backend's connection stayed open"
+    );
+}
+
+#[tokio::test]
+async fn regression_raw_mode_ends_an_asterisk_side_that_lingers_after_the_backend_closed() {
+    let b = FakeBackend::start(Behaviour::steps(vec![Step::Send(b"NOOP\n".to_vec())])).await;
+    let p = proxy(&raw_route(b.addr())).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the backend's close passed on within 5 s")
+        .unwrap();
+    assert_eq!(got, b"NOOP\n");
+    // This peer neither answers nor closes.
+    let closed = Instant::now();
+    let rec = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .expect("the session ends within 3 s of the backend's close")
+        .unwrap();
+    let took = closed.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed);
+    assert!(
+        closed_by_peer(&mut s, b"HANGUP\n").await,
+        "Asterisk's connection stayed open"
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+}

@@ -236,7 +236,15 @@ async fn relay(
                 let _ = keepalive::apply_now(a, k);
                 let _ = keepalive::apply_now(&at.stream, k);
             }
-            relay_raw(a, &mut at.stream, &at.early, &at.first, &shared.drain.force).await
+            relay_raw(
+                a,
+                &mut at.stream,
+                &at.early,
+                &at.first,
+                &shared.drain.force,
+                t.next_command,
+            )
+            .await
         }
         Mode::Lines => {
             let opts = RelayOptions {

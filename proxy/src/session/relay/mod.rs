@@ -133,7 +133,8 @@ pub struct Relay<'s> {
     a_eof: bool,
     a_dead: bool,
     b_eof: bool,
-    /// The backend reset: tell Asterisk FAILURE as soon as it waits for a command.
+    /// The backend reset: tell Asterisk FAILURE as soon as it waits for a
+    /// command, unless the caller has hung up (see `reset_fails`).
     b_dead: bool,
     /// We closed our side towards Asterisk (after the backend closed).
     a_shut: bool,
@@ -413,7 +414,7 @@ impl<'s> Relay<'s> {
             && self.a_out.is_empty()
             && !self.turn.in_payload()
             && self.pending_failure.is_none()
-            && !self.b_dead
+            && !self.reset_fails()
         {
             if self.turn.backend_owes_command()
                 && self.a_partial.is_empty()
@@ -443,11 +444,23 @@ impl<'s> Relay<'s> {
             Some(reason)
         } else if self.protocol_error {
             Some(Reason::BackendProtocol)
-        } else if self.b_dead {
+        } else if self.reset_fails() {
             Some(Reason::BackendReset)
         } else {
             None
         }
+    }
+
+    /// A backend reset is its failure: the backend lost the connection
+    /// (crashed with a reply unread, restarted, its address moved: the
+    /// reset answers the reply written to it), which a close would report
+    /// as SUCCESS. Not once the caller has hung up: the dialplan is over
+    /// (only hangup handlers run), a direct connection would report HANGUP,
+    /// and the reset is most likely the backend's kernel answering the
+    /// forwarded `HANGUP` that the finished script never read. It then ends
+    /// the session as a close does.
+    fn reset_fails(&self) -> bool {
+        self.b_dead && !self.stats.caller_hung_up
     }
 
     /// Asterisk waits for a command: tell it FAILURE, end the backend politely.
@@ -474,8 +487,15 @@ impl<'s> Relay<'s> {
         if self.b_dead || self.b_shut {
             return;
         }
-        let _ =
-            tokio::time::timeout(Duration::from_millis(200), self.b.write_all(b"HANGUP\n")).await;
+        // What the backend's socket had not taken yet (the rest of a reply)
+        // goes first: `HANGUP` never lands inside a cut reply.
+        let rest = std::mem::take(&mut self.b_out);
+        let b = &mut *self.b;
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            b.write_all(&rest).await?;
+            b.write_all(b"HANGUP\n").await
+        })
+        .await;
         self.shut_backend();
     }
 
@@ -545,13 +565,38 @@ fn shutdown_write(s: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// A backend given up on while part of a reply still waits in `b_out`
+    /// (its socket was full) gets that rest first, then `HANGUP`: never a
+    /// cut reply followed by `HANGUP`.
+    #[tokio::test]
+    async fn hangup_to_the_backend_goes_behind_the_rest_of_a_reply() {
+        let (_asterisk, mut a) = pair().await;
+        let (mut backend, mut b) = pair().await;
+        let opts = RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command: Duration::from_secs(60),
+            forward_hangup: true,
+            keepalive: None,
+        };
+        let mut relay = Relay::new(&mut a, &mut b, opts);
+        relay.b_out.extend_from_slice(b"of a long value)\n");
+        relay.close_backend_politely().await;
+        drop(relay);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut got))
+            .await
+            .expect("the half-close within 5 s")
+            .unwrap();
+        assert_eq!(got, b"of a long value)\nHANGUP\n");
     }
 
     /// The guard of the early close: only an empty socket may be closed

@@ -1,19 +1,33 @@
 //! `mode: raw`: everything passes untouched both ways, no pacing, no
-//! deadlines (for routes whose backends speak something else).
+//! deadlines while both sides are open (for routes whose backends speak
+//! something else).
 
-use tokio::io::AsyncWriteExt;
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::{RelayEnd, RelayStats};
 use crate::drain::Cut;
 
-/// Raw mode: everything passes untouched both ways, no pacing, no deadlines.
+/// Bytes read per syscall and direction; held for the session's life, as
+/// `copy_bidirectional`'s buffers were (the same size).
+const RAW_CHUNK: usize = 8 * 1024;
+
+/// Raw mode: everything passes untouched both ways, no pacing. Each side's
+/// close is passed on as a half-close; from then on the other side has
+/// `linger` (the route's `next_command`) to close too, or the session ends
+/// anyway: a peer that ignores the close would otherwise hold the task, both
+/// sockets and a session slot for ever (keepalive cannot tell, it is alive).
 pub async fn relay_raw(
     a: &mut TcpStream,
     b: &mut TcpStream,
     early: &[u8],
     first: &[u8],
     cut: &Cut,
+    linger: Duration,
 ) -> (RelayEnd, RelayStats) {
     let mut stats = RelayStats::default();
     if !first.is_empty() {
@@ -28,15 +42,50 @@ pub async fn relay_raw(
         }
         stats.bytes_from_asterisk += early.len() as u64;
     }
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(a, b) => match r {
-            Ok((up, down)) => {
-                stats.bytes_from_asterisk += up;
-                stats.bytes_to_asterisk += down;
-                (RelayEnd::Closed, stats)
-            }
-            Err(_) => (RelayEnd::PeerError, stats),
-        },
-        _ = cut.watch() => (RelayEnd::Aborted, stats),
+    let (mut up, mut down) = (0, 0);
+    let end = 'relay: {
+        let (mut ar, mut aw) = a.split();
+        let (mut br, mut bw) = b.split();
+        let to_b = pump(&mut ar, &mut bw, &mut up);
+        let to_a = pump(&mut br, &mut aw, &mut down);
+        tokio::pin!(to_b, to_a);
+        let cancelled = cut.watch();
+        tokio::pin!(cancelled);
+        let asterisk_closed = tokio::select! {
+            _ = &mut cancelled => break 'relay RelayEnd::Aborted,
+            r = &mut to_b => r.map(|()| true),
+            r = &mut to_a => r.map(|()| false),
+        };
+        let other = match asterisk_closed {
+            Err(_) => break 'relay RelayEnd::PeerError,
+            Ok(true) => to_a,
+            Ok(false) => to_b,
+        };
+        tokio::select! {
+            _ = &mut cancelled => RelayEnd::Aborted,
+            r = tokio::time::timeout(linger, other) => match r {
+                Ok(Err(_)) => RelayEnd::PeerError,
+                // Closed in time, or lingered: the conversation is over
+                // either way.
+                Ok(Ok(())) | Err(_) => RelayEnd::Closed,
+            },
+        }
+    };
+    stats.bytes_from_asterisk += up;
+    stats.bytes_to_asterisk += down;
+    (end, stats)
+}
+
+/// One direction until `r`'s end, passed on as a half-close of `w`; counts
+/// the bytes as they go (a cut session still reports what passed).
+async fn pump(r: &mut ReadHalf<'_>, w: &mut WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+    let mut buf = vec![0u8; RAW_CHUNK];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        *count += n as u64;
     }
 }

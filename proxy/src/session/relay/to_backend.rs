@@ -109,16 +109,18 @@ impl Relay<'_> {
     fn on_asterisk_line(&mut self, line: &[u8]) -> Forward {
         match self.turn.on_asterisk_line(line) {
             AsteriskLine::Hangup => {
-                // After the backend closed, this is Asterisk's
-                // end-of-session HANGUP: expected, dropped quietly.
-                let end_of_session = self.a_shut || self.b_eof || self.turn.ended();
+                // Asterisk sends its end-of-session HANGUP only once it has
+                // seen the end: our close, or the backend's `failure` line.
+                // Any other is the caller's, also after the backend closed
+                // or reset (Asterisk cannot know that yet).
+                let end_of_session = self.a_shut || self.turn.ended();
                 if !end_of_session {
                     self.stats.caller_hung_up = true;
                 }
                 if self.a_shut && self.b_eof {
                     self.a_done = true;
                 }
-                if end_of_session || !self.opts.forward_hangup {
+                if end_of_session || self.b_eof || !self.opts.forward_hangup {
                     Forward::Drop
                 } else {
                     Forward::Keep
