@@ -1092,3 +1092,332 @@ async fn issue_17_the_control_socket_replaces_only_a_stale_socket() {
     served.await.unwrap();
     assert!(!sock.exists());
 }
+
+/// `agiproxy_control_connections_refused_total{reason}` now.
+async fn refused_now(api: &Api, reason: &str) -> f64 {
+    let text = metrics_text(api).await;
+    parse_prometheus(&text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == "agiproxy_control_connections_refused_total"
+                && l.iter().any(|(k, v)| k == "reason" && v == reason)
+        })
+        .map(|(_, _, v)| v)
+        .unwrap_or_else(|| panic!("no {reason} sample in {text}"))
+}
+
+/// `/metrics`, retried for a moment: the test may have every slot taken.
+async fn metrics_text(api: &Api) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match client(None)
+            .call(&api.target, "GET", "/metrics", &[], None)
+            .await
+        {
+            Ok(r) if r.status == 200 => return String::from_utf8(r.body).unwrap(),
+            r => assert!(
+                std::time::Instant::now() < deadline,
+                "/metrics: {:?}",
+                r.map(|r| r.status)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP connection to `to` from `from` (a loopback address), with the
+/// smallest receive buffer the kernel allows and an Ethernet-sized MSS
+/// (loopback's 64 KiB one lets the server's send buffer grow to megabytes,
+/// which a client that does not read makes it fill first).
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_mss(1400).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    sock.bind(&from.into()).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+    sock.connect(to).await.unwrap()
+}
+
+/// Audit: clients that pipeline requests and never read the answers held
+/// every slot of the control API for as long as they liked (hyper waited
+/// on the write; `request_timeout` bounds only reading the headers and
+/// making the answer), so `/healthz` was refused for minutes and every
+/// replica failed its liveness probe. Now a connection whose client takes
+/// no byte of its answer for `request_timeout` is closed (counted as
+/// `write_timeout`), and the probe gets in within about that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_dropped_within_the_request_timeout() {
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let timeout = Duration::from_secs(1);
+    let api = start_timed(&text, None, 4096, timeout).await;
+    let control = api.control_addr();
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    // Four addresses, so that even with each one's share of the cap they
+    // take every slot.
+    let started = std::time::Instant::now();
+    let mut hogs = Vec::new();
+    for i in 0..64 {
+        hogs.push(connect_from(&format!("127.0.0.{}", 2 + i % 4), control).await);
+    }
+    for s in &hogs {
+        // Whatever the kernel takes at once: hundreds of requests, whose
+        // answers are far more than the socket buffers hold.
+        let mut sent = 0;
+        while let Ok(n) = s.try_write(&pipelined.as_bytes()[sent..]) {
+            sent += n;
+            if n == 0 || sent == pipelined.len() {
+                break;
+            }
+        }
+        assert!(sent > 1000, "{sent}");
+    }
+    let filled = std::time::Instant::now();
+    eprintln!("64 connections opened and fed in {:?}", filled - started);
+    let mut probes = 0;
+    let answered = loop {
+        probes += 1;
+        let probe = client(None)
+            .call(&api.target, "GET", "/healthz", &[], None)
+            .await;
+        if probe.is_ok_and(|r| r.status == 200) {
+            break filled.elapsed();
+        }
+        assert!(
+            filled.elapsed() < Duration::from_secs(10),
+            "/healthz still refused {:?} after 64 clients stopped reading ({probes} probes)",
+            filled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("/healthz answered {answered:?} after the slots were taken ({probes} probes)");
+    assert!(probes > 1, "the 64 clients did not take every slot");
+    // Well before the connections' lifetime (10 × request_timeout) ends.
+    assert!(answered < 5 * timeout, "{answered:?}");
+    // Each one counted once, as it was closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while refused_now(&api, "write_timeout").await < 64.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "write_timeout: {}",
+            refused_now(&api, "write_timeout").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused_now(&api, "write_timeout").await, 64.0);
+    drop(hogs);
+    api.stop().await;
+}
+
+/// Audit: one client could take all 64 connections (idle ones for
+/// `request_timeout`, and again when it reconnected), and the kubelet's
+/// probes from another address were refused. Now one address holds at
+/// most `MAX_CONNECTIONS_PER_PEER` (16); more are closed at once and
+/// counted as `peer_cap`, and others still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    use agiproxy_control::server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
+    use tokio::io::AsyncReadExt;
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    // Idle connections are kept for request_timeout: long enough to probe.
+    let api = start_timed(&text, None, 4096, Duration::from_secs(10)).await;
+    let control = api.control_addr();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(connect_from("127.0.0.2", control).await);
+    }
+    // Those past the share are closed at once: EOF (or a reset), where a
+    // served one waits for its request.
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut byte = [0u8; 1];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut byte)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER);
+    assert_eq!(
+        refused_now(&api, "peer_cap").await,
+        (MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER) as f64
+    );
+    // Another address (the kubelet's) gets in at once.
+    let started = std::time::Instant::now();
+    let (s, body) = call(&client(None), &api.target, "GET", "/healthz", &[], None).await;
+    assert_eq!((s, body.as_str()), (200, Some("ok\n")));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The address's own slots come back when its connections close.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = connect_from("127.0.0.2", control).await;
+        use tokio::io::AsyncWriteExt;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "127.0.0.2 still refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused_now(&api, "connection_cap").await, 0.0);
+    api.stop().await;
+}
+
+/// A connection is served for at most `LIFETIME_IN_REQUEST_TIMEOUTS`
+/// request timeouts: a client that keeps one busy cannot hold its slot
+/// for ever. It is closed after an answer, never in the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_is_closed_after_its_lifetime_between_answers() {
+    use agiproxy_control::server::LIFETIME_IN_REQUEST_TIMEOUTS;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let timeout = Duration::from_millis(200);
+    let lifetime = timeout * LIFETIME_IN_REQUEST_TIMEOUTS;
+    let api = start_timed(&text, None, 4096, timeout).await;
+    let mut s = tokio::net::TcpStream::connect(api.control_addr())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (mut asked, mut answers, mut buf) = (0, 0, Vec::new());
+    let ended = loop {
+        assert!(
+            started.elapsed() < lifetime + Duration::from_secs(5),
+            "still open after {:?} ({answers} answers)",
+            started.elapsed()
+        );
+        if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            asked += 1;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = match tokio::time::timeout(Duration::from_secs(2), s.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => 0,
+            Err(_) => panic!("no answer within 2 s"),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        answers = text.matches("\r\n\r\nok\n").count();
+        if n == 0 {
+            break started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("closed after {ended:?}: {asked} requests sent, {answers} answered");
+    assert!(ended >= lifetime, "{ended:?}");
+    // Every answer begun was whole.
+    let text = String::from_utf8_lossy(&buf);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), answers, "{text}");
+    assert!(answers >= 10, "{answers}");
+    api.stop().await;
+}
+
+/// Audit: `GET /v1/status` (open) and `/v1/rollouts` read and parsed the
+/// config file on every call, on a runtime worker, outside the one-parse-
+/// at-a-time gate and up to 64 MiB: 8 clients looping on status made
+/// FastAGI answers 700 times slower, and a 27 MB file took 3.4 s and
+/// 460 MB per call. Now they compare with the file as last read (at
+/// start, by the watch or a reload), as `differs_from_file` did already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_rollouts_never_read_the_config_file() {
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let api = start(&text, None, 1 << 20).await;
+    let (t, good) = (&api.target, client(Some(TOKEN)));
+    let file = api.dir.path().join("agiproxy.yaml");
+    let notes = |status: &Value| {
+        status["rollouts_differ"]
+            .as_array()
+            .map_or(0, std::vec::Vec::len)
+    };
+    let (_, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
+    assert_eq!(notes(&status), 0, "{status}");
+
+    // The file changes behind the proxy's back (nothing watches it here):
+    // no rollout on `ro` any more, and 20,000 more routes (1.4 MB).
+    let rollout_line = text
+        .lines()
+        .find(|l| l.contains("rollout:"))
+        .unwrap()
+        .to_string();
+    let mut changed = text.replace(&rollout_line, "    pool: blue");
+    let extra: String = (0..20_000)
+        .map(|i| {
+            format!(
+                "  - name: r{i}\n    match: {{ script: {{ prefix: x{i}/ }} }}\n    pool: blue\n"
+            )
+        })
+        .collect();
+    changed = changed.replace("routes:\n", &format!("routes:\n{extra}"));
+    std::fs::write(&file, &changed).unwrap();
+    for _ in 0..3 {
+        for path in ["/v1/status", "/v1/rollouts"] {
+            let started = std::time::Instant::now();
+            let (s, body) = call(&good, t, "GET", path, &[], None).await;
+            let took = started.elapsed();
+            eprintln!("{path} with a changed 1.4 MB file: {took:?}");
+            assert_eq!(s, 200, "{body}");
+            let differs = if path == "/v1/status" {
+                notes(&body)
+            } else {
+                body.as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|v| !v["differs_from_file"].is_null())
+                    .count()
+            };
+            assert!(took < Duration::from_millis(500), "{path} took {took:?}");
+            assert_eq!(differs, 0, "{path} read the file: {body}");
+        }
+    }
+
+    // A reload reads the file: what it read is then what status compares
+    // with. The file's rollout now has an override; once applied, nothing
+    // differs (compared with the start's file, the override would).
+    let paused = text.replace(
+        "start: \"2030-01-01T00:00:00Z\" }",
+        "start: \"2030-01-01T00:00:00Z\", overrides: [{ action: pause, at: \"2030-01-01T00:30:00Z\" }] }",
+    );
+    assert_ne!(paused, text);
+    std::fs::write(&file, &paused).unwrap();
+    let (s, body) = call(&good, t, "POST", "/v1/reload", &[], None).await;
+    assert_eq!((s, body["generation"].as_u64()), (200, Some(2)), "{body}");
+    let (_, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
+    assert_eq!(notes(&status), 0, "{status}");
+    // A change through the API: status says what the file lacks.
+    let (s, body) = call(&good, t, "POST", "/v1/rollouts/ro/promote", &[], None).await;
+    assert_eq!(s, 200, "{body}");
+    let (_, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
+    assert_eq!(notes(&status), 1, "{status}");
+    let note = status["rollouts_differ"][0].as_str().unwrap();
+    assert!(
+        note.contains("differs from the config file") && note.contains("action: pause"),
+        "{note}"
+    );
+    api.stop().await;
+}

@@ -87,7 +87,15 @@ pub enum ClientError {
     Http { target: String, msg: String },
     #[error("{target}: no answer within {timeout:?}")]
     Timeout { target: String, timeout: Duration },
+    #[error("{target}: the answer's body is over {limit} bytes, the most a client reads")]
+    TooLarge { target: String, limit: usize },
 }
+
+/// The largest answer body read: the largest config text there can be
+/// (`limits.max_config_bytes` at most 64 MiB), which `GET /v1/config`
+/// returns. A server (or a peer of the rollout judge) sending more cannot
+/// make the client buffer without bound.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 pub struct Response {
     pub status: u16,
@@ -200,12 +208,71 @@ where
     });
     let resp = sender.send_request(req).await.map_err(http)?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
         .collect()
         .await
-        .map_err(http)?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ClientError::TooLarge {
+                    target: t.to_string(),
+                    limit: MAX_RESPONSE_BYTES,
+                }
+            } else {
+                ClientError::Http {
+                    target: t.to_string(),
+                    msg: e.to_string(),
+                }
+            }
+        })?
         .to_bytes()
         .to_vec();
     Ok(Response { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that sends more than [`MAX_RESPONSE_BYTES`]: a clear error
+    /// once the limit is passed, not the whole body buffered.
+    #[tokio::test]
+    async fn an_answer_over_the_limit_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = [0; 1024];
+            let _ = s.read(&mut head).await.unwrap();
+            let len = MAX_RESPONSE_BYTES + 1;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'x'; 1 << 16];
+            let mut sent = 0;
+            // Until the client hangs up (or the whole body is out).
+            while sent < len {
+                let n = chunk.len().min(len - sent);
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+                sent += n;
+            }
+        });
+        let client = Client {
+            token: None,
+            tls: None,
+            timeout: Duration::from_secs(20),
+        };
+        let err = client
+            .call(&Target::http(addr), "GET", "/v1/config", &[], None)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, ClientError::TooLarge { limit, .. } if limit == MAX_RESPONSE_BYTES),
+            "{err}"
+        );
+        assert!(err.to_string().contains("over 67108864 bytes"), "{err}");
+        server.abort();
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+mod conn;
 pub mod ctl;
 pub mod files;
 mod handlers;

@@ -78,8 +78,9 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn drain(&self);
     /// Counts one control request (bounded labels: the route template).
     fn observe_request(&self, endpoint: &str, status: u16);
-    /// Counts one connection closed before any request was read, by
-    /// `reason`: one of [`crate::server::REFUSED_REASONS`].
+    /// Counts one connection closed by the server (refused, or its client
+    /// not taking its answers), by `reason`: one of
+    /// [`crate::server::REFUSED_REASONS`].
     fn observe_refused_connection(&self, reason: &'static str) {
         let _ = reason;
     }

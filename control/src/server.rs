@@ -1,6 +1,7 @@
 //! The control API server: axum routes over the `ControlPlane` on a TCP
-//! listener (optional TLS) and/or a Unix socket, a body limit and a
-//! request deadline.
+//! listener (optional TLS) and/or a Unix socket, a body limit, a request
+//! deadline, and bounds on each connection (a share of the cap per peer, a
+//! write deadline, a lifetime: see `conn`).
 //!
 //! Access is decided in one place, [`guard`], laid over every route: only
 //! the read-only requests listed in [`OPEN`] are served without a
@@ -23,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::conn::{Peer, Slot, Slots, WriteDeadline};
 use crate::handlers::{self as h, error, Ctx, S};
 use crate::plane::ControlPlane;
 use crate::socket::{SocketError, SocketFile};
@@ -48,11 +50,32 @@ pub const OPEN: &[(&str, &str)] = &[
 /// checks.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// Why a connection was closed before a request was read: the TLS
-/// handshake failed (no client certificate, a wrong one, plain HTTP to the
-/// TLS port), did not finish within `request_timeout`, or the API was at
-/// [`MAX_CONNECTIONS`].
-pub const REFUSED_REASONS: [&str; 3] = ["tls_handshake", "tls_timeout", "connection_cap"];
+/// Connections one peer (an IPv4 address, an IPv6 /64, or the control
+/// socket) may hold at once: a quarter of [`MAX_CONNECTIONS`], so that one
+/// client cannot take every slot and shut out the kubelet's probes or
+/// Prometheus. Legitimate clients use one or two.
+pub const MAX_CONNECTIONS_PER_PEER: usize = MAX_CONNECTIONS / 4;
+
+/// A connection lives at most this many `request_timeout`s; then it is
+/// closed once the answer in flight is written, or `request_timeout` later
+/// at the latest. Every time a peer can hold a slot is thus bounded, even
+/// for a client that reads its answers a trickle at a time.
+pub const LIFETIME_IN_REQUEST_TIMEOUTS: u32 = 10;
+
+/// Why a connection was closed by the server rather than by its client:
+/// the TLS handshake failed (no client certificate, a wrong one, plain
+/// HTTP to the TLS port) or did not finish within `request_timeout`; the
+/// API was at [`MAX_CONNECTIONS`], or the peer at
+/// [`MAX_CONNECTIONS_PER_PEER`]; or the client stopped taking its answers
+/// (no byte for `request_timeout`, or an answer not taken by the end of
+/// the connection's life).
+pub const REFUSED_REASONS: [&str; 5] = [
+    "tls_handshake",
+    "tls_timeout",
+    "connection_cap",
+    "peer_cap",
+    "write_timeout",
+];
 
 /// How the control API is served. At least one of `address` and `socket`.
 #[derive(Debug, Clone)]
@@ -294,24 +317,24 @@ impl ControlServer {
         tokio::pin!(shutdown);
         let tcp = self.tcp.as_ref();
         let unix = self.unix.as_ref().map(|(l, _)| l);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 r = accept_tcp(tcp) => match r {
                     Ok((stream, peer)) => {
-                        match take_slot(&slots) {
+                        match self.take_slot(&slots, Peer::of(peer.ip()), &peer) {
                             Some(slot) => self.spawn_tcp(stream, peer, slot),
-                            None => (self.refused)("connection_cap"),
+                            None => drop(stream),
                         }
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = accept_unix(unix) => match r {
                     Ok(stream) => {
-                        match take_slot(&slots) {
+                        match self.take_slot(&slots, Peer::Socket, &"control socket") {
                             Some(slot) => self.spawn_unix(stream, slot),
-                            None => (self.refused)("connection_cap"),
+                            None => drop(stream),
                         }
                     }
                     Err(e) => accept_failed(e).await,
@@ -320,24 +343,57 @@ impl ControlServer {
         }
     }
 
+    /// A slot for a new connection, or `None` (counted): the connection is
+    /// then closed by the caller at once.
+    fn take_slot(&self, slots: &Slots, peer: Peer, shown: &dyn std::fmt::Display) -> Option<Slot> {
+        match slots.take(peer) {
+            Ok(slot) => Some(slot),
+            Err(reason) => {
+                (self.refused)(reason);
+                tracing::debug!(
+                    peer = %shown,
+                    reason,
+                    limit = MAX_CONNECTIONS,
+                    per_peer = MAX_CONNECTIONS_PER_PEER,
+                    "control API connection closed: at the connection cap or the peer's share of it"
+                );
+                None
+            }
+        }
+    }
+
+    /// `io` with a deadline on every write (see [`WriteDeadline`]).
+    fn write_deadline<I>(&self, io: I) -> WriteDeadline<I> {
+        let refused = self.refused.clone();
+        WriteDeadline::new(io, self.request_timeout, move || refused("write_timeout"))
+    }
+
     fn spawn_tcp(&self, stream: tokio::net::TcpStream, peer: SocketAddr, slot: Slot) {
         let app = self.app.clone();
         let timeout = self.request_timeout;
+        let refused = self.refused.clone();
+        let stream = self.write_deadline(stream);
         // The settings in use now: a renewed certificate serves the next
         // connection.
         let Some(acceptor) = self.tls.as_ref().map(|t| t.current()) else {
-            let conn = serve_connection(stream, app, None, timeout, peer.to_string());
+            let conn = serve_connection(stream, app, None, timeout, peer.to_string(), refused);
             tokio::spawn(async move {
                 conn.await;
                 drop(slot);
             });
             return;
         };
-        let refused = self.refused.clone();
         tokio::spawn(async move {
             let _slot = slot;
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => serve_connection(s, app, None, timeout, peer.to_string()).await,
+                Ok(Ok(s)) => {
+                    serve_connection(s, app, None, timeout, peer.to_string(), refused).await
+                }
+                // A handshake the client stopped reading: counted as such
+                // by the write deadline.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                }
                 Ok(Err(e)) => {
                     refused("tls_handshake");
                     tracing::info!(%peer, error = %e, "control API TLS handshake failed")
@@ -356,33 +412,18 @@ impl ControlServer {
         let uid = stream.peer_cred().ok().map(|c| c.uid());
         let peer = format!("control socket, uid {uid:?}");
         let conn = serve_connection(
-            stream,
+            self.write_deadline(stream),
             self.app.clone(),
             Some(SocketPeer { uid }),
             self.request_timeout,
             peer,
+            self.refused.clone(),
         );
         tokio::spawn(async move {
             conn.await;
             drop(slot);
         });
     }
-}
-
-/// Held by a connection for its life (see [`MAX_CONNECTIONS`]).
-type Slot = tokio::sync::OwnedSemaphorePermit;
-
-/// A slot for a new connection, or `None`: the connection is then dropped
-/// (closed) by the caller at once.
-fn take_slot(slots: &Arc<tokio::sync::Semaphore>) -> Option<Slot> {
-    let slot = slots.clone().try_acquire_owned().ok();
-    if slot.is_none() {
-        tracing::debug!(
-            limit = MAX_CONNECTIONS,
-            "control API at its connection cap: connection closed"
-        );
-    }
-    slot
 }
 
 async fn accept_failed(e: std::io::Error) {
@@ -406,14 +447,17 @@ async fn accept_unix(l: Option<&UnixListener>) -> std::io::Result<tokio::net::Un
     }
 }
 
-/// HTTP/1 on one connection; on the control socket, every request carries
-/// the peer's `SocketPeer`.
+/// HTTP/1 on one connection, for at most [`LIFETIME_IN_REQUEST_TIMEOUTS`]
+/// request timeouts (then closed after the answer in flight, which gets
+/// one more `timeout`); on the control socket, every request carries the
+/// peer's `SocketPeer`.
 async fn serve_connection<I>(
     io: I,
     app: Router,
     socket_peer: Option<SocketPeer>,
-    header_timeout: Duration,
+    timeout: Duration,
     peer: String,
+    refused: Arc<dyn Fn(&'static str) + Send + Sync>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -425,9 +469,26 @@ async fn serve_connection<I>(
     });
     let service = TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    if let Err(e) = http.serve_connection(TokioIo::new(io), service).await {
+    http.timer(TokioTimer::new()).header_read_timeout(timeout);
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let lifetime = timeout.saturating_mul(LIFETIME_IN_REQUEST_TIMEOUTS);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = tokio::time::sleep(lifetime) => {
+            // Idle: closed now; else after the answer in flight.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(timeout, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    refused("write_timeout");
+                    tracing::debug!(%peer, ?lifetime, "control API connection closed at the end of its life with its answer not taken");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "control API connection ended");
     }
 }

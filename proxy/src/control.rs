@@ -281,14 +281,6 @@ fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, 
     serde_yaml::to_string(&doc).map_err(|e| ApplyError::Uneditable(e.to_string()))
 }
 
-impl ControlHandle {
-    /// The config file as it is now (None without a file, or when it does
-    /// not read or validate): to say what differs from it.
-    fn file_config(&self) -> Option<agiproxy_config::Config> {
-        agiproxy_config::load_file(self.server.config_file()?).ok()
-    }
-}
-
 impl ControlPlane for ControlHandle {
     fn status(&self) -> Status {
         let snap = self.server.snapshot();
@@ -312,7 +304,11 @@ impl ControlPlane for ControlHandle {
                 .collect(),
             active_sessions: self.server.active_sessions() as u64,
             draining: self.server.is_draining(),
-            rollouts_differ: crate::rollout::view::notes(&snap, self.file_config().as_ref()),
+            // The file as last read and parsed: a status call never reads it.
+            rollouts_differ: crate::rollout::view::notes(
+                &snap,
+                self.server.file_rollouts().as_deref(),
+            ),
         }
     }
 
@@ -410,7 +406,10 @@ impl ControlPlane for ControlHandle {
     }
 
     fn rollouts(&self) -> Vec<RolloutView> {
-        crate::rollout::view::views(&self.server.snapshot(), self.file_config().as_ref())
+        crate::rollout::view::views(
+            &self.server.snapshot(),
+            self.server.file_rollouts().as_deref(),
+        )
     }
 
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError> {

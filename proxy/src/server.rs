@@ -13,12 +13,13 @@
 //! change lock is taken only to swap. A caller that gives up (the API's
 //! request timeout) stops waiting; the parse it started runs out, bounded.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agiproxy_config::Config;
+use agiproxy_config::{Config, Rollout};
 use tokio::sync::{broadcast, Semaphore};
 
 pub use crate::listener::ServerError;
@@ -75,6 +76,30 @@ pub struct Origin {
     pub file: Option<PathBuf>,
 }
 
+/// The rollouts a config file declares, by route name: what the running
+/// ones are compared with (`rollout::view`). Taken from a parse of the
+/// file's text when it is read (at start, by the watch or a reload) and
+/// kept, so that no request reads or parses the file.
+#[derive(Debug, Default)]
+pub struct FileRollouts(HashMap<String, Rollout>);
+
+impl FileRollouts {
+    pub fn of(config: &Config) -> FileRollouts {
+        FileRollouts(
+            config
+                .routes
+                .iter()
+                .filter_map(|r| Some((r.name.clone(), (**r.rollout.as_ref()?).clone())))
+                .collect(),
+        )
+    }
+
+    /// The file's rollout of `route`, if it has one.
+    pub fn rollout(&self, route: &str) -> Option<&Rollout> {
+        self.0.get(route)
+    }
+}
+
 /// What config changes share: serialised by the lock, which also holds the
 /// bound listeners.
 struct Changes {
@@ -86,6 +111,10 @@ struct Changes {
     /// Content hash of the config file as last read (None: not readable),
     /// so that a status call never reads the file.
     file_hash: Mutex<Option<u64>>,
+    /// The rollouts of the last text parsed whose hash was then the
+    /// file's, with that hash: the file's rollouts while it still is (see
+    /// [`Server::file_rollouts`]).
+    file_rollouts: Mutex<Option<(u64, Arc<FileRollouts>)>>,
     started: Instant,
 }
 
@@ -112,12 +141,14 @@ impl Server {
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
         crate::fds::init();
         let file_hash = origin.file.as_ref().map(|_| meta.hash);
+        let file_rollouts = file_hash.map(|h| (h, Arc::new(FileRollouts::of(&config))));
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
             parses: Arc::new(Semaphore::new(1)),
             file: origin.file,
             file_hash: Mutex::new(file_hash),
+            file_rollouts: Mutex::new(file_rollouts),
             started: Instant::now(),
         });
         shared.snapshot.load().activate();
@@ -284,6 +315,7 @@ impl Server {
             let hash = text_hash(&text);
             if hash == current.meta.hash {
                 // The running text: valid, and nothing to do.
+                self.note_parsed(hash, &current.config);
                 return Ok(Applied {
                     generation,
                     hash,
@@ -294,6 +326,7 @@ impl Server {
             let config = self
                 .compile(text.clone(), current.config.limits.max_config_bytes)
                 .await?;
+            self.note_parsed(hash, &config);
             if dry_run {
                 release(config);
                 return Ok(Applied {
@@ -466,6 +499,42 @@ impl Server {
             .file_hash
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the rollouts of `config`, parsed from a text of `hash`, when
+    /// that is the file's content as last read: what [`Self::file_rollouts`]
+    /// returns until the file is read again.
+    fn note_parsed(&self, hash: u64, config: &Config) {
+        if self.changes.file.is_none() || self.file_hash() != Some(hash) {
+            return;
+        }
+        let kept = || {
+            self.changes
+                .file_rollouts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if kept().as_ref().is_some_and(|(h, _)| *h == hash) {
+            return;
+        }
+        // Made outside the lock, which status calls take.
+        let rollouts = Arc::new(FileRollouts::of(config));
+        *kept() = Some((hash, rollouts));
+    }
+
+    /// The rollouts the config file declares, as last read (at start, by
+    /// the watcher or a reload) and parsed; None without a file, or when
+    /// its content as last read did not read or validate. Never reads the
+    /// file: a status call must not block, buffer or parse.
+    pub fn file_rollouts(&self) -> Option<Arc<FileRollouts>> {
+        let hash = self.file_hash()?;
+        self.changes
+            .file_rollouts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(h, _)| *h == hash)
+            .map(|(_, r)| r.clone())
     }
 
     /// Whether the config file's content, as last read (at start, by the

@@ -104,6 +104,15 @@ fn all_fds(pid: u32) -> usize {
 }
 
 /// A plain `GET` on the control API: status code and body.
+/// A connection to the control API from the `i`th of `n` loopback
+/// addresses (127.0.0.2 on): one address holds only its share of the
+/// control API's connections (`MAX_CONNECTIONS_PER_PEER`).
+async fn connect_from(i: usize, n: usize, control: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("127.0.0.{}:0", 2 + i % n).parse().unwrap())?;
+    sock.connect(control).await
+}
+
 async fn get(control: SocketAddr, path: &str) -> Option<(u16, String)> {
     chaos_tests::http::get(control, path)
         .await
@@ -224,9 +233,10 @@ async fn issue_12_idle_control_connections_are_capped() {
     let proxy = start_proxy(&[backend.addr()], None).await;
     let pid = proxy.child.id();
     let base = all_fds(pid);
+    // From ten addresses, so that their shares add up to the whole cap.
     let mut idle = Vec::new();
-    for _ in 0..300 {
-        idle.push(TcpStream::connect(proxy.control).await.unwrap());
+    for i in 0..300 {
+        idle.push(connect_from(i, 10, proxy.control).await.unwrap());
     }
     // Let the proxy accept (and close) what it will.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -239,27 +249,30 @@ async fn issue_12_idle_control_connections_are_capped() {
         during <= base + 64 + 8,
         "{base} -> {during} descriptors"
     );
-    // Each connection past the cap is counted as refused.
+    // Each connection past the cap, or past its address's share, is
+    // counted as refused.
     drop(idle);
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = loop {
         let m = get(proxy.control, "/metrics").await.map(|r| r.1);
-        let n = m.as_deref().and_then(|m| {
-            m.lines()
-                .find(|l| {
-                    l.starts_with(
-                        "agiproxy_control_connections_refused_total{reason=\"connection_cap\"}",
-                    )
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        });
+        let count = |reason: &str| {
+            let series =
+                format!("agiproxy_control_connections_refused_total{{reason=\"{reason}\"}} ");
+            m.as_deref().and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+            })
+        };
+        let n = count("connection_cap")
+            .zip(count("peer_cap"))
+            .map(|(a, b)| a + b);
         match n {
             Some(n) if n >= 300 - 64 => break n,
             _ if Instant::now() > deadline => panic!("refused connections not counted: {m:?}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    eprintln!("connections refused at the cap: {refused}");
+    eprintln!("connections refused at the cap or an address's share: {refused}");
 }
 
 /// Health checks that find the proxy out of descriptors give no verdict:
@@ -300,8 +313,8 @@ async fn health_checks_at_the_descriptor_limit_blame_no_backend() {
     let mut idle = Vec::new();
     hold(pid, proxy.addr, &mut idle, LIMIT as usize - 17).await;
     let mut control = Vec::new();
-    for _ in 0..40 {
-        if let Ok(s) = TcpStream::connect(proxy.control).await {
+    for i in 0..40 {
+        if let Ok(s) = connect_from(i, 3, proxy.control).await {
             control.push(s);
         }
     }

@@ -2,13 +2,13 @@
 //! the counters peers read, overrides written into the running config, the
 //! notes on what differs from the file, and the metrics.
 
-use agiproxy_config::{format_ms, parse_time, Config, OverrideAction};
+use agiproxy_config::{format_ms, parse_time, OverrideAction};
 use agiproxy_control::api::{RolloutEvaluationView, RolloutView};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
 use super::eval::{decision_view, to_api};
-use crate::server::ApplyError;
+use crate::server::{ApplyError, FileRollouts};
 use crate::session::rollout::{now_ms, CompiledRollout, Side, State};
 use crate::session::router::CompiledRoute;
 use crate::snapshot::Snapshot;
@@ -20,9 +20,9 @@ fn rollouts(snap: &Snapshot) -> impl Iterator<Item = (&CompiledRoute, &CompiledR
         .filter_map(|r| r.rollout.as_deref().map(|ro| (r, ro)))
 }
 
-/// Every rollout route of `snap`; `file`: the config file's content, to
-/// say where the running rollout differs from it.
-pub fn views(snap: &Snapshot, file: Option<&Config>) -> Vec<RolloutView> {
+/// Every rollout route of `snap`; `file`: the config file's rollouts, to
+/// say where the running rollout differs from them.
+pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
     let now = now_ms();
     let pools = &snap.config.pools;
     rollouts(snap)
@@ -65,12 +65,8 @@ pub fn views(snap: &Snapshot, file: Option<&Config>) -> Vec<RolloutView> {
 }
 
 /// What the running rollout of `route` has that the file lacks.
-fn differs(route: &str, ro: &CompiledRollout, file: &Config) -> Option<String> {
-    let in_file = file
-        .routes
-        .iter()
-        .find(|r| r.name == route)
-        .and_then(|r| r.rollout.as_ref());
+fn differs(route: &str, ro: &CompiledRollout, file: &FileRollouts) -> Option<String> {
+    let in_file = file.rollout(route);
     let skew = ro.plan.skew.as_millis() as i64;
     let Some(f) = in_file else {
         return Some(format!(
@@ -115,7 +111,7 @@ fn differs(route: &str, ro: &CompiledRollout, file: &Config) -> Option<String> {
 }
 
 /// One line per rollout that differs from the file, for `/v1/status`.
-pub fn notes(snap: &Snapshot, file: Option<&Config>) -> Vec<String> {
+pub fn notes(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<String> {
     views(snap, file)
         .into_iter()
         .filter_map(|v| v.differs_from_file)
