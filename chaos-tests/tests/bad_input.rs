@@ -11,15 +11,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Reads until the proxy closes; returns what it sent and how long it took.
 async fn read_until_closed(s: &mut TcpStream) -> (Vec<u8>, Duration) {
     let start = Instant::now();

@@ -81,14 +81,6 @@ fn v2_header(command: u8, from: &str, to: &str) -> Vec<u8> {
         .unwrap()
 }
 
-fn counter(m: &str, name: &str) -> u64 {
-    m.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// v1 and v2 name the caller; routes, templates and the record use it,
 /// the backend gets Asterisk's header without the PROXY header, and the
 /// record keeps the balancer as `via`. A v2 `LOCAL` speaks for itself.

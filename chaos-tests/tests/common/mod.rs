@@ -64,6 +64,17 @@ pub fn assert_failure(out: &CallOutcome, reason: &str) {
     assert!(out.violations.is_empty(), "{:?}", out.violations);
 }
 
+/// The value of the series `name` (with its labels, as rendered) in a
+/// Prometheus text exposition; 0 when absent.
+pub fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every 5 ms until it holds; panics after `within`.
 pub async fn wait_until(what: &str, within: Duration, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + within;
