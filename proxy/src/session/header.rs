@@ -23,9 +23,10 @@ pub enum HeaderError {
     TooManyLines(usize, bool),
     #[error("header not complete within {0:?} (slow or stalled client)")]
     Timeout(Duration),
-    /// The flag says whether the blank line was already read.
+    /// From `read_header`, one after the first line comes only once the
+    /// blank line is in (see [`HeaderError::failure`]).
     #[error("line {0} is not an `agi_name: value` line")]
-    Malformed(usize, bool),
+    Malformed(usize),
     #[error("connection closed before sending anything")]
     Closed,
     #[error("connection closed before the blank line that ends the header")]
@@ -62,7 +63,7 @@ impl HeaderError {
             HeaderError::TooLarge(_) => "too_large",
             HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
-            HeaderError::Malformed(..) => "malformed",
+            HeaderError::Malformed(_) => "malformed",
             HeaderError::Closed => "closed",
             HeaderError::Truncated => "truncated",
             HeaderError::Io(_) => "io",
@@ -86,7 +87,7 @@ impl HeaderError {
             // After a good first line, a bad one is most likely a value
             // with a newline in it (`AGI(agi://p/s,${VAR})`): Asterisk
             // sent it, and a direct backend would have run the script.
-            HeaderError::Malformed(line, _) if *line > 1 => Some(Reason::HeaderMalformed),
+            HeaderError::Malformed(line) if *line > 1 => Some(Reason::HeaderMalformed),
             _ => None,
         }
     }
@@ -94,13 +95,14 @@ impl HeaderError {
     /// The blank line ending the header was read already (nothing of the
     /// header is left in the socket).
     pub fn header_complete(&self) -> bool {
-        matches!(
-            self,
-            HeaderError::TooManyLines(_, true)
-                | HeaderError::Malformed(_, true)
-                | HeaderError::ProxyMissing
-                | HeaderError::ProxyInvalid(_, true)
-        )
+        match self {
+            HeaderError::TooManyLines(_, complete) | HeaderError::ProxyInvalid(_, complete) => {
+                *complete
+            }
+            HeaderError::ProxyMissing => true,
+            HeaderError::Malformed(line) => *line > 1,
+            _ => false,
+        }
     }
 }
 
@@ -280,7 +282,7 @@ impl Scan {
         while self.pos < buf.len() {
             if buf[self.pos] == b'\n' {
                 if self.vars.is_empty() {
-                    return Err(HeaderError::Malformed(1, true));
+                    return Err(HeaderError::Malformed(1));
                 }
                 return Ok(Some(self.pos + 1));
             }
@@ -289,10 +291,7 @@ impl Scan {
                 return Err(HeaderError::TooManyLines(max_lines, complete));
             }
             match scan_line(buf, self.pos) {
-                Err(()) => {
-                    let complete = memchr::memmem::find(&buf[self.pos..], b"\n\n").is_some();
-                    return Err(HeaderError::Malformed(self.vars.len() + 1, complete));
-                }
+                Err(()) => return Err(HeaderError::Malformed(self.vars.len() + 1)),
                 Ok(None) => return Ok(None),
                 Ok(Some((name, value, nl))) => {
                     self.vars.push((name, value));
@@ -369,23 +368,21 @@ pub async fn read_header(
                 }
                 proxied = false;
             }
+            if bad_line.is_none() {
+                match scan.advance(&buf, limits.max_lines) {
+                    Ok(None) => {}
+                    Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
+                    Ok(Some(len)) => return Ok((scan.finish(buf, len), caller)),
+                    Err(HeaderError::Malformed(line)) if line > 1 => bad_line = Some(line),
+                    Err(e) => return Err(e),
+                }
+            }
             if let Some(line) = bad_line {
-                let from = searched.saturating_sub(1);
-                if memchr::memmem::find(&buf[from..], b"\n\n").is_some() {
-                    return Err(HeaderError::Malformed(line, true));
+                // Header lines are never empty: the first "\n\n" ends it.
+                if memchr::memmem::find(&buf[searched.saturating_sub(1)..], b"\n\n").is_some() {
+                    return Err(HeaderError::Malformed(line));
                 }
                 searched = buf.len();
-                continue;
-            }
-            match scan.advance(&buf, limits.max_lines) {
-                Ok(None) => {}
-                Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
-                Ok(Some(len)) => return Ok((scan.finish(buf, len), caller)),
-                Err(HeaderError::Malformed(line, false)) if line > 1 => {
-                    bad_line = Some(line);
-                    searched = buf.len();
-                }
-                Err(e) => return Err(e),
             }
         }
     };
@@ -454,7 +451,7 @@ mod tests {
             HeaderError::TooLarge(1),
             HeaderError::TooManyLines(1, false),
             HeaderError::Timeout(Duration::from_secs(1)),
-            HeaderError::Malformed(1, false),
+            HeaderError::Malformed(1),
             HeaderError::Closed,
             HeaderError::Truncated,
             HeaderError::Io(ErrorKind::Other),
@@ -536,33 +533,23 @@ mod tests {
     fn garbage_is_refused_early() {
         assert_eq!(
             scan(b"GET / HTTP/1.1\r\n", 8),
-            Err(HeaderError::Malformed(1, false))
+            Err(HeaderError::Malformed(1))
         );
-        assert_eq!(
-            scan(b"\x16\x03\x01", 8),
-            Err(HeaderError::Malformed(1, false))
-        );
+        assert_eq!(scan(b"\x16\x03\x01", 8), Err(HeaderError::Malformed(1)));
         assert_eq!(scan(b"agi_network: yes\nag", 8), Ok(None));
         assert_eq!(scan(b"agi_network: yes\nagi_x", 8), Ok(None));
         // A name that cannot go on is refused before its line ends.
-        assert_eq!(
-            scan(b"agi_network yes", 8),
-            Err(HeaderError::Malformed(1, false))
-        );
+        assert_eq!(scan(b"agi_network yes", 8), Err(HeaderError::Malformed(1)));
         assert_eq!(
             scan(b"agi_a: 1\nagi_b\n", 8),
-            Err(HeaderError::Malformed(2, false))
+            Err(HeaderError::Malformed(2))
         );
-        // A value with a newline in it; the blank line already in, or not.
+        // A value with a newline in it.
         assert_eq!(
             scan(b"agi_arg_1: a\nb\nagi_arg_2: c\n\n", 8),
-            Err(HeaderError::Malformed(2, true))
+            Err(HeaderError::Malformed(2))
         );
-        assert_eq!(
-            scan(b"agi_arg_1: a\nb\nagi_arg_2: c\n", 8),
-            Err(HeaderError::Malformed(2, false))
-        );
-        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1, true)));
+        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1)));
         let many = b"agi_a: 1\n".repeat(9);
         assert_eq!(scan(&many, 8), Err(HeaderError::TooManyLines(8, false)));
         let mut done = many.clone();

@@ -39,61 +39,70 @@ pub struct Invalid(pub &'static str);
 /// Reads a PROXY header at the start of `buf`, if one is there.
 pub fn parse(buf: &[u8]) -> Result<Preamble, Invalid> {
     if starts_as(buf, V2_SIGNATURE) {
-        if buf.len() < V2_SIGNATURE.len() {
-            return Ok(Preamble::Partial);
-        }
-        return match v2::Header::try_from(buf) {
-            Ok(h) => Ok(Preamble::Done {
-                len: h.len(),
-                caller: match (h.command, h.addresses) {
-                    (v2::Command::Proxy, v2::Addresses::IPv4(a)) => {
-                        Some(SocketAddr::from((a.source_address, a.source_port)))
-                    }
-                    (v2::Command::Proxy, v2::Addresses::IPv6(a)) => {
-                        Some(SocketAddr::from((a.source_address, a.source_port)))
-                    }
-                    // LOCAL, or a family without an IP (UNSPEC, UNIX).
-                    _ => None,
-                },
-            }),
-            Err(v2::ParseError::Incomplete(_) | v2::ParseError::Partial(..)) => {
-                Ok(Preamble::Partial)
-            }
-            Err(_) => Err(Invalid("v2")),
-        };
+        v2(buf)
+    } else if starts_as(buf, V1_PREFIX) {
+        v1(buf)
+    } else {
+        Ok(Preamble::Absent)
     }
-    if starts_as(buf, V1_PREFIX) {
-        // Parsed only once its line is whole: `ppp` reads some cut lines
-        // ("... 40001 ") as invalid rather than partial.
-        let Some(cr) = memchr::memchr2(b'\r', b'\n', &buf[..buf.len().min(V1_MAX)]) else {
-            return match buf.len() < V1_MAX {
-                true => Ok(Preamble::Partial),
-                false => Err(Invalid("v1")),
-            };
-        };
-        if buf[cr] == b'\n' {
-            return Err(Invalid("v1")); // a bare LF: no CRLF can follow
-        }
-        if cr + 1 == buf.len() {
-            return Ok(Preamble::Partial);
-        }
-        return match v1::Header::try_from(&buf[..cr + 2]) {
-            Ok(h) => Ok(Preamble::Done {
-                len: h.header.len(),
-                caller: match h.addresses {
-                    v1::Addresses::Tcp4(a) => {
-                        Some(SocketAddr::from((a.source_address, a.source_port)))
-                    }
-                    v1::Addresses::Tcp6(a) => {
-                        Some(SocketAddr::from((a.source_address, a.source_port)))
-                    }
-                    v1::Addresses::Unknown => None,
-                },
-            }),
-            Err(_) => Err(Invalid("v1")),
-        };
+}
+
+fn v2(buf: &[u8]) -> Result<Preamble, Invalid> {
+    if buf.len() < V2_SIGNATURE.len() {
+        return Ok(Preamble::Partial);
     }
-    Ok(Preamble::Absent)
+    match v2::Header::try_from(buf) {
+        Ok(h) => Ok(Preamble::Done {
+            len: h.len(),
+            caller: match (h.command, h.addresses) {
+                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some(caller4(a)),
+                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some(caller6(a)),
+                // LOCAL, or a family without an IP (UNSPEC, UNIX).
+                _ => None,
+            },
+        }),
+        Err(v2::ParseError::Incomplete(_) | v2::ParseError::Partial(..)) => Ok(Preamble::Partial),
+        Err(_) => Err(Invalid("v2")),
+    }
+}
+
+fn v1(buf: &[u8]) -> Result<Preamble, Invalid> {
+    // Parsed only once its line is whole: `ppp` reads some cut lines
+    // ("... 40001 ") as invalid rather than partial.
+    let Some(end) = memchr::memchr2(b'\r', b'\n', &buf[..buf.len().min(V1_MAX)]) else {
+        return if buf.len() < V1_MAX {
+            Ok(Preamble::Partial)
+        } else {
+            Err(Invalid("v1"))
+        };
+    };
+    if buf[end] == b'\n' {
+        return Err(Invalid("v1")); // a bare LF: no CRLF can follow
+    }
+    if end + 1 == buf.len() {
+        return Ok(Preamble::Partial);
+    }
+    match v1::Header::try_from(&buf[..end + 2]) {
+        Ok(h) => Ok(Preamble::Done {
+            len: h.header.len(),
+            caller: match h.addresses {
+                v1::Addresses::Tcp4(a) => Some(caller4(a)),
+                v1::Addresses::Tcp6(a) => Some(caller6(a)),
+                v1::Addresses::Unknown => None,
+            },
+        }),
+        Err(_) => Err(Invalid("v1")),
+    }
+}
+
+/// The caller in a header's addresses (`ppp`'s types, the same in both
+/// versions).
+fn caller4(a: v1::IPv4) -> SocketAddr {
+    SocketAddr::from((a.source_address, a.source_port))
+}
+
+fn caller6(a: v1::IPv6) -> SocketAddr {
+    SocketAddr::from((a.source_address, a.source_port))
 }
 
 /// `buf` is, so far, the start of `sig` (or `sig` is the start of `buf`).
