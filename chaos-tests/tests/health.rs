@@ -606,3 +606,79 @@ async fn a_probe_in_flight_of_replaced_checks_does_not_judge_the_backend() {
     let s = &states(&p, "p")[&b.addr()];
     assert!(s.last_check.as_ref().unwrap().ok, "{s:?}");
 }
+
+/// Reloads that leave a pool's checks as they were neither rush nor restart
+/// them: a control plane that changes weights every 100 ms (or a config
+/// map rolled out to every replica at once) used to start every backend's
+/// checks afresh, a probe within `jitter` of each reload, from every
+/// replica together; and a probe in flight at a reload had its result
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_that_keep_the_checks_neither_rush_nor_restart_them() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let checks = |rise| {
+        format!("{{ type: agi, script: healthz, interval: 1500ms, timeout: 1s, jitter: 5ms, rise: {rise}, fall: 1 }}")
+    };
+    // A second, unchecked pool whose weight the "control plane" turns.
+    let body = |weight: u32, rise: u32| {
+        format!(
+            "{}  - name: other\n    backends:\n      - {{ address: \"127.0.0.1:9\", weight: {weight} }}\n",
+            one_checked(b.addr(), &checks(rise))
+        )
+    };
+    let p = proxy(&body(1, 2)).await;
+    let first = next_probe(&b).await;
+    let probed = Instant::now();
+
+    // Reloads 100 ms apart for 1 s: within the 1.5 s interval, no probe is due.
+    let mut weight = 1;
+    while probed.elapsed() < Duration::from_secs(1) && weight < 20 {
+        weight += 1;
+        reload(&p, &body(weight, 2)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(weight >= 5, "only {} reloads in 1 s", weight - 1);
+    assert_eq!(
+        b.stats().accepted(),
+        first,
+        "a reload that keeps the checks probed the backend again ({} reloads)",
+        weight - 1
+    );
+    // The schedule carried on: the next probe is due 1.5 s after the first.
+    let second = next_probe(&b).await;
+    assert_eq!(second, first + 1);
+
+    // A probe in flight at such a reload still counts: it fails (the
+    // backend stalls), and with `fall: 1` the backend goes down when it
+    // ends, not a check later.
+    b.set_behaviour(Behaviour::StallAfterHeader);
+    let stalled = next_probe(&b).await;
+    reload(&p, &body(99, 2)).await;
+    wait_until(
+        "the stalled probe's verdict",
+        Duration::from_secs(3),
+        || states(&p, "p")[&b.addr()].state == BackendState::Unhealthy,
+    )
+    .await;
+    assert_eq!(
+        b.stats().accepted(),
+        stalled,
+        "the verdict came from another probe than the one in flight"
+    );
+
+    // A reload that changes the checks starts them afresh: a probe within
+    // `jitter` (plus the watcher's 200 ms), whose verdict is the new rise's.
+    b.set_behaviour(Behaviour::script(&["NOOP"]));
+    let before = b.stats().accepted();
+    reload(&p, &body(99, 1)).await;
+    wait_until(
+        "a probe of the new checks",
+        Duration::from_millis(800),
+        || b.stats().accepted() > before,
+    )
+    .await;
+    wait_until("healthy again", Duration::from_secs(2), || {
+        states(&p, "p")[&b.addr()].state != BackendState::Unhealthy
+    })
+    .await;
+}

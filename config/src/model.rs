@@ -484,6 +484,32 @@ pub enum HealthKind {
     Tcp,
 }
 
+/// Equal checks judge a backend alike: a reload that keeps them keeps their
+/// schedule and counts (regexes compare by their text).
+impl PartialEq for HealthCheck {
+    fn eq(&self, other: &HealthCheck) -> bool {
+        self.interval == other.interval
+            && self.timeout == other.timeout
+            && self.jitter == other.jitter
+            && self.rise == other.rise
+            && self.fall == other.fall
+            && match (&self.kind, &other.kind) {
+                (HealthKind::Tcp, HealthKind::Tcp) => true,
+                (
+                    HealthKind::Agi { script, expect },
+                    HealthKind::Agi {
+                        script: s,
+                        expect: e,
+                    },
+                ) => {
+                    script == s
+                        && expect.as_ref().map(|r| r.as_str()) == e.as_ref().map(|r| r.as_str())
+                }
+                _ => false,
+            }
+    }
+}
+
 impl HealthKind {
     pub fn as_str(&self) -> &'static str {
         match self {

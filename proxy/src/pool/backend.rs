@@ -146,6 +146,10 @@ pub struct BackendLive {
     /// The last check's result. Its lock is held to apply a result and to
     /// forget the verdict, so that each is one step (see [`CheckEpoch`]).
     pub(super) last_check: Mutex<Option<CheckResult>>,
+    /// When the next check is due, and the check epoch whose loop set it:
+    /// the loop that takes over at a reload keeping the checks goes on
+    /// from there.
+    next_check: Mutex<Option<(u64, tokio::time::Instant)>>,
     /// `now_ms()` when the backend came back (slow start from there); 0: never.
     pub(super) ramp_from: AtomicU64,
     /// The pool's slow-start window in ms; 0: off.
@@ -172,6 +176,7 @@ impl BackendLive {
             checks: AtomicU64::new(0),
             checks_not_run: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            next_check: Mutex::new(None),
             ramp_from: AtomicU64::new(0),
             ramp_ms: AtomicU64::new(0),
             reported: AtomicU8::new(BackendState::Healthy as u8),
@@ -378,6 +383,18 @@ impl BackendLive {
         *last = Some(result);
         self.note(pool, reason.as_deref());
         true
+    }
+
+    /// When the next check of `epoch` is due, if a loop of it set one.
+    pub(super) fn next_check(&self, epoch: &CheckEpoch) -> Option<tokio::time::Instant> {
+        lock(&self.next_check)
+            .filter(|(of, _)| *of == epoch.epoch)
+            .map(|(_, at)| at)
+    }
+
+    /// Notes when the next check of `epoch` is due.
+    pub(super) fn schedule_check(&self, epoch: &CheckEpoch, at: tokio::time::Instant) {
+        *lock(&self.next_check) = Some((epoch.epoch, at));
     }
 
     /// Counts a check that could not run for the proxy's own shortage; false,

@@ -157,7 +157,9 @@ fn reconcile(
 
 /// Checks one backend every `interval` ± `jitter` (start to start) until
 /// cancelled, or until its `epoch` ends. A check in flight is never cut: it
-/// ends politely first (and its result is dropped if the epoch ended).
+/// ends politely first (and its result is dropped if the epoch ended). A
+/// loop of an epoch that ran before (a reload that kept the checks) goes on
+/// with its schedule; a new one checks within `jitter`.
 async fn check_loop(
     pool: Arc<str>,
     check: Arc<HealthCheck>,
@@ -165,13 +167,20 @@ async fn check_loop(
     epoch: CheckEpoch,
     cancel: CancellationToken,
 ) {
-    let mut next = tokio::time::Instant::now() + jittered(Duration::ZERO, check.jitter, live.addr);
+    let mut next = live.next_check(&epoch).unwrap_or_else(|| {
+        tokio::time::Instant::now() + jittered(Duration::ZERO, check.jitter, live.addr)
+    });
     loop {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
         let started = tokio::time::Instant::now();
+        // Noted before the probe: a loop taking over while it runs waits
+        // for the next one instead of probing again.
+        next = started + jittered(check.interval, check.jitter, live.addr);
+        live.schedule_check(&epoch, next);
         let current = match probe(live.addr, &check).await {
             Ok(result) => live.record_check(result, check.rise, check.fall, &pool, &epoch),
             // The proxy's own shortage says nothing of the backend: held
@@ -190,7 +199,6 @@ async fn check_loop(
             // A newer config runs; its own loops (if any) check.
             return;
         }
-        next = started + jittered(check.interval, check.jitter, live.addr);
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use agiproxy_config::BackendTarget;
+use agiproxy_config::{BackendTarget, HealthCheck};
 
 use super::backend::BackendLive;
 use super::hash::stable_hash;
@@ -74,8 +74,10 @@ pub struct PoolLive {
     /// Serialises member-set rebuilds.
     pub(super) rebuild: Mutex<()>,
     /// The current [`super::backend::CheckEpoch`]: one more at each
-    /// activation of the pool.
+    /// activation of the pool that changes its checks (0: never activated).
     pub(super) check_epoch: Arc<AtomicU64>,
+    /// The checks of the current epoch (None: the pool has none).
+    pub(super) epoch_checks: Mutex<Option<HealthCheck>>,
 }
 
 impl PoolLive {

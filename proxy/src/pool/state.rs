@@ -118,19 +118,32 @@ impl PoolState {
 
     /// Makes this pool's config the one that applies to its carried state
     /// (slow-start windows; stale check verdicts dropped when checks are
-    /// gone; results of the previous config's checks dropped from now on,
-    /// see [`CheckEpoch`]). True the first time only: the caller then
-    /// starts the pool's background work ([`super::health::supervise`] and
-    /// one [`super::discovery::follow`] per DNS name) with
-    /// [`PoolState::shared`].
+    /// gone; results of the previous config's checks dropped from now on
+    /// when this one changes them, see [`CheckEpoch`]). True the first time
+    /// only: the caller then starts the pool's background work
+    /// ([`super::health::supervise`] and one [`super::discovery::follow`]
+    /// per DNS name) with [`PoolState::shared`].
     pub fn activate(&self) -> bool {
         if self.activated.swap(true, Ordering::Relaxed) {
             return false;
         }
-        // Before the clear below, which a late result must not undo.
-        let epoch = self.live.check_epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        self.shared.epoch.store(epoch, Ordering::Relaxed);
         let config = &self.shared.config;
+        let epoch = {
+            let mut checks = lock(&self.live.epoch_checks);
+            let current = self.live.check_epoch.load(Ordering::Relaxed);
+            if current != 0 && *checks == config.health {
+                // The same checks: their epoch, schedule and results in
+                // flight carry on. Restarting them at every reload probed
+                // every backend within `jitter` of it, from every replica
+                // at once when a change reaches them all.
+                current
+            } else {
+                *checks = config.health.clone();
+                // Before the clear below, which a late result must not undo.
+                self.live.check_epoch.fetch_add(1, Ordering::Relaxed) + 1
+            }
+        };
+        self.shared.epoch.store(epoch, Ordering::Relaxed);
         let window = config.slow_start.map_or(0, |d| d.as_millis() as u64);
         for b in &self.members().backends {
             b.live.ramp_ms.store(window, Ordering::Relaxed);
@@ -235,8 +248,19 @@ impl PoolState {
         // Slow start runs from the end of the backoff (or from the check
         // that readmits it).
         backend.ramp_from.store(until, Ordering::Relaxed);
-        if cfg.health.is_some() {
-            backend.awaiting_check.store(true, Ordering::Relaxed);
+        {
+            // Whether the pool checks *now*, under the lock a reload's
+            // clear takes: a reload may have removed the checks since this
+            // session began, and with none left nothing would readmit it.
+            let _last = lock(&backend.last_check);
+            let checked = if self.live.check_epoch.load(Ordering::Relaxed) == 0 {
+                cfg.health.is_some() // never activated (tests)
+            } else {
+                lock(&self.live.epoch_checks).is_some()
+            };
+            if checked {
+                backend.awaiting_check.store(true, Ordering::Relaxed);
+            }
         }
         backend.ejections.fetch_add(1, Ordering::Relaxed);
         let reason = format!("{what} ({n} in a row); ejected for {wait:?}");

@@ -465,6 +465,73 @@ fn a_result_of_a_replaced_configs_checks_is_dropped() {
     assert!(be.last_check().is_none());
 }
 
+/// A reload that keeps a pool's checks as they were keeps their epoch: a
+/// probe in flight still counts, and the loop that takes over goes on with
+/// the schedule. Checks that go and come back start a new one.
+#[test]
+fn a_reload_that_keeps_the_checks_keeps_their_epoch() {
+    let checks = one_backend("{ type: tcp, interval: 1s, fall: 2 }");
+    let none = one_backend("");
+    let a = PoolState::new(&checks, None);
+    assert!(a.activate());
+    let old = a.shared().check_epoch();
+    let at = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    live(&a, 0).schedule_check(&old, at);
+
+    let b = PoolState::new(&checks, Some(&a));
+    assert!(b.activate());
+    let be = live(&b, 0);
+    assert_eq!(be.next_check(&b.shared().check_epoch()), Some(at));
+    assert!(be.record_check(check(false), 2, 2, "p", &old));
+    assert!(record(&b, 0, false, 2, 2), "the second failure in a row");
+    assert_eq!(be.state(), BackendState::Unhealthy);
+
+    let c = PoolState::new(&none, Some(&b));
+    assert!(c.activate());
+    let d = PoolState::new(&checks, Some(&c));
+    assert!(d.activate());
+    let now = d.shared().check_epoch();
+    assert!(!be.record_check(check(false), 2, 2, "p", &old));
+    assert_eq!(
+        be.next_check(&now),
+        None,
+        "checks that came back start afresh"
+    );
+    assert_eq!(be.check_verdict(), None);
+}
+
+/// A session that began before a reload removed the pool's checks ejects
+/// its backend for the backoff alone: waiting for a passing check that no
+/// check would ever give kept it out for good (in rotation only while the
+/// ejection cap kept it).
+#[test]
+fn an_ejection_after_the_checks_went_waits_for_no_check() {
+    let mut checked = one_backend("{ type: tcp, interval: 1s }");
+    checked.eject_after = 1;
+    let mut unchecked = one_backend("");
+    unchecked.eject_after = 1;
+    let old = PoolState::new(&checked, None);
+    assert!(old.activate());
+    let new = PoolState::new(&unchecked, Some(&old));
+    assert!(new.activate());
+    // The old config's session fails on the backend.
+    assert!(fail(&old, 0).is_some());
+    let be = live(&new, 0);
+    assert!(!be.awaiting_check.load(Ordering::Relaxed));
+    assert!(!be.is_ejected(be.ejected_until.load(Ordering::Relaxed) + 1));
+
+    // With the checks still there, it waits for one.
+    let back = PoolState::new(&checked, Some(&new));
+    assert!(back.activate());
+    be.consecutive_failures.store(0, Ordering::Relaxed);
+    be.ejected_until.store(0, Ordering::Relaxed);
+    assert!(
+        fail(&new, 0).is_some(),
+        "a session of the config without checks"
+    );
+    assert!(be.awaiting_check.load(Ordering::Relaxed));
+}
+
 /// The end of an epoch and a result of it cannot interleave: once a
 /// reload that removes the checks has activated, the verdict is forgotten
 /// for good, whatever the old checks were doing meanwhile.
