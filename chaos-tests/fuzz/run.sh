@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SECONDS_EACH="${1:-600}"
-TARGETS="${TARGETS:-header relay config control_api}"
+TARGETS="${TARGETS:-header proxy_protocol relay config control_api}"
 for t in $TARGETS; do
     work="${WORK:-/tmp/agiproxy-fuzz}/$t"
     mkdir -p "$work"

@@ -175,6 +175,49 @@ async fn the_drain_deadline_tells_a_waiting_asterisk_shutting_down() {
     assert_failure(&out, "shutting_down");
 }
 
+/// Asterisk runs a long command (an `EXEC Dial` that outlasts the drain)
+/// when the drain deadline passes: a `failure` line waits for it, and when
+/// the command returns AGISTATUS is FAILURE, so the dialplan's fallback
+/// runs. Before, the bare close read as SUCCESS.
+#[tokio::test]
+async fn the_drain_deadline_during_a_command_leaves_failure_for_when_it_returns() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100", "NOOP"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let addr = p.addr;
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .reply_with(|line| {
+                if line.starts_with("EXEC") {
+                    Reply::ok().after(Duration::from_millis(1500))
+                } else {
+                    Reply::ok()
+                }
+            })
+            .run(addr)
+            .await
+    });
+    wait_until("the command runs", Duration::from_secs(5), || {
+        b.stats().active() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!p.server.drain(Duration::from_millis(300)).await);
+    let out = call.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(out.commands, ["EXEC Dial PJSIP/100", "failure"], "{out:?}");
+    assert!(out.elapsed >= Duration::from_millis(1500), "{out:?}");
+    // The line was there before the reply: the fake Asterisk, which checks
+    // that no command is sent early, notes it (a real one reads it next).
+    assert_eq!(out.violations.len(), 1, "{:?}", out.violations);
+    assert!(out.violations[0].starts_with("pipelining"), "{out:?}");
+    let m = p.server.metrics().render();
+    assert_eq!(
+        counter(&m, "agiproxy_failures_sent_total{reason=\"shutting_down\"}"),
+        1,
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn a_reload_whose_listener_cannot_bind_changes_nothing() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;

@@ -47,3 +47,8 @@ fn config_corpus() {
 fn control_api_corpus() {
     replay("control_api", props::control_api);
 }
+
+#[test]
+fn proxy_protocol_corpus() {
+    replay("proxy_protocol", props::proxy_protocol);
+}

@@ -900,3 +900,48 @@ pub fn control_api(data: &[u8]) {
         assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}: 500");
     });
 }
+
+// ------------------------------------------------------ PROXY protocol
+
+/// The PROXY header reader (`session::proxy_protocol::parse`), on bytes
+/// that arrive in any cut. Properties: what a buffer reads as does not
+/// contradict what any prefix of it read as (a prefix is `Partial`, or
+/// already what the whole is); a `Done` header is exactly `len` bytes,
+/// whatever follows it; `Partial` is bounded (v1's 107 bytes, v2's 16 plus
+/// its 16-bit length), so a peer cannot keep it partial for ever.
+pub fn proxy_protocol(data: &[u8]) {
+    use agiproxy::session::proxy_protocol::{parse, Preamble};
+    let whole = parse(data);
+    if let Ok(Preamble::Partial) = whole {
+        assert!(data.len() < 16 + 65_535, "partial at {} bytes", data.len());
+        if data.starts_with(b"PROXY ") {
+            assert!(data.len() < 107, "v1 partial at {} bytes", data.len());
+        }
+    }
+    // Every short prefix, and a few long ones (all of them is quadratic).
+    let n = data.len();
+    let cuts = (0..n.min(128)).chain([n / 3, n / 2, n.saturating_sub(1)]);
+    for cut in cuts.filter(|c| *c < n) {
+        let part = parse(&data[..cut]);
+        let consistent = matches!(part, Ok(Preamble::Partial)) || part == whole;
+        assert!(
+            consistent,
+            "{cut} of {n} bytes read as {part:?}, all of them as {whole:?}"
+        );
+    }
+    if let Ok(Preamble::Done { len, caller }) = whole {
+        assert!(len > 0 && len <= n, "{len} of {n}");
+        assert_eq!(
+            parse(&data[..len]),
+            whole,
+            "the header alone reads otherwise"
+        );
+        let mut more = data[..len].to_vec();
+        more.extend_from_slice(b"agi_network: yes\n\n");
+        assert_eq!(
+            parse(&more),
+            Ok(Preamble::Done { len, caller }),
+            "what follows the header changed it"
+        );
+    }
+}

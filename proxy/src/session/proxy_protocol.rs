@@ -76,8 +76,11 @@ fn v1(buf: &[u8]) -> Result<Preamble, Invalid> {
             Err(Invalid("v1"))
         };
     };
-    if buf[end] == b'\n' {
-        return Err(Invalid("v1")); // a bare LF: no CRLF can follow
+    if buf[end] == b'\n' || end + 2 > V1_MAX {
+        // A bare LF (no CRLF can follow), or a CR whose LF would be past
+        // the protocol's bound (found by the fuzzer: 107 bytes read as
+        // partial).
+        return Err(Invalid("v1"));
     }
     if end + 1 == buf.len() {
         return Ok(Preamble::Partial);

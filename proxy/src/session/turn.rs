@@ -133,6 +133,12 @@ impl Turn {
         self.state == State::BackendOwesCommand
     }
 
+    /// Asterisk runs an ordinary command (not a sound-file transfer) and
+    /// reads its socket again only when the command returns.
+    pub fn asterisk_runs_command(&self) -> bool {
+        self.state == State::AsteriskOwesReply && self.pending == Pending::Plain
+    }
+
     /// The backend's next lines are payload (passed or dropped), not commands.
     pub fn in_payload(&self) -> bool {
         matches!(self.state, State::CommandPayload(_) | State::DropPayload(_))
@@ -304,6 +310,25 @@ mod tests {
         );
         assert!(t.backend_owes_command());
         assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Hangup);
+    }
+
+    /// Only an ordinary command may be followed by a `failure` line while
+    /// it runs: in a sound-file transfer that line would be payload.
+    #[test]
+    fn asterisk_runs_only_ordinary_commands() {
+        let mut t = Turn::default();
+        assert!(!t.asterisk_runs_command());
+        t.on_backend_line(b"EXEC Dial PJSIP/100\n");
+        assert!(t.asterisk_runs_command());
+        t.on_asterisk_line(b"200 result=0\n");
+        assert!(!t.asterisk_runs_command());
+        for cmd in [&b"PUT SOUNDFILE x.gsm 100\n"[..], b"GET SOUNDFILE x.gsm\n"] {
+            let mut t = Turn::default();
+            t.on_backend_line(cmd);
+            assert!(!t.asterisk_runs_command(), "{cmd:?}");
+        }
+        t.on_backend_line(b"failure\n");
+        assert!(!t.asterisk_runs_command());
     }
 
     #[test]

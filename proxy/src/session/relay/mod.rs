@@ -475,11 +475,34 @@ impl<'s> Relay<'s> {
     }
 
     async fn abort(&mut self) -> RelayEnd {
-        if self.turn.backend_owes_command() && !self.a_eof && !self.a_shut && self.a_out.is_empty()
-        {
+        let a_open = !self.a_eof && !self.a_shut && !self.a_dead;
+        if self.turn.backend_owes_command() && a_open && self.a_out.is_empty() {
             return self.fail(Reason::ShuttingDown).await;
         }
         self.shut_backend();
+        if self.turn.asterisk_runs_command() && a_open {
+            // Asterisk runs a command (an `EXEC Dial` may outlast any
+            // drain) and cannot answer `SET VARIABLE` now. A `failure`
+            // line waits in its socket and is the next line it reads when
+            // the command returns: FAILURE (without `AGIPROXY_ERROR`), so
+            // the dialplan's fallback runs, where a bare close reads as
+            // SUCCESS. (A command that watches the socket, `STREAM FILE`,
+            // stops at once, as it does at a close.)
+            let rest = std::mem::take(&mut self.a_out);
+            let a = &mut *self.a;
+            let told = tokio::time::timeout(Duration::from_millis(200), async {
+                a.write_all(&rest).await?;
+                a.write_all(b"failure\n").await
+            })
+            .await;
+            if matches!(told, Ok(Ok(()))) {
+                tracing::info!(
+                    reason = Reason::ShuttingDown.as_str(),
+                    "telling Asterisk FAILURE after its running command"
+                );
+                return RelayEnd::Failed(Reason::ShuttingDown);
+            }
+        }
         RelayEnd::Aborted
     }
 
