@@ -863,3 +863,54 @@ async fn regression_raw_mode_ends_an_asterisk_side_that_lingers_after_the_backen
     );
     assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
 }
+
+#[tokio::test]
+async fn regression_a_backend_reset_first_seen_by_a_write_is_failure() {
+    // The backend resets while Asterisk runs its command, and the proxy
+    // meets the reset first on writing the reply (here it had stopped
+    // reading: the backend pipelined more than it buffers). The write's
+    // ECONNRESET used up the socket's error, the next read returned 0, and
+    // the reset passed for an orderly close: SUCCESS (an audit found it
+    // racing in 11 of 40 calls). A reset is a reset however it is seen.
+    let line = format!("VERBOSE \"{}\" 1\n", "x".repeat(7_980));
+    let (addr, _backend) = one_connection(move |mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"EXEC Wait 1\n").await.unwrap();
+        for _ in 0..34 {
+            // Past the proxy's 256 KiB of held lines: it stops reading.
+            s.write_all(line.as_bytes()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    })
+    .await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[addr],
+        "timeouts:\n  next_command: 30s\n",
+    ))
+    .await;
+    let out = caller("x", "1.1")
+        .reply_with(|line| {
+            if line.starts_with("EXEC") {
+                Reply::ok().after(Duration::from_millis(600))
+            } else {
+                Reply::ok()
+            }
+        })
+        .run(p.addr)
+        .await;
+    // (Not `assert_failure`: the outcome holds 270 KB of commands.)
+    let error = out.variables.get("AGIPROXY_ERROR").map(String::as_str);
+    assert_eq!(
+        (out.status, error),
+        (AgiStatus::Failure, Some("backend_reset")),
+        "{} commands, {:?}",
+        out.commands.len(),
+        out.violations
+    );
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+}

@@ -291,7 +291,7 @@ impl<'s> Relay<'s> {
                 Event::ReadA(false) | Event::WriteA(false) => self.a_dead = true,
                 Event::WriteA(true) => self.flush_a(),
                 Event::WriteB(true) => self.flush_b(),
-                Event::WriteB(false) => self.b_write_failed(),
+                Event::WriteB(false) => self.b_write_failed(None),
                 Event::ReadB(true) => self.on_backend_readable(),
                 Event::ReadB(false) => self.backend_reset(),
                 Event::Deadline => {

@@ -52,7 +52,17 @@ impl Relay<'_> {
         }
     }
 
-    pub(super) fn b_write_failed(&mut self) {
+    /// A write to the backend failed with `error` (`None`: its socket
+    /// reported an error without saying which).
+    pub(super) fn b_write_failed(&mut self, error: Option<io::Error>) {
+        if error.is_some_and(|e| e.kind() == io::ErrorKind::ConnectionReset) {
+            // A reset met by a write is a reset: the write took the
+            // socket's error, and the next read would return 0 as if the
+            // backend had closed (SUCCESS instead of `backend_reset`). A
+            // backend that had closed first gives EPIPE here instead.
+            self.backend_reset();
+            return;
+        }
         // The backend closed its read side: nothing more can reach it.
         self.b_shut = true;
         self.b_out = Vec::new();

@@ -151,7 +151,7 @@ impl Relay<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.b_out.extend_from_slice(bytes)
                 }
-                Err(_) => self.b_write_failed(),
+                Err(e) => self.b_write_failed(Some(e)),
             }
         } else {
             self.b_out.extend_from_slice(bytes);
@@ -174,7 +174,7 @@ impl Relay<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     keep_unwritten(&mut self.b_out, head, tail, 0)
                 }
-                Err(_) => self.b_write_failed(),
+                Err(e) => self.b_write_failed(Some(e)),
             }
         } else {
             keep_unwritten(&mut self.b_out, head, tail, 0);
@@ -190,7 +190,7 @@ impl Relay<'_> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.b_write_failed(),
+            Err(e) => self.b_write_failed(Some(e)),
         }
     }
 }
