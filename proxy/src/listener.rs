@@ -193,11 +193,40 @@ fn spawn_session(
     };
     let sessions = &shared.drain.sessions;
     match admitted {
-        Ok(guard) => sessions.spawn(session::serve(sh, snap, name, stream, peer, proxied, guard)),
-        Err(reason) => sessions.spawn(session::reject(
-            sh, snap, name, stream, peer, proxied, reason,
-        )),
-    };
+        Ok(guard) => {
+            sessions.spawn(session::serve(sh, snap, name, stream, peer, proxied, guard));
+        }
+        Err(reason) => {
+            // Refusals are bounded too: in the reserve, to half of it (the
+            // rest stays the control API's); over the cap, to an eighth of
+            // it. A real Asterisk is told FAILURE in a millisecond, so only
+            // a flood of slow connections fills them; beyond, a connection
+            // is closed unanswered (counted) rather than let it take the
+            // descriptors and memory the running calls need.
+            let cap = match reason {
+                Reason::LocalResources => {
+                    crate::fds::limit().map_or(64, |l| (crate::fds::reserve(l) / 2).max(4))
+                }
+                _ => (max / 8).max(64),
+            };
+            match shared.refuse(cap, reason) {
+                Some(refusal) => {
+                    sessions.spawn(session::reject(
+                        sh, snap, name, stream, peer, proxied, refusal,
+                    ));
+                }
+                None => {
+                    shared
+                        .metrics
+                        .refusals_dropped
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
+                    tracing::debug!(%peer, reason = reason.as_str(), "refused connection closed unanswered: too many refusals in flight");
+                    drop(stream);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

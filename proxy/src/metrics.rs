@@ -77,6 +77,7 @@ pub struct Metrics {
     pub crlf_fixed: IntCounter,
     /// Operations that failed for want of a local resource, by `op`.
     pub local_resource_errors: IntCounterVec,
+    pub refusals_dropped: IntCounterVec,
     pub connect_seconds: Histogram,
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
@@ -193,6 +194,17 @@ impl Metrics {
         for op in ["accept", "connect"] {
             local_resource_errors.with_label_values(&[op]);
         }
+        let refusals_dropped = IntCounterVec::new(
+            Opts::new(
+                "refusals_dropped_total",
+                "Connections refused (over max_sessions, or in the descriptor reserve) and closed at once, unanswered, because too many refused ones were still being told FAILURE: a flood of slow connections. Asterisk reads such a close as SUCCESS",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in ["overloaded", "local_resources"] {
+            refusals_dropped.with_label_values(&[reason]);
+        }
         let buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
@@ -231,6 +243,7 @@ impl Metrics {
             Box::new(bytes_to_asterisk.clone()),
             Box::new(crlf_fixed.clone()),
             Box::new(local_resource_errors.clone()),
+            Box::new(refusals_dropped.clone()),
             Box::new(connect_seconds.clone()),
             Box::new(first_command_seconds.clone()),
             Box::new(session_seconds.clone()),
@@ -270,6 +283,7 @@ impl Metrics {
             bytes_to_asterisk,
             crlf_fixed,
             local_resource_errors,
+            refusals_dropped,
             connect_seconds,
             first_command_seconds,
             session_seconds,

@@ -36,7 +36,11 @@ pub use record::SessionRecord;
 use relay::raw::relay_raw;
 use relay::{Relay, RelayEnd, RelayOptions};
 use rewrite::{backend_header, TemplateContext};
-pub use shared::{ActiveGuard, Shared};
+pub use shared::{ActiveGuard, Refusal, Shared};
+
+/// How long a refused connection (over `max_sessions`, or in the descriptor
+/// reserve) may take to send its header before it is closed.
+pub const REFUSAL_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn header_limits(cfg: &agiproxy_config::Config) -> HeaderLimits {
     HeaderLimits {
@@ -339,12 +343,16 @@ pub async fn reject(
     mut a: TcpStream,
     peer: SocketAddr,
     proxied: bool,
-    reason: Reason,
+    refusal: Refusal,
 ) {
+    let reason = refusal.reason;
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
     let cfg = &snap.config;
-    let limits = header_limits(cfg);
+    let mut limits = header_limits(cfg);
+    // A real Asterisk sends its header within a round trip or two: a
+    // refusal does not wait the full header timeout on a slow peer.
+    limits.timeout = limits.timeout.min(REFUSAL_HEADER_TIMEOUT);
     match read_header(&mut a, &limits, proxied).await {
         Ok((h, caller)) => {
             rec.called_by(caller);

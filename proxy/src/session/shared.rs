@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
+use super::outcome::Reason;
 use super::record::SessionRecord;
 use crate::drain::Drain;
 use crate::metrics::Metrics;
@@ -19,6 +20,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub drain: Drain,
     active: AtomicUsize,
+    /// Refused connections still being told FAILURE (see [`Shared::refuse`]).
+    refusing: AtomicUsize,
     records: broadcast::Sender<SessionRecord>,
 }
 
@@ -30,6 +33,7 @@ impl Shared {
             metrics: Metrics::new(),
             drain: Drain::new(),
             active: AtomicUsize::new(0),
+            refusing: AtomicUsize::new(0),
             records,
         }
     }
@@ -58,6 +62,38 @@ impl Shared {
         }
         self.metrics.active_sessions.inc();
         Some(ActiveGuard(self.clone()))
+    }
+}
+
+impl Shared {
+    /// A slot to tell a refused connection FAILURE (it must first read its
+    /// header), if fewer than `max` are in use. Refused connections are not
+    /// bounded by `max_sessions` (they are its overflow), and a slow peer
+    /// holds one for its header timeout: without this bound, a flood of
+    /// them took every descriptor of the reserve (the control API's) and
+    /// memory without end.
+    pub(crate) fn refuse(self: &Arc<Self>, max: usize, reason: Reason) -> Option<Refusal> {
+        if self.refusing.fetch_add(1, Ordering::Relaxed) >= max {
+            self.refusing.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Refusal {
+            shared: self.clone(),
+            reason,
+        })
+    }
+}
+
+/// A refused connection's slot, held until it is done with, and why it was
+/// refused.
+pub struct Refusal {
+    shared: Arc<Shared>,
+    pub reason: Reason,
+}
+
+impl Drop for Refusal {
+    fn drop(&mut self) {
+        self.shared.refusing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
