@@ -175,6 +175,85 @@ async fn the_drain_deadline_tells_a_waiting_asterisk_shutting_down() {
     assert_failure(&out, "shutting_down");
 }
 
+/// A call still waiting for its backend's first command at the drain
+/// deadline (a slow script, a `first_command` longer than the drain) is
+/// told FAILURE `shutting_down` at once. Before, nothing cut it: the
+/// process exited 5 s later and Asterisk read the close as SUCCESS, with
+/// no access-log line (an audit).
+#[tokio::test]
+async fn the_drain_deadline_tells_a_call_waiting_for_its_first_command_shutting_down() {
+    let b = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  first_command: 8s\n",
+    ))
+    .await;
+    let addr = p.addr;
+    let mut rx = p.server.subscribe();
+    let call = tokio::spawn(async move { caller("x", "1.1").run(addr).await });
+    wait_until("the backend has the header", Duration::from_secs(5), || {
+        b.stats().active() == 1
+    })
+    .await;
+    let t0 = Instant::now();
+    assert!(!p.server.drain(Duration::from_millis(300)).await);
+    let out = call.await.unwrap();
+    assert_failure(&out, "shutting_down");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::Failed);
+    // The backend was ended politely (`HANGUP`, then a close), and is not
+    // blamed for the shutdown.
+    wait_until(
+        "the backend's connection ends",
+        Duration::from_secs(3),
+        || b.stats().active() == 0,
+    )
+    .await;
+    let m = p.server.metrics().render();
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("agiproxy_backend_ejections") && !l.ends_with(" 0")),
+        "{m}"
+    );
+}
+
+/// A backend that never sends its first command, beside a healthy one,
+/// with the default timeouts: its wait (`first_command`, 3 s) outlasts the
+/// budget (1.5 s), so the call fails without trying the other. The reason
+/// says why: `first_command_timeout`, not `budget_exhausted` (which hid
+/// hung backends from an alert on first-command timeouts).
+#[tokio::test]
+async fn a_first_command_wait_that_uses_up_the_budget_is_told_as_such() {
+    let stalled = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let good = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[stalled.addr(), good.addr()],
+        "timeouts:\n  first_command: 1600ms\n",
+    ))
+    .await;
+    let mut seen = Vec::new();
+    for i in 0..2 {
+        let out = caller("x", &format!("1.{i}")).run(p.addr).await;
+        seen.push((out.status, out.variables.get("AGIPROXY_ERROR").cloned()));
+    }
+    assert!(
+        seen.contains(&(AgiStatus::Failure, Some("first_command_timeout".into()))),
+        "{seen:?}"
+    );
+    let m = p.server.metrics().render();
+    assert_eq!(
+        counter(
+            &m,
+            "agiproxy_failures_sent_total{reason=\"first_command_timeout\"}"
+        ),
+        1,
+        "{m}"
+    );
+}
+
 /// Asterisk runs a long command (an `EXEC Dial` that outlasts the drain)
 /// when the drain deadline passes: a `failure` line waits for it, and when
 /// the command returns AGISTATUS is FAILURE, so the dialplan's fallback

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::outcome::Reason;
 use super::relay::read_now;
+use crate::drain::Cut;
 use crate::fds;
 use crate::metrics::{ConnectResult, Metrics};
 use crate::pool::polite_close::close_politely;
@@ -56,6 +57,8 @@ enum Wait {
     Reset,
     Timeout,
     ClientGone,
+    /// The drain deadline passed.
+    Cut,
 }
 
 /// What the connector needs to know about one call.
@@ -71,6 +74,10 @@ pub struct AttachPlan<'a> {
     /// Raw-mode route: a client half-close is not a hang-up.
     pub raw: bool,
     pub metrics: &'a Metrics,
+    /// Fired at the drain deadline: the call is told FAILURE
+    /// `shutting_down` rather than left to the process's exit (a close,
+    /// which Asterisk reads as SUCCESS).
+    pub cut: &'a Cut,
 }
 
 /// Finds a backend for the call, reading Asterisk meanwhile (bytes it sends
@@ -88,14 +95,24 @@ pub async fn attach(
         started,
         raw,
         metrics,
+        cut,
     } = *plan;
     let deadline = started + t.budget;
     let mut attempts = 0;
     let mut reason = Reason::NoBackend;
     for &i in &candidates.order {
+        if cut.is_fired() {
+            reason = Reason::ShuttingDown;
+            break;
+        }
         let now = Instant::now();
         if now >= deadline {
-            reason = Reason::BudgetExhausted;
+            // A first-command wait is not cut by the budget: when it used
+            // the budget up, it is why the call failed (and what an alert
+            // on hung backends looks for).
+            if reason != Reason::FirstCommandTimeout {
+                reason = Reason::BudgetExhausted;
+            }
             break;
         }
         let Some(lease) = pool.lease(&candidates.members.backends[i]) else {
@@ -153,7 +170,7 @@ pub async fn attach(
         let connect_time = started.elapsed();
         let mut stream = stream;
         let first_deadline = tokio::time::Instant::now() + t.first_command;
-        match wait_first_byte(&mut stream, asterisk, early, first_deadline, raw).await {
+        match wait_first_byte(&mut stream, asterisk, early, first_deadline, raw, cut).await {
             Wait::FirstBytes(first) => {
                 pool.passive_success(&backend);
                 backend
@@ -185,6 +202,12 @@ pub async fn attach(
                 close_politely(stream);
                 reason = Reason::FirstCommandTimeout;
             }
+            Wait::Cut => {
+                // Not the backend's fault: no passive failure.
+                close_politely(stream);
+                reason = Reason::ShuttingDown;
+                break;
+            }
         }
     }
     Err(AttachError::Failed { reason, attempts })
@@ -212,9 +235,12 @@ async fn wait_first_byte(
     early: &mut Vec<u8>,
     deadline: tokio::time::Instant,
     raw: bool,
+    cut: &Cut,
 ) -> Wait {
     let sleep = tokio::time::sleep_until(deadline);
     tokio::pin!(sleep);
+    let cut = cut.watch();
+    tokio::pin!(cut);
     let mut asterisk_eof = false;
     loop {
         tokio::select! {
@@ -245,6 +271,7 @@ async fn wait_first_byte(
                 }
             }
             _ = &mut sleep => return Wait::Timeout,
+            _ = &mut cut => return Wait::Cut,
         }
     }
 }

@@ -193,6 +193,7 @@ async fn find_backend<'s>(
         started: header_done,
         raw: route.mode == Mode::Raw,
         metrics: &shared.metrics,
+        cut: &shared.drain.force,
     };
     let at = match attach(&plan, a, &mut early).await {
         Ok(at) => at,
