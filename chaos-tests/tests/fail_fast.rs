@@ -279,3 +279,52 @@ async fn slow_handshake_still_delivers_the_whole_header() {
     );
     assert!(header.ends_with("\n\n"), "{header}");
 }
+
+/// One host that opens connections and sends its header slowly (or never)
+/// could hold every session slot, so every real call got `overloaded` (an
+/// audit), and every slot's header buffer: at most
+/// `limits.max_headers_per_peer` of its connections wait for their header
+/// at once. Past that its connections are refused; other hosts' calls go on.
+#[tokio::test]
+async fn one_host_cannot_hold_every_slot_with_slow_headers() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "limits:\n  max_sessions: 20\n  max_headers_per_peer: 4\ntimeouts:\n  header: 10s\n",
+    ))
+    .await;
+    let from = |ip: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock.connect(p.addr)
+    };
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(from("127.0.0.3").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The same host's next call is refused with FAILURE...
+    let out = caller("x", "1.1")
+        .source("127.0.0.3".parse().unwrap())
+        .run(p.addr)
+        .await;
+    assert_failure(&out, "overloaded");
+    // ...another host's is served, and the 4 slow ones were left alone.
+    let out = caller("x", "1.2")
+        .source("127.0.0.4".parse().unwrap())
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    let m = p.server.metrics().render();
+    assert_eq!(counter(&m, "agiproxy_peer_header_limit_total"), 1, "{m}");
+    assert_eq!(counter(&m, "agiproxy_active_sessions"), 4, "{m}");
+    // Once a slow header is in, the host has room again.
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = caller("x", "1.3")
+        .source("127.0.0.3".parse().unwrap())
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+}

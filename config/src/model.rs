@@ -228,6 +228,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Header lines from Asterisk; 8..=4096, default 512.
     pub max_header_lines: usize,
+    /// Connections from one address (an IPv6 /64) still sending their header at once;
+    /// 1..=1_000_000, default 256. A real Asterisk sends its header in a round trip, so only a
+    /// flood of slow connections reaches it; beyond it a connection is refused (`overloaded`)
+    /// instead of taking a session slot and a header buffer.
+    pub max_headers_per_peer: usize,
     /// Size of a config text (file or API body); 65536..=64 MiB, default 4 MiB. Nothing larger
     /// is read or parsed: a replacement is held to the running config's limit.
     pub max_config_bytes: usize,
@@ -237,6 +242,7 @@ impl Limits {
     pub const MAX_SESSIONS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
     pub const MAX_HEADER_BYTES: std::ops::RangeInclusive<usize> = 512..=1024 * 1024;
     pub const MAX_HEADER_LINES: std::ops::RangeInclusive<usize> = 8..=4096;
+    pub const MAX_HEADERS_PER_PEER: std::ops::RangeInclusive<usize> = 1..=1_000_000;
     pub const MAX_CONFIG_BYTES: std::ops::RangeInclusive<usize> = 65_536..=64 << 20;
     /// `max_config_bytes` when not set (and the API's body limit when `control.max_body_bytes`
     /// is not set).
@@ -249,6 +255,7 @@ impl Default for Limits {
             max_sessions: 20_000,
             max_header_bytes: 16_384,
             max_header_lines: 512,
+            max_headers_per_peer: 256,
             max_config_bytes: Limits::DEFAULT_MAX_CONFIG_BYTES,
         }
     }

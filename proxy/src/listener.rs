@@ -178,6 +178,7 @@ fn spawn_session(
     let (name, proxied) = snap.listener(configured, peer.ip());
     let max = snap.config.limits.max_sessions;
     let sh = shared.clone();
+    let mut header = None;
     let admitted = if crate::fds::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&stream)) {
         // Fewer than the reserve's descriptors left: they are for the
         // control API and health checks. The call hears FAILURE at once.
@@ -189,12 +190,23 @@ fn spawn_session(
         crate::fds::warn("accept", &crate::fds::reserve_error());
         Err(Reason::LocalResources)
     } else {
-        shared.admit(max).ok_or(Reason::Overloaded)
+        header = shared.header_slot(peer.ip(), snap.config.limits.max_headers_per_peer);
+        if header.is_none() {
+            // This address already has `max_headers_per_peer` connections
+            // sending their header: a flood of slow ones, not an Asterisk.
+            shared.metrics.peer_header_limit.inc();
+            Err(Reason::Overloaded)
+        } else {
+            shared.admit(max).ok_or(Reason::Overloaded)
+        }
     };
     let sessions = &shared.drain.sessions;
     match admitted {
-        Ok(guard) => {
-            sessions.spawn(session::serve(sh, snap, name, stream, peer, proxied, guard));
+        Ok(active) => {
+            let admission = session::Admission { active, header };
+            sessions.spawn(session::serve(
+                sh, snap, name, stream, peer, proxied, admission,
+            ));
         }
         Err(reason) => {
             // Refusals are bounded too: in the reserve, to half of it (the

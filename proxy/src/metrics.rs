@@ -78,6 +78,7 @@ pub struct Metrics {
     /// Operations that failed for want of a local resource, by `op`.
     pub local_resource_errors: IntCounterVec,
     pub refusals_dropped: IntCounterVec,
+    pub peer_header_limit: IntCounter,
     pub connect_seconds: Histogram,
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
@@ -205,6 +206,11 @@ impl Metrics {
         for reason in ["overloaded", "local_resources"] {
             refusals_dropped.with_label_values(&[reason]);
         }
+        let peer_header_limit = IntCounter::new(
+            "peer_header_limit_total",
+            "Connections refused (FAILURE overloaded) because their address already had limits.max_headers_per_peer connections sending their header: a flood of slow connections from one host",
+        )
+        .expect("valid metric");
         let buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
@@ -244,6 +250,7 @@ impl Metrics {
             Box::new(crlf_fixed.clone()),
             Box::new(local_resource_errors.clone()),
             Box::new(refusals_dropped.clone()),
+            Box::new(peer_header_limit.clone()),
             Box::new(connect_seconds.clone()),
             Box::new(first_command_seconds.clone()),
             Box::new(session_seconds.clone()),
@@ -284,6 +291,7 @@ impl Metrics {
             crlf_fixed,
             local_resource_errors,
             refusals_dropped,
+            peer_header_limit,
             connect_seconds,
             first_command_seconds,
             session_seconds,

@@ -215,6 +215,13 @@ fn limits(raw: Option<&RawLimits>, errs: &mut Errors) -> Limits {
             &mut limits.max_header_lines,
         ),
         (
+            "max_headers_per_peer",
+            raw.max_headers_per_peer,
+            Limits::MAX_HEADERS_PER_PEER,
+            defaults.max_headers_per_peer,
+            &mut limits.max_headers_per_peer,
+        ),
+        (
             "max_config_bytes",
             raw.max_config_bytes,
             Limits::MAX_CONFIG_BYTES,

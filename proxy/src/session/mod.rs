@@ -36,7 +36,7 @@ pub use record::SessionRecord;
 use relay::raw::relay_raw;
 use relay::{Relay, RelayEnd, RelayOptions};
 use rewrite::{backend_header, TemplateContext};
-pub use shared::{ActiveGuard, Refusal, Shared};
+pub use shared::{ActiveGuard, HeaderSlot, Refusal, Shared};
 
 /// How long a refused connection (over `max_sessions`, or in the descriptor
 /// reserve) may take to send its header before it is closed.
@@ -58,14 +58,30 @@ pub(crate) async fn serve(
     mut a: TcpStream,
     peer: SocketAddr,
     proxied: bool,
-    active: ActiveGuard,
+    mut admission: Admission,
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
-    run(&shared, &snap, &mut a, proxied, &mut rec).await;
+    run(
+        &shared,
+        &snap,
+        &mut a,
+        proxied,
+        &mut rec,
+        &mut admission.header,
+    )
+    .await;
     rec.duration = started.elapsed();
     finish(&shared, rec);
-    drop(active);
+    drop(admission);
+}
+
+/// What an admitted session holds: its place among the sessions, and among
+/// its peer's connections still sending their header (given back once the
+/// header is in).
+pub struct Admission {
+    pub active: ActiveGuard,
+    pub header: Option<HeaderSlot>,
 }
 
 /// Counts, logs and publishes a finished session.
@@ -104,6 +120,7 @@ async fn run(
     a: &mut TcpStream,
     proxied: bool,
     rec: &mut SessionRecord,
+    header_slot: &mut Option<HeaderSlot>,
 ) {
     // Two phases, the first boxed: reading the header and searching for a
     // backend hold far more state than relaying, and a session spends its
@@ -111,7 +128,8 @@ async fn run(
     // freed when the backend is found instead of sizing every session's
     // task: one allocation per session buys about 0.6 KiB less per idle
     // session (see docs/benchmarks.md).
-    let Some((at, route)) = Box::pin(find_backend(shared, snap, a, proxied, rec)).await else {
+    let found = find_backend(shared, snap, a, proxied, rec, header_slot);
+    let Some((at, route)) = Box::pin(found).await else {
         return;
     };
     relay(shared, route, snap.config.tcp_keepalive, a, rec, at).await;
@@ -125,10 +143,13 @@ async fn find_backend<'s>(
     a: &mut TcpStream,
     proxied: bool,
     rec: &mut SessionRecord,
+    header_slot: &mut Option<HeaderSlot>,
 ) -> Option<(Attached, &'s Route)> {
     let cfg = &snap.config;
     let limits = header_limits(cfg);
-    let header = match read_header(a, &limits, proxied).await {
+    let read = read_header(a, &limits, proxied).await;
+    *header_slot = None;
+    let header = match read {
         Ok((h, caller)) => {
             rec.called_by(caller);
             h

@@ -2,7 +2,8 @@
 //! metrics, the drain signals, the count of sessions and the feed of
 //! finished ones. The server owns it; sessions only read it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,6 +23,8 @@ pub struct Shared {
     active: AtomicUsize,
     /// Refused connections still being told FAILURE (see [`Shared::refuse`]).
     refusing: AtomicUsize,
+    /// Connections still sending their header, by peer (see [`HeaderGate`]).
+    headers: HeaderGate,
     records: broadcast::Sender<SessionRecord>,
 }
 
@@ -34,6 +37,7 @@ impl Shared {
             drain: Drain::new(),
             active: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
+            headers: HeaderGate::default(),
             records,
         }
     }
@@ -84,6 +88,70 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A place for `peer`'s connection among those still sending their
+    /// header, if `peer` holds fewer than `max`.
+    pub(crate) fn header_slot(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<HeaderSlot> {
+        let bucket = HeaderGate::bucket(peer);
+        let count = &self.headers.0[bucket];
+        if count.fetch_add(1, Ordering::Relaxed) as usize >= max {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(HeaderSlot {
+            shared: self.clone(),
+            bucket,
+        })
+    }
+}
+
+/// Connections still sending their header, counted per peer in a fixed
+/// table of buckets (an address hashes to one; an IPv6 address by its /64):
+/// no lock and no allocation per session. Peers that share a bucket share
+/// its count, which only makes the bound stricter for them; with 4,096
+/// buckets and a real Asterisk's header taking a round trip, ordinary
+/// traffic never comes near it.
+struct HeaderGate(Box<[AtomicU32]>);
+
+impl Default for HeaderGate {
+    fn default() -> Self {
+        HeaderGate(
+            (0..HeaderGate::BUCKETS)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+        )
+    }
+}
+
+impl HeaderGate {
+    const BUCKETS: usize = 4096;
+
+    fn bucket(peer: IpAddr) -> usize {
+        let key = match peer {
+            IpAddr::V4(a) => u64::from(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => u64::from(u32::from(v4)),
+                None => (u128::from(a) >> 64) as u64,
+            },
+        };
+        // Fibonacci hashing: the top bits of the product.
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 12)) as usize
+    }
+}
+
+/// Holds a connection's place among those sending their header; released
+/// when the header is in (or the connection ends).
+pub struct HeaderSlot {
+    shared: Arc<Shared>,
+    bucket: usize,
+}
+
+impl Drop for HeaderSlot {
+    fn drop(&mut self) {
+        self.shared.headers.0[self.bucket].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A refused connection's slot, held until it is done with, and why it was
 /// refused.
 pub struct Refusal {
@@ -104,5 +172,23 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.active_sessions.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_counted_by_its_address_or_its_ipv6_slash_64() {
+        let b = |s: &str| HeaderGate::bucket(s.parse().unwrap());
+        assert_eq!(b("192.0.2.7"), b("::ffff:192.0.2.7"));
+        assert_eq!(b("2001:db8:1:2::5"), b("2001:db8:1:2:ffff::9"));
+        assert!((0..HeaderGate::BUCKETS).contains(&b("255.255.255.255")));
+        // Neighbouring addresses (one Asterisk farm) spread over buckets.
+        let spread: std::collections::HashSet<usize> =
+            (1..=200u8).map(|i| b(&format!("10.0.0.{i}"))).collect();
+        assert!(spread.len() > 190, "{}", spread.len());
+        assert_ne!(b("2001:db8:1:2::5"), b("2001:db8:1:3::5"));
     }
 }
