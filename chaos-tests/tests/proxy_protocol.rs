@@ -142,6 +142,9 @@ async fn a_balancer_without_a_valid_proxy_header_fails_the_call() {
     // v2 with version 3 in place of 2, otherwise whole (IPv4, 12 bytes).
     let mut v3 = v2_header(1, "127.0.0.7:1", "127.0.0.1:2");
     v3[12] = 0x31;
+    let mut long = v2_header(1, "127.0.0.7:1", "127.0.0.1:2");
+    long.truncate(16 + 12);
+    long[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("none", vec![], "proxy_missing"),
         (
@@ -155,6 +158,10 @@ async fn a_balancer_without_a_valid_proxy_header_fails_the_call() {
             "proxy_invalid",
         ),
         ("v2, version 3", v3, "proxy_invalid"),
+        // v2 declaring 65,535 bytes of addresses and TLVs, sending 12: it
+        // would swallow Asterisk's header and wait (an audit: a silent
+        // close at the header timeout). Longer than any header may be.
+        ("v2, declared longer than it is", long, "proxy_invalid"),
     ];
     for (what, preamble, reason) in cases {
         let before = l.server.metrics().render();

@@ -931,6 +931,9 @@ pub fn proxy_protocol(data: &[u8]) {
     }
     if let Ok(Preamble::Done { len, caller }) = whole {
         assert!(len > 0 && len <= n, "{len} of {n}");
+        if let Some(declared) = agiproxy::session::proxy_protocol::v2_declared_len(data) {
+            assert_eq!(declared, len, "a v2 header's declared length");
+        }
         assert_eq!(
             parse(&data[..len]),
             whole,

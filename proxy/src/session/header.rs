@@ -351,7 +351,20 @@ pub async fn read_header(
             }
             if proxied {
                 match proxy_protocol::parse(&buf) {
-                    Ok(Preamble::Partial) => continue,
+                    Ok(Preamble::Partial) => {
+                        // A v2 header declaring more than the header bound
+                        // would wait for bytes that never come (a broken
+                        // balancer), then swallow Asterisk's header behind
+                        // it and end in a silent close: refuse it now.
+                        if proxy_protocol::v2_declared_len(&buf)
+                            .is_some_and(|n| n > limits.max_bytes)
+                        {
+                            let complete = memchr::memmem::find(&buf, b"\n\n").is_some();
+                            let e = proxy_protocol::Invalid("v2");
+                            return Err(HeaderError::ProxyInvalid(e, complete));
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         let complete = memchr::memmem::find(&buf, b"\n\n").is_some();
                         return Err(HeaderError::ProxyInvalid(e, complete));

@@ -36,6 +36,16 @@ pub enum Preamble {
 #[error("invalid PROXY protocol {0} header")]
 pub struct Invalid(pub &'static str);
 
+/// The whole length a v2 header at the start of `buf` declares, once its
+/// fixed 16 bytes are in: a reader can refuse at once a header longer than
+/// it will ever buffer, instead of waiting for bytes that will not come.
+pub fn v2_declared_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 16 || !buf.starts_with(V2_SIGNATURE) {
+        return None;
+    }
+    Some(16 + usize::from(u16::from_be_bytes([buf[14], buf[15]])))
+}
+
 /// Reads a PROXY header at the start of `buf`, if one is there.
 pub fn parse(buf: &[u8]) -> Result<Preamble, Invalid> {
     if starts_as(buf, V2_SIGNATURE) {
