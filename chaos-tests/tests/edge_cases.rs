@@ -154,6 +154,40 @@ async fn asterisk_leaving_during_the_search_is_client_gone() {
     assert_eq!(stalled.stats().hangups(), 1);
 }
 
+/// Asterisk leaves while backends are still being connected to (its
+/// caller hung up with `AGIEXITONHANGUP`: `HANGUP`, then a close): no
+/// FAILURE can be heard, so none is counted and the session is
+/// `client_gone`. Before, it was `failed` `connect_failed`, counted in
+/// `failures_sent_total` and held against a rollout's pool (an audit).
+#[tokio::test]
+async fn asterisk_leaving_while_backends_are_tried_is_client_gone() {
+    let (_hole, addr) = chaos_tests::blackholed_listener();
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[addr],
+        "timeouts:\n  connect: 400ms\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let mut bytes = AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    bytes.extend_from_slice(b"HANGUP\n");
+    let s = FakeAsterisk::raw_session(p.addr, &bytes).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::ClientGone, "{rec:?}");
+    assert_eq!(rec.reason, None);
+    let m = p.server.metrics().render();
+    assert_eq!(
+        counter(
+            &m,
+            "agiproxy_failures_sent_total{reason=\"connect_failed\"}"
+        ),
+        0,
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn the_drain_deadline_tells_a_waiting_asterisk_shutting_down() {
     let b = FakeBackend::start(Behaviour::StallAfterCommands(1)).await;

@@ -20,16 +20,20 @@ pub const ERROR_VARIABLE: &str = "AGIPROXY_ERROR";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sends the reason and the FAILURE line, then waits for Asterisk to close.
-/// Asterisk must be waiting for a command (never mid-line).
+/// Asterisk must be waiting for a command (never mid-line). An error means
+/// the FAILURE line may not have been heard (once it is written, Asterisk's
+/// way of closing does not matter).
 pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Result<()> {
     // Built on the stack, no formatting: a pool that is down answers every
     // call this way, thousands a second.
     let mut set = [0u8; 128];
     let len = set_variable_line(&mut set, reason.as_str());
+    let mut heard = false;
     let exchange = async {
         asterisk.write_all(&set[..len]).await?;
         read_reply(asterisk).await?;
         asterisk.write_all(b"FAILURE\n").await?;
+        heard = true;
         // Asterisk answers FAILURE with HANGUP and a close; read it so our
         // close is orderly. Up to its FIN, not just its HANGUP: a socket
         // closed before the peer's FIN becomes a TIME_WAIT in our close(),
@@ -38,11 +42,16 @@ pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Resul
         let _ = asterisk.shutdown().await;
         let mut sink = [0u8; 256];
         while asterisk.read(&mut sink).await? > 0 {}
-        Ok(())
+        io::Result::Ok(())
     };
-    tokio::time::timeout(ANSWER_TIMEOUT * 2, exchange)
+    let result = tokio::time::timeout(ANSWER_TIMEOUT * 2, exchange)
         .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    // Once the FAILURE line is written, how Asterisk closes does not matter.
+    if heard {
+        return Ok(());
+    }
+    result
 }
 
 /// `SET VARIABLE AGIPROXY_ERROR "<reason>"\n` into `buf`; its length.

@@ -314,6 +314,18 @@ async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
     rec.reason = Some(reason);
     if let Err(e) = tell_failure(a, reason).await {
         tracing::debug!(peer = %rec.peer, error = %e, "Asterisk went away while told FAILURE");
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ) {
+            // Asterisk had gone (its caller hung up with AGIEXITONHANGUP, or
+            // it closed during the search): nobody heard a FAILURE, so none
+            // is counted, and a rollout does not hold it against its pool.
+            rec.outcome = Outcome::ClientGone;
+            rec.reason = None;
+        }
     }
 }
 
