@@ -92,12 +92,19 @@ pub(crate) async fn readyz<P: ControlPlane>(State(ctx): S<P>) -> Response {
 }
 
 pub(crate) async fn metrics<P: ControlPlane>(State(ctx): S<P>) -> Response {
+    // Rendering walks every series (every backend of every pool): off the
+    // runtime's threads, so that scrapes, or a client asking for /metrics
+    // in a loop, do not hold up calls.
+    let plane = ctx.plane.clone();
+    let Ok(text) = tokio::task::spawn_blocking(move || plane.metrics_text()).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        ctx.plane.metrics_text(),
+        text,
     )
         .into_response()
 }
