@@ -21,7 +21,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use self::behaviour::{Behaviour, Step, Then, FILLER_COMMAND, SPLIT_LINE_PAUSE};
 pub use self::stats::{BackendStats, SessionLog};
-pub use crate::net::{blackholed_listener, refused_addr, Blackhole};
+pub use crate::net::{blackholed_listener, refused_addr, still_open, Blackhole};
 
 use self::session::{serve, Conn};
 

@@ -31,8 +31,8 @@ pub mod soundfile;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};
 pub use backend::{
-    blackholed_listener, refused_addr, BackendStats, Behaviour, Blackhole, FakeBackend, SessionLog,
-    Step, Then,
+    blackholed_listener, refused_addr, still_open, BackendStats, Behaviour, Blackhole, FakeBackend,
+    SessionLog, Step, Then,
 };
 pub use dns::{FakeDns, SrvRecord};
 pub use header::{AgiHeader, Fixture};

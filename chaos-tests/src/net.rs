@@ -77,6 +77,14 @@ pub fn blackholed_listener() -> (Blackhole, SocketAddr) {
     panic!("blackholed_listener: accept queue still taking connections after 64")
 }
 
+/// True while `s` has not been closed by its peer: nothing to read, no end
+/// of stream, no error. (A test's way to see whether the proxy still holds
+/// a silent connection.)
+pub fn still_open(s: &tokio::net::TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

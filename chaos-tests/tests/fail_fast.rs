@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
-use chaos_tests::{blackholed_listener, refused_addr, AgiStatus, Behaviour, FakeBackend};
+use chaos_tests::{
+    blackholed_listener, refused_addr, still_open, AgiStatus, Behaviour, FakeBackend,
+};
 use common::*;
 
 const BUDGET: Duration = Duration::from_millis(1500);
@@ -203,10 +205,6 @@ async fn refused_connections_are_bounded_in_number_and_time() {
         "limits:\n  max_sessions: 2\ntimeouts:\n  header: 10s\n",
     ))
     .await;
-    let still_open = |s: &tokio::net::TcpStream| {
-        let mut probe = [0u8; 1];
-        matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-    };
     // Two silent connections take the two session slots (10 s header
     // timeout), 64 more the refusals.
     let mut silent = Vec::new();

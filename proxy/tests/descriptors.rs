@@ -11,7 +11,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chaos_tests::{AgiHeader, AgiStatus, Behaviour, CallOutcome, FakeAsterisk, FakeBackend};
+use chaos_tests::{
+    still_open, AgiHeader, AgiStatus, Behaviour, CallOutcome, FakeAsterisk, FakeBackend,
+};
 use tokio::net::TcpStream;
 
 mod common;
@@ -234,12 +236,6 @@ async fn issue_12_descriptor_exhaustion_gives_local_resources_and_ejects_nobody(
     eprintln!(
         "limit {LIMIT}: held at {held} descriptors; 5 calls got local_resources; /healthz 200; ejections 0; SUCCESS after release"
     );
-}
-
-/// Not yet closed by the peer (nothing to read, no EOF, no error).
-fn still_open(s: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// A flood of connections that send nothing, kept up as the proxy closes
