@@ -67,9 +67,7 @@ impl Shared {
         self.metrics.active_sessions.inc();
         Some(ActiveGuard(self.clone()))
     }
-}
 
-impl Shared {
     /// A slot to tell a refused connection FAILURE (it must first read its
     /// header), if fewer than `max` are in use. Refused connections are not
     /// bounded by `max_sessions` (they are its overflow), and a slow peer
@@ -86,9 +84,7 @@ impl Shared {
             reason,
         })
     }
-}
 
-impl Shared {
     /// A place for `peer`'s connection among those still sending their
     /// header, if `peer` holds fewer than `max`.
     pub(crate) fn header_slot(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<HeaderSlot> {
