@@ -280,16 +280,17 @@ async fn slow_handshake_still_delivers_the_whole_header() {
 
 /// One host that opens connections and sends its header slowly (or never)
 /// could hold every session slot, so every real call got `overloaded` (an
-/// audit), and every slot's header buffer: at most
-/// `limits.max_headers_per_peer` of its connections wait for their header
-/// at once. Past that its connections are refused; other hosts' calls go on.
+/// audit), and every slot's header buffer. Once the replica is half full,
+/// at most `limits.max_headers_per_peer` of one host's connections wait
+/// for their header at once; past that its connections are refused, and
+/// other hosts' calls go on. Below half full, a burst is never refused.
 #[tokio::test]
 async fn one_host_cannot_hold_every_slot_with_slow_headers() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let p = proxy(&one_pool(
         "round_robin",
         &[b.addr()],
-        "limits:\n  max_sessions: 20\n  max_headers_per_peer: 4\ntimeouts:\n  header: 10s\n",
+        "limits:\n  max_sessions: 8\n  max_headers_per_peer: 2\ntimeouts:\n  header: 10s\n",
     ))
     .await;
     let from = |ip: &str| {
@@ -297,32 +298,36 @@ async fn one_host_cannot_hold_every_slot_with_slow_headers() {
         sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
         sock.connect(p.addr)
     };
+    let addr = p.addr;
+    let call = |ip: &str, id: &str| {
+        let c = caller("x", id).source(ip.parse().unwrap());
+        async move { c.run(addr).await }
+    };
     let mut slow = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..2 {
         slow.push(from("127.0.0.3").await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // The same host's next call is refused with FAILURE...
-    let out = caller("x", "1.1")
-        .source("127.0.0.3".parse().unwrap())
-        .run(p.addr)
-        .await;
-    assert_failure(&out, "overloaded");
-    // ...another host's is served, and the 4 slow ones were left alone.
-    let out = caller("x", "1.2")
-        .source("127.0.0.4".parse().unwrap())
-        .run(p.addr)
-        .await;
+    // 2 of 8 sessions: the host's third connection is served.
+    let out = call("127.0.0.3", "1.1").await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    // Half full (4 of 8), the host at its 2: its next call is refused...
+    for _ in 0..2 {
+        slow.push(from("127.0.0.3").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = call("127.0.0.3", "1.2").await;
+    assert_failure(&out, "overloaded");
+    // ...another host's is served, and the slow ones were left alone.
+    let out = call("127.0.0.4", "1.3").await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(slow.iter().all(still_open));
     let m = p.server.metrics().render();
     assert_eq!(counter(&m, "agiproxy_peer_header_limit_total"), 1, "{m}");
     assert_eq!(counter(&m, "agiproxy_active_sessions"), 4, "{m}");
-    // Once a slow header is in, the host has room again.
+    // Once its slow headers are gone, the host is served again.
     drop(slow);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let out = caller("x", "1.3")
-        .source("127.0.0.3".parse().unwrap())
-        .run(p.addr)
-        .await;
+    let out = call("127.0.0.3", "1.4").await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }

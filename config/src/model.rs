@@ -228,10 +228,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Header lines from Asterisk; 8..=4096, default 512.
     pub max_header_lines: usize,
-    /// Connections from one address (an IPv6 /64) still sending their header at once;
-    /// 1..=1_000_000, default 256. A real Asterisk sends its header in a round trip, so only a
-    /// flood of slow connections reaches it; beyond it a connection is refused (`overloaded`)
-    /// instead of taking a session slot and a header buffer.
+    /// Connections from one address (an IPv6 /64) still sending their header at once, once the
+    /// replica is half full (`max_sessions / 2` sessions); 1..=1_000_000, default 1024. A real
+    /// Asterisk sends its header in a round trip, so only a flood of slow connections reaches
+    /// it; beyond it a connection is refused (`overloaded`) instead of taking a session slot and
+    /// a header buffer.
     pub max_headers_per_peer: usize,
     /// Size of a config text (file or API body); 65536..=64 MiB, default 4 MiB. Nothing larger
     /// is read or parsed: a replacement is held to the running config's limit.
@@ -255,7 +256,7 @@ impl Default for Limits {
             max_sessions: 20_000,
             max_header_bytes: 16_384,
             max_header_lines: 512,
-            max_headers_per_peer: 256,
+            max_headers_per_peer: 1024,
             max_config_bytes: Limits::DEFAULT_MAX_CONFIG_BYTES,
         }
     }

@@ -283,7 +283,7 @@ fn bad_configs_are_refused_with_path_and_fix() {
          &[("limits.max_sessions", "0 is out of range; use 1 to 1000000 (default 20000)"),
            ("limits.max_header_bytes", "100 is out of range; use 512 to 1048576 (default 16384)"),
            ("limits.max_header_lines", "5000 is out of range; use 8 to 4096 (default 512)"),
-           ("limits.max_headers_per_peer", "0 is out of range; use 1 to 1000000 (default 256)")]),
+           ("limits.max_headers_per_peer", "0 is out of range; use 1 to 1000000 (default 1024)")]),
         // Structural mistakes, found by serde: reported with the path and line/column it gives.
         ("unknown mode",
          config("routes: [{ name: a, pool: ivr-blue, mode: line }]"),

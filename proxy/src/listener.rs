@@ -190,13 +190,16 @@ fn spawn_session(
         crate::fds::warn("accept", &crate::fds::reserve_error());
         Err(Reason::LocalResources)
     } else {
-        header = shared.header_slot(peer.ip(), snap.config.limits.max_headers_per_peer);
-        if header.is_none() {
-            // This address already has `max_headers_per_peer` connections
-            // sending their header: a flood of slow ones, not an Asterisk.
+        let (slot, held) = shared.header_slot(peer.ip());
+        if held > snap.config.limits.max_headers_per_peer && shared.active() >= max / 2 {
+            // The replica is half full and this address already has
+            // `max_headers_per_peer` connections sending their header: a
+            // flood of slow ones, not an Asterisk (whose header takes a
+            // round trip). Below half, a burst of calls is never refused.
             shared.metrics.peer_header_limit.inc();
             Err(Reason::Overloaded)
         } else {
+            header = Some(slot);
             shared.admit(max).ok_or(Reason::Overloaded)
         }
     };

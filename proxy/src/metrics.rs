@@ -208,7 +208,7 @@ impl Metrics {
         }
         let peer_header_limit = IntCounter::new(
             "peer_header_limit_total",
-            "Connections refused (FAILURE overloaded) because their address already had limits.max_headers_per_peer connections sending their header: a flood of slow connections from one host",
+            "Connections refused (FAILURE overloaded) because the replica was half full and their address already had limits.max_headers_per_peer connections sending their header: a flood of slow connections from one host",
         )
         .expect("valid metric");
         let buckets = vec![

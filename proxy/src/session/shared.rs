@@ -86,18 +86,15 @@ impl Shared {
     }
 
     /// A place for `peer`'s connection among those still sending their
-    /// header, if `peer` holds fewer than `max`.
-    pub(crate) fn header_slot(self: &Arc<Self>, peer: IpAddr, max: usize) -> Option<HeaderSlot> {
+    /// header, and how many `peer` holds with it.
+    pub(crate) fn header_slot(self: &Arc<Self>, peer: IpAddr) -> (HeaderSlot, usize) {
         let bucket = HeaderGate::bucket(peer);
-        let count = &self.headers.0[bucket];
-        if count.fetch_add(1, Ordering::Relaxed) as usize >= max {
-            count.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(HeaderSlot {
+        let held = self.headers.0[bucket].fetch_add(1, Ordering::Relaxed) as usize + 1;
+        let slot = HeaderSlot {
             shared: self.clone(),
             bucket,
-        })
+        };
+        (slot, held)
     }
 }
 
