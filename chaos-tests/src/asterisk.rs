@@ -289,6 +289,18 @@ impl FakeAsterisk {
         self
     }
 
+    /// `EXEC` commands (an `EXEC Dial`, a `Wait`) take `run` before their
+    /// `200 result=0`; every other command is answered at once.
+    pub fn exec_takes(self, run: Duration) -> Self {
+        self.reply_with(move |c| {
+            if c.starts_with("EXEC") {
+                Reply::ok().after(run)
+            } else {
+                Reply::ok()
+            }
+        })
+    }
+
     /// The caller hangs up after Asterisk replied to `n` commands: an
     /// unsolicited `HANGUP\n`, then only dead-safe commands work. `0` is
     /// the same as [`hangup_at_start`](Self::hangup_at_start).

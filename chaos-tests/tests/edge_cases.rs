@@ -299,13 +299,7 @@ async fn the_drain_deadline_during_a_command_leaves_failure_for_when_it_returns(
     let addr = p.addr;
     let call = tokio::spawn(async move {
         FakeAsterisk::new()
-            .reply_with(|line| {
-                if line.starts_with("EXEC") {
-                    Reply::ok().after(Duration::from_millis(1500))
-                } else {
-                    Reply::ok()
-                }
-            })
+            .exec_takes(Duration::from_millis(1500))
             .run(addr)
             .await
     });

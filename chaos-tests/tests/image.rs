@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Reply};
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -92,13 +92,7 @@ fn write_config(dir: &Path, agi: SocketAddr, control: SocketAddr, backend: Socke
 fn caller(uniqueid: &str, exec_delay: Duration) -> FakeAsterisk {
     FakeAsterisk::new()
         .header(AgiHeader::realistic("ivr/main", &["a1"], uniqueid))
-        .reply_with(move |c| {
-            if c.starts_with("EXEC") {
-                Reply::ok().after(exec_delay)
-            } else {
-                Reply::ok()
-            }
-        })
+        .exec_takes(exec_delay)
         .call_timeout(Duration::from_secs(30))
 }
 

@@ -568,13 +568,7 @@ async fn a_long_command_is_not_cut() {
     .await;
     let started = Instant::now();
     let out = caller("x", "1.1")
-        .reply_with(|cmd| {
-            if cmd.starts_with("EXEC") {
-                Reply::ok().after(Duration::from_secs(5))
-            } else {
-                Reply::ok()
-            }
-        })
+        .exec_takes(Duration::from_secs(5))
         .run(p.addr)
         .await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
@@ -894,13 +888,7 @@ async fn regression_a_backend_reset_first_seen_by_a_write_is_failure() {
     ))
     .await;
     let out = caller("x", "1.1")
-        .reply_with(|line| {
-            if line.starts_with("EXEC") {
-                Reply::ok().after(Duration::from_millis(600))
-            } else {
-                Reply::ok()
-            }
-        })
+        .exec_takes(Duration::from_millis(600))
         .run(p.addr)
         .await;
     // (Not `assert_failure`: the outcome holds 270 KB of commands.)

@@ -20,7 +20,7 @@ use agiproxy_control::client::{Client, Target};
 use agiproxy_control::server::{PreparedControl, ServeOptions};
 use agiproxy_control::tls::TlsFiles;
 use agiproxy_control::ControlServer;
-use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, Reply, SrvRecord};
+use chaos_tests::{AgiStatus, Behaviour, FakeBackend, FakeDns, SrvRecord};
 use common::*;
 
 const TOKEN: &str = "rollout-test-token";
@@ -506,13 +506,7 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     let long_addr = rs[1].addr;
     let long = tokio::spawn(async move {
         caller("ivr/long", &uid)
-            .reply_with(|c| {
-                if c.starts_with("EXEC") {
-                    Reply::ok().after(Duration::from_millis(10_000))
-                } else {
-                    Reply::ok()
-                }
-            })
+            .exec_takes(Duration::from_millis(10_000))
             .run(long_addr)
             .await
     });

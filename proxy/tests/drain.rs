@@ -82,13 +82,7 @@ async fn sigterm_drains_50(workers: &str) {
                         &[],
                         &format!("5.{i}"),
                     ))
-                    .reply_with(|c| {
-                        if c.starts_with("EXEC") {
-                            Reply::ok().after(Duration::from_millis(1500))
-                        } else {
-                            Reply::ok()
-                        }
-                    })
+                    .exec_takes(Duration::from_millis(1500))
                     .run(addr)
                     .await
             })

@@ -253,12 +253,7 @@ impl PoolState {
             // clear takes: a reload may have removed the checks since this
             // session began, and with none left nothing would readmit it.
             let _last = lock(&backend.last_check);
-            let checked = if self.live.check_epoch.load(Ordering::Relaxed) == 0 {
-                cfg.health.is_some() // never activated (tests)
-            } else {
-                lock(&self.live.epoch_checks).is_some()
-            };
-            if checked {
+            if lock(&self.live.epoch_checks).is_some() {
                 backend.awaiting_check.store(true, Ordering::Relaxed);
             }
         }

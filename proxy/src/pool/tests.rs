@@ -25,7 +25,10 @@ fn pool_with(yaml_balance: &str, n: usize, extra: &str) -> PoolState {
         "version: 1\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    balance: {yaml_balance}\n{extra}    backends:\n{backends}"
     );
     let cfg = agiproxy_config::from_yaml_str(&text).unwrap();
-    PoolState::new(&cfg.pools[0], None)
+    // As a running snapshot's pools are (no background work is started).
+    let pool = PoolState::new(&cfg.pools[0], None);
+    pool.activate();
+    pool
 }
 
 fn pool(yaml_balance: &str, n: usize) -> PoolState {
