@@ -1158,12 +1158,14 @@ async fn clients_that_stop_reading_are_dropped_within_the_request_timeout() {
     let api = start_timed(&text, None, 4096, timeout).await;
     let control = api.control_addr();
     let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
-    // Four addresses, so that even with each one's share of the cap they
-    // take every slot.
+    // 64 addresses, one connection each: with each one's share of the cap
+    // they take every slot, and none holds enough for a newcomer to take
+    // its slot (see `a_few_addresses_holding_every_connection_cannot_shut_out_a_probe`):
+    // only the write deadline frees them.
     let started = std::time::Instant::now();
     let mut hogs = Vec::new();
     for i in 0..64 {
-        hogs.push(connect_from(&format!("127.0.0.{}", 2 + i % 4), control).await);
+        hogs.push(connect_from(&format!("127.0.0.{}", 2 + i), control).await);
     }
     for s in &hogs {
         // Whatever the kernel takes at once: hundreds of requests, whose
@@ -1276,6 +1278,64 @@ async fn one_address_cannot_take_every_connection() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(refused_now(&api, "connection_cap").await, 0.0);
+    api.stop().await;
+}
+
+/// Four addresses at their share (16 each) held all 64 connections, idle
+/// or trickling a request, and the kubelet's probe from a fifth was closed
+/// unanswered (`connection_cap`): the pod would be restarted. Now a
+/// newcomer holding two fewer than the greediest address takes that
+/// address's oldest connection's slot (`evicted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_addresses_holding_every_connection_cannot_shut_out_a_probe() {
+    use agiproxy_control::server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    // Idle connections are kept for request_timeout: long enough to probe.
+    let api = start_timed(&text, None, 4096, Duration::from_secs(10)).await;
+    let control = api.control_addr();
+    let hosts = MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER;
+    let mut hogs = Vec::new();
+    for i in 0..MAX_CONNECTIONS {
+        let from = format!("127.0.0.{}", 2 + i % hosts);
+        let mut s = connect_from(&from, control).await;
+        // Half of them trickle a request that never ends.
+        if i % 2 == 0 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        hogs.push(s);
+    }
+    // Every one of them is served (none closed).
+    for s in &mut hogs {
+        let mut byte = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await;
+        assert!(r.is_err(), "a hog was closed before the cap: {r:?}");
+    }
+    let started = std::time::Instant::now();
+    let (s, body) = call(&client(None), &api.target, "GET", "/healthz", &[], None).await;
+    assert_eq!((s, body.as_str()), (200, Some("ok\n")));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Exactly one hog paid for it: the oldest of an address holding 16.
+    let mut closed = Vec::new();
+    for (i, s) in hogs.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+            closed.push(i);
+        }
+    }
+    assert_eq!(closed.len(), 1, "closed: {closed:?}");
+    assert!(closed[0] < hosts, "not the oldest: {closed:?}");
+    // Counted (the /metrics request may have taken one more).
+    assert!(refused_now(&api, "evicted").await >= 1.0);
+    assert_eq!(refused_now(&api, "connection_cap").await, 0.0);
+    drop(hogs);
     api.stop().await;
 }
 

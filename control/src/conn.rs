@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Who a connection counts against in [`Slots`]: an IPv4 address, an IPv6
@@ -39,6 +40,13 @@ impl Peer {
 }
 
 /// The connection cap and each peer's share of it.
+///
+/// At the cap, a newcomer whose peer holds at least two connections fewer
+/// than the greediest peer takes that peer's oldest connection's slot (the
+/// connection is closed, counted as `evicted`): a few addresses holding
+/// every slot (four at 16 each) cannot then shut out the kubelet's probes
+/// or Prometheus, which hold one or two. To refuse a newcomer, the slots
+/// must be spread so evenly that no peer holds two more than it does.
 #[derive(Clone)]
 pub(crate) struct Slots {
     inner: Arc<SlotsInner>,
@@ -47,9 +55,28 @@ pub(crate) struct Slots {
 struct SlotsInner {
     total: usize,
     per_peer: usize,
-    /// Open connections: in all, and by peer (no entry at 0, so at most
-    /// `total` entries).
-    open: Mutex<(usize, HashMap<Peer, usize>)>,
+    open: Mutex<Open>,
+}
+
+/// Open connections: in all, and by peer, oldest first (no entry for a
+/// peer holding none, so at most `total` entries of at most `per_peer`).
+#[derive(Default)]
+struct Open {
+    all: usize,
+    next_id: u64,
+    by_peer: HashMap<Peer, Vec<Held>>,
+}
+
+struct Held {
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+/// What [`Slots::take`] gave: the slot, and whether another peer's
+/// connection was evicted for it.
+pub(crate) struct Taken {
+    pub(crate) slot: Slot,
+    pub(crate) evicted: bool,
 }
 
 impl Slots {
@@ -58,34 +85,65 @@ impl Slots {
             inner: Arc::new(SlotsInner {
                 total,
                 per_peer,
-                open: Mutex::new((0, HashMap::new())),
+                open: Mutex::new(Open::default()),
             }),
         }
     }
 
     /// A slot for a new connection from `peer`, or the refusal's reason
     /// (one of `server::REFUSED_REASONS`).
-    pub(crate) fn take(&self, peer: Peer) -> Result<Slot, &'static str> {
+    pub(crate) fn take(&self, peer: Peer) -> Result<Taken, &'static str> {
         let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
-        let (all, by_peer) = &mut *open;
-        if *all >= self.inner.total {
-            return Err("connection_cap");
-        }
-        let mine = by_peer.entry(peer).or_insert(0);
-        if *mine >= self.inner.per_peer {
+        let open = &mut *open;
+        let mine = open.by_peer.get(&peer).map_or(0, Vec::len);
+        if mine >= self.inner.per_peer {
             return Err("peer_cap");
         }
-        *mine += 1;
-        *all += 1;
-        Ok(Slot {
-            slots: self.inner.clone(),
-            peer,
+        let mut evicted = false;
+        if open.all >= self.inner.total {
+            // At most `total` entries, and only at the cap: a scan is fine.
+            let greediest = open
+                .by_peer
+                .iter()
+                .map(|(p, held)| (*p, held.len()))
+                .max_by_key(|&(_, n)| n);
+            match greediest {
+                Some((victim, n)) if n >= mine + 2 => {
+                    let held = open.by_peer.get_mut(&victim).expect("just seen");
+                    let oldest = held.remove(0);
+                    if held.is_empty() {
+                        open.by_peer.remove(&victim);
+                    }
+                    // Its slot is ours now; its `Slot` finds itself gone.
+                    oldest.evict.notify_one();
+                    open.all -= 1;
+                    evicted = true;
+                }
+                _ => return Err("connection_cap"),
+            }
+        }
+        let id = open.next_id;
+        open.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        open.by_peer.entry(peer).or_default().push(Held {
+            id,
+            evict: evict.clone(),
+        });
+        open.all += 1;
+        Ok(Taken {
+            slot: Slot {
+                slots: self.inner.clone(),
+                peer,
+                id,
+                evict,
+            },
+            evicted,
         })
     }
 
     #[cfg(test)]
     fn open(&self) -> usize {
-        self.inner.open.lock().unwrap().0
+        self.inner.open.lock().unwrap().all
     }
 }
 
@@ -93,18 +151,32 @@ impl Slots {
 pub(crate) struct Slot {
     slots: Arc<SlotsInner>,
     peer: Peer,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl Slot {
+    /// Completes when a newcomer has taken this slot: the connection must
+    /// close now.
+    pub(crate) async fn evicted(&self) {
+        self.evict.notified().await
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
-        let (all, by_peer) = &mut *open;
-        *all -= 1;
-        if let Some(n) = by_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                by_peer.remove(&self.peer);
+        let open = &mut *open;
+        let Some(held) = open.by_peer.get_mut(&self.peer) else {
+            return;
+        };
+        // Absent when evicted: already given to the newcomer.
+        if let Some(i) = held.iter().position(|h| h.id == self.id) {
+            held.remove(i);
+            if held.is_empty() {
+                open.by_peer.remove(&self.peer);
             }
+            open.all -= 1;
         }
     }
 }
@@ -235,17 +307,61 @@ mod tests {
             Peer::of("127.0.0.3".parse().unwrap()),
             Peer::Socket,
         );
-        let a1 = slots.take(a).unwrap();
-        let _a2 = slots.take(a).unwrap();
-        assert_eq!(slots.take(a).err(), Some("peer_cap"));
-        let _b1 = slots.take(b).unwrap();
-        let _c1 = slots.take(c).unwrap();
-        assert_eq!(slots.take(b).err(), Some("connection_cap"));
+        let take = |p| slots.take(p).map(|t| (t.slot, t.evicted));
+        let (a1, _) = take(a).unwrap();
+        let _a2 = take(a).unwrap();
+        assert_eq!(take(a).err(), Some("peer_cap"));
+        let _b1 = take(b).unwrap();
+        let _c1 = take(c).unwrap();
+        // Full, and b holds one fewer than the greediest (a): refused.
+        assert_eq!(take(b).err(), Some("connection_cap"));
         drop(a1);
         assert_eq!(slots.open(), 3);
-        let _b2 = slots.take(b).unwrap();
-        assert_eq!(slots.take(b).err(), Some("connection_cap"));
-        assert_eq!(slots.inner.open.lock().unwrap().1.len(), 3);
+        let (_b2, evicted) = take(b).unwrap();
+        assert!(!evicted);
+        // Full again, and spread evenly: nobody holds two more than b.
+        assert_eq!(take(b).err(), Some("peer_cap"));
+        assert_eq!(take(c).err(), Some("connection_cap"));
+        assert_eq!(slots.inner.open.lock().unwrap().by_peer.len(), 3);
+    }
+
+    /// At the cap, a peer holding two fewer than the greediest takes that
+    /// peer's oldest slot; the evicted connection is told, and its drop
+    /// gives nothing back twice.
+    #[tokio::test]
+    async fn a_newcomer_takes_the_oldest_slot_of_the_greediest_peer() {
+        let slots = Slots::new(4, 4);
+        let (hog, probe) = (
+            Peer::of("127.0.0.2".parse().unwrap()),
+            Peer::of("127.0.0.3".parse().unwrap()),
+        );
+        let hogs: Vec<Slot> = (0..4).map(|_| slots.take(hog).unwrap().slot).collect();
+        let t = slots.take(probe).unwrap();
+        assert!(t.evicted);
+        assert_eq!(slots.open(), 4);
+        // The oldest was told, at once; the others were not.
+        tokio::time::timeout(Duration::from_secs(1), hogs[0].evicted())
+            .await
+            .expect("the oldest connection is told to close");
+        for h in &hogs[1..] {
+            assert!(tokio::time::timeout(Duration::from_millis(20), h.evicted())
+                .await
+                .is_err());
+        }
+        let mut hogs = hogs.into_iter();
+        drop(hogs.next());
+        assert_eq!(slots.open(), 4, "an evicted slot is not given back twice");
+        // hog 3, probe 1: the probe's peer may take one more from it...
+        let t2 = slots.take(probe).unwrap();
+        assert!(t2.evicted);
+        // ...but at 2 and 2 nobody takes from anybody.
+        assert_eq!(slots.take(probe).err(), Some("connection_cap"));
+        assert_eq!(slots.take(hog).err(), Some("connection_cap"));
+        let rest: Vec<Slot> = hogs.collect();
+        drop(rest);
+        drop((t, t2));
+        assert_eq!(slots.open(), 0);
+        assert!(slots.inner.open.lock().unwrap().by_peer.is_empty());
     }
 
     /// A peer that takes nothing: the write fails once `limit` has passed,

@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::conn::{Peer, Slot, Slots, WriteDeadline};
+use crate::conn::{Peer, Slot, Slots, Taken, WriteDeadline};
 use crate::handlers::{self as h, error, Ctx, S};
 use crate::plane::ControlPlane;
 use crate::socket::{SocketError, SocketFile};
@@ -66,14 +66,16 @@ pub const LIFETIME_IN_REQUEST_TIMEOUTS: u32 = 10;
 /// the TLS handshake failed (no client certificate, a wrong one, plain
 /// HTTP to the TLS port) or did not finish within `request_timeout`; the
 /// API was at [`MAX_CONNECTIONS`], or the peer at
-/// [`MAX_CONNECTIONS_PER_PEER`]; or the client stopped taking its answers
+/// [`MAX_CONNECTIONS_PER_PEER`]; a peer holding fewer took the
+/// connection's slot at the cap (`evicted`, see [`Slots`]); or the client stopped taking its answers
 /// (no byte for `request_timeout`, or an answer not taken by the end of
 /// the connection's life).
-pub const REFUSED_REASONS: [&str; 5] = [
+pub const REFUSED_REASONS: [&str; 6] = [
     "tls_handshake",
     "tls_timeout",
     "connection_cap",
     "peer_cap",
+    "evicted",
     "write_timeout",
 ];
 
@@ -344,10 +346,22 @@ impl ControlServer {
     }
 
     /// A slot for a new connection, or `None` (counted): the connection is
-    /// then closed by the caller at once.
+    /// then closed by the caller at once. A slot taken from a greedier
+    /// peer's connection is counted as that connection's `evicted`.
     fn take_slot(&self, slots: &Slots, peer: Peer, shown: &dyn std::fmt::Display) -> Option<Slot> {
         match slots.take(peer) {
-            Ok(slot) => Some(slot),
+            Ok(Taken { slot, evicted }) => {
+                if evicted {
+                    (self.refused)("evicted");
+                    tracing::info!(
+                        peer = %shown,
+                        limit = MAX_CONNECTIONS,
+                        "control API at its connection cap: the oldest connection of the \
+                         address holding the most was closed for this one"
+                    );
+                }
+                Some(slot)
+            }
             Err(reason) => {
                 (self.refused)(reason);
                 tracing::debug!(
@@ -377,14 +391,10 @@ impl ControlServer {
         // connection.
         let Some(acceptor) = self.tls.as_ref().map(|t| t.current()) else {
             let conn = serve_connection(stream, app, None, timeout, peer.to_string(), refused);
-            tokio::spawn(async move {
-                conn.await;
-                drop(slot);
-            });
+            spawn_in_slot(slot, peer.to_string(), conn);
             return;
         };
-        tokio::spawn(async move {
-            let _slot = slot;
+        spawn_in_slot(slot, peer.to_string(), async move {
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
                     serve_connection(s, app, None, timeout, peer.to_string(), refused).await
@@ -416,14 +426,29 @@ impl ControlServer {
             self.app.clone(),
             Some(SocketPeer { uid }),
             self.request_timeout,
-            peer,
+            peer.clone(),
             self.refused.clone(),
         );
-        tokio::spawn(async move {
-            conn.await;
-            drop(slot);
-        });
+        spawn_in_slot(slot, peer, conn);
     }
+}
+
+/// Serves one connection while it holds its slot: evicted (see [`Slots`]),
+/// it is closed at once, wherever it stands.
+fn spawn_in_slot(
+    slot: Slot,
+    peer: String,
+    conn: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = conn => {}
+            () = slot.evicted() => tracing::debug!(
+                %peer,
+                "control API connection closed: a peer holding fewer connections took its slot"
+            ),
+        }
+    });
 }
 
 async fn accept_failed(e: std::io::Error) {
