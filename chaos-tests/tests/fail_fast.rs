@@ -331,3 +331,80 @@ async fn one_host_cannot_hold_every_slot_with_slow_headers() {
     let out = call("127.0.0.3", "1.4").await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }
+
+/// A flood of large, slow headers from many addresses (each under
+/// `max_headers_per_peer`) grew every connection's buffer to
+/// `max_header_bytes`: 24 KB a connection, 470 MB at the chart's 20,000
+/// sessions, and a proxy in a 48 MiB cgroup was OOM-killed by 2,500 of
+/// them. Buffers past their first 2 KiB now share
+/// `limits.max_header_memory`: past it, a header that needs more is told
+/// FAILURE `overloaded`, ordinary headers (about 1 KB) are served, and the
+/// budget is given back when the slow ones go.
+#[tokio::test]
+async fn large_slow_headers_share_a_memory_budget() {
+    use tokio::io::AsyncWriteExt;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "limits:\n  max_sessions: 1000\n  max_header_bytes: 16384\n  max_header_memory: 1048576\ntimeouts:\n  header: 10s\n",
+    ))
+    .await;
+    let gauge = |m: &str| counter(m, "agiproxy_header_memory_bytes");
+    // 100 connections from 100 addresses, each 15 KB into a header that
+    // never ends: 14 KiB each past the first 2 KiB, 1 MiB holds 73.
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("127.0.1.{}:0", i + 1).parse().unwrap())
+            .unwrap();
+        let mut s = sock.connect(p.addr).await.unwrap();
+        let line = format!("agi_network: yes\nagi_x: {}\n", "a".repeat(15_000));
+        s.write_all(line.as_bytes()).await.unwrap();
+        slow.push(s);
+    }
+    // Each one either holds its 14 KiB or was refused (and gave back what
+    // it had taken); which ones depends on how their reads interleave.
+    const EACH: u64 = 16_384 - 2_048;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (refused, held) = loop {
+        let m = p.server.metrics().render();
+        let refused = counter(&m, "agiproxy_header_errors_total{reason=\"no_memory\"}");
+        let held = gauge(&m);
+        if refused + held / EACH == 100 && held % EACH == 0 {
+            break (refused, held);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refused {refused}, held {held}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(held <= 1 << 20, "{held}");
+    assert!(refused >= 100 - (1 << 20) / EACH, "{refused}");
+    // Not far from full: the budget is used, not just bounded.
+    assert!(held >= (1 << 20) - 3 * EACH, "{held}");
+    // An ordinary header needs no more than its first 2 KiB: served.
+    let out = caller("x", "2.1").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    // A large one (40 arguments of 100 bytes) needs more: overloaded, at once.
+    let args: Vec<String> = (0..40).map(|i| format!("{i}{}", "v".repeat(100))).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let big = || {
+        chaos_tests::FakeAsterisk::new()
+            .header(chaos_tests::AgiHeader::realistic("x", &args, "2.2"))
+            .call_timeout(Duration::from_secs(20))
+    };
+    let out = big().run(p.addr).await;
+    assert_failure(&out, "overloaded");
+    assert!(out.elapsed < Duration::from_secs(1), "{:?}", out.elapsed);
+    // The slow ones gone, the budget is free again and the large header served.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gauge(&p.server.metrics().render()) != 0 {
+        assert!(Instant::now() < deadline, "the budget was not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = big().run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+}

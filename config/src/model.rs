@@ -234,6 +234,12 @@ pub struct Limits {
     /// it; beyond it a connection is refused (`overloaded`) instead of taking a session slot and
     /// a header buffer.
     pub max_headers_per_peer: usize,
+    /// Bytes of header buffers grown past their first 2 KiB, across every connection still
+    /// sending its header; 1 MiB..=64 GiB, default 64 MiB. Asterisk's headers fit in 2 KiB, so
+    /// only a flood of large, slow headers reaches it; beyond it a connection whose header
+    /// needs more is refused (`overloaded`) instead of growing the replica's memory towards
+    /// `max_sessions` x `max_header_bytes`.
+    pub max_header_memory: usize,
     /// Size of a config text (file or API body); 65536..=64 MiB, default 4 MiB. Nothing larger
     /// is read or parsed: a replacement is held to the running config's limit.
     pub max_config_bytes: usize,
@@ -244,6 +250,7 @@ impl Limits {
     pub const MAX_HEADER_BYTES: std::ops::RangeInclusive<usize> = 512..=1024 * 1024;
     pub const MAX_HEADER_LINES: std::ops::RangeInclusive<usize> = 8..=4096;
     pub const MAX_HEADERS_PER_PEER: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+    pub const MAX_HEADER_MEMORY: std::ops::RangeInclusive<usize> = 1 << 20..=64 << 30;
     pub const MAX_CONFIG_BYTES: std::ops::RangeInclusive<usize> = 65_536..=64 << 20;
     /// `max_config_bytes` when not set (and the API's body limit when `control.max_body_bytes`
     /// is not set).
@@ -257,6 +264,7 @@ impl Default for Limits {
             max_header_bytes: 16_384,
             max_header_lines: 512,
             max_headers_per_peer: 1024,
+            max_header_memory: 64 << 20,
             max_config_bytes: Limits::DEFAULT_MAX_CONFIG_BYTES,
         }
     }

@@ -391,7 +391,7 @@ structs! {
     RawLimits {
         max_sessions: "max_sessions", max_header_bytes: "max_header_bytes",
         max_header_lines: "max_header_lines", max_config_bytes: "max_config_bytes",
-        max_headers_per_peer: "max_headers_per_peer",
+        max_headers_per_peer: "max_headers_per_peer", max_header_memory: "max_header_memory",
     }
     RawRoute {
         name: "name", matcher: "match", pool: "pool", split: "split", split_key: "split_key",

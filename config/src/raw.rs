@@ -66,6 +66,7 @@ pub(crate) struct RawLimits {
     pub max_header_bytes: Option<u64>,
     pub max_header_lines: Option<u64>,
     pub max_headers_per_peer: Option<u64>,
+    pub max_header_memory: Option<u64>,
     pub max_config_bytes: Option<u64>,
 }
 

@@ -20,6 +20,7 @@ pub mod drain;
 pub mod fds;
 pub mod listener;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod rollout;

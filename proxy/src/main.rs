@@ -313,6 +313,20 @@ fn raise_fd_limit(max_sessions: usize) {
     }
 }
 
+/// Says whether the container's memory limit holds what `limits` allow at
+/// worst (see `agiproxy::memory`).
+fn check_memory(limits: &agiproxy_config::Limits) {
+    let limit = agiproxy::memory::limit();
+    match agiproxy::memory::check(limits, limit) {
+        Some(w) => tracing::warn!("{w}"),
+        None => tracing::info!(
+            limit_mib = limit.map(|l| l / (1024 * 1024)),
+            worst_case_mib = agiproxy::memory::worst_case(limits).div_ceil(1024 * 1024),
+            "memory limit (every session slot holding a whole header)"
+        ),
+    }
+}
+
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     // Read and parsed on a blocking thread, within bounds (a regular file
     // only, at most the largest limits.max_config_bytes; the config's own
@@ -320,6 +334,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let file = path.clone();
     let (text, config) = tokio::task::spawn_blocking(move || {
         let max = *agiproxy_config::Limits::MAX_CONFIG_BYTES.end();
+        // The container's memory limit, read here, off the runtime.
+        agiproxy::memory::init();
         let text = agiproxy_config::read_file(&file, max)?;
         let config = agiproxy_config::from_yaml_str(&text)
             .map_err(|e| anyhow::anyhow!("{}:\n{e}", file.display()))?;
@@ -331,6 +347,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     raise_fd_limit(config.limits.max_sessions);
+    check_memory(&config.limits);
     // Everything that can refuse to start is done before the proxy accepts a call: a
     // replica that cannot start must not answer Asterisk, even for a moment.
     let control = prepare_control(&config.control).await?;

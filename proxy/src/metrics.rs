@@ -79,6 +79,7 @@ pub struct Metrics {
     pub local_resource_errors: IntCounterVec,
     pub refusals_dropped: IntCounterVec,
     pub peer_header_limit: IntCounter,
+    pub header_memory_bytes: IntGauge,
     pub connect_seconds: Histogram,
     pub first_command_seconds: Histogram,
     pub session_seconds: Histogram,
@@ -169,6 +170,11 @@ impl Metrics {
         .expect("valid metric");
         let active_sessions =
             IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
+        let header_memory_bytes = IntGauge::new(
+            "header_memory_bytes",
+            "Bytes of header buffers grown past their first 2 KiB, in connections still sending their header (at most limits.max_header_memory)",
+        )
+        .expect("valid metric");
         let bytes_from_asterisk = IntCounter::new(
             "bytes_from_asterisk_total",
             "Bytes relayed from Asterisk to backends",
@@ -245,6 +251,7 @@ impl Metrics {
             Box::new(header_errors.clone()),
             Box::new(connect_attempts.clone()),
             Box::new(active_sessions.clone()),
+            Box::new(header_memory_bytes.clone()),
             Box::new(bytes_from_asterisk.clone()),
             Box::new(bytes_to_asterisk.clone()),
             Box::new(crlf_fixed.clone()),
@@ -292,6 +299,7 @@ impl Metrics {
             local_resource_errors,
             refusals_dropped,
             peer_header_limit,
+            header_memory_bytes,
             connect_seconds,
             first_command_seconds,
             session_seconds,

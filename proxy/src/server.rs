@@ -265,7 +265,11 @@ impl Server {
             .inc();
         match &result {
             Ok(a) if a.changed && !a.dry_run => {
-                tracing::info!(generation = a.generation, hash = %format!("{:016x}", a.hash), source, "config applied")
+                tracing::info!(generation = a.generation, hash = %format!("{:016x}", a.hash), source, "config applied");
+                let snap = self.shared.snapshot.load();
+                if let Some(w) = crate::memory::check(&snap.config.limits, crate::memory::limit()) {
+                    tracing::warn!(generation = a.generation, "{w}");
+                }
             }
             // Every mistake, on the log line itself: a text log line is one line.
             Err(ApplyError::Invalid(errors)) => {

@@ -222,6 +222,13 @@ fn limits(raw: Option<&RawLimits>, errs: &mut Errors) -> Limits {
             &mut limits.max_headers_per_peer,
         ),
         (
+            "max_header_memory",
+            raw.max_header_memory,
+            Limits::MAX_HEADER_MEMORY,
+            defaults.max_header_memory,
+            &mut limits.max_header_memory,
+        ),
+        (
             "max_config_bytes",
             raw.max_config_bytes,
             Limits::MAX_CONFIG_BYTES,

@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -27,6 +28,12 @@ pub enum HeaderError {
     /// blank line is in (see [`HeaderError::failure`]).
     #[error("line {0} is not an `agi_name: value` line")]
     Malformed(usize),
+    /// `limits.max_header_memory` is taken by other connections' headers.
+    #[error(
+        "header needs more than {0} bytes of buffer while every connection's header buffers \
+         together are at limits.max_header_memory (a flood of large, slow headers?)"
+    )]
+    NoMemory(usize),
     #[error("connection closed before sending anything")]
     Closed,
     #[error("connection closed before the blank line that ends the header")]
@@ -45,8 +52,9 @@ pub enum HeaderError {
 
 impl HeaderError {
     /// Every [`reason`](Self::reason), for metrics exported at 0 from the start.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "too_large",
+        "no_memory",
         "too_many_lines",
         "timeout",
         "malformed",
@@ -61,6 +69,7 @@ impl HeaderError {
     pub fn reason(&self) -> &'static str {
         match self {
             HeaderError::TooLarge(_) => "too_large",
+            HeaderError::NoMemory(_) => "no_memory",
             HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
             HeaderError::Malformed(_) => "malformed",
@@ -81,6 +90,9 @@ impl HeaderError {
             HeaderError::TooLarge(_) | HeaderError::TooManyLines(..) => {
                 Some(Reason::HeaderTooLarge)
             }
+            // Busy, not wrong: another replica, or this one in a moment,
+            // takes the call.
+            HeaderError::NoMemory(_) => Some(Reason::Overloaded),
             HeaderError::ProxyMissing | HeaderError::ProxyInvalid(..) => {
                 Some(Reason::ProxyProtocol)
             }
@@ -112,6 +124,69 @@ pub struct HeaderLimits {
     pub max_bytes: usize,
     pub max_lines: usize,
     pub timeout: Duration,
+    /// Of [`HeaderMemory`], for all connections together.
+    pub max_memory: usize,
+}
+
+/// A header's buffer before it grows: Asterisk's headers (about 1 KB, 24
+/// lines) fit, so only larger ones count against [`HeaderMemory`].
+pub const INITIAL_BUFFER: usize = 2048;
+
+/// Bytes of header buffers grown past [`INITIAL_BUFFER`], across every
+/// connection still sending its header. Without it a flood of slow 16 KB
+/// headers from many addresses held `max_sessions` x 24 KB (the chart's
+/// 20,000 sessions: 470 MB, against its 512 MiB limit; a proxy in a 48 MiB
+/// cgroup was killed by 2,500 of them).
+#[derive(Debug)]
+pub struct HeaderMemory {
+    used: AtomicUsize,
+    /// `agiproxy_header_memory_bytes`, kept equal to `used`.
+    gauge: prometheus::IntGauge,
+}
+
+impl HeaderMemory {
+    pub fn new(gauge: prometheus::IntGauge) -> HeaderMemory {
+        HeaderMemory {
+            used: AtomicUsize::new(0),
+            gauge,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes if that keeps the total within `max`.
+    fn take(&self, n: usize, max: usize) -> bool {
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > max {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.gauge.add(n as i64);
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+        self.gauge.sub(n as i64);
+    }
+}
+
+/// What one header holds of [`HeaderMemory`], given back when the read
+/// ends, however it ends (a timeout drops it too).
+struct Held<'a> {
+    memory: &'a HeaderMemory,
+    bytes: usize,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.memory.give(self.bytes);
+        }
+    }
 }
 
 /// A parsed header. Variables are spans into `raw`, so lookups allocate nothing.
@@ -318,10 +393,12 @@ impl Scan {
 pub async fn read_header(
     stream: &mut TcpStream,
     limits: &HeaderLimits,
+    memory: &HeaderMemory,
     mut proxied: bool,
 ) -> Result<(Header, Option<SocketAddr>), HeaderError> {
     let fut = async {
-        let mut buf = Vec::with_capacity(2048);
+        let mut buf = Vec::with_capacity(INITIAL_BUFFER);
+        let mut held = Held { memory, bytes: 0 };
         let mut scan = Scan::new();
         let mut caller = None;
         let mut missing = false;
@@ -334,7 +411,15 @@ pub async fn read_header(
                 return Err(HeaderError::TooLarge(limits.max_bytes));
             }
             if buf.capacity() == buf.len() {
-                buf.reserve((buf.len()).min(limits.max_bytes - buf.len()));
+                // Doubling, within the header bound and the shared budget.
+                let more = buf.len().min(limits.max_bytes - buf.len());
+                let grown =
+                    (buf.capacity() + more).saturating_sub(INITIAL_BUFFER.max(buf.capacity()));
+                if !memory.take(grown, limits.max_memory) {
+                    return Err(HeaderError::NoMemory(buf.capacity()));
+                }
+                held.bytes += grown;
+                buf.reserve_exact(more);
             }
             let want = limits.max_bytes - buf.len();
             let n = (&mut *stream)
@@ -462,6 +547,7 @@ mod tests {
         use std::io::ErrorKind;
         let all = [
             HeaderError::TooLarge(1),
+            HeaderError::NoMemory(1),
             HeaderError::TooManyLines(1, false),
             HeaderError::Timeout(Duration::from_secs(1)),
             HeaderError::Malformed(1),

@@ -47,6 +47,7 @@ fn header_limits(cfg: &agiproxy_config::Config) -> HeaderLimits {
         max_bytes: cfg.limits.max_header_bytes,
         max_lines: cfg.limits.max_header_lines,
         timeout: cfg.timeouts.header,
+        max_memory: cfg.limits.max_header_memory,
     }
 }
 
@@ -147,7 +148,7 @@ async fn find_backend<'s>(
 ) -> Option<(Attached, &'s Route)> {
     let cfg = &snap.config;
     let limits = header_limits(cfg);
-    let read = read_header(a, &limits, proxied).await;
+    let read = read_header(a, &limits, &shared.header_memory, proxied).await;
     *header_slot = None;
     let header = match read {
         Ok((h, caller)) => {
@@ -387,7 +388,7 @@ pub async fn reject(
     // A real Asterisk sends its header within a round trip or two: a
     // refusal does not wait the full header timeout on a slow peer.
     limits.timeout = limits.timeout.min(REFUSAL_HEADER_TIMEOUT);
-    match read_header(&mut a, &limits, proxied).await {
+    match read_header(&mut a, &limits, &shared.header_memory, proxied).await {
         Ok((h, caller)) => {
             rec.called_by(caller);
             rec.script = h.get("agi_network_script").unwrap_or("").to_string();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
+use super::header::HeaderMemory;
 use super::outcome::Reason;
 use super::record::SessionRecord;
 use crate::drain::Drain;
@@ -25,15 +26,19 @@ pub struct Shared {
     refusing: AtomicUsize,
     /// Connections still sending their header, by peer (see [`HeaderGate`]).
     headers: HeaderGate,
+    /// Header buffers past their first 2 KiB (`limits.max_header_memory`).
+    pub header_memory: HeaderMemory,
     records: broadcast::Sender<SessionRecord>,
 }
 
 impl Shared {
     pub fn new(snapshot: Snapshot) -> Shared {
         let (records, _) = broadcast::channel(4096);
+        let metrics = Metrics::new();
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics: Metrics::new(),
+            header_memory: HeaderMemory::new(metrics.header_memory_bytes.clone()),
+            metrics,
             drain: Drain::new(),
             active: AtomicUsize::new(0),
             refusing: AtomicUsize::new(0),
