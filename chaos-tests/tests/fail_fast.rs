@@ -81,6 +81,52 @@ async fn backends_closing_before_the_first_byte_give_failure() {
     }
 }
 
+/// A backend that resets in the middle of its first command line has sent
+/// nothing Asterisk could see (the relay forwards whole lines): the call
+/// is failed over like one whose backend said nothing. Before, it
+/// committed on the first byte and got FAILURE `backend_reset`, with a
+/// second backend idle. A piece of a line followed by an orderly close is
+/// run, as a directly connected Asterisk runs what it read before the end
+/// of file.
+#[tokio::test]
+async fn a_backend_resetting_mid_first_line_is_failed_over() {
+    use chaos_tests::{Step, Then};
+    let mid_line = |then| Behaviour::Steps {
+        steps: vec![
+            Step::Send(b"STREAM FILE hel".to_vec()),
+            Step::Sleep(Duration::from_millis(50)),
+        ],
+        then,
+    };
+    let start = |then| async move {
+        let dying = FakeBackend::start(mid_line(then)).await;
+        let live = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+        let p = proxy(&one_pool("round_robin", &[dying.addr(), live.addr()], "")).await;
+        (p, live, dying)
+    };
+    let (p, live, _dying) = start(Then::Reset).await;
+    let mut records = p.server.subscribe();
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["NOOP"]);
+    let rec = next_record(&mut records).await;
+    assert_eq!((rec.attempts, rec.backend), (2, Some(live.addr())));
+    // Closed after the piece: committed, and the piece run whole.
+    let (p, _live, dying) = start(Then::Close).await;
+    let mut records = p.server.subscribe();
+    let out = caller("x", "1.2").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["STREAM FILE hel"]);
+    let rec = next_record(&mut records).await;
+    assert_eq!((rec.attempts, rec.backend), (1, Some(dying.addr())));
+    // A line that comes whole after a pause mid-line commits as before.
+    let slow = FakeBackend::start(Behaviour::SplitLines(vec!["NOOP".into()])).await;
+    let p = proxy(&one_pool("round_robin", &[slow.addr()], "")).await;
+    let out = caller("x", "1.3").run(p.addr).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["NOOP"]);
+}
+
 #[tokio::test]
 async fn no_eligible_backend_fails_at_once_without_a_connect() {
     let b = FakeBackend::start(Behaviour::CloseImmediately).await;

@@ -228,7 +228,7 @@ impl Metrics {
         let first_command_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "first_command_seconds",
-                "Time from header to the backend's first byte",
+                "Time from header to the backend's whole first command line",
             )
             .buckets(buckets),
         )

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::outcome::Reason;
-use super::relay::read_now;
+use super::relay::{read_now, MAX_COMMAND_LINE};
 use crate::drain::Cut;
 use crate::fds;
 use crate::metrics::{ConnectResult, Metrics};
@@ -225,10 +225,17 @@ fn connect_result_of(e: &io::Error) -> ConnectResult {
 /// stop reading (only a raw-mode client sends more than a `HANGUP`).
 const MAX_EARLY: usize = 64 * 1024;
 
-/// Waits for the backend's first bytes and returns them, while still reading
-/// Asterisk promptly: it may hang up meanwhile. (Reading rather than
-/// peeking saves a system call per session; the relay starts with them.)
-/// In raw mode a half-close from the client is legitimate, not a hang-up.
+/// Waits for the backend's first command line (in raw mode, its first
+/// bytes) and returns what was read, while still reading Asterisk promptly:
+/// it may hang up meanwhile. (Reading rather than peeking saves a system
+/// call per session; the relay starts with them.) The call commits on a
+/// whole line, or on a piece of one followed by the backend's close (the
+/// relay completes it, as a directly connected Asterisk runs what it read
+/// before the end of file): nothing reaches Asterisk before that, so a
+/// backend that resets or stalls mid-line is failed over like one that
+/// said nothing. A line past the relay's bound commits too, for the relay
+/// to refuse. In raw mode a half-close from the client is legitimate, not
+/// a hang-up.
 async fn wait_first_byte(
     backend: &mut TcpStream,
     asterisk: &mut TcpStream,
@@ -242,6 +249,8 @@ async fn wait_first_byte(
     let cut = cut.watch();
     tokio::pin!(cut);
     let mut asterisk_eof = false;
+    // A first line that came in pieces (normally it comes whole).
+    let mut partial = Vec::new();
     loop {
         tokio::select! {
             r = backend.readable() => {
@@ -251,8 +260,21 @@ async fn wait_first_byte(
                 let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
                 let mut buf = ReadBuf::uninit(&mut buf);
                 match read_now(backend, &mut buf) {
-                    Some(Ok(0)) => return Wait::Closed,
-                    Some(Ok(_)) => return Wait::FirstBytes(buf.filled().to_vec()),
+                    Some(Ok(0)) if partial.is_empty() => return Wait::Closed,
+                    Some(Ok(0)) => return Wait::FirstBytes(partial),
+                    Some(Ok(_)) => {
+                        let got = buf.filled();
+                        let line_ends = memchr::memchr(b'\n', got).is_some();
+                        if partial.is_empty() && (raw || line_ends) {
+                            return Wait::FirstBytes(got.to_vec());
+                        }
+                        partial.extend_from_slice(got);
+                        if line_ends || partial.len() >= MAX_COMMAND_LINE {
+                            return Wait::FirstBytes(partial);
+                        }
+                    }
+                    // A piece of a line read before is dropped: Asterisk
+                    // never saw it.
                     Some(Err(_)) => return Wait::Reset,
                     None => {}
                 }

@@ -46,7 +46,7 @@ mod to_backend;
 const READ_CHUNK: usize = 16 * 1024;
 /// A backend line longer than this can never be a valid AGI command
 /// (Asterisk cuts lines at 8191 bytes).
-const MAX_COMMAND_LINE: usize = 16 * 1024;
+pub(crate) const MAX_COMMAND_LINE: usize = 16 * 1024;
 /// A base64 line of a `PUT SOUNDFILE` payload longer than this is refused
 /// (the known client and module write 76 characters a line).
 const MAX_PAYLOAD_LINE: usize = 64 * 1024;
