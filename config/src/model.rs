@@ -752,9 +752,15 @@ impl fmt::Display for OverrideAction {
     }
 }
 
-/// Unix milliseconds as RFC 3339 UTC (`2026-12-06T01:00:00.000Z`).
+/// The last instant RFC 3339 can write, 9999-12-31T23:59:59.999Z.
+pub const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+/// Unix milliseconds as RFC 3339 UTC (`2026-12-06T01:00:00.000Z`), within
+/// 1970 to year 9999: a time beyond (an override at the end of 9999 plus
+/// the rollout's skew) is written as the last one RFC 3339 has, where the
+/// formatter's error used to panic every status and rollout request.
 pub fn format_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.clamp(0, MAX_RFC3339_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -779,5 +785,18 @@ mod rollout_tests {
         assert_eq!(ms, 1_796_518_800_250);
         assert_eq!(format_ms(ms), "2026-12-06T01:00:00.250Z");
         assert!(parse_time("yesterday").is_err());
+    }
+
+    /// An override at the end of 9999 plus the skew (accepted by the
+    /// check) made every status and rollout request panic in the
+    /// formatter (audit).
+    #[test]
+    fn times_past_year_9999_are_written_as_its_end() {
+        let end = parse_time("9999-12-31T23:59:59.999Z").unwrap();
+        assert_eq!(end, MAX_RFC3339_MS);
+        let week = 7 * 86_400_000;
+        assert_eq!(format_ms(end + week), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_ms(-5), "1970-01-01T00:00:00.000Z");
     }
 }

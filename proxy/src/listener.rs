@@ -159,11 +159,54 @@ async fn accept_loop(
     }
     // Connections already queued by the kernel would be reset when the
     // listener closes, which Asterisk reads as SUCCESS: serve them too.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
-        spawn_session(&shared, configured, stream, peer);
+    // Asked of the socket itself, until it has none: tokio's `poll_accept`
+    // answers from its cached readiness, and missed every connection queued
+    // since its last look (an audit saw 74 calls reset in 150 listener
+    // removals under load).
+    let address = listener.local_addr().unwrap_or(configured);
+    match listener.into_std() {
+        Ok(listener) => {
+            let served = accept_queued(&listener, |stream, peer| {
+                spawn_session(&shared, configured, stream, peer)
+            });
+            tracing::info!(address = %address, queued = served, "listener closed");
+        }
+        Err(e) => {
+            tracing::warn!(address = %address, error = %e, "listener closed; connections queued on it are reset")
+        }
     }
-    tracing::info!(address = %listener.local_addr().unwrap_or(configured), "listener closed");
+}
+
+/// Accepts every connection queued on `listener` (non-blocking) and hands
+/// each to `serve`; returns how many.
+fn accept_queued(
+    listener: &std::net::TcpListener,
+    mut serve: impl FnMut(TcpStream, SocketAddr),
+) -> usize {
+    let mut served = 0;
+    if listener.set_nonblocking(true).is_err() {
+        return 0;
+    }
+    // Bounded: the backlog, plus what arrives meanwhile, at most twice over.
+    for _ in 0..2 * LISTEN_BACKLOG {
+        let (stream, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // WouldBlock: none left. Anything else (out of descriptors):
+            // what is left is reset, as before.
+            Err(_) => break,
+        };
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        serve(stream, peer);
+        served += 1;
+    }
+    served
 }
 
 fn spawn_session(
@@ -247,6 +290,37 @@ fn spawn_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A removed listener serves what the kernel queued on it. Tokio's
+    /// `poll_accept`, asked with a no-op waker (the way it was done),
+    /// answers from its cached readiness: once an accept had found the
+    /// queue empty, connections queued after it were not seen, and were
+    /// reset when the listener closed.
+    #[tokio::test]
+    async fn a_closing_listener_serves_every_queued_connection() {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let listener = TcpListener::from_std(std_listener).unwrap();
+        // The accept loop's last look: nothing queued.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(listener.poll_accept(&mut cx).is_pending());
+        // Five calls arrive (handshakes done by the kernel)...
+        let clients: Vec<std::net::TcpStream> = (0..5)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // ...which the cached readiness does not know of.
+        assert!(listener.poll_accept(&mut cx).is_pending());
+        let mut peers = Vec::new();
+        let served = accept_queued(&listener.into_std().unwrap(), |s, p| {
+            peers.push((s, p));
+        });
+        assert_eq!(served, 5);
+        let mine: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        for (_, p) in &peers {
+            assert!(mine.contains(p), "{p}");
+        }
+    }
 
     /// Sessions rely on it: without TCP_NODELAY every command to Asterisk
     /// could wait for Nagle's algorithm.

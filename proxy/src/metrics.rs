@@ -46,7 +46,7 @@ impl ConnectResult {
 /// Every `result` of `config_reloads_total`. Exported at 0 from the start,
 /// so the first refused reload is an increase an alert can see (a series
 /// born at 1 has none).
-pub const RELOAD_RESULTS: [&str; 8] = [
+pub const RELOAD_RESULTS: [&str; 9] = [
     "applied",
     "unchanged",
     "dry_run",
@@ -55,6 +55,7 @@ pub const RELOAD_RESULTS: [&str; 8] = [
     "bind_failed",
     "not_found",
     "error",
+    "abandoned",
 ];
 
 pub struct Metrics {
