@@ -153,7 +153,12 @@ impl CompiledRollout {
             match key {
                 Some(k) => match sticky::key_time_ms(k) {
                     Some(created) => {
-                        let w = self.position(created).weight_bp;
+                        // No call is created in the future: a key ahead of
+                        // this clock by more than the tolerated skew (a
+                        // forged or far-off time) takes the weight in force
+                        // now, not a later step's.
+                        let latest = now_ms.saturating_add(self.plan.skew.as_millis() as i64);
+                        let w = self.position(created.min(latest)).weight_bp;
                         (
                             sticky::goes_green(sticky::point(k.as_bytes()), w),
                             false,

@@ -222,3 +222,28 @@ fn canaries_reach_green_at_zero_percent_and_keys_without_time_are_counted() {
     unkeyed("7c3e0b1a-originate");
     assert_eq!(live.unkeyed.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// A key timestamped ahead of the clock (a forged `split_key`, an
+/// Asterisk whose clock is years off) took a later step's weight: at the
+/// 10 % step, every such call went green (audit). Beyond the skew, it now
+/// takes the weight in force now.
+#[test]
+fn keys_from_the_future_take_the_weight_in_force_now() {
+    let cfg = config("[10, 50, 100]", "");
+    let r = router(&cfg, None);
+    let now = T0 + 1_000;
+    let share = |secs: i64| {
+        let green: usize = (0..2000)
+            .map(|i| pick(&r, &header(&format!("pbx-1-{secs}.{i}"), ""), now))
+            .sum();
+        green as f64 / 2000.0
+    };
+    let ten_years = (T0 + 10 * 365 * 86_400_000) / 1000;
+    let in_an_hour = (T0 + 3_600_000) / 1000;
+    for secs in [ten_years, in_an_hour] {
+        let s = share(secs);
+        assert!((0.07..0.13).contains(&s), "{secs}: {s}");
+    }
+    // Within the skew (1 s), a key keeps its own time: replicas agree.
+    assert!((0.07..0.13).contains(&share(now / 1000)));
+}
