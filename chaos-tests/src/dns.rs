@@ -20,7 +20,8 @@ use std::time::Duration;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SRV};
-use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+pub use hickory_server::proto::rr::RecordType;
+use hickory_server::proto::rr::{Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
@@ -54,6 +55,13 @@ struct Zone {
     servfail: bool,
     /// Names whose queries get SERVFAIL (a broken zone beside good ones).
     servfail_names: std::collections::HashSet<String>,
+    /// (name, type) pairs that get SERVFAIL: one family broken, the other not.
+    servfail_kinds: std::collections::HashSet<(String, RecordType)>,
+    /// Query types never answered (a server or middlebox that drops AAAA).
+    silent_kinds: std::collections::HashSet<RecordType>,
+    /// SRV answers without the targets' addresses (not every server sends
+    /// them: the client must look each target up).
+    no_additionals: bool,
 }
 
 /// Lowercase with a final dot: how the zone keys names.
@@ -89,7 +97,10 @@ impl Zone {
 
     /// Response code, answers, additionals.
     fn answer(&self, name: &str, kind: RecordType) -> (ResponseCode, Vec<Record>, Vec<Record>) {
-        if self.servfail || self.servfail_names.contains(name) {
+        if self.servfail
+            || self.servfail_names.contains(name)
+            || self.servfail_kinds.contains(&(name.to_string(), kind))
+        {
             return (ResponseCode::ServFail, Vec::new(), Vec::new());
         }
         if !self.exists(name) {
@@ -120,7 +131,7 @@ impl Zone {
                         *ttl,
                         RData::SRV(SRV::new(r.priority, r.weight, r.port, target_name)),
                     ));
-                    if self.servfail_names.contains(&target) {
+                    if self.no_additionals || self.servfail_names.contains(&target) {
                         continue;
                     }
                     for kind in [RecordType::A, RecordType::AAAA] {
@@ -156,8 +167,17 @@ impl RequestHandler for Handler {
         let (code, answers, additionals) = match request.request_info() {
             Ok(info) => {
                 let name = fqdn(&info.query.name().to_string());
+                let kind = info.query.query_type();
+                let silent = {
+                    let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
+                    zone.silent_kinds.contains(&kind)
+                };
+                if silent {
+                    // Longer than any test's lookup timeout: never answered.
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                }
                 let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
-                zone.answer(&name, info.query.query_type())
+                zone.answer(&name, kind)
             }
             Err(_) => (ResponseCode::FormErr, Vec::new(), Vec::new()),
         };
@@ -261,6 +281,32 @@ impl FakeDns {
     /// While on, every query gets SERVFAIL.
     pub fn set_servfail(&self, on: bool) {
         self.zone().servfail = on;
+    }
+
+    /// While on, `kind` queries for `name` (A or AAAA, say) get SERVFAIL.
+    pub fn set_servfail_for_kind(&self, name: &str, kind: RecordType, on: bool) {
+        let key = (fqdn(name), kind);
+        let mut zone = self.zone();
+        if on {
+            zone.servfail_kinds.insert(key);
+        } else {
+            zone.servfail_kinds.remove(&key);
+        }
+    }
+
+    /// While on, SRV answers carry no additional section.
+    pub fn set_srv_additionals(&self, on: bool) {
+        self.zone().no_additionals = !on;
+    }
+
+    /// While on, `kind` queries are never answered, for any name.
+    pub fn set_silent_for_kind(&self, kind: RecordType, on: bool) {
+        let mut zone = self.zone();
+        if on {
+            zone.silent_kinds.insert(kind);
+        } else {
+            zone.silent_kinds.remove(&kind);
+        }
     }
 
     /// While on, queries for `name` get SERVFAIL, and SRV answers leave its

@@ -34,7 +34,7 @@ pub use backend::{
     blackholed_listener, refused_addr, still_open, BackendStats, Behaviour, Blackhole, FakeBackend,
     SessionLog, Step, Then,
 };
-pub use dns::{FakeDns, SrvRecord};
+pub use dns::{FakeDns, RecordType, SrvRecord};
 pub use header::{AgiHeader, Fixture};
 
 #[cfg(test)]

@@ -369,3 +369,75 @@ async fn a_name_with_a_and_aaaa_records_gives_every_address() {
     };
     assert!(lookup(&r, &missing, &conf).await.is_err());
 }
+
+/// A lookup where one family fails (SERVFAIL on A, AAAA answered) kept
+/// only the other family's addresses: hickory's dual lookup succeeds when
+/// either does (audit: the pool shrank to its IPv6 addresses every few
+/// seconds). A failure of either now keeps the last good set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_family_failing_keeps_the_last_good_set() {
+    use chaos_tests::RecordType;
+    let dns = FakeDns::start().await;
+    let both_ips = [
+        IpAddr::from([127, 0, 0, 2]),
+        IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+    ];
+    dns.set_addrs("dual.ivr.test", &both_ips, TTL);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"dual.ivr.test:4573\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    let want: BTreeSet<SocketAddr> = both_ips
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, 4573))
+        .collect();
+    wait_members(&p, &want, Duration::from_secs(3)).await;
+    dns.set_servfail_for_kind("dual.ivr.test", RecordType::A, true);
+    let queries = dns.queries();
+    tokio::time::sleep(Duration::from_secs(u64::from(TTL) * 2) + SLACK).await;
+    assert!(dns.queries() > queries, "the name was asked again");
+    assert_eq!(members(&p), want, "a failing family shrank the pool");
+    let d = p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    assert!(d.failures >= 1, "{d:?}");
+    // A family with no records at all is no failure: v4 only is followed.
+    dns.set_servfail_for_kind("dual.ivr.test", RecordType::A, false);
+    dns.set_addrs("dual.ivr.test", &both_ips[..1], TTL);
+    wait_members(
+        &p,
+        &[SocketAddr::new(both_ips[0], 4573)].into(),
+        Duration::from_secs(4),
+    )
+    .await;
+}
+
+/// SRV targets without addresses in the answer were looked up one after
+/// another inside the lookup's one limit: with a server that drops AAAA
+/// queries, each cost a whole timeout, and a few targets never resolved
+/// (audit: every call FAILURE `no_backend`). They are now looked up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_targets_resolve_while_aaaa_queries_are_dropped() {
+    use chaos_tests::RecordType;
+    let dns = FakeDns::start().await;
+    dns.set_srv_additionals(false);
+    dns.set_silent_for_kind(RecordType::AAAA, true);
+    let mut records = Vec::new();
+    let mut want = BTreeSet::new();
+    for i in 1..=6u8 {
+        let target = format!("t{i}.ivr.test");
+        dns.set_addrs(&target, &ips(&[i + 1]), 60);
+        records.push(SrvRecord::new(10, 10, 4573, &target));
+        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
+    }
+    dns.set_srv("_agi._tcp.ivr.test", &records, 60);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    // The lookup's limit is 3 x 500 ms + 1 s; one target's AAAA costs a
+    // whole timeout (and the resolver's retries).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let d = p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    assert_eq!(members(&p), want, "{d:?}");
+}

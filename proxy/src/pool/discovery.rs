@@ -16,11 +16,12 @@
 //! the sessions they hold run to their end.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use agiproxy_config::{BackendTarget, Dns};
+use agiproxy_config::{BackendTarget, Dns, Pool};
+use futures_util::stream::{self, StreamExt};
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
@@ -87,11 +88,17 @@ pub(crate) async fn follow(pool: Arc<PoolShared>, index: usize) {
         if pool.cancel.is_cancelled() {
             return;
         }
+        // What the last good answer held: a family failing now that held
+        // addresses then fails the lookup (the set stays).
+        let known = lock(&pool.live.discovery)
+            .get(&k)
+            .map(|d| Families::of(&d.found))
+            .unwrap_or_default();
         let result = match &resolver {
-            Some(r) => lookup(r, &target, &dns).await,
+            Some(r) => lookup_known(r, &target, &dns, known).await,
             None => match self::resolver(&dns) {
                 Ok(r) => {
-                    let out = lookup(&r, &target, &dns).await;
+                    let out = lookup_known(&r, &target, &dns, known).await;
                     resolver = Some(r);
                     out
                 }
@@ -145,14 +152,14 @@ fn record_success(pool: &PoolShared, k: &str, mut found: Vec<Found>, ttl: Durati
     let changed = !same(&d.found, &found);
     if changed {
         let after: HashSet<SocketAddr> = found.iter().map(|f| f.addr).collect();
-        let added: Vec<String> = after.difference(&before).map(|a| a.to_string()).collect();
-        let removed: Vec<String> = before.difference(&after).map(|a| a.to_string()).collect();
+        let added = some_of(after.difference(&before));
+        let removed = some_of(before.difference(&after));
         tracing::info!(
             pool = %pool.name,
             name = k,
             backends = found.len(),
-            added = %added.join(" "),
-            removed = %removed.join(" "),
+            added = %added,
+            removed = %removed,
             ttl = ?ttl,
             "DNS answer changed the backend set"
         );
@@ -163,6 +170,28 @@ fn record_success(pool: &PoolShared, k: &str, mut found: Vec<Found>, ttl: Durati
     d.lookups += 1;
     d.failing = 0;
     changed
+}
+
+/// The first addresses of a change, and how many more: a log line stays a
+/// line whatever the answer's size.
+fn some_of<'a>(addrs: impl Iterator<Item = &'a SocketAddr>) -> String {
+    const SHOWN: usize = 16;
+    let mut out = String::new();
+    let mut more = 0usize;
+    for (i, a) in addrs.enumerate() {
+        if i < SHOWN {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(&a.to_string());
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push_str(&format!(" and {more} more"));
+    }
+    out
 }
 
 /// Counts a failed or empty lookup; the last good set stays. Returns the
@@ -188,12 +217,50 @@ fn record_failure(pool: &PoolShared, k: &str, target: &BackendTarget, error: Str
     failing
 }
 
+/// The address families a name's last good answer held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Families {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl Families {
+    fn of(found: &[Found]) -> Families {
+        Families {
+            v4: found.iter().any(|f| f.addr.is_ipv4()),
+            v6: found.iter().any(|f| f.addr.is_ipv6()),
+        }
+    }
+
+    fn has(self, v6: bool) -> bool {
+        if v6 {
+            self.v6
+        } else {
+            self.v4
+        }
+    }
+}
+
 /// Resolves `target`: its backends and the TTL of the answer (the lowest
-/// of the records used).
+/// of the records used). A first lookup: see [`lookup_known`].
 pub async fn lookup(
     resolver: &TokioResolver,
     target: &BackendTarget,
     dns: &Dns,
+) -> Result<(Vec<Found>, Duration), String> {
+    lookup_known(resolver, target, dns, Families::default()).await
+}
+
+/// [`lookup`] for a name whose last good answer held the address families
+/// `known`: a family that fails (a timeout, SERVFAIL) fails the lookup if
+/// it held addresses then, so that the set does not shrink to the other
+/// family; one that never answered (a server that drops AAAA queries) is
+/// left out.
+pub async fn lookup_known(
+    resolver: &TokioResolver,
+    target: &BackendTarget,
+    dns: &Dns,
+    known: Families,
 ) -> Result<(Vec<Found>, Duration), String> {
     // Bounded whatever the resolver does with retries and its transports.
     let limit = dns.timeout.saturating_mul(3) + Duration::from_secs(1);
@@ -209,13 +276,15 @@ pub async fn lookup(
             Duration::MAX,
         )),
         BackendTarget::Host { name, port } => {
-            tokio::time::timeout(limit, lookup_host(resolver, name, *port))
+            tokio::time::timeout(limit, lookup_host(resolver, name, *port, known))
                 .await
                 .unwrap_or_else(|_| Err(format!("lookup of {name} timed out")))
         }
-        BackendTarget::Srv { name } => tokio::time::timeout(limit, lookup_srv(resolver, name))
-            .await
-            .unwrap_or_else(|_| Err(format!("SRV lookup of {name} timed out"))),
+        BackendTarget::Srv { name } => {
+            tokio::time::timeout(limit, lookup_srv(resolver, name, known))
+                .await
+                .unwrap_or_else(|_| Err(format!("SRV lookup of {name} timed out")))
+        }
     }?;
     if out.0.is_empty() {
         return Err(format!("{target}: the answer has no usable address"));
@@ -247,16 +316,18 @@ async fn lookup_host(
     resolver: &TokioResolver,
     name: &str,
     port: u16,
+    known: Families,
 ) -> Result<(Vec<Found>, Duration), String> {
-    let answer = resolver
-        .lookup_ip(name)
+    let (ips, ttl) = addresses(resolver, name, known)
         .await
         .map_err(|e| format!("{name}: {}", dns_error(&e)))?;
     let mut seen = HashSet::new();
-    let found = answer
-        .iter()
+    let found = ips
+        .into_iter()
         .map(|ip| SocketAddr::new(ip, port))
         .filter(|a| seen.insert(*a))
+        // The pool takes no more (`Pool::MAX_MEMBERS`): nor is more kept.
+        .take(Pool::MAX_MEMBERS)
         .map(|addr| Found {
             addr,
             weight: None,
@@ -264,12 +335,62 @@ async fn lookup_host(
             new: false,
         })
         .collect();
-    Ok((found, min_ttl(answer.as_lookup().answers())))
+    Ok((found, ttl))
 }
+
+/// The addresses of `name` and the lowest TTL among them: A and AAAA asked
+/// apart, at once. A family without records is no error. Another failure
+/// (a timeout, SERVFAIL) of a family that `known` says held addresses fails
+/// the lookup, so that the last good set stays: hickory's `lookup_ip`
+/// succeeds when either family does, and an audit's SERVFAIL on A, with
+/// AAAA answered, shrank a pool to its IPv6 addresses every few seconds. A
+/// family that held none is left out when it fails (a server that drops
+/// AAAA queries), as long as the other answers.
+async fn addresses(
+    resolver: &TokioResolver,
+    name: impl hickory_resolver::proto::rr::IntoName + Clone,
+    known: Families,
+) -> Addresses {
+    let (v4, v6) = tokio::join!(
+        resolver.ipv4_lookup(name.clone()),
+        resolver.ipv6_lookup(name)
+    );
+    let mut ips = Vec::new();
+    let mut ttl = Duration::MAX;
+    let mut first_error = None;
+    for (answer, v6) in [(v4, false), (v6, true)] {
+        match answer {
+            Ok(l) => {
+                ips.extend(l.answers().iter().filter_map(|r| r.data.ip_addr()));
+                ttl = ttl.min(min_ttl(l.answers()));
+            }
+            Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) if known.has(v6) => return Err(e),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if ips.is_empty() => Err(e),
+        _ => Ok((ips, ttl)),
+    }
+}
+
+/// What [`addresses`] gives.
+type Addresses = Result<(Vec<IpAddr>, Duration), NetError>;
+
+/// SRV targets resolved at once: their lookups run side by side (one after
+/// another, a server that drops AAAA queries cost a whole timeout per
+/// target, and two targets already outlasted the lookup's limit).
+const TARGETS_AT_ONCE: usize = 16;
 
 async fn lookup_srv(
     resolver: &TokioResolver,
     name: &str,
+    known: Families,
 ) -> Result<(Vec<Found>, Duration), String> {
     let answer = resolver
         .srv_lookup(name)
@@ -286,45 +407,61 @@ async fn lookup_srv(
         // A target of "." means "no service here" (RFC 2782).
         .filter(|srv| !srv.target.is_root())
         .collect();
+    let mut records = records;
+    // Lowest priority first: what the member cap leaves out is the last tiers.
+    records.sort_by_key(|s| s.priority);
     let mut priorities: Vec<u16> = records.iter().map(|s| s.priority).collect();
-    priorities.sort_unstable();
     priorities.dedup();
     let top = records.iter().map(|s| s.weight).max().unwrap_or(0);
+    // Addresses from the additional section when the server sent them
+    // (Kubernetes does), else a lookup of the target: those at once.
+    let additional = |target: &Name| -> Vec<IpAddr> {
+        answer
+            .additionals()
+            .iter()
+            .filter(|r| r.name.eq_ignore_root(target))
+            .filter_map(|r| r.data.ip_addr())
+            .collect()
+    };
+    let mut to_ask: Vec<Name> = records
+        .iter()
+        .filter(|srv| additional(&srv.target).is_empty())
+        .map(|srv| srv.target.clone())
+        .collect();
+    to_ask.sort();
+    to_ask.dedup();
+    let asked: Vec<(Name, Addresses)> = stream::iter(to_ask)
+        .map(|target| async move {
+            let r = addresses(resolver, target.clone(), known).await;
+            (target, r)
+        })
+        .buffer_unordered(TARGETS_AT_ONCE)
+        .collect()
+        .await;
+    let mut resolved = std::collections::HashMap::new();
+    for (target, r) in asked {
+        match r {
+            Ok((ips, t)) => {
+                ttl = ttl.min(t);
+                resolved.insert(target, ips);
+            }
+            // The name has no address: the target is gone, drop it.
+            Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
+                tracing::debug!(srv = name, target = %target, error = dns_error(&e), "SRV target has no address");
+                resolved.insert(target, Vec::new());
+            }
+            // A timeout or a server failure says nothing about the target:
+            // fail the whole lookup, so that the last good set stays (a
+            // partial set would shrink the pool for a TTL).
+            Err(e) => return Err(format!("srv {name}: target {target}: {}", dns_error(&e))),
+        }
+    }
     let mut found = Vec::new();
     let mut seen = HashSet::new();
     for srv in &records {
-        // Addresses from the additional section when the server sent them
-        // (Kubernetes does), else a lookup of the target.
-        let additional: Vec<std::net::IpAddr> = answer
-            .additionals()
-            .iter()
-            .filter(|r| r.name.eq_ignore_root(&srv.target))
-            .filter_map(|r| r.data.ip_addr())
-            .collect();
-        let ips = if additional.is_empty() {
-            match resolver.lookup_ip(srv.target.clone()).await {
-                Ok(a) => {
-                    ttl = ttl.min(min_ttl(a.as_lookup().answers()));
-                    a.iter().collect()
-                }
-                // The name has no address: the target is gone, drop it.
-                Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
-                    tracing::debug!(srv = name, target = %srv.target, error = dns_error(&e), "SRV target has no address");
-                    Vec::new()
-                }
-                // A timeout or a server failure says nothing about the
-                // target: fail the whole lookup, so that the last good set
-                // stays (a partial set would shrink the pool for a TTL).
-                Err(e) => {
-                    return Err(format!(
-                        "srv {name}: target {}: {}",
-                        srv.target,
-                        dns_error(&e)
-                    ))
-                }
-            }
-        } else {
-            additional
+        let ips = match resolved.get(&srv.target) {
+            Some(ips) => ips.clone(),
+            None => additional(&srv.target),
         };
         let tier = priorities
             .iter()
@@ -333,7 +470,7 @@ async fn lookup_srv(
         let weight = srv_weight(srv.weight, top);
         for ip in ips {
             let addr = SocketAddr::new(ip, srv.port);
-            if seen.insert(addr) {
+            if found.len() < Pool::MAX_MEMBERS && seen.insert(addr) {
                 found.push(Found {
                     addr,
                     weight: Some(weight),
@@ -362,6 +499,18 @@ fn srv_weight(weight: u16, top: u16) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_logs_its_first_addresses_and_a_count() {
+        let addrs: Vec<SocketAddr> = (0..20u16)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], 1000 + p)))
+            .collect();
+        let line = some_of(addrs.iter());
+        assert!(line.starts_with("127.0.0.1:1000 127.0.0.1:1001 "), "{line}");
+        assert!(line.ends_with("127.0.0.1:1015 and 4 more"), "{line}");
+        assert_eq!(some_of(addrs[..2].iter()), "127.0.0.1:1000 127.0.0.1:1001");
+        assert_eq!(some_of([].iter()), "");
+    }
 
     #[test]
     fn srv_weights_scale_into_range() {

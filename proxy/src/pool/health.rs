@@ -23,18 +23,19 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use agiproxy_config::{HealthCheck, HealthKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{BackendLive, CheckEpoch, CheckResult};
 use super::hash::stable_hash;
 use super::members::Members;
-use super::polite_close::close_politely;
+use super::polite_close::close_politely_holding;
 use super::state::PoolShared;
 
 /// How often the watcher looks at the pool: state changes that happen by
@@ -189,7 +190,7 @@ async fn check_loop(
             // the shortage ends.
             Err(NotRun(e)) => {
                 let current = live.record_not_run(&epoch);
-                if current {
+                if current && e.kind() != std::io::ErrorKind::WouldBlock {
                     crate::fds::warn("health check", &e);
                 }
                 current
@@ -237,13 +238,38 @@ impl From<String> for Failed {
     }
 }
 
+/// Probes in flight at once, over every pool (a probe's socket is held
+/// through its polite close): an eighth of the descriptor limit, at least
+/// 16. Past it a check is not run (no verdict, counted in
+/// `agiproxy_backend_checks_not_run`): 1,500 silent backends behind one
+/// DNS name otherwise took every descriptor below the reserve, and calls on
+/// a healthy pool got FAILURE `local_resources` (audit).
+fn in_flight() -> &'static Arc<Semaphore> {
+    static IN_FLIGHT: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    IN_FLIGHT.get_or_init(|| {
+        let n = crate::fds::limit().map_or(512, |l| (l / 8).max(16));
+        Arc::new(Semaphore::new(n))
+    })
+}
+
+/// A place among the probes in flight, or why there is none.
+fn probe_permit(limit: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, NotRun> {
+    limit.clone().try_acquire_owned().map_err(|_| {
+        NotRun(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "as many health checks in flight as descriptors allow them",
+        ))
+    })
+}
+
 /// Runs one check against `addr`.
 pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<CheckResult, NotRun> {
+    let permit = probe_permit(in_flight())?;
     let started = Instant::now();
     let outcome = match &check.kind {
         HealthKind::Tcp => probe_tcp(addr, check.timeout).await,
         HealthKind::Agi { script, expect } => {
-            probe_agi(addr, script, expect.as_ref(), check.timeout).await
+            probe_agi(addr, script, expect.as_ref(), check.timeout, permit).await
         }
     };
     let (ok, detail) = match outcome {
@@ -322,7 +348,10 @@ async fn probe_agi(
     script: &str,
     expect: Option<&regex::Regex>,
     timeout: Duration,
+    permit: OwnedSemaphorePermit,
 ) -> Result<String, Failed> {
+    // Held until the backend's socket is closed, polite close included.
+    let close_politely = move |stream| close_politely_holding(stream, permit);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut stream = connect(addr, deadline).await?;
     let _ = stream.set_nodelay(true);
@@ -433,6 +462,34 @@ fn judge(line: &[u8], expect: Option<&regex::Regex>) -> Result<String, Judged> {
 
 #[cfg(test)]
 mod tests {
+    /// Past the probes-in-flight limit a check is not run (no verdict),
+    /// and a place comes back once a probe and its polite close are done.
+    #[tokio::test]
+    async fn probes_in_flight_are_bounded_and_held_through_the_close() {
+        let limit = Arc::new(Semaphore::new(2));
+        let a = probe_permit(&limit).unwrap();
+        let _b = probe_permit(&limit).unwrap();
+        let Err(NotRun(e)) = probe_permit(&limit) else {
+            panic!("a third probe ran")
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // A backend that closes 300 ms after our HANGUP.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        close_politely_holding(stream, a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(probe_permit(&limit).is_err(), "given back before the close");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(probe_permit(&limit).is_ok());
+    }
+
     use super::*;
     use crate::pool::backend::BackendState;
 
