@@ -369,6 +369,15 @@ impl Server {
             let config = self
                 .compile(text.clone(), current.config.limits.max_config_bytes)
                 .await?;
+            let moved = crate::session::rollout::skew_changes(
+                &current.config,
+                &config,
+                crate::session::rollout::now_ms(),
+            );
+            if !moved.is_empty() {
+                release(config);
+                return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
+            }
             self.note_parsed(hash, &config);
             if dry_run {
                 release(config);

@@ -195,3 +195,60 @@ impl CompiledRollout {
         }
     }
 }
+
+/// A new `skew` moves every override of a rollout by the difference, past
+/// ones included (they are stored with the skew added). A change that would
+/// move one across `now_ms` is refused: an override in force would stop
+/// being (a `promote` undone until later, calls made green since then sent
+/// back to blue on their next AGI: an audit saw 282 of 300), or one not due
+/// would apply at once. One error per rollout that would.
+pub fn skew_changes(
+    old: &agiproxy_config::Config,
+    new: &agiproxy_config::Config,
+    now_ms: i64,
+) -> Vec<agiproxy_config::ConfigError> {
+    let mut errors = Vec::new();
+    for (i, route) in new.routes.iter().enumerate() {
+        let Some(ro) = route.rollout.as_deref() else {
+            continue;
+        };
+        let Some(before) = old
+            .routes
+            .iter()
+            .find(|r| r.name == route.name)
+            .and_then(|r| r.rollout.as_deref())
+        else {
+            continue;
+        };
+        if before.skew == ro.skew
+            || live::identity(&route.name, before, &old.pools)
+                != live::identity(&route.name, ro, &new.pools)
+        {
+            continue;
+        }
+        let (was, is) = (before.skew.as_millis() as i64, ro.skew.as_millis() as i64);
+        let moved = ro.overrides.iter().find(|o| {
+            let written = o.at_ms - is;
+            let old_at = written + was;
+            before
+                .overrides
+                .iter()
+                .any(|b| b.action == o.action && b.at_ms == old_at)
+                && (old_at <= now_ms) != (o.at_ms <= now_ms)
+        });
+        if let Some(o) = moved {
+            let written = agiproxy_config::format_ms(o.at_ms - is);
+            errors.push(agiproxy_config::ConfigError::new(
+                format!("routes[{i}].rollout.skew"),
+                format!(
+                    "changing it from {:?} to {:?} moves the {} override written for {written} \
+                     across now (each override takes effect skew after its time, past ones \
+                     included); keep the skew while an override lies within either value of \
+                     now, or rewrite that override's time with the change",
+                    before.skew, ro.skew, o.action,
+                ),
+            ));
+        }
+    }
+    errors
+}

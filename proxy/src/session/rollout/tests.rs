@@ -247,3 +247,39 @@ fn keys_from_the_future_take_the_weight_in_force_now() {
     // Within the skew (1 s), a key keeps its own time: replicas agree.
     assert!((0.07..0.13).contains(&share(now / 1000)));
 }
+
+/// A new skew moved every override, past ones included: a `promote` in
+/// force for minutes was undone by `skew: 10m` (audit). Such a change is
+/// refused while an override lies between the two effective times and
+/// now; otherwise it goes through.
+#[test]
+fn a_skew_change_that_moves_an_override_across_now_is_refused() {
+    let written = T0 + 60_000;
+    let promote = format!(
+        "      overrides: [{{ action: promote, at: \"{}\" }}]\n",
+        agiproxy_config::format_ms(written)
+    );
+    let old = config("[10, 25, 50]", &promote);
+    let mut new = old.clone();
+    let ro = new.routes[0].rollout.as_deref_mut().unwrap();
+    let was = ro.skew.as_millis() as i64;
+    ro.skew = std::time::Duration::from_secs(600);
+    for o in &mut ro.overrides {
+        o.at_ms = o.at_ms - was + 600_000;
+    }
+    // In force (written + 1 s) for 4 s: 10 m would undo it.
+    let e = super::skew_changes(&old, &new, written + 5_000);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].path, "routes[0].rollout.skew");
+    assert!(
+        e[0].message.contains("promote override"),
+        "{}",
+        e[0].message
+    );
+    // In force under both: nothing moves across now.
+    assert!(super::skew_changes(&old, &new, written + 700_000).is_empty());
+    // Not due under either.
+    assert!(super::skew_changes(&old, &new, written - 5_000).is_empty());
+    // The same skew: nothing to check.
+    assert!(super::skew_changes(&old, &old, written + 5_000).is_empty());
+}
