@@ -1129,6 +1129,21 @@ async fn metrics_text(api: &Api) -> String {
 /// smallest receive buffer the kernel allows and an Ethernet-sized MSS
 /// (loopback's 64 KiB one lets the server's send buffer grow to megabytes,
 /// which a client that does not read makes it fill first).
+/// The indexes of `streams` the server has closed: EOF (or a reset) within
+/// `wait`, where a served connection waits for its request in silence.
+async fn closed_by_the_server(streams: &mut [tokio::net::TcpStream], wait: Duration) -> Vec<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut closed = Vec::new();
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        if let Ok(r) = tokio::time::timeout(wait, s.read(&mut byte)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+            closed.push(i);
+        }
+    }
+    closed
+}
+
 async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_mss(1400).unwrap();
@@ -1237,17 +1252,9 @@ async fn one_address_cannot_take_every_connection() {
     for _ in 0..MAX_CONNECTIONS {
         idle.push(connect_from("127.0.0.2", control).await);
     }
-    // Those past the share are closed at once: EOF (or a reset), where a
-    // served one waits for its request.
-    let mut closed = 0;
-    for s in &mut idle {
-        let mut byte = [0u8; 1];
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut byte)).await {
-            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-            closed += 1;
-        }
-    }
-    assert_eq!(closed, MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER);
+    // Those past the share are closed at once.
+    let closed = closed_by_the_server(&mut idle, Duration::from_millis(200)).await;
+    assert_eq!(closed.len(), MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER);
     assert_eq!(
         refused_now(&api, "peer_cap").await,
         (MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER) as f64
@@ -1289,7 +1296,7 @@ async fn one_address_cannot_take_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_addresses_holding_every_connection_cannot_shut_out_a_probe() {
     use agiproxy_control::server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (b, g) = (
         FakeBackend::start(Behaviour::script(&["NOOP"])).await,
         FakeBackend::start(Behaviour::script(&["NOOP"])).await,
@@ -1312,24 +1319,14 @@ async fn a_few_addresses_holding_every_connection_cannot_shut_out_a_probe() {
         hogs.push(s);
     }
     // Every one of them is served (none closed).
-    for s in &mut hogs {
-        let mut byte = [0u8; 1];
-        let r = tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await;
-        assert!(r.is_err(), "a hog was closed before the cap: {r:?}");
-    }
+    let early = closed_by_the_server(&mut hogs, Duration::from_millis(20)).await;
+    assert!(early.is_empty(), "closed before the cap: {early:?}");
     let started = std::time::Instant::now();
     let (s, body) = call(&client(None), &api.target, "GET", "/healthz", &[], None).await;
     assert_eq!((s, body.as_str()), (200, Some("ok\n")));
     assert!(started.elapsed() < Duration::from_secs(1));
     // Exactly one hog paid for it: the oldest of an address holding 16.
-    let mut closed = Vec::new();
-    for (i, s) in hogs.iter_mut().enumerate() {
-        let mut byte = [0u8; 1];
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await {
-            assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-            closed.push(i);
-        }
-    }
+    let closed = closed_by_the_server(&mut hogs, Duration::from_millis(20)).await;
     assert_eq!(closed.len(), 1, "closed: {closed:?}");
     assert!(closed[0] < hosts, "not the oldest: {closed:?}");
     // Counted (the /metrics request may have taken one more).
