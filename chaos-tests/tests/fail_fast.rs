@@ -454,3 +454,37 @@ async fn large_slow_headers_share_a_memory_budget() {
     let out = big().run(p.addr).await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }
+
+/// A large header's memory stays counted while it is kept: through the
+/// backend search, not just its reading (before, a flood of large complete
+/// headers waiting on slow backends held memory the budget did not see).
+#[tokio::test]
+async fn a_large_header_counts_against_the_budget_until_the_search_ends() {
+    let stalled = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[stalled.addr()],
+        "timeouts:\n  first_command: 800ms\n",
+    ))
+    .await;
+    let args: Vec<String> = (0..40).map(|i| format!("{i}{}", "v".repeat(100))).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let call = chaos_tests::FakeAsterisk::new()
+        .header(chaos_tests::AgiHeader::realistic("x", &args, "3.1"))
+        .call_timeout(Duration::from_secs(20));
+    let addr = p.addr;
+    let running = tokio::spawn(async move { call.run(addr).await });
+    let gauge = || counter(&p.server.metrics().render(), "agiproxy_header_memory_bytes");
+    // Waiting for the stalled backend's first command: still held.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(gauge() >= 2048, "{}", gauge());
+    let out = running.await.unwrap();
+    assert_failure(&out, "first_command_timeout");
+    // Given back once the session is done with it.
+    wait_until(
+        "the header's memory given back",
+        Duration::from_secs(3),
+        || gauge() == 0,
+    )
+    .await;
+}

@@ -235,7 +235,7 @@ pub struct Limits {
     /// a header buffer.
     pub max_headers_per_peer: usize,
     /// Bytes of header buffers grown past their first 2 KiB, across every connection still
-    /// sending its header; 1 MiB..=64 GiB, default 64 MiB. Asterisk's headers fit in 2 KiB, so
+    /// sending its header or looking for a backend; 1 MiB..=64 GiB, default 64 MiB. Asterisk's headers fit in 2 KiB, so
     /// only a flood of large, slow headers reaches it; beyond it a connection whose header
     /// needs more is refused (`overloaded`) instead of growing the replica's memory towards
     /// `max_sessions` x `max_header_bytes`.

@@ -173,7 +173,7 @@ impl Metrics {
             IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
         let header_memory_bytes = IntGauge::new(
             "header_memory_bytes",
-            "Bytes of header buffers grown past their first 2 KiB, in connections still sending their header (at most limits.max_header_memory)",
+            "Bytes of header buffers grown past their first 2 KiB, in connections still sending their header or looking for a backend (at most limits.max_header_memory)",
         )
         .expect("valid metric");
         let bytes_from_asterisk = IntCounter::new(

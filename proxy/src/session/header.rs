@@ -174,9 +174,11 @@ impl HeaderMemory {
     }
 }
 
-/// What one header holds of [`HeaderMemory`], given back when the read
-/// ends, however it ends (a timeout drops it too).
-struct Held<'a> {
+/// What one header holds of [`HeaderMemory`], given back when dropped: by
+/// the read, however it fails (a timeout drops it too), or by the session
+/// once it is done with the header (it is kept through the backend search).
+#[must_use = "dropping it gives the header's memory back"]
+pub struct Held<'a> {
     memory: &'a HeaderMemory,
     bytes: usize,
 }
@@ -389,13 +391,14 @@ impl Scan {
 
 /// Reads one header from Asterisk, within `limits`. With `proxied`, a
 /// PROXY protocol header must come first; the caller it names is returned
-/// (`None` without one, and for a balancer's `LOCAL` health check).
-pub async fn read_header(
+/// (`None` without one, and for a balancer's `LOCAL` health check), and
+/// what the header holds of `memory`, to be dropped with the header.
+pub async fn read_header<'m>(
     stream: &mut TcpStream,
     limits: &HeaderLimits,
-    memory: &HeaderMemory,
+    memory: &'m HeaderMemory,
     mut proxied: bool,
-) -> Result<(Header, Option<SocketAddr>), HeaderError> {
+) -> Result<(Header, Option<SocketAddr>, Held<'m>), HeaderError> {
     let fut = async {
         let mut buf = Vec::with_capacity(INITIAL_BUFFER);
         let mut held = Held { memory, bytes: 0 };
@@ -470,7 +473,7 @@ pub async fn read_header(
                 match scan.advance(&buf, limits.max_lines) {
                     Ok(None) => {}
                     Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
-                    Ok(Some(len)) => return Ok((scan.finish(buf, len), caller)),
+                    Ok(Some(len)) => return Ok((scan.finish(buf, len), caller, held)),
                     Err(HeaderError::Malformed(line)) if line > 1 => bad_line = Some(line),
                     Err(e) => return Err(e),
                 }

@@ -150,10 +150,12 @@ async fn find_backend<'s>(
     let limits = header_limits(cfg);
     let read = read_header(a, &limits, &shared.header_memory, proxied).await;
     *header_slot = None;
-    let header = match read {
-        Ok((h, caller)) => {
+    // A large header's memory stays counted for as long as it is kept: to
+    // the end of the backend search.
+    let (header, _held) = match read {
+        Ok((h, caller, held)) => {
             rec.called_by(caller);
-            h
+            (h, held)
         }
         Err(e) => {
             Box::pin(bad_header(shared, a, rec, e, &limits)).await;
@@ -389,7 +391,7 @@ pub async fn reject(
     // refusal does not wait the full header timeout on a slow peer.
     limits.timeout = limits.timeout.min(REFUSAL_HEADER_TIMEOUT);
     match read_header(&mut a, &limits, &shared.header_memory, proxied).await {
-        Ok((h, caller)) => {
+        Ok((h, caller, _held)) => {
             rec.called_by(caller);
             rec.script = h.get("agi_network_script").unwrap_or("").to_string();
             fail(&mut a, &mut rec, reason).await;
