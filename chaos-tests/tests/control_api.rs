@@ -696,12 +696,7 @@ async fn tls_with_client_certificates() {
 #[tokio::test]
 async fn a_stalled_request_gets_408_in_json() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (b, g) = (
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-    );
-    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
-    let api = start_timed(&text, None, 4096, Duration::from_millis(300)).await;
+    let (api, _backends) = api_with_request_timeout(Duration::from_millis(300)).await;
     let mut s = tokio::net::TcpStream::connect(api.control_addr())
         .await
         .unwrap();
@@ -1094,6 +1089,18 @@ async fn issue_17_the_control_socket_replaces_only_a_stale_socket() {
 }
 
 /// `agiproxy_control_connections_refused_total{reason}` now.
+/// The control API of a proxy with two NOOP backends (kept running with
+/// it), with this `request_timeout` and a 4 KiB body limit.
+async fn api_with_request_timeout(request_timeout: Duration) -> (Api, [FakeBackend; 2]) {
+    let (b, g) = (
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
+    );
+    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
+    let api = start_timed(&text, None, 4096, request_timeout).await;
+    (api, [b, g])
+}
+
 async fn refused_now(api: &Api, reason: &str) -> f64 {
     let text = metrics_text(api).await;
     parse_prometheus(&text)
@@ -1164,13 +1171,8 @@ async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpSt
 /// `write_timeout`), and the probe gets in within about that time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_are_dropped_within_the_request_timeout() {
-    let (b, g) = (
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-    );
-    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     let timeout = Duration::from_secs(1);
-    let api = start_timed(&text, None, 4096, timeout).await;
+    let (api, _backends) = api_with_request_timeout(timeout).await;
     let control = api.control_addr();
     let pipelined = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
     // 64 addresses, one connection each: with each one's share of the cap
@@ -1240,13 +1242,8 @@ async fn clients_that_stop_reading_are_dropped_within_the_request_timeout() {
 async fn one_address_cannot_take_every_connection() {
     use agiproxy_control::server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
     use tokio::io::AsyncReadExt;
-    let (b, g) = (
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-    );
-    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     // Idle connections are kept for request_timeout: long enough to probe.
-    let api = start_timed(&text, None, 4096, Duration::from_secs(10)).await;
+    let (api, _backends) = api_with_request_timeout(Duration::from_secs(10)).await;
     let control = api.control_addr();
     let mut idle = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
@@ -1297,13 +1294,8 @@ async fn one_address_cannot_take_every_connection() {
 async fn a_few_addresses_holding_every_connection_cannot_shut_out_a_probe() {
     use agiproxy_control::server::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
     use tokio::io::AsyncWriteExt;
-    let (b, g) = (
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-    );
-    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     // Idle connections are kept for request_timeout: long enough to probe.
-    let api = start_timed(&text, None, 4096, Duration::from_secs(10)).await;
+    let (api, _backends) = api_with_request_timeout(Duration::from_secs(10)).await;
     let control = api.control_addr();
     let hosts = MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER;
     let mut hogs = Vec::new();
@@ -1343,14 +1335,9 @@ async fn a_few_addresses_holding_every_connection_cannot_shut_out_a_probe() {
 async fn a_busy_connection_is_closed_after_its_lifetime_between_answers() {
     use agiproxy_control::server::LIFETIME_IN_REQUEST_TIMEOUTS;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (b, g) = (
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-        FakeBackend::start(Behaviour::script(&["NOOP"])).await,
-    );
-    let text = config_text(&b.addr().to_string(), &g.addr().to_string());
     let timeout = Duration::from_millis(200);
     let lifetime = timeout * LIFETIME_IN_REQUEST_TIMEOUTS;
-    let api = start_timed(&text, None, 4096, timeout).await;
+    let (api, _backends) = api_with_request_timeout(timeout).await;
     let mut s = tokio::net::TcpStream::connect(api.control_addr())
         .await
         .unwrap();

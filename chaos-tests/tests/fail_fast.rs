@@ -378,6 +378,16 @@ async fn one_host_cannot_hold_every_slot_with_slow_headers() {
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }
 
+/// A call whose header (40 arguments of about 100 bytes, some 5 KB) needs
+/// more than the first 2 KiB of header buffer.
+fn large_caller(uniqueid: &str) -> chaos_tests::FakeAsterisk {
+    let args: Vec<String> = (0..40).map(|i| format!("{i}{}", "v".repeat(100))).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    chaos_tests::FakeAsterisk::new()
+        .header(chaos_tests::AgiHeader::realistic("x", &args, uniqueid))
+        .call_timeout(Duration::from_secs(20))
+}
+
 /// A flood of large, slow headers from many addresses (each under
 /// `max_headers_per_peer`) grew every connection's buffer to
 /// `max_header_bytes`: 24 KB a connection, 470 MB at the chart's 20,000
@@ -434,14 +444,7 @@ async fn large_slow_headers_share_a_memory_budget() {
     let out = caller("x", "2.1").run(p.addr).await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
     // A large one (40 arguments of 100 bytes) needs more: overloaded, at once.
-    let args: Vec<String> = (0..40).map(|i| format!("{i}{}", "v".repeat(100))).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let big = || {
-        chaos_tests::FakeAsterisk::new()
-            .header(chaos_tests::AgiHeader::realistic("x", &args, "2.2"))
-            .call_timeout(Duration::from_secs(20))
-    };
-    let out = big().run(p.addr).await;
+    let out = large_caller("2.2").run(p.addr).await;
     assert_failure(&out, "overloaded");
     assert!(out.elapsed < Duration::from_secs(1), "{:?}", out.elapsed);
     // The slow ones gone, the budget is free again and the large header served.
@@ -451,7 +454,7 @@ async fn large_slow_headers_share_a_memory_budget() {
         assert!(Instant::now() < deadline, "the budget was not given back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let out = big().run(p.addr).await;
+    let out = large_caller("2.3").run(p.addr).await;
     assert_eq!(out.status, AgiStatus::Success, "{out:?}");
 }
 
@@ -467,11 +470,7 @@ async fn a_large_header_counts_against_the_budget_until_the_search_ends() {
         "timeouts:\n  first_command: 800ms\n",
     ))
     .await;
-    let args: Vec<String> = (0..40).map(|i| format!("{i}{}", "v".repeat(100))).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let call = chaos_tests::FakeAsterisk::new()
-        .header(chaos_tests::AgiHeader::realistic("x", &args, "3.1"))
-        .call_timeout(Duration::from_secs(20));
+    let call = large_caller("3.1");
     let addr = p.addr;
     let running = tokio::spawn(async move { call.run(addr).await });
     let gauge = || counter(&p.server.metrics().render(), "agiproxy_header_memory_bytes");

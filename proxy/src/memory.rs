@@ -40,13 +40,12 @@ pub fn worst_case(limits: &Limits) -> u64 {
 }
 
 /// Reads the memory limit of this process's cgroup, once (blocking file
-/// reads: call it off the runtime's workers). `None`: no limit, or none
-/// found.
-pub fn init() -> Option<u64> {
-    *LIMIT.get_or_init(|| read_limit(Path::new("/proc/self/cgroup"), Path::new("/sys/fs/cgroup")))
+/// reads: call it off the runtime's workers).
+pub fn init() {
+    LIMIT.get_or_init(|| read_limit(Path::new("/proc/self/cgroup"), Path::new("/sys/fs/cgroup")));
 }
 
-/// The limit read by [`init`].
+/// The limit read by [`init`]; `None`: no limit, none found, or not read.
 pub fn limit() -> Option<u64> {
     LIMIT.get().copied().flatten()
 }

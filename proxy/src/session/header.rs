@@ -152,11 +152,6 @@ impl HeaderMemory {
         }
     }
 
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
     /// Takes `n` bytes if that keeps the total within `max`.
     fn take(&self, n: usize, max: usize) -> bool {
         let before = self.used.fetch_add(n, Ordering::Relaxed);
