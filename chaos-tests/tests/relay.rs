@@ -902,3 +902,57 @@ async fn regression_a_backend_reset_first_seen_by_a_write_is_failure() {
     );
     assert!(out.violations.is_empty(), "{:?}", out.violations);
 }
+
+/// A `GET SOUNDFILE` payload that stops short of its `size=` (a broken
+/// module, or an Asterisk that died mid-transfer) is bounded by
+/// `next_command` like any silence: the module has sent all it will and
+/// waits for a command, so Asterisk is told FAILURE and the backend, which
+/// waits for the rest, is ended politely. Before: the relay waited for the rest
+/// with no deadline, and the call hung until a peer closed (audit).
+#[tokio::test]
+async fn a_get_payload_that_stops_short_ends_in_failure() {
+    use tokio::io::AsyncBufReadExt;
+    let b = FakeBackend::start(Behaviour::Steps {
+        steps: vec![Step::GetFile {
+            name: "x.gsm".into(),
+        }],
+        then: Then::Stall,
+    })
+    .await;
+    let p = soundfile_proxy(&b).await;
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "GET SOUNDFILE x.gsm\n");
+    // 100 bytes announced, one line of 57 sent.
+    let mut reply = b"200 result=0 size=100\n".to_vec();
+    reply.extend_from_slice(&chaos_tests::soundfile::encode_lines(&pattern(57, 5)));
+    w.write_all(&reply).await.unwrap();
+    let started = Instant::now();
+    let told = tokio::time::timeout(Duration::from_secs(5), async {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert_eq!(
+            line,
+            "SET VARIABLE AGIPROXY_ERROR \"next_command_timeout\"\n"
+        );
+        w.write_all(b"200 result=1\n").await.unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        line.clone()
+    })
+    .await
+    .expect("told FAILURE within 5 s (next_command is 500 ms)");
+    assert_eq!(told, "FAILURE\n");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    // The backend was ended (its `HANGUP` is read as payload by a backend
+    // that waits for the rest: valid base64) and closed.
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+}

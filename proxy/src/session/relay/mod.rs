@@ -310,6 +310,12 @@ impl<'s> Relay<'s> {
                         // The module never answered the abandoned payload.
                         return Box::pin(self.fail(reason)).await;
                     }
+                    if self.turn.in_reply_payload() && !self.a_eof {
+                        // Asterisk's `GET SOUNDFILE` payload stopped short
+                        // of its size: its module has sent all it will and
+                        // waits for a command, the backend for the rest.
+                        return Box::pin(self.fail(Reason::NextCommandTimeout)).await;
+                    }
                     if self.turn.in_payload() && !self.a_eof {
                         // The payload stopped flowing: bounded like any
                         // silence, but Asterisk can hear FAILURE only after
@@ -340,7 +346,8 @@ impl<'s> Relay<'s> {
     }
 
     /// The deadline in force: the backend's (first or next) command while it
-    /// owes one, or its next payload line; none while Asterisk executes a
+    /// owes one, or its next payload line, or Asterisk's next `GET SOUNDFILE`
+    /// payload line; none while Asterisk executes a
     /// command (`EXEC Dial` may run for hours); after Asterisk closed, a
     /// bound on the backend's linger; after an abandoned payload, a bound
     /// on the module's answer.
@@ -348,7 +355,9 @@ impl<'s> Relay<'s> {
         if self.a_eof || self.pending_failure.is_some() {
             return self.deadline;
         }
-        if (self.turn.backend_owes_command() || self.turn.in_payload()) && !self.b_eof {
+        if self.turn.in_reply_payload()
+            || ((self.turn.backend_owes_command() || self.turn.in_payload()) && !self.b_eof)
+        {
             self.deadline
         } else {
             self.keepalive_at
@@ -359,6 +368,7 @@ impl<'s> Relay<'s> {
     fn asterisk_busy(&self) -> bool {
         !self.turn.backend_owes_command()
             && !self.turn.in_payload()
+            && !self.turn.in_reply_payload()
             && !self.a_eof
             && !self.a_dead
             && self.pending_failure.is_none()

@@ -24,6 +24,11 @@ impl Relay<'_> {
             Some(Ok(n)) => {
                 self.stats.bytes_from_asterisk += n as u64;
                 self.ingest_asterisk(buf.filled());
+                if self.turn.in_reply_payload() {
+                    // A flowing `GET SOUNDFILE` payload pushes the deadline
+                    // on; one that stops is bounded like any silence.
+                    self.deadline = Some(Instant::now() + self.opts.next_command);
+                }
             }
             None => {}
             Some(Err(_)) => self.a_dead = true,
