@@ -13,9 +13,13 @@
 //! `unsafe-libyaml`: the two can never disagree about the structure), one event at a time, and
 //! refused at the first event beyond a bound: nesting deeper than [`MAX_DEPTH`], more than
 //! [`MAX_ALIASES`] aliases, or aliases that together stand for more than
-//! [`MAX_ALIAS_NODES`] nodes. The scan stops there, so its cost is linear in the text it read
-//! and it holds no more than one small entry per anchor. A syntax error ends the scan quietly:
-//! serde_yaml stops at the same event, and reports it better.
+//! [`MAX_ALIAS_NODES`] nodes, or anchors and aliases that together copy more than
+//! [`MAX_COPY_COST`] bytes of tree. That last bound counts bytes, not nodes: one alias of a
+//! 500 KB string is one node (10,000 of them took 2.9 GB), and every anchored node is copied
+//! once when it closes, used or not (60 nested anchors over one large list took 60 times its
+//! size). The scan stops there, so its cost is linear in the text it read and it holds no more
+//! than one small entry per anchor. A syntax error ends the scan quietly: serde_yaml stops at
+//! the same event, and reports it better.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -32,6 +36,13 @@ pub const MAX_DEPTH: usize = 64;
 pub const MAX_ALIASES: usize = 10_000;
 /// Nodes that all aliases together stand for, once expanded.
 pub const MAX_ALIAS_NODES: u64 = 100_000;
+/// Bytes of tree that anchors (a copy of each anchored node) and aliases (a copy per alias)
+/// may add together: a config has no use for more, and the largest text allowed by default
+/// (4 MiB) builds a tree of about this size.
+pub const MAX_COPY_COST: u64 = 16 << 20;
+/// What one node costs in the tree, beyond a scalar's bytes (a `tree::Node` and its share of
+/// the list holding it).
+const NODE_COST: u64 = 48;
 
 /// Refuses `text` when it nests too deeply or its aliases expand too far. The error names the
 /// line (1-based) of the offending event.
@@ -50,29 +61,54 @@ pub(crate) fn check(text: &str) -> Result<(), ConfigError> {
 /// What the scan keeps: open collections, and each anchor's expanded size.
 #[derive(Default)]
 pub(crate) struct Scan {
-    /// Per open collection: its anchor (if any) and the node count when it opened.
-    open: Vec<(Option<Vec<u8>>, u64)>,
-    /// Nodes so far, aliases counted at their expanded size.
-    nodes: u64,
+    /// Per open collection: its anchor (if any) and the node count and cost when it opened.
+    open: Vec<(Option<Vec<u8>>, Size)>,
+    /// The document so far, aliases counted at their expanded size.
+    total: Size,
     /// Expanded size of each anchored node, by anchor name (`None` while the node is still open:
     /// an alias inside its own anchor would be infinite).
-    anchors: HashMap<Vec<u8>, Option<u64>>,
+    anchors: HashMap<Vec<u8>, Option<Size>>,
     aliases: usize,
     alias_nodes: u64,
+    /// Bytes of tree that anchors and aliases copy (see [`MAX_COPY_COST`]).
+    copied: u64,
+}
+
+/// A node's size once built: nodes, and bytes of tree.
+#[derive(Default, Clone, Copy)]
+struct Size {
+    nodes: u64,
+    cost: u64,
+}
+
+impl Size {
+    fn since(self, start: Size) -> Size {
+        Size {
+            nodes: self.nodes - start.nodes,
+            cost: self.cost - start.cost,
+        }
+    }
 }
 
 impl Scan {
     pub(crate) fn event(&mut self, event: &Event) -> Result<(), ConfigError> {
         let line = event.line;
         match &event.kind {
-            Kind::Scalar { anchor, .. } => {
-                self.nodes += 1;
+            Kind::Scalar { anchor, len, .. } => {
+                let size = Size {
+                    nodes: 1,
+                    cost: NODE_COST + *len as u64,
+                };
+                self.total.nodes += 1;
+                self.total.cost += size.cost;
                 if let Some(a) = anchor {
-                    self.anchors.insert(a.clone(), Some(1));
+                    self.anchors.insert(a.clone(), Some(size));
+                    self.copy(line, size.cost, || format!("anchor &{}", shown(a)))?;
                 }
             }
             Kind::Start { anchor, .. } => {
-                self.nodes += 1;
+                self.total.nodes += 1;
+                self.total.cost += NODE_COST;
                 if self.open.len() >= MAX_DEPTH {
                     return Err(refused(
                         line,
@@ -85,11 +121,16 @@ impl Scan {
                 if let Some(a) = anchor {
                     self.anchors.insert(a.clone(), None);
                 }
-                self.open.push((anchor.clone(), self.nodes - 1));
+                let mut start = self.total;
+                start.nodes -= 1;
+                start.cost -= NODE_COST;
+                self.open.push((anchor.clone(), start));
             }
             Kind::End => {
                 if let Some((Some(a), start)) = self.open.pop() {
-                    self.anchors.insert(a, Some(self.nodes - start));
+                    let size = self.total.since(start);
+                    self.copy(line, size.cost, || format!("anchor &{}", shown(&a)))?;
+                    self.anchors.insert(a, Some(size));
                 }
             }
             Kind::Alias(name) => {
@@ -104,7 +145,7 @@ impl Scan {
                         ),
                     ));
                 }
-                let size = match self.anchors.get(name.as_slice()) {
+                let expanded = match self.anchors.get(name.as_slice()) {
                     Some(Some(size)) => *size,
                     Some(None) => {
                         return Err(refused(
@@ -113,9 +154,14 @@ impl Scan {
                         ))
                     }
                     // An unknown anchor: serde_yaml reports it, with its position.
-                    None => 1,
+                    None => Size {
+                        nodes: 1,
+                        cost: NODE_COST,
+                    },
                 };
-                self.nodes += size;
+                let size = expanded.nodes;
+                self.total.nodes += size;
+                self.total.cost += expanded.cost;
                 self.alias_nodes += size;
                 if self.alias_nodes > MAX_ALIAS_NODES {
                     return Err(refused(
@@ -127,11 +173,36 @@ impl Scan {
                         ),
                     ));
                 }
+                self.copy(line, expanded.cost, || format!("alias *{shown}"))?;
             }
             Kind::DocumentStart | Kind::Other => {}
         }
         Ok(())
     }
+}
+
+impl Scan {
+    /// Counts a copy of `cost` bytes of tree (an anchored node, or an alias's expansion).
+    fn copy(&mut self, line: u64, cost: u64, what: impl Fn() -> String) -> Result<(), ConfigError> {
+        self.copied += cost;
+        if self.copied > MAX_COPY_COST {
+            return Err(refused(
+                line,
+                format!(
+                    "{} brings what anchors and aliases copy over {} MiB (a copy of each \
+                     anchored node, one more per alias); a config has no use for anchors on this \
+                     scale: write the values out",
+                    what(),
+                    MAX_COPY_COST >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn shown(name: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(name)
 }
 
 fn refused(line: u64, what: String) -> ConfigError {
@@ -148,6 +219,8 @@ pub(crate) struct Event {
 pub(crate) enum Kind {
     Scalar {
         anchor: Option<Vec<u8>>,
+        /// The value's length in bytes (also when it is not copied out).
+        len: usize,
         /// The value as text (empty unless the parser was asked for values; None when it is
         /// not UTF-8).
         value: Option<String>,
@@ -237,6 +310,7 @@ impl<'a> Parser<'a> {
                     };
                     Kind::Scalar {
                         anchor: name(s.anchor),
+                        len: s.length as usize,
                         value,
                         plain: s.style == unsafe_sys::YAML_PLAIN_SCALAR_STYLE,
                         tagged: !s.tag.is_null(),
@@ -342,6 +416,49 @@ mod tests {
         let many = format!("a: &a x\nb: [{}]\n", vec!["*a"; MAX_ALIASES + 1].join(","));
         assert!(refused_with(&many).contains("more than 10000 aliases"));
         assert!(refused_with("a: &a [1, *a]\n").contains("inside the node"));
+    }
+
+    /// One alias of a large string is one node: 10,000 of a 300 KB string (a 340 KB config)
+    /// took 2.9 GB before the copies were counted in bytes (audit).
+    #[test]
+    fn aliases_of_a_large_string_are_refused_by_their_bytes() {
+        let text = format!(
+            "version: 1\nx: &a \"{}\"\ny: [{}]\n",
+            "x".repeat(500_000),
+            vec!["*a"; 40].join(", ")
+        );
+        let m = refused_with(&text);
+        assert!(m.contains("alias *a") && m.contains("over 16 MiB"), "{m}");
+        assert!(m.ends_with("(line 3)"), "{m}");
+        // A few copies of it are not a bomb.
+        let few = format!("x: &a \"{}\"\ny: [*a, *a]\n", "x".repeat(500_000));
+        check(&few).unwrap();
+    }
+
+    /// Every anchored node is copied when it closes, aliased or not: 60 anchors nested over one
+    /// list copied it 60 times (a 3.9 MB config took gigabytes; audit).
+    #[test]
+    fn nested_anchors_over_a_large_node_are_refused() {
+        let nested = |anchors: usize| {
+            let mut text = "x: ".to_string();
+            for i in 0..60 {
+                if i < anchors {
+                    text.push_str(&format!("&n{i} "));
+                }
+                text.push('[');
+            }
+            text.push_str(&vec!["a"; 20_000].join(", "));
+            text.push_str(&"]".repeat(60));
+            text + "\n"
+        };
+        let m = refused_with(&nested(60));
+        assert!(m.contains("anchor &n") && m.contains("over 16 MiB"), "{m}");
+        // The same with a few anchors is an ordinary list.
+        for anchors in [0, 3] {
+            let text = nested(anchors);
+            check(&text).unwrap();
+            assert!(crate::tree::read(&text).unwrap().is_some(), "a tree");
+        }
     }
 
     #[test]

@@ -129,6 +129,7 @@ impl Build {
             }
             Kind::Scalar {
                 anchor,
+                len: _,
                 value,
                 plain,
                 tagged,
