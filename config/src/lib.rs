@@ -40,7 +40,7 @@ pub use model::{
     Rewrite, Route, RouteMatch, RouteTarget, ScriptMatch, SplitTarget, Timeouts, TokenSource,
     DEFAULT_PORT, DEFAULT_SPLIT_KEY,
 };
-pub use pattern::Pattern;
+pub use pattern::{Pattern, PatternError, CONFIG_NFA_BUDGET};
 pub use template::{Template, TemplateContext, TemplatePart};
 
 /// Parses, validates and compiles a config of any size `limits.max_config_bytes` accepts.
@@ -65,7 +65,11 @@ pub fn from_yaml_str_within(text: &str, max_bytes: usize) -> Result<Config, Conf
         .into());
     }
     let parsed = parse::parse(text)?;
-    let config = match validate::compile(parsed.raw) {
+    // The config's regexes share one budget of checking work.
+    let budget = pattern::Budget::start();
+    let compiled = validate::compile(parsed.raw);
+    drop(budget);
+    let config = match compiled {
         Ok(config) if parsed.structural.is_empty() => config,
         compiled => {
             let validation = compiled.err().unwrap_or_default();

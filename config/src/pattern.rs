@@ -17,6 +17,7 @@ mod nfa_size;
 mod simple;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -34,9 +35,65 @@ const NFA_SIZE_LIMIT: usize = 10 << 20;
 /// layout change (a test checks it against the real builder).
 const BOUND_TRUSTED: u64 = 1 << 20;
 
+/// What checking one config's regexes may build, all patterns together (see [`Budget`]). At
+/// about 25 ns a byte of NFA, a second or two of CPU: far beyond what routes need (their
+/// patterns are proven small without building anything), and it bounds a hostile config, whose
+/// patterns near the size limit cost 0.4 s each (300 of them held the one config parse for
+/// 105 s, and a change behind it waited).
+pub const CONFIG_NFA_BUDGET: usize = 64 << 20;
+
 /// Patterns up to this long are parsed by an AST parser kept per thread (see `parse`); what
 /// it keeps between parses grows with the pattern, so long ones get their own.
 const SHARED_PARSER_MAX: usize = 4096;
+
+/// Why a pattern was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    /// `regex` refuses it; the error is regex's own.
+    #[error(transparent)]
+    Regex(#[from] regex::Error),
+    /// The config's regexes used up [`CONFIG_NFA_BUDGET`] before this one was checked.
+    #[error(
+        "not checked: the config's regexes together need more than {} MiB of automata to check \
+         (large Unicode classes repeated, like \\w{{100}}, are the usual cause: (?-u:\\w) is \
+         ASCII-only and far smaller)",
+        CONFIG_NFA_BUDGET >> 20
+    )]
+    OverBudget,
+}
+
+/// While one is alive, the regexes checked on this thread (one config's) share
+/// [`CONFIG_NFA_BUDGET`], and a pattern written more than once is checked once. Without one
+/// (a pattern on its own), each is bounded by the size limit alone.
+pub struct Budget(());
+
+struct Checks {
+    left: usize,
+    /// Patterns that needed their NFAs built, and whether they passed.
+    seen: HashMap<Box<str>, bool>,
+}
+
+thread_local! {
+    static BUDGET: RefCell<Option<Checks>> = const { RefCell::new(None) };
+}
+
+impl Budget {
+    pub fn start() -> Budget {
+        BUDGET.with(|b| {
+            *b.borrow_mut() = Some(Checks {
+                left: CONFIG_NFA_BUDGET,
+                seen: HashMap::new(),
+            })
+        });
+        Budget(())
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        BUDGET.with(|b| *b.borrow_mut() = None);
+    }
+}
 
 /// A regex that `regex::Regex::new` accepts, compiled on first use (shared by clones).
 #[derive(Clone)]
@@ -48,10 +105,11 @@ struct Inner {
 }
 
 impl Pattern {
-    /// Checks `text` as `Regex::new` would, without building it. The error is `regex`'s own.
-    pub fn new(text: &str) -> Result<Pattern, regex::Error> {
+    /// Checks `text` as `Regex::new` would, without building it. The error is `regex`'s own,
+    /// or [`PatternError::OverBudget`] under a [`Budget`] used up.
+    pub fn new(text: &str) -> Result<Pattern, PatternError> {
         let compiled = OnceLock::new();
-        if !check(text) {
+        if !check(text)? {
             // The error to show is regex's own; and the check is stricter than regex in one
             // case (a long alternation of literals, which regex runs without an NFA), so a
             // pattern regex accepts is kept, compiled.
@@ -140,27 +198,57 @@ fn parse(text: &str) -> Option<Hir> {
 /// the default syntax options, then the forward NFA (captures kept) and the reverse NFA
 /// (without captures) under the size limit. The engines built after those (PikeVM,
 /// backtracker, one-pass and lazy DFAs) give up quietly instead of failing.
-fn check(text: &str) -> bool {
-    parse(text).is_some_and(|hir| nfa_size::bound(&hir) <= BOUND_TRUSTED || nfas_within_limit(&hir))
+fn check(text: &str) -> Result<bool, PatternError> {
+    let Some(hir) = parse(text) else {
+        return Ok(false);
+    };
+    if nfa_size::bound(&hir) <= BOUND_TRUSTED {
+        return Ok(true);
+    }
+    BUDGET.with(|b| {
+        let mut b = b.borrow_mut();
+        let Some(checks) = b.as_mut() else {
+            return Ok(nfas_within_limit(&hir).0);
+        };
+        if let Some(ok) = checks.seen.get(text) {
+            return Ok(*ok);
+        }
+        // Room for the largest build, and for `Regex::new` building again for its error.
+        if checks.left < 2 * NFA_SIZE_LIMIT {
+            return Err(PatternError::OverBudget);
+        }
+        let (ok, used) = nfas_within_limit(&hir);
+        checks.left -= used + if ok { 0 } else { NFA_SIZE_LIMIT };
+        checks.seen.insert(text.into(), ok);
+        Ok(ok)
+    })
 }
 
-fn nfas_within_limit(hir: &Hir) -> bool {
+/// Whether both NFAs are within the limit, and the bytes they took to build (the limit for
+/// one that ran over it).
+fn nfas_within_limit(hir: &Hir) -> (bool, usize) {
     let config = thompson::Config::new()
         .utf8(true)
         .nfa_size_limit(Some(NFA_SIZE_LIMIT))
         .shrink(false);
-    let forward = thompson::Compiler::new()
+    let forward = match thompson::Compiler::new()
         .configure(config.clone())
-        .build_from_hir(hir);
-    forward.is_ok()
-        && thompson::Compiler::new()
-            .configure(
-                config
-                    .which_captures(thompson::WhichCaptures::None)
-                    .reverse(true),
-            )
-            .build_from_hir(hir)
-            .is_ok()
+        .build_from_hir(hir)
+    {
+        Ok(nfa) => nfa.memory_usage(),
+        Err(_) => return (false, NFA_SIZE_LIMIT),
+    };
+    match thompson::Compiler::new()
+        .configure(
+            config
+                .which_captures(thompson::WhichCaptures::None)
+                .reverse(true),
+        )
+        .build_from_hir(hir)
+    {
+        Ok(nfa) => (true, forward + nfa.memory_usage()),
+        Err(_) => (false, forward + NFA_SIZE_LIMIT),
+    }
 }
 
 /// A reproducible xorshift generator for the randomized tests of the
@@ -211,7 +299,7 @@ mod tests {
             let regex = Regex::new(p);
             let pattern = Pattern::new(p);
             assert_eq!(regex.is_ok(), pattern.is_ok(), "{:.60}", p);
-            if let (Err(a), Err(b)) = (regex, pattern) {
+            if let (Err(a), Err(PatternError::Regex(b))) = (regex, pattern) {
                 assert_eq!(a.to_string(), b.to_string());
             }
         }
@@ -226,6 +314,49 @@ mod tests {
             let pattern = Pattern::new(p).unwrap();
             assert_eq!(pattern.parsed(), fresh(p), "{p}");
             assert!(!pattern.is_compiled());
+        }
+    }
+
+    fn routes(patterns: impl Iterator<Item = String>) -> String {
+        let mut text =
+            "version: 1\nlisteners: [{ name: a, address: \"127.0.0.1:4573\" }]\nroutes:\n"
+                .to_string();
+        for (i, p) in patterns.enumerate() {
+            text.push_str(&format!(
+                "  - {{ name: r{i}, match: {{ script: {{ regex: '{p}' }} }}, pool: p }}\n"
+            ));
+        }
+        text + "pools:\n  - { name: p, backends: [{ address: \"127.0.0.1:1\" }] }\n"
+    }
+
+    /// Large patterns (here `\w{100}`: 5.6 MB of NFAs, 50 ms each) share one budget per
+    /// config: past it the rest are refused unchecked, so a config of hostile patterns
+    /// costs seconds, not the 105 s that 300 of them held the one config parse (audit).
+    #[test]
+    fn a_configs_regexes_share_one_budget() {
+        let distinct = routes((0..30).map(|i| format!(r"\w{{100}}x{i}")));
+        let errors = crate::from_yaml_str(&distinct).expect_err("over the budget");
+        let over: Vec<_> = errors
+            .0
+            .iter()
+            .filter(|e| e.message.contains("not checked"))
+            .collect();
+        // 64 MiB leaves room for about 9 of them (at least 20 MiB for the last); the first
+        // ones are checked and valid.
+        assert!((15..=25).contains(&over.len()), "{errors}");
+        assert_eq!(errors.0.len(), over.len(), "{errors}");
+        assert!(over[0].path.starts_with("routes[") && !over[0].path.starts_with("routes[0]"));
+        assert!(
+            over[0].message.contains("more than 64 MiB"),
+            "{}",
+            over[0].message
+        );
+        // The same pattern written many times is checked once.
+        let same = routes((0..200).map(|_| r"\w{100}".to_string()));
+        crate::from_yaml_str(&same).expect("one pattern, checked once");
+        // A pattern on its own has no budget but its size limit.
+        for _ in 0..12 {
+            Pattern::new(r"\w{100}").unwrap();
         }
     }
 

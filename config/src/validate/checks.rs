@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use crate::model::{BackendTarget, DEFAULT_PORT};
-use crate::pattern::Pattern;
+use crate::pattern::{Pattern, PatternError};
 
 /// Names of routes, pools and listeners end up in logs, metrics labels and `${route}`-style
 /// header values, so they are kept to a safe alphabet.
@@ -87,7 +87,10 @@ pub(crate) fn regex(text: &str) -> Result<Regex, String> {
 /// Checks a regex of a route, to be compiled on first use (see [`Pattern`]); the error is
 /// [`regex`]'s.
 pub(crate) fn pattern(text: &str) -> Result<Pattern, String> {
-    Pattern::new(text).map_err(|e| regex_error(text, &e))
+    Pattern::new(text).map_err(|e| match e {
+        PatternError::Regex(e) => regex_error(text, &e),
+        over => format!("{text:?} {over}"),
+    })
 }
 
 fn regex_error(text: &str, e: &regex::Error) -> String {
