@@ -145,6 +145,12 @@ async fn a_balancer_without_a_valid_proxy_header_fails_the_call() {
     let mut long = v2_header(1, "127.0.0.7:1", "127.0.0.1:2");
     long.truncate(16 + 12);
     long[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+    let mut over_tlvs = long.clone();
+    over_tlvs[14..16].copy_from_slice(&300u16.to_be_bytes());
+    // One TLV claiming 255 bytes, 3 sent, in a header declaring it whole.
+    let mut bad_tlv = long.clone();
+    bad_tlv.extend_from_slice(&[0x04, 0x00, 0xff, b'a', b'b', b'c']);
+    bad_tlv[14..16].copy_from_slice(&(12u16 + 6).to_be_bytes());
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("none", vec![], "proxy_missing"),
         (
@@ -162,6 +168,15 @@ async fn a_balancer_without_a_valid_proxy_header_fails_the_call() {
         // would swallow Asterisk's header and wait (an audit: a silent
         // close at the header timeout). Longer than any header may be.
         ("v2, declared longer than it is", long, "proxy_invalid"),
+        // Declaring 300 bytes, within the header bound, sending the 12 of
+        // its addresses: Asterisk's header was read as TLVs, then a silent
+        // close at the header timeout (audit). TLVs must fit.
+        (
+            "v2, Asterisk's header read as TLVs",
+            over_tlvs,
+            "proxy_invalid",
+        ),
+        ("v2, a TLV past the header's end", bad_tlv, "proxy_invalid"),
     ];
     for (what, preamble, reason) in cases {
         let before = l.server.metrics().render();

@@ -61,6 +61,7 @@ fn v2(buf: &[u8]) -> Result<Preamble, Invalid> {
     if buf.len() < V2_SIGNATURE.len() {
         return Ok(Preamble::Partial);
     }
+    v2_tlvs(buf)?;
     match v2::Header::try_from(buf) {
         Ok(h) => Ok(Preamble::Done {
             len: h.len(),
@@ -74,6 +75,42 @@ fn v2(buf: &[u8]) -> Result<Preamble, Invalid> {
         Err(v2::ParseError::Incomplete(_) | v2::ParseError::Partial(..)) => Ok(Preamble::Partial),
         Err(_) => Err(Invalid("v2")),
     }
+}
+
+/// The TLVs after a v2 header's addresses must end exactly at its declared
+/// length. `ppp` reads them only when asked, so a header declaring more
+/// than it holds took Asterisk's own header for TLVs, then waited for the
+/// rest and ended in a silent close, SUCCESS to Asterisk (audit). Checked on
+/// what has arrived, so bytes that cannot be TLVs are refused at once:
+/// Asterisk's `agi_…` read as one claims 26,473 bytes.
+fn v2_tlvs(buf: &[u8]) -> Result<(), Invalid> {
+    let Some(end) = v2_declared_len(buf) else {
+        return Ok(());
+    };
+    // The address block of each family (INET, INET6, UNIX; none for UNSPEC).
+    let addresses = match buf[13] >> 4 {
+        1 => 12,
+        2 => 36,
+        3 => 216,
+        _ => 0,
+    };
+    let mut at = 16 + addresses;
+    if at > end {
+        // Too short for its addresses: `ppp` says so.
+        return Ok(());
+    }
+    let have = buf.len().min(end);
+    while at + 3 <= have {
+        at += 3 + usize::from(u16::from_be_bytes([buf[at + 1], buf[at + 2]]));
+        if at > end {
+            return Err(Invalid("v2"));
+        }
+    }
+    if have == end && at != end {
+        // One or two bytes left over: no TLV is that short.
+        return Err(Invalid("v2"));
+    }
+    Ok(())
 }
 
 fn v1(buf: &[u8]) -> Result<Preamble, Invalid> {
