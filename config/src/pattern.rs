@@ -69,8 +69,9 @@ pub struct Budget(());
 
 struct Checks {
     left: usize,
-    /// Patterns that needed their NFAs built, and whether they passed.
-    seen: HashMap<Box<str>, bool>,
+    /// Patterns that needed their NFAs built, as `Pattern::new` made them (or `regex`'s
+    /// error, which took another build to get).
+    seen: HashMap<Box<str>, Result<Pattern, regex::Error>>,
 }
 
 thread_local! {
@@ -108,11 +109,41 @@ impl Pattern {
     /// Checks `text` as `Regex::new` would, without building it. The error is `regex`'s own,
     /// or [`PatternError::OverBudget`] under a [`Budget`] used up.
     pub fn new(text: &str) -> Result<Pattern, PatternError> {
+        let Some(hir) = parse(text) else {
+            return Ok(Pattern::made(text, false)?);
+        };
+        if nfa_size::bound(&hir) <= BOUND_TRUSTED {
+            return Ok(Pattern::made(text, true).expect("checked"));
+        }
+        BUDGET.with(|b| {
+            let mut b = b.borrow_mut();
+            let Some(checks) = b.as_mut() else {
+                return Ok(Pattern::made(text, nfas_within_limit(&hir).0)?);
+            };
+            if let Some(made) = checks.seen.get(text) {
+                return Ok(made.clone()?);
+            }
+            // Room for the largest build, and for `Regex::new` building again for its error.
+            if checks.left < 2 * NFA_SIZE_LIMIT {
+                return Err(PatternError::OverBudget);
+            }
+            let (ok, used) = nfas_within_limit(&hir);
+            checks.left = checks
+                .left
+                .saturating_sub(used + if ok { 0 } else { NFA_SIZE_LIMIT });
+            let made = Pattern::made(text, ok);
+            checks.seen.insert(text.into(), made.clone());
+            Ok(made?)
+        })
+    }
+
+    /// The pattern of `text`, whose check `passed`. The error to show when it did not is
+    /// regex's own; and the check is stricter than regex in one case (a long alternation of
+    /// literals, which regex runs without an NFA), so a pattern regex accepts is kept,
+    /// compiled.
+    fn made(text: &str, passed: bool) -> Result<Pattern, regex::Error> {
         let compiled = OnceLock::new();
-        if !check(text)? {
-            // The error to show is regex's own; and the check is stricter than regex in one
-            // case (a long alternation of literals, which regex runs without an NFA), so a
-            // pattern regex accepts is kept, compiled.
+        if !passed {
             compiled
                 .set(Regex::new(text)?)
                 .expect("a new cell is empty");
@@ -193,36 +224,12 @@ fn parse(text: &str) -> Option<Hir> {
         .ok()
 }
 
-/// The steps of `regex::Regex::new` that can refuse a pattern (regex-automata's meta
-/// `Builder::build_many` and `Core::new` with `regex`'s defaults): parse and translate with
-/// the default syntax options, then the forward NFA (captures kept) and the reverse NFA
-/// (without captures) under the size limit. The engines built after those (PikeVM,
-/// backtracker, one-pass and lazy DFAs) give up quietly instead of failing.
-fn check(text: &str) -> Result<bool, PatternError> {
-    let Some(hir) = parse(text) else {
-        return Ok(false);
-    };
-    if nfa_size::bound(&hir) <= BOUND_TRUSTED {
-        return Ok(true);
-    }
-    BUDGET.with(|b| {
-        let mut b = b.borrow_mut();
-        let Some(checks) = b.as_mut() else {
-            return Ok(nfas_within_limit(&hir).0);
-        };
-        if let Some(ok) = checks.seen.get(text) {
-            return Ok(*ok);
-        }
-        // Room for the largest build, and for `Regex::new` building again for its error.
-        if checks.left < 2 * NFA_SIZE_LIMIT {
-            return Err(PatternError::OverBudget);
-        }
-        let (ok, used) = nfas_within_limit(&hir);
-        checks.left -= used + if ok { 0 } else { NFA_SIZE_LIMIT };
-        checks.seen.insert(text.into(), ok);
-        Ok(ok)
-    })
-}
+// The steps of `regex::Regex::new` that can refuse a pattern (regex-automata's meta
+// `Builder::build_many` and `Core::new` with `regex`'s defaults): parse and translate with
+// the default syntax options, then the forward NFA (captures kept) and the reverse NFA
+// (without captures) under the size limit. The engines built after those (PikeVM,
+// backtracker, one-pass and lazy DFAs) give up quietly instead of failing. `Pattern::new`
+// runs them: the parse, then the NFAs unless their bound is trusted.
 
 /// Whether both NFAs are within the limit, and the bytes they took to build (the limit for
 /// one that ran over it).
@@ -351,9 +358,27 @@ mod tests {
             "{}",
             over[0].message
         );
-        // The same pattern written many times is checked once.
+        // The same pattern written many times is checked once, also when it is refused
+        // (regex's own error took another build each time: 300 took 74 s).
         let same = routes((0..200).map(|_| r"\w{100}".to_string()));
         crate::from_yaml_str(&same).expect("one pattern, checked once");
+        let started = std::time::Instant::now();
+        let refused = routes((0..100).map(|_| r"\w{1000}".to_string()));
+        let errors = crate::from_yaml_str(&refused).expect_err("over the size limit");
+        assert_eq!(errors.0.len(), 100);
+        assert!(
+            errors.0.iter().all(|e| e.message.contains("size limit")),
+            "{errors}"
+        );
+        let once = started.elapsed();
+        let started = std::time::Instant::now();
+        crate::from_yaml_str(&routes(std::iter::once(r"\w{1000}".to_string()))).unwrap_err();
+        // 100 cost about what 1 does (not 100 times; a wide margin for a busy machine).
+        assert!(
+            once < started.elapsed() * 10,
+            "{once:?} vs {:?}",
+            started.elapsed()
+        );
         // A pattern on its own has no budget but its size limit.
         for _ in 0..12 {
             Pattern::new(r"\w{100}").unwrap();
