@@ -385,6 +385,27 @@ mod tests {
         }
     }
 
+    /// Health checks' `expect` regexes are compiled whole, and share the same budget.
+    #[test]
+    fn health_check_regexes_share_the_budget() {
+        let mut text = "version: 1\nlisteners: [{ name: a, address: \"127.0.0.1:4573\" }]\n\
+                        routes:\n  - { name: all, pool: p0 }\npools:\n"
+            .to_string();
+        for i in 0..30 {
+            text.push_str(&format!(
+                "  - {{ name: p{i}, health: {{ type: agi, expect: '\\w{{100}}x{i}' }}, \
+                 backends: [{{ address: \"127.0.0.1:1\" }}] }}\n"
+            ));
+        }
+        let errors = crate::from_yaml_str(&text).expect_err("over the budget");
+        assert!(
+            errors.0.iter().all(|e| e.path.ends_with(".health.expect")),
+            "{errors}"
+        );
+        assert!((15..=25).contains(&errors.0.len()), "{errors}");
+        assert!(errors.0[0].message.contains("not checked"), "{errors}");
+    }
+
     #[test]
     fn built_on_first_use_and_shared_by_clones() {
         let p = Pattern::new("^/?ivr/[0-9]+$").unwrap();

@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
-use regex::Regex;
 
 use crate::model::{BackendTarget, DEFAULT_PORT};
 use crate::pattern::{Pattern, PatternError};
@@ -79,13 +78,8 @@ pub(crate) fn is_asterisk_var(name: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Compiles a regex; the error keeps regex's own explanation but on one line.
-pub(crate) fn regex(text: &str) -> Result<Regex, String> {
-    Regex::new(text).map_err(|e| regex_error(text, &e))
-}
-
-/// Checks a regex of a route, to be compiled on first use (see [`Pattern`]); the error is
-/// [`regex`]'s.
+/// Checks a regex, to be compiled on first use (see [`Pattern`]); the error keeps regex's own
+/// explanation but on one line.
 pub(crate) fn pattern(text: &str) -> Result<Pattern, String> {
     Pattern::new(text).map_err(|e| match e {
         PatternError::Regex(e) => regex_error(text, &e),
@@ -536,7 +530,7 @@ mod tests {
 
     #[test]
     fn regex_errors_are_one_line() {
-        let e = regex("^[0-9+$").unwrap_err();
+        let e = pattern("^[0-9+$").unwrap_err();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.contains("unclosed character class"), "{e}");
     }

@@ -304,8 +304,11 @@ fn health(raw: &RawHealth, path: &str, errs: &mut Errors) -> Option<HealthCheck>
                 );
                 ok = false;
             }
+            // Checked like a route's pattern (within the config's budget, a repeated one
+            // once), then compiled: health checks match it on every probe.
             let expect = raw.expect.as_ref().and_then(|e| {
-                checks::regex(&e.0)
+                checks::pattern(&e.0)
+                    .map(|p| p.regex().clone())
                     .map_err(|m| {
                         errs.push(format!("{path}.expect"), m);
                         ok = false;
