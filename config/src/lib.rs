@@ -43,6 +43,14 @@ pub use model::{
 pub use pattern::Pattern;
 pub use template::{Template, TemplateContext, TemplatePart};
 
+/// `text` without a leading UTF-8 byte order mark, which some editors write (Windows
+/// Notepad): the YAML reader takes it for the start of a second document. For
+/// [`from_yaml_str_within`], and for whatever else reads a config text as YAML (an edit of
+/// the running text).
+pub fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Parses, validates and compiles a config of any size `limits.max_config_bytes` accepts.
 pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
     from_yaml_str_within(text, *Limits::MAX_CONFIG_BYTES.end())
@@ -64,6 +72,8 @@ pub fn from_yaml_str_within(text: &str, max_bytes: usize) -> Result<Config, Conf
         )
         .into());
     }
+    // Every path (file, API, check) comes through here.
+    let text = without_bom(text);
     let parsed = parse::parse(text)?;
     let config = match validate::compile(parsed.raw) {
         Ok(config) if parsed.structural.is_empty() => config,
