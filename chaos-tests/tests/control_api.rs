@@ -1518,3 +1518,89 @@ async fn status_and_rollouts_never_read_the_config_file() {
     );
     api.stop().await;
 }
+
+/// One raw HTTP/1.1 request, no credential: the whole answer as text (the
+/// client's `Response` has no headers, and `Allow` is one).
+async fn raw_request(addr: std::net::SocketAddr, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A method an open path does not serve is 405 in JSON with `Allow`, with
+/// or without a token configured and with no credential sent (it was 401 or
+/// 403, as if it were a guarded route). Guarded routes stay guarded: a
+/// method they serve, or one they do not, still needs the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_on_an_open_path_is_405_without_a_credential() {
+    let b1 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b2 = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let text = config_text(&b1.addr().to_string(), &b2.addr().to_string());
+    for token in [Some(TOKEN), None] {
+        let api = start_with(
+            &text,
+            ServeOptions {
+                address: Some("127.0.0.1:0".parse().unwrap()),
+                socket: None,
+                token: token.map(Into::into),
+                tls: None,
+                max_body_bytes: 1 << 20,
+                request_timeout: Duration::from_secs(5),
+            },
+        )
+        .await;
+        let addr = api.control_addr();
+        for (method, path) in [
+            ("POST", "/healthz"),
+            ("POST", "/metrics"),
+            ("DELETE", "/v1/status"),
+            ("OPTIONS", "/readyz"),
+            ("PUT", "/readyz"),
+        ] {
+            let answer = raw_request(addr, method, path).await;
+            let lower = answer.to_ascii_lowercase();
+            assert!(
+                answer.starts_with("HTTP/1.1 405"),
+                "{token:?}: {method} {path}: {answer}"
+            );
+            assert!(
+                lower.contains("\r\nallow: get,head\r\n"),
+                "{token:?}: {method} {path}: {answer}"
+            );
+            assert!(lower.contains("content-type: application/json"), "{answer}");
+            assert!(
+                answer.contains(r#"{"error":"method not allowed on this path"#),
+                "{answer}"
+            );
+        }
+        assert!(raw_request(addr, "HEAD", "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200"));
+        // Guarded paths: the credential first, whatever the method.
+        let refused = if token.is_some() { 401 } else { 403 };
+        let mut guarded: Vec<(String, String)> = api
+            .endpoints
+            .iter()
+            .filter(|e| !e.open())
+            .map(|e| (e.method.to_string(), request_for(e, "127.0.0.1:1", &text).0))
+            .collect();
+        guarded.push(("DELETE".into(), "/v1/config".into()));
+        guarded.push(("OPTIONS".into(), "/v1/drain".into()));
+        for (method, path) in &guarded {
+            let (s, body) = call(&client(None), &api.target, method, path, &[], None).await;
+            assert_eq!(s, refused, "{token:?}: {method} {path}: {body}");
+        }
+        assert!(!api.server.is_draining());
+        assert_eq!(api.server.snapshot().meta.generation, 1);
+        api.stop().await;
+    }
+}

@@ -43,6 +43,32 @@ pub use model::{
 pub use pattern::{Pattern, PatternError, CONFIG_NFA_BUDGET};
 pub use template::{Template, TemplateContext, TemplatePart};
 
+/// Errors reported for one config at most, the first in file order; one more error then
+/// says how many were left out. A config of 300,000 unknown keys once gave 42 MB of errors
+/// (`check`'s output, the API's answer, a log line the log writer dropped).
+pub const MAX_ERRORS: usize = 100;
+
+/// `299900` as `299,900`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `text` without a leading UTF-8 byte order mark, which some editors write (Windows
+/// Notepad): the YAML reader takes it for the start of a second document. For
+/// [`from_yaml_str_within`], and for whatever else reads a config text as YAML (an edit of
+/// the running text).
+pub fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Parses, validates and compiles a config of any size `limits.max_config_bytes` accepts.
 pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
     from_yaml_str_within(text, *Limits::MAX_CONFIG_BYTES.end())
@@ -64,6 +90,8 @@ pub fn from_yaml_str_within(text: &str, max_bytes: usize) -> Result<Config, Conf
         )
         .into());
     }
+    // Every path (file, API, check) comes through here.
+    let text = without_bom(text);
     let parsed = parse::parse(text)?;
     // The config's regexes share one budget of checking work.
     let budget = pattern::Budget::start();

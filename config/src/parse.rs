@@ -88,11 +88,12 @@ pub(crate) fn report(
             all.push((segments(&e.path), false, e));
         }
     }
-    let mut located: Vec<(Option<(usize, usize)>, ConfigError)> = all
+    let budget = MAX_LOCATED.min(LOCATE_BYTES / text.len().max(1));
+    let mut located: Vec<((u8, usize), ConfigError)> = all
         .into_iter()
         .enumerate()
         .map(|(i, (segs, key, mut e))| {
-            let at = if i < MAX_LOCATED.min(LOCATE_BYTES / text.len().max(1)) {
+            let at = if i < budget {
                 locate_nearest(text, &segs, key)
             } else {
                 None
@@ -100,13 +101,35 @@ pub(crate) fn report(
             if let Some((line, column)) = at {
                 e.message = format!("{} (line {line}, column {column})", e.message);
             }
-            (at, e)
+            // Errors about the file as a whole (nothing to point at) first; those past the
+            // budget last, so that the ones kept (see `MAX_ERRORS`) are the located ones.
+            let order = match at {
+                Some((line, _)) => (1, line),
+                None if i < budget => (0, 0),
+                None => (2, 0),
+            };
+            (order, e)
         })
         .collect();
-    // File order by line (within a line, as found); errors about the file as a whole
-    // (nothing to point at) first.
-    located.sort_by_key(|(at, _)| at.map(|(line, _)| line));
-    located.into_iter().map(|(_, e)| e).collect()
+    // File order by line (within a line, as found).
+    located.sort_by_key(|(order, _)| *order);
+    let more = located.len().saturating_sub(crate::MAX_ERRORS);
+    let mut errors: Vec<ConfigError> = located
+        .into_iter()
+        .take(crate::MAX_ERRORS)
+        .map(|(_, e)| e)
+        .collect();
+    if more > 0 {
+        errors.push(ConfigError::new(
+            "",
+            format!(
+                "… and {} more error{}",
+                crate::thousands(more),
+                if more == 1 { "" } else { "s" }
+            ),
+        ));
+    }
+    errors
 }
 
 impl Structural {

@@ -497,3 +497,38 @@ fn a_pool_of_more_than_1000_backends_is_refused() {
         )],
     );
 }
+
+/// A config with very many mistakes reports the first `MAX_ERRORS` (in
+/// file order, located) and then how many more there were: 300,000 unknown
+/// keys once gave 42 MB of errors to `check`, the API and one log line.
+#[test]
+fn very_many_errors_are_cut_to_the_first_hundred_and_a_count() {
+    use agiproxy_config::MAX_ERRORS;
+    assert_eq!(MAX_ERRORS, 100);
+    let keys: String = (0..1_000).map(|i| format!("k{i}: 1\n")).collect();
+    let errs = errors(&format!("version: 1\n{keys}"));
+    assert_eq!(errs.len(), MAX_ERRORS + 1, "{errs:#?}");
+    assert_eq!(
+        errs.last().unwrap(),
+        &ConfigError::new("", "… and 900 more errors")
+    );
+    // The ones kept are the first, in file order, with their lines.
+    for (i, e) in errs[..MAX_ERRORS].iter().enumerate() {
+        assert!(
+            e.message.starts_with(&format!("unknown field `k{i}`"))
+                && e.message.ends_with(&format!("(line {}, column 1)", i + 2)),
+            "{i}: {e}"
+        );
+    }
+    // Exactly at the cap: nothing cut, no count.
+    let keys: String = (0..MAX_ERRORS).map(|i| format!("k{i}: 1\n")).collect();
+    let errs = errors(&format!("version: 1\n{keys}"));
+    assert_eq!(errs.len(), MAX_ERRORS, "{errs:#?}");
+    // One more: the count is singular; large counts are grouped by thousands.
+    let keys: String = (0..=MAX_ERRORS).map(|i| format!("k{i}: 1\n")).collect();
+    let errs = errors(&format!("version: 1\n{keys}"));
+    assert_eq!(errs.last().unwrap().message, "… and 1 more error");
+    let keys: String = (0..11_100).map(|i| format!("k{i}: 1\n")).collect();
+    let errs = errors(&format!("version: 1\n{keys}"));
+    assert_eq!(errs.last().unwrap().message, "… and 11,000 more errors");
+}

@@ -581,3 +581,24 @@ fn tcp_keepalive_is_on_by_default_and_can_be_tuned_or_turned_off() {
     let c = compile("version: 1\ntcp_keepalive:\n");
     assert_eq!(c.tcp_keepalive, Some(Keepalive::default()));
 }
+
+/// A file that starts with a UTF-8 byte order mark (as some Windows editors
+/// write it) compiles as it does without one; it was refused as "more than
+/// one document". Its errors keep their lines and columns.
+#[test]
+fn a_leading_byte_order_mark_is_ignored() {
+    let with_bom = format!("\u{feff}{FULL}");
+    assert_eq!(
+        format!("{:?}", compile(&with_bom)),
+        format!("{:?}", compile(FULL))
+    );
+    let bare = "\u{feff}version: 1\n";
+    assert_eq!(
+        format!("{:?}", compile(bare)),
+        format!("{:?}", compile(&bare[3..]))
+    );
+    let bad = "\u{feff}version: 1\ntimeouts: { budget: soon }\n";
+    let errs = from_yaml_str(bad).unwrap_err();
+    assert_eq!(errs, from_yaml_str(&bad[3..]).unwrap_err());
+    assert!(errs.0[0].message.ends_with("(line 2, column 21)"), "{errs}");
+}

@@ -5,9 +5,10 @@
 //!
 //! Access is decided in one place, [`guard`], laid over every route: only
 //! the read-only requests listed in [`OPEN`] are served without a
-//! credential; every other route, including any added later, needs one (a
-//! bearer token compared in constant time, or the control socket). With no
-//! token configured, those routes answer 403 on TCP, on any address.
+//! credential (and a method an open path does not serve gets its 405
+//! without one); every other route, including any added later, needs one
+//! (a bearer token compared in constant time, or the control socket). With
+//! no token configured, those routes answer 403 on TCP, on any address.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -153,6 +154,22 @@ fn is_open(method: &Method, path: &str) -> bool {
         method.as_str()
     };
     OPEN.iter().any(|&(m, p)| m == method && p == path)
+}
+
+/// `method` is one that `path`, an open path, does not serve at all (HEAD
+/// counts as GET). Its 405 and `Allow` reveal nothing an open path does
+/// not publish already, so it needs no credential; a method the path does
+/// serve stays guarded unless [`OPEN`] lists it.
+fn unserved_on_open_path(endpoints: &[Endpoint], method: &Method, path: &str) -> bool {
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
+    OPEN.iter().any(|&(_, p)| p == path)
+        && !endpoints
+            .iter()
+            .any(|e| e.path == path && e.method == *method)
 }
 
 /// A bound control API; `serve` runs it until `shutdown` resolves.
@@ -602,12 +619,13 @@ fn build<P: ControlPlane>(
     max_body: usize,
     timeout: Duration,
 ) -> (Router, Vec<Endpoint>) {
+    let Routes { router, endpoints } = routes::<P>();
     let ctx = Arc::new(Ctx {
         plane,
         token,
         socket_owner,
+        endpoints: endpoints.clone(),
     });
-    let Routes { router, endpoints } = routes::<P>();
     let app = router
         // Over every route at once, so none can be added without it.
         .route_layer(middleware::from_fn_with_state(ctx.clone(), guard::<P>))
@@ -694,15 +712,18 @@ async fn json_errors(State(limits): State<Limits>, req: Request, next: Next) -> 
     out
 }
 
-/// The one access check, over every route: [`OPEN`] requests pass; any
-/// other needs the control socket (its owner or root) or, on TCP, the
-/// bearer token. With no token configured, TCP gets 403 and how to set one.
+/// The one access check, over every route: [`OPEN`] requests pass, and so
+/// does a method an open path does not serve (to its 405); any other needs
+/// the control socket (its owner or root) or, on TCP, the bearer token.
+/// With no token configured, TCP gets 403 and how to set one.
 async fn guard<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> Response {
     let path = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
-    if path.as_deref().is_some_and(|p| is_open(req.method(), p)) {
+    if path.as_deref().is_some_and(|p| {
+        is_open(req.method(), p) || unserved_on_open_path(&ctx.endpoints, req.method(), p)
+    }) {
         return next.run(req).await;
     }
     let what = format!("{} {}", req.method(), path.as_deref().unwrap_or("?"));

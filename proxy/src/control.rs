@@ -253,6 +253,8 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
 
 /// Sets a route's `split:` in a config text (the route's `pool:` goes).
 fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, ApplyError> {
+    // A running text may start with a byte order mark, which serde_yaml refuses.
+    let text = agiproxy_config::without_bom(text);
     let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
     })?;
@@ -503,5 +505,11 @@ mod tests {
             with_split(text, "c", &split),
             Err(ApplyError::NotFound(_))
         ));
+        // A running text that starts with a byte order mark (accepted by
+        // the config crate) can be edited too.
+        assert_eq!(
+            with_split(&format!("\u{feff}{text}"), "b", &split).unwrap(),
+            out
+        );
     }
 }

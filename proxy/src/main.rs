@@ -236,7 +236,17 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            let mut out = format!("{}: {}:\n", path.display(), count(errors.len(), "error"));
+            // Cut by the config crate: the last error says how many more.
+            let how_many = if errors.len() > agiproxy_config::MAX_ERRORS {
+                format!(
+                    "over {} errors, the first {} shown",
+                    agiproxy_config::MAX_ERRORS,
+                    agiproxy_config::MAX_ERRORS
+                )
+            } else {
+                count(errors.len(), "error")
+            };
+            let mut out = format!("{}: {how_many}:\n", path.display());
             for e in &errors {
                 out += &format!("  {e}\n");
             }

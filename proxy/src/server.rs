@@ -292,10 +292,9 @@ impl Server {
                     tracing::warn!(generation = a.generation, "{w}");
                 }
             }
-            // Every mistake, on the log line itself: a text log line is one line.
+            // The mistakes, on the log line itself: a text log line is one line.
             Err(ApplyError::Invalid(errors)) => {
-                let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                tracing::warn!(source, error = "invalid config", errors = %errors.join("; "), "config change refused; the running config is unchanged")
+                tracing::warn!(source, error = "invalid config", errors = %errors_for_log(errors), "config change refused; the running config is unchanged")
             }
             Err(e) => {
                 tracing::warn!(source, error = %e, "config change refused; the running config is unchanged")
@@ -655,6 +654,36 @@ impl Server {
     }
 }
 
+/// Bytes of errors on the log line of a refused change: room for the 101
+/// errors the config crate reports at most, of ordinary length; but one can
+/// be as long as a key of the text. The line stays well within what the log
+/// writer takes by default (a line over its bound is dropped whole, and
+/// 300,000 errors on one line were).
+const LOG_ERRORS_BYTES: usize = 64 * 1024;
+
+/// A refused config's errors for its one log line: `; `-separated, cut at
+/// [`LOG_ERRORS_BYTES`] with a note (the API's answer and `agiproxy check`
+/// have them whole).
+fn errors_for_log(errors: &agiproxy_config::ConfigErrors) -> String {
+    let mut out = String::new();
+    for (i, e) in errors.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&e.to_string());
+        if out.len() > LOG_ERRORS_BYTES {
+            let mut end = LOG_ERRORS_BYTES;
+            while !out.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.truncate(end);
+            out.push_str(" … (cut; the API's answer and `agiproxy check` have them all)");
+            break;
+        }
+    }
+    out
+}
+
 /// Lets go of a replaced snapshot (or a config validated only) off the
 /// runtime threads (dropping 100,000 routes takes a while), then gives the
 /// memory freed back to the system. Sessions still holding a snapshot free
@@ -727,5 +756,28 @@ async fn retire_session_series(shared: std::sync::Weak<Shared>) {
                 "sessions_total: series of vanished routes, pools or backends dropped"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agiproxy_config::{ConfigError, ConfigErrors};
+
+    /// Errors as long as the keys they quote are cut to `LOG_ERRORS_BYTES`
+    /// on a character boundary, with a note; ordinary ones are kept whole.
+    #[test]
+    fn the_errors_of_a_refusal_fit_one_bounded_log_line() {
+        let few = ConfigErrors(vec![ConfigError::new("a", "x"), ConfigError::new("", "y")]);
+        assert_eq!(errors_for_log(&few), "a: x; y");
+        let key = "é".repeat(5_000);
+        let long = ConfigErrors(
+            (0..101)
+                .map(|_| ConfigError::new("", format!("unknown field `{key}`")))
+                .collect(),
+        );
+        let line = errors_for_log(&long);
+        assert!(line.len() < LOG_ERRORS_BYTES + 100, "{}", line.len());
+        assert!(line.ends_with(" … (cut; the API's answer and `agiproxy check` have them all)"));
     }
 }

@@ -4,7 +4,8 @@
 //! queued behind a hostile one still applied, and the watched file replaced
 //! by `/dev/zero`, a FIFO or an oversized file with the old config kept and
 //! calls, `/healthz` and `/v1/status` answering; a file written in two
-//! steps is not applied half-written.
+//! steps is not applied half-written; a config with very many mistakes
+//! gets a bounded report and log line.
 
 mod common;
 
@@ -145,21 +146,41 @@ fn config(api: SocketAddr, backend: SocketAddr, extra: &str) -> String {
 
 impl Proxy {
     fn start(name: &str, backend: SocketAddr, extra: &str) -> Proxy {
+        // Nothing reads the log: send it nowhere rather than let it fill.
+        Proxy::start_logged(name, backend, extra).0
+    }
+
+    /// As [`Proxy::start`], with what the proxy logs (at warn) from now on,
+    /// read by a thread of its own.
+    fn start_logged(
+        name: &str,
+        backend: SocketAddr,
+        extra: &str,
+    ) -> (Proxy, std::sync::Arc<std::sync::Mutex<String>>) {
         let dir = temp_dir(name);
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let file = dir.path().join("agiproxy.yaml");
         std::fs::write(&file, config(api, backend, extra)).unwrap();
         let mut child = Running::from(spawn(&["run", "--log-level", "warn", "-c"], &file));
-        // Nothing reads the pipes: send them nowhere rather than let them fill.
         drop(child.stdout.take());
-        drop(child.stderr.take());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let into = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64 * 1024];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                into.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         let p = Proxy { child, api, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         while p.http("GET", "/healthz", b"").map(|r| r.0) != Some(200) {
             assert!(Instant::now() < deadline, "the proxy did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        p
+        (p, log)
     }
 
     fn file(&self) -> PathBuf {
@@ -286,6 +307,69 @@ async fn api_refuses_hostile_configs_quickly_and_applies_a_change_queued_behind_
     });
     assert_eq!(p.status()["generation"], 2);
     p.call_through().await;
+}
+
+/// `version: 1` and `keys` unknown top-level keys: one error each.
+fn many_unknown_keys(keys: usize) -> String {
+    let mut text = String::from("version: 1\n");
+    for i in 0..keys {
+        text.push_str(&format!("k{i}: 1\n"));
+    }
+    text
+}
+
+/// A config with 100,000 mistakes (300,000 once gave 42 MB of errors): `check`
+/// prints the first 100 and how many more there were; the API answers as
+/// much; the proxy logs its one WARN line, which the log writer used to drop
+/// as over its bound (8 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_with_very_many_errors_gets_a_bounded_report_and_log_line() {
+    let text = many_unknown_keys(100_000);
+    let more = "… and 99,900 more errors";
+    let dir = temp_dir("many");
+    let file = dir.path().join("many.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let child = spawn(&["check", "-c"], &file);
+    let (code, stderr, _, _) = wait_with_peak(child, Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{}", &stderr[..stderr.len().min(2000)]);
+    assert!(
+        stderr.len() < 64 * 1024,
+        "check printed {} bytes",
+        stderr.len()
+    );
+    assert!(stderr.trim_end().ends_with(more), "{stderr}");
+    assert!(
+        stderr.contains(": over 100 errors, the first 100 shown:\n"),
+        "{stderr}"
+    );
+
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let (p, log) = Proxy::start_logged("many", b.addr(), "");
+    let (code, body) = p
+        .http("PUT", "/v1/config", text.as_bytes())
+        .expect("an answer");
+    assert_eq!(code, 400, "{}", &body[..body.len().min(2000)]);
+    assert!(body.len() < 64 * 1024, "a body of {} bytes", body.len());
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let errors = body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 101);
+    assert_eq!(errors[100]["message"], more);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = log.lock().unwrap().clone();
+        if let Some(line) = log.lines().find(|l| l.contains("config change refused")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no refusal logged: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.len() < 80 * 1024, "a line of {} bytes", line.len());
+    assert!(
+        line.contains("unknown field `k0`") && line.contains(more),
+        "{line}"
+    );
+    assert_eq!(p.status()["generation"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,6 +156,8 @@ pub fn with_override(
     if let Some(t) = at {
         parse_time(t).map_err(invalid)?;
     }
+    // A running text may start with a byte order mark, which serde_yaml refuses.
+    let text = agiproxy_config::without_bom(text);
     let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
         ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
     })?;
@@ -303,5 +305,17 @@ mod tests {
             with_override(TEXT, "ivr", "undo", None, true),
             Err(ApplyError::NotFound(_))
         ));
+    }
+
+    /// A running text that starts with a byte order mark (the config crate
+    /// accepts one) is edited as the same text without it.
+    #[test]
+    fn a_running_text_with_a_byte_order_mark_can_be_edited() {
+        let at = "2026-12-06T09:06:00Z";
+        let bom = format!("\u{feff}{TEXT}");
+        assert_eq!(
+            with_override(&bom, "ivr", "pause", Some(at), true).unwrap(),
+            with_override(TEXT, "ivr", "pause", Some(at), true).unwrap()
+        );
     }
 }
