@@ -176,3 +176,80 @@ async fn a_value_with_a_newline_is_told_failure_at_once() {
     }
     assert_eq!(b.stats().accepted(), 0);
 }
+
+/// Sends `lines` one write each, 20 ms apart, then the blank line alone, as
+/// Asterisk does; answers the proxy's `SET VARIABLE`. Returns the reason
+/// told and how long after the blank line it came.
+async fn refusal_after_blank_line(
+    addr: std::net::SocketAddr,
+    lines: &[Vec<u8>],
+) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for line in lines {
+        s.write_all(line).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.write_all(b"\n").await.unwrap();
+    let sent = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\n") {
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
+            .await
+            .expect("the proxy answers within its header timeout")
+            .unwrap();
+        assert!(n > 0, "closed without a word: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let waited = sent.elapsed();
+    let set = String::from_utf8(got).unwrap();
+    s.write_all(b"200 result=1\n").await.unwrap();
+    let (rest, _) = read_until_closed(&mut s).await;
+    assert!(rest.starts_with(b"FAILURE\n"), "{rest:?}");
+    (set, waited)
+}
+
+/// An oversized header refused before its blank line came, where the blank
+/// line then comes in its own write (Asterisk writes one line a write): it
+/// is told FAILURE at once, not after the (10 s) header timeout.
+#[tokio::test]
+async fn an_oversized_header_whose_blank_line_comes_alone_is_told_at_once() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let told = "SET VARIABLE AGIPROXY_ERROR \"header_too_large\"\n";
+    // One line over `max_header_lines`.
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  header: 10s\nlimits:\n  max_header_lines: 8\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let lines: Vec<Vec<u8>> = (1..=9)
+        .map(|i| format!("agi_arg_{i}: v\n").into_bytes())
+        .collect();
+    let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
+    assert_eq!(set, told);
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.header_error, Some("too_many_lines"));
+
+    // The last line ends exactly at `max_header_bytes`: 8 lines of 64 bytes.
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  header: 10s\nlimits:\n  max_header_bytes: 512\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let lines: Vec<Vec<u8>> = (1..=8)
+        .map(|i| format!("agi_arg_{i}: {}\n", "v".repeat(52)).into_bytes())
+        .collect();
+    assert_eq!(lines.concat().len(), 512);
+    let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
+    assert_eq!(set, told);
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.header_error, Some("too_large"));
+    assert_eq!(b.stats().accepted(), 0);
+}

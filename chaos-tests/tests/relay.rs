@@ -956,3 +956,62 @@ async fn a_get_payload_that_stops_short_ends_in_failure() {
     // that waits for the rest: valid base64) and closed.
     assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
 }
+
+/// `VERBOSE "<n × fill>" 1`, without its newline.
+fn verbose_of(n: usize, fill: u8) -> Vec<u8> {
+    let mut line = b"VERBOSE \"".to_vec();
+    line.resize(line.len() + n, fill);
+    line
+}
+
+/// A backend command line over the relay's 16 KiB bound, however it
+/// arrives, ends the session in FAILURE `backend_protocol` at once, and no
+/// part of it reaches Asterisk (which would cut it at 8191 bytes and run
+/// the rest as a second command). `before` are the commands Asterisk gets
+/// first.
+async fn assert_over_long_line_refused(steps: Vec<Step>, before: &[&str]) {
+    let mut steps = steps;
+    steps.push(Step::Sleep(Duration::from_secs(5)));
+    let b = FakeBackend::start(Behaviour::steps(steps)).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let out = caller("x", "1.1").run(p.addr).await;
+    assert_failure(&out, "backend_protocol");
+    let mut expected = before.to_vec();
+    expected.extend([
+        "SET VARIABLE AGIPROXY_ERROR \"backend_protocol\"",
+        "FAILURE",
+    ]);
+    assert_eq!(out.commands, expected, "no part of the line ran");
+    assert!(out.elapsed < Duration::from_secs(2), "{:?}", out.elapsed);
+}
+
+#[tokio::test]
+async fn an_over_long_command_finished_by_a_later_read_is_refused() {
+    // 15,009 bytes (under the bound) buffered, then the 10,004 that end it.
+    let mut end = vec![b'y'; 10_000];
+    end.extend_from_slice(b"\" 1\n");
+    let steps = vec![
+        Step::Command("NOOP".into()),
+        Step::Send(verbose_of(15_000, b'x')),
+        Step::Sleep(Duration::from_millis(300)),
+        Step::Send(end),
+    ];
+    assert_over_long_line_refused(steps, &["NOOP"]).await;
+}
+
+#[tokio::test]
+async fn an_over_long_command_held_behind_a_reply_is_refused() {
+    // Whole, held while Asterisk answers the NOOP written with it.
+    let mut bytes = b"NOOP\n".to_vec();
+    bytes.extend_from_slice(&verbose_of(100_000, b'z'));
+    bytes.extend_from_slice(b"\" 1\n");
+    assert_over_long_line_refused(vec![Step::Send(bytes)], &["NOOP"]).await;
+}
+
+#[tokio::test]
+async fn an_over_long_first_command_is_refused() {
+    let mut bytes = verbose_of(19_987, b'w');
+    bytes.extend_from_slice(b"\" 1\n");
+    assert_eq!(bytes.len(), 20_000);
+    assert_over_long_line_refused(vec![Step::Send(bytes)], &[]).await;
+}

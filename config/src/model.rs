@@ -380,28 +380,29 @@ pub enum Rewrite {
 
 impl Rewrite {
     /// Applies the rewrite to `agi_network_script` (a leading `/` and the query are kept as
-    /// they are); unchanged when the path does not start with the prefix.
-    pub fn apply<'a>(&self, network_script: &'a str) -> Cow<'a, str> {
-        let (slash, rest) = match network_script.strip_prefix('/') {
-            Some(rest) => ("/", rest),
-            None => ("", network_script),
+    /// they are); unchanged when the path does not start with the prefix. On bytes: Asterisk's
+    /// value need not be UTF-8 (a Latin-1 caller name in the query), and routing matches its
+    /// valid UTF-8 start, which holds the (UTF-8) prefix whenever the bytes do; the rest is
+    /// kept byte for byte.
+    pub fn apply<'a>(&self, network_script: &'a [u8]) -> Cow<'a, [u8]> {
+        let (slash, rest): (&[u8], &[u8]) = match network_script.strip_prefix(b"/") {
+            Some(rest) => (b"/", rest),
+            None => (b"", network_script),
         };
-        let (path, query) = match rest.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (rest, None),
-        };
+        let path_len = rest.iter().position(|&c| c == b'?').unwrap_or(rest.len());
         let (from, to) = match self {
             Rewrite::StripPrefix(p) => (p.as_str(), ""),
             Rewrite::ReplacePrefix { from, to } => (from.as_str(), to.as_str()),
         };
-        let Some(tail) = path.strip_prefix(from) else {
+        // A prefix never holds `?` (refused at load): it is in the path or nowhere.
+        if !rest[..path_len].starts_with(from.as_bytes()) {
             return Cow::Borrowed(network_script);
-        };
-        let mut out = format!("{slash}{to}{tail}");
-        if let Some(q) = query {
-            out.push('?');
-            out.push_str(q);
         }
+        let tail = &rest[from.len()..];
+        let mut out = Vec::with_capacity(slash.len() + to.len() + tail.len());
+        out.extend_from_slice(slash);
+        out.extend_from_slice(to.as_bytes());
+        out.extend_from_slice(tail);
         Cow::Owned(out)
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use agiproxy::drain::Cut;
-use agiproxy::session::header::{Header, HeaderError, Scan};
+use agiproxy::session::header::{Header, HeaderError, ReadSoFar, Scan};
 use agiproxy::session::relay::{Relay, RelayEnd, RelayOptions};
 use agiproxy::session::rewrite::{backend_header, TemplateContext};
 use agiproxy_control::api::{
@@ -70,8 +70,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 #[derive(Debug, PartialEq, Eq)]
 enum Scanned {
     Header(usize),
-    /// The flag of `TooManyLines` (blank line already read) is left out:
-    /// it depends on how much had arrived.
+    /// How far the header had come (`ReadSoFar`) is left out: it depends
+    /// on how much had arrived.
     Error(&'static str),
     Eof,
 }
@@ -90,7 +90,10 @@ fn scan_in_reads(
     let mut i = 0;
     loop {
         if buf.len() >= max_bytes {
-            return (Err(HeaderError::TooLarge(max_bytes)), fed);
+            return (
+                Err(HeaderError::TooLarge(max_bytes, ReadSoFar::of(&buf))),
+                fed,
+            );
         }
         let want = max_bytes - buf.len();
         let size = sizes

@@ -18,10 +18,9 @@ use super::proxy_protocol::{self, Preamble};
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderError {
     #[error("header larger than {0} bytes")]
-    TooLarge(usize),
-    /// The flag says whether the blank line was already read.
+    TooLarge(usize, ReadSoFar),
     #[error("header has more than {0} lines")]
-    TooManyLines(usize, bool),
+    TooManyLines(usize, ReadSoFar),
     #[error("header not complete within {0:?} (slow or stalled client)")]
     Timeout(Duration),
     /// From `read_header`, one after the first line comes only once the
@@ -45,9 +44,34 @@ pub enum HeaderError {
          (list only load balancers that send one)"
     )]
     ProxyMissing,
-    /// The flag says whether the blank line was already read.
     #[error("{0}")]
-    ProxyInvalid(super::proxy_protocol::Invalid, bool),
+    ProxyInvalid(super::proxy_protocol::Invalid, ReadSoFar),
+}
+
+/// How far a refused header had come when it was refused: whether its blank
+/// line is in, and if not, how [`discard_rest`] will know it (Asterisk
+/// writes each line in its own segment, so the blank line may come alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSoFar {
+    /// The blank line was read: nothing of the header is left to read.
+    BlankLine,
+    /// What was read ends a line: a `\n` next is the blank line.
+    LineEnd,
+    /// What was read stops inside a line.
+    MidLine,
+}
+
+impl ReadSoFar {
+    /// Of header bytes (lines are never empty: the first `\n\n` ends it).
+    pub fn of(read: &[u8]) -> ReadSoFar {
+        if memchr::memmem::find(read, b"\n\n").is_some() {
+            ReadSoFar::BlankLine
+        } else if read.last() == Some(&b'\n') {
+            ReadSoFar::LineEnd
+        } else {
+            ReadSoFar::MidLine
+        }
+    }
 }
 
 impl HeaderError {
@@ -68,7 +92,7 @@ impl HeaderError {
     /// A bounded label for metrics and the access log.
     pub fn reason(&self) -> &'static str {
         match self {
-            HeaderError::TooLarge(_) => "too_large",
+            HeaderError::TooLarge(..) => "too_large",
             HeaderError::NoMemory(_) => "no_memory",
             HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
@@ -87,7 +111,7 @@ impl HeaderError {
     /// `proxy_protocol.from` is in front of one.
     pub fn failure(&self) -> Option<Reason> {
         match self {
-            HeaderError::TooLarge(_) | HeaderError::TooManyLines(..) => {
+            HeaderError::TooLarge(..) | HeaderError::TooManyLines(..) => {
                 Some(Reason::HeaderTooLarge)
             }
             // Busy, not wrong: another replica, or this one in a moment,
@@ -104,16 +128,16 @@ impl HeaderError {
         }
     }
 
-    /// The blank line ending the header was read already (nothing of the
-    /// header is left in the socket).
-    pub fn header_complete(&self) -> bool {
+    /// How far the header had come ([`ReadSoFar::BlankLine`]: nothing of
+    /// it is left in the socket).
+    pub fn read_so_far(&self) -> ReadSoFar {
         match self {
-            HeaderError::TooManyLines(_, complete) | HeaderError::ProxyInvalid(_, complete) => {
-                *complete
-            }
-            HeaderError::ProxyMissing => true,
-            HeaderError::Malformed(line) => *line > 1,
-            _ => false,
+            HeaderError::TooLarge(_, r)
+            | HeaderError::TooManyLines(_, r)
+            | HeaderError::ProxyInvalid(_, r) => *r,
+            HeaderError::ProxyMissing => ReadSoFar::BlankLine,
+            HeaderError::Malformed(line) if *line > 1 => ReadSoFar::BlankLine,
+            _ => ReadSoFar::MidLine,
         }
     }
 }
@@ -359,8 +383,8 @@ impl Scan {
                 return Ok(Some(self.pos + 1));
             }
             if self.vars.len() == max_lines {
-                let complete = memchr::memmem::find(&buf[self.pos..], b"\n\n").is_some();
-                return Err(HeaderError::TooManyLines(max_lines, complete));
+                let read = ReadSoFar::of(&buf[self.pos..]);
+                return Err(HeaderError::TooManyLines(max_lines, read));
             }
             match scan_line(buf, self.pos) {
                 Err(()) => return Err(HeaderError::Malformed(self.vars.len() + 1)),
@@ -406,7 +430,8 @@ pub async fn read_header<'m>(
         let mut searched: usize = 0;
         loop {
             if buf.len() >= limits.max_bytes {
-                return Err(HeaderError::TooLarge(limits.max_bytes));
+                let read = ReadSoFar::of(&buf);
+                return Err(HeaderError::TooLarge(limits.max_bytes, read));
             }
             if buf.capacity() == buf.len() {
                 // Doubling, within the header bound and the shared budget.
@@ -442,16 +467,12 @@ pub async fn read_header<'m>(
                         if proxy_protocol::v2_declared_len(&buf)
                             .is_some_and(|n| n > limits.max_bytes)
                         {
-                            let complete = memchr::memmem::find(&buf, b"\n\n").is_some();
                             let e = proxy_protocol::Invalid("v2");
-                            return Err(HeaderError::ProxyInvalid(e, complete));
+                            return Err(HeaderError::ProxyInvalid(e, ReadSoFar::of(&buf)));
                         }
                         continue;
                     }
-                    Err(e) => {
-                        let complete = memchr::memmem::find(&buf, b"\n\n").is_some();
-                        return Err(HeaderError::ProxyInvalid(e, complete));
-                    }
+                    Err(e) => return Err(HeaderError::ProxyInvalid(e, ReadSoFar::of(&buf))),
                     // Read on: a whole header is refused with FAILURE, as
                     // the Asterisk behind a misconfigured balancer deserves.
                     Ok(Preamble::Absent) => missing = true,
@@ -510,11 +531,13 @@ pub const MAX_DISCARD: usize = 64 << 20;
 /// After an oversized header, reads (and drops) the rest up to the blank
 /// line, so that Asterisk, which writes the whole header before it reads, is
 /// then waiting for a command. Bounded in bytes ([`MAX_DISCARD`]) and time.
-pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration) -> Discarded {
+/// `read` is how far the header had come: after a line's end, a lone `\n`
+/// is the blank line.
+pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration, read: ReadSoFar) -> Discarded {
     let fut = async {
         let mut buf = [0u8; 8192];
         let mut total = 0;
-        let mut last = 0u8;
+        let mut last = if read == ReadSoFar::LineEnd { b'\n' } else { 0 };
         while total < MAX_DISCARD {
             let n = match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return Discarded::Gone,
@@ -544,16 +567,16 @@ mod tests {
     fn every_reason_is_listed_for_the_metrics() {
         use std::io::ErrorKind;
         let all = [
-            HeaderError::TooLarge(1),
+            HeaderError::TooLarge(1, ReadSoFar::MidLine),
             HeaderError::NoMemory(1),
-            HeaderError::TooManyLines(1, false),
+            HeaderError::TooManyLines(1, ReadSoFar::MidLine),
             HeaderError::Timeout(Duration::from_secs(1)),
             HeaderError::Malformed(1),
             HeaderError::Closed,
             HeaderError::Truncated,
             HeaderError::Io(ErrorKind::Other),
             HeaderError::ProxyMissing,
-            HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), false),
+            HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), ReadSoFar::MidLine),
         ];
         let reasons: Vec<&str> = all.iter().map(HeaderError::reason).collect();
         assert_eq!(reasons, HeaderError::REASONS);
@@ -648,10 +671,15 @@ mod tests {
         );
         assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1)));
         let many = b"agi_a: 1\n".repeat(9);
-        assert_eq!(scan(&many, 8), Err(HeaderError::TooManyLines(8, false)));
+        let too_many = |r| Err(HeaderError::TooManyLines(8, r));
+        assert_eq!(scan(&many, 8), too_many(ReadSoFar::LineEnd));
+        assert_eq!(
+            scan(&many[..many.len() - 1], 8),
+            too_many(ReadSoFar::MidLine)
+        );
         let mut done = many.clone();
         done.push(b'\n');
-        assert_eq!(scan(&done, 8), Err(HeaderError::TooManyLines(8, true)));
+        assert_eq!(scan(&done, 8), too_many(ReadSoFar::BlankLine));
         assert_eq!(scan(&done[9..], 8).map(|e| e.is_some()), Ok(true));
     }
 

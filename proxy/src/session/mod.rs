@@ -30,7 +30,7 @@ pub mod turn;
 
 use connect::{attach, AttachError, AttachPlan, Attached};
 use failure::tell_failure;
-use header::{discard_rest, read_header, Discarded, HeaderError, HeaderLimits};
+use header::{discard_rest, read_header, Discarded, HeaderError, HeaderLimits, ReadSoFar};
 use outcome::{Outcome, Reason};
 pub use record::SessionRecord;
 use relay::raw::relay_raw;
@@ -363,7 +363,10 @@ async fn bad_header(
     // the close is not a reset): its dialplan deserves the fallback, not a
     // silent SUCCESS.
     let Some(reason) = e.failure() else { return };
-    if e.header_complete() || discard_rest(a, limits.timeout).await != Discarded::Gone {
+    let read = e.read_so_far();
+    if read == ReadSoFar::BlankLine
+        || discard_rest(a, limits.timeout, read).await != Discarded::Gone
+    {
         rec.outcome = Outcome::Failed;
         rec.reason = Some(reason);
         let _ = tell_failure(a, reason).await;

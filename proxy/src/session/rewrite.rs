@@ -9,12 +9,13 @@ use agiproxy_config::{Rewrite, Template};
 
 use super::header::Header;
 
-/// Rewrites the path in `agi_request` (`agi://host:port/path?query`).
-fn rewrite_request(rewrite: &Rewrite, request: &str) -> Option<String> {
-    let after_scheme = request.find("://").map_or(0, |i| i + 3);
-    let path_start = after_scheme + request[after_scheme..].find('/')?;
+/// Rewrites the path in `agi_request` (`agi://host:port/path?query`), as
+/// bytes (see [`Rewrite::apply`]); `None` when it is left as it is.
+fn rewrite_request(rewrite: &Rewrite, request: &[u8]) -> Option<Vec<u8>> {
+    let after_scheme = memchr::memmem::find(request, b"://").map_or(0, |i| i + 3);
+    let path_start = after_scheme + memchr::memchr(b'/', &request[after_scheme..])?;
     match rewrite.apply(&request[path_start + 1..]) {
-        Cow::Owned(script) => Some(format!("{}/{script}", &request[..path_start])),
+        Cow::Owned(script) => Some([&request[..=path_start], &script[..]].concat()),
         Cow::Borrowed(_) => None,
     }
 }
@@ -45,13 +46,16 @@ pub fn backend_header<'h>(
             line(name, t.render(ctx).as_bytes());
             continue;
         }
-        let text = || std::str::from_utf8(v).ok();
+        // On bytes: a value that is not UTF-8 is rewritten as routing saw it.
         let rewritten = rewrite.and_then(|rw| match name {
-            "agi_network_script" => text().map(|t| rw.apply(t).into_owned()),
-            "agi_request" => text().and_then(|t| rewrite_request(rw, t)),
+            "agi_network_script" => match rw.apply(v) {
+                Cow::Owned(script) => Some(script),
+                Cow::Borrowed(_) => None,
+            },
+            "agi_request" => rewrite_request(rw, v),
             _ => None,
         });
-        line(name, rewritten.as_deref().map_or(v, str::as_bytes));
+        line(name, rewritten.as_deref().unwrap_or(v));
     }
     for (name, t) in set {
         if header.get(name).is_none() {
@@ -132,6 +136,25 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("6.6.6.6"));
+    }
+
+    #[test]
+    fn a_script_that_is_not_utf8_is_rewritten_byte_for_byte() {
+        // A Latin-1 caller name in the query: routing sees `ivr/noop?name=M`
+        // and takes the route; the backend gets the prefix stripped and the
+        // name's bytes as they were.
+        let raw = b"agi_network: yes\nagi_network_script: ivr/noop?name=M\xfcller\n\
+                    agi_request: agi://127.0.0.1:4573/ivr/noop?name=M\xfcller\n\n"
+            .to_vec();
+        let h = Header::parse(raw, 16).unwrap();
+        assert_eq!(h.script_path(), "ivr/noop");
+        let rw = Rewrite::StripPrefix("ivr/".into());
+        let out = backend_header(&h, Some(&rw), &[], &ctx());
+        assert_eq!(
+            &*out,
+            &b"agi_network: yes\nagi_network_script: noop?name=M\xfcller\n\
+               agi_request: agi://127.0.0.1:4573/noop?name=M\xfcller\n\n"[..]
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! by the bytes they decode to (see `turn.rs`). Nothing is rewritten (a CRLF
 //! command is the one exception: Asterisk would reject it, so it goes out
 //! with LF and is counted). Every buffered partial line is bounded, and only
-//! new bytes are scanned for its end.
+//! new bytes are scanned for its end; every whole command line is measured
+//! (by the `memchr` that found its end) before any of it is sent.
 //!
 //! The relay reads into a stack buffer and writes straight through; heap
 //! buffers are used only for bytes that must wait (a held command, a

@@ -82,7 +82,7 @@ impl Relay<'_> {
     }
 
     pub(super) fn ingest_backend(&mut self, mut data: &[u8]) {
-        if self.pending_failure.is_some() {
+        if self.pending_failure.is_some() || self.protocol_error {
             return;
         }
         if !self.held.is_empty() {
@@ -106,13 +106,16 @@ impl Relay<'_> {
                 self.held = recycle(head);
                 data = &data[used..];
             } else {
-                self.held.extend_from_slice(&data[..=nl]);
-                self.release_held();
-                data = &data[nl + 1..];
-                if !self.held.is_empty() {
-                    self.held.extend_from_slice(data);
-                    return;
+                // Measured whole before it is copied; then passed without
+                // a rescan of its start.
+                if self.held.len() + nl > MAX_COMMAND_LINE {
+                    return self.refuse_command();
                 }
+                let mut line = std::mem::take(&mut self.held);
+                line.extend_from_slice(&data[..=nl]);
+                self.release_command(&line);
+                self.held = recycle(line);
+                data = &data[nl + 1..];
             }
         }
         let used = self.release(data);
@@ -127,8 +130,7 @@ impl Relay<'_> {
     /// `want_read_b`).
     pub(super) fn check_backend_line(&mut self) {
         if self.turn.backend_owes_command() && self.held.len() > MAX_COMMAND_LINE {
-            self.protocol_error = true;
-            self.held = Vec::new();
+            self.refuse_command();
         } else if self.turn.in_payload() && self.held.len() > MAX_PAYLOAD_LINE {
             self.give_up_payload(Reason::BackendProtocol);
         }
@@ -159,7 +161,7 @@ impl Relay<'_> {
                 pos += used;
                 continue;
             }
-            if !self.turn.backend_owes_command() {
+            if !self.turn.backend_owes_command() || self.protocol_error {
                 break;
             }
             let Some(nl) = memchr::memchr(b'\n', &data[pos..]) else {
@@ -167,19 +169,42 @@ impl Relay<'_> {
             };
             let line = &data[pos..pos + nl + 1];
             pos += nl + 1;
-            match self.turn.on_backend_line(line) {
-                BackendLine::Crlf => {
-                    self.stats.crlf_fixed += 1;
-                    self.stats.commands += 1;
-                    self.send_a_parts(&line[..line.len() - 2], b"\n");
-                }
-                BackendLine::Command => {
-                    self.stats.commands += 1;
-                    self.send_a(line);
-                }
+            if !self.release_command(line) {
+                // The rest goes with the session.
+                return data.len();
             }
         }
         pos
+    }
+
+    /// Passes one whole command line (`\n` included) to Asterisk, unless it
+    /// is over [`MAX_COMMAND_LINE`] (returns `false`): Asterisk would cut it
+    /// at 8191 bytes and run the rest as a second command, so none of it is
+    /// sent and the session ends in FAILURE.
+    fn release_command(&mut self, line: &[u8]) -> bool {
+        if line.len() - 1 > MAX_COMMAND_LINE {
+            self.refuse_command();
+            return false;
+        }
+        match self.turn.on_backend_line(line) {
+            BackendLine::Crlf => {
+                self.stats.crlf_fixed += 1;
+                self.stats.commands += 1;
+                self.send_a_parts(&line[..line.len() - 2], b"\n");
+            }
+            BackendLine::Command => {
+                self.stats.commands += 1;
+                self.send_a(line);
+            }
+        }
+        true
+    }
+
+    /// The backend broke the line bound where a command is due: what it
+    /// sent is dropped and Asterisk, still owed a command, is told FAILURE.
+    fn refuse_command(&mut self) {
+        self.protocol_error = true;
+        self.held = Vec::new();
     }
 
     /// Passes the whole payload lines at the start of `head` + `data`
