@@ -1015,3 +1015,46 @@ async fn an_over_long_first_command_is_refused() {
     assert_eq!(bytes.len(), 20_000);
     assert_over_long_line_refused(vec![Step::Send(bytes)], &[]).await;
 }
+
+/// A `PUT SOUNDFILE` payload line over the 64 KiB bound is refused however
+/// it arrives: finished by a later read, or sent with its command and held
+/// behind the module's "ready" (only a partial line was measured before, so
+/// both passed whole). None of it reaches Asterisk; once the module gives
+/// up waiting, Asterisk is told FAILURE `backend_protocol`.
+#[tokio::test]
+async fn an_over_long_payload_line_is_refused_however_it_arrives() {
+    let long = "A".repeat(70_000);
+    let command = "PUT SOUNDFILE x.gsm 100000\n".to_string();
+    let cases = [
+        (
+            "finished by a later read",
+            vec![
+                Step::Command("PUT SOUNDFILE x.gsm 100000".into()),
+                Step::Send(long[..40_000].as_bytes().to_vec()),
+                Step::Sleep(Duration::from_millis(300)),
+                Step::Send(format!("{}\n", &long[40_000..]).into_bytes()),
+            ],
+        ),
+        (
+            "held behind the ready reply",
+            vec![Step::Send(format!("{command}{long}\n").into_bytes())],
+        ),
+    ];
+    for (what, steps) in cases {
+        let b = FakeBackend::start(Behaviour::Steps {
+            steps,
+            then: Then::Stall,
+        })
+        .await;
+        let p = soundfile_proxy(&b).await;
+        let started = Instant::now();
+        let out = caller("x", "1.1")
+            .soundfile_timeout(Duration::from_secs(1))
+            .run(p.addr)
+            .await;
+        assert_failure(&out, "backend_protocol");
+        assert_eq!(out.put_timeouts, 1, "{what}: {out:?}");
+        assert!(out.received_files.is_empty(), "{what}");
+        assert!(started.elapsed() < Duration::from_secs(8), "{what}");
+    }
+}

@@ -217,7 +217,15 @@ impl Relay<'_> {
         let dropping = self.turn.dropping_payload();
         let mut first = head;
         let mut pos = 0;
+        let mut over = false;
         while let Some(nl) = memchr::memchr(b'\n', &data[pos..]) {
+            // Every whole line is measured, also one finished by this read
+            // or held behind the module's "ready": the check of a partial
+            // line alone let longer ones through.
+            if first.len() + nl > MAX_PAYLOAD_LINE {
+                over = true;
+                break;
+            }
             let end = pos + nl + 1;
             let done = self.turn.on_payload_line(first, &data[pos..end]);
             first = &[];
@@ -226,13 +234,17 @@ impl Relay<'_> {
                 break;
             }
         }
-        if pos == 0 {
-            return 0;
+        if pos > 0 {
+            if !dropping {
+                self.send_a_parts(head, &data[..pos]);
+            }
+            self.deadline = Some(Instant::now() + self.opts.next_command);
         }
-        if !dropping {
-            self.send_a_parts(head, &data[..pos]);
+        if over {
+            // None of the long line is sent; the rest goes with the payload.
+            self.give_up_payload(Reason::BackendProtocol);
+            return data.len();
         }
-        self.deadline = Some(Instant::now() + self.opts.next_command);
         pos
     }
 
