@@ -1030,7 +1030,7 @@ async fn an_over_long_payload_line_is_refused_however_it_arrives() {
             "finished by a later read",
             vec![
                 Step::Command("PUT SOUNDFILE x.gsm 100000".into()),
-                Step::Send(long[..40_000].as_bytes().to_vec()),
+                Step::Send(long.as_bytes()[..40_000].to_vec()),
                 Step::Sleep(Duration::from_millis(300)),
                 Step::Send(format!("{}\n", &long[40_000..]).into_bytes()),
             ],
