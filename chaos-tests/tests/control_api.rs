@@ -762,13 +762,7 @@ async fn a_change_that_times_out_waiting_for_its_turn_is_counted_abandoned() {
     assert!(!applied.changed);
     let reloads = |result: &str| {
         let text = api.server.metrics().render();
-        parse_prometheus(&text)
-            .into_iter()
-            .find(|(n, l, _)| {
-                n == "agiproxy_config_reloads_total"
-                    && l.iter().any(|(k, v)| k == "result" && v == result)
-            })
-            .map(|(_, _, v)| v)
+        sample(&text, "agiproxy_config_reloads_total", ("result", result))
     };
     assert_eq!(reloads("abandoned"), Some(1.0));
     assert_eq!(reloads("unchanged"), Some(1.0));
@@ -1156,14 +1150,20 @@ async fn api_with_request_timeout(request_timeout: Duration) -> (Api, [FakeBacke
 
 async fn refused_now(api: &Api, reason: &str) -> f64 {
     let text = metrics_text(api).await;
-    parse_prometheus(&text)
+    sample(
+        &text,
+        "agiproxy_control_connections_refused_total",
+        ("reason", reason),
+    )
+    .unwrap_or_else(|| panic!("no {reason} sample in {text}"))
+}
+
+/// The value of the sample of `name` with the label `k="v"` in an exposition.
+fn sample(text: &str, name: &str, (key, value): (&str, &str)) -> Option<f64> {
+    parse_prometheus(text)
         .into_iter()
-        .find(|(n, l, _)| {
-            n == "agiproxy_control_connections_refused_total"
-                && l.iter().any(|(k, v)| k == "reason" && v == reason)
-        })
+        .find(|(n, l, _)| n == name && l.iter().any(|(k, v)| k == key && v == value))
         .map(|(_, _, v)| v)
-        .unwrap_or_else(|| panic!("no {reason} sample in {text}"))
 }
 
 /// `/metrics`, retried for a moment: the test may have every slot taken.

@@ -25,6 +25,18 @@ async fn soundfile_proxy(b: &FakeBackend) -> Proxy {
     .await
 }
 
+/// A call through [`soundfile_proxy`] to `b`, whose sound-file module gives
+/// up waiting for a payload after 1 s; how long it took.
+async fn call_with_an_impatient_module(b: &FakeBackend) -> (chaos_tests::CallOutcome, Duration) {
+    let p = soundfile_proxy(b).await;
+    let started = Instant::now();
+    let out = caller("x", "1.1")
+        .soundfile_timeout(Duration::from_secs(1))
+        .run(p.addr)
+        .await;
+    (out, started.elapsed())
+}
+
 #[tokio::test]
 async fn issue_20_put_then_get_of_50_kb_and_1_mib_pass_byte_exact() {
     let small = pattern(50 * 1024, 7);
@@ -193,20 +205,11 @@ async fn issue_20_a_payload_cut_midway_ends_in_failure_after_the_module_answers(
             then,
         })
         .await;
-        let p = soundfile_proxy(&b).await;
-        let started = Instant::now();
-        let out = caller("x", "1.1")
-            .soundfile_timeout(Duration::from_secs(1))
-            .run(p.addr)
-            .await;
+        let (out, took) = call_with_an_impatient_module(&b).await;
         assert_failure(&out, reason);
         assert_eq!(out.put_timeouts, 1, "{then:?}: {out:?}");
         assert!(out.received_files.is_empty());
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "{then:?}: {:?}",
-            started.elapsed()
-        );
+        assert!(took < Duration::from_secs(8), "{then:?}: {took:?}");
         // The backend was told HANGUP and closed.
         assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
         assert_eq!(b.stats().hangups(), 1, "{then:?}");
@@ -1046,15 +1049,10 @@ async fn an_over_long_payload_line_is_refused_however_it_arrives() {
             then: Then::Stall,
         })
         .await;
-        let p = soundfile_proxy(&b).await;
-        let started = Instant::now();
-        let out = caller("x", "1.1")
-            .soundfile_timeout(Duration::from_secs(1))
-            .run(p.addr)
-            .await;
+        let (out, took) = call_with_an_impatient_module(&b).await;
         assert_failure(&out, "backend_protocol");
         assert_eq!(out.put_timeouts, 1, "{what}: {out:?}");
         assert!(out.received_files.is_empty(), "{what}");
-        assert!(started.elapsed() < Duration::from_secs(8), "{what}");
+        assert!(took < Duration::from_secs(8), "{what}: {took:?}");
     }
 }
