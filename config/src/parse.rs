@@ -259,7 +259,8 @@ impl Walk {
                     continue;
                 }
                 Some(name) => name.into_owned(),
-                None => format!("{:?}", key.to_value()),
+                // A key YAML gives no name (`~`, `.nan`, a list): as written, in flow style.
+                None => key.flow(),
             };
             let expected = match known {
                 [one] => format!("`{one}`"),

@@ -70,6 +70,27 @@ impl Node {
         }
     }
 
+    /// The node as YAML flow text, for messages: `~`, `.nan`, `[a, b]`, `{a: 1}`.
+    pub(crate) fn flow(&self) -> String {
+        match self {
+            Node::Leaf(Leaf::Null) => "~".into(),
+            Node::Leaf(Leaf::Bool(b)) => b.to_string(),
+            Node::Leaf(Leaf::Number(n)) => n.to_string(),
+            Node::Leaf(Leaf::String(s)) => format!("{s:?}"),
+            Node::Seq(items) => {
+                let items: Vec<String> = items.iter().map(Node::flow).collect();
+                format!("[{}]", items.join(", "))
+            }
+            Node::Map(entries) => {
+                let entries: Vec<String> = entries
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", k.flow(), v.flow()))
+                    .collect();
+                format!("{{{}}}", entries.join(", "))
+            }
+        }
+    }
+
     pub(crate) fn to_value(&self) -> Value {
         match self {
             Node::Leaf(v) => v.to_value(),

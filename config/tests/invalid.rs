@@ -532,3 +532,22 @@ fn very_many_errors_are_cut_to_the_first_hundred_and_a_count() {
     let errs = errors(&format!("version: 1\n{keys}"));
     assert_eq!(errs.last().unwrap().message, "… and 11,000 more errors");
 }
+
+/// Keys YAML gives no name (null, a float, a list) are named as written, in
+/// flow style, not as the parser's debug text (`Number(.nan)`, `Null`,
+/// `Sequence [String("a"), …]`).
+#[test]
+fn keys_without_a_name_are_shown_as_written() {
+    let text = config(
+        "listeners: [{ name: a, address: \"127.0.0.1:4573\" }]\n.nan: 1\n~: 2\n[a, b]: 3\n\
+         routes: [{ name: all, pool: ivr-blue }]",
+    );
+    let got: Vec<String> = errors(&text).iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (e, key) in got.iter().zip(["`.nan`", "`~`", "`[\"a\", \"b\"]`"]) {
+        assert!(
+            e.starts_with(&format!("unknown field {key}, expected one of")),
+            "{e}"
+        );
+    }
+}
