@@ -22,16 +22,29 @@ pub struct Snapshot {
     pub pools: Vec<PoolState>,
     /// Listeners by configured address, names as shared text: a session's
     /// record names its listener without an allocation.
-    listeners: Vec<ListenerView>,
+    listeners: Vec<Arc<ListenerView>>,
     pub meta: ConfigMeta,
 }
 
 /// A listener as sessions see it.
 #[derive(Debug)]
-struct ListenerView {
+pub(crate) struct ListenerView {
     address: SocketAddr,
     name: Arc<str>,
     proxy_protocol: Option<ProxyProtocol>,
+}
+
+impl ListenerView {
+    /// The listener's name, and whether a connection from `peer` on it must
+    /// begin with a PROXY header.
+    pub(crate) fn settings(&self, peer: IpAddr) -> (Arc<str>, bool) {
+        (
+            self.name.clone(),
+            self.proxy_protocol
+                .as_ref()
+                .is_some_and(|p| p.expected_from(peer)),
+        )
+    }
 }
 
 /// Where a running config came from, and which one it is.
@@ -82,10 +95,12 @@ impl Snapshot {
         let listeners = config
             .listeners
             .iter()
-            .map(|l| ListenerView {
-                address: l.address,
-                name: Arc::from(l.name.as_str()),
-                proxy_protocol: l.proxy_protocol.clone(),
+            .map(|l| {
+                Arc::new(ListenerView {
+                    address: l.address,
+                    name: Arc::from(l.name.as_str()),
+                    proxy_protocol: l.proxy_protocol.clone(),
+                })
             })
             .collect();
         Snapshot {
@@ -161,21 +176,12 @@ impl Snapshot {
         self.pools.iter().map(PoolState::status).collect()
     }
 
-    /// The name of the listener configured at `address` ("-" when this
-    /// snapshot no longer has it: a session accepted just before a reload).
-    /// The name of the listener configured at `address`, and whether a
-    /// connection from `peer` on it must begin with a PROXY header. A
+    /// The listener configured at `address`, as sessions see it: a
     /// `proxy_protocol` change applies to the next connection, no rebind.
-    pub fn listener(&self, address: SocketAddr, peer: IpAddr) -> (Arc<str>, bool) {
-        match self.listeners.iter().find(|l| l.address == address) {
-            Some(l) => (
-                l.name.clone(),
-                l.proxy_protocol
-                    .as_ref()
-                    .is_some_and(|p| p.expected_from(peer)),
-            ),
-            None => (Arc::from("-"), false),
-        }
+    /// `None` once a reload has removed it (its accept loop then goes on
+    /// with what it saw last: see `listener::accept_loop`).
+    pub(crate) fn listener(&self, address: SocketAddr) -> Option<&Arc<ListenerView>> {
+        self.listeners.iter().find(|l| l.address == address)
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
