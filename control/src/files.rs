@@ -69,6 +69,15 @@ impl Watched {
         }
     }
 
+    /// Files read before the watch began: the first look reports a change,
+    /// so that one replaced in between is read again, not missed.
+    pub fn unseen(paths: Vec<PathBuf>) -> Watched {
+        Watched {
+            paths,
+            seen: Mutex::new(Stamp::default()),
+        }
+    }
+
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
     }

@@ -93,10 +93,12 @@ pub struct FollowedToken {
 }
 
 impl FollowedToken {
-    /// `tokens` as read from `path` now.
+    /// `tokens`, read from `path` earlier: the first refresh reads the file
+    /// again (at start-up the token is read before the server is ready, and
+    /// a rotation in between was never picked up, SIGHUP or not: audit).
     pub fn new(path: PathBuf, tokens: Arc<Tokens>) -> FollowedToken {
         FollowedToken {
-            file: Watched::new(vec![path]),
+            file: Watched::unseen(vec![path]),
             tokens,
         }
     }
@@ -125,24 +127,74 @@ impl FollowedToken {
 }
 
 /// The token in the file at `path`: at most [`MAX_TOKEN_BYTES`], UTF-8,
-/// surrounding whitespace trimmed, not empty.
+/// surrounding whitespace trimmed, and [`presentable`].
 pub fn read_token(path: &Path) -> Result<String, String> {
     let bytes = read_bounded(path, MAX_TOKEN_BYTES)?;
     let text =
         String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     let token = text.trim();
-    if token.is_empty() {
-        return Err(format!(
-            "{}: the token is empty; put a secret in it",
-            path.display()
-        ));
-    }
+    presentable(token).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(token.to_string())
+}
+
+/// Whether `token` can be sent as `Authorization: Bearer TOKEN`: not empty,
+/// visible ASCII, no space or line break. Any other token could never be
+/// presented, and taking it in a rotation locked every client out once the
+/// old token's grace ended (audit: `tök` and a two-line file were taken).
+pub fn presentable(token: &str) -> Result<(), &'static str> {
+    if token.is_empty() {
+        return Err("the token is empty; put a secret in it");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "the token must be visible ASCII without spaces or line breaks \
+                    (it is sent in an HTTP header); e.g. openssl rand -hex 32",
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_rotated_before_it_is_followed_is_picked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "tok-one").unwrap();
+        let tokens = Arc::new(Tokens::new(read_token(&path).unwrap()));
+        std::fs::write(&path, "tok-two").unwrap();
+        let followed = FollowedToken::new(path.clone(), tokens.clone());
+        assert_eq!(followed.refresh(), Refresh::Reloaded);
+        assert_eq!(tokens.current(), "tok-two");
+        assert_eq!(followed.refresh(), Refresh::Unchanged);
+        // Not rotated: the first look reads the same token, and says so.
+        let same = FollowedToken::new(path, Arc::new(Tokens::new("tok-two".into())));
+        assert_eq!(same.refresh(), Refresh::Unchanged);
+    }
+
+    #[test]
+    fn only_tokens_a_header_can_carry_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for (text, ok) in [
+            ("  s3cret-Token_=+/~\n", true),
+            ("tök", false),
+            ("one\ntwo", false),
+            ("with space", false),
+            ("tab\there", false),
+            ("\n", false),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                read_token(&path).is_ok(),
+                ok,
+                "{text:?}: {:?}",
+                read_token(&path)
+            );
+        }
+    }
 
     #[test]
     fn a_rotated_token_is_accepted_at_once_and_the_old_one_for_its_grace() {

@@ -491,8 +491,8 @@ async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedCon
         ),
         None => None,
     };
-    if token.as_deref() == Some("") {
-        anyhow::bail!("control: the token is empty; put a secret in it");
+    if let Some(t) = &token {
+        agiproxy_control::token::presentable(t).map_err(|e| anyhow::anyhow!("control: {e}"))?;
     }
     let opts = ServeOptions {
         address: control.address,
