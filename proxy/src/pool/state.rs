@@ -23,6 +23,9 @@ use super::policy::order_tier;
 pub struct Lease {
     pub backend: Arc<BackendLive>,
     pub(super) pool: Arc<PoolLive>,
+    /// The backend's passive ejections when it was picked (see
+    /// [`PoolState::lease_failed`]).
+    ejections_at_pick: u64,
 }
 
 impl Drop for Lease {
@@ -221,6 +224,20 @@ impl PoolState {
     /// which). After `passive.consecutive_failures` in a row the backend is
     /// ejected for a backoff that doubles with each further failure; in a
     /// pool with active checks it then waits for a passing check too.
+    /// The session holding `lease` failed on its backend: a passive failure
+    /// (see [`passive_failure`](Self::passive_failure)), unless the backend
+    /// has been ejected since this session picked it. With `first_command`
+    /// (3 s) longer than the backoff (1 s), such late failures came after
+    /// the backoff had ended and doubled it again and again (audit: one
+    /// stall of a backend kept it out 500 ms, 1 s, then 2 s).
+    pub fn lease_failed(&self, lease: &Lease, what: &str) -> Option<Duration> {
+        if lease.backend.ejections.load(Ordering::Relaxed) != lease.ejections_at_pick {
+            tracing::debug!(pool = %self.name, backend = %lease.backend.addr, what, "passive failure of a session that picked the backend before its last ejection");
+            return None;
+        }
+        self.passive_failure(&lease.backend, what)
+    }
+
     /// Returns the backoff when it was ejected.
     ///
     /// A backend already ejected is left as it is: the failure comes from a
@@ -435,6 +452,7 @@ impl PoolState {
         let lease = Lease {
             backend: backend.live.clone(),
             pool: self.live.clone(),
+            ejections_at_pick: backend.live.ejections.load(Ordering::Relaxed),
         };
         if backend.max_sessions.is_some_and(|m| prev >= m) {
             return None; // dropping the lease gives the slot back

@@ -164,6 +164,34 @@ fn ejection_backs_off_and_empty_pool_fails_at_once() {
     assert_eq!(live(&p, 0).ejections.load(Ordering::Relaxed), 2);
 }
 
+/// Sessions that picked a backend before it was ejected fail late (their
+/// first-command wait outlasts the backoff): those failures do not eject it
+/// again. A session that picks it after the backoff does count.
+#[test]
+fn failures_of_sessions_that_picked_a_backend_before_its_ejection_do_not_count() {
+    let p = pool_with(
+        "round_robin",
+        2,
+        "    max_ejection_percent: 100\n    passive: { consecutive_failures: 1, backoff: 5ms, max_backoff: 60s }\n",
+    );
+    let early: Vec<Lease> = (0..3).map(|_| lease(&p, 0).unwrap()).collect();
+    assert_eq!(
+        p.lease_failed(&early[0], "x"),
+        Some(Duration::from_millis(5))
+    );
+    std::thread::sleep(Duration::from_millis(10));
+    assert_eq!(live(&p, 0).state(), BackendState::Healthy);
+    // The backoff is over; the other two sessions' failures come now.
+    assert_eq!(p.lease_failed(&early[1], "x"), None);
+    assert_eq!(p.lease_failed(&early[2], "x"), None);
+    assert_eq!(live(&p, 0).state(), BackendState::Healthy);
+    assert_eq!(live(&p, 0).ejections.load(Ordering::Relaxed), 1);
+    // A session that picked it after the ejection counts, and the backoff
+    // goes on doubling (nothing committed in between).
+    let late = lease(&p, 0).unwrap();
+    assert_eq!(p.lease_failed(&late, "x"), Some(Duration::from_millis(10)));
+}
+
 #[test]
 fn ejection_threshold_counts_failures_in_a_row() {
     let p = pool_with(

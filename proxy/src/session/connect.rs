@@ -140,7 +140,7 @@ pub async fn attach(
             }
             Ok(Err(Opened::ConnectFailed(e))) => {
                 metrics.connect_result(connect_result_of(&e)).inc();
-                let wait = pool.passive_failure(&backend, "connect failed");
+                let wait = pool.lease_failed(&lease, "connect failed");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, error = %e, backoff = ?wait, "connect failed");
                 reason = Reason::ConnectFailed;
                 continue;
@@ -148,7 +148,7 @@ pub async fn attach(
             Ok(Err(Opened::HeaderRefused(e))) => {
                 metrics.connect_result(ConnectResult::Connected).inc();
                 tracing::debug!(backend = %backend.addr, error = %e, "backend closed before taking the header");
-                pool.passive_failure(&backend, "closed before taking the header");
+                pool.lease_failed(&lease, "closed before taking the header");
                 reason = Reason::BackendClosed;
                 continue;
             }
@@ -160,7 +160,7 @@ pub async fn attach(
             }
             Err(_) => {
                 metrics.connect_result(ConnectResult::Timeout).inc();
-                let wait = pool.passive_failure(&backend, "connect timed out");
+                let wait = pool.lease_failed(&lease, "connect timed out");
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, backoff = ?wait, "connect timed out");
                 reason = Reason::ConnectFailed;
                 continue;
@@ -193,12 +193,12 @@ pub async fn attach(
             }
             Wait::Closed | Wait::Reset => {
                 tracing::debug!(backend = %backend.addr, pool = %pool.name, "backend closed before its first command");
-                pool.passive_failure(&backend, "closed before its first command");
+                pool.lease_failed(&lease, "closed before its first command");
                 reason = Reason::BackendClosed;
             }
             Wait::Timeout => {
                 tracing::info!(backend = %backend.addr, pool = %pool.name, timeout = ?t.first_command, "backend sent no first command in time");
-                pool.passive_failure(&backend, "no first command in time");
+                pool.lease_failed(&lease, "no first command in time");
                 close_politely(stream);
                 reason = Reason::FirstCommandTimeout;
             }
