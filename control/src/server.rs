@@ -421,6 +421,12 @@ impl ControlServer {
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
                     tracing::info!(%peer, error = %e, "control API TLS handshake failed")
                 }
+                // The client closed first: a TCP probe (kubelet's
+                // `tcpSocket`, a balancer's check), not a refusal (audit:
+                // each counted and logged at INFO).
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, error = %e, "control API connection closed by its client before TLS")
+                }
                 Ok(Err(e)) => {
                     refused("tls_handshake");
                     tracing::info!(%peer, error = %e, "control API TLS handshake failed")
