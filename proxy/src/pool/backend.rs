@@ -284,10 +284,22 @@ impl BackendLive {
         self.note_change(Some(pool), reason);
     }
 
+    /// A new passive ejection, logged also when the state last reported is
+    /// an ejection: the end of the one before (the clock's doing) is only
+    /// reported by the watcher every 200 ms, and a re-ejection within that
+    /// went unlogged (audit: three ejections, one line).
+    pub(super) fn note_ejection(&self, pool: &str, reason: &str) {
+        self.note_state(Some(pool), Some(reason), true);
+    }
+
     pub(super) fn note_change(&self, pool: Option<&str>, reason: Option<&str>) {
+        self.note_state(pool, reason, false);
+    }
+
+    fn note_state(&self, pool: Option<&str>, reason: Option<&str>, event: bool) {
         let now = self.state();
         let was = BackendState::from_u8(self.reported.swap(now as u8, Ordering::Relaxed));
-        if was == now {
+        if was == now && !(event && now == BackendState::Ejected) {
             return;
         }
         let inferred = match (was, now) {

@@ -276,7 +276,7 @@ impl PoolState {
         }
         backend.ejections.fetch_add(1, Ordering::Relaxed);
         let reason = format!("{what} ({n} in a row); ejected for {wait:?}");
-        backend.note(&self.name, Some(&reason));
+        backend.note_ejection(&self.name, &reason);
         Some(wait)
     }
 

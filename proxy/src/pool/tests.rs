@@ -192,6 +192,46 @@ fn failures_of_sessions_that_picked_a_backend_before_its_ejection_do_not_count()
     assert_eq!(p.lease_failed(&late, "x"), Some(Duration::from_millis(10)));
 }
 
+/// Every ejection is logged, also one that comes before the watcher has
+/// reported the end of the one before.
+#[test]
+fn a_re_ejection_is_logged_too() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let p = pool_with(
+            "round_robin",
+            2,
+            "    max_ejection_percent: 100\n    passive: { consecutive_failures: 1, backoff: 5ms, max_backoff: 60s }\n",
+        );
+        assert!(fail(&p, 0).is_some());
+        std::thread::sleep(Duration::from_millis(10));
+        // No watcher runs here: the end of the backoff is not reported.
+        assert!(fail(&p, 0).is_some());
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let ejections = log
+        .lines()
+        .filter(|l| l.contains("backend state changed") && l.contains("to=\"ejected\""))
+        .count();
+    assert_eq!(ejections, 2, "{log}");
+}
+
 #[test]
 fn ejection_threshold_counts_failures_in_a_row() {
     let p = pool_with(
