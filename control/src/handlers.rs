@@ -21,8 +21,9 @@ pub(crate) struct Ctx<P> {
     pub(crate) token: Option<Arc<crate::token::Tokens>>,
     /// The control socket's owner, whose requests (and root's) need no token.
     pub(crate) socket_owner: Option<u32>,
-    /// Every route, for the guard to tell a method a path does not serve.
-    pub(crate) endpoints: Vec<crate::server::Endpoint>,
+    /// Every route's method and path, for the guard to tell a method a
+    /// path does not serve.
+    pub(crate) served: Vec<(axum::http::Method, &'static str)>,
 }
 
 pub(crate) type S<P> = State<Arc<Ctx<P>>>;

@@ -160,16 +160,13 @@ fn is_open(method: &Method, path: &str) -> bool {
 /// counts as GET). Its 405 and `Allow` reveal nothing an open path does
 /// not publish already, so it needs no credential; a method the path does
 /// serve stays guarded unless [`OPEN`] lists it.
-fn unserved_on_open_path(endpoints: &[Endpoint], method: &Method, path: &str) -> bool {
+fn unserved_on_open_path(served: &[(Method, &str)], method: &Method, path: &str) -> bool {
     let method = if method == Method::HEAD {
         &Method::GET
     } else {
         method
     };
-    OPEN.iter().any(|&(_, p)| p == path)
-        && !endpoints
-            .iter()
-            .any(|e| e.path == path && e.method == *method)
+    OPEN.iter().any(|&(_, p)| p == path) && !served.iter().any(|(m, p)| *p == path && m == method)
 }
 
 /// A bound control API; `serve` runs it until `shutdown` resolves.
@@ -630,7 +627,10 @@ fn build<P: ControlPlane>(
         plane,
         token,
         socket_owner,
-        endpoints: endpoints.clone(),
+        served: endpoints
+            .iter()
+            .map(|e| (e.method.clone(), e.path))
+            .collect(),
     });
     let app = router
         // Over every route at once, so none can be added without it.
@@ -728,7 +728,7 @@ async fn guard<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
     if path.as_deref().is_some_and(|p| {
-        is_open(req.method(), p) || unserved_on_open_path(&ctx.endpoints, req.method(), p)
+        is_open(req.method(), p) || unserved_on_open_path(&ctx.served, req.method(), p)
     }) {
         return next.run(req).await;
     }
