@@ -217,39 +217,38 @@ async fn refusal_after_blank_line(
 async fn an_oversized_header_whose_blank_line_comes_alone_is_told_at_once() {
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let told = "SET VARIABLE AGIPROXY_ERROR \"header_too_large\"\n";
-    // One line over `max_header_lines`.
-    let p = proxy(&one_pool(
-        "round_robin",
-        &[b.addr()],
-        "timeouts:\n  header: 10s\nlimits:\n  max_header_lines: 8\n",
-    ))
-    .await;
-    let mut rx = p.server.subscribe();
-    let lines: Vec<Vec<u8>> = (1..=9)
-        .map(|i| format!("agi_arg_{i}: v\n").into_bytes())
-        .collect();
-    let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
-    assert_eq!(set, told);
-    assert!(waited < Duration::from_secs(2), "{waited:?}");
-    let rec = next_record(&mut rx).await;
-    assert_eq!(rec.header_error, Some("too_many_lines"));
-
-    // The last line ends exactly at `max_header_bytes`: 8 lines of 64 bytes.
-    let p = proxy(&one_pool(
-        "round_robin",
-        &[b.addr()],
-        "timeouts:\n  header: 10s\nlimits:\n  max_header_bytes: 512\n",
-    ))
-    .await;
-    let mut rx = p.server.subscribe();
-    let lines: Vec<Vec<u8>> = (1..=8)
-        .map(|i| format!("agi_arg_{i}: {}\n", "v".repeat(52)).into_bytes())
-        .collect();
-    assert_eq!(lines.concat().len(), 512);
-    let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
-    assert_eq!(set, told);
-    assert!(waited < Duration::from_secs(2), "{waited:?}");
-    let rec = next_record(&mut rx).await;
-    assert_eq!(rec.header_error, Some("too_large"));
+    let cases: [(&str, Vec<Vec<u8>>, &str); 2] = [
+        // One line over `max_header_lines`.
+        (
+            "max_header_lines: 8",
+            (1..=9)
+                .map(|i| format!("agi_arg_{i}: v\n").into_bytes())
+                .collect(),
+            "too_many_lines",
+        ),
+        // The last line ends exactly at `max_header_bytes`: 8 lines of 64 bytes.
+        (
+            "max_header_bytes: 512",
+            (1..=8)
+                .map(|i| format!("agi_arg_{i}: {}\n", "v".repeat(52)).into_bytes())
+                .collect(),
+            "too_large",
+        ),
+    ];
+    assert_eq!(cases[1].1.concat().len(), 512);
+    for (limit, lines, reason) in cases {
+        let p = proxy(&one_pool(
+            "round_robin",
+            &[b.addr()],
+            &format!("timeouts:\n  header: 10s\nlimits:\n  {limit}\n"),
+        ))
+        .await;
+        let mut rx = p.server.subscribe();
+        let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
+        assert_eq!(set, told, "{limit}");
+        assert!(waited < Duration::from_secs(2), "{limit}: {waited:?}");
+        let rec = next_record(&mut rx).await;
+        assert_eq!(rec.header_error, Some(reason));
+    }
     assert_eq!(b.stats().accepted(), 0);
 }

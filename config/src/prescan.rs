@@ -135,7 +135,7 @@ impl Scan {
             }
             Kind::Alias(name) => {
                 self.aliases += 1;
-                let shown = String::from_utf8_lossy(name);
+                let shown = shown(name);
                 if self.aliases > MAX_ALIASES {
                     return Err(refused(
                         line,
