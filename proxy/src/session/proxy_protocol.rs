@@ -63,6 +63,12 @@ fn v2(buf: &[u8]) -> Result<Preamble, Invalid> {
     }
     v2_tlvs(buf)?;
     match v2::Header::try_from(buf) {
+        // A balancer relaying UDP names a datagram's source: FastAGI is TCP
+        // only, so that is no Asterisk calling (audit; the protocol lets a
+        // receiver refuse what it does not carry).
+        Ok(h) if h.command == v2::Command::Proxy && h.protocol == v2::Protocol::Datagram => {
+            Err(Invalid("v2"))
+        }
         Ok(h) => Ok(Preamble::Done {
             len: h.len(),
             caller: match (h.command, h.addresses) {
@@ -277,5 +283,28 @@ mod tests {
         assert_eq!(parse(&h), Err(Invalid("v2")));
         h[12] = 0x2F;
         assert_eq!(parse(&h), Err(Invalid("v2")));
+    }
+
+    #[test]
+    fn a_udp_source_is_no_caller() {
+        let from_to: (SocketAddr, SocketAddr) = (
+            "192.0.2.7:40001".parse().unwrap(),
+            "198.51.100.1:4573".parse().unwrap(),
+        );
+        let h = v2::Builder::with_addresses(0x21, v2::Protocol::Datagram, from_to)
+            .build()
+            .unwrap();
+        assert_eq!(parse(&[&h[..], AGI].concat()), Err(Invalid("v2")));
+        // A balancer's own check over UDP names nobody: still fine.
+        let h = v2::Builder::with_addresses(0x20, v2::Protocol::Datagram, from_to)
+            .build()
+            .unwrap();
+        assert_eq!(
+            parse(&h),
+            Ok(Preamble::Done {
+                len: h.len(),
+                caller: None
+            })
+        );
     }
 }
