@@ -25,13 +25,16 @@ pub enum ServerError {
     // printed with `{:#}` says it once.
     #[error(
         "listeners[{index}] ({name}): cannot listen on {addr}: {error}{}",
-        bind_hint(error)
+        bind_hint(error, *held_by)
     )]
     Bind {
         index: usize,
         name: String,
         addr: SocketAddr,
         error: io::Error,
+        /// This replica's own running listener that overlaps `addr`: the
+        /// port is ours, not another process's.
+        held_by: Option<SocketAddr>,
     },
 }
 
@@ -49,13 +52,36 @@ pub(crate) struct Bound {
 }
 
 /// What to do about a failed bind, when there is a likely answer.
-fn bind_hint(e: &io::Error) -> &'static str {
-    match e.kind() {
-        io::ErrorKind::AddrInUse => "; is another process using it?",
-        io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
-        io::ErrorKind::PermissionDenied => "; ports below 1024 need CAP_NET_BIND_SERVICE",
-        _ => "",
+fn bind_hint(e: &io::Error, held_by: Option<SocketAddr>) -> String {
+    match (e.kind(), held_by) {
+        // A reload binds its new listeners before it closes the old ones,
+        // so that a failure changes nothing: an address that overlaps a
+        // running one (127.0.0.1:P to 0.0.0.0:P) cannot be taken in one
+        // change (audit: the hint blamed another process).
+        (io::ErrorKind::AddrInUse, Some(own)) => format!(
+            "; this replica's own listener on {own} holds that port, and stays open until the \
+             new listeners are bound: restart the replica with the new address, or remove that \
+             listener in one change and add the new one in the next (the port refuses calls \
+             in between)"
+        ),
+        (io::ErrorKind::AddrInUse, None) => "; is another process using it?".into(),
+        (io::ErrorKind::AddrNotAvailable, _) => {
+            "; no interface of this host has that address".into()
+        }
+        (io::ErrorKind::PermissionDenied, _) => {
+            "; ports below 1024 need CAP_NET_BIND_SERVICE".into()
+        }
+        _ => String::new(),
     }
+}
+
+/// Whether two listening addresses take the same port: the same port and
+/// family (IPv6 listeners are v6-only), and one address holds the other.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Binds the listeners of `config` not already bound (`kept`), all or none.
@@ -69,6 +95,7 @@ pub(crate) fn bind_all(config: &Config, kept: &[SocketAddr]) -> Result<Vec<Bound
             index,
             name: l.name.clone(),
             addr: l.address,
+            held_by: kept.iter().copied().find(|k| overlaps(*k, l.address)),
             error,
         })?;
         bound.push(Bound {
@@ -336,6 +363,54 @@ mod tests {
         for (_, p) in &peers {
             assert!(mine.contains(p), "{p}");
         }
+    }
+
+    /// Moving a listener from 127.0.0.1:P to 0.0.0.0:P in one reload fails,
+    /// as the old one is still open: the message names it, not "another
+    /// process" (audit).
+    #[test]
+    fn a_port_held_by_our_own_listener_is_named_as_such() {
+        let running = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let held = running.local_addr().unwrap();
+        let config = agiproxy_config::from_yaml_str(&format!(
+            "version: 1\nlisteners:\n  - {{ name: moved, address: \"0.0.0.0:{}\" }}\n\
+             routes: [{{ name: all, pool: p }}]\n\
+             pools: [{{ name: p, backends: [{{ address: \"127.0.0.1:1\" }}] }}]\n",
+            held.port()
+        ))
+        .unwrap();
+        let ours = bind_all(&config, &[held]).err().expect("the port is taken");
+        let ours = ours.to_string();
+        assert!(
+            ours.contains(&format!(
+                "this replica's own listener on {held} holds that port"
+            )),
+            "{ours}"
+        );
+        assert!(!ours.contains("another process"), "{ours}");
+        // Held by a socket that is no listener of ours: another process.
+        let theirs = bind_all(&config, &[]).err().expect("the port is taken");
+        assert!(
+            theirs.to_string().ends_with("is another process using it?"),
+            "{theirs}"
+        );
+        assert!(overlaps(
+            "[::]:5".parse().unwrap(),
+            "[::1]:5".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "[::]:5".parse().unwrap(),
+            "0.0.0.0:5".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "127.0.0.1:5".parse().unwrap(),
+            "127.0.0.2:5".parse().unwrap()
+        ));
+        assert!(!overlaps(
+            "0.0.0.0:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap()
+        ));
+        drop(running);
     }
 
     /// A reload that removes a listener swaps the snapshot before the accept
