@@ -448,14 +448,18 @@ impl PoolState {
     /// (and, if it commits, of the session). None when it filled up meanwhile.
     pub fn lease(&self, backend: &Backend) -> Option<Lease> {
         let prev = backend.live.active.fetch_add(1, Ordering::Relaxed);
-        self.live.active.fetch_add(1, Ordering::Relaxed);
+        let pool_prev = self.live.active.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             backend: backend.live.clone(),
             pool: self.live.clone(),
             ejections_at_pick: backend.live.ejections.load(Ordering::Relaxed),
         };
-        if backend.max_sessions.is_some_and(|m| prev >= m) {
-            return None; // dropping the lease gives the slot back
+        // The pool's cap too: `candidates` only looked, and calls that
+        // looked at once could all pass it (audit).
+        if backend.max_sessions.is_some_and(|m| prev >= m)
+            || self.max_sessions.is_some_and(|m| pool_prev >= m)
+        {
+            return None; // dropping the lease gives the slots back
         }
         Some(lease)
     }

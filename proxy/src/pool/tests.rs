@@ -448,6 +448,23 @@ fn max_sessions_is_a_hard_cap() {
     assert!(lease(&p, 0).is_some());
 }
 
+/// The pool's `max_sessions` holds when calls look at once: each saw room
+/// in `candidates`, and only the lease, which counts, may decide.
+#[test]
+fn the_pool_cap_holds_for_calls_that_looked_at_once() {
+    let p = pool_with("round_robin", 2, "    max_sessions: 1\n");
+    let h = header("1");
+    let (first, second) = (order(&p, &h).unwrap(), order(&p, &h).unwrap());
+    let l = lease(&p, first[0]).expect("room for one");
+    assert!(
+        lease(&p, second[0]).is_none(),
+        "two sessions in a pool of one"
+    );
+    assert_eq!(p.live.active.load(Ordering::Relaxed), 1);
+    drop(l);
+    assert!(lease(&p, second[0]).is_some());
+}
+
 #[test]
 fn reload_carries_backend_state_and_drops_stale_verdicts() {
     let with = "version: 1\npools:\n  - name: p\n    health: { type: tcp }\n    backends:\n      - { address: \"127.0.0.1:7001\" }\n";
