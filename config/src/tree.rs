@@ -381,6 +381,15 @@ impl<'de> Visitor<'de> for NodeVisitor {
         }
         Ok(Node::Map(entries))
     }
+    /// serde_yaml hands a value with a custom tag (`!name value`) over as an enum; serde's own
+    /// message for it was "invalid type: enum" (audit).
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Node, A::Error> {
+        let (tag, _): (String, _) = data.variant()?;
+        Err(de::Error::custom(format_args!(
+            "the YAML tag `!{tag}` means nothing to agiproxy: remove it (values are written \
+             without tags)"
+        )))
+    }
 }
 
 #[cfg(test)]

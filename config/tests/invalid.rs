@@ -551,3 +551,17 @@ fn keys_without_a_name_are_shown_as_written() {
         );
     }
 }
+
+/// A custom tag was "invalid type: enum, expected any YAML value" (audit).
+/// YAML's own tags (`!!str`) still read as what they say.
+#[test]
+fn a_custom_yaml_tag_is_named() {
+    let text = config("routes: [{ name: all, pool: !blue ivr-blue }]");
+    let got: Vec<String> = errors(&text).iter().map(ToString::to_string).collect();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].starts_with("routes[0].pool: the YAML tag `!blue` means nothing to agiproxy"),
+        "{got:?}"
+    );
+    assert!(from_yaml_str(&config("routes: [{ name: all, pool: !!str ivr-blue }]")).is_ok());
+}
