@@ -1614,3 +1614,38 @@ async fn a_wrong_method_on_an_open_path_is_405_without_a_credential() {
         api.stop().await;
     }
 }
+
+/// docs/openapi.yaml describes exactly the endpoints the server routes,
+/// and marks as open (`security: []`) exactly those served without a
+/// credential: a route added, removed or opened without its description
+/// fails here (audit: nothing compared them).
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint_and_no_other() {
+    let text = config_text("127.0.0.1:1", "127.0.0.1:2");
+    let api = start(&text, None, 4096).await;
+    let doc = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(doc).unwrap()).unwrap();
+    let mut described = Vec::new();
+    for (path, ops) in doc["paths"].as_mapping().expect("paths") {
+        let path = path.as_str().unwrap();
+        for (method, op) in ops.as_mapping().unwrap() {
+            let method = method.as_str().unwrap();
+            if method == "parameters" {
+                continue;
+            }
+            let open = op["security"].as_sequence().is_some_and(Vec::is_empty);
+            described.push((method.to_uppercase(), path.to_string(), open));
+        }
+    }
+    let mut served: Vec<(String, String, bool)> = api
+        .endpoints
+        .iter()
+        .map(|e| (e.method.to_string(), e.path.to_string(), e.open()))
+        .collect();
+    described.sort();
+    served.sort();
+    assert_eq!(described, served, "docs/openapi.yaml against the router");
+    assert!(served.len() >= 17, "{served:?}");
+    api.stop().await;
+}
