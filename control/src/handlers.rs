@@ -50,7 +50,7 @@ pub(crate) fn control_error(e: ControlError) -> Response {
                 generation: None,
             },
         ),
-        ControlError::Stale { current } => (
+        ControlError::Stale { current, .. } => (
             StatusCode::PRECONDITION_FAILED,
             ErrorBody {
                 error: e.to_string(),

@@ -14,9 +14,11 @@ pub enum ControlError {
     /// 400: the config (or request) is invalid; every error with its path.
     #[error("invalid: {} error{}", .0.len(), if .0.len() == 1 { "" } else { "s" })]
     Invalid(Vec<FieldError>),
-    /// 412: `If-Match` named a generation that is no longer running.
-    #[error("the running generation is {current}, not the one in If-Match")]
-    Stale { current: u64 },
+    /// 412: `If-Match` named a generation that is no longer running; or,
+    /// without `If-Match`, an edit of the running config (a split, an
+    /// override) lost to other changes too often to be made.
+    #[error("{}", stale(*current, *if_match))]
+    Stale { current: u64, if_match: bool },
     /// 404.
     #[error("{0}")]
     NotFound(String),
@@ -26,6 +28,17 @@ pub enum ControlError {
     /// 503: e.g. no config file to reload from, or draining.
     #[error("{0}")]
     Unavailable(String),
+}
+
+fn stale(current: u64, if_match: bool) -> String {
+    if if_match {
+        format!("the running generation is {current}, not the one in If-Match")
+    } else {
+        format!(
+            "other config changes kept coming in while this edit was made (generation \
+             {current} now); nothing was changed: send it again"
+        )
+    }
 }
 
 /// What the control API may ask of the runtime.
@@ -83,5 +96,28 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// [`crate::server::REFUSED_REASONS`].
     fn observe_refused_connection(&self, reason: &'static str) {
         let _ = reason;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An edit that lost to other changes had no If-Match to name (audit).
+    #[test]
+    fn a_stale_change_names_if_match_only_when_it_had_one() {
+        let e = |if_match| {
+            ControlError::Stale {
+                current: 7,
+                if_match,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(true),
+            "the running generation is 7, not the one in If-Match"
+        );
+        assert!(!e(false).contains("If-Match"), "{}", e(false));
+        assert!(e(false).contains("generation 7 now"), "{}", e(false));
     }
 }

@@ -46,7 +46,10 @@ fn control_error(e: ApplyError) -> ControlError {
                 })
                 .collect(),
         ),
-        ApplyError::Stale { current, .. } => ControlError::Stale { current },
+        ApplyError::Stale { current, expected } => ControlError::Stale {
+            current,
+            if_match: expected.is_some(),
+        },
         ApplyError::Bind(e) => ControlError::Conflict(e.to_string()),
         ApplyError::NotFound(m) => ControlError::NotFound(m),
         e @ (ApplyError::NoFile(_)

@@ -33,8 +33,10 @@ use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
 pub enum ApplyError {
     #[error("invalid config:\n{0}")]
     Invalid(agiproxy_config::ConfigErrors),
-    #[error("the running generation is {current}, not {expected}")]
-    Stale { current: u64, expected: u64 },
+    /// `expected`: the generation `If-Match` named; None for an edit that
+    /// lost to other changes three times.
+    #[error("the running generation is {current}, not {}", expected.map_or("the one edited".into(), |g| g.to_string()))]
+    Stale { current: u64, expected: Option<u64> },
     #[error(transparent)]
     Bind(#[from] ServerError),
     #[error("no config file to reload from (the config came from {0})")]
@@ -329,7 +331,7 @@ impl Server {
             if let Some(expected) = if_match.filter(|g| *g != generation) {
                 return Err(ApplyError::Stale {
                     current: generation,
-                    expected,
+                    expected: Some(expected),
                 });
             }
             let text: Arc<str> = if edit {
@@ -396,7 +398,7 @@ impl Server {
             if let Some(expected) = if_match {
                 return Err(ApplyError::Stale {
                     current: now.meta.generation,
-                    expected,
+                    expected: Some(expected),
                 });
             }
             if !edit || attempts >= 3 {
@@ -415,7 +417,7 @@ impl Server {
                 }
                 return Err(ApplyError::Stale {
                     current: now.meta.generation,
-                    expected: generation,
+                    expected: None,
                 });
             }
         };

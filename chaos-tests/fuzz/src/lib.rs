@@ -599,7 +599,10 @@ impl ControlPlane for FakePlane {
         })?;
         let mut s = self.state.lock().expect("lock");
         if if_match.is_some_and(|g| g != s.0) {
-            return Err(ControlError::Stale { current: s.0 });
+            return Err(ControlError::Stale {
+                current: s.0,
+                if_match: true,
+            });
         }
         if !dry_run {
             s.0 += 1;
