@@ -11,7 +11,7 @@ mod route;
 mod timeouts;
 
 use crate::error::{ConfigError, Errors};
-use crate::model::{Config, Limits, Listener, ProxyProtocol};
+use crate::model::{Config, Control, Limits, Listener, ProxyProtocol};
 use crate::raw::{RawConfig, RawLimits, RawListener, RawProxyProtocol, Scalar};
 
 pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
@@ -37,6 +37,7 @@ pub(crate) fn compile(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
 
     let control = control::compile(raw.control.as_ref(), &limits, &mut errs);
     control::check_rollout_peers(&control, &routes, &mut errs);
+    control_clashes(&control, &listeners, &mut errs);
     let tcp_keepalive = keepalive::compile(raw.tcp_keepalive.as_ref(), &mut errs);
 
     if !errs.is_empty() {
@@ -177,6 +178,30 @@ fn proxy_protocol(raw: &RawProxyProtocol, path: &str, errs: &mut Errors) -> Opti
         }
     }
     (nets.len() == from.len()).then_some(ProxyProtocol { from: nets })
+}
+
+/// The control API and a listener on one port: the second to bind fails at
+/// start, and the message blamed another process (audit: a chart with
+/// `ports.control` equal to `ports.agi` passed `check`).
+fn control_clashes(control: &Control, listeners: &[Listener], errs: &mut Errors) {
+    let Some(addr) = control.address.filter(|_| control.enabled) else {
+        return;
+    };
+    if let Some((i, l)) = listeners
+        .iter()
+        .enumerate()
+        .find(|(_, l)| binds_clash(l.address, addr))
+    {
+        errs.push(
+            "control.address",
+            format!(
+                "{addr} clashes with listeners[{i}].address ({}); the control API needs a port \
+                 of its own, e.g. {}",
+                l.address,
+                std::net::SocketAddr::new(addr.ip(), if addr.port() == 9090 { 9091 } else { 9090 })
+            ),
+        );
+    }
 }
 
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard of the
