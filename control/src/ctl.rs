@@ -124,8 +124,13 @@ pub enum CtlCommand {
         #[arg(required = true, value_name = "POOL=WEIGHT")]
         weights: Vec<String>,
     },
-    /// Drain the whole replica, as on SIGTERM.
-    DrainReplica,
+    /// Drain the whole replica, as on SIGTERM: its listeners close at once.
+    DrainReplica {
+        /// With --cluster naming several replicas: drain every one of them at
+        /// once (every listener closes; new calls fail until they restart).
+        #[arg(long)]
+        all_replicas: bool,
+    },
     /// Blue-green rollouts declared in the config: status and overrides.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -271,6 +276,22 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             .filter(|t| !t.is_empty()),
     };
     let targets = targets(&args, resolver).await?;
+    if let CtlCommand::DrainReplica {
+        all_replicas: false,
+    } = args.command
+    {
+        // Every replica at once closes every listener: an outage, not a
+        // drain (audit: the chart's notes offered it for the cluster).
+        if targets.len() > 1 {
+            return Err(format!(
+                "drain-replica would drain all {} replicas at once: every listener closes and new \
+                 calls fail until they restart. Drain one with --url (on Kubernetes, `kubectl \
+                 delete pod NAME` drains it and takes it out of the Service first), or pass \
+                 --all-replicas to drain every one",
+                targets.len()
+            ));
+        }
+    }
     let tls = if targets.iter().any(|t| t.https) {
         Some(connector(&ClientTls {
             ca: args.ca.clone(),
@@ -351,7 +372,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
                 vec![("content-type", "application/json".into())],
             )
         }
-        CtlCommand::DrainReplica => Call::new("POST", "/v1/drain", None, vec![]),
+        CtlCommand::DrainReplica { .. } => Call::new("POST", "/v1/drain", None, vec![]),
         CtlCommand::Rollout(RolloutCommand::Status { route: None }) => {
             Call::new("GET", "/v1/rollouts", None, vec![])
         }

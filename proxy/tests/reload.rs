@@ -390,6 +390,47 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     assert_eq!(refused, vec![format!("http://127.0.0.3:{port}")], "{doc}");
     assert_eq!(doc["replicas"][2]["status"], 413);
     assert_eq!(doc["converged"], false);
+
+    // Draining the whole cluster takes an explicit --all-replicas: without
+    // it ctl refuses, and every replica stays ready.
+    let drain = |all: bool| {
+        let mut a = vec![
+            "--cluster",
+            &cluster,
+            "--dns-server",
+            &dns_server,
+            "drain-replica",
+        ];
+        if all {
+            a.push("--all-replicas");
+        }
+        ctl(&a)
+    };
+    let out = drain(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("would drain all 3 replicas at once"),
+        "{stderr}"
+    );
+    for ip in ips {
+        assert_eq!(
+            status(&format!("http://{ip}:{port}")).unwrap()["draining"],
+            false
+        );
+    }
+    let out = drain(true);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ip in ips {
+        // Draining, or already drained and gone (no sessions to wait for).
+        let s = status(&format!("http://{ip}:{port}"));
+        assert!(s.as_ref().is_none_or(|s| s["draining"] == true), "{s:?}");
+    }
     drop(replicas);
 }
 
