@@ -652,7 +652,7 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                     out!("listener    {} {}", l.name, l.address);
                 }
                 for note in s.rollouts_differ {
-                    println!("rollout     {note}");
+                    out!("rollout     {note}");
                 }
             }
         }
@@ -701,10 +701,11 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 .or_else(|_| serde_json::from_value::<RolloutView>(body.clone()).map(|r| vec![r]))
                 .unwrap_or_default();
             if list.is_empty() {
-                println!("no rollout in the running config");
+                out!("no rollout in the running config");
             }
             for r in list {
-                print!("{}", format_rollout(&r));
+                let text = format_rollout(&r);
+                out!("{}", text.strip_suffix('\n').unwrap_or(&text));
             }
         }
         CtlCommand::Config(ConfigCommand::Apply { .. })

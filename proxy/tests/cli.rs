@@ -284,6 +284,12 @@ fn ctl_into_a_closed_pipe_exits_quietly() {
     let url = fake_control_api(config, 1);
     let out = run_into_closed_pipe(&["ctl", "--url", &url, "config", "get"]);
     assert_quiet_exit(&out, 0);
+
+    // `rollout status` printed with println!, which panics (exit 101) on a
+    // closed pipe (audit).
+    let url = fake_control_api("[]".into(), 1);
+    let out = run_into_closed_pipe(&["ctl", "--url", &url, "rollout", "status"]);
+    assert_quiet_exit(&out, 0);
 }
 
 /// Runs `agiproxy run -c` and waits for it to exit (it must, on its own: the config cannot
