@@ -533,6 +533,8 @@ async fn pools_drain_split_and_metrics() {
     assert!(tokio::net::TcpStream::connect(api.addr).await.is_err());
     let (_, status) = call(&good, t, "GET", "/v1/status", &[], None).await;
     assert_eq!(status["draining"], true);
+    // Every listener is closed: none is listed (they were, as if open).
+    assert_eq!(status["listeners"], serde_json::json!([]), "{status}");
 }
 
 /// Parses the Prometheus text format strictly enough to catch a malformed

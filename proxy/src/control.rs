@@ -297,16 +297,21 @@ impl ControlPlane for ControlHandle {
             hash: snap.meta.hash_hex(),
             source: snap.meta.source.to_string(),
             differs_from_file: self.server.differs_from_file(),
-            listeners: snap
-                .config
-                .listeners
-                .iter()
-                .zip(addrs)
-                .map(|(l, a)| ListenerView {
-                    name: l.name.clone(),
-                    address: a.to_string(),
-                })
-                .collect(),
+            // Draining, every listener is closed (and one a reload added then
+            // was never opened): none is listed (audit).
+            listeners: if self.server.is_draining() {
+                Vec::new()
+            } else {
+                snap.config
+                    .listeners
+                    .iter()
+                    .zip(addrs)
+                    .map(|(l, a)| ListenerView {
+                        name: l.name.clone(),
+                        address: a.to_string(),
+                    })
+                    .collect()
+            },
             active_sessions: self.server.active_sessions() as u64,
             draining: self.server.is_draining(),
             // The file as last read and parsed: a status call never reads it.

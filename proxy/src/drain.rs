@@ -20,6 +20,11 @@ pub struct Drain {
     pub force: Cut,
     /// Every session task.
     pub sessions: TaskTracker,
+    /// Every accept loop: when they stop, each serves what the kernel
+    /// queued on its listener, so a drain waits for them before it waits
+    /// for sessions (audit: with no session in flight, the process exited
+    /// first and the queued calls were reset: SUCCESS to Asterisk).
+    pub listeners: TaskTracker,
 }
 
 impl Drain {
@@ -34,6 +39,7 @@ impl Drain {
     /// Stops accepting; sessions in flight go on.
     pub fn start(&self) {
         self.stop_accepting.cancel();
+        self.listeners.close();
         self.sessions.close();
     }
 
@@ -41,17 +47,21 @@ impl Drain {
     /// waits (briefly) for them to end. True when all finished in time.
     pub async fn finish(&self, deadline: Duration) -> bool {
         self.start();
-        if tokio::time::timeout(deadline, self.sessions.wait())
-            .await
-            .is_ok()
-        {
-            return true;
+        let all = async {
+            self.listeners.wait().await;
+            self.sessions.wait().await;
+        };
+        let clean = tokio::time::timeout(deadline, all).await.is_ok();
+        if !clean {
+            self.force.fire();
+            // Cut sessions tell Asterisk FAILURE where it waits for a
+            // command, which takes a round trip; bound it.
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
         }
-        self.force.fire();
-        // Cut sessions tell Asterisk FAILURE where it waits for a command,
-        // which takes a round trip; bound it.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
-        false
+        // Backends abandoned last are still being closed politely (each for
+        // at most 2 s); the exit would turn that into a reset.
+        crate::pool::polite_close::finished().await;
+        clean
     }
 }
 

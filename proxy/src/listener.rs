@@ -131,7 +131,8 @@ pub(crate) fn spawn_listener(shared: &Arc<Shared>, bound: Bound) -> ListenerEntr
     let addr = bound.socket.local_addr().unwrap_or(configured);
     let stop = shared.drain.stop_accepting.child_token();
     tracing::info!(address = %addr, "listening for Asterisk");
-    tokio::spawn(accept_loop(
+    // Tracked, so that a drain waits for it to serve its queue.
+    shared.drain.listeners.spawn(accept_loop(
         shared.clone(),
         configured,
         bound.socket,

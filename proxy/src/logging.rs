@@ -62,12 +62,24 @@ pub struct LogGuard {
     writer: Option<JoinHandle<()>>,
 }
 
+/// How long the exit waits for the writer to write out what is queued. A
+/// reader that stalls (a pipe nobody reads) blocks it in `write(2)` for
+/// ever; the exit then goes on without those lines (audit: it waited for
+/// ever, deaf to further signals).
+const EXIT_FLUSH: Duration = Duration::from_secs(2);
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
         self.queue.stop.store(true, Ordering::Release);
         if let Some(writer) = self.writer.take() {
             writer.thread().unpark();
-            let _ = writer.join();
+            let until = Instant::now() + EXIT_FLUSH;
+            while !writer.is_finished() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if writer.is_finished() {
+                let _ = writer.join();
+            }
         }
     }
 }

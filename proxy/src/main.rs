@@ -437,8 +437,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     // The running config's deadline: a reload may have changed it.
     let drain_deadline = server.snapshot().config.timeouts.drain;
-    tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     server.stop_accepting();
+    tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     tokio::select! {
         clean = server.drain(drain_deadline) => {
             if clean {

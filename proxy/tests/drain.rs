@@ -19,19 +19,33 @@ async fn start_proxy(
     drain: &str,
     workers: &str,
 ) -> (Running, SocketAddr, tempfile::TempDir) {
+    let body = format!(
+        "timeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    );
+    spawn_proxy(&body, workers, "warn", Stdio::inherit()).await
+}
+
+/// The proxy with `body` (everything after its listener) as its config.
+async fn spawn_proxy(
+    body: &str,
+    workers: &str,
+    log_level: &str,
+    stderr: Stdio,
+) -> (Running, SocketAddr, tempfile::TempDir) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
-        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\ntimeouts:\n  drain: {drain}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\n{body}"
     );
     let (dir, path) = config_file("drain", &format!("agiproxy-drain-{port}.yaml"), &text);
     let child = Running::spawn(
         Command::new(env!("CARGO_BIN_EXE_agiproxy"))
             .args(["run", "-c"])
             .arg(&path)
-            .args(["--log-level", "warn"])
+            .args(["--log-level", log_level])
             .env("AGIPROXY_WORKERS", workers)
-            .stdout(Stdio::null()),
+            .stdout(Stdio::null())
+            .stderr(stderr),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -143,4 +157,176 @@ async fn a_second_signal_stops_at_once() {
     wait_exit(&mut child, Duration::from_secs(5));
     assert!(t.elapsed() < Duration::from_secs(3));
     call.abort();
+}
+
+/// Calls the kernel queued while the proxy was not running (stopped, or
+/// descheduled), with no session in flight, when SIGTERM comes in the same
+/// wake-up: the drain found no session and the process exited before its
+/// accept loop had served the queue, so the kernel reset them (audit:
+/// SUCCESS to Asterisk, 8 rounds in 8 on one worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_queued_at_sigterm_are_served_with_no_session_in_flight() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    for round in 0..3 {
+        let (mut child, addr, _dir) = start_proxy(b.addr(), "30s", "1").await;
+        signal(&child, libc::SIGSTOP);
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                tokio::spawn(async move {
+                    FakeAsterisk::new()
+                        .header(chaos_tests::AgiHeader::realistic(
+                            "ivr/main",
+                            &[],
+                            &format!("7.{round}{i}"),
+                        ))
+                        .call_timeout(Duration::from_secs(20))
+                        .run(addr)
+                        .await
+                })
+            })
+            .collect();
+        // Connected and headers sent: the kernel holds them for the proxy.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(&child, libc::SIGTERM);
+        signal(&child, libc::SIGCONT);
+        for c in calls {
+            let out = c.await.unwrap();
+            assert_eq!(out.commands, vec!["NOOP"], "round {round}: {out:?}");
+        }
+        assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    }
+}
+
+/// A call still connecting to its backend when the drain deadline cuts
+/// hears FAILURE `shutting_down`. The connect was not watched for the cut:
+/// with `connect` longer than the 5 s the drain waits after it, the
+/// process exited under the call, which Asterisk read as SUCCESS (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_connecting_at_the_deadline_hears_failure() {
+    let (_hole, blackholed) = chaos_tests::blackholed_listener();
+    let body = format!(
+        "timeouts:\n  drain: 1s\nroutes:\n  - name: all\n    pool: p\n    timeouts: {{ connect: 20s, budget: 20s }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"{blackholed}\" }}\n"
+    );
+    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .call_timeout(Duration::from_secs(30))
+            .run(addr)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    let out = call.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some("shutting_down"),
+        "{out:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}
+
+/// A log reader that stalls (stderr a pipe nobody reads) costs log lines,
+/// never the exit: the process waited for ever for its log writer, blocked
+/// in `write`, and ignored further signals (audit: only SIGKILL ended it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_does_not_hold_up_the_exit() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let body = format!(
+        "routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        b.addr()
+    );
+    // Piped and never read: the pipe's 64 KiB fill with access lines.
+    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "info", Stdio::piped()).await;
+    for round in 0..30 {
+        let calls: Vec<_> = (0..10)
+            .map(|i| {
+                tokio::spawn(async move {
+                    FakeAsterisk::new()
+                        .header(chaos_tests::AgiHeader::realistic(
+                            "ivr/main",
+                            &[],
+                            &format!("8.{round}{i}"),
+                        ))
+                        .run(addr)
+                        .await
+                })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap().commands, vec!["NOOP"]);
+        }
+    }
+    // Let the writer block on the full pipe.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// A backend abandoned at the drain deadline is closed politely, as
+/// Asterisk would, before the process exits: it gets `HANGUP`, may write
+/// its cleanup lines and sees the end of the stream. The exit cut the
+/// polite close short, and its second line met a reset (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_abandoned_at_the_deadline_is_closed_politely_before_the_exit() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    // Takes the header, never sends a first command; after HANGUP, three
+    // cleanup lines 200 ms apart, then reads to the end.
+    let server = tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        let mut conn = BufReader::new(conn);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            conn.read_line(&mut line).await.unwrap();
+            if line == "\n" {
+                break;
+            }
+        }
+        line.clear();
+        conn.read_line(&mut line).await.unwrap();
+        assert_eq!(line, "HANGUP\n");
+        let mut conn = conn.into_inner();
+        // A write after the peer's socket is gone draws a reset, and the
+        // one after that fails: three lines tell an orderly close.
+        for l in [
+            "VERBOSE \"cleaning up\" 1\n",
+            "VERBOSE \"more\" 1\n",
+            "VERBOSE \"done\" 1\n",
+        ] {
+            conn.write_all(l.as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.map(|_| ())
+    });
+    let body = format!(
+        "timeouts:\n  drain: 1s\nroutes:\n  - name: all\n    pool: p\n    timeouts: {{ first_command: 20s, budget: 20s }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    );
+    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .call_timeout(Duration::from_secs(30))
+            .run(addr)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, libc::SIGTERM);
+    let out = call.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    let closed = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the backend's session ends")
+        .unwrap();
+    assert!(
+        closed.is_ok(),
+        "the backend saw {closed:?}, not an orderly close"
+    );
 }

@@ -3,10 +3,12 @@
 //! would. Fragile FastAGI servers crash on anything ruder
 //! (`shared/fastagi-protocol.md`).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 /// How long an abandoned backend gets to close after our `HANGUP`.
 const POLITE_CLOSE: Duration = Duration::from_secs(2);
@@ -21,16 +23,31 @@ const POLITE_CLOSE_BYTES: usize = 64 * 1024;
 /// it closes (at most [`POLITE_CLOSE_BYTES`] and [`POLITE_CLOSE`]).
 /// Fragile FastAGI servers crash on anything ruder.
 pub fn close_politely(stream: TcpStream) {
-    tokio::spawn(close_politely_now(stream));
+    CLOSING.spawn(close_politely_now(stream));
 }
 
 /// [`close_politely`], holding `guard` (a place among the probes in
 /// flight, say) until the socket is closed.
 pub fn close_politely_holding<G: Send + 'static>(stream: TcpStream, guard: G) {
-    tokio::spawn(async move {
+    CLOSING.spawn(async move {
         close_politely_now(stream).await;
         drop(guard);
     });
+}
+
+/// The polite closes in flight, process-wide (sessions and health probes
+/// both abandon backends), so that the exit can wait for them: cut by the
+/// runtime's end, the backend got a reset after our `HANGUP` (audit).
+static CLOSING: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
+
+/// Resolves once the polite closes begun so far have ended: at most
+/// [`POLITE_CLOSE`] and a little, whatever the peers do.
+pub(crate) async fn finished() {
+    let closing = CLOSING.clone();
+    closing.close();
+    let _ = tokio::time::timeout(POLITE_CLOSE + Duration::from_millis(100), closing.wait()).await;
+    // Open for the next server in this process (tests run many).
+    closing.reopen();
 }
 
 async fn close_politely_now(mut stream: TcpStream) {

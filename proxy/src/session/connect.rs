@@ -122,9 +122,19 @@ pub async fn attach(
         attempts += 1;
         let backend = lease.backend.clone();
         let limit = t.connect.min(deadline - now);
-        let stream = match tokio::time::timeout(limit, connect_with_header(backend.addr, header))
-            .await
-        {
+        // Raced with the drain's cut: a connect may take up to `connect`
+        // (7 days at most), and a session still in it when the process
+        // exited was closed without a word (audit: SUCCESS to Asterisk).
+        let connecting = tokio::time::timeout(limit, connect_with_header(backend.addr, header));
+        let connected = tokio::select! {
+            biased;
+            r = connecting => r,
+            () = cut.watch() => {
+                reason = Reason::ShuttingDown;
+                break;
+            }
+        };
+        let stream = match connected {
             Ok(Ok(s)) => s,
             Ok(Err(Opened::Local(e))) => {
                 // Out of descriptors or memory here: not the backend's
