@@ -70,6 +70,11 @@ pub struct Metrics {
     failures: Vec<IntCounter>,
     pub header_errors: IntCounterVec,
     pub active_sessions: IntGauge,
+    /// When a drain started cuts what is left (Unix seconds); 0 when not
+    /// draining. With `active_sessions`, an alert sees a cut coming: the
+    /// cut's own counters come moments before the exit, which no scrape
+    /// sees (audit).
+    pub drain_deadline: IntGauge,
     pub connect_attempts: IntCounterVec,
     /// `connect_attempts` by result, resolved once (the session path).
     connect_results: [IntCounter; 5],
@@ -171,6 +176,11 @@ impl Metrics {
         .expect("valid metric");
         let active_sessions =
             IntGauge::new("active_sessions", "Sessions in flight").expect("valid metric");
+        let drain_deadline = IntGauge::new(
+            "drain_deadline_timestamp_seconds",
+            "Draining: when sessions still in flight will be cut (Unix time); 0 when not draining",
+        )
+        .expect("valid metric");
         let header_memory_bytes = IntGauge::new(
             "header_memory_bytes",
             "Bytes of header buffers grown past their first 2 KiB, in connections still sending their header or looking for a backend (at most limits.max_header_memory)",
@@ -252,6 +262,7 @@ impl Metrics {
             Box::new(header_errors.clone()),
             Box::new(connect_attempts.clone()),
             Box::new(active_sessions.clone()),
+            Box::new(drain_deadline.clone()),
             Box::new(header_memory_bytes.clone()),
             Box::new(bytes_from_asterisk.clone()),
             Box::new(bytes_to_asterisk.clone()),
@@ -292,6 +303,7 @@ impl Metrics {
             failures,
             header_errors,
             active_sessions,
+            drain_deadline,
             connect_attempts,
             connect_results,
             bytes_from_asterisk,

@@ -641,6 +641,11 @@ impl Server {
     /// Drains: stop accepting, wait for sessions up to `deadline`, then cut
     /// the rest. True when every session finished by itself.
     pub async fn drain(&self, deadline: Duration) -> bool {
+        let at = std::time::SystemTime::now() + deadline;
+        let at = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs().try_into().unwrap_or(i64::MAX));
+        self.shared.metrics.drain_deadline.set(at);
         self.shared.drain.finish(deadline).await
     }
 

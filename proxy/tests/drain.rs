@@ -34,8 +34,13 @@ async fn spawn_proxy(
 ) -> (Running, SocketAddr, tempfile::TempDir) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let control = if body.starts_with("control:") {
+        ""
+    } else {
+        "control:\n  enabled: false\n"
+    };
     let text = format!(
-        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\n{body}"
+        "version: 1\n{control}listeners:\n  - name: asterisk\n    address: \"{addr}\"\n{body}"
     );
     let (dir, path) = config_file("drain", &format!("agiproxy-drain-{port}.yaml"), &text);
     let child = Running::spawn(
@@ -329,4 +334,59 @@ async fn a_backend_abandoned_at_the_deadline_is_closed_politely_before_the_exit(
         closed.is_ok(),
         "the backend saw {closed:?}, not an orderly close"
     );
+}
+
+/// While a drain waits for calls, `/metrics` says when it will cut them, so
+/// that an alert sees the cut coming: the cut's own counters change moments
+/// before the exit, where no scrape sees them (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_publishes_its_deadline() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
+    let control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let body = format!(
+        "control:\n  address: \"{control}\"\ntimeouts:\n  drain: 40s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        b.addr()
+    );
+    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
+    let deadline_gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("agiproxy_drain_deadline_timestamp_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let metrics = chaos_tests::http::get(control, "/metrics")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(deadline_gauge(&metrics), Some(0.0), "not draining yet");
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))
+            .call_timeout(Duration::from_secs(40))
+            .run(addr)
+            .await
+    });
+    let until = Instant::now() + Duration::from_secs(10);
+    while b.stats().accepted() < 1 {
+        assert!(Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let metrics = chaos_tests::http::get(control, "/metrics")
+        .await
+        .unwrap()
+        .body;
+    let at = deadline_gauge(&metrics).expect("the gauge is published");
+    assert!((now + 37.0..now + 41.0).contains(&at), "{at} vs now {now}");
+    assert!(
+        metrics.contains("\nagiproxy_active_sessions 1\n"),
+        "{metrics}"
+    );
+    signal(&child, libc::SIGINT);
+    wait_exit(&mut child, Duration::from_secs(5));
+    call.abort();
 }
