@@ -10,6 +10,8 @@
 #     replica, no replicas under an HPA, the Secret only when none is given;
 #   - the values schema: misspelt or mistyped values fail `helm template`
 #     with the schema's message;
+#   - configs the pods could not run with (a listener or the control API on
+#     loopback, ...) fail `helm template` with the chart's message;
 #   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
@@ -244,13 +246,22 @@ refused() { # MESSAGE ARGS...
     shift
     local err="$work/schema.err"
     if "$helm" template t "$chart" "$@" >/dev/null 2>"$err"; then
-        fail "schema: helm template $* passed; expected: $want"
+        fail "refused: helm template $* passed; expected: $want"
     elif grep -qF -- "$want" "$err"; then
         pass
         echo "   refused $*: $(grep -F -- "$want" "$err" | head -1 | sed 's/^[- ]*//')"
     else
         cat "$err" >&2
-        fail "schema: helm template $* failed without \"$want\""
+        fail "refused: helm template $* failed without \"$want\""
+    fi
+}
+accepted() { # ARGS...
+    if "$helm" template t "$chart" "$@" >/dev/null 2>"$work/accepted.err"; then
+        pass
+        echo "   accepted $*"
+    else
+        cat "$work/accepted.err" >&2
+        fail "accepted: helm template $* failed"
     fi
 }
 refused "additional properties 'replicaCont' not allowed" --set replicaCont=5
@@ -265,6 +276,31 @@ refused "additional properties 'tokn_file' not allowed" --set config.control.tok
 refused "additional properties 'stpes' not allowed" --set 'config.routes[0].name=r' --set 'config.routes[0].rollout.stpes[0]=5'
 refused "at '/config/limits/max_header_bytes'" --set config.limits.max_header_bytes=100
 refused "at '/config/pools/0/backends/0/weight'" --set 'config.pools[0].name=p' --set 'config.pools[0].backends[0].weight=0'
+
+# --- the chart refuses configs its pods could not run with -----------------------
+# Each renders (and would pass `agiproxy check`) but the pods would never work.
+echo "== configs the pods could not run with"
+# Loopback, in every spelling: the pod turns ready, but nothing outside it
+# reaches the listener (every call refused) or the control API (probes fail).
+refused "config.listeners[0] (a) address 127.0.0.1:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=127.0.0.1:4573'
+refused "config.listeners[0] (a) address [::1]:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::1]:4573'
+refused "config.listeners[1] (b) address [0000::1]:4574 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[0000::1]:4574'
+refused "config.listeners[0] (a) address [::ffff:127.0.0.1]:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::ffff:127.0.0.1]:4573'
+refused "config.control.address 127.0.0.2:9090 is loopback" --set config.control.address=127.0.0.2:9090
+refused "config.control.address [0:0:0:0:0:0:0:1]:9090 is loopback" \
+    --set 'config.control.address=[0:0:0:0:0:0:0:1]:9090'
+refused "config.control.address [0000::1]:9090 is loopback" --set 'config.control.address=[0000::1]:9090'
+refused "config.control.address [::0.0.0.1]:9090 is loopback" --set 'config.control.address=[::0.0.0.1]:9090'
+refused "config.control.address [::ffff:127.0.0.1]:9090 is loopback" \
+    --set 'config.control.address=[::ffff:127.0.0.1]:9090'
+accepted --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[::ffff:10.0.0.1]:4574' \
+    --set 'config.control.address=[fd00::1]:9090'
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"

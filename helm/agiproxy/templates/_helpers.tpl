@@ -89,6 +89,76 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "agiproxy.tokenFile" -}}/etc/agiproxy-token/token{{- end }}
 
 {{/*
+An "ip:port" address taken apart (as YAML; callers fromYaml it): host (without
+brackets and zone, lower case), port (a string), family ("4", "6", or "name"
+for anything else, e.g. localhost) and ip, the address in one spelling per
+address: IPv4 as written, IPv6 as eight hex groups without leading zeros
+("::1", "0:0:0:0:0:0:0:1", "[0000::1]" and "::0.0.0.1" all give
+0:0:0:0:0:0:0:1; "::ffff:127.0.0.1" gives 0:0:0:0:0:ffff:7f00:1). Called with
+the address.
+*/}}
+{{- define "agiproxy.parseAddress" -}}
+{{- $text := toString . | trim | lower }}
+{{- $host := $text }}
+{{- $port := "" }}
+{{- if regexMatch "^(\\[[^\\]]*\\]|[^:]*):[^:]*$" $text }}
+{{- $host = regexReplaceAll ":[^:]*$" $text "" }}
+{{- $port = regexReplaceAll "^.*:" $text "" }}
+{{- end }}
+{{- $host = regexReplaceAll "%.*$" ($host | trimPrefix "[" | trimSuffix "]") "" }}
+{{- $family := "name" }}
+{{- $ip := $host }}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+){3}$" $host }}
+{{- $family = "4" }}
+{{- else if contains ":" $host }}
+{{- $family = "6" }}
+{{- $v6 := $host }}
+{{- /* A trailing dotted quad (::ffff:127.0.0.1) becomes two hex groups. */}}
+{{- if regexMatch ":[0-9]+(\\.[0-9]+){3}$" $v6 }}
+{{- $quad := regexFind "[0-9]+(\\.[0-9]+){3}$" $v6 }}
+{{- $b := splitList "." $quad }}
+{{- $v6 = printf "%s%x:%x" (trimSuffix $quad $v6) (add (mul (atoi (index $b 0)) 256) (atoi (index $b 1))) (add (mul (atoi (index $b 2)) 256) (atoi (index $b 3))) }}
+{{- end }}
+{{- $groups := list }}
+{{- if contains "::" $v6 }}
+{{- $halves := splitList "::" $v6 }}
+{{- $left := list }}
+{{- $right := list }}
+{{- if ne (index $halves 0) "" }}{{ $left = splitList ":" (index $halves 0) }}{{ end }}
+{{- if and (eq (len $halves) 2) (ne (index $halves 1) "") }}{{ $right = splitList ":" (index $halves 1) }}{{ end }}
+{{- $groups = $left }}
+{{- range until (max 0 (sub 8 (add (len $left) (len $right))) | int) }}
+{{- $groups = append $groups "0" }}
+{{- end }}
+{{- $groups = concat $groups $right }}
+{{- else }}
+{{- $groups = splitList ":" $v6 }}
+{{- end }}
+{{- $clean := list }}
+{{- range $groups }}
+{{- $clean = append $clean (regexReplaceAll "^0+" . "" | default "0") }}
+{{- end }}
+{{- $ip = join ":" $clean }}
+{{- end }}
+{{- toYaml (dict "host" $host "port" $port "family" $family "ip" $ip) }}
+{{- end }}
+
+{{/*
+"true" when an "ip:port" address is on loopback (nothing outside the pod
+reaches it): 127.0.0.0/8, ::1 in any spelling, IPv4-mapped ::ffff:127.x.y.z,
+localhost. Empty otherwise. Called with the address.
+*/}}
+{{- define "agiproxy.isLoopback" -}}
+{{- $a := include "agiproxy.parseAddress" . | fromYaml }}
+{{- if eq $a.family "4" }}
+{{- if hasPrefix "127." $a.ip }}true{{ end }}
+{{- else if eq $a.family "6" }}
+{{- if or (eq $a.ip "0:0:0:0:0:0:0:1") (regexMatch "^0:0:0:0:0:ffff:7f[0-9a-f]{2}:" $a.ip) }}true{{ end }}
+{{- else if or (eq (trimSuffix "." $a.host) "localhost") (hasSuffix ".localhost" (trimSuffix "." $a.host)) }}true
+{{- end }}
+{{- end }}
+
+{{/*
 The control block agiproxy gets: the chart's default (listen on the pod's
 address, read the token from the mounted Secret), with the keys of
 .Values.config.control over it. token_env given there replaces token_file.
@@ -125,7 +195,7 @@ the chart's ports and probes.
 {{- if not (hasSuffix (printf ":%v" .Values.ports.control) $address) }}
 {{- fail (printf "config.control.address %s does not use ports.control (%v): set both to the same port" $address .Values.ports.control) }}
 {{- end }}
-{{- if or (hasPrefix "127." $address) (hasPrefix "[::1]" $address) (hasPrefix "localhost" $address) }}
+{{- if include "agiproxy.isLoopback" $address }}
 {{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 (the chart's default) and keep the token" $address) }}
 {{- end }}
 {{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
@@ -135,9 +205,15 @@ the chart's ports and probes.
 {{- $agiSuffix := printf ":%v" .Values.ports.agi }}
 {{- $found := false }}
 {{- if hasKey $cfg "listeners" }}
-{{- range $cfg.listeners }}
-{{- if and (kindIs "map" .) (hasSuffix $agiSuffix (toString .address)) }}
+{{- range $index, $listener := $cfg.listeners }}
+{{- if kindIs "map" $listener }}
+{{- /* A loopback listener binds and the pod turns ready, but no call from outside the pod reaches it. */}}
+{{- if include "agiproxy.isLoopback" (toString $listener.address) }}
+{{- fail (printf "config.listeners[%d] (%v) address %v is loopback: the pod turns ready, but Asterisk, through the Services, could not reach it and every call would be refused; listen on 0.0.0.0%s (and [::]%s for IPv6)" $index $listener.name $listener.address $agiSuffix $agiSuffix) }}
+{{- end }}
+{{- if hasSuffix $agiSuffix (toString $listener.address) }}
 {{- $found = true }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- else if eq (int .Values.ports.agi) 4573 }}
