@@ -301,6 +301,24 @@ refused "config.control.address [::ffff:127.0.0.1]:9090 is loopback" \
 accepted --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
     --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[::ffff:10.0.0.1]:4574' \
     --set 'config.control.address=[fd00::1]:9090'
+# One port for the control API and a listener: agiproxy cannot bind both.
+refused "ports.control and ports.agi are both 4573" --set ports.control=4573
+refused "config.control.address 0.0.0.0:9090 and config.listeners[1] (b) address 10.0.0.1:9090 want the same port" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090'
+refused "config.control.address [::]:9090 and config.listeners[1] (b) address 0.0.0.0:9090 want the same port" \
+    --set 'config.control.address=[::]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=0.0.0.0:9090'
+refused "config.control.address [fd00::1]:9090 and config.listeners[1] (b) address [fd00:0::1]:9090 want the same port" \
+    --set 'config.control.address=[fd00::1]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[fd00:0::1]:9090'
+# ... but another IP of the family, or a listener's IPv6-only [::], is fine.
+accepted --set 'config.control.address=10.0.0.2:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090' \
+    --set 'config.listeners[2].name=c' --set 'config.listeners[2].address=[::]:9090'
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"

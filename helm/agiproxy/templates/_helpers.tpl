@@ -159,6 +159,25 @@ localhost. Empty otherwise. Called with the address.
 {{- end }}
 
 {{/*
+"true" when the control API's address and a listener's cannot both be bound:
+the same port, and the same IP or a wildcard of the same family. The control
+API's [::] (bound without IPV6_V6ONLY) takes the port on IPv4 too; a
+listener's [::] is IPv6 only. Empty otherwise. Called with a list: the
+control address, the listener address.
+*/}}
+{{- define "agiproxy.controlClashes" -}}
+{{- $c := include "agiproxy.parseAddress" (index . 0) | fromYaml }}
+{{- $l := include "agiproxy.parseAddress" (index . 1) | fromYaml }}
+{{- $any := dict "4" "0.0.0.0" "6" "0:0:0:0:0:0:0:0" }}
+{{- if and (gt (atoi $c.port) 0) (eq (atoi $c.port) (atoi $l.port)) (has $c.family (list "4" "6")) (has $l.family (list "4" "6")) }}
+{{- if eq $c.family $l.family }}
+{{- if or (eq $c.ip $l.ip) (eq $c.ip (get $any $c.family)) (eq $l.ip (get $any $l.family)) }}true{{ end }}
+{{- else if and (eq $c.family "6") (eq $c.ip (get $any "6")) }}true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The control block agiproxy gets: the chart's default (listen on the pod's
 address, read the token from the mounted Secret), with the keys of
 .Values.config.control over it. token_env given there replaces token_file.
@@ -191,6 +210,9 @@ the chart's ports and probes.
 {{- if and (hasKey $control "enabled") (not $control.enabled) }}
 {{- fail "config.control.enabled is false, but the liveness and readiness probes use the control API (/healthz, /readyz): keep it enabled" }}
 {{- end }}
+{{- if eq (int .Values.ports.control) (int .Values.ports.agi) }}
+{{- fail (printf "ports.control and ports.agi are both %v: the control API and the FastAGI listener cannot listen on one port, and the pods would not start; give ports.control another port (9090 is the chart's default)" .Values.ports.agi) }}
+{{- end }}
 {{- $address := toString $control.address }}
 {{- if not (hasSuffix (printf ":%v" .Values.ports.control) $address) }}
 {{- fail (printf "config.control.address %s does not use ports.control (%v): set both to the same port" $address .Values.ports.control) }}
@@ -210,6 +232,9 @@ the chart's ports and probes.
 {{- /* A loopback listener binds and the pod turns ready, but no call from outside the pod reaches it. */}}
 {{- if include "agiproxy.isLoopback" (toString $listener.address) }}
 {{- fail (printf "config.listeners[%d] (%v) address %v is loopback: the pod turns ready, but Asterisk, through the Services, could not reach it and every call would be refused; listen on 0.0.0.0%s (and [::]%s for IPv6)" $index $listener.name $listener.address $agiSuffix $agiSuffix) }}
+{{- end }}
+{{- if include "agiproxy.controlClashes" (list $address (toString $listener.address)) }}
+{{- fail (printf "config.control.address %s and config.listeners[%d] (%v) address %v want the same port: agiproxy could not listen on both, and the pods would not start; move that listener to another port" $address $index $listener.name $listener.address) }}
 {{- end }}
 {{- if hasSuffix $agiSuffix (toString $listener.address) }}
 {{- $found = true }}
