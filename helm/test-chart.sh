@@ -2,16 +2,20 @@
 # Checks the agiproxy Helm chart, for .ci/run and for users:
 #   - helm lint --strict, for the defaults and every values file;
 #   - helm template of the default values, every helm/agiproxy/ci/*-values.yaml
-#     (LoadBalancer, existing Secret, HPA, monitors, one replica, most options)
+#     (LoadBalancer, existing Secret, HPA, monitors, one replica, a control
+#     socket, most options)
 #     and each values file given as an argument, each rendered for the oldest
 #     and the newest Kubernetes the validator knows (KUBE_VERSIONS) and
 #     validated strictly (kubernetes-validate --strict: unknown fields fail);
 #   - what each variant must (not) render: no PodDisruptionBudget for one
-#     replica, no replicas under an HPA, the Secret only when none is given;
+#     replica, no replicas under an HPA, the Secret only when none is given,
+#     a writable directory for a control socket;
 #   - the values schema: misspelt or mistyped values fail `helm template`
 #     with the schema's message;
 #   - configs the pods could not run with (a listener or the control API on
-#     loopback, ...) fail `helm template` with the chart's message;
+#     loopback, the control API and a listener on one port, a control socket
+#     where no writable directory can be mounted) fail `helm template` with
+#     the chart's message;
 #   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
@@ -212,6 +216,13 @@ for set in "${sets[@]}"; do
         loadbalancer-values)
             grep -q '^  type: LoadBalancer$' "$out" && pass || fail "$name: no LoadBalancer Service"
             ;;
+        control-socket-values)
+            # The root filesystem is read-only: the socket needs a writable directory.
+            grep -Eq '^ +mountPath: /run/agiproxy$' "$out" && pass \
+                || fail "$name: nothing mounted at the control socket's directory /run/agiproxy"
+            grep -Eq '^ +- name: control-socket$' "$out" && grep -Eq '^ +emptyDir:$' "$out" && pass \
+                || fail "$name: no emptyDir volume for the control socket"
+            ;;
         monitors-values)
             expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
             grep -q 'grafana_dashboard: "1"' "$out" && pass || fail "$name: no dashboard ConfigMap"
@@ -319,6 +330,16 @@ accepted --set 'config.control.address=10.0.0.2:9090' \
     --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
     --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090' \
     --set 'config.listeners[2].name=c' --set 'config.listeners[2].address=[::]:9090'
+# A control socket where the chart cannot mount a writable directory for it.
+refused "config.control.socket /agiproxy.sock is directly under /" --set config.control.socket=/agiproxy.sock
+refused "writable emptyDir at the socket's directory /etc/agiproxy, which would clash" \
+    --set config.control.socket=/etc/agiproxy/control.sock
+refused "read-only mount at /etc/agiproxy-token" --set config.control.socket=/etc/agiproxy-token/control.sock
+refused "read-only mount at /etc/agiproxy-tls " --set config.control.socket=/etc/agiproxy-tls/sock/control.sock \
+    --set 'extraVolumes[0].name=tls' --set 'extraVolumes[0].secret.secretName=tls' \
+    --set 'extraVolumeMounts[0].name=tls' --set 'extraVolumeMounts[0].mountPath=/etc/agiproxy-tls/'
+refused "directory /etc, which would clash with the pod's read-only mount at /etc/agiproxy" \
+    --set config.control.socket=/etc/control.sock
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"

@@ -195,6 +195,36 @@ address, read the token from the mounted Secret), with the keys of
 {{- end }}
 
 {{/*
+The directory of config.control.socket, where the pod mounts a small
+writable emptyDir (the root filesystem is read-only, and the image has no
+/run or /tmp); empty without a socket. Fails on a directory that cannot take
+that mount: / itself, or one of the chart's mounts (the config, the token,
+extraVolumeMounts such as TLS files), inside one, or above one.
+*/}}
+{{- define "agiproxy.controlSocketDir" -}}
+{{- $control := include "agiproxy.controlDict" . | fromYaml }}
+{{- if $control.socket }}
+{{- $socket := toString $control.socket }}
+{{- $dir := dir $socket }}
+{{- if or (eq $dir "/") (eq $dir ".") }}
+{{- fail (printf "config.control.socket %s is directly under /: the root filesystem is read-only, and the chart mounts a writable directory for the socket at its parent; put it in a directory of its own, e.g. /run/agiproxy/control.sock" $socket) }}
+{{- end }}
+{{- $mounts := list (include "agiproxy.configDir" .) (include "agiproxy.tokenDir" .) }}
+{{- range .Values.extraVolumeMounts }}
+{{- if and (kindIs "map" .) .mountPath }}
+{{- $mounts = append $mounts (clean (toString .mountPath)) }}
+{{- end }}
+{{- end }}
+{{- range $mounts }}
+{{- if or (eq $dir .) (hasPrefix (printf "%s/" .) $dir) (hasPrefix (printf "%s/" $dir) .) (eq . "/") }}
+{{- fail (printf "config.control.socket %s: the chart mounts a writable emptyDir at the socket's directory %s, which would clash with the pod's read-only mount at %s (the config, the token Secret or extraVolumeMounts: the same directory, one inside it or one above it); put it in a directory of its own, e.g. /run/agiproxy/control.sock" $socket $dir .) }}
+{{- end }}
+{{- end }}
+{{- $dir }}
+{{- end }}
+{{- end }}
+
+{{/*
 The whole config as a dict (as YAML; callers fromYaml it): .Values.config with
 the control block above. Fails the render on a config the pod cannot run with
 the chart's ports and probes.
@@ -220,6 +250,7 @@ the chart's ports and probes.
 {{- if include "agiproxy.isLoopback" $address }}
 {{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 (the chart's default) and keep the token" $address) }}
 {{- end }}
+{{- $_ := include "agiproxy.controlSocketDir" . }}
 {{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
 {{- fail "config.control.tls.client_ca requires client certificates on every endpoint, /healthz and /readyz included, so the kubelet's httpGet probes cannot pass: drop client_ca (the bearer token still guards /v1)" }}
 {{- end }}
