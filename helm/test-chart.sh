@@ -341,6 +341,42 @@ refused "read-only mount at /etc/agiproxy-tls " --set config.control.socket=/etc
 refused "directory /etc, which would clash with the pod's read-only mount at /etc/agiproxy" \
     --set config.control.socket=/etc/control.sock
 
+# --- NOTES: the commands it prints work ------------------------------------------
+echo "== NOTES"
+notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE
+    local file="$1"
+    shift
+    "$helm" install t "$chart" --dry-run=client --namespace telephony "$@" 2>&1 \
+        | sed -n '/^NOTES:/,$p' >"$file"
+    [[ -s "$file" ]] || fail "NOTES: helm install --dry-run=client $* printed no NOTES"
+}
+has() { # FILE TEXT WHAT
+    if grep -qF -- "$2" "$1"; then pass; else fail "NOTES ($(basename "$1" .txt)): $3"; fi
+}
+hasnt() { # FILE TEXT WHAT
+    if grep -qF -- "$2" "$1"; then fail "NOTES ($(basename "$1" .txt)): $3"; else pass; fi
+}
+tls=(--set config.control.tls.cert=/etc/agiproxy-tls/tls.crt --set config.control.tls.key=/etc/agiproxy-tls/tls.key)
+# ctl refuses https without --ca: the command printed must carry it.
+notes "$work/notes-tls.txt" "${tls[@]}"
+has "$work/notes-tls.txt" "--token-file /etc/agiproxy-token/token --https --ca CA.pem status" \
+    "the ctl --https command lacks --ca (ctl exits 2: https needs --ca FILE)"
+hasnt "$work/notes-tls.txt" "Add --ca FILE" "--ca is told as optional"
+notes "$work/notes-tls-peers.txt" "${tls[@]}" --set config.control.tls.peers.ca=/etc/agiproxy-tls/ca.crt
+has "$work/notes-tls-peers.txt" "--https --ca /etc/agiproxy-tls/ca.crt status" \
+    "the ctl command does not use config.control.tls.peers.ca"
+# drain-replica with --cluster drains every replica at once: NOTES shows it
+# against one pod only, and kubectl delete pod as the usual way.
+notes "$work/notes-default.txt"
+if grep -A1 'Other commands:' "$work/notes-default.txt" | grep -q drain-replica; then
+    fail "NOTES (default): drain-replica among the commands sent to every replica (--cluster)"
+else
+    pass
+fi
+has "$work/notes-default.txt" "delete pod NAME" "kubectl delete pod not shown as the way to take one replica out"
+has "$work/notes-default.txt" "ctl --url http://127.0.0.1:9090 \\" "drain-replica not shown against one pod's --url"
+has "$work/notes-default.txt" "until its readiness probe fails" "the refused calls of drain-replica not explained"
+
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"
 
