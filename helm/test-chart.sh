@@ -3,7 +3,7 @@
 #   - helm lint --strict, for the defaults and every values file;
 #   - helm template of the default values, every helm/agiproxy/ci/*-values.yaml
 #     (LoadBalancer, existing Secret, HPA, monitors, one replica, a control
-#     socket, most options)
+#     socket, IPv6-only, most options)
 #     and each values file given as an argument, each rendered for the oldest
 #     and the newest Kubernetes the validator knows (KUBE_VERSIONS) and
 #     validated strictly (kubernetes-validate --strict: unknown fields fail);
@@ -223,6 +223,14 @@ for set in "${sets[@]}"; do
             grep -Eq '^ +- name: control-socket$' "$out" && grep -Eq '^ +emptyDir:$' "$out" && pass \
                 || fail "$name: no emptyDir volume for the control socket"
             ;;
+        ipv6-values)
+            # 0.0.0.0 is never reached on an IPv6-only pod: probes and calls use its IPv6 address.
+            grep -q "^      address: '\[::\]:9090'$" "$out" && pass || fail "$name: control API not on [::]:9090"
+            grep -q "^    - address: '\[::\]:4573'$" "$out" && pass || fail "$name: no listener on [::]:4573"
+            grep -q '0\.0\.0\.0' "$out" && fail "$name: something still listens on 0.0.0.0" || pass
+            [[ "$(grep -c '^  ipFamilyPolicy: SingleStack$' "$out")" == 2 ]] && pass \
+                || fail "$name: the two Services are not SingleStack IPv6"
+            ;;
         monitors-values)
             expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
             grep -q 'grafana_dashboard: "1"' "$out" && pass || fail "$name: no dashboard ConfigMap"
@@ -340,6 +348,15 @@ refused "read-only mount at /etc/agiproxy-tls " --set config.control.socket=/etc
     --set 'extraVolumeMounts[0].name=tls' --set 'extraVolumeMounts[0].mountPath=/etc/agiproxy-tls/'
 refused "directory /etc, which would clash with the pod's read-only mount at /etc/agiproxy" \
     --set config.control.socket=/etc/control.sock
+# IPv6 and dual-stack: every family needs a listener on ports.agi, and the
+# control API must answer on IPv6.
+refused "ipFamilies has IPv6, but no listener in config.listeners on ports.agi (4573) is IPv6" \
+    --set 'ipFamilies={IPv4,IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573'
+refused "config.control.address 0.0.0.0:9090 is IPv4, but ipFamilies has IPv6" \
+    --set 'ipFamilies={IPv6}' --set config.control.address=0.0.0.0:9090
+refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
+accepted --set 'ipFamilies={IPv4,IPv6}'
+accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'
 
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"

@@ -178,12 +178,38 @@ control address, the listener address.
 {{- end }}
 
 {{/*
+The control API's default host: 0.0.0.0, or [::] when ipFamilies has IPv6
+(the control API binds [::] without IPV6_V6ONLY, so it answers on IPv4 too).
+*/}}
+{{- define "agiproxy.anyAddress" -}}
+{{- if has "IPv6" (.Values.ipFamilies | default list) }}[::]{{ else }}0.0.0.0{{ end }}
+{{- end }}
+
+{{/*
+The listeners the chart writes when ipFamilies is set and config.listeners
+is left at the chart's default: one wildcard listener on ports.agi per family
+(a listener's [::] is IPv6 only). As YAML (a list under "listeners").
+*/}}
+{{- define "agiproxy.familyListeners" -}}
+{{- $families := .Values.ipFamilies | default list }}
+{{- $listeners := list }}
+{{- range $families }}
+{{- if eq . "IPv4" }}
+{{- $listeners = append $listeners (dict "name" "asterisk" "address" (printf "0.0.0.0:%v" $.Values.ports.agi)) }}
+{{- else }}
+{{- $listeners = append $listeners (dict "name" (ternary "asterisk-v6" "asterisk" (has "IPv4" $families)) "address" (printf "[::]:%v" $.Values.ports.agi)) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "listeners" $listeners) }}
+{{- end }}
+
+{{/*
 The control block agiproxy gets: the chart's default (listen on the pod's
 address, read the token from the mounted Secret), with the keys of
 .Values.config.control over it. token_env given there replaces token_file.
 */}}
 {{- define "agiproxy.controlDict" -}}
-{{- $control := dict "address" (printf "0.0.0.0:%v" .Values.ports.control) "token_file" (include "agiproxy.tokenFile" .) }}
+{{- $control := dict "address" (printf "%s:%v" (include "agiproxy.anyAddress" .) .Values.ports.control) "token_file" (include "agiproxy.tokenFile" .) }}
 {{- $user := dict }}
 {{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.control) }}
 {{- $user = deepCopy .Values.config.control }}
@@ -234,6 +260,12 @@ the chart's ports and probes.
 {{- fail "config must be a YAML object: agiproxy's config file (docs/configuration.md)" }}
 {{- end }}
 {{- $cfg := deepCopy .Values.config }}
+{{- $families := .Values.ipFamilies | default list }}
+{{- /* ipFamilies picks the listeners while config.listeners is the chart's default. */}}
+{{- $defaultListeners := list (dict "name" "asterisk" "address" "0.0.0.0:4573") }}
+{{- if and $families (eq (toYaml $cfg.listeners) (toYaml $defaultListeners)) }}
+{{- $_ := set $cfg "listeners" (include "agiproxy.familyListeners" . | fromYaml).listeners }}
+{{- end }}
 {{- $control := include "agiproxy.controlDict" . | fromYaml }}
 {{- $_ := set $cfg "control" $control }}
 {{- /* The probes, the headless Service and Prometheus need the control API on the pod's address. */}}
@@ -248,7 +280,10 @@ the chart's ports and probes.
 {{- fail (printf "config.control.address %s does not use ports.control (%v): set both to the same port" $address .Values.ports.control) }}
 {{- end }}
 {{- if include "agiproxy.isLoopback" $address }}
-{{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 (the chart's default) and keep the token" $address) }}
+{{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 or [::] (the chart's default, by ipFamilies) and keep the token" $address) }}
+{{- end }}
+{{- if and (has "IPv6" $families) (eq (include "agiproxy.parseAddress" $address | fromYaml).family "4") }}
+{{- fail (printf "config.control.address %s is IPv4, but ipFamilies has IPv6: the kubelet probes an IPv6-only pod on its IPv6 address, and a dual-stack headless Service gives ctl IPv6 addresses too; listen on [::]:%v (the chart's default with IPv6; it answers IPv4 too)" $address .Values.ports.control) }}
 {{- end }}
 {{- $_ := include "agiproxy.controlSocketDir" . }}
 {{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
@@ -257,6 +292,7 @@ the chart's ports and probes.
 {{- /* One listener must use ports.agi: the Services send Asterisk there. */}}
 {{- $agiSuffix := printf ":%v" .Values.ports.agi }}
 {{- $found := false }}
+{{- $agiFamilies := list }}
 {{- if hasKey $cfg "listeners" }}
 {{- range $index, $listener := $cfg.listeners }}
 {{- if kindIs "map" $listener }}
@@ -269,14 +305,23 @@ the chart's ports and probes.
 {{- end }}
 {{- if hasSuffix $agiSuffix (toString $listener.address) }}
 {{- $found = true }}
+{{- $agiFamilies = append $agiFamilies (include "agiproxy.parseAddress" (toString $listener.address) | fromYaml).family }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- else if eq (int .Values.ports.agi) 4573 }}
 {{- $found = true }}
+{{- $agiFamilies = list "4" }}
 {{- end }}
 {{- if not $found }}
-{{- fail (printf "no listener in config.listeners uses ports.agi (%v): the Services send Asterisk to that port; add a listener on 0.0.0.0%s or change ports.agi" .Values.ports.agi $agiSuffix) }}
+{{- fail (printf "no listener in config.listeners uses ports.agi (%v): the Services send Asterisk to that port; add a listener on 0.0.0.0%s (or [::]%s for IPv6) or change ports.agi" .Values.ports.agi $agiSuffix $agiSuffix) }}
+{{- end }}
+{{- /* The Services send Asterisk to the pod's address of every family they have. */}}
+{{- range $families }}
+{{- $family := trimPrefix "IPv" . }}
+{{- if not (has $family $agiFamilies) }}
+{{- fail (printf "ipFamilies has %s, but no listener in config.listeners on ports.agi (%v) is %s: Asterisk's calls over %s would be refused; add a listener on %s%s" . $.Values.ports.agi . . (ternary "0.0.0.0" "[::]" (eq $family "4")) $agiSuffix) }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
