@@ -357,6 +357,27 @@ refused "config.control.address 0.0.0.0:9090 is IPv4, but ipFamilies has IPv6" \
 refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
 accepted --set 'ipFamilies={IPv4,IPv6}'
 accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'
+# What given values must render.
+renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a line TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/renders.yaml" 2>&1; then
+        cat "$work/renders.yaml" >&2
+        fail "renders: helm template $* failed"
+    elif grep -qxF -- "$want" "$work/renders.yaml"; then
+        pass
+        echo "   $* renders: $(echo "$want" | sed 's/^ *//')"
+    else
+        fail "renders: helm template $* has no line \"$want\" in $template"
+    fi
+}
+# maxUnavailable 0 is what the user wrote (not the minAvailable default).
+renders templates/pdb.yaml "  maxUnavailable: 0" --set podDisruptionBudget.maxUnavailable=0
+renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxUnavailable=0%
+renders templates/pdb.yaml "  minAvailable: 1"
+# agiproxy refuses more than 65535 workers.
+refused "at '/workers'" --set workers=65536
+accepted --set workers=65535
 
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"
