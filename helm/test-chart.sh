@@ -2,14 +2,20 @@
 # Checks the agiproxy Helm chart, for .ci/run and for users:
 #   - helm lint --strict, for the defaults and every values file;
 #   - helm template of the default values, every helm/agiproxy/ci/*-values.yaml
-#     (LoadBalancer, existing Secret, HPA, monitors, one replica, most options)
+#     (LoadBalancer, existing Secret, HPA, monitors, one replica, a control
+#     socket, IPv6-only, most options)
 #     and each values file given as an argument, each rendered for the oldest
 #     and the newest Kubernetes the validator knows (KUBE_VERSIONS) and
 #     validated strictly (kubernetes-validate --strict: unknown fields fail);
 #   - what each variant must (not) render: no PodDisruptionBudget for one
-#     replica, no replicas under an HPA, the Secret only when none is given;
+#     replica, no replicas under an HPA, the Secret only when none is given,
+#     a writable directory for a control socket;
 #   - the values schema: misspelt or mistyped values fail `helm template`
 #     with the schema's message;
+#   - configs the pods could not run with (a listener or the control API on
+#     loopback, the control API and a listener on one port, a control socket
+#     where no writable directory can be mounted) fail `helm template` with
+#     the chart's message;
 #   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
@@ -210,6 +216,21 @@ for set in "${sets[@]}"; do
         loadbalancer-values)
             grep -q '^  type: LoadBalancer$' "$out" && pass || fail "$name: no LoadBalancer Service"
             ;;
+        control-socket-values)
+            # The root filesystem is read-only: the socket needs a writable directory.
+            grep -Eq '^ +mountPath: /run/agiproxy$' "$out" && pass \
+                || fail "$name: nothing mounted at the control socket's directory /run/agiproxy"
+            grep -Eq '^ +- name: control-socket$' "$out" && grep -Eq '^ +emptyDir:$' "$out" && pass \
+                || fail "$name: no emptyDir volume for the control socket"
+            ;;
+        ipv6-values)
+            # 0.0.0.0 is never reached on an IPv6-only pod: probes and calls use its IPv6 address.
+            grep -q "^      address: '\[::\]:9090'$" "$out" && pass || fail "$name: control API not on [::]:9090"
+            grep -q "^    - address: '\[::\]:4573'$" "$out" && pass || fail "$name: no listener on [::]:4573"
+            grep -q '0\.0\.0\.0' "$out" && fail "$name: something still listens on 0.0.0.0" || pass
+            [[ "$(grep -c '^  ipFamilyPolicy: SingleStack$' "$out")" == 2 ]] && pass \
+                || fail "$name: the two Services are not SingleStack IPv6"
+            ;;
         monitors-values)
             expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
             grep -q 'grafana_dashboard: "1"' "$out" && pass || fail "$name: no dashboard ConfigMap"
@@ -244,13 +265,22 @@ refused() { # MESSAGE ARGS...
     shift
     local err="$work/schema.err"
     if "$helm" template t "$chart" "$@" >/dev/null 2>"$err"; then
-        fail "schema: helm template $* passed; expected: $want"
+        fail "refused: helm template $* passed; expected: $want"
     elif grep -qF -- "$want" "$err"; then
         pass
         echo "   refused $*: $(grep -F -- "$want" "$err" | head -1 | sed 's/^[- ]*//')"
     else
         cat "$err" >&2
-        fail "schema: helm template $* failed without \"$want\""
+        fail "refused: helm template $* failed without \"$want\""
+    fi
+}
+accepted() { # ARGS...
+    if "$helm" template t "$chart" "$@" >/dev/null 2>"$work/accepted.err"; then
+        pass
+        echo "   accepted $*"
+    else
+        cat "$work/accepted.err" >&2
+        fail "accepted: helm template $* failed"
     fi
 }
 refused "additional properties 'replicaCont' not allowed" --set replicaCont=5
@@ -265,6 +295,125 @@ refused "additional properties 'tokn_file' not allowed" --set config.control.tok
 refused "additional properties 'stpes' not allowed" --set 'config.routes[0].name=r' --set 'config.routes[0].rollout.stpes[0]=5'
 refused "at '/config/limits/max_header_bytes'" --set config.limits.max_header_bytes=100
 refused "at '/config/pools/0/backends/0/weight'" --set 'config.pools[0].name=p' --set 'config.pools[0].backends[0].weight=0'
+
+# --- the chart refuses configs its pods could not run with -----------------------
+# Each renders (and would pass `agiproxy check`) but the pods would never work.
+echo "== configs the pods could not run with"
+# Loopback, in every spelling: the pod turns ready, but nothing outside it
+# reaches the listener (every call refused) or the control API (probes fail).
+refused "config.listeners[0] (a) address 127.0.0.1:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=127.0.0.1:4573'
+refused "config.listeners[0] (a) address [::1]:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::1]:4573'
+refused "config.listeners[1] (b) address [0000::1]:4574 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[0000::1]:4574'
+refused "config.listeners[0] (a) address [::ffff:127.0.0.1]:4573 is loopback" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::ffff:127.0.0.1]:4573'
+refused "config.control.address 127.0.0.2:9090 is loopback" --set config.control.address=127.0.0.2:9090
+refused "config.control.address [0:0:0:0:0:0:0:1]:9090 is loopback" \
+    --set 'config.control.address=[0:0:0:0:0:0:0:1]:9090'
+refused "config.control.address [0000::1]:9090 is loopback" --set 'config.control.address=[0000::1]:9090'
+refused "config.control.address [::0.0.0.1]:9090 is loopback" --set 'config.control.address=[::0.0.0.1]:9090'
+refused "config.control.address [::ffff:127.0.0.1]:9090 is loopback" \
+    --set 'config.control.address=[::ffff:127.0.0.1]:9090'
+accepted --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[::ffff:10.0.0.1]:4574' \
+    --set 'config.control.address=[fd00::1]:9090'
+# One port for the control API and a listener: agiproxy cannot bind both.
+refused "ports.control and ports.agi are both 4573" --set ports.control=4573
+refused "config.control.address 0.0.0.0:9090 and config.listeners[1] (b) address 10.0.0.1:9090 want the same port" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090'
+refused "config.control.address [::]:9090 and config.listeners[1] (b) address 0.0.0.0:9090 want the same port" \
+    --set 'config.control.address=[::]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=0.0.0.0:9090'
+refused "config.control.address [fd00::1]:9090 and config.listeners[1] (b) address [fd00:0::1]:9090 want the same port" \
+    --set 'config.control.address=[fd00::1]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[fd00:0::1]:9090'
+# ... but another IP of the family, or a listener's IPv6-only [::], is fine.
+accepted --set 'config.control.address=10.0.0.2:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090' \
+    --set 'config.listeners[2].name=c' --set 'config.listeners[2].address=[::]:9090'
+# A control socket where the chart cannot mount a writable directory for it.
+refused "config.control.socket /agiproxy.sock is directly under /" --set config.control.socket=/agiproxy.sock
+refused "writable emptyDir at the socket's directory /etc/agiproxy, which would clash" \
+    --set config.control.socket=/etc/agiproxy/control.sock
+refused "read-only mount at /etc/agiproxy-token" --set config.control.socket=/etc/agiproxy-token/control.sock
+refused "read-only mount at /etc/agiproxy-tls " --set config.control.socket=/etc/agiproxy-tls/sock/control.sock \
+    --set 'extraVolumes[0].name=tls' --set 'extraVolumes[0].secret.secretName=tls' \
+    --set 'extraVolumeMounts[0].name=tls' --set 'extraVolumeMounts[0].mountPath=/etc/agiproxy-tls/'
+refused "directory /etc, which would clash with the pod's read-only mount at /etc/agiproxy" \
+    --set config.control.socket=/etc/control.sock
+# IPv6 and dual-stack: every family needs a listener on ports.agi, and the
+# control API must answer on IPv6.
+refused "ipFamilies has IPv6, but no listener in config.listeners on ports.agi (4573) is IPv6" \
+    --set 'ipFamilies={IPv4,IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573'
+refused "config.control.address 0.0.0.0:9090 is IPv4, but ipFamilies has IPv6" \
+    --set 'ipFamilies={IPv6}' --set config.control.address=0.0.0.0:9090
+refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
+accepted --set 'ipFamilies={IPv4,IPv6}'
+accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'
+# What given values must render.
+renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a line TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/renders.yaml" 2>&1; then
+        cat "$work/renders.yaml" >&2
+        fail "renders: helm template $* failed"
+    elif grep -qxF -- "$want" "$work/renders.yaml"; then
+        pass
+        echo "   $* renders: $(echo "$want" | sed 's/^ *//')"
+    else
+        fail "renders: helm template $* has no line \"$want\" in $template"
+    fi
+}
+# maxUnavailable 0 is what the user wrote (not the minAvailable default).
+renders templates/pdb.yaml "  maxUnavailable: 0" --set podDisruptionBudget.maxUnavailable=0
+renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxUnavailable=0%
+renders templates/pdb.yaml "  minAvailable: 1"
+# agiproxy refuses more than 65535 workers.
+refused "at '/workers'" --set workers=65536
+accepted --set workers=65535
+
+# --- NOTES: the commands it prints work ------------------------------------------
+echo "== NOTES"
+notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE
+    local file="$1"
+    shift
+    "$helm" install t "$chart" --dry-run=client --namespace telephony "$@" 2>&1 \
+        | sed -n '/^NOTES:/,$p' >"$file"
+    [[ -s "$file" ]] || fail "NOTES: helm install --dry-run=client $* printed no NOTES"
+}
+has() { # FILE TEXT WHAT
+    if grep -qF -- "$2" "$1"; then pass; else fail "NOTES ($(basename "$1" .txt)): $3"; fi
+}
+hasnt() { # FILE TEXT WHAT
+    if grep -qF -- "$2" "$1"; then fail "NOTES ($(basename "$1" .txt)): $3"; else pass; fi
+}
+tls=(--set config.control.tls.cert=/etc/agiproxy-tls/tls.crt --set config.control.tls.key=/etc/agiproxy-tls/tls.key)
+# ctl refuses https without --ca: the command printed must carry it.
+notes "$work/notes-tls.txt" "${tls[@]}"
+has "$work/notes-tls.txt" "--token-file /etc/agiproxy-token/token --https --ca CA.pem status" \
+    "the ctl --https command lacks --ca (ctl exits 2: https needs --ca FILE)"
+hasnt "$work/notes-tls.txt" "Add --ca FILE" "--ca is told as optional"
+notes "$work/notes-tls-peers.txt" "${tls[@]}" --set config.control.tls.peers.ca=/etc/agiproxy-tls/ca.crt
+has "$work/notes-tls-peers.txt" "--https --ca /etc/agiproxy-tls/ca.crt status" \
+    "the ctl command does not use config.control.tls.peers.ca"
+# drain-replica with --cluster drains every replica at once: NOTES shows it
+# against one pod only, and kubectl delete pod as the usual way.
+notes "$work/notes-default.txt"
+if grep -A1 'Other commands:' "$work/notes-default.txt" | grep -q drain-replica; then
+    fail "NOTES (default): drain-replica among the commands sent to every replica (--cluster)"
+else
+    pass
+fi
+has "$work/notes-default.txt" "delete pod NAME" "kubectl delete pod not shown as the way to take one replica out"
+has "$work/notes-default.txt" "ctl --url http://127.0.0.1:9090 \\" "drain-replica not shown against one pod's --url"
+has "$work/notes-default.txt" "until its readiness probe fails" "the refused calls of drain-replica not explained"
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"

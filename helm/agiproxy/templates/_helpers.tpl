@@ -89,12 +89,127 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "agiproxy.tokenFile" -}}/etc/agiproxy-token/token{{- end }}
 
 {{/*
+An "ip:port" address taken apart (as YAML; callers fromYaml it): host (without
+brackets and zone, lower case), port (a string), family ("4", "6", or "name"
+for anything else, e.g. localhost) and ip, the address in one spelling per
+address: IPv4 as written, IPv6 as eight hex groups without leading zeros
+("::1", "0:0:0:0:0:0:0:1", "[0000::1]" and "::0.0.0.1" all give
+0:0:0:0:0:0:0:1; "::ffff:127.0.0.1" gives 0:0:0:0:0:ffff:7f00:1). Called with
+the address.
+*/}}
+{{- define "agiproxy.parseAddress" -}}
+{{- $text := toString . | trim | lower }}
+{{- $host := $text }}
+{{- $port := "" }}
+{{- if regexMatch "^(\\[[^\\]]*\\]|[^:]*):[^:]*$" $text }}
+{{- $host = regexReplaceAll ":[^:]*$" $text "" }}
+{{- $port = regexReplaceAll "^.*:" $text "" }}
+{{- end }}
+{{- $host = regexReplaceAll "%.*$" ($host | trimPrefix "[" | trimSuffix "]") "" }}
+{{- $family := "name" }}
+{{- $ip := $host }}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+){3}$" $host }}
+{{- $family = "4" }}
+{{- else if contains ":" $host }}
+{{- $family = "6" }}
+{{- $v6 := $host }}
+{{- /* A trailing dotted quad (::ffff:127.0.0.1) becomes two hex groups. */}}
+{{- if regexMatch ":[0-9]+(\\.[0-9]+){3}$" $v6 }}
+{{- $quad := regexFind "[0-9]+(\\.[0-9]+){3}$" $v6 }}
+{{- $b := splitList "." $quad }}
+{{- $v6 = printf "%s%x:%x" (trimSuffix $quad $v6) (add (mul (atoi (index $b 0)) 256) (atoi (index $b 1))) (add (mul (atoi (index $b 2)) 256) (atoi (index $b 3))) }}
+{{- end }}
+{{- $groups := list }}
+{{- if contains "::" $v6 }}
+{{- $halves := splitList "::" $v6 }}
+{{- $left := list }}
+{{- $right := list }}
+{{- if ne (index $halves 0) "" }}{{ $left = splitList ":" (index $halves 0) }}{{ end }}
+{{- if and (eq (len $halves) 2) (ne (index $halves 1) "") }}{{ $right = splitList ":" (index $halves 1) }}{{ end }}
+{{- $groups = $left }}
+{{- range until (max 0 (sub 8 (add (len $left) (len $right))) | int) }}
+{{- $groups = append $groups "0" }}
+{{- end }}
+{{- $groups = concat $groups $right }}
+{{- else }}
+{{- $groups = splitList ":" $v6 }}
+{{- end }}
+{{- $clean := list }}
+{{- range $groups }}
+{{- $clean = append $clean (regexReplaceAll "^0+" . "" | default "0") }}
+{{- end }}
+{{- $ip = join ":" $clean }}
+{{- end }}
+{{- toYaml (dict "host" $host "port" $port "family" $family "ip" $ip) }}
+{{- end }}
+
+{{/*
+"true" when an "ip:port" address is on loopback (nothing outside the pod
+reaches it): 127.0.0.0/8, ::1 in any spelling, IPv4-mapped ::ffff:127.x.y.z,
+localhost. Empty otherwise. Called with the address.
+*/}}
+{{- define "agiproxy.isLoopback" -}}
+{{- $a := include "agiproxy.parseAddress" . | fromYaml }}
+{{- if eq $a.family "4" }}
+{{- if hasPrefix "127." $a.ip }}true{{ end }}
+{{- else if eq $a.family "6" }}
+{{- if or (eq $a.ip "0:0:0:0:0:0:0:1") (regexMatch "^0:0:0:0:0:ffff:7f[0-9a-f]{2}:" $a.ip) }}true{{ end }}
+{{- else if or (eq (trimSuffix "." $a.host) "localhost") (hasSuffix ".localhost" (trimSuffix "." $a.host)) }}true
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the control API's address and a listener's cannot both be bound:
+the same port, and the same IP or a wildcard of the same family. The control
+API's [::] (bound without IPV6_V6ONLY) takes the port on IPv4 too; a
+listener's [::] is IPv6 only. Empty otherwise. Called with a list: the
+control address, the listener address.
+*/}}
+{{- define "agiproxy.controlClashes" -}}
+{{- $c := include "agiproxy.parseAddress" (index . 0) | fromYaml }}
+{{- $l := include "agiproxy.parseAddress" (index . 1) | fromYaml }}
+{{- $any := dict "4" "0.0.0.0" "6" "0:0:0:0:0:0:0:0" }}
+{{- if and (gt (atoi $c.port) 0) (eq (atoi $c.port) (atoi $l.port)) (has $c.family (list "4" "6")) (has $l.family (list "4" "6")) }}
+{{- if eq $c.family $l.family }}
+{{- if or (eq $c.ip $l.ip) (eq $c.ip (get $any $c.family)) (eq $l.ip (get $any $l.family)) }}true{{ end }}
+{{- else if and (eq $c.family "6") (eq $c.ip (get $any "6")) }}true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The control API's default host: 0.0.0.0, or [::] when ipFamilies has IPv6
+(the control API binds [::] without IPV6_V6ONLY, so it answers on IPv4 too).
+*/}}
+{{- define "agiproxy.anyAddress" -}}
+{{- if has "IPv6" (.Values.ipFamilies | default list) }}[::]{{ else }}0.0.0.0{{ end }}
+{{- end }}
+
+{{/*
+The listeners the chart writes when ipFamilies is set and config.listeners
+is left at the chart's default: one wildcard listener on ports.agi per family
+(a listener's [::] is IPv6 only). As YAML (a list under "listeners").
+*/}}
+{{- define "agiproxy.familyListeners" -}}
+{{- $families := .Values.ipFamilies | default list }}
+{{- $listeners := list }}
+{{- range $families }}
+{{- if eq . "IPv4" }}
+{{- $listeners = append $listeners (dict "name" "asterisk" "address" (printf "0.0.0.0:%v" $.Values.ports.agi)) }}
+{{- else }}
+{{- $listeners = append $listeners (dict "name" (ternary "asterisk-v6" "asterisk" (has "IPv4" $families)) "address" (printf "[::]:%v" $.Values.ports.agi)) }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "listeners" $listeners) }}
+{{- end }}
+
+{{/*
 The control block agiproxy gets: the chart's default (listen on the pod's
 address, read the token from the mounted Secret), with the keys of
 .Values.config.control over it. token_env given there replaces token_file.
 */}}
 {{- define "agiproxy.controlDict" -}}
-{{- $control := dict "address" (printf "0.0.0.0:%v" .Values.ports.control) "token_file" (include "agiproxy.tokenFile" .) }}
+{{- $control := dict "address" (printf "%s:%v" (include "agiproxy.anyAddress" .) .Values.ports.control) "token_file" (include "agiproxy.tokenFile" .) }}
 {{- $user := dict }}
 {{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.control) }}
 {{- $user = deepCopy .Values.config.control }}
@@ -103,6 +218,36 @@ address, read the token from the mounted Secret), with the keys of
 {{- $_ := unset $control "token_file" }}
 {{- end }}
 {{- toYaml (mergeOverwrite $control $user) }}
+{{- end }}
+
+{{/*
+The directory of config.control.socket, where the pod mounts a small
+writable emptyDir (the root filesystem is read-only, and the image has no
+/run or /tmp); empty without a socket. Fails on a directory that cannot take
+that mount: / itself, or one of the chart's mounts (the config, the token,
+extraVolumeMounts such as TLS files), inside one, or above one.
+*/}}
+{{- define "agiproxy.controlSocketDir" -}}
+{{- $control := include "agiproxy.controlDict" . | fromYaml }}
+{{- if $control.socket }}
+{{- $socket := toString $control.socket }}
+{{- $dir := dir $socket }}
+{{- if or (eq $dir "/") (eq $dir ".") }}
+{{- fail (printf "config.control.socket %s is directly under /: the root filesystem is read-only, and the chart mounts a writable directory for the socket at its parent; put it in a directory of its own, e.g. /run/agiproxy/control.sock" $socket) }}
+{{- end }}
+{{- $mounts := list (include "agiproxy.configDir" .) (include "agiproxy.tokenDir" .) }}
+{{- range .Values.extraVolumeMounts }}
+{{- if and (kindIs "map" .) .mountPath }}
+{{- $mounts = append $mounts (clean (toString .mountPath)) }}
+{{- end }}
+{{- end }}
+{{- range $mounts }}
+{{- if or (eq $dir .) (hasPrefix (printf "%s/" .) $dir) (hasPrefix (printf "%s/" $dir) .) (eq . "/") }}
+{{- fail (printf "config.control.socket %s: the chart mounts a writable emptyDir at the socket's directory %s, which would clash with the pod's read-only mount at %s (the config, the token Secret or extraVolumeMounts: the same directory, one inside it or one above it); put it in a directory of its own, e.g. /run/agiproxy/control.sock" $socket $dir .) }}
+{{- end }}
+{{- end }}
+{{- $dir }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -115,36 +260,68 @@ the chart's ports and probes.
 {{- fail "config must be a YAML object: agiproxy's config file (docs/configuration.md)" }}
 {{- end }}
 {{- $cfg := deepCopy .Values.config }}
+{{- $families := .Values.ipFamilies | default list }}
+{{- /* ipFamilies picks the listeners while config.listeners is the chart's default. */}}
+{{- $defaultListeners := list (dict "name" "asterisk" "address" "0.0.0.0:4573") }}
+{{- if and $families (eq (toYaml $cfg.listeners) (toYaml $defaultListeners)) }}
+{{- $_ := set $cfg "listeners" (include "agiproxy.familyListeners" . | fromYaml).listeners }}
+{{- end }}
 {{- $control := include "agiproxy.controlDict" . | fromYaml }}
 {{- $_ := set $cfg "control" $control }}
 {{- /* The probes, the headless Service and Prometheus need the control API on the pod's address. */}}
 {{- if and (hasKey $control "enabled") (not $control.enabled) }}
 {{- fail "config.control.enabled is false, but the liveness and readiness probes use the control API (/healthz, /readyz): keep it enabled" }}
 {{- end }}
+{{- if eq (int .Values.ports.control) (int .Values.ports.agi) }}
+{{- fail (printf "ports.control and ports.agi are both %v: the control API and the FastAGI listener cannot listen on one port, and the pods would not start; give ports.control another port (9090 is the chart's default)" .Values.ports.agi) }}
+{{- end }}
 {{- $address := toString $control.address }}
 {{- if not (hasSuffix (printf ":%v" .Values.ports.control) $address) }}
 {{- fail (printf "config.control.address %s does not use ports.control (%v): set both to the same port" $address .Values.ports.control) }}
 {{- end }}
-{{- if or (hasPrefix "127." $address) (hasPrefix "[::1]" $address) (hasPrefix "localhost" $address) }}
-{{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 (the chart's default) and keep the token" $address) }}
+{{- if include "agiproxy.isLoopback" $address }}
+{{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 or [::] (the chart's default, by ipFamilies) and keep the token" $address) }}
 {{- end }}
+{{- if and (has "IPv6" $families) (eq (include "agiproxy.parseAddress" $address | fromYaml).family "4") }}
+{{- fail (printf "config.control.address %s is IPv4, but ipFamilies has IPv6: the kubelet probes an IPv6-only pod on its IPv6 address, and a dual-stack headless Service gives ctl IPv6 addresses too; listen on [::]:%v (the chart's default with IPv6; it answers IPv4 too)" $address .Values.ports.control) }}
+{{- end }}
+{{- $_ := include "agiproxy.controlSocketDir" . }}
 {{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
 {{- fail "config.control.tls.client_ca requires client certificates on every endpoint, /healthz and /readyz included, so the kubelet's httpGet probes cannot pass: drop client_ca (the bearer token still guards /v1)" }}
 {{- end }}
 {{- /* One listener must use ports.agi: the Services send Asterisk there. */}}
 {{- $agiSuffix := printf ":%v" .Values.ports.agi }}
 {{- $found := false }}
+{{- $agiFamilies := list }}
 {{- if hasKey $cfg "listeners" }}
-{{- range $cfg.listeners }}
-{{- if and (kindIs "map" .) (hasSuffix $agiSuffix (toString .address)) }}
+{{- range $index, $listener := $cfg.listeners }}
+{{- if kindIs "map" $listener }}
+{{- /* A loopback listener binds and the pod turns ready, but no call from outside the pod reaches it. */}}
+{{- if include "agiproxy.isLoopback" (toString $listener.address) }}
+{{- fail (printf "config.listeners[%d] (%v) address %v is loopback: the pod turns ready, but Asterisk, through the Services, could not reach it and every call would be refused; listen on 0.0.0.0%s (and [::]%s for IPv6)" $index $listener.name $listener.address $agiSuffix $agiSuffix) }}
+{{- end }}
+{{- if include "agiproxy.controlClashes" (list $address (toString $listener.address)) }}
+{{- fail (printf "config.control.address %s and config.listeners[%d] (%v) address %v want the same port: agiproxy could not listen on both, and the pods would not start; move that listener to another port" $address $index $listener.name $listener.address) }}
+{{- end }}
+{{- if hasSuffix $agiSuffix (toString $listener.address) }}
 {{- $found = true }}
+{{- $agiFamilies = append $agiFamilies (include "agiproxy.parseAddress" (toString $listener.address) | fromYaml).family }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- else if eq (int .Values.ports.agi) 4573 }}
 {{- $found = true }}
+{{- $agiFamilies = list "4" }}
 {{- end }}
 {{- if not $found }}
-{{- fail (printf "no listener in config.listeners uses ports.agi (%v): the Services send Asterisk to that port; add a listener on 0.0.0.0%s or change ports.agi" .Values.ports.agi $agiSuffix) }}
+{{- fail (printf "no listener in config.listeners uses ports.agi (%v): the Services send Asterisk to that port; add a listener on 0.0.0.0%s (or [::]%s for IPv6) or change ports.agi" .Values.ports.agi $agiSuffix $agiSuffix) }}
+{{- end }}
+{{- /* The Services send Asterisk to the pod's address of every family they have. */}}
+{{- range $families }}
+{{- $family := trimPrefix "IPv" . }}
+{{- if not (has $family $agiFamilies) }}
+{{- fail (printf "ipFamilies has %s, but no listener in config.listeners on ports.agi (%v) is %s: Asterisk's calls over %s would be refused; add a listener on %s%s" . $.Values.ports.agi . . (ternary "0.0.0.0" "[::]" (eq $family "4")) $agiSuffix) }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
