@@ -187,10 +187,13 @@ fn control_clashes(control: &Control, listeners: &[Listener], errs: &mut Errors)
     let Some(addr) = control.address.filter(|_| control.enabled) else {
         return;
     };
+    // The control API binds `[::]` for both families (listeners bind IPv6
+    // only): it takes the IPv4 port too.
+    let dual = addr.is_ipv6() && addr.ip().is_unspecified();
     if let Some((i, l)) = listeners
         .iter()
         .enumerate()
-        .find(|(_, l)| binds_clash(l.address, addr))
+        .find(|(_, l)| binds_clash(l.address, addr) || (dual && l.address.port() == addr.port()))
     {
         errs.push(
             "control.address",
