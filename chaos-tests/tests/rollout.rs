@@ -638,8 +638,22 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         ("pending", None, 0.0)
     );
 
+    // An override whose effect (its time plus the skew, 1 s here) is past
+    // would change the colour of calls already placed: refused (audit).
+    let old = br#"{"at": "2026-01-01T00:00:00Z"}"#.to_vec();
+    let resp = client()
+        .call(&r.api, "POST", "/v1/rollouts/ivr/promote", &[], Some(old))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, 400, "{answer}");
+    assert!(answer.contains("reach back"), "{answer}");
+
     // Overrides change state: the token is required.
-    let at = "2026-01-01T00:00:00Z";
+    // The next whole second: in force 1-2 s from now, whatever the
+    // request's own delay.
+    let next = std::time::SystemTime::now() + Duration::from_secs(1);
+    let at = humantime::format_rfc3339_seconds(next).to_string();
     let body = format!("{{\"at\": \"{at}\"}}").into_bytes();
     let anonymous = Client {
         token: None,
@@ -663,15 +677,23 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
         .await
         .unwrap();
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    // In force one skew after its time.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let v = view(&r).await;
     assert_eq!(v.state, "promoted");
+    // Whole seconds: ".000Z", as the override is written.
+    let ms = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    let whole = humantime::parse_rfc3339(&at).unwrap();
     assert_eq!(
         v.overrides,
-        vec!["promote at 2026-01-01T00:00:01.000Z".to_string()]
+        vec![format!("promote at {}", ms(whole + Duration::from_secs(1)))]
     );
     let note = v.differs_from_file.expect("differs from the file");
     assert!(
-        note.contains("write overrides: [{ action: promote, at: \"2026-01-01T00:00:00.000Z\" }]"),
+        note.contains(&format!(
+            "write overrides: [{{ action: promote, at: \"{}\" }}]",
+            ms(whole)
+        )),
         "{note}"
     );
     let status = client()

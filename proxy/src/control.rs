@@ -436,7 +436,10 @@ impl ControlPlane for ControlHandle {
         // The edit runs on a blocking thread (the parse is bounded but not
         // free): it owns what it needs.
         let (r_route, r_action, r_at) = (route.to_string(), action.to_string(), at.clone());
-        let fleet = crate::rollout::view::reads_peers(&self.server.snapshot(), route);
+        let snap = self.server.snapshot();
+        let fleet = crate::rollout::view::reads_peers(&snap, route);
+        let skew = crate::rollout::view::skew(&snap, route);
+        drop(snap);
         let r = self
             .server
             .apply_edit("api", None, move |text| {
@@ -446,6 +449,7 @@ impl ControlPlane for ControlHandle {
                     &r_action,
                     r_at.as_deref(),
                     fleet,
+                    skew,
                 )
             })
             .await;

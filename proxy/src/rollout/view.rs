@@ -132,16 +132,30 @@ pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
         .any(|(r, ro)| &*r.name == route && ro.plan.judge.peers != agiproxy_config::Peers::None)
 }
 
+/// The `skew` of a route's rollout in `snap`: an override takes effect that
+/// long after its time.
+pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
+    rollouts(snap)
+        .find(|(r, _)| &*r.name == route)
+        .map(|(_, ro)| ro.plan.skew)
+}
+
 /// Appends an override to a route's rollout in a config text. Without
 /// `at`, the time is this replica's clock, unless `fleet` (the rollout reads
 /// peers): each replica would write its own time and their configs would
 /// differ, so `at` is then required.
+///
+/// `skew`: the rollout's, when known. An `at` whose effect (`at` + `skew`)
+/// is already past is refused: written now, it would reach back and change
+/// the colour of calls placed since (audit: a replica that took ctl's
+/// request seconds late, or an old `at`, moved 894 calls of 1,000).
 pub fn with_override(
     text: &str,
     route: &str,
     action: &str,
     at: Option<&str>,
     fleet: bool,
+    skew: Option<std::time::Duration>,
 ) -> Result<String, ApplyError> {
     if OverrideAction::parse(action).is_none() {
         return Err(ApplyError::NotFound(format!(
@@ -154,7 +168,21 @@ pub fn with_override(
         ]))
     };
     if let Some(t) = at {
-        parse_time(t).map_err(invalid)?;
+        let at_ms = parse_time(t).map_err(invalid)?;
+        if let Some(skew) = skew {
+            let takes_effect = at_ms.saturating_add(skew.as_millis() as i64);
+            let now = now_ms();
+            if takes_effect <= now {
+                let ago = (now - takes_effect) / 1000;
+                return Err(invalid(format!(
+                    "{t} plus the rollout's skew ({skew:?}) is {ago}s ago: written now, the \
+                     override would reach back and change the colour of calls placed since; \
+                     send a time less than the skew ago (`agiproxy ctl` sends the time it runs: \
+                     a replica that got it too late refuses it, and running the command again \
+                     gives every replica a new time)"
+                )));
+            }
+        }
     }
     // A running text may start with a byte order mark, which serde_yaml refuses.
     let text = agiproxy_config::without_bom(text);
@@ -284,12 +312,12 @@ mod tests {
     #[test]
     fn without_at_a_rollout_on_several_replicas_is_refused() {
         let at = "2026-12-06T09:06:00Z";
-        let edited = with_override(TEXT, "ivr", "rollback", Some(at), true).unwrap();
+        let edited = with_override(TEXT, "ivr", "rollback", Some(at), true, None).unwrap();
         assert!(edited.contains(at), "{edited}");
         // One replica: its clock is the only one.
-        let edited = with_override(TEXT, "ivr", "rollback", None, false).unwrap();
+        let edited = with_override(TEXT, "ivr", "rollback", None, false, None).unwrap();
         assert!(edited.contains("action: rollback"), "{edited}");
-        match with_override(TEXT, "ivr", "rollback", None, true) {
+        match with_override(TEXT, "ivr", "rollback", None, true, None) {
             Err(ApplyError::Invalid(e)) => {
                 assert_eq!(e.0[0].path, "at");
                 assert!(e.0[0].message.contains("rollout rollback ivr"), "{e}");
@@ -298,11 +326,11 @@ mod tests {
         }
         // What does not exist is still 404, `at` or not.
         assert!(matches!(
-            with_override(TEXT, "menu", "rollback", None, true),
+            with_override(TEXT, "menu", "rollback", None, true, None),
             Err(ApplyError::NotFound(_))
         ));
         assert!(matches!(
-            with_override(TEXT, "ivr", "undo", None, true),
+            with_override(TEXT, "ivr", "undo", None, true, None),
             Err(ApplyError::NotFound(_))
         ));
     }
@@ -314,8 +342,27 @@ mod tests {
         let at = "2026-12-06T09:06:00Z";
         let bom = format!("\u{feff}{TEXT}");
         assert_eq!(
-            with_override(&bom, "ivr", "pause", Some(at), true).unwrap(),
-            with_override(TEXT, "ivr", "pause", Some(at), true).unwrap()
+            with_override(&bom, "ivr", "pause", Some(at), true, None).unwrap(),
+            with_override(TEXT, "ivr", "pause", Some(at), true, None).unwrap()
         );
+    }
+
+    /// An override whose effect would be in the past is refused; one in
+    /// the skew's window (or later) is written.
+    #[test]
+    fn an_override_that_would_reach_back_is_refused() {
+        let skew = Some(std::time::Duration::from_secs(2));
+        let ago = |ms: i64| format_ms(now_ms() - ms);
+        match with_override(TEXT, "ivr", "promote", Some(&ago(60_000)), true, skew) {
+            Err(ApplyError::Invalid(e)) => {
+                assert_eq!(e.0[0].path, "at");
+                assert!(e.0[0].message.contains("reach back"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let edited = with_override(TEXT, "ivr", "promote", Some(&ago(500)), true, skew).unwrap();
+        assert!(edited.contains("action: promote"), "{edited}");
+        let ahead = format_ms(now_ms() + 60_000);
+        assert!(with_override(TEXT, "ivr", "promote", Some(&ahead), true, skew).is_ok());
     }
 }
