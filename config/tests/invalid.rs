@@ -571,3 +571,27 @@ fn a_custom_yaml_tag_is_named() {
     );
     assert!(from_yaml_str(&config("routes: [{ name: all, pool: !!str ivr-blue }]")).is_ok());
 }
+
+/// Inside a rollout (read whole by serde) a repeated key silently took the
+/// last value: a rollback written before `overrides: []` was dropped
+/// (audit). Refused as everywhere else, with its path.
+#[test]
+fn a_repeated_key_inside_a_rollout_is_refused() {
+    let text = config(
+        "routes:\n  - name: ivr\n    rollout:\n      from: ivr-blue\n      to: ivr-green\n      steps: [10, 100]\n      step_duration: 1h\n      start: \"2026-01-01T00:00:00Z\"\n      overrides: [{ action: rollback, at: \"2026-01-01T00:10:00Z\" }]\n      judge: { interval: 30s, interval: 5s }\n      overrides: []",
+    );
+    let got: Vec<(String, String)> = errors(&text)
+        .iter()
+        .map(|e| (e.path.clone(), e.message.clone()))
+        .collect();
+    for (path, key) in [
+        ("routes[0].rollout.overrides", "overrides"),
+        ("routes[0].rollout.judge.interval", "interval"),
+    ] {
+        assert!(
+            got.iter()
+                .any(|(p, m)| p == path && m.starts_with(&format!("duplicate field `{key}`"))),
+            "{path}: {got:?}"
+        );
+    }
+}
