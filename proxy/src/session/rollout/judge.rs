@@ -38,29 +38,39 @@ pub struct Counts {
     pub first_command: [u64; 12],
 }
 
+/// The most a summed counter holds: far beyond any fleet's sessions in a
+/// step, and small enough that the judge's products of two counts (and a
+/// factor of 10,000) stay inside `i128`. A peer's answer is another
+/// process's numbers: one reporting `u64::MAX` wrapped the sum (audit).
+const MAX_COUNT: u64 = 1 << 40;
+
+fn sum(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(MAX_COUNT)
+}
+
 impl Counts {
     pub fn add(&mut self, o: &Counts) {
-        self.sessions += o.sessions;
-        self.failures += o.failures;
-        self.connect_errors += o.connect_errors;
-        self.early_closes += o.early_closes;
-        self.deadlines += o.deadlines;
+        self.sessions = sum(self.sessions, o.sessions);
+        self.failures = sum(self.failures, o.failures);
+        self.connect_errors = sum(self.connect_errors, o.connect_errors);
+        self.early_closes = sum(self.early_closes, o.early_closes);
+        self.deadlines = sum(self.deadlines, o.deadlines);
         for (a, b) in self.first_command.iter_mut().zip(o.first_command) {
-            *a += b;
+            *a = sum(*a, b);
         }
     }
 
     /// The bucket bound under which 95 % of first commands came; None
     /// without committed sessions; `u64::MAX` when beyond the last bound.
     pub fn p95_ms(&self) -> Option<u64> {
-        let total: u64 = self.first_command.iter().sum();
+        let total: u128 = self.first_command.iter().map(|&n| u128::from(n)).sum();
         if total == 0 {
             return None;
         }
         let want = (total * 95).div_ceil(100);
         let mut seen = 0;
-        for (n, bound) in self.first_command.iter().zip(BUCKETS_MS) {
-            seen += n;
+        for (&n, bound) in self.first_command.iter().zip(BUCKETS_MS) {
+            seen += u128::from(n);
             if seen >= want {
                 return Some(bound);
             }
@@ -232,5 +242,21 @@ mod tests {
         sum.add(&green);
         assert_eq!(sum.sessions, 101);
         assert_eq!(sum.p95_ms(), Some(500));
+    }
+
+    /// A peer's counters are another process's numbers: huge ones saturate
+    /// (they wrapped, and panicked in a debug build), and the judge still
+    /// gives a verdict.
+    #[test]
+    fn huge_counters_from_a_peer_saturate() {
+        let mut huge = counts(u64::MAX, u64::MAX, 0);
+        huge.first_command = [u64::MAX; 12];
+        let mut sum = counts(369, 0, 369);
+        sum.add(&huge);
+        assert_eq!(sum.sessions, MAX_COUNT);
+        assert_eq!(sum.p95_ms(), Some(BUCKETS_MS[11]));
+        let _ = judge(&judge_cfg(), &sum, &sum);
+        let _ = judge(&judge_cfg(), &counts(10, 0, 10), &sum);
+        let _ = judge(&judge_cfg(), &sum, &counts(10, 0, 10));
     }
 }
