@@ -42,6 +42,12 @@ const WAKE_BYTES: usize = 64 * 1024;
 /// it is cut by the size bound, not by the line count).
 const BYTES_PER_LINE: usize = 1024;
 
+/// The buffer's byte bound is never below this: the longest line agiproxy
+/// writes (a refused config's errors, up to 64 KiB) must fit even with a
+/// small `--log-buffer-lines`, or the one line that says a change was
+/// refused is the one dropped.
+const MIN_BYTES: usize = 128 * 1024;
+
 static QUEUE: OnceLock<Arc<Queue>> = OnceLock::new();
 
 /// The access log's own way to the writer: the line is built by
@@ -180,7 +186,7 @@ impl Queue {
                 writer_idle: false,
             }),
             max_lines,
-            max_bytes: max_lines.saturating_mul(BYTES_PER_LINE),
+            max_bytes: max_lines.saturating_mul(BYTES_PER_LINE).max(MIN_BYTES),
             dropped: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             writer: OnceLock::new(),
@@ -336,9 +342,15 @@ mod tests {
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 2);
         assert_eq!(queue.pending().lines, 3);
         // Bytes are bounded too: one long line takes the room of many.
-        let queue = Queue::new(2);
-        queue.push(&vec![b'y'; 3 * BYTES_PER_LINE]);
+        let queue = Queue::new(200);
+        queue.push(&vec![b'y'; 300 * BYTES_PER_LINE]);
         assert_eq!(queue.dropped.load(Ordering::Relaxed), 1);
+        // But a refused config's line (64 KiB of errors) fits whatever the
+        // line count: it was dropped below about 64 lines.
+        let queue = Queue::new(2);
+        queue.push(&vec![b'z'; 65 * 1024]);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(queue.pending().lines, 1);
 
         // A lone line reaches the output after about FLUSH_AFTER.
         let out = Calls::default();
