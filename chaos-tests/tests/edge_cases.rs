@@ -366,3 +366,111 @@ async fn regression_a_header_of_100000_lines_gets_failure_not_a_reset() {
     );
     assert_eq!(b.stats().accepted(), 0);
 }
+
+/// What the proxy reports matches what happened (an accounting audit):
+/// a header refused to an Asterisk already gone was heard by nobody
+/// (`client_gone`, no FAILURE counted); refused headers and overload
+/// rejections are not timed as sessions; a port probe is no session.
+#[tokio::test]
+async fn refusals_are_counted_as_what_they_were() {
+    let b = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&format!(
+        "limits:\n  max_header_lines: 30\n  max_sessions: 1\n{}",
+        one_pool(
+            "round_robin",
+            &[b.addr()],
+            "timeouts:\n  first_command: 30s\n  budget: 30s\n"
+        )
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    // 40 lines, over the 30 allowed, whole; then Asterisk is gone.
+    let mut big = Vec::new();
+    for i in 0..40 {
+        big.extend_from_slice(format!("agi_x{i}: y\n").as_bytes());
+    }
+    big.push(b'\n');
+    let s = FakeAsterisk::raw_session(p.addr, &big).await.unwrap();
+    drop(s);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::ClientGone, "{rec:?}");
+    // A port probe: connect, close.
+    drop(tokio::net::TcpStream::connect(p.addr).await.unwrap());
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.header_error, Some("closed"), "{rec:?}");
+    // One call takes the only slot; the next is refused, overloaded.
+    let addr = p.addr;
+    let held = tokio::spawn(async move { caller("ivr", "1.1").run(addr).await });
+    wait_until(
+        "the first call on its backend",
+        Duration::from_secs(5),
+        || b.stats().accepted() == 1,
+    )
+    .await;
+    assert_failure(&caller("ivr", "1.2").run(p.addr).await, "overloaded");
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::Failed, "{rec:?}");
+    let m = p.server.metrics().render();
+    let count = |name| counter(&m, name);
+    assert_eq!(
+        count("agiproxy_failures_sent_total{reason=\"header_too_large\"}"),
+        0,
+        "{m}"
+    );
+    assert_eq!(
+        count("agiproxy_failures_sent_total{reason=\"overloaded\"}"),
+        1,
+        "{m}"
+    );
+    assert_eq!(count("agiproxy_session_seconds_count"), 0, "{m}");
+    assert!(!m.contains("outcome=\"bad_header\""), "{m}");
+    held.abort();
+}
+
+/// Bytes are counted as relayed, not as read: a CR the proxy takes out, a
+/// withheld `HANGUP` and a refused over-long line never reach the other
+/// side; a `HANGUP` Asterisk sent while the backend was sought does, and
+/// marks the session `hangup` even when no backend answered (audit).
+#[tokio::test]
+async fn bytes_and_hangup_are_counted_as_relayed() {
+    // CRLF commands: 2 x "NOOP\r\n" read, 2 x "NOOP\n" relayed.
+    let b = FakeBackend::start(Behaviour::script(&["NOOP\r", "NOOP\r"])).await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let mut rx = p.server.subscribe();
+    let out = caller("ivr", "2.1").run(p.addr).await;
+    assert_eq!(out.commands, vec!["NOOP", "NOOP"], "{out:?}");
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.bytes_to_asterisk, 10, "{rec:?}");
+
+    // A silent backend; Asterisk hangs up during the search: FAILURE, and
+    // the session says the caller hung up.
+    let silent = FakeBackend::start(Behaviour::StallAfterHeader).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[silent.addr()],
+        "timeouts:\n  first_command: 300ms\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let mut bytes = AgiHeader::realistic("ivr", &[], "2.2").to_bytes();
+    bytes.extend_from_slice(b"HANGUP\n");
+    let mut s = FakeAsterisk::raw_session(p.addr, &bytes).await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        // Answer whatever the proxy says (its SET VARIABLE) until it closes.
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    sink.extend_from_slice(&buf[..n]);
+                    let _ = s.write_all(b"200 result=1\n").await;
+                }
+            }
+        }
+    })
+    .await;
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.outcome, Outcome::Failed, "{rec:?}");
+    assert!(rec.caller_hung_up, "{rec:?}");
+}

@@ -73,7 +73,9 @@ pub(crate) async fn serve(
     )
     .await;
     rec.duration = started.elapsed();
-    finish(&shared, rec);
+    // A refused header is no session of a call: not timed.
+    let timed = rec.header_error.is_none();
+    finish(&shared, rec, timed);
     drop(admission);
 }
 
@@ -85,8 +87,10 @@ pub struct Admission {
     pub header: Option<HeaderSlot>,
 }
 
-/// Counts, logs and publishes a finished session.
-fn finish(shared: &Shared, rec: SessionRecord) {
+/// Counts, logs and publishes a finished session; `timed`: its duration
+/// goes into `session_seconds` (not for refused headers and overload
+/// rejections, as documented: an audit found both in it).
+fn finish(shared: &Shared, rec: SessionRecord, timed: bool) {
     if let Some((live, pick)) = &rec.rollout {
         live.session_ended(
             pick.side,
@@ -97,18 +101,24 @@ fn finish(shared: &Shared, rec: SessionRecord) {
         );
     }
     let m = &shared.metrics;
-    m.session(
-        rec.route.as_deref().unwrap_or("-"),
-        rec.pool.as_deref().unwrap_or("-"),
-        rec.live_backend.as_ref().map_or("-", |b| &b.label),
-        rec.outcome,
-    );
+    // A connection that closed without a byte (a port probe) is counted in
+    // `header_errors_total{reason="closed"}` and gets no access line; as a
+    // `bad_header` session it swelled `sessions_total` past the access log
+    // with every load balancer's TCP check (audit).
+    if rec.header_error != Some("closed") {
+        m.session(
+            rec.route.as_deref().unwrap_or("-"),
+            rec.pool.as_deref().unwrap_or("-"),
+            rec.live_backend.as_ref().map_or("-", |b| &b.label),
+            rec.outcome,
+        );
+    }
     if let (Outcome::Failed, Some(r)) = (rec.outcome, rec.reason) {
         m.failure(r).inc();
     }
     m.bytes_from_asterisk.inc_by(rec.bytes_from_asterisk);
     m.bytes_to_asterisk.inc_by(rec.bytes_to_asterisk);
-    if rec.outcome != Outcome::BadHeader {
+    if timed {
         m.session_seconds.observe(rec.duration.as_secs_f64());
     }
     rec.log();
@@ -223,11 +233,13 @@ async fn find_backend<'s>(
         Ok(at) => at,
         Err(AttachError::Failed { reason, attempts }) => {
             rec.attempts = attempts;
+            rec.caller_hung_up = hung_up(&early);
             Box::pin(fail(a, rec, reason)).await;
             return None;
         }
         Err(AttachError::ClientGone { attempts }) => {
             rec.attempts = attempts;
+            rec.caller_hung_up = hung_up(&early);
             rec.outcome = Outcome::ClientGone;
             return None;
         }
@@ -246,6 +258,14 @@ async fn find_backend<'s>(
         .first_command_seconds
         .observe(at.first_byte_time.as_secs_f64());
     Some((at, route))
+}
+
+/// Asterisk reported a hang-up in what it sent while a backend was sought
+/// (the relay, which tells it otherwise, never ran: audit).
+fn hung_up(early: &[u8]) -> bool {
+    early
+        .split(|&b| b == b'\n')
+        .any(|l| l.strip_suffix(b"\r").unwrap_or(l) == b"HANGUP")
 }
 
 /// Relays the committed session to its end.
@@ -367,9 +387,9 @@ async fn bad_header(
     if read == ReadSoFar::BlankLine
         || discard_rest(a, limits.timeout, read).await != Discarded::Gone
     {
-        rec.outcome = Outcome::Failed;
-        rec.reason = Some(reason);
-        let _ = tell_failure(a, reason).await;
+        // As any FAILURE: one that met a closed socket was heard by
+        // nobody, and is `client_gone` (audit: counted as sent).
+        fail(a, rec, reason).await;
     }
 }
 
@@ -402,5 +422,5 @@ pub async fn reject(
         Err(e) => bad_header(&shared, &mut a, &mut rec, e, &limits).await,
     }
     rec.duration = started.elapsed();
-    finish(&shared, rec);
+    finish(&shared, rec, false);
 }

@@ -194,7 +194,6 @@ impl<'s> Relay<'s> {
             self.ingest_asterisk(early);
         }
         if !first.is_empty() {
-            self.stats.bytes_to_asterisk += first.len() as u64;
             self.ingest_backend(first);
         }
     }

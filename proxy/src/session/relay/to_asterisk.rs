@@ -14,10 +14,7 @@ impl Relay<'_> {
         let mut buf = ReadBuf::uninit(&mut buf);
         match read_now(self.b, &mut buf) {
             Some(Ok(0)) => self.backend_eof(),
-            Some(Ok(n)) => {
-                self.stats.bytes_to_asterisk += n as u64;
-                self.ingest_backend(buf.filled());
-            }
+            Some(Ok(_)) => self.ingest_backend(buf.filled()),
             None => {}
             Some(Err(_)) => self.backend_reset(),
         }
@@ -248,10 +245,13 @@ impl Relay<'_> {
         pos
     }
 
+    /// Relays `bytes` to Asterisk: counted here, as sent, not as read (a
+    /// refused line or a CR taken out never reaches Asterisk: audit).
     pub(super) fn send_a(&mut self, bytes: &[u8]) {
         if self.a_dead {
             return;
         }
+        self.stats.bytes_to_asterisk += bytes.len() as u64;
         if self.a_out.is_empty() {
             match self.a.try_write(bytes) {
                 Ok(n) if n == bytes.len() => {}
@@ -275,6 +275,7 @@ impl Relay<'_> {
         if self.a_dead {
             return;
         }
+        self.stats.bytes_to_asterisk += (head.len() + tail.len()) as u64;
         if self.a_out.is_empty() {
             let parts = [IoSlice::new(head), IoSlice::new(tail)];
             match self.a.try_write_vectored(&parts) {

@@ -21,8 +21,7 @@ impl Relay<'_> {
                     self.send_b(&rest);
                 }
             }
-            Some(Ok(n)) => {
-                self.stats.bytes_from_asterisk += n as u64;
+            Some(Ok(_)) => {
                 self.ingest_asterisk(buf.filled());
                 if self.turn.in_reply_payload() {
                     // A flowing `GET SOUNDFILE` payload pushes the deadline
@@ -145,10 +144,13 @@ impl Relay<'_> {
         }
     }
 
+    /// Relays `bytes` to the backend: counted here, as sent (a withheld
+    /// `HANGUP` is not; what Asterisk sent during the search is: audit).
     pub(super) fn send_b(&mut self, bytes: &[u8]) {
         if bytes.is_empty() || self.b_shut {
             return;
         }
+        self.stats.bytes_from_asterisk += bytes.len() as u64;
         if self.b_out.is_empty() {
             match self.b.try_write(bytes) {
                 Ok(n) if n == bytes.len() => {}
@@ -172,6 +174,7 @@ impl Relay<'_> {
         if self.b_shut {
             return;
         }
+        self.stats.bytes_from_asterisk += (head.len() + tail.len()) as u64;
         if self.b_out.is_empty() {
             let parts = [IoSlice::new(head), IoSlice::new(tail)];
             match self.b.try_write_vectored(&parts) {
