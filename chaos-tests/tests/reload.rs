@@ -229,3 +229,35 @@ async fn concurrent_edits_all_apply() {
     }
     assert_eq!(server.snapshot().meta.generation, 17);
 }
+
+/// A change with a swap check is refused, and nothing swapped, when the
+/// check fails on the built config: how a rollout override that would take
+/// effect before its config is in place is refused (audit).
+#[tokio::test]
+async fn an_edit_whose_swap_check_fails_changes_nothing() {
+    let body = one_pool("round_robin", &[refused_addr()], "");
+    let p = proxy(&body).await;
+    // A running text to edit (the proxy was started from a parsed config).
+    let text =
+        format!("version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{body}");
+    p.server.apply(&text, "test", false, None).await.unwrap();
+    let edit = |text: &str| Ok(text.replace("round_robin", "least_sessions"));
+    let no: agiproxy::server::SwapCheck = std::sync::Arc::new(|_, _| {
+        Err(agiproxy::server::ApplyError::NotFound(
+            "refused at the swap".into(),
+        ))
+    });
+    let r = p.server.apply_edit_checked("api", None, edit, no).await;
+    assert!(
+        matches!(r, Err(agiproxy::server::ApplyError::NotFound(_))),
+        "{r:?}"
+    );
+    assert_eq!(p.server.snapshot().meta.generation, 2);
+    let yes: agiproxy::server::SwapCheck = std::sync::Arc::new(|running, new| {
+        assert_ne!(running.pools[0].balance, new.pools[0].balance);
+        Ok(())
+    });
+    let r = p.server.apply_edit_checked("api", None, edit, yes).await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(p.server.snapshot().meta.generation, 3);
+}

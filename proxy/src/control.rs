@@ -442,16 +442,21 @@ impl ControlPlane for ControlHandle {
         drop(snap);
         let r = self
             .server
-            .apply_edit("api", None, move |text| {
-                crate::rollout::view::with_override(
-                    text,
-                    &r_route,
-                    &r_action,
-                    r_at.as_deref(),
-                    fleet,
-                    skew,
-                )
-            })
+            .apply_edit_checked(
+                "api",
+                None,
+                move |text| {
+                    crate::rollout::view::with_override(
+                        text,
+                        &r_route,
+                        &r_action,
+                        r_at.as_deref(),
+                        fleet,
+                        skew,
+                    )
+                },
+                crate::rollout::view::overrides_still_ahead(route),
+            )
             .await;
         if r.is_ok() {
             tracing::warn!(route, action, at = ?at, "rollout override written into the running config through the control API (not into the file)");

@@ -57,6 +57,17 @@ pub enum ApplyError {
 /// Makes the text of a change from the running config's text.
 type Edit = Arc<dyn Fn(&str) -> Result<String, ApplyError> + Send + Sync>;
 
+/// What a change must still meet when it is swapped in, given the running
+/// config and the new one:
+/// building a large config takes a second or more after the text was made
+/// (a rollout override checked only then could take effect before the
+/// swap: audit).
+pub type SwapCheck = Arc<
+    dyn Fn(&agiproxy_config::Config, &agiproxy_config::Config) -> Result<(), ApplyError>
+        + Send
+        + Sync,
+>;
+
 /// The result of a config change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -238,7 +249,8 @@ impl Server {
     ) -> Result<Applied, ApplyError> {
         let text: Arc<str> = Arc::from(text);
         let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
-        self.change(source, dry_run, if_match, false, edit).await
+        self.change(source, dry_run, if_match, false, edit, None)
+            .await
     }
 
     /// Applies an edit of the running config text, made while no other
@@ -249,7 +261,20 @@ impl Server {
         if_match: Option<u64>,
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, true, Arc::new(edit))
+        self.change(source, false, if_match, true, Arc::new(edit), None)
+            .await
+    }
+
+    /// [`Server::apply_edit`], refused if the new config fails `check` when
+    /// it is about to be swapped in.
+    pub async fn apply_edit_checked(
+        &self,
+        source: &str,
+        if_match: Option<u64>,
+        edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
+        check: SwapCheck,
+    ) -> Result<Applied, ApplyError> {
+        self.change(source, false, if_match, true, Arc::new(edit), Some(check))
             .await
     }
 
@@ -260,12 +285,13 @@ impl Server {
         if_match: Option<u64>,
         edit: bool,
         text: Edit,
+        check: Option<SwapCheck>,
     ) -> Result<Applied, ApplyError> {
         // A change whose caller gave up (the control API's request
         // timeout drops this future) is counted too, as `abandoned`.
         let mut unfinished = Unfinished(Some(&self.shared.metrics));
         let result = self
-            .apply_inner(text, source, dry_run, if_match, edit)
+            .apply_inner(text, source, dry_run, if_match, edit, check)
             .await;
         unfinished.0 = None;
         let label = match &result {
@@ -313,6 +339,7 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
         edit: bool,
+        check: Option<SwapCheck>,
     ) -> Result<Applied, ApplyError> {
         // Edits take turns (see `Changes::edits`). One that finds another
         // change (a new text, the file) applied while it was parsed is made
@@ -449,6 +476,11 @@ impl Server {
         })
         .await
         .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        if let Some(refused) = check.and_then(|c| c(&current.config, &next.config).err()) {
+            // Nothing was swapped: the new listeners close as `bound` drops.
+            release(next);
+            return Err(refused);
+        }
         if next.config.control != current.config.control {
             tracing::warn!("the control block changed; it takes effect at the next restart");
         }

@@ -140,6 +140,44 @@ pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
         .map(|(_, ro)| ro.plan.skew)
 }
 
+/// The check, at the swap, that the overrides a change adds to `route` are
+/// not yet in force: the text was made (and `at` checked) before a build
+/// that takes a second or more for a large config (audit).
+pub fn overrides_still_ahead(route: &str) -> crate::server::SwapCheck {
+    let route = route.to_string();
+    std::sync::Arc::new(move |running, new| {
+        let overrides = |c: &agiproxy_config::Config| {
+            c.routes
+                .iter()
+                .find(|r| r.name == route)
+                .and_then(|r| r.rollout.as_ref())
+                .map(|ro| ro.overrides.clone())
+                .unwrap_or_default()
+        };
+        let mut old = overrides(running);
+        let now = now_ms();
+        for o in overrides(new) {
+            if let Some(i) = old.iter().position(|x| *x == o) {
+                old.swap_remove(i);
+            } else if o.at_ms <= now {
+                return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(vec![
+                    agiproxy_config::ConfigError::new(
+                        "at",
+                        format!(
+                            "the override would be in force from {} but was ready only at {}: \
+                             building the config took longer than the rollout's skew; nothing \
+                             was changed: send it again, or raise the rollout's skew",
+                            format_ms(o.at_ms),
+                            format_ms(now)
+                        ),
+                    ),
+                ])));
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Appends an override to a route's rollout in a config text. Without
 /// `at`, the time is this replica's clock, unless `fleet` (the rollout reads
 /// peers): each replica would write its own time and their configs would
@@ -364,5 +402,39 @@ mod tests {
         assert!(edited.contains("action: promote"), "{edited}");
         let ahead = format_ms(now_ms() + 60_000);
         assert!(with_override(TEXT, "ivr", "promote", Some(&ahead), true, skew).is_ok());
+    }
+
+    /// At the swap, an override the change adds must still be ahead; one
+    /// the running config already has is left alone, however old.
+    #[test]
+    fn at_the_swap_an_added_override_must_still_be_ahead() {
+        let with = |overrides: &str| {
+            agiproxy_config::from_yaml_str(&TEXT.replace(
+                "start: \"2026-12-06T09:00:00Z\" }",
+                &format!("start: \"2026-12-06T09:00:00Z\", skew: 2s, overrides: [{overrides}] }}"),
+            ))
+            .unwrap()
+        };
+        let old = "{ action: pause, at: \"2026-12-06T09:30:00Z\" }";
+        let running = with(old);
+        let check = overrides_still_ahead("ivr");
+        assert!(check(&running, &running).is_ok(), "nothing added");
+        let past = format!(
+            "{old}, {{ action: promote, at: \"{}\" }}",
+            format_ms(now_ms() - 2_500)
+        );
+        match check(&running, &with(&past)) {
+            Err(ApplyError::Invalid(e)) => {
+                assert!(e.0[0].message.contains("was ready only at"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let ahead = format!(
+            "{old}, {{ action: promote, at: \"{}\" }}",
+            format_ms(now_ms() - 1_000)
+        );
+        assert!(check(&running, &with(&ahead)).is_ok());
+        // Another route's overrides are not this check's business.
+        assert!(overrides_still_ahead("menu")(&running, &with(&past)).is_ok());
     }
 }
