@@ -595,3 +595,24 @@ fn a_repeated_key_inside_a_rollout_is_refused() {
         );
     }
 }
+
+/// Channel keys carry whole seconds, and `ctl`'s override must reach every
+/// replica within the skew: a skew of milliseconds made overrides fail at
+/// random as already past (audit).
+#[test]
+fn a_skew_under_a_second_is_refused() {
+    let text = config(
+        "routes:\n  - name: ivr\n    rollout: { from: ivr-blue, to: ivr-green, steps: [10, 100], step_duration: 1h, start: \"2026-01-01T00:00:00Z\", skew: 1ms }",
+    );
+    let got: Vec<(String, String)> = errors(&text)
+        .iter()
+        .map(|e| (e.path.clone(), e.message.clone()))
+        .collect();
+    assert!(
+        got.iter().any(|(p, m)| p == "routes[0].rollout.skew"
+            && m.starts_with("1ms is too short; use at least 1s")),
+        "{got:?}"
+    );
+    let ok = text.replace("skew: 1ms", "skew: 1s");
+    assert!(from_yaml_str(&ok).is_ok());
+}

@@ -14,6 +14,8 @@ use super::checks;
 use super::checks::{resolve_pool, PoolNames};
 use super::matcher::compile_match;
 
+/// The shortest `skew` (see where it is checked).
+const MIN_SKEW: Duration = Duration::from_secs(1);
 const DEFAULT_SKEW: Duration = Duration::from_secs(2);
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(200);
@@ -84,7 +86,21 @@ pub(super) fn compile(
         &format!("{path}.skew"),
         "skew: 2s",
         &mut local,
-    );
+    )
+    .and_then(|d| {
+        // Channel keys carry whole seconds, and an override must reach
+        // every replica within the skew: below a second, `ctl`'s overrides
+        // were refused at random as already past (audit).
+        if d < MIN_SKEW {
+            local.push(
+                format!("{path}.skew"),
+                format!("{d:?} is too short; use at least 1s (the default is 2s)"),
+            );
+            None
+        } else {
+            Some(d)
+        }
+    });
     let canary = match &raw.canary {
         None => RouteMatch::default(),
         Some(m) => {

@@ -211,9 +211,9 @@ pub fn with_override(
             let takes_effect = at_ms.saturating_add(skew.as_millis() as i64);
             let now = now_ms();
             if takes_effect <= now {
-                let ago = (now - takes_effect) / 1000;
+                let ago = (now - takes_effect) as f64 / 1000.0;
                 return Err(invalid(format!(
-                    "{t} plus the rollout's skew ({skew:?}) is {ago}s ago: written now, the \
+                    "{t} plus the rollout's skew ({skew:?}) is {ago:.3}s ago: written now, the \
                      override would reach back and change the colour of calls placed since; \
                      send a time less than the skew ago (`agiproxy ctl` sends the time it runs: \
                      a replica that got it too late refuses it, and running the command again \
