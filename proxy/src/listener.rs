@@ -32,9 +32,9 @@ pub enum ServerError {
         name: String,
         addr: SocketAddr,
         error: io::Error,
-        /// This replica's own running listener that overlaps `addr`: the
-        /// port is ours, not another process's.
-        held_by: Option<SocketAddr>,
+        /// This replica's own socket that overlaps `addr`: the port is
+        /// ours, not another process's.
+        held_by: Option<Held>,
     },
 }
 
@@ -51,14 +51,39 @@ pub(crate) struct Bound {
     socket: std::net::TcpListener,
 }
 
+/// A socket of this replica that holds a port: a running listener (by the
+/// address it is bound to), or the control API, bound at start (both
+/// families when it listens on `[::]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Listener(SocketAddr),
+    ControlApi(SocketAddr),
+}
+
+impl Held {
+    fn overlaps(self, addr: SocketAddr) -> bool {
+        match self {
+            Held::Listener(own) => overlaps(own, addr),
+            Held::ControlApi(own) => {
+                overlaps(own, addr)
+                    || (own.ip().is_unspecified() && own.is_ipv6() && own.port() == addr.port())
+            }
+        }
+    }
+}
+
 /// What to do about a failed bind, when there is a likely answer.
-fn bind_hint(e: &io::Error, held_by: Option<SocketAddr>) -> String {
+fn bind_hint(e: &io::Error, held_by: Option<Held>) -> String {
     match (e.kind(), held_by) {
+        (io::ErrorKind::AddrInUse, Some(Held::ControlApi(own))) => format!(
+            "; this replica's own control API (control.address, bound at start) holds that port \
+             on {own}: give the listener another port"
+        ),
         // A reload binds its new listeners before it closes the old ones,
         // so that a failure changes nothing: an address that overlaps a
         // running one (127.0.0.1:P to 0.0.0.0:P) cannot be taken in one
         // change (audit: the hint blamed another process).
-        (io::ErrorKind::AddrInUse, Some(own)) => format!(
+        (io::ErrorKind::AddrInUse, Some(Held::Listener(own))) => format!(
             "; this replica's own listener on {own} holds that port, and stays open until the \
              new listeners are bound: restart the replica with the new address, or remove that \
              listener in one change and add the new one in the next (the port refuses calls \
@@ -84,8 +109,14 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// Binds the listeners of `config` not already bound (`kept`), all or none.
-pub(crate) fn bind_all(config: &Config, kept: &[SocketAddr]) -> Result<Vec<Bound>, ServerError> {
+/// Binds the listeners of `config` not already bound (`kept`, by configured
+/// address), all or none; `held`: this replica's sockets, to name in an
+/// error.
+pub(crate) fn bind_all(
+    config: &Config,
+    kept: &[SocketAddr],
+    held: &[Held],
+) -> Result<Vec<Bound>, ServerError> {
     let mut bound = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
         if kept.contains(&l.address) {
@@ -95,7 +126,7 @@ pub(crate) fn bind_all(config: &Config, kept: &[SocketAddr]) -> Result<Vec<Bound
             index,
             name: l.name.clone(),
             addr: l.address,
-            held_by: kept.iter().copied().find(|k| overlaps(*k, l.address)),
+            held_by: held.iter().copied().find(|h| h.overlaps(l.address)),
             error,
         })?;
         bound.push(Bound {
@@ -380,7 +411,9 @@ mod tests {
             held.port()
         ))
         .unwrap();
-        let ours = bind_all(&config, &[held]).err().expect("the port is taken");
+        let ours = bind_all(&config, &[held], &[Held::Listener(held)])
+            .err()
+            .expect("the port is taken");
         let ours = ours.to_string();
         assert!(
             ours.contains(&format!(
@@ -390,7 +423,17 @@ mod tests {
         );
         assert!(!ours.contains("another process"), "{ours}");
         // Held by a socket that is no listener of ours: another process.
-        let theirs = bind_all(&config, &[]).err().expect("the port is taken");
+        let theirs = bind_all(&config, &[], &[])
+            .err()
+            .expect("the port is taken");
+        let control = bind_all(&config, &[], &[Held::ControlApi(held)])
+            .err()
+            .expect("the port is taken")
+            .to_string();
+        assert!(
+            control.contains("this replica's own control API"),
+            "{control}"
+        );
         assert!(
             theirs.to_string().ends_with("is another process using it?"),
             "{theirs}"

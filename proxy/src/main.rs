@@ -391,6 +391,9 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         _ => None,
     };
     let server = Server::start_with(config, origin).await?;
+    if let Some(addr) = control.as_ref().and_then(|api| api.local_addr()) {
+        server.note_control_address(addr);
+    }
     let mut followed = Vec::new();
     if let Some(api) = &control {
         followed.extend(api.tls().map(|t| Followed::tls("control_tls", t)));

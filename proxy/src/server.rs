@@ -23,7 +23,7 @@ use agiproxy_config::{Config, Rollout};
 use tokio::sync::{broadcast, Semaphore};
 
 pub use crate::listener::ServerError;
-use crate::listener::{bind_all, spawn_listener, ListenerEntry};
+use crate::listener::{bind_all, spawn_listener, Held, ListenerEntry};
 use crate::metrics::Metrics;
 use crate::session::{SessionRecord, Shared};
 use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
@@ -128,6 +128,9 @@ impl Drop for Unfinished<'_> {
 /// bound listeners.
 struct Changes {
     listeners: tokio::sync::Mutex<Vec<ListenerEntry>>,
+    /// The control API's address, bound at start (see
+    /// [`Server::note_control_address`]).
+    control: std::sync::OnceLock<SocketAddr>,
     /// One parse of a config text at a time, edits' included: each may take
     /// a few hundred MB and a second for the largest text allowed.
     parses: Arc<Semaphore>,
@@ -166,7 +169,7 @@ impl Server {
     }
 
     pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
-        let bound = bind_all(&config, &[])?;
+        let bound = bind_all(&config, &[], &[])?;
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
         crate::fds::init();
         let file_hash = origin.file.as_ref().map(|_| meta.hash);
@@ -174,6 +177,7 @@ impl Server {
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
+            control: std::sync::OnceLock::new(),
             parses: Arc::new(Semaphore::new(1)),
             edits: tokio::sync::Mutex::new(()),
             file: origin.file,
@@ -228,6 +232,12 @@ impl Server {
     /// A feed of finished sessions (for tests, the demo and tooling).
     pub fn subscribe(&self) -> broadcast::Receiver<SessionRecord> {
         self.shared.subscribe()
+    }
+
+    /// Where the control API listens (bound at start, kept to the exit):
+    /// a reload that adds a listener on its port is refused naming it.
+    pub fn note_control_address(&self, addr: SocketAddr) {
+        let _ = self.changes.control.set(addr);
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -465,7 +475,9 @@ impl Server {
             }
             Vec::new()
         } else {
-            bind_all(&config, &kept)?
+            let mut held: Vec<Held> = table.iter().map(|e| Held::Listener(e.bound)).collect();
+            held.extend(self.changes.control.get().copied().map(Held::ControlApi));
+            bind_all(&config, &kept, &held)?
         };
         let meta = ConfigMeta::new(generation + 1, source, text);
         // Compiling the routes (regexes) of a large config takes seconds:

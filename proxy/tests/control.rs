@@ -404,3 +404,45 @@ async fn a_rotated_token_file_is_taken_up_and_the_old_token_works_for_its_grace(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A reload that adds a listener on the control API's port (its new file
+/// moving the control API, which waits for a restart) is refused naming
+/// the control API, not "another process" (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_on_the_running_control_apis_port_is_refused_naming_it() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-ctlport-")
+        .tempdir()
+        .unwrap();
+    let sock = dir.path().join("control.sock");
+    let cport = free_port();
+    let control = format!(
+        "control: {{ socket: {}, address: \"127.0.0.1:{cport}\" }}",
+        sock.display()
+    );
+    let r = Replica::start("ctlport", &control, b.addr()).await;
+    let moved = format!(
+        "control: {{ socket: {}, address: \"127.0.0.1:{}\" }}",
+        sock.display(),
+        free_port()
+    );
+    let changed = dir.path().join("changed.yaml");
+    let text_of = config(r.addr, &moved, b.addr(), "all").replace(
+        "listeners:\n",
+        &format!("listeners:\n  - name: extra\n    address: \"127.0.0.1:{cport}\"\n"),
+    );
+    std::fs::write(&changed, text_of).unwrap();
+    let out = ctl(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "config",
+        "apply",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("this replica's own control API"), "{said}");
+    assert!(!said.contains("another process"), "{said}");
+}

@@ -187,6 +187,9 @@ fn control_clashes(control: &Control, listeners: &[Listener], errs: &mut Errors)
     let Some(addr) = control.address.filter(|_| control.enabled) else {
         return;
     };
+    // `[::ffff:127.0.0.1]` on the control API's dual-stack socket is
+    // 127.0.0.1 (audit: it passed `check` beside a 127.0.0.1 listener).
+    let addr = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
     // The control API binds `[::]` for both families (listeners bind IPv6
     // only): it takes the IPv4 port too.
     let dual = addr.is_ipv6() && addr.ip().is_unspecified();
@@ -201,10 +204,18 @@ fn control_clashes(control: &Control, listeners: &[Listener], errs: &mut Errors)
                 "{addr} clashes with listeners[{i}].address ({}); the control API needs a port \
                  of its own, e.g. {}",
                 l.address,
-                std::net::SocketAddr::new(addr.ip(), if addr.port() == 9090 { 9091 } else { 9090 })
+                std::net::SocketAddr::new(addr.ip(), free_port_beside(listeners))
             ),
         );
     }
+}
+
+/// A port to suggest for the control API: 9090 (Prometheus's habit), or
+/// the next one no listener takes.
+fn free_port_beside(listeners: &[Listener]) -> u16 {
+    (9090..u16::MAX)
+        .find(|p| listeners.iter().all(|l| l.address.port() != *p))
+        .unwrap_or(9090)
 }
 
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard of the
