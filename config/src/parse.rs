@@ -138,6 +138,18 @@ impl Structural {
     /// whole (`has no target`) and of its fields that are "missing".
     fn explains(&self, e: &ConfigError) -> bool {
         let at = render(&self.at);
+        // A rollout is read whole: refused, it leaves its route without a
+        // target, which is no second mistake (every rollout error came
+        // with a spurious "has no target").
+        if let Some(route) = at.find(".rollout").map(|i| &at[..i]) {
+            let rest = &at[route.len() + ".rollout".len()..];
+            if (rest.is_empty() || rest.starts_with(['.', '[']))
+                && e.path == route
+                && e.message.starts_with("has no target")
+            {
+                return true;
+            }
+        }
         match &self.unknown_key {
             None => {
                 at.is_empty()
