@@ -60,6 +60,27 @@ async fn spawn_proxy(
     (child, addr, dir)
 }
 
+/// `n` calls to `addr` at once, to `ivr/main` with unique ids `PREFIX.i`,
+/// each shaped by `shape`.
+fn spawn_calls(
+    addr: SocketAddr,
+    n: usize,
+    prefix: &str,
+    shape: fn(FakeAsterisk) -> FakeAsterisk,
+) -> Vec<tokio::task::JoinHandle<chaos_tests::CallOutcome>> {
+    (0..n)
+        .map(|i| {
+            let uid = format!("{prefix}.{i}");
+            tokio::spawn(async move {
+                shape(FakeAsterisk::new())
+                    .header(chaos_tests::AgiHeader::realistic("ivr/main", &[], &uid))
+                    .run(addr)
+                    .await
+            })
+        })
+        .collect()
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -92,21 +113,7 @@ async fn sigterm_drains_50_on_one_worker_thread() {
 async fn sigterm_drains_50(workers: &str) {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Playback hello", "NOOP"])).await;
     let (mut child, addr, _dir) = start_proxy(b.addr(), "30s", workers).await;
-    let calls: Vec<_> = (0..50)
-        .map(|i| {
-            tokio::spawn(async move {
-                FakeAsterisk::new()
-                    .header(chaos_tests::AgiHeader::realistic(
-                        "ivr/main",
-                        &[],
-                        &format!("5.{i}"),
-                    ))
-                    .exec_takes(Duration::from_millis(1500))
-                    .run(addr)
-                    .await
-            })
-        })
-        .collect();
+    let calls = spawn_calls(addr, 50, "5", |c| c.exec_takes(Duration::from_millis(1500)));
     // All 50 are inside their EXEC when the signal arrives.
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.stats().accepted() < 50 {
@@ -175,21 +182,9 @@ async fn calls_queued_at_sigterm_are_served_with_no_session_in_flight() {
     for round in 0..3 {
         let (mut child, addr, _dir) = start_proxy(b.addr(), "30s", "1").await;
         signal(&child, libc::SIGSTOP);
-        let calls: Vec<_> = (0..10)
-            .map(|i| {
-                tokio::spawn(async move {
-                    FakeAsterisk::new()
-                        .header(chaos_tests::AgiHeader::realistic(
-                            "ivr/main",
-                            &[],
-                            &format!("7.{round}{i}"),
-                        ))
-                        .call_timeout(Duration::from_secs(20))
-                        .run(addr)
-                        .await
-                })
-            })
-            .collect();
+        let calls = spawn_calls(addr, 10, &format!("7{round}"), |c| {
+            c.call_timeout(Duration::from_secs(20))
+        });
         // Connected and headers sent: the kernel holds them for the proxy.
         tokio::time::sleep(Duration::from_millis(300)).await;
         signal(&child, libc::SIGTERM);
@@ -246,20 +241,7 @@ async fn a_stalled_log_reader_does_not_hold_up_the_exit() {
     // Piped and never read: the pipe's 64 KiB fill with access lines.
     let (mut child, addr, _dir) = spawn_proxy(&body, "2", "info", Stdio::piped()).await;
     for round in 0..30 {
-        let calls: Vec<_> = (0..10)
-            .map(|i| {
-                tokio::spawn(async move {
-                    FakeAsterisk::new()
-                        .header(chaos_tests::AgiHeader::realistic(
-                            "ivr/main",
-                            &[],
-                            &format!("8.{round}{i}"),
-                        ))
-                        .run(addr)
-                        .await
-                })
-            })
-            .collect();
+        let calls = spawn_calls(addr, 10, &format!("8{round}"), |c| c);
         for c in calls {
             assert_eq!(c.await.unwrap().commands, vec!["NOOP"]);
         }
