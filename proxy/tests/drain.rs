@@ -81,6 +81,26 @@ fn spawn_calls(
         .collect()
 }
 
+/// A call whose command Asterisk runs for 30 s, once it is on `backend`.
+async fn one_long_command(
+    addr: SocketAddr,
+    backend: &FakeBackend,
+) -> tokio::task::JoinHandle<chaos_tests::CallOutcome> {
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))
+            .call_timeout(Duration::from_secs(40))
+            .run(addr)
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.stats().accepted() < 1 {
+        assert!(Instant::now() < deadline, "the call reached no backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -146,18 +166,7 @@ async fn sigterm_drains_50(workers: &str) {
 async fn a_second_signal_stops_at_once() {
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
     let (mut child, addr, _dir) = start_proxy(b.addr(), "5m", "1").await;
-    let call = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))
-            .call_timeout(Duration::from_secs(40))
-            .run(addr)
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.stats().accepted() < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let call = one_long_command(addr, &b).await;
     signal(&child, libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -340,18 +349,7 @@ async fn a_draining_replica_publishes_its_deadline() {
         .unwrap()
         .body;
     assert_eq!(deadline_gauge(&metrics), Some(0.0), "not draining yet");
-    let call = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))
-            .call_timeout(Duration::from_secs(40))
-            .run(addr)
-            .await
-    });
-    let until = Instant::now() + Duration::from_secs(10);
-    while b.stats().accepted() < 1 {
-        assert!(Instant::now() < until);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let call = one_long_command(addr, &b).await;
     signal(&child, libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let now = std::time::SystemTime::now()
