@@ -703,6 +703,25 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
     let status: agiproxy_control::api::Status = serde_json::from_slice(&status.body).unwrap();
     assert!(status.differs_from_file);
     assert_eq!(status.rollouts_differ, vec![note]);
+    // Promoted is final: a rollback (or another promote) changes nothing,
+    // and is not written (each one grew the running config for good).
+    for action in ["rollback", "promote"] {
+        let resp = client()
+            .call(
+                &r.api,
+                "POST",
+                &format!("/v1/rollouts/ivr/{action}"),
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+        let a: agiproxy_control::api::Applied = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(
+            (resp.status, a.changed, a.generation),
+            (200, false, status.generation)
+        );
+    }
     let resp = client()
         .call(&r.api, "POST", "/v1/rollouts/ivr/undo", &[], None)
         .await

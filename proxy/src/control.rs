@@ -439,6 +439,24 @@ impl ControlPlane for ControlHandle {
         let snap = self.server.snapshot();
         let fleet = crate::rollout::view::reads_peers(&snap, route);
         let skew = crate::rollout::view::skew(&snap, route);
+        let at_ms = match at.as_deref() {
+            Some(t) => agiproxy_config::parse_time(t).ok(),
+            None => Some(crate::session::rollout::now_ms()),
+        };
+        if let (Some(a), Some(s), Some(at_ms)) =
+            (agiproxy_config::OverrideAction::parse(action), skew, at_ms)
+        {
+            let effect = at_ms.saturating_add(s.as_millis() as i64);
+            if crate::rollout::view::override_changes_nothing(&snap, route, a, effect) {
+                tracing::info!(route, action, "rollout override changes nothing (the rollout is final, or already in that state then): not written");
+                return Ok(applied(crate::server::Applied {
+                    generation: snap.meta.generation,
+                    hash: snap.meta.hash,
+                    dry_run: false,
+                    changed: false,
+                }));
+            }
+        }
         drop(snap);
         let r = self
             .server

@@ -132,6 +132,30 @@ pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
         .any(|(r, ro)| &*r.name == route && ro.plan.judge.peers != agiproxy_config::Peers::None)
 }
 
+/// Whether an override `action` taking effect at `effect_ms` would change
+/// nothing, by the config alone (the same on every replica running it):
+/// the rollout is promoted or rolled back by then (final), already paused
+/// (`pause`), or not paused (`resume`). Such overrides are not written:
+/// each one grew the running config for good, until it reached
+/// `limits.max_config_bytes` and even a `rollback` was refused (audit).
+pub fn override_changes_nothing(
+    snap: &Snapshot,
+    route: &str,
+    action: OverrideAction,
+    effect_ms: i64,
+) -> bool {
+    let Some((_, ro)) = rollouts(snap).find(|(r, _)| &*r.name == route) else {
+        return false;
+    };
+    let state = crate::session::rollout::position(&ro.plan, effect_ms, None).state;
+    match (action, state) {
+        (_, State::Promoted | State::RolledBack) => true,
+        (OverrideAction::Pause, State::Halted) => true,
+        (OverrideAction::Resume, s) => s != State::Halted,
+        _ => false,
+    }
+}
+
 /// The `skew` of a route's rollout in `snap`: an override takes effect that
 /// long after its time.
 pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
