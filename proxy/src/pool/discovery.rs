@@ -94,16 +94,24 @@ pub(crate) async fn follow(pool: Arc<PoolShared>, index: usize) {
             .get(&k)
             .map(|d| Families::of(&d.found))
             .unwrap_or_default();
-        let result = match &resolver {
-            Some(r) => lookup_known(r, &target, &dns, known).await,
-            None => match self::resolver(&dns) {
-                Ok(r) => {
-                    let out = lookup_known(&r, &target, &dns, known).await;
-                    resolver = Some(r);
-                    out
-                }
-                Err(e) => Err(e),
-            },
+        let lookup = async {
+            match &resolver {
+                Some(r) => lookup_known(r, &target, &dns, known).await,
+                None => match self::resolver(&dns) {
+                    Ok(r) => {
+                        let out = lookup_known(&r, &target, &dns, known).await;
+                        resolver = Some(r);
+                        out
+                    }
+                    Err(e) => Err(e),
+                },
+            }
+        };
+        // A retired snapshot's lookup ends with it: left to its timeout, a
+        // storm of reloads held thousands of sockets (audit).
+        let result = tokio::select! {
+            _ = pool.cancel.cancelled() => return,
+            r = lookup => r,
         };
         if pool.cancel.is_cancelled() {
             return;

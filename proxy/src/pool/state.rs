@@ -131,6 +131,17 @@ impl PoolState {
             return false;
         }
         let config = &self.shared.config;
+        // The DNS answers of names this config no longer follows go: kept,
+        // they piled up with every name a pool ever had, and a name coming
+        // back brought its old answer back at once instead of contributing
+        // nothing until it answers again (audit).
+        let names: std::collections::HashSet<String> = config
+            .backends
+            .iter()
+            .filter(|b| !matches!(b.target, agiproxy_config::BackendTarget::Static(_)))
+            .map(|b| super::live::key(&b.target))
+            .collect();
+        lock(&self.live.discovery).retain(|k, _| names.contains(k));
         let epoch = {
             let mut checks = lock(&self.live.epoch_checks);
             let current = self.live.check_epoch.load(Ordering::Relaxed);
