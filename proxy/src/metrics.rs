@@ -110,7 +110,7 @@ impl Metrics {
         let config_reloads = IntCounterVec::new(
             Opts::new(
                 "config_reloads_total",
-                "Config changes (file, signal, API), by result: applied, unchanged, dry_run, invalid, stale, bind_failed, not_found, error",
+                "Config changes (file, signal, API), by result: applied, unchanged, dry_run, invalid, stale, bind_failed, not_found, error, abandoned",
             ),
             &["result"],
         )
