@@ -134,7 +134,7 @@ pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
 
 /// Whether an override `action` taking effect at `effect_ms` would change
 /// nothing, by the config alone (the same on every replica running it):
-/// the rollout is promoted or rolled back by then (final), already paused
+/// an override has promoted or rolled back the rollout by then (final), already paused
 /// (`pause`), or not paused (`resume`). Such overrides are not written:
 /// each one grew the running config for good, until it reached
 /// `limits.max_config_bytes` and even a `rollback` was refused (audit).
@@ -147,9 +147,15 @@ pub fn override_changes_nothing(
     let Some((_, ro)) = rollouts(snap).find(|(r, _)| &*r.name == route) else {
         return false;
     };
+    // Final only by an override: a schedule that reached 100 % reads
+    // "promoted" too, and a rollback still takes it back.
+    let final_by_override = ro.plan.overrides.iter().any(|o| {
+        o.at_ms <= effect_ms
+            && matches!(o.action, OverrideAction::Promote | OverrideAction::Rollback)
+    });
     let state = crate::session::rollout::position(&ro.plan, effect_ms, None).state;
     match (action, state) {
-        (_, State::Promoted | State::RolledBack) => true,
+        _ if final_by_override => true,
         (OverrideAction::Pause, State::Halted) => true,
         (OverrideAction::Resume, s) => s != State::Halted,
         _ => false,
@@ -460,5 +466,46 @@ mod tests {
         assert!(check(&running, &with(&ahead)).is_ok());
         // Another route's overrides are not this check's business.
         assert!(overrides_still_ahead("menu")(&running, &with(&past)).is_ok());
+    }
+
+    /// What changes nothing is not written; a rollback of a schedule that
+    /// reached 100 % by itself still changes something.
+    #[test]
+    fn an_override_that_changes_nothing_is_told_apart() {
+        use crate::snapshot::{ConfigMeta, Snapshot};
+        let now = now_ms();
+        let start = format_ms(now - 3 * 3_600_000);
+        let snap = |overrides: &str| {
+            let text = TEXT.replace(
+                "start: \"2026-12-06T09:00:00Z\" }",
+                &format!("start: \"{start}\", overrides: [{overrides}] }}"),
+            );
+            let config = agiproxy_config::from_yaml_str(&text).unwrap();
+            Snapshot::build(
+                config,
+                ConfigMeta::new(1, "test", std::sync::Arc::from("")),
+                None,
+            )
+        };
+        let nothing = |s: &Snapshot, a| override_changes_nothing(s, "ivr", a, now + 2_000);
+        let done = snap("");
+        assert!(
+            !nothing(&done, OverrideAction::Rollback),
+            "100 % by the schedule"
+        );
+        assert!(nothing(&done, OverrideAction::Resume), "not paused");
+        let promoted = snap(&format!(
+            "{{ action: promote, at: \"{}\" }}",
+            format_ms(now - 3_600_000)
+        ));
+        assert!(nothing(&promoted, OverrideAction::Rollback), "final");
+        assert!(nothing(&promoted, OverrideAction::Pause), "final");
+        let paused = snap(&format!(
+            "{{ action: pause, at: \"{}\" }}",
+            format_ms(now - 9_000_000)
+        ));
+        assert!(nothing(&paused, OverrideAction::Pause));
+        assert!(!nothing(&paused, OverrideAction::Resume));
+        assert!(!nothing(&paused, OverrideAction::Rollback));
     }
 }
