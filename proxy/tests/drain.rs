@@ -101,6 +101,31 @@ async fn one_long_command(
     call
 }
 
+/// A proxy with a 1 s drain and one route to `backend` with `timeouts`;
+/// one call, and SIGTERM 300 ms into it (the signal's time is the return).
+async fn one_call_then_sigterm(
+    backend: SocketAddr,
+    timeouts: &str,
+) -> (
+    Running,
+    tokio::task::JoinHandle<chaos_tests::CallOutcome>,
+    tempfile::TempDir,
+) {
+    let body = format!(
+        "timeouts:\n  drain: 1s\nroutes:\n  - name: all\n    pool: p\n    timeouts: {{ {timeouts} }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
+    );
+    let (child, addr, dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .call_timeout(Duration::from_secs(30))
+            .run(addr)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, libc::SIGTERM);
+    (child, call, dir)
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -213,19 +238,9 @@ async fn calls_queued_at_sigterm_are_served_with_no_session_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_still_connecting_at_the_deadline_hears_failure() {
     let (_hole, blackholed) = chaos_tests::blackholed_listener();
-    let body = format!(
-        "timeouts:\n  drain: 1s\nroutes:\n  - name: all\n    pool: p\n    timeouts: {{ connect: 20s, budget: 20s }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"{blackholed}\" }}\n"
-    );
-    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
-    let call = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .call_timeout(Duration::from_secs(30))
-            .run(addr)
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut child, call, _dir) =
+        one_call_then_sigterm(blackholed, "connect: 20s, budget: 20s").await;
     let t = Instant::now();
-    signal(&child, libc::SIGTERM);
     let out = call.await.unwrap();
     assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
     assert_eq!(
@@ -302,18 +317,8 @@ async fn a_backend_abandoned_at_the_deadline_is_closed_politely_before_the_exit(
         let mut rest = Vec::new();
         conn.read_to_end(&mut rest).await.map(|_| ())
     });
-    let body = format!(
-        "timeouts:\n  drain: 1s\nroutes:\n  - name: all\n    pool: p\n    timeouts: {{ first_command: 20s, budget: 20s }}\npools:\n  - name: p\n    backends:\n      - {{ address: \"{backend}\" }}\n"
-    );
-    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
-    let call = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .call_timeout(Duration::from_secs(30))
-            .run(addr)
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&child, libc::SIGTERM);
+    let (mut child, call, _dir) =
+        one_call_then_sigterm(backend, "first_command: 20s, budget: 20s").await;
     let out = call.await.unwrap();
     assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
