@@ -42,6 +42,7 @@ pub use model::{
 };
 pub use pattern::{Pattern, PatternError, CONFIG_NFA_BUDGET};
 pub use template::{Template, TemplateContext, TemplatePart};
+pub use validate::{binds_clash, control_takes};
 
 /// Errors reported for one config at most, the first in file order; one more error then
 /// says how many were left out. A config of 300,000 unknown keys once gave 42 MB of errors

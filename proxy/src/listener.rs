@@ -61,13 +61,11 @@ pub enum Held {
 }
 
 impl Held {
+    /// The same rules as `agiproxy check` uses on a config.
     fn overlaps(self, addr: SocketAddr) -> bool {
         match self {
-            Held::Listener(own) => overlaps(own, addr),
-            Held::ControlApi(own) => {
-                overlaps(own, addr)
-                    || (own.ip().is_unspecified() && own.is_ipv6() && own.port() == addr.port())
-            }
+            Held::Listener(own) => agiproxy_config::binds_clash(own, addr),
+            Held::ControlApi(own) => agiproxy_config::control_takes(own, addr),
         }
     }
 }
@@ -98,15 +96,6 @@ fn bind_hint(e: &io::Error, held_by: Option<Held>) -> String {
         }
         _ => String::new(),
     }
-}
-
-/// Whether two listening addresses take the same port: the same port and
-/// family (IPv6 listeners are v6-only), and one address holds the other.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Binds the listeners of `config` not already bound (`kept`, by configured
@@ -438,19 +427,17 @@ mod tests {
             theirs.to_string().ends_with("is another process using it?"),
             "{theirs}"
         );
-        assert!(overlaps(
-            "[::]:5".parse().unwrap(),
-            "[::1]:5".parse().unwrap()
-        ));
-        assert!(!overlaps(
+        let clash = agiproxy_config::binds_clash;
+        assert!(clash("[::]:5".parse().unwrap(), "[::1]:5".parse().unwrap()));
+        assert!(!clash(
             "[::]:5".parse().unwrap(),
             "0.0.0.0:5".parse().unwrap()
         ));
-        assert!(!overlaps(
+        assert!(!clash(
             "127.0.0.1:5".parse().unwrap(),
             "127.0.0.2:5".parse().unwrap()
         ));
-        assert!(!overlaps(
+        assert!(!clash(
             "0.0.0.0:0".parse().unwrap(),
             "127.0.0.1:0".parse().unwrap()
         ));

@@ -187,16 +187,11 @@ fn control_clashes(control: &Control, listeners: &[Listener], errs: &mut Errors)
     let Some(addr) = control.address.filter(|_| control.enabled) else {
         return;
     };
-    // `[::ffff:127.0.0.1]` on the control API's dual-stack socket is
-    // 127.0.0.1 (audit: it passed `check` beside a 127.0.0.1 listener).
     let addr = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
-    // The control API binds `[::]` for both families (listeners bind IPv6
-    // only): it takes the IPv4 port too.
-    let dual = addr.is_ipv6() && addr.ip().is_unspecified();
     if let Some((i, l)) = listeners
         .iter()
         .enumerate()
-        .find(|(_, l)| binds_clash(l.address, addr) || (dual && l.address.port() == addr.port()))
+        .find(|(_, l)| control_takes(addr, l.address))
     {
         errs.push(
             "control.address",
@@ -218,9 +213,22 @@ fn free_port_beside(listeners: &[Listener]) -> u16 {
         .unwrap_or(9090)
 }
 
+/// Whether a listener could not bind `addr` beside the control API on `control`. The control
+/// API's socket takes both families: `[::]` holds the IPv4 port too (listeners bind IPv6
+/// only), and `[::ffff:127.0.0.1]` is 127.0.0.1 (audit: both passed `check`, then failed at
+/// start).
+pub fn control_takes(control: std::net::SocketAddr, addr: std::net::SocketAddr) -> bool {
+    let control = std::net::SocketAddr::new(control.ip().to_canonical(), control.port());
+    binds_clash(control, addr)
+        || (control.is_ipv6()
+            && control.ip().is_unspecified()
+            && control.port() != 0
+            && control.port() == addr.port())
+}
+
 /// Whether binding both addresses would fail: same port, and the same IP or a wildcard of the
 /// same family. Port 0 picks a free port each time, so it never clashes.
-fn binds_clash(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+pub fn binds_clash(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()

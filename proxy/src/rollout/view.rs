@@ -128,8 +128,14 @@ pub fn tick(snap: &Snapshot, route: &str, tick: i64) -> Option<agiproxy_control:
 /// Whether the rollout of `route` reads peers: then it runs on several
 /// replicas, which must all write the same override.
 pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
+    rollout_of(snap, route).is_some_and(|ro| ro.plan.judge.peers != agiproxy_config::Peers::None)
+}
+
+/// The rollout of the route named `route`, if it has one.
+fn rollout_of<'s>(snap: &'s Snapshot, route: &str) -> Option<&'s CompiledRollout> {
     rollouts(snap)
-        .any(|(r, ro)| &*r.name == route && ro.plan.judge.peers != agiproxy_config::Peers::None)
+        .find(|(r, _)| &*r.name == route)
+        .map(|(_, ro)| ro)
 }
 
 /// Whether an override `action` taking effect at `effect_ms` would change
@@ -144,7 +150,7 @@ pub fn override_changes_nothing(
     action: OverrideAction,
     effect_ms: i64,
 ) -> bool {
-    let Some((_, ro)) = rollouts(snap).find(|(r, _)| &*r.name == route) else {
+    let Some(ro) = rollout_of(snap, route) else {
         return false;
     };
     // Final only by an override: a schedule that reached 100 % reads
@@ -165,9 +171,7 @@ pub fn override_changes_nothing(
 /// The `skew` of a route's rollout in `snap`: an override takes effect that
 /// long after its time.
 pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
-    rollouts(snap)
-        .find(|(r, _)| &*r.name == route)
-        .map(|(_, ro)| ro.plan.skew)
+    rollout_of(snap, route).map(|ro| ro.plan.skew)
 }
 
 /// The check, at the swap, that the overrides a change adds to `route` are
