@@ -333,6 +333,25 @@ refused "config.control.address [fd00::1]:9090 and config.listeners[1] (b) addre
     --set 'config.control.address=[fd00::1]:9090' \
     --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
     --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[fd00:0::1]:9090'
+# An IPv4-mapped control address is the IPv4 address (as `agiproxy check`
+# takes it: config's control_takes): its wildcard, or that IP, in any spelling.
+refused "config.control.address [::ffff:0.0.0.0]:9090 and config.listeners[1] (b) address 10.0.0.1:9090 want the same port" \
+    --set 'config.control.address=[::ffff:0.0.0.0]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090'
+refused "config.control.address [::ffff:10.0.0.1]:9090 and config.listeners[1] (b) address 10.0.0.1:9090 want the same port" \
+    --set 'config.control.address=[::ffff:10.0.0.1]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090'
+refused "config.control.address [0:0:0:0:0:FFFF:0A00:0001]:9090 and config.listeners[1] (b) address 0.0.0.0:9090 want the same port" \
+    --set 'config.control.address=[0:0:0:0:0:FFFF:0A00:0001]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=0.0.0.0:9090'
+# ... but another IPv4 address, or a listener's IPv6-only [::], is fine.
+accepted --set 'config.control.address=[::ffff:10.0.0.2]:9090' \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090' \
+    --set 'config.listeners[2].name=c' --set 'config.listeners[2].address=[::]:9090'
 # ... but another IP of the family, or a listener's IPv6-only [::], is fine.
 accepted --set 'config.control.address=10.0.0.2:9090' \
     --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \

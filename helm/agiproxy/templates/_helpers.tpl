@@ -162,17 +162,34 @@ localhost. Empty otherwise. Called with the address.
 "true" when the control API's address and a listener's cannot both be bound:
 the same port, and the same IP or a wildcard of the same family. The control
 API's [::] (bound without IPV6_V6ONLY) takes the port on IPv4 too; a
-listener's [::] is IPv6 only. Empty otherwise. Called with a list: the
-control address, the listener address.
+listener's [::] is IPv6 only. The control address is taken as the binary
+takes it (config's control_takes, to_canonical): an IPv4-mapped
+[::ffff:a.b.c.d] is the IPv4 address a.b.c.d, so [::ffff:0.0.0.0] is IPv4's
+wildcard; a listener's is left IPv6 (binds_clash). IPv4 addresses are
+compared in their mapped spelling (0:0:0:0:0:ffff:a00:1 for 10.0.0.1), the
+one parseAddress gives a mapped address. Empty otherwise. Called with a
+list: the control address, the listener address.
 */}}
 {{- define "agiproxy.controlClashes" -}}
 {{- $c := include "agiproxy.parseAddress" (index . 0) | fromYaml }}
 {{- $l := include "agiproxy.parseAddress" (index . 1) | fromYaml }}
-{{- $any := dict "4" "0.0.0.0" "6" "0:0:0:0:0:0:0:0" }}
+{{- $mapped := "0:0:0:0:0:ffff:" }}
+{{- $cFamily := $c.family }}
+{{- $cIp := $c.ip }}
+{{- if eq $c.family "4" }}
+{{- $cIp = (include "agiproxy.parseAddress" (printf "[::ffff:%s]:0" $c.ip) | fromYaml).ip }}
+{{- else if and (eq $c.family "6") (hasPrefix $mapped $c.ip) }}
+{{- $cFamily = "4" }}
+{{- end }}
+{{- $lIp := $l.ip }}
+{{- if eq $l.family "4" }}
+{{- $lIp = (include "agiproxy.parseAddress" (printf "[::ffff:%s]:0" $l.ip) | fromYaml).ip }}
+{{- end }}
+{{- $any := dict "4" (printf "%s0:0" $mapped) "6" "0:0:0:0:0:0:0:0" }}
 {{- if and (gt (atoi $c.port) 0) (eq (atoi $c.port) (atoi $l.port)) (has $c.family (list "4" "6")) (has $l.family (list "4" "6")) }}
-{{- if eq $c.family $l.family }}
-{{- if or (eq $c.ip $l.ip) (eq $c.ip (get $any $c.family)) (eq $l.ip (get $any $l.family)) }}true{{ end }}
-{{- else if and (eq $c.family "6") (eq $c.ip (get $any "6")) }}true
+{{- if eq $cFamily $l.family }}
+{{- if or (eq $cIp $lIp) (eq $cIp (get $any $cFamily)) (eq $lIp (get $any $l.family)) }}true{{ end }}
+{{- else if and (eq $cFamily "6") (eq $cIp (get $any "6")) }}true
 {{- end }}
 {{- end }}
 {{- end }}
