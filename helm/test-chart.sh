@@ -419,6 +419,10 @@ notes "$work/notes-tls.txt" "${tls[@]}"
 has "$work/notes-tls.txt" "--token-file /etc/agiproxy-token/token --https --ca CA.pem status" \
     "the ctl --https command lacks --ca (ctl exits 2: https needs --ca FILE)"
 hasnt "$work/notes-tls.txt" "Add --ca FILE" "--ca is told as optional"
+# ctl --url https://127.0.0.1 through a port-forward checks the certificate
+# against 127.0.0.1: NOTES offers --server-name with the name --cluster checks.
+has "$work/notes-tls.txt" "--server-name t-agiproxy-headless.telephony.svc.cluster.local" \
+    "the ctl --url https://127.0.0.1 command is not offered --server-name"
 notes "$work/notes-tls-peers.txt" "${tls[@]}" --set config.control.tls.peers.ca=/etc/agiproxy-tls/ca.crt
 has "$work/notes-tls-peers.txt" "--https --ca /etc/agiproxy-tls/ca.crt status" \
     "the ctl command does not use config.control.tls.peers.ca"

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use crate::api::{
@@ -54,6 +55,10 @@ pub struct CtlArgs {
     /// CA certificate (PEM) that signed the control API's certificate.
     #[arg(long, value_name = "FILE", global = true)]
     pub ca: Option<PathBuf>,
+    /// Check the certificate against NAME, a DNS name or an IP, sent as SNI
+    /// and Host too, instead of the host of --url or --cluster (still connected to).
+    #[arg(long, value_name = "NAME", value_parser = parse_server_name, global = true)]
+    pub server_name: Option<String>,
     /// Client certificate (PEM), when the API requires one.
     #[arg(long, value_name = "FILE", requires = "key", global = true)]
     pub cert: Option<PathBuf>,
@@ -80,6 +85,24 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         _ => Err(format!("{s:?}: write e.g. 500ms, 5s")),
     }
+}
+
+/// A DNS name or an IP address, as a certificate carries it (clap names
+/// the option in its error).
+fn parse_server_name(s: &str) -> Result<String, String> {
+    // An IPv6 address as a URL writes it, [::1], is the address.
+    let name = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .filter(|r| r.parse::<std::net::Ipv6Addr>().is_ok())
+        .unwrap_or(s);
+    ServerName::try_from(name)
+        .map(|_| name.to_string())
+        .map_err(|_| {
+            format!(
+                "{s:?} is not a DNS name or an IP address (write e.g. agiproxy.ops.svc or 10.0.0.5)"
+            )
+        })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -275,7 +298,21 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty()),
     };
-    let targets = targets(&args, resolver).await?;
+    let mut targets = targets(&args, resolver).await?;
+    if let Some(name) = &args.server_name {
+        // Only a certificate is checked against it: plain http (or the
+        // control socket) has none, and ignoring it would hide a mistake.
+        if !targets.iter().any(|t| t.https) {
+            return Err(format!(
+                "--server-name {name}: only for https (--url https://HOST:PORT, or --cluster \
+                 with --https): there is no certificate to check"
+            ));
+        }
+        // Every request, to every replica (and the convergence check after a change).
+        for t in &mut targets {
+            t.host = name.clone();
+        }
+    }
     if let CtlCommand::DrainReplica {
         all_replicas: false,
     } = args.command
@@ -809,5 +846,54 @@ mod tests {
             "agiproxy.ops.svc"
         );
         assert_eq!(tls_name("agiproxy.ops.svc:9090"), "agiproxy.ops.svc");
+    }
+
+    #[test]
+    fn server_names_parse() {
+        assert_eq!(parse_server_name("control.test").unwrap(), "control.test");
+        assert_eq!(parse_server_name("10.0.0.5").unwrap(), "10.0.0.5");
+        assert_eq!(parse_server_name("[::1]").unwrap(), "::1");
+        for bad in [
+            "",
+            "-",
+            "a b",
+            "[control.test]",
+            "https://control.test",
+            "control.test:9090",
+        ] {
+            let e = parse_server_name(bad).unwrap_err();
+            assert!(
+                e.contains("not a DNS name or an IP address"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    /// The option's error names it (clap), before any request.
+    #[test]
+    fn a_bad_server_name_is_refused_naming_the_option() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            ctl: CtlArgs,
+        }
+        let e = Cli::try_parse_from([
+            "ctl",
+            "--url",
+            "https://127.0.0.1:9090",
+            "--server-name",
+            "not a name",
+            "status",
+        ])
+        .err()
+        .expect("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("--server-name <NAME>") && text.contains("not a DNS name"),
+            "{text}"
+        );
+        let ok = Cli::try_parse_from(["ctl", "status", "--server-name", "control.test"]).unwrap();
+        assert_eq!(ok.ctl.server_name.as_deref(), Some("control.test"));
     }
 }

@@ -446,3 +446,183 @@ async fn a_listener_on_the_running_control_apis_port_is_refused_naming_it() {
     assert!(said.contains("this replica's own control API"), "{said}");
     assert!(!said.contains("another process"), "{said}");
 }
+
+/// A CA and a server certificate for `name` only (a DNS name, no IP), PEM
+/// files in `dir`: the CA's path, and the `tls:` block that serves the
+/// certificate.
+fn certificate_for(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let write = |file: &str, pem: String| {
+        let p = dir.join(file);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let ca_pem = write("ca.pem", ca.pem());
+    let tls = format!(
+        "tls: {{ cert: {}, key: {} }}",
+        write("server.pem", cert.pem()).display(),
+        write("server.key", key.serialize_pem()).display()
+    );
+    (ca_pem, tls)
+}
+
+/// `ctl --server-name NAME` checks the certificate against NAME (and sends
+/// it as SNI) while connecting to the URL's address: one replica reached at
+/// 127.0.0.1 (as through `kubectl port-forward`) whose certificate carries
+/// only `control.test`, and two behind `--cluster`, where every request of
+/// the fan-out (the reload, then the convergence check) uses it. Without
+/// it, or with another name, the certificate is refused; a name that is not
+/// one, or on plain http, is bad usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_server_name_checks_the_certificate_against_that_name() {
+    use chaos_tests::dns::FakeDns;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-servername-")
+        .tempdir()
+        .unwrap();
+    let (ca, tls) = certificate_for(dir.path(), "control.test");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "server-name-secret\n").unwrap();
+    let ips = ["127.0.0.1", "127.0.0.2"];
+    // One control port free on both addresses.
+    let cport = loop {
+        let p = free_port();
+        if ips
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
+        {
+            break p;
+        }
+    };
+    let mut running = Vec::new();
+    for ip in ips {
+        let control = format!(
+            "control: {{ address: \"{ip}:{cport}\", token_file: {}, {tls} }}",
+            token.display()
+        );
+        running.push(Replica::start(&format!("servername-{ip}"), &control, b.addr()).await);
+    }
+    let url = format!("https://127.0.0.1:{cport}");
+    let ca = ca.to_str().unwrap();
+    let one = |extra: &[&str]| {
+        ctl(&[
+            &["--url", url.as_str(), "--ca", ca, "--output", "json"],
+            extra,
+            &["status"],
+        ]
+        .concat())
+    };
+
+    let out = one(&["--server-name", "control.test"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["replicas"][0]["body"]["generation"], 1, "{status}");
+
+    // The URL's host, 127.0.0.1, or another name: not in the certificate.
+    for (extra, name) in [
+        (&[][..], "127.0.0.1"),
+        (&["--server-name", "other.test"][..], "other.test"),
+    ] {
+        let out = one(extra);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {said}");
+        assert!(
+            said.contains("invalid peer certificate")
+                && said.contains(&format!("not valid for name \\\"{name}\\\"")),
+            "{extra:?}: {said}"
+        );
+    }
+
+    // Every replica behind a name, each request of the fan-out: the reload,
+    // then the status of each for the convergence check. (Each replica's
+    // control block has its own address, so their hashes differ and ctl
+    // reports them as not converged: exit 1 either way.)
+    let dns = FakeDns::start().await;
+    dns.set_addrs("agiproxy.test.", &ips.map(|ip| ip.parse().unwrap()), 5);
+    let cluster = format!("dns:agiproxy.test:{cport}");
+    let dns_server = dns.addr().to_string();
+    let token = token.to_str().unwrap();
+    let fleet = |extra: &[&str]| {
+        let out = ctl(&[
+            &[
+                "--cluster",
+                cluster.as_str(),
+                "--dns-server",
+                dns_server.as_str(),
+                "--https",
+                "--ca",
+                ca,
+                "--token-file",
+                token,
+                "--output",
+                "json",
+                "reload",
+            ],
+            extra,
+        ]
+        .concat());
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc
+    };
+    let doc = fleet(&["--server-name", "control.test"]);
+    let replicas = doc["replicas"].as_array().unwrap();
+    let hashes = doc["hashes"].as_array().unwrap();
+    assert_eq!((replicas.len(), hashes.len()), (2, 2), "{doc}");
+    assert!(replicas.iter().all(|r| r["ok"] == true), "{doc}");
+    assert!(hashes.iter().all(|h| h["hash"].is_string()), "{doc}");
+    // Checked against agiproxy.test, the name of --cluster: every request refused.
+    let doc = fleet(&[]);
+    let replicas = doc["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{doc}");
+    assert!(
+        replicas.iter().all(|r| r["ok"] == false
+            && r["error"]
+                .as_str()
+                .unwrap()
+                .contains("not valid for name \"agiproxy.test\"")),
+        "{doc}"
+    );
+    assert!(
+        doc["hashes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["hash"].is_null()),
+        "{doc}"
+    );
+
+    // Bad usage, before any request.
+    let out = one(&["--server-name", "not a name"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--server-name <NAME>") && said.contains("not a DNS name or an IP address"),
+        "{said}"
+    );
+    let out = ctl(&[
+        "--url",
+        &format!("http://127.0.0.1:{cport}"),
+        "--server-name",
+        "control.test",
+        "status",
+    ]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--server-name control.test: only for https"),
+        "{said}"
+    );
+    for r in &mut running {
+        assert!(r.running(), "{}", r.log());
+    }
+}
