@@ -575,3 +575,135 @@ async fn a_retired_configs_lookups_end_with_it() {
         "{before} sockets before 40 reloads, {after} after"
     );
 }
+
+/// A reload that keeps a name with the same `dns` settings asks nothing: the
+/// name's lookup goes on with its answer and its TTL's schedule (audit: 20
+/// reloads, 40 queries for one name; a rollout steps its weights by reloads,
+/// and every replica asked for every name at each step). A reload that
+/// changes the settings or the name asks at once. The pool serves its
+/// members throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_keeps_a_name_asks_nothing_and_one_that_changes_it_asks_at_once() {
+    let backends = three_on_one_port(Behaviour::script(&["NOOP"])).await;
+    let port = backends[0].addr().port();
+    let dns = FakeDns::start().await;
+    // A long TTL: the next lookup is due after max_ttl (10 s), beyond the test.
+    dns.set_addrs("x.test", &ips(&[1, 2]), 60);
+    dns.set_addrs("y.test", &ips(&[3]), 60);
+    let body = |name: &str, min_ttl: &str, weight: u32| {
+        format!(
+            "dns: {{ nameservers: [\"{}\"], min_ttl: {min_ttl}, max_ttl: 10s, timeout: 500ms }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{name}:{port}\", weight: {weight} }}\n",
+            dns.addr()
+        )
+    };
+    let text = |name: &str, min_ttl: &str, weight: u32| {
+        format!(
+            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{}",
+            body(name, min_ttl, weight)
+        )
+    };
+    let p = proxy(&body("x.test", "200ms", 1)).await;
+    let want: BTreeSet<SocketAddr> = [backends[0].addr(), backends[1].addr()].into();
+    wait_members(&p, &want, Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let initial = dns.queries();
+    assert!(initial <= 2, "{initial} queries for one name's A and AAAA");
+
+    // 20 reloads that keep the name and its settings, as a rollout's steps
+    // (here a weight) do.
+    for weight in 2..=21 {
+        p.server
+            .apply(&text("x.test", "200ms", weight), "test", false, None)
+            .await
+            .expect("the reload applies");
+        assert_eq!(members(&p), want, "a reload emptied the pool");
+        let out = caller("x", &format!("1.{weight}")).run(p.addr).await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        dns.queries(),
+        initial,
+        "20 reloads that kept the name asked for it again"
+    );
+    let state = p.server.snapshot().pool("p").unwrap().snapshot_state();
+    assert!(state.iter().all(|s| s.weight == 21), "{state:?}");
+    let d = p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    assert_eq!((d.lookups, d.failures), (1, 0), "{d:?}");
+    assert_eq!(d.ttl, Duration::from_secs(10));
+
+    // Other `dns` settings: asked at once, the set kept meanwhile.
+    p.server
+        .apply(&text("x.test", "300ms", 21), "test", false, None)
+        .await
+        .unwrap();
+    assert_eq!(members(&p), want);
+    let started = Instant::now();
+    while dns.queries() < initial + 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "new settings, and the name was not asked again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(members(&p), want);
+
+    // Another name: asked at once, well before any TTL.
+    p.server
+        .apply(&text("y.test", "300ms", 21), "test", false, None)
+        .await
+        .unwrap();
+    wait_members(&p, &[backends[2].addr()].into(), Duration::from_secs(2)).await;
+}
+
+/// A name failing keeps its backoff across reloads that keep it: reloads
+/// do not turn into retries (each asked at once before), and the last good
+/// set stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_keeps_a_failing_name_keeps_its_backoff() {
+    let backends = three_on_one_port(Behaviour::script(&["NOOP"])).await;
+    let port = backends[0].addr().port();
+    let dns = FakeDns::start().await;
+    dns.set_addrs("x.test", &ips(&[1, 2]), TTL);
+    // A failure is retried after min_ttl: 3 s.
+    let body = |n: usize| {
+        format!(
+            "# reload {n}\ndns: {{ nameservers: [\"{}\"], min_ttl: 3s, max_ttl: 10s, timeout: 500ms }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"x.test:{port}\" }}\n",
+            dns.addr()
+        )
+    };
+    let p = proxy(&body(0)).await;
+    let want: BTreeSet<SocketAddr> = [backends[0].addr(), backends[1].addr()].into();
+    wait_members(&p, &want, Duration::from_secs(3)).await;
+    dns.set_servfail_for("x.test", true);
+    let status = |p: &Proxy| p.server.snapshot().pool("p").unwrap().status().discovery[0].clone();
+    let started = Instant::now();
+    while status(&p).failures == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no failure");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failed = Instant::now();
+    let queries = dns.queries();
+    for n in 1..=20 {
+        let text = format!(
+            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{}",
+            body(n)
+        );
+        p.server.apply(&text, "test", false, None).await.unwrap();
+        assert_eq!(members(&p), want);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        failed.elapsed() < Duration::from_millis(2500),
+        "too slow to tell: {:?}",
+        failed.elapsed()
+    );
+    assert_eq!(
+        dns.queries(),
+        queries,
+        "the reloads retried the failing name"
+    );
+    let d = status(&p);
+    assert_eq!(d.failures, 1, "{d:?}");
+    assert_eq!(members(&p), want);
+}

@@ -151,11 +151,9 @@ impl Snapshot {
             } else {
                 unchecked.push(shared.clone());
             }
-            for (i, b) in pool.config().backends.iter().enumerate() {
-                if b.target.static_addr().is_none() {
-                    rt.spawn(discovery::follow(shared.clone(), i));
-                }
-            }
+            // Only for names without a lookup running: a reload that keeps
+            // a name hands its lookup over (see `PoolState::activate`).
+            discovery::start(shared, rt);
         }
         if let (false, Ok(rt)) = (unchecked.is_empty(), &rt) {
             rt.spawn(health::watch_unchecked(unchecked));

@@ -14,10 +14,16 @@
 //! doubling up to `max_ttl`). A change replaces the pool's member set: new
 //! addresses join (and slow-start), removed ones take no new sessions while
 //! the sessions they hold run to their end.
+//!
+//! A name's lookup task belongs to the pool, not to one config: a reload
+//! that keeps the name with the same `dns` settings hands it over (see
+//! [`hand_over`]), so a reload asks nothing. A name that is new or resolved
+//! differently is asked at once; a dropped one is forgotten.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use agiproxy_config::{BackendTarget, Dns, Pool};
@@ -28,9 +34,10 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, Record};
 use hickory_resolver::{Resolver, TokioResolver};
+use tokio_util::sync::CancellationToken;
 
 use super::clock::lock;
-use super::live::{key, Found};
+use super::live::{key, Follower, Found, PoolLive};
 use super::state::PoolShared;
 
 /// Builds the resolver `dns` describes: the system's configuration
@@ -76,30 +83,136 @@ pub fn resolver(dns: &Dns) -> Result<TokioResolver, String> {
         .map_err(|e| format!("cannot build a resolver: {e}"))
 }
 
-/// Follows one DNS entry of a pool (`pool.config.backends[index]`) until the
-/// pool's snapshot retires.
-pub(crate) async fn follow(pool: Arc<PoolShared>, index: usize) {
-    let target = pool.config.backends[index].target.clone();
-    let k = key(&target);
-    let dns = pool.config.dns.clone();
+/// Makes `pool`, whose config was just activated, the one its DNS names
+/// work for: a changed answer rebuilds its member set from now on.
+///
+/// A name this config keeps with the same `dns` settings keeps its lookup
+/// task, handed over as it is: its lookup in flight, its next lookup when
+/// the answer's TTL runs out, its backoff. (A task per config asked every
+/// name again at every reload, and a rollout steps its weights by reloads.
+/// Handing the one task over, rather than starting another that resumes a
+/// stored schedule, leaves no moment with two lookups of a name and nothing
+/// to re-derive.) The tasks of names dropped or resolved differently end,
+/// and the answers of dropped names go, under the lock a task records
+/// under: nothing of theirs lands after this. [`start`] then starts the
+/// tasks this config lacks.
+///
+/// Returns [`PoolLive::answers_changed`]: a change recorded after the pool
+/// was built went to the config running then, and the caller rebuilds.
+pub(crate) fn hand_over(pool: &Arc<PoolShared>) -> u64 {
+    let names: HashSet<String> = dns_names(&pool.config).map(key).collect();
+    let mut followers = lock(&pool.live.followers);
+    followers.current = Arc::downgrade(pool);
+    let mut map = lock(&pool.live.discovery);
+    followers.by_name.retain(|k, f| {
+        let keep = names.contains(k) && f.dns == pool.config.dns;
+        if !keep {
+            f.cancel.cancel();
+        }
+        keep
+    });
+    // The DNS answers of names this config no longer follows go: kept,
+    // they piled up with every name a pool ever had, and a name coming
+    // back brought its old answer back at once instead of contributing
+    // nothing until it answers again (audit).
+    map.retain(|k, _| names.contains(k));
+    pool.live.answers_changed.load(Ordering::Relaxed)
+}
+
+/// Starts a lookup task ([`follow`]) for each DNS name of `pool` that has
+/// none: a new name, new settings, the first config. Only for the config
+/// [`hand_over`] made current.
+pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
+    let mut followers = lock(&pool.live.followers);
+    if !std::ptr::eq(followers.current.as_ptr(), Arc::as_ptr(pool)) {
+        return;
+    }
+    for target in dns_names(&pool.config) {
+        let k = key(target);
+        if followers.by_name.contains_key(&k) {
+            continue;
+        }
+        let cancel = CancellationToken::new();
+        followers.by_name.insert(
+            k.clone(),
+            Follower {
+                dns: pool.config.dns.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        rt.spawn(follow(Followed {
+            live: pool.live.clone(),
+            pool: pool.name.clone(),
+            target: target.clone(),
+            key: k,
+            dns: pool.config.dns.clone(),
+            cancel,
+        }));
+    }
+}
+
+/// Ends the pool's lookup tasks if `pool` is the config they work for (the
+/// pool is gone from the running config, or the process stops); once a
+/// newer config has taken them over, nothing.
+pub(crate) fn stop(pool: &Arc<PoolShared>) {
+    let mut followers = lock(&pool.live.followers);
+    if !std::ptr::eq(followers.current.as_ptr(), Arc::as_ptr(pool)) {
+        return;
+    }
+    for f in followers.by_name.values() {
+        f.cancel.cancel();
+    }
+    followers.by_name.clear();
+    followers.current = Weak::new();
+}
+
+/// The DNS entries of a pool's config.
+fn dns_names(pool: &Pool) -> impl Iterator<Item = &BackendTarget> {
+    pool.backends
+        .iter()
+        .map(|b| &b.target)
+        .filter(|t| t.static_addr().is_none())
+}
+
+/// What one lookup task follows.
+struct Followed {
+    live: Arc<PoolLive>,
+    /// The pool's, for logs.
+    pool: String,
+    target: BackendTarget,
+    key: String,
+    dns: Dns,
+    cancel: CancellationToken,
+}
+
+/// Follows one DNS name of a pool until it is cancelled (see [`hand_over`],
+/// [`stop`]).
+async fn follow(name: Followed) {
+    let Followed {
+        live,
+        target,
+        dns,
+        cancel,
+        ..
+    } = &name;
     let mut resolver: Option<TokioResolver> = None;
     let mut first = true;
     loop {
-        if pool.cancel.is_cancelled() {
+        if cancel.is_cancelled() {
             return;
         }
         // What the last good answer held: a family failing now that held
         // addresses then fails the lookup (the set stays).
-        let known = lock(&pool.live.discovery)
-            .get(&k)
+        let known = lock(&live.discovery)
+            .get(&name.key)
             .map(|d| Families::of(&d.found))
             .unwrap_or_default();
         let lookup = async {
             match &resolver {
-                Some(r) => lookup_known(r, &target, &dns, known).await,
-                None => match self::resolver(&dns) {
+                Some(r) => lookup_known(r, target, dns, known).await,
+                None => match self::resolver(dns) {
                     Ok(r) => {
-                        let out = lookup_known(&r, &target, &dns, known).await;
+                        let out = lookup_known(&r, target, dns, known).await;
                         resolver = Some(r);
                         out
                     }
@@ -107,27 +220,33 @@ pub(crate) async fn follow(pool: Arc<PoolShared>, index: usize) {
                 },
             }
         };
-        // A retired snapshot's lookup ends with it: left to its timeout, a
-        // storm of reloads held thousands of sockets (audit).
+        // A lookup of a name a reload dropped ends with it: left to its
+        // timeout, a storm of reloads held thousands of sockets (audit).
         let result = tokio::select! {
-            _ = pool.cancel.cancelled() => return,
+            _ = cancel.cancelled() => return,
             r = lookup => r,
         };
-        if pool.cancel.is_cancelled() {
-            return;
-        }
         let wait = match result {
             Ok((found, ttl)) => {
                 let wait = ttl.clamp(dns.min_ttl, dns.max_ttl);
-                let changed = record_success(&pool, &k, found, wait);
+                let Some(changed) = record_success(&name, found, wait) else {
+                    return;
+                };
                 if changed || first {
-                    pool.rebuild_members();
+                    // The config running now: once a reload has taken
+                    // this task over, that one's.
+                    let current = lock(&live.followers).current.upgrade();
+                    if let Some(pool) = current {
+                        pool.rebuild_members();
+                    }
                 }
                 first = false;
                 wait
             }
             Err(error) => {
-                let failing = record_failure(&pool, &k, &target, error);
+                let Some(failing) = record_failure(&name, error) else {
+                    return;
+                };
                 // min_ttl, doubling with each failure in a row, up to max_ttl.
                 dns.min_ttl
                     .saturating_mul(1 << failing.saturating_sub(1).min(16))
@@ -136,15 +255,20 @@ pub(crate) async fn follow(pool: Arc<PoolShared>, index: usize) {
             }
         };
         tokio::select! {
-            _ = pool.cancel.cancelled() => return,
+            _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
     }
 }
 
-/// Stores a good answer; true when the set changed.
-fn record_success(pool: &PoolShared, k: &str, mut found: Vec<Found>, ttl: Duration) -> bool {
-    let mut map = lock(&pool.live.discovery);
+/// Stores a good answer; whether the set changed, None when the task was
+/// ended meanwhile (its name may be dropped: no answer of it comes back).
+fn record_success(name: &Followed, mut found: Vec<Found>, ttl: Duration) -> Option<bool> {
+    let mut map = lock(&name.live.discovery);
+    if name.cancel.is_cancelled() {
+        return None;
+    }
+    let k = name.key.as_str();
     let d = map.entry(k.to_string()).or_default();
     let first = d.last_success.is_none();
     let before: HashSet<SocketAddr> = d.found.iter().map(|f| f.addr).collect();
@@ -163,7 +287,7 @@ fn record_success(pool: &PoolShared, k: &str, mut found: Vec<Found>, ttl: Durati
         let added = some_of(after.difference(&before));
         let removed = some_of(before.difference(&after));
         tracing::info!(
-            pool = %pool.name,
+            pool = %name.pool,
             name = k,
             backends = found.len(),
             added = %added,
@@ -172,12 +296,13 @@ fn record_success(pool: &PoolShared, k: &str, mut found: Vec<Found>, ttl: Durati
             "DNS answer changed the backend set"
         );
         d.found = found;
+        name.live.answers_changed.fetch_add(1, Ordering::Relaxed);
     }
     d.last_success = Some(SystemTime::now());
     d.ttl = ttl;
     d.lookups += 1;
     d.failing = 0;
-    changed
+    Some(changed)
 }
 
 /// The first addresses of a change, and how many more: a log line stays a
@@ -203,18 +328,21 @@ fn some_of<'a>(addrs: impl Iterator<Item = &'a SocketAddr>) -> String {
 }
 
 /// Counts a failed or empty lookup; the last good set stays. Returns the
-/// failures in a row.
-fn record_failure(pool: &PoolShared, k: &str, target: &BackendTarget, error: String) -> u32 {
-    let mut map = lock(&pool.live.discovery);
-    let d = map.entry(k.to_string()).or_default();
+/// failures in a row, None when the task was ended meanwhile.
+fn record_failure(name: &Followed, error: String) -> Option<u32> {
+    let mut map = lock(&name.live.discovery);
+    if name.cancel.is_cancelled() {
+        return None;
+    }
+    let d = map.entry(name.key.clone()).or_default();
     d.lookups += 1;
     d.failures += 1;
     d.failing += 1;
     let failing = d.failing;
     if failing == 1 || failing.is_multiple_of(10) {
         tracing::warn!(
-            pool = %pool.name,
-            name = %target,
+            pool = %name.pool,
+            name = %name.target,
             error = %error,
             failures_in_a_row = failing,
             kept = d.found.len(),
@@ -222,7 +350,7 @@ fn record_failure(pool: &PoolShared, k: &str, target: &BackendTarget, error: Str
         );
     }
     d.last_error = Some(error);
-    failing
+    Some(failing)
 }
 
 /// The address families a name's last good answer held.

@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use agiproxy_config::{BackendTarget, HealthCheck};
+use agiproxy_config::{BackendTarget, Dns, HealthCheck};
+use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendLive;
 use super::hash::stable_hash;
+use super::state::PoolShared;
 
 /// One address of a DNS name's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +56,28 @@ pub(crate) fn key(target: &BackendTarget) -> String {
     }
 }
 
+/// The lookup task of one DNS name (`discovery::follow`): it
+/// belongs to the pool, not to one config, so that a reload that keeps the
+/// name with the same `dns` settings hands it over as it is (its lookup in
+/// flight, its schedule, its backoff) rather than asking again.
+#[derive(Debug)]
+pub(crate) struct Follower {
+    /// The settings it resolves with; the name and its kind are the key.
+    pub dns: Dns,
+    /// Ends it: at the activation of a config that drops the name or
+    /// changes its settings, or when the pool goes.
+    pub cancel: CancellationToken,
+}
+
+/// A pool's DNS lookup tasks and the config they work for.
+#[derive(Debug, Default)]
+pub(crate) struct Followers {
+    /// The pool of the running config: where a changed answer is applied.
+    pub current: Weak<PoolShared>,
+    /// By [`key`].
+    pub by_name: HashMap<String, Follower>,
+}
+
 /// Loud pool warnings (panic, no healthy backend) at most this often.
 const WARN_EVERY_MS: u64 = 10_000;
 
@@ -71,6 +95,12 @@ pub struct PoolLive {
     pub(super) registry: Mutex<HashMap<SocketAddr, Weak<BackendLive>>>,
     /// The last good DNS answer of each name, keyed by [`discovery::key`].
     pub(crate) discovery: Mutex<HashMap<String, Discovered>>,
+    /// Changes of a DNS answer so far (counted under the `discovery`
+    /// lock): a pool built before one is rebuilt when activated.
+    pub(crate) answers_changed: AtomicU64,
+    /// The running lookup of each name. Locked before `discovery` when
+    /// both are.
+    pub(crate) followers: Mutex<Followers>,
     /// Serialises member-set rebuilds.
     pub(super) rebuild: Mutex<()>,
     /// The current [`super::backend::CheckEpoch`]: one more at each

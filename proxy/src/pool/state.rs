@@ -87,6 +87,8 @@ pub struct PoolState {
     pub live: Arc<PoolLive>,
     pub(super) shared: Arc<PoolShared>,
     pub(super) activated: AtomicBool,
+    /// [`PoolLive::answers_changed`] when the member set was built.
+    answers_seen: u64,
 }
 
 impl PoolState {
@@ -96,6 +98,9 @@ impl PoolState {
     pub fn new(pool: &Pool, previous: Option<&PoolState>) -> PoolState {
         let live: Arc<PoolLive> = previous.map_or_else(Default::default, |p| p.live.clone());
         let prev_members = previous.map(|p| p.members());
+        // Before the build reads the answers: one that changes meanwhile
+        // makes `activate` rebuild (needlessly at worst).
+        let answers_seen = live.answers_changed.load(Ordering::Relaxed);
         // Building changes nothing that a running pool uses: a snapshot that
         // is built but never runs (a dry run, a refused reload) leaves no
         // trace. `activate` applies this config to the carried state.
@@ -116,6 +121,7 @@ impl PoolState {
             live,
             shared,
             activated: AtomicBool::new(false),
+            answers_seen,
         }
     }
 
@@ -124,24 +130,19 @@ impl PoolState {
     /// gone; results of the previous config's checks dropped from now on
     /// when this one changes them, see [`CheckEpoch`]). True the first time
     /// only: the caller then starts the pool's background work
-    /// ([`super::health::supervise`] and one [`super::discovery::follow`]
-    /// per DNS name) with [`PoolState::shared`].
+    /// ([`super::health::supervise`], and [`super::discovery::start`] for
+    /// the DNS names without a lookup running) with [`PoolState::shared`].
     pub fn activate(&self) -> bool {
         if self.activated.swap(true, Ordering::Relaxed) {
             return false;
         }
         let config = &self.shared.config;
-        // The DNS answers of names this config no longer follows go: kept,
-        // they piled up with every name a pool ever had, and a name coming
-        // back brought its old answer back at once instead of contributing
-        // nothing until it answers again (audit).
-        let names: std::collections::HashSet<String> = config
-            .backends
-            .iter()
-            .filter(|b| !matches!(b.target, agiproxy_config::BackendTarget::Static(_)))
-            .map(|b| super::live::key(&b.target))
-            .collect();
-        lock(&self.live.discovery).retain(|k, _| names.contains(k));
+        // The DNS names' lookups: those this config keeps go on, the others
+        // end. An answer that changed since this pool was built was applied
+        // to the config then running: apply it here too.
+        if super::discovery::hand_over(&self.shared) != self.answers_seen {
+            self.shared.rebuild_members();
+        }
         let epoch = {
             let mut checks = lock(&self.live.epoch_checks);
             let current = self.live.check_epoch.load(Ordering::Relaxed);
@@ -186,6 +187,8 @@ impl PoolState {
     /// flight still end politely.
     pub fn retire(&self) {
         self.shared.cancel.cancel();
+        // Its DNS lookups, unless a newer config has taken them over.
+        super::discovery::stop(&self.shared);
     }
 
     /// The pool's config.
@@ -479,7 +482,7 @@ impl PoolState {
 impl Drop for PoolState {
     fn drop(&mut self) {
         // A snapshot dropped without being retired must not leave tasks behind.
-        self.shared.cancel.cancel();
+        self.retire();
     }
 }
 

@@ -734,3 +734,92 @@ fn passive_ejection_alone_never_empties_a_pool() {
     fail(&two, 0);
     assert_eq!(order(&two, &h).unwrap(), vec![0]);
 }
+
+/// A reload hands the lookup of a name it keeps with the same settings over
+/// to the new config; a name dropped or resolved differently ends its
+/// lookup; only the config the lookups work for ends them when it retires.
+/// An answer that changed between a pool's build and its activation (the
+/// lookup then applied it to the config running) is in its member set.
+#[test]
+fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
+    use super::live::{key, Discovered, Follower, Found};
+    let by_name = |name: &str, min_ttl: &str| {
+        let text = format!(
+            "version: 1\npools:\n  - name: p\n    dns: {{ nameservers: [\"127.0.0.1:9\"], min_ttl: {min_ttl} }}\n    backends:\n      - {{ address: \"{name}:7002\" }}\n"
+        );
+        agiproxy_config::from_yaml_str(&text)
+            .unwrap()
+            .pools
+            .remove(0)
+    };
+    // What `discovery::start` does, without a runtime to run the lookup on.
+    let follow = |p: &PoolState| {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let k = key(&p.config().backends[0].target);
+        let dns = p.config().dns.clone();
+        let mut followers = p.live.followers.lock().unwrap();
+        assert!(std::ptr::eq(
+            followers.current.as_ptr(),
+            Arc::as_ptr(p.shared())
+        ));
+        followers.by_name.insert(
+            k,
+            Follower {
+                dns,
+                cancel: cancel.clone(),
+            },
+        );
+        cancel
+    };
+    let a = PoolState::new(&by_name("x.test", "1s"), None);
+    assert!(a.activate());
+    let first = follow(&a);
+
+    // Built while `a` runs; then x.test's lookup records a new answer.
+    let b = PoolState::new(&by_name("X.test.", "1s"), Some(&a));
+    let answer = Discovered {
+        found: vec![Found {
+            addr: "127.0.0.1:7002".parse().unwrap(),
+            weight: None,
+            tier: 0,
+            new: false,
+        }],
+        ..Discovered::default()
+    };
+    {
+        let mut map = a.live.discovery.lock().unwrap();
+        map.insert(key(&a.config().backends[0].target), answer);
+        a.live.answers_changed.fetch_add(1, Ordering::Relaxed);
+    }
+    a.shared().rebuild_members();
+    assert!(b.members().backends.is_empty());
+    assert!(b.activate());
+    assert_eq!(b.members().backends.len(), 1, "the new answer is applied");
+    a.retire();
+    drop(a);
+    assert!(
+        !first.is_cancelled(),
+        "the same name and settings: handed over"
+    );
+    assert_eq!(b.live.followers.lock().unwrap().by_name.len(), 1);
+
+    // Other settings: the lookup ends (a new one starts), the answer stays.
+    let c = PoolState::new(&by_name("x.test", "2s"), Some(&b));
+    assert!(c.activate());
+    assert!(first.is_cancelled());
+    assert!(c.live.followers.lock().unwrap().by_name.is_empty());
+    assert_eq!(c.members().backends.len(), 1);
+    b.retire();
+    let second = follow(&c);
+
+    // Another name: the lookup ends and the answer goes.
+    let d = PoolState::new(&by_name("y.test", "2s"), Some(&c));
+    assert!(d.activate());
+    assert!(second.is_cancelled());
+    assert!(d.live.discovery.lock().unwrap().is_empty());
+    c.retire();
+    let third = follow(&d);
+    // The pool goes (no newer config took the lookups over).
+    drop(d);
+    assert!(third.is_cancelled());
+}
