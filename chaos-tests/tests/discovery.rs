@@ -537,6 +537,8 @@ async fn a_name_dropped_by_a_reload_leaves_no_answer_behind() {
 /// A retired config's DNS lookups end with it: left to their timeout, a
 /// storm of reloads against a nameserver that does not answer held a
 /// socket each (audit: 7,447 descriptors at 700 reloads a second).
+/// Each reload here changes the `dns` settings (the timeout), so that its
+/// lookup is not handed over but ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_configs_lookups_end_with_it() {
     let dns = FakeDns::start().await;
@@ -544,8 +546,9 @@ async fn a_retired_configs_lookups_end_with_it() {
     dns.set_silent_for_kind(chaos_tests::RecordType::AAAA, true);
     let body = |n: usize| {
         format!(
-            "# reload {n}\ndns: {{ nameservers: [\"{}\"], min_ttl: 200ms, max_ttl: 10s, timeout: 10s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"silent.test:4573\" }}\n",
-            dns.addr()
+            "# reload {n}\ndns: {{ nameservers: [\"{}\"], min_ttl: 200ms, max_ttl: 10s, timeout: {}s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"silent.test:4573\" }}\n",
+            dns.addr(),
+            10 + n
         )
     };
     let sockets = || {
