@@ -13,9 +13,10 @@
 #   - the values schema: misspelt or mistyped values fail `helm template`
 #     with the schema's message;
 #   - configs the pods could not run with (a listener or the control API on
-#     loopback, the control API and a listener on one port, a control socket
-#     where no writable directory can be mounted) fail `helm template` with
-#     the chart's message;
+#     loopback, the control API and a listener or two listeners on one port,
+#     an IPv4 control API with IPv6 in ipFamilies, a control socket where no
+#     writable directory can be mounted) fail `helm template` with the
+#     chart's message;
 #   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
@@ -357,6 +358,38 @@ accepted --set 'config.control.address=10.0.0.2:9090' \
     --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573' \
     --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=10.0.0.1:9090' \
     --set 'config.listeners[2].name=c' --set 'config.listeners[2].address=[::]:9090'
+# Two listeners on one port, the same IP or a wildcard of the family (as
+# `agiproxy check`: config's binds_clash): the second cannot bind.
+listeners() { # ADDRESS...: into ls, the --set arguments for listeners a, b, c, ... on them
+    ls=()
+    local names=(a b c d e) i=0 address
+    for address in "$@"; do
+        ls+=(--set "config.listeners[$i].name=${names[i]}" --set "config.listeners[$i].address=$address")
+        i=$((i + 1))
+    done
+}
+listeners 0.0.0.0:4573 10.0.0.1:4573
+refused "config.listeners[0] (a) address 0.0.0.0:4573 and config.listeners[1] (b) address 10.0.0.1:4573 want the same port" "${ls[@]}"
+listeners 0.0.0.0:4574 10.0.0.1:4573 10.0.0.1:4573
+refused "config.listeners[1] (b) address 10.0.0.1:4573 and config.listeners[2] (c) address 10.0.0.1:4573 want the same port" "${ls[@]}"
+listeners '[::]:4573' '[fd00::1]:4573'
+refused "config.listeners[0] (a) address [::]:4573 and config.listeners[1] (b) address [fd00::1]:4573 want the same port" "${ls[@]}"
+listeners '[fd00::1]:4573' '[FD00:0::0001]:4573'
+refused "config.listeners[0] (a) address [fd00::1]:4573 and config.listeners[1] (b) address [FD00:0::0001]:4573 want the same port" "${ls[@]}"
+listeners '[::]:4573' '[::ffff:10.0.0.1]:4573'
+refused "config.listeners[0] (a) address [::]:4573 and config.listeners[1] (b) address [::ffff:10.0.0.1]:4573 want the same port" "${ls[@]}"
+# ... but a listener's [::] is IPv6 only, and other IPs or ports are fine;
+# port 0 picks a free port each time.
+listeners 0.0.0.0:4573 '[::]:4573'
+accepted "${ls[@]}"
+listeners 10.0.0.1:4573 10.0.0.2:4573
+accepted "${ls[@]}"
+listeners '[fd00::1]:4573' '[fd00::2]:4573'
+accepted "${ls[@]}"
+listeners 0.0.0.0:4573 10.0.0.1:4574
+accepted "${ls[@]}"
+listeners 0.0.0.0:4573 10.0.0.1:0 10.0.0.1:0
+accepted "${ls[@]}"
 # A control socket where the chart cannot mount a writable directory for it.
 refused "config.control.socket /agiproxy.sock is directly under /" --set config.control.socket=/agiproxy.sock
 refused "writable emptyDir at the socket's directory /etc/agiproxy, which would clash" \
@@ -373,6 +406,14 @@ refused "ipFamilies has IPv6, but no listener in config.listeners on ports.agi (
     --set 'ipFamilies={IPv4,IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=0.0.0.0:4573'
 refused "config.control.address 0.0.0.0:9090 is IPv4, but ipFamilies has IPv6" \
     --set 'ipFamilies={IPv6}' --set config.control.address=0.0.0.0:9090
+# An IPv4-mapped control address binds IPv4 only (config's control_takes).
+refused "config.control.address [::ffff:0.0.0.0]:9090 is IPv4 (IPv4-mapped: agiproxy binds it as IPv4 only), but ipFamilies has IPv6" \
+    --set 'ipFamilies={IPv6}' --set 'config.control.address=[::ffff:0.0.0.0]:9090'
+refused "config.control.address [::FFFF:10.0.0.1]:9090 is IPv4 (IPv4-mapped" \
+    --set 'ipFamilies={IPv4,IPv6}' --set 'config.control.address=[::FFFF:10.0.0.1]:9090'
+# ... but [::0.0.0.0] is [::], and fd00::ffff:a00:1 is IPv6.
+accepted --set 'ipFamilies={IPv6}' --set 'config.control.address=[::0.0.0.0]:9090'
+accepted --set 'ipFamilies={IPv4,IPv6}' --set 'config.control.address=[fd00::ffff:a00:1]:9090'
 refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
 accepted --set 'ipFamilies={IPv4,IPv6}'
 accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'

@@ -159,38 +159,58 @@ localhost. Empty otherwise. Called with the address.
 {{- end }}
 
 {{/*
-"true" when the control API's address and a listener's cannot both be bound:
-the same port, and the same IP or a wildcard of the same family. The control
-API's [::] (bound without IPV6_V6ONLY) takes the port on IPv4 too; a
-listener's [::] is IPv6 only. The control address is taken as the binary
-takes it (config's control_takes, to_canonical): an IPv4-mapped
-[::ffff:a.b.c.d] is the IPv4 address a.b.c.d, so [::ffff:0.0.0.0] is IPv4's
-wildcard; a listener's is left IPv6 (binds_clash). IPv4 addresses are
-compared in their mapped spelling (0:0:0:0:0:ffff:a00:1 for 10.0.0.1), the
-one parseAddress gives a mapped address. Empty otherwise. Called with a
-list: the control address, the listener address.
+An "ip:port" address as a socket binds it (as YAML; callers fromYaml it):
+family ("4", "6", or "name" for anything else), key (the IP in one spelling
+across both families, IPv4's the mapped one parseAddress gives
+[::ffff:a.b.c.d]: 0:0:0:0:0:ffff:a00:1 for 10.0.0.1), port (a string, "0"
+when missing) and any (true for the family's wildcard: 0.0.0.0, or [::]
+itself). Called with a list: the address, and whether it is taken as the
+binary takes the control API's (config's control_takes, to_canonical): then
+an IPv4-mapped [::ffff:a.b.c.d] is the IPv4 address a.b.c.d, and
+[::ffff:0.0.0.0] IPv4's wildcard. A listener's mapped address is left IPv6,
+not the wildcard (binds_clash).
+*/}}
+{{- define "agiproxy.bindAddress" -}}
+{{- $a := include "agiproxy.parseAddress" (index . 0) | fromYaml }}
+{{- $mapped := "0:0:0:0:0:ffff:" }}
+{{- $family := $a.family }}
+{{- $key := $a.ip }}
+{{- if eq $a.family "4" }}
+{{- $key = (include "agiproxy.parseAddress" (printf "[::ffff:%s]:0" $a.ip) | fromYaml).ip }}
+{{- else if and (eq $a.family "6") (index . 1) (hasPrefix $mapped $a.ip) }}
+{{- $family = "4" }}
+{{- end }}
+{{- $any := or (and (eq $family "4") (eq $key (printf "%s0:0" $mapped))) (and (eq $family "6") (eq $key "0:0:0:0:0:0:0:0")) }}
+{{- toYaml (dict "family" $family "key" $key "port" (printf "%d" (atoi $a.port)) "any" $any) }}
+{{- end }}
+
+{{/*
+"true" when two addresses (bindAddress's) cannot both be bound, as config's
+binds_clash: the same port (not 0, which picks a free one each time), the
+same family, and the same IP or a wildcard of that family. A listener's [::]
+is IPv6 only: [::]:4573 beside 0.0.0.0:4573 is fine. Empty otherwise.
+Called with a list of the two.
+*/}}
+{{- define "agiproxy.bindsClash" -}}
+{{- $a := index . 0 }}
+{{- $b := index . 1 }}
+{{- if and (ne $a.port "0") (eq $a.port $b.port) (eq $a.family $b.family) (has $a.family (list "4" "6")) }}
+{{- if or (eq $a.key $b.key) $a.any $b.any }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the control API's address and a listener's cannot both be bound,
+as config's control_takes: the control address taken as the binary takes it
+(bindAddress: [::ffff:a.b.c.d] is a.b.c.d), then binds_clash; and the control
+API's [::] (bound without IPV6_V6ONLY) takes the port on IPv4 too. Empty
+otherwise. Called with a list: the control address, the listener address.
 */}}
 {{- define "agiproxy.controlClashes" -}}
-{{- $c := include "agiproxy.parseAddress" (index . 0) | fromYaml }}
-{{- $l := include "agiproxy.parseAddress" (index . 1) | fromYaml }}
-{{- $mapped := "0:0:0:0:0:ffff:" }}
-{{- $cFamily := $c.family }}
-{{- $cIp := $c.ip }}
-{{- if eq $c.family "4" }}
-{{- $cIp = (include "agiproxy.parseAddress" (printf "[::ffff:%s]:0" $c.ip) | fromYaml).ip }}
-{{- else if and (eq $c.family "6") (hasPrefix $mapped $c.ip) }}
-{{- $cFamily = "4" }}
-{{- end }}
-{{- $lIp := $l.ip }}
-{{- if eq $l.family "4" }}
-{{- $lIp = (include "agiproxy.parseAddress" (printf "[::ffff:%s]:0" $l.ip) | fromYaml).ip }}
-{{- end }}
-{{- $any := dict "4" (printf "%s0:0" $mapped) "6" "0:0:0:0:0:0:0:0" }}
-{{- if and (gt (atoi $c.port) 0) (eq (atoi $c.port) (atoi $l.port)) (has $c.family (list "4" "6")) (has $l.family (list "4" "6")) }}
-{{- if eq $cFamily $l.family }}
-{{- if or (eq $cIp $lIp) (eq $cIp (get $any $cFamily)) (eq $lIp (get $any $l.family)) }}true{{ end }}
-{{- else if and (eq $cFamily "6") (eq $cIp (get $any "6")) }}true
-{{- end }}
+{{- $c := include "agiproxy.bindAddress" (list (index . 0) true) | fromYaml }}
+{{- $l := include "agiproxy.bindAddress" (list (index . 1) false) | fromYaml }}
+{{- if include "agiproxy.bindsClash" (list $c $l) }}true
+{{- else if and (eq $c.family "6") $c.any (ne $c.port "0") (eq $c.port $l.port) (has $l.family (list "4" "6")) }}true
 {{- end }}
 {{- end }}
 
@@ -299,8 +319,10 @@ the chart's ports and probes.
 {{- if include "agiproxy.isLoopback" $address }}
 {{- fail (printf "config.control.address %s is loopback: the kubelet's probes and Prometheus could not reach it; listen on 0.0.0.0 or [::] (the chart's default, by ipFamilies) and keep the token" $address) }}
 {{- end }}
-{{- if and (has "IPv6" $families) (eq (include "agiproxy.parseAddress" $address | fromYaml).family "4") }}
-{{- fail (printf "config.control.address %s is IPv4, but ipFamilies has IPv6: the kubelet probes an IPv6-only pod on its IPv6 address, and a dual-stack headless Service gives ctl IPv6 addresses too; listen on [::]:%v (the chart's default with IPv6; it answers IPv4 too)" $address .Values.ports.control) }}
+{{- /* An IPv4-mapped [::ffff:a.b.c.d] binds IPv4 only, as a.b.c.d (config's control_takes). */}}
+{{- $controlAt := include "agiproxy.bindAddress" (list $address true) | fromYaml }}
+{{- if and (has "IPv6" $families) (eq $controlAt.family "4") }}
+{{- fail (printf "config.control.address %s is IPv4%s, but ipFamilies has IPv6: the kubelet probes an IPv6-only pod on its IPv6 address, and a dual-stack headless Service gives ctl IPv6 addresses too; listen on [::]:%v (the chart's default with IPv6; it answers IPv4 too)" $address (ternary " (IPv4-mapped: agiproxy binds it as IPv4 only)" "" (eq (include "agiproxy.parseAddress" $address | fromYaml).family "6")) .Values.ports.control) }}
 {{- end }}
 {{- $_ := include "agiproxy.controlSocketDir" . }}
 {{- if and (kindIs "map" $control.tls) $control.tls.client_ca }}
@@ -310,9 +332,18 @@ the chart's ports and probes.
 {{- $agiSuffix := printf ":%v" .Values.ports.agi }}
 {{- $found := false }}
 {{- $agiFamilies := list }}
+{{- $bound := list }}
 {{- if hasKey $cfg "listeners" }}
 {{- range $index, $listener := $cfg.listeners }}
 {{- if kindIs "map" $listener }}
+{{- /* Two listeners on one port, the same IP or a wildcard of the family: the second cannot bind (config's binds_clash). */}}
+{{- $at := include "agiproxy.bindAddress" (list (toString $listener.address) false) | fromYaml }}
+{{- range $bound }}
+{{- if include "agiproxy.bindsClash" (list .at $at) }}
+{{- fail (printf "config.listeners[%d] (%v) address %v and config.listeners[%d] (%v) address %v want the same port: agiproxy could not listen on both, and the pods would not start; give one of them another port, or drop one (0.0.0.0 already takes the port on every IPv4 address of the pod, [::] on every IPv6 one)" .index .name .address $index $listener.name $listener.address) }}
+{{- end }}
+{{- end }}
+{{- $bound = append $bound (dict "index" $index "name" $listener.name "address" $listener.address "at" $at) }}
 {{- /* A loopback listener binds and the pod turns ready, but no call from outside the pod reaches it. */}}
 {{- if include "agiproxy.isLoopback" (toString $listener.address) }}
 {{- fail (printf "config.listeners[%d] (%v) address %v is loopback: the pod turns ready, but Asterisk, through the Services, could not reach it and every call would be refused; listen on 0.0.0.0%s (and [::]%s for IPv6)" $index $listener.name $listener.address $agiSuffix $agiSuffix) }}
