@@ -319,8 +319,15 @@ refused "config.control.address [::0.0.0.1]:9090 is loopback" --set 'config.cont
 refused "config.control.address [::ffff:127.0.0.1]:9090 is loopback" \
     --set 'config.control.address=[::ffff:127.0.0.1]:9090'
 accepted --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
-    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[::ffff:10.0.0.1]:4574' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[fd00::a00:1]:4574' \
     --set 'config.control.address=[fd00::1]:9090'
+# A listener binds IPv6 only, where an IPv4-mapped address cannot be bound.
+refused "config.listeners[1] (b) address [::ffff:10.0.0.1]:4574 is an IPv4-mapped IPv6 address, which a listener cannot bind (it listens IPv6 only): the pods would not start; write it as IPv4, 10.0.0.1:4574" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[::ffff:10.0.0.1]:4574'
+refused "config.listeners[1] (b) address [0:0:0:0:0:FFFF:0A00:0001]:4574 is an IPv4-mapped IPv6 address, which a listener cannot bind (it listens IPv6 only): the pods would not start; write it as IPv4" \
+    --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[::]:4573' \
+    --set 'config.listeners[1].name=b' --set 'config.listeners[1].address=[0:0:0:0:0:FFFF:0A00:0001]:4574'
 # One port for the control API and a listener: agiproxy cannot bind both.
 refused "ports.control and ports.agi are both 4573" --set ports.control=4573
 refused "config.control.address 0.0.0.0:9090 and config.listeners[1] (b) address 10.0.0.1:9090 want the same port" \

@@ -124,6 +124,20 @@ fn listeners(raw: Option<Vec<RawListener>>, errs: &mut Errors) -> Vec<Listener> 
                     errs.push(format!("{path}.address"), m);
                     None
                 }
+                Ok(addr) if mapped_v4(addr).is_some() => {
+                    // Listeners bind IPv6 only (IPV6_V6ONLY), and Linux refuses
+                    // an IPv4-mapped address there (EINVAL): it passed `check`
+                    // and failed at start (audit).
+                    let v4 = std::net::SocketAddr::new(
+                        mapped_v4(addr).unwrap_or(addr.ip()),
+                        addr.port(),
+                    );
+                    errs.push(
+                        format!("{path}.address"),
+                        format!("{addr} is an IPv4-mapped IPv6 address, which a listener cannot bind (it listens IPv6 only); write {v4}"),
+                    );
+                    None
+                }
                 Ok(addr) => {
                     if let Some((other, at)) = bound.iter().find(|(b, _)| binds_clash(*b, addr)) {
                         errs.push(
@@ -149,6 +163,14 @@ fn listeners(raw: Option<Vec<RawListener>>, errs: &mut Errors) -> Vec<Listener> 
         }
     }
     out
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) stands for.
+fn mapped_v4(addr: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    match addr.ip() {
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        std::net::IpAddr::V4(_) => None,
+    }
 }
 
 /// `listeners[N].proxy_protocol`: the networks of the load balancers that

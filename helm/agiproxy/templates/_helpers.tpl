@@ -348,6 +348,11 @@ the chart's ports and probes.
 {{- if include "agiproxy.isLoopback" (toString $listener.address) }}
 {{- fail (printf "config.listeners[%d] (%v) address %v is loopback: the pod turns ready, but Asterisk, through the Services, could not reach it and every call would be refused; listen on 0.0.0.0%s (and [::]%s for IPv6)" $index $listener.name $listener.address $agiSuffix $agiSuffix) }}
 {{- end }}
+{{- /* Listeners bind IPv6 only, where Linux refuses an IPv4-mapped address (config refuses it too). */}}
+{{- if and (eq $at.family "6") (hasPrefix "0:0:0:0:0:ffff:" $at.key) }}
+{{- $v4 := regexReplaceAll "(?i)^\\[(?:0*:)*ffff:([0-9.]+)\\](:[0-9]+)$" (toString $listener.address) "${1}${2}" }}
+{{- fail (printf "config.listeners[%d] (%v) address %v is an IPv4-mapped IPv6 address, which a listener cannot bind (it listens IPv6 only): the pods would not start; write it as IPv4%s" $index $listener.name $listener.address (ternary (printf ", %s" $v4) "" (ne $v4 (toString $listener.address)))) }}
+{{- end }}
 {{- if include "agiproxy.controlClashes" (list $address (toString $listener.address)) }}
 {{- fail (printf "config.control.address %s and config.listeners[%d] (%v) address %v want the same port: agiproxy could not listen on both, and the pods would not start; move that listener to another port" $address $index $listener.name $listener.address) }}
 {{- end }}
