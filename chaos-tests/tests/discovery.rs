@@ -710,3 +710,52 @@ async fn a_reload_that_keeps_a_failing_name_keeps_its_backoff() {
     assert_eq!(d.failures, 1, "{d:?}");
     assert_eq!(members(&p), want);
 }
+
+/// `agi` and `agi.` share a key but ask different questions (the search
+/// list completes only the first): a reload from one to the other asks the
+/// new one at once, its backoff and answer not carried over (audit: the
+/// lookup of the old spelling was handed over and the reload did nothing;
+/// an NXDOMAIN `agi.` fixed by a reload to `agi` stayed empty for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_or_drops_a_final_dot_asks_the_new_name() {
+    let backends = three_on_one_port(Behaviour::script(&["NOOP"])).await;
+    let port = backends[0].addr().port();
+    let dns = FakeDns::start().await;
+    dns.set_addrs("agi.example", &ips(&[1]), TTL);
+    let body = |name: &str| {
+        format!(
+            "dns: {{ nameservers: [\"{}\"], search: [\"example\"], min_ttl: 200ms, max_ttl: 10s, timeout: 500ms }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{name}:{port}\" }}\n",
+            dns.addr()
+        )
+    };
+    let text = |name: &str| {
+        format!(
+            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{}",
+            body(name)
+        )
+    };
+    // `agi.` does not exist: failing, backing off.
+    let p = proxy(&body("agi.")).await;
+    let failing = Instant::now() + Duration::from_secs(3);
+    while p.server.snapshot().pool("p").unwrap().status().discovery[0].failures < 2 {
+        assert!(Instant::now() < failing, "agi. never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Fixed by a reload to `agi`, which the search list completes.
+    p.server
+        .apply(&text("agi"), "test", false, None)
+        .await
+        .unwrap();
+    wait_members(&p, &[backends[0].addr()].into(), Duration::from_secs(2)).await;
+    assert_eq!(
+        caller("x", "1.1").run(p.addr).await.status,
+        AgiStatus::Success
+    );
+    // And back: `agi.` now answers with another address; the old answer goes.
+    dns.set_addrs("agi", &ips(&[2]), TTL);
+    p.server
+        .apply(&text("agi."), "test", false, None)
+        .await
+        .unwrap();
+    wait_members(&p, &[backends[1].addr()].into(), Duration::from_secs(2)).await;
+}

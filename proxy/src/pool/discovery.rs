@@ -20,9 +20,9 @@
 //! [`hand_over`]), so a reload asks nothing. A name that is new or resolved
 //! differently is asked at once; a dropped one is forgotten.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -100,22 +100,39 @@ pub fn resolver(dns: &Dns) -> Result<TokioResolver, String> {
 /// Returns [`PoolLive::answers_changed`]: a change recorded after the pool
 /// was built went to the config running then, and the caller rebuilds.
 pub(crate) fn hand_over(pool: &Arc<PoolShared>) -> u64 {
-    let names: HashSet<String> = dns_names(&pool.config).map(key).collect();
+    let names: HashMap<String, &BackendTarget> =
+        dns_names(&pool.config).map(|t| (key(t), t)).collect();
     let mut followers = lock(&pool.live.followers);
     followers.current = Arc::downgrade(pool);
     let mut map = lock(&pool.live.discovery);
+    let mut respelled = HashSet::new();
     followers.by_name.retain(|k, f| {
-        let keep = names.contains(k) && f.dns == pool.config.dns;
-        if !keep {
+        // The same spelling, case aside: `agi` and `agi.` share a key, but
+        // the search list completes only the first (audit: a reload from
+        // one to the other was handed over and changed nothing).
+        let same = names.get(k).map(|t| same_spelling(t, &f.target));
+        let keep = same == Some(true) && f.dns == pool.config.dns;
+        if keep {
+            f.reloads.fetch_add(1, Ordering::Relaxed);
+        } else {
             f.cancel.cancel();
+        }
+        if same == Some(false) {
+            respelled.insert(k.clone());
         }
         keep
     });
     // The DNS answers of names this config no longer follows go: kept,
     // they piled up with every name a pool ever had, and a name coming
     // back brought its old answer back at once instead of contributing
-    // nothing until it answers again (audit).
-    map.retain(|k, _| names.contains(k));
+    // nothing until it answers again (audit). So does the answer to a name
+    // spelled otherwise now: it answered another question.
+    let before = map.len();
+    map.retain(|k, _| names.contains_key(k) && !respelled.contains(k));
+    if !respelled.is_empty() && map.len() != before {
+        // This config's members were built with it: rebuilt at activation.
+        pool.live.answers_changed.fetch_add(1, Ordering::Relaxed);
+    }
     pool.live.answers_changed.load(Ordering::Relaxed)
 }
 
@@ -133,11 +150,14 @@ pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
             continue;
         }
         let cancel = CancellationToken::new();
+        let reloads = Arc::new(AtomicU64::new(0));
         followers.by_name.insert(
             k.clone(),
             Follower {
+                target: target.clone(),
                 dns: pool.config.dns.clone(),
                 cancel: cancel.clone(),
+                reloads: reloads.clone(),
             },
         );
         rt.spawn(follow(Followed {
@@ -147,6 +167,7 @@ pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
             key: k,
             dns: pool.config.dns.clone(),
             cancel,
+            reloads,
         }));
     }
 }
@@ -166,6 +187,21 @@ pub(crate) fn stop(pool: &Arc<PoolShared>) {
     followers.current = Weak::new();
 }
 
+/// Whether two DNS entries ask the same question: the same name, case
+/// aside (DNS ignores it), the final `.` included (without it the search
+/// list applies), the same port.
+pub(crate) fn same_spelling(a: &BackendTarget, b: &BackendTarget) -> bool {
+    match (a, b) {
+        (BackendTarget::Host { name: n, port: p }, BackendTarget::Host { name: m, port: q }) => {
+            p == q && n.eq_ignore_ascii_case(m)
+        }
+        (BackendTarget::Srv { name: n }, BackendTarget::Srv { name: m }) => {
+            n.eq_ignore_ascii_case(m)
+        }
+        _ => a == b,
+    }
+}
+
 /// The DNS entries of a pool's config.
 fn dns_names(pool: &Pool) -> impl Iterator<Item = &BackendTarget> {
     pool.backends
@@ -183,6 +219,8 @@ struct Followed {
     key: String,
     dns: Dns,
     cancel: CancellationToken,
+    /// [`Follower::reloads`].
+    reloads: Arc<AtomicU64>,
 }
 
 /// Follows one DNS name of a pool until it is cancelled (see [`hand_over`],
@@ -193,9 +231,11 @@ async fn follow(name: Followed) {
         target,
         dns,
         cancel,
+        reloads,
         ..
     } = &name;
     let mut resolver: Option<TokioResolver> = None;
+    let mut built_at = reloads.load(Ordering::Relaxed);
     let mut first = true;
     loop {
         if cancel.is_cancelled() {
@@ -207,18 +247,29 @@ async fn follow(name: Followed) {
             .get(&name.key)
             .map(|d| Families::of(&d.found))
             .unwrap_or_default();
+        // Built anew after a reload has taken this task over, as a new task
+        // would be: the system's resolver configuration (`/etc/resolv.conf`,
+        // the hosts file) is read again, at the next lookup, not at once.
+        let handovers = reloads.load(Ordering::Relaxed);
+        if handovers != built_at {
+            resolver = None;
+        }
         let lookup = async {
-            match &resolver {
-                Some(r) => lookup_known(r, target, dns, known).await,
-                None => match self::resolver(dns) {
-                    Ok(r) => {
-                        let out = lookup_known(&r, target, dns, known).await;
-                        resolver = Some(r);
-                        out
-                    }
-                    Err(e) => Err(e),
-                },
-            }
+            let r = match resolver.take() {
+                Some(r) => r,
+                None => {
+                    // Off the runtime's threads: it may read files.
+                    let d = dns.clone();
+                    let r = tokio::task::spawn_blocking(move || self::resolver(&d))
+                        .await
+                        .map_err(|e| format!("cannot build a resolver: {e}"))??;
+                    built_at = handovers;
+                    r
+                }
+            };
+            let out = lookup_known(&r, target, dns, known).await;
+            resolver = Some(r);
+            out
         };
         // A lookup of a name a reload dropped ends with it: left to its
         // timeout, a storm of reloads held thousands of sockets (audit).

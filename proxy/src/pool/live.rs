@@ -62,11 +62,17 @@ pub(crate) fn key(target: &BackendTarget) -> String {
 /// flight, its schedule, its backoff) rather than asking again.
 #[derive(Debug)]
 pub(crate) struct Follower {
-    /// The settings it resolves with; the name and its kind are the key.
+    /// The name as the config that started it spells it (the key folds
+    /// case and the final `.`).
+    pub target: BackendTarget,
+    /// The settings it resolves with.
     pub dns: Dns,
-    /// Ends it: at the activation of a config that drops the name or
-    /// changes its settings, or when the pool goes.
+    /// Ends it: at the activation of a config that drops the name, spells
+    /// it otherwise or changes its settings, or when the pool goes.
     pub cancel: CancellationToken,
+    /// Reloads that took it over: it builds its resolver anew (the system's
+    /// configuration read again) before its next lookup.
+    pub reloads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A pool's DNS lookup tasks and the config they work for.

@@ -765,8 +765,10 @@ fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
         followers.by_name.insert(
             k,
             Follower {
+                target: p.config().backends[0].target.clone(),
                 dns,
                 cancel: cancel.clone(),
+                reloads: Default::default(),
             },
         );
         cancel
@@ -776,7 +778,7 @@ fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
     let first = follow(&a);
 
     // Built while `a` runs; then x.test's lookup records a new answer.
-    let b = PoolState::new(&by_name("X.test.", "1s"), Some(&a));
+    let b = PoolState::new(&by_name("X.test", "1s"), Some(&a));
     let answer = Discovered {
         found: vec![Found {
             addr: "127.0.0.1:7002".parse().unwrap(),
@@ -803,6 +805,22 @@ fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
     );
     assert_eq!(b.live.followers.lock().unwrap().by_name.len(), 1);
 
+    let handed = |p: &PoolState| {
+        p.live
+            .followers
+            .lock()
+            .unwrap()
+            .by_name
+            .values()
+            .map(|f| f.reloads.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    assert_eq!(
+        handed(&b),
+        1,
+        "told to read the system's configuration again"
+    );
+
     // Other settings: the lookup ends (a new one starts), the answer stays.
     let c = PoolState::new(&by_name("x.test", "2s"), Some(&b));
     assert!(c.activate());
@@ -812,12 +830,28 @@ fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
     b.retire();
     let second = follow(&c);
 
+    // The same name with a final dot asks another question (no search
+    // list): the lookup ends and its answer goes, members rebuilt.
+    let c2 = PoolState::new(&by_name("x.test.", "2s"), Some(&c));
+    assert_eq!(c2.members().backends.len(), 1, "built with the old answer");
+    assert!(c2.activate());
+    assert!(second.is_cancelled());
+    assert!(c2.live.followers.lock().unwrap().by_name.is_empty());
+    assert!(c2.live.discovery.lock().unwrap().is_empty());
+    assert!(c2.members().backends.is_empty(), "{:?}", c2.members());
+    c.retire();
+    let second = follow(&c2);
+
     // Another name: the lookup ends and the answer goes.
-    let d = PoolState::new(&by_name("y.test", "2s"), Some(&c));
+    {
+        let mut map = c2.live.discovery.lock().unwrap();
+        map.insert(key(&c2.config().backends[0].target), Discovered::default());
+    }
+    let d = PoolState::new(&by_name("y.test", "2s"), Some(&c2));
     assert!(d.activate());
     assert!(second.is_cancelled());
     assert!(d.live.discovery.lock().unwrap().is_empty());
-    c.retire();
+    c2.retire();
     let third = follow(&d);
     // The pool goes (no newer config took the lookups over).
     drop(d);
