@@ -37,8 +37,7 @@ use hickory_resolver::{Resolver, TokioResolver};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::lock;
-use super::live::{key, Follower, Found, PoolLive};
-use super::state::PoolShared;
+use super::live::{key, Follower, Found, Owner, PoolLive};
 
 /// Builds the resolver `dns` describes: the system's configuration
 /// (`/etc/resolv.conf`) unless nameservers are given, search domains
@@ -99,19 +98,20 @@ pub fn resolver(dns: &Dns) -> Result<TokioResolver, String> {
 ///
 /// Returns [`PoolLive::answers_changed`]: a change recorded after the pool
 /// was built went to the config running then, and the caller rebuilds.
-pub(crate) fn hand_over(pool: &Arc<PoolShared>) -> u64 {
+pub(crate) fn hand_over<P: Owner + 'static>(pool: &Arc<P>) -> u64 {
     let names: HashMap<String, &BackendTarget> =
-        dns_names(&pool.config).map(|t| (key(t), t)).collect();
-    let mut followers = lock(&pool.live.followers);
-    followers.current = Arc::downgrade(pool);
-    let mut map = lock(&pool.live.discovery);
+        dns_names(pool.config()).map(|t| (key(t), t)).collect();
+    let mut followers = lock(&pool.live().followers);
+    let current: Weak<dyn Owner> = Arc::downgrade(pool) as Weak<P>;
+    followers.current = Some(current);
+    let mut map = lock(&pool.live().discovery);
     let mut respelled = HashSet::new();
     followers.by_name.retain(|k, f| {
         // The same spelling, case aside: `agi` and `agi.` share a key, but
         // the search list completes only the first (audit: a reload from
         // one to the other was handed over and changed nothing).
         let same = names.get(k).map(|t| same_spelling(t, &f.target));
-        let keep = same == Some(true) && f.dns == pool.config.dns;
+        let keep = same == Some(true) && f.dns == pool.config().dns;
         if keep {
             f.reloads.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -131,20 +131,20 @@ pub(crate) fn hand_over(pool: &Arc<PoolShared>) -> u64 {
     map.retain(|k, _| names.contains_key(k) && !respelled.contains(k));
     if !respelled.is_empty() && map.len() != before {
         // This config's members were built with it: rebuilt at activation.
-        pool.live.answers_changed.fetch_add(1, Ordering::Relaxed);
+        pool.live().answers_changed.fetch_add(1, Ordering::Relaxed);
     }
-    pool.live.answers_changed.load(Ordering::Relaxed)
+    pool.live().answers_changed.load(Ordering::Relaxed)
 }
 
 /// Starts a lookup task ([`follow`]) for each DNS name of `pool` that has
 /// none: a new name, new settings, the first config. Only for the config
 /// [`hand_over`] made current.
-pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
-    let mut followers = lock(&pool.live.followers);
-    if !std::ptr::eq(followers.current.as_ptr(), Arc::as_ptr(pool)) {
+pub(crate) fn start<P: Owner>(pool: &Arc<P>, rt: &tokio::runtime::Handle) {
+    let mut followers = lock(&pool.live().followers);
+    if !followers.work_for(Arc::as_ptr(pool)) {
         return;
     }
-    for target in dns_names(&pool.config) {
+    for target in dns_names(pool.config()) {
         let k = key(target);
         if followers.by_name.contains_key(&k) {
             continue;
@@ -155,17 +155,17 @@ pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
             k.clone(),
             Follower {
                 target: target.clone(),
-                dns: pool.config.dns.clone(),
+                dns: pool.config().dns.clone(),
                 cancel: cancel.clone(),
                 reloads: reloads.clone(),
             },
         );
         rt.spawn(follow(Followed {
-            live: pool.live.clone(),
-            pool: pool.name.clone(),
+            live: pool.live().clone(),
+            pool: pool.name().to_string(),
             target: target.clone(),
             key: k,
-            dns: pool.config.dns.clone(),
+            dns: pool.config().dns.clone(),
             cancel,
             reloads,
         }));
@@ -175,16 +175,16 @@ pub(crate) fn start(pool: &Arc<PoolShared>, rt: &tokio::runtime::Handle) {
 /// Ends the pool's lookup tasks if `pool` is the config they work for (the
 /// pool is gone from the running config, or the process stops); once a
 /// newer config has taken them over, nothing.
-pub(crate) fn stop(pool: &Arc<PoolShared>) {
-    let mut followers = lock(&pool.live.followers);
-    if !std::ptr::eq(followers.current.as_ptr(), Arc::as_ptr(pool)) {
+pub(crate) fn stop<P: Owner>(pool: &Arc<P>) {
+    let mut followers = lock(&pool.live().followers);
+    if !followers.work_for(Arc::as_ptr(pool)) {
         return;
     }
     for f in followers.by_name.values() {
         f.cancel.cancel();
     }
     followers.by_name.clear();
-    followers.current = Weak::new();
+    followers.current = None;
 }
 
 /// Whether two DNS entries ask the same question: the same name, case
@@ -286,7 +286,10 @@ async fn follow(name: Followed) {
                 if changed || first {
                     // The config running now: once a reload has taken
                     // this task over, that one's.
-                    let current = lock(&live.followers).current.upgrade();
+                    let current = lock(&live.followers)
+                        .current
+                        .as_ref()
+                        .and_then(Weak::upgrade);
                     if let Some(pool) = current {
                         pool.rebuild_members();
                     }

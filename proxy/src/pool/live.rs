@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use agiproxy_config::{BackendTarget, Dns, HealthCheck};
+use agiproxy_config::{BackendTarget, Dns, HealthCheck, Pool};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::BackendLive;
 use super::hash::stable_hash;
-use super::state::PoolShared;
 
 /// One address of a DNS name's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,11 +74,32 @@ pub(crate) struct Follower {
     pub reloads: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The pool of one config as its DNS lookups see it (`state::PoolShared`:
+/// a trait, so that `state` and `discovery` depend on this module and not
+/// on each other).
+pub(crate) trait Owner: Send + Sync {
+    fn live(&self) -> &Arc<PoolLive>;
+    fn config(&self) -> &Pool;
+    fn name(&self) -> &str;
+    /// Rebuilds the member set from the config and the last good answers.
+    fn rebuild_members(&self);
+}
+
+impl Followers {
+    /// Whether the lookups work for the pool at `pool` (its `Arc`'s pointer).
+    pub fn work_for<T>(&self, pool: *const T) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|w| std::ptr::addr_eq(w.as_ptr(), pool))
+    }
+}
+
 /// A pool's DNS lookup tasks and the config they work for.
 #[derive(Debug, Default)]
 pub(crate) struct Followers {
     /// The pool of the running config: where a changed answer is applied.
-    pub current: Weak<PoolShared>,
+    /// (A trait object: `state` depends on this module, not the reverse.)
+    pub current: Option<Weak<dyn Owner>>,
     /// By [`key`].
     pub by_name: HashMap<String, Follower>,
 }

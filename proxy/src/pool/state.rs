@@ -58,6 +58,21 @@ pub(crate) struct PoolShared {
     pub epoch: AtomicU64,
 }
 
+impl super::live::Owner for PoolShared {
+    fn live(&self) -> &Arc<PoolLive> {
+        &self.live
+    }
+    fn config(&self) -> &Pool {
+        &self.config
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn rebuild_members(&self) {
+        PoolShared::rebuild_members(self);
+    }
+}
+
 impl PoolShared {
     /// Rebuilds the member set from the config and the last good DNS
     /// answers. Sessions keep the set they were given.

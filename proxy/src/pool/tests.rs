@@ -758,10 +758,7 @@ fn a_reload_hands_over_the_lookups_of_the_names_it_keeps() {
         let k = key(&p.config().backends[0].target);
         let dns = p.config().dns.clone();
         let mut followers = p.live.followers.lock().unwrap();
-        assert!(std::ptr::eq(
-            followers.current.as_ptr(),
-            Arc::as_ptr(p.shared())
-        ));
+        assert!(followers.work_for(Arc::as_ptr(p.shared())));
         followers.by_name.insert(
             k,
             Follower {
