@@ -155,6 +155,21 @@ fn demo_once(flags: &[&str]) {
         stdout.contains("AGISTATUS=FAILURE (AGIPROXY_ERROR=no_route)"),
         "{stdout}"
     );
+    // The GotoIf it prints jumps to a label of README's dialplan (`?fallback`,
+    // the `n(fallback)` priority): `?fallback,1` named an extension that
+    // does not exist there, so a pasted line never ran the fallback.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut jumps = 0;
+    for line in stdout.lines().filter(|l| l.contains("GotoIf(")) {
+        let target = line.rsplit_once('?').unwrap().1.trim_end_matches(')');
+        assert!(
+            readme.contains(&format!(" same => n({target}),")),
+            "{line}: README's dialplan has no label {target:?}"
+        );
+        jumps += 1;
+    }
+    assert_eq!(jumps, 2, "{stdout}");
 }
 
 /// Issue 18: a pool of one backend address without active checks is

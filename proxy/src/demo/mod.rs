@@ -144,7 +144,7 @@ pub async fn run(listen: Option<SocketAddr>, once: bool) -> anyhow::Result<()> {
             .unwrap_or_default();
         say!("  AGISTATUS={}{reason}", out.status);
         if out.status == "FAILURE" {
-            say!("  -> the dialplan's fallback runs: same => n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback,1)");
+            say!("  -> the dialplan's fallback runs: same => n,GotoIf($[\"${{AGISTATUS}}\" = \"FAILURE\"]?fallback)");
         }
         say!("");
     }
