@@ -136,6 +136,13 @@ impl crate::model::Config {
     /// `run` logs them.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.routes.is_empty() {
+            out.push(
+                "routes: none: every call gets FAILURE `no_route`; add a route, e.g. \
+                 routes: [{ name: all, pool: POOL }]"
+                    .to_string(),
+            );
+        }
         for (i, p) in self.pools.iter().enumerate() {
             let single =
                 p.backends.len() == 1 && !matches!(p.backends[0].target, BackendTarget::Srv { .. });

@@ -639,3 +639,16 @@ fn ctl_config_apply_reads_standard_input() {
         "{printed}"
     );
 }
+
+/// A config without routes is valid (every call gets FAILURE `no_route`)
+/// but rarely meant: `check` says so (walkthrough: it said OK alone).
+#[test]
+fn check_warns_about_a_config_without_routes() {
+    let (_dir, path) = write_config("noroutes", "version: 1\n");
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "a warning is not an error: {stdout}");
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(warnings[0].contains("no_route"), "{stdout}");
+}

@@ -293,24 +293,34 @@ pub(crate) fn nameserver(text: &str) -> Result<SocketAddr, String> {
 
 /// Where a listener binds: ip:port; port 0 asks the OS for a free port (used by tests).
 pub(crate) fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    bind_address(text, "listeners bind", DEFAULT_PORT)
+}
+
+/// The control API's address: as a listener's, with examples on a port of
+/// its own (a listener's would clash with the FastAGI port).
+pub(crate) fn control_address(text: &str) -> Result<SocketAddr, String> {
+    bind_address(text, "the control API binds", 4574)
+}
+
+fn bind_address(text: &str, who: &str, port: u16) -> Result<SocketAddr, String> {
+    let example = format!("0.0.0.0:{port}");
+    let other = format!("127.0.0.1:{port}");
     socket_addr(text).map_err(|p| match p {
-        AddrProblem::Empty => "is empty; write ip:port, e.g. 0.0.0.0:4573".to_string(),
+        AddrProblem::Empty => format!("is empty; write ip:port, e.g. {example}"),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write ip:port, e.g. {}",
-            with_port(ip)
+            SocketAddr::new(ip, port)
         ),
         AddrProblem::NoHost => format!(
             "{text:?} has no IP; write 0.0.0.0{text} for every address or 127.0.0.1{text} for loopback"
         ),
-        AddrProblem::BadPort(port) => {
-            format!("{text:?} has an invalid port {port:?}; ports run from 0 to 65535")
+        AddrProblem::BadPort(bad) => {
+            format!("{text:?} has an invalid port {bad:?}; ports run from 0 to 65535")
         }
-        AddrProblem::DnsName => format!(
-            "{text:?} is a name; listeners bind IP addresses, e.g. 0.0.0.0:4573 or 127.0.0.1:4573"
-        ),
-        AddrProblem::Garbage => {
-            format!("{text:?} is not an address; write ip:port, e.g. 0.0.0.0:4573")
+        AddrProblem::DnsName => {
+            format!("{text:?} is a name; {who} IP addresses, e.g. {example} or {other}")
         }
+        AddrProblem::Garbage => format!("{text:?} is not an address; write ip:port, e.g. {example}"),
     })
 }
 
@@ -502,6 +512,24 @@ mod tests {
         assert!(listen_address("pbx.local:4573")
             .unwrap_err()
             .contains("is a name"));
+    }
+
+    /// The control API's examples are on a port of its own: a listener's
+    /// (4573) would clash with the FastAGI port (walkthrough).
+    #[test]
+    fn control_addresses_suggest_a_port_of_their_own() {
+        for (text, want) in [
+            ("localhost:4574", "127.0.0.1:4574"),
+            ("127.0.0.1", "127.0.0.1:4574"),
+            ("", "0.0.0.0:4574"),
+            ("what", "0.0.0.0:4574"),
+        ] {
+            let e = control_address(text).unwrap_err();
+            assert!(e.contains(want) && !e.contains("4573"), "{text:?}: {e}");
+        }
+        assert!(control_address("localhost:4574")
+            .unwrap_err()
+            .contains("the control API binds IP addresses"));
     }
 
     #[test]

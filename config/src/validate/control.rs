@@ -20,7 +20,7 @@ pub(super) fn compile(raw: Option<&RawControl>, limits: &Limits, errs: &mut Erro
     let Some(raw) = raw else { return c };
     c.enabled = raw.enabled.unwrap_or(true);
     if let Some(text) = &raw.address {
-        match checks::listen_address(text) {
+        match checks::control_address(text) {
             Ok(a) => c.address = Some(a),
             Err(m) => errs.push("control.address", m),
         }
