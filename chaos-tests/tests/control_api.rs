@@ -658,15 +658,26 @@ async fn tls_with_client_certificates() {
                 .unwrap(),
         );
     }
-    // Without a client certificate, or with one from another CA: refused in the handshake.
-    assert!(tls_client(None, None)
+    // Without a client certificate, or with one from another CA: refused in
+    // the handshake, and the error says which and what to do ("connection
+    // error" alone said nothing: walkthrough).
+    let e = tls_client(None, None)
         .call(t, "GET", "/healthz", &[], None)
         .await
-        .is_err());
-    assert!(tls_client(Some(&rogue_pem), Some(&rogue_key_pem))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("asks for a client certificate") && e.contains("--cert FILE --key FILE"),
+        "{e}"
+    );
+    let e = tls_client(Some(&rogue_pem), Some(&rogue_key_pem))
         .call(t, "GET", "/healthz", &[], None)
         .await
-        .is_err());
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("refused the client certificate"), "{e}");
     // Plain HTTP to the TLS port: no answer.
     let plain = Target {
         https: false,

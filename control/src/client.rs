@@ -198,7 +198,7 @@ where
 {
     let http = |e: hyper::Error| ClientError::Http {
         target: t.to_string(),
-        msg: e.to_string(),
+        msg: explain(&e),
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
@@ -227,6 +227,46 @@ where
         .to_bytes()
         .to_vec();
     Ok(Response { status, body })
+}
+
+/// An error with its causes ("connection error" alone hid a TLS alert),
+/// and what to do when the server refused our certificate or its absence.
+fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut hint = None;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        // A TLS error reaches hyper inside an io::Error.
+        let tls = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| c.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            use rustls::AlertDescription as A;
+            hint = match alert {
+                A::CertificateRequired | A::HandshakeFailure => Some(
+                    "the control API asks for a client certificate (its tls.client_ca): \
+                     pass --cert FILE --key FILE",
+                ),
+                A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError => Some(
+                    "the control API refused the client certificate: give one its \
+                         tls.client_ca signed (--cert FILE --key FILE)",
+                ),
+                A::CertificateExpired => Some("the client certificate has expired"),
+                _ => hint,
+            };
+        }
+        cause = c.source();
+    }
+    if let Some(h) = hint {
+        msg.push_str(" (");
+        msg.push_str(h);
+        msg.push(')');
+    }
+    msg
 }
 
 #[cfg(test)]
