@@ -1,6 +1,8 @@
 //! One-line summaries of routes, for `agiproxy check` and logs.
 
-use crate::model::{BackendTarget, Pool, Rewrite, Route, RouteTarget, ScriptMatch};
+use std::time::Duration;
+
+use crate::model::{BackendTarget, Pool, Rewrite, Route, RouteTarget, ScriptMatch, Timeouts};
 
 impl Route {
     /// A one-line human summary, e.g.
@@ -156,5 +158,41 @@ impl crate::model::Config {
             }
         }
         out
+    }
+}
+
+impl Timeouts {
+    /// The fields that differ from `base` (a route's against the config's),
+    /// as `connect=100ms budget=400ms`; None when none does. `agiproxy check`
+    /// prints them under the route, so a mistyped override shows.
+    pub fn differences(&self, base: &Timeouts) -> Option<String> {
+        let fields = [
+            ("header", self.header, base.header),
+            ("budget", self.budget, base.budget),
+            ("connect", self.connect, base.connect),
+            ("first_command", self.first_command, base.first_command),
+            ("next_command", self.next_command, base.next_command),
+            ("drain", self.drain, base.drain),
+        ];
+        let diff: Vec<String> = fields
+            .iter()
+            .filter(|(_, mine, theirs)| mine != theirs)
+            .map(|(name, mine, _)| format!("{name}={}", short(*mine)))
+            .collect();
+        (!diff.is_empty()).then(|| diff.join(" "))
+    }
+}
+
+/// A duration as a config writes it: `10m`, `1s`, `400ms`.
+fn short(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 60_000 && ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+        format!("{ms}ms")
+    } else {
+        format!("{d:?}")
     }
 }

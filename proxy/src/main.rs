@@ -222,6 +222,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             };
             for (i, r) in cfg.routes.iter().enumerate() {
                 out += &format!("  route {i}: {}\n", r.describe(&cfg.pools));
+                if let Some(t) = r.timeouts.differences(&cfg.timeouts) {
+                    out += &format!("    timeouts {t}\n");
+                }
                 if let Some(ro) = &r.rollout {
                     out += &format!(
                         "    {}\n",

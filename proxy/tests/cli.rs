@@ -652,3 +652,35 @@ fn check_warns_about_a_config_without_routes() {
     assert_eq!(warnings.len(), 1, "{stdout}");
     assert!(warnings[0].contains("no_route"), "{stdout}");
 }
+
+/// A route's timeout overrides are printed under it: a key mistyped or put
+/// at the wrong level shows as missing (walkthrough: they were not shown).
+#[test]
+fn check_prints_a_routes_timeout_overrides() {
+    let (_dir, path) = write_config(
+        "timeouts",
+        "version: 1\ntimeouts: { next_command: 60s }\nroutes:\n  - name: dial-out\n    pool: p\n    timeouts: { first_command: 1s, next_command: 10m }\n  - name: quick\n    pool: p\n    timeouts: { budget: 400ms, connect: 100ms }\n  - name: plain\n    pool: p\npools:\n  - name: p\n    health: { type: agi, script: healthz }\n    backends: [{ address: \"127.0.0.1:5001\" }]\n",
+    );
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let under = |route: &str| {
+        let i = lines
+            .iter()
+            .position(|l| l.contains(&format!(": {route}:")))
+            .unwrap();
+        lines.get(i + 1).copied().unwrap_or("")
+    };
+    assert_eq!(
+        under("dial-out").trim(),
+        "timeouts first_command=1s next_command=10m",
+        "{stdout}"
+    );
+    assert_eq!(
+        under("quick").trim(),
+        "timeouts budget=400ms connect=100ms",
+        "{stdout}"
+    );
+    assert!(!under("plain").contains("timeouts"), "{stdout}");
+}
