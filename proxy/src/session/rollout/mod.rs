@@ -147,17 +147,22 @@ impl CompiledRollout {
             State::Progressing | State::Halted => now.step,
             _ => None,
         };
+        // No call is created in the future: a key ahead of this clock by
+        // more than the tolerated skew (a forged or far-off time) is taken
+        // as made now, not in a later step.
+        let latest = now_ms.saturating_add(self.plan.skew.as_millis() as i64);
         let (green, canary, unkeyed) = if self.is_canary(h, source) {
-            (true, true, false)
+            // Green at every step, until a rollback: a canary call made once
+            // it is in force goes to blue (green was judged or found bad:
+            // test phones too hear blue); one made before stays on green.
+            let made = key
+                .and_then(sticky::key_time_ms)
+                .map_or(now_ms, |created| created.min(latest));
+            (self.position(made).state != State::RolledBack, true, false)
         } else {
             match key {
                 Some(k) => match sticky::key_time_ms(k) {
                     Some(created) => {
-                        // No call is created in the future: a key ahead of
-                        // this clock by more than the tolerated skew (a
-                        // forged or far-off time) takes the weight in force
-                        // now, not a later step's.
-                        let latest = now_ms.saturating_add(self.plan.skew.as_millis() as i64);
                         let w = self.position(created.min(latest)).weight_bp;
                         (
                             sticky::goes_green(sticky::point(k.as_bytes()), w),

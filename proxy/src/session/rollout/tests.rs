@@ -283,3 +283,31 @@ fn a_skew_change_that_moves_an_override_across_now_is_refused() {
     // The same skew: nothing to check.
     assert!(super::skew_changes(&old, &old, written + 5_000).is_empty());
 }
+
+/// Canaries go to green at every step but not once a rollback is in force:
+/// a judged rollback left test phones on a broken green (walkthrough). A
+/// canary call made before the rollback keeps green for its later AGIs.
+#[test]
+fn canaries_go_to_blue_once_a_rollback_is_in_force() {
+    let at = agiproxy_config::format_ms(T0 + 15_000);
+    let with = config(
+        "[10, 25, 50]",
+        &format!("      overrides: [{{ action: rollback, at: \"{at}\" }}]\n"),
+    );
+    let r = router(&with, None);
+    let canary = |created: i64, now: i64| {
+        let uid = format!("{}.7", created / 1000);
+        let h = Header::parse(
+            format!("agi_network_script: ivr?canary=1\nagi_uniqueid: {uid}\n\n").into_bytes(),
+            512,
+        )
+        .unwrap();
+        pick(&r, &h, now)
+    };
+    // Made before the rollback (effective 1 s, the skew, after `at`): green, also later.
+    assert_eq!(canary(T0 + 5_000, T0 + 5_000), 1);
+    assert_eq!(canary(T0 + 5_000, T0 + 60_000), 1);
+    // Made after it: blue.
+    assert_eq!(canary(T0 + 20_000, T0 + 20_000), 0);
+    assert_eq!(canary(T0 + 20_000, T0 + 60_000), 0);
+}
