@@ -731,3 +731,46 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
     assert_eq!(out.status, AgiStatus::Success);
     assert_eq!(green.stats().accepted(), 3);
 }
+
+/// A skew change that would move an override across now is refused when a
+/// whole config is applied (`PUT /v1/config`, a reload from the file), not
+/// only in a unit test: the check was given the running snapshot's config,
+/// whose routes live in its router, saw no running rollout and refused
+/// nothing (walkthrough: a pause not due went into force at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skew_change_that_moves_an_override_across_now_is_refused_when_applied() {
+    let now = now_ms();
+    let written = agiproxy_config::format_ms((now - 30_000) / 1000 * 1000);
+    let start = agiproxy_config::format_ms(now - 600_000);
+    let body = |skew: &str, action: &str| {
+        format!(
+            "routes:\n  - name: ivr\n    rollout:\n      from: b\n      to: g\n      steps: [1, 5]\n      step_duration: 15m\n      start: \"{start}\"\n      skew: {skew}\n      overrides: [{{ action: {action}, at: \"{written}\" }}]\n      judge: {{ enabled: false }}\npools:\n  - name: b\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n  - name: g\n    backends: [{{ address: \"127.0.0.1:2\" }}]\n"
+        )
+    };
+    let text = |skew: &str, action: &str| {
+        format!(
+            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"127.0.0.1:0\"\n{}",
+            body(skew, action)
+        )
+    };
+    // A pause written 30 s ago under a 60 s skew: due in 30 s.
+    let p = proxy(&body("60s", "pause")).await;
+    for dry_run in [true, false] {
+        let e = p
+            .server
+            .apply(&text("1s", "pause"), "test", dry_run, None)
+            .await
+            .expect_err("refused");
+        assert!(
+            e.to_string().contains("routes[0].rollout.skew")
+                && e.to_string().contains("pause override"),
+            "{e}"
+        );
+    }
+    // The running config is as it was; a skew that keeps it ahead is taken.
+    assert_eq!(p.server.snapshot().meta.generation, 1);
+    p.server
+        .apply(&text("50s", "pause"), "test", false, None)
+        .await
+        .unwrap();
+}

@@ -408,7 +408,7 @@ impl Server {
                 .compile(text.clone(), current.config.limits.max_config_bytes)
                 .await?;
             let moved = crate::session::rollout::skew_changes(
-                &current.config,
+                &current.rollout_config(),
                 &config,
                 crate::session::rollout::now_ms(),
             );
@@ -488,7 +488,9 @@ impl Server {
         })
         .await
         .map_err(|e| ApplyError::Internal(e.to_string()))?;
-        if let Some(refused) = check.and_then(|c| c(&current.config, &next.config).err()) {
+        if let Some(refused) =
+            check.and_then(|c| c(&current.rollout_config(), &next.rollout_config()).err())
+        {
             // Nothing was swapped: the new listeners close as `bound` drops.
             release(next);
             return Err(refused);

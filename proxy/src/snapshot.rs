@@ -81,6 +81,22 @@ pub fn text_hash(text: &str) -> u64 {
 }
 
 impl Snapshot {
+    /// The config with its routes that have a rollout put back (`config`
+    /// has none: they live in `router`), for the checks that compare a
+    /// running rollout with a new one. (Given `config` itself, they saw no
+    /// running rollout and refused nothing: walkthrough.)
+    pub fn rollout_config(&self) -> Config {
+        let mut c = (*self.config).clone();
+        c.routes = self
+            .router
+            .routes()
+            .iter()
+            .filter(|r| r.route.rollout.is_some())
+            .map(|r| r.route.clone())
+            .collect();
+        c
+    }
+
     /// Compiles `config`. Live state (active sessions, passive ejections)
     /// of pools and backends that `previous` also has is carried over, by
     /// pool name and backend address.
