@@ -686,7 +686,11 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
     let whole = humantime::parse_rfc3339(&at).unwrap();
     assert_eq!(
         v.overrides,
-        vec![format!("promote at {}", ms(whole + Duration::from_secs(1)))]
+        vec![format!(
+            "promote in force from {} (at: {})",
+            ms(whole + Duration::from_secs(1)),
+            ms(whole)
+        )]
     );
     let note = v.differs_from_file.expect("differs from the file");
     assert!(

@@ -42,7 +42,17 @@ pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
                 overrides: plan
                     .overrides
                     .iter()
-                    .map(|o| format!("{} at {}", o.action, format_ms(o.at_ms)))
+                    // Both times: the file's `at` is the one written, the
+                    // skew before it takes effect (one time alone was
+                    // copied into a file, a skew late: walkthrough).
+                    .map(|o| {
+                        format!(
+                            "{} in force from {} (at: {})",
+                            o.action,
+                            format_ms(o.at_ms),
+                            format_ms(o.at_ms - plan.skew.as_millis() as i64)
+                        )
+                    })
                     .collect(),
                 decision: ro.live.decision().as_ref().map(decision_view),
                 last_evaluation: ro.live.evaluation().map(|e| RolloutEvaluationView {
