@@ -362,6 +362,15 @@ async fn a_new_start_is_not_rolled_back_by_the_decision_of_the_rollout_before() 
     assert_eq!(resp.status, 400, "{body}");
     assert!(body.contains("\"at\"") && body.contains("ctl"), "{body}");
     assert_eq!(view(&rs[0]).await.overrides, Vec::<String>::new());
+    // A route without a rollout (a typo): the answer names those with one.
+    let resp = rs[0]
+        .client
+        .call(&rs[0].api, "GET", "/v1/rollouts/ivrr", &[], None)
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, 404, "{body}");
+    assert!(body.contains("routes with a rollout: ivr"), "{body}");
 }
 
 /// Calls until every replica has a decision (bounded: 1,500 calls, 40 s);

@@ -238,12 +238,22 @@ pub(crate) async fn rollout<P: ControlPlane>(
     State(ctx): S<P>,
     Path(route): Path<String>,
 ) -> Response {
-    match ctx.plane.rollouts().into_iter().find(|r| r.route == route) {
+    let all = ctx.plane.rollouts();
+    match all.iter().find(|r| r.route == route) {
         Some(r) => Json(r).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("no rollout on route {route:?}"),
-        ),
+        None => {
+            // Which routes have one: a typo names a route with none (walkthrough).
+            let names: Vec<&str> = all.iter().map(|r| r.route.as_str()).collect();
+            let have = if names.is_empty() {
+                "no route has a rollout".to_string()
+            } else {
+                format!("routes with a rollout: {}", names.join(", "))
+            };
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no rollout on route {route:?}; {have}"),
+            )
+        }
     }
 }
 
