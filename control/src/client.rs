@@ -203,10 +203,20 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(http)?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await.map_err(http)?;
+    let conn = tokio::spawn(conn);
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            // The connection's own error (a TLS alert from a server that
+            // wants a client certificate) says more than the request's
+            // "connection was not ready", which races with it.
+            let own = tokio::time::timeout(Duration::from_millis(500), conn).await;
+            return Err(match own {
+                Ok(Ok(Err(c))) => http(c),
+                _ => http(e),
+            });
+        }
+    };
     let status = resp.status().as_u16();
     let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
         .collect()
