@@ -590,40 +590,7 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
     );
     let text = config(&rollout, blue.addr(), green.addr());
     // Held to the end: the server compares its config with this file.
-    let dir = tempfile::Builder::new()
-        .prefix("agiproxy-rollout-")
-        .tempdir()
-        .unwrap();
-    let file = dir.path().join("agiproxy.yaml");
-    std::fs::write(&file, &text).unwrap();
-    let server = Server::start_with(
-        agiproxy_config::from_yaml_str(&text).unwrap(),
-        Origin {
-            text: text.as_str().into(),
-            source: format!("file:{}", file.display()),
-            file: Some(file),
-        },
-    )
-    .await
-    .unwrap();
-    let opts = ServeOptions {
-        address: Some("127.0.0.1:0".parse().unwrap()),
-        socket: None,
-        token: Some(TOKEN.into()),
-        tls: None,
-        max_body_bytes: 1 << 20,
-        request_timeout: Duration::from_secs(5),
-    };
-    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
-        .await
-        .unwrap();
-    let r = Replica {
-        api: Target::http(api.local_addr().expect("a TCP listener")),
-        client: client(),
-        addr: server.local_addrs()[0],
-        server,
-    };
-    tokio::spawn(api.serve(std::future::pending()));
+    let (r, _dir) = replica_of_a_file(&text).await;
 
     let uid = |i: u32| format!("{}.{i}", now_ms() / 1000);
     for i in 0..10 {
@@ -786,4 +753,269 @@ async fn a_skew_change_that_moves_an_override_across_now_is_refused_when_applied
         .apply(&text("50s", "pause"), "test", false, None)
         .await
         .unwrap();
+}
+
+/// One replica started from a config file holding `text` (the returned
+/// directory holds the file: keep it to the end), with a control API on a
+/// free port.
+async fn replica_of_a_file(text: &str) -> (Replica, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-rollout-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
+    std::fs::write(&file, text).unwrap();
+    let server = Server::start_with(
+        agiproxy_config::from_yaml_str(text).unwrap(),
+        Origin {
+            text: text.into(),
+            source: format!("file:{}", file.display()),
+            file: Some(file),
+        },
+    )
+    .await
+    .unwrap();
+    let opts = ServeOptions {
+        address: Some("127.0.0.1:0".parse().unwrap()),
+        socket: None,
+        token: Some(TOKEN.into()),
+        tls: None,
+        max_body_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(5),
+    };
+    let api = ControlServer::bind(ControlHandle::new(server.clone()), opts)
+        .await
+        .unwrap();
+    let r = Replica {
+        api: Target::http(api.local_addr().expect("a TCP listener")),
+        client: client(),
+        addr: server.local_addrs()[0],
+        server,
+    };
+    tokio::spawn(api.serve(std::future::pending()));
+    (r, dir)
+}
+
+/// The log lines of this test binary at WARN and above (every test's: look
+/// for what only one test logs).
+fn warnings() -> String {
+    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .try_init()
+            .expect("the only subscriber of this binary");
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// An override written through the API lives in the running config only.
+/// A reload from a file that does not have it yet (SIGHUP, the watch,
+/// `POST /v1/reload`: in Kubernetes every ConfigMap change) keeps it while
+/// the rollout is the same, says so, and calls placed on blue by a rollback
+/// stay there; a new rollout (a new `start`) drops it, as the doc says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_from_the_file_keeps_an_api_override_of_the_same_rollout() {
+    warnings();
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let start = |ms| agiproxy_config::format_ms(ms);
+    let rollout = |start: &str| {
+        format!(
+            "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{start}\"\n      skew: 1s\n"
+        )
+    };
+    let first = start(now_ms() - 100);
+    let text = config(&rollout(&first), blue.addr(), green.addr());
+    let (r, dir) = replica_of_a_file(&text).await;
+    let file = dir.path().join("agiproxy.yaml");
+    let identity = view(&r).await.identity;
+
+    // `ctl rollout rollback ivr`: one time for every replica.
+    let at = agiproxy_config::format_ms(now_ms());
+    let resp = r
+        .client
+        .call(
+            &r.api,
+            "POST",
+            "/v1/rollouts/ivr/rollback",
+            &[],
+            Some(format!("{{\"at\": \"{at}\"}}").into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    // In force one skew after `at`; keys carry whole seconds: a call of the
+    // next second on is placed after the rollback.
+    let effect = agiproxy_config::parse_time(&at).unwrap() + 1_000;
+    while now_ms() / 1000 <= effect / 1000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(view(&r).await.state, "rolled_back");
+    // Calls created after the rollback whose keys green would take at 25 %.
+    let second = now_ms() / 1000;
+    let uids: Vec<String> = (0..)
+        .map(|i| format!("pbx-{second}.{i}"))
+        .filter(|u| sticky::point(u.as_bytes()) < 2000)
+        .take(5)
+        .collect();
+    let addr = r.addr;
+    let calls = |uids: Vec<String>| async move {
+        for uid in &uids {
+            let out = caller("ivr/menu", uid).run(addr).await;
+            assert_eq!(out.status, AgiStatus::Success, "{uid}");
+        }
+    };
+    calls(uids.clone()).await;
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (5, 0));
+
+    // An unrelated change to the file, the same rollout, without the
+    // override, reloaded from the file.
+    let edited = text.replacen("consecutive_failures: 100", "consecutive_failures: 99", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&file, &edited).unwrap();
+    // A dry run shows what the reload applies.
+    let dry = r
+        .server
+        .apply(&edited, &format!("file:{}", file.display()), true, None)
+        .await
+        .unwrap();
+    let resp = r
+        .client
+        .call(&r.api, "POST", "/v1/reload", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let applied: agiproxy_control::api::Applied = serde_json::from_slice(&resp.body).unwrap();
+    assert!(applied.changed, "{applied:?}");
+    assert_eq!(applied.hash, format!("{:016x}", dry.hash));
+    // The next AGI of each call the rollback placed on blue stays there
+    // (before: the override was dropped and they moved to green).
+    calls(uids.clone()).await;
+    assert_eq!(
+        (blue.stats().accepted(), green.stats().accepted()),
+        (10, 0),
+        "calls placed on blue by the rollback moved"
+    );
+    let snap = r.server.snapshot();
+    assert_eq!(
+        snap.config.pools[0].eject_after, 99,
+        "the file's change is applied"
+    );
+    let v = view(&r).await;
+    assert_eq!(v.state, "rolled_back", "{v:?}");
+    assert_eq!(v.identity, identity);
+    assert_eq!(v.overrides.len(), 1, "{v:?}");
+    assert_eq!(
+        v.overrides[0],
+        format!(
+            "rollback in force from {} (at: {at})",
+            agiproxy_config::format_ms(effect)
+        ),
+        "{v:?}"
+    );
+    // The running text has it, as the API writes it; the file does not.
+    assert!(snap.meta.text.contains(&at), "{}", snap.meta.text);
+    let note = v.differs_from_file.expect("differs from the file");
+    assert!(
+        note.contains(&format!("{{ action: rollback, at: \"{at}\" }}")),
+        "{note}"
+    );
+    let log = warnings();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rollout override kept"))
+        .unwrap_or_else(|| panic!("no WARN line: {log}"));
+    for part in [
+        "WARN",
+        "route=ivr",
+        "action=rollback",
+        &format!("at={at}"),
+        "into the file",
+    ] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    // The calls' later AGIs, and new calls, stay on blue.
+    calls(uids.clone()).await;
+    let later: Vec<String> = (0..)
+        .map(|i| format!("pbx-{}.{i}", now_ms() / 1000))
+        .filter(|u| sticky::point(u.as_bytes()) < 2000)
+        .take(5)
+        .collect();
+    calls(later).await;
+    assert_eq!((blue.stats().accepted(), green.stats().accepted()), (20, 0));
+    // The checks an override through the API meets hold for one kept: a
+    // new skew that would move it across now (undo the rollback until
+    // later) is refused, and the running config stays.
+    std::fs::write(&file, edited.replacen("skew: 1s", "skew: 10m", 1)).unwrap();
+    let resp = r
+        .client
+        .call(&r.api, "POST", "/v1/reload", &[], None)
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, 400, "{body}");
+    assert!(body.contains("moves the rollback override"), "{body}");
+    assert_eq!(view(&r).await.state, "rolled_back");
+    std::fs::write(&file, &edited).unwrap();
+    // The same file again changes nothing, and still says so.
+    let resp = r
+        .client
+        .call(&r.api, "POST", "/v1/reload", &[], None)
+        .await
+        .unwrap();
+    let again: agiproxy_control::api::Applied = serde_json::from_slice(&resp.body).unwrap();
+    assert!(!again.changed, "{again:?}");
+    assert_eq!(again.hash, applied.hash);
+    let kept = warnings().matches("rollout override kept").count();
+    assert_eq!(kept, 2, "{}", warnings());
+
+    // A new rollout (a new start) takes none of the old one's overrides.
+    let renewed = edited.replacen(&first, &start(now_ms() - 100), 1);
+    std::fs::write(&file, &renewed).unwrap();
+    let resp = r
+        .client
+        .call(&r.api, "POST", "/v1/reload", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let v = view(&r).await;
+    assert_eq!(v.state, "progressing", "{v:?}");
+    assert_ne!(v.identity, identity);
+    assert!(v.overrides.is_empty(), "{v:?}");
+    assert_eq!(v.differs_from_file, None, "{v:?}");
+    assert_eq!(&*r.server.snapshot().meta.text, renewed.as_str());
+    // Green takes its share of new calls again.
+    let fresh: Vec<String> = (0..)
+        .map(|i| format!("pbx-{}.{i}", now_ms() / 1000 + 1))
+        .filter(|u| sticky::point(u.as_bytes()) < 2000)
+        .take(3)
+        .collect();
+    while now_ms() / 1000
+        < fresh[0]
+            .split(['-', '.'])
+            .nth(1)
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    calls(fresh).await;
+    assert_eq!(green.stats().accepted(), 3);
 }

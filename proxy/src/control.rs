@@ -349,7 +349,7 @@ impl ControlPlane for ControlHandle {
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
         self.server
-            .apply(&text, "api", dry_run, if_match)
+            .apply(&text, crate::server::API_SOURCE, dry_run, if_match)
             .await
             .map(applied)
             .map_err(control_error)
@@ -406,7 +406,7 @@ impl ControlPlane for ControlHandle {
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
         self.server
-            .apply_edit("api", if_match, {
+            .apply_edit(crate::server::API_SOURCE, if_match, {
                 let route = route.to_string();
                 move |text| with_split(text, &route, &split)
             })
@@ -461,7 +461,7 @@ impl ControlPlane for ControlHandle {
         let r = self
             .server
             .apply_edit_checked(
-                "api",
+                crate::server::API_SOURCE,
                 None,
                 move |text| {
                     crate::rollout::view::with_override(

@@ -54,6 +54,16 @@ pub enum ApplyError {
     Uneditable(String),
 }
 
+impl From<crate::rollout::overrides::EditError> for ApplyError {
+    fn from(e: crate::rollout::overrides::EditError) -> ApplyError {
+        use crate::rollout::overrides::EditError;
+        match e {
+            EditError::NotFound(m) => ApplyError::NotFound(m),
+            EditError::Uneditable(m) => ApplyError::Uneditable(m),
+        }
+    }
+}
+
 /// Makes the text of a change from the running config's text.
 type Edit = Arc<dyn Fn(&str) -> Result<String, ApplyError> + Send + Sync>;
 
@@ -76,6 +86,23 @@ pub struct Applied {
     pub dry_run: bool,
     /// False when the text equals the running config's (nothing was done).
     pub changed: bool,
+}
+
+/// The source of a config text sent through the control API. Any other
+/// text given to [`Server::apply`] is the file's (a reload, SIGHUP, the
+/// watch; `test` in tests).
+pub const API_SOURCE: &str = "api";
+
+/// How a change makes its text, and what it keeps of the running config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A whole text from the API, taken as it is.
+    Text,
+    /// A whole text from the file: keeps the overrides of the running
+    /// rollouts it lacks while they stay the same rollout.
+    File,
+    /// An edit of the running text.
+    Edit,
 }
 
 /// Where the starting config came from.
@@ -250,6 +277,12 @@ impl Server {
 
     /// Validates and applies a config text. With `dry_run`, validates only.
     /// `if_match`: refuse unless this generation is the running one.
+    ///
+    /// A text from anywhere but the API ([`API_SOURCE`]: the file, read by a
+    /// reload, SIGHUP or the watch) keeps the rollout overrides written
+    /// through the API that it lacks, while the rollout is the same (see
+    /// [`crate::rollout::overrides::carried_overrides`]); a dry run shows the
+    /// text with them. A text sent through the API is taken as it is.
     pub async fn apply(
         &self,
         text: &str,
@@ -259,7 +292,12 @@ impl Server {
     ) -> Result<Applied, ApplyError> {
         let text: Arc<str> = Arc::from(text);
         let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
-        self.change(source, dry_run, if_match, false, edit, None)
+        let mode = if source == API_SOURCE {
+            Mode::Text
+        } else {
+            Mode::File
+        };
+        self.change(source, dry_run, if_match, mode, edit, None)
             .await
     }
 
@@ -271,7 +309,7 @@ impl Server {
         if_match: Option<u64>,
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, true, Arc::new(edit), None)
+        self.change(source, false, if_match, Mode::Edit, Arc::new(edit), None)
             .await
     }
 
@@ -284,8 +322,15 @@ impl Server {
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
         check: SwapCheck,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, true, Arc::new(edit), Some(check))
-            .await
+        self.change(
+            source,
+            false,
+            if_match,
+            Mode::Edit,
+            Arc::new(edit),
+            Some(check),
+        )
+        .await
     }
 
     async fn change(
@@ -293,7 +338,7 @@ impl Server {
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
-        edit: bool,
+        mode: Mode,
         text: Edit,
         check: Option<SwapCheck>,
     ) -> Result<Applied, ApplyError> {
@@ -301,7 +346,7 @@ impl Server {
         // timeout drops this future) is counted too, as `abandoned`.
         let mut unfinished = Unfinished(Some(&self.shared.metrics));
         let result = self
-            .apply_inner(text, source, dry_run, if_match, edit, check)
+            .apply_inner(text, source, dry_run, if_match, mode, check)
             .await;
         unfinished.0 = None;
         let label = match &result {
@@ -348,20 +393,24 @@ impl Server {
         source: &str,
         dry_run: bool,
         if_match: Option<u64>,
-        edit: bool,
+        mode: Mode,
         check: Option<SwapCheck>,
     ) -> Result<Applied, ApplyError> {
+        let edit = mode == Mode::Edit;
         // Edits take turns (see `Changes::edits`). One that finds another
         // change (a new text, the file) applied while it was parsed is made
         // again on the newer text, a bounded number of times: no lost
-        // update, and no lock held while parsing.
-        let _turn = if edit {
+        // update, and no lock held while parsing. A text from the file
+        // takes its turn too, and is made again likewise: the overrides it
+        // keeps are the running config's (an override written between would
+        // be lost).
+        let _turn = if mode != Mode::Text {
             Some(self.changes.edits.lock().await)
         } else {
             None
         };
         let mut attempts = 0;
-        let (mut table, current, config, text, hash) = loop {
+        let (mut table, current, config, text, hash, carried) = loop {
             attempts += 1;
             let current = self.shared.snapshot.load_full();
             let generation = current.meta.generation;
@@ -407,8 +456,10 @@ impl Server {
             let config = self
                 .compile(text.clone(), current.config.limits.max_config_bytes)
                 .await?;
+            // The running rollouts (a snapshot's config has no routes).
+            let running = current.rollout_config();
             let moved = crate::session::rollout::skew_changes(
-                &current.rollout_config(),
+                &running,
                 &config,
                 crate::session::rollout::now_ms(),
             );
@@ -417,6 +468,55 @@ impl Server {
                 return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
             }
             self.note_parsed(hash, &config);
+            let carried = if mode == Mode::File {
+                crate::rollout::overrides::carried_overrides(&running, &config)
+            } else {
+                Vec::new()
+            };
+            let (config, text, hash) = if carried.is_empty() {
+                (config, text, hash)
+            } else {
+                release(config);
+                let text = self.with_carried(&text, &carried).await?;
+                let hash = text_hash(&text);
+                if hash == current.meta.hash {
+                    // The running text already: the file plus these.
+                    if !dry_run {
+                        warn_carried(&carried);
+                    }
+                    return Ok(Applied {
+                        generation,
+                        hash,
+                        dry_run,
+                        changed: false,
+                    });
+                }
+                let config = self
+                    .compile(text.clone(), current.config.limits.max_config_bytes)
+                    .await?;
+                // The same checks as the file's own config had: a carried
+                // override moved across now by a new skew is refused.
+                let moved = crate::session::rollout::skew_changes(
+                    &running,
+                    &config,
+                    crate::session::rollout::now_ms(),
+                );
+                let lost = crate::rollout::overrides::carried_overrides(&running, &config);
+                if !moved.is_empty() {
+                    release(config);
+                    return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
+                }
+                if !lost.is_empty() {
+                    release(config);
+                    return Err(ApplyError::Uneditable(format!(
+                        "the config file lacks rollout overrides written through the API, and \
+                         its text with them written in does not read back with them: {}; \
+                         nothing was changed: write them into the file",
+                        carried_list(&lost)
+                    )));
+                }
+                (config, text, hash)
+            };
             if dry_run {
                 release(config);
                 return Ok(Applied {
@@ -429,7 +529,7 @@ impl Server {
             let table = self.changes.listeners.lock().await;
             let now = self.shared.snapshot.load_full();
             if now.meta.generation == generation {
-                break (table, current, config, text, hash);
+                break (table, current, config, text, hash, carried);
             }
             // Another change went in while this one was parsed.
             if let Some(expected) = if_match {
@@ -437,6 +537,11 @@ impl Server {
                     current: now.meta.generation,
                     expected: Some(expected),
                 });
+            }
+            if mode == Mode::File && attempts < 3 {
+                // The overrides to keep are the newer config's.
+                release(config);
+                continue;
             }
             if !edit || attempts >= 3 {
                 // A whole new text does not depend on the running one: the
@@ -450,7 +555,7 @@ impl Server {
                     });
                 }
                 if !edit {
-                    break (table, now, config, text, hash);
+                    break (table, now, config, text, hash, carried);
                 }
                 return Err(ApplyError::Stale {
                     current: now.meta.generation,
@@ -525,6 +630,7 @@ impl Server {
             .metrics
             .config_generation
             .set(generation as i64 + 1);
+        warn_carried(&carried);
         Ok(Applied {
             generation: generation + 1,
             hash,
@@ -558,6 +664,38 @@ impl Server {
         .await
         .map_err(|e| ApplyError::Internal(e.to_string()))?
         .map_err(ApplyError::Invalid)
+    }
+
+    /// `text` with the `carried` overrides written in, on a blocking thread
+    /// as one of the parses. A text that cannot take them is refused: the
+    /// running config (which has them) is kept.
+    async fn with_carried(
+        &self,
+        text: &Arc<str>,
+        carried: &[crate::rollout::overrides::Carried],
+    ) -> Result<Arc<str>, ApplyError> {
+        let permit = self
+            .changes
+            .parses
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        let (text, list) = (text.clone(), carried.to_vec());
+        let edited = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = permit;
+            crate::rollout::overrides::with_carried(&text, &list)
+        })
+        .await
+        .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        edited.map(Arc::from).map_err(|e| {
+            ApplyError::Uneditable(format!(
+                "the config file lacks rollout overrides written through the API ({}), and \
+                 they could not be written into its text ({e}); nothing was changed: write \
+                 them into the file",
+                carried_list(carried)
+            ))
+        })
     }
 
     /// Re-reads the config file and applies it.
@@ -705,6 +843,30 @@ impl Server {
     pub async fn draining(&self) {
         self.shared.drain.stop_accepting.cancelled().await
     }
+}
+
+/// One WARN line per override a text from the file lacked and the running
+/// config kept (the route, the action and `at`, and what to write).
+fn warn_carried(carried: &[crate::rollout::overrides::Carried]) {
+    for c in carried {
+        tracing::warn!(
+            route = %c.route,
+            action = %c.action,
+            at = %c.at,
+            "rollout override kept: the config file does not have it, and the running rollout is the same; write overrides: [{}] into the file (route {}) to keep it across a restart of every replica",
+            c.entry(),
+            c.route
+        );
+    }
+}
+
+/// `route ivr: { action: rollback, at: "..." }, ...`, for an error.
+fn carried_list(carried: &[crate::rollout::overrides::Carried]) -> String {
+    carried
+        .iter()
+        .map(|c| format!("route {}: {}", c.route, c.entry()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Bytes of errors on the log line of a refused change: room for the 101

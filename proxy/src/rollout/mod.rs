@@ -4,6 +4,7 @@
 //! the session path, in `crate::session::rollout`, re-exported here.
 
 pub mod eval;
+pub mod overrides;
 pub mod view;
 
 pub use crate::session::rollout::{

@@ -8,6 +8,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
 use super::eval::{decision_view, to_api};
+use super::overrides::{edit_text, push_override, rollout_mut};
 use crate::server::{ApplyError, FileRollouts};
 use crate::session::rollout::{now_ms, CompiledRollout, Side, State};
 use crate::session::router::CompiledRoute;
@@ -266,51 +267,22 @@ pub fn with_override(
             }
         }
     }
-    // A running text may start with a byte order mark, which serde_yaml refuses.
-    let text = agiproxy_config::without_bom(text);
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        ApplyError::Uneditable(format!("the running config text cannot be edited: {e}"))
-    })?;
-    let entry = doc
-        .get_mut("routes")
-        .and_then(|r| r.as_sequence_mut())
-        .and_then(|routes| {
-            routes
-                .iter_mut()
-                .filter_map(|r| r.as_mapping_mut())
-                .find(|m| m.get("name").and_then(|n| n.as_str()) == Some(route))
-        })
-        .ok_or_else(|| ApplyError::NotFound(format!("no route {route:?}")))?;
-    let rollout = entry
-        .get_mut("rollout")
-        .and_then(|r| r.as_mapping_mut())
-        .ok_or_else(|| ApplyError::NotFound(format!("route {route:?} has no rollout")))?;
-    let at = match at {
-        Some(t) => t.to_string(),
-        None if fleet => {
-            return Err(invalid(format!(
-                "required: this rollout reads its peers (judge.peers), and every replica must write the same override; send the same {{\"at\": \"{}\"}} to each, or use `agiproxy ctl --cluster ... rollout {action} {route}`, which does",
-                format_ms(now_ms())
-            )))
-        }
-        None => format_ms(now_ms()),
-    };
-    let mut o = serde_yaml::Mapping::new();
-    o.insert("action".into(), action.into());
-    o.insert("at".into(), at.into());
-    match rollout
-        .get_mut("overrides")
-        .and_then(|v| v.as_sequence_mut())
-    {
-        Some(list) => list.push(serde_yaml::Value::Mapping(o)),
-        None => {
-            rollout.insert(
-                "overrides".into(),
-                serde_yaml::Value::Sequence(vec![serde_yaml::Value::Mapping(o)]),
-            );
-        }
-    }
-    serde_yaml::to_string(&doc).map_err(|e| ApplyError::Uneditable(e.to_string()))
+    edit_text(text, |doc| {
+        let rollout = rollout_mut(doc, route)?;
+        // Checked after the route: what does not exist is 404, `at` or not.
+        let at = match at {
+            Some(t) => t.to_string(),
+            None if fleet => {
+                return Err(invalid(format!(
+                    "required: this rollout reads its peers (judge.peers), and every replica must write the same override; send the same {{\"at\": \"{}\"}} to each, or use `agiproxy ctl --cluster ... rollout {action} {route}`, which does",
+                    format_ms(now_ms())
+                )))
+            }
+            None => format_ms(now_ms()),
+        };
+        push_override(rollout, action, &at);
+        Ok(())
+    })
 }
 
 /// `agiproxy_rollout_*`, read from live state at scrape time.
