@@ -361,6 +361,10 @@ async fn a_new_start_is_not_rolled_back_by_the_decision_of_the_rollout_before() 
     let body = String::from_utf8_lossy(&resp.body);
     assert_eq!(resp.status, 400, "{body}");
     assert!(body.contains("\"at\"") && body.contains("ctl"), "{body}");
+    assert!(
+        body.contains("override refused; nothing was changed"),
+        "{body}"
+    );
     assert_eq!(view(&rs[0]).await.overrides, Vec::<String>::new());
     // A route without a rollout (a typo): the answer names those with one.
     let resp = rs[0]

@@ -56,6 +56,16 @@ pub(crate) fn parse(text: &str) -> Result<Parsed, ConfigError> {
         Node::Leaf(Leaf::Null) => RawConfig::default(),
         v => RawConfig::lenient(v, &mut walk).unwrap_or_default(),
     };
+    for s in walk.found.iter_mut().filter(|s| s.at.is_empty()) {
+        // A snippet pasted alone (a list of routes) said only "expected a
+        // mapping" (walkthrough): say what the top level holds.
+        if s.message.starts_with("invalid type: sequence") {
+            s.message.push_str(
+                "; a config is a mapping (version:, listeners:, routes:, pools:, ...): \
+                 this is a list, e.g. routes written without `routes:` above them",
+            );
+        }
+    }
     Ok(Parsed {
         raw,
         structural: walk.found,

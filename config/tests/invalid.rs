@@ -624,3 +624,15 @@ fn a_skew_under_a_second_is_refused() {
     let ok = text.replace("skew: 1ms", "skew: 1s");
     assert!(from_yaml_str(&ok).is_ok());
 }
+
+/// A list at the top level (a cookbook's routes pasted alone) says what a
+/// config is, not only "expected a mapping" (walkthrough).
+#[test]
+fn a_list_at_the_top_level_says_what_a_config_is() {
+    let e = agiproxy_config::from_yaml_str("- { name: all, pool: p }\n").unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("expected a mapping") && text.contains("without `routes:` above them"),
+        "{text}"
+    );
+}

@@ -421,7 +421,8 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             // One time for every replica: they all write the same override,
             // so they converge on one config (and one routing).
             let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-            eprintln!("{action} {route} at {at} (takes effect after the rollout's skew)");
+            // The time chosen; whether each replica took it is in its answer.
+            eprintln!("{action} {route}: sending at {at} (in force the rollout's skew later on each replica that takes it)");
             let body = serde_json::to_vec(&RolloutOverrideRequest { at: Some(at) })
                 .map_err(|e| e.to_string())?;
             Call::new(

@@ -45,7 +45,13 @@ pub(crate) fn control_error(e: ControlError) -> Response {
         ControlError::Invalid(errors) => (
             StatusCode::BAD_REQUEST,
             ErrorBody {
-                error: "the config is invalid; nothing was changed".into(),
+                // A rollout action refused for its `at` (missing, past, late):
+                // nothing in the config is invalid (walkthrough).
+                error: if !errors.is_empty() && errors.iter().all(|e| e.path == "at") {
+                    "override refused; nothing was changed".into()
+                } else {
+                    "the config is invalid; nothing was changed".into()
+                },
                 errors: errors.clone(),
                 generation: None,
             },
