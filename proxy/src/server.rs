@@ -453,20 +453,11 @@ impl Server {
                     changed: false,
                 });
             }
-            let config = self
-                .compile(text.clone(), current.config.limits.max_config_bytes)
-                .await?;
             // The running rollouts (a snapshot's config has no routes).
             let running = current.rollout_config();
-            let moved = crate::session::rollout::skew_changes(
-                &running,
-                &config,
-                crate::session::rollout::now_ms(),
-            );
-            if !moved.is_empty() {
-                release(config);
-                return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
-            }
+            let config = self
+                .compile_checked(text.clone(), &current, &running)
+                .await?;
             self.note_parsed(hash, &config);
             let carried = if mode == Mode::File {
                 crate::rollout::overrides::carried_overrides(&running, &config)
@@ -491,21 +482,12 @@ impl Server {
                         changed: false,
                     });
                 }
-                let config = self
-                    .compile(text.clone(), current.config.limits.max_config_bytes)
-                    .await?;
                 // The same checks as the file's own config had: a carried
                 // override moved across now by a new skew is refused.
-                let moved = crate::session::rollout::skew_changes(
-                    &running,
-                    &config,
-                    crate::session::rollout::now_ms(),
-                );
+                let config = self
+                    .compile_checked(text.clone(), &current, &running)
+                    .await?;
                 let lost = crate::rollout::overrides::carried_overrides(&running, &config);
-                if !moved.is_empty() {
-                    release(config);
-                    return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
-                }
                 if !lost.is_empty() {
                     release(config);
                     return Err(ApplyError::Uneditable(format!(
@@ -642,6 +624,29 @@ impl Server {
     /// Parses and compiles a config text on a blocking thread, one at a
     /// time. Refused at once when over `max_bytes` (the running config's
     /// `limits.max_config_bytes`). Dropping the future stops only the wait.
+    /// [`Server::compile`], refused as any change is when its `skew` would
+    /// move an override of a `running` rollout across now.
+    async fn compile_checked(
+        &self,
+        text: Arc<str>,
+        current: &Snapshot,
+        running: &Config,
+    ) -> Result<Config, ApplyError> {
+        let config = self
+            .compile(text, current.config.limits.max_config_bytes)
+            .await?;
+        let moved = crate::session::rollout::skew_changes(
+            running,
+            &config,
+            crate::session::rollout::now_ms(),
+        );
+        if !moved.is_empty() {
+            release(config);
+            return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));
+        }
+        Ok(config)
+    }
+
     async fn compile(&self, text: Arc<str>, max_bytes: usize) -> Result<Config, ApplyError> {
         if text.len() > max_bytes {
             return agiproxy_config::from_yaml_str_within(&text, max_bytes)

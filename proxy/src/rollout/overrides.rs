@@ -4,7 +4,7 @@
 
 use agiproxy_config::{format_ms, OverrideAction};
 
-use crate::session::rollout::live::identity;
+use crate::session::rollout::live::same_rollouts;
 
 /// Why a config text could not take an override.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,22 +103,8 @@ pub fn carried_overrides(
     new: &agiproxy_config::Config,
 ) -> Vec<Carried> {
     let mut out = Vec::new();
-    for route in &new.routes {
-        let Some(ro) = route.rollout.as_deref() else {
-            continue;
-        };
-        let Some(before) = running
-            .routes
-            .iter()
-            .find(|r| r.name == route.name)
-            .and_then(|r| r.rollout.as_deref())
-        else {
-            continue;
-        };
-        if before.overrides.is_empty()
-            || identity(&route.name, before, &running.pools)
-                != identity(&route.name, ro, &new.pools)
-        {
+    for (_, route, before, ro) in same_rollouts(running, new) {
+        if before.overrides.is_empty() {
             continue;
         }
         // Compared as written: a new skew moves them all alike (and
@@ -136,7 +122,7 @@ pub fn carried_overrides(
                     has.swap_remove(i);
                 }
                 None => out.push(Carried {
-                    route: route.name.clone(),
+                    route: route.to_string(),
                     action: o.action,
                     at: format_ms(written.1),
                 }),

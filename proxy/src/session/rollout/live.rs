@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use agiproxy_config::{Pool, Rollout};
+use agiproxy_config::{Config, Pool, Rollout};
 
 use super::judge::{Counts, BUCKETS_MS};
 use crate::session::outcome::{Outcome, Reason};
@@ -140,6 +140,27 @@ pub fn identity(route: &str, ro: &Rollout, pools: &[Pool]) -> String {
 }
 
 const IDENTITY_SEED: u64 = 0x1d_e7;
+
+/// The rollouts of `new` that are the same rollout (the same [`identity`])
+/// as `old`'s on the route of that name: the index of the route in `new`,
+/// its name, `old`'s rollout and `new`'s. `old` must have its routes (not a
+/// snapshot's config: `Snapshot::rollout_config`).
+pub fn same_rollouts<'a>(
+    old: &'a Config,
+    new: &'a Config,
+) -> impl Iterator<Item = (usize, &'a str, &'a Rollout, &'a Rollout)> + 'a {
+    new.routes.iter().enumerate().filter_map(move |(i, route)| {
+        let ro = route.rollout.as_deref()?;
+        let before = old
+            .routes
+            .iter()
+            .find(|r| r.name == route.name)?
+            .rollout
+            .as_deref()?;
+        (identity(&route.name, before, &old.pools) == identity(&route.name, ro, &new.pools))
+            .then_some((i, route.name.as_str(), before, ro))
+    })
+}
 
 impl RolloutLive {
     /// The live state for the rollout `ro` of `route`: `previous` when it is

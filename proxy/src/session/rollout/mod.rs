@@ -213,22 +213,8 @@ pub fn skew_changes(
     now_ms: i64,
 ) -> Vec<agiproxy_config::ConfigError> {
     let mut errors = Vec::new();
-    for (i, route) in new.routes.iter().enumerate() {
-        let Some(ro) = route.rollout.as_deref() else {
-            continue;
-        };
-        let Some(before) = old
-            .routes
-            .iter()
-            .find(|r| r.name == route.name)
-            .and_then(|r| r.rollout.as_deref())
-        else {
-            continue;
-        };
-        if before.skew == ro.skew
-            || live::identity(&route.name, before, &old.pools)
-                != live::identity(&route.name, ro, &new.pools)
-        {
+    for (i, _, before, ro) in live::same_rollouts(old, new) {
+        if before.skew == ro.skew {
             continue;
         }
         let (was, is) = (before.skew.as_millis() as i64, ro.skew.as_millis() as i64);
