@@ -425,20 +425,9 @@ impl Server {
                 // and as one of the parses (a large config's parse takes
                 // hundreds of MB: eight edits at once took 1.35 GB).
                 let (f, running) = (text.clone(), current.clone());
-                let permit = self
-                    .changes
-                    .parses
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| ApplyError::Internal(e.to_string()))?;
-                tokio::task::spawn_blocking(move || {
-                    let _one_at_a_time = permit;
-                    f(&running.meta.text)
-                })
-                .await
-                .map_err(|e| ApplyError::Internal(e.to_string()))??
-                .into()
+                self.parse_turn(move || f(&running.meta.text))
+                    .await??
+                    .into()
             } else {
                 text("")?.into()
             };
@@ -647,11 +636,12 @@ impl Server {
         Ok(config)
     }
 
-    async fn compile(&self, text: Arc<str>, max_bytes: usize) -> Result<Config, ApplyError> {
-        if text.len() > max_bytes {
-            return agiproxy_config::from_yaml_str_within(&text, max_bytes)
-                .map_err(ApplyError::Invalid);
-        }
+    /// Runs `work` (a parse of a config text) on a blocking thread, as one
+    /// of the parses at a time: a large config's parse takes hundreds of MB.
+    async fn parse_turn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApplyError> {
         let permit = self
             .changes
             .parses
@@ -661,13 +651,24 @@ impl Server {
             .map_err(|e| ApplyError::Internal(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
             let _one_at_a_time = permit;
+            work()
+        })
+        .await
+        .map_err(|e| ApplyError::Internal(e.to_string()))
+    }
+
+    async fn compile(&self, text: Arc<str>, max_bytes: usize) -> Result<Config, ApplyError> {
+        if text.len() > max_bytes {
+            return agiproxy_config::from_yaml_str_within(&text, max_bytes)
+                .map_err(ApplyError::Invalid);
+        }
+        self.parse_turn(move || {
             let config = agiproxy_config::from_yaml_str_within(&text, max_bytes);
             // The parse's intermediate values are gone by now.
             give_back_memory();
             config
         })
-        .await
-        .map_err(|e| ApplyError::Internal(e.to_string()))?
+        .await?
         .map_err(ApplyError::Invalid)
     }
 
@@ -679,20 +680,10 @@ impl Server {
         text: &Arc<str>,
         carried: &[crate::rollout::overrides::Carried],
     ) -> Result<Arc<str>, ApplyError> {
-        let permit = self
-            .changes
-            .parses
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| ApplyError::Internal(e.to_string()))?;
         let (text, list) = (text.clone(), carried.to_vec());
-        let edited = tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = permit;
-            crate::rollout::overrides::with_carried(&text, &list)
-        })
-        .await
-        .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        let edited = self
+            .parse_turn(move || crate::rollout::overrides::with_carried(&text, &list))
+            .await?;
         edited.map(Arc::from).map_err(|e| {
             ApplyError::Uneditable(format!(
                 "the config file lacks rollout overrides written through the API ({}), and \
