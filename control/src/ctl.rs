@@ -13,8 +13,8 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use crate::api::{
-    Applied, ConfigView, ErrorBody, PoolView, RolloutOverrideRequest, RolloutView, SplitRequest,
-    SplitWeight, Status,
+    Applied, BackendView, ConfigView, ErrorBody, PoolView, RolloutOverrideRequest, RolloutView,
+    SplitRequest, SplitWeight, Status,
 };
 use crate::client::{Address, Client, Target};
 use crate::tls::{connector, ClientTls};
@@ -710,29 +710,47 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
                 .unwrap_or_default();
             out!(
-                "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
-                "POOL",
-                "BACKEND",
-                "STATE",
-                "WEIGHT",
-                "ACTIVE",
-                "TOTAL",
-                "EJECTIONS"
+                "{}",
+                backend_row([
+                    "POOL",
+                    "BACKEND",
+                    "STATE",
+                    "WEIGHT",
+                    "ACTIVE",
+                    "TOTAL",
+                    "EJECTIONS"
+                ])
             );
             for p in pools {
-                for b in p.backends {
-                    out!(
-                        "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
-                        p.name,
-                        b.address,
-                        b.state,
-                        b.weight,
-                        b.active_sessions,
-                        b.total_sessions,
-                        b.ejections
-                    );
+                for b in &p.backends {
+                    out!("{}", backend_row(backend_cells(&p.name, b)));
                 }
             }
+        }
+        // The backend as `ctl pools` shows it, so the new state is read
+        // where it is usually read (the JSON stays with `--output json`).
+        CtlCommand::Drain { pool, .. } | CtlCommand::Enable { pool, .. } => {
+            match serde_json::from_value::<BackendView>(body.clone()) {
+                Ok(b) => {
+                    out!(
+                        "{}",
+                        backend_row([
+                            "POOL",
+                            "BACKEND",
+                            "STATE",
+                            "WEIGHT",
+                            "ACTIVE",
+                            "TOTAL",
+                            "EJECTIONS"
+                        ])
+                    );
+                    out!("{}", backend_row(backend_cells(pool, &b)));
+                }
+                Err(_) => out!("{body}"),
+            }
+        }
+        CtlCommand::DrainReplica { .. } => {
+            out!("draining: listeners closed, calls in flight finish; `ctl status` shows what is left")
         }
         CtlCommand::Rollout(RolloutCommand::Status { .. }) => {
             let list: Vec<RolloutView> = serde_json::from_value::<Vec<RolloutView>>(body.clone())
@@ -761,8 +779,27 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 out!("{what}: generation {} hash {}", a.generation, a.hash);
             }
         }
-        _ => out!("{body}"),
     }
+}
+
+/// One line of `ctl pools`' table.
+fn backend_row<S: std::fmt::Display>(c: [S; 7]) -> String {
+    format!(
+        "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+    )
+}
+
+fn backend_cells(pool: &str, b: &BackendView) -> [String; 7] {
+    [
+        pool.to_string(),
+        b.address.clone(),
+        b.state.clone(),
+        b.weight.to_string(),
+        b.active_sessions.to_string(),
+        b.total_sessions.to_string(),
+        b.ejections.to_string(),
+    ]
 }
 
 /// `ctl rollout status` for one route, as printed.

@@ -296,8 +296,28 @@ async fn issue_17_ctl_over_the_control_socket_needs_no_token() {
         "{}",
         text(&out)
     );
+    // A backend drained and enabled again: its row of the pools table.
+    let backend = b.addr().to_string();
+    for (cmd, state) in [("drain", "draining"), ("enable", "healthy")] {
+        let out = ctl(&["--socket", s, cmd, "p", &backend]);
+        assert!(out.status.success(), "{}", text(&out));
+        let said = text(&out);
+        let row: Vec<&str> = said
+            .lines()
+            .find(|l| l.contains(&backend))
+            .unwrap_or_else(|| panic!("{cmd}: no row for {backend}: {said}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(&row[..3], ["p", backend.as_str(), state], "{cmd}: {said}");
+        assert!(said.starts_with("POOL "), "{cmd}: {said}");
+    }
     let out = ctl(&["--socket", s, "drain-replica"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("draining: listeners closed"),
+        "{}",
+        text(&out)
+    );
     assert!(
         r.wait_exit(Duration::from_secs(20)).success(),
         "{}",

@@ -8,7 +8,12 @@
 /// a key in another format (an id given through ARI or originate).
 pub fn key_time_ms(key: &str) -> Option<i64> {
     // The system name may itself hold '-'; the id is after the last one.
-    let id = key.rsplit_once('-').map_or(key, |(_, id)| id);
+    // A '-' with no name before it is not Asterisk's form (`-1.5`).
+    let id = match key.rsplit_once('-') {
+        Some(("", _)) => return None,
+        Some((_, id)) => id,
+        None => key,
+    };
     let (secs, seq) = id.split_once('.')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     // 12 digits reach past the year 30000: anything longer is not a time.
@@ -50,6 +55,7 @@ mod tests {
             "1796505644.1a",
             "1234567890123.1",
             "0a1b2c3d-aaaa-bbbb",
+            "-1.5",
         ] {
             assert_eq!(key_time_ms(bad), None, "{bad}");
         }
