@@ -2,46 +2,16 @@
 
 use std::time::Duration;
 
-use crate::model::{BackendTarget, Pool, Rewrite, Route, RouteTarget, ScriptMatch, Timeouts};
+use crate::model::{
+    BackendTarget, Pool, Rewrite, Rollout, Route, RouteMatch, RouteTarget, ScriptMatch, Timeouts,
+};
 
 impl Route {
     /// A one-line human summary, e.g.
     /// `ivr: script prefix "ivr/", query lang=de, args 1~^[0-9]+$, source 10.0.0.0/8 -> pool ivr (least_sessions, 2 backends) rewrite strip "ivr/" set agi_x_route=ivr mode lines`.
     /// `pools` is the config's pool list, which the route's targets index into.
     pub fn describe(&self, pools: &[Pool]) -> String {
-        let m = &self.matcher;
-        let mut criteria = Vec::new();
-        if let Some(script) = &m.script {
-            criteria.push(match script {
-                ScriptMatch::Exact(s) => format!("script exact {s:?}"),
-                ScriptMatch::Prefix(s) => format!("script prefix {s:?}"),
-                ScriptMatch::Regex(r) => format!("script regex {}", r.as_str()),
-            });
-        }
-        if !m.query.is_empty() {
-            let q: Vec<String> = m.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            criteria.push(format!("query {}", q.join("&")));
-        }
-        if !m.args.is_empty() {
-            let a: Vec<String> = m
-                .args
-                .iter()
-                .map(|(n, r)| format!("{n}~{}", r.as_str()))
-                .collect();
-            criteria.push(format!("args {}", a.join(" ")));
-        }
-        if !m.vars.is_empty() {
-            let v: Vec<String> = m
-                .vars
-                .iter()
-                .map(|(k, r)| format!("{k}~{}", r.as_str()))
-                .collect();
-            criteria.push(format!("vars {}", v.join(" ")));
-        }
-        if !m.source.is_empty() {
-            let s: Vec<String> = m.source.iter().map(|n| n.to_string()).collect();
-            criteria.push(format!("source {}", s.join(" ")));
-        }
+        let criteria = self.matcher.criteria();
         let criteria = if criteria.is_empty() {
             "any call".to_string()
         } else {
@@ -92,6 +62,57 @@ impl Route {
             out.push_str(" hangup withheld");
         }
         out
+    }
+}
+
+impl RouteMatch {
+    /// Each criterion in `check`'s words, in the order the matcher reads
+    /// them: `script prefix "ivr/"`, `query lang=de`, `args 1~^[0-9]+$`,
+    /// `vars agi_callerid~^\+49`, `source 10.0.0.0/8`. Empty when it has none.
+    pub fn criteria(&self) -> Vec<String> {
+        let mut criteria = Vec::new();
+        if let Some(script) = &self.script {
+            criteria.push(match script {
+                ScriptMatch::Exact(s) => format!("script exact {s:?}"),
+                ScriptMatch::Prefix(s) => format!("script prefix {s:?}"),
+                ScriptMatch::Regex(r) => format!("script regex {}", r.as_str()),
+            });
+        }
+        if !self.query.is_empty() {
+            let q: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            criteria.push(format!("query {}", q.join("&")));
+        }
+        if !self.args.is_empty() {
+            let a: Vec<String> = self
+                .args
+                .iter()
+                .map(|(n, r)| format!("{n}~{}", r.as_str()))
+                .collect();
+            criteria.push(format!("args {}", a.join(" ")));
+        }
+        if !self.vars.is_empty() {
+            let v: Vec<String> = self
+                .vars
+                .iter()
+                .map(|(k, r)| format!("{k}~{}", r.as_str()))
+                .collect();
+            criteria.push(format!("vars {}", v.join(" ")));
+        }
+        if !self.source.is_empty() {
+            let s: Vec<String> = self.source.iter().map(|n| n.to_string()).collect();
+            criteria.push(format!("source {}", s.join(" ")));
+        }
+        criteria
+    }
+}
+
+impl Rollout {
+    /// The canary's criteria for `agiproxy check`, as
+    /// `query canary=1, source 10.9.0.0/24` (any one matching is enough);
+    /// None without a canary (an empty `canary: {}` matches no call).
+    pub fn describe_canary(&self) -> Option<String> {
+        let criteria = self.canary.criteria();
+        (!criteria.is_empty()).then(|| criteria.join(", "))
     }
 }
 

@@ -1,5 +1,7 @@
 //! The control API's wire types (JSON), shared by the server and `ctl`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`.
@@ -224,6 +226,9 @@ pub struct RolloutView {
     pub next_step_at: Option<String>,
     /// Overrides in the running config, as `ACTION at TIME` (effective time).
     pub overrides: Vec<String>,
+    /// The rollout's `canary`; absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<RolloutDecisionView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -242,6 +247,49 @@ pub struct RolloutView {
     /// and decisions only when theirs are equal. Absent from older releases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+}
+
+/// A rollout's canary criteria, in the shapes the config's `match:` writes
+/// them (no `script`); those not set are absent. A call matching any one
+/// goes to green at every step, until a rollback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct CanaryView {
+    /// Query parameters and the value each must have, as written.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, String>,
+    /// `agi_arg_N` by N, against a regex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub args: BTreeMap<usize, String>,
+    /// `agi_*` header variables against a regex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+    /// Networks Asterisk's address may be in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source: Vec<String>,
+}
+
+impl CanaryView {
+    /// The criteria in `agiproxy check`'s words:
+    /// `query canary=1, args 2~^qa$, vars agi_callerid~^\+1555, source 10.9.0.0/24`.
+    pub fn describe(&self) -> String {
+        let mut out = Vec::new();
+        if !self.query.is_empty() {
+            let q: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push(format!("query {}", q.join("&")));
+        }
+        if !self.args.is_empty() {
+            let a: Vec<String> = self.args.iter().map(|(n, r)| format!("{n}~{r}")).collect();
+            out.push(format!("args {}", a.join(" ")));
+        }
+        if !self.vars.is_empty() {
+            let v: Vec<String> = self.vars.iter().map(|(k, r)| format!("{k}~{r}")).collect();
+            out.push(format!("vars {}", v.join(" ")));
+        }
+        if !self.source.is_empty() {
+            out.push(format!("source {}", self.source.join(" ")));
+        }
+        out.join(", ")
+    }
 }
 
 /// `POST /v1/rollouts/{route}/{pause|resume|promote|rollback}`.

@@ -830,6 +830,13 @@ pub fn format_rollout(r: &RolloutView) -> String {
     if let Some(n) = &r.next_step_at {
         let _ = writeln!(out, "  next step {n}");
     }
+    if let Some(c) = &r.canary {
+        let _ = writeln!(
+            out,
+            "  canary    {} (any one matching goes to green until a rollback)",
+            c.describe()
+        );
+    }
     let _ = writeln!(
         out,
         "  in flight blue {} green {}  (unkeyed sessions {})",
@@ -933,5 +940,38 @@ mod tests {
         );
         let ok = Cli::try_parse_from(["ctl", "status", "--server-name", "control.test"]).unwrap();
         assert_eq!(ok.ctl.server_name.as_deref(), Some("control.test"));
+    }
+
+    /// `rollout status` prints the canary's criteria when there is one,
+    /// in `agiproxy check`'s words; nothing when there is none.
+    #[test]
+    fn rollout_status_prints_the_canary() {
+        let view = |canary: serde_json::Value| -> RolloutView {
+            let mut v = serde_json::json!({
+                "route": "ivr", "from": "blue", "to": "green", "state": "pending",
+                "step": null, "steps": [10.0, 100.0], "weight_percent": 0.0,
+                "start": "2026-12-06T09:00:00Z", "overrides": [],
+                "active_blue": 0, "active_green": 0, "unkeyed_sessions": 0,
+            });
+            if !canary.is_null() {
+                v["canary"] = canary;
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let printed = format_rollout(&view(serde_json::json!({
+            "query": { "canary": "1" },
+            "args": { "2": "^qa$" },
+            "vars": { "agi_callerid": "^\\+1555" },
+            "source": ["10.9.0.0/24"],
+        })));
+        assert!(
+            printed.contains(
+                "\n  canary    query canary=1, args 2~^qa$, vars agi_callerid~^\\+1555, \
+                 source 10.9.0.0/24 (any one matching goes to green until a rollback)\n"
+            ),
+            "{printed}"
+        );
+        let printed = format_rollout(&view(serde_json::Value::Null));
+        assert!(!printed.contains("canary"), "{printed}");
     }
 }

@@ -230,6 +230,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                         "    {}\n",
                         agiproxy::rollout::explain(ro, agiproxy::rollout::now_ms())
                     );
+                    if let Some(c) = ro.describe_canary() {
+                        out += &format!(
+                            "    canary (any one matching goes to green until a rollback): {c}\n"
+                        );
+                    }
                 }
             }
             for w in cfg.warnings() {

@@ -198,7 +198,7 @@ fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
     let start = humantime::format_rfc3339_seconds(start);
     let (_dir, path) = write_config(
         "rollout",
-        &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"),
+        &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      canary: {{ query: {{ canary: \"1\" }}, args: {{ \"2\": \"^qa$\" }}, vars: {{ agi_callerid: \"^\\\\+4930555\" }}, source: [\"10.9.0.0/24\"] }}\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"),
     );
     let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -214,6 +214,15 @@ fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
     );
     assert!(
         stdout.contains("(in 30m 0s)") || stdout.contains("(in 29m 59s)"),
+        "{stdout}"
+    );
+    // The canary's criteria, under the rollout: why a test phone reaches
+    // green (or does not) was not to be seen anywhere.
+    assert!(
+        stdout.contains(
+            "\n    canary (any one matching goes to green until a rollback): query canary=1, \
+             args 2~^qa$, vars agi_callerid~^\\+4930555, source 10.9.0.0/24\n"
+        ),
         "{stdout}"
     );
 }

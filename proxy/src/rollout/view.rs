@@ -3,7 +3,7 @@
 //! notes on what differs from the file, and the metrics.
 
 use agiproxy_config::{format_ms, parse_time, OverrideAction};
-use agiproxy_control::api::{RolloutEvaluationView, RolloutView};
+use agiproxy_control::api::{CanaryView, RolloutEvaluationView, RolloutView};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
@@ -55,6 +55,7 @@ pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
                         )
                     })
                     .collect(),
+                canary: canary_view(&plan.canary),
                 decision: ro.live.decision().as_ref().map(decision_view),
                 last_evaluation: ro.live.evaluation().map(|e| RolloutEvaluationView {
                     tick: e.tick,
@@ -73,6 +74,28 @@ pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
             }
         })
         .collect()
+}
+
+/// The canary's criteria as the API shows them; None without a canary (an
+/// empty `canary: {}` matches no call).
+fn canary_view(m: &agiproxy_config::RouteMatch) -> Option<CanaryView> {
+    if m.is_catch_all() {
+        return None;
+    }
+    Some(CanaryView {
+        query: m.query.iter().cloned().collect(),
+        args: m
+            .args
+            .iter()
+            .map(|(n, p)| (*n, p.as_str().to_string()))
+            .collect(),
+        vars: m
+            .vars
+            .iter()
+            .map(|(k, p)| (k.clone(), p.as_str().to_string()))
+            .collect(),
+        source: m.source.iter().map(ToString::to_string).collect(),
+    })
 }
 
 /// What the running rollout of `route` has that the file lacks.
@@ -493,5 +516,52 @@ mod tests {
         assert!(nothing(&paused, OverrideAction::Pause));
         assert!(!nothing(&paused, OverrideAction::Resume));
         assert!(!nothing(&paused, OverrideAction::Rollback));
+    }
+
+    /// The view carries the canary's criteria in the shapes `match:` is
+    /// written in, and none without a canary: an operator could not see
+    /// why a test phone reached green (or did not).
+    #[test]
+    fn the_view_shows_the_canary_criteria() {
+        use crate::snapshot::{ConfigMeta, Snapshot};
+        let view = |rollout_extra: &str| {
+            let text = TEXT.replace(
+                "start: \"2026-12-06T09:00:00Z\" }",
+                &format!("start: \"2026-12-06T09:00:00Z\"{rollout_extra} }}"),
+            );
+            let config = agiproxy_config::from_yaml_str(&text).unwrap();
+            let snap = Snapshot::build(
+                config,
+                ConfigMeta::new(1, "test", std::sync::Arc::from("")),
+                None,
+            );
+            serde_json::to_value(&views(&snap, None)[0]).unwrap()
+        };
+        let v = view(
+            ", canary: { query: { canary: \"1\" }, args: { \"2\": \"^qa$\", \"10\": x }, \
+             vars: { agi_callerid: \"^\\\\+1555\" }, source: [\"10.9.0.0/24\"] }",
+        );
+        assert_eq!(
+            v["canary"],
+            serde_json::json!({
+                "query": { "canary": "1" },
+                "args": { "2": "^qa$", "10": "x" },
+                "vars": { "agi_callerid": "^\\+1555" },
+                "source": ["10.9.0.0/24"],
+            }),
+            "{v}"
+        );
+        // Only what is set.
+        let v = view(", canary: { source: [\"10.9.0.0/24\"] }");
+        assert_eq!(
+            v["canary"],
+            serde_json::json!({ "source": ["10.9.0.0/24"] }),
+            "{v}"
+        );
+        // No canary (or an empty one, which matches no call): no field.
+        for extra in ["", ", canary: {}"] {
+            let v = view(extra);
+            assert!(v.get("canary").is_none(), "{v}");
+        }
     }
 }
