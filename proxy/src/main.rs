@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use agiproxy::control::ControlHandle;
 use agiproxy::credentials::{self, Followed};
@@ -25,7 +26,8 @@ mod demo;
     about = "A clustered FastAGI proxy and load balancer for Asterisk"
 )]
 struct Cli {
-    // Given before the command, for `run` and `demo`.
+    // Given before the command, for `run` and `demo`; before `check` or
+    // `ctl`, refused (`serving_options_unused`).
     #[command(flatten)]
     serving: Serving,
     #[command(subcommand)]
@@ -118,7 +120,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed through the matches, to tell where each option came from.
+    let matches = Cli::command().get_matches();
+    if let Err(e) = serving_options_unused(&matches) {
+        e.exit();
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, serving } => {
@@ -159,6 +166,38 @@ fn main() -> ExitCode {
             report(r)
         }
     }
+}
+
+/// Refuses a serving option (`Serving`) given on the command line before
+/// `check` or `ctl`, as clap refuses a misplaced argument (exit code 2):
+/// neither command serves calls, and it did nothing there, silently. The
+/// same option from the environment (`AGIPROXY_WORKERS`) is fine: a
+/// container exports it for every command its image runs.
+fn serving_options_unused(matches: &ArgMatches) -> Result<(), clap::Error> {
+    let Some(command @ ("check" | "ctl")) = matches.subcommand_name() else {
+        return Ok(());
+    };
+    let mut cli = Cli::command();
+    // Built, so that each argument prints as clap prints it (`--workers <N>`).
+    cli.build();
+    let serving = Serving::augment_args(clap::Command::new("serving"));
+    for id in serving.get_arguments().map(|a| a.get_id().as_str()) {
+        if matches.value_source(id) != Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let shown = cli
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .map_or_else(|| id.to_string(), ToString::to_string);
+        return Err(cli.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "the argument '{shown}' applies to 'run' and 'demo', not to '{command}', \
+                 where it would do nothing"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// One worker: a current-thread runtime (no work stealing, no wake-ups

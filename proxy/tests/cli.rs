@@ -84,9 +84,92 @@ fn demo_routes_real_fastagi_sessions() {
     demo_once(&[]);
 }
 
+/// Every serving option before `demo` (and so before `run`, parsed alike)
+/// is still taken.
 #[test]
 fn demo_serves_with_one_worker_thread() {
-    demo_once(&["--workers", "1"]);
+    demo_once(&[
+        "--workers",
+        "1",
+        "--log-level",
+        "info",
+        "--log-format",
+        "text",
+        "--log-buffer-lines",
+        "100",
+    ]);
+}
+
+/// `run` and `demo`'s options given before `check` or `ctl` did nothing,
+/// silently: they are refused, naming the option, with clap's exit code.
+/// From the environment they are not refused: containers export them for
+/// every command of the image.
+#[test]
+fn serving_options_before_check_or_ctl_are_refused_but_not_from_the_environment() {
+    let (_dir, path) = write_config(
+        "serving-before",
+        "version: 1\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    health: { type: tcp }\n    backends: [{ address: \"127.0.0.1:5001\" }]\n",
+    );
+    let path = path.to_str().unwrap();
+    // Nothing listens on port 1: ctl fails on its own, after the parse.
+    let ctl = [
+        "ctl",
+        "--url",
+        "http://127.0.0.1:1",
+        "--timeout",
+        "1s",
+        "status",
+    ];
+    let check = ["check", "-c", path];
+    for (before, flag, cmd) in [
+        (
+            &["--log-level", "debug"][..],
+            "--log-level <FILTER>",
+            &check[..],
+        ),
+        (&["--workers", "2"][..], "--workers <N>", &check[..]),
+        (
+            &["--log-format", "json"][..],
+            "--log-format <LOG_FORMAT>",
+            &ctl[..],
+        ),
+        (
+            &["--log-buffer-lines", "5"][..],
+            "--log-buffer-lines <N>",
+            &ctl[..],
+        ),
+    ] {
+        let out = bin().args(before).args(cmd).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{before:?} {cmd:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "error: the argument '{flag}' applies to 'run' and 'demo', not to '{}'",
+                cmd[0]
+            )),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{before:?} {cmd:?}");
+    }
+    let env = [
+        ("AGIPROXY_WORKERS", "2"),
+        ("AGIPROXY_LOG_BUFFER_LINES", "100"),
+    ];
+    let out = bin().args(check).envs(env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ctl runs, and reports the replica it cannot reach (exit code 1).
+    let out = bin().args(ctl).envs(env).output().unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("127.0.0.1:1: cannot connect"), "{printed}");
 }
 
 #[test]
