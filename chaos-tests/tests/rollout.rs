@@ -705,6 +705,16 @@ async fn canaries_reach_green_at_zero_percent_and_api_overrides_are_guarded_and_
             (resp.status, a.changed, a.generation),
             (200, false, status.generation)
         );
+        // And says why (`ctl` prints it after `unchanged`).
+        let answer: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(
+            answer["reason"],
+            format!(
+                "the rollout is final by then: promote in force from {}",
+                ms(whole + Duration::from_secs(1))
+            ),
+            "{answer}"
+        );
     }
     let resp = client()
         .call(&r.api, "POST", "/v1/rollouts/ivr/undo", &[], None)

@@ -53,6 +53,11 @@ pub struct Applied {
     pub dry_run: bool,
     /// False when the new text equals the running one.
     pub changed: bool,
+    /// Why nothing changed, when the server knows more than `changed:
+    /// false` says: a rollout override that would change nothing (the
+    /// rollout final by then, already paused, not paused). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One validation error, with the config path it concerns.

@@ -776,7 +776,14 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 } else {
                     "unchanged"
                 };
-                out!("{what}: generation {} hash {}", a.generation, a.hash);
+                match &a.reason {
+                    Some(why) => out!(
+                        "{what}: generation {} hash {} ({why})",
+                        a.generation,
+                        a.hash
+                    ),
+                    None => out!("{what}: generation {} hash {}", a.generation, a.hash),
+                }
             }
         }
     }

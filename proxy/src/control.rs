@@ -31,6 +31,7 @@ fn applied(a: crate::server::Applied) -> Applied {
         hash: format!("{:016x}", a.hash),
         dry_run: a.dry_run,
         changed: a.changed,
+        reason: None,
     }
 }
 
@@ -447,14 +448,24 @@ impl ControlPlane for ControlHandle {
             (agiproxy_config::OverrideAction::parse(action), skew, at_ms)
         {
             let effect = at_ms.saturating_add(s.as_millis() as i64);
-            if crate::rollout::view::override_changes_nothing(&snap, route, a, effect) {
-                tracing::info!(route, action, "rollout override changes nothing (the rollout is final, or already in that state then): not written");
-                return Ok(applied(crate::server::Applied {
-                    generation: snap.meta.generation,
-                    hash: snap.meta.hash,
-                    dry_run: false,
-                    changed: false,
-                }));
+            if let Some(reason) =
+                crate::rollout::view::why_override_changes_nothing(&snap, route, a, effect)
+            {
+                tracing::info!(
+                    route,
+                    action,
+                    reason,
+                    "rollout override changes nothing: not written"
+                );
+                return Ok(Applied {
+                    reason: Some(reason),
+                    ..applied(crate::server::Applied {
+                        generation: snap.meta.generation,
+                        hash: snap.meta.hash,
+                        dry_run: false,
+                        changed: false,
+                    })
+                });
             }
         }
         drop(snap);

@@ -399,6 +399,39 @@ fn ctl_into_a_closed_pipe_exits_quietly() {
     assert_quiet_exit(&out, 0);
 }
 
+/// A rollout action a replica answers `unchanged` says why, when the
+/// replica says (it said `unchanged` alone: why was not to be seen).
+#[test]
+fn ctl_rollout_says_why_an_action_changed_nothing() {
+    let why = "the rollout is final by then: promote in force from 2026-12-06T09:00:02.000Z";
+    for (body, line) in [
+        (
+            format!(
+                r#"{{"generation":3,"hash":"abc","dry_run":false,"changed":false,"reason":"{why}"}}"#
+            ),
+            format!("unchanged: generation 3 hash abc ({why})\n"),
+        ),
+        // From a release without `reason`.
+        (
+            r#"{"generation":3,"hash":"abc","dry_run":false,"changed":false}"#.to_string(),
+            "unchanged: generation 3 hash abc\n".to_string(),
+        ),
+    ] {
+        let url = fake_control_api(body, 1);
+        let out = bin()
+            .args(["ctl", "--url", &url, "rollout", "rollback", "ivr"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, line);
+    }
+}
+
 /// Runs `agiproxy run -c` and waits for it to exit (it must, on its own: the config cannot
 /// start); a hang is killed after a generous deadline.
 fn run_expecting_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option<i32>, String) {

@@ -614,6 +614,7 @@ impl ControlPlane for FakePlane {
             hash: "0".into(),
             dry_run,
             changed: !dry_run,
+            reason: None,
         })
     }
     async fn reload_file(&self) -> Result<Applied, ControlError> {

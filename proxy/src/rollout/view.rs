@@ -172,33 +172,44 @@ fn rollout_of<'s>(snap: &'s Snapshot, route: &str) -> Option<&'s CompiledRollout
         .map(|(_, ro)| ro)
 }
 
-/// Whether an override `action` taking effect at `effect_ms` would change
+/// Why an override `action` taking effect at `effect_ms` would change
 /// nothing, by the config alone (the same on every replica running it):
 /// an override has promoted or rolled back the rollout by then (final), already paused
-/// (`pause`), or not paused (`resume`). Such overrides are not written:
+/// (`pause`), or not paused (`resume`); None when it changes something. Such overrides are not written:
 /// each one grew the running config for good, until it reached
 /// `limits.max_config_bytes` and even a `rollback` was refused (audit).
-pub fn override_changes_nothing(
+/// The reason goes back to the caller: `unchanged` alone did not say which.
+pub fn why_override_changes_nothing(
     snap: &Snapshot,
     route: &str,
     action: OverrideAction,
     effect_ms: i64,
-) -> bool {
-    let Some(ro) = rollout_of(snap, route) else {
-        return false;
-    };
+) -> Option<String> {
+    let ro = rollout_of(snap, route)?;
     // Final only by an override: a schedule that reached 100 % reads
-    // "promoted" too, and a rollback still takes it back.
-    let final_by_override = ro.plan.overrides.iter().any(|o| {
+    // "promoted" too, and a rollback still takes it back. The overrides
+    // are sorted by time: the first final one is the one that decided.
+    let final_by = ro.plan.overrides.iter().find(|o| {
         o.at_ms <= effect_ms
             && matches!(o.action, OverrideAction::Promote | OverrideAction::Rollback)
     });
+    if let Some(o) = final_by {
+        return Some(format!(
+            "the rollout is final by then: {} in force from {}",
+            o.action,
+            format_ms(o.at_ms)
+        ));
+    }
     let state = crate::session::rollout::position(&ro.plan, effect_ms, None).state;
     match (action, state) {
-        _ if final_by_override => true,
-        (OverrideAction::Pause, State::Halted) => true,
-        (OverrideAction::Resume, s) => s != State::Halted,
-        _ => false,
+        (OverrideAction::Pause, State::Halted) => {
+            Some("the rollout is already paused by then".into())
+        }
+        (OverrideAction::Resume, s) if s != State::Halted => Some(format!(
+            "the rollout is not paused by then ({})",
+            s.as_str()
+        )),
+        _ => None,
     }
 }
 
@@ -496,26 +507,40 @@ mod tests {
                 None,
             )
         };
-        let nothing = |s: &Snapshot, a| override_changes_nothing(s, "ivr", a, now + 2_000);
+        let nothing = |s: &Snapshot, a| why_override_changes_nothing(s, "ivr", a, now + 2_000);
         let done = snap("");
-        assert!(
-            !nothing(&done, OverrideAction::Rollback),
+        assert_eq!(
+            nothing(&done, OverrideAction::Rollback),
+            None,
             "100 % by the schedule"
         );
-        assert!(nothing(&done, OverrideAction::Resume), "not paused");
+        assert_eq!(
+            nothing(&done, OverrideAction::Resume).as_deref(),
+            Some("the rollout is not paused by then (promoted)")
+        );
+        let promoted_at = now - 3_600_000;
         let promoted = snap(&format!(
             "{{ action: promote, at: \"{}\" }}",
-            format_ms(now - 3_600_000)
+            format_ms(promoted_at)
         ));
-        assert!(nothing(&promoted, OverrideAction::Rollback), "final");
-        assert!(nothing(&promoted, OverrideAction::Pause), "final");
+        // Shown at the time it is in force (the default skew later).
+        let why = format!(
+            "the rollout is final by then: promote in force from {}",
+            format_ms(promoted_at + 2_000)
+        );
+        for a in [OverrideAction::Rollback, OverrideAction::Pause] {
+            assert_eq!(nothing(&promoted, a).as_deref(), Some(&*why), "final");
+        }
         let paused = snap(&format!(
             "{{ action: pause, at: \"{}\" }}",
             format_ms(now - 9_000_000)
         ));
-        assert!(nothing(&paused, OverrideAction::Pause));
-        assert!(!nothing(&paused, OverrideAction::Resume));
-        assert!(!nothing(&paused, OverrideAction::Rollback));
+        assert_eq!(
+            nothing(&paused, OverrideAction::Pause).as_deref(),
+            Some("the rollout is already paused by then")
+        );
+        assert_eq!(nothing(&paused, OverrideAction::Resume), None);
+        assert_eq!(nothing(&paused, OverrideAction::Rollback), None);
     }
 
     /// The view carries the canary's criteria in the shapes `match:` is
