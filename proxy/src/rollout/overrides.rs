@@ -115,12 +115,22 @@ pub fn carried_overrides(
             .iter()
             .map(|o| (o.action, o.at_ms - is))
             .collect();
+        // The file's first final override: one kept after it would change
+        // nothing, and would keep this replica's config apart from its
+        // peers' for good (a replica that refused `ctl`'s first time took a
+        // second one; the file with the first brings it back in line).
+        let final_in_new = has
+            .iter()
+            .filter(|(a, _)| matches!(a, OverrideAction::Promote | OverrideAction::Rollback))
+            .map(|(_, at)| *at)
+            .min();
         for o in &before.overrides {
             let written = (o.action, o.at_ms - was);
             match has.iter().position(|h| *h == written) {
                 Some(i) => {
                     has.swap_remove(i);
                 }
+                None if final_in_new.is_some_and(|f| f < written.1) => {}
                 None => out.push(Carried {
                     route: route.to_string(),
                     action: o.action,
@@ -210,6 +220,23 @@ mod tests {
             .len(),
             1
         );
+        // A final override in the file before one of the running config's
+        // makes that one moot: not kept (a replica whose `ctl` time was
+        // later than its peers' converges on the file's). At the same
+        // time, or after it, it is kept.
+        let promote = |at: &str| format!("{{ action: promote, at: \"{at}\" }}");
+        for (file_has, kept) in [
+            (promote("2026-12-06T09:20:00Z"), 0),
+            (promote("2026-12-06T09:20:00.250Z"), 1),
+            (promote("2026-12-06T09:30:00Z"), 1),
+            (rollback.replace("09:20:00.250Z", "09:15:00Z"), 0),
+        ] {
+            assert_eq!(
+                carried(&with("", &format!("{pause}, {file_has}"))).len(),
+                kept,
+                "{file_has}"
+            );
+        }
         // A new start, or other steps: another rollout, nothing is kept.
         assert_eq!(
             carried(&with("", "").replace("09:00:00Z", "10:00:00Z")),
