@@ -1056,3 +1056,134 @@ async fn an_over_long_payload_line_is_refused_however_it_arrives() {
         assert!(took < Duration::from_secs(8), "{what}: {took:?}");
     }
 }
+
+/// A backend that pipelines commands and then stops reading (Asterisk's
+/// replies fill its socket and then `MAX_PENDING`) is given up after
+/// `next_command` without taking replies: Asterisk is read again, told
+/// FAILURE `next_command_timeout`, and the backend is closed. Before, the
+/// relay stopped reading Asterisk for good, so no deadline ran and neither
+/// FAILURE nor Asterisk's close was ever seen: the call hung until the
+/// backend closed (audit).
+#[tokio::test]
+async fn a_backend_that_stops_taking_replies_is_given_up_at_next_command() {
+    use tokio::io::AsyncBufReadExt;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = backend.local_addr().unwrap();
+    let (done, asterisk_done) = tokio::sync::oneshot::channel::<()>();
+    let stalled = tokio::spawn(async move {
+        let (s, _) = backend.accept().await.unwrap();
+        let mut r = tokio::io::BufReader::new(s);
+        let mut line = String::new();
+        while r.read_line(&mut line).await.unwrap() > 1 {
+            line.clear();
+        }
+        r.get_mut()
+            .write_all(&b"GET VARIABLE BIG\n".repeat(2000))
+            .await
+            .unwrap();
+        // Reads nothing until Asterisk's call is over (bounded), then sees
+        // the end of what was sent to it.
+        let _ = tokio::time::timeout(Duration::from_secs(20), asterisk_done).await;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut rest))
+            .await
+            .map(|r| r.is_ok())
+    });
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b_addr],
+        "timeouts:\n  next_command: 1s\n",
+    ))
+    .await;
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    // 60 KB replies: the backend's socket is full after a few hundred.
+    let mut reply = b"200 result=1 (".to_vec();
+    reply.resize(reply.len() + 60_000, b'v');
+    reply.extend_from_slice(b")\n");
+    let started = Instant::now();
+    let (answered, told) = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut answered = 0;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).await.unwrap() > 0, "closed silently");
+            if line == "GET VARIABLE BIG\n" {
+                w.write_all(&reply).await.unwrap();
+                answered += 1;
+                continue;
+            }
+            assert_eq!(
+                line,
+                "SET VARIABLE AGIPROXY_ERROR \"next_command_timeout\"\n"
+            );
+            w.write_all(b"200 result=1\n").await.unwrap();
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            return (answered, line);
+        }
+    })
+    .await
+    .expect("told FAILURE within 15 s (next_command is 1 s); before, never");
+    let _ = done.send(());
+    assert_eq!(told, "FAILURE\n");
+    assert!(answered > 1 && answered < 2000, "{answered} replies");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // The backend's connection was ended, not left open.
+    assert!(
+        matches!(stalled.await.unwrap(), Ok(true)),
+        "the backend's connection was not closed"
+    );
+}
+
+/// Raw mode has no deadline while both sides are open, but a backend that
+/// stops reading must not hold the session for good: a write it takes
+/// nothing of for `next_command` ends the session, so Asterisk's close is
+/// seen. Before, the pump towards the backend waited in its write for
+/// ever, and the session outlived Asterisk (audit of the lines relay).
+#[tokio::test]
+async fn raw_mode_ends_a_backend_that_stops_reading() {
+    let (go, probe) = tokio::sync::oneshot::channel::<()>();
+    let (addr, backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"NOOP\n").await.unwrap();
+        // Reads nothing more until the test has seen the session end.
+        let _ = tokio::time::timeout(Duration::from_secs(15), probe).await;
+        drop(s);
+    })
+    .await;
+    let p = proxy(&raw_route(addr)).await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    // More than the sockets between us and the backend hold (bounded).
+    let chunk = vec![b'x'; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        for _ in 0..2_000 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(s);
+    let rec = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the session ends within 5 s of Asterisk's close (next_command is 300 ms)")
+        .unwrap();
+    // Raw mode cannot tell which side failed: a peer error is `completed`.
+    assert_eq!(rec.outcome, agiproxy::Outcome::Completed, "{rec:?}");
+    let _ = go.send(());
+    backend.await.unwrap();
+}

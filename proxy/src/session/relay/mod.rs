@@ -60,6 +60,14 @@ const MAX_ASTERISK_LINE: usize = 64 * 1024;
 const ABANDONED_PAYLOAD_WAIT: Duration = Duration::from_secs(15);
 /// Bytes that may wait for a slow peer before we stop reading the other side.
 const MAX_PENDING: usize = 256 * 1024;
+/// While Asterisk is not read because the backend does not take its
+/// replies (`MAX_PENDING` waiting), the backend must take this much within
+/// `next_command`, or it is given up as stalled: otherwise neither
+/// Asterisk's close nor a deadline is ever seen (audit: a backend that
+/// pipelined commands and stopped reading held the call for good). A real
+/// backend reads replies at the network's speed; one that reads a byte a
+/// second is stalled too.
+const BACKEND_MIN_INTAKE: usize = 64 * 1024;
 /// A stash bigger than this is freed when it empties, so quiet sessions
 /// don't keep burst-sized buffers.
 const KEEP_CAPACITY: usize = 4096;
@@ -154,6 +162,10 @@ pub struct Relay<'s> {
     keepalive_at: Option<Instant>,
     /// Keepalive is on (it stays on for the rest of the session).
     keepalive_on: bool,
+    /// Since when Asterisk is held back by the backend's full socket
+    /// (`MAX_PENDING` waiting for it), and what it has taken since.
+    b_held_since: Option<Instant>,
+    b_intake: usize,
     pub stats: RelayStats,
 }
 
@@ -181,6 +193,8 @@ impl<'s> Relay<'s> {
             deadline: Some(opts.first_command_deadline),
             keepalive_at: None,
             keepalive_on: false,
+            b_held_since: None,
+            b_intake: 0,
             stats: RelayStats::default(),
         }
     }
@@ -239,6 +253,7 @@ impl<'s> Relay<'s> {
                 Box::pin(self.close_backend_politely()).await;
             }
             self.track_keepalive();
+            self.track_backend_intake();
             let deadline = self.active_deadline();
             if let Some(d) = deadline.filter(|d| *d < armed_at) {
                 sleep.as_mut().reset(d);
@@ -301,6 +316,10 @@ impl<'s> Relay<'s> {
                         armed_at = d;
                         continue;
                     }
+                    if self.backend_stalled() {
+                        self.give_up_stalled_backend();
+                        continue;
+                    }
                     if self.keepalive_at.is_some() {
                         // Asterisk has run this command long enough.
                         self.keep_alive();
@@ -355,13 +374,57 @@ impl<'s> Relay<'s> {
         if self.a_eof || self.pending_failure.is_some() {
             return self.deadline;
         }
-        if self.turn.in_reply_payload()
+        let d = if self.turn.in_reply_payload()
             || ((self.turn.backend_owes_command() || self.turn.in_payload()) && !self.b_eof)
         {
             self.deadline
         } else {
             self.keepalive_at
+        };
+        match self.b_held_since {
+            Some(since) => {
+                let stalled = since + self.opts.next_command;
+                Some(d.map_or(stalled, |d| d.min(stalled)))
+            }
+            None => d,
         }
+    }
+
+    /// Starts the backend's intake clock when Asterisk is held back for it,
+    /// stops it when the backend has caught up.
+    fn track_backend_intake(&mut self) {
+        if self.b_shut || self.pending_failure.is_some() || self.b_out.is_empty() {
+            self.b_held_since = None;
+        } else if self.b_held_since.is_none() && self.b_out.len() >= MAX_PENDING {
+            self.b_held_since = Some(Instant::now());
+            self.b_intake = 0;
+        }
+    }
+
+    /// The backend took less than `BACKEND_MIN_INTAKE` of what waits for it
+    /// in `next_command`, while Asterisk was held back for it.
+    fn backend_stalled(&self) -> bool {
+        self.b_held_since
+            .is_some_and(|since| since + self.opts.next_command <= Instant::now())
+    }
+
+    /// Ends a backend that stopped taking replies: Asterisk is read again
+    /// (its reply, its close), and told FAILURE once it waits for a command
+    /// (as for an abandoned payload, bounded by `ABANDONED_PAYLOAD_WAIT`
+    /// should it run a command meanwhile).
+    fn give_up_stalled_backend(&mut self) {
+        tracing::warn!(
+            backend = ?self.b.peer_addr().ok(),
+            waiting = self.b_out.len(),
+            taken = self.b_intake,
+            within_s = self.opts.next_command.as_secs_f64(),
+            "backend stopped taking Asterisk's replies (fewer than {BACKEND_MIN_INTAKE} bytes taken within next_command): ending the session"
+        );
+        self.b_held_since = None;
+        self.pending_failure
+            .get_or_insert(Reason::NextCommandTimeout);
+        self.held = Vec::new();
+        self.deadline = Some(Instant::now() + ABANDONED_PAYLOAD_WAIT);
     }
 
     /// Asterisk runs a command: nothing flows until it answers.

@@ -1,6 +1,6 @@
-//! `mode: raw`: everything passes untouched both ways, no pacing, no
-//! deadlines while both sides are open (for routes whose backends speak
-//! something else).
+//! `mode: raw`: everything passes untouched both ways, no pacing, and no
+//! deadline while both sides are open but one on a write the other side
+//! stops taking (for routes whose backends speak something else).
 
 use std::io;
 use std::time::Duration;
@@ -46,8 +46,8 @@ pub async fn relay_raw(
     let end = 'relay: {
         let (mut ar, mut aw) = a.split();
         let (mut br, mut bw) = b.split();
-        let to_b = pump(&mut ar, &mut bw, &mut up);
-        let to_a = pump(&mut br, &mut aw, &mut down);
+        let to_b = pump(&mut ar, &mut bw, &mut up, linger);
+        let to_a = pump(&mut br, &mut aw, &mut down, linger);
         tokio::pin!(to_b, to_a);
         let cancelled = cut.watch();
         tokio::pin!(cancelled);
@@ -77,15 +77,32 @@ pub async fn relay_raw(
 }
 
 /// One direction until `r`'s end, passed on as a half-close of `w`; counts
-/// the bytes as they go (a cut session still reports what passed).
-async fn pump(r: &mut ReadHalf<'_>, w: &mut WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+/// the bytes as they go (a cut session still reports what passed). A write
+/// that `w` takes nothing of for `stall` ends it as an error: a peer that
+/// stops reading would otherwise stop this direction for good, and with it
+/// the sight of `r`'s close (audit of the lines relay, which had the same
+/// hole).
+async fn pump(
+    r: &mut ReadHalf<'_>,
+    w: &mut WriteHalf<'_>,
+    count: &mut u64,
+    stall: Duration,
+) -> io::Result<()> {
     let mut buf = vec![0u8; RAW_CHUNK];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
             return w.shutdown().await;
         }
-        w.write_all(&buf[..n]).await?;
+        let mut sent = 0;
+        while sent < n {
+            match tokio::time::timeout(stall, w.write(&buf[sent..n])).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(k)) => sent += k,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            }
+        }
         *count += n as u64;
     }
 }

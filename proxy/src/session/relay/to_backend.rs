@@ -1,6 +1,7 @@
 //! Asterisk -> backend: replies (a `520-` block whole), `HANGUP` forwarded
 //! or withheld, `GET SOUNDFILE` payloads passed as bytes; Asterisk is read
-//! promptly, whatever the backend does.
+//! promptly, whatever the backend does (up to `MAX_PENDING` waiting for it,
+//! and a backend that then stops taking it is given up: `backend_stalled`).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -193,6 +194,13 @@ impl Relay<'_> {
         match self.b.try_write(&self.b_out) {
             Ok(n) => {
                 self.b_out.drain(..n);
+                if self.b_held_since.is_some() {
+                    self.b_intake += n;
+                    if self.b_intake >= BACKEND_MIN_INTAKE {
+                        // Taking enough: a new window if still behind.
+                        self.b_held_since = None;
+                    }
+                }
                 if self.b_out.is_empty() && self.b_out.capacity() > KEEP_CAPACITY {
                     self.b_out = Vec::new();
                 }
