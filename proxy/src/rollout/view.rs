@@ -120,10 +120,20 @@ fn differs(route: &str, ro: &CompiledRollout, file: &FileRollouts) -> Option<Str
             ));
         }
     }
-    if f.overrides != ro.plan.overrides
-        || f.start_ms != ro.plan.start_ms
+    // The rollout itself (what makes it the same rollout: start, steps,
+    // step and judgement intervals) was replaced through the API: no
+    // `overrides:` line makes the file's rollout this one (audit: the hint
+    // said to write the overrides, which changed nothing).
+    if f.start_ms != ro.plan.start_ms
         || f.steps != ro.plan.steps
+        || f.step_duration != ro.plan.step_duration
+        || f.judge.interval != ro.plan.judge.interval
     {
+        return Some(format!(
+            "route {route}: the running rollout is not the config file's (changed through the API: start, steps or intervals); to keep it, copy the route's rollout from `agiproxy ctl config get` into the file"
+        ));
+    }
+    if f.overrides != ro.plan.overrides {
         let list: Vec<String> = ro
             .plan
             .overrides
@@ -541,6 +551,47 @@ mod tests {
         );
         assert_eq!(nothing(&paused, OverrideAction::Resume), None);
         assert_eq!(nothing(&paused, OverrideAction::Rollback), None);
+    }
+
+    /// A rollout replaced through the API (a new `start`) is told apart
+    /// from one whose overrides alone differ: writing the overrides would
+    /// not make the file's rollout the running one (audit: the hint said
+    /// `write overrides: []`).
+    #[test]
+    fn a_rollout_changed_through_the_api_says_to_copy_it_not_to_write_overrides() {
+        use crate::snapshot::{ConfigMeta, Snapshot};
+        let config = |start: &str, overrides: &str| {
+            agiproxy_config::from_yaml_str(&TEXT.replace(
+                "start: \"2026-12-06T09:00:00Z\" }",
+                &format!("start: \"{start}\", overrides: [{overrides}] }}"),
+            ))
+            .unwrap()
+        };
+        let running = |start: &str, overrides: &str| {
+            Snapshot::build(
+                config(start, overrides),
+                ConfigMeta::new(1, "test", std::sync::Arc::from("")),
+                None,
+            )
+        };
+        let file = FileRollouts::of(&config("2026-12-06T09:00:00Z", ""));
+        let note = |snap: &Snapshot| {
+            let (_, ro) = rollouts(snap).next().unwrap();
+            differs("ivr", ro, &file)
+        };
+        assert_eq!(note(&running("2026-12-06T09:00:00Z", "")), None);
+        let moved = note(&running("2026-12-07T09:00:00Z", "")).unwrap();
+        assert!(moved.contains("ctl config get"), "{moved}");
+        assert!(!moved.contains("overrides"), "{moved}");
+        let paused = note(&running(
+            "2026-12-06T09:00:00Z",
+            "{ action: pause, at: \"2026-12-06T09:30:00Z\" }",
+        ))
+        .unwrap();
+        assert!(
+            paused.contains("write overrides: [{ action: pause, at: \"2026-12-06T09:30:00"),
+            "{paused}"
+        );
     }
 
     /// The view carries the canary's criteria in the shapes `match:` is
