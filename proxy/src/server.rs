@@ -158,6 +158,9 @@ struct Changes {
     /// The control API's address, bound at start (see
     /// [`Server::note_control_address`]).
     control: std::sync::OnceLock<SocketAddr>,
+    /// The `control:` block the process started with: the one in effect
+    /// until a restart, whatever later configs say.
+    control_in_effect: agiproxy_config::Control,
     /// One parse of a config text at a time, edits' included: each may take
     /// a few hundred MB and a second for the largest text allowed.
     parses: Arc<Semaphore>,
@@ -201,10 +204,12 @@ impl Server {
         crate::fds::init();
         let file_hash = origin.file.as_ref().map(|_| meta.hash);
         let file_rollouts = file_hash.map(|h| (h, Arc::new(FileRollouts::of(&config))));
+        let control_in_effect = config.control.clone();
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
             control: std::sync::OnceLock::new(),
+            control_in_effect,
             parses: Arc::new(Semaphore::new(1)),
             edits: tokio::sync::Mutex::new(()),
             file: origin.file,
@@ -571,7 +576,10 @@ impl Server {
             release(next);
             return Err(refused);
         }
-        if next.config.control != current.config.control {
+        // Against the block in effect, not the previous config's: a block
+        // put back as it was at start waits for nothing (audit: restoring it
+        // warned again).
+        if next.config.control != self.changes.control_in_effect {
             tracing::warn!("the control block changed; it takes effect at the next restart");
         }
         let old = self.shared.snapshot.swap(next.clone());
@@ -990,5 +998,75 @@ mod tests {
         let line = errors_for_log(&long);
         assert!(line.len() < LOG_ERRORS_BYTES + 100, "{}", line.len());
         assert!(line.ends_with(" … (cut; the API's answer and `agiproxy check` have them all)"));
+    }
+
+    /// A log sink for one test: what the proxy wrote, as text.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The warning compares a config's `control:` block with the one in
+    /// effect (the start's), not the previous config's: putting the start's
+    /// block back is not a change that waits for a restart (audit: it
+    /// warned again).
+    #[tokio::test]
+    async fn restoring_the_control_block_in_effect_does_not_warn() {
+        let text = |port: u16, route: &str| {
+            format!(
+                "version: 1\ncontrol:\n  address: \"127.0.0.1:{port}\"\nlisteners:\n  - name: a\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: {route}\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
+            )
+        };
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let warned = || {
+            String::from_utf8_lossy(&sink.0.lock().unwrap())
+                .matches("the control block changed")
+                .count()
+        };
+        let config = agiproxy_config::from_yaml_str(&text(4574, "r")).unwrap();
+        let server = Server::start(config).await.unwrap();
+        // Another block: it waits for a restart.
+        server
+            .apply(&text(4575, "r"), "test", false, None)
+            .await
+            .unwrap();
+        assert_eq!(warned(), 1);
+        // The start's block again: nothing waits.
+        server
+            .apply(&text(4574, "r"), "test", false, None)
+            .await
+            .unwrap();
+        assert_eq!(warned(), 1);
+        // Another change with the start's block: still nothing.
+        server
+            .apply(&text(4574, "s"), "test", false, None)
+            .await
+            .unwrap();
+        assert_eq!(warned(), 1);
+        // A change made while another block is in the config still says so.
+        server
+            .apply(&text(4575, "s"), "test", false, None)
+            .await
+            .unwrap();
+        server
+            .apply(&text(4575, "r"), "test", false, None)
+            .await
+            .unwrap();
+        assert_eq!(warned(), 3);
+        server.abort();
     }
 }
