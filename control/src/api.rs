@@ -185,7 +185,11 @@ pub struct RolloutTick {
     /// Random per process: a replica listed twice is counted once.
     pub replica: String,
     pub tick: i64,
-    /// None when this replica has not published tick K (yet, or any more).
+    /// 0-based: the index into the rollout's `steps` (unlike the 1-based
+    /// `step` of `RolloutView` and `RolloutEvaluationView`). Peers sum
+    /// only counters of their own step, so it stays 0-based for fleets of
+    /// mixed releases. None when this replica has not published tick K
+    /// (yet, or any more).
     pub step: Option<usize>,
     pub blue: RolloutCounts,
     pub green: RolloutCounts,
