@@ -107,6 +107,50 @@ async fn issue_20_put_then_get_of_50_kb_and_1_mib_pass_byte_exact() {
     );
 }
 
+/// Asterisk splits a command on any run of spaces and tabs and matches its
+/// words in any case: `PUT  SOUNDFILE` is the module's command, and its
+/// payload must pass as payload, not reach Asterisk line by line as commands
+/// (the module waits 1 s here for the lines the proxy held back).
+#[tokio::test]
+async fn a_soundfile_command_with_extra_whitespace_or_lower_case_is_still_one() {
+    let data = pattern(1000, 3);
+    let put = format!("PUT  SOUNDFILE x.gsm {}", data.len());
+    let put_tab = format!("\tput soundfile\ty.gsm\t {}", data.len());
+    let b = FakeBackend::start(Behaviour::steps(vec![
+        Step::PutFileAs {
+            command: put.clone(),
+            data: data.clone(),
+        },
+        Step::PutFileAs {
+            command: put_tab.clone(),
+            data: data.clone(),
+        },
+        Step::Command("GET\tSOUNDFILE  x.gsm".into()),
+        Step::Command("NOOP".into()),
+    ]))
+    .await;
+    let (out, took) = call_with_an_impatient_module(&b).await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert!(
+        took < Duration::from_secs(1),
+        "the module timed out: {took:?}"
+    );
+    assert_eq!(out.received_files.len(), 2, "{:?}", out.commands);
+    assert!(out.received_files.iter().all(|(_, f)| *f == data));
+    assert_eq!(
+        out.commands,
+        [put, put_tab, "GET\tSOUNDFILE  x.gsm".into(), "NOOP".into()]
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    let s = &b.stats().sessions()[0];
+    assert!(
+        s.files.len() == 1 && s.files[0].1 == data,
+        "{:?}",
+        s.replies
+    );
+}
+
 #[tokio::test]
 async fn issue_20_a_command_pipelined_after_the_payload_waits_for_the_final_reply() {
     let data = pattern(10_000, 1);

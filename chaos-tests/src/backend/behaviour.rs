@@ -29,6 +29,9 @@ pub enum Step {
     /// `200 result=0` (ready), `data` as base64 lines of 76 characters in
     /// one write, then read the final reply.
     PutFile { name: String, data: Vec<u8> },
+    /// As `PutFile`, with `command` (spelled as a backend may: extra
+    /// whitespace, tabs, lower case) in place of `PUT SOUNDFILE <name> <len>`.
+    PutFileAs { command: String, data: Vec<u8> },
     /// As `PutFile`, but only the first `send` bytes of `data` (whole
     /// lines of 57 bytes, the last one shorter) are sent, and no final
     /// reply is read: a payload cut midway (the session's `then` follows).

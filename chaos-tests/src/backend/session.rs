@@ -196,13 +196,17 @@ impl Conn {
         Ok(true)
     }
 
-    /// `PUT SOUNDFILE <name> <len>`; on `200 result=0` (ready) the first
+    /// `command` (a `PUT SOUNDFILE <name> <len>` line); on `200 result=0` (ready) the first
     /// `send` bytes of `data` as base64 lines (all of it: `None`) in one
     /// write, then the final reply when all was sent. `false` when the
     /// peer closed.
-    async fn put_file(&mut self, name: &str, data: &[u8], send: Option<usize>) -> io::Result<bool> {
-        self.send(format!("PUT SOUNDFILE {name} {}\n", data.len()).as_bytes())
-            .await?;
+    async fn put_file(
+        &mut self,
+        command: &str,
+        data: &[u8],
+        send: Option<usize>,
+    ) -> io::Result<bool> {
+        self.send(&with_newline(command)).await?;
         let Some(ready) = self.read_reply().await? else {
             return Ok(false);
         };
@@ -324,9 +328,14 @@ pub(super) async fn serve(conn: &mut Conn, behaviour: &Behaviour) -> io::Result<
             for step in steps {
                 let open = match step {
                     Step::Command(command) => conn.command(command).await?,
-                    Step::PutFile { name, data } => conn.put_file(name, data, None).await?,
+                    Step::PutFile { name, data } => {
+                        let command = format!("PUT SOUNDFILE {name} {}", data.len());
+                        conn.put_file(&command, data, None).await?
+                    }
+                    Step::PutFileAs { command, data } => conn.put_file(command, data, None).await?,
                     Step::PutFileCut { name, data, send } => {
-                        conn.put_file(name, data, Some(*send)).await?
+                        let command = format!("PUT SOUNDFILE {name} {}", data.len());
+                        conn.put_file(&command, data, Some(*send)).await?
                     }
                     Step::GetFile { name } => {
                         conn.command(&format!("GET SOUNDFILE {name}")).await?

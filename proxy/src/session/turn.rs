@@ -11,6 +11,9 @@
 //! Asterisk answers once more; `GET SOUNDFILE <file>` is answered
 //! `200 result=0 size=<n>` and then base64 lines from Asterisk, with no
 //! final line. Payload lines are counted by the bytes they decode to.
+//! These commands are recognised by their words as Asterisk splits and
+//! matches them (any run of spaces and tabs, any case), since that is what
+//! decides whether the module runs.
 
 /// Sound-file sizes larger than this are not believed: the command is
 /// relayed as an ordinary one (its first reply then ends it).
@@ -88,9 +91,107 @@ fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-fn last_number(line: &[u8]) -> Option<u64> {
-    let tok = line.rsplit(|c| *c == b' ').find(|t| !t.is_empty())?;
-    std::str::from_utf8(tok).ok()?.parse().ok()
+/// One word of a command line, unescaped. Only short words are looked at
+/// (command names, a size), so a longer one is kept cut and matches nothing.
+#[derive(Default)]
+struct Word {
+    buf: [u8; 24],
+    len: usize,
+    cut: bool,
+}
+
+impl Word {
+    fn push(&mut self, c: u8) {
+        match self.buf.get_mut(self.len) {
+            Some(b) => {
+                *b = c;
+                self.len += 1;
+            }
+            None => self.cut = true,
+        }
+    }
+
+    fn is(&self, name: &[u8]) -> bool {
+        !self.cut && self.buf[..self.len].eq_ignore_ascii_case(name)
+    }
+
+    fn number(&self) -> Option<u64> {
+        if self.cut {
+            return None;
+        }
+        std::str::from_utf8(&self.buf[..self.len])
+            .ok()?
+            .parse()
+            .ok()
+    }
+}
+
+/// The words of a command line as Asterisk's `parse_args()` (res_agi.c)
+/// splits them, which is what decides the command Asterisk runs: spaces
+/// and tabs (any number, also leading) separate words outside double
+/// quotes, quotes group and are removed, a backslash makes the next byte
+/// literal; a quote after whitespace starts a word even if it stays empty.
+/// Lazy, so a command is only scanned as far as it is looked at.
+struct Words<'a> {
+    line: &'a [u8],
+    pos: usize,
+}
+
+impl Iterator for Words<'_> {
+    type Item = Word;
+
+    fn next(&mut self) -> Option<Word> {
+        let mut word = Word::default();
+        let (mut started, mut quoted, mut escaped) = (false, false, false);
+        while let Some(&c) = self.line.get(self.pos) {
+            self.pos += 1;
+            match c {
+                b'"' if !escaped => {
+                    quoted = !quoted;
+                    started |= quoted;
+                }
+                b' ' | b'\t' if !quoted && !escaped => {
+                    if started {
+                        return Some(word);
+                    }
+                }
+                b'\\' if !escaped => escaped = true,
+                _ => {
+                    started = true;
+                    escaped = false;
+                    word.push(c);
+                }
+            }
+        }
+        started.then_some(word)
+    }
+}
+
+/// What a command line asks of the sound-file module, its words matched as
+/// Asterisk's `find_command()` does (case-insensitively): a backend may
+/// write `put  soundfile\tx.gsm 152`, which the module runs all the same.
+fn soundfile_command(cmd: &[u8]) -> Pending {
+    let mut words = Words { line: cmd, pos: 0 };
+    let put = match words.next() {
+        Some(w) if w.is(b"PUT") => true,
+        Some(w) if w.is(b"GET") => false,
+        _ => return Pending::Plain,
+    };
+    if !words.next().is_some_and(|w| w.is(b"SOUNDFILE")) {
+        return Pending::Plain;
+    }
+    // A file name must follow, as the old `PUT SOUNDFILE ` prefix needed
+    // more after it; for PUT, the last word is the size.
+    let Some(file) = words.next() else {
+        return Pending::Plain;
+    };
+    if !put {
+        return Pending::Get;
+    }
+    match words.last().unwrap_or(file).number() {
+        Some(n @ 0..=MAX_PAYLOAD) => Pending::Put(n),
+        _ => Pending::Plain,
+    }
 }
 
 /// `N` of a `size=N` word in a reply line.
@@ -208,13 +309,7 @@ impl Turn {
         self.state = if starts_with_ci(cmd, b"failure") {
             State::Ended
         } else {
-            if starts_with_ci(cmd, b"PUT SOUNDFILE ") {
-                if let Some(n @ 0..=MAX_PAYLOAD) = last_number(cmd) {
-                    self.pending = Pending::Put(n);
-                }
-            } else if starts_with_ci(cmd, b"GET SOUNDFILE ") {
-                self.pending = Pending::Get;
-            }
+            self.pending = soundfile_command(cmd);
             State::AsteriskOwesReply
         };
         kind
@@ -495,6 +590,45 @@ mod tests {
             AsteriskLine::ReplyDone
         );
         assert!(t.backend_owes_command());
+    }
+
+    /// Words as Asterisk's `parse_args()` splits them: any run of spaces
+    /// and tabs, quotes and backslashes removed; case does not matter.
+    #[test]
+    fn soundfile_commands_are_matched_word_by_word() {
+        for (cmd, want) in [
+            (&b"PUT  SOUNDFILE x.gsm 152"[..], Pending::Put(152)),
+            (b"PUT\tSOUNDFILE\tx.gsm\t152\t", Pending::Put(152)),
+            (b" \tput soundfile x.gsm  152 ", Pending::Put(152)),
+            (
+                b"\"PUT\" S\\OUND\"FILE\" \"a b.gsm\" \"152\"",
+                Pending::Put(152),
+            ),
+            (b"PUT SOUNDFILE x.gsm 152 \\", Pending::Put(152)),
+            (b"GET \t SOUNDFILE x.gsm", Pending::Get),
+            (b"get  soundfile \"\"", Pending::Get),
+            (b"PUT SOUNDFILE", Pending::Plain),
+            (b"GET SOUNDFILE  ", Pending::Plain),
+            (b"PUT SOUNDFILES x.gsm 152", Pending::Plain),
+            (b"PUT\\ SOUNDFILE x.gsm 152", Pending::Plain),
+            (b"\"PUT SOUNDFILE\" x.gsm 152", Pending::Plain),
+            (
+                b"PUT SOUNDFILE x.gsm 99999999999999999999999999",
+                Pending::Plain,
+            ),
+            (b"GET VARIABLE x", Pending::Plain),
+        ] {
+            assert_eq!(
+                soundfile_command(cmd),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(cmd)
+            );
+        }
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT  SOUNDFILE x.gsm 3\n");
+        t.on_asterisk_line(b"200 result=0\n");
+        assert!(t.in_payload());
     }
 
     #[test]
