@@ -17,18 +17,20 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::throttle::Throttle;
 
 /// `RLIMIT_NOFILE` (soft) as read at start; `usize::MAX`: no limit known.
 static LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Descriptor numbers at or above this are the reserve.
 static RESERVE_FROM: AtomicUsize = AtomicUsize::new(usize::MAX);
-/// When the last warning was logged (Unix seconds).
-static LAST_WARNING: AtomicU64 = AtomicU64::new(0);
-
 /// At most one warning per this span: at the limit every call would log one.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The warning's throttle: the line says where the count is, so no summary.
+static WARNINGS: Throttle = Throttle::new(WARN_EVERY, 1, &[], None);
 
 /// The reserve for a limit: an eighth of it, at least 16 (the control API's
 /// connection cap is below the reserve of any limit of 1,024 and more),
@@ -81,15 +83,7 @@ pub fn reserve_error() -> io::Error {
 /// Logs a warning about local exhaustion, at most once per [`WARN_EVERY`]
 /// (the metric counts every occurrence).
 pub fn warn(op: &'static str, error: &io::Error) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNING.load(Relaxed);
-    if now < last + WARN_EVERY.as_secs()
-        || LAST_WARNING
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_err()
-    {
+    if !WARNINGS.admit(op) {
         return;
     }
     tracing::warn!(

@@ -4,7 +4,8 @@
 //! - the runtime (this folder): [`server`] (config changes), [`listener`]
 //!   (binding and the accept loop), [`snapshot`] (the running config and the pools built from it),
 //!   [`control`] (the proxy's side of the control API), [`watch`] (the config
-//!   file), [`drain`] (shutdown order), [`metrics`], [`logging`];
+//!   file), [`drain`] (shutdown order), [`metrics`], [`logging`] (with
+//!   [`throttle`] for warnings a flood repeats);
 //! - a session's path ([`session`]): [`session::header`] reads the `agi_*`
 //!   header, [`session::router`] picks a route, [`session::connect`] attaches
 //!   a backend within the budget, [`session::rewrite`] builds the header it
@@ -27,6 +28,7 @@ pub mod rollout;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+pub mod throttle;
 pub mod watch;
 
 pub use server::{Server, ServerError};

@@ -22,6 +22,11 @@ struct Proxy {
 }
 
 async fn start_proxy(backend: SocketAddr) -> Proxy {
+    start_proxy_logging(backend, "error", Stdio::inherit()).await
+}
+
+/// As [`start_proxy`], logging at `level` to `stderr`.
+async fn start_proxy_logging(backend: SocketAddr, level: &str, stderr: Stdio) -> Proxy {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
@@ -32,8 +37,9 @@ async fn start_proxy(backend: SocketAddr) -> Proxy {
         Command::new(env!("CARGO_BIN_EXE_agiproxy"))
             .args(["run", "-c"])
             .arg(&path)
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null()),
+            .args(["--log-level", level])
+            .stdout(Stdio::null())
+            .stderr(stderr),
     );
     let proxy = Proxy {
         child,
@@ -134,4 +140,53 @@ async fn issue_12_endless_asterisk_reply_lines_are_bounded_and_calls_beside_them
     // Generous: the machine is shared; before the fix p50 reached 1.4 s.
     assert!(p50 < Duration::from_millis(300), "p50 {p50:?}");
     assert!(took.len() >= 20, "only {} calls in 10 s", took.len());
+}
+
+/// A flood of refused headers (2,000 slow connections once logged 20,000
+/// lines, 10 MB, in 50 s) logs the first 5 of each 10 s, then one line
+/// that counts the rest when the 10 s are over.
+#[tokio::test]
+async fn a_flood_of_refused_headers_logs_five_lines_and_a_count() {
+    let mut proxy = start_proxy_logging(
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        "warn",
+        Stdio::piped(),
+    )
+    .await;
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = proxy.child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"not a header\n\n").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut refused, mut summary) = (0, None);
+    while summary.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else {
+            break;
+        };
+        if line.contains("refused Asterisk header") {
+            refused += 1;
+        } else if line.contains("more Asterisk headers refused") {
+            summary = Some(line);
+        }
+    }
+    assert_eq!(refused, 5, "{summary:?}");
+    let summary = summary.expect("no summary line within 15 s");
+    assert!(
+        summary.contains("95 more Asterisk headers refused in the last 10 s (malformed: 95)"),
+        "{summary}"
+    );
 }

@@ -12,6 +12,7 @@ use agiproxy_config::{Mode, Route};
 
 use crate::pool::NoBackend;
 use crate::snapshot::Snapshot;
+use crate::throttle::Throttle;
 
 pub mod connect;
 pub mod failure;
@@ -352,6 +353,31 @@ async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
     }
 }
 
+/// Refused headers come in floods (2,000 slow connections: 20,000 lines,
+/// 10 MB, in 50 s): the first few of each [`HEADER_WARN_EVERY`] are logged,
+/// the rest summed up in one line (`header_errors_total` counts them all).
+static HEADER_WARNINGS: Throttle = Throttle::new(
+    HEADER_WARN_EVERY,
+    5,
+    &[
+        "timeout",
+        "malformed",
+        "too_large",
+        "too_many_lines",
+        "no_memory",
+        "proxy_missing",
+        "proxy_invalid",
+    ],
+    Some(|total, by_kind| {
+        tracing::warn!(
+            count = total,
+            "{total} more Asterisk headers refused in the last {} s ({by_kind}); see agiproxy_header_errors_total",
+            HEADER_WARN_EVERY.as_secs()
+        )
+    }),
+);
+const HEADER_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn bad_header(
     shared: &Shared,
     a: &mut TcpStream,
@@ -370,12 +396,13 @@ async fn bad_header(
         HeaderError::Closed | HeaderError::Truncated | HeaderError::Io(_) => {
             tracing::debug!(peer = %rec.peer, error = %e, "connection ended before a header")
         }
-        _ => tracing::warn!(
+        _ if HEADER_WARNINGS.admit(e.reason()) => tracing::warn!(
             peer = %rec.peer,
             listener = %rec.listener,
             error = %e,
             "refused Asterisk header"
         ),
+        _ => {}
     }
     // A real Asterisk with an oversized header is waiting for a command (or
     // will be once its write is done: told FAILURE even when the discard hit
