@@ -10,7 +10,10 @@
 //! the summary's (a timer task and its text), once an interval at most.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{AcqRel, Relaxed},
+};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -89,7 +92,9 @@ impl Throttle {
             .unwrap_or(MAX_KINDS)
             .min(MAX_KINDS - 1);
         self.skipped[i].fetch_add(1, Relaxed);
-        if self.summary.is_some() && !self.armed.swap(true, Relaxed) {
+        // AcqRel, as the timer's own swap: a skip that finds the timer armed
+        // is seen by that timer's flush, or arms the next one.
+        if self.summary.is_some() && !self.armed.swap(true, AcqRel) {
             self.arm();
         }
         false
@@ -107,7 +112,8 @@ impl Throttle {
         let wait = Duration::from_millis(end.saturating_sub(now_ms()));
         rt.spawn(async move {
             tokio::time::sleep(wait).await;
-            self.armed.store(false, Relaxed);
+            // An RMW, so it reads (and acquires) the last skip's swap.
+            self.armed.swap(false, AcqRel);
             self.flush();
         });
     }

@@ -115,22 +115,27 @@ pub fn carried_overrides(
             .iter()
             .map(|o| (o.action, o.at_ms - is))
             .collect();
-        // The file's first final override: one kept after it would change
-        // nothing, and would keep this replica's config apart from its
-        // peers' for good (a replica that refused `ctl`'s first time took a
-        // second one; the file with the first brings it back in line).
-        let final_in_new = has
-            .iter()
-            .filter(|(a, _)| matches!(a, OverrideAction::Promote | OverrideAction::Rollback))
-            .map(|(_, at)| *at)
-            .min();
+        // A final override kept after the file's own of the same action,
+        // in force no later (effective times: a new skew moves the file's),
+        // changes nothing, and would keep this replica's config apart from
+        // its peers' for good (a replica that refused `ctl`'s first time
+        // took a second one; the file with the first brings it back in
+        // line). Every call it placed stays where it is. Another action,
+        // or a later time, is kept (and the skew check sees it).
+        let moot = |o: &agiproxy_config::Override| {
+            matches!(o.action, OverrideAction::Promote | OverrideAction::Rollback)
+                && ro
+                    .overrides
+                    .iter()
+                    .any(|f| f.action == o.action && f.at_ms <= o.at_ms)
+        };
         for o in &before.overrides {
             let written = (o.action, o.at_ms - was);
             match has.iter().position(|h| *h == written) {
                 Some(i) => {
                     has.swap_remove(i);
                 }
-                None if final_in_new.is_some_and(|f| f < written.1) => {}
+                None if moot(o) => {}
                 None => out.push(Carried {
                     route: route.to_string(),
                     action: o.action,
@@ -220,21 +225,29 @@ mod tests {
             .len(),
             1
         );
-        // A final override in the file before one of the running config's
-        // makes that one moot: not kept (a replica whose `ctl` time was
-        // later than its peers' converges on the file's). At the same
-        // time, or after it, it is kept.
-        let promote = |at: &str| format!("{{ action: promote, at: \"{at}\" }}");
-        for (file_has, kept) in [
-            (promote("2026-12-06T09:20:00Z"), 0),
-            (promote("2026-12-06T09:20:00.250Z"), 1),
-            (promote("2026-12-06T09:30:00Z"), 1),
-            (rollback.replace("09:20:00.250Z", "09:15:00Z"), 0),
+        // The file's own rollback in force no later makes the running
+        // one moot: not kept (a replica whose `ctl` time was later than its
+        // peers' converges on the file's). Later, another action, or later
+        // once the file's skew is counted: kept.
+        let rollback_at = |at: &str| rollback.replace("09:20:00.250Z", at);
+        for (extra, file_has, kept) in [
+            ("", rollback_at("09:15:00Z"), 0),
+            ("", rollback_at("09:20:00.200Z"), 0),
+            ("", rollback_at("09:30:00Z"), 1),
+            (
+                "",
+                rollback
+                    .replace("rollback", "promote")
+                    .replace("09:20:00.250Z", "09:15:00Z"),
+                1,
+            ),
+            (", skew: 5s", rollback_at("09:20:00Z"), 1),
+            (", skew: 5s", rollback_at("09:19:55Z"), 0),
         ] {
             assert_eq!(
-                carried(&with("", &format!("{pause}, {file_has}"))).len(),
+                carried(&with(extra, &format!("{pause}, {file_has}"))).len(),
                 kept,
-                "{file_has}"
+                "{extra} {file_has}"
             );
         }
         // A new start, or other steps: another rollout, nothing is kept.

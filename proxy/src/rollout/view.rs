@@ -128,9 +128,10 @@ fn differs(route: &str, ro: &CompiledRollout, file: &FileRollouts) -> Option<Str
         || f.steps != ro.plan.steps
         || f.step_duration != ro.plan.step_duration
         || f.judge.interval != ro.plan.judge.interval
+        || f.skew != ro.plan.skew
     {
         return Some(format!(
-            "route {route}: the running rollout is not the config file's (changed through the API: start, steps or intervals); to keep it, copy the route's rollout from `agiproxy ctl config get` into the file"
+            "route {route}: the running rollout is not the config file's (changed through the API: start, steps, intervals or skew); to keep it, copy the route's rollout from `agiproxy ctl config get` into the file"
         ));
     }
     if f.overrides != ro.plan.overrides {

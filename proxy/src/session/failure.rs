@@ -21,12 +21,22 @@ pub const ERROR_VARIABLE: &str = "AGIPROXY_ERROR";
 /// written anyway, and (twice this in all) to close after `FAILURE` (it
 /// answers in microseconds; this only bounds a slow or dead peer).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a late reply, how long Asterisk gets to close once `FAILURE` is
+/// written: a silent peer (a flood's) is not held the whole bound again.
+const LATE_CLOSE: Duration = Duration::from_millis(500);
 
 /// Sends the reason and the FAILURE line, then waits for Asterisk to close.
 /// Asterisk must be waiting for a command (never mid-line). An error means
 /// the FAILURE line may not have been heard (once it is written, Asterisk's
-/// way of closing does not matter).
-pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Result<()> {
+/// way of closing does not matter). `surely_waits`: Asterisk is known to
+/// wait for a command, so a `FAILURE` written after a late reply is read as
+/// one; false where it may still be in a module (an abandoned sound-file
+/// payload the module never answered), where it would be read as payload.
+pub async fn tell_failure(
+    asterisk: &mut TcpStream,
+    reason: Reason,
+    surely_waits: bool,
+) -> io::Result<()> {
     // Built on the stack, no formatting: a pool that is down answers every
     // call this way, thousands a second.
     let mut set = [0u8; 128];
@@ -34,15 +44,14 @@ pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Resul
     let mut heard = false;
     let exchange = async {
         asterisk.write_all(&set[..len]).await?;
-        match read_reply(asterisk).await {
-            Ok(()) => {}
+        let late = match read_reply(asterisk).await {
+            Ok(()) => false,
             // A slow Asterisk (overloaded) still runs commands in order: a
             // FAILURE written now is read after its late reply, whereas a
-            // close would read as SUCCESS. The drain below gets what is left
-            // of the overall bound.
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+            // close would read as SUCCESS.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && surely_waits => true,
             Err(e) => return Err(e),
-        }
+        };
         asterisk.write_all(b"FAILURE\n").await?;
         heard = true;
         // Asterisk answers FAILURE with HANGUP and a close; read it so our
@@ -52,8 +61,15 @@ pub async fn tell_failure(asterisk: &mut TcpStream, reason: Reason) -> io::Resul
         // per FAILURE when the drain stopped at HANGUP).
         let _ = asterisk.shutdown().await;
         let mut sink = [0u8; 256];
-        while asterisk.read(&mut sink).await? > 0 {}
-        io::Result::Ok(())
+        let drain = async {
+            while asterisk.read(&mut sink).await? > 0 {}
+            io::Result::Ok(())
+        };
+        if late {
+            let _ = tokio::time::timeout(LATE_CLOSE, drain).await;
+            return Ok(());
+        }
+        drain.await
     };
     let result = tokio::time::timeout(ANSWER_TIMEOUT * 2, exchange)
         .await
@@ -148,7 +164,7 @@ mod tests {
             let _ = ast.read_to_end(&mut got).await;
             got
         });
-        let r = tell_failure(&mut proxy, Reason::ConnectFailed).await;
+        let r = tell_failure(&mut proxy, Reason::ConnectFailed, true).await;
         drop(proxy);
         (r, fake.await.unwrap())
     }
@@ -188,7 +204,7 @@ mod tests {
                 let n = ast.read(&mut buf).await.unwrap();
                 got.extend_from_slice(&buf[..n]);
             }
-            tokio::time::sleep(Duration::from_millis(2500)).await;
+            tokio::time::sleep(Duration::from_millis(2200)).await;
             ast.write_all(b"200 result=1\n").await.unwrap();
             // Then, as Asterisk: the next line, HANGUP and a close.
             let mut rest = [0u8; 64];
@@ -201,7 +217,7 @@ mod tests {
             got
         });
         let started = std::time::Instant::now();
-        let r = tell_failure(&mut proxy, Reason::ConnectFailed).await;
+        let r = tell_failure(&mut proxy, Reason::ConnectFailed, true).await;
         assert!(started.elapsed() < ANSWER_TIMEOUT * 2 + Duration::from_millis(500));
         drop(proxy);
         let got = fake.await.unwrap();
@@ -209,6 +225,33 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&got),
             "SET VARIABLE AGIPROXY_ERROR \"connect_failed\"\nFAILURE\n"
+        );
+    }
+
+    /// A peer that never answers nor closes (a flood's) gets FAILURE after
+    /// the 2 s wait and is let go `LATE_CLOSE` later, not held the whole
+    /// 4 s bound.
+    #[tokio::test]
+    async fn a_silent_peer_is_let_go_soon_after_its_failure_line() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut proxy, _) = l.accept().await.unwrap();
+        let started = std::time::Instant::now();
+        tell_failure(&mut proxy, Reason::Overloaded, true)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= ANSWER_TIMEOUT
+                && took < ANSWER_TIMEOUT + LATE_CLOSE + Duration::from_millis(400),
+            "{took:?}"
+        );
+        drop(proxy);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "SET VARIABLE AGIPROXY_ERROR \"overloaded\"\nFAILURE\n"
         );
     }
 

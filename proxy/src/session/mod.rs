@@ -336,7 +336,8 @@ async fn relay(
 async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
     rec.outcome = Outcome::Failed;
     rec.reason = Some(reason);
-    if let Err(e) = tell_failure(a, reason).await {
+    // Before commit Asterisk waits for its first command.
+    if let Err(e) = tell_failure(a, reason, true).await {
         tracing::debug!(peer = %rec.peer, error = %e, "Asterisk went away while told FAILURE");
         if matches!(
             e.kind(),

@@ -68,6 +68,9 @@ const MAX_PENDING: usize = 256 * 1024;
 /// backend reads replies at the network's speed; one that reads a byte a
 /// second is stalled too.
 const BACKEND_MIN_INTAKE: usize = 64 * 1024;
+/// The shortest span `BACKEND_MIN_INTAKE` is asked of (see `intake_window`):
+/// about 100 kbit/s at the least.
+const MIN_INTAKE_WINDOW: Duration = Duration::from_secs(5);
 /// A stash bigger than this is freed when it empties, so quiet sessions
 /// don't keep burst-sized buffers.
 const KEEP_CAPACITY: usize = 4096;
@@ -383,7 +386,7 @@ impl<'s> Relay<'s> {
         };
         match self.b_held_since {
             Some(since) => {
-                let stalled = since + self.opts.next_command;
+                let stalled = since + self.intake_window();
                 Some(d.map_or(stalled, |d| d.min(stalled)))
             }
             None => d,
@@ -402,10 +405,17 @@ impl<'s> Relay<'s> {
     }
 
     /// The backend took less than `BACKEND_MIN_INTAKE` of what waits for it
-    /// in `next_command`, while Asterisk was held back for it.
+    /// in `intake_window`, while Asterisk was held back for it.
     fn backend_stalled(&self) -> bool {
         self.b_held_since
-            .is_some_and(|since| since + self.opts.next_command <= Instant::now())
+            .is_some_and(|since| since + self.intake_window() <= Instant::now())
+    }
+
+    /// `next_command`, at least `MIN_INTAKE_WINDOW`: a route that fails
+    /// fast on a silent backend does not demand a fast link of one that
+    /// reads a large `GET SOUNDFILE` payload steadily.
+    fn intake_window(&self) -> Duration {
+        self.opts.next_command.max(MIN_INTAKE_WINDOW)
     }
 
     /// Ends a backend that stopped taking replies: Asterisk is read again
@@ -417,10 +427,14 @@ impl<'s> Relay<'s> {
             backend = ?self.b.peer_addr().ok(),
             waiting = self.b_out.len(),
             taken = self.b_intake,
-            within_s = self.opts.next_command.as_secs_f64(),
-            "backend stopped taking Asterisk's replies (fewer than {BACKEND_MIN_INTAKE} bytes taken within next_command): ending the session"
+            within_s = self.intake_window().as_secs_f64(),
+            "backend stopped taking Asterisk's replies (fewer than {BACKEND_MIN_INTAKE} bytes taken within next_command, at least {} s): ending the session",
+            MIN_INTAKE_WINDOW.as_secs()
         );
         self.b_held_since = None;
+        // A `PUT SOUNDFILE` payload it was sending is given up too: the
+        // module's early answer then ends it (as in `give_up_payload`).
+        self.turn.abandon_payload();
         self.pending_failure
             .get_or_insert(Reason::NextCommandTimeout);
         self.held = Vec::new();
@@ -543,7 +557,10 @@ impl<'s> Relay<'s> {
             "telling Asterisk FAILURE after commit"
         );
         self.close_backend_politely().await;
-        let _ = failure::tell_failure(self.a, reason).await;
+        // Not sure only where the module never answered an abandoned
+        // payload (it may still read payload lines).
+        let surely_waits = self.turn.backend_owes_command();
+        let _ = failure::tell_failure(self.a, reason, surely_waits).await;
         RelayEnd::Failed(reason)
     }
 

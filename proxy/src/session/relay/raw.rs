@@ -96,11 +96,18 @@ async fn pump(
         }
         let mut sent = 0;
         while sent < n {
-            match tokio::time::timeout(stall, w.write(&buf[sent..n])).await {
-                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(k)) => sent += k,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            // The timer only when the peer's socket is full: a timeout
+            // around every write would cost each chunk a clock read and
+            // a runtime-handle clone.
+            match w.as_ref().try_write(&buf[sent..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(stall, w.as_ref().writable())
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                }
+                Err(e) => return Err(e),
             }
         }
         *count += n as u64;

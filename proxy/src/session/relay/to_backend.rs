@@ -24,9 +24,10 @@ impl Relay<'_> {
             }
             Some(Ok(_)) => {
                 self.ingest_asterisk(buf.filled());
-                if self.turn.in_reply_payload() {
+                if self.turn.in_reply_payload() && self.pending_failure.is_none() {
                     // A flowing `GET SOUNDFILE` payload pushes the deadline
-                    // on; one that stops is bounded like any silence.
+                    // on; one that stops is bounded like any silence. (Not
+                    // once the backend was given up: its bound stands.)
                     self.deadline = Some(Instant::now() + self.opts.next_command);
                 }
             }
