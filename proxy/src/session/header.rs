@@ -23,10 +23,10 @@ pub enum HeaderError {
     TooManyLines(usize, ReadSoFar),
     #[error("header not complete within {0:?} (slow or stalled client)")]
     Timeout(Duration),
-    /// From `read_header`, one after the first line comes only once the
+    /// From `read_header`, one Asterisk is told of comes only once the
     /// blank line is in (see [`HeaderError::failure`]).
-    #[error("line {0} is not an `agi_name: value` line")]
-    Malformed(usize),
+    #[error("line {0} {1}")]
+    Malformed(usize, Bad),
     /// `limits.max_header_memory` is taken by other connections' headers.
     #[error(
         "header needs more than {0} bytes of buffer while every connection's header buffers \
@@ -46,6 +46,30 @@ pub enum HeaderError {
     ProxyMissing,
     #[error("{0}")]
     ProxyInvalid(super::proxy_protocol::Invalid, ReadSoFar),
+}
+
+/// What is wrong with a [`HeaderError::Malformed`] line. Beyond lines that
+/// are not `agi_name: value`, each is something Asterisk never sends and a
+/// backend may read differently from routing: a second copy of a name (a
+/// backend keeping the last would act on a script routing never saw), a
+/// name in another case, a CRLF ending (stripped by most line readers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bad {
+    Line,
+    UpperCase,
+    Duplicate,
+    Crlf,
+}
+
+impl std::fmt::Display for Bad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bad::Line => "is not an `agi_name: value` line",
+            Bad::UpperCase => "has an upper-case letter in its name; Asterisk sends lower case",
+            Bad::Duplicate => "gives a name twice; Asterisk sends each once",
+            Bad::Crlf => "ends in \\r\\n: CRLF line endings; Asterisk sends LF",
+        })
+    }
 }
 
 /// How far a refused header had come when it was refused: whether its blank
@@ -96,7 +120,7 @@ impl HeaderError {
             HeaderError::NoMemory(_) => "no_memory",
             HeaderError::TooManyLines(..) => "too_many_lines",
             HeaderError::Timeout(_) => "timeout",
-            HeaderError::Malformed(_) => "malformed",
+            HeaderError::Malformed(..) => "malformed",
             HeaderError::Closed => "closed",
             HeaderError::Truncated => "truncated",
             HeaderError::Io(_) => "io",
@@ -122,8 +146,9 @@ impl HeaderError {
             }
             // After a good first line, a bad one is most likely a value
             // with a newline in it (`AGI(agi://p/s,${VAR})`): Asterisk
-            // sent it, and a direct backend would have run the script.
-            HeaderError::Malformed(line) if *line > 1 => Some(Reason::HeaderMalformed),
+            // sent it, and a direct backend would have run the script. A
+            // first line ending in CRLF is an Asterisk-like client too.
+            HeaderError::Malformed(line, bad) if told(*line, *bad) => Some(Reason::HeaderMalformed),
             _ => None,
         }
     }
@@ -136,10 +161,22 @@ impl HeaderError {
             | HeaderError::TooManyLines(_, r)
             | HeaderError::ProxyInvalid(_, r) => *r,
             HeaderError::ProxyMissing => ReadSoFar::BlankLine,
-            HeaderError::Malformed(line) if *line > 1 => ReadSoFar::BlankLine,
+            HeaderError::Malformed(line, bad) if told(*line, *bad) => ReadSoFar::BlankLine,
             _ => ReadSoFar::MidLine,
         }
     }
+}
+
+/// Whether a malformed header is told FAILURE (`read_header` then reads on
+/// to its blank line first); otherwise the peer is not plausibly Asterisk.
+fn told(line: usize, bad: Bad) -> bool {
+    line > 1 || bad == Bad::Crlf
+}
+
+/// Whether `buf` holds the blank line that ends a header: `\n\n`, or
+/// `\n\r\n` after CRLF lines (refused, but only once complete).
+fn has_blank_line(buf: &[u8]) -> bool {
+    memchr::memmem::find(buf, b"\n\n").is_some() || memchr::memmem::find(buf, b"\n\r\n").is_some()
 }
 
 /// Limits on one header.
@@ -304,13 +341,15 @@ fn decode(s: &str) -> Cow<'_, str> {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy()
 }
 
-/// Bytes allowed in a variable name (`agi_` + ASCII letters, digits, `_`, `-`).
+/// Bytes allowed in a variable name (`agi_` + lower-case ASCII letters,
+/// digits, `_`, `-`): Asterisk's names are lower case, and one in another
+/// case is a second copy to a backend that folds case.
 const NAME_BYTE: [bool; 256] = {
     let mut t = [false; 256];
     let mut c = 0;
     while c < 256 {
         let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+        t[c] = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
         c += 1;
     }
     t
@@ -323,11 +362,15 @@ type Line = (Range<usize>, Range<usize>, usize);
 /// always writes `": "`, also for an empty value; names are ASCII, values
 /// whatever bytes the channel holds). `Err` when the bytes so far cannot be
 /// such a line; `Ok(None)` when they can but its `\n` has not arrived.
-fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, ()> {
+fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, Bad> {
     let rest = &buf[start..];
     let n = rest.len().min(4);
     if rest[..n] != b"agi_"[..n] {
-        return Err(());
+        return Err(if rest[..n].eq_ignore_ascii_case(&b"agi_"[..n]) {
+            Bad::UpperCase
+        } else {
+            Bad::Line
+        });
     }
     let mut i = start + n;
     while i < buf.len() && NAME_BYTE[buf[i] as usize] {
@@ -337,7 +380,11 @@ fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, ()> {
         return Ok(None);
     }
     if buf[i] != b':' {
-        return Err(());
+        return Err(if buf[i].is_ascii_uppercase() {
+            Bad::UpperCase
+        } else {
+            Bad::Line
+        });
     }
     let colon = i;
     let mut v = colon + 1;
@@ -348,6 +395,19 @@ fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, ()> {
     Ok(memchr::memchr(b'\n', &buf[v..]).map(|k| (start..colon, v..v + k, v + k)))
 }
 
+/// 7 bits of a name (at least `agi_`, 4 bytes) from its length and three of
+/// its bytes, O(1): Asterisk's names differ in one of those (`agi_arg_1`
+/// .. `agi_arg_9` in the last byte), so for a real header a bit is
+/// rarely set twice and the duplicate check rarely compares names.
+fn name_hash(name: &[u8]) -> u32 {
+    let l = name.len();
+    let x = (l as u32)
+        ^ (u32::from(name[l - 1]) << 8)
+        ^ (u32::from(name[l - 2]) << 16)
+        ^ (u32::from(name[(l - 1).min(5)]) << 24);
+    x.wrapping_mul(0x9E37_79B1) >> 25
+}
+
 /// The header parser, fed as bytes arrive: each line is checked once, when
 /// its `\n` arrives (garbage is refused at once, not at the header
 /// deadline), and its spans are kept for the parsed header. Public so the
@@ -356,6 +416,9 @@ pub struct Scan {
     vars: Vec<(Range<usize>, Range<usize>)>,
     /// Where the next unread line starts.
     pos: usize,
+    /// One bit per [`name_hash`] of the names read: a new name is compared
+    /// with earlier ones only when its bit is already set.
+    seen: u128,
 }
 
 impl Default for Scan {
@@ -369,6 +432,7 @@ impl Scan {
         Scan {
             vars: Vec::with_capacity(32),
             pos: 0,
+            seen: 0,
         }
     }
 
@@ -376,26 +440,56 @@ impl Scan {
     /// the header's length (blank line included) once the blank line is in.
     pub fn advance(&mut self, buf: &[u8], max_lines: usize) -> Result<Option<usize>, HeaderError> {
         while self.pos < buf.len() {
+            let line = self.vars.len() + 1;
             if buf[self.pos] == b'\n' {
                 if self.vars.is_empty() {
-                    return Err(HeaderError::Malformed(1));
+                    return Err(HeaderError::Malformed(1, Bad::Line));
                 }
                 return Ok(Some(self.pos + 1));
+            }
+            // A `\r\n` blank line after LF lines: CRLF lines are refused
+            // at their first (below).
+            if buf[self.pos] == b'\r' && !self.vars.is_empty() {
+                match buf.get(self.pos + 1) {
+                    None => return Ok(None),
+                    Some(b'\n') => return Err(HeaderError::Malformed(line, Bad::Crlf)),
+                    Some(_) => {}
+                }
             }
             if self.vars.len() == max_lines {
                 let read = ReadSoFar::of(&buf[self.pos..]);
                 return Err(HeaderError::TooManyLines(max_lines, read));
             }
             match scan_line(buf, self.pos) {
-                Err(()) => return Err(HeaderError::Malformed(self.vars.len() + 1)),
+                Err(bad) => return Err(HeaderError::Malformed(line, bad)),
                 Ok(None) => return Ok(None),
                 Ok(Some((name, value, nl))) => {
+                    // A `\r` inside a value is a byte Asterisk passes on;
+                    // at its end it is a CRLF ending, which a backend's
+                    // line reader strips and routing would not.
+                    if nl > value.start && buf[nl - 1] == b'\r' {
+                        return Err(HeaderError::Malformed(line, Bad::Crlf));
+                    }
+                    let bit = 1u128 << name_hash(&buf[name.clone()]);
+                    if self.seen & bit != 0 && self.seen_before(buf, &name) {
+                        return Err(HeaderError::Malformed(line, Bad::Duplicate));
+                    }
+                    self.seen |= bit;
                     self.vars.push((name, value));
                     self.pos = nl + 1;
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Whether `name` is among the names read (of equal length first: a
+    /// byte compare only for those).
+    fn seen_before(&self, buf: &[u8], name: &Range<usize>) -> bool {
+        let new = &buf[name.clone()];
+        self.vars
+            .iter()
+            .any(|(n, _)| n.len() == new.len() && &buf[n.clone()] == new)
     }
 
     /// The parsed header; `raw` is the buffer given to `advance`, `len` what it returned.
@@ -490,14 +584,17 @@ pub async fn read_header<'m>(
                     Ok(None) => {}
                     Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
                     Ok(Some(len)) => return Ok((scan.finish(buf, len), caller, held)),
-                    Err(HeaderError::Malformed(line)) if line > 1 => bad_line = Some(line),
+                    Err(HeaderError::Malformed(line, bad)) if told(line, bad) => {
+                        bad_line = Some((line, bad))
+                    }
                     Err(e) => return Err(e),
                 }
             }
-            if let Some(line) = bad_line {
-                // Header lines are never empty: the first "\n\n" ends it.
-                if memchr::memmem::find(&buf[searched.saturating_sub(1)..], b"\n\n").is_some() {
-                    return Err(HeaderError::Malformed(line));
+            if let Some((line, bad)) = bad_line {
+                // Header lines are never empty: the first "\n\n" (or
+                // "\n\r\n") ends it.
+                if has_blank_line(&buf[searched.saturating_sub(2)..]) {
+                    return Err(HeaderError::Malformed(line, bad));
                 }
                 searched = buf.len();
             }
@@ -571,7 +668,7 @@ mod tests {
             HeaderError::NoMemory(1),
             HeaderError::TooManyLines(1, ReadSoFar::MidLine),
             HeaderError::Timeout(Duration::from_secs(1)),
-            HeaderError::Malformed(1),
+            HeaderError::Malformed(1, Bad::Line),
             HeaderError::Closed,
             HeaderError::Truncated,
             HeaderError::Io(ErrorKind::Other),
@@ -653,24 +750,33 @@ mod tests {
     fn garbage_is_refused_early() {
         assert_eq!(
             scan(b"GET / HTTP/1.1\r\n", 8),
-            Err(HeaderError::Malformed(1))
+            Err(HeaderError::Malformed(1, Bad::Line))
         );
-        assert_eq!(scan(b"\x16\x03\x01", 8), Err(HeaderError::Malformed(1)));
+        assert_eq!(
+            scan(b"\x16\x03\x01", 8),
+            Err(HeaderError::Malformed(1, Bad::Line))
+        );
         assert_eq!(scan(b"agi_network: yes\nag", 8), Ok(None));
         assert_eq!(scan(b"agi_network: yes\nagi_x", 8), Ok(None));
         // A name that cannot go on is refused before its line ends.
-        assert_eq!(scan(b"agi_network yes", 8), Err(HeaderError::Malformed(1)));
+        assert_eq!(
+            scan(b"agi_network yes", 8),
+            Err(HeaderError::Malformed(1, Bad::Line))
+        );
         assert_eq!(
             scan(b"agi_a: 1\nagi_b\n", 8),
-            Err(HeaderError::Malformed(2))
+            Err(HeaderError::Malformed(2, Bad::Line))
         );
         // A value with a newline in it.
         assert_eq!(
             scan(b"agi_arg_1: a\nb\nagi_arg_2: c\n\n", 8),
-            Err(HeaderError::Malformed(2))
+            Err(HeaderError::Malformed(2, Bad::Line))
         );
-        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1)));
-        let many = b"agi_a: 1\n".repeat(9);
+        assert_eq!(scan(b"\n", 8), Err(HeaderError::Malformed(1, Bad::Line)));
+        // Nine distinct names (a repeated one is refused), 9 bytes a line.
+        let many: Vec<u8> = (b'a'..=b'i')
+            .flat_map(|c| [&b"agi_"[..], &[c], b": 1\n"].concat())
+            .collect();
         let too_many = |r| Err(HeaderError::TooManyLines(8, r));
         assert_eq!(scan(&many, 8), too_many(ReadSoFar::LineEnd));
         assert_eq!(
@@ -697,6 +803,71 @@ mod tests {
                 ("agi_d", "z")
             ]
         );
+    }
+
+    /// The first refusal of `raw`, as `read_header` sees it: its reason,
+    /// whether Asterisk is told FAILURE for it, and its message.
+    fn refusal(raw: &[u8]) -> (&'static str, Option<Reason>, String) {
+        let e = Header::parse(raw.to_vec(), 512).expect_err("refused");
+        (e.reason(), e.failure(), e.to_string())
+    }
+
+    /// Audit: with `agi_network_script` twice, routing read the first copy
+    /// and a backend keeping the last (a dict) ran the other script.
+    #[test]
+    fn a_name_given_twice_is_refused() {
+        let mut raw = FX[..FX.len() - 1].to_vec();
+        raw.extend_from_slice(b"agi_network_script: admin\n\n");
+        let (reason, told, msg) = refusal(&raw);
+        assert_eq!((reason, told), ("malformed", Some(Reason::HeaderMalformed)));
+        assert!(msg.contains("line 25") && msg.contains("twice"), "{msg}");
+        // Another name, right after its first copy.
+        let (_, told, msg) = refusal(b"agi_network: yes\nagi_arg_1: a\nagi_arg_1: b\n\n");
+        assert_eq!(told, Some(Reason::HeaderMalformed));
+        assert!(msg.contains("line 3"), "{msg}");
+        // Names of equal length that differ are not duplicates.
+        let ok = b"agi_network: yes\nagi_arg_1: a\nagi_arg_2: b\nagi_arg_3: c\n\n";
+        assert_eq!(Header::parse(ok.to_vec(), 8).unwrap().line_count(), 4);
+    }
+
+    /// Asterisk sends lower-case names only; a backend that folds case
+    /// would merge `agi_X_ROUTE` with an `agi_x_route` a route sets.
+    #[test]
+    fn a_name_with_an_upper_case_letter_is_refused() {
+        for raw in [
+            &b"agi_network: yes\nagi_X_ROUTE: evil3\n\n"[..],
+            b"agi_network: yes\nagi_network_Script: admin\n\n",
+            b"agi_network: yes\nAGI_x: 1\n\n",
+        ] {
+            let (reason, told, msg) = refusal(raw);
+            assert_eq!((reason, told), ("malformed", Some(Reason::HeaderMalformed)));
+            assert!(msg.contains("upper-case"), "{msg}");
+        }
+    }
+
+    /// CRLF endings: the `\r\n` blank line ends the header (no wait for a
+    /// `\n\n` that never comes), and the refusal says why.
+    #[test]
+    fn crlf_line_endings_are_refused_at_the_first_line() {
+        let crlf: Vec<u8> = FX
+            .split_inclusive(|b| *b == b'\n')
+            .flat_map(|l| [&l[..l.len() - 1], b"\r\n"].concat())
+            .collect();
+        let (reason, told, msg) = refusal(&crlf);
+        assert_eq!((reason, told), ("malformed", Some(Reason::HeaderMalformed)));
+        assert!(
+            msg.contains("CRLF line endings; Asterisk sends LF"),
+            "{msg}"
+        );
+        // A scan stops at the first CRLF line, at once.
+        assert!(scan(&crlf[..20], 512).is_err());
+        // LF lines, then a CRLF blank line.
+        let (_, told, msg) = refusal(b"agi_network: yes\nagi_b: 1\n\r\n");
+        assert_eq!(told, Some(Reason::HeaderMalformed));
+        assert!(msg.contains("CRLF"), "{msg}");
+        // A `\r` inside a value is a byte of it, as Asterisk passes it on.
+        let h = Header::parse(b"agi_network: yes\nagi_arg_1: a\rb\n\n".to_vec(), 8).unwrap();
+        assert_eq!(h.get("agi_arg_1"), Some("a\rb"));
     }
 
     #[test]
