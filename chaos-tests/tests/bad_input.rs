@@ -177,12 +177,13 @@ async fn a_value_with_a_newline_is_told_failure_at_once() {
     assert_eq!(b.stats().accepted(), 0);
 }
 
-/// Sends `lines` one write each, 20 ms apart, then the blank line alone, as
-/// Asterisk does; answers the proxy's `SET VARIABLE`. Returns the reason
-/// told and how long after the blank line it came.
+/// Sends `lines` one write each, 20 ms apart, then the blank line (`blank`)
+/// alone, as Asterisk does; answers the proxy's `SET VARIABLE`. Returns the
+/// reason told and how long after the blank line it came.
 async fn refusal_after_blank_line(
     addr: std::net::SocketAddr,
     lines: &[Vec<u8>],
+    blank: &[u8],
 ) -> (String, Duration) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
@@ -190,7 +191,7 @@ async fn refusal_after_blank_line(
         s.write_all(line).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s.write_all(b"\n").await.unwrap();
+    s.write_all(blank).await.unwrap();
     let sent = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
@@ -244,11 +245,75 @@ async fn an_oversized_header_whose_blank_line_comes_alone_is_told_at_once() {
         ))
         .await;
         let mut rx = p.server.subscribe();
-        let (set, waited) = refusal_after_blank_line(p.addr, &lines).await;
+        let (set, waited) = refusal_after_blank_line(p.addr, &lines, b"\n").await;
         assert_eq!(set, told, "{limit}");
         assert!(waited < Duration::from_secs(2), "{limit}: {waited:?}");
         let rec = next_record(&mut rx).await;
         assert_eq!(rec.header_error, Some(reason));
     }
+    assert_eq!(b.stats().accepted(), 0);
+}
+
+/// Headers a real Asterisk never sends, where routing and a backend could
+/// read different things (audit: with `agi_network_script` twice, routing
+/// took the first copy and a backend keeping the last ran `admin`), and
+/// CRLF endings, whose header never ended: waited for the 5 s header
+/// timeout, then a silent close (SUCCESS). Each is told FAILURE
+/// `header_malformed` as soon as its blank line is in, counted as
+/// `malformed`, and no backend is asked.
+#[tokio::test]
+async fn duplicate_mixed_case_and_crlf_headers_are_told_failure_at_once() {
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  header: 5s\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let told = "SET VARIABLE AGIPROXY_ERROR \"header_malformed\"\n";
+    let base = [
+        "agi_network: yes",
+        "agi_network_script: spoof/x",
+        "agi_request: agi://127.0.0.1/spoof/x",
+        "agi_channel: SIP/100-00000001",
+        "agi_uniqueid: 1795769496.1",
+    ];
+    let lines = |extra: &str, end: &str| -> Vec<Vec<u8>> {
+        base.iter()
+            .copied()
+            .chain((!extra.is_empty()).then_some(extra))
+            .map(|l| format!("{l}{end}").into_bytes())
+            .collect()
+    };
+    let cases = [
+        (
+            "duplicate script",
+            lines("agi_network_script: admin", "\n"),
+            "\n",
+        ),
+        (
+            "duplicate channel",
+            lines("agi_channel: SIP/200-2", "\n"),
+            "\n",
+        ),
+        ("mixed case", lines("agi_X_ROUTE: evil3", "\n"), "\n"),
+        ("crlf", lines("", "\r\n"), "\r\n"),
+    ];
+    for (case, lines, blank) in &cases {
+        let (set, waited) = refusal_after_blank_line(p.addr, lines, blank.as_bytes()).await;
+        assert_eq!(set, told, "{case}");
+        assert!(waited < Duration::from_secs(1), "{case}: {waited:?}");
+        let rec = next_record(&mut rx).await;
+        assert_eq!(rec.header_error, Some("malformed"), "{case}");
+    }
+    let m = p.server.metrics().render();
+    let errors = |r: &str| {
+        counter(
+            &m,
+            &format!("agiproxy_header_errors_total{{reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!((errors("malformed"), errors("timeout")), (4, 0), "{m}");
     assert_eq!(b.stats().accepted(), 0);
 }
