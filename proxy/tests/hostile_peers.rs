@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
+use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -188,5 +188,64 @@ async fn a_flood_of_refused_headers_logs_five_lines_and_a_count() {
     assert!(
         summary.contains("95 more Asterisk headers refused in the last 10 s (malformed: 95)"),
         "{summary}"
+
+/// Audit: a backend line over the 16 KiB bound ended the session in FAILURE
+/// `backend_protocol`, but the only log line, `telling Asterisk FAILURE
+/// after commit`, named neither the backend nor the bound. The WARN where
+/// it is decided names both, and the line's length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_backend_line_is_logged_with_the_backend_and_the_limit() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Child;
+
+    let mut line = b"VERBOSE \"".to_vec();
+    line.resize(20_000 - 4, b'w');
+    line.extend_from_slice(b"\" 1\n");
+    let backend = FakeBackend::start(Behaviour::steps(vec![
+        Step::Send(line),
+        Step::Sleep(Duration::from_secs(2)),
+    ]))
+    .await;
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "version: 1\ncontrol:\n  enabled: false\nlisteners:\n  - name: asterisk\n    address: \"{addr}\"\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        backend.addr()
+    );
+    let (_dir, path) = config_file("hostile", &format!("agiproxy-hostile-{port}.yaml"), &text);
+    let mut child = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+            .args(["run", "--log-format", "json", "--log-level", "warn", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "proxy did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = FakeAsterisk::new()
+        .header(AgiHeader::realistic("x", &[], "3.1"))
+        .call_timeout(Duration::from_secs(10))
+        .run(addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    let child: &mut Child = &mut child;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let lines: Vec<String> = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let _ = child.wait();
+    let backend_addr = format!("\"backend\":\"{}\"", backend.addr());
+    assert!(
+        lines.iter().any(|l| l.contains("WARN")
+            && l.contains(&backend_addr)
+            && l.contains("16384")
+            && l.contains("19999")
+            && l.contains("backend_protocol")),
+        "no WARN naming {backend_addr}, the limit and the length: {lines:#?}"
     );
 }

@@ -106,7 +106,7 @@ impl Relay<'_> {
                 // Measured whole before it is copied; then passed without
                 // a rescan of its start.
                 if self.held.len() + nl > MAX_COMMAND_LINE {
-                    return self.refuse_command();
+                    return self.refuse_command(self.held.len() + nl);
                 }
                 let mut line = std::mem::take(&mut self.held);
                 line.extend_from_slice(&data[..=nl]);
@@ -127,8 +127,9 @@ impl Relay<'_> {
     /// `want_read_b`).
     pub(super) fn check_backend_line(&mut self) {
         if self.turn.backend_owes_command() && self.held.len() > MAX_COMMAND_LINE {
-            self.refuse_command();
+            self.refuse_command(self.held.len());
         } else if self.turn.in_payload() && self.held.len() > MAX_PAYLOAD_LINE {
+            self.warn_protocol("PUT SOUNDFILE payload", self.held.len(), MAX_PAYLOAD_LINE);
             self.give_up_payload(Reason::BackendProtocol);
         }
     }
@@ -180,7 +181,7 @@ impl Relay<'_> {
     /// sent and the session ends in FAILURE.
     fn release_command(&mut self, line: &[u8]) -> bool {
         if line.len() - 1 > MAX_COMMAND_LINE {
-            self.refuse_command();
+            self.refuse_command(line.len() - 1);
             return false;
         }
         match self.turn.on_backend_line(line) {
@@ -199,9 +200,31 @@ impl Relay<'_> {
 
     /// The backend broke the line bound where a command is due: what it
     /// sent is dropped and Asterisk, still owed a command, is told FAILURE.
-    fn refuse_command(&mut self) {
+    /// `got`: the line's bytes so far.
+    fn refuse_command(&mut self, got: usize) {
+        self.warn_protocol("command", got, MAX_COMMAND_LINE);
         self.protocol_error = true;
         self.held = Vec::new();
+    }
+
+    /// Says where `backend_protocol` is decided which backend broke which
+    /// bound: the FAILURE told later names neither (audit). Once per
+    /// session (what follows is dropped), so the `getpeername` is no cost.
+    fn warn_protocol(&self, line: &'static str, got: usize, limit: usize) {
+        let addr = |s: &TcpStream| {
+            s.peer_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string())
+        };
+        tracing::warn!(
+            backend = %addr(self.b),
+            peer = %addr(self.a),
+            reason = Reason::BackendProtocol.as_str(),
+            line,
+            bytes = got,
+            limit,
+            "backend sent a {line} line over the limit ({got} > {limit} bytes): \
+             telling Asterisk FAILURE backend_protocol"
+        );
     }
 
     /// Passes the whole payload lines at the start of `head` + `data`
@@ -214,13 +237,14 @@ impl Relay<'_> {
         let dropping = self.turn.dropping_payload();
         let mut first = head;
         let mut pos = 0;
-        let mut over = false;
+        // The length of a line over the bound.
+        let mut over = None;
         while let Some(nl) = memchr::memchr(b'\n', &data[pos..]) {
             // Every whole line is measured, also one finished by this read
             // or held behind the module's "ready": the check of a partial
             // line alone let longer ones through.
             if first.len() + nl > MAX_PAYLOAD_LINE {
-                over = true;
+                over = Some(first.len() + nl);
                 break;
             }
             let end = pos + nl + 1;
@@ -237,8 +261,9 @@ impl Relay<'_> {
             }
             self.deadline = Some(Instant::now() + self.opts.next_command);
         }
-        if over {
+        if let Some(got) = over {
             // None of the long line is sent; the rest goes with the payload.
+            self.warn_protocol("PUT SOUNDFILE payload", got, MAX_PAYLOAD_LINE);
             self.give_up_payload(Reason::BackendProtocol);
             return data.len();
         }
