@@ -188,6 +188,8 @@ async fn a_flood_of_refused_headers_logs_five_lines_and_a_count() {
     assert!(
         summary.contains("95 more Asterisk headers refused in the last 10 s (malformed: 95)"),
         "{summary}"
+    );
+}
 
 /// Audit: a backend line over the 16 KiB bound ended the session in FAILURE
 /// `backend_protocol`, but the only log line, `telling Asterisk FAILURE
