@@ -709,18 +709,7 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
             let pools: Vec<PoolView> = serde_json::from_value::<Vec<PoolView>>(body.clone())
                 .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
                 .unwrap_or_default();
-            out!(
-                "{}",
-                backend_row([
-                    "POOL",
-                    "BACKEND",
-                    "STATE",
-                    "WEIGHT",
-                    "ACTIVE",
-                    "TOTAL",
-                    "EJECTIONS"
-                ])
-            );
+            out!("{}", backend_row(POOLS_COLUMNS));
             for p in pools {
                 for b in &p.backends {
                     out!("{}", backend_row(backend_cells(&p.name, b)));
@@ -732,18 +721,7 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         CtlCommand::Drain { pool, .. } | CtlCommand::Enable { pool, .. } => {
             match serde_json::from_value::<BackendView>(body.clone()) {
                 Ok(b) => {
-                    out!(
-                        "{}",
-                        backend_row([
-                            "POOL",
-                            "BACKEND",
-                            "STATE",
-                            "WEIGHT",
-                            "ACTIVE",
-                            "TOTAL",
-                            "EJECTIONS"
-                        ])
-                    );
+                    out!("{}", backend_row(POOLS_COLUMNS));
                     out!("{}", backend_row(backend_cells(pool, &b)));
                 }
                 Err(_) => out!("{body}"),
@@ -788,6 +766,17 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         }
     }
 }
+
+/// The columns of `ctl pools`' table.
+const POOLS_COLUMNS: [&str; 7] = [
+    "POOL",
+    "BACKEND",
+    "STATE",
+    "WEIGHT",
+    "ACTIVE",
+    "TOTAL",
+    "EJECTIONS",
+];
 
 /// One line of `ctl pools`' table.
 fn backend_row<S: std::fmt::Display>(c: [S; 7]) -> String {

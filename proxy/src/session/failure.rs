@@ -137,12 +137,18 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
+    /// A connected pair on loopback: (Asterisk's end, the proxy's).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (p, _) = l.accept().await.unwrap();
+        (a, p)
+    }
+
     /// What the proxy sent, for `asterisk_says` written by a fake Asterisk
     /// in the chunks given.
     async fn exchange(asterisk_says: &[&[u8]]) -> (io::Result<()>, Vec<u8>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut ast = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (mut proxy, _) = l.accept().await.unwrap();
+        let (mut ast, mut proxy) = pair().await;
         let chunks: Vec<Vec<u8>> = asterisk_says.iter().map(|c| c.to_vec()).collect();
         let fake = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -194,9 +200,7 @@ mod tests {
     /// wait still gets FAILURE: a close would have read as SUCCESS.
     #[tokio::test]
     async fn a_late_reply_still_gets_the_failure_line() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut ast = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (mut proxy, _) = l.accept().await.unwrap();
+        let (mut ast, mut proxy) = pair().await;
         let fake = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 256];
@@ -233,9 +237,7 @@ mod tests {
     /// 4 s bound.
     #[tokio::test]
     async fn a_silent_peer_is_let_go_soon_after_its_failure_line() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (mut proxy, _) = l.accept().await.unwrap();
+        let (mut peer, mut proxy) = pair().await;
         let started = std::time::Instant::now();
         tell_failure(&mut proxy, Reason::Overloaded, true)
             .await
