@@ -1231,3 +1231,79 @@ async fn raw_mode_ends_a_backend_that_stops_reading() {
     let _ = go.send(());
     backend.await.unwrap();
 }
+
+/// A backend dripping a `PUT SOUNDFILE` payload after Asterisk has closed
+/// (the caller gone) gets `next_command` to close, as any backend that
+/// lingers after Asterisk's close: its payload lines no longer push the
+/// deadline on. Before, each line did, and a trickle held the session (and
+/// its slot) long after the call was over (verification run: 28 s past
+/// Asterisk's close).
+#[tokio::test]
+async fn a_payload_dripping_after_asterisk_closed_does_not_hold_the_session() {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, backend) = one_connection(|mut s| async move {
+        skip_header(&mut s).await;
+        s.write_all(b"PUT SOUNDFILE x.gsm 1000000\n").await.unwrap();
+        let mut ready = [0u8; 13];
+        s.read_exact(&mut ready).await.unwrap();
+        assert_eq!(&ready, b"200 result=0\n");
+        // A line every 100 ms until the test has seen the session end
+        // (bounded: 15 s), or the proxy closes.
+        let line = [b"QUFB".repeat(19), b"\n".to_vec()].concat();
+        let drip = async {
+            for _ in 0..150 {
+                if s.write_all(&line).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! { _ = drip => {}, _ = stopped => {} }
+    })
+    .await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[addr],
+        "timeouts:\n  next_command: 500ms\n",
+    ))
+    .await;
+    let mut rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 28];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    assert_eq!(&command, b"PUT SOUNDFILE x.gsm 1000000\n");
+    s.write_all(b"200 result=0\n").await.unwrap();
+    // Some payload flows (read, as the module does), then the caller is
+    // gone: `HANGUP` and a close of Asterisk's side, which reads on.
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut sink = vec![0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(15), r.read(&mut sink)).await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.write_all(b"HANGUP\n").await.unwrap();
+    w.shutdown().await.unwrap();
+    let closed = Instant::now();
+    let rec = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the session ends within 5 s of Asterisk's close (next_command is 500 ms)")
+        .unwrap();
+    assert!(
+        closed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        closed.elapsed()
+    );
+    let _ = stop.send(());
+    assert!(rec.caller_hung_up, "{rec:?}");
+    backend.await.unwrap();
+    reader.await.unwrap();
+}

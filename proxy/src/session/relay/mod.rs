@@ -236,9 +236,8 @@ impl<'s> Relay<'s> {
                 return Box::pin(self.fail(reason)).await;
             }
             if self.a_protocol_error {
-                let peer = self.a.peer_addr().ok();
                 tracing::warn!(
-                    peer = ?peer,
+                    peer = %peer_of(self.a),
                     limit = MAX_ASTERISK_LINE,
                     "Asterisk side sent a line over the limit: ending the session"
                 );
@@ -424,7 +423,8 @@ impl<'s> Relay<'s> {
     /// should it run a command meanwhile).
     fn give_up_stalled_backend(&mut self) {
         tracing::warn!(
-            backend = ?self.b.peer_addr().ok(),
+            backend = %peer_of(self.b),
+            peer = %peer_of(self.a),
             waiting = self.b_out.len(),
             taken = self.b_intake,
             within_s = self.intake_window().as_secs_f64(),
@@ -651,6 +651,12 @@ pub(crate) fn read_now(stream: &mut TcpStream, buf: &mut ReadBuf<'_>) -> Option<
         Poll::Ready(Err(e)) => Some(Err(e)),
         Poll::Pending => None,
     }
+}
+
+/// A socket's peer for a log line: its address, or why there is none.
+fn peer_of(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
 fn far_future() -> Instant {

@@ -211,13 +211,9 @@ impl Relay<'_> {
     /// bound: the FAILURE told later names neither (audit). Once per
     /// session (what follows is dropped), so the `getpeername` is no cost.
     fn warn_protocol(&self, line: &'static str, got: usize, limit: usize) {
-        let addr = |s: &TcpStream| {
-            s.peer_addr()
-                .map_or_else(|e| e.to_string(), |a| a.to_string())
-        };
         tracing::warn!(
-            backend = %addr(self.b),
-            peer = %addr(self.a),
+            backend = %peer_of(self.b),
+            peer = %peer_of(self.a),
             reason = Reason::BackendProtocol.as_str(),
             line,
             bytes = got,
@@ -232,7 +228,8 @@ impl Relay<'_> {
     /// holds its end) in one write, unpaced, up to the end of the payload;
     /// returns the bytes of `data` used. Each line costs a `memchr` and a
     /// look at its last bytes: no copy, no allocation, no system call of
-    /// its own. A flowing payload pushes the deadline on.
+    /// its own. A flowing payload pushes the deadline on (until Asterisk
+    /// closes).
     pub(super) fn release_payload(&mut self, head: &[u8], data: &[u8]) -> usize {
         let dropping = self.turn.dropping_payload();
         let mut first = head;
@@ -259,7 +256,11 @@ impl Relay<'_> {
             if !dropping {
                 self.send_a_parts(head, &data[..pos]);
             }
-            self.deadline = Some(Instant::now() + self.opts.next_command);
+            // Not once Asterisk has closed: then the backend has
+            // `next_command` to close, and a trickle must not push it on.
+            if !self.a_eof {
+                self.deadline = Some(Instant::now() + self.opts.next_command);
+            }
         }
         if let Some(got) = over {
             // None of the long line is sent; the rest goes with the payload.
