@@ -299,6 +299,7 @@ async fn duplicate_mixed_case_and_crlf_headers_are_told_failure_at_once() {
         ),
         ("mixed case", lines("agi_X_ROUTE: evil3", "\n"), "\n"),
         ("crlf", lines("", "\r\n"), "\r\n"),
+        ("empty name", lines("agi_: x", "\n"), "\n"),
     ];
     for (case, lines, blank) in &cases {
         let (set, waited) = refusal_after_blank_line(p.addr, lines, blank.as_bytes()).await;
@@ -314,6 +315,19 @@ async fn duplicate_mixed_case_and_crlf_headers_are_told_failure_at_once() {
             &format!("agiproxy_header_errors_total{{reason=\"{r}\"}}"),
         )
     };
-    assert_eq!((errors("malformed"), errors("timeout")), (4, 0), "{m}");
+    assert_eq!((errors("malformed"), errors("timeout")), (5, 0), "{m}");
+    // Too large with CRLF endings: its `\r\n` blank line is found by the
+    // discard too (before: the header timeout, then FAILURE).
+    let mut big = lines("", "\r\n");
+    big.insert(
+        0,
+        format!("agi_network_script: {}\r\n", "y".repeat(20_000)).into_bytes(),
+    );
+    let (set, waited) = refusal_after_blank_line(p.addr, &big, b"\r\n").await;
+    assert_eq!(set, "SET VARIABLE AGIPROXY_ERROR \"header_too_large\"\n");
+    assert!(
+        waited < Duration::from_secs(1),
+        "too large, CRLF: {waited:?}"
+    );
     assert_eq!(b.stats().accepted(), 0);
 }

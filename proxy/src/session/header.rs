@@ -88,7 +88,7 @@ pub enum ReadSoFar {
 impl ReadSoFar {
     /// Of header bytes (lines are never empty: the first `\n\n` ends it).
     pub fn of(read: &[u8]) -> ReadSoFar {
-        if memchr::memmem::find(read, b"\n\n").is_some() {
+        if has_blank_line(read) {
             ReadSoFar::BlankLine
         } else if read.last() == Some(&b'\n') {
             ReadSoFar::LineEnd
@@ -399,6 +399,10 @@ fn scan_line(buf: &[u8], start: usize) -> Result<Option<Line>, Bad> {
             Bad::Line
         });
     }
+    if i == start + 4 {
+        // `agi_:`, a name with nothing after its prefix: no Asterisk's.
+        return Err(Bad::Line);
+    }
     let colon = i;
     let mut v = colon + 1;
     if buf.get(v) == Some(&b' ') {
@@ -669,7 +673,9 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration, read: ReadS
     let fut = async {
         let mut buf = [0u8; 8192];
         let mut total = 0;
-        let mut last = if read == ReadSoFar::LineEnd { b'\n' } else { 0 };
+        // The last two bytes before this read: a blank line (`\n\n`, or
+        // `\n\r\n` after CRLF lines) may straddle two reads.
+        let mut last = [0, if read == ReadSoFar::LineEnd { b'\n' } else { 0 }];
         while total < MAX_DISCARD {
             let n = match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return Discarded::Gone,
@@ -677,12 +683,21 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration, read: ReadS
             };
             total += n;
             let chunk = &buf[..n];
-            if (last == b'\n' && chunk[0] == b'\n')
-                || memchr::memmem::find(chunk, b"\n\n").is_some()
-            {
+            let mut edge = [last[0], last[1], chunk[0], 0];
+            let edge_len = if n > 1 {
+                edge[3] = chunk[1];
+                4
+            } else {
+                3
+            };
+            if has_blank_line(&edge[..edge_len]) || has_blank_line(chunk) {
                 return Discarded::BlankLine;
             }
-            last = chunk[n - 1];
+            last = if n > 1 {
+                [chunk[n - 2], chunk[n - 1]]
+            } else {
+                [last[1], chunk[0]]
+            };
         }
         Discarded::Bounded
     };
