@@ -892,6 +892,56 @@ mod tests {
         }
     }
 
+    /// The keyed-bucket duplicate check against a plain one, on random
+    /// headers of short names (so that duplicates and shared buckets are
+    /// common), each fed whole and in random pieces as reads would bring it:
+    /// the same verdict, at the same line, either way.
+    #[test]
+    fn the_duplicate_check_agrees_with_a_plain_one_however_the_header_arrives() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        const ALPHABET: &[u8] = b"ab1_";
+        for _ in 0..3_000 {
+            let lines = 1 + next(40) as usize;
+            let mut raw = Vec::new();
+            let mut names: Vec<Vec<u8>> = Vec::new();
+            let mut expected = None;
+            for line in 1..=lines {
+                let mut name = b"agi_".to_vec();
+                for _ in 0..1 + next(3) {
+                    name.push(ALPHABET[next(ALPHABET.len() as u64) as usize]);
+                }
+                if expected.is_none() && names.contains(&name) {
+                    expected = Some(line);
+                }
+                raw.extend_from_slice(&name);
+                raw.extend_from_slice(b": v\n");
+                names.push(name);
+            }
+            raw.push(b'\n');
+            let want = expected.map(|l| HeaderError::Malformed(l, Bad::Duplicate));
+            let whole = Header::parse(raw.clone(), 64).err();
+            assert_eq!(whole, want, "{}", String::from_utf8_lossy(&raw));
+            // In pieces: the buffer grows as reads would grow it.
+            let mut scan = Scan::new();
+            let mut end = 0;
+            let pieces = loop {
+                end = (end + 1 + next(12) as usize).min(raw.len());
+                match scan.advance(&raw[..end], 64) {
+                    Err(e) => break Some(e),
+                    Ok(Some(_)) => break None,
+                    Ok(None) => assert!(end < raw.len(), "no end found"),
+                }
+            };
+            assert_eq!(pieces, want, "{}", String::from_utf8_lossy(&raw));
+        }
+    }
+
     /// Asterisk sends lower-case names only; a backend that folds case
     /// would merge `agi_X_ROUTE` with an `agi_x_route` a route sets.
     #[test]
