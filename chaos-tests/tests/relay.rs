@@ -725,6 +725,28 @@ fn raw_route(backend: std::net::SocketAddr) -> String {
     )
 }
 
+/// A proxy with a raw route to `backend`, its records, and a call through
+/// it that has read the backend's `NOOP\n`.
+async fn raw_call_at_its_noop(
+    backend: std::net::SocketAddr,
+) -> (
+    Proxy,
+    tokio::sync::broadcast::Receiver<agiproxy::SessionRecord>,
+    tokio::net::TcpStream,
+) {
+    let p = proxy(&raw_route(backend)).await;
+    let rx = p.server.subscribe();
+    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
+    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
+    let mut command = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
+        .await
+        .expect("the command within 5 s")
+        .unwrap();
+    assert_eq!(&command, b"NOOP\n");
+    (p, rx, s)
+}
+
 /// Writes until the peer's socket is found closed (a reset answers the
 /// writes); `false` if it is still open after 3 s.
 async fn closed_by_peer(s: &mut tokio::net::TcpStream, probe: &[u8]) -> bool {
@@ -849,15 +871,7 @@ async fn regression_raw_mode_ends_a_backend_that_lingers_after_asterisk_closed()
         closed_by_peer(&mut s, b"NOOP\n").await
     })
     .await;
-    let p = proxy(&raw_route(addr)).await;
-    let mut rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
+    let (_proxy, mut rx, mut s) = raw_call_at_its_noop(addr).await;
     s.write_all(b"200 result=0\n").await.unwrap();
     drop(s);
     let closed = Instant::now();
@@ -1202,15 +1216,7 @@ async fn raw_mode_ends_a_backend_that_stops_reading() {
         drop(s);
     })
     .await;
-    let p = proxy(&raw_route(addr)).await;
-    let mut rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
+    let (_proxy, mut rx, mut s) = raw_call_at_its_noop(addr).await;
     // More than the sockets between us and the backend hold (bounded).
     let chunk = vec![b'x'; 64 * 1024];
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
