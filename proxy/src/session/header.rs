@@ -492,13 +492,19 @@ impl Scan {
                 Err(bad) => return Err(HeaderError::Malformed(line, bad)),
                 Ok(None) => return Ok(None),
                 Ok(Some((name, value, nl))) => {
-                    // A `\r` inside a value is a byte Asterisk passes on;
-                    // at its end it is a CRLF ending, which a backend's
-                    // line reader strips and routing would not.
-                    if nl > value.start && buf[nl - 1] == b'\r' {
+                    // A `\r` in a value is a byte Asterisk passes on, also
+                    // its last (an argument from a CRLF text). CRLF endings
+                    // show on the first line, which Asterisk always writes
+                    // as `agi_network: yes\n`; and the script, which routing
+                    // reads, must not end in one that a backend's line
+                    // reader would strip (`admin\r` routed, `admin` run).
+                    let bytes = &buf[name.clone()];
+                    if nl > value.start
+                        && buf[nl - 1] == b'\r'
+                        && (line == 1 || bytes == b"agi_network_script" || bytes == b"agi_request")
+                    {
                         return Err(HeaderError::Malformed(line, Bad::Crlf));
                     }
-                    let bytes = &buf[name.clone()];
                     let h = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.seed);
                     let bucket = (h >> 58) as usize;
                     let tag = h as u32;
@@ -977,9 +983,22 @@ mod tests {
         let (_, told, msg) = refusal(b"agi_network: yes\nagi_b: 1\n\r\n");
         assert_eq!(told, Some(Reason::HeaderMalformed));
         assert!(msg.contains("CRLF"), "{msg}");
-        // A `\r` inside a value is a byte of it, as Asterisk passes it on.
-        let h = Header::parse(b"agi_network: yes\nagi_arg_1: a\rb\n\n".to_vec(), 8).unwrap();
+        // A `\r` in a value is a byte of it, as Asterisk passes it on, also
+        // at its end (an argument cut from a CRLF text): not a CRLF header.
+        let h = Header::parse(
+            b"agi_network: yes\nagi_arg_1: a\rb\nagi_arg_2: c\r\n\n".to_vec(),
+            8,
+        )
+        .unwrap();
         assert_eq!(h.get("agi_arg_1"), Some("a\rb"));
+        assert_eq!(h.get("agi_arg_2"), Some("c\r"));
+        // But not at the end of the script routing reads.
+        for name in ["agi_network_script", "agi_request"] {
+            let raw = format!("agi_network: yes\n{name}: admin\r\n\n");
+            let (_, told, msg) = refusal(raw.as_bytes());
+            assert_eq!(told, Some(Reason::HeaderMalformed), "{name}");
+            assert!(msg.contains("line 2") && msg.contains("CRLF"), "{msg}");
+        }
     }
 
     /// What the scan of one header costs (the duplicate check included),
