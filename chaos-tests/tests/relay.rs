@@ -736,14 +736,7 @@ async fn raw_call_at_its_noop(
 ) {
     let p = proxy(&raw_route(backend)).await;
     let rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("raw/x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
-    assert_eq!(&command, b"NOOP\n");
+    let s = at_first_command(p.addr, b"NOOP\n").await;
     (p, rx, s)
 }
 
@@ -1274,14 +1267,7 @@ async fn a_payload_dripping_after_asterisk_closed_does_not_hold_the_session() {
     ))
     .await;
     let mut rx = p.server.subscribe();
-    let header = chaos_tests::AgiHeader::realistic("x", &[], "1.1").to_bytes();
-    let mut s = FakeAsterisk::raw_session(p.addr, &header).await.unwrap();
-    let mut command = [0u8; 28];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut command))
-        .await
-        .expect("the command within 5 s")
-        .unwrap();
-    assert_eq!(&command, b"PUT SOUNDFILE x.gsm 1000000\n");
+    let mut s = at_first_command(p.addr, b"PUT SOUNDFILE x.gsm 1000000\n").await;
     s.write_all(b"200 result=0\n").await.unwrap();
     // Some payload flows (read, as the module does), then the caller is
     // gone: `HANGUP` and a close of Asterisk's side, which reads on.

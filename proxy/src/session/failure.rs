@@ -137,6 +137,18 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
+    /// What the fake Asterisk reads up to the end of the proxy's first line.
+    async fn first_line(ast: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"\n") {
+            let n = ast.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before a line: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
     /// A connected pair on loopback: (Asterisk's end, the proxy's).
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -151,13 +163,8 @@ mod tests {
         let (mut ast, mut proxy) = pair().await;
         let chunks: Vec<Vec<u8>> = asterisk_says.iter().map(|c| c.to_vec()).collect();
         let fake = tokio::spawn(async move {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
             // The SET VARIABLE line first, then the reply in chunks.
-            while !got.ends_with(b"\n") {
-                let n = ast.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-            }
+            let mut got = first_line(&mut ast).await;
             for c in chunks {
                 // An empty chunk: Asterisk closes (its side; it still reads).
                 if c.is_empty() {
@@ -202,12 +209,7 @@ mod tests {
     async fn a_late_reply_still_gets_the_failure_line() {
         let (mut ast, mut proxy) = pair().await;
         let fake = tokio::spawn(async move {
-            let mut got = Vec::new();
-            let mut buf = [0u8; 256];
-            while !got.ends_with(b"\n") {
-                let n = ast.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-            }
+            let mut got = first_line(&mut ast).await;
             tokio::time::sleep(Duration::from_millis(2200)).await;
             ast.write_all(b"200 result=1\n").await.unwrap();
             // Then, as Asterisk: the next line, HANGUP and a close.
