@@ -14,14 +14,18 @@ fn write_config(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBu
     common::config_file("cli", &format!("agiproxy-cli-{name}.yaml"), text)
 }
 
+/// `agiproxy check` on `text` (written to a file named for `name`): what it
+/// exited with and printed on stdout.
+fn check_config(name: &str, text: &str) -> (std::process::Output, String) {
+    let (_dir, path) = write_config(name, text);
+    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, stdout)
+}
+
 #[test]
 fn check_accepts_a_good_config_and_prints_routes() {
-    let (_dir, path) = write_config(
-        "good",
-        "version: 1\nroutes:\n  - name: ivr\n    match: { script: { prefix: \"ivr/\" } }\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n",
-    );
-    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check_config("good", "version: 1\nroutes:\n  - name: ivr\n    match: { script: { prefix: \"ivr/\" } }\n    pool: ivr\npools:\n  - name: ivr\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n");
     assert!(
         out.status.success(),
         "{stdout}{}",
@@ -261,12 +265,10 @@ fn demo_once(flags: &[&str]) {
 #[test]
 fn check_warns_about_a_single_address_pool_without_health_checks() {
     let pools = "pools:\n  - name: one\n    backends:\n      - { address: \"127.0.0.1:5001\" }\n  - name: checked\n    health: { type: agi, script: healthz }\n    backends:\n      - { address: \"127.0.0.1:5002\" }\n  - name: two\n    backends:\n      - { address: \"127.0.0.1:5003\" }\n      - { address: \"127.0.0.1:5004\" }\n";
-    let (_dir, path) = write_config(
+    let (out, stdout) = check_config(
         "single",
         &format!("version: 1\nroutes:\n  - name: all\n    pool: one\n{pools}"),
     );
-    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "a warning is not an error: {stdout}");
     let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("warning:")).collect();
     assert_eq!(warnings.len(), 1, "{stdout}");
@@ -279,12 +281,7 @@ fn check_explains_a_rollout_step_now_and_when_the_next_begins() {
     // Started an hour and a half ago, one hour a step: step 2 of 3 now.
     let start = std::time::SystemTime::now() - std::time::Duration::from_secs(5400);
     let start = humantime::format_rfc3339_seconds(start);
-    let (_dir, path) = write_config(
-        "rollout",
-        &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      canary: {{ query: {{ canary: \"1\" }}, args: {{ \"2\": \"^qa$\" }}, vars: {{ agi_callerid: \"^\\\\+4930555\" }}, source: [\"10.9.0.0/24\"] }}\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"),
-    );
-    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check_config("rollout", &format!("version: 1\nroutes:\n  - name: ivr\n    rollout:\n      from: blue\n      to: green\n      steps: [5, 50, 100]\n      step_duration: 1h\n      start: \"{start}\"\n      canary: {{ query: {{ canary: \"1\" }}, args: {{ \"2\": \"^qa$\" }}, vars: {{ agi_callerid: \"^\\\\+4930555\" }}, source: [\"10.9.0.0/24\"] }}\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"));
     assert!(
         out.status.success(),
         "{stdout}{}",
@@ -769,9 +766,7 @@ fn ctl_config_apply_reads_standard_input() {
 /// but rarely meant: `check` says so (walkthrough: it said OK alone).
 #[test]
 fn check_warns_about_a_config_without_routes() {
-    let (_dir, path) = write_config("noroutes", "version: 1\n");
-    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check_config("noroutes", "version: 1\n");
     assert!(out.status.success(), "a warning is not an error: {stdout}");
     let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains("warning:")).collect();
     assert_eq!(warnings.len(), 1, "{stdout}");
@@ -782,12 +777,7 @@ fn check_warns_about_a_config_without_routes() {
 /// at the wrong level shows as missing (walkthrough: they were not shown).
 #[test]
 fn check_prints_a_routes_timeout_overrides() {
-    let (_dir, path) = write_config(
-        "timeouts",
-        "version: 1\ntimeouts: { next_command: 60s }\nroutes:\n  - name: dial-out\n    pool: p\n    timeouts: { first_command: 1s, next_command: 10m }\n  - name: quick\n    pool: p\n    timeouts: { budget: 400ms, connect: 100ms }\n  - name: plain\n    pool: p\npools:\n  - name: p\n    health: { type: agi, script: healthz }\n    backends: [{ address: \"127.0.0.1:5001\" }]\n",
-    );
-    let out = bin().args(["check", "-c"]).arg(&path).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check_config("timeouts", "version: 1\ntimeouts: { next_command: 60s }\nroutes:\n  - name: dial-out\n    pool: p\n    timeouts: { first_command: 1s, next_command: 10m }\n  - name: quick\n    pool: p\n    timeouts: { budget: 400ms, connect: 100ms }\n  - name: plain\n    pool: p\npools:\n  - name: p\n    health: { type: agi, script: healthz }\n    backends: [{ address: \"127.0.0.1:5001\" }]\n");
     assert!(out.status.success(), "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
     let under = |route: &str| {
