@@ -79,21 +79,24 @@ impl std::fmt::Display for Bad {
 pub enum ReadSoFar {
     /// The blank line was read: nothing of the header is left to read.
     BlankLine,
-    /// What was read ends a line: a `\n` next is the blank line.
-    LineEnd,
-    /// What was read stops inside a line.
-    MidLine,
+    /// Not yet. The last two bytes read (0 for none): a blank line may
+    /// have begun in them (`\n`, or `\n\r` after CRLF lines).
+    Tail([u8; 2]),
 }
 
 impl ReadSoFar {
+    /// Nothing known of what was read.
+    pub const UNKNOWN: ReadSoFar = ReadSoFar::Tail([0, 0]);
+
     /// Of header bytes (lines are never empty: the first `\n\n` ends it).
     pub fn of(read: &[u8]) -> ReadSoFar {
         if has_blank_line(read) {
-            ReadSoFar::BlankLine
-        } else if read.last() == Some(&b'\n') {
-            ReadSoFar::LineEnd
-        } else {
-            ReadSoFar::MidLine
+            return ReadSoFar::BlankLine;
+        }
+        match read {
+            [.., a, b] => ReadSoFar::Tail([*a, *b]),
+            [b] => ReadSoFar::Tail([0, *b]),
+            [] => ReadSoFar::UNKNOWN,
         }
     }
 }
@@ -162,7 +165,7 @@ impl HeaderError {
             | HeaderError::ProxyInvalid(_, r) => *r,
             HeaderError::ProxyMissing => ReadSoFar::BlankLine,
             HeaderError::Malformed(line, bad) if told(*line, *bad) => ReadSoFar::BlankLine,
-            _ => ReadSoFar::MidLine,
+            _ => ReadSoFar::UNKNOWN,
         }
     }
 }
@@ -485,7 +488,8 @@ impl Scan {
                 }
             }
             if self.vars.len() == max_lines {
-                let read = ReadSoFar::of(&buf[self.pos..]);
+                // From the `\n` before this line: it may begin the blank line.
+                let read = ReadSoFar::of(&buf[self.pos.saturating_sub(1)..]);
                 return Err(HeaderError::TooManyLines(max_lines, read));
             }
             match scan_line(buf, self.pos) {
@@ -681,7 +685,10 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration, read: ReadS
         let mut total = 0;
         // The last two bytes before this read: a blank line (`\n\n`, or
         // `\n\r\n` after CRLF lines) may straddle two reads.
-        let mut last = [0, if read == ReadSoFar::LineEnd { b'\n' } else { 0 }];
+        let mut last = match read {
+            ReadSoFar::Tail(tail) => tail,
+            ReadSoFar::BlankLine => return Discarded::BlankLine,
+        };
         while total < MAX_DISCARD {
             let n = match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return Discarded::Gone,
@@ -716,20 +723,52 @@ pub async fn discard_rest(stream: &mut TcpStream, timeout: Duration, read: ReadS
 mod tests {
     use super::*;
 
+    /// The discard finds a blank line begun in what the header read took:
+    /// before, only a lone `\n` was carried over, so a CRLF header cut at
+    /// `\n\r` by the byte bound waited for the header timeout.
+    #[tokio::test]
+    async fn discard_finds_a_blank_line_begun_before_it() {
+        use tokio::io::AsyncWriteExt;
+        async fn discard(tail: &[u8], next: &[u8]) -> Discarded {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (mut ours, _) = l.accept().await.unwrap();
+            peer.write_all(next).await.unwrap();
+            // Closed after a while: `Gone` if the blank line was missed.
+            let closer = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                drop(peer);
+            });
+            let got = discard_rest(&mut ours, Duration::from_secs(5), ReadSoFar::of(tail)).await;
+            closer.await.unwrap();
+            got
+        }
+        for (tail, next, want) in [
+            (&b"agi_a: 1\r\n\r"[..], &b"\n"[..], Discarded::BlankLine),
+            (b"agi_a: 1\n", b"\n", Discarded::BlankLine),
+            (b"agi_a: 1\n", b"\r\n", Discarded::BlankLine),
+            (b"agi_a: 1\r", b"\n", Discarded::Gone),
+            (b"agi_a: 1", b"\n", Discarded::Gone),
+            (b"agi_a: 1\n", b"agi_b: 2\n\n", Discarded::BlankLine),
+        ] {
+            assert_eq!(discard(tail, next).await, want, "{tail:?} then {next:?}");
+        }
+    }
+
     #[test]
     fn every_reason_is_listed_for_the_metrics() {
         use std::io::ErrorKind;
         let all = [
-            HeaderError::TooLarge(1, ReadSoFar::MidLine),
+            HeaderError::TooLarge(1, ReadSoFar::UNKNOWN),
             HeaderError::NoMemory(1),
-            HeaderError::TooManyLines(1, ReadSoFar::MidLine),
+            HeaderError::TooManyLines(1, ReadSoFar::UNKNOWN),
             HeaderError::Timeout(Duration::from_secs(1)),
             HeaderError::Malformed(1, Bad::Line),
             HeaderError::Closed,
             HeaderError::Truncated,
             HeaderError::Io(ErrorKind::Other),
             HeaderError::ProxyMissing,
-            HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), ReadSoFar::MidLine),
+            HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), ReadSoFar::UNKNOWN),
         ];
         let reasons: Vec<&str> = all.iter().map(HeaderError::reason).collect();
         assert_eq!(reasons, HeaderError::REASONS);
@@ -834,11 +873,15 @@ mod tests {
             .flat_map(|c| [&b"agi_"[..], &[c], b": 1\n"].concat())
             .collect();
         let too_many = |r| Err(HeaderError::TooManyLines(8, r));
-        assert_eq!(scan(&many, 8), too_many(ReadSoFar::LineEnd));
+        assert_eq!(scan(&many, 8), too_many(ReadSoFar::Tail(*b"1\n")));
         assert_eq!(
             scan(&many[..many.len() - 1], 8),
-            too_many(ReadSoFar::MidLine)
+            too_many(ReadSoFar::Tail(*b" 1"))
         );
+        // A CRLF blank line begun: its `\n` may come in the next read.
+        let mut cr = many.clone();
+        cr.push(b'\r');
+        assert_eq!(scan(&cr, 8), too_many(ReadSoFar::Tail(*b"\n\r")));
         let mut done = many.clone();
         done.push(b'\n');
         assert_eq!(scan(&done, 8), too_many(ReadSoFar::BlankLine));
