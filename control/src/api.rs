@@ -104,6 +104,9 @@ pub struct DiscoveryView {
     pub lookups: u64,
     /// Failed or empty lookups (the last good set was kept).
     pub failures: u64,
+    /// Failures since the last good answer: 0 while the name answers.
+    #[serde(default)]
+    pub failures_in_a_row: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }

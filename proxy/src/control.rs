@@ -99,6 +99,7 @@ fn pool_view(p: &PoolState) -> PoolView {
                 ttl_seconds: d.ttl.as_secs_f64(),
                 lookups: d.lookups,
                 failures: d.failures,
+                failures_in_a_row: d.failing,
                 last_error: d.last_error,
             })
             .collect(),

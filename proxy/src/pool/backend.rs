@@ -277,6 +277,11 @@ impl BackendLive {
         self.ramp_from.store(now, Ordering::Relaxed);
     }
 
+    /// Takes the state as logged: a backend new to its pool.
+    pub(super) fn reported_as_is(&self) {
+        self.reported.store(self.state() as u8, Ordering::Relaxed);
+    }
+
     /// Logs the state if it changed since last logged. `reason` says why;
     /// without one it is inferred from the change (a backoff or slow start
     /// running out). `pool` names the pool in the log line.

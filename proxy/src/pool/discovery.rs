@@ -470,11 +470,8 @@ pub async fn lookup_known(
                 .await
                 .unwrap_or_else(|_| Err(format!("lookup of {name} timed out")))
         }
-        BackendTarget::Srv { name } => {
-            tokio::time::timeout(limit, lookup_srv(resolver, name, known))
-                .await
-                .unwrap_or_else(|_| Err(format!("SRV lookup of {name} timed out")))
-        }
+        // Bounded inside, per query: its targets' lookups take rounds.
+        BackendTarget::Srv { name } => lookup_srv(resolver, name, known, limit).await,
     }?;
     if out.0.is_empty() {
         return Err(format!("{target}: the answer has no usable address"));
@@ -577,14 +574,21 @@ type Addresses = Result<(Vec<IpAddr>, Duration), NetError>;
 /// target, and two targets already outlasted the lookup's limit).
 const TARGETS_AT_ONCE: usize = 16;
 
+/// `limit` bounds each query: the SRV query, then each target's address
+/// lookup. One limit for the whole lookup failed every SRV name with more
+/// than 16 targets to look up where each took most of it (a server that
+/// drops AAAA queries: audit), and kept such a pool empty for good. The
+/// whole is bounded by the number of targets (an answer holds at most
+/// about 3,000), in rounds of [`TARGETS_AT_ONCE`].
 async fn lookup_srv(
     resolver: &TokioResolver,
     name: &str,
     known: Families,
+    limit: Duration,
 ) -> Result<(Vec<Found>, Duration), String> {
-    let answer = resolver
-        .srv_lookup(name)
+    let answer = tokio::time::timeout(limit, resolver.srv_lookup(name))
         .await
+        .map_err(|_| format!("SRV lookup of {name} timed out"))?
         .map_err(|e| format!("srv {name}: {}", dns_error(&e)))?;
     let mut ttl = min_ttl(answer.answers());
     let records: Vec<_> = answer
@@ -620,9 +624,9 @@ async fn lookup_srv(
         .collect();
     to_ask.sort();
     to_ask.dedup();
-    let asked: Vec<(Name, Addresses)> = stream::iter(to_ask)
+    let asked: Vec<(Name, Result<Addresses, tokio::time::error::Elapsed>)> = stream::iter(to_ask)
         .map(|target| async move {
-            let r = addresses(resolver, target.clone(), known).await;
+            let r = tokio::time::timeout(limit, addresses(resolver, target.clone(), known)).await;
             (target, r)
         })
         .buffer_unordered(TARGETS_AT_ONCE)
@@ -630,6 +634,9 @@ async fn lookup_srv(
         .await;
     let mut resolved = std::collections::HashMap::new();
     for (target, r) in asked {
+        let Ok(r) = r else {
+            return Err(format!("srv {name}: lookup of target {target} timed out"));
+        };
         match r {
             Ok((ips, t)) => {
                 ttl = ttl.min(t);

@@ -127,6 +127,12 @@ pub(crate) fn build_members(
             if new && was_member.is_none() {
                 backend_live.begin_ramp(now);
             }
+            if fresh {
+                // Its first state is no change: DNS's change line names it
+                // (an audit's churn logged 1,572 "from healthy to
+                // slow_start" lines for addresses never in the pool).
+                backend_live.reported_as_is();
+            }
             if running && was_member.is_none() && pool.health.is_none() {
                 // Back from the registry (a session held it) with a verdict
                 // from checks since removed: nothing would revise it.

@@ -57,6 +57,8 @@ pub struct DiscoveryStatus {
     pub lookups: u64,
     /// Failed or empty lookups (the last good set was kept).
     pub failures: u64,
+    /// Failures since the last good answer (`last_error` outlives them).
+    pub failing: u32,
     pub last_error: Option<String>,
 }
 
@@ -143,6 +145,7 @@ impl PoolState {
                         ttl: d.map_or(Duration::ZERO, |d| d.ttl),
                         lookups: d.map_or(0, |d| d.lookups),
                         failures: d.map_or(0, |d| d.failures),
+                        failing: d.map_or(0, |d| d.failing),
                         last_error: d.and_then(|d| d.last_error.clone()),
                     }
                 })
