@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::backend::{Backend, BackendState, CheckResult};
+use std::sync::Arc;
+
+use super::backend::{Backend, BackendLive, BackendState, CheckResult};
 use super::clock::{lock, now_ms};
 use super::live::key;
 use super::state::{ejection_cap, PoolState};
@@ -76,38 +78,36 @@ pub struct PoolStatus {
 }
 
 impl PoolState {
-    /// Every member's state, in member order.
+    /// Every member's state, in member order; then each backend that left
+    /// the pool (a reload or DNS removed it) and still holds sessions, as
+    /// `draining` from source `removed`, until they end. Without those the
+    /// pool's sessions did not add up: an audit saw 10 active in a pool
+    /// whose listed backends held none.
     pub fn snapshot_state(&self) -> Vec<BackendStatus> {
         let now = now_ms();
-        self.members()
+        let members = self.members();
+        let mut out: Vec<BackendStatus> = members
             .backends
             .iter()
             .map(|b| {
-                let l = &b.live;
-                let (check_passes, check_failures) = l.check_streak();
-                BackendStatus {
-                    address: b.addr,
-                    source: b.source.to_string(),
-                    state: l.state_at(now),
-                    weight: b.weight,
-                    tier: b.tier,
-                    max_sessions: b.max_sessions,
-                    active_sessions: l.active.load(Ordering::Relaxed),
-                    total_sessions: l.total.load(Ordering::Relaxed),
-                    consecutive_failures: l.consecutive_failures.load(Ordering::Relaxed),
-                    ejections: l.ejections.load(Ordering::Relaxed),
-                    ejected_for: l.ejected_for(),
-                    draining: l.is_draining(),
-                    check_verdict: l.check_verdict(),
-                    last_check: l.last_check(),
-                    check_passes,
-                    check_failures,
-                    checks: l.checks.load(Ordering::Relaxed),
-                    checks_not_run: l.checks_not_run.load(Ordering::Relaxed),
-                    slow_start_share: l.share_at(now),
-                }
+                let mut st = live_status(&b.live, b.source.to_string(), now);
+                (st.weight, st.tier, st.max_sessions) = (b.weight, b.tier, b.max_sessions);
+                st
             })
-            .collect()
+            .collect();
+        let mut departed: Vec<Arc<BackendLive>> = lock(&self.live.registry)
+            .iter()
+            .filter(|(addr, _)| !members.backends.iter().any(|b| b.addr == **addr))
+            .filter_map(|(_, w)| w.upgrade())
+            .filter(|l| l.active.load(Ordering::Relaxed) > 0)
+            .collect();
+        departed.sort_by_key(|l| l.addr);
+        out.extend(departed.iter().map(|l| {
+            let mut st = live_status(l, "removed".to_string(), now);
+            (st.state, st.draining) = (BackendState::Draining, true);
+            st
+        }));
+        out
     }
 
     /// The whole pool's state: backends, panic, DNS names.
@@ -159,5 +159,32 @@ impl PoolState {
             panic: pct > 0 && ejected > cap,
             discovery,
         }
+    }
+}
+
+/// A backend's live state; weight, tier and `max_sessions` (the member's
+/// settings) left at 0, 0 and none.
+fn live_status(l: &BackendLive, source: String, now: u64) -> BackendStatus {
+    let (check_passes, check_failures) = l.check_streak();
+    BackendStatus {
+        address: l.addr,
+        source,
+        state: l.state_at(now),
+        weight: 0,
+        tier: 0,
+        max_sessions: None,
+        active_sessions: l.active.load(Ordering::Relaxed),
+        total_sessions: l.total.load(Ordering::Relaxed),
+        consecutive_failures: l.consecutive_failures.load(Ordering::Relaxed),
+        ejections: l.ejections.load(Ordering::Relaxed),
+        ejected_for: l.ejected_for(),
+        draining: l.is_draining(),
+        check_verdict: l.check_verdict(),
+        last_check: l.last_check(),
+        check_passes,
+        check_failures,
+        checks: l.checks.load(Ordering::Relaxed),
+        checks_not_run: l.checks_not_run.load(Ordering::Relaxed),
+        slow_start_share: l.share_at(now),
     }
 }

@@ -745,6 +745,37 @@ fn an_address_new_in_dns_logs_no_state_change_for_its_slow_start() {
     );
 }
 
+/// A backend a reload removes while it holds a session is still listed,
+/// as `draining` from `removed`, until the session ends: the pool's active
+/// sessions then add up to its backends' (audit: 10 against 0).
+#[test]
+fn a_removed_backend_is_listed_while_it_holds_sessions() {
+    let two = pool_with("round_robin", 2, "");
+    let held = lease(&two, 1).unwrap();
+    let gone: std::net::SocketAddr = "127.0.0.1:6001".parse().unwrap();
+    let one = PoolState::new(&one_backend(""), Some(&two));
+    assert!(one.activate());
+    drop(two);
+    let status = one.status();
+    let listed: Vec<_> = status
+        .backends
+        .iter()
+        .map(|b| (b.address, b.source.as_str(), b.state, b.active_sessions))
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        listed[1],
+        (gone, "removed", BackendState::Draining, 1),
+        "{listed:?}"
+    );
+    assert!(status.backends[1].draining);
+    let sum: u32 = status.backends.iter().map(|b| b.active_sessions).sum();
+    assert_eq!(sum, 1);
+    drop(held);
+    let addrs: Vec<_> = one.status().backends.iter().map(|b| b.address).collect();
+    assert_eq!(addrs, vec!["127.0.0.1:7002".parse().unwrap()]);
+}
+
 /// Issue 18: passive ejection never turns one failure into many. With the
 /// defaults, one failure ejects nothing; a backend ejected after several
 /// stays in rotation when it is the pool's last; only 100% empties a pool.
