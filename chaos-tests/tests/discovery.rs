@@ -25,6 +25,8 @@ fn members(p: &Proxy) -> BTreeSet<SocketAddr> {
         .expect("pool p")
         .snapshot_state()
         .into_iter()
+        // Not one that left and is listed while its calls finish.
+        .filter(|s| s.source != "removed")
         .map(|s| s.address)
         .collect()
 }
@@ -124,8 +126,19 @@ async fn a_record_changes_follow_within_a_ttl_and_servfail_keeps_the_last_good_s
         took <= Duration::from_secs(TTL.into()) + SLACK,
         "the change took {took:?}"
     );
-    // The removed backend's session is still running, untouched.
+    // The removed backend's session is still running, untouched, and it
+    // is listed as draining while it does.
     assert_eq!(backends[0].stats().active(), 1);
+    let state = p.server.snapshot().pool("p").unwrap().snapshot_state();
+    let gone = state.iter().find(|b| b.address == addr(0)).expect("listed");
+    assert_eq!(
+        (
+            gone.source.as_str(),
+            gone.state.as_str(),
+            gone.active_sessions
+        ),
+        ("removed", "draining", 1)
+    );
     assert!(first.elapsed() < Duration::from_millis(3000));
 
     // New calls go to the new set only.

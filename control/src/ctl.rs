@@ -815,12 +815,18 @@ pub fn format_rollout(r: &RolloutView) -> String {
         steps.join(" "),
         r.weight_percent
     );
+    // A pending rollout has not started yet.
+    let verb = if r.state == "pending" {
+        "starts "
+    } else {
+        "started"
+    };
     match &r.identity {
         Some(id) => {
-            let _ = writeln!(out, "  started   {}  identity {id}", r.start);
+            let _ = writeln!(out, "  {verb}   {}  identity {id}", r.start);
         }
         None => {
-            let _ = writeln!(out, "  started   {}", r.start);
+            let _ = writeln!(out, "  {verb}   {}", r.start);
         }
     }
     if let Some(n) = &r.next_step_at {
@@ -969,5 +975,17 @@ mod tests {
         );
         let printed = format_rollout(&view(serde_json::Value::Null));
         assert!(!printed.contains("canary"), "{printed}");
+        // Pending: its start is ahead (it said "started" at a future time).
+        assert!(
+            printed.contains("\n  starts    2026-12-06T09:00:00Z\n"),
+            "{printed}"
+        );
+        let mut running = view(serde_json::Value::Null);
+        running.state = "progressing".into();
+        let printed = format_rollout(&running);
+        assert!(
+            printed.contains("\n  started   2026-12-06T09:00:00Z\n"),
+            "{printed}"
+        );
     }
 }

@@ -622,7 +622,8 @@ impl Server {
     /// time. Refused at once when over `max_bytes` (the running config's
     /// `limits.max_config_bytes`). Dropping the future stops only the wait.
     /// [`Server::compile`], refused as any change is when its `skew` would
-    /// move an override of a `running` rollout across now.
+    /// move an override of a `running` rollout across now, or its
+    /// `split_key` change while that rollout splits calls.
     async fn compile_checked(
         &self,
         text: Arc<str>,
@@ -632,11 +633,16 @@ impl Server {
         let config = self
             .compile(text, current.config.limits.max_config_bytes)
             .await?;
-        let moved = crate::session::rollout::skew_changes(
+        let now = crate::session::rollout::now_ms();
+        let mut moved = crate::session::rollout::skew_changes(running, &config, now);
+        moved.extend(crate::session::rollout::split_key_changes(
             running,
             &config,
-            crate::session::rollout::now_ms(),
-        );
+            |route| {
+                let r = current.router.routes().iter().find(|r| &*r.name == route)?;
+                Some(r.rollout.as_deref()?.position(now))
+            },
+        ));
         if !moved.is_empty() {
             release(config);
             return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(moved)));

@@ -122,6 +122,21 @@ pub fn take(
     }
 }
 
+/// Why a peer running this rollout gave no counters to add to this
+/// replica's at its step (`own`), if it did not: left out without a word,
+/// a peer whose clock was behind had the fleet judge without it and decide
+/// apart (audit: two replicas said `waiting`, the third `fail`).
+fn left_out(own: Option<usize>, peer: Option<usize>) -> Option<String> {
+    let own = own?;
+    Some(match peer {
+        None => "has not published this tick (its clock behind, or it just started)".into(),
+        Some(s) if s != own => format!(
+            "counted step index {s}, this replica {own} (their clocks differ by more than skew?)"
+        ),
+        Some(_) => return None,
+    })
+}
+
 /// How judgement reads its peers' control APIs: with the bearer token
 /// every replica shares, and over TLS when they serve it (as this
 /// replica's own control API does: one config for the whole fleet).
@@ -387,6 +402,11 @@ async fn evaluate(
             }
         }
         replicas += usize::from(t.counted);
+        if !t.other_rollout && !t.counted {
+            if let Some(why) = left_out(own.as_ref().map(|p| p.step), tick.step) {
+                missing.push(format!("{addr}: {why}"));
+            }
+        }
     }
     if !missing.is_empty() {
         tracing::warn!(route = %route, tick = k, missing = ?missing, "rollout: some peers' counters are missing from this judgement");
@@ -439,6 +459,20 @@ mod tests {
     use crate::session::rollout::live::identity;
     use crate::session::rollout::schedule::position;
     use agiproxy_config::Pool;
+
+    /// A peer of this rollout that gave no counters for this replica's step
+    /// is named with why (it was dropped without a word); one at the same
+    /// step, or any while this replica has none, is not.
+    #[test]
+    fn a_peer_left_out_of_judgement_is_named() {
+        assert_eq!(left_out(Some(1), Some(1)), None);
+        assert_eq!(left_out(None, None), None);
+        assert_eq!(left_out(None, Some(0)), None);
+        let behind = left_out(Some(1), None).unwrap();
+        assert!(behind.contains("has not published this tick"), "{behind}");
+        let other = left_out(Some(1), Some(0)).unwrap();
+        assert!(other.contains("step index 0, this replica 1"), "{other}");
+    }
 
     /// Judged every 30 s from 09:00, one step a minute.
     const BASE: &str = "      from: blue\n      to: green\n      steps: [10, 50]\n      step_duration: 1m\n      start: \"2026-12-06T09:00:00Z\"\n      judge: { interval: 30s, peers: [\"127.0.0.1:9090\"] }\n";

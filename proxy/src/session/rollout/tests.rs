@@ -284,6 +284,42 @@ fn a_skew_change_that_moves_an_override_across_now_is_refused() {
     assert!(super::skew_changes(&old, &old, written + 5_000).is_empty());
 }
 
+/// A new `split_key` while the rollout splits calls re-hashed every call in
+/// progress on the other key: 133 of 300 changed colour at 30 % (audit),
+/// nothing said. Refused while green's share is strictly between 0 and
+/// 100 %; before the start and once final it goes through.
+#[test]
+fn a_split_key_change_while_the_rollout_splits_calls_is_refused() {
+    let old = config("[10, 30, 100]", "");
+    let mut new = old.clone();
+    new.routes[0].split_key = "agi_arg_1".into();
+    let r = router(&old, None);
+    let at = |t: i64| {
+        let r = &r;
+        move |route: &str| {
+            let ro = r.routes().iter().find(|x| &*x.name == route)?;
+            Some(ro.rollout.as_deref()?.position(t))
+        }
+    };
+    // Step 2 (30 %).
+    let e = super::split_key_changes(&old, &new, at(T0 + 15_000));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].path, "routes[0].split_key");
+    assert!(
+        e[0].message.contains("30% of calls") && e[0].message.contains("about 42%"),
+        "{}",
+        e[0].message
+    );
+    // Before the start, and once promoted (100 %): nothing is split.
+    assert!(super::split_key_changes(&old, &new, at(T0 - 5_000)).is_empty());
+    assert!(super::split_key_changes(&old, &new, at(T0 + 60_000)).is_empty());
+    // The same key, or a new rollout (another start): nothing to check.
+    assert!(super::split_key_changes(&old, &old, at(T0 + 15_000)).is_empty());
+    let mut other = new.clone();
+    other.routes[0].rollout.as_deref_mut().unwrap().start_ms += 1_000;
+    assert!(super::split_key_changes(&old, &other, at(T0 + 15_000)).is_empty());
+}
+
 /// Canaries go to green at every step but not once a rollback is in force:
 /// a judged rollback left test phones on a broken green (walkthrough). A
 /// canary call made before the rollback keeps green for its later AGIs.
