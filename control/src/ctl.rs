@@ -237,11 +237,35 @@ impl<'a> Call<'a> {
     }
 }
 
+/// Each replica and what it reported (None: no answer).
+type PerReplica = Vec<(String, Option<String>)>;
+
 /// Whether the replicas run the same config after a change.
 struct Convergence {
     same: bool,
-    /// Each replica and the hash it reported (None: no answer).
-    hashes: Vec<(String, Option<String>)>,
+    /// Each replica's config hash.
+    hashes: PerReplica,
+    /// After a rollout action: the route, and each replica's rollout as
+    /// `IDENTITY overrides: ...` (None: no answer). Replicas then converge
+    /// when their rollouts agree, whatever else differs in their configs
+    /// (a bare-metal fleet's per-replica listeners made every action end
+    /// `NOT CONVERGED`, exit 1, like a refusal: audit).
+    rollout: Option<(String, PerReplica)>,
+}
+
+/// A replica's rollout as compared after a rollout action: its identity
+/// and its overrides (effective times), the only things an action changes.
+fn rollout_state(body: &serde_json::Value) -> Option<String> {
+    let view: RolloutView = serde_json::from_value(body.clone()).ok()?;
+    let overrides = if view.overrides.is_empty() {
+        "none".to_string()
+    } else {
+        view.overrides.join(", ")
+    };
+    Some(format!(
+        "{} overrides: {overrides}",
+        view.identity.as_deref().unwrap_or("(no identity)")
+    ))
 }
 
 /// One replica's answer.
@@ -456,7 +480,23 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
                     .map(str::to_string)
             })
             .collect();
-        let all_same = hashes.iter().all(|h| h.is_some() && *h == hashes[0]);
+        let mut all_same = hashes.iter().all(|h| h.is_some() && *h == hashes[0]);
+        let mut rollout = None;
+        if let CtlCommand::Rollout(c) = &args.command {
+            if let Some((_, route)) = c.action() {
+                let path = format!("/v1/rollouts/{route}");
+                let views = fan_out(&client, &targets, "GET", &path, &[], None).await;
+                let states: PerReplica = views
+                    .iter()
+                    .map(|r| {
+                        let state = r.body.as_ref().filter(|_| r.ok).and_then(rollout_state);
+                        (r.replica.clone(), state)
+                    })
+                    .collect();
+                all_same = states.iter().all(|(_, s)| s.is_some() && *s == states[0].1);
+                rollout = Some((route.to_string(), states));
+            }
+        }
         converged = Some(Convergence {
             same: all_same,
             hashes: statuses
@@ -464,6 +504,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
                 .zip(&hashes)
                 .map(|(r, h)| (r.replica.clone(), h.clone()))
                 .collect(),
+            rollout,
         });
         if !all_same {
             code = 1;
@@ -635,12 +676,23 @@ fn line(args: std::fmt::Arguments<'_>) -> bool {
 fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
     if args.output == Output::Json {
         let mut doc = serde_json::json!({ "replicas": replies });
-        if let Some(Convergence { same, hashes }) = converged {
+        if let Some(Convergence {
+            same,
+            hashes,
+            rollout,
+        }) = converged
+        {
             doc["converged"] = serde_json::json!(same);
             doc["hashes"] = serde_json::json!(hashes
                 .iter()
                 .map(|(r, h)| serde_json::json!({"replica": r, "hash": h}))
                 .collect::<Vec<_>>());
+            if let Some((_, states)) = rollout {
+                doc["rollouts"] = serde_json::json!(states
+                    .iter()
+                    .map(|(r, s)| serde_json::json!({"replica": r, "rollout": s}))
+                    .collect::<Vec<_>>());
+            }
         }
         out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return;
@@ -663,19 +715,43 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
         let Some(body) = &r.body else { continue };
         print_table(&args.command, body);
     }
-    if let Some(Convergence { same, hashes }) = converged {
-        if *same {
-            out!(
-                "converged: all {} replicas run config {}",
-                hashes.len(),
-                hashes[0].1.as_deref().unwrap_or("?")
-            );
-        } else {
-            out!("NOT CONVERGED:");
-            for (replica, hash) in hashes {
-                out!("  {replica}  {}", hash.as_deref().unwrap_or("(no answer)"));
+    match converged {
+        Some(Convergence {
+            same,
+            rollout: Some((route, states)),
+            hashes,
+        }) => {
+            if *same {
+                out!(
+                    "converged: all {} replicas run rollout {route} {}",
+                    states.len(),
+                    states[0].1.as_deref().unwrap_or("?")
+                );
+                if !hashes.iter().all(|(_, h)| h.is_some() && *h == hashes[0].1) {
+                    out!("(their config texts differ otherwise: `ctl status` shows each hash)");
+                }
+            } else {
+                out!("NOT CONVERGED (rollout {route}):");
+                for (replica, state) in states {
+                    out!("  {replica}  {}", state.as_deref().unwrap_or("(no answer)"));
+                }
             }
         }
+        Some(Convergence { same, hashes, .. }) => {
+            if *same {
+                out!(
+                    "converged: all {} replicas run config {}",
+                    hashes.len(),
+                    hashes[0].1.as_deref().unwrap_or("?")
+                );
+            } else {
+                out!("NOT CONVERGED:");
+                for (replica, hash) in hashes {
+                    out!("  {replica}  {}", hash.as_deref().unwrap_or("(no answer)"));
+                }
+            }
+        }
+        None => {}
     }
 }
 

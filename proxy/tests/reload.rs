@@ -278,45 +278,82 @@ async fn file_watch_sighup_and_api_refuse_invalid_configs() {
     assert_eq!(status(&api).unwrap()["generation"], 3);
 }
 
+/// Three replicas on 127.0.0.1-3, one control port, found by `ctl` as
+/// `dns:agiproxy.test:PORT` (`cluster`) through a fake DNS (`dns_server`).
+struct Cluster {
+    ips: [&'static str; 3],
+    port: u16,
+    cluster: String,
+    dns_server: String,
+    _dns: FakeDns,
+    _dirs: Vec<ConfigMap>,
+    _replicas: Vec<Running>,
+}
+
+impl Cluster {
+    /// Replica `i` runs `text(i, its control block)`.
+    async fn start(text: impl Fn(usize, &str) -> String) -> Cluster {
+        let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+        // One port free on all three addresses.
+        let port = loop {
+            let p = free_port("127.0.0.1");
+            if ips
+                .iter()
+                .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
+            {
+                break p;
+            }
+        };
+        let dns = FakeDns::start().await;
+        dns.set_addrs("agiproxy.test.", &ips.map(|ip| ip.parse().unwrap()), 5);
+        let mut dirs = Vec::new();
+        let mut replicas = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let control = format!("  address: \"{ip}:{port}\"\n  token_env: AGIPROXY_TOKEN");
+            let cm = ConfigMap::new(&text(i, &control));
+            replicas.push(start(&cm.path()));
+            dirs.push(cm);
+        }
+        for ip in ips {
+            assert_eq!(
+                wait_generation(&format!("http://{ip}:{port}"), 1, Duration::from_secs(10)),
+                1
+            );
+        }
+        Cluster {
+            ips,
+            port,
+            cluster: format!("dns:agiproxy.test:{port}"),
+            dns_server: dns.addr().to_string(),
+            _dns: dns,
+            _dirs: dirs,
+            _replicas: replicas,
+        }
+    }
+
+    /// `agiproxy ctl --cluster ... ARGS`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--cluster", &self.cluster, "--dns-server", &self.dns_server];
+        all.extend_from_slice(args);
+        ctl(&all)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
-    // One port free on all three addresses.
-    let port = loop {
-        let p = free_port("127.0.0.1");
-        if ips
-            .iter()
-            .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
-        {
-            break p;
-        }
-    };
-    let dns = FakeDns::start().await;
-    dns.set_addrs("agiproxy.test.", &ips.map(|ip| ip.parse().unwrap()), 5);
-    let mut dirs = Vec::new();
-    let mut replicas = Vec::new();
-    for (i, ip) in ips.iter().enumerate() {
-        // The third replica takes small request bodies only: it will refuse a big config.
+    // The third replica takes small request bodies only: it will refuse a big config.
+    let c = Cluster::start(|i, control| {
         let limit = if i == 2 {
             "\n  max_body_bytes: 1024"
         } else {
             ""
         };
-        let control = format!("  address: \"{ip}:{port}\"\n  token_env: AGIPROXY_TOKEN{limit}");
-        let cm = ConfigMap::new(&config(&control, "a", a.addr(), b.addr()));
-        replicas.push(start(&cm.path()));
-        dirs.push(cm);
-    }
-    for ip in ips {
-        assert_eq!(
-            wait_generation(&format!("http://{ip}:{port}"), 1, Duration::from_secs(10)),
-            1
-        );
-    }
-    let cluster = format!("dns:agiproxy.test:{port}");
-    let dns_server = dns.addr().to_string();
+        config(&format!("{control}{limit}"), "a", a.addr(), b.addr())
+    })
+    .await;
+    let (ips, port) = (c.ips, c.port);
     // The control block is per replica; the applied config must keep each
     // one's own, so apply a config without the control block (defaults),
     // which the replicas all accept: control changes need a restart anyway.
@@ -331,16 +368,7 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
             .replace("control:\n  enabled: true\n", ""),
     )
     .unwrap();
-    let out = ctl(&[
-        "--cluster",
-        &cluster,
-        "--dns-server",
-        &dns_server,
-        "config",
-        "apply",
-        "-f",
-        new.to_str().unwrap(),
-    ]);
+    let out = c.ctl(&["config", "apply", "-f", new.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -366,11 +394,7 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
         "x".repeat(2000)
     );
     std::fs::write(&new, padded).unwrap();
-    let out = ctl(&[
-        "--cluster",
-        &cluster,
-        "--dns-server",
-        &dns_server,
+    let out = c.ctl(&[
         "--output",
         "json",
         "config",
@@ -394,17 +418,11 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     // Draining the whole cluster takes an explicit --all-replicas: without
     // it ctl refuses, and every replica stays ready.
     let drain = |all: bool| {
-        let mut a = vec![
-            "--cluster",
-            &cluster,
-            "--dns-server",
-            &dns_server,
-            "drain-replica",
-        ];
+        let mut a = vec!["drain-replica"];
         if all {
             a.push("--all-replicas");
         }
-        ctl(&a)
+        c.ctl(&a)
     };
     let out = drain(false);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -431,7 +449,61 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
         let s = status(&format!("http://{ip}:{port}"));
         assert!(s.as_ref().is_none_or(|s| s["draining"] == true), "{s:?}");
     }
-    drop(replicas);
+    drop(c);
+}
+
+/// After `ctl rollout ACTION`, replicas converge when their rollouts agree:
+/// on bare metal each replica's file has its own control address, so the
+/// config hashes never match, and every action ended `NOT CONVERGED` with
+/// exit 1 although all three took it, as a refusal does (audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let start = agiproxy_config::format_ms(now - 60_000);
+    let c = Cluster::start(|_, control| {
+        config(control, "a", a.addr(), b.addr()).replace(
+            "  - name: all\n    pool: a\n",
+            &format!("  - name: ivr\n    rollout:\n      from: a\n      to: b\n      steps: [10, 50]\n      step_duration: 1h\n      start: \"{start}\"\n"),
+        )
+    })
+    .await;
+    let out = c.ctl(&["rollout", "pause", "ivr"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("converged: all 3 replicas run rollout ivr ")
+            && stdout.contains("overrides: pause in force from ")
+            && stdout.contains("their config texts differ otherwise"),
+        "{stdout}"
+    );
+    let out = c.ctl(&["--output", "json", "rollout", "resume", "ivr"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["converged"], true, "{doc}");
+    let states: Vec<&str> = doc["rollouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rollout"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.len(), 3, "{doc}");
+    assert!(states.iter().all(|s| *s == states[0]), "{doc}");
+    assert!(states[0].contains(", resume in force from "), "{doc}");
+    // One replica stopped: it does not answer, and that is no convergence.
+    let mut c = c;
+    drop(c._replicas.remove(0));
+    let out = c.ctl(&["rollout", "pause", "ivr"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("NOT CONVERGED (rollout ivr):") && stdout.contains("(no answer)"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
