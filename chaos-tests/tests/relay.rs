@@ -659,24 +659,40 @@ async fn asterisk_resetting_mid_command_is_client_gone() {
     // Asterisk went away while it ran a command (a reset here; keepalive
     // finding a vanished host ends the same way): the backend's connection
     // is closed and the session counts as `client_gone`, not `completed`.
+    // So does a close (FIN) with the reply owed and no `HANGUP` before it,
+    // which a real Asterisk never does (it sends `HANGUP` before every
+    // close): an audit's 7,768 were `completed`. With `HANGUP` first
+    // (`AGIEXITONHANGUP=yes`), the session is `completed`.
     let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100", "NOOP"])).await;
     let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
     let mut rx = p.server.subscribe();
-    let s = at_first_command(p.addr, b"EXEC Dial PJSIP/100\n").await;
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(s);
-    let rec = next_record(&mut rx).await;
-    assert_eq!(rec.outcome, agiproxy::Outcome::ClientGone);
-    assert_eq!(rec.commands, 1);
-    let t0 = Instant::now();
-    while b.stats().active() > 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the backend's connection stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    for (reset, hangup_first, want) in [
+        (true, false, agiproxy::Outcome::ClientGone),
+        (false, false, agiproxy::Outcome::ClientGone),
+        (false, true, agiproxy::Outcome::Completed),
+    ] {
+        let mut s = at_first_command(p.addr, b"EXEC Dial PJSIP/100\n").await;
+        if hangup_first {
+            s.write_all(b"HANGUP\n").await.unwrap();
+        }
+        if reset {
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(s);
+        let rec = next_record(&mut rx).await;
+        let case = (reset, hangup_first);
+        assert_eq!(rec.outcome, want, "{case:?}");
+        assert_eq!(rec.commands, 1, "{case:?}");
+        let t0 = Instant::now();
+        while b.stats().active() > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the backend's connection stayed open: {case:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -320,6 +320,7 @@ async fn relay(
         shared.metrics.crlf_fixed.inc_by(stats.crlf_fixed);
     }
     match end {
+        RelayEnd::Closed if stats.asterisk_left_owing_reply => rec.outcome = Outcome::ClientGone,
         RelayEnd::Closed => rec.outcome = Outcome::Completed,
         // Lines mode: Asterisk's side failed (a reset, or keepalive found
         // it gone). Raw mode cannot tell which side it was.

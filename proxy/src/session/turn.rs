@@ -234,6 +234,15 @@ impl Turn {
         self.state == State::BackendOwesCommand
     }
 
+    /// Asterisk owes a reply (or a `GET SOUNDFILE` payload): it runs a
+    /// command, or takes or sends a sound file.
+    pub fn asterisk_owes_reply(&self) -> bool {
+        matches!(
+            self.state,
+            State::AsteriskOwesReply | State::CommandPayload(_) | State::ReplyPayload(_)
+        )
+    }
+
     /// Asterisk runs an ordinary command (not a sound-file transfer) and
     /// reads its socket again only when the command returns.
     pub fn asterisk_runs_command(&self) -> bool {

@@ -126,6 +126,10 @@ pub struct RelayStats {
     pub commands: u64,
     /// Asterisk reported the channel hung up during the session.
     pub caller_hung_up: bool,
+    /// Asterisk closed while it owed a reply, with no `HANGUP` before: a
+    /// real one sends `HANGUP` before every close, so it crashed or its
+    /// host went down (an audit's 7,768 such calls were `completed`).
+    pub asterisk_left_owing_reply: bool,
     pub crlf_fixed: u64,
 }
 

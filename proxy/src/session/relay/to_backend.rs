@@ -17,6 +17,9 @@ impl Relay<'_> {
         match read_now(self.a, &mut buf) {
             Some(Ok(0)) => {
                 self.a_eof = true;
+                if self.turn.asterisk_owes_reply() && !self.stats.caller_hung_up {
+                    self.stats.asterisk_left_owing_reply = true;
+                }
                 if !self.a_partial.is_empty() {
                     let rest = std::mem::take(&mut self.a_partial);
                     self.send_b(&rest);
