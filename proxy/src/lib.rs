@@ -28,6 +28,8 @@ pub mod rollout;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+#[cfg(test)]
+mod test_log;
 pub mod throttle;
 pub mod watch;
 

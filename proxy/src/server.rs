@@ -1006,20 +1006,6 @@ mod tests {
         assert!(line.ends_with(" … (cut; the API's answer and `agiproxy check` have them all)"));
     }
 
-    /// A log sink for one test: what the proxy wrote, as text.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The warning compares a config's `control:` block with the one in
     /// effect (the start's), not the previous config's: putting the start's
     /// block back is not a change that waits for a restart (audit: it
@@ -1031,18 +1017,9 @@ mod tests {
                 "version: 1\ncontrol:\n  address: \"127.0.0.1:{port}\"\nlisteners:\n  - name: a\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: {route}\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
             )
         };
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let warned = || {
-            String::from_utf8_lossy(&sink.0.lock().unwrap())
-                .matches("the control block changed")
-                .count()
-        };
+        let sink = crate::test_log::LogSink::default();
+        let _guard = sink.install();
+        let warned = || sink.text().matches("the control block changed").count();
         let config = agiproxy_config::from_yaml_str(&text(4574, "r")).unwrap();
         let server = Server::start(config).await.unwrap();
         // Another block: it waits for a restart.

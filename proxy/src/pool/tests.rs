@@ -192,35 +192,11 @@ fn failures_of_sessions_that_picked_a_backend_before_its_ejection_do_not_count()
     assert_eq!(p.lease_failed(&late, "x"), Some(Duration::from_millis(10)));
 }
 
-/// What `f` logs (the text format), on this thread.
-fn captured_log(f: impl FnOnce()) -> String {
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::with_default(subscriber, f);
-    let log = captured.0.lock().unwrap().clone();
-    String::from_utf8(log).unwrap()
-}
-
 /// Every ejection is logged, also one that comes before the watcher has
 /// reported the end of the one before.
 #[test]
 fn a_re_ejection_is_logged_too() {
-    let log = captured_log(|| {
+    let log = crate::test_log::captured(|| {
         let p = pool_with(
             "round_robin",
             2,
@@ -731,7 +707,7 @@ fn an_address_new_in_dns_logs_no_state_change_for_its_slow_start() {
     p.shared().rebuild_members();
     let added = live(&p, 1);
     assert_eq!(added.state(), BackendState::SlowStart);
-    let log = captured_log(|| {
+    let log = crate::test_log::captured(|| {
         for b in &p.members().backends {
             b.live.note("p", None);
         }
