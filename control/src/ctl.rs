@@ -891,12 +891,10 @@ pub fn format_rollout(r: &RolloutView) -> String {
         steps.join(" "),
         r.weight_percent
     );
-    // A pending rollout has not started yet.
-    let verb = if r.state == "pending" {
-        "starts "
-    } else {
-        "started"
-    };
+    // Not started yet (pending, or paused before its start).
+    let ahead = humantime::parse_rfc3339_weak(&r.start)
+        .is_ok_and(|start| start > std::time::SystemTime::now());
+    let verb = if ahead { "starts " } else { "started" };
     match &r.identity {
         Some(id) => {
             let _ = writeln!(out, "  {verb}   {}  identity {id}", r.start);
@@ -1051,16 +1049,18 @@ mod tests {
         );
         let printed = format_rollout(&view(serde_json::Value::Null));
         assert!(!printed.contains("canary"), "{printed}");
-        // Pending: its start is ahead (it said "started" at a future time).
-        assert!(
-            printed.contains("\n  starts    2026-12-06T09:00:00Z\n"),
-            "{printed}"
-        );
-        let mut running = view(serde_json::Value::Null);
-        running.state = "progressing".into();
-        let printed = format_rollout(&running);
+        // Its start is past: "started".
         assert!(
             printed.contains("\n  started   2026-12-06T09:00:00Z\n"),
+            "{printed}"
+        );
+        // Ahead (pending, or paused before it): "starts", not "started" at
+        // a future time.
+        let mut ahead = view(serde_json::Value::Null);
+        ahead.start = "2999-01-01T00:00:00Z".into();
+        let printed = format_rollout(&ahead);
+        assert!(
+            printed.contains("\n  starts    2999-01-01T00:00:00Z\n"),
             "{printed}"
         );
     }

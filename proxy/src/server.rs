@@ -1006,6 +1006,36 @@ mod tests {
         assert!(line.ends_with(" … (cut; the API's answer and `agiproxy check` have them all)"));
     }
 
+    /// A reload that changes `split_key` while the rollout splits calls is
+    /// refused whole, through the same path as every change (file, API),
+    /// and the running config is kept; the same change with a new rollout
+    /// (another start) is applied.
+    #[tokio::test]
+    async fn a_split_key_change_mid_rollout_is_refused_on_apply() {
+        let now = crate::session::rollout::now_ms();
+        let text = |start_ms: i64, key: &str| {
+            format!(
+                "version: 1\nlisteners:\n  - name: a\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: ivr\n    split_key: {key}\n    rollout:\n      from: blue\n      to: green\n      steps: [30, 100]\n      step_duration: 1h\n      start: \"{}\"\npools:\n  - name: blue\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n  - name: green\n    backends: [{{ address: \"127.0.0.1:2\" }}]\n",
+                agiproxy_config::format_ms(start_ms)
+            )
+        };
+        let started = now - 60_000;
+        let config = agiproxy_config::from_yaml_str(&text(started, "agi_uniqueid")).unwrap();
+        let server = Server::start(config).await.unwrap();
+        let e = server
+            .apply(&text(started, "agi_arg_1"), "test", false, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0].split_key"), "{e}");
+        assert_eq!(server.snapshot().meta.generation, 1);
+        let applied = server
+            .apply(&text(started + 1_000, "agi_arg_1"), "test", false, None)
+            .await
+            .unwrap();
+        assert!(applied.changed);
+    }
+
     /// The warning compares a config's `control:` block with the one in
     /// effect (the start's), not the previous config's: putting the start's
     /// block back is not a change that waits for a restart (audit: it

@@ -105,6 +105,7 @@ pub(crate) fn hand_over<P: Owner + 'static>(pool: &Arc<P>) -> u64 {
     let current: Weak<dyn Owner> = Arc::downgrade(pool) as Weak<P>;
     followers.current = Some(current);
     let mut map = lock(&pool.live().discovery);
+    let mut respelled = Vec::new();
     followers.by_name.retain(|k, f| {
         // The same spelling, case aside: `agi` and `agi.` share a key, but
         // the search list completes only the first (audit: a reload from
@@ -120,8 +121,17 @@ pub(crate) fn hand_over<P: Owner + 'static>(pool: &Arc<P>) -> u64 {
         } else {
             f.cancel.cancel();
         }
+        if same == Some(false) {
+            respelled.push(k.clone());
+        }
         keep
     });
+    // Its backoff is the old spelling's: the new one starts at `min_ttl`.
+    for k in respelled {
+        if let Some(d) = map.get_mut(&k) {
+            d.failing = 0;
+        }
+    }
     // The DNS answers of names this config no longer follows go: kept,
     // they piled up with every name a pool ever had, and a name coming
     // back brought its old answer back at once instead of contributing
@@ -618,16 +628,16 @@ async fn lookup_srv(
         .collect();
     to_ask.sort();
     to_ask.dedup();
-    let asked: Vec<(Name, Result<Addresses, tokio::time::error::Elapsed>)> = stream::iter(to_ask)
+    let mut asked = stream::iter(to_ask)
         .map(|target| async move {
             let r = tokio::time::timeout(limit, addresses(resolver, target.clone(), known)).await;
             (target, r)
         })
-        .buffer_unordered(TARGETS_AT_ONCE)
-        .collect()
-        .await;
+        .buffer_unordered(TARGETS_AT_ONCE);
     let mut resolved = std::collections::HashMap::new();
-    for (target, r) in asked {
+    while let Some((target, r)) = asked.next().await {
+        // The first that times out fails the name: the rounds left would
+        // change nothing (dropped, they end their lookups).
         let Ok(r) = r else {
             return Err(format!("srv {name}: lookup of target {target} timed out"));
         };

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 
 use super::backend::{Backend, BackendLive, BackendState, CheckResult};
 use super::clock::{lock, now_ms};
@@ -95,10 +96,17 @@ impl PoolState {
                 st
             })
             .collect();
-        let mut departed: Vec<Arc<BackendLive>> = lock(&self.live.registry)
+        // Looked up by hash, and upgraded once the lock is let go: a scrape
+        // of a pool of 4,096 holds up a DNS change's rebuild no longer.
+        let listed: HashSet<SocketAddr> = members.backends.iter().map(|b| b.addr).collect();
+        let others: Vec<Weak<BackendLive>> = lock(&self.live.registry)
             .iter()
-            .filter(|(addr, _)| !members.backends.iter().any(|b| b.addr == **addr))
-            .filter_map(|(_, w)| w.upgrade())
+            .filter(|(addr, _)| !listed.contains(*addr))
+            .map(|(_, w)| w.clone())
+            .collect();
+        let mut departed: Vec<Arc<BackendLive>> = others
+            .iter()
+            .filter_map(Weak::upgrade)
             .filter(|l| l.active.load(Ordering::Relaxed) > 0)
             .collect();
         departed.sort_by_key(|l| l.addr);

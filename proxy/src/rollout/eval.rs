@@ -402,7 +402,8 @@ async fn evaluate(
             }
         }
         replicas += usize::from(t.counted);
-        if !t.other_rollout && !t.counted {
+        // One that decided a rollback publishes no step: not left out.
+        if !t.other_rollout && !t.counted && tick.decision.is_none() {
             if let Some(why) = left_out(own.as_ref().map(|p| p.step), tick.step) {
                 missing.push(format!("{addr}: {why}"));
             }

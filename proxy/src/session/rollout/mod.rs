@@ -232,8 +232,9 @@ pub fn split_key_changes(
                     "changing it from {:?} to {:?} while the rollout sends {}% of calls to \
                      green re-colours calls in progress: each is hashed on the new key, and \
                      about {:.0}% of them would change colour on their next AGI; change it \
-                     with a new rollout (a new start), or before start or once it is \
-                     promoted or rolled back",
+                     with a new rollout (a new start), or before start, or once it is \
+                     promoted or rolled back and the calls made before then have ended; \
+                     a refused file is not read again until it changes, so reload then",
                     was.split_key,
                     is.split_key,
                     f64::from(p.weight_bp) / 100.0,
