@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -509,7 +509,7 @@ async fn lookup_host(
     port: u16,
     known: Families,
 ) -> Result<(Vec<Found>, Duration), String> {
-    let (ips, ttl) = addresses(resolver, name, known)
+    let (ips, ttl) = addresses(resolver, name, known, None)
         .await
         .map_err(|e| format!("{name}: {}", dns_error(&e)))?;
     let mut seen = HashSet::new();
@@ -537,19 +537,30 @@ async fn lookup_host(
 /// AAAA answered, shrank a pool to its IPv6 addresses every few seconds. A
 /// family that held none is left out when it fails (a server that drops
 /// AAAA queries), as long as the other answers.
+///
+/// `v6_failed`, shared by the lookups of one SRV answer's targets: set by
+/// the first AAAA that fails so, and then AAAA is not asked for the
+/// targets not yet looked up (each would wait its whole timeout for
+/// nothing: one round of 16 pays it, not every round).
 async fn addresses(
     resolver: &TokioResolver,
     name: impl hickory_resolver::proto::rr::IntoName + Clone,
     known: Families,
+    v6_failed: Option<&AtomicBool>,
 ) -> Addresses {
-    let (v4, v6) = tokio::join!(
-        resolver.ipv4_lookup(name.clone()),
-        resolver.ipv6_lookup(name)
-    );
+    let ask_v6 = known.v6 || !v6_failed.is_some_and(|f| f.load(Ordering::Relaxed));
+    let (v4, v6) = tokio::join!(resolver.ipv4_lookup(name.clone()), async {
+        if ask_v6 {
+            Some(resolver.ipv6_lookup(name).await)
+        } else {
+            None
+        }
+    });
     let mut ips = Vec::new();
     let mut ttl = Duration::MAX;
     let mut first_error = None;
-    for (answer, v6) in [(v4, false), (v6, true)] {
+    for (answer, v6) in [(Some(v4), false), (v6, true)] {
+        let Some(answer) = answer else { continue };
         match answer {
             Ok(l) => {
                 ips.extend(l.answers().iter().filter_map(|r| r.data.ip_addr()));
@@ -560,6 +571,9 @@ async fn addresses(
             }
             Err(e) if known.has(v6) => return Err(e),
             Err(e) => {
+                if let (true, Some(f)) = (v6, v6_failed) {
+                    f.store(true, Ordering::Relaxed);
+                }
                 first_error.get_or_insert(e);
             }
         }
@@ -628,10 +642,12 @@ async fn lookup_srv(
         .collect();
     to_ask.sort();
     to_ask.dedup();
+    let v6_failed = AtomicBool::new(false);
+    let v6_failed = &v6_failed;
     let mut asked = stream::iter(to_ask)
         .map(|target| async move {
-            let r = tokio::time::timeout(limit, addresses(resolver, target.clone(), known)).await;
-            (target, r)
+            let found = addresses(resolver, target.clone(), known, Some(v6_failed));
+            (target, tokio::time::timeout(limit, found).await)
         })
         .buffer_unordered(TARGETS_AT_ONCE);
     let mut resolved = std::collections::HashMap::new();
