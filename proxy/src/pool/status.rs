@@ -1,12 +1,11 @@
 //! The readable state of pools and backends, for the control API and
 //! metrics. Reading takes no lock on the session path.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
-
-use std::collections::HashSet;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use super::backend::{Backend, BackendLive, BackendState, CheckResult};
 use super::clock::{lock, now_ms};
