@@ -204,6 +204,10 @@ pub struct RolloutTick {
     /// another rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The route's `split_key` (see `RolloutView::split_key`); absent from
+    /// older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_key: Option<String>,
 }
 
 /// The last judgement on this replica.
@@ -259,6 +263,11 @@ pub struct RolloutView {
     /// and decisions only when theirs are equal. Absent from older releases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The route's `split_key`: not in the identity, but replicas that
+    /// differ in it colour the same call differently. Absent from older
+    /// releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_key: Option<String>,
 }
 
 /// A rollout's canary criteria, in the shapes the config's `match:` writes

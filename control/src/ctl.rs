@@ -253,8 +253,10 @@ struct Convergence {
     rollout: Option<(String, PerReplica)>,
 }
 
-/// A replica's rollout as compared after a rollout action: its identity
-/// and its overrides (effective times), the only things an action changes.
+/// A replica's rollout as compared after a rollout action: its identity,
+/// its `split_key` (outside the identity, but replicas that differ in it
+/// colour calls differently: a refused change comes back with a restart)
+/// and its overrides (effective times), which an action changes.
 fn rollout_state(body: &serde_json::Value) -> Option<String> {
     let view: RolloutView = serde_json::from_value(body.clone()).ok()?;
     let overrides = if view.overrides.is_empty() {
@@ -263,8 +265,9 @@ fn rollout_state(body: &serde_json::Value) -> Option<String> {
         view.overrides.join(", ")
     };
     Some(format!(
-        "{} overrides: {overrides}",
-        view.identity.as_deref().unwrap_or("(no identity)")
+        "{} split_key {} overrides: {overrides}",
+        view.identity.as_deref().unwrap_or("(no identity)"),
+        view.split_key.as_deref().unwrap_or("?")
     ))
 }
 
@@ -903,6 +906,9 @@ pub fn format_rollout(r: &RolloutView) -> String {
             let _ = writeln!(out, "  {verb}   {}", r.start);
         }
     }
+    if let Some(k) = &r.split_key {
+        let _ = writeln!(out, "  split key {k}");
+    }
     if let Some(n) = &r.next_step_at {
         let _ = writeln!(out, "  next step {n}");
     }
@@ -1058,9 +1064,10 @@ mod tests {
         // a future time.
         let mut ahead = view(serde_json::Value::Null);
         ahead.start = "2999-01-01T00:00:00Z".into();
+        ahead.split_key = Some("agi_arg_1".into());
         let printed = format_rollout(&ahead);
         assert!(
-            printed.contains("\n  starts    2999-01-01T00:00:00Z\n"),
+            printed.contains("\n  starts    2999-01-01T00:00:00Z\n  split key agi_arg_1\n"),
             "{printed}"
         );
     }

@@ -465,13 +465,13 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
         .unwrap()
         .as_millis() as i64;
     let start = agiproxy_config::format_ms(now - 60_000);
-    let c = Cluster::start(|_, control| {
+    let text = |control: &str, key: &str| {
         config(control, "a", a.addr(), b.addr()).replace(
             "  - name: all\n    pool: a\n",
-            &format!("  - name: ivr\n    rollout:\n      from: a\n      to: b\n      steps: [10, 50]\n      step_duration: 1h\n      start: \"{start}\"\n"),
+            &format!("  - name: ivr\n    split_key: {key}\n    rollout:\n      from: a\n      to: b\n      steps: [10, 50]\n      step_duration: 1h\n      start: \"{start}\"\n"),
         )
-    })
-    .await;
+    };
+    let c = Cluster::start(|_, control| text(control, "agi_uniqueid")).await;
     let out = c.ctl(&["rollout", "pause", "ivr"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -502,6 +502,24 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("NOT CONVERGED (rollout ivr):") && stdout.contains("(no answer)"),
+        "{stdout}"
+    );
+    drop(c);
+
+    // The same rollout split by another key on one replica (a refused
+    // split_key change comes back when a replica restarts with its file):
+    // the same call gets another colour there, so that is no convergence.
+    let c = Cluster::start(|i, control| {
+        text(control, if i == 1 { "agi_arg_1" } else { "agi_uniqueid" })
+    })
+    .await;
+    let out = c.ctl(&["rollout", "pause", "ivr"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("NOT CONVERGED (rollout ivr):")
+            && stdout.contains("split_key agi_arg_1 overrides: pause")
+            && stdout.contains("split_key agi_uniqueid overrides: pause"),
         "{stdout}"
     );
 }

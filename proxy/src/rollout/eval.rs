@@ -60,7 +60,7 @@ pub fn decision_view(d: &Decision) -> RolloutDecisionView {
 }
 
 /// This replica's answer to a peer asking for tick `tick`.
-pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
+pub fn tick_view(live: &RolloutLive, tick: i64, split_key: &str) -> RolloutTick {
     let p = live.published(tick);
     RolloutTick {
         replica: live.id.clone(),
@@ -70,6 +70,7 @@ pub fn tick_view(live: &RolloutLive, tick: i64) -> RolloutTick {
         green: p.as_ref().map(|p| to_api(&p.green)).unwrap_or_default(),
         decision: live.decision().as_ref().map(decision_view),
         identity: Some(live.identity.clone()),
+        split_key: Some(split_key.to_string()),
     }
 }
 
@@ -256,7 +257,7 @@ pub fn spawn(server: Server, peers: PeerAccess) -> tokio::task::JoinHandle<()> {
                         continue;
                     }
                     pause = pause.min(ro.plan.judge.interval / 16);
-                    step(&cr.name, &ro.plan, &ro.live, &client);
+                    step(&cr.name, &cr.route.split_key, &ro.plan, &ro.live, &client);
                 }
                 pause
             };
@@ -265,7 +266,13 @@ pub fn spawn(server: Server, peers: PeerAccess) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn step(route: &Arc<str>, plan: &Rollout, live: &Arc<RolloutLive>, client: &Arc<PeerAccess>) {
+fn step(
+    route: &Arc<str>,
+    split_key: &str,
+    plan: &Rollout,
+    live: &Arc<RolloutLive>,
+    client: &Arc<PeerAccess>,
+) {
     let now = now_ms();
     let iv = (plan.judge.interval.as_millis() as i64).max(1);
     if now < plan.start_ms {
@@ -299,6 +306,7 @@ fn step(route: &Arc<str>, plan: &Rollout, live: &Arc<RolloutLive>, client: &Arc<
             .store(k, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(evaluate(
             route.clone(),
+            split_key.to_string(),
             plan.clone(),
             live.clone(),
             client.clone(),
@@ -330,6 +338,7 @@ async fn peers(plan: &Rollout) -> Vec<SocketAddr> {
 
 async fn evaluate(
     route: Arc<str>,
+    split_key: String,
     plan: Rollout,
     live: Arc<RolloutLive>,
     client: Arc<PeerAccess>,
@@ -356,6 +365,7 @@ async fn evaluate(
     };
     let mut missing = Vec::new();
     let mut other_rollout = Vec::new();
+    let mut other_key = Vec::new();
     for (addr, answer) in answers {
         let tick: RolloutTick = match answer {
             Ok(Ok(resp)) if resp.status == 200 => match serde_json::from_slice(&resp.body) {
@@ -390,6 +400,11 @@ async fn evaluate(
             &mut blue,
             &mut green,
         );
+        if let Some(theirs) = tick.split_key.as_deref().filter(|k| *k != split_key) {
+            if !t.other_rollout {
+                other_key.push(format!("{addr}: {theirs}"));
+            }
+        }
         if t.other_rollout {
             other_rollout.push(format!(
                 "{addr}: {}",
@@ -411,6 +426,9 @@ async fn evaluate(
     }
     if !missing.is_empty() {
         tracing::warn!(route = %route, tick = k, missing = ?missing, "rollout: some peers' counters are missing from this judgement");
+    }
+    if !other_key.is_empty() {
+        tracing::warn!(route = %route, tick = k, split_key = %split_key, others = ?other_key, "rollout: some peers split calls by another split_key, so a call that moves between replicas can change colour (a refused split_key change comes back when a replica restarts with its file); make it the same on every replica");
     }
     if !other_rollout.is_empty() {
         tracing::warn!(route = %route, tick = k, identity = %live.identity, others = ?other_rollout, "rollout: some peers run another rollout of this route (a config not applied there yet, or an older agiproxy); their counters and decision are left out");
@@ -535,7 +553,7 @@ mod tests {
         assert_ne!(here.id, peer.id);
         published(&peer, 3, 40);
         assert!(peer.decide(rollback(START_MS + 75_000)));
-        let (t, sum) = read(&here, &tick_view(&peer, 3));
+        let (t, sum) = read(&here, &tick_view(&peer, 3, "agi_uniqueid"));
         assert_eq!(
             t,
             Taken {
@@ -551,7 +569,7 @@ mod tests {
             (START_MS + 75_000, "adopted from 127.0.0.1:9091")
         );
         // Counters of another step than the one frozen here are not summed.
-        let mut other_step = tick_view(&peer, 3);
+        let mut other_step = tick_view(&peer, 3, "agi_uniqueid");
         other_step.step = Some(1);
         assert!(!read(&here, &other_step).0.counted);
     }
@@ -568,7 +586,7 @@ mod tests {
         let new = live("ivr", &again, None);
         published(&new, 3, 5);
 
-        let (t, sum) = read(&new, &tick_view(&old, 3));
+        let (t, sum) = read(&new, &tick_view(&old, 3, "agi_uniqueid"));
         assert_eq!(
             t,
             Taken {
@@ -582,7 +600,11 @@ mod tests {
         let p = position(&new_plan, new_plan.start_ms, new.judged_ms());
         assert_eq!((p.state, p.weight_bp), (State::Progressing, 1000));
         // Nor the other way round: the old one sums none of the new one's.
-        assert!(read(&old, &tick_view(&new, 3)).0.other_rollout);
+        assert!(
+            read(&old, &tick_view(&new, 3, "agi_uniqueid"))
+                .0
+                .other_rollout
+        );
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
                 unkeyed_sessions: ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed),
                 differs_from_file: file.and_then(|f| differs(&r.route.name, ro, f)),
                 identity: Some(ro.live.identity.clone()),
+                split_key: Some(r.route.split_key.clone()),
             }
         })
         .collect()
@@ -167,7 +168,7 @@ pub fn notes(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<String> {
 pub fn tick(snap: &Snapshot, route: &str, tick: i64) -> Option<agiproxy_control::api::RolloutTick> {
     rollouts(snap)
         .find(|(r, _)| &*r.name == route)
-        .map(|(_, ro)| super::eval::tick_view(&ro.live, tick))
+        .map(|(r, ro)| super::eval::tick_view(&ro.live, tick, &r.route.split_key))
 }
 
 /// Whether the rollout of `route` reads peers: then it runs on several
