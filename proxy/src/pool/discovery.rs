@@ -346,7 +346,9 @@ fn record_success(name: &Followed, mut found: Vec<Found>, ttl: Duration) -> Opti
         let removed = some_of(before.difference(&after));
         tracing::info!(
             pool = %name.pool,
-            name = k,
+            // As the config spells it, like the failure line (the key
+            // folds case and a final dot).
+            name = %name.target,
             backends = found.len(),
             added = %added,
             removed = %removed,
