@@ -1033,3 +1033,33 @@ async fn a_reload_from_the_file_keeps_an_api_override_of_the_same_rollout() {
     calls(fresh).await;
     assert_eq!(green.stats().accepted(), 3);
 }
+
+/// A replica of the same rollout split by another key (a refused
+/// `split_key` change comes back when a replica restarts with its file)
+/// colours the same call differently; nothing said so (a verification run:
+/// 54 of 300 calls mixed, `ctl` converged). Its peers' judgement now warns,
+/// naming it and its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_splitting_by_another_key_is_warned_of() {
+    warnings();
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let ports = [free_port(), free_port()];
+    let text = config(&judged_rollout(&ports, 300), blue.addr(), green.addr());
+    let _same = replica(&text, ports[0], None, false).await;
+    let other = text.replace("    match: ", "    split_key: agi_arg_1\n    match: ");
+    assert_ne!(other, text);
+    let _other = replica(&other, ports[1], None, false).await;
+    let wanted = format!("127.0.0.1:{}: agi_arg_1", ports[1]);
+    let t0 = Instant::now();
+    loop {
+        let log = warnings();
+        if log.lines().any(|l| {
+            l.contains("some peers split calls by another split_key") && l.contains(&wanted)
+        }) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no warning:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
