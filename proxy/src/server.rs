@@ -1052,34 +1052,24 @@ mod tests {
         let warned = || sink.text().matches("the control block changed").count();
         let config = agiproxy_config::from_yaml_str(&text(4574, "r")).unwrap();
         let server = Server::start(config).await.unwrap();
-        // Another block: it waits for a restart.
-        server
-            .apply(&text(4575, "r"), "test", false, None)
-            .await
-            .unwrap();
-        assert_eq!(warned(), 1);
-        // The start's block again: nothing waits.
-        server
-            .apply(&text(4574, "r"), "test", false, None)
-            .await
-            .unwrap();
-        assert_eq!(warned(), 1);
-        // Another change with the start's block: still nothing.
-        server
-            .apply(&text(4574, "s"), "test", false, None)
-            .await
-            .unwrap();
-        assert_eq!(warned(), 1);
-        // A change made while another block is in the config still says so.
-        server
-            .apply(&text(4575, "s"), "test", false, None)
-            .await
-            .unwrap();
-        server
-            .apply(&text(4575, "r"), "test", false, None)
-            .await
-            .unwrap();
-        assert_eq!(warned(), 3);
+        // (control port, route name, warnings so far)
+        for (port, route, want) in [
+            // Another block: it waits for a restart.
+            (4575, "r", 1),
+            // The start's block again: nothing waits.
+            (4574, "r", 1),
+            // Another change with the start's block: still nothing.
+            (4574, "s", 1),
+            // A change made while another block is in the config still says so.
+            (4575, "s", 2),
+            (4575, "r", 3),
+        ] {
+            server
+                .apply(&text(port, route), "test", false, None)
+                .await
+                .unwrap();
+            assert_eq!(warned(), want, "{port} {route}");
+        }
         server.abort();
     }
 }

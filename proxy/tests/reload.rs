@@ -337,6 +337,13 @@ impl Cluster {
         all.extend_from_slice(args);
         ctl(&all)
     }
+
+    /// [`Cluster::ctl`]'s exit code and stdout.
+    fn ctl_text(&self, args: &[&str]) -> (Option<i32>, String) {
+        let out = self.ctl(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,9 +479,8 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
         )
     };
     let c = Cluster::start(|_, control| text(control, "agi_uniqueid")).await;
-    let out = c.ctl(&["rollout", "pause", "ivr"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(
         stdout.contains("converged: all 3 replicas run rollout ivr ")
             && stdout.contains("overrides: pause in force from ")
@@ -497,9 +503,8 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     // One replica stopped: it does not answer, and that is no convergence.
     let mut c = c;
     drop(c._replicas.remove(0));
-    let out = c.ctl(&["rollout", "pause", "ivr"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
         stdout.contains("NOT CONVERGED (rollout ivr):") && stdout.contains("(no answer)"),
         "{stdout}"
@@ -513,9 +518,8 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
         text(control, if i == 1 { "agi_arg_1" } else { "agi_uniqueid" })
     })
     .await;
-    let out = c.ctl(&["rollout", "pause", "ivr"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
+    assert_eq!(code, Some(1), "{stdout}");
     assert!(
         stdout.contains("NOT CONVERGED (rollout ivr):")
             && stdout.contains("split_key agi_arg_1 overrides: pause")
