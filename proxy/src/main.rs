@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
@@ -384,6 +385,43 @@ fn check_memory(limits: &agiproxy_config::Limits) {
     }
 }
 
+/// The file's `text` (parsed as `config`) with the overrides `asked` found
+/// on the peers written in, logged; `(None, None)` when there are none or
+/// they cannot be written in (then the file's own config is run, as said).
+async fn adopted_config(
+    text: &str,
+    config: &agiproxy_config::Config,
+    asked: &agiproxy::rollout::adopt::AtStart,
+) -> (Option<std::sync::Arc<str>>, Option<agiproxy_config::Config>) {
+    if !asked.unanswered.is_empty() {
+        tracing::warn!(answered = asked.answered, unanswered = ?asked.unanswered, "rollout: some peers did not say which overrides they run; starting with the file's and what the others said");
+    }
+    if asked.adopted.is_empty() {
+        return (None, None);
+    }
+    let (text, adopted, max) = (
+        text.to_string(),
+        asked.adopted.clone(),
+        config.limits.max_config_bytes,
+    );
+    let made =
+        tokio::task::spawn_blocking(move || agiproxy::rollout::adopt::apply(&text, &adopted, max))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+    match made {
+        Ok((text, running)) => {
+            for a in &asked.adopted {
+                tracing::warn!(route = %a.carried.route, action = %a.carried.action, at = %a.carried.at, peer = %a.peer, "rollout override adopted from a peer at start: the config file does not have it; write overrides: [{}] into the file (route {}) to keep it across a restart of every replica", a.carried.entry(), a.carried.route);
+            }
+            (Some(text), Some(running))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "rollout: the overrides the peers run could not be taken; starting with the file's");
+            (None, None)
+        }
+    }
+}
+
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     // Read and parsed on a blocking thread, within bounds (a regular file
     // only, at most the largest limits.max_config_bytes; the config's own
@@ -407,23 +445,36 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     check_memory(&config.limits);
     // Everything that can refuse to start is done before the proxy accepts a call: a
     // replica that cannot start must not answer Asterisk, even for a moment.
-    let control = prepare_control(&config.control).await?;
-    // How rollout judgement reads the other replicas: the same token, and
-    // TLS when they serve it. Its PEM files are read off the runtime.
+    let token = control_token(&config.control).await?;
+    // A replica that restarts starts with the rollout overrides its peers
+    // run and the file lacks (written through `ctl`), before any call. Asked
+    // before this replica's control port listens: peers starting beside it
+    // are refused at once, not held unanswered for their whole budget.
+    let (running_text, running_config) = if agiproxy::rollout::adopt::names_peers(&config) {
+        let once = token
+            .clone()
+            .map(|t| Arc::new(agiproxy_control::token::Tokens::new(t)));
+        let access = peer_access(&config.control, once).await?;
+        let asked = agiproxy::rollout::adopt::ask_peers(
+            &config,
+            &access,
+            config.control.address,
+            agiproxy::rollout::adopt::BUDGET,
+        )
+        .await;
+        adopted_config(&text, &config, &asked).await
+    } else {
+        (None, None)
+    };
+    let control = prepare_control(&config.control, token).await?;
+    // How rollout judgement reads the other replicas: the same token (the
+    // API's, which follows its file), and TLS when they serve it.
     let peers = match &control {
-        Some(api) => {
-            let (settings, token) = (config.control.clone(), api.tokens());
-            tokio::task::spawn_blocking(move || {
-                agiproxy::rollout::eval::PeerAccess::from_config(&settings, token)
-            })
-            .await
-            .context("reading control.tls.peers stopped")?
-            .map_err(|e| anyhow::anyhow!(e))?
-        }
+        Some(api) => peer_access(&config.control, api.tokens()).await?,
         None => agiproxy::rollout::eval::PeerAccess::plain(None),
     };
     let origin = Origin {
-        text: text.into(),
+        text: running_text.unwrap_or_else(|| text.clone().into()),
         source: format!("file:{}", path.display()),
         file: Some(path.clone()),
     };
@@ -437,7 +488,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         Some(TokenSource::File(path)) => Some(path.clone()),
         _ => None,
     };
-    let server = Server::start_with(config, origin).await?;
+    let server = match running_config {
+        Some(running) => Server::start_adopted(running, origin, &text, &config).await?,
+        None => Server::start_with(config, origin).await?,
+    };
     if let Some(addr) = control.as_ref().and_then(|api| api.local_addr()) {
         server.note_control_address(addr);
     }
@@ -511,14 +565,25 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 }
 
 /// Reads the control API's token and TLS files and binds its port, without serving yet.
-async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedControl>> {
-    // Off unless the file has a control block: no port opened unasked
-    // (docs/control-api.md, "Where it listens").
+/// How this replica reads its peers' control APIs with `token`, and TLS
+/// when they serve it. Its PEM files are read off the runtime.
+async fn peer_access(
+    control: &Control,
+    token: Option<Arc<agiproxy_control::token::Tokens>>,
+) -> anyhow::Result<agiproxy::rollout::eval::PeerAccess> {
+    let settings = control.clone();
+    tokio::task::spawn_blocking(move || {
+        agiproxy::rollout::eval::PeerAccess::from_config(&settings, token)
+    })
+    .await
+    .context("reading control.tls.peers stopped")?
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The control API's token, checked; None without one or without a
+/// control block.
+async fn control_token(control: &Control) -> anyhow::Result<Option<String>> {
     if !control.enabled {
-        tracing::info!(
-            "control API off: the config has no control block, so no port or socket is \
-             opened for it (see docs/control-api.md)"
-        );
         return Ok(None);
     }
     let token = match &control.token {
@@ -543,6 +608,23 @@ async fn prepare_control(control: &Control) -> anyhow::Result<Option<PreparedCon
     };
     if let Some(t) = &token {
         agiproxy_control::token::presentable(t).map_err(|e| anyhow::anyhow!("control: {e}"))?;
+    }
+    Ok(token)
+}
+
+/// Binds the control API (not serving yet); None without a control block.
+async fn prepare_control(
+    control: &Control,
+    token: Option<String>,
+) -> anyhow::Result<Option<PreparedControl>> {
+    // Off unless the file has a control block: no port opened unasked
+    // (docs/control-api.md, "Where it listens").
+    if !control.enabled {
+        tracing::info!(
+            "control API off: the config has no control block, so no port or socket is \
+             opened for it (see docs/control-api.md)"
+        );
+        return Ok(None);
     }
     let opts = ServeOptions {
         address: control.address,

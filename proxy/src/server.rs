@@ -199,11 +199,42 @@ impl Server {
     }
 
     pub async fn start_with(config: Config, origin: Origin) -> Result<Server, ServerError> {
+        let file = origin
+            .file
+            .as_ref()
+            .map(|_| (text_hash(&origin.text), Arc::new(FileRollouts::of(&config))));
+        Server::start_inner(config, origin, file).await
+    }
+
+    /// [`Server::start_with`] a config that is the file's (`file_text`,
+    /// parsed as `file_config`) with rollout overrides adopted from the
+    /// peers written in (`crate::rollout::adopt`): the status then says
+    /// that the running config differs from the file, and how.
+    pub async fn start_adopted(
+        config: Config,
+        origin: Origin,
+        file_text: &str,
+        file_config: &Config,
+    ) -> Result<Server, ServerError> {
+        let file = origin.file.as_ref().map(|_| {
+            (
+                text_hash(file_text),
+                Arc::new(FileRollouts::of(file_config)),
+            )
+        });
+        Server::start_inner(config, origin, file).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        origin: Origin,
+        file: Option<(u64, Arc<FileRollouts>)>,
+    ) -> Result<Server, ServerError> {
         let bound = bind_all(&config, &[], &[])?;
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
         crate::fds::init();
-        let file_hash = origin.file.as_ref().map(|_| meta.hash);
-        let file_rollouts = file_hash.map(|h| (h, Arc::new(FileRollouts::of(&config))));
+        let file_hash = file.as_ref().map(|(h, _)| *h);
+        let file_rollouts = file;
         let control_in_effect = config.control.clone();
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {

@@ -308,9 +308,11 @@ impl Cluster {
         dns.set_addrs("agiproxy.test.", &ips.map(|ip| ip.parse().unwrap()), 5);
         let mut dirs = Vec::new();
         let mut replicas = Vec::new();
+        // `PEER_LIST` in a text: every replica's control API, for `judge.peers`.
+        let peers = ips.map(|ip| format!("\"{ip}:{port}\"")).join(", ");
         for (i, ip) in ips.iter().enumerate() {
             let control = format!("  address: \"{ip}:{port}\"\n  token_env: AGIPROXY_TOKEN");
-            let cm = ConfigMap::new(&text(i, &control));
+            let cm = ConfigMap::new(&text(i, &control).replace("PEER_LIST", &peers));
             replicas.push(start(&cm.path()));
             dirs.push(cm);
         }
@@ -329,6 +331,23 @@ impl Cluster {
             _dirs: dirs,
             _replicas: replicas,
         }
+    }
+
+    /// Replica `i`'s control API.
+    fn api(&self, i: usize) -> String {
+        format!("http://{}:{}", self.ips[i], self.port)
+    }
+
+    /// Stops replica `i` and starts it again on its file, as a pod's
+    /// container restarts; returns how long it took to answer.
+    fn restart(&mut self, i: usize) -> Duration {
+        let old = &mut self._replicas[i];
+        let _ = old.kill();
+        let _ = old.wait();
+        let started = Instant::now();
+        self._replicas[i] = start(&self._dirs[i].path());
+        assert_eq!(wait_generation(&self.api(i), 1, Duration::from_secs(10)), 1);
+        started.elapsed()
     }
 
     /// `agiproxy ctl --cluster ... ARGS`.
@@ -596,4 +615,98 @@ async fn a_file_written_beside_the_config_does_not_hold_back_its_changes() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert_eq!((replaced, edited), (2, 3));
+}
+
+/// Route `ivr` as replica `api` runs its rollout (`GET /v1/rollouts/ivr`).
+fn rollout_view(api: &str) -> serde_json::Value {
+    let out = ctl(&["--url", api, "--output", "json", "rollout", "status", "ivr"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    doc["replicas"][0]["body"].clone()
+}
+
+/// An override written through `ctl` lives in the replicas' running
+/// configs, not in the file: a replica that restarted ran the file's
+/// schedule while the others kept a rollback (green got calls again
+/// there). It now starts with the overrides of the same rollout that its
+/// peers (`judge.peers`) run; a replica whose file declares another
+/// rollout takes none; with no peer answering it starts on its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let text = |control: &str, start_ms: i64| {
+        config(control, "a", a.addr(), b.addr()).replace(
+            "  - name: all\n    pool: a\n",
+            &format!(
+                "  - name: ivr\n    rollout:\n      from: a\n      to: b\n      steps: [10, 50]\n      step_duration: 1h\n      start: \"{}\"\n      judge: {{ interval: 1m, peers: [PEER_LIST] }}\n",
+                agiproxy_config::format_ms(start_ms)
+            ),
+        )
+    };
+    let start = now - 60_000;
+    let mut c = Cluster::start(|_, control| text(control, start)).await;
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let (code, stdout) = c.ctl_text(&["rollout", "rollback", "ivr"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let overrides = |c: &Cluster, i: usize| rollout_view(&c.api(i))["overrides"].clone();
+    let written = overrides(&c, 0);
+    assert_eq!(written.as_array().map(Vec::len), Some(2), "{written}");
+
+    // Restarted on its file, which has no override: it runs the peers' two,
+    // and says that the file lacks them. Its own address is in the list
+    // and is not asked (it would not answer before the start is over, and
+    // hold it for the whole budget).
+    let took = c.restart(1);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let view = rollout_view(&c.api(1));
+    assert_eq!(view["overrides"], written, "{view}");
+    let note = view["differs_from_file"].as_str().unwrap_or("");
+    assert!(
+        note.contains("rollback") && note.contains("pause"),
+        "{view}"
+    );
+    assert_eq!(overrides(&c, 2), written);
+
+    // Its file declares another rollout (a new start): nothing is taken.
+    let control2 = format!(
+        "  address: \"{}:{}\"\n  token_env: AGIPROXY_TOKEN",
+        c.ips[2], c.port
+    );
+    let peers = c.ips.map(|ip| format!("\"{ip}:{}\"", c.port)).join(", ");
+    c._dirs[2].update(&text(&control2, now - 30_000).replace("PEER_LIST", &peers));
+    c.restart(2);
+    assert_eq!(overrides(&c, 2), serde_json::json!([]));
+
+    // A peer that takes the connection and never answers (a listener
+    // nobody accepts on) holds a start for the budget (3 s), no longer, and
+    // what the others said is still taken.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let control1 = format!(
+        "  address: \"{}:{}\"\n  token_env: AGIPROXY_TOKEN",
+        c.ips[1], c.port
+    );
+    let with_hung = format!("{peers}, \"{}\"", hung.local_addr().unwrap());
+    c._dirs[1].update(&text(&control1, start).replace("PEER_LIST", &with_hung));
+    let took = c.restart(1);
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert_eq!(overrides(&c, 1), written);
+    drop(hung);
+
+    // No peer answers (both stopped): it starts on its file, at once.
+    for i in [0, 2] {
+        let _ = c._replicas[i].kill();
+        let _ = c._replicas[i].wait();
+    }
+    let took = c.restart(1);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(overrides(&c, 1), serde_json::json!([]));
 }

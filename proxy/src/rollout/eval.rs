@@ -208,7 +208,7 @@ impl PeerAccess {
     /// Reads `path` from the peer at `addr`. A 401 while the token before
     /// the last rotation is still accepted is asked again with that one: the
     /// peer's copy of the token file may not have changed yet.
-    async fn get(&self, addr: SocketAddr, path: &str) -> Result<Response, ClientError> {
+    pub(crate) async fn get(&self, addr: SocketAddr, path: &str) -> Result<Response, ClientError> {
         let target = self.target(addr);
         let current = self.token.as_ref().map(|t| t.current());
         let r = self
@@ -316,8 +316,9 @@ fn step(
     }
 }
 
-async fn peers(plan: &Rollout) -> Vec<SocketAddr> {
-    match &plan.judge.peers {
+/// The control API addresses `list` names now.
+pub(crate) async fn peers(list: &Peers) -> Vec<SocketAddr> {
+    match list {
         Peers::None => Vec::new(),
         Peers::Static(list) => list.clone(),
         Peers::Dns { target, dns } => {
@@ -347,7 +348,7 @@ async fn evaluate(
 ) {
     let iv = plan.judge.interval;
     let own = live.published(k);
-    let addrs = peers(&plan).await;
+    let addrs = peers(&plan.judge.peers).await;
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
     let asks = addrs.iter().map(|a| {
         let (client, path) = (&client, &path);

@@ -3,6 +3,7 @@
 //! ([`view`]). The routing decision, the schedule and the counters live on
 //! the session path, in `crate::session::rollout`, re-exported here.
 
+pub mod adopt;
 pub mod eval;
 pub mod overrides;
 pub mod view;
