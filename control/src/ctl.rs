@@ -240,6 +240,9 @@ impl<'a> Call<'a> {
 /// Each replica and what it reported (None: no answer).
 type PerReplica = Vec<(String, Option<String>)>;
 
+/// Each replica and its rollout as compared, or why there is none.
+type RolloutPerReplica = Vec<(String, Result<String, String>)>;
+
 /// Whether the replicas run the same config after a change.
 struct Convergence {
     same: bool,
@@ -249,8 +252,10 @@ struct Convergence {
     /// `IDENTITY overrides: ...` (None: no answer). Replicas then converge
     /// when their rollouts agree, whatever else differs in their configs
     /// (a bare-metal fleet's per-replica listeners made every action end
-    /// `NOT CONVERGED`, exit 1, like a refusal: audit).
-    rollout: Option<(String, PerReplica)>,
+    /// `NOT CONVERGED`, exit 1, like a refusal: audit). Err: why there is
+    /// no rollout to compare (no answer, or the replica's error, e.g. a 404
+    /// from one that has no such rollout).
+    rollout: Option<(String, RolloutPerReplica)>,
 }
 
 /// A replica's rollout as compared after a rollout action: its identity,
@@ -489,14 +494,19 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             if let Some((_, route)) = c.action() {
                 let path = format!("/v1/rollouts/{route}");
                 let views = fan_out(&client, &targets, "GET", &path, &[], None).await;
-                let states: PerReplica = views
+                let states: RolloutPerReplica = views
                     .iter()
                     .map(|r| {
-                        let state = r.body.as_ref().filter(|_| r.ok).and_then(rollout_state);
+                        let state = match (&r.error, r.body.as_ref().and_then(rollout_state)) {
+                            (None, Some(state)) => Ok(state),
+                            (Some(e), _) if r.status == 0 => Err(format!("(no answer: {e})")),
+                            (Some(e), _) => Err(format!("(HTTP {}: {e})", r.status)),
+                            (None, None) => Err("(not a rollout in the answer)".to_string()),
+                        };
                         (r.replica.clone(), state)
                     })
                     .collect();
-                all_same = states.iter().all(|(_, s)| s.is_some() && *s == states[0].1);
+                all_same = states.iter().all(|(_, s)| s.is_ok() && *s == states[0].1);
                 rollout = Some((route.to_string(), states));
             }
         }
@@ -693,7 +703,10 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
             if let Some((_, states)) = rollout {
                 doc["rollouts"] = serde_json::json!(states
                     .iter()
-                    .map(|(r, s)| serde_json::json!({"replica": r, "rollout": s}))
+                    .map(|(r, s)| match s {
+                        Ok(s) => serde_json::json!({"replica": r, "rollout": s}),
+                        Err(e) => serde_json::json!({"replica": r, "rollout": null, "error": e}),
+                    })
                     .collect::<Vec<_>>());
             }
         }
@@ -736,7 +749,9 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
             } else {
                 out!("NOT CONVERGED (rollout {route}):");
                 for (replica, state) in states {
-                    out!("  {replica}  {}", state.as_deref().unwrap_or("(no answer)"));
+                    match state {
+                        Ok(s) | Err(s) => out!("  {replica}  {s}"),
+                    }
                 }
             }
         }

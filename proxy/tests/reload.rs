@@ -525,7 +525,27 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
     assert_eq!(code, Some(1), "{stdout}");
     assert!(
-        stdout.contains("NOT CONVERGED (rollout ivr):") && stdout.contains("(no answer)"),
+        stdout.contains("NOT CONVERGED (rollout ivr):") && stdout.contains("  (no answer: "),
+        "{stdout}"
+    );
+    drop(c);
+
+    // One replica has no such rollout: its 404 is said as such, not as
+    // "(no answer)" (walkthrough: a replica that answered looked down).
+    let c = Cluster::start(|i, control| {
+        if i == 1 {
+            config(control, "a", a.addr(), b.addr())
+        } else {
+            text(control, "agi_uniqueid")
+        }
+    })
+    .await;
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "ivr"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("NOT CONVERGED (rollout ivr):")
+            && stdout.contains("  (HTTP 404: no rollout on route \"ivr\"")
+            && !stdout.contains("(no answer"),
         "{stdout}"
     );
     drop(c);
