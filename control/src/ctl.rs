@@ -259,9 +259,10 @@ struct Convergence {
 }
 
 /// A replica's rollout as compared after a rollout action: its identity,
-/// its `split_key` (outside the identity, but replicas that differ in it
-/// colour calls differently: a refused change comes back with a restart)
-/// and its overrides (effective times), which an action changes.
+/// its `split_key` and `canary` (outside the identity, but replicas that
+/// differ in them colour calls differently: a refused `split_key` change
+/// comes back with a restart) and its overrides (effective times), which an
+/// action changes.
 fn rollout_state(body: &serde_json::Value) -> Option<String> {
     let view: RolloutView = serde_json::from_value(body.clone()).ok()?;
     let overrides = if view.overrides.is_empty() {
@@ -269,8 +270,15 @@ fn rollout_state(body: &serde_json::Value) -> Option<String> {
     } else {
         view.overrides.join(", ")
     };
+    // The canary too: replicas with other canaries send the same call to
+    // other colours (a file not applied everywhere yet).
+    let canary = view
+        .canary
+        .as_ref()
+        .map(|c| format!(" canary: {}", c.describe()))
+        .unwrap_or_default();
     Some(format!(
-        "{} split_key {} overrides: {overrides}",
+        "{} split_key {}{canary} overrides: {overrides}",
         view.identity.as_deref().unwrap_or("(no identity)"),
         view.split_key.as_deref().unwrap_or("?")
     ))
@@ -1037,6 +1045,37 @@ mod tests {
         );
         let ok = Cli::try_parse_from(["ctl", "status", "--server-name", "control.test"]).unwrap();
         assert_eq!(ok.ctl.server_name.as_deref(), Some("control.test"));
+    }
+
+    /// Replicas converge on a rollout only with the same canary: other
+    /// criteria send the same call to other colours.
+    #[test]
+    fn the_compared_rollout_includes_the_canary() {
+        let view = |canary: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "route": "ivr", "from": "blue", "to": "green", "state": "pending",
+                "step": null, "steps": [10.0, 100.0], "weight_percent": 0.0,
+                "start": "2026-12-06T09:00:00Z", "overrides": [],
+                "active_blue": 0, "active_green": 0, "unkeyed_sessions": 0,
+                "identity": "5d0c3a9e41b7f268", "split_key": "agi_uniqueid",
+            });
+            if !canary.is_null() {
+                v["canary"] = canary;
+            }
+            rollout_state(&v).unwrap()
+        };
+        let none = view(serde_json::Value::Null);
+        let one = view(serde_json::json!({ "query": { "canary": "1" } }));
+        let other = view(serde_json::json!({ "query": { "canary": "2" } }));
+        assert_eq!(
+            none,
+            "5d0c3a9e41b7f268 split_key agi_uniqueid overrides: none"
+        );
+        assert_eq!(
+            one,
+            "5d0c3a9e41b7f268 split_key agi_uniqueid canary: query canary=1 overrides: none"
+        );
+        assert_ne!(one, other);
     }
 
     /// `rollout status` prints the canary's criteria when there is one,
