@@ -468,7 +468,102 @@ async fn rolled_back_on_every_replicas_counters(rs: &[Replica]) {
         );
         let d = v.decision.as_ref().unwrap();
         assert!(d.reason.starts_with("early closes: green"), "{d:?}");
+        // One clock for all three: their offsets are what a request takes.
+        let off = v.peer_clock_offset_ms.expect("a judgement read peers");
+        assert!(off.abs() < 1000, "{off} ms");
     }
+}
+
+/// A peer whose clock is 5 s ahead (its answers say when it answered) is
+/// measured, warned of (beyond `skew`, 2 s by default), and shown on
+/// `GET /v1/rollouts/{route}` and in the metrics: clocks apart by more than
+/// the rollout tolerates change calls' colours between replicas, and were
+/// invisible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_clock_beyond_the_tolerance_is_measured_and_warned_of() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    warnings();
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    // The peer: answers every request with its tick, stamped 5 s ahead.
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = fake.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = 0;
+                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                }
+                let none = agiproxy_control::api::RolloutCounts::default();
+                let body = serde_json::to_string(&agiproxy_control::api::RolloutTick {
+                    replica: "fake-peer".into(),
+                    tick: 0,
+                    step: None,
+                    blue: none,
+                    green: none,
+                    decision: None,
+                    identity: None,
+                    split_key: None,
+                    now_ms: Some(now_ms() + 5000),
+                })
+                .unwrap();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+            });
+        }
+    });
+    let port = free_port();
+    let rollout = judged_rollout(&[port], 1000).replace(
+        &format!("peers: [\"127.0.0.1:{port}\"]"),
+        &format!("peers: [\"127.0.0.1:{port}\", \"{fake_addr}\"]"),
+    );
+    assert!(rollout.contains(&fake_addr.to_string()), "{rollout}");
+    let r = replica(
+        &config(&rollout, blue.addr(), green.addr()),
+        port,
+        None,
+        false,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let off = loop {
+        if let Some(off) = view(&r).await.peer_clock_offset_ms {
+            break off;
+        }
+        assert!(Instant::now() < deadline, "no judgement read the peer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!((4000..6000).contains(&off), "{off} ms");
+    let log = warnings();
+    assert!(
+        log.contains(
+            "some peers' clocks differ from this replica's by more than the rollout tolerates"
+        ) && log.contains(&format!("{fake_addr}: +")),
+        "{log}"
+    );
+    let metrics = r
+        .client
+        .call(&r.api, "GET", "/metrics", &[], None)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("agiproxy_rollout_peer_clock_offset_seconds{route=\"ivr\"}"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((4.0..6.0).contains(&secs), "{line}");
 }
 
 async fn futures_views(rs: &[Replica]) -> Vec<RolloutView> {

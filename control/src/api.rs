@@ -208,6 +208,11 @@ pub struct RolloutTick {
     /// older releases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_key: Option<String>,
+    /// The answering replica's clock (Unix milliseconds) when it answered:
+    /// the reader compares it with its own, halfway through the request.
+    /// Absent from older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now_ms: Option<i64>,
 }
 
 /// The last judgement on this replica.
@@ -254,6 +259,11 @@ pub struct RolloutView {
     pub active_green: i64,
     /// Sessions whose key held no creation time (routed by today's weight).
     pub unkeyed_sessions: u64,
+    /// The peer clock farthest from this replica's at the last judgement,
+    /// in milliseconds (theirs minus ours, within half the request's round
+    /// trip); absent before the first judgement that read a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_clock_offset_ms: Option<i64>,
     /// Set when what runs differs from the config file (an override made
     /// through the API, or a judged rollback): what to write to keep it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

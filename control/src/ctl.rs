@@ -964,6 +964,12 @@ pub fn format_rollout(r: &RolloutView) -> String {
             e.tick, e.at, e.step, e.replicas, e.blue.sessions, e.green.sessions, e.verdict
         );
     }
+    if let Some(ms) = r.peer_clock_offset_ms {
+        let _ = writeln!(
+            out,
+            "  clocks    the farthest peer's is {ms:+} ms from this replica's (last judgement)"
+        );
+    }
     if let Some(d) = &r.differs_from_file {
         let _ = writeln!(out, "  DIFFERS FROM THE FILE: {d}");
     }

@@ -71,7 +71,23 @@ pub fn tick_view(live: &RolloutLive, tick: i64, split_key: &str) -> RolloutTick 
         decision: live.decision().as_ref().map(decision_view),
         identity: Some(live.identity.clone()),
         split_key: Some(split_key.to_string()),
+        now_ms: Some(now_ms()),
     }
+}
+
+/// A peer's clock minus this replica's, from its answer stamped `theirs`
+/// to a request sent at `sent` and answered at `received` (this replica's
+/// clock, ms): compared halfway, so off by at most half the round trip.
+fn clock_offset(theirs: i64, sent: i64, received: i64) -> i64 {
+    theirs - (sent + (received - sent) / 2)
+}
+
+/// The largest clock difference judgement tolerates between replicas, or
+/// between Asterisk and a replica: `skew` for overrides and call keys, an
+/// eighth of the interval for ticks (a peer reads tick k that much after
+/// it began).
+fn clock_tolerance_ms(plan: &Rollout) -> i64 {
+    (plan.skew.as_millis() as i64).min(plan.judge.interval.as_millis() as i64 / 8)
 }
 
 /// What one peer's answer brought to a judgement.
@@ -353,8 +369,9 @@ async fn evaluate(
     let asks = addrs.iter().map(|a| {
         let (client, path) = (&client, &path);
         async move {
+            let sent = now_ms();
             let r = tokio::time::timeout(iv / 4, client.get(*a, path)).await;
-            (*a, r)
+            (*a, r, sent, now_ms())
         }
     });
     let answers = futures_util::future::join_all(asks).await;
@@ -367,7 +384,11 @@ async fn evaluate(
     let mut missing = Vec::new();
     let mut other_rollout = Vec::new();
     let mut other_key = Vec::new();
-    for (addr, answer) in answers {
+    // (offset, peer) of the peer clock farthest from this one.
+    let mut farthest: Option<(i64, SocketAddr)> = None;
+    let mut off_clocks = Vec::new();
+    let tolerance = clock_tolerance_ms(&plan);
+    for (addr, answer, sent, received) in answers {
         let tick: RolloutTick = match answer {
             Ok(Ok(resp)) if resp.status == 200 => match serde_json::from_slice(&resp.body) {
                 Ok(t) => t,
@@ -391,6 +412,15 @@ async fn evaluate(
         };
         if !seen.insert(tick.replica.clone()) {
             continue;
+        }
+        if let Some(theirs) = tick.now_ms {
+            let off = clock_offset(theirs, sent, received);
+            if farthest.is_none_or(|(f, _)| off.abs() > f.abs()) {
+                farthest = Some((off, addr));
+            }
+            if off.abs() > tolerance {
+                off_clocks.push(format!("{addr}: {off:+} ms"));
+            }
         }
         let from = addr.to_string();
         let t = take(
@@ -424,6 +454,12 @@ async fn evaluate(
                 missing.push(format!("{addr}: {why}"));
             }
         }
+    }
+    if let Some((off, _)) = farthest {
+        live.set_peer_clock_offset_ms(off);
+    }
+    if !off_clocks.is_empty() {
+        tracing::warn!(route = %route, tick = k, tolerance_ms = tolerance, peers = ?off_clocks, "rollout: some peers' clocks differ from this replica's by more than the rollout tolerates (skew, and an eighth of judge.interval): calls may change colour between replicas and judgement may leave them out; fix their time sync (NTP)");
     }
     if !missing.is_empty() {
         tracing::warn!(route = %route, tick = k, missing = ?missing, "rollout: some peers' counters are missing from this judgement");
@@ -492,6 +528,19 @@ mod tests {
         assert!(behind.contains("has not published this tick"), "{behind}");
         let other = left_out(Some(1), Some(0)).unwrap();
         assert!(other.contains("step index 0, this replica 1"), "{other}");
+    }
+
+    /// A peer's clock is compared halfway through the request; the
+    /// tolerance is the smaller of `skew` and an eighth of the interval.
+    #[test]
+    fn a_peer_clock_is_compared_halfway_through_the_request() {
+        assert_eq!(clock_offset(1_000, 1_000, 1_000), 0);
+        assert_eq!(clock_offset(6_050, 1_000, 1_100), 5_000);
+        assert_eq!(clock_offset(50, 1_000, 1_100), -1_000);
+        let (ro, _) = compiled("ivr", BASE);
+        assert_eq!(clock_tolerance_ms(&ro), 2_000, "skew 2 s < 30 s / 8");
+        let (ro, _) = compiled("ivr", &BASE.replace("interval: 30s", "interval: 8s"));
+        assert_eq!(clock_tolerance_ms(&ro), 1_000, "8 s / 8 < skew 2 s");
     }
 
     /// Judged every 30 s from 09:00, one step a minute.

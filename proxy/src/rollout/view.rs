@@ -69,6 +69,7 @@ pub fn views(snap: &Snapshot, file: Option<&FileRollouts>) -> Vec<RolloutView> {
                 active_blue: ro.live.active(Side::Blue),
                 active_green: ro.live.active(Side::Green),
                 unkeyed_sessions: ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed),
+                peer_clock_offset_ms: ro.live.peer_clock_offset_ms(),
                 differs_from_file: file.and_then(|f| differs(&r.route.name, ro, f)),
                 identity: Some(ro.live.identity.clone()),
                 split_key: Some(r.route.split_key.clone()),
@@ -370,6 +371,15 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
         &["route"],
     )
     .expect("valid metric");
+    let offset = prometheus::GaugeVec::new(
+        Opts::new(
+            "rollout_peer_clock_offset_seconds",
+            "The peer clock farthest from this replica's at the last judgement (theirs minus ours, within half a request's round trip); beyond skew or an eighth of judge.interval calls may change colour between replicas",
+        )
+        .namespace("agiproxy"),
+        &["route"],
+    )
+    .expect("valid metric");
     let now = now_ms();
     for (r, ro) in rollouts(snap) {
         let p = ro.position(now);
@@ -393,12 +403,16 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
         unkeyed
             .with_label_values(&[name])
             .inc_by(ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed));
+        if let Some(ms) = ro.live.peer_clock_offset_ms() {
+            offset.with_label_values(&[name]).set(ms as f64 / 1000.0);
+        }
     }
     let mut out: Vec<MetricFamily> = [step, state, active]
         .iter()
         .flat_map(|g| g.collect())
         .collect();
     out.extend(weight.collect());
+    out.extend(offset.collect());
     out.extend(unkeyed.collect());
     out
 }

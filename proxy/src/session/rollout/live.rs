@@ -105,7 +105,12 @@ pub struct RolloutLive {
     /// Last tick published / judged here.
     pub(crate) published_tick: AtomicI64,
     pub(crate) judged_tick: AtomicI64,
+    /// The peer clock farthest from this one at the last judgement that
+    /// read a peer (theirs minus ours, ms); [`NO_OFFSET`] before.
+    peer_clock_offset_ms: AtomicI64,
 }
+
+const NO_OFFSET: i64 = i64::MIN;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -197,7 +202,18 @@ impl RolloutLive {
             evaluation: Mutex::new(None),
             published_tick: AtomicI64::new(-1),
             judged_tick: AtomicI64::new(-1),
+            peer_clock_offset_ms: AtomicI64::new(NO_OFFSET),
         })
+    }
+
+    /// See `peer_clock_offset_ms`.
+    pub fn peer_clock_offset_ms(&self) -> Option<i64> {
+        Some(self.peer_clock_offset_ms.load(Relaxed)).filter(|v| *v != NO_OFFSET)
+    }
+
+    pub(crate) fn set_peer_clock_offset_ms(&self, ms: i64) {
+        self.peer_clock_offset_ms
+            .store(ms.max(NO_OFFSET + 1), Relaxed);
     }
 
     /// When the judged rollback takes effect, if there is one.
