@@ -450,22 +450,24 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     // run and the file lacks (written through `ctl`), before any call. Asked
     // before this replica's control port listens: peers starting beside it
     // are refused at once, not held unanswered for their whole budget.
-    let (running_text, running_config) = if agiproxy::rollout::adopt::names_peers(&config) {
-        let once = token
-            .clone()
-            .map(|t| Arc::new(agiproxy_control::token::Tokens::new(t)));
-        let access = peer_access(&config.control, once).await?;
-        let asked = agiproxy::rollout::adopt::ask_peers(
-            &config,
-            &access,
-            config.control.address,
-            agiproxy::rollout::adopt::BUDGET,
-        )
-        .await;
-        adopted_config(&text, &config, &asked).await
-    } else {
-        (None, None)
-    };
+    let (running_text, running_config, decisions) =
+        if agiproxy::rollout::adopt::names_peers(&config) {
+            let once = token
+                .clone()
+                .map(|t| Arc::new(agiproxy_control::token::Tokens::new(t)));
+            let access = peer_access(&config.control, once).await?;
+            let asked = agiproxy::rollout::adopt::ask_peers(
+                &config,
+                &access,
+                config.control.address,
+                agiproxy::rollout::adopt::BUDGET,
+            )
+            .await;
+            let (t, c) = adopted_config(&text, &config, &asked).await;
+            (t, c, asked.decisions)
+        } else {
+            (None, None, Vec::new())
+        };
     let control = prepare_control(&config.control, token).await?;
     // How rollout judgement reads the other replicas: the same token (the
     // API's, which follows its file), and TLS when they serve it.
@@ -489,7 +491,11 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         _ => None,
     };
     let server = match running_config {
-        Some(running) => Server::start_adopted(running, origin, &text, &config).await?,
+        Some(running) => Server::start_adopted(running, origin, &text, &config, &decisions).await?,
+        None if !decisions.is_empty() => {
+            let file_config = config.clone();
+            Server::start_adopted(config, origin, &text, &file_config, &decisions).await?
+        }
         None => Server::start_with(config, origin).await?,
     };
     if let Some(addr) = control.as_ref().and_then(|api| api.local_addr()) {

@@ -140,6 +140,24 @@ impl FileRollouts {
     }
 }
 
+/// Records the peers' judged rollbacks in the rollouts of `snap`, before
+/// any call (the identities were compared when they were read).
+fn adopt_decisions(snap: &Snapshot, decisions: &[(String, crate::session::rollout::Decision)]) {
+    for (route, d) in decisions {
+        let live = snap
+            .router
+            .routes()
+            .iter()
+            .find(|r| &*r.name == route.as_str())
+            .and_then(|r| r.rollout.as_deref());
+        if let Some(ro) = live {
+            if ro.live.decide(d.clone()) {
+                tracing::warn!(route = %route, at = %agiproxy_config::format_ms(d.at_ms), reason = %d.reason, source = %d.source, "rollout rolled back: decision adopted from a peer at start");
+            }
+        }
+    }
+}
+
 /// Counts a config change dropped before it finished (`abandoned`).
 struct Unfinished<'a>(Option<&'a crate::metrics::Metrics>);
 
@@ -203,18 +221,21 @@ impl Server {
             .file
             .as_ref()
             .map(|_| (text_hash(&origin.text), Arc::new(FileRollouts::of(&config))));
-        Server::start_inner(config, origin, file).await
+        Server::start_inner(config, origin, file, &[]).await
     }
 
-    /// [`Server::start_with`] a config that is the file's (`file_text`,
-    /// parsed as `file_config`) with rollout overrides adopted from the
-    /// peers written in (`crate::rollout::adopt`): the status then says
-    /// that the running config differs from the file, and how.
+    /// [`Server::start_with`] what the peers run (`crate::rollout::adopt`):
+    /// `config` is the file's (`file_text`, parsed as `file_config`) with
+    /// the rollout overrides adopted from them written in (the status then
+    /// says that the running config differs from the file, and how), and
+    /// the peers' judged rollbacks `decisions` (by route) are known before
+    /// the first call.
     pub async fn start_adopted(
         config: Config,
         origin: Origin,
         file_text: &str,
         file_config: &Config,
+        decisions: &[(String, crate::session::rollout::Decision)],
     ) -> Result<Server, ServerError> {
         let file = origin.file.as_ref().map(|_| {
             (
@@ -222,13 +243,14 @@ impl Server {
                 Arc::new(FileRollouts::of(file_config)),
             )
         });
-        Server::start_inner(config, origin, file).await
+        Server::start_inner(config, origin, file, decisions).await
     }
 
     async fn start_inner(
         config: Config,
         origin: Origin,
         file: Option<(u64, Arc<FileRollouts>)>,
+        decisions: &[(String, crate::session::rollout::Decision)],
     ) -> Result<Server, ServerError> {
         let bound = bind_all(&config, &[], &[])?;
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
@@ -249,6 +271,7 @@ impl Server {
             started: Instant::now(),
         });
         shared.snapshot.load().activate();
+        adopt_decisions(&shared.snapshot.load(), decisions);
         shared.metrics.config_generation.set(1);
         let mut table = changes.listeners.lock().await;
         for b in bound {

@@ -730,3 +730,92 @@ async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(overrides(&c, 1), serde_json::json!([]));
 }
+
+/// A judged rollback lives in the replicas' memory only: a replica that
+/// restarted sent calls to green until its judgement had read a peer (a
+/// moment after the start, or up to an eighth of `judge.interval` when the
+/// start falls early in a tick). It now knows the rollback before its first
+/// call, from its peers' `GET /v1/rollouts` (`source` says `at start`;
+/// without it, judgement adopts it just after the start, as `adopted from
+/// PEER`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_call() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let good = Behaviour::script(&["NOOP"]);
+    // Green closes the first of every five sessions after the header.
+    let green = FakeBackend::start(Behaviour::Cycle(vec![
+        Behaviour::CloseAfterHeader,
+        good.clone(),
+        good.clone(),
+        good.clone(),
+        good,
+    ]))
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let start = agiproxy_config::format_ms(now - 100);
+    let mut c = Cluster::start(|_, control| {
+        config(control, "a", blue.addr(), green.addr()).replace(
+            "  - name: all\n    pool: a\n",
+            &format!("  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    rollout:\n      from: a\n      to: b\n      steps: [50, 100]\n      step_duration: 10m\n      start: \"{start}\"\n      judge: {{ interval: 10s, min_sessions: 15, peers: [PEER_LIST] }}\n"),
+        )
+    })
+    .await;
+    let listener = |c: &Cluster, i: usize| -> SocketAddr {
+        status(&c.api(i)).unwrap()["listeners"][0]["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| listener(&c, i)).collect();
+    // Calls (keyed with their creation time, as Asterisk's are) to every
+    // replica, until the first tick (10 s after the start) has judged them.
+    let decided = |c: &Cluster, i: usize| rollout_view(&c.api(i))["decision"].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while (0..3).any(|i| decided(&c, i).is_null()) {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback judged: {}",
+            rollout_view(&c.api(0))
+        );
+        for &addr in &addrs {
+            n += 1;
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let uid = format!("pbx-{secs}.{n}");
+            let _ = FakeAsterisk::new()
+                .header(AgiHeader::realistic("ivr/menu", &[], &uid))
+                .run(addr)
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let judged = decided(&c, 0);
+    assert!(
+        judged["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("early closes: green"),
+        "{judged}"
+    );
+
+    let took = c.restart(1);
+    let d = decided(&c, 1);
+    assert_eq!(d["at_ms"], judged["at_ms"], "{d}");
+    let source = d["source"].as_str().unwrap_or("");
+    assert!(
+        source.starts_with("adopted from 127.0.0.") && source.ends_with(" at start"),
+        "{d} (restarted in {took:?})"
+    );
+    // It takes effect half an interval after its tick, on all alike.
+    assert_eq!(
+        rollout_view(&c.api(1))["next_step_at"],
+        rollout_view(&c.api(0))["next_step_at"]
+    );
+}

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agiproxy_config::{Config, OverrideAction, Peers};
-use agiproxy_control::api::ConfigView;
+use agiproxy_control::api::{ConfigView, RolloutView};
+
+use crate::session::rollout::live::identity;
+use crate::session::rollout::Decision;
 
 use super::eval::{peers, PeerAccess};
 use super::overrides::{carried_overrides, with_carried, Carried};
@@ -43,6 +46,9 @@ pub struct Adopted {
 pub struct AtStart {
     /// The overrides to start with, each once.
     pub adopted: Vec<Adopted>,
+    /// Judged rollbacks of the same rollouts, the earliest of each route
+    /// (`source`: `adopted from PEER at start`), by route name.
+    pub decisions: Vec<(String, Decision)>,
     /// Peers asked that gave nothing usable, and why.
     pub unanswered: Vec<String>,
     /// How many peers answered with a config.
@@ -93,6 +99,15 @@ pub async fn ask_peers(
     }
     let max = config.limits.max_config_bytes;
     let asks = addrs.iter().map(|&addr| async move {
+        // A judged rollback lives in memory only: the peers' rollouts say
+        // it. Judgement would adopt it too, but only once it has read the
+        // peers after the start (up to an eighth of `judge.interval` later
+        // when the start falls early in a tick): calls meanwhile went green.
+        let rollouts = async {
+            let resp = access.get(addr, "/v1/rollouts").await.ok()?;
+            (resp.status == 200).then_some(())?;
+            serde_json::from_slice::<Vec<RolloutView>>(&resp.body).ok()
+        };
         let read = async {
             let resp = access
                 .get(addr, "/v1/config")
@@ -114,13 +129,18 @@ pub async fn ask_peers(
                 format!("{addr}: its running config does not parse here (another release?): {e}")
             })
         };
-        let r = tokio::time::timeout_at(deadline, read)
-            .await
-            .unwrap_or_else(|_| Err(format!("{addr}: no answer within {budget:?}")));
-        (addr, r)
+        let (r, views) = tokio::time::timeout_at(deadline, async {
+            futures_util::future::join(read, rollouts).await
+        })
+        .await
+        .unwrap_or_else(|_| (Err(format!("{addr}: no answer within {budget:?}")), None));
+        (addr, r, views.unwrap_or_default())
     });
     let mut out = AtStart::default();
-    for (addr, r) in futures_util::future::join_all(asks).await {
+    for (addr, r, views) in futures_util::future::join_all(asks).await {
+        for v in views {
+            take_decision(&mut out.decisions, config, addr, &v);
+        }
         match r {
             Ok(peer) => {
                 out.answered += 1;
@@ -144,6 +164,38 @@ fn is_own(a: SocketAddr, own: SocketAddr) -> bool {
             && (a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
     } else {
         a == own
+    }
+}
+
+/// Adds the judged rollback of the peer's rollout `v` to `into` when it is
+/// the same rollout as `config`'s on that route (the same identity) and the
+/// earliest known for it.
+fn take_decision(
+    into: &mut Vec<(String, Decision)>,
+    config: &Config,
+    peer: SocketAddr,
+    v: &RolloutView,
+) {
+    let Some(d) = &v.decision else { return };
+    let Some(route) = config.routes.iter().find(|r| r.name == v.route) else {
+        return;
+    };
+    let Some(ro) = route.rollout.as_deref() else {
+        return;
+    };
+    if v.identity.as_deref() != Some(identity(&route.name, ro, &config.pools).as_str()) {
+        return;
+    }
+    let decision = Decision {
+        at_ms: d.at_ms,
+        tick: d.tick,
+        reason: d.reason.clone(),
+        source: format!("adopted from {peer} at start"),
+    };
+    match into.iter_mut().find(|(r, _)| *r == v.route) {
+        Some((_, known)) if known.at_ms <= decision.at_ms => {}
+        Some((_, known)) => *known = decision,
+        None => into.push((v.route.clone(), decision)),
     }
 }
 
