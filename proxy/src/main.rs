@@ -11,7 +11,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use agiproxy::control::ControlHandle;
 use agiproxy::credentials::{self, Followed};
 use agiproxy::logging::{self, LogFormat};
-use agiproxy::server::Origin;
+use agiproxy::server::{FileRollouts, Origin};
 use agiproxy::Server;
 use agiproxy_config::{BackendTarget, Control, Dns, TokenSource};
 use agiproxy_control::server::{PreparedControl, ServeOptions};
@@ -443,6 +443,12 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     raise_fd_limit(config.limits.max_sessions);
     check_memory(&config.limits);
+    // Installed before anything waits (the peers are asked for up to 3 s):
+    // a SIGHUP meanwhile is a reload once serving, not the end of the process.
+    let mut signals = Signals::install()?;
+    // SIGHUP reloads the config file.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     // Everything that can refuse to start is done before the proxy accepts a call: a
     // replica that cannot start must not answer Asterisk, even for a moment.
     let token = control_token(&config.control).await?;
@@ -459,7 +465,6 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
             let asked = agiproxy::rollout::adopt::ask_peers(
                 &config,
                 &access,
-                config.control.address,
                 agiproxy::rollout::adopt::BUDGET,
             )
             .await;
@@ -480,21 +485,19 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         source: format!("file:{}", path.display()),
         file: Some(path.clone()),
     };
-    // Installed before serving, so no signal is missed between the two waits.
-    let mut signals = Signals::install()?;
-    // SIGHUP reloads the config file.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
     // Followed while running (a control block change waits for a restart).
     let token_file = match &config.control.token {
         Some(TokenSource::File(path)) => Some(path.clone()),
         _ => None,
     };
     let server = match running_config {
-        Some(running) => Server::start_adopted(running, origin, &text, &config, &decisions).await?,
+        Some(running) => {
+            let file = FileRollouts::of(&config);
+            Server::start_adopted(running, origin, &text, file, &decisions).await?
+        }
         None if !decisions.is_empty() => {
-            let file_config = config.clone();
-            Server::start_adopted(config, origin, &text, &file_config, &decisions).await?
+            let file = FileRollouts::of(&config);
+            Server::start_adopted(config, origin, &text, file, &decisions).await?
         }
         None => Server::start_with(config, origin).await?,
     };

@@ -225,7 +225,7 @@ impl Server {
     }
 
     /// [`Server::start_with`] what the peers run (`crate::rollout::adopt`):
-    /// `config` is the file's (`file_text`, parsed as `file_config`) with
+    /// `config` is the file's (`file_text`, declaring `file_rollouts`) with
     /// the rollout overrides adopted from them written in (the status then
     /// says that the running config differs from the file, and how), and
     /// the peers' judged rollbacks `decisions` (by route) are known before
@@ -234,15 +234,13 @@ impl Server {
         config: Config,
         origin: Origin,
         file_text: &str,
-        file_config: &Config,
+        file_rollouts: FileRollouts,
         decisions: &[(String, crate::session::rollout::Decision)],
     ) -> Result<Server, ServerError> {
-        let file = origin.file.as_ref().map(|_| {
-            (
-                text_hash(file_text),
-                Arc::new(FileRollouts::of(file_config)),
-            )
-        });
+        let file = origin
+            .file
+            .as_ref()
+            .map(|_| (text_hash(file_text), Arc::new(file_rollouts)));
         Server::start_inner(config, origin, file, decisions).await
     }
 

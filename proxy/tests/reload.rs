@@ -692,6 +692,28 @@ async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
         "{view}"
     );
     assert_eq!(overrides(&c, 2), written);
+    // A reload of the same file (SIGHUP) keeps them, and finds the text it
+    // runs: unchanged, no new generation.
+    let api1 = c.api(1);
+    let unchanged = || metric(&api1, "agiproxy_config_reloads_total{result=\"unchanged\"}");
+    let before = unchanged();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(
+        unsafe { libc::kill(c._replicas[1].id() as i32, libc::SIGHUP) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unchanged() == before {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload: {:?}",
+            status(&api1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&api1).unwrap()["generation"], 1);
+    assert_eq!(status(&api1).unwrap()["differs_from_file"], true);
+    assert_eq!(overrides(&c, 1), written);
 
     // Its file declares another rollout (a new start): nothing is taken.
     let control2 = format!(

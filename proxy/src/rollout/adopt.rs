@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use agiproxy_config::{Config, OverrideAction, Peers};
 use agiproxy_control::api::{ConfigView, RolloutView};
+use futures_util::StreamExt;
 
 use crate::session::rollout::live::identity;
 use crate::session::rollout::Decision;
@@ -73,16 +74,18 @@ pub fn names_peers(config: &Config) -> bool {
     !peer_lists(config).is_empty()
 }
 
-/// Asks every peer `config`'s rollouts name for its running config, within
-/// `budget`, and returns the overrides of the same rollouts that `config`
-/// lacks. Nothing is asked when no rollout names peers. `own`: this
-/// replica's control API, never asked (it is not serving yet).
-pub async fn ask_peers(
-    config: &Config,
-    access: &PeerAccess,
-    own: Option<SocketAddr>,
-    budget: Duration,
-) -> AtStart {
+/// Asks every peer `config`'s rollouts name, within `budget`, for the
+/// overrides of the same rollouts that `config` lacks and for their judged
+/// rollbacks. Nothing is asked when no rollout names peers.
+///
+/// Every peer at once for what is small (its config's hash, its rollouts);
+/// then, as those answers come, one config text per distinct hash (peers
+/// mostly run the same one), fetched and parsed one at a time off the
+/// runtime: parses of large configs at once could take gigabytes, and one
+/// still running when the budget ends must not be followed by others. This
+/// replica's own address needs no care: its control port does not listen
+/// yet, so it refuses.
+pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -> AtStart {
     let lists = peer_lists(config);
     if lists.is_empty() {
         return AtStart::default();
@@ -92,13 +95,13 @@ pub async fn ask_peers(
     for list in lists {
         let found = tokio::time::timeout_at(deadline, peers(list)).await;
         for a in found.unwrap_or_default() {
-            if !own.is_some_and(|own| is_own(a, own)) && !addrs.contains(&a) {
+            if !addrs.contains(&a) {
                 addrs.push(a);
             }
         }
     }
-    let max = config.limits.max_config_bytes;
-    let asks = addrs.iter().map(|&addr| async move {
+    let no_answer = || format!("no answer within {budget:?}");
+    let firsts = addrs.iter().map(|&addr| async move {
         // A judged rollback lives in memory only: the peers' rollouts say
         // it. Judgement would adopt it too, but only once it has read the
         // peers after the start (up to an eighth of `judge.interval` later
@@ -108,6 +111,50 @@ pub async fn ask_peers(
             (resp.status == 200).then_some(())?;
             serde_json::from_slice::<Vec<RolloutView>>(&resp.body).ok()
         };
+        let hash = async {
+            let resp = access
+                .get(addr, "/v1/status")
+                .await
+                .map_err(|e| e.to_string())?;
+            if resp.status != 200 {
+                return Err(format!("{addr}: HTTP {}", resp.status));
+            }
+            let status: serde_json::Value = serde_json::from_slice(&resp.body)
+                .map_err(|e| format!("{addr}: not a status: {e}"))?;
+            status["hash"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("{addr}: its status has no config hash"))
+        };
+        let (hash, views) = tokio::time::timeout_at(deadline, async {
+            futures_util::future::join(hash, rollouts).await
+        })
+        .await
+        .unwrap_or_else(|_| (Err(format!("{addr}: {}", no_answer())), None));
+        (addr, hash, views.unwrap_or_default())
+    });
+    let mut out = AtStart::default();
+    let max = config.limits.max_config_bytes;
+    let mut parsed: Vec<String> = Vec::new();
+    // Taken as they come: a peer that never answers must not hold back
+    // the text of one that did.
+    let mut firsts: futures_util::stream::FuturesUnordered<_> = firsts.collect();
+    while let Some((addr, hash, views)) = firsts.next().await {
+        for v in views {
+            take_decision(&mut out.decisions, config, addr, &v);
+        }
+        let hash = match hash {
+            Ok(h) => h,
+            Err(e) => {
+                out.unanswered.push(e);
+                continue;
+            }
+        };
+        if parsed.contains(&hash) {
+            // The same text as a peer already read: the same overrides.
+            out.answered += 1;
+            continue;
+        }
         let read = async {
             let resp = access
                 .get(addr, "/v1/config")
@@ -116,54 +163,71 @@ pub async fn ask_peers(
             if resp.status != 200 {
                 return Err(format!("{addr}: HTTP {}", resp.status));
             }
-            let view: ConfigView = serde_json::from_slice(&resp.body)
-                .map_err(|e| format!("{addr}: not a config view: {e}"))?;
-            // A config of up to `max` bytes may take a second to parse:
-            // off the runtime's workers.
+            // Up to `max` bytes of JSON, then YAML: off the runtime's workers.
             tokio::task::spawn_blocking(move || {
-                agiproxy_config::from_yaml_str_within(&view.text, max)
+                let view: ConfigView = serde_json::from_slice(&resp.body)
+                    .map_err(|e| format!("{addr}: not a config view: {e}"))?;
+                agiproxy_config::from_yaml_str_within(&view.text, max).map_err(|e| {
+                    format!(
+                        "{addr}: its running config does not validate here (another release?): {e}"
+                    )
+                })
             })
             .await
             .map_err(|e| format!("{addr}: {e}"))?
-            .map_err(|e| {
-                format!("{addr}: its running config does not parse here (another release?): {e}")
-            })
         };
-        let (r, views) = tokio::time::timeout_at(deadline, async {
-            futures_util::future::join(read, rollouts).await
-        })
-        .await
-        .unwrap_or_else(|_| (Err(format!("{addr}: no answer within {budget:?}")), None));
-        (addr, r, views.unwrap_or_default())
-    });
-    let mut out = AtStart::default();
-    for (addr, r, views) in futures_util::future::join_all(asks).await {
-        for v in views {
-            take_decision(&mut out.decisions, config, addr, &v);
-        }
-        match r {
-            Ok(peer) => {
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(peer)) => {
                 out.answered += 1;
-                let carried = carried_overrides(&peer, config);
+                parsed.push(hash);
+                let carried = carried_overrides(&peer, config)
+                    .into_iter()
+                    .map(|c| in_force_as_on(&peer, config, c))
+                    .collect();
                 merge(&mut out.adopted, addr, carried);
             }
-            Err(e) => out.unanswered.push(e),
+            Ok(Err(e)) => out.unanswered.push(e),
+            Err(_) => out.unanswered.push(format!("{addr}: {}", no_answer())),
         }
     }
+    in_reload_order(config, &mut out.adopted);
     out
 }
 
-/// Whether the peer address `a` is this replica's control API, bound at
-/// `own`: asked, it would not answer before this start is over (it is
-/// bound, not served yet), and hold the start for the whole budget. Bound
-/// to all addresses, any address of this host on its port is it (an
-/// address binds only where the host has it: no packet is sent).
-fn is_own(a: SocketAddr, own: SocketAddr) -> bool {
-    if own.ip().is_unspecified() {
-        a.port() == own.port()
-            && (a.ip().is_loopback() || std::net::UdpSocket::bind((a.ip(), 0)).is_ok())
-    } else {
-        a == own
+/// Puts `adopted` in the order a reload writes carried overrides (the
+/// file's routes in order, then time), so that a reload of the same file
+/// later finds the text it runs: no new generation.
+fn in_reload_order(config: &Config, adopted: &mut [Adopted]) {
+    let position = |route: &str| config.routes.iter().position(|r| r.name == route);
+    adopted.sort_by_key(|a| (position(&a.carried.route), at_ms(&a.carried)));
+}
+
+/// A carried override's written time, in Unix ms (`ctl` writes it in
+/// RFC 3339 UTC; texts compare only when spelled alike).
+fn at_ms(c: &Carried) -> i64 {
+    agiproxy_config::parse_time(&c.at).unwrap_or(i64::MAX)
+}
+
+/// `c` (as `peer` wrote it: its `at` without `peer`'s skew) rewritten to
+/// take effect when it does on `peer` under `file`'s skew: a skew the file
+/// changed but the running replicas refused (it would have moved an
+/// override across now) must not move it here either.
+fn in_force_as_on(peer: &Config, file: &Config, c: Carried) -> Carried {
+    let skew = |config: &Config| {
+        config
+            .routes
+            .iter()
+            .find(|r| r.name == c.route)
+            .and_then(|r| r.rollout.as_deref())
+            .map_or(0, |ro| ro.skew.as_millis() as i64)
+    };
+    let shift = skew(peer) - skew(file);
+    if shift == 0 {
+        return c;
+    }
+    Carried {
+        at: agiproxy_config::format_ms(at_ms(&c) + shift),
+        ..c
     }
 }
 
@@ -211,7 +275,7 @@ fn merge(into: &mut Vec<Adopted>, peer: SocketAddr, carried: Vec<Carried>) {
         if final_action {
             // Times as written by `ctl` (RFC 3339 UTC, milliseconds): they
             // compare as text only when spelled alike, so parse them.
-            let at = |c: &Carried| agiproxy_config::parse_time(&c.at).unwrap_or(i64::MAX);
+            let at = at_ms;
             if let Some(i) = into
                 .iter()
                 .position(|a| a.carried.route == c.route && a.carried.action == c.action)
@@ -252,17 +316,58 @@ mod tests {
         }
     }
 
+    const TEXT: &str = "version: 1\nroutes:\n  - name: menu\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\n  - name: ivr\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\npools:\n  - name: blue\n    backends: [{ address: \"127.0.0.1:1\" }]\n  - name: green\n    backends: [{ address: \"127.0.0.1:2\" }]\n";
+
+    /// An override the peer runs under its skew takes effect at the same
+    /// time here under the file's (a skew change the peers refused, as it
+    /// would move it across now, must not move it here).
     #[test]
-    fn this_replicas_own_control_api_is_not_asked() {
-        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
-        assert!(is_own(a("127.0.0.2:9090"), a("127.0.0.2:9090")));
-        assert!(!is_own(a("127.0.0.3:9090"), a("127.0.0.2:9090")));
-        // Bound to all addresses: this host's addresses on that port.
-        assert!(is_own(a("127.0.0.5:9090"), a("0.0.0.0:9090")));
-        assert!(is_own(a("[::1]:9090"), a("[::]:9090")));
-        assert!(!is_own(a("127.0.0.5:9091"), a("0.0.0.0:9090")));
-        // An address this host does not have (TEST-NET-3: never routed).
-        assert!(!is_own(a("203.0.113.7:9090"), a("0.0.0.0:9090")));
+    fn an_adopted_override_takes_effect_when_it_does_on_the_peer() {
+        let with_skew = |skew: &str| {
+            agiproxy_config::from_yaml_str(&TEXT.replace(
+                "  - name: ivr\n    rollout: { from: blue",
+                &format!("  - name: ivr\n    rollout: {{ skew: {skew}, from: blue"),
+            ))
+            .unwrap()
+        };
+        let (peer, file) = (with_skew("2s"), with_skew("30s"));
+        let rollback = |at: &str| c("ivr", OverrideAction::Rollback, at);
+        // In force on the peer at 09:00:02; here 09:00:02 - 30 s is written.
+        let adopted = in_force_as_on(&peer, &file, rollback("2026-12-06T09:00:00.000Z"));
+        assert_eq!(adopted, rollback("2026-12-06T08:59:32.000Z"));
+        // The same skew: as written.
+        let same = in_force_as_on(&peer, &peer, rollback("2026-12-06T09:00:00.000Z"));
+        assert_eq!(same, rollback("2026-12-06T09:00:00.000Z"));
+    }
+
+    /// Adopted overrides are written as a reload writes carried ones: the
+    /// file's routes in order, then time.
+    #[test]
+    fn adopted_overrides_are_put_in_reload_order() {
+        let config = agiproxy_config::from_yaml_str(TEXT).unwrap();
+        let p: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let a = |route: &str, at: &str| Adopted {
+            carried: c(route, OverrideAction::Pause, at),
+            peer: p,
+        };
+        let mut list = vec![
+            a("ivr", "2026-12-06T09:20:00.000Z"),
+            a("menu", "2026-12-06T09:30:00.000Z"),
+            a("ivr", "2026-12-06T09:10:00.000Z"),
+        ];
+        in_reload_order(&config, &mut list);
+        let got: Vec<(&str, &str)> = list
+            .iter()
+            .map(|a| (a.carried.route.as_str(), a.carried.at.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("menu", "2026-12-06T09:30:00.000Z"),
+                ("ivr", "2026-12-06T09:10:00.000Z"),
+                ("ivr", "2026-12-06T09:20:00.000Z"),
+            ]
+        );
     }
 
     /// Each override once; of final ones of a route, the earliest; pauses

@@ -345,7 +345,7 @@ pub(crate) async fn peers(list: &Peers) -> Vec<SocketAddr> {
             match found {
                 Ok((found, _ttl)) => found.into_iter().map(|f| f.addr).collect(),
                 Err(e) => {
-                    tracing::warn!(peers = %target, error = %e, "rollout: cannot find the peer replicas; judging on this replica's counters alone");
+                    tracing::warn!(peers = %target, error = %e, "rollout: cannot find the peer replicas; going on without them (judgement counts this replica alone, a start takes the file's overrides)");
                     Vec::new()
                 }
             }
@@ -418,8 +418,12 @@ async fn evaluate(
             if farthest.is_none_or(|(f, _)| off.abs() > f.abs()) {
                 farthest = Some((off, addr));
             }
-            if off.abs() > tolerance {
-                off_clocks.push(format!("{addr}: {off:+} ms"));
+            // Warned of only when beyond the tolerance whatever the
+            // request's own time: `sent` is before the connect (and TLS
+            // handshake), so the estimate leans late by up to half of it.
+            let within = (received - sent) / 2;
+            if off.abs() - within > tolerance {
+                off_clocks.push(format!("{addr}: {off:+} ms (± {within} ms)"));
             }
         }
         let from = addr.to_string();
@@ -455,9 +459,9 @@ async fn evaluate(
             }
         }
     }
-    if let Some((off, _)) = farthest {
-        live.set_peer_clock_offset_ms(off);
-    }
+    // None measured (no peer answered, or only older releases): unknown,
+    // not the last value, which would keep an alert firing on old news.
+    live.set_peer_clock_offset_ms(farthest.map(|(off, _)| off));
     if !off_clocks.is_empty() {
         tracing::warn!(route = %route, tick = k, tolerance_ms = tolerance, peers = ?off_clocks, "rollout: some peers' clocks differ from this replica's by more than the rollout tolerates (skew, and an eighth of judge.interval): calls may change colour between replicas and judgement may leave them out; fix their time sync (NTP)");
     }

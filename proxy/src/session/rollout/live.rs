@@ -211,9 +211,9 @@ impl RolloutLive {
         Some(self.peer_clock_offset_ms.load(Relaxed)).filter(|v| *v != NO_OFFSET)
     }
 
-    pub(crate) fn set_peer_clock_offset_ms(&self, ms: i64) {
-        self.peer_clock_offset_ms
-            .store(ms.max(NO_OFFSET + 1), Relaxed);
+    pub(crate) fn set_peer_clock_offset_ms(&self, ms: Option<i64>) {
+        let v = ms.map_or(NO_OFFSET, |ms| ms.max(NO_OFFSET + 1));
+        self.peer_clock_offset_ms.store(v, Relaxed);
     }
 
     /// When the judged rollback takes effect, if there is one.
