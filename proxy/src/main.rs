@@ -462,12 +462,20 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
                 .clone()
                 .map(|t| Arc::new(agiproxy_control::token::Tokens::new(t)));
             let access = peer_access(&config.control, once).await?;
-            let asked = agiproxy::rollout::adopt::ask_peers(
+            let ask = agiproxy::rollout::adopt::ask_peers(
                 &config,
                 &access,
                 agiproxy::rollout::adopt::BUDGET,
-            )
-            .await;
+            );
+            // Stopped meanwhile (the signals are taken from here on): end
+            // before anything listens, as a stop before the start does.
+            let asked = tokio::select! {
+                asked = ask => asked,
+                _ = signals.recv() => {
+                    tracing::info!("stopped while asking the peers, before serving");
+                    return Ok(());
+                }
+            };
             let (t, c) = adopted_config(&text, &config, &asked).await;
             (t, c, asked.decisions)
         } else {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use agiproxy_config::{Config, OverrideAction, Peers};
 use agiproxy_control::api::{ConfigView, RolloutView};
-use futures_util::StreamExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::session::rollout::live::identity;
 use crate::session::rollout::Decision;
@@ -135,26 +135,12 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
     });
     let mut out = AtStart::default();
     let max = config.limits.max_config_bytes;
+    let now = crate::session::rollout::now_ms();
+    // Config texts by hash: parsed, or being fetched from one peer with
+    // others that said the same hash kept to try if it fails.
     let mut parsed: Vec<String> = Vec::new();
-    // Taken as they come: a peer that never answers must not hold back
-    // the text of one that did.
-    let mut firsts: futures_util::stream::FuturesUnordered<_> = firsts.collect();
-    while let Some((addr, hash, views)) = firsts.next().await {
-        for v in views {
-            take_decision(&mut out.decisions, config, addr, &v);
-        }
-        let hash = match hash {
-            Ok(h) => h,
-            Err(e) => {
-                out.unanswered.push(e);
-                continue;
-            }
-        };
-        if parsed.contains(&hash) {
-            // The same text as a peer already read: the same overrides.
-            out.answered += 1;
-            continue;
-        }
+    let mut pending: Vec<(String, Vec<SocketAddr>)> = Vec::new();
+    let fetch = |addr: SocketAddr, hash: String| async move {
         let read = async {
             let resp = access
                 .get(addr, "/v1/config")
@@ -163,31 +149,98 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
             if resp.status != 200 {
                 return Err(format!("{addr}: HTTP {}", resp.status));
             }
-            // Up to `max` bytes of JSON, then YAML: off the runtime's workers.
-            tokio::task::spawn_blocking(move || {
-                let view: ConfigView = serde_json::from_slice(&resp.body)
-                    .map_err(|e| format!("{addr}: not a config view: {e}"))?;
-                agiproxy_config::from_yaml_str_within(&view.text, max).map_err(|e| {
-                    format!(
-                        "{addr}: its running config does not validate here (another release?): {e}"
-                    )
-                })
-            })
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?
+            Ok(resp.body)
         };
-        match tokio::time::timeout_at(deadline, read).await {
-            Ok(Ok(peer)) => {
-                out.answered += 1;
-                parsed.push(hash);
-                let carried = carried_overrides(&peer, config)
-                    .into_iter()
-                    .map(|c| in_force_as_on(&peer, config, c))
-                    .collect();
-                merge(&mut out.adopted, addr, carried);
+        // Half the budget at most: a peer whose text stalls (overloaded, or
+        // large packets lost on the way) leaves time to fetch the same text
+        // from another peer that said the same hash.
+        let until = deadline.min(tokio::time::Instant::now() + budget / 2);
+        let body = tokio::time::timeout_at(until, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{addr}: its config did not come within {:?}",
+                    budget / 2
+                ))
+            });
+        (addr, hash, body)
+    };
+    // Taken as they come: a peer that never answers must not hold back
+    // the text of one that did. Bodies are fetched side by side (one that
+    // stalls must not hold back the others); they are parsed one at a time.
+    let mut firsts: FuturesUnordered<_> = firsts.collect();
+    let mut bodies = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some((addr, hash, views)) = firsts.next() => {
+                for v in views {
+                    take_decision(&mut out.decisions, config, addr, &v);
+                }
+                let hash = match hash {
+                    Ok(h) => h,
+                    Err(e) => {
+                        out.unanswered.push(e);
+                        continue;
+                    }
+                };
+                if parsed.contains(&hash) {
+                    // The same text as a peer already read: the same overrides.
+                    out.answered += 1;
+                } else if let Some((_, others)) = pending.iter_mut().find(|(h, _)| *h == hash) {
+                    others.push(addr);
+                } else {
+                    pending.push((hash.clone(), Vec::new()));
+                    bodies.push(fetch(addr, hash));
+                }
             }
-            Ok(Err(e)) => out.unanswered.push(e),
-            Err(_) => out.unanswered.push(format!("{addr}: {}", no_answer())),
+            Some((addr, hash, body)) = bodies.next() => {
+                let parse = async {
+                    let body = body?;
+                    // Up to `max` bytes of JSON, then YAML: off the runtime's
+                    // workers. One past the deadline runs on to its end
+                    // alone, as nothing follows it.
+                    tokio::task::spawn_blocking(move || {
+                        let view: ConfigView = serde_json::from_slice(&body)
+                            .map_err(|e| format!("{addr}: not a config view: {e}"))?;
+                        let config = agiproxy_config::from_yaml_str_within(&view.text, max)
+                            .map_err(|e| format!("{addr}: its running config does not validate here (another release?): {e}"))?;
+                        Ok((view.hash, config))
+                    })
+                    .await
+                    .map_err(|e| format!("{addr}: {e}"))?
+                };
+                let parsed_now = tokio::time::timeout_at(deadline, parse)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("{addr}: {}", no_answer())));
+                let others = pending
+                    .iter()
+                    .position(|(h, _)| *h == hash)
+                    .map(|i| pending.swap_remove(i).1)
+                    .unwrap_or_default();
+                match parsed_now {
+                    Ok((text_hash, peer)) => {
+                        // The text's own hash: a change between the two
+                        // answers must not pass for the status's text.
+                        out.answered += 1 + others.len();
+                        parsed.push(text_hash);
+                        let carried = carried_overrides(&peer, config)
+                            .into_iter()
+                            .map(|c| in_force_as_on(&peer, config, c, now))
+                            .collect();
+                        merge(&mut out.adopted, addr, carried);
+                    }
+                    Err(e) => {
+                        out.unanswered.push(e);
+                        // Another peer that said the same hash, if any.
+                        let mut others = others.into_iter();
+                        if let Some(next) = others.next() {
+                            pending.push((hash.clone(), others.collect()));
+                            bodies.push(fetch(next, hash));
+                        }
+                    }
+                }
+            }
+            else => break,
         }
     }
     in_reload_order(config, &mut out.adopted);
@@ -208,11 +261,13 @@ fn at_ms(c: &Carried) -> i64 {
     agiproxy_config::parse_time(&c.at).unwrap_or(i64::MAX)
 }
 
-/// `c` (as `peer` wrote it: its `at` without `peer`'s skew) rewritten to
-/// take effect when it does on `peer` under `file`'s skew: a skew the file
-/// changed but the running replicas refused (it would have moved an
-/// override across now) must not move it here either.
-fn in_force_as_on(peer: &Config, file: &Config, c: Carried) -> Carried {
+/// `c` as `peer` wrote it (its `at`, before `peer`'s skew) for this
+/// replica, whose skew is `file`'s. Kept as written, as a reload keeps it,
+/// unless the two skews put it on two sides of `now` (one in force, the
+/// other not yet): the peers then refused that skew, as a reload refuses a
+/// change that moves an override across now, and it is rewritten to take
+/// effect when it does on `peer`.
+fn in_force_as_on(peer: &Config, file: &Config, c: Carried, now: i64) -> Carried {
     let skew = |config: &Config| {
         config
             .routes
@@ -221,12 +276,13 @@ fn in_force_as_on(peer: &Config, file: &Config, c: Carried) -> Carried {
             .and_then(|r| r.rollout.as_deref())
             .map_or(0, |ro| ro.skew.as_millis() as i64)
     };
-    let shift = skew(peer) - skew(file);
-    if shift == 0 {
+    let (theirs, ours) = (skew(peer), skew(file));
+    let at = at_ms(&c);
+    if (at + theirs <= now) == (at + ours <= now) {
         return c;
     }
     Carried {
-        at: agiproxy_config::format_ms(at_ms(&c) + shift),
+        at: agiproxy_config::format_ms(at + theirs - ours),
         ..c
     }
 }
@@ -318,11 +374,11 @@ mod tests {
 
     const TEXT: &str = "version: 1\nroutes:\n  - name: menu\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\n  - name: ivr\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\npools:\n  - name: blue\n    backends: [{ address: \"127.0.0.1:1\" }]\n  - name: green\n    backends: [{ address: \"127.0.0.1:2\" }]\n";
 
-    /// An override the peer runs under its skew takes effect at the same
-    /// time here under the file's (a skew change the peers refused, as it
-    /// would move it across now, must not move it here).
+    /// An override the peer runs under its skew is kept as written, as a
+    /// reload keeps it, unless the file's skew would put it on the other
+    /// side of now: then it takes effect here when it does on the peer.
     #[test]
-    fn an_adopted_override_takes_effect_when_it_does_on_the_peer() {
+    fn an_adopted_override_moves_only_when_the_skews_put_it_across_now() {
         let with_skew = |skew: &str| {
             agiproxy_config::from_yaml_str(&TEXT.replace(
                 "  - name: ivr\n    rollout: { from: blue",
@@ -332,12 +388,42 @@ mod tests {
         };
         let (peer, file) = (with_skew("2s"), with_skew("30s"));
         let rollback = |at: &str| c("ivr", OverrideAction::Rollback, at);
-        // In force on the peer at 09:00:02; here 09:00:02 - 30 s is written.
-        let adopted = in_force_as_on(&peer, &file, rollback("2026-12-06T09:00:00.000Z"));
-        assert_eq!(adopted, rollback("2026-12-06T08:59:32.000Z"));
+        let written = rollback("2026-12-06T09:00:00.000Z");
+        let ms = |t: &str| agiproxy_config::parse_time(t).unwrap();
+        // Now 09:00:10: in force on the peer (09:00:02), not yet under the
+        // file's skew (09:00:30). Moved: 09:00:02 - 30 s is written.
+        let now = ms("2026-12-06T09:00:10Z");
+        assert_eq!(
+            in_force_as_on(&peer, &file, written.clone(), now),
+            rollback("2026-12-06T08:59:32.000Z")
+        );
+        // Both in force, or both ahead: as written (the peers would take
+        // the file's skew on their next reload and keep it so).
+        for now in ["2026-12-06T09:01:00Z", "2026-12-06T08:59:00Z"] {
+            assert_eq!(
+                in_force_as_on(&peer, &file, written.clone(), ms(now)),
+                written,
+                "{now}"
+            );
+        }
         // The same skew: as written.
-        let same = in_force_as_on(&peer, &peer, rollback("2026-12-06T09:00:00.000Z"));
-        assert_eq!(same, rollback("2026-12-06T09:00:00.000Z"));
+        assert_eq!(in_force_as_on(&peer, &peer, written.clone(), now), written);
+        // A reload of the file then keeps the moved one as it is: the text
+        // it runs, no new generation.
+        let p: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let file_text = TEXT.replace(
+            "  - name: ivr\n    rollout: { from: blue",
+            "  - name: ivr\n    rollout: { skew: 30s, from: blue",
+        );
+        let adopted = vec![Adopted {
+            carried: in_force_as_on(&peer, &file, written, now),
+            peer: p,
+        }];
+        let (running_text, running) = apply(&file_text, &adopted, 1 << 24).unwrap();
+        let again = carried_overrides(&running, &file);
+        assert_eq!(with_carried(&file_text, &again).unwrap(), &*running_text);
+        let ro = running.routes[1].rollout.as_deref().unwrap();
+        assert_eq!(ro.overrides[0].at_ms, ms("2026-12-06T09:00:02Z"));
     }
 
     /// Adopted overrides are written as a reload writes carried ones: the
@@ -367,6 +453,96 @@ mod tests {
                 ("ivr", "2026-12-06T09:10:00.000Z"),
                 ("ivr", "2026-12-06T09:20:00.000Z"),
             ]
+        );
+    }
+
+    /// A fake peer's control API: `/v1/status` says `hash` after `delay`;
+    /// `/v1/config` answers `text` (or never, when None); `/v1/rollouts`
+    /// has none.
+    async fn fake_peer(hash: &'static str, delay: Duration, text: Option<String>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let text = text.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = 0;
+                    while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf[got..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf[..got]).into_owned();
+                    let body = if head.starts_with("GET /v1/status ") {
+                        tokio::time::sleep(delay).await;
+                        format!("{{\"hash\":\"{hash}\"}}")
+                    } else if head.starts_with("GET /v1/config ") {
+                        match text {
+                            Some(t) => serde_json::to_string(&ConfigView {
+                                generation: 1,
+                                hash: hash.into(),
+                                source: "test".into(),
+                                text: t,
+                            })
+                            .unwrap(),
+                            None => {
+                                tokio::time::sleep(Duration::from_secs(60)).await;
+                                return;
+                            }
+                        }
+                    } else {
+                        "[]".into()
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A peer whose status answers first but whose config text stalls does
+    /// not hold back the same text from another peer: it is given half the
+    /// budget, then the other is asked.
+    #[tokio::test]
+    async fn a_peer_whose_text_stalls_gives_way_to_another_with_the_same_hash() {
+        let pause = "{ action: pause, at: \"2026-12-06T09:10:00Z\" }";
+        let with_peers = |peers: &str, overrides: &str| {
+            TEXT.replace(
+                "start: \"2026-12-06T09:00:00Z\" }\npools",
+                &format!("start: \"2026-12-06T09:00:00Z\", judge: {{ peers: [{peers}] }}{overrides} }}\npools"),
+            )
+        };
+        let theirs = with_peers("\"127.0.0.1:1\"", &format!(", overrides: [{pause}]"));
+        let stalls = fake_peer("h1", Duration::ZERO, None).await;
+        let answers = fake_peer("h1", Duration::from_millis(200), Some(theirs)).await;
+        let ours = with_peers(&format!("\"{stalls}\", \"{answers}\""), "");
+        let config = agiproxy_config::from_yaml_str(&ours).unwrap();
+        let started = std::time::Instant::now();
+        let got = ask_peers(&config, &PeerAccess::plain(None), Duration::from_secs(3)).await;
+        assert_eq!(
+            got.adopted
+                .iter()
+                .map(|a| (&a.carried, a.peer))
+                .collect::<Vec<_>>(),
+            vec![(
+                &c("ivr", OverrideAction::Pause, "2026-12-06T09:10:00.000Z"),
+                answers
+            )],
+            "{got:?}"
+        );
+        assert_eq!(got.answered, 1, "{got:?}");
+        assert!(got.unanswered[0].contains("did not come within"), "{got:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            started.elapsed()
         );
     }
 

@@ -364,7 +364,11 @@ async fn evaluate(
 ) {
     let iv = plan.judge.interval;
     let own = live.published(k);
-    let addrs = peers(&plan.judge.peers).await;
+    // Bounded like the reads: a lookup that hangs must not let this tick's
+    // evaluation land after the next one's.
+    let addrs = tokio::time::timeout(iv / 4, peers(&plan.judge.peers))
+        .await
+        .unwrap_or_default();
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
     let asks = addrs.iter().map(|a| {
         let (client, path) = (&client, &path);
