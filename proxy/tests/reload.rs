@@ -17,6 +17,14 @@ use common::Running;
 
 const TOKEN: &str = "reload-test-token";
 
+/// Unix milliseconds now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
         .unwrap()
@@ -486,10 +494,7 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
 async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_ms();
     let start = agiproxy_config::format_ms(now - 60_000);
     let text = |control: &str, key: &str| {
         config(control, "a", a.addr(), b.addr()).replace(
@@ -655,10 +660,7 @@ fn rollout_view(api: &str) -> serde_json::Value {
 async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
     let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_ms();
     let text = |control: &str, start_ms: i64| {
         config(control, "a", a.addr(), b.addr()).replace(
             "  - name: all\n    pool: a\n",
@@ -773,10 +775,7 @@ async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_ca
         good,
     ]))
     .await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_ms();
     let start = agiproxy_config::format_ms(now - 100);
     let mut c = Cluster::start(|_, control| {
         config(control, "a", blue.addr(), green.addr()).replace(
@@ -806,11 +805,7 @@ async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_ca
         );
         for &addr in &addrs {
             n += 1;
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            let uid = format!("pbx-{secs}.{n}");
+            let uid = format!("pbx-{}.{n}", now_ms() / 1000);
             let _ = FakeAsterisk::new()
                 .header(AgiHeader::realistic("ivr/menu", &[], &uid))
                 .run(addr)

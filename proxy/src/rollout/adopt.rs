@@ -6,7 +6,8 @@
 //! restarted replica). Now it asks the peers its rollouts name
 //! (`judge.peers`) for their running configs and starts with the overrides
 //! of the same rollout it lacks, as a reload from the file keeps them
-//! ([`carried_overrides`]): every replica then runs what the fleet runs.
+//! ([`carried_overrides`]), and with the judged rollbacks they know (which
+//! live in memory only): every replica then runs what the fleet runs.
 //!
 //! Peers are asked once, within [`BUDGET`]; one that does not answer, or
 //! runs another rollout, adds nothing, and the replica starts with what it
@@ -107,20 +108,13 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
         // peers after the start (up to an eighth of `judge.interval` later
         // when the start falls early in a tick): calls meanwhile went green.
         let rollouts = async {
-            let resp = access.get(addr, "/v1/rollouts").await.ok()?;
-            (resp.status == 200).then_some(())?;
-            serde_json::from_slice::<Vec<RolloutView>>(&resp.body).ok()
+            let body = get_ok(access, addr, "/v1/rollouts").await.ok()?;
+            serde_json::from_slice::<Vec<RolloutView>>(&body).ok()
         };
         let hash = async {
-            let resp = access
-                .get(addr, "/v1/status")
-                .await
-                .map_err(|e| e.to_string())?;
-            if resp.status != 200 {
-                return Err(format!("{addr}: HTTP {}", resp.status));
-            }
-            let status: serde_json::Value = serde_json::from_slice(&resp.body)
-                .map_err(|e| format!("{addr}: not a status: {e}"))?;
+            let body = get_ok(access, addr, "/v1/status").await?;
+            let status: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| format!("{addr}: not a status: {e}"))?;
             status["hash"]
                 .as_str()
                 .map(str::to_string)
@@ -141,16 +135,7 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
     let mut parsed: Vec<String> = Vec::new();
     let mut pending: Vec<(String, Vec<SocketAddr>)> = Vec::new();
     let fetch = |addr: SocketAddr, hash: String| async move {
-        let read = async {
-            let resp = access
-                .get(addr, "/v1/config")
-                .await
-                .map_err(|e| e.to_string())?;
-            if resp.status != 200 {
-                return Err(format!("{addr}: HTTP {}", resp.status));
-            }
-            Ok(resp.body)
-        };
+        let read = get_ok(access, addr, "/v1/config");
         // Half the budget at most: a peer whose text stalls (overloaded, or
         // large packets lost on the way) leaves time to fetch the same text
         // from another peer that said the same hash.
@@ -255,6 +240,16 @@ fn in_reload_order(config: &Config, adopted: &mut [Adopted]) {
     adopted.sort_by_key(|a| (position(&a.carried.route), at_ms(&a.carried)));
 }
 
+/// The body of `GET path` on the peer `addr`, if it answered 200; else
+/// what happened, naming it.
+async fn get_ok(access: &PeerAccess, addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+    let resp = access.get(addr, path).await.map_err(|e| e.to_string())?;
+    if resp.status != 200 {
+        return Err(format!("{addr}: HTTP {} to {path}", resp.status));
+    }
+    Ok(resp.body)
+}
+
 /// A carried override's written time, in Unix ms (`ctl` writes it in
 /// RFC 3339 UTC; texts compare only when spelled alike).
 fn at_ms(c: &Carried) -> i64 {
@@ -329,14 +324,11 @@ fn merge(into: &mut Vec<Adopted>, peer: SocketAddr, carried: Vec<Carried>) {
         }
         let final_action = matches!(c.action, OverrideAction::Promote | OverrideAction::Rollback);
         if final_action {
-            // Times as written by `ctl` (RFC 3339 UTC, milliseconds): they
-            // compare as text only when spelled alike, so parse them.
-            let at = at_ms;
             if let Some(i) = into
                 .iter()
                 .position(|a| a.carried.route == c.route && a.carried.action == c.action)
             {
-                if at(&c) < at(&into[i].carried) {
+                if at_ms(&c) < at_ms(&into[i].carried) {
                     into[i] = Adopted { carried: c, peer };
                 }
                 continue;
