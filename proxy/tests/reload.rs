@@ -346,6 +346,15 @@ impl Cluster {
         format!("http://{}:{}", self.ips[i], self.port)
     }
 
+    /// Replica `i`'s Asterisk listener.
+    fn listener(&self, i: usize) -> SocketAddr {
+        status(&self.api(i)).unwrap()["listeners"][0]["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     /// Stops replica `i` and starts it again on its file, as a pod's
     /// container restarts; returns how long it took to answer.
     fn restart(&mut self, i: usize) -> Duration {
@@ -665,7 +674,7 @@ async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
         config(control, "a", a.addr(), b.addr()).replace(
             "  - name: all\n    pool: a\n",
             &format!(
-                "  - name: ivr\n    rollout:\n      from: a\n      to: b\n      steps: [10, 50]\n      step_duration: 1h\n      start: \"{}\"\n      judge: {{ interval: 1m, peers: [PEER_LIST] }}\n",
+                "  - name: ivr\n    rollout:\n      from: a\n      to: b\n      steps: [50, 100]\n      step_duration: 1h\n      start: \"{}\"\n      judge: {{ interval: 1m, peers: [PEER_LIST] }}\n",
                 agiproxy_config::format_ms(start_ms)
             ),
         )
@@ -694,6 +703,27 @@ async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
         "{view}"
     );
     assert_eq!(overrides(&c, 2), written);
+    // Once the rollback is in force, no new call goes to green there (at
+    // the file's 50 %, without the peers' overrides, half of them did).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rollout_view(&c.api(1))["state"] != "rolled_back" {
+        assert!(Instant::now() < deadline, "{}", rollout_view(&c.api(1)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Keys carry whole seconds: a call of the second the rollback took
+    // effect in was created before it, and keeps the weight of then.
+    std::thread::sleep(Duration::from_millis(1100));
+    let green_before = b.stats().accepted();
+    let to = c.listener(1);
+    for n in 0..30 {
+        let uid = format!("pbx-{}.{n}", now_ms() / 1000);
+        let out = FakeAsterisk::new()
+            .header(AgiHeader::realistic("ivr/menu", &[], &uid))
+            .run(to)
+            .await;
+        assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    }
+    assert_eq!(b.stats().accepted(), green_before, "calls reached green");
     // A reload of the same file (SIGHUP) keeps them, and finds the text it
     // runs: unchanged, no new generation.
     let api1 = c.api(1);
@@ -784,14 +814,7 @@ async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_ca
         )
     })
     .await;
-    let listener = |c: &Cluster, i: usize| -> SocketAddr {
-        status(&c.api(i)).unwrap()["listeners"][0]["address"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let addrs: Vec<SocketAddr> = (0..3).map(|i| listener(&c, i)).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| c.listener(i)).collect();
     // Calls (keyed with their creation time, as Asterisk's are) to every
     // replica, until the first tick (10 s after the start) has judged them.
     let decided = |c: &Cluster, i: usize| rollout_view(&c.api(i))["decision"].clone();
