@@ -172,14 +172,7 @@ async fn traffic(rs: &[Replica], first: usize, n: usize, conc: usize) -> Vec<Agi
 async fn green_closing_early_on_a_fifth() -> (FakeBackend, FakeBackend) {
     let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let good = Behaviour::script(&["NOOP"]);
-    let green = FakeBackend::start(Behaviour::Cycle(vec![
-        Behaviour::CloseAfterHeader,
-        good.clone(),
-        good.clone(),
-        good.clone(),
-        good,
-    ]))
-    .await;
+    let green = FakeBackend::start(Behaviour::closing_early_one_in(5, good)).await;
     (blue, green)
 }
 
@@ -481,48 +474,26 @@ async fn rolled_back_on_every_replicas_counters(rs: &[Replica]) {
 /// invisible.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_clock_beyond_the_tolerance_is_measured_and_warned_of() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     warnings();
     let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     // The peer: answers every request with its tick, stamped 5 s ahead.
-    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let fake_addr = fake.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = fake.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = 0;
-                while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf[got..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got += n,
-                    }
-                }
-                let none = agiproxy_control::api::RolloutCounts::default();
-                let body = serde_json::to_string(&agiproxy_control::api::RolloutTick {
-                    replica: "fake-peer".into(),
-                    tick: 0,
-                    step: None,
-                    blue: none,
-                    green: none,
-                    decision: None,
-                    identity: None,
-                    split_key: None,
-                    now_ms: Some(now_ms() + 5000),
-                })
-                .unwrap();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
-            });
-        }
-    });
+    let fake_addr = chaos_tests::http::serve(|_head: String| async {
+        let none = agiproxy_control::api::RolloutCounts::default();
+        let tick = agiproxy_control::api::RolloutTick {
+            replica: "fake-peer".into(),
+            tick: 0,
+            step: None,
+            blue: none,
+            green: none,
+            decision: None,
+            identity: None,
+            split_key: None,
+            now_ms: Some(now_ms() + 5000),
+        };
+        Some(serde_json::to_string(&tick).unwrap())
+    })
+    .await;
     let port = free_port();
     let rollout = judged_rollout(&[port], 1000).replace(
         &format!("peers: [\"127.0.0.1:{port}\"]"),

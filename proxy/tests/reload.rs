@@ -796,15 +796,7 @@ async fn a_restarted_replica_starts_with_the_rollout_overrides_its_peers_run() {
 async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_call() {
     let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let good = Behaviour::script(&["NOOP"]);
-    // Green closes the first of every five sessions after the header.
-    let green = FakeBackend::start(Behaviour::Cycle(vec![
-        Behaviour::CloseAfterHeader,
-        good.clone(),
-        good.clone(),
-        good.clone(),
-        good,
-    ]))
-    .await;
+    let green = FakeBackend::start(Behaviour::closing_early_one_in(5, good)).await;
     let now = now_ms();
     let start = agiproxy_config::format_ms(now - 100);
     let mut c = Cluster::start(|_, control| {

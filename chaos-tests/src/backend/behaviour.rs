@@ -116,6 +116,14 @@ impl Behaviour {
         }
     }
 
+    /// `good` on every session but the first of each `n`, which closes
+    /// right after the header (a green that breaks one call in `n`).
+    pub fn closing_early_one_in(n: usize, good: Behaviour) -> Self {
+        let mut cycle = vec![Behaviour::CloseAfterHeader];
+        cycle.extend(std::iter::repeat_n(good, n.saturating_sub(1)));
+        Behaviour::Cycle(cycle)
+    }
+
     /// `Steps` that close (FIN) after the last step.
     pub fn steps(steps: Vec<Step>) -> Self {
         Behaviour::Steps {

@@ -452,51 +452,26 @@ mod tests {
     /// `/v1/config` answers `text` (or never, when None); `/v1/rollouts`
     /// has none.
     async fn fake_peer(hash: &'static str, delay: Duration, text: Option<String>) -> SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let text = text.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = 0;
-                    while !buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf[got..]).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got += n,
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&buf[..got]).into_owned();
-                    let body = if head.starts_with("GET /v1/status ") {
-                        tokio::time::sleep(delay).await;
-                        format!("{{\"hash\":\"{hash}\"}}")
-                    } else if head.starts_with("GET /v1/config ") {
-                        match text {
-                            Some(t) => serde_json::to_string(&ConfigView {
-                                generation: 1,
-                                hash: hash.into(),
-                                source: "test".into(),
-                                text: t,
-                            })
-                            .unwrap(),
-                            None => {
-                                tokio::time::sleep(Duration::from_secs(60)).await;
-                                return;
-                            }
-                        }
-                    } else {
-                        "[]".into()
+        chaos_tests::http::serve(move |head: String| {
+            let text = text.clone();
+            async move {
+                if head.starts_with("GET /v1/status ") {
+                    tokio::time::sleep(delay).await;
+                    Some(format!("{{\"hash\":\"{hash}\"}}"))
+                } else if head.starts_with("GET /v1/config ") {
+                    let view = |text| ConfigView {
+                        generation: 1,
+                        hash: hash.into(),
+                        source: "test".into(),
+                        text,
                     };
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(answer.as_bytes()).await;
-                });
+                    text.map(|t| serde_json::to_string(&view(t)).unwrap())
+                } else {
+                    Some("[]".into())
+                }
             }
-        });
-        addr
+        })
+        .await
     }
 
     /// A peer whose status answers first but whose config text stalls does
