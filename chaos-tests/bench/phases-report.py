@@ -79,6 +79,8 @@ for kind in ("exact", "prefix", "regex"):
     big = [p for p in runs.get("routes-h2h", {}) if p.startswith(f"routes-{kind}-") and not p.endswith("-10")]
     for p in big:
         pairs.append(("routes-h2h", p, f"routes-{kind}-10", f"{p.split('-')[-1]} vs 10 {kind} routes, head to head"))
+for phase in sorted((p for p in runs if p.startswith("paced-")), key=lambda p: int(p.split("-")[1])):
+    pairs.append((phase, "agi-def", "ha-def", f"short sessions offered at {int(phase.split('-')[1]):,}/s, defaults: agiproxy / HAProxy"))
 for phase, a, b, what in pairs:
     if a in runs.get(phase, {}) and b in runs.get(phase, {}):
         print(f"| {what} | {ratio(phase, a, b)} |")
