@@ -49,24 +49,64 @@ struct Serving {
     /// Log lines queued for the writer thread (default 8192); beyond them
     /// lines are dropped (and counted in agiproxy_log_lines_dropped_total)
     /// rather than a stalled log reader holding up calls.
-    #[arg(long, env = "AGIPROXY_LOG_BUFFER_LINES", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     log_buffer_lines: Option<u32>,
     /// Threads serving sessions (default: the CPUs this process may use,
     /// cgroup quota included). 1 runs everything on one thread with no
     /// cross-thread scheduling: the cheapest per session, and the right
     /// choice for a replica limited to one CPU.
-    #[arg(long, env = "AGIPROXY_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
 }
 
+/// The serving options also read from the environment: by `run` and `demo`
+/// only. A container exports them for every command its image runs, and a
+/// bad value must not fail `check` or `ctl`, where they do nothing.
+const SERVING_ENV: [(&str, &str); 2] = [
+    ("workers", "AGIPROXY_WORKERS"),
+    ("log_buffer_lines", "AGIPROXY_LOG_BUFFER_LINES"),
+];
+
+/// The command line, with `SERVING_ENV` on the commands that serve calls.
+fn cli_command() -> clap::Command {
+    let mut cli = Cli::command();
+    for command in ["run", "demo"] {
+        cli = cli.mut_subcommand(command, |mut c| {
+            for (id, var) in SERVING_ENV {
+                c = c.mut_arg(id, |a| a.env(var));
+            }
+            c
+        });
+    }
+    cli
+}
+
 impl Serving {
-    /// The command's own options over those given before it.
-    fn or(self, before: Serving) -> Serving {
+    /// The command's own options (`own`: its matches) over those given
+    /// before it; one the command has only from the environment yields to
+    /// the same option given before the command.
+    fn or(self, before: Serving, own: &ArgMatches) -> Serving {
+        let pick = |id: &str, mine: Option<u32>, theirs: Option<u32>| {
+            if own.value_source(id) == Some(ValueSource::EnvVariable) {
+                theirs.or(mine)
+            } else {
+                mine.or(theirs)
+            }
+        };
         Serving {
             log_format: self.log_format.or(before.log_format),
             log_level: self.log_level.or(before.log_level),
-            log_buffer_lines: self.log_buffer_lines.or(before.log_buffer_lines),
-            workers: self.workers.or(before.workers),
+            log_buffer_lines: pick(
+                "log_buffer_lines",
+                self.log_buffer_lines,
+                before.log_buffer_lines,
+            ),
+            workers: pick(
+                "workers",
+                self.workers.map(u32::from),
+                before.workers.map(u32::from),
+            )
+            .and_then(|w| u16::try_from(w).ok()),
         }
     }
 
@@ -122,7 +162,9 @@ enum Command {
 
 fn main() -> ExitCode {
     // Parsed through the matches, to tell where each option came from.
-    let matches = Cli::command().get_matches();
+    let matches = cli_command()
+        .try_get_matches()
+        .unwrap_or_else(|e| from_env(e).exit());
     if let Err(e) = serving_options_unused(&matches) {
         e.exit();
     }
@@ -130,7 +172,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, serving } => {
-            let serving = serving.or(cli.serving);
+            let serving = serving.or(cli.serving, own_matches(&matches));
             let log = logging::init(
                 serving.log_format(),
                 serving.log_level(),
@@ -156,7 +198,7 @@ fn main() -> ExitCode {
             once,
             serving,
         } => {
-            let serving = serving.or(cli.serving);
+            let serving = serving.or(cli.serving, own_matches(&matches));
             let log = logging::init(
                 serving.log_format(),
                 &format!("{},agiproxy::access=warn", serving.log_level()),
@@ -169,6 +211,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap names the option a bad value was for, not that it came from the
+/// environment, where the operator would not look: says so, when it did.
+fn from_env(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    for (id, var) in SERVING_ENV {
+        let flag = format!("--{}", id.replace('_', "-"));
+        let on_the_line = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if arg.starts_with(&flag) && !on_the_line && std::env::var_os(var).is_some() {
+            let said = e.render().to_string();
+            let first = said.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return cli_command()
+                .error(e.kind(), format!("{first} (from {var} in the environment)"));
+        }
+    }
+    e
+}
+
+/// The matches of the command itself (`run`, `demo`, …).
+fn own_matches(matches: &ArgMatches) -> &ArgMatches {
+    matches.subcommand().map_or(matches, |(_, m)| m)
+}
+
 /// Refuses a serving option (`Serving`) given on the command line before
 /// `check` or `ctl`, as clap refuses a misplaced argument (exit code 2):
 /// neither command serves calls, and it did nothing there, silently. The
@@ -178,7 +246,7 @@ fn serving_options_unused(matches: &ArgMatches) -> Result<(), clap::Error> {
     let Some(command @ ("check" | "ctl")) = matches.subcommand_name() else {
         return Ok(());
     };
-    let mut cli = Cli::command();
+    let mut cli = cli_command();
     // Built, so that each argument prints as clap prints it (`--workers <N>`).
     cli.build();
     let serving = Serving::augment_args(clap::Command::new("serving"));

@@ -176,6 +176,85 @@ fn serving_options_before_check_or_ctl_are_refused_but_not_from_the_environment(
     assert!(printed.contains("127.0.0.1:1: cannot connect"), "{printed}");
 }
 
+/// A container exports `AGIPROXY_WORKERS` and `AGIPROXY_LOG_BUFFER_LINES`
+/// for every command of its image: a bad value fails neither `check` nor
+/// `ctl`, where they do nothing; and the same option given before `run` on
+/// the command line beats the environment's.
+#[test]
+fn the_environments_serving_options_are_for_run_and_demo_and_yield_to_the_command_line() {
+    let (_dir, path) = run_config("env-serving", "  enabled: false\n");
+    for (var, bad) in [
+        ("AGIPROXY_WORKERS", "0"),
+        ("AGIPROXY_LOG_BUFFER_LINES", "many"),
+    ] {
+        let out = bin()
+            .args(["check", "-c"])
+            .arg(&path)
+            .env(var, bad)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{var}={bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = bin()
+            .args([
+                "ctl",
+                "--url",
+                "http://127.0.0.1:1",
+                "--timeout",
+                "1s",
+                "status",
+            ])
+            .env(var, bad)
+            .output()
+            .unwrap();
+        // 1: it ran, and could not reach the replica (2 would be the parse).
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{var}={bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // `run` still refuses it, naming the option.
+        let out = bin()
+            .args(["run", "-c"])
+            .arg(&path)
+            .env(var, bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(var));
+    }
+    // `--workers 1` before `run`: a current-thread runtime, no worker
+    // threads, whatever the environment says.
+    let mut child = common::Running::spawn(
+        bin()
+            .args(["--workers", "1", "run", "-c"])
+            .arg(&path)
+            .env("AGIPROXY_WORKERS", "3")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening for Asterisk") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "exited before listening");
+    }
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("tokio-runtime-w")),
+        "{names:?}"
+    );
+    child.kill().unwrap();
+}
+
 #[test]
 fn zero_workers_is_refused_with_the_flag_named() {
     let out = bin()

@@ -297,26 +297,26 @@ pub fn with_override(
             agiproxy_config::ConfigError::new("at", m),
         ]))
     };
-    if let Some(t) = at {
-        let at_ms = parse_time(t).map_err(invalid)?;
-        if let Some(skew) = skew {
-            let takes_effect = at_ms.saturating_add(skew.as_millis() as i64);
-            let now = now_ms();
-            if takes_effect <= now {
-                let ago = (now - takes_effect) as f64 / 1000.0;
-                return Err(invalid(format!(
-                    "{t} plus the rollout's skew ({skew:?}) is {ago:.3}s ago: written now, the \
-                     override would reach back and change the colour of calls placed since; \
-                     send a time less than the skew ago (`agiproxy ctl` sends the time it runs: \
-                     a replica that got it too late refuses it, and running the command again \
-                     gives every replica a new time)"
-                )));
-            }
-        }
-    }
     edit_text(text, |doc| {
         let rollout = rollout_mut(doc, route)?;
         // Checked after the route: what does not exist is 404, `at` or not.
+        if let Some(t) = at {
+            let at_ms = parse_time(t).map_err(invalid)?;
+            if let Some(skew) = skew {
+                let takes_effect = at_ms.saturating_add(skew.as_millis() as i64);
+                let now = now_ms();
+                if takes_effect <= now {
+                    let ago = (now - takes_effect) as f64 / 1000.0;
+                    return Err(invalid(format!(
+                        "{t} plus the rollout's skew ({skew:?}) is {ago:.3}s ago: written now, the \
+                         override would reach back and change the colour of calls placed since; \
+                         send a time less than the skew ago (`agiproxy ctl` sends the time it runs: \
+                         a replica that got it too late refuses it, and running the command again \
+                         gives every replica a new time)"
+                    )));
+                }
+            }
+        }
         let at = match at {
             Some(t) => t.to_string(),
             None if fleet => {
@@ -441,6 +441,10 @@ mod tests {
         // What does not exist is still 404, `at` or not.
         assert!(matches!(
             with_override(TEXT, "menu", "rollback", None, true, None),
+            Err(ApplyError::NotFound(_))
+        ));
+        assert!(matches!(
+            with_override(TEXT, "menu", "rollback", Some("yesterday"), true, None),
             Err(ApplyError::NotFound(_))
         ));
         assert!(matches!(

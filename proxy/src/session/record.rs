@@ -120,7 +120,7 @@ impl SessionRecord {
         b.extend_from_slice(b" generation=");
         int(b, self.generation);
         b.extend_from_slice(b" script=");
-        b.extend_from_slice(self.script.as_bytes());
+        script_text(b, &self.script);
         b.extend_from_slice(b" route=");
         quoted(b, self.route.as_deref().unwrap_or("-"));
         b.extend_from_slice(b" pool=");
@@ -223,7 +223,7 @@ impl SessionRecord {
             via = self.via.map(tracing::field::display),
             listener = %self.listener,
             generation = self.generation,
-            script = %self.script,
+            script = %ScriptText(&self.script),
             route = self.route.as_deref().unwrap_or("-"),
             pool = self.pool.as_deref().unwrap_or("-"),
             backend = %self.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
@@ -348,6 +348,32 @@ fn quoted(b: &mut Vec<u8>, s: &str) {
     b.push(b'"');
 }
 
+/// The script in the text line: bare when it is printable ASCII without a
+/// space, quote or backslash (what script paths and queries are made of),
+/// else quoted and escaped. The header is the peer's: written raw, a space
+/// would let it forge fields (`script=x route="admin"`) and a control byte
+/// send terminal escapes into the log.
+fn script_text(b: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|c| c.is_ascii_graphic() && c != b'"' && c != b'\\')
+    {
+        b.extend_from_slice(s.as_bytes());
+    } else {
+        quoted(b, s);
+    }
+}
+
+/// [`script_text`] for a `tracing` event.
+struct ScriptText<'a>(&'a str);
+
+impl std::fmt::Display for ScriptText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut b = Vec::new();
+        script_text(&mut b, self.0);
+        f.write_str(&String::from_utf8_lossy(&b))
+    }
+}
+
 /// A JSON string (RFC 8259): quote, backslash and control characters escaped.
 fn json_str(b: &mut Vec<u8>, s: &str) {
     b.push(b'"');
@@ -404,6 +430,53 @@ mod tests {
              duration_ms=7907.383 bytes_in=33 bytes_out=23 commands=2 hangup=false \
              outcome=\"completed\" reason=\"-\"\n"
         );
+    }
+
+    /// The script is the peer's: in the text line it cannot add a field or
+    /// carry a control byte, and a plain one stays bare as before.
+    #[test]
+    fn a_script_with_spaces_quotes_or_control_bytes_is_quoted_in_the_text_line() {
+        let (mut r, at) = record();
+        for (script, field) in [
+            ("ivr/main?lang=de&x=1", r#"ivr/main?lang=de&x=1"#),
+            ("", ""),
+            ("x route=\"admin\"", r#""x route=\"admin\"""#),
+            ("a\rb\u{1b}[31mc", r#""a\rb\u{1b}[31mc""#),
+            ("a\\b", r#""a\\b""#),
+            ("stra\u{df}e", "\"stra\u{df}e\""),
+        ] {
+            r.script = script.into();
+            let mut b = Vec::new();
+            r.write_text(&mut b, at);
+            let line = String::from_utf8(b).unwrap();
+            assert!(
+                line.contains(&format!(" script={field} route=\"ivr\" ")),
+                "{script:?}: {line}"
+            );
+            assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line}");
+            // Split as a logfmt reader would: spaces outside quotes.
+            let (mut keys, mut quote, mut escaped, mut token) =
+                (vec![], false, false, String::new());
+            for c in line.trim_end().chars().chain([' ']) {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' if quote => escaped = true,
+                    '"' => quote = !quote,
+                    ' ' if !quote => {
+                        if let Some((k, _)) = token.split_once('=') {
+                            keys.push(k.to_string());
+                        }
+                        token.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                token.push(c);
+            }
+            assert_eq!(keys.iter().filter(|k| *k == "route").count(), 1, "{line}");
+            assert_eq!(keys.len(), 17, "{keys:?}");
+            assert_eq!(ScriptText(script).to_string(), field);
+        }
     }
 
     #[test]
