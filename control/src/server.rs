@@ -212,11 +212,7 @@ impl PreparedControl {
             _ => None,
         };
         let tcp = match opts.address {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|error| ServeError::Bind { addr, error })?,
-            ),
+            Some(addr) => Some(bind_tcp(addr).map_err(|error| ServeError::Bind { addr, error })?),
             None => None,
         };
         let unix = match &opts.socket {
@@ -795,4 +791,46 @@ async fn observe<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) ->
     let resp = next.run(req).await;
     ctx.plane.observe_request(&endpoint, resp.status().as_u16());
     resp
+}
+
+/// The control API's TCP listener. `[::]` answers IPv4 as well, as the
+/// docs say and the config's port-clash check assumes, whatever the host's
+/// `net.ipv6.bindv6only` (tokio's `bind` leaves it to that setting).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    /// `[::]` is dual-stack by our choice, not the host's sysctl: the
+    /// option is read back, and an IPv4 client is answered.
+    #[tokio::test]
+    async fn a_control_api_on_the_ipv6_any_address_takes_ipv4_too() {
+        let l = bind_tcp("[::]:0".parse().unwrap()).unwrap();
+        assert!(!socket2::SockRef::from(&l).only_v6().unwrap());
+        let port = l.local_addr().unwrap().port();
+        let (connected, accepted) = tokio::join!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            l.accept()
+        );
+        connected.unwrap();
+        assert!(accepted.unwrap().1.ip().to_canonical().is_loopback());
+        // A given IPv6 address stays IPv6 only.
+        let l = bind_tcp("[::1]:0".parse().unwrap()).unwrap();
+        assert!(socket2::SockRef::from(&l).only_v6().unwrap());
+    }
 }

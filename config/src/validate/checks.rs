@@ -102,18 +102,51 @@ fn regex_error(text: &str, e: &regex::Error) -> String {
 pub(crate) fn network(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+        return Ok(unmapped(net.trunc()));
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
+        return Ok(unmapped(IpNet::from(ip)));
     }
     Err(format!(
         "{text:?} is not an IP network; write e.g. 10.0.0.0/8, or 127.0.0.1 for one address"
     ))
 }
 
+/// An IPv4-mapped network (`::ffff:10.0.0.0/104`) as the IPv4 network it
+/// maps (`10.0.0.0/8`): peers are matched in their IPv4 form (a dual-stack
+/// listener's IPv4 caller, a PROXY header's mapped address), so the IPv6
+/// form was accepted and never matched.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// `::1:5353`: an IPv6 address and a port written without brackets (or an
+/// IPv6 address alone whose last group is all digits: the text cannot say
+/// which). The message to give: both readings, bracketed.
+fn ipv6_and_port(text: &str) -> Option<String> {
+    if text.starts_with('[') || text.matches(':').count() < 2 {
+        return None;
+    }
+    let (ip, port) = text.rsplit_once(':')?;
+    let ip = ip.parse::<std::net::Ipv6Addr>().ok()?;
+    let port = port.parse::<u16>().ok()?;
+    Some(format!(
+        "{text:?} is ambiguous: an IPv6 address takes brackets before a port; write \
+         {} for {ip} on port {port}, or [{text}] for the address {text}",
+        SocketAddr::new(IpAddr::V6(ip), port)
+    ))
+}
+
 /// Why an address did not parse as ip:port.
 enum AddrProblem {
+    /// See [`ipv6_and_port`]: the message.
+    Unbracketed(String),
     Empty,
     NoPort(IpAddr),
     NoHost,
@@ -129,6 +162,9 @@ fn socket_addr(text: &str) -> Result<SocketAddr, AddrProblem> {
     }
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
+    }
+    if let Some(hint) = ipv6_and_port(text) {
+        return Err(AddrProblem::Unbracketed(hint));
     }
     let unbracketed = text
         .strip_prefix('[')
@@ -174,6 +210,7 @@ pub(crate) fn backend_address(text: &str) -> Result<BackendTarget, String> {
         other => other,
     };
     let addr = addr.map_err(|p| match p {
+        AddrProblem::Unbracketed(m) => m,
         AddrProblem::Empty => "is empty; write ip:port, e.g. 10.0.0.1:4573".to_string(),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write host:port, e.g. {}",
@@ -202,7 +239,12 @@ pub(crate) fn backend_address(text: &str) -> Result<BackendTarget, String> {
             addr.port()
         ));
     }
-    Ok(BackendTarget::Static(addr))
+    // `[::ffff:10.0.0.5]:4573` is 10.0.0.5:4573: one backend, listed (and
+    // deduplicated, counted, logged) in one form.
+    Ok(BackendTarget::Static(SocketAddr::new(
+        addr.ip().to_canonical(),
+        addr.port(),
+    )))
 }
 
 /// `name:port` of a DNS backend.
@@ -272,6 +314,11 @@ pub(crate) fn dns_name(text: &str) -> Result<String, String> {
 /// A nameserver: ip or ip:port (port 53 when absent); never a name.
 pub(crate) fn nameserver(text: &str) -> Result<SocketAddr, String> {
     let text = text.trim();
+    // Read as an address alone (port 53), `::1:5353` sent every query to a
+    // host that is not there.
+    if let Some(hint) = ipv6_and_port(text) {
+        return Err(hint);
+    }
     let unbracketed = text
         .strip_prefix('[')
         .and_then(|t| t.strip_suffix(']'))
@@ -306,6 +353,7 @@ fn bind_address(text: &str, who: &str, port: u16) -> Result<SocketAddr, String> 
     let example = format!("0.0.0.0:{port}");
     let other = format!("127.0.0.1:{port}");
     socket_addr(text).map_err(|p| match p {
+        AddrProblem::Unbracketed(m) => m,
         AddrProblem::Empty => format!("is empty; write ip:port, e.g. {example}"),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write ip:port, e.g. {}",
@@ -441,6 +489,10 @@ mod tests {
             "\"10.0.0.1\" has no port; write host:port, e.g. 10.0.0.1:4573"
         );
         assert!(backend_address("::1").unwrap_err().contains("[::1]:4573"));
+        assert_eq!(
+            backend_address("[::ffff:127.0.0.1]:5000"),
+            Ok(BackendTarget::Static("127.0.0.1:5000".parse().unwrap()))
+        );
         assert!(backend_address("[::1]").unwrap_err().contains("[::1]:4573"));
         assert_eq!(
             backend_address("ivr.svc:4573"),
@@ -494,6 +546,27 @@ mod tests {
             Ok("10.96.0.10:53".parse().unwrap())
         );
         assert_eq!(nameserver("[::1]"), Ok("[::1]:53".parse().unwrap()));
+        // Without brackets, `::1:5353` was taken for the address ::1:5353 on
+        // port 53: refused, with both readings.
+        let e = nameserver("::1:5353").unwrap_err();
+        assert!(e.contains("[::1]:5353") && e.contains("[::1:5353]"), "{e}");
+        assert_eq!(
+            nameserver("[::1:5353]"),
+            Ok("[::1:5353]:53".parse().unwrap())
+        );
+        assert_eq!(nameserver("fd00::53"), Ok("[fd00::53]:53".parse().unwrap()));
+        for bad in ["::1:26001", "fe80::2:4573"] {
+            for e in [
+                listen_address(bad).unwrap_err(),
+                control_address(bad).unwrap_err(),
+                backend_address(bad).unwrap_err(),
+            ] {
+                assert!(e.contains("ambiguous") && e.contains("]:"), "{bad}: {e}");
+            }
+        }
+        assert!(listen_address("::1:26001")
+            .unwrap_err()
+            .contains("[::1]:26001"));
         assert!(nameserver("dns.local").unwrap_err().contains("by IP"));
     }
 
@@ -537,6 +610,23 @@ mod tests {
         assert_eq!(network("10.1.2.3/8"), Ok("10.0.0.0/8".parse().unwrap()));
         assert_eq!(network("127.0.0.1"), Ok("127.0.0.1/32".parse().unwrap()));
         assert_eq!(network("::1"), Ok("::1/128".parse().unwrap()));
+        // IPv4-mapped: the IPv4 network, which is how peers are matched.
+        assert_eq!(
+            network("::ffff:127.0.0.0/104"),
+            Ok("127.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(
+            network("::ffff:10.1.2.3/120"),
+            Ok("10.1.2.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            network("::ffff:192.0.2.7"),
+            Ok("192.0.2.7/32".parse().unwrap())
+        );
+        assert_eq!(network("::ffff:0:0/96"), Ok("0.0.0.0/0".parse().unwrap()));
+        // Wider than the mapped range, or not mapped: IPv6 as written.
+        assert_eq!(network("::/0"), Ok("::/0".parse().unwrap()));
+        assert_eq!(network("::7f00:1/128"), Ok("::7f00:1/128".parse().unwrap()));
         assert!(network("10.0.0.0/33")
             .unwrap_err()
             .contains("not an IP network"));

@@ -73,6 +73,9 @@ impl SessionRecord {
     /// A PROXY header named the Asterisk behind the connection's peer.
     pub(crate) fn called_by(&mut self, caller: Option<SocketAddr>) {
         if let Some(caller) = caller {
+            // An IPv4 Asterisk named IPv4-mapped (`::ffff:192.0.2.6`) is
+            // logged as routing and `${remote_ip}` see it: 192.0.2.6.
+            let caller = SocketAddr::new(caller.ip().to_canonical(), caller.port());
             self.via = Some(std::mem::replace(&mut self.peer, caller));
         }
     }
@@ -522,6 +525,13 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["peer"], "192.0.2.7:40001");
         assert_eq!(v["via"], "127.0.0.1:58554");
+        // Named IPv4-mapped: logged in its IPv4 form.
+        let (mut r, at) = record();
+        r.called_by(Some("[::ffff:192.0.2.6]:40004".parse().unwrap()));
+        let mut b = Vec::new();
+        r.write_text(&mut b, at);
+        let line = String::from_utf8(b).unwrap();
+        assert!(line.contains(" peer=192.0.2.6:40004 via="), "{line}");
         // No header named anyone: nothing changes, no `via`.
         let (mut r, at) = record();
         r.called_by(None);

@@ -505,6 +505,27 @@ mod tests {
         );
     }
 
+    /// A network written IPv4-mapped matches the IPv4 callers it maps,
+    /// whether they come as IPv4 or mapped (a dual-stack listener, a PROXY
+    /// header): it was accepted and never matched.
+    #[test]
+    fn an_ipv4_mapped_source_network_matches_its_ipv4_callers() {
+        let yaml = "version: 1\nlisteners: [{ name: a, address: \"127.0.0.1:4573\" }]\n\
+             pools: [{ name: p, backends: [{ address: \"127.0.0.1:9\" }] }]\nroutes:\n\
+             \x20 - { name: mapped, match: { source: [\"::ffff:127.0.0.0/104\"] }, pool: p }\n";
+        let config = agiproxy_config::from_yaml_str(yaml).unwrap();
+        let router = Router::new(config.routes, &config.pools, None);
+        let h = Header::parse(b"agi_network_script: x\n\n".to_vec(), 512).unwrap();
+        let v4 = Ipv4Addr::new(127, 0, 0, 5);
+        assert_eq!(router.route(&h, IpAddr::V4(v4)), Some(0));
+        assert_eq!(router.route(&h, IpAddr::V6(v4.to_ipv6_mapped())), Some(0));
+        assert_eq!(
+            router.route(&h, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))),
+            None
+        );
+        assert_eq!(router.route(&h, IpAddr::V6(Ipv6Addr::LOCALHOST)), None);
+    }
+
     #[test]
     fn an_ordinary_configs_argument_and_variable_regexes_are_compiled_with_the_router() {
         let mut yaml = String::from(
