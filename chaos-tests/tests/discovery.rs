@@ -14,6 +14,8 @@ use common::*;
 
 /// The TTL the records are served with, in seconds.
 const TTL: u32 = 1;
+/// SRV targets the proxy looks up at once (`TARGETS_AT_ONCE`).
+const TARGETS_IN_A_ROUND: usize = 16;
 /// A change must show within one TTL (plus this, for the lookup itself and
 /// the scheduler of a loaded 2-core machine).
 const SLACK: Duration = Duration::from_millis(600);
@@ -801,4 +803,71 @@ async fn a_reload_that_adds_or_drops_a_final_dot_asks_the_new_name() {
     dns.set_addrs("agi", &ips(&[2]), TTL);
     dns.set_servfail(false);
     wait_members(&p, &[backends[1].addr()].into(), Duration::from_secs(5)).await;
+}
+
+/// A target is judged by its own families, not the name's: an IPv4-only
+/// target whose AAAA fails, beside an IPv6-only target, does not fail the
+/// lookup (audit: every lookup after the first failed, and a new target
+/// never joined the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_only_srv_target_whose_aaaa_fails_beside_an_ipv6_one_keeps_the_name_followed() {
+    use chaos_tests::RecordType;
+    let dns = FakeDns::start().await;
+    dns.set_srv_additionals(false);
+    dns.set_addrs("v4only.mixed.test", &ips(&[2]), 1);
+    dns.set_servfail_for_kind("v4only.mixed.test", RecordType::AAAA, true);
+    dns.set_addrs("v6only.mixed.test", &["::1".parse().unwrap()], 1);
+    let mut records = vec![
+        SrvRecord::new(10, 10, 4573, "v4only.mixed.test"),
+        SrvRecord::new(10, 10, 4573, "v6only.mixed.test"),
+    ];
+    dns.set_srv("_agi._tcp.mixed.test", &records, 1);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.mixed.test\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    let mut want: BTreeSet<SocketAddr> = [
+        SocketAddr::from(([127, 0, 0, 2], 4573)),
+        "[::1]:4573".parse().unwrap(),
+    ]
+    .into();
+    wait_members(&p, &want, Duration::from_secs(10)).await;
+    // A new target joins within a few lookups (TTL 1 s).
+    dns.set_addrs("new.mixed.test", &ips(&[3]), 1);
+    records.push(SrvRecord::new(10, 10, 4573, "new.mixed.test"));
+    dns.set_srv("_agi._tcp.mixed.test", &records, 1);
+    want.insert(SocketAddr::from(([127, 0, 0, 3], 4573)));
+    wait_members(&p, &want, Duration::from_secs(10)).await;
+}
+
+/// A first lookup asks no AAAA of the targets after the first one whose
+/// AAAA failed (one round pays the timeout, not every round); those are
+/// asked AAAA by the next lookup, so an IPv6 target among them is found
+/// (audit: the 17th of 17 targets, IPv6 only, was never found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_target_past_the_first_round_is_found_by_the_next_lookup() {
+    use chaos_tests::RecordType;
+    let dns = FakeDns::start().await;
+    dns.set_srv_additionals(false);
+    let mut records = Vec::new();
+    let mut want = BTreeSet::new();
+    for i in 1..=TARGETS_IN_A_ROUND as u8 {
+        let target = format!("a{i:02}.round.test");
+        dns.set_addrs(&target, &ips(&[i + 1]), 1);
+        dns.set_servfail_for_kind(&target, RecordType::AAAA, true);
+        records.push(SrvRecord::new(10, 10, 4573, &target));
+        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
+    }
+    // Sorted after the others: looked up once a first-round target is done.
+    dns.set_addrs("z6.round.test", &["::1".parse().unwrap()], 1);
+    records.push(SrvRecord::new(10, 10, 4573, "z6.round.test"));
+    want.insert("[::1]:4573".parse().unwrap());
+    dns.set_srv("_agi._tcp.round.test", &records, 1);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.round.test\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    wait_members(&p, &want, Duration::from_secs(10)).await;
 }

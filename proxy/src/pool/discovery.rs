@@ -37,7 +37,7 @@ use hickory_resolver::{Resolver, TokioResolver};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::lock;
-use super::live::{key, Follower, Found, Owner, PoolLive};
+use super::live::{key, Follower, Found, Owner, PoolLive, TargetKnown};
 
 /// Builds the resolver `dns` describes: the system's configuration
 /// (`/etc/resolv.conf`) unless nameservers are given, search domains
@@ -249,8 +249,12 @@ async fn follow(name: Followed) {
         // addresses then fails the lookup (the set stays).
         let known = lock(&live.discovery)
             .get(&name.key)
-            .map(|d| Families::of(&d.found))
-            .unwrap_or_default();
+            .map(|d| Known {
+                families: Families::of(&d.found),
+                targets: d.targets.clone(),
+                first: d.last_success.is_none(),
+            })
+            .unwrap_or_else(Known::first);
         // Built anew after a reload has taken this task over, as a new task
         // would be: the system's resolver configuration (`/etc/resolv.conf`,
         // the hosts file) is read again, at the next lookup, not at once.
@@ -271,7 +275,7 @@ async fn follow(name: Followed) {
                     r
                 }
             };
-            let out = lookup_known(&r, target, dns, known).await;
+            let out = lookup_known(&r, target, dns, &known).await;
             resolver = Some(r);
             out
         };
@@ -282,9 +286,9 @@ async fn follow(name: Followed) {
             r = lookup => r,
         };
         let wait = match result {
-            Ok((found, ttl)) => {
-                let wait = ttl.clamp(dns.min_ttl, dns.max_ttl);
-                let Some(changed) = record_success(&name, found, wait) else {
+            Ok(answer) => {
+                let wait = answer.ttl.clamp(dns.min_ttl, dns.max_ttl);
+                let Some(changed) = record_success(&name, answer, wait) else {
                     return;
                 };
                 if changed || first {
@@ -321,7 +325,10 @@ async fn follow(name: Followed) {
 
 /// Stores a good answer; whether the set changed, None when the task was
 /// ended meanwhile (its name may be dropped: no answer of it comes back).
-fn record_success(name: &Followed, mut found: Vec<Found>, ttl: Duration) -> Option<bool> {
+fn record_success(name: &Followed, answer: Answer, ttl: Duration) -> Option<bool> {
+    let Answer {
+        mut found, targets, ..
+    } = answer;
     let mut map = lock(&name.live.discovery);
     if name.cancel.is_cancelled() {
         return None;
@@ -359,6 +366,7 @@ fn record_success(name: &Followed, mut found: Vec<Found>, ttl: Duration) -> Opti
         name.live.answers_changed.fetch_add(1, Ordering::Relaxed);
     }
     d.last_success = Some(SystemTime::now());
+    d.targets = Arc::new(targets);
     d.ttl = ttl;
     d.lookups += 1;
     d.failing = 0;
@@ -437,6 +445,38 @@ impl Families {
     }
 }
 
+/// What a name's last good answer says of the lookup to come.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// The families the whole answer held (a name's A/AAAA lookup).
+    pub families: Families,
+    /// Each SRV target it looked up: a target is judged by its own
+    /// families, not the name's (an AAAA failure of an IPv4-only target,
+    /// beside an IPv6 one, failed every lookup and froze the set: audit).
+    pub targets: Arc<HashMap<String, TargetKnown>>,
+    /// No answer yet.
+    pub first: bool,
+}
+
+impl Known {
+    /// Nothing known: a name's first lookup.
+    pub fn first() -> Known {
+        Known {
+            first: true,
+            ..Known::default()
+        }
+    }
+}
+
+/// A good answer: the backends, the TTL (the lowest of the records used),
+/// and what each SRV target looked up held ([`Known::targets`] next time).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub found: Vec<Found>,
+    pub ttl: Duration,
+    pub targets: HashMap<String, TargetKnown>,
+}
+
 /// Resolves `target`: its backends and the TTL of the answer (the lowest
 /// of the records used). A first lookup: see [`lookup_known`].
 pub async fn lookup(
@@ -444,7 +484,8 @@ pub async fn lookup(
     target: &BackendTarget,
     dns: &Dns,
 ) -> Result<(Vec<Found>, Duration), String> {
-    lookup_known(resolver, target, dns, Families::default()).await
+    let a = lookup_known(resolver, target, dns, &Known::first()).await?;
+    Ok((a.found, a.ttl))
 }
 
 /// [`lookup`] for a name whose last good answer held the address families
@@ -456,30 +497,36 @@ pub async fn lookup_known(
     resolver: &TokioResolver,
     target: &BackendTarget,
     dns: &Dns,
-    known: Families,
-) -> Result<(Vec<Found>, Duration), String> {
+    known: &Known,
+) -> Result<Answer, String> {
     // Bounded whatever the resolver does with retries and its transports.
     let limit = dns.timeout.saturating_mul(3) + Duration::from_secs(1);
     resolver.clear_cache();
     let out = match target {
-        BackendTarget::Static(a) => Ok((
-            vec![Found {
+        BackendTarget::Static(a) => Ok(Answer {
+            found: vec![Found {
                 addr: *a,
                 weight: None,
                 tier: 0,
                 new: false,
             }],
-            Duration::MAX,
-        )),
+            ttl: Duration::MAX,
+            targets: HashMap::new(),
+        }),
         BackendTarget::Host { name, port } => {
-            tokio::time::timeout(limit, lookup_host(resolver, name, *port, known))
+            tokio::time::timeout(limit, lookup_host(resolver, name, *port, known.families))
                 .await
                 .unwrap_or_else(|_| Err(format!("lookup of {name} timed out")))
+                .map(|(found, ttl)| Answer {
+                    found,
+                    ttl,
+                    targets: HashMap::new(),
+                })
         }
         // Bounded inside, per query: its targets' lookups take rounds.
         BackendTarget::Srv { name } => lookup_srv(resolver, name, known, limit).await,
     }?;
-    if out.0.is_empty() {
+    if out.found.is_empty() {
         return Err(format!("{target}: the answer has no usable address"));
     }
     Ok(out)
@@ -511,7 +558,7 @@ async fn lookup_host(
     port: u16,
     known: Families,
 ) -> Result<(Vec<Found>, Duration), String> {
-    let (ips, ttl) = addresses(resolver, name, known, None)
+    let (ips, ttl) = addresses(resolver, name, known, true, None)
         .await
         .map_err(|e| format!("{name}: {}", dns_error(&e)))?;
     let mut seen = HashSet::new();
@@ -540,17 +587,16 @@ async fn lookup_host(
 /// family that held none is left out when it fails (a server that drops
 /// AAAA queries), as long as the other answers.
 ///
+/// `ask_v6`: whether AAAA is asked at all (see [`lookup_srv`]).
 /// `v6_failed`, shared by the lookups of one SRV answer's targets: set by
-/// the first AAAA that fails so, and then AAAA is not asked for the
-/// targets not yet looked up (each would wait its whole timeout for
-/// nothing: one round of 16 pays it, not every round).
+/// the first AAAA that fails so.
 async fn addresses(
     resolver: &TokioResolver,
     name: impl hickory_resolver::proto::rr::IntoName + Clone,
     known: Families,
+    ask_v6: bool,
     v6_failed: Option<&AtomicBool>,
 ) -> Addresses {
-    let ask_v6 = known.v6 || !v6_failed.is_some_and(|f| f.load(Ordering::Relaxed));
     let (v4, v6) = tokio::join!(resolver.ipv4_lookup(name.clone()), async {
         if ask_v6 {
             Some(resolver.ipv6_lookup(name).await)
@@ -600,12 +646,21 @@ const TARGETS_AT_ONCE: usize = 16;
 /// drops AAAA queries: audit), and kept such a pool empty for good. The
 /// whole is bounded by the number of targets (an answer holds at most
 /// about 3,000), in rounds of [`TARGETS_AT_ONCE`].
+///
+/// Each target is judged by what it held in the last good answer
+/// (`known.targets`): a family it held that fails now fails the lookup,
+/// one it did not is left out. Once one target's AAAA has failed so, AAAA
+/// is not asked of the targets after it that held no IPv6 and were asked
+/// before (each would wait its whole timeout for nothing: one round of 16
+/// pays it, not every round); a target never asked AAAA (a new one, or one
+/// a first lookup passed over) is asked, so that its IPv6 addresses are
+/// found by the next lookup at the latest.
 async fn lookup_srv(
     resolver: &TokioResolver,
     name: &str,
-    known: Families,
+    known: &Known,
     limit: Duration,
-) -> Result<(Vec<Found>, Duration), String> {
+) -> Result<Answer, String> {
     let answer = tokio::time::timeout(limit, resolver.srv_lookup(name))
         .await
         .map_err(|_| format!("SRV lookup of {name} timed out"))?
@@ -648,12 +703,23 @@ async fn lookup_srv(
     let v6_failed = &v6_failed;
     let mut asked = stream::iter(to_ask)
         .map(|target| async move {
-            let found = addresses(resolver, target.clone(), known, Some(v6_failed));
-            (target, tokio::time::timeout(limit, found).await)
+            let k = target_key(&target);
+            let was = known.targets.get(&k).copied();
+            let families = was.map_or_else(Families::default, |w| Families { v4: w.v4, v6: w.v6 });
+            let failed = v6_failed.load(Ordering::Relaxed);
+            let ask_v6 = match was {
+                Some(w) => w.v6 || !w.v6_asked || !failed,
+                None if known.first => !failed,
+                None => true,
+            };
+            let found = addresses(resolver, target.clone(), families, ask_v6, Some(v6_failed));
+            let r = tokio::time::timeout(limit, found).await;
+            (target, k, ask_v6, r)
         })
         .buffer_unordered(TARGETS_AT_ONCE);
     let mut resolved = std::collections::HashMap::new();
-    while let Some((target, r)) = asked.next().await {
+    let mut targets = HashMap::new();
+    while let Some((target, k, v6_asked, r)) = asked.next().await {
         // The first that times out fails the name: the rounds left would
         // change nothing (dropped, they end their lookups).
         let Ok(r) = r else {
@@ -662,11 +728,24 @@ async fn lookup_srv(
         match r {
             Ok((ips, t)) => {
                 ttl = ttl.min(t);
+                let held = TargetKnown {
+                    v4: ips.iter().any(IpAddr::is_ipv4),
+                    v6: ips.iter().any(IpAddr::is_ipv6),
+                    v6_asked,
+                };
+                targets.insert(k, held);
                 resolved.insert(target, ips);
             }
             // The name has no address: the target is gone, drop it.
             Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
                 tracing::debug!(srv = name, target = %target, error = dns_error(&e), "SRV target has no address");
+                targets.insert(
+                    k,
+                    TargetKnown {
+                        v6_asked,
+                        ..TargetKnown::default()
+                    },
+                );
                 resolved.insert(target, Vec::new());
             }
             // A timeout or a server failure says nothing about the target:
@@ -699,7 +778,16 @@ async fn lookup_srv(
             }
         }
     }
-    Ok((found, ttl))
+    Ok(Answer {
+        found,
+        ttl,
+        targets,
+    })
+}
+
+/// An SRV target's key in [`Known::targets`]: lower case, no final dot.
+fn target_key(target: &Name) -> String {
+    target.to_ascii().trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// An SRV weight as a backend weight (1..=1000): weights above 1000 are

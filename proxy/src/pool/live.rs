@@ -42,6 +42,18 @@ pub struct Discovered {
     /// Failures since the last good answer.
     pub failing: u32,
     pub last_error: Option<String>,
+    /// The SRV targets the last good answer looked up (by lower-case name
+    /// without the final dot; not those its additional section answered):
+    /// what each held, and whether AAAA was asked of it.
+    pub targets: Arc<HashMap<String, TargetKnown>>,
+}
+
+/// One SRV target of a name's last good answer: see [`Discovered::targets`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetKnown {
+    pub v4: bool,
+    pub v6: bool,
+    pub v6_asked: bool,
 }
 
 /// The key of a DNS entry in [`PoolLive`]: case and a
