@@ -381,10 +381,12 @@ impl ControlPlane for ControlHandle {
             .ok_or_else(|| ControlError::NotFound(format!("no pool {pool:?}")))?;
         let not_found = || {
             ControlError::NotFound(format!(
-                "no backend {backend:?} in pool {pool:?} (write it as ip:port)"
+                "no backend {backend:?} in pool {pool:?} (write it as ip:port, an IPv6 address in brackets: [fd00::5]:4573)"
             ))
         };
         let addr: std::net::SocketAddr = backend.parse().map_err(|_| not_found())?;
+        // As the config holds it: an IPv4-mapped address is its IPv4 one.
+        let addr = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
         if !p.set_draining(addr, draining) {
             return Err(not_found());
         }

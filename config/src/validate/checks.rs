@@ -143,10 +143,20 @@ fn ipv6_and_port(text: &str) -> Option<String> {
     ))
 }
 
+fn zone_refused(text: &str) -> String {
+    format!(
+        "{text:?} has an IPv6 zone id (%...), which is not supported; give an address \
+         without one (a global or unique local address, fd00::/8)"
+    )
+}
+
 /// Why an address did not parse as ip:port.
 enum AddrProblem {
     /// See [`ipv6_and_port`]: the message.
     Unbracketed(String),
+    /// `[fe80::1%eth0]:4573`: logs, the API, reloads and health checks'
+    /// URLs would each show or compare it differently.
+    Zone,
     Empty,
     NoPort(IpAddr),
     NoHost,
@@ -161,7 +171,13 @@ fn socket_addr(text: &str) -> Result<SocketAddr, AddrProblem> {
         return Err(AddrProblem::Empty);
     }
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
+        return match addr {
+            SocketAddr::V6(a) if a.scope_id() != 0 => Err(AddrProblem::Zone),
+            _ => Ok(addr),
+        };
+    }
+    if text.starts_with('[') && text.contains('%') {
+        return Err(AddrProblem::Zone);
     }
     if let Some(hint) = ipv6_and_port(text) {
         return Err(AddrProblem::Unbracketed(hint));
@@ -211,6 +227,7 @@ pub(crate) fn backend_address(text: &str) -> Result<BackendTarget, String> {
     };
     let addr = addr.map_err(|p| match p {
         AddrProblem::Unbracketed(m) => m,
+        AddrProblem::Zone => zone_refused(text),
         AddrProblem::Empty => "is empty; write ip:port, e.g. 10.0.0.1:4573".to_string(),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write host:port, e.g. {}",
@@ -354,6 +371,7 @@ fn bind_address(text: &str, who: &str, port: u16) -> Result<SocketAddr, String> 
     let other = format!("127.0.0.1:{port}");
     socket_addr(text).map_err(|p| match p {
         AddrProblem::Unbracketed(m) => m,
+        AddrProblem::Zone => zone_refused(text),
         AddrProblem::Empty => format!("is empty; write ip:port, e.g. {example}"),
         AddrProblem::NoPort(ip) => format!(
             "{text:?} has no port; write ip:port, e.g. {}",
@@ -567,6 +585,20 @@ mod tests {
         assert!(listen_address("::1:26001")
             .unwrap_err()
             .contains("[::1]:26001"));
+        for zoned in ["[::1%1]:26031", "[fe80::1%eth0]:4573"] {
+            assert!(
+                listen_address(zoned).unwrap_err().contains("zone id"),
+                "{zoned}"
+            );
+            assert!(
+                backend_address(zoned).unwrap_err().contains("zone id"),
+                "{zoned}"
+            );
+            assert!(
+                control_address(zoned).unwrap_err().contains("zone id"),
+                "{zoned}"
+            );
+        }
         assert!(nameserver("dns.local").unwrap_err().contains("by IP"));
     }
 
