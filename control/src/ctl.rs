@@ -39,7 +39,7 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     pub https: bool,
     /// DNS server for --cluster (default: the system's resolver).
-    #[arg(long, value_name = "IP:PORT", global = true)]
+    #[arg(long, value_name = "IP:PORT", global = true, value_parser = dns_server)]
     pub dns_server: Option<SocketAddr>,
     /// File holding the bearer token.
     #[arg(long, value_name = "FILE", global = true)]
@@ -73,6 +73,18 @@ pub struct CtlArgs {
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// `--dns-server`: ip:port, IPv6 in brackets (`::1:5353` says which, not
+/// clap's "invalid socket address syntax").
+fn dns_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        if text.matches(':').count() > 1 && !text.starts_with('[') {
+            format!("{text:?}: write an IPv6 address in brackets before its port, e.g. [::1]:53")
+        } else {
+            format!("{text:?} is not ip:port, e.g. 127.0.0.1:53 or [::1]:53")
+        }
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -979,6 +991,19 @@ pub fn format_rollout(r: &RolloutView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dns_server_in_ipv6_wants_brackets() {
+        assert_eq!(dns_server("[::1]:53"), Ok("[::1]:53".parse().unwrap()));
+        assert_eq!(
+            dns_server("127.0.0.1:53"),
+            Ok("127.0.0.1:53".parse().unwrap())
+        );
+        assert!(dns_server("::1:26053").unwrap_err().contains("[::1]:53"));
+        assert!(dns_server("dns.local:53")
+            .unwrap_err()
+            .contains("not ip:port"));
+    }
 
     #[test]
     fn urls_parse() {
