@@ -89,14 +89,20 @@ fn dns_server(text: &str) -> Result<SocketAddr, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: write e.g. 500ms, 5s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{s:?}: write e.g. 500ms, 5s")),
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(_) if !num.is_empty() => return Err(format!("{s:?} is too long; e.g. 5s")),
+        Err(_) => return Err(format!("{s:?}: write e.g. 500ms, 5s")),
+    };
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        _ => return Err(format!("{s:?}: write e.g. 500ms, 5s")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: no replica answers in no time; e.g. 5s"));
     }
+    Ok(d)
 }
 
 /// A DNS name or an IP address, as a certificate carries it (clap names
@@ -345,10 +351,15 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
     let token = match &args.token_file {
         // The same bounds as the proxy's own token file.
         Some(f) => Some(crate::token::read_token(f).map_err(|e| format!("--token-file {e}"))?),
-        None => std::env::var(&args.token_env)
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()),
+        None => match std::env::var(&args.token_env) {
+            Ok(t) if !t.trim().is_empty() => {
+                let t = t.trim();
+                crate::token::presentable(t)
+                    .map_err(|e| format!("--token-env {}: {e}", args.token_env))?;
+                Some(t.to_string())
+            }
+            _ => None,
+        },
     };
     let mut targets = targets(&args, resolver).await?;
     if let Some(name) = &args.server_name {
@@ -382,11 +393,21 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         }
     }
     let tls = if targets.iter().any(|t| t.https) {
-        Some(connector(&ClientTls {
-            ca: args.ca.clone(),
-            cert: args.cert.clone(),
-            key: args.key.clone(),
-        })?)
+        Some(
+            connector(&ClientTls {
+                ca: args.ca.clone(),
+                cert: args.cert.clone(),
+                key: args.key.clone(),
+            })
+            .map_err(|e| format!("TLS files (--ca, --cert, --key): {e}"))?,
+        )
+    } else if args.ca.is_some() || args.cert.is_some() || args.key.is_some() {
+        // As --server-name: ignored, they would hide a plain-http mistake.
+        return Err(
+            "--ca, --cert and --key are for https (--url https://HOST:PORT, or --cluster with \
+             --https); this replica is asked over plain http"
+                .into(),
+        );
     } else {
         None
     };
@@ -423,17 +444,17 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         CtlCommand::Reload => Call::new("POST", "/v1/reload", None, vec![]),
         CtlCommand::Pools { pool: None } => Call::new("GET", "/v1/pools", None, vec![]),
         CtlCommand::Pools { pool: Some(p) } => {
-            Call::new("GET", format!("/v1/pools/{p}"), None, vec![])
+            Call::new("GET", format!("/v1/pools/{}", seg(p)), None, vec![])
         }
         CtlCommand::Drain { pool, backend } => Call::new(
             "POST",
-            format!("/v1/pools/{pool}/backends/{backend}/drain"),
+            format!("/v1/pools/{}/backends/{}/drain", seg(pool), seg(backend)),
             None,
             vec![],
         ),
         CtlCommand::Enable { pool, backend } => Call::new(
             "POST",
-            format!("/v1/pools/{pool}/backends/{backend}/enable"),
+            format!("/v1/pools/{}/backends/{}/enable", seg(pool), seg(backend)),
             None,
             vec![],
         ),
@@ -444,9 +465,13 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
                     let (pool, weight) = w
                         .split_once('=')
                         .ok_or_else(|| format!("{w:?}: write POOL=WEIGHT"))?;
-                    let weight = weight
-                        .parse()
-                        .map_err(|_| format!("{w:?}: the weight must be a whole number"))?;
+                    let weight = weight.parse().map_err(|_| {
+                        if !weight.is_empty() && weight.bytes().all(|b| b.is_ascii_digit()) {
+                            format!("{w:?}: the weight is too large")
+                        } else {
+                            format!("{w:?}: the weight must be a whole number")
+                        }
+                    })?;
                     Ok(SplitWeight {
                         pool: pool.to_string(),
                         weight,
@@ -456,7 +481,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             let body = serde_json::to_vec(&SplitRequest { split }).map_err(|e| e.to_string())?;
             Call::new(
                 "PUT",
-                format!("/v1/routes/{route}/split"),
+                format!("/v1/routes/{}/split", seg(route)),
                 Some(body),
                 vec![("content-type", "application/json".into())],
             )
@@ -466,7 +491,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             Call::new("GET", "/v1/rollouts", None, vec![])
         }
         CtlCommand::Rollout(RolloutCommand::Status { route: Some(r) }) => {
-            Call::new("GET", format!("/v1/rollouts/{r}"), None, vec![])
+            Call::new("GET", format!("/v1/rollouts/{}", seg(r)), None, vec![])
         }
         CtlCommand::Rollout(cmd) => {
             let (action, route) = cmd.action().unwrap_or(("pause", ""));
@@ -479,13 +504,18 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
                 .map_err(|e| e.to_string())?;
             Call::new(
                 "POST",
-                format!("/v1/rollouts/{route}/{action}"),
+                format!("/v1/rollouts/{}/{action}", seg(route)),
                 Some(body),
                 vec![("content-type", "application/json".into())],
             )
         }
     };
-    let replies = fan_out(&client, &targets, method, &path, &headers, body).await;
+    let replies: Vec<Reply> = fan_out(&client, &targets, method, &path, &headers, body)
+        .await
+        .into_iter()
+        .map(|r| understood(&args.command, r))
+        .map(|r| hinted(r, &args.token_env))
+        .collect();
     let mut code = if replies.iter().all(|r| r.ok) { 0 } else { 1 };
 
     // A change must leave every replica on the same config.
@@ -496,7 +526,12 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             | CtlCommand::Reload
             | CtlCommand::Split { .. }
     ) || matches!(&args.command, CtlCommand::Rollout(c) if c.action().is_some());
-    if changes_config && targets.len() > 1 {
+    // A rollout action every replica refused (no such route, say) changed
+    // nothing anywhere: there is no rollout to compare, and "NOT
+    // CONVERGED" over three 404s misled (audit). The errors say it all.
+    let refused_everywhere = matches!(&args.command, CtlCommand::Rollout(c) if c.action().is_some())
+        && !replies.iter().any(|r| r.ok);
+    if changes_config && targets.len() > 1 && !refused_everywhere {
         let statuses = fan_out(&client, &targets, "GET", "/v1/status", &[], None).await;
         let hashes: Vec<Option<String>> = statuses
             .iter()
@@ -512,7 +547,7 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         let mut rollout = None;
         if let CtlCommand::Rollout(c) = &args.command {
             if let Some((_, route)) = c.action() {
-                let path = format!("/v1/rollouts/{route}");
+                let path = format!("/v1/rollouts/{}", seg(route));
                 let views = fan_out(&client, &targets, "GET", &path, &[], None).await;
                 let states: RolloutPerReplica = views
                     .iter()
@@ -544,7 +579,87 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
         }
     }
     print(&args, &replies, converged.as_ref());
+    // A backup (`ctl config get > f`) cut short by a full disk is a failure.
+    if WRITE_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        code = code.max(1);
+    }
     Ok(code)
+}
+
+/// Set when stdout refused a line for another reason than a reader that
+/// went away.
+static WRITE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A name typed on the command line as one path segment: `ivr?x` or
+/// `blue/backends/...` must name what it says, not another request (audit:
+/// `enable 'p/backends/ADDR/drain?' x` drained ADDR). `:` stays, for
+/// `ip:port`; brackets of IPv6 are encoded and decoded by the server.
+fn seg(name: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b':');
+    percent_encoding::utf8_percent_encode(name, SEGMENT).to_string()
+}
+
+/// What to do about a few errors whose words alone do not say it.
+fn hinted(mut r: Reply, token_env: &str) -> Reply {
+    if let Some(e) = &mut r.error {
+        if r.status == 401 {
+            e.push_str(&format!(
+                " (give ctl the token: --token-file FILE, or ${token_env})"
+            ));
+        } else if r.status == 0 && e.contains("InvalidContentType") {
+            e.push_str(
+                " (the replica answered plain http: use http://, or turn on its control.tls)",
+            );
+        }
+    }
+    r
+}
+
+/// A 2xx answer `cmd` cannot read is no success: another server on the
+/// port (`--url` to the wrong one), or an incompatible version. It printed
+/// nothing and exited 0 (audit).
+fn understood(cmd: &CtlCommand, mut r: Reply) -> Reply {
+    use serde::de::DeserializeOwned;
+    fn is<T: DeserializeOwned>(b: &serde_json::Value) -> bool {
+        serde_json::from_value::<T>(b.clone()).is_ok()
+    }
+    if !r.ok {
+        return r;
+    }
+    let Some(body) = &r.body else { return r };
+    let fits = match cmd {
+        CtlCommand::Status => is::<Status>(body),
+        CtlCommand::Config(ConfigCommand::Get) => is::<ConfigView>(body),
+        CtlCommand::Pools { .. } => is::<Vec<PoolView>>(body) || is::<PoolView>(body),
+        CtlCommand::Drain { .. } | CtlCommand::Enable { .. } => is::<BackendView>(body),
+        CtlCommand::DrainReplica { .. } => body.is_object(),
+        CtlCommand::Rollout(RolloutCommand::Status { .. }) => {
+            is::<Vec<RolloutView>>(body) || is::<RolloutView>(body)
+        }
+        CtlCommand::Config(ConfigCommand::Apply { .. })
+        | CtlCommand::Reload
+        | CtlCommand::Split { .. }
+        | CtlCommand::Rollout(_) => is::<Applied>(body),
+    };
+    if !fits {
+        let text = match body {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let shown: String = text.chars().take(120).collect();
+        r.ok = false;
+        r.error = Some(format!(
+            "unexpected answer (HTTP {}), not what an agiproxy control API of this version \
+             sends: is the address right? {shown:?}",
+            r.status
+        ));
+    }
+    r
 }
 
 async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec<Target>, String> {
@@ -563,9 +678,16 @@ async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec
     let name = spec.strip_prefix("dns:").ok_or_else(|| {
         format!("--cluster {spec:?}: write dns:NAME:PORT or dns:_service._tcp.NAME")
     })?;
-    let addrs = resolver
-        .resolve(name, args.dns_server)
+    // Bounded like every request: a silent DNS server held ctl for the
+    // resolver's own retries (4 s with --timeout 500ms: audit).
+    let addrs = tokio::time::timeout(args.timeout, resolver.resolve(name, args.dns_server))
         .await
+        .map_err(|_| {
+            format!(
+                "--cluster {spec}: no DNS answer within {:?} (--timeout)",
+                args.timeout
+            )
+        })?
         .map_err(|e| format!("--cluster {spec}: {e}"))?;
     if addrs.is_empty() {
         return Err(format!("--cluster {spec}: no replica found"));
@@ -602,6 +724,35 @@ fn target_from_url(url: &str) -> Result<Target, String> {
         ));
     };
     let hostport = rest.trim_end_matches('/');
+    if hostport.contains(['/', '?', '#']) {
+        return Err(format!(
+            "--url {url:?}: give the replica only, http(s)://HOST:PORT, without a path or query"
+        ));
+    }
+    if !hostport.starts_with('[') && hostport.matches(':').count() > 1 {
+        return Err(format!(
+            "--url {url:?}: an IPv6 address takes brackets before its port, e.g. http://[::1]:4574"
+        ));
+    }
+    let port = if hostport.starts_with('[') {
+        hostport.split_once("]:").map(|(_, p)| p)
+    } else {
+        hostport.rsplit_once(':').map(|(_, p)| p)
+    };
+    match port.map(str::parse::<u16>) {
+        None => {
+            return Err(format!(
+                "--url {url:?}: give the port of the replica's control.address, e.g. {url}:4574"
+            ))
+        }
+        Some(Ok(0)) => return Err(format!("--url {url:?}: port 0 is no replica's port")),
+        Some(Err(_)) => {
+            return Err(format!(
+                "--url {url:?}: the port is not a number from 1 to 65535"
+            ))
+        }
+        Some(_) => {}
+    }
     let addr: SocketAddr = hostport.parse().or_else(|_| {
         use std::net::ToSocketAddrs;
         hostport
@@ -646,7 +797,13 @@ async fn fan_out(
                                 let details: Vec<String> = e
                                     .errors
                                     .iter()
-                                    .map(|f| format!("{}: {}", f.path, f.message))
+                                    .map(|f| {
+                                        if f.path.is_empty() {
+                                            f.message.clone()
+                                        } else {
+                                            format!("{}: {}", f.path, f.message)
+                                        }
+                                    })
                                     .collect();
                                 if details.is_empty() {
                                     e.error
@@ -701,6 +858,7 @@ fn line(args: std::fmt::Arguments<'_>) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
         Err(e) => {
             eprintln!("agiproxy ctl: cannot write to stdout: {e}");
+            WRITE_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
             false
         }
     }
@@ -750,6 +908,29 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
         }
         let Some(body) = &r.body else { continue };
         print_table(&args.command, body);
+    }
+    if matches!(args.command, CtlCommand::Status) && replies.len() > 1 {
+        // Read by eye, hashes of several replicas hid a difference; the
+        // exit code stays 0 (bare-metal replicas differ by their addresses).
+        let hashes: Vec<&str> = replies
+            .iter()
+            .filter_map(|r| r.body.as_ref()?.get("hash")?.as_str())
+            .collect();
+        let mut distinct = hashes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        match distinct.as_slice() {
+            [one] if hashes.len() == replies.len() => {
+                out!("configs: all {} replicas run {one}", replies.len())
+            }
+            _ => out!(
+                "configs: {} different among the {} of {} replicas that answered ({})",
+                distinct.len(),
+                hashes.len(),
+                replies.len(),
+                distinct.join(", ")
+            ),
+        }
     }
     match converged {
         Some(Convergence {
@@ -991,6 +1172,62 @@ pub fn format_rollout(r: &RolloutView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `--url` mistake is named for what it is (audit: a path was an
+    /// "invalid port value", `::1:P` was taken, port 0 was asked).
+    #[test]
+    fn url_mistakes_are_named() {
+        for (url, says) in [
+            ("http://127.0.0.1:4574/v1", "without a path or query"),
+            ("http://127.0.0.1:4574?x=1", "without a path or query"),
+            ("http://127.0.0.1", "give the port"),
+            ("http://[::1]", "give the port"),
+            ("http://::1:4574", "takes brackets"),
+            ("http://127.0.0.1:0", "port 0"),
+            ("http://127.0.0.1:99999", "from 1 to 65535"),
+        ] {
+            let e = target_from_url(url).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+        assert!(target_from_url("http://[::1]:4574/").is_ok());
+    }
+
+    #[test]
+    fn a_timeout_is_more_than_nothing_and_fits() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0s").unwrap_err().contains("no time"));
+        assert!(parse_duration("0ms").is_err());
+        assert!(parse_duration("99999999999999999999s")
+            .unwrap_err()
+            .contains("too long"));
+        assert!(parse_duration("5m").unwrap_err().contains("500ms"));
+    }
+
+    #[test]
+    fn a_401_says_how_to_give_the_token_and_plain_http_how_to_reach_it() {
+        let reply = |status, error: &str| Reply {
+            replica: "http://127.0.0.1:1".into(),
+            ok: false,
+            status,
+            body: None,
+            error: Some(error.into()),
+        };
+        let r = hinted(reply(401, "missing bearer token"), "AGIPROXY_TOKEN");
+        assert!(r
+            .error
+            .unwrap()
+            .ends_with("(give ctl the token: --token-file FILE, or $AGIPROXY_TOKEN)"));
+        let r = hinted(
+            reply(
+                0,
+                "TLS: received corrupt message of type InvalidContentType",
+            ),
+            "T",
+        );
+        assert!(r.error.unwrap().contains("use http://"));
+        let r = hinted(reply(404, "no pool \"x\""), "T");
+        assert_eq!(r.error.unwrap(), "no pool \"x\"");
+    }
 
     #[test]
     fn a_dns_server_in_ipv6_wants_brackets() {

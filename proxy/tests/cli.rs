@@ -744,9 +744,10 @@ fn help_lists_what_a_command_takes_each_with_a_description() {
 
 #[test]
 fn ctl_options_are_accepted_after_the_command() {
-    let url = fake_control_api("{\"ok\":true}".to_string(), 1);
+    // An answer `rollout status` reads: no rollout.
+    let url = fake_control_api("[]".to_string(), 1);
     let out = bin()
-        .args(["ctl", "status", "--url", &url, "--output", "json"])
+        .args(["ctl", "rollout", "status", "--url", &url, "--output", "json"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -877,4 +878,93 @@ fn check_prints_a_routes_timeout_overrides() {
         "{stdout}"
     );
     assert!(!under("plain").contains("timeouts"), "{stdout}");
+}
+
+/// A stand-in control API that answers `body` once and sends the request
+/// line it got.
+fn recording_control_api(body: String) -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = std::io::BufReader::new(conn);
+        let mut first = String::new();
+        let _ = reader.read_line(&mut first);
+        let _ = tx.send(first.trim_end().to_string());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let _ = write!(
+            reader.get_mut(),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    (url, rx)
+}
+
+/// What ctl cannot read or write is a failure, not a silent exit 0: a 2xx
+/// answer that is not the control API's (`--url` to another server), and
+/// output a full disk refused (`ctl config get > backup.yaml`). And a name
+/// typed with `/` or `?` is one path segment, never another request
+/// (audit: `enable 'p/backends/ADDR/drain?' x` drained ADDR).
+#[test]
+fn ctl_fails_on_what_it_cannot_read_or_write_and_sends_names_as_one_segment() {
+    let url = fake_control_api("<html>a web server</html>".into(), 1);
+    let out = bin()
+        .args(["ctl", "--url", &url, "status"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("unexpected answer (HTTP 200)"), "{stdout}");
+
+    let config = r#"{"generation":3,"hash":"abc","source":"file:x.yaml","text":"version: 1\n"}"#;
+    let url = fake_control_api(config.into(), 1);
+    let out = bin()
+        .args(["ctl", "--url", &url, "config", "get"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+
+    // A token from the environment is checked as one from --token-file.
+    let out = bin()
+        .args(["ctl", "--url", "http://127.0.0.1:1", "status"])
+        .env("AGIPROXY_TOKEN", "a\u{1}b")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--token-env AGIPROXY_TOKEN: the token must be visible ASCII"),
+        "{stderr}"
+    );
+
+    let (url, seen) = recording_control_api("{}".into());
+    let _ = bin()
+        .args([
+            "ctl",
+            "--url",
+            &url,
+            "enable",
+            "blue/backends/127.0.0.1:5/drain?",
+            "[::1]:4573",
+        ])
+        .output()
+        .unwrap();
+    let line = seen
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        line,
+        "POST /v1/pools/blue%2Fbackends%2F127.0.0.1:5%2Fdrain%3F/backends/%5B::1%5D:4573/enable HTTP/1.1"
+    );
 }

@@ -520,6 +520,18 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
             && stdout.contains("their config texts differ otherwise"),
         "{stdout}"
     );
+    // Their texts differ (each its own control block): status says so.
+    let (code, stdout) = c.ctl_text(&["status"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("configs: 3 different among the 3 of 3 replicas that answered"),
+        "{stdout}"
+    );
+    // Refused by all three (no such route): their errors, no convergence.
+    let (code, stdout) = c.ctl_text(&["rollout", "pause", "nope"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert_eq!(stdout.matches("ERROR (404)").count(), 3, "{stdout}");
+    assert!(!stdout.contains("CONVERGED"), "{stdout}");
     let out = c.ctl(&["--output", "json", "rollout", "resume", "ivr"]);
     assert_eq!(out.status.code(), Some(0));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
