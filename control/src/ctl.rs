@@ -180,15 +180,30 @@ pub enum CtlCommand {
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// State, step, weights, last judgement and sessions in flight per colour.
-    Status { route: Option<String> },
+    Status {
+        /// The route whose rollout to show (default: every rollout).
+        route: Option<String>,
+    },
     /// Hold the current step on every replica.
-    Pause { route: String },
+    Pause {
+        /// The route of the rollout.
+        route: String,
+    },
     /// Go on after a pause (the remaining steps shift by the pause).
-    Resume { route: String },
+    Resume {
+        /// The route of the rollout.
+        route: String,
+    },
     /// Send every new call to green; calls on blue finish there.
-    Promote { route: String },
+    Promote {
+        /// The route of the rollout.
+        route: String,
+    },
     /// Send every new call to blue; calls on green finish there.
-    Rollback { route: String },
+    Rollback {
+        /// The route of the rollout.
+        route: String,
+    },
 }
 
 impl RolloutCommand {
@@ -209,7 +224,7 @@ pub enum ConfigCommand {
     Get,
     /// Apply a config file (YAML or JSON).
     Apply {
-        /// The config file to apply (YAML or JSON).
+        /// The config file to apply (YAML or JSON); `-` reads standard input.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
         /// Validate only.
@@ -334,11 +349,19 @@ fn read_config(file: &std::path::Path) -> Result<Vec<u8>, String> {
     const MAX: u64 = 64 << 20;
     let err = |e: &dyn std::fmt::Display| format!("-f {}: {e}", file.display());
     let mut text = Vec::new();
-    std::fs::File::open(file)
-        .map_err(|e| err(&e))?
-        .take(MAX + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| err(&e))?;
+    if file.as_os_str() == "-" {
+        std::io::stdin()
+            .lock()
+            .take(MAX + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| err(&e))?;
+    } else {
+        std::fs::File::open(file)
+            .map_err(|e| err(&e))?
+            .take(MAX + 1)
+            .read_to_end(&mut text)
+            .map_err(|e| err(&e))?;
+    }
     if text.len() as u64 > MAX {
         return Err(err(&format!(
             "larger than {MAX} bytes, more than any control API accepts"
@@ -851,6 +874,21 @@ macro_rules! out {
     };
 }
 
+/// [`line`] for a text written as it is, without a line break added.
+fn text(t: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(t.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+        Err(e) => {
+            eprintln!("agiproxy ctl: cannot write to stdout: {e}");
+            WRITE_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            false
+        }
+    }
+}
+
 fn line(args: std::fmt::Arguments<'_>) -> bool {
     use std::io::Write;
     match writeln!(std::io::stdout().lock(), "{args}") {
@@ -991,13 +1029,15 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         }
         CtlCommand::Config(ConfigCommand::Get) => {
             if let Ok(c) = serde_json::from_value::<ConfigView>(body.clone()) {
-                out!(
-                    "# generation {} hash {} from {}\n{}",
-                    c.generation,
-                    c.hash,
-                    c.source,
-                    c.text
+                // The text alone on stdout, byte for byte: `ctl config get >
+                // f` then `ctl config apply -f f` is the same config (same
+                // hash); the comment put before it made another (audit).
+                eprintln!(
+                    "# generation {} hash {} from {}",
+                    c.generation, c.hash, c.source
                 );
+                // Nothing follows: a failed write is all said by `text`.
+                text(&c.text);
             }
         }
         CtlCommand::Pools { .. } => {
@@ -1042,8 +1082,10 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         | CtlCommand::Split { .. }
         | CtlCommand::Rollout(_) => {
             if let Ok(a) = serde_json::from_value::<Applied>(body.clone()) {
-                let what = if a.dry_run {
-                    "valid (dry run, nothing changed)"
+                let what = if a.dry_run && a.changed {
+                    "valid (dry run, nothing changed; it would change the running config)"
+                } else if a.dry_run {
+                    "valid (dry run, nothing changed; the same as the running config)"
                 } else if a.changed {
                     "applied"
                 } else {
