@@ -953,6 +953,38 @@ fn ctl_fails_on_what_it_cannot_read_or_write_and_sends_names_as_one_segment() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot write to stdout"), "{stderr}");
 
+    // `-f -` reads standard input; a dry run says whether it would change.
+    let url = fake_control_api(
+        r#"{"generation":3,"hash":"abc","dry_run":true,"changed":true}"#.into(),
+        1,
+    );
+    let mut child = bin()
+        .args([
+            "ctl",
+            "--url",
+            &url,
+            "config",
+            "apply",
+            "-f",
+            "-",
+            "--dry-run",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"version: 1\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("it would change the running config"),
+        "{stdout}"
+    );
     // A token from the environment is checked as one from --token-file.
     let out = bin()
         .args(["ctl", "--url", "http://127.0.0.1:1", "status"])
