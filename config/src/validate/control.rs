@@ -161,9 +161,10 @@ fn peer_tls(
     }
 }
 
-/// Peers serve TLS as this replica does: judgement that reads peers must
-/// be able to verify them, or a bad green could go on unjudged (no replica
-/// alone may reach `min_sessions`).
+/// Peers serve TLS as this replica does: judgement and the start's
+/// adoption that read peers must be able to verify them, or a bad green
+/// could go on unjudged (no replica alone may reach `min_sessions`), and
+/// the token is never sent to an unverified peer.
 pub(super) fn check_rollout_peers(c: &Control, routes: &[Route], errs: &mut Errors) {
     let Some(tls) = &c.tls else { return };
     if tls.peers.ca.is_some() {
@@ -171,7 +172,9 @@ pub(super) fn check_rollout_peers(c: &Control, routes: &[Route], errs: &mut Erro
     }
     for (i, r) in routes.iter().enumerate() {
         let Some(ro) = &r.rollout else { continue };
-        if ro.judge.enabled && ro.judge.peers != Peers::None {
+        // Judged or not: a replica that starts asks them for the rollout's
+        // overrides (`rollout::adopt`).
+        if ro.judge.peers != Peers::None {
             errs.push(
                 format!("routes[{i}].rollout.judge.peers"),
                 "the peers' control APIs serve TLS (control.tls), and nothing says which CA \

@@ -161,6 +161,11 @@ pub struct PeerAccess {
     /// The control API's tokens: the one in use is presented.
     token: Option<Arc<Tokens>>,
     tls: Option<PeerTls>,
+    /// This replica serves TLS and nothing says which CA signed the peers'
+    /// certificates: peers are not read at all. Over plain HTTP the token
+    /// went to them in clear (audit: a rollout naming peers with its judge
+    /// off, or a reload adding a CA the start did not have).
+    unverifiable: bool,
 }
 
 struct PeerTls {
@@ -173,7 +178,11 @@ struct PeerTls {
 impl PeerAccess {
     /// Plain HTTP (the control API has no `tls`).
     pub fn plain(token: Option<Arc<Tokens>>) -> PeerAccess {
-        PeerAccess { token, tls: None }
+        PeerAccess {
+            token,
+            tls: None,
+            unverifiable: false,
+        }
     }
 
     /// As `control` says: with `control.tls`, HTTPS verified against
@@ -188,8 +197,10 @@ impl PeerAccess {
             return Ok(access);
         };
         // Without a CA nothing can be verified; validation refuses rollouts
-        // that read peers then, so there is nothing to read.
+        // that read peers then, and a reload cannot add one to this access
+        // (built at start): such peers are not read, never read in clear.
         let Some(ca) = &tls.peers.ca else {
+            access.unverifiable = true;
             return Ok(access);
         };
         let (cert, key) = tls.peers.client_cert.clone().unzip();
@@ -226,6 +237,14 @@ impl PeerAccess {
     /// peer's copy of the token file may not have changed yet.
     pub(crate) async fn get(&self, addr: SocketAddr, path: &str) -> Result<Response, ClientError> {
         let target = self.target(addr);
+        if self.unverifiable {
+            return Err(ClientError::Tls {
+                target: target.to_string(),
+                msg: "not read: this replica serves its control API over TLS and started without \
+                      control.tls.peers.ca (or client_ca) to verify its peers; set one and restart"
+                    .into(),
+            });
+        }
         let current = self.token.as_ref().map(|t| t.current());
         let r = self
             .client(current)
@@ -523,6 +542,35 @@ mod tests {
     use crate::session::rollout::live::identity;
     use crate::session::rollout::schedule::position;
     use agiproxy_config::Pool;
+
+    /// A replica serving TLS with no CA for its peers never reads them: it
+    /// does not even connect, so its token is not sent in clear (audit).
+    #[tokio::test]
+    async fn peers_serving_tls_without_a_ca_are_not_read_at_all() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let control = agiproxy_config::Control {
+            tls: Some(agiproxy_config::ControlTls {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                client_ca: None,
+                peers: agiproxy_config::PeerTls {
+                    ca: None,
+                    client_cert: None,
+                    server_name: None,
+                },
+            }),
+            ..agiproxy_config::Control::default()
+        };
+        let token = Some(Arc::new(Tokens::new("secret".into())));
+        let access = PeerAccess::from_config(&control, token).unwrap();
+        let Err(e) = access.get(addr, "/v1/status").await else {
+            panic!("a peer was read");
+        };
+        assert!(e.to_string().contains("not read"), "{e}");
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "a connection was made");
+    }
 
     /// A peer of this rollout that gave no counters for this replica's step
     /// is named with why (it was dropped without a word); one at the same
