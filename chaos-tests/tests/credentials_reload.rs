@@ -151,11 +151,16 @@ async fn the_refresh_task_reloads_changed_files_and_counts_what_it_did() {
     let r = Arc::new(agiproxy_control::tls::reloading_connector(&files).unwrap());
     let p = proxy("").await;
     let reloads = p.server.metrics().credential_reloads.clone();
+    let expiry = p.server.metrics().credential_expiry.clone();
     credentials::spawn(
         reloads.clone(),
+        expiry.clone(),
         vec![Followed::tls("peer_tls", r.clone())],
         Duration::from_millis(50),
     );
+    let expires = || expiry.with_label_values(&["peer_tls"]).get();
+    assert_eq!(Some(expires()), r.validity().map(|v| v.not_after));
+    assert!(expires() > 1_700_000_000, "{}", expires());
     let count = |result: &str| reloads.with_label_values(&["peer_tls", result]).get();
     let until = |result: &'static str, n: u64| {
         let count = &count;
@@ -172,9 +177,19 @@ async fn the_refresh_task_reloads_changed_files_and_counts_what_it_did() {
     publish(&live, "v2", &cert, &key);
     until("reloaded", 1).await;
     assert_ne!(Arc::as_ptr(&r.current()), before, "new settings in use");
+    let renewed = r.validity();
+    assert_eq!(Some(expires()), renewed.map(|v| v.not_after));
     publish(&live, "v3", "not a certificate", &key);
     until("refused", 1).await;
+    // An expired certificate in place of a valid one is refused too: every
+    // client would fail at once (audit).
+    let ca = TestCa::new();
+    let (old, old_key) = ca.issue_expired(&["localhost"]);
+    publish(&live, "v4", &old, &old_key);
+    until("refused", 2).await;
+    assert_eq!(r.validity(), renewed);
+    assert_eq!(Some(expires()), renewed.map(|v| v.not_after));
     // Nothing more changes: nothing more is counted.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!((count("reloaded"), count("refused")), (1, 1));
+    assert_eq!((count("reloaded"), count("refused")), (1, 2));
 }

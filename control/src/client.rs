@@ -259,11 +259,13 @@ fn explain(e: &(dyn std::error::Error + 'static)) -> String {
             hint = match alert {
                 A::CertificateRequired | A::HandshakeFailure => Some(
                     "the control API asks for a client certificate (its tls.client_ca): \
-                     pass --cert FILE --key FILE",
+                     ctl takes --cert FILE --key FILE, a replica reading its peers \
+                     control.tls.peers.cert and key (default: its own tls.cert and key)",
                 ),
                 A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError => Some(
                     "the control API refused the client certificate: give one its \
-                         tls.client_ca signed (--cert FILE --key FILE)",
+                         tls.client_ca signed (ctl: --cert FILE --key FILE; a replica \
+                         reading its peers: control.tls.peers.cert and key)",
                 ),
                 A::CertificateExpired => Some("the client certificate has expired"),
                 _ => hint,

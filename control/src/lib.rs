@@ -11,6 +11,7 @@ mod handlers;
 pub mod plane;
 pub mod server;
 pub mod socket;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 

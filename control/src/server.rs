@@ -207,7 +207,11 @@ impl PreparedControl {
                     tokio::task::spawn_blocking(move || crate::tls::reloading_acceptor(&files))
                         .await
                         .map_err(|e| ServeError::Tls(e.to_string()))?;
-                Some(Arc::new(built.map_err(ServeError::Tls)?))
+                let built = built.map_err(ServeError::Tls)?;
+                if let Some(why) = built.not_valid_now() {
+                    tracing::warn!(cert = %files_cert(&opts), "control API TLS: {why}: served all the same, and every client will refuse it; renew it (it is read again when its files change)");
+                }
+                Some(Arc::new(built))
             }
             _ => None,
         };
@@ -412,7 +416,9 @@ impl ControlServer {
                 // A handshake the client stopped reading: counted as such
                 // by the write deadline.
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                    if HANDSHAKE_LINES.admit("tls_handshake") {
+                        tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                    }
                 }
                 // The client closed first: a TCP probe (kubelet's
                 // `tcpSocket`, a balancer's check), not a refusal (audit:
@@ -422,11 +428,15 @@ impl ControlServer {
                 }
                 Ok(Err(e)) => {
                     refused("tls_handshake");
-                    tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                    if HANDSHAKE_LINES.admit("tls_handshake") {
+                        tracing::info!(%peer, error = %e, "control API TLS handshake failed")
+                    }
                 }
                 Err(_) => {
                     refused("tls_timeout");
-                    tracing::info!(%peer, ?timeout, "control API TLS handshake did not finish within control.request_timeout")
+                    if HANDSHAKE_LINES.admit("tls_timeout") {
+                        tracing::info!(%peer, ?timeout, "control API TLS handshake did not finish within control.request_timeout")
+                    }
                 }
             }
         });
@@ -792,6 +802,28 @@ async fn observe<P: ControlPlane>(State(ctx): S<P>, req: Request, next: Next) ->
     ctx.plane.observe_request(&endpoint, resp.status().as_u16());
     resp
 }
+
+fn files_cert(opts: &ServeOptions) -> String {
+    opts.tls
+        .as_ref()
+        .map_or_else(String::new, |f| f.cert.display().to_string())
+}
+
+/// Failed handshakes are a scanner's or a flood's: 500 plain-HTTP
+/// connections wrote 500 lines in 0.09 s (audit). Every one is counted in
+/// `agiproxy_control_connections_refused_total`; 5 lines per 10 s, and a
+/// summary of the rest.
+static HANDSHAKE_LINES: crate::throttle::Throttle = crate::throttle::Throttle::new(
+    std::time::Duration::from_secs(10),
+    5,
+    &["tls_handshake", "tls_timeout"],
+    Some(|total, by_kind| {
+        tracing::info!(
+            count = total,
+            "{total} more control API TLS handshakes failed in the last 10 s ({by_kind}); see agiproxy_control_connections_refused_total"
+        )
+    }),
+);
 
 /// The control API's TCP listener. `[::]` answers IPv4 as well, as the
 /// docs say and the config's port-clash check assumes, whatever the host's

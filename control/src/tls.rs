@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use crate::files::Refresh;
 use crate::files::{read_bounded, Watched};
@@ -50,7 +50,64 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_slice(&pem(path)?).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = pem(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        // rustls-pki-types says "no items found" for both.
+        if bytes.windows(21).any(|w| w == b"ENCRYPTED PRIVATE KEY") {
+            format!(
+                "{}: the key is encrypted, which is not supported; write it unencrypted \
+                 (e.g. openssl pkcs8 -in KEY -out KEY.plain), readable by the proxy only",
+                path.display()
+            )
+        } else {
+            format!("{}: no private key in the file ({e})", path.display())
+        }
+    })
+}
+
+/// When a certificate may be used, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// The leaf's (the first certificate of a chain); None when it cannot
+    /// be read as X.509 (rustls then refuses it on its own).
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Validity> {
+        let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        Some(Validity {
+            not_before: c.validity().not_before.timestamp(),
+            not_after: c.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Whether it is valid at `now` (seconds since the epoch).
+    pub fn holds_at(&self, now: i64) -> bool {
+        (self.not_before..=self.not_after).contains(&now)
+    }
+}
+
+impl std::fmt::Display for Validity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = |s: i64| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max(0) as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        };
+        write!(
+            f,
+            "valid from {} to {}",
+            at(self.not_before),
+            at(self.not_after)
+        )
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, String> {
@@ -65,6 +122,13 @@ fn roots(path: &Path) -> Result<RootCertStore, String> {
 
 /// The server side.
 pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, String> {
+    acceptor_and_validity(files).map(|(a, _)| a)
+}
+
+/// The server side, and its certificate's validity.
+fn acceptor_and_validity(
+    files: &TlsFiles,
+) -> Result<(tokio_rustls::TlsAcceptor, Option<Validity>), String> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -78,10 +142,19 @@ pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, String> {
         }
         None => builder.with_no_client_auth(),
     };
+    let chain = certs(&files.cert)?;
+    let validity = Validity::of(&chain[0]);
     let config = builder
-        .with_single_cert(certs(&files.cert)?, key(&files.key)?)
-        .map_err(|e| format!("cert/key: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        .with_single_cert(chain, key(&files.key)?)
+        .map_err(|e| {
+            format!(
+                "cert {} / key {}: {e} (the key must be the certificate's, and the \
+                 certificate first in its file, before its chain)",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), validity))
 }
 
 /// What `ctl` trusts and presents.
@@ -96,6 +169,13 @@ pub struct ClientTls {
 
 /// The client side.
 pub fn connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, String> {
+    connector_and_validity(tls).map(|(c, _)| c)
+}
+
+/// The client side, and the validity of the certificate it presents.
+fn connector_and_validity(
+    tls: &ClientTls,
+) -> Result<(tokio_rustls::TlsConnector, Option<Validity>), String> {
     let Some(ca) = &tls.ca else {
         return Err(
             "https needs --ca FILE (the CA that signed the control API's certificate)".into(),
@@ -105,14 +185,19 @@ pub fn connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, String> 
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots(ca)?);
-    let config = match (&tls.cert, &tls.key) {
-        (Some(c), Some(k)) => builder
-            .with_client_auth_cert(certs(c)?, key(k)?)
-            .map_err(|e| format!("client cert: {e}"))?,
-        (None, None) => builder.with_no_client_auth(),
+    let (config, validity) = match (&tls.cert, &tls.key) {
+        (Some(c), Some(k)) => {
+            let chain = certs(c)?;
+            let validity = Validity::of(&chain[0]);
+            let config = builder
+                .with_client_auth_cert(chain, key(k)?)
+                .map_err(|e| format!("client cert {} / key {}: {e}", c.display(), k.display()))?;
+            (config, validity)
+        }
+        (None, None) => (builder.with_no_client_auth(), None),
         _ => return Err("a client certificate needs both --cert and --key".into()),
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), validity))
 }
 
 /// TLS settings that follow their PEM files. Certificates are renewed in
@@ -120,22 +205,42 @@ pub fn connector(tls: &ClientTls) -> Result<tokio_rustls::TlsConnector, String> 
 /// runs for months must not serve, or present, one that has expired.
 pub struct Reloading<T> {
     current: ArcSwap<T>,
+    /// The validity of the certificate `current` serves or presents.
+    validity: ArcSwapOption<Validity>,
     files: Watched,
-    build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
+    build: Builder<T>,
 }
+
+type Builder<T> = Box<dyn Fn() -> Result<(T, Option<Validity>), String> + Send + Sync>;
 
 impl<T> Reloading<T> {
     fn new(
         paths: Vec<PathBuf>,
-        build: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+        build: impl Fn() -> Result<(T, Option<Validity>), String> + Send + Sync + 'static,
     ) -> Result<Reloading<T>, String> {
         let files = Watched::new(paths);
-        let first = build()?;
+        let (first, validity) = build()?;
         Ok(Reloading {
             current: ArcSwap::from_pointee(first),
+            validity: ArcSwapOption::from(validity.map(Arc::new)),
             files,
             build: Box::new(build),
         })
+    }
+
+    /// The validity of the certificate in use (None: no certificate, or
+    /// one that could not be read as X.509).
+    pub fn validity(&self) -> Option<Validity> {
+        self.validity.load().as_deref().copied()
+    }
+
+    /// Why the certificate in use is not valid now, if it is not: said at
+    /// start, where it is used all the same (refusing it would take the
+    /// replica down for its control API), and by the metric of its expiry.
+    pub fn not_valid_now(&self) -> Option<String> {
+        self.validity()
+            .filter(|v| !v.holds_at(now_secs()))
+            .map(|v| format!("the certificate is not valid now ({v})"))
     }
 
     /// The settings in use.
@@ -155,8 +260,17 @@ impl<T> Reloading<T> {
             return Refresh::Unchanged;
         }
         match (self.build)() {
-            Ok(t) => {
+            // A renewal that put an expired (or not yet valid) certificate
+            // in place of a valid one would break every client at once
+            // (audit): the one in use stays until the files hold a usable one.
+            Ok((_, Some(new))) if !new.holds_at(now_secs()) && self.not_valid_now().is_none() => {
+                Refresh::Refused(format!(
+                    "the new certificate is not valid now ({new}); the one in use is kept"
+                ))
+            }
+            Ok((t, validity)) => {
                 self.current.store(Arc::new(t));
+                self.validity.store(validity.map(Arc::new));
                 Refresh::Reloaded
             }
             Err(e) => Refresh::Refused(e),
@@ -174,7 +288,7 @@ pub fn reloading_acceptor(
         .flatten()
         .cloned()
         .collect();
-    Reloading::new(paths, move || acceptor(&f))
+    Reloading::new(paths, move || acceptor_and_validity(&f))
 }
 
 /// The client side, following its files.
@@ -187,5 +301,5 @@ pub fn reloading_connector(
         .flatten()
         .cloned()
         .collect();
-    Reloading::new(paths, move || connector(&t))
+    Reloading::new(paths, move || connector_and_validity(&t))
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use agiproxy_control::files::Refresh;
 use agiproxy_control::tls::Reloading;
 use agiproxy_control::token::FollowedToken;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 
 /// How often the files are looked at (a `stat` each).
 pub const EVERY: Duration = Duration::from_secs(30);
@@ -24,6 +24,8 @@ pub struct Followed {
     name: &'static str,
     paths: String,
     refresh: Box<dyn Fn() -> Refresh + Send + Sync>,
+    /// When the certificate in use expires (Unix seconds), for TLS files.
+    expiry: Option<Box<dyn Fn() -> Option<i64> + Send + Sync>>,
 }
 
 impl Followed {
@@ -41,13 +43,23 @@ impl Followed {
             name,
             paths,
             refresh: Box::new(refresh),
+            expiry: None,
         }
     }
 
     /// TLS settings, under `name` (`control_tls`, `peer_tls`).
     pub fn tls<T: Send + Sync + 'static>(name: &'static str, r: Arc<Reloading<T>>) -> Followed {
         let paths = r.paths().to_vec();
-        Followed::new(name, &paths, move || r.refresh())
+        let seen = r.clone();
+        let mut f = Followed::new(name, &paths, move || r.refresh());
+        f.expiry = Some(Box::new(move || seen.validity().map(|v| v.not_after)));
+        f
+    }
+
+    fn note_expiry(&self, gauge: &IntGaugeVec) {
+        if let Some(t) = self.expiry.as_ref().and_then(|e| e()) {
+            gauge.with_label_values(&[self.name]).set(t);
+        }
     }
 
     /// The control API's token file (`token`).
@@ -69,9 +81,18 @@ impl LookNow {
 
 /// Looks at `followed` every `every`, and when `look_now` says so, for as
 /// long as the process lives, counting in `reloads`
-/// (`agiproxy_credential_reloads_total`).
-pub fn spawn(reloads: IntCounterVec, followed: Vec<Followed>, every: Duration) -> LookNow {
+/// (`agiproxy_credential_reloads_total`) and keeping `expiry`
+/// (`agiproxy_credential_expiry_timestamp_seconds`) to the certificates in use.
+pub fn spawn(
+    reloads: IntCounterVec,
+    expiry: IntGaugeVec,
+    followed: Vec<Followed>,
+    every: Duration,
+) -> LookNow {
     let look_now = LookNow::default();
+    for f in &followed {
+        f.note_expiry(&expiry);
+    }
     if followed.is_empty() {
         return look_now;
     }
@@ -104,6 +125,7 @@ pub fn spawn(reloads: IntCounterVec, followed: Vec<Followed>, every: Duration) -
                     Refresh::Unchanged => {}
                     Refresh::Reloaded => {
                         reloads.with_label_values(&[f.name, "reloaded"]).inc();
+                        f.note_expiry(&expiry);
                         tracing::info!(files = f.name, paths = %f.paths, "credential files changed: reloaded");
                     }
                     Refresh::Refused(e) => {

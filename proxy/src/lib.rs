@@ -30,7 +30,7 @@ pub mod session;
 pub mod snapshot;
 #[cfg(test)]
 mod test_log;
-pub mod throttle;
+pub use agiproxy_control::throttle;
 pub mod watch;
 
 pub use server::{Server, ServerError};

@@ -590,6 +590,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     followed.extend(peers.tls().map(|t| Followed::tls("peer_tls", t)));
     let credentials = credentials::spawn(
         server.metrics().credential_reloads.clone(),
+        server.metrics().credential_expiry.clone(),
         followed,
         credentials::EVERY,
     );

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub session_seconds: Histogram,
     pub config_reloads: IntCounterVec,
     pub credential_reloads: IntCounterVec,
+    pub credential_expiry: IntGaugeVec,
     pub config_generation: IntGauge,
     pub control_requests: IntCounterVec,
     pub control_refused: IntCounterVec,
@@ -121,6 +122,14 @@ impl Metrics {
                 "Changed credential files read again, by files (control_tls: the control API's certificate, key and client CA; peer_tls: what rollout judgement trusts in and presents to peers; token: the control token file) and result (reloaded; refused: the new files are bad and the last good ones stay in use)",
             ),
             &["files", "result"],
+        )
+        .expect("valid metric");
+        let credential_expiry = IntGaugeVec::new(
+            Opts::new(
+                "credential_expiry_timestamp_seconds",
+                "When the certificate in use expires, Unix seconds, by files (control_tls: the control API's; peer_tls: the one presented to peers): alert on it minus time()",
+            ),
+            &["files"],
         )
         .expect("valid metric");
         let config_generation =
@@ -254,6 +263,7 @@ impl Metrics {
             Box::new(sessions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(config_reloads.clone()),
             Box::new(credential_reloads.clone()),
+            Box::new(credential_expiry.clone()),
             Box::new(config_generation.clone()),
             Box::new(control_requests.clone()),
             Box::new(control_refused.clone()),
@@ -318,6 +328,7 @@ impl Metrics {
             session_seconds,
             config_reloads,
             credential_reloads,
+            credential_expiry,
             config_generation,
             control_requests,
             control_refused,

@@ -118,4 +118,17 @@ impl TestCa {
                 .unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// As [`TestCa::issue`], valid only in 2023: expired.
+    #[allow(dead_code)]
+    pub fn issue_expired(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(2023, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2024, 1, 1);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
