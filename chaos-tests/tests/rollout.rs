@@ -495,9 +495,11 @@ async fn a_peer_clock_beyond_the_tolerance_is_measured_and_warned_of() {
     })
     .await;
     let port = free_port();
+    // And one that is down: counted in `rollout_peers_missing`.
+    let dead = free_port();
     let rollout = judged_rollout(&[port], 1000).replace(
         &format!("peers: [\"127.0.0.1:{port}\"]"),
-        &format!("peers: [\"127.0.0.1:{port}\", \"{fake_addr}\"]"),
+        &format!("peers: [\"127.0.0.1:{port}\", \"{fake_addr}\", \"127.0.0.1:{dead}\"]"),
     );
     assert!(rollout.contains(&fake_addr.to_string()), "{rollout}");
     let r = replica(
@@ -535,6 +537,12 @@ async fn a_peer_clock_beyond_the_tolerance_is_measured_and_warned_of() {
         .unwrap_or_else(|| panic!("{text}"));
     let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!((4.0..6.0).contains(&secs), "{line}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("agiproxy_rollout_peers_missing{route=\"ivr\"}"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // The dead peer, and the fake one, which names no rollout identity.
+    assert_eq!(line.rsplit(' ').next(), Some("2"), "{line}\n{log}");
 }
 
 async fn futures_views(rs: &[Replica]) -> Vec<RolloutView> {

@@ -380,6 +380,11 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
         &["route"],
     )
     .expect("valid metric");
+    let missing = gauge(
+        "rollout_peers_missing",
+        "Peers named in judge.peers whose counters the last judgement could not use (no answer, an error such as TLS or a token, a step apart, another rollout of the route); see the WARNs that name them",
+        &["route"],
+    );
     let now = now_ms();
     for (r, ro) in rollouts(snap) {
         let p = ro.position(now);
@@ -403,11 +408,14 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
         unkeyed
             .with_label_values(&[name])
             .inc_by(ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed));
+        missing
+            .with_label_values(&[name])
+            .set(ro.live.peers_missing());
         if let Some(ms) = ro.live.peer_clock_offset_ms() {
             offset.with_label_values(&[name]).set(ms as f64 / 1000.0);
         }
     }
-    let mut out: Vec<MetricFamily> = [step, state, active]
+    let mut out: Vec<MetricFamily> = [step, state, active, missing]
         .iter()
         .flat_map(|g| g.collect())
         .collect();

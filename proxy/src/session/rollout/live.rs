@@ -108,6 +108,9 @@ pub struct RolloutLive {
     /// The peer clock farthest from this one at the last judgement that
     /// read a peer (theirs minus ours, ms); [`NO_OFFSET`] before.
     peer_clock_offset_ms: AtomicI64,
+    /// Peers the last judgement could not count (no answer, an error, a
+    /// step apart), for `agiproxy_rollout_peers_missing`.
+    peers_missing: AtomicI64,
 }
 
 const NO_OFFSET: i64 = i64::MIN;
@@ -203,7 +206,17 @@ impl RolloutLive {
             published_tick: AtomicI64::new(-1),
             judged_tick: AtomicI64::new(-1),
             peer_clock_offset_ms: AtomicI64::new(NO_OFFSET),
+            peers_missing: AtomicI64::new(0),
         })
+    }
+
+    /// See `peers_missing`.
+    pub fn peers_missing(&self) -> i64 {
+        self.peers_missing.load(Relaxed)
+    }
+
+    pub(crate) fn set_peers_missing(&self, n: usize) {
+        self.peers_missing.store(n as i64, Relaxed);
     }
 
     /// See `peer_clock_offset_ms`.
