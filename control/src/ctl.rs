@@ -638,6 +638,8 @@ fn hinted(mut r: Reply, token_env: &str) -> Reply {
             e.push_str(
                 " (the replica answered plain http: use http://, or turn on its control.tls)",
             );
+        } else if r.status == 0 && e.contains("invalid HTTP version") {
+            e.push_str(" (the replica serves https: use https:// with --ca)");
         }
     }
     r
@@ -1267,6 +1269,8 @@ mod tests {
             "T",
         );
         assert!(r.error.unwrap().contains("use http://"));
+        let r = hinted(reply(0, "HTTP: invalid HTTP version parsed"), "T");
+        assert!(r.error.unwrap().contains("use https://"));
         let r = hinted(reply(404, "no pool \"x\""), "T");
         assert_eq!(r.error.unwrap(), "no pool \"x\"");
     }
