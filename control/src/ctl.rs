@@ -1046,10 +1046,15 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
             let pools: Vec<PoolView> = serde_json::from_value::<Vec<PoolView>>(body.clone())
                 .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
                 .unwrap_or_default();
-            out!("{}", backend_row(POOLS_COLUMNS));
+            let w = widths(pools.iter().flat_map(|p| {
+                p.backends
+                    .iter()
+                    .map(|b| (p.name.as_str(), b.address.as_str()))
+            }));
+            out!("{}", backend_row(POOLS_COLUMNS, w));
             for p in pools {
                 for b in &p.backends {
-                    out!("{}", backend_row(backend_cells(&p.name, b)));
+                    out!("{}", backend_row(backend_cells(&p.name, b), w));
                 }
             }
         }
@@ -1058,8 +1063,9 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
         CtlCommand::Drain { pool, .. } | CtlCommand::Enable { pool, .. } => {
             match serde_json::from_value::<BackendView>(body.clone()) {
                 Ok(b) => {
-                    out!("{}", backend_row(POOLS_COLUMNS));
-                    out!("{}", backend_row(backend_cells(pool, &b)));
+                    let w = widths([(pool.as_str(), b.address.as_str())].into_iter());
+                    out!("{}", backend_row(POOLS_COLUMNS, w));
+                    out!("{}", backend_row(backend_cells(pool, &b), w));
                 }
                 Err(_) => out!("{body}"),
             }
@@ -1117,12 +1123,29 @@ const POOLS_COLUMNS: [&str; 7] = [
     "EJECTIONS",
 ];
 
-/// One line of `ctl pools`' table.
-fn backend_row<S: std::fmt::Display>(c: [S; 7]) -> String {
+/// One line of `ctl pools`' table; `w`: the widths of its first two
+/// columns (a long pool name or an IPv6 backend widens them, rather than
+/// push the line out of line).
+fn backend_row<S: std::fmt::Display>(c: [S; 7], w: (usize, usize)) -> String {
     format!(
-        "{:<16} {:<24} {:<11} {:>6} {:>8} {:>8} {:>9}",
-        c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+        "{:<w0$} {:<w1$} {:<11} {:>6} {:>8} {:>8} {:>9}",
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c[4],
+        c[5],
+        c[6],
+        w0 = w.0,
+        w1 = w.1
     )
+}
+
+/// The widths of the table's first two columns for these rows.
+fn widths<'a>(rows: impl Iterator<Item = (&'a str, &'a str)>) -> (usize, usize) {
+    rows.fold((16, 24), |(p, b), (pool, backend)| {
+        (p.max(pool.chars().count()), b.max(backend.chars().count()))
+    })
 }
 
 fn backend_cells(pool: &str, b: &BackendView) -> [String; 7] {
@@ -1273,6 +1296,34 @@ mod tests {
         assert!(r.error.unwrap().contains("use https://"));
         let r = hinted(reply(404, "no pool \"x\""), "T");
         assert_eq!(r.error.unwrap(), "no pool \"x\"");
+    }
+
+    /// A long pool name or an IPv6 backend widens its column: every row's
+    /// STATE starts where the header's does.
+    #[test]
+    fn the_pools_table_stays_in_line_with_long_names() {
+        let rows = [
+            ("a-rather-long-pool-name", "[fd00:1234:5678::10]:4573"),
+            ("ivr", "10.0.0.1:4573"),
+        ];
+        let w = widths(rows.iter().copied());
+        let lines: Vec<String> = std::iter::once(backend_row(POOLS_COLUMNS, w))
+            .chain(
+                rows.iter()
+                    .map(|(p, b)| backend_row([*p, *b, "healthy", "1", "0", "0", "0"], w)),
+            )
+            .collect();
+        let at = |l: &str, word: &str| l.find(word).unwrap();
+        assert_eq!(
+            at(&lines[1], "healthy"),
+            at(&lines[0], "STATE"),
+            "{lines:#?}"
+        );
+        assert_eq!(
+            at(&lines[2], "healthy"),
+            at(&lines[0], "STATE"),
+            "{lines:#?}"
+        );
     }
 
     #[test]
