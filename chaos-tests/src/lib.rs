@@ -27,6 +27,7 @@ pub mod loadgen;
 mod net;
 #[cfg(target_os = "linux")]
 pub mod netns;
+pub mod ports;
 pub mod soundfile;
 
 pub use asterisk::{AgiStatus, CallOutcome, FakeAsterisk, Reply, ReplyFn};

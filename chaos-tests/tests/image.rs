@@ -14,11 +14,7 @@ use std::time::{Duration, Instant};
 use chaos_tests::{AgiHeader, AgiStatus, Behaviour, FakeAsterisk, FakeBackend};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    chaos_tests::ports::free_port("127.0.0.1")
 }
 
 fn podman() -> String {

@@ -37,11 +37,7 @@ struct Replica {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    chaos_tests::ports::free_port("127.0.0.1")
 }
 
 fn config(rollout: &str, blue: SocketAddr, green: SocketAddr) -> String {

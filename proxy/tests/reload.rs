@@ -26,11 +26,7 @@ fn now_ms() -> i64 {
 }
 
 fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    chaos_tests::ports::free_port(ip)
 }
 
 fn config(control: &str, route_pool: &str, a: SocketAddr, b: SocketAddr) -> String {

@@ -3,11 +3,7 @@
 
 /// A port free at the time of asking, on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    chaos_tests::ports::free_port("127.0.0.1")
 }
 
 /// `text` written as `file` in a fresh temporary directory named
