@@ -652,9 +652,9 @@ const TARGETS_AT_ONCE: usize = 16;
 /// one it did not is left out. Once one target's AAAA has failed so, AAAA
 /// is not asked of the targets after it that held no IPv6 and were asked
 /// before (each would wait its whole timeout for nothing: one round of 16
-/// pays it, not every round); a target never asked AAAA (a new one, or one
-/// a first lookup passed over) is asked, so that its IPv6 addresses are
-/// found by the next lookup at the latest.
+/// pays it, not every round); up to a round of targets never asked AAAA (a
+/// new one, or one a first lookup passed over) are asked all the same, so
+/// that their IPv6 addresses are found within a few lookups.
 async fn lookup_srv(
     resolver: &TokioResolver,
     name: &str,
@@ -701,16 +701,26 @@ async fn lookup_srv(
     to_ask.dedup();
     let v6_failed = AtomicBool::new(false);
     let v6_failed = &v6_failed;
+    // Targets never asked AAAA are asked even once AAAA has failed, but at
+    // most a round of them a lookup: 3,000 of them behind a server that
+    // drops AAAA would otherwise hold one lookup for minutes.
+    let probes = std::sync::atomic::AtomicUsize::new(TARGETS_AT_ONCE);
+    let probes = &probes;
     let mut asked = stream::iter(to_ask)
         .map(|target| async move {
             let k = target_key(&target);
             let was = known.targets.get(&k).copied();
             let families = was.map_or_else(Families::default, |w| Families { v4: w.v4, v6: w.v6 });
             let failed = v6_failed.load(Ordering::Relaxed);
+            let probe = || {
+                probes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            };
             let ask_v6 = match was {
-                Some(w) => w.v6 || !w.v6_asked || !failed,
+                Some(w) => w.v6 || !failed || (!w.v6_asked && probe()),
                 None if known.first => !failed,
-                None => true,
+                None => !failed || probe(),
             };
             let found = addresses(resolver, target.clone(), families, ask_v6, Some(v6_failed));
             let r = tokio::time::timeout(limit, found).await;
