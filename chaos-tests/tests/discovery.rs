@@ -843,16 +843,20 @@ async fn an_ipv4_only_srv_target_whose_aaaa_fails_beside_an_ipv6_one_keeps_the_n
 
 /// A first lookup asks no AAAA of the targets after the first one whose
 /// AAAA failed (one round pays the timeout, not every round); those are
-/// asked AAAA by the next lookup, so an IPv6 target among them is found
-/// (audit: the 17th of 17 targets, IPv6 only, was never found).
+/// asked AAAA by the lookups after it, a round each, so an IPv6 target
+/// among them is found (audit: the 17th of 17 targets, IPv6 only, was
+/// never found).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ipv6_target_past_the_first_round_is_found_by_the_next_lookup() {
+async fn an_ipv6_target_past_the_first_round_is_found_within_a_few_lookups() {
     use chaos_tests::RecordType;
     let dns = FakeDns::start().await;
     dns.set_srv_additionals(false);
     let mut records = Vec::new();
     let mut want = BTreeSet::new();
-    for i in 1..=TARGETS_IN_A_ROUND as u8 {
+    // Four rounds' worth before it: found only once the probes of targets
+    // never asked AAAA have gone past them all (they went round the same
+    // ones, and a target past the 48th was never asked: review).
+    for i in 1..=(4 * TARGETS_IN_A_ROUND - 4) as u8 {
         let target = format!("a{i:02}.round.test");
         dns.set_addrs(&target, &ips(&[i + 1]), 1);
         dns.set_servfail_for_kind(&target, RecordType::AAAA, true);
@@ -869,5 +873,5 @@ async fn an_ipv6_target_past_the_first_round_is_found_by_the_next_lookup() {
         dns_block(&dns)
     );
     let p = proxy(&body).await;
-    wait_members(&p, &want, Duration::from_secs(10)).await;
+    wait_members(&p, &want, Duration::from_secs(20)).await;
 }

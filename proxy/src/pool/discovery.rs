@@ -611,7 +611,10 @@ async fn addresses(
         let Some(answer) = answer else { continue };
         match answer {
             Ok(l) => {
-                ips.extend(l.answers().iter().filter_map(|r| r.data.ip_addr()));
+                // An IPv4-mapped AAAA is the IPv4 address, as a backend
+                // written so in the config is (and the drain API takes).
+                let answered = l.answers().iter().filter_map(|r| r.data.ip_addr());
+                ips.extend(answered.map(|ip| ip.to_canonical()));
                 ttl = ttl.min(min_ttl(l.answers()));
             }
             Err(e @ NetError::Dns(DnsError::NoRecordsFound(_))) => {
@@ -690,6 +693,7 @@ async fn lookup_srv(
             .iter()
             .filter(|r| r.name.eq_ignore_root(target))
             .filter_map(|r| r.data.ip_addr())
+            .map(|ip| ip.to_canonical())
             .collect()
     };
     let mut to_ask: Vec<Name> = records
@@ -724,7 +728,11 @@ async fn lookup_srv(
             };
             let found = addresses(resolver, target.clone(), families, ask_v6, Some(v6_failed));
             let r = tokio::time::timeout(limit, found).await;
-            (target, k, ask_v6, r)
+            // Once asked, for good: recorded as this lookup's choice alone,
+            // a target the shortcut passed over again counted as never
+            // asked, and the probes went round the same targets (review).
+            let v6_asked = ask_v6 || was.is_some_and(|w| w.v6_asked);
+            (target, k, v6_asked, r)
         })
         .buffer_unordered(TARGETS_AT_ONCE);
     let mut resolved = std::collections::HashMap::new();
