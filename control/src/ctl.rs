@@ -671,7 +671,10 @@ fn understood(cmd: &CtlCommand, mut r: Reply) -> Reply {
         | CtlCommand::Split { .. }
         | CtlCommand::Rollout(_) => is::<Applied>(body),
     };
-    if !fits {
+    // JSON that this ctl cannot read as it expects is a replica of another
+    // version (a field added since): not refused, printed as it came (see
+    // `print_table`). What is not JSON at all is no control API.
+    if !(fits || body.is_object() || body.is_array()) {
         let text = match body {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -691,7 +694,24 @@ async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec
     let spec = match (&args.cluster, &args.socket, &args.url) {
         (Some(spec), _, _) => spec,
         (None, Some(path), _) => return Ok(vec![Target::socket(path.clone())]),
-        (None, None, Some(url)) => return Ok(vec![target_from_url(url)?]),
+        (None, None, Some(url)) => {
+            // A host name is looked up by the system's resolver, which
+            // blocks: off this thread, and within --timeout (review).
+            let u = url.clone();
+            let found = tokio::time::timeout(
+                args.timeout,
+                tokio::task::spawn_blocking(move || target_from_url(&u)),
+            )
+            .await
+            .map_err(|_| {
+                format!(
+                    "--url {url}: no address within {:?} (--timeout)",
+                    args.timeout
+                )
+            })?
+            .map_err(|e| format!("--url {url}: {e}"))?;
+            return Ok(vec![found?]);
+        }
         (None, None, None) => {
             return Err(
                 "say which replica: --url http://HOST:PORT (its control.address), \
@@ -947,7 +967,7 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
             continue;
         }
         let Some(body) = &r.body else { continue };
-        print_table(&args.command, body);
+        print_table(&args.command, body, replies.len() > 1);
     }
     if matches!(args.command, CtlCommand::Status) && replies.len() > 1 {
         // Read by eye, hashes of several replicas hid a difference; the
@@ -1014,7 +1034,14 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
     }
 }
 
-fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
+/// An answer `print_table` cannot read: shown as it came.
+fn raw(body: &serde_json::Value) {
+    out!("(an answer this ctl does not know how to show: another agiproxy version?)");
+    out!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+}
+
+/// `several`: replies of several replicas follow one another.
+fn print_table(cmd: &CtlCommand, body: &serde_json::Value, several: bool) {
     match cmd {
         CtlCommand::Status => {
             if let Ok(s) = serde_json::from_value::<Status>(body.clone()) {
@@ -1027,6 +1054,8 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                 for note in s.rollouts_differ {
                     out!("rollout     {note}");
                 }
+            } else {
+                raw(body);
             }
         }
         CtlCommand::Config(ConfigCommand::Get) => {
@@ -1038,14 +1067,21 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                     "# generation {} hash {} from {}",
                     c.generation, c.hash, c.source
                 );
-                // Nothing follows: a failed write is all said by `text`.
-                text(&c.text);
+                // Byte for byte; between replicas' texts, a line break where
+                // one lacks its last (the next `== replica` line was glued on).
+                if text(&c.text) && several && !c.text.ends_with('\n') {
+                    out!("");
+                }
+            } else {
+                raw(body);
             }
         }
         CtlCommand::Pools { .. } => {
-            let pools: Vec<PoolView> = serde_json::from_value::<Vec<PoolView>>(body.clone())
+            let Ok(pools) = serde_json::from_value::<Vec<PoolView>>(body.clone())
                 .or_else(|_| serde_json::from_value::<PoolView>(body.clone()).map(|p| vec![p]))
-                .unwrap_or_default();
+            else {
+                return raw(body);
+            };
             let w = widths(pools.iter().flat_map(|p| {
                 p.backends
                     .iter()
@@ -1067,16 +1103,18 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                     out!("{}", backend_row(POOLS_COLUMNS, w));
                     out!("{}", backend_row(backend_cells(pool, &b), w));
                 }
-                Err(_) => out!("{body}"),
+                Err(_) => raw(body),
             }
         }
         CtlCommand::DrainReplica { .. } => {
             out!("draining: listeners closed, calls in flight finish; `ctl status` shows what is left")
         }
         CtlCommand::Rollout(RolloutCommand::Status { .. }) => {
-            let list: Vec<RolloutView> = serde_json::from_value::<Vec<RolloutView>>(body.clone())
+            let Ok(list) = serde_json::from_value::<Vec<RolloutView>>(body.clone())
                 .or_else(|_| serde_json::from_value::<RolloutView>(body.clone()).map(|r| vec![r]))
-                .unwrap_or_default();
+            else {
+                return raw(body);
+            };
             if list.is_empty() {
                 out!("no rollout in the running config");
             }
@@ -1107,6 +1145,8 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value) {
                     ),
                     None => out!("{what}: generation {} hash {}", a.generation, a.hash),
                 }
+            } else {
+                raw(body);
             }
         }
     }

@@ -93,6 +93,13 @@ impl Watched {
         *seen = now;
         true
     }
+
+    /// Forgets the last look: the next one reports a change, and the files
+    /// are read again (a certificate refused only because it is not valid
+    /// yet must be taken once it is, without waiting for another change).
+    pub fn look_again(&self) {
+        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Stamp::default();
+    }
 }
 
 /// What a look at followed files did.

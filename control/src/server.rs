@@ -829,6 +829,9 @@ static HANDSHAKE_LINES: crate::throttle::Throttle = crate::throttle::Throttle::n
 /// docs say and the config's port-clash check assumes, whatever the host's
 /// `net.ipv6.bindv6only` (tokio's `bind` leaves it to that setting).
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    // `[::ffff:127.0.0.1]:4574` is 127.0.0.1:4574: an IPv6-only socket
+    // cannot bind a mapped address (EINVAL: review).
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -864,5 +867,8 @@ mod bind_tests {
         // A given IPv6 address stays IPv6 only.
         let l = bind_tcp("[::1]:0".parse().unwrap()).unwrap();
         assert!(socket2::SockRef::from(&l).only_v6().unwrap());
+        // An IPv4-mapped one is its IPv4 address.
+        let l = bind_tcp("[::ffff:127.0.0.1]:0".parse().unwrap()).unwrap();
+        assert_eq!(l.local_addr().unwrap().ip().to_string(), "127.0.0.1");
     }
 }

@@ -264,6 +264,12 @@ impl<T> Reloading<T> {
             // in place of a valid one would break every client at once
             // (audit): the one in use stays until the files hold a usable one.
             Ok((_, Some(new))) if !new.holds_at(now_secs()) && self.not_valid_now().is_none() => {
+                // Not valid yet (a renewal picked up a moment before its
+                // start, a CA's clock ahead): read again at every look
+                // until it is, not only when the files change again (review).
+                if now_secs() < new.not_before {
+                    self.files.look_again();
+                }
                 Refresh::Refused(format!(
                     "the new certificate is not valid now ({new}); the one in use is kept"
                 ))

@@ -57,8 +57,14 @@ impl Followed {
     }
 
     fn note_expiry(&self, gauge: &IntGaugeVec) {
-        if let Some(t) = self.expiry.as_ref().and_then(|e| e()) {
-            gauge.with_label_values(&[self.name]).set(t);
+        let Some(expiry) = &self.expiry else { return };
+        match expiry() {
+            Some(t) => gauge.with_label_values(&[self.name]).set(t),
+            // None readable (not X.509 to x509-parser, or no certificate
+            // presented now): no date, rather than the last one's (review).
+            None => {
+                let _ = gauge.remove_label_values(&[self.name]);
+            }
         }
     }
 

@@ -67,18 +67,34 @@ const SERVING_ENV: [(&str, &str); 2] = [
     ("log_buffer_lines", "AGIPROXY_LOG_BUFFER_LINES"),
 ];
 
-/// The command line, with `SERVING_ENV` on the commands that serve calls.
+/// The command line, with `SERVING_ENV` on the commands that serve calls,
+/// for the options the command line does not give (anywhere: one given
+/// before the command beats the environment, whose bad value must then
+/// not fail the parse).
 fn cli_command() -> clap::Command {
     let mut cli = Cli::command();
     for command in ["run", "demo"] {
         cli = cli.mut_subcommand(command, |mut c| {
             for (id, var) in SERVING_ENV {
-                c = c.mut_arg(id, |a| a.env(var));
+                if !on_the_line(id) {
+                    c = c.mut_arg(id, |a| a.env(var));
+                }
             }
             c
         });
     }
     cli
+}
+
+/// Whether the option `id` (`workers`: `--workers`) is on the command line.
+fn on_the_line(id: &str) -> bool {
+    let flag = format!("--{}", id.replace('_', "-"));
+    let with_value = format!("{flag}=");
+    std::env::args_os().any(|a| {
+        // Not UTF-8: not this option (args() would panic on it).
+        a.to_str()
+            .is_some_and(|a| a == flag || a.starts_with(&with_value))
+    })
 }
 
 impl Serving {
@@ -220,8 +236,7 @@ fn from_env(e: clap::Error) -> clap::Error {
     };
     for (id, var) in SERVING_ENV {
         let flag = format!("--{}", id.replace('_', "-"));
-        let on_the_line = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
-        if arg.starts_with(&flag) && !on_the_line && std::env::var_os(var).is_some() {
+        if arg.starts_with(&flag) && !on_the_line(id) && std::env::var_os(var).is_some() {
             let said = e.render().to_string();
             let first = said.lines().next().unwrap_or_default();
             let first = first.strip_prefix("error: ").unwrap_or(first);

@@ -227,6 +227,24 @@ fn the_environments_serving_options_are_for_run_and_demo_and_yield_to_the_comman
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(var));
     }
+    // Given on the command line, a bad value in the environment is not read.
+    let out = bin()
+        .args([
+            "--workers",
+            "1",
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--once",
+        ])
+        .env("AGIPROXY_WORKERS", "abc")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `--workers 1` before `run`: a current-thread runtime, no worker
     // threads, whatever the environment says.
     let mut child = common::Running::spawn(
@@ -930,6 +948,20 @@ fn ctl_fails_on_what_it_cannot_read_or_write_and_sends_names_as_one_segment() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("unexpected answer (HTTP 200)"), "{stdout}");
+
+    // JSON of another shape (a replica of another version): shown as it
+    // came, not refused.
+    let url = fake_control_api(r#"{"version":"9.9","new_field":1}"#.into(), 1);
+    let out = bin()
+        .args(["ctl", "--url", &url, "status"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("another agiproxy version?") && stdout.contains("\"new_field\": 1"),
+        "{stdout}"
+    );
 
     let config = r#"{"generation":3,"hash":"abc","source":"file:x.yaml","text":"version: 1\n"}"#;
     // The text alone on stdout, byte for byte (re-applied, the same hash).

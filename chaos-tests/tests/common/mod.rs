@@ -119,6 +119,23 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// As [`TestCa::issue`], valid from `secs` seconds from now.
+    #[allow(dead_code)]
+    pub fn issue_valid_in(&self, names: &[&str], secs: u64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        params.not_before = epoch + std::time::Duration::from_secs(now.as_secs() + secs);
+        params.not_after = epoch + std::time::Duration::from_secs(now.as_secs() + 86_400);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// As [`TestCa::issue`], valid only in 2023: expired.
     #[allow(dead_code)]
     pub fn issue_expired(&self, names: &[&str]) -> (String, String) {

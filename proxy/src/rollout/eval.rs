@@ -485,7 +485,10 @@ async fn evaluate(
     // None measured (no peer answered, or only older releases): unknown,
     // not the last value, which would keep an alert firing on old news.
     live.set_peer_clock_offset_ms(farthest.map(|(off, _)| off));
-    live.set_peers_missing(missing.len() + other_rollout.len());
+    // Peers named and none found (their DNS name did not answer): every
+    // one is missing, though none could be counted by name (review).
+    let none_found = plan.judge.peers != Peers::None && addrs.is_empty();
+    live.set_peers_missing(missing.len() + other_rollout.len() + usize::from(none_found));
     if !off_clocks.is_empty() {
         tracing::warn!(route = %route, tick = k, tolerance_ms = tolerance, peers = ?off_clocks, "rollout: some peers' clocks differ from this replica's by more than the rollout tolerates (skew, and an eighth of judge.interval): calls may change colour between replicas and judgement may leave them out; fix their time sync (NTP)");
     }

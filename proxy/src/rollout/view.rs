@@ -408,9 +408,15 @@ pub fn metric_families(snap: &Snapshot) -> Vec<MetricFamily> {
         unkeyed
             .with_label_values(&[name])
             .inc_by(ro.live.unkeyed.load(std::sync::atomic::Ordering::Relaxed));
-        missing
-            .with_label_values(&[name])
-            .set(ro.live.peers_missing());
+        // Only while judgement reads peers: a reload that turns it off
+        // keeps this rollout's live state, and the last count with it.
+        let reads_peers =
+            ro.plan.judge.enabled && ro.plan.judge.peers != agiproxy_config::Peers::None;
+        missing.with_label_values(&[name]).set(if reads_peers {
+            ro.live.peers_missing()
+        } else {
+            0
+        });
         if let Some(ms) = ro.live.peer_clock_offset_ms() {
             offset.with_label_values(&[name]).set(ms as f64 / 1000.0);
         }
