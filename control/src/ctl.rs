@@ -900,20 +900,18 @@ macro_rules! out {
 fn text(t: &str) -> bool {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    match out.write_all(t.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
-        Err(e) => {
-            eprintln!("agiproxy ctl: cannot write to stdout: {e}");
-            WRITE_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
-            false
-        }
-    }
+    written(out.write_all(t.as_bytes()).and_then(|()| out.flush()))
 }
 
 fn line(args: std::fmt::Arguments<'_>) -> bool {
     use std::io::Write;
-    match writeln!(std::io::stdout().lock(), "{args}") {
+    written(writeln!(std::io::stdout().lock(), "{args}"))
+}
+
+/// Whether printing may go on: a reader that went away ends it quietly;
+/// any other failure is said, and makes the exit code 1.
+fn written(r: std::io::Result<()>) -> bool {
+    match r {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
         Err(e) => {
