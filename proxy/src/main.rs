@@ -98,31 +98,14 @@ fn on_the_line(id: &str) -> bool {
 }
 
 impl Serving {
-    /// The command's own options (`own`: its matches) over those given
-    /// before it; one the command has only from the environment yields to
-    /// the same option given before the command.
-    fn or(self, before: Serving, own: &ArgMatches) -> Serving {
-        let pick = |id: &str, mine: Option<u32>, theirs: Option<u32>| {
-            if own.value_source(id) == Some(ValueSource::EnvVariable) {
-                theirs.or(mine)
-            } else {
-                mine.or(theirs)
-            }
-        };
+    /// The command's own options over those given before it (the
+    /// environment's only stand for one given nowhere: `cli_command`).
+    fn or(self, before: Serving) -> Serving {
         Serving {
             log_format: self.log_format.or(before.log_format),
             log_level: self.log_level.or(before.log_level),
-            log_buffer_lines: pick(
-                "log_buffer_lines",
-                self.log_buffer_lines,
-                before.log_buffer_lines,
-            ),
-            workers: pick(
-                "workers",
-                self.workers.map(u32::from),
-                before.workers.map(u32::from),
-            )
-            .and_then(|w| u16::try_from(w).ok()),
+            log_buffer_lines: self.log_buffer_lines.or(before.log_buffer_lines),
+            workers: self.workers.or(before.workers),
         }
     }
 
@@ -188,7 +171,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config, serving } => {
-            let serving = serving.or(cli.serving, own_matches(&matches));
+            let serving = serving.or(cli.serving);
             let log = logging::init(
                 serving.log_format(),
                 serving.log_level(),
@@ -214,7 +197,7 @@ fn main() -> ExitCode {
             once,
             serving,
         } => {
-            let serving = serving.or(cli.serving, own_matches(&matches));
+            let serving = serving.or(cli.serving);
             let log = logging::init(
                 serving.log_format(),
                 &format!("{},agiproxy::access=warn", serving.log_level()),
@@ -245,11 +228,6 @@ fn from_env(e: clap::Error) -> clap::Error {
         }
     }
     e
-}
-
-/// The matches of the command itself (`run`, `demo`, …).
-fn own_matches(matches: &ArgMatches) -> &ArgMatches {
-    matches.subcommand().map_or(matches, |(_, m)| m)
 }
 
 /// Refuses a serving option (`Serving`) given on the command line before
