@@ -714,6 +714,106 @@ async fn tls_with_client_certificates() {
     assert_eq!(refused("connection_cap"), Some(0.0), "{text}");
 }
 
+/// A flood of failed handshakes (plain HTTP to the TLS port, a scanner) is
+/// logged a few lines at a time, each counted (the wiring of the throttle,
+/// whose own tests are in `throttle.rs`). A runtime on this thread, so
+/// that this thread's subscriber sees the server's lines. The throttle is
+/// the process's: another test's failures may take some of its lines.
+#[tokio::test]
+async fn failed_handshakes_are_logged_a_few_lines_at_a_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = log.clone();
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _logged = tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_ansi(false)
+        .with_writer(move || Sink(sink.clone()))
+        .set_default();
+    let dir = temp_dir("tls-flood");
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue(&["localhost"]);
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let files = TlsFiles {
+        cert: cert_file,
+        key: key_file,
+        client_ca: None,
+    };
+    let a = b.addr().to_string();
+    let other = a.replace(&b.addr().port().to_string(), "1");
+    let api = start(&config_text(&a, &other), Some(files), 1 << 20).await;
+    const FLOOD: usize = 12;
+    for _ in 0..FLOOD {
+        let mut s = tokio::net::TcpStream::connect(api.control_addr())
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        // The server closes (with a TLS alert, or nothing): bounded.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    }
+    let lines = || {
+        String::from_utf8_lossy(&log.lock().unwrap())
+            .matches("control API TLS handshake failed")
+            .count()
+    };
+    // Every failure is counted; the lines are at most the throttle's 5.
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let client = Client {
+        token: Some(TOKEN.into()),
+        tls: Some(
+            connector(&ClientTls {
+                ca: Some(ca_file),
+                cert: None,
+                key: None,
+            })
+            .unwrap(),
+        ),
+        timeout: Duration::from_secs(5),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let counted = loop {
+        let m = client
+            .call(&api.target, "GET", "/metrics", &[], None)
+            .await
+            .unwrap();
+        let text = String::from_utf8(m.body).unwrap();
+        let n = sample(
+            &text,
+            "agiproxy_control_connections_refused_total",
+            ("reason", "tls_handshake"),
+        )
+        .unwrap_or(0.0);
+        if n >= FLOOD as f64 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(counted >= FLOOD as f64, "{counted}");
+    let n = lines();
+    assert!(
+        (1..=5).contains(&n),
+        "{n} lines for {FLOOD} failed handshakes"
+    );
+    api.stop().await;
+}
+
 /// A request whose body stops coming: 408 when `request_timeout` is over,
 /// in the API's JSON error shape, naming the setting.
 #[tokio::test]

@@ -541,6 +541,63 @@ async fn a_peer_clock_beyond_the_tolerance_is_measured_and_warned_of() {
     assert_eq!(line.rsplit(' ').next(), Some("2"), "{line}\n{log}");
 }
 
+/// `agiproxy_rollout_peers_missing{route}` when the peers' DNS name finds
+/// nobody (every peer missing, though none can be named: 1), and 0 once a
+/// reload turns the judge off (the last count would keep an alert firing
+/// on old news).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_missing_counts_a_name_that_finds_none_and_is_0_with_the_judge_off() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let dns = FakeDns::start().await; // knows no name: NXDOMAIN
+    let port = free_port();
+    // One rollout (one `start`): the reload keeps its live state.
+    let judged = judged_rollout(&[port], 300);
+    let text = |enabled: bool| {
+        let rollout = judged.replace(
+            &format!("peers: [\"127.0.0.1:{port}\"]"),
+            &format!("enabled: {enabled}, peers: \"dns:_control._tcp.nobody.test\""),
+        );
+        config(&rollout, blue.addr(), green.addr()).replacen(
+            "version: 1\n",
+            &format!(
+                "version: 1\ndns: {{ nameservers: [\"{}\"], timeout: 200ms }}\n",
+                dns.addr()
+            ),
+            1,
+        )
+    };
+    let on = text(true);
+    assert!(on.contains("enabled: true, peers: \"dns:"), "{on}");
+    let r = replica(&on, port, None, false).await;
+    let identity = view(&r).await.identity;
+    let missing = || async {
+        let m = r
+            .client
+            .call(&r.api, "GET", "/metrics", &[], None)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("agiproxy_rollout_peers_missing{route=\"ivr\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while missing().await != Some(1.0) {
+        assert!(Instant::now() < deadline, "{:?}", missing().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dns.queries() > 0);
+    let applied = r
+        .server
+        .apply(&text(false), "test", false, None)
+        .await
+        .unwrap();
+    assert!(applied.changed);
+    assert_eq!(view(&r).await.identity, identity, "the same rollout");
+    assert_eq!(missing().await, Some(0.0));
+}
+
 async fn futures_views(rs: &[Replica]) -> Vec<RolloutView> {
     let mut out = Vec::new();
     for r in rs {
@@ -1068,6 +1125,52 @@ async fn a_reload_from_the_file_keeps_an_api_override_of_the_same_rollout() {
     assert_eq!(again.hash, applied.hash);
     let kept = warnings().matches("rollout override kept").count();
     assert_eq!(kept, 2, "{}", warnings());
+
+    // The same text sent whole through the API (`ctl config apply`) is
+    // taken as it is: the rollback is dropped, and the answer and a WARN
+    // name it (a dry run first: it would be, and nothing changes).
+    let entry = format!("route ivr: {{ action: rollback, at: \"{at}\" }}");
+    for dry in [true, false] {
+        let path = if dry {
+            "/v1/config?dry_run=true"
+        } else {
+            "/v1/config"
+        };
+        let resp = r
+            .client
+            .call(&r.api, "PUT", path, &[], Some(edited.clone().into_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        let put: agiproxy_control::api::Applied = serde_json::from_slice(&resp.body).unwrap();
+        assert!(put.changed, "{put:?}");
+        assert_eq!(put.dropped_overrides, vec![entry.clone()], "{put:?}");
+        let state = view(&r).await.state;
+        assert_eq!(state == "rolled_back", dry, "{state}");
+    }
+    let log = warnings();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rollout override dropped"))
+        .unwrap_or_else(|| panic!("no WARN line: {log}"));
+    for part in ["WARN", "route=ivr", "action=rollback", &format!("at={at}")] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    assert_eq!(log.matches("rollout override dropped").count(), 1, "{log}");
+    // Sent again, nothing is dropped: the running config has no override.
+    let resp = r
+        .client
+        .call(
+            &r.api,
+            "PUT",
+            "/v1/config",
+            &[],
+            Some(edited.clone().into_bytes()),
+        )
+        .await
+        .unwrap();
+    let put: agiproxy_control::api::Applied = serde_json::from_slice(&resp.body).unwrap();
+    assert!(!put.changed && put.dropped_overrides.is_empty(), "{put:?}");
 
     // A new rollout (a new start) takes none of the old one's overrides.
     let renewed = edited.replacen(&first, &start(now_ms() - 100), 1);

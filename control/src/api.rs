@@ -58,6 +58,12 @@ pub struct Applied {
     /// rollout final by then, already paused, not paused). Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `PUT /v1/config`: the rollout overrides the running config had that
+    /// the text lacks, of the same rollout, which applying it dropped (a
+    /// dry run: would drop), as `route ivr: { action: rollback, at: "…" }`.
+    /// Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_overrides: Vec<String>,
 }
 
 /// One validation error, with the config path it concerns.

@@ -1143,6 +1143,19 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value, several: bool) {
                     ),
                     None => out!("{what}: generation {} hash {}", a.generation, a.hash),
                 }
+                // `PUT /v1/config` takes a text as it is: an override written
+                // through `ctl rollout` that the file lacks is gone (green
+                // takes calls again after a rollback), where a reload from
+                // the file keeps it. Said on stderr, so scripts reading
+                // stdout are unchanged.
+                for o in &a.dropped_overrides {
+                    let done = if a.dry_run { "would drop" } else { "dropped" };
+                    eprintln!(
+                        "warning: this config {done} a rollout override the running config has ({o}); \
+                         a reload from the file would keep it. Write it into the file to keep it, \
+                         or run the rollout action again"
+                    );
+                }
             } else {
                 raw(body);
             }

@@ -3,7 +3,7 @@
 //! client side for `ctl`. PEM is read through rustls-pki-types.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -209,6 +209,9 @@ pub struct Reloading<T> {
     validity: ArcSwapOption<Validity>,
     files: Watched,
     build: Builder<T>,
+    /// The certificate refused as not valid yet, read again at every look
+    /// until it is: refused (counted, warned of) once, not at every look.
+    waiting: std::sync::Mutex<Option<Validity>>,
 }
 
 type Builder<T> = Box<dyn Fn() -> Result<(T, Option<Validity>), String> + Send + Sync>;
@@ -225,6 +228,7 @@ impl<T> Reloading<T> {
             validity: ArcSwapOption::from(validity.map(Arc::new)),
             files,
             build: Box::new(build),
+            waiting: std::sync::Mutex::new(None),
         })
     }
 
@@ -267,19 +271,31 @@ impl<T> Reloading<T> {
                 // Not valid yet (a renewal picked up a moment before its
                 // start, a CA's clock ahead): read again at every look
                 // until it is, not only when the files change again (review).
+                let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                let again = *waiting == Some(new);
+                *waiting = None;
                 if now_secs() < new.not_before {
                     self.files.look_again();
+                    *waiting = Some(new);
+                }
+                if again {
+                    // The same certificate, still not valid: said already.
+                    return Refresh::Unchanged;
                 }
                 Refresh::Refused(format!(
                     "the new certificate is not valid now ({new}); the one in use is kept"
                 ))
             }
             Ok((t, validity)) => {
+                *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 self.current.store(Arc::new(t));
                 self.validity.store(validity.map(Arc::new));
                 Refresh::Reloaded
             }
-            Err(e) => Refresh::Refused(e),
+            Err(e) => {
+                *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                Refresh::Refused(e)
+            }
         }
     }
 }

@@ -32,6 +32,11 @@ fn applied(a: crate::server::Applied) -> Applied {
         dry_run: a.dry_run,
         changed: a.changed,
         reason: None,
+        dropped_overrides: a
+            .dropped
+            .iter()
+            .map(|c| format!("route {}: {}", c.route, c.entry()))
+            .collect(),
     }
 }
 
@@ -467,6 +472,7 @@ impl ControlPlane for ControlHandle {
                         hash: snap.meta.hash,
                         dry_run: false,
                         changed: false,
+                        dropped: Vec::new(),
                     })
                 });
             }

@@ -86,6 +86,10 @@ pub struct Applied {
     pub dry_run: bool,
     /// False when the text equals the running config's (nothing was done).
     pub changed: bool,
+    /// A text sent whole through the API: the running rollouts' overrides
+    /// it lacks, of the same rollout, which applying it drops (a dry run:
+    /// would drop). A reload from the file keeps them instead.
+    pub dropped: Vec<crate::rollout::overrides::Carried>,
 }
 
 /// The source of a config text sent through the control API. Any other
@@ -467,7 +471,7 @@ impl Server {
             None
         };
         let mut attempts = 0;
-        let (mut table, current, config, text, hash, carried) = loop {
+        let (mut table, current, config, text, hash, carried, dropped) = loop {
             attempts += 1;
             let current = self.shared.snapshot.load_full();
             let generation = current.meta.generation;
@@ -497,6 +501,7 @@ impl Server {
                     hash,
                     dry_run,
                     changed: false,
+                    dropped: Vec::new(),
                 });
             }
             // The running rollouts (a snapshot's config has no routes).
@@ -506,6 +511,12 @@ impl Server {
                 .await?;
             self.note_parsed(hash, &config);
             let carried = if mode == Mode::File {
+                crate::rollout::overrides::carried_overrides(&running, &config)
+            } else {
+                Vec::new()
+            };
+            // The same comparison for a text sent whole: what it drops.
+            let dropped = if mode == Mode::Text {
                 crate::rollout::overrides::carried_overrides(&running, &config)
             } else {
                 Vec::new()
@@ -526,6 +537,7 @@ impl Server {
                         hash,
                         dry_run,
                         changed: false,
+                        dropped: Vec::new(),
                     });
                 }
                 // The same checks as the file's own config had: a carried
@@ -552,12 +564,13 @@ impl Server {
                     hash,
                     dry_run,
                     changed: true,
+                    dropped,
                 });
             }
             let table = self.changes.listeners.lock().await;
             let now = self.shared.snapshot.load_full();
             if now.meta.generation == generation {
-                break (table, current, config, text, hash, carried);
+                break (table, current, config, text, hash, carried, dropped);
             }
             // Another change went in while this one was parsed.
             if let Some(expected) = if_match {
@@ -580,10 +593,17 @@ impl Server {
                         hash,
                         dry_run,
                         changed: false,
+                        dropped: Vec::new(),
                     });
                 }
                 if !edit {
-                    break (table, now, config, text, hash, carried);
+                    // Dropped from the config it replaces.
+                    let dropped = if mode == Mode::Text {
+                        crate::rollout::overrides::carried_overrides(&now.rollout_config(), &config)
+                    } else {
+                        dropped
+                    };
+                    break (table, now, config, text, hash, carried, dropped);
                 }
                 return Err(ApplyError::Stale {
                     current: now.meta.generation,
@@ -662,11 +682,13 @@ impl Server {
             .config_generation
             .set(generation as i64 + 1);
         warn_carried(&carried);
+        warn_dropped(&dropped);
         Ok(Applied {
             generation: generation + 1,
             hash,
             dry_run: false,
             changed: true,
+            dropped,
         })
     }
 
@@ -918,6 +940,20 @@ fn warn_carried(carried: &[crate::rollout::overrides::Carried]) {
             "rollout override kept: the config file does not have it, and the running rollout is the same; write overrides: [{}] into the file (route {}) to keep it across a restart of every replica",
             c.entry(),
             c.route
+        );
+    }
+}
+
+fn warn_dropped(dropped: &[crate::rollout::overrides::Carried]) {
+    for c in dropped {
+        tracing::warn!(
+            route = %c.route,
+            action = %c.action,
+            at = %c.at,
+            "rollout override dropped: the config sent through the API does not have it (a reload from the file would have kept it); to restore it, run the same action again (ctl rollout {} {}) or write overrides: [{}] into the config",
+            c.action,
+            c.route,
+            c.entry()
         );
     }
 }

@@ -541,6 +541,48 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     assert_eq!(states.len(), 3, "{doc}");
     assert!(states.iter().all(|s| *s == states[0]), "{doc}");
     assert!(states[0].contains(", resume in force from "), "{doc}");
+    // Its own file sent whole through the API (`ctl config apply`) drops
+    // the overrides written through `ctl rollout`, where a reload from the
+    // file keeps them: taken, but said on stderr, naming each (before,
+    // nothing said that a rollback had just been undone).
+    let own = tempfile::NamedTempFile::new().unwrap();
+    let control0 = format!(
+        "  address: \"{}:{}\"\n  token_env: AGIPROXY_TOKEN",
+        c.ips[0], c.port
+    );
+    std::fs::write(own.path(), text(&control0, "agi_uniqueid")).unwrap();
+    let file = own.path().to_str().unwrap();
+    let api0 = c.api(0);
+    for dry in [true, false] {
+        let mut args = vec!["--url", &api0, "config", "apply", "-f", file];
+        if dry {
+            args.push("--dry-run");
+        }
+        let out = ctl(&args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        let said = if dry { "would drop" } else { "dropped" };
+        assert!(
+            stdout.starts_with(if dry { "valid (dry run" } else { "applied: " }),
+            "{stdout}"
+        );
+        for action in ["pause", "resume"] {
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.starts_with("warning: this config ")
+                        && l.contains(said)
+                        && l.contains(&format!("(route ivr: {{ action: {action}, at: \""))),
+                "{action}: {stderr}"
+            );
+        }
+    }
+    let st = status(&api0).unwrap();
+    assert_eq!(st["source"], "api", "{st}");
+    assert!(st.get("rollouts_differ").is_none(), "{st}");
     // One replica stopped: it does not answer, and that is no convergence.
     let mut c = c;
     drop(c._replicas.remove(0));

@@ -615,6 +615,7 @@ impl ControlPlane for FakePlane {
             dry_run,
             changed: !dry_run,
             reason: None,
+            dropped_overrides: Vec::new(),
         })
     }
     async fn reload_file(&self) -> Result<Applied, ControlError> {
