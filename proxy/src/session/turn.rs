@@ -93,15 +93,23 @@ fn trim_eol(line: &[u8]) -> &[u8] {
 
 /// One word of a command line, unescaped. Only short words are looked at
 /// (command names, a size), so a longer one is kept cut and matches nothing.
+/// Leading zeros are counted, not kept: a size written `000…0152` is 152
+/// however many zeros it has (cut, it was read as a plain command, and its
+/// payload lines as commands waiting for replies that never come).
 #[derive(Default)]
 struct Word {
     buf: [u8; 24],
     len: usize,
     cut: bool,
+    zeros: bool,
 }
 
 impl Word {
     fn push(&mut self, c: u8) {
+        if c == b'0' && self.len == 0 {
+            self.zeros = true;
+            return;
+        }
         match self.buf.get_mut(self.len) {
             Some(b) => {
                 *b = c;
@@ -112,12 +120,15 @@ impl Word {
     }
 
     fn is(&self, name: &[u8]) -> bool {
-        !self.cut && self.buf[..self.len].eq_ignore_ascii_case(name)
+        !self.cut && !self.zeros && self.buf[..self.len].eq_ignore_ascii_case(name)
     }
 
     fn number(&self) -> Option<u64> {
         if self.cut {
             return None;
+        }
+        if self.len == 0 {
+            return self.zeros.then_some(0);
         }
         std::str::from_utf8(&self.buf[..self.len])
             .ok()?
@@ -625,6 +636,17 @@ mod tests {
                 b"PUT SOUNDFILE x.gsm 99999999999999999999999999",
                 Pending::Plain,
             ),
+            // Leading zeros, past the 24 bytes a word keeps.
+            (
+                b"PUT SOUNDFILE x.gsm 0000000000000000000000000000000152",
+                Pending::Put(152),
+            ),
+            (b"PUT SOUNDFILE x.gsm 000", Pending::Put(0)),
+            (b"PUT SOUNDFILE x.gsm 0", Pending::Put(0)),
+            (b"PUT SOUNDFILE x.gsm 0x10", Pending::Plain),
+            (b"PUT SOUNDFILE x.gsm \"\"", Pending::Plain),
+            (b"0PUT SOUNDFILE x.gsm 152", Pending::Plain),
+            (b"PUT 0SOUNDFILE x.gsm 152", Pending::Plain),
             (b"GET VARIABLE x", Pending::Plain),
         ] {
             assert_eq!(
