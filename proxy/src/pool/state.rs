@@ -80,6 +80,7 @@ impl PoolShared {
         let _serial = lock(&self.live.rebuild);
         let previous = self.members.load_full();
         let members = build_members(&self.config, &self.live, Some(&previous), true);
+        super::members::retire_absent(&self.live, &members, super::clock::now_ms());
         self.members.store(Arc::new(members));
     }
 
@@ -182,6 +183,8 @@ impl PoolState {
                 b.live.clear_checks();
             }
         }
+        // Those this config removed are still held by the one it replaces.
+        super::members::retire_absent(&self.live, &self.members(), super::clock::now_ms());
         true
     }
 
