@@ -131,9 +131,9 @@ pub struct PoolLive {
     /// running or retired snapshot, sessions), so an address that leaves and
     /// comes back finds its state again.
     pub(super) registry: Mutex<HashMap<SocketAddr, Weak<BackendLive>>>,
-    /// Backends that left the pool, held (so the registry keeps them) for
-    /// [`super::members::RETIRED_MS`] with the time they left: see
-    /// [`super::members::retire_absent`]. Locked after `registry`.
+    /// Static backends a reload removed, held (so the registry keeps them)
+    /// for [`super::members::RETIRED_MS`] with the time they left: see
+    /// [`super::members::retire`].
     pub(super) retired: Mutex<std::collections::VecDeque<(u64, Arc<BackendLive>)>>,
     /// The last good DNS answer of each name, keyed by [`discovery::key`].
     pub(crate) discovery: Mutex<HashMap<String, Discovered>>,

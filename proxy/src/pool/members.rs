@@ -71,26 +71,26 @@ pub struct Candidates {
 /// address comes back: as long as the metric series of a backend gone.
 pub(crate) const RETIRED_MS: u64 = 10 * 60 * 1000;
 
-/// Holds the state of the pool's backends that are not `members` (any
-/// more) for [`RETIRED_MS`], the latest [`Pool::MAX_MEMBERS`] of them: an
-/// address that comes back (a config that flaps, a revert, a DNS answer
-/// that drops a target a while) gets its check verdict, ejection and drain
-/// again. Before, only a backend still held by a session did: a dead
-/// backend re-added was offered as healthy until its first check (soak: 47
-/// calls of 10,675 got `connect_failed`).
-pub(crate) fn retire_absent(live: &PoolLive, members: &Members, now: u64) {
+/// Holds the state of the static backends of `replaced` (the member set a
+/// reload replaced) that `members` lacks, for [`RETIRED_MS`], the latest
+/// [`Pool::MAX_MEMBERS`] of them: an address that a later reload brings
+/// back (a config that flaps, a revert) gets its check verdict, ejection
+/// and drain again. Before, only a backend still held by a session did: a
+/// dead backend re-added was offered as healthy until its first check
+/// (soak: 47 calls of 10,675 got `connect_failed`). Not those of DNS: an
+/// address DNS drops may come back as another host (a pod's IP reused),
+/// which must not inherit a drain.
+pub(crate) fn retire(live: &PoolLive, replaced: &Members, members: &Members, now: u64) {
     let listed: std::collections::HashSet<SocketAddr> =
         members.backends.iter().map(|b| b.addr).collect();
-    let registry = lock(&live.registry);
     let mut retired = lock(&live.retired);
     retired.retain(|(at, b)| now.saturating_sub(*at) < RETIRED_MS && !listed.contains(&b.addr));
-    let held: std::collections::HashSet<SocketAddr> = retired.iter().map(|(_, b)| b.addr).collect();
-    for (addr, w) in registry.iter() {
-        if listed.contains(addr) || held.contains(addr) {
-            continue;
-        }
-        if let Some(b) = w.upgrade() {
-            retired.push_back((now, b));
+    for b in &replaced.backends {
+        if &*b.source == "static"
+            && !listed.contains(&b.addr)
+            && !retired.iter().any(|(_, r)| r.addr == b.addr)
+        {
+            retired.push_back((now, b.live.clone()));
         }
     }
     while retired.len() > Pool::MAX_MEMBERS {

@@ -56,6 +56,9 @@ pub(crate) struct PoolShared {
     pub cancel: CancellationToken,
     /// The check epoch this pool started when activated (0 before).
     pub epoch: AtomicU64,
+    /// The member set of the pool this one replaces, until activated: the
+    /// static backends it removes are retired ([`super::members::retire`]).
+    pub replaced: std::sync::Mutex<Option<Arc<Members>>>,
 }
 
 impl super::live::Owner for PoolShared {
@@ -80,7 +83,6 @@ impl PoolShared {
         let _serial = lock(&self.live.rebuild);
         let previous = self.members.load_full();
         let members = build_members(&self.config, &self.live, Some(&previous), true);
-        super::members::retire_absent(&self.live, &members, super::clock::now_ms());
         self.members.store(Arc::new(members));
     }
 
@@ -128,6 +130,7 @@ impl PoolState {
             members: ArcSwap::from_pointee(members),
             cancel: CancellationToken::new(),
             epoch: AtomicU64::new(0),
+            replaced: std::sync::Mutex::new(prev_members),
         });
         PoolState {
             name: pool.name.as_str().into(),
@@ -183,8 +186,9 @@ impl PoolState {
                 b.live.clear_checks();
             }
         }
-        // Those this config removed are still held by the one it replaces.
-        super::members::retire_absent(&self.live, &self.members(), super::clock::now_ms());
+        if let Some(replaced) = lock(&self.shared.replaced).take() {
+            super::members::retire(&self.live, &replaced, &self.members(), now_ms());
+        }
         true
     }
 
