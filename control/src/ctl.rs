@@ -923,6 +923,12 @@ fn written(r: std::io::Result<()>) -> bool {
 }
 
 fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
+    if matches!(
+        args.command,
+        CtlCommand::Config(ConfigCommand::Apply { .. })
+    ) {
+        warn_dropped(replies);
+    }
     if args.output == Output::Json {
         let mut doc = serde_json::json!({ "replicas": replies });
         if let Some(Convergence {
@@ -1143,22 +1149,39 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value, several: bool) {
                     ),
                     None => out!("{what}: generation {} hash {}", a.generation, a.hash),
                 }
-                // `PUT /v1/config` takes a text as it is: an override written
-                // through `ctl rollout` that the file lacks is gone (green
-                // takes calls again after a rollback), where a reload from
-                // the file keeps it. Said on stderr, so scripts reading
-                // stdout are unchanged.
-                for o in &a.dropped_overrides {
-                    let done = if a.dry_run { "would drop" } else { "dropped" };
-                    eprintln!(
-                        "warning: this config {done} a rollout override the running config has ({o}); \
-                         a reload from the file would keep it. Write it into the file to keep it, \
-                         or run the rollout action again"
-                    );
-                }
             } else {
                 raw(body);
             }
+        }
+    }
+}
+
+/// `PUT /v1/config` takes a text as it is: an override written through
+/// `ctl rollout` that the file lacks is gone (green takes calls again after
+/// a rollback), where a reload from the file keeps it. Said on stderr, for
+/// every output format (stdout, which scripts read, is unchanged), naming
+/// the replica.
+fn warn_dropped(replies: &[Reply]) {
+    for r in replies {
+        let Some(a) = r
+            .body
+            .clone()
+            .and_then(|b| serde_json::from_value::<Applied>(b).ok())
+        else {
+            continue;
+        };
+        for o in &a.dropped_overrides {
+            let done = if a.dry_run {
+                "would drop a rollout override it runs"
+            } else {
+                "dropped a rollout override it ran"
+            };
+            eprintln!(
+                "warning: {}: this config {done} ({o}); a reload from the file would have kept it. \
+                 To keep it, write it into the file's rollout overrides and apply that (`ctl rollout` \
+                 again would give it a new time)",
+                r.replica
+            );
         }
     }
 }

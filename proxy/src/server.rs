@@ -950,10 +950,9 @@ fn warn_dropped(dropped: &[crate::rollout::overrides::Carried]) {
             route = %c.route,
             action = %c.action,
             at = %c.at,
-            "rollout override dropped: the config sent through the API does not have it (a reload from the file would have kept it); to restore it, run the same action again (ctl rollout {} {}) or write overrides: [{}] into the config",
-            c.action,
-            c.route,
-            c.entry()
+            "rollout override dropped: the config sent through the API does not have it (a reload from the file would have kept it); to restore it as it was, write overrides: [{}] into the config (route {}) and apply it (`ctl rollout` again would give it a new time)",
+            c.entry(),
+            c.route
         );
     }
 }

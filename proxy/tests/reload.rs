@@ -553,8 +553,13 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     std::fs::write(own.path(), text(&control0, "agi_uniqueid")).unwrap();
     let file = own.path().to_str().unwrap();
     let api0 = c.api(0);
-    for dry in [true, false] {
-        let mut args = vec!["--url", &api0, "config", "apply", "-f", file];
+    // A dry run in JSON (what scripts read) first, then the change.
+    for (dry, json) in [(true, true), (true, false), (false, false)] {
+        let mut args = vec!["--url", &api0];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        args.extend(["config", "apply", "-f", file]);
         if dry {
             args.push("--dry-run");
         }
@@ -565,17 +570,17 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
         );
         assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
         let said = if dry { "would drop" } else { "dropped" };
-        assert!(
-            stdout.starts_with(if dry { "valid (dry run" } else { "applied: " }),
-            "{stdout}"
-        );
+        let printed = match (dry, json) {
+            (_, true) => "{",
+            (true, false) => "valid (dry run",
+            (false, false) => "applied: ",
+        };
+        assert!(stdout.starts_with(printed), "{stdout}");
         for action in ["pause", "resume"] {
             assert!(
-                stderr
-                    .lines()
-                    .any(|l| l.starts_with("warning: this config ")
-                        && l.contains(said)
-                        && l.contains(&format!("(route ivr: {{ action: {action}, at: \""))),
+                stderr.lines().any(|l| l.starts_with("warning: ")
+                    && l.contains(&format!("{}:{}: this config {said} ", c.ips[0], c.port))
+                    && l.contains(&format!("(route ivr: {{ action: {action}, at: \""))),
                 "{action}: {stderr}"
             );
         }

@@ -1,6 +1,7 @@
 //! A pool's member set: the backends it offers now, grouped in failover
 //! tiers, rebuilt whole from the config and the last good DNS answers.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -81,21 +82,25 @@ pub(crate) const RETIRED_MS: u64 = 10 * 60 * 1000;
 /// address DNS drops may come back as another host (a pod's IP reused),
 /// which must not inherit a drain.
 pub(crate) fn retire(live: &PoolLive, replaced: &Members, members: &Members, now: u64) {
-    let listed: std::collections::HashSet<SocketAddr> =
-        members.backends.iter().map(|b| b.addr).collect();
+    let listed: HashSet<SocketAddr> = members.backends.iter().map(|b| b.addr).collect();
     let mut retired = lock(&live.retired);
     retired.retain(|(at, b)| now.saturating_sub(*at) < RETIRED_MS && !listed.contains(&b.addr));
+    let mut held: HashSet<SocketAddr> = retired.iter().map(|(_, b)| b.addr).collect();
     for b in &replaced.backends {
-        if &*b.source == "static"
-            && !listed.contains(&b.addr)
-            && !retired.iter().any(|(_, r)| r.addr == b.addr)
-        {
+        if &*b.source == "static" && !listed.contains(&b.addr) && held.insert(b.addr) {
             retired.push_back((now, b.live.clone()));
         }
     }
     while retired.len() > Pool::MAX_MEMBERS {
         retired.pop_front();
     }
+}
+
+/// Lets go of the retired backends held longer than [`RETIRED_MS`]: before
+/// a member set is built, so that one comes back new after that time even
+/// when no reload came in between.
+pub(crate) fn prune_retired(live: &PoolLive, now: u64) {
+    lock(&live.retired).retain(|(at, _)| now.saturating_sub(*at) < RETIRED_MS);
 }
 
 /// The member set for `pool`: its static addresses, then each DNS name's
@@ -115,7 +120,15 @@ pub(crate) fn build_members(
     let now = now_ms();
     let discovered = lock(&live.discovery);
     let mut registry = lock(&live.registry);
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
+    // A static backend a reload retired, held by nothing else, is not an
+    // address DNS answers now: the same IP may be another host (a pod's IP
+    // reused), which must not inherit a drain or a verdict.
+    let retired: HashSet<SocketAddr> = lock(&live.retired)
+        .iter()
+        .filter(|(_, b)| Arc::strong_count(b) == 1)
+        .map(|(_, b)| b.addr)
+        .collect();
     let mut out = Vec::new();
     let mut left_out = 0usize;
     for entry in &pool.backends {
@@ -147,9 +160,13 @@ pub(crate) fn build_members(
             let was_member = previous
                 .and_then(|m| m.backends.iter().find(|b| b.addr == addr))
                 .map(|b| b.live.clone());
-            let known = was_member
-                .clone()
-                .or_else(|| registry.get(&addr).and_then(Weak::upgrade));
+            let from_dns = !matches!(entry.target, BackendTarget::Static(_));
+            let known = was_member.clone().or_else(|| {
+                if from_dns && retired.contains(&addr) {
+                    return None;
+                }
+                registry.get(&addr).and_then(Weak::upgrade)
+            });
             let fresh = known.is_none();
             let backend_live = known.unwrap_or_else(|| Arc::new(BackendLive::new(addr)));
             if running || fresh {

@@ -82,6 +82,7 @@ impl PoolShared {
     pub(crate) fn rebuild_members(&self) {
         let _serial = lock(&self.live.rebuild);
         let previous = self.members.load_full();
+        super::members::prune_retired(&self.live, now_ms());
         let members = build_members(&self.config, &self.live, Some(&previous), true);
         self.members.store(Arc::new(members));
     }
@@ -119,6 +120,7 @@ impl PoolState {
         // Before the build reads the answers: one that changes meanwhile
         // makes `activate` rebuild (needlessly at worst).
         let answers_seen = live.answers_changed.load(Ordering::Relaxed);
+        super::members::prune_retired(&live, now_ms());
         // Building changes nothing that a running pool uses: a snapshot that
         // is built but never runs (a dry run, a refused reload) leaves no
         // trace. `activate` applies this config to the carried state.

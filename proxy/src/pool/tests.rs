@@ -981,15 +981,50 @@ fn a_backend_removed_and_brought_back_keeps_its_state() {
     let one = PoolState::new(&text(1), Some(&again));
     assert!(one.activate());
     drop(again);
-    let later = now_ms() + members::RETIRED_MS;
-    // (A later reload prunes what is past it.)
-    members::retire(
-        &one.live,
-        &Members::new(Vec::new(), false),
-        &one.members(),
-        later,
-    );
+    // (Back-dated: held that long, with no reload in between.)
+    for held in one.live.retired.lock().unwrap().iter_mut() {
+        held.0 -= members::RETIRED_MS;
+    }
     let fresh = PoolState::new(&text(2), Some(&one));
     assert!(fresh.activate());
     assert_eq!(live(&fresh, 1).state(), BackendState::Healthy);
+}
+
+/// A static backend a reload retired (drained, failing) whose address then
+/// comes in a DNS answer is another host as far as the pool knows (a pod's
+/// IP reused): it starts new, not drained.
+#[test]
+fn a_retired_static_backend_does_not_pass_its_state_to_a_dns_answer() {
+    use super::live::{key, Discovered, Found};
+    let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
+    assert!(a.activate());
+    assert!(record(&a, 0, false, 1, 1));
+    live(&a, 0).set_draining(true);
+    let addr = live(&a, 0).addr;
+    let text = "version: 1\npools:\n  - name: p\n    health: { type: tcp, fall: 1 }\n    backends:\n      - { address: \"svc.test:7002\" }\n";
+    let by_name = agiproxy_config::from_yaml_str(text)
+        .unwrap()
+        .pools
+        .remove(0);
+    let b = PoolState::new(&by_name, Some(&a));
+    assert!(b.activate());
+    drop(a);
+    assert_eq!(b.live.retired.lock().unwrap().len(), 1, "held");
+    let answer = Discovered {
+        found: vec![Found {
+            addr,
+            weight: None,
+            tier: 0,
+            new: false,
+        }],
+        ..Discovered::default()
+    };
+    b.live
+        .discovery
+        .lock()
+        .unwrap()
+        .insert(key(&by_name.backends[0].target), answer);
+    b.shared().rebuild_members();
+    assert!(!live(&b, 0).is_draining());
+    assert_eq!(live(&b, 0).state(), BackendState::Healthy);
 }

@@ -130,6 +130,11 @@ impl Word {
         if self.len == 0 {
             return self.zeros.then_some(0);
         }
+        // Digits only, as the size Asterisk's module reads (`+152` and
+        // `0+152` are no size here, where `parse` would take them).
+        if !self.buf[..self.len].iter().all(u8::is_ascii_digit) {
+            return None;
+        }
         std::str::from_utf8(&self.buf[..self.len])
             .ok()?
             .parse()
@@ -644,6 +649,8 @@ mod tests {
             (b"PUT SOUNDFILE x.gsm 000", Pending::Put(0)),
             (b"PUT SOUNDFILE x.gsm 0", Pending::Put(0)),
             (b"PUT SOUNDFILE x.gsm 0x10", Pending::Plain),
+            (b"PUT SOUNDFILE x.gsm 0+152", Pending::Plain),
+            (b"PUT SOUNDFILE x.gsm +152", Pending::Plain),
             (b"PUT SOUNDFILE x.gsm \"\"", Pending::Plain),
             (b"0PUT SOUNDFILE x.gsm 152", Pending::Plain),
             (b"PUT 0SOUNDFILE x.gsm 152", Pending::Plain),
