@@ -234,6 +234,22 @@ for set in "${sets[@]}"; do
             ;;
         monitors-values)
             expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
+            # Every metric an alert or the dashboard reads is one the docs'
+            # metrics tables name (a typo in a rule never fires).
+            metrics="$(grep -o 'agiproxy_[a-z_]*' "$out" | grep -v '^agiproxy_$' | sort -u)"
+            [[ "$(wc -l <<<"$metrics")" -ge 20 ]] && pass || fail "$name: too few metrics read by the rules: $metrics"
+            for m in $metrics; do
+                m="${m%_bucket}"
+                m="${m%_count}"
+                m="${m%_sum}"
+                grep -qw -- "$m" "$repo/docs/control-api.md" "$repo/docs/blue-green.md" "$repo/docs/operations.md" && pass \
+                    || fail "$name: the rules or the dashboard read $m, which no metrics table names"
+            done
+            for alert in AgiproxyCredentialsRefused AgiproxyCertificateExpiresSoon AgiproxyLogLinesDropped \
+                AgiproxyRolloutRolledBack AgiproxyRolloutPeersUnread; do
+                grep -q "alert: $alert$" "$out" && pass || fail "$name: no $alert rule"
+            done
+            grep -q 'result!~' "$out" && fail "$name: AgiproxyConfigRefused fires on request errors (stale, not_found)" || pass
             grep -q 'grafana_dashboard: "1"' "$out" && pass || fail "$name: no dashboard ConfigMap"
             grep -q 'checksum/config' "$out" && pass || fail "$name: rollOnConfigChange adds no checksum/config"
             ;;

@@ -8,7 +8,7 @@ use agiproxy_control::api::{
 };
 use agiproxy_control::{ControlError, ControlPlane};
 use prometheus::proto::MetricFamily;
-use prometheus::{GaugeVec, IntGaugeVec, Opts};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
 
 use crate::pool::{BackendStatus, PoolState};
 use crate::server::{ApplyError, Server};
@@ -117,6 +117,14 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
     let int = |name: &str, help: &str, labels: &[&str]| {
         IntGaugeVec::new(Opts::new(name, help).namespace("agiproxy"), labels).expect("valid metric")
     };
+    // Running totals, typed as counters so that `rate()`/`increase()` on
+    // them are what linters and dashboards expect (they were gauges; the
+    // names stay, without `_total`, for the dashboards and alerts that use
+    // them). Built afresh at each scrape, from 0 to the total.
+    let total = |name: &str, help: &str, labels: &[&str]| {
+        IntCounterVec::new(Opts::new(name, help).namespace("agiproxy"), labels)
+            .expect("valid metric")
+    };
     let pb = &["pool", "backend"][..];
     let active = int(
         "backend_active_sessions",
@@ -133,17 +141,17 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         "Passive failures in a row",
         pb,
     );
-    let ejections = int(
+    let ejections = total(
         "backend_ejections",
         "Passive ejections since the backend was first configured",
         pb,
     );
-    let checks = int(
+    let checks = total(
         "backend_checks",
         "Active health checks run against each backend",
         pb,
     );
-    let checks_not_run = int(
+    let checks_not_run = total(
         "backend_checks_not_run",
         "Active health checks that could not run for the proxy's own want of descriptors or memory (no verdict on the backend)",
         pb,
@@ -168,12 +176,12 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         "1 when more backends are ejected than max_ejection_percent allows (some kept in rotation)",
         &["pool"],
     );
-    let dns_lookups = int(
+    let dns_lookups = total(
         "dns_lookups",
         "DNS lookups of each name a pool follows",
         &["pool", "name"],
     );
-    let dns_failures = int(
+    let dns_failures = total(
         "dns_lookup_failures",
         "Failed or empty DNS lookups (the last good set was kept)",
         &["pool", "name"],
@@ -212,14 +220,14 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
             failures
                 .with_label_values(&l)
                 .set(i64::from(b.consecutive_failures));
-            ejections.with_label_values(&l).set(b.ejections as i64);
+            ejections.with_label_values(&l).inc_by(b.ejections);
             if b.checks > 0 {
-                checks.with_label_values(&l).set(b.checks as i64);
+                checks.with_label_values(&l).inc_by(b.checks);
             }
             if b.checks_not_run > 0 {
                 checks_not_run
                     .with_label_values(&l)
-                    .set(b.checks_not_run as i64);
+                    .inc_by(b.checks_not_run);
             }
             if let Some(c) = &b.last_check {
                 check_up.with_label_values(&l).set(i64::from(c.ok));
@@ -230,8 +238,8 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         }
         for d in &st.discovery {
             let l = [st.name.as_str(), d.target.as_str()];
-            dns_lookups.with_label_values(&l).set(d.lookups as i64);
-            dns_failures.with_label_values(&l).set(d.failures as i64);
+            dns_lookups.with_label_values(&l).inc_by(d.lookups);
+            dns_failures.with_label_values(&l).inc_by(d.failures);
             dns_addresses
                 .with_label_values(&l)
                 .set(d.addresses.len() as i64);
@@ -242,20 +250,18 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         active,
         state,
         failures,
-        ejections,
-        checks,
-        checks_not_run,
         check_up,
         pool_active,
         panic,
-        dns_lookups,
-        dns_failures,
         dns_addresses,
         config_info,
     ]
     .iter()
     .flat_map(|g| g.collect())
     .collect();
+    for c in [ejections, checks, checks_not_run, dns_lookups, dns_failures] {
+        out.extend(c.collect());
+    }
     out.extend(check_latency.collect());
     out.extend(crate::rollout::view::metric_families(snap));
     out

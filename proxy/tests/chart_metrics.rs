@@ -26,10 +26,52 @@ fn exposed(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// The body of a 200 answer to `GET path`.
-async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    let r = chaos_tests::http::get(addr, path).await?;
-    (r.status == 200).then_some(r.body)
+/// The control API as the test reads it: TLS, the fleet's CA, a token.
+struct Api {
+    client: agiproxy_control::client::Client,
+}
+
+impl Api {
+    /// The body of a 200 answer to `GET path` at `addr`.
+    async fn get(&self, addr: SocketAddr, path: &str) -> Option<String> {
+        let target = agiproxy_control::client::Target {
+            addr: agiproxy_control::client::Address::Tcp(addr),
+            https: true,
+            host: SERVER_NAME.into(),
+        };
+        let r = self
+            .client
+            .call(&target, "GET", path, &[], None)
+            .await
+            .ok()?;
+        (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
+    }
+}
+
+/// The name on the control API's certificate.
+const SERVER_NAME: &str = "agiproxy-control";
+const TOKEN: &str = "chart-metrics-token";
+
+/// A CA, and a certificate for [`SERVER_NAME`] it signed, in `dir`:
+/// `(ca, cert, key)` paths.
+fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = ["ca.pem", "tls.crt", "tls.key"].map(|f| dir.join(f));
+    for (p, text) in paths
+        .iter()
+        .zip([ca.pem(), cert.pem(), key.serialize_pem()])
+    {
+        std::fs::write(p, text).unwrap();
+    }
+    paths
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +91,38 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
     assert!(wanted.len() > 10, "too few metric names found: {wanted:?}");
 
     // A pool found through SRV (the dns_* gauges) with health checks (the
-    // backend gauges), and one call (sessions_total has no series before).
+    // backend gauges), and one call (sessions_total has no series before);
+    // the control API on TLS with a token file (the credential metrics),
+    // and a judged rollout reading its own replica as a peer (the rollout
+    // gauges, the peer clock offset once a judgement has read it).
+    let certs = tempfile::Builder::new()
+        .prefix("agiproxy-chart-metrics-tls-")
+        .tempdir()
+        .unwrap();
+    let [ca, cert, key] = certificates(certs.path());
+    let token = certs.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let api = Api {
+        client: agiproxy_control::client::Client {
+            token: Some(TOKEN.into()),
+            tls: Some(
+                agiproxy_control::tls::connector(&agiproxy_control::tls::ClientTls {
+                    ca: Some(ca.clone()),
+                    cert: None,
+                    key: None,
+                })
+                .unwrap(),
+            ),
+            timeout: Duration::from_secs(5),
+        },
+    };
+    let start = agiproxy_config::format_ms(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            - 1000,
+    );
     let backend = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let dns = FakeDns::start().await;
     dns.set_addrs("b.ivr.test", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], 60);
@@ -63,59 +136,79 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
     // on new ports.
     let mut started = None;
     for attempt in 1..=3 {
-        let agi: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        while control == agi {
-            control = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // Two replicas, each the other's peer: a replica does not measure
+        // its own clock.
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < 4 {
+            ports.insert(free_port());
         }
-        let text = format!(
-            "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\ndns: {{ nameservers: [\"{}\"], timeout: 2s }}\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n    health: {{ type: tcp, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n",
-            dns.addr()
-        );
-        // Declared before the child: dropped (removed) after it is killed.
+        let ports: Vec<u16> = ports.into_iter().collect();
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+        let (agi, control, control2) = (addr(ports[0]), addr(ports[1]), addr(ports[3]));
+        let text = |agi: SocketAddr, control: SocketAddr| {
+            format!(
+                "version: 1\nlisteners:\n  - name: asterisk\n    address: \"{agi}\"\ncontrol:\n  address: \"{control}\"\n  token_file: {}\n  tls: {{ cert: {}, key: {}, peers: {{ ca: {}, server_name: {SERVER_NAME} }} }}\ndns: {{ nameservers: [\"{}\"], timeout: 2s }}\nroutes:\n  - name: ivr\n    match: {{ script: {{ prefix: ivr/ }} }}\n    rollout: {{ from: p, to: q, steps: [10, 100], step_duration: 1h, start: \"{start}\", judge: {{ interval: 500ms, peers: [\"{}\", \"{}\"] }} }}\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n    health: {{ type: tcp, interval: 500ms, timeout: 400ms, rise: 1, fall: 1 }}\n  - name: q\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n",
+                token.display(),
+                cert.display(),
+                key.display(),
+                ca.display(),
+                dns.addr(),
+                addr(ports[1]),
+                addr(ports[3]),
+            )
+        };
+        // Declared before the children: dropped (removed) after they are killed.
         let dir = tempfile::Builder::new()
             .prefix("agiproxy-chart-metrics-")
             .tempdir()
             .unwrap();
-        let path = dir
-            .path()
-            .join(format!("agiproxy-chart-metrics-{}.yaml", agi.port()));
-        std::fs::write(&path, text).unwrap();
-        let mut child = Running::spawn(
-            Command::new(env!("CARGO_BIN_EXE_agiproxy"))
-                .args(["run", "-c"])
-                .arg(&path)
-                .args(["--log-level", "warn"])
-                .stdout(Stdio::null()),
-        );
-        // Wait for the backend to be found and checked.
+        let mut children = Vec::new();
+        for (i, (agi, control)) in [(agi, control), (addr(ports[2]), control2)]
+            .into_iter()
+            .enumerate()
+        {
+            let path = dir.path().join(format!("agiproxy-{i}.yaml"));
+            std::fs::write(&path, text(agi, control)).unwrap();
+            children.push(Running::spawn(
+                Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+                    .args(["run", "-c"])
+                    .arg(&path)
+                    .args(["--log-level", "warn"])
+                    .stdout(Stdio::null()),
+            ));
+        }
+        // Wait for the backend to be found and checked, and the peer read.
         let deadline = Instant::now() + Duration::from_secs(30);
         let exited = loop {
-            let m = get(control, "/metrics").await.unwrap_or_default();
-            if m.contains("agiproxy_backend_checks{") && m.contains("agiproxy_dns_addresses{") {
+            let m = api.get(control, "/metrics").await.unwrap_or_default();
+            if m.contains("agiproxy_backend_checks{")
+                && m.contains("agiproxy_dns_addresses{")
+                && m.contains("agiproxy_rollout_peer_clock_offset_seconds{")
+            {
                 break None;
             }
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = children.iter_mut().find_map(|c| c.try_wait().unwrap()) {
                 break Some(status);
             }
             assert!(
                 Instant::now() < deadline,
-                "no checked backend after 30 s:\n{m}"
+                "no checked backend and read peer after 30 s:\n{m}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         match exited {
             None => {
-                started = Some((child, agi, control, dir));
+                started = Some((children, agi, control, dir));
                 break;
             }
             Some(status) => {
+                drop(children);
                 drop(dir);
-                eprintln!("attempt {attempt}: the proxy exited: {status:?} (its log is above)")
+                eprintln!("attempt {attempt}: a proxy exited: {status:?} (its log is above)")
             }
         }
     }
-    let (child, agi, control, dir) = started.expect("the proxy started in 3 attempts");
+    let (child, agi, control, dir) = started.expect("the proxies started in 3 attempts");
 
     let out = FakeAsterisk::new()
         .call_timeout(Duration::from_secs(20))
@@ -127,7 +220,7 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
     // after the caller saw its end.
     let deadline = Instant::now() + Duration::from_secs(10);
     let metrics = loop {
-        let m = get(control, "/metrics").await.expect("GET /metrics");
+        let m = api.get(control, "/metrics").await.expect("GET /metrics");
         if m.contains("agiproxy_sessions_total{") || Instant::now() > deadline {
             break m;
         }
@@ -140,7 +233,7 @@ async fn every_metric_of_the_chart_exists_in_a_running_proxy() {
         .map(|(n, file)| format!("{n} (in {file})"))
         .collect();
     drop(child);
-    drop(dir);
+    drop((dir, certs));
     assert!(
         missing.is_empty(),
         "metrics the chart queries but /metrics does not have: {missing:?}\n{metrics}"
