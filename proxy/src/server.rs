@@ -655,6 +655,15 @@ impl Server {
             tracing::warn!("the control block changed; it takes effect at the next restart");
         }
         let old = self.shared.snapshot.swap(next.clone());
+        {
+            let mut replaced = self
+                .shared
+                .replaced
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            replaced.retain(|w| w.strong_count() > 0);
+            replaced.push(Arc::downgrade(&old));
+        }
         next.activate();
         old.retire();
         // The last reference here goes to `release`, so that the replaced
@@ -1048,6 +1057,29 @@ fn give_back_memory() {
     }
 }
 
+/// The labels a session can still end with: the running config's, and
+/// those of the configs it replaced that sessions still run on (a call may
+/// last hours: its series must not be dropped under it, to come back at 1,
+/// a count `rate()` never sees; metrics audit).
+fn live_labels(shared: &Shared) -> crate::metrics::retention::LiveLabels {
+    let mut live = shared.snapshot.load().live_labels();
+    let older: Vec<Arc<Snapshot>> = {
+        let mut replaced = shared
+            .replaced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        replaced.retain(|w| w.strong_count() > 0);
+        replaced
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    };
+    for snap in &older {
+        live.extend(snap.live_labels());
+    }
+    live
+}
+
 /// Drops `sessions_total` series of routes, pools and backends gone for a
 /// while (`metrics::retention`); ends with the server.
 async fn retire_session_series(shared: std::sync::Weak<Shared>) {
@@ -1060,7 +1092,7 @@ async fn retire_session_series(shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let live = shared.snapshot.load().live_labels();
+        let live = live_labels(&shared);
         let dropped = retention.prune(&shared.metrics.sessions, &live, Instant::now());
         if dropped > 0 {
             tracing::debug!(
@@ -1091,6 +1123,58 @@ mod tests {
         let line = errors_for_log(&long);
         assert!(line.len() < LOG_ERRORS_BYTES + 100, "{}", line.len());
         assert!(line.ends_with(" … (cut; the API's answer and `agiproxy check` have them all)"));
+    }
+
+    /// A route, pool or backend a reload removed keeps its `sessions_total`
+    /// labels live while a session still runs on it (metrics audit: a call
+    /// of hours lost its series after 10 minutes, and its end was counted
+    /// in a new one `rate()` never saw); once the session ends, they go.
+    #[tokio::test]
+    async fn labels_of_a_replaced_config_stay_live_while_its_sessions_run() {
+        let text = |route: &str, pool: &str, backend: &str| {
+            format!(
+                "version: 1\nlisteners:\n  - name: a\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: {route}\n    pool: {pool}\npools:\n  - name: {pool}\n    backends: [{{ address: \"{backend}\" }}]\n"
+            )
+        };
+        let config = agiproxy_config::from_yaml_str(&text("old", "p", "127.0.0.1:1")).unwrap();
+        let server = Server::start(config).await.unwrap();
+        // A session on the first config, holding its backend.
+        let held = server.snapshot();
+        let pool = held.pool("p").unwrap();
+        let lease = pool.lease(&pool.members().backends[0]).unwrap();
+        server
+            .apply(&text("new", "p", "127.0.0.1:2"), "test", false, None)
+            .await
+            .unwrap();
+        let live = live_labels(&server.shared);
+        for (set, old, new) in [
+            (&live.routes, "old", "new"),
+            (&live.backends, "127.0.0.1:1", "127.0.0.1:2"),
+        ] {
+            assert!(set.contains(old) && set.contains(new), "{set:?}");
+        }
+        // The old config is let go of (the replaced config is then freed on
+        // a blocking thread: a moment); the backend that left the pool still
+        // holds a session (as after a DNS change, with no old config).
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let live = loop {
+            let live = live_labels(&server.shared);
+            if !live.routes.contains("old") || Instant::now() > deadline {
+                break live;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(!live.routes.contains("old"), "{:?}", live.routes);
+        assert!(live.backends.contains("127.0.0.1:1"), "{:?}", live.backends);
+        // Its session ends.
+        drop(lease);
+        let live = live_labels(&server.shared);
+        assert!(
+            !live.backends.contains("127.0.0.1:1"),
+            "{:?}",
+            live.backends
+        );
     }
 
     /// A reload that changes `split_key` while the rollout splits calls is

@@ -140,6 +140,11 @@ impl Snapshot {
             for b in &p.members().backends {
                 live.backends.insert(b.live.label.to_string());
             }
+            // Those that left the pool while holding sessions (a DNS
+            // change, a reload): their calls still end on them.
+            p.in_use(|label| {
+                live.backends.insert(label.to_string());
+            });
         }
         live
     }

@@ -3,8 +3,9 @@
 //! backends brings new pod addresses: a replica up for months would export
 //! (and hold) a series for every pod that ever served it. A series whose
 //! route, pool or backend has been gone from the running config and the
-//! pools' current members for [`RETAIN`] is dropped, as linkerd2-proxy
-//! drops the metrics of endpoints idle for its `metrics_retain_idle`.
+//! pools' current members for [`RETAIN`], with no session still running on
+//! it, is dropped, as linkerd2-proxy drops the metrics of endpoints idle for
+//! its `metrics_retain_idle`.
 //! Prometheus reads a dropped counter as ended; if the backend comes back,
 //! its series starts again from 0, which `rate()` takes as a reset.
 
@@ -29,6 +30,13 @@ pub struct LiveLabels {
 }
 
 impl LiveLabels {
+    /// Adds `other`'s labels.
+    pub fn extend(&mut self, other: LiveLabels) {
+        self.routes.extend(other.routes);
+        self.pools.extend(other.pools);
+        self.backends.extend(other.backends);
+    }
+
     fn has(&self, [route, pool, backend, _]: &[String; 4]) -> bool {
         let live = |set: &HashSet<String>, v: &String| v == "-" || set.contains(v);
         live(&self.routes, route) && live(&self.pools, pool) && live(&self.backends, backend)

@@ -220,6 +220,18 @@ impl PoolState {
         &self.shared.config
     }
 
+    /// Calls `f` with the label of each backend of this pool that holds a
+    /// session now, member or not (one that left while holding calls).
+    pub fn in_use(&self, mut f: impl FnMut(&str)) {
+        let held: Vec<Arc<BackendLive>> = lock(&self.live.registry)
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        for b in held.iter().filter(|b| b.active.load(Ordering::Relaxed) > 0) {
+            f(&b.label);
+        }
+    }
+
     /// The current member set.
     pub fn members(&self) -> Arc<Members> {
         self.shared.members.load_full()

@@ -29,6 +29,11 @@ pub struct Shared {
     /// Header buffers past their first 2 KiB (`limits.max_header_memory`).
     pub header_memory: HeaderMemory,
     records: broadcast::Sender<SessionRecord>,
+    /// Snapshots a config change replaced, while a session still runs on
+    /// one (only sessions hold a snapshot): their routes, pools and
+    /// backends can still end a session, so their `sessions_total` series
+    /// are kept (`metrics::retention`).
+    pub(crate) replaced: std::sync::Mutex<Vec<std::sync::Weak<Snapshot>>>,
 }
 
 impl Shared {
@@ -44,6 +49,7 @@ impl Shared {
             refusing: AtomicUsize::new(0),
             headers: HeaderGate::default(),
             records,
+            replaced: std::sync::Mutex::new(Vec::new()),
         }
     }
 
