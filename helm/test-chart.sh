@@ -246,7 +246,8 @@ for set in "${sets[@]}"; do
                     || fail "$name: the rules or the dashboard read $m, which no metrics table names"
             done
             for alert in AgiproxyCredentialsRefused AgiproxyCertificateExpiresSoon AgiproxyLogLinesDropped \
-                AgiproxyRolloutRolledBack AgiproxyRolloutPeersUnread; do
+                AgiproxyRolloutRolledBack AgiproxyRolloutReplicasDisagree AgiproxyRolloutClocksApart \
+                AgiproxyRolloutPeersUnread; do
                 grep -q "alert: $alert$" "$out" && pass || fail "$name: no $alert rule"
             done
             grep -q 'result!~' "$out" && fail "$name: AgiproxyConfigRefused fires on request errors (stale, not_found)" || pass

@@ -111,8 +111,8 @@ fn pool_view(p: &PoolState) -> PoolView {
     }
 }
 
-/// Gauges read from live state at scrape time: nothing on the session path
-/// updates them.
+/// Gauges and counters read from live state at scrape time: nothing on the
+/// session path updates them.
 fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
     let int = |name: &str, help: &str, labels: &[&str]| {
         IntGaugeVec::new(Opts::new(name, help).namespace("agiproxy"), labels).expect("valid metric")

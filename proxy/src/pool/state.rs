@@ -223,12 +223,14 @@ impl PoolState {
     /// Calls `f` with the label of each backend of this pool that holds a
     /// session now, member or not (one that left while holding calls).
     pub fn in_use(&self, mut f: impl FnMut(&str)) {
-        let held: Vec<Arc<BackendLive>> = lock(&self.live.registry)
-            .values()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        for b in held.iter().filter(|b| b.active.load(Ordering::Relaxed) > 0) {
-            f(&b.label);
+        // Upgraded once the lock is let go, as `status` does: a pool of
+        // 4,096 does not hold up a DNS change's rebuild.
+        let held: Vec<std::sync::Weak<BackendLive>> =
+            lock(&self.live.registry).values().cloned().collect();
+        for b in held.iter().filter_map(std::sync::Weak::upgrade) {
+            if b.active.load(Ordering::Relaxed) > 0 {
+                f(&b.label);
+            }
         }
     }
 
