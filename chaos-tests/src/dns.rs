@@ -152,7 +152,11 @@ impl Zone {
 struct Handler {
     zone: Arc<RwLock<Zone>>,
     queries: Arc<AtomicU64>,
+    by_kind: ByKind,
 }
+
+/// Queries so far, by record type.
+type ByKind = Arc<std::sync::Mutex<std::collections::HashMap<RecordType, u64>>>;
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
@@ -168,6 +172,12 @@ impl RequestHandler for Handler {
             Ok(info) => {
                 let name = fqdn(&info.query.name().to_string());
                 let kind = info.query.query_type();
+                *self
+                    .by_kind
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(kind)
+                    .or_default() += 1;
                 let silent = {
                     let zone = self.zone.read().unwrap_or_else(|e| e.into_inner());
                     zone.silent_kinds.contains(&kind)
@@ -208,6 +218,7 @@ pub struct FakeDns {
     addr: SocketAddr,
     zone: Arc<RwLock<Zone>>,
     queries: Arc<AtomicU64>,
+    by_kind: ByKind,
     _server: Server<Handler>,
 }
 
@@ -231,9 +242,11 @@ impl FakeDns {
             .unwrap_or_else(|e| panic!("FakeDns: socket has no address: {e}"));
         let zone = Arc::new(RwLock::new(Zone::default()));
         let queries = Arc::new(AtomicU64::new(0));
+        let by_kind = ByKind::default();
         let mut server = Server::new(Handler {
             zone: zone.clone(),
             queries: queries.clone(),
+            by_kind: by_kind.clone(),
         });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -241,6 +254,7 @@ impl FakeDns {
             addr,
             zone,
             queries,
+            by_kind,
             _server: server,
         }
     }
@@ -253,6 +267,16 @@ impl FakeDns {
     /// Queries answered so far.
     pub fn queries(&self) -> u64 {
         self.queries.load(Relaxed)
+    }
+
+    /// Queries of `kind` (SRV, A, AAAA) so far.
+    pub fn queries_of(&self, kind: RecordType) -> u64 {
+        self.by_kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn zone(&self) -> std::sync::RwLockWriteGuard<'_, Zone> {

@@ -875,3 +875,51 @@ async fn an_ipv6_target_past_the_first_round_is_found_within_a_few_lookups() {
     let p = proxy(&body).await;
     wait_members(&p, &want, Duration::from_secs(20)).await;
 }
+
+/// A large SRV set of IPv4-only targets behind a server that fails AAAA:
+/// each lookup asks AAAA of at most a round of targets before it knows
+/// AAAA fails, and probes at most a round of those never asked, not every
+/// target at every lookup (3,000 of them would hold one lookup for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aaaa_questions_a_lookup_are_bounded_when_aaaa_fails() {
+    use chaos_tests::RecordType;
+    let dns = FakeDns::start().await;
+    dns.set_srv_additionals(false);
+    let mut records = Vec::new();
+    let mut want = BTreeSet::new();
+    let targets = 4 * TARGETS_IN_A_ROUND - 3;
+    for i in 1..=targets as u8 {
+        let target = format!("v4-{i:02}.many.test");
+        dns.set_addrs(&target, &ips(&[i + 1]), 1);
+        dns.set_servfail_for_kind(&target, RecordType::AAAA, true);
+        records.push(SrvRecord::new(10, 10, 4573, &target));
+        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
+    }
+    dns.set_srv("_agi._tcp.many.test", &records, 1);
+    let body = format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.many.test\" }}\n",
+        dns_block(&dns)
+    );
+    let p = proxy(&body).await;
+    wait_members(&p, &want, Duration::from_secs(20)).await;
+    // Lookups every second (the TTL): count what a few of them ask.
+    let (srv, aaaa) = (
+        dns.queries_of(RecordType::SRV),
+        dns.queries_of(RecordType::AAAA),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dns.queries_of(RecordType::SRV) < srv + 4 {
+        assert!(Instant::now() < deadline, "no SRV lookups");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lookups = dns.queries_of(RecordType::SRV) - srv;
+    let asked = dns.queries_of(RecordType::AAAA) - aaaa;
+    let per_lookup = asked as f64 / lookups as f64;
+    eprintln!("{asked} AAAA queries in {lookups} lookups of {targets} targets");
+    assert!(
+        per_lookup <= (2 * TARGETS_IN_A_ROUND) as f64,
+        "{asked} AAAA queries in {lookups} lookups of {targets} targets"
+    );
+    // Still every member: the bound costs no address.
+    wait_members(&p, &want, Duration::from_secs(5)).await;
+}
