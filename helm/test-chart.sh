@@ -231,6 +231,8 @@ for set in "${sets[@]}"; do
             grep -q '0\.0\.0\.0' "$out" && fail "$name: something still listens on 0.0.0.0" || pass
             [[ "$(grep -c '^  ipFamilyPolicy: SingleStack$' "$out")" == 2 ]] && pass \
                 || fail "$name: the two Services are not SingleStack IPv6"
+            [[ "$(grep -A1 '^  ipFamilies:$' "$out" | grep -c '^    - IPv6$')" == 2 ]] && pass \
+                || fail "$name: the two Services' ipFamilies are not [IPv6]"
             ;;
         monitors-values)
             expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1

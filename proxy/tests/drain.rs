@@ -200,7 +200,9 @@ async fn a_second_signal_stops_at_once() {
     );
     let t = Instant::now();
     signal(&child, libc::SIGINT);
-    wait_exit(&mut child, Duration::from_secs(5));
+    // 0, as documented (operations: exit codes), within the bound.
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
     assert!(t.elapsed() < Duration::from_secs(3));
     call.abort();
 }
@@ -226,6 +228,8 @@ async fn calls_queued_at_sigterm_are_served_with_no_session_in_flight() {
         for c in calls {
             let out = c.await.unwrap();
             assert_eq!(out.commands, vec!["NOOP"], "round {round}: {out:?}");
+            assert_eq!(out.status, AgiStatus::Success, "round {round}: {out:?}");
+            assert!(out.violations.is_empty(), "round {round}: {out:?}");
         }
         assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     }
@@ -321,6 +325,13 @@ async fn a_backend_abandoned_at_the_deadline_is_closed_politely_before_the_exit(
         one_call_then_sigterm(backend, "first_command: 20s, budget: 20s").await;
     let out = call.await.unwrap();
     assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    // Waiting for its first command: told why (audit: only the status was
+    // checked).
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some("shutting_down"),
+        "{out:?}"
+    );
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
     let closed = tokio::time::timeout(Duration::from_secs(5), server)
         .await

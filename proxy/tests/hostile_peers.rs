@@ -65,11 +65,13 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 
 /// One hostile Asterisk side, again and again until `until`: header, wait
 /// for the backend's command, then `200 result=1 ` and bytes without a
-/// newline, as fast as the proxy takes them. Returns the connections made.
-async fn endless_reply_line(addr: SocketAddr, until: Instant) -> u32 {
+/// newline, as fast as the proxy takes them. Returns the connections made
+/// and the bytes of reply line the proxy took.
+async fn endless_reply_line(addr: SocketAddr, until: Instant) -> (u32, u64) {
     let header = AgiHeader::realistic("x", &[], "1.1").to_bytes();
     let chunk = vec![b'x'; 16 * 1024];
     let mut connections = 0;
+    let mut pushed = 0u64;
     while Instant::now() < until {
         let Ok(mut s) = TcpStream::connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -88,14 +90,14 @@ async fn endless_reply_line(addr: SocketAddr, until: Instant) -> u32 {
         while Instant::now() < until {
             let left = until.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, s.write_all(&chunk)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => pushed += chunk.len() as u64,
                 _ => break,
             }
         }
         // Cut off (or time is up): a short pause, then attack again.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    connections
+    (connections, pushed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,19 +125,27 @@ async fn issue_12_endless_asterisk_reply_lines_are_bounded_and_calls_beside_them
         took.push(out.elapsed);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut connections = 0;
+    let (mut connections, mut pushed) = (0, 0);
     for a in attackers {
-        connections += a.await.unwrap();
+        let (c, p) = a.await.unwrap();
+        connections += c;
+        pushed += p;
     }
     let rss_after = status_kb(pid, "VmRSS");
     let peak = status_kb(pid, "VmHWM");
     took.sort();
     let p50 = took[took.len() / 2];
     eprintln!(
-        "4 endless-line peers for 10 s ({connections} connections): proxy RSS {rss_before} kB -> {rss_after} kB, peak {peak} kB; {} calls beside them, p50 {p50:?}, max {:?}",
+        "4 endless-line peers for 10 s ({connections} connections, {} MB of reply line taken): proxy RSS {rss_before} kB -> {rss_after} kB, peak {peak} kB; {} calls beside them, p50 {p50:?}, max {:?}",
+        pushed / 1_000_000,
         took.len(),
         took.last().unwrap()
     );
+    // The attack took place (audit: attackers that never got their NOOP
+    // looped without a word, and the bound held with no attack at all):
+    // lines cut off at the bound, and the attackers back again.
+    assert!(pushed >= 4 * 1024 * 1024, "only {pushed} bytes pushed");
+    assert!(connections > 4, "{connections} connections: none cut off");
     assert!(peak < 64 * 1024, "proxy peak RSS {peak} kB");
     // Generous: the machine is shared; before the fix p50 reached 1.4 s.
     assert!(p50 < Duration::from_millis(300), "p50 {p50:?}");

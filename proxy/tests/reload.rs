@@ -393,6 +393,7 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     })
     .await;
     let (ips, port) = (c.ips, c.port);
+    let mut c = c;
     // The control block is per replica; the applied config must keep each
     // one's own, so apply a config without the control block (defaults),
     // which the replicas all accept: control changes need a restart anyway.
@@ -453,6 +454,14 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
     assert_eq!(refused, vec![format!("http://127.0.0.3:{port}")], "{doc}");
     assert_eq!(doc["replicas"][2]["status"], 413);
     assert_eq!(doc["converged"], false);
+    // The two that took it run it; the third kept the config it had.
+    for (ip, generation) in ips.iter().zip([3, 3, 2]) {
+        assert_eq!(
+            status(&format!("http://{ip}:{port}")).unwrap()["generation"],
+            generation,
+            "{ip}"
+        );
+    }
 
     // Draining the whole cluster takes an explicit --all-replicas: without
     // it ctl refuses, and every replica stays ready.
@@ -483,10 +492,16 @@ async fn ctl_cluster_applies_to_every_replica_and_reports_refusals() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for ip in ips {
-        // Draining, or already drained and gone (no sessions to wait for).
-        let s = status(&format!("http://{ip}:{port}"));
-        assert!(s.as_ref().is_none_or(|s| s["draining"] == true), "{s:?}");
+    for (i, ip) in ips.iter().enumerate() {
+        // Draining, or already drained and gone (no sessions to wait for):
+        // gone means exited with 0, not crashed.
+        match status(&format!("http://{ip}:{port}")) {
+            Some(s) => assert_eq!(s["draining"], true, "{s}"),
+            None => {
+                let exit = c._replicas[i].wait().unwrap();
+                assert!(exit.success(), "{ip}: {exit:?}");
+            }
+        }
     }
     drop(c);
 }

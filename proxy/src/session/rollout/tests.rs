@@ -151,6 +151,22 @@ fn rollback_promote_and_pause_are_anchored_in_time() {
     override_keeps_calls(&o("rollback"), eff, Some(0));
     override_keeps_calls(&o("promote"), eff, Some(1));
     override_keeps_calls(&o("pause"), eff, None);
+    // The pause holds the step in force (25 %) past the schedule's next
+    // (50 % from 20 s): calls that keep their colour alone would pass with
+    // the pause ignored (audit).
+    let paused = router(&config("[10, 25, 50]", &o("pause")), None);
+    let scheduled = router(&config("[10, 25, 50]", ""), None);
+    let later = calls(1500, T0 + 21_000, 9_000);
+    let share = |r: &Router| {
+        let green = later
+            .iter()
+            .filter(|c| pick(r, &header(&c.id, ""), c.created) == 1)
+            .count();
+        green as f64 / later.len() as f64
+    };
+    let (paused, scheduled) = (share(&paused), share(&scheduled));
+    assert!((0.18..0.32).contains(&paused), "paused: {paused}");
+    assert!((0.43..0.57).contains(&scheduled), "scheduled: {scheduled}");
 }
 
 #[test]
