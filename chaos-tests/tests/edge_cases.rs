@@ -268,15 +268,31 @@ async fn a_first_command_wait_that_uses_up_the_budget_is_told_as_such() {
         "timeouts:\n  first_command: 1600ms\n",
     ))
     .await;
+    let mut rx = p.server.subscribe();
     let mut seen = Vec::new();
+    let mut recs = Vec::new();
     for i in 0..2 {
         let out = caller("x", &format!("1.{i}")).run(p.addr).await;
         seen.push((out.status, out.variables.get("AGIPROXY_ERROR").cloned()));
+        recs.push(next_record(&mut rx).await);
     }
     assert!(
         seen.contains(&(AgiStatus::Failure, Some("first_command_timeout".into()))),
         "{seen:?}"
     );
+    // The other call (round robin: it started with the good backend) went
+    // through.
+    assert!(seen.contains(&(AgiStatus::Success, None)), "{seen:?}");
+    // The failed call did not go on to the other backend: one attempt,
+    // and the good backend took only the call that succeeded.
+    let failed: Vec<_> = recs
+        .iter()
+        .filter(|r| r.reason == Some(agiproxy::Reason::FirstCommandTimeout))
+        .collect();
+    assert_eq!(failed.len(), 1, "{recs:?}");
+    assert_eq!(failed[0].attempts, 1, "{:?}", failed[0]);
+    assert_eq!(good.stats().accepted(), 1, "{recs:?}");
+    assert_eq!(stalled.stats().accepted(), 1, "{recs:?}");
     let m = p.server.metrics().render();
     assert_eq!(
         counter(
@@ -456,7 +472,7 @@ async fn bytes_and_hangup_are_counted_as_relayed() {
     bytes.extend_from_slice(b"HANGUP\n");
     let mut s = FakeAsterisk::raw_session(p.addr, &bytes).await.unwrap();
     let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    tokio::time::timeout(Duration::from_secs(5), async {
         // Answer whatever the proxy says (its SET VARIABLE) until it closes.
         let mut buf = [0u8; 4096];
         loop {
@@ -469,8 +485,30 @@ async fn bytes_and_hangup_are_counted_as_relayed() {
             }
         }
     })
-    .await;
+    .await
+    .expect("the proxy tells FAILURE and closes within 5 s");
+    // Asterisk closes after FAILURE (the proxy waits for that).
+    drop(s);
+    // Asterisk was told FAILURE, the reason first.
+    assert_eq!(
+        String::from_utf8_lossy(&sink),
+        "SET VARIABLE AGIPROXY_ERROR \"first_command_timeout\"\nFAILURE\n"
+    );
     let rec = next_record(&mut rx).await;
     assert_eq!(rec.outcome, Outcome::Failed, "{rec:?}");
     assert!(rec.caller_hung_up, "{rec:?}");
+    // The HANGUP reached the backend, once.
+    assert!(
+        silent
+            .stats()
+            .wait_completed(1, Duration::from_secs(5))
+            .await,
+        "the silent backend's connection was not ended within 5 s"
+    );
+    assert_eq!(
+        silent.stats().hangups(),
+        1,
+        "{:?}",
+        silent.stats().sessions()
+    );
 }

@@ -116,16 +116,27 @@ impl Drop for Gate {
 #[derive(Debug, Default)]
 struct Tally {
     success: usize,
+    /// The `AGIPROXY_ERROR` of each call told FAILURE (its status when it
+    /// ended otherwise, short of hanging).
     failures: Vec<String>,
+    /// Calls that got no answer within the caller's `call_timeout`: a real
+    /// Asterisk would have waited for ever.
+    hung: usize,
 }
 
 impl Tally {
-    /// Every call ended; at most `max` failed, and none because the pool
-    /// was emptied (`no_backend`).
-    fn assert_only_the_hiccup_failed(&self, total: usize, max: usize) {
+    /// Every call ended (none hung); at most `max` failed, each with
+    /// `reason`, and none because the pool was emptied (`no_backend`).
+    fn assert_only_the_hiccup_failed(&self, total: usize, max: usize, reason: &str) {
+        assert_eq!(self.hung, 0, "calls hung; failures: {:?}", self.failures);
         assert!(
             !self.failures.iter().any(|f| f == "no_backend"),
             "the pool was emptied by one hiccup: {:?}",
+            self.failures
+        );
+        assert!(
+            self.failures.iter().all(|f| f == reason),
+            "a failure other than {reason}: {:?}",
             self.failures
         );
         assert!(
@@ -170,6 +181,8 @@ async fn calls_with_one_hiccup(
                     done.fetch_add(1, Ordering::Relaxed);
                     if out.status == AgiStatus::Success {
                         t.success += 1;
+                    } else if out.status == AgiStatus::Hung {
+                        t.hung += 1;
                     } else {
                         let why = out
                             .variables
@@ -188,6 +201,7 @@ async fn calls_with_one_hiccup(
         let t = t.await.unwrap();
         all.success += t.success;
         all.failures.extend(t.failures);
+        all.hung += t.hung;
     }
     watcher.await.unwrap();
     all
@@ -212,7 +226,9 @@ async fn one_early_close_fails_one_call_not_a_thousand() {
         0,
         "the close happened"
     );
-    tally.assert_only_the_hiccup_failed(1500, 2);
+    // The gate dropped the connection after the proxy had sent the header:
+    // a close (or reset) before the first command.
+    tally.assert_only_the_hiccup_failed(1500, 2, "backend_closed");
     // One failure in a row is not a pattern: the backend was never ejected
     // (with the old default of 1 it was, and each call that found it
     // ejected before another call's commit cleared it got `no_backend`).
@@ -247,14 +263,23 @@ async fn one_connect_timeout_fails_only_the_calls_it_held() {
         while timeouts() == 0 && started.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Checked before resuming, asserted after: a panic here must not
+        // leave the gate stalled for the rest of the calls.
+        let timed_out = timeouts();
         g.resume();
+        assert!(
+            timed_out > 0,
+            "no connect timed out within 5 s of the stall"
+        );
     })
     .await;
     assert!(
         !tally.failures.is_empty(),
         "the hiccup did not happen: no call failed"
     );
-    tally.assert_only_the_hiccup_failed(1500, 30);
+    // A connect timeout with the pool's only backend: `connect_failed`
+    // (not `budget_exhausted`: 150 ms is far inside the budget).
+    tally.assert_only_the_hiccup_failed(1500, 30, "connect_failed");
 }
 
 /// A pool that is really down still fails fast. Refused: each call at once.

@@ -417,9 +417,32 @@ async fn a_thousand_sessions_while_a_backend_is_killed_and_restarted() {
     for (script, out, _) in &outs {
         let rec = by_script[script.as_str()];
         assert!(rec.backend.is_some(), "{script}: never attached: {rec:?}");
+        // Cut or not, Asterisk saw a clean session: nothing a real one
+        // would choke on, no hang, no hang-up of its own.
+        assert!(
+            out.violations.is_empty(),
+            "{script}: {:?} {out:?}",
+            out.violations
+        );
+        assert!(
+            matches!(out.status, AgiStatus::Success | AgiStatus::Failure),
+            "{script}: {out:?} {rec:?}"
+        );
         let whole = out.status == AgiStatus::Success && out.commands == ["NOOP", "NOOP"];
         if !whole {
             assert_eq!(rec.backend, Some(victim), "{script}: {out:?} {rec:?}");
+            // Told FAILURE only for what a backend dying mid-call causes
+            // (its close ending the session early reads as SUCCESS).
+            if out.status == AgiStatus::Failure {
+                let why = out.variables.get("AGIPROXY_ERROR").map(String::as_str);
+                assert!(
+                    matches!(
+                        why,
+                        Some("backend_reset" | "backend_closed" | "next_command_timeout")
+                    ),
+                    "{script}: FAILURE {why:?}: {out:?} {rec:?}"
+                );
+            }
             cut += 1;
         }
     }

@@ -71,6 +71,23 @@ fn via_balancer(script: &str, preamble: &[u8]) -> FakeAsterisk {
         .call_timeout(Duration::from_secs(10))
 }
 
+/// How an unlisted peer's PROXY header is refused: once the header behind
+/// it is in, with FAILURE `proxy_protocol` (the Asterisk behind a balancer
+/// left out of `proxy_protocol.from` falls back; before, the line was a
+/// malformed Asterisk header, closed without a word, which its dialplan
+/// read as SUCCESS), and the caller it names is not believed. At once, not
+/// at the 30 s header timeout nor at the caller's 10 s limit.
+fn assert_untrusted_failure(out: &chaos_tests::CallOutcome) {
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    assert_eq!(
+        out.variables.get("AGIPROXY_ERROR").map(String::as_str),
+        Some("proxy_protocol"),
+        "{out:?}"
+    );
+    assert!(out.violations.is_empty(), "{out:?}");
+    assert!(out.elapsed < Duration::from_secs(5), "{out:?}");
+}
+
 fn v2_header(command: u8, from: &str, to: &str) -> Vec<u8> {
     let (from, to): (SocketAddr, SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());
     v2::Builder::with_addresses(0x20 | command, v2::Protocol::Stream, (from, to))
@@ -209,10 +226,13 @@ async fn only_listed_balancers_may_name_a_caller() {
         .preamble(b"PROXY TCP4 127.0.0.7 127.0.0.1 40001 4573\r\n")
         .call_timeout(Duration::from_secs(10));
     let out = spoof.run(l.addr).await;
-    assert_ne!(out.status, AgiStatus::Hung, "{out:?}");
+    assert_untrusted_failure(&out);
     let rec = next_record(&mut rx).await;
-    assert_eq!(rec.header_error, Some("malformed"));
+    assert_eq!(rec.header_error, Some("proxy_untrusted"));
     assert_eq!(rec.route, None);
+    // The address it claims is not believed.
+    assert_eq!(rec.peer.ip().to_string(), "127.0.0.3");
+    assert_eq!(rec.via, None);
 
     // A direct Asterisk at 127.0.0.7 (not a balancer) routes on its own address.
     let direct = caller("ivr", "1700000000.3").source("127.0.0.7".parse().unwrap());
@@ -280,10 +300,13 @@ async fn the_list_of_balancers_changes_without_a_restart() {
     let mut rx = l.server.subscribe();
     let v1 = b"PROXY TCP4 127.0.0.7 127.0.0.1 40004 4573\r\n";
 
-    // Not yet listed: refused as a malformed Asterisk header.
+    // Not yet listed: refused, with FAILURE.
     let out = via_balancer("ivr", v1).run(l.addr).await;
-    assert_ne!(out.status, AgiStatus::Hung, "{out:?}");
-    assert_eq!(next_record(&mut rx).await.header_error, Some("malformed"));
+    assert_untrusted_failure(&out);
+    assert_eq!(
+        next_record(&mut rx).await.header_error,
+        Some("proxy_untrusted")
+    );
 
     let text = config(&format!("\"{BALANCER}\""), l.seven.addr(), l.other.addr());
     l.server

@@ -1220,20 +1220,25 @@ async fn raw_mode_ends_a_backend_that_stops_reading() {
     let (addr, backend) = one_connection(|mut s| async move {
         skip_header(&mut s).await;
         s.write_all(b"NOOP\n").await.unwrap();
-        // Reads nothing more until the test has seen the session end.
+        // Reads nothing more until the test has seen the session end,
+        // then finds out whether the proxy closed its connection.
         let _ = tokio::time::timeout(Duration::from_secs(15), probe).await;
-        drop(s);
+        closed_by_peer(&mut s, b"NOOP\n").await
     })
     .await;
     let (_proxy, mut rx, mut s) = raw_call_at_its_noop(addr).await;
-    // More than the sockets between us and the backend hold (bounded).
+    // More than the sockets between us and the backend hold (bounded):
+    // the writes stall once they are full, until the session ends and
+    // the proxy's close fails them.
     let chunk = vec![b'x'; 64 * 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+    let writing = Instant::now();
+    let cut_after = tokio::time::timeout(Duration::from_secs(3), async {
         for _ in 0..2_000 {
             if s.write_all(&chunk).await.is_err() {
-                break;
+                return Some(writing.elapsed());
             }
         }
+        None
     })
     .await;
     drop(s);
@@ -1243,8 +1248,19 @@ async fn raw_mode_ends_a_backend_that_stops_reading() {
         .unwrap();
     // Raw mode cannot tell which side failed: a peer error is `completed`.
     assert_eq!(rec.outcome, agiproxy::Outcome::Completed, "{rec:?}");
+    // Ended by the stalled write, not before its `next_command` (300 ms)
+    // was up: the stall cannot have begun before the first write.
+    let took = match cut_after {
+        Ok(Some(took)) => took,
+        Ok(None) => panic!("128 MiB went through a backend that reads nothing"),
+        Err(_) => panic!("the session still took Asterisk's bytes after 3 s"),
+    };
+    assert!(took >= Duration::from_millis(250), "{took:?}");
     let _ = go.send(());
-    backend.await.unwrap();
+    assert!(
+        backend.await.unwrap(),
+        "the backend's connection stayed open"
+    );
 }
 
 /// A backend dripping a `PUT SOUNDFILE` payload after Asterisk has closed

@@ -180,6 +180,16 @@ async fn a_change_applied_while_draining_opens_no_listener() {
     );
     let applied = p.server.apply(&text, "test", false, None).await.unwrap();
     assert!(applied.changed);
+    // Directly: the server holds no listener for it. A refused connect alone
+    // is what the old bug gave too (opened, then closed at once), but its
+    // listener stayed in the table `listeners()` reads (the bound sockets;
+    // `local_addrs()` would not do: for a configured address with no bound
+    // listener it gives the configured one back).
+    assert_eq!(
+        p.server.listeners().await,
+        vec![("asterisk".to_string(), p.addr)],
+        "a listener was opened for {spare} while draining"
+    );
     for _ in 0..20 {
         let e = tokio::net::TcpStream::connect(spare).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");

@@ -653,8 +653,15 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     // Traffic through every step until promoted (bounded: 2,000 calls, 30 s).
     let started = Instant::now();
     let mut sent = 0;
+    // (judged step, verdict) of every replica's last judgement, on each pass.
+    let mut judgements: Vec<(usize, String)> = Vec::new();
     loop {
         let views = futures_views(&rs).await;
+        for v in &views {
+            if let Some(e) = &v.last_evaluation {
+                judgements.push((e.step, e.verdict.clone()));
+            }
+        }
         if views.iter().all(|v| v.state == "promoted") {
             for v in &views {
                 assert!(v.decision.is_none(), "{v:?}");
@@ -666,16 +673,30 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
             sent < 2000 && started.elapsed() < Duration::from_secs(30),
             "not promoted: {views:?}"
         );
-        traffic(&rs, sent, 9, 3).await;
+        // No call fails while the colours change under it.
+        let statuses = traffic(&rs, sent, 9, 3).await;
+        assert!(
+            statuses.iter().all(|s| *s == AgiStatus::Success),
+            "calls {sent}..{} during the promotion: {statuses:?}",
+            sent + 9
+        );
         sent += 9;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Every step was judged and passed on the way.
-    let judged = view(&rs[0]).await.last_evaluation.expect("judged");
+    // Every step before the last was judged and passed on the way (the last,
+    // at 100 %, sends blue no new session, so it may only be waiting when
+    // promotion is seen), and no judgement on any replica failed.
     assert!(
-        judged.verdict == "pass" || judged.verdict.starts_with("waiting"),
-        "{judged:?}"
+        judgements.iter().all(|(_, v)| !v.starts_with("fail")),
+        "{judgements:?}"
     );
+    for step in 1..3 {
+        assert!(
+            judgements.iter().any(|(s, v)| *s == step && v == "pass"),
+            "step {step} never judged \"pass\": {judgements:?}"
+        );
+    }
+    let judged = view(&rs[0]).await.last_evaluation.expect("judged");
     // Judged on the counters of all three replicas, found through DNS.
     assert_eq!(judged.replicas, 3, "{judged:?}");
 

@@ -484,16 +484,25 @@ mod tests {
         )
         .await
         .unwrap();
-        // Its only backend refuses: FAILURE, spoken, starting with the reason.
-        let mut first = [0u8; 12];
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            call.read_exact(&mut first),
-        )
+        // Its only backend refuses: FAILURE, spoken, starting with the
+        // reason; the PROXY line taken as the balancer's (looked up in the
+        // new snapshot, it is an untrusted one: FAILURE `proxy_protocol`).
+        let mut first = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut byte = [0u8; 1];
+            while !first.ends_with(b"\n") {
+                call.read_exact(&mut byte).await?;
+                first.push(byte[0]);
+            }
+            Ok::<_, std::io::Error>(())
+        })
         .await
         .expect("an answer within 5 s");
         assert!(read.is_ok(), "closed without a word");
-        assert_eq!(&first, b"SET VARIABLE");
+        assert_eq!(
+            String::from_utf8_lossy(&first),
+            "SET VARIABLE AGIPROXY_ERROR \"connect_failed\"\n"
+        );
         entry.stop.cancel();
     }
 

@@ -46,6 +46,16 @@ pub enum HeaderError {
     ProxyMissing,
     #[error("{0}")]
     ProxyInvalid(super::proxy_protocol::Invalid, ReadSoFar),
+    /// A PROXY header from a peer the listener does not trust with one: a
+    /// load balancer left out of `proxy_protocol.from` (or a listener
+    /// without it), whose Asterisk behind it hears FAILURE, not a silent
+    /// close that its dialplan reads as SUCCESS; or someone claiming
+    /// another address, told nothing it did not know.
+    #[error(
+        "a PROXY protocol header from a peer not in the listener's proxy_protocol.from \
+         (a load balancer that sends one: add its address to proxy_protocol.from)"
+    )]
+    ProxyUntrusted,
 }
 
 /// What is wrong with a [`HeaderError::Malformed`] line. Beyond lines that
@@ -103,7 +113,7 @@ impl ReadSoFar {
 
 impl HeaderError {
     /// Every [`reason`](Self::reason), for metrics exported at 0 from the start.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "too_large",
         "no_memory",
         "too_many_lines",
@@ -114,6 +124,7 @@ impl HeaderError {
         "io",
         "proxy_missing",
         "proxy_invalid",
+        "proxy_untrusted",
     ];
 
     /// A bounded label for metrics and the access log.
@@ -129,6 +140,7 @@ impl HeaderError {
             HeaderError::Io(_) => "io",
             HeaderError::ProxyMissing => "proxy_missing",
             HeaderError::ProxyInvalid(..) => "proxy_invalid",
+            HeaderError::ProxyUntrusted => "proxy_untrusted",
         }
     }
 
@@ -144,9 +156,9 @@ impl HeaderError {
             // Busy, not wrong: another replica, or this one in a moment,
             // takes the call.
             HeaderError::NoMemory(_) => Some(Reason::Overloaded),
-            HeaderError::ProxyMissing | HeaderError::ProxyInvalid(..) => {
-                Some(Reason::ProxyProtocol)
-            }
+            HeaderError::ProxyMissing
+            | HeaderError::ProxyInvalid(..)
+            | HeaderError::ProxyUntrusted => Some(Reason::ProxyProtocol),
             // After a good first line, a bad one is most likely a value
             // with a newline in it (`AGI(agi://p/s,${VAR})`): Asterisk
             // sent it, and a direct backend would have run the script. A
@@ -163,7 +175,7 @@ impl HeaderError {
             HeaderError::TooLarge(_, r)
             | HeaderError::TooManyLines(_, r)
             | HeaderError::ProxyInvalid(_, r) => *r,
-            HeaderError::ProxyMissing => ReadSoFar::BlankLine,
+            HeaderError::ProxyMissing | HeaderError::ProxyUntrusted => ReadSoFar::BlankLine,
             HeaderError::Malformed(line, bad) if told(*line, *bad) => ReadSoFar::BlankLine,
             _ => ReadSoFar::UNKNOWN,
         }
@@ -567,6 +579,10 @@ pub async fn read_header<'m>(
         let mut scan = Scan::new();
         let mut caller = None;
         let mut missing = false;
+        // A peer not trusted with a PROXY header that sends one anyway: it
+        // is read past like a trusted one, and the header refused at its end.
+        let mut untrusted = false;
+        let mut first = true;
         // A bad line after a good first one (see `failure`): read on to the
         // blank line, so that FAILURE meets an Asterisk that waits for it.
         let mut bad_line = None;
@@ -600,6 +616,12 @@ pub async fn read_header<'m>(
                     HeaderError::Truncated
                 });
             }
+            if first && !proxied {
+                first = false;
+                if !matches!(proxy_protocol::parse(&buf), Ok(Preamble::Absent)) {
+                    (proxied, untrusted) = (true, true);
+                }
+            }
             if proxied {
                 match proxy_protocol::parse(&buf) {
                     Ok(Preamble::Partial) => {
@@ -623,7 +645,9 @@ pub async fn read_header<'m>(
                         // Once per connection, a few dozen bytes: the header
                         // replayed to the backend starts at Asterisk's own.
                         buf.drain(..len);
-                        caller = c;
+                        if !untrusted {
+                            caller = c;
+                        }
                     }
                 }
                 proxied = false;
@@ -632,6 +656,7 @@ pub async fn read_header<'m>(
                 match scan.advance(&buf, limits.max_lines) {
                     Ok(None) => {}
                     Ok(Some(_)) if missing => return Err(HeaderError::ProxyMissing),
+                    Ok(Some(_)) if untrusted => return Err(HeaderError::ProxyUntrusted),
                     Ok(Some(len)) => return Ok((scan.finish(buf, len), caller, held)),
                     Err(HeaderError::Malformed(line, bad)) if told(line, bad) => {
                         bad_line = Some((line, bad))
@@ -769,6 +794,7 @@ mod tests {
             HeaderError::Io(ErrorKind::Other),
             HeaderError::ProxyMissing,
             HeaderError::ProxyInvalid(super::proxy_protocol::Invalid("v1"), ReadSoFar::UNKNOWN),
+            HeaderError::ProxyUntrusted,
         ];
         let reasons: Vec<&str> = all.iter().map(HeaderError::reason).collect();
         assert_eq!(reasons, HeaderError::REASONS);

@@ -369,6 +369,7 @@ static HEADER_WARNINGS: Throttle = Throttle::new(
         "no_memory",
         "proxy_missing",
         "proxy_invalid",
+        "proxy_untrusted",
     ],
     Some(|total, by_kind| {
         tracing::warn!(
