@@ -233,6 +233,30 @@ async fn only_listed_balancers_may_name_a_caller() {
     // The address it claims is not believed.
     assert_eq!(rec.peer.ip().to_string(), "127.0.0.3");
     assert_eq!(rec.via, None);
+    // The same with a v2 header.
+    let v2 = v2_header(0x1, "127.0.0.7:40001", "127.0.0.1:4573");
+    let out = caller("ivr", "1700000000.21")
+        .source("127.0.0.3".parse().unwrap())
+        .preamble(&v2)
+        .call_timeout(Duration::from_secs(10))
+        .run(l.addr)
+        .await;
+    assert_untrusted_failure(&out);
+    let rec = next_record(&mut rx).await;
+    assert_eq!(rec.header_error, Some("proxy_untrusted"));
+    assert_eq!(rec.peer.ip().to_string(), "127.0.0.3");
+    // A broken one from a peer not listed is garbage: closed without a
+    // word, as before (only a well-formed header is answered).
+    let out = caller("ivr", "1700000000.22")
+        .source("127.0.0.3".parse().unwrap())
+        .preamble(b"PROXY TCP4 not-an-address\r\n")
+        .call_timeout(Duration::from_secs(10))
+        .run(l.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.bytes_received, 0, "{out:?}");
+    assert!(out.elapsed < Duration::from_secs(5), "{out:?}");
+    assert_eq!(next_record(&mut rx).await.header_error, Some("malformed"));
 
     // A direct Asterisk at 127.0.0.7 (not a balancer) routes on its own address.
     let direct = caller("ivr", "1700000000.3").source("127.0.0.7".parse().unwrap());

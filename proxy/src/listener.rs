@@ -485,8 +485,9 @@ mod tests {
         .await
         .unwrap();
         // Its only backend refuses: FAILURE, spoken, starting with the
-        // reason; the PROXY line taken as the balancer's (looked up in the
-        // new snapshot, it is an untrusted one: FAILURE `proxy_protocol`).
+        // reason, the PROXY line taken as the balancer's. Looked up in the
+        // new snapshot, it would be an unlisted peer's: FAILURE
+        // `proxy_protocol`.
         let mut first = Vec::new();
         let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
             let mut byte = [0u8; 1];

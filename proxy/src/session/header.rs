@@ -616,12 +616,23 @@ pub async fn read_header<'m>(
                     HeaderError::Truncated
                 });
             }
-            if first && !proxied {
-                first = false;
-                if !matches!(proxy_protocol::parse(&buf), Ok(Preamble::Absent)) {
-                    (proxied, untrusted) = (true, true);
-                }
+            // Only the first bytes can be a preamble (a second one after a
+            // trusted balancer's is a malformed header line, as before).
+            if std::mem::take(&mut first)
+                && !proxied
+                && !matches!(proxy_protocol::parse(&buf), Ok(Preamble::Absent))
+            {
+                (proxied, untrusted) = (true, true);
             }
+            // A broken preamble from a peer not listed is garbage, closed
+            // without a word as any: only a well-formed one is answered.
+            let invalid = |e, buf: &[u8]| {
+                if untrusted {
+                    HeaderError::Malformed(1, Bad::Line)
+                } else {
+                    HeaderError::ProxyInvalid(e, ReadSoFar::of(buf))
+                }
+            };
             if proxied {
                 match proxy_protocol::parse(&buf) {
                     Ok(Preamble::Partial) => {
@@ -632,15 +643,15 @@ pub async fn read_header<'m>(
                         if proxy_protocol::v2_declared_len(&buf)
                             .is_some_and(|n| n > limits.max_bytes)
                         {
-                            let e = proxy_protocol::Invalid("v2");
-                            return Err(HeaderError::ProxyInvalid(e, ReadSoFar::of(&buf)));
+                            return Err(invalid(proxy_protocol::Invalid("v2"), &buf));
                         }
                         continue;
                     }
-                    Err(e) => return Err(HeaderError::ProxyInvalid(e, ReadSoFar::of(&buf))),
+                    Err(e) => return Err(invalid(e, &buf)),
                     // Read on: a whole header is refused with FAILURE, as
                     // the Asterisk behind a misconfigured balancer deserves.
-                    Ok(Preamble::Absent) => missing = true,
+                    // (Not listed, the first bytes only looked like one.)
+                    Ok(Preamble::Absent) => missing = !untrusted,
                     Ok(Preamble::Done { len, caller: c }) => {
                         // Once per connection, a few dozen bytes: the header
                         // replayed to the backend starts at Asterisk's own.
