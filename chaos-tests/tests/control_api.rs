@@ -722,24 +722,8 @@ async fn tls_with_client_certificates() {
 #[tokio::test]
 async fn failed_handshakes_are_logged_a_few_lines_at_a_time() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let sink = log.clone();
-    use tracing_subscriber::util::SubscriberInitExt;
-    let _logged = tracing_subscriber::fmt()
-        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
-        .with_ansi(false)
-        .with_writer(move || Sink(sink.clone()))
-        .set_default();
+    let log = LogSink::default();
+    let _logged = log.install(tracing_subscriber::filter::LevelFilter::INFO);
     let dir = temp_dir("tls-flood");
     let ca = TestCa::new();
     let (cert, key) = ca.issue(&["localhost"]);
@@ -768,7 +752,7 @@ async fn failed_handshakes_are_logged_a_few_lines_at_a_time() {
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     }
     let lines = || {
-        String::from_utf8_lossy(&log.lock().unwrap())
+        log.text()
             .matches("control API TLS handshake failed")
             .count()
     };
@@ -824,7 +808,7 @@ async fn failed_handshakes_are_logged_a_few_lines_at_a_time() {
     assert!(
         n >= 5 - OTHER_TESTS_FAILED_HANDSHAKES,
         "{n} lines for {FLOOD} failed handshakes:\n{}",
-        String::from_utf8_lossy(&log.lock().unwrap())
+        log.text()
     );
     api.stop().await;
 }

@@ -961,29 +961,13 @@ async fn replica_of_a_file(text: &str) -> (Replica, tempfile::TempDir) {
 /// The log lines of this test binary at WARN and above (every test's: look
 /// for what only one test logs).
 fn warnings() -> String {
-    static LOG: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
-    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let log = LOG.get_or_init(|| {
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
-            .with_ansi(false)
-            .with_writer(move || Sink(sink.clone()))
-            .try_init()
-            .expect("the only subscriber of this binary");
-        log
-    });
-    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+    static LOG: std::sync::OnceLock<LogSink> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let sink = LogSink::default();
+        sink.install_global(tracing_subscriber::filter::LevelFilter::WARN);
+        sink
+    })
+    .text()
 }
 
 /// An override written through the API lives in the running config only.

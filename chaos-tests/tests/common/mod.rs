@@ -149,3 +149,54 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+/// A log written into memory, for a test to read what the proxy logged.
+#[derive(Clone, Default)]
+#[allow(dead_code)]
+pub struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[allow(dead_code)]
+impl LogSink {
+    /// tracing's text format at `level` and above, without colours.
+    fn subscriber(
+        &self,
+        level: tracing_subscriber::filter::LevelFilter,
+    ) -> impl tracing::Subscriber + Send + Sync {
+        let sink = self.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish()
+    }
+
+    /// This thread's log until the guard drops (a current-thread runtime's
+    /// tasks log here too).
+    pub fn install(
+        &self,
+        level: tracing_subscriber::filter::LevelFilter,
+    ) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(self.subscriber(level))
+    }
+
+    /// The whole test binary's log, every thread's, for good.
+    pub fn install_global(&self, level: tracing_subscriber::filter::LevelFilter) {
+        tracing::subscriber::set_global_default(self.subscriber(level))
+            .expect("the only global subscriber of this binary");
+    }
+
+    /// What was written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}

@@ -631,36 +631,52 @@ fn no_result_lands_after_the_checks_are_forgotten() {
     }
 }
 
-/// A backend that DNS brings back into a pool whose checks a reload
-/// removed, while a session still held it: its old verdict goes too.
-#[test]
-fn a_backend_back_by_dns_after_checks_went_has_no_verdict() {
-    use super::live::{key, Discovered, Found};
-    let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
-    assert!(a.activate());
-    assert!(record(&a, 0, false, 1, 1));
-    let held = live(&a, 0);
-    let text =
-        "version: 1\npools:\n  - name: p\n    backends:\n      - { address: \"svc.test:7002\" }\n";
-    let by_name = agiproxy_config::from_yaml_str(text)
+/// Pool `p` following the DNS name `svc.test:7002`, with `health` (a YAML
+/// flow map) unless empty.
+fn by_name(health: &str) -> agiproxy_config::Pool {
+    let health = if health.is_empty() {
+        String::new()
+    } else {
+        format!("    health: {health}\n")
+    };
+    let text = format!(
+        "version: 1\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"svc.test:7002\" }}\n"
+    );
+    agiproxy_config::from_yaml_str(&text)
         .unwrap()
         .pools
-        .remove(0);
-    let b = PoolState::new(&by_name, Some(&a));
-    assert!(b.activate());
-    assert!(b.members().backends.is_empty(), "the name has not answered");
+        .remove(0)
+}
+
+/// The name of [`by_name`] answers `addr`, and `p` rebuilds its members.
+fn dns_answers(p: &PoolState, addr: std::net::SocketAddr) {
+    use super::live::{key, Discovered, Found};
     let answer = Discovered {
         found: vec![Found {
-            addr: held.addr,
+            addr,
             weight: None,
             tier: 0,
             new: false,
         }],
         ..Discovered::default()
     };
-    let target = &by_name.backends[0].target;
-    b.live.discovery.lock().unwrap().insert(key(target), answer);
-    b.shared().rebuild_members();
+    let target = &p.config().backends[0].target;
+    p.live.discovery.lock().unwrap().insert(key(target), answer);
+    p.shared().rebuild_members();
+}
+
+/// A backend that DNS brings back into a pool whose checks a reload
+/// removed, while a session still held it: its old verdict goes too.
+#[test]
+fn a_backend_back_by_dns_after_checks_went_has_no_verdict() {
+    let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
+    assert!(a.activate());
+    assert!(record(&a, 0, false, 1, 1));
+    let held = live(&a, 0);
+    let b = PoolState::new(&by_name(""), Some(&a));
+    assert!(b.activate());
+    assert!(b.members().backends.is_empty(), "the name has not answered");
+    dns_answers(&b, held.addr);
     assert!(Arc::ptr_eq(&live(&b, 0), &held));
     assert_eq!(
         (held.state(), held.check_verdict()),
@@ -995,36 +1011,16 @@ fn a_backend_removed_and_brought_back_keeps_its_state() {
 /// IP reused): it starts new, not drained.
 #[test]
 fn a_retired_static_backend_does_not_pass_its_state_to_a_dns_answer() {
-    use super::live::{key, Discovered, Found};
     let a = PoolState::new(&one_backend("{ type: tcp, fall: 1 }"), None);
     assert!(a.activate());
     assert!(record(&a, 0, false, 1, 1));
     live(&a, 0).set_draining(true);
     let addr = live(&a, 0).addr;
-    let text = "version: 1\npools:\n  - name: p\n    health: { type: tcp, fall: 1 }\n    backends:\n      - { address: \"svc.test:7002\" }\n";
-    let by_name = agiproxy_config::from_yaml_str(text)
-        .unwrap()
-        .pools
-        .remove(0);
-    let b = PoolState::new(&by_name, Some(&a));
+    let b = PoolState::new(&by_name("{ type: tcp, fall: 1 }"), Some(&a));
     assert!(b.activate());
     drop(a);
     assert_eq!(b.live.retired.lock().unwrap().len(), 1, "held");
-    let answer = Discovered {
-        found: vec![Found {
-            addr,
-            weight: None,
-            tier: 0,
-            new: false,
-        }],
-        ..Discovered::default()
-    };
-    b.live
-        .discovery
-        .lock()
-        .unwrap()
-        .insert(key(&by_name.backends[0].target), answer);
-    b.shared().rebuild_members();
+    dns_answers(&b, addr);
     assert!(!live(&b, 0).is_draining());
     assert_eq!(live(&b, 0).state(), BackendState::Healthy);
 }
