@@ -478,13 +478,19 @@ fn reload_carries_backend_state_and_drops_stale_verdicts() {
 
 /// Pool `p` of one backend, with `health` (a YAML flow map) unless empty.
 fn one_backend(health: &str) -> agiproxy_config::Pool {
+    pool_p("127.0.0.1:7002", health)
+}
+
+/// Pool `p` of one backend `address` (an address or a DNS name), with
+/// `health` unless empty.
+fn pool_p(address: &str, health: &str) -> agiproxy_config::Pool {
     let health = if health.is_empty() {
         String::new()
     } else {
         format!("    health: {health}\n")
     };
     let text = format!(
-        "version: 1\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"127.0.0.1:7002\" }}\n"
+        "version: 1\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"{address}\" }}\n"
     );
     agiproxy_config::from_yaml_str(&text)
         .unwrap()
@@ -634,18 +640,7 @@ fn no_result_lands_after_the_checks_are_forgotten() {
 /// Pool `p` following the DNS name `svc.test:7002`, with `health` (a YAML
 /// flow map) unless empty.
 fn by_name(health: &str) -> agiproxy_config::Pool {
-    let health = if health.is_empty() {
-        String::new()
-    } else {
-        format!("    health: {health}\n")
-    };
-    let text = format!(
-        "version: 1\npools:\n  - name: p\n{health}    backends:\n      - {{ address: \"svc.test:7002\" }}\n"
-    );
-    agiproxy_config::from_yaml_str(&text)
-        .unwrap()
-        .pools
-        .remove(0)
+    pool_p("svc.test:7002", health)
 }
 
 /// The name of [`by_name`] answers `addr`, and `p` rebuilds its members.
