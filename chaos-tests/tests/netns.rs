@@ -605,6 +605,52 @@ impl Lab {
         }
     }
 
+    /// How often `fault` acted on host `i` so far, where a call's outcome
+    /// may not show it (audit: the loss and bandwidth scenarios never
+    /// checked that the fault took effect): packets its iptables rules
+    /// dropped, or packets tbf held back or dropped (both ways).
+    fn bitten(&self, i: usize, fault: Fault) -> u64 {
+        let h = &self.hosts[i];
+        let text = |out: std::io::Result<std::process::Output>| {
+            String::from_utf8_lossy(&out.expect("fault counters").stdout).into_owned()
+        };
+        // `(dropped D, overlimits O requeues R)` of `tc -s qdisc show`.
+        let held = |text: &str| -> u64 {
+            ["dropped ", "overlimits "]
+                .iter()
+                .filter_map(|key| {
+                    let at = text.find(key)? + key.len();
+                    let n: String = text[at..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    n.parse::<u64>().ok()
+                })
+                .sum()
+        };
+        match fault {
+            Fault::Loss(_) => ["INPUT", "OUTPUT"]
+                .iter()
+                .map(|chain| {
+                    text(h.ns.exec("iptables", &["-L", chain, "-v", "-x", "-n"]))
+                        .lines()
+                        .filter(|l| l.contains("DROP"))
+                        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                        .sum::<u64>()
+                })
+                .sum(),
+            Fault::Bandwidth(_) => {
+                held(&text(
+                    h.ns.exec("tc", &["-s", "qdisc", "show", "dev", "eth0"]),
+                )) + held(&text(
+                    self.proxy_ns
+                        .exec("tc", &["-s", "qdisc", "show", "dev", &h.link]),
+                ))
+            }
+            _ => 0,
+        }
+    }
+
     fn fault_off(&mut self, i: usize, fault: Fault) {
         match fault {
             Fault::LinkDown => {
@@ -882,6 +928,7 @@ fn fault_scenario(fault: Fault, after_commit: bool) -> Option<Verdict> {
     lab.start_proxy(&lab.static_pool(), "");
     let n = if full() { 300 } else { 30 };
     let before = baseline(&lab);
+    let mut bitten = 0;
     if !after_commit {
         lab.fault_on(0, fault);
     }
@@ -893,10 +940,12 @@ fn fault_scenario(fault: Fault, after_commit: bool) -> Option<Verdict> {
         std::thread::sleep(HOLD / 2 + Duration::from_millis(200));
         lab.fault_on(0, fault);
         std::thread::sleep(NEXT_COMMAND + HOLD);
+        bitten = lab.bitten(0, fault);
         lab.fault_off(0, fault);
     }
     let outs = lab.wait(calls);
     if !after_commit {
+        bitten = lab.bitten(0, fault);
         lab.fault_off(0, fault);
     }
     let x = Expect {
@@ -933,7 +982,9 @@ fn fault_scenario(fault: Fault, after_commit: bool) -> Option<Verdict> {
                 "{name}: the relay delayed nothing"
             )
         }
-        Fault::Loss(_) | Fault::Bandwidth(_) => {}
+        Fault::Loss(_) | Fault::Bandwidth(_) => {
+            assert!(bitten > 0, "{name}: the fault dropped or held back nothing")
+        }
     }
     Some(v)
 }
