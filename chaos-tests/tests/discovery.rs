@@ -76,6 +76,34 @@ fn dns_block(dns: &FakeDns) -> String {
     )
 }
 
+/// One route to pool `p`, whose backends are the SRV name `srv`.
+fn srv_pool(dns: &FakeDns, srv: &str) -> String {
+    format!(
+        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"{srv}\" }}\n",
+        dns_block(dns)
+    )
+}
+
+/// `n` IPv4-only targets `PREFIX-NN.DOMAIN` (127.0.0.2 on) whose AAAA
+/// queries get SERVFAIL: their SRV records, and the members they give.
+fn ipv4_targets_failing_aaaa(
+    dns: &FakeDns,
+    prefix: &str,
+    domain: &str,
+    n: usize,
+) -> (Vec<SrvRecord>, BTreeSet<SocketAddr>) {
+    let mut records = Vec::new();
+    let mut want = BTreeSet::new();
+    for i in 1..=n as u8 {
+        let target = format!("{prefix}{i:02}.{domain}");
+        dns.set_addrs(&target, &ips(&[i + 1]), 1);
+        dns.set_servfail_for_kind(&target, chaos_tests::RecordType::AAAA, true);
+        records.push(SrvRecord::new(10, 10, 4573, &target));
+        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
+    }
+    (records, want)
+}
+
 fn ips(hosts: &[u8]) -> Vec<IpAddr> {
     hosts
         .iter()
@@ -294,10 +322,7 @@ async fn an_srv_target_that_fails_to_resolve_keeps_the_last_good_set() {
         ],
         TTL,
     );
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"{srv}\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, srv);
     let p = proxy(&body).await;
     let both: BTreeSet<SocketAddr> = [a.addr(), b.addr()].into();
     wait_members(&p, &both, Duration::from_secs(3)).await;
@@ -453,10 +478,7 @@ async fn srv_targets_resolve_while_aaaa_queries_are_dropped() {
         want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
     }
     dns.set_srv("_agi._tcp.ivr.test", &records, 60);
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.ivr.test\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, "_agi._tcp.ivr.test");
     let p = proxy(&body).await;
     // The limit is 3 x 500 ms + 1 s; one target's AAAA costs a whole
     // timeout: the first round of 16 pays it, and the targets after it are
@@ -494,10 +516,7 @@ async fn a_huge_srv_answer_keeps_4096_addresses_lowest_priority_first() {
         }
     }
     dns.set_srv("_agi._tcp.big.test", &records, 60);
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.big.test\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, "_agi._tcp.big.test");
     let p = proxy(&body).await;
     let started = Instant::now();
     let got = loop {
@@ -822,10 +841,7 @@ async fn an_ipv4_only_srv_target_whose_aaaa_fails_beside_an_ipv6_one_keeps_the_n
         SrvRecord::new(10, 10, 4573, "v6only.mixed.test"),
     ];
     dns.set_srv("_agi._tcp.mixed.test", &records, 1);
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.mixed.test\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, "_agi._tcp.mixed.test");
     let p = proxy(&body).await;
     let mut want: BTreeSet<SocketAddr> = [
         SocketAddr::from(([127, 0, 0, 2], 4573)),
@@ -848,30 +864,19 @@ async fn an_ipv4_only_srv_target_whose_aaaa_fails_beside_an_ipv6_one_keeps_the_n
 /// never found).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_target_past_the_first_round_is_found_within_a_few_lookups() {
-    use chaos_tests::RecordType;
     let dns = FakeDns::start().await;
     dns.set_srv_additionals(false);
-    let mut records = Vec::new();
-    let mut want = BTreeSet::new();
     // Four rounds' worth before it: found only once the probes of targets
     // never asked AAAA have gone past them all (they went round the same
     // ones, and a target past the 48th was never asked: review).
-    for i in 1..=(4 * TARGETS_IN_A_ROUND - 4) as u8 {
-        let target = format!("a{i:02}.round.test");
-        dns.set_addrs(&target, &ips(&[i + 1]), 1);
-        dns.set_servfail_for_kind(&target, RecordType::AAAA, true);
-        records.push(SrvRecord::new(10, 10, 4573, &target));
-        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
-    }
+    let (mut records, mut want) =
+        ipv4_targets_failing_aaaa(&dns, "a", "round.test", 4 * TARGETS_IN_A_ROUND - 4);
     // Sorted after the others: looked up once a first-round target is done.
     dns.set_addrs("z6.round.test", &["::1".parse().unwrap()], 1);
     records.push(SrvRecord::new(10, 10, 4573, "z6.round.test"));
     want.insert("[::1]:4573".parse().unwrap());
     dns.set_srv("_agi._tcp.round.test", &records, 1);
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.round.test\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, "_agi._tcp.round.test");
     let p = proxy(&body).await;
     wait_members(&p, &want, Duration::from_secs(20)).await;
 }
@@ -885,21 +890,10 @@ async fn aaaa_questions_a_lookup_are_bounded_when_aaaa_fails() {
     use chaos_tests::RecordType;
     let dns = FakeDns::start().await;
     dns.set_srv_additionals(false);
-    let mut records = Vec::new();
-    let mut want = BTreeSet::new();
     let targets = 4 * TARGETS_IN_A_ROUND - 3;
-    for i in 1..=targets as u8 {
-        let target = format!("v4-{i:02}.many.test");
-        dns.set_addrs(&target, &ips(&[i + 1]), 1);
-        dns.set_servfail_for_kind(&target, RecordType::AAAA, true);
-        records.push(SrvRecord::new(10, 10, 4573, &target));
-        want.insert(SocketAddr::from(([127, 0, 0, i + 1], 4573)));
-    }
+    let (records, want) = ipv4_targets_failing_aaaa(&dns, "v4-", "many.test", targets);
     dns.set_srv("_agi._tcp.many.test", &records, 1);
-    let body = format!(
-        "{}routes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ srv: \"_agi._tcp.many.test\" }}\n",
-        dns_block(&dns)
-    );
+    let body = srv_pool(&dns, "_agi._tcp.many.test");
     let p = proxy(&body).await;
     wait_members(&p, &want, Duration::from_secs(20)).await;
     // Lookups every second (the TTL): count what a few of them ask.
