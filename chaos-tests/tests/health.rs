@@ -166,10 +166,13 @@ async fn agi_probes_tell_silent_and_garbage_backends_from_working_ones() {
         b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
     ))
     .await;
+    // A banner whose byte 7 falls inside a character: judging it once
+    // panicked, which ended the backend's check loop and froze it healthy.
+    let localized = FakeBackend::start(Behaviour::Garbage("Привет\n".as_bytes().to_vec())).await;
     let verbose = FakeBackend::start(Behaviour::script(&["VERBOSE \"up\" 1"])).await;
     let mut body = checked_pool(
         "round_robin",
-        &[good.addr(), silent.addr(), garbage.addr()],
+        &[good.addr(), silent.addr(), garbage.addr(), localized.addr()],
         1,
         2,
         "",
@@ -187,6 +190,7 @@ async fn agi_probes_tell_silent_and_garbage_backends_from_working_ones() {
         s[&good.addr()].state == BackendState::Healthy
             && s[&silent.addr()].state == BackendState::Unhealthy
             && s[&garbage.addr()].state == BackendState::Unhealthy
+            && s[&localized.addr()].state == BackendState::Unhealthy
             && q[&good.addr()].state == BackendState::Unhealthy
             && q[&verbose.addr()].check_verdict == Some(true)
     })
@@ -199,6 +203,11 @@ async fn agi_probes_tell_silent_and_garbage_backends_from_working_ones() {
         detail(&s[&garbage.addr()]).contains("not an AGI command"),
         "{}",
         detail(&s[&garbage.addr()])
+    );
+    assert!(
+        detail(&s[&localized.addr()]).contains("not an AGI command"),
+        "{}",
+        detail(&s[&localized.addr()])
     );
     assert!(
         detail(&states(&p, "q")[&good.addr()]).contains("does not match expect"),

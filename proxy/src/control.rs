@@ -263,6 +263,16 @@ fn live_families(snap: &Snapshot) -> Vec<MetricFamily> {
         out.extend(c.collect());
     }
     out.extend(check_latency.collect());
+    let panics = prometheus::IntCounter::with_opts(
+        Opts::new(
+            "panics_total",
+            "Panics (bugs) caught: each ended a call or failed a health check; the process went on",
+        )
+        .namespace("agiproxy"),
+    )
+    .expect("valid metric");
+    panics.inc_by(crate::logging::panics());
+    out.extend(panics.collect());
     out.extend(crate::rollout::view::metric_families(snap));
     out
 }

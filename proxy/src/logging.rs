@@ -96,6 +96,48 @@ pub fn dropped_lines() -> u64 {
     QUEUE.get().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
 }
 
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Panics so far (`agiproxy_panics_total`): each is a bug. A session's
+/// ends that call; a health check's is a failed check; either way the
+/// process goes on, so without a count nobody would know.
+pub fn panics() -> u64 {
+    PANICS.load(Ordering::Relaxed)
+}
+
+/// Panics are logged as ERROR lines through the log's own writer (the
+/// default hook writes raw text to stderr, beside JSON lines that a log
+/// pipeline then cannot parse) and counted.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = thread::current();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => backtrace.to_string(),
+            _ => "set RUST_BACKTRACE=1 for one".to_string(),
+        };
+        tracing::error!(
+            what,
+            location,
+            thread = thread.name().unwrap_or("unnamed"),
+            backtrace,
+            "panic: a bug in agiproxy; what it was doing has ended (a call, or a health check, \
+             counted as failed), the rest goes on; please report this line"
+        );
+    }));
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
 pub fn init(format: LogFormat, default_filter: &str, buffer_lines: usize) -> LogGuard {
     let filter =
@@ -123,6 +165,7 @@ pub fn init(format: LogFormat, default_filter: &str, buffer_lines: usize) -> Log
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    log_panics();
     LogGuard {
         queue,
         writer: Some(writer),

@@ -27,6 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use agiproxy_config::{HealthCheck, HealthKind};
+use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -266,11 +267,22 @@ fn probe_permit(limit: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, NotRun> 
 pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<CheckResult, NotRun> {
     let permit = probe_permit(in_flight())?;
     let started = Instant::now();
-    let outcome = match &check.kind {
-        HealthKind::Tcp => probe_tcp(addr, check.timeout).await,
-        HealthKind::Agi { script, expect } => {
-            probe_agi(addr, script, expect.as_ref(), check.timeout, permit).await
+    let run = async {
+        match &check.kind {
+            HealthKind::Tcp => probe_tcp(addr, check.timeout).await,
+            HealthKind::Agi { script, expect } => {
+                probe_agi(addr, script, expect.as_ref(), check.timeout, permit).await
+            }
         }
+    };
+    // A panic here (a bug, reached by what a backend sent) would end the
+    // backend's check loop for good and freeze its verdict; caught, it is a
+    // failed check, and the panic hook has logged and counted it.
+    let outcome = match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(Failed::Backend(
+            "the check failed inside agiproxy (a bug: see the ERROR `panic` line)".to_string(),
+        )),
     };
     let (ok, detail) = match outcome {
         Ok(d) => (true, d),
@@ -435,7 +447,9 @@ fn judge(line: &[u8], expect: Option<&regex::Regex>) -> Result<String, Judged> {
             shown()
         )));
     };
-    if text.len() >= 7 && text[..7].eq_ignore_ascii_case("failure") {
+    // Bytes, not `text[..7]`: byte 7 may fall inside a character
+    // (`Привет`), and slicing a `str` there panics.
+    if line.len() >= 7 && line[..7].eq_ignore_ascii_case(b"failure") {
         return Err(Judged::Bad(format!("answered {}", shown())));
     }
     if text.chars().any(|c| c.is_control() && c != '\t') {
@@ -523,6 +537,15 @@ mod tests {
         assert!(matches!(judge(b"\x00\xff\x01", None), Err(Judged::Bad(_))));
         assert!(matches!(judge(b"NOOP\x1b[31m", None), Err(Judged::Bad(_))));
         assert!(matches!(judge(b"", None), Err(Judged::Bad(_))));
+        // Text whose byte 7 falls inside a character (a localized banner).
+        for banner in ["Привет", "VERBOSÉ x"] {
+            assert!(
+                matches!(judge(banner.as_bytes(), None), Err(Judged::Bad(_))),
+                "{banner}"
+            );
+        }
+        assert!(judge("NOOP 你好".as_bytes(), None).is_ok());
+        assert!(judge("VERBOSE \"Grüße\" 1".as_bytes(), None).is_ok());
         let re = regex::Regex::new("^VERBOSE").unwrap();
         assert!(matches!(
             judge(b"NOOP", Some(&re)),
