@@ -32,7 +32,8 @@ pub use duration::MAX_DURATION;
 pub use error::{ConfigError, ConfigErrors};
 pub use file::{read_file, FileError};
 pub use model::{
-    format_ms, parse_time, Judge, Override, OverrideAction, Peers, Rollout, MAX_ROLLOUT_STEPS,
+    format_ms, parse_time, Judge, Override, OverrideAction, Peers, Rollout, MAX_RFC3339_MS,
+    MAX_ROLLOUT_STEPS,
 };
 pub use model::{
     script_path, Backend, BackendTarget, Backoff, Balance, Config, Control, ControlTls, Dns,

@@ -313,7 +313,11 @@ fn spawn_session(
     let sessions = &shared.drain.sessions;
     match admitted {
         Ok(active) => {
-            let admission = session::Admission { active, header };
+            let admission = session::Admission {
+                active,
+                header,
+                rollout: None,
+            };
             sessions.spawn(session::serve(
                 sh, snap, name, stream, peer, proxied, admission,
             ));

@@ -79,7 +79,9 @@ pub fn tick_view(live: &RolloutLive, tick: i64, split_key: &str) -> RolloutTick 
 /// to a request sent at `sent` and answered at `received` (this replica's
 /// clock, ms): compared halfway, so off by at most half the round trip.
 fn clock_offset(theirs: i64, sent: i64, received: i64) -> i64 {
-    theirs - (sent + (received - sent) / 2)
+    // A peer's clock is any i64 it sends: held to the times a config can
+    // write, the offset and its `abs()` cannot overflow.
+    theirs.clamp(0, agiproxy_config::MAX_RFC3339_MS) - (sent + (received - sent) / 2)
 }
 
 /// The largest clock difference judgement tolerates between replicas, or
@@ -682,6 +684,35 @@ mod tests {
         let mut other_step = tick_view(&peer, 3, "agi_uniqueid");
         other_step.step = Some(1);
         assert!(!read(&here, &other_step).0.counted);
+    }
+
+    /// A peer's times are any i64 it sends (a peer found by DNS over plain
+    /// HTTP need not be ours): they once overflowed the schedule's
+    /// arithmetic (a panic in a debug build on every call of the route;
+    /// "step 3 of 3" for a rollback before the start in a release build).
+    #[test]
+    fn a_peers_extreme_times_are_held_to_what_a_config_can_write() {
+        let (plan, _) = compiled("ivr", BASE);
+        for at in [i64::MIN, i64::MIN + 1, -1, i64::MAX] {
+            let (here, peer) = (live("ivr", BASE, None), live("ivr", BASE, None));
+            published(&peer, 3, 40);
+            assert!(peer.decide(rollback(START_MS + 75_000)));
+            let mut view = tick_view(&peer, 3, "agi_uniqueid");
+            view.decision.as_mut().expect("the peer's decision").at_ms = at;
+            assert!(read(&here, &view).0.adopted, "{at}");
+            let judged = here.judged_ms().expect("a decision in force");
+            assert!((0..=agiproxy_config::MAX_RFC3339_MS).contains(&judged));
+            let p = position(&plan, START_MS + 300_000, Some(judged));
+            if at < START_MS {
+                assert_eq!((p.state, p.step), (State::RolledBack, None), "{at}");
+            } else {
+                assert_eq!(p.state, State::Progressing, "{at}: not in force yet");
+            }
+        }
+        for theirs in [i64::MIN, i64::MAX] {
+            let off = clock_offset(theirs, START_MS, START_MS + 100);
+            assert!(off.checked_abs().is_some(), "{theirs}: {off}");
+        }
     }
 
     /// The auditor's case: after a judged rollback the operator declares a

@@ -206,6 +206,19 @@ pub fn why_override_changes_nothing(
         o.at_ms <= effect_ms
             && matches!(o.action, OverrideAction::Promote | OverrideAction::Rollback)
     });
+    // A judged rollback is as final (the schedule reads it before any
+    // override): a `promote` after it was written, answered "applied", and
+    // changed nothing, and a `pause` then blamed that promote (audit).
+    // Known on every replica within a judgement's interval.
+    let judged = ro.live.judged_ms().filter(|j| *j <= effect_ms);
+    if let Some(j) = judged.filter(|j| final_by.is_none_or(|o| *j < o.at_ms)) {
+        let reason = ro.live.decision().map(|d| d.reason).unwrap_or_default();
+        return Some(format!(
+            "the rollout was rolled back by judgement ({reason}) from {}; to roll green \
+             out again, declare a new rollout (a new start)",
+            format_ms(j)
+        ));
+    }
     if let Some(o) = final_by {
         return Some(format!(
             "the rollout is final by then: {} in force from {}",
@@ -585,6 +598,49 @@ mod tests {
         );
         assert_eq!(nothing(&paused, OverrideAction::Resume), None);
         assert_eq!(nothing(&paused, OverrideAction::Rollback), None);
+
+        // Rolled back by judgement: final, whatever the action, unless an
+        // override made it final earlier.
+        let judged = snap("");
+        let ro = rollout_of(&judged, "ivr").unwrap();
+        let judged_at = now - 600_000;
+        assert!(ro.live.decide(crate::session::rollout::Decision {
+            at_ms: judged_at,
+            tick: 3,
+            reason: "early closes: green 20.0%".into(),
+            source: "judged here".into(),
+        }));
+        let why = format!(
+            "the rollout was rolled back by judgement (early closes: green 20.0%) from {}; \
+             to roll green out again, declare a new rollout (a new start)",
+            format_ms(judged_at)
+        );
+        for a in [
+            OverrideAction::Promote,
+            OverrideAction::Pause,
+            OverrideAction::Resume,
+            OverrideAction::Rollback,
+        ] {
+            assert_eq!(nothing(&judged, a).as_deref(), Some(&*why), "{a}");
+        }
+        // Not yet in force when the override would take effect: no word.
+        assert_eq!(
+            why_override_changes_nothing(&judged, "ivr", OverrideAction::Promote, judged_at - 1),
+            None
+        );
+        let ro = rollout_of(&promoted, "ivr").unwrap();
+        assert!(ro.live.decide(crate::session::rollout::Decision {
+            at_ms: judged_at,
+            tick: 3,
+            reason: "late".into(),
+            source: "judged here".into(),
+        }));
+        assert!(
+            nothing(&promoted, OverrideAction::Pause)
+                .unwrap()
+                .starts_with("the rollout is final by then: promote"),
+            "the earlier promote decided"
+        );
     }
 
     /// A rollout replaced through the API (a new `start`) is told apart

@@ -64,18 +64,13 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
-    run(
-        &shared,
-        &snap,
-        &mut a,
-        proxied,
-        &mut rec,
-        &mut admission.header,
-    )
-    .await;
+    run(&shared, &snap, &mut a, proxied, &mut rec, &mut admission).await;
     rec.duration = started.elapsed();
     // A refused header is no session of a call: not timed.
     let timed = rec.header_error.is_none();
+    // Out of the rollout's in-flight count before the record is published,
+    // as before the count had a guard: whoever sees the record sees it.
+    admission.rollout = None;
     finish(&shared, rec, timed);
     drop(admission);
 }
@@ -86,6 +81,8 @@ pub(crate) async fn serve(
 pub struct Admission {
     pub active: ActiveGuard,
     pub header: Option<HeaderSlot>,
+    /// On a rollout's route, its place among the sessions of its colour.
+    pub rollout: Option<rollout::InFlight>,
 }
 
 /// Counts, logs and publishes a finished session; `timed`: its duration
@@ -132,7 +129,7 @@ async fn run(
     a: &mut TcpStream,
     proxied: bool,
     rec: &mut SessionRecord,
-    header_slot: &mut Option<HeaderSlot>,
+    admission: &mut Admission,
 ) {
     // Two phases, the first boxed: reading the header and searching for a
     // backend hold far more state than relaying, and a session spends its
@@ -140,7 +137,7 @@ async fn run(
     // freed when the backend is found instead of sizing every session's
     // task: one allocation per session buys about 0.6 KiB less per idle
     // session (see docs/benchmarks.md).
-    let found = find_backend(shared, snap, a, proxied, rec, header_slot);
+    let found = find_backend(shared, snap, a, proxied, rec, admission);
     let Some((at, route)) = Box::pin(found).await else {
         return;
     };
@@ -155,12 +152,12 @@ async fn find_backend<'s>(
     a: &mut TcpStream,
     proxied: bool,
     rec: &mut SessionRecord,
-    header_slot: &mut Option<HeaderSlot>,
+    admission: &mut Admission,
 ) -> Option<(Attached, &'s Route)> {
     let cfg = &snap.config;
     let limits = header_limits(cfg);
     let read = read_header(a, &limits, &shared.header_memory, proxied).await;
-    *header_slot = None;
+    admission.header = None;
     // A large header's memory stays counted for as long as it is kept: to
     // the end of the backend search.
     let (header, _held) = match read {
@@ -187,7 +184,7 @@ async fn find_backend<'s>(
         .router
         .pool_for(ri, &header, rec.peer.ip(), rollout::now_ms());
     if let (Some(pick), Some(ro)) = (pick, &compiled.rollout) {
-        ro.live.session_started(pick.side);
+        admission.rollout = Some(ro.live.session_started(pick.side));
         rec.rollout = Some((ro.live.clone(), pick));
     }
     let pool = &snap.pools[pi];

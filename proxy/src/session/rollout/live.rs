@@ -17,6 +17,20 @@ use crate::session::outcome::{Outcome, Reason};
 const KEEP_TICKS: usize = 8;
 const NO_DECISION: i64 = i64::MIN;
 
+/// A session in flight on one side of a rollout
+/// ([`RolloutLive::session_started`]).
+#[must_use = "the session counts as in flight only while this is held"]
+pub struct InFlight {
+    live: Arc<RolloutLive>,
+    side: Side,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.live.active[self.side as usize].fetch_sub(1, Relaxed);
+    }
+}
+
 /// Blue or green.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -240,7 +254,11 @@ impl RolloutLive {
 
     /// Records a rollback unless an earlier one is known: every replica
     /// ends on the earliest, whichever it heard first.
-    pub fn decide(&self, d: Decision) -> bool {
+    pub fn decide(&self, mut d: Decision) -> bool {
+        // A peer's time is any i64 it sends: held to the times a config can
+        // write, the schedule's arithmetic on it cannot overflow, and no
+        // time is `NO_DECISION`.
+        d.at_ms = d.at_ms.clamp(0, agiproxy_config::MAX_RFC3339_MS);
         let mut cur = lock(&self.decision);
         if cur.as_ref().is_some_and(|c| c.at_ms <= d.at_ms) {
             return false;
@@ -250,15 +268,23 @@ impl RolloutLive {
         true
     }
 
-    pub fn session_started(&self, side: Side) {
+    /// Counts a session in flight on `side` until the guard drops: at the
+    /// session's end, or when its task unwinds from a panic (a decrement in
+    /// `session_ended` alone left the gauge high for good then).
+    pub fn session_started(self: &Arc<Self>, side: Side) -> InFlight {
         self.active[side as usize].fetch_add(1, Relaxed);
+        InFlight {
+            live: Arc::clone(self),
+            side,
+        }
     }
 
     pub fn active(&self, side: Side) -> i64 {
         self.active[side as usize].load(Relaxed)
     }
 
-    /// Counts a finished session (and ends it in the in-flight count).
+    /// Counts a finished session (its [`InFlight`] ends it in the
+    /// in-flight count).
     pub fn session_ended(
         &self,
         side: Side,
@@ -267,7 +293,6 @@ impl RolloutLive {
         reason: Option<Reason>,
         first_command_ms: Option<u64>,
     ) {
-        self.active[side as usize].fetch_sub(1, Relaxed);
         let Some(c) = step.and_then(|s| self.counters.get(s)) else {
             return;
         };

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use agiproxy_config::{Pool, Rollout};
 
 use crate::session::header::Header;
-pub use live::{Decision, RolloutLive, Side};
+pub use live::{Decision, InFlight, RolloutLive, Side};
 pub use schedule::{now_ms, position, Position, State};
 
 /// One line for `agiproxy check`: where the rollout stands at `now_ms`

@@ -363,3 +363,25 @@ fn canaries_go_to_blue_once_a_rollback_is_in_force() {
     assert_eq!(canary(T0 + 20_000, T0 + 20_000), 0);
     assert_eq!(canary(T0 + 20_000, T0 + 60_000), 0);
 }
+
+/// A session stays in its colour's in-flight count while its guard lives,
+/// and leaves it when the guard drops, also when its task unwinds from a
+/// panic (the decrement once sat in the session's normal end alone).
+#[test]
+fn a_session_leaves_the_in_flight_count_however_it_ends() {
+    use super::Side;
+    let cfg = config("[10, 50]", "");
+    let r = router(&cfg, None);
+    let live = r.routes()[0].rollout.as_ref().unwrap().live.clone();
+    let blue = live.session_started(Side::Blue);
+    let green = live.session_started(Side::Green);
+    assert_eq!((live.active(Side::Blue), live.active(Side::Green)), (1, 1));
+    drop(blue);
+    assert_eq!(live.active(Side::Blue), 0);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _held = green;
+        panic!("a bug in the session");
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(live.active(Side::Green), 0);
+}
