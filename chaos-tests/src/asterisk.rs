@@ -77,6 +77,9 @@ pub struct Reply {
     pub delay: Duration,
     /// The bytes written, usually one `200 result=N\n` line.
     pub bytes: Vec<u8>,
+    /// Further parts, each written after its delay: `GOSUB`'s final answer
+    /// after its interim one.
+    pub later: Vec<(Duration, Vec<u8>)>,
 }
 
 impl Reply {
@@ -99,6 +102,7 @@ impl Reply {
         Self {
             delay: Duration::ZERO,
             bytes,
+            later: Vec::new(),
         }
     }
 
@@ -107,12 +111,23 @@ impl Reply {
         Self {
             delay: Duration::ZERO,
             bytes: bytes.into(),
+            later: Vec::new(),
         }
     }
 
     /// The same reply, written after `delay`.
     pub fn after(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Then `line` (`\n` appended when missing), `after` the parts before.
+    pub fn then(mut self, after: Duration, line: &str) -> Self {
+        let mut bytes = line.as_bytes().to_vec();
+        if !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        self.later.push((after, bytes));
         self
     }
 
@@ -295,6 +310,19 @@ impl FakeAsterisk {
         self.reply_with(move |c| {
             if c.starts_with("EXEC") {
                 Reply::ok().after(run)
+            } else {
+                Reply::ok()
+            }
+        })
+    }
+
+    /// `GOSUB` as app_stack.c answers it: `100 result=0 Trying...` at once,
+    /// the subroutine runs for `run` (the socket unread), then
+    /// `200 result=0 Gosub complete`. Every other command: `200 result=0`.
+    pub fn gosub_takes(self, run: Duration) -> Self {
+        self.reply_with(move |c| {
+            if c.starts_with("GOSUB") {
+                Reply::line("100 result=0 Trying...").then(run, "200 result=0 Gosub complete")
             } else {
                 Reply::ok()
             }
@@ -611,6 +639,18 @@ impl Session<'_> {
         }
         if self.write(&reply.bytes).await.is_err() {
             return Flow::End;
+        }
+        for (after, bytes) in &reply.later {
+            sleep(*after).await;
+            let early = self.rb.try_fill(&self.stream);
+            if early > 0 {
+                self.violation(format!(
+                    "pipelining: {early} bytes of a further command arrived before the last part of the reply to {line:?}"
+                ));
+            }
+            if self.write(bytes).await.is_err() {
+                return Flow::End;
+            }
         }
         self.replies += 1;
         if !self.dead && self.cfg.hangup_after == Some(self.replies) {

@@ -623,6 +623,37 @@ async fn a_long_command_is_not_cut() {
     assert!(started.elapsed() >= Duration::from_secs(5));
 }
 
+/// `GOSUB` answers `100 result=0 Trying...`, runs the dialplan subroutine
+/// (a `Dial` in it may last hours), then `200 result=0 Gosub complete`. The
+/// interim answer once put the backend on the clock for its next command:
+/// a subroutine longer than `next_command` got the call failed
+/// (`next_command_timeout`) and the backend a HANGUP mid-`GOSUB` (audit).
+#[tokio::test]
+async fn a_gosub_runs_past_next_command_until_its_final_answer() {
+    let b = FakeBackend::start(Behaviour::script(&["GOSUB sub s 1", "NOOP"])).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[b.addr()],
+        "timeouts:\n  next_command: 300ms\n  first_command: 300ms\n",
+    ))
+    .await;
+    let out = caller("x", "1.1")
+        .gosub_takes(Duration::from_millis(1500))
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert_eq!(out.commands, vec!["GOSUB sub s 1", "NOOP"]);
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert!(
+        out.elapsed >= Duration::from_millis(1500),
+        "{:?}",
+        out.elapsed
+    );
+    assert!(b.stats().wait_completed(1, Duration::from_secs(3)).await);
+    // Not cut: the backend ended its script and closed, and was told no HANGUP.
+    assert_eq!(b.stats().hangups(), 0);
+}
+
 #[tokio::test]
 async fn backend_failure_line_passes_through() {
     let b = FakeBackend::start(Behaviour::steps(vec![

@@ -109,7 +109,9 @@ impl Conn {
     }
 
     /// Reads one reply: a line, or a `520-` block up to its `520 ` line.
-    /// `HANGUP` lines are counted and skipped. `None` at end of stream.
+    /// `HANGUP` lines are counted and skipped, and so is `GOSUB`'s interim
+    /// `100 result=0 Trying...` (the final answer follows when the
+    /// subroutine returns). `None` at end of stream.
     async fn read_reply(&mut self) -> io::Result<Option<Replied>> {
         let mut block: Option<Vec<u8>> = None;
         loop {
@@ -117,6 +119,9 @@ impl Conn {
                 if line == b"HANGUP" {
                     self.log.hangups += 1;
                     self.stats.hangups.fetch_add(1, Relaxed);
+                    continue;
+                }
+                if block.is_none() && line.starts_with(b"100 ") {
                     continue;
                 }
                 let complete = match block.as_mut() {

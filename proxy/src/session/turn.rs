@@ -381,6 +381,13 @@ impl Turn {
             self.in_520 = true;
             return AsteriskLine::Other;
         }
+        if line.starts_with(b"100 ") {
+            // An interim answer: `GOSUB` says `100 result=0 Trying...`, runs
+            // the dialplan subroutine (a `Dial` may last hours, its socket
+            // unread), then answers `200 result=0 Gosub complete`. The
+            // command still runs: no deadline on the backend yet.
+            return AsteriskLine::Other;
+        }
         match std::mem::take(&mut self.pending) {
             Pending::Put(n) if line == b"200 result=0" || line.starts_with(b"200 result=0 ") => {
                 // Ready: the payload, then the final reply.
@@ -465,6 +472,35 @@ mod tests {
         );
         assert_eq!(
             t.on_asterisk_line(b"520 End of proper usage.\n"),
+            AsteriskLine::ReplyDone
+        );
+    }
+
+    /// `GOSUB` (app_stack.c) answers twice: `100 result=0 Trying...` when
+    /// the subroutine starts, `200 result=0 Gosub complete` when it returns.
+    /// Taken as the reply, the first put the backend on the clock for its
+    /// next command while the subroutine ran (audit: a subroutine past
+    /// `next_command` got the call failed and the backend hung up).
+    #[test]
+    fn an_interim_answer_is_not_the_reply() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"GOSUB sub s 1\n");
+        assert_eq!(
+            t.on_asterisk_line(b"100 result=0 Trying...\n"),
+            AsteriskLine::Other
+        );
+        assert!(t.asterisk_runs_command(), "the subroutine runs");
+        assert!(!t.backend_owes_command());
+        assert_eq!(t.on_asterisk_line(b"HANGUP\n"), AsteriskLine::Hangup);
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=0 Gosub complete\n"),
+            AsteriskLine::ReplyDone
+        );
+        assert!(t.backend_owes_command());
+        // A failed GOSUB answers once.
+        t.on_backend_line(b"GOSUB nowhere s 1\n");
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1 Gosub label not found\n"),
             AsteriskLine::ReplyDone
         );
     }

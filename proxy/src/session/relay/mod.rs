@@ -561,6 +561,15 @@ impl<'s> Relay<'s> {
             "telling Asterisk FAILURE after commit"
         );
         self.close_backend_politely().await;
+        if self.turn.asterisk_runs_command() && !self.a_eof && !self.a_shut && !self.a_dead {
+            // Given up while Asterisk runs a command (a stalled backend
+            // during an `EXEC Dial`): `SET VARIABLE` would go unanswered
+            // and, unsure it was heard, no FAILURE followed: a SUCCESS
+            // when the command returned (audit). A `failure` line is the
+            // next line Asterisk reads then.
+            self.failure_after_running_command(reason).await;
+            return RelayEnd::Failed(reason);
+        }
         // Not sure only where the module never answered an abandoned
         // payload (it may still read payload lines).
         let surely_waits = self.turn.backend_owes_command();
@@ -574,30 +583,40 @@ impl<'s> Relay<'s> {
             return self.fail(Reason::ShuttingDown).await;
         }
         self.shut_backend();
-        if self.turn.asterisk_runs_command() && a_open {
-            // Asterisk runs a command (an `EXEC Dial` may outlast any
-            // drain) and cannot answer `SET VARIABLE` now. A `failure`
-            // line waits in its socket and is the next line it reads when
-            // the command returns: FAILURE (without `AGIPROXY_ERROR`), so
-            // the dialplan's fallback runs, where a bare close reads as
-            // SUCCESS. (A command that watches the socket, `STREAM FILE`,
-            // stops at once, as it does at a close.)
-            let rest = std::mem::take(&mut self.a_out);
-            let a = &mut *self.a;
-            let told = tokio::time::timeout(Duration::from_millis(200), async {
-                a.write_all(&rest).await?;
-                a.write_all(b"failure\n").await
-            })
-            .await;
-            if matches!(told, Ok(Ok(()))) {
-                tracing::info!(
-                    reason = Reason::ShuttingDown.as_str(),
-                    "telling Asterisk FAILURE after its running command"
-                );
-                return RelayEnd::Failed(Reason::ShuttingDown);
-            }
+        if self.turn.asterisk_runs_command()
+            && a_open
+            && self
+                .failure_after_running_command(Reason::ShuttingDown)
+                .await
+        {
+            return RelayEnd::Failed(Reason::ShuttingDown);
         }
         RelayEnd::Aborted
+    }
+
+    /// Asterisk runs a command (an `EXEC Dial` may outlast any drain) and
+    /// cannot answer `SET VARIABLE` now. A `failure` line waits in its
+    /// socket and is the next line it reads when the command returns:
+    /// FAILURE (without `AGIPROXY_ERROR`), so the dialplan's fallback runs,
+    /// where a bare close reads as SUCCESS. (A command that watches the
+    /// socket, `STREAM FILE`, stops at once, as it does at a close.) Whether
+    /// the line was written.
+    async fn failure_after_running_command(&mut self, reason: Reason) -> bool {
+        let rest = std::mem::take(&mut self.a_out);
+        let a = &mut *self.a;
+        let told = tokio::time::timeout(Duration::from_millis(200), async {
+            a.write_all(&rest).await?;
+            a.write_all(b"failure\n").await
+        })
+        .await;
+        let told = matches!(told, Ok(Ok(())));
+        if told {
+            tracing::info!(
+                reason = reason.as_str(),
+                "telling Asterisk FAILURE after its running command"
+            );
+        }
+        told
     }
 
     async fn close_backend_politely(&mut self) {
@@ -720,6 +739,46 @@ mod tests {
             .expect("the half-close within 5 s")
             .unwrap();
         assert_eq!(got, b"of a long value)\nHANGUP\n");
+    }
+
+    /// Given up while Asterisk runs a command (a backend that stopped
+    /// taking replies during an `EXEC Dial`): Asterisk gets a `failure`
+    /// line to read when the command returns. `SET VARIABLE` there went
+    /// unanswered, no FAILURE followed, and the close read as SUCCESS.
+    #[tokio::test]
+    async fn a_failure_during_a_running_command_is_a_failure_line() {
+        let (mut asterisk, mut a) = pair().await;
+        let (mut backend, mut b) = pair().await;
+        let opts = RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command: Duration::from_secs(60),
+            forward_hangup: true,
+            keepalive: None,
+        };
+        let mut relay = Relay::new(&mut a, &mut b, opts);
+        relay.turn.on_backend_line(b"EXEC Dial PJSIP/100\n");
+        assert!(relay.turn.asterisk_runs_command());
+        let started = std::time::Instant::now();
+        let end = relay.fail(Reason::NextCommandTimeout).await;
+        assert!(matches!(end, RelayEnd::Failed(Reason::NextCommandTimeout)));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no 2 s wait for an answer"
+        );
+        drop(relay);
+        drop(a);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), asterisk.read_to_end(&mut got))
+            .await
+            .expect("closed within 5 s")
+            .unwrap();
+        assert_eq!(got, b"failure\n", "{:?}", String::from_utf8_lossy(&got));
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut got))
+            .await
+            .expect("the backend's half-close within 5 s")
+            .unwrap();
+        assert_eq!(got, b"HANGUP\n");
     }
 
     /// The guard of the early close: only an empty socket may be closed
