@@ -623,6 +623,45 @@ async fn a_long_command_is_not_cut() {
     assert!(started.elapsed() >= Duration::from_secs(5));
 }
 
+/// Asterisk bounds no reply line: `GET FULL VARIABLE ${CURL(...)}` or
+/// `${FILE(...)}`, or a variable set through AMI, answers hundreds of KB in
+/// one line. Such a line once ended its call (FAILURE and a reset: "Asterisk
+/// side sent a line over the limit", audit); it now passes whole, streamed
+/// past 8 KiB, and the turn goes on at its end.
+#[tokio::test]
+async fn a_long_reply_line_reaches_the_backend_whole() {
+    let value = "v".repeat(300_000);
+    let reply = format!("200 result=1 ({value})");
+    let b = FakeBackend::start(Behaviour::script(&[
+        "GET FULL VARIABLE ${BIG}",
+        "NOOP",
+        "GET FULL VARIABLE ${BIG}",
+    ]))
+    .await;
+    let p = proxy(&one_pool("round_robin", &[b.addr()], "")).await;
+    let answer = reply.clone();
+    let out = caller("x", "1.1")
+        .reply_with(move |c| {
+            if c.starts_with("GET FULL VARIABLE") {
+                // Written in one go: the proxy reads it in many pieces.
+                Reply::line(&answer)
+            } else {
+                Reply::ok()
+            }
+        })
+        .run(p.addr)
+        .await;
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    assert_eq!(out.commands.len(), 3, "{:?}", out.commands);
+    assert!(b.stats().wait_completed(1, Duration::from_secs(5)).await);
+    let replies = &b.stats().sessions()[0].replies;
+    assert_eq!(replies.len(), 3);
+    assert_eq!(replies[0], reply);
+    assert_eq!(replies[1], "200 result=0");
+    assert_eq!(replies[2], reply);
+}
+
 /// `GOSUB` answers `100 result=0 Trying...`, runs the dialplan subroutine
 /// (a `Dial` in it may last hours), then `200 result=0 Gosub complete`. The
 /// interim answer once put the backend on the clock for its next command:

@@ -143,7 +143,8 @@ async fn issue_12_endless_asterisk_reply_lines_are_bounded_and_calls_beside_them
     );
     // The attack took place (audit: attackers that never got their NOOP
     // looped without a word, and the bound held with no attack at all):
-    // lines cut off at the bound, and the attackers back again.
+    // lines cut off at the bound (a reply streams to the backend up to
+    // 16 MiB), and the attackers back again.
     assert!(pushed >= 4 * 1024 * 1024, "only {pushed} bytes pushed");
     assert!(connections > 4, "{connections} connections: none cut off");
     assert!(peak < 64 * 1024, "proxy peak RSS {peak} kB");

@@ -15,9 +15,10 @@ use crate::framing::ReadBuf;
 use crate::header::AgiHeader;
 use crate::soundfile;
 
-/// Replies longer than this are cut into several lines (a real reply is
-/// short; this only bounds memory against a broken peer).
-const MAX_REPLY_LINE: usize = 64 * 1024;
+/// Replies longer than this are cut into several lines (this only bounds
+/// memory against a broken peer: Asterisk bounds no reply, and `GET FULL
+/// VARIABLE` of a large value answers hundreds of KB in one line).
+const MAX_REPLY_LINE: usize = 4 << 20;
 
 /// A header that has not ended after this many bytes is refused.
 const MAX_HEADER: usize = 1 << 20;

@@ -409,6 +409,25 @@ impl Turn {
         }
     }
 
+    /// Whether `head`, the start of a line from Asterisk not ended yet, can
+    /// only be the reply to an ordinary command (not `HANGUP`, not part of
+    /// a `520-` block, not `GOSUB`'s interim answer, not a sound-file
+    /// transfer's): then its bytes may pass on before its end, which
+    /// [`long_reply_done`](Self::long_reply_done) marks.
+    pub fn streams_reply(&self, head: &[u8]) -> bool {
+        self.state == State::AsteriskOwesReply
+            && self.pending == Pending::Plain
+            && !self.in_520
+            && head.len() > b"HANGUP\r".len()
+            && !head.starts_with(b"520")
+            && !head.starts_with(b"100 ")
+    }
+
+    /// The end of a line [`streams_reply`](Self::streams_reply) allowed.
+    pub fn long_reply_done(&mut self) {
+        self.reply_done();
+    }
+
     fn reply_done(&mut self) -> AsteriskLine {
         self.state = State::BackendOwesCommand;
         self.pending = Pending::Plain;
@@ -503,6 +522,26 @@ mod tests {
             t.on_asterisk_line(b"200 result=-1 Gosub label not found\n"),
             AsteriskLine::ReplyDone
         );
+    }
+
+    /// Only a reply to an ordinary command may pass on before its end.
+    #[test]
+    fn only_an_ordinary_reply_streams() {
+        let long = |p: &[u8]| [p, &[b'x'; 64][..]].concat();
+        let mut t = Turn::default();
+        assert!(!t.streams_reply(&long(b"200 result=1 (")), "no command yet");
+        t.on_backend_line(b"GET FULL VARIABLE ${X}\n");
+        assert!(t.streams_reply(&long(b"200 result=1 (")));
+        assert!(!t.streams_reply(b"HANGUP\r"));
+        assert!(!t.streams_reply(&long(b"520-Invalid")));
+        assert!(!t.streams_reply(&long(b"100 result=0 Trying")));
+        t.long_reply_done();
+        assert!(t.backend_owes_command());
+        for cmd in [&b"PUT SOUNDFILE x.gsm 100\n"[..], b"GET SOUNDFILE x.gsm\n"] {
+            let mut t = Turn::default();
+            t.on_backend_line(cmd);
+            assert!(!t.streams_reply(&long(b"200 result=0 ")), "{cmd:?}");
+        }
     }
 
     #[test]

@@ -51,10 +51,21 @@ pub(crate) const MAX_COMMAND_LINE: usize = 16 * 1024;
 /// A base64 line of a `PUT SOUNDFILE` payload longer than this is refused
 /// (the known client and module write 76 characters a line).
 const MAX_PAYLOAD_LINE: usize = 64 * 1024;
-/// Longest line taken from Asterisk: a reply (a `GET VARIABLE` value
-/// included), one line of a `520-` block, or a base64 line of a
-/// `GET SOUNDFILE` payload. Real ones are far shorter.
+/// Longest line buffered from Asterisk: one line of a `520-` block, a
+/// base64 line of a `GET SOUNDFILE` payload, a line nobody asked for.
+/// Real ones are far shorter. An ordinary command's reply is not bound by
+/// it: past `STREAM_REPLY_AFTER` it is passed on as it comes.
 const MAX_ASTERISK_LINE: usize = 64 * 1024;
+/// An ordinary command's reply line longer than this passes to the backend
+/// as it comes instead of whole: Asterisk bounds none (`GET FULL VARIABLE
+/// ${CURL(...)}` or `${FILE(...)}`, a variable set through AMI: hundreds of
+/// KB), and buffering them would cost that much a session (audit: a 200 KB
+/// reply ended its call in FAILURE).
+const STREAM_REPLY_AFTER: usize = 8 * 1024;
+/// A streamed reply line longer than this ends the session as a line over
+/// `MAX_ASTERISK_LINE` does: no Asterisk answers 16 MiB in one line, and an
+/// endless line is no reply.
+const MAX_STREAMED_REPLY: u64 = 16 << 20;
 /// How long Asterisk's sound-file module gets to answer a `PUT SOUNDFILE`
 /// whose payload the backend abandoned (the module gives up after 10 s).
 const ABANDONED_PAYLOAD_WAIT: Duration = Duration::from_secs(15);
@@ -144,6 +155,12 @@ pub struct Relay<'s> {
     a_out: Vec<u8>,
     /// Asterisk's incomplete line.
     a_partial: Vec<u8>,
+    /// The reply line being read is long (over `STREAM_REPLY_AFTER`): its
+    /// bytes pass to the backend as they come, and its newline ends the
+    /// reply.
+    a_streaming: bool,
+    /// Bytes of the streamed reply line so far.
+    a_streamed: u64,
     /// Bytes for the backend that its socket has not taken yet.
     b_out: Vec<u8>,
     a_eof: bool,
@@ -159,7 +176,8 @@ pub struct Relay<'s> {
     a_done: bool,
     b_shut: bool,
     protocol_error: bool,
-    /// Asterisk sent a line over `MAX_ASTERISK_LINE`.
+    /// Asterisk sent a line over `MAX_ASTERISK_LINE` (a reply over
+    /// `MAX_STREAMED_REPLY`).
     a_protocol_error: bool,
     /// A `PUT SOUNDFILE` payload was abandoned: tell Asterisk FAILURE for
     /// this reason once its module has answered.
@@ -186,6 +204,8 @@ impl<'s> Relay<'s> {
             held: Vec::new(),
             a_out: Vec::new(),
             a_partial: Vec::new(),
+            a_streaming: false,
+            a_streamed: 0,
             b_out: Vec::new(),
             a_eof: false,
             a_dead: false,
@@ -240,16 +260,27 @@ impl<'s> Relay<'s> {
                 return Box::pin(self.fail(reason)).await;
             }
             if self.a_protocol_error {
+                let limit = if self.a_streaming {
+                    MAX_STREAMED_REPLY as usize
+                } else {
+                    MAX_ASTERISK_LINE
+                };
                 tracing::warn!(
                     peer = %peer_of(self.a),
-                    limit = MAX_ASTERISK_LINE,
+                    limit,
                     "Asterisk side sent a line over the limit: ending the session"
                 );
                 // No real Asterisk gets here, so no exchange (`SET
                 // VARIABLE` and its reply) that would keep reading a
-                // hostile stream: the backend is ended politely, the peer
-                // gets the FAILURE line and the close.
-                Box::pin(self.close_backend_politely()).await;
+                // hostile stream: the backend is ended politely (only
+                // closed when it holds part of a streamed line, which a
+                // `HANGUP` would be glued to), the peer gets the FAILURE
+                // line and the close.
+                if self.a_streaming {
+                    self.shut_backend();
+                } else {
+                    Box::pin(self.close_backend_politely()).await;
+                }
                 let _ = self.a.try_write(b"FAILURE\n");
                 return RelayEnd::Failed(Reason::AsteriskProtocol);
             }
@@ -509,6 +540,7 @@ impl<'s> Relay<'s> {
         {
             if self.turn.backend_owes_command()
                 && self.a_partial.is_empty()
+                && !self.a_streaming
                 && nothing_unread(self.a)
             {
                 // Asterisk owes nothing and has sent nothing: close now, as

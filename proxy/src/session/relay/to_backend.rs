@@ -40,6 +40,23 @@ impl Relay<'_> {
     }
 
     pub(super) fn ingest_asterisk(&mut self, mut data: &[u8]) {
+        if self.a_streaming {
+            let Some(nl) = memchr::memchr(b'\n', data) else {
+                self.a_streamed += data.len() as u64;
+                if self.a_streamed > MAX_STREAMED_REPLY {
+                    // `a_streaming` stays: the backend holds part of a line.
+                    self.a_protocol_error = true;
+                    return;
+                }
+                self.send_b(data);
+                return;
+            };
+            self.send_b(&data[..=nl]);
+            self.a_streaming = false;
+            self.turn.long_reply_done();
+            self.reply_done();
+            data = &data[nl + 1..];
+        }
         let mut head = std::mem::take(&mut self.a_partial);
         if !head.is_empty() {
             // `a_partial` holds no newline: only the new bytes can end the
@@ -60,11 +77,22 @@ impl Relay<'_> {
         self.check_asterisk_line();
     }
 
-    /// Asterisk's lines are short (a reply, a line of a `520-` block, a
-    /// base64 line of a `GET SOUNDFILE` payload): one that runs past
+    /// Asterisk's lines are short (a line of a `520-` block, a base64 line
+    /// of a `GET SOUNDFILE` payload): one that runs past
     /// [`MAX_ASTERISK_LINE`] is no FastAGI peer's, and buffering it would
-    /// let anyone who reaches the listener grow the proxy without bound.
+    /// let anyone who reaches the listener grow the proxy without bound. A
+    /// long reply to an ordinary command is the exception: past
+    /// [`STREAM_REPLY_AFTER`] it is streamed, bounded by `MAX_PENDING` like
+    /// any bytes for the backend.
     pub(super) fn check_asterisk_line(&mut self) {
+        if self.a_partial.len() > STREAM_REPLY_AFTER && self.turn.streams_reply(&self.a_partial) {
+            let line = std::mem::take(&mut self.a_partial);
+            self.send_b(&line);
+            self.a_streamed = line.len() as u64;
+            self.a_partial = recycle(line);
+            self.a_streaming = true;
+            return;
+        }
         if self.a_partial.len() > MAX_ASTERISK_LINE {
             self.a_partial = Vec::new();
             self.a_protocol_error = true;
