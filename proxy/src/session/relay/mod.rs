@@ -813,6 +813,53 @@ mod tests {
         assert_eq!(got, b"HANGUP\n");
     }
 
+    /// A sound-file payload flows while its receiver takes it, even when
+    /// the relay holds its sender back meanwhile: the deadline moves with
+    /// each write the receiver takes. It moved only on reads from the
+    /// sender, so a slow receiver (the sender held back) ran it out.
+    #[tokio::test]
+    async fn a_payload_taken_by_its_receiver_moves_the_deadline() {
+        let (_asterisk, mut a) = pair().await;
+        let (_backend, mut b) = pair().await;
+        let opts = RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command: Duration::from_secs(60),
+            forward_hangup: true,
+            keepalive: None,
+        };
+        let mut relay = Relay::new(&mut a, &mut b, opts);
+        let moved =
+            |relay: &Relay| relay.deadline.unwrap() > Instant::now() + Duration::from_secs(30);
+
+        // GET SOUNDFILE: Asterisk's payload, taken by the backend.
+        relay.turn.on_backend_line(b"GET SOUNDFILE x.gsm\n");
+        relay.turn.on_asterisk_line(b"200 result=0 size=1000000\n");
+        assert!(relay.turn.in_reply_payload());
+        relay.deadline = Some(Instant::now());
+        relay.b_out.extend_from_slice(&[b'A'; 1000]);
+        relay.flush_b();
+        assert!(relay.b_out.is_empty());
+        assert!(moved(&relay), "GET: the backend took payload");
+
+        // PUT SOUNDFILE: the backend's payload, taken by Asterisk.
+        relay.turn = Turn::default();
+        relay.turn.on_backend_line(b"PUT SOUNDFILE x.gsm 1000000\n");
+        relay.turn.on_asterisk_line(b"200 result=0\n");
+        assert!(relay.turn.in_payload());
+        relay.deadline = Some(Instant::now());
+        relay.a_out.extend_from_slice(&[b'A'; 1000]);
+        relay.flush_a();
+        assert!(relay.a_out.is_empty());
+        assert!(moved(&relay), "PUT: Asterisk took payload");
+
+        // Not for ordinary bytes.
+        relay.turn = Turn::default();
+        relay.deadline = Some(Instant::now());
+        relay.a_out.extend_from_slice(b"NOOP\n");
+        relay.flush_a();
+        assert!(!moved(&relay));
+    }
+
     /// The guard of the early close: only an empty socket may be closed
     /// with a FIN; bytes or a FIN waiting keep the half-close and drain.
     #[tokio::test]

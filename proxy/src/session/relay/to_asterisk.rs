@@ -320,6 +320,19 @@ impl Relay<'_> {
         match self.a.try_write(&self.a_out) {
             Ok(n) => {
                 self.a_out.drain(..n);
+                if n > 0
+                    && self.turn.in_payload()
+                    && !self.turn.dropping_payload()
+                    && !self.a_eof
+                    && self.pending_failure.is_none()
+                {
+                    // A `PUT SOUNDFILE` payload still flows while Asterisk
+                    // takes it: the backend is not read meanwhile (its lines
+                    // wait behind these), and its deadline must not run out
+                    // for a slow Asterisk (audit: a backend that had sent
+                    // everything got HANGUP).
+                    self.deadline = Some(Instant::now() + self.opts.next_command);
+                }
                 if self.a_out.is_empty() && self.a_out.capacity() > KEEP_CAPACITY {
                     self.a_out = Vec::new();
                 }

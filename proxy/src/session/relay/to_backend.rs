@@ -226,6 +226,14 @@ impl Relay<'_> {
         match self.b.try_write(&self.b_out) {
             Ok(n) => {
                 self.b_out.drain(..n);
+                if n > 0 && self.turn.in_reply_payload() && self.pending_failure.is_none() {
+                    // A `GET SOUNDFILE` payload still flows while the
+                    // backend takes it: Asterisk is not read once 256 KiB
+                    // wait, and its deadline must not run out for a slow
+                    // backend; the intake rule judges that one (audit: a
+                    // backend reading 20 KB/s failed in 0.7 s).
+                    self.deadline = Some(Instant::now() + self.opts.next_command);
+                }
                 if self.b_held_since.is_some() {
                     self.b_intake += n;
                     if self.b_intake >= BACKEND_MIN_INTAKE {
