@@ -178,6 +178,34 @@ impl crate::model::Config {
                 ));
             }
         }
+        // Replicas read each other's rollout counters (and, at start, the
+        // overrides they run) through the control API, with its token: a
+        // replica without either is never read, judgement sees every peer
+        // missing at each tick, and `ctl rollout` cannot reach it (audit:
+        // the blue-green walk-through's config had no control block).
+        let unreadable = if !self.control.enabled || self.control.address.is_none() {
+            Some("no control API listens on an address (control.address)")
+        } else if self.control.token.is_none() {
+            Some("the control API has no token (control.token_file or token_env): it answers 403")
+        } else {
+            None
+        };
+        if let Some(why) = unreadable {
+            for (i, r) in self.routes.iter().enumerate() {
+                let Some(ro) = r.rollout.as_deref() else {
+                    continue;
+                };
+                if ro.judge.peers != crate::model::Peers::None {
+                    out.push(format!(
+                        "routes[{i}].rollout.judge.peers ({}): the replicas read each other's \
+                         counters through the control API, and {why}: peers cannot read this \
+                         replica, nor `ctl rollout` act on it; give every replica the same \
+                         control: block with a token",
+                        r.name
+                    ));
+                }
+            }
+        }
         out
     }
 }

@@ -987,6 +987,14 @@ fn print(args: &CtlArgs, replies: &[Reply], converged: Option<&Convergence>) {
             [one] if hashes.len() == replies.len() => {
                 out!("configs: all {} replicas run {one}", replies.len())
             }
+            // One config among those that answered is no disagreement
+            // ("1 different" read as one: walkthrough).
+            [one] => out!(
+                "configs: the {} of {} replicas that answered run {one}; {} did not answer",
+                hashes.len(),
+                replies.len(),
+                replies.len() - hashes.len()
+            ),
             _ => out!(
                 "configs: {} different among the {} of {} replicas that answered ({})",
                 distinct.len(),
@@ -1111,7 +1119,7 @@ fn print_table(cmd: &CtlCommand, body: &serde_json::Value, several: bool) {
             }
         }
         CtlCommand::DrainReplica { .. } => {
-            out!("draining: listeners closed, calls in flight finish; `ctl status` shows what is left")
+            out!("draining: listeners closed, calls in flight finish, then the replica exits (at once if it has none); until then `ctl status` shows what is left")
         }
         CtlCommand::Rollout(RolloutCommand::Status { .. }) => {
             let Ok(list) = serde_json::from_value::<Vec<RolloutView>>(body.clone())

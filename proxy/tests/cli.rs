@@ -878,6 +878,39 @@ fn check_warns_about_a_config_without_routes() {
     assert!(warnings[0].contains("no_route"), "{stdout}");
 }
 
+/// A rollout that reads peers needs a control API with a token on every
+/// replica: without one, judgement finds every peer missing at each tick
+/// and `ctl rollout` cannot act (walkthrough: the blue-green example's
+/// config had no control block, and `check` said OK).
+#[test]
+fn check_warns_about_rollout_peers_without_a_readable_control_api() {
+    let body = |control: &str| {
+        format!(
+            "version: 1\n{control}routes:\n  - name: ivr\n    rollout: {{ from: blue, to: green, steps: [10, 100], step_duration: 5m, start: \"2026-12-06T09:00:00Z\", judge: {{ peers: [\"127.0.0.1:9090\"] }} }}\npools:\n  - name: blue\n    health: {{ type: agi, script: healthz }}\n    backends: [{{ address: \"127.0.0.1:5001\" }}]\n  - name: green\n    health: {{ type: agi, script: healthz }}\n    backends: [{{ address: \"127.0.0.1:5002\" }}]\n"
+        )
+    };
+    let peers_warnings = |name: &str, control: &str| {
+        let (out, stdout) = check_config(name, &body(control));
+        assert!(out.status.success(), "a warning is not an error: {stdout}");
+        stdout
+            .lines()
+            .filter(|l| l.contains("warning:") && l.contains("judge.peers"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let none = peers_warnings("nocontrol", "");
+    assert_eq!(none.len(), 1, "{none:?}");
+    assert!(none[0].contains("no control API listens"), "{none:?}");
+    let no_token = peers_warnings("notoken", "control: { address: \"127.0.0.1:9090\" }\n");
+    assert_eq!(no_token.len(), 1, "{no_token:?}");
+    assert!(no_token[0].contains("has no token"), "{no_token:?}");
+    let ok = peers_warnings(
+        "readable",
+        "control: { address: \"127.0.0.1:9090\", token_env: AGIPROXY_TEST_NO_SUCH_TOKEN }\n",
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+}
+
 /// A route's timeout overrides are printed under it: a key mistyped or put
 /// at the wrong level shows as missing (walkthrough: they were not shown).
 #[test]

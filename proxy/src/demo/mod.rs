@@ -152,7 +152,7 @@ pub async fn run(listen: Option<SocketAddr>, once: bool) -> anyhow::Result<()> {
         server.drain(Duration::from_secs(5)).await;
         return Ok(());
     }
-    say!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits; a second Ctrl-C stops at once.");
+    say!("Serving on {addr}. Point an Asterisk at it, e.g.\n  exten => 100,1,Set(AGIPROXY_ERROR=)\n         same => n,AGI(agi://{addr}/ivr/main?lang=de,1234)\n         same => n,Verbose(AGISTATUS=${{AGISTATUS}} ${{AGIPROXY_ERROR}})\nCtrl-C drains and exits; a second Ctrl-C stops at once.");
     signals.recv().await;
     say!("draining...");
     tokio::select! {
