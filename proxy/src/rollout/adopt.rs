@@ -84,8 +84,9 @@ pub fn names_peers(config: &Config) -> bool {
 /// mostly run the same one), fetched and parsed one at a time off the
 /// runtime: parses of large configs at once could take gigabytes, and one
 /// still running when the budget ends must not be followed by others. This
-/// replica's own address needs no care: its control port does not listen
-/// yet, so it refuses.
+/// replica's own address (an address of this host with its control port)
+/// is not asked: its control port does not listen yet, and its refusal was
+/// a WARN at every start (walkthrough).
 pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -> AtStart {
     let lists = peer_lists(config);
     if lists.is_empty() {
@@ -100,6 +101,9 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
                 addrs.push(a);
             }
         }
+    }
+    if let Some(own) = config.control.address {
+        addrs.retain(|a| !is_own(*a, own));
     }
     let no_answer = || format!("no answer within {budget:?}");
     let firsts = addrs.iter().map(|&addr| async move {
@@ -314,6 +318,17 @@ fn take_decision(
     }
 }
 
+/// Whether the peer `addr` is this replica, whose control API binds
+/// `own`: that address, or with `own` unspecified (`[::]:9090`, a pod's),
+/// its port on one of this host's addresses (only those can be bound; a
+/// bind with port 0 does no I/O and returns at once).
+fn is_own(addr: SocketAddr, own: SocketAddr) -> bool {
+    if !own.ip().is_unspecified() {
+        return addr == own;
+    }
+    addr.port() == own.port() && std::net::UdpSocket::bind((addr.ip(), 0)).is_ok()
+}
+
 /// Adds `carried` (read from `peer`) to `into`, each override once. Of
 /// final overrides (promote, rollback) of one route only the earliest is
 /// kept: a later one changes nothing once the first is in force.
@@ -420,6 +435,18 @@ mod tests {
 
     /// Adopted overrides are written as a reload writes carried ones: the
     /// file's routes in order, then time.
+    #[test]
+    fn this_replica_is_known_among_its_peers() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(is_own(at("127.0.0.1:9090"), at("127.0.0.1:9090")));
+        assert!(!is_own(at("127.0.0.2:9090"), at("127.0.0.1:9090")));
+        assert!(is_own(at("127.0.0.2:9090"), at("[::]:9090")));
+        assert!(is_own(at("[::1]:9090"), at("0.0.0.0:9090")));
+        assert!(!is_own(at("127.0.0.1:9091"), at("[::]:9090")));
+        // TEST-NET-3: never an address of this host.
+        assert!(!is_own(at("203.0.113.7:9090"), at("[::]:9090")));
+    }
+
     #[test]
     fn adopted_overrides_are_put_in_reload_order() {
         let config = agiproxy_config::from_yaml_str(TEXT).unwrap();
