@@ -686,19 +686,28 @@ async fn lookup_srv(
     priorities.dedup();
     let top = records.iter().map(|s| s.weight).max().unwrap_or(0);
     // Addresses from the additional section when the server sent them
-    // (Kubernetes does), else a lookup of the target: those at once.
+    // (Kubernetes does), else a lookup of the target: those at once. Looked
+    // up by name in a map made once: a scan of the section per target was
+    // quadratic (audit: 1,350 targets with a long shared suffix, 0.65 s of a
+    // runtime thread per lookup, every second with a TTL of 0).
+    let mut additionals: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for r in answer.additionals() {
+        if let Some(ip) = r.data.ip_addr() {
+            additionals
+                .entry(target_key(&r.name))
+                .or_default()
+                .push(ip.to_canonical());
+        }
+    }
     let additional = |target: &Name| -> Vec<IpAddr> {
-        answer
-            .additionals()
-            .iter()
-            .filter(|r| r.name.eq_ignore_root(target))
-            .filter_map(|r| r.data.ip_addr())
-            .map(|ip| ip.to_canonical())
-            .collect()
+        additionals
+            .get(&target_key(target))
+            .cloned()
+            .unwrap_or_default()
     };
     let mut to_ask: Vec<Name> = records
         .iter()
-        .filter(|srv| additional(&srv.target).is_empty())
+        .filter(|srv| !additionals.contains_key(&target_key(&srv.target)))
         .map(|srv| srv.target.clone())
         .collect();
     to_ask.sort();
