@@ -117,10 +117,26 @@ impl Client {
         headers: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
+        self.call_within(MAX_RESPONSE_BYTES, target, method, path, headers, body)
+            .await
+    }
+
+    /// [`call`](Self::call), reading at most `limit` bytes of the answer's
+    /// body (a smaller bound for answers that are small when they come from
+    /// an agiproxy: a peer's counters, its status).
+    pub async fn call_within(
+        &self,
+        limit: usize,
+        target: &Target,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
         let t = target.to_string();
         match tokio::time::timeout(
             self.timeout,
-            self.call_inner(target, method, path, headers, body),
+            self.call_inner(limit, target, method, path, headers, body),
         )
         .await
         {
@@ -134,6 +150,7 @@ impl Client {
 
     async fn call_inner(
         &self,
+        limit: usize,
         target: &Target,
         method: &str,
         path: &str,
@@ -166,7 +183,7 @@ impl Client {
             // Plain HTTP only: the file's permissions are the protection.
             Address::Unix(p) => {
                 let unix = UnixStream::connect(p).await.map_err(connect)?;
-                return send(TokioIo::new(unix), req, &t).await;
+                return send(TokioIo::new(unix), req, &t, limit).await;
             }
         };
         if target.https {
@@ -185,14 +202,19 @@ impl Client {
                     target: t.clone(),
                     msg: e.to_string(),
                 })?;
-            send(TokioIo::new(stream), req, &t).await
+            send(TokioIo::new(stream), req, &t, limit).await
         } else {
-            send(TokioIo::new(tcp), req, &t).await
+            send(TokioIo::new(tcp), req, &t, limit).await
         }
     }
 }
 
-async fn send<I>(io: I, req: hyper::Request<Full<Bytes>>, t: &str) -> Result<Response, ClientError>
+async fn send<I>(
+    io: I,
+    req: hyper::Request<Full<Bytes>>,
+    t: &str,
+    limit: usize,
+) -> Result<Response, ClientError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -218,14 +240,14 @@ where
         }
     };
     let status = resp.status().as_u16();
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+    let body = http_body_util::Limited::new(resp.into_body(), limit)
         .collect()
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ClientError::TooLarge {
                     target: t.to_string(),
-                    limit: MAX_RESPONSE_BYTES,
+                    limit,
                 }
             } else {
                 ClientError::Http {

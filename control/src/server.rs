@@ -71,13 +71,14 @@ pub const LIFETIME_IN_REQUEST_TIMEOUTS: u32 = 10;
 /// connection's slot at the cap (`evicted`, see [`Slots`]); or the client stopped taking its answers
 /// (no byte for `request_timeout`, or an answer not taken by the end of
 /// the connection's life).
-pub const REFUSED_REASONS: [&str; 6] = [
+pub const REFUSED_REASONS: [&str; 7] = [
     "tls_handshake",
     "tls_timeout",
     "connection_cap",
     "peer_cap",
     "evicted",
     "write_timeout",
+    "accept_failed",
 ];
 
 /// How the control API is served. At least one of `address` and `socket`.
@@ -334,8 +335,9 @@ impl ControlServer {
         let tcp = self.tcp.as_ref();
         let unix = self.unix.as_ref().map(|(l, _)| l);
         let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            tokio::select! {
+            let failed = tokio::select! {
                 _ = &mut shutdown => break,
                 r = accept_tcp(tcp) => match r {
                     Ok((stream, peer)) => {
@@ -343,8 +345,9 @@ impl ControlServer {
                             Some(slot) => self.spawn_tcp(stream, peer, slot),
                             None => drop(stream),
                         }
+                        None
                     }
-                    Err(e) => accept_failed(e).await,
+                    Err(e) => Some(e),
                 },
                 r = accept_unix(unix) => match r {
                     Ok(stream) => {
@@ -352,9 +355,18 @@ impl ControlServer {
                             Some(slot) => self.spawn_unix(stream, slot),
                             None => drop(stream),
                         }
+                        None
                     }
-                    Err(e) => accept_failed(e).await,
+                    Err(e) => Some(e),
                 },
+            };
+            match failed {
+                None => backoff = ACCEPT_BACKOFF_MIN,
+                Some(e) => {
+                    (self.refused)("accept_failed");
+                    accept_failed(e, backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
             }
         }
     }
@@ -477,9 +489,29 @@ fn spawn_in_slot(
     });
 }
 
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "control API accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// The pause after a failed accept (out of descriptors, most often),
+/// doubling while accepts fail: a fixed 50 ms was 20 WARN lines a second
+/// for as long as it lasted (audit).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+static ACCEPT_LINES: crate::throttle::Throttle = crate::throttle::Throttle::new(
+    Duration::from_secs(10),
+    1,
+    &["accept"],
+    Some(|total, _| {
+        tracing::warn!(
+            count = total,
+            "{total} more control API accepts failed in the last 10 s; see agiproxy_control_connections_refused_total{{reason=\"accept_failed\"}}"
+        )
+    }),
+);
+
+async fn accept_failed(e: std::io::Error, pause: Duration) {
+    if ACCEPT_LINES.admit("accept") {
+        tracing::warn!(error = %e, "control API accept failed (out of descriptors? see process_open_fds); pausing accepts briefly");
+    }
+    tokio::time::sleep(pause).await;
 }
 
 async fn accept_tcp(

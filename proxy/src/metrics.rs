@@ -146,7 +146,7 @@ impl Metrics {
         let control_refused = IntCounterVec::new(
             Opts::new(
                 "control_connections_refused_total",
-                "Control API connections closed by the server, by reason: tls_handshake (failed: no or a wrong client certificate, plain HTTP to the TLS port), tls_timeout (not finished within control.request_timeout), connection_cap (64 open already), peer_cap (16 open from that address or IPv6 /64 already), evicted (at the cap, an address holding at least two fewer took the slot of this address's oldest connection), write_timeout (the client took no byte of its answer for control.request_timeout, or had not taken it by the end of the connection's life)",
+                "Control API connections closed by the server, by reason: tls_handshake (failed: no or a wrong client certificate, plain HTTP to the TLS port), tls_timeout (not finished within control.request_timeout), connection_cap (64 open already), peer_cap (16 open from that address or IPv6 /64 already), evicted (at the cap, an address holding at least two fewer took the slot of this address's oldest connection), write_timeout (the client took no byte of its answer for control.request_timeout, or had not taken it by the end of the connection's life), accept_failed (the process could not take a connection: out of descriptors most often)",
             ),
             &["reason"],
         )

@@ -313,6 +313,49 @@ async fn a_flood_of_silent_connections_leaves_the_control_api_its_reserve() {
     }
 }
 
+/// With fewer descriptors than the control API's connection cap, held
+/// connections make its accepts fail (EMFILE): they are counted
+/// (`accept_failed`) and paused on, doubling, where a fixed 50 ms pause
+/// wrote 20 WARN lines a second with no metric (audit); and the API
+/// answers again once they are let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_control_accepts_are_counted_and_the_api_comes_back() {
+    let backend = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let proxy = start_proxy(&[backend.addr()], Some(48)).await;
+    // 96 from six addresses: 16 each, within an address's share.
+    let mut held = Vec::new();
+    for i in 0..96 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            connect_from(i, 6, proxy.control),
+        )
+        .await
+        {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        let m = get(proxy.control, "/metrics").await.map(|r| r.1);
+        let n = m.as_deref().and_then(|m| {
+            sample(
+                m,
+                "agiproxy_control_connections_refused_total{reason=\"accept_failed\"}",
+            )
+        });
+        match n {
+            Some(n) if n > 0.0 => break n,
+            _ if Instant::now() > deadline => panic!("failed accepts not counted: {m:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    eprintln!("control accepts failed at 48 descriptors: {failed}");
+    let (code, _) = get(proxy.control, "/healthz").await.expect("/healthz");
+    assert_eq!(code, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_12_idle_control_connections_are_capped() {
     let backend = FakeBackend::start(Behaviour::script(&["NOOP"])).await;

@@ -117,11 +117,17 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
         };
         let hash = async {
             let body = get_ok(access, addr, "/v1/status").await?;
-            let status: serde_json::Value =
+            // Only the hash, typed: a `Value` of the whole answer took 17
+            // times its size (audit).
+            #[derive(serde::Deserialize)]
+            struct Status {
+                hash: Option<String>,
+            }
+            let status: Status =
                 serde_json::from_slice(&body).map_err(|e| format!("{addr}: not a status: {e}"))?;
-            status["hash"]
-                .as_str()
-                .map(str::to_string)
+            status
+                .hash
+                .filter(|h| h.len() <= super::eval::PEER_FIELD_BYTES)
                 .ok_or_else(|| format!("{addr}: its status has no config hash"))
         };
         let (hash, views) = tokio::time::timeout_at(deadline, async {
@@ -296,6 +302,10 @@ fn take_decision(
     v: &RolloutView,
 ) {
     let Some(d) = &v.decision else { return };
+    if super::eval::overlong_decision(d).is_some() {
+        // Not an agiproxy's: not adopted, nor served on to the others.
+        return;
+    }
     let Some(route) = config.routes.iter().find(|r| r.name == v.route) else {
         return;
     };

@@ -238,6 +238,15 @@ impl PeerAccess {
     /// the last rotation is still accepted is asked again with that one: the
     /// peer's copy of the token file may not have changed yet.
     pub(crate) async fn get(&self, addr: SocketAddr, path: &str) -> Result<Response, ClientError> {
+        // Counters, status and rollouts are a few KB from an agiproxy; only
+        // the config text can be large. A peer is whatever answers at its
+        // address (a DNS name's answer, over plain HTTP maybe): 60 MB of
+        // status once took a starting replica to 1 GB (audit).
+        let limit = if path == "/v1/config" {
+            agiproxy_control::client::MAX_RESPONSE_BYTES
+        } else {
+            PEER_ANSWER_BYTES
+        };
         let target = self.target(addr);
         if self.unverifiable {
             return Err(ClientError::Tls {
@@ -250,13 +259,13 @@ impl PeerAccess {
         let current = self.token.as_ref().map(|t| t.current());
         let r = self
             .client(current)
-            .call(&target, "GET", path, &[], None)
+            .call_within(limit, &target, "GET", path, &[], None)
             .await;
         let previous = self.token.as_ref().and_then(|t| t.previous());
         match (&r, previous) {
             (Ok(resp), Some(old)) if resp.status == 401 => {
                 self.client(Some(old))
-                    .call(&target, "GET", path, &[], None)
+                    .call_within(limit, &target, "GET", path, &[], None)
                     .await
             }
             _ => r,
@@ -273,6 +282,46 @@ impl PeerAccess {
                     .unwrap_or_else(|| addr.ip().to_string()),
             ),
         }
+    }
+}
+
+/// The most read of a peer's answer other than its config text: its
+/// counters (`/v1/rollouts/{route}/counts`), status and rollouts, a few KB
+/// each from an agiproxy (a thousand rollouts' views fit).
+pub const PEER_ANSWER_BYTES: usize = 4 << 20;
+
+/// The longest string taken from a peer's answer (a decision's reason and
+/// source, an identity, a split key, a replica id): an agiproxy's are far
+/// shorter. A longer one was adopted, served on to every other replica and
+/// logged at every tick (audit: 52 MB of log in 13 s).
+pub const PEER_FIELD_BYTES: usize = 1024;
+
+/// The first field of a peer's answer longer than [`PEER_FIELD_BYTES`].
+pub fn overlong_field(t: &RolloutTick) -> Option<&'static str> {
+    let long = |s: &str| s.len() > PEER_FIELD_BYTES;
+    let opt = |s: &Option<String>| s.as_deref().is_some_and(long);
+    if long(&t.replica) {
+        Some("replica")
+    } else if opt(&t.identity) {
+        Some("identity")
+    } else if opt(&t.split_key) {
+        Some("split_key")
+    } else {
+        t.decision.as_ref().and_then(overlong_decision)
+    }
+}
+
+/// The first field of a peer's decision longer than [`PEER_FIELD_BYTES`].
+pub fn overlong_decision(d: &agiproxy_control::api::RolloutDecisionView) -> Option<&'static str> {
+    let long = |s: &str| s.len() > PEER_FIELD_BYTES;
+    if long(&d.reason) {
+        Some("decision.reason")
+    } else if long(&d.source) {
+        Some("decision.source")
+    } else if long(&d.at) {
+        Some("decision.at")
+    } else {
+        None
     }
 }
 
@@ -359,7 +408,13 @@ pub(crate) async fn peers(list: &Peers) -> Vec<SocketAddr> {
         Peers::None => Vec::new(),
         Peers::Static(list) => list.clone(),
         Peers::Dns { target, dns } => {
-            let found = match crate::pool::discovery::resolver(dns) {
+            // Built off the runtime's threads: it reads /etc/hosts (and
+            // /etc/resolv.conf without `nameservers`), at every tick.
+            let d = dns.clone();
+            let built = tokio::task::spawn_blocking(move || crate::pool::discovery::resolver(&d))
+                .await
+                .unwrap_or_else(|e| Err(format!("cannot build a resolver: {e}")));
+            let found = match built {
                 Ok(r) => crate::pool::discovery::lookup(&r, target, dns).await,
                 Err(e) => Err(e),
             };
@@ -416,7 +471,15 @@ async fn evaluate(
     for (addr, answer, sent, received) in answers {
         let tick: RolloutTick = match answer {
             Ok(Ok(resp)) if resp.status == 200 => match serde_json::from_slice(&resp.body) {
-                Ok(t) => t,
+                Ok(t) => match overlong_field(&t) {
+                    None => t,
+                    Some(field) => {
+                        missing.push(format!(
+                            "{addr}: its answer's {field} is over {PEER_FIELD_BYTES} bytes (not an agiproxy?)"
+                        ));
+                        continue;
+                    }
+                },
                 Err(e) => {
                     missing.push(format!("{addr}: {e}"));
                     continue;
@@ -713,6 +776,62 @@ mod tests {
             let off = clock_offset(theirs, START_MS, START_MS + 100);
             assert!(off.checked_abs().is_some(), "{theirs}: {off}");
         }
+    }
+
+    /// What a peer answers is bounded before it is parsed (4 MiB but for
+    /// its config text) and its strings after (1 KiB): 60 MB of status once
+    /// took a starting replica to 1 GB, and a 5 MB decision reason was
+    /// adopted, served on to every replica and logged at every tick (audit).
+    #[tokio::test]
+    async fn a_peers_answer_is_bounded_in_bytes_and_in_its_strings() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = vec![b'0'; PEER_ANSWER_BYTES + 1];
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(&body).await;
+                });
+            }
+        });
+        let access = PeerAccess::plain(None);
+        match access.get(addr, "/v1/status").await {
+            Err(ClientError::TooLarge { limit, .. }) => assert_eq!(limit, PEER_ANSWER_BYTES),
+            other => panic!("{:?}", other.map(|r| r.status)),
+        }
+        let config = access.get(addr, "/v1/config").await.unwrap();
+        assert_eq!(
+            config.body.len(),
+            PEER_ANSWER_BYTES + 1,
+            "a config text may be large"
+        );
+
+        let peer = live("ivr", BASE, None);
+        assert!(peer.decide(rollback(START_MS + 75_000)));
+        let mut t = tick_view(&peer, 3, "agi_uniqueid");
+        assert_eq!(overlong_field(&t), None);
+        t.decision.as_mut().unwrap().reason = "x".repeat(PEER_FIELD_BYTES + 1);
+        assert_eq!(overlong_field(&t), Some("decision.reason"));
+        let mut t = tick_view(&peer, 3, &"k".repeat(PEER_FIELD_BYTES + 1));
+        assert_eq!(overlong_field(&t), Some("split_key"));
+        t.split_key = None;
+        t.replica = "r".repeat(PEER_FIELD_BYTES + 1);
+        assert_eq!(overlong_field(&t), Some("replica"));
     }
 
     /// The auditor's case: after a judged rollback the operator declares a
