@@ -408,7 +408,10 @@ impl<'s> Relay<'s> {
     /// bound on the backend's linger; after an abandoned payload, a bound
     /// on the module's answer.
     fn active_deadline(&self) -> Option<Instant> {
-        if self.a_eof || self.pending_failure.is_some() {
+        if self.a_eof
+            || self.pending_failure.is_some()
+            || (self.a_shut && self.b_eof && self.turn.backend_owes_command())
+        {
             return self.deadline;
         }
         let d = if self.turn.in_reply_payload()
@@ -554,6 +557,13 @@ impl<'s> Relay<'s> {
             }
             self.a_shut = true;
             shutdown_write(self.a);
+            if self.turn.backend_owes_command() {
+                // Asterisk owes nothing: its end-of-session `HANGUP` and
+                // close come at once, from a live Asterisk. One whose host
+                // vanished just then held the session for ever (audit):
+                // no command runs, so no keepalive.
+                self.deadline = Some(Instant::now() + self.opts.next_command);
+            }
         }
         None
     }
@@ -858,6 +868,34 @@ mod tests {
         relay.a_out.extend_from_slice(b"NOOP\n");
         relay.flush_a();
         assert!(!moved(&relay));
+    }
+
+    /// Half-closed towards an Asterisk that owes nothing (the backend
+    /// closed while Asterisk's bytes waited unread), the session waits for
+    /// its close at most `next_command`: an Asterisk whose host vanished
+    /// then held it for ever.
+    #[tokio::test]
+    async fn a_half_closed_asterisk_that_never_closes_is_let_go() {
+        let (mut asterisk, mut a) = pair().await;
+        let (backend, mut b) = pair().await;
+        let opts = RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command: Duration::from_millis(300),
+            forward_hangup: true,
+            keepalive: None,
+        };
+        // Asterisk's bytes wait (a partial line), then the backend closes.
+        asterisk.write_all(b"HANG").await.unwrap();
+        drop(backend);
+        let mut relay = Relay::new(&mut a, &mut b, opts);
+        let cut = crate::drain::Cut::default();
+        let started = std::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(5), relay.run(&cut))
+            .await
+            .expect("the session ends");
+        assert!(matches!(end, RelayEnd::Closed));
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(relay.a_shut, "half-closed first");
     }
 
     /// The guard of the early close: only an empty socket may be closed
