@@ -21,11 +21,12 @@ use crate::tls::{connector, ClientTls};
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// One replica's control API (its control.address), e.g.
+    /// A replica's control API (its control.address), e.g.
     /// http://127.0.0.1:4574 or https://host:4574. There is no default: the
-    /// control API has no default port.
+    /// control API has no default port. Given again, several replicas are
+    /// acted on as with --cluster (one time for a rollout action on all).
     #[arg(long, conflicts_with_all = ["cluster", "socket"], global = true)]
-    pub url: Option<String>,
+    pub url: Vec<String>,
     /// One replica's control socket (its control.socket), on this host: no
     /// token needed, the file's permissions are the credential.
     #[arg(long, value_name = "PATH", conflicts_with = "cluster", global = true)]
@@ -691,28 +692,32 @@ fn understood(cmd: &CtlCommand, mut r: Reply) -> Reply {
 }
 
 async fn targets<R: ClusterResolver>(args: &CtlArgs, resolver: &R) -> Result<Vec<Target>, String> {
-    let spec = match (&args.cluster, &args.socket, &args.url) {
+    let spec = match (&args.cluster, &args.socket, args.url.as_slice()) {
         (Some(spec), _, _) => spec,
         (None, Some(path), _) => return Ok(vec![Target::socket(path.clone())]),
-        (None, None, Some(url)) => {
-            // A host name is looked up by the system's resolver, which
-            // blocks: off this thread, and within --timeout (review).
-            let u = url.clone();
-            let found = tokio::time::timeout(
-                args.timeout,
-                tokio::task::spawn_blocking(move || target_from_url(&u)),
-            )
-            .await
-            .map_err(|_| {
-                format!(
-                    "--url {url}: no address within {:?} (--timeout)",
-                    args.timeout
+        (None, None, urls @ [_, ..]) => {
+            let mut targets = Vec::with_capacity(urls.len());
+            for url in urls {
+                // A host name is looked up by the system's resolver, which
+                // blocks: off this thread, and within --timeout (review).
+                let u = url.clone();
+                let found = tokio::time::timeout(
+                    args.timeout,
+                    tokio::task::spawn_blocking(move || target_from_url(&u)),
                 )
-            })?
-            .map_err(|e| format!("--url {url}: {e}"))?;
-            return Ok(vec![found?]);
+                .await
+                .map_err(|_| {
+                    format!(
+                        "--url {url}: no address within {:?} (--timeout)",
+                        args.timeout
+                    )
+                })?
+                .map_err(|e| format!("--url {url}: {e}"))?;
+                targets.push(found?);
+            }
+            return Ok(targets);
         }
-        (None, None, None) => {
+        (None, None, []) => {
             return Err(
                 "say which replica: --url http://HOST:PORT (its control.address), \
                  --socket PATH (its control.socket) or --cluster dns:NAME:PORT"

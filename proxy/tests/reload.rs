@@ -556,6 +556,27 @@ async fn ctl_rollout_actions_converge_on_the_rollout_when_the_configs_differ() {
     assert_eq!(states.len(), 3, "{doc}");
     assert!(states.iter().all(|s| *s == states[0]), "{doc}");
     assert!(states[0].contains(", resume in force from "), "{doc}");
+    // Without DNS, `--url` again and again names the replicas: one time
+    // for all of them, and convergence checked (walkthrough: only one
+    // `--url` was taken, and an action per replica wrote a time each).
+    let urls: Vec<String> = (0..3).map(|i| c.api(i)).collect();
+    let out = ctl(&[
+        "--url", &urls[0], "--url", &urls[1], "--url", &urls[2], "rollout", "pause", "ivr",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("converged: all 3 replicas run rollout ivr "),
+        "{stdout}"
+    );
+    // One config among those that answered is no difference.
+    let out = ctl(&["--url", &urls[0], "--url", "http://127.0.0.1:1", "status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("configs: the 1 of 2 replicas that answered run ")
+            && stdout.contains("; 1 did not answer"),
+        "{stdout}"
+    );
     // Its own file sent whole through the API (`ctl config apply`) drops
     // the overrides written through `ctl rollout`, where a reload from the
     // file keeps them: taken, but said on stderr, naming each (before,
