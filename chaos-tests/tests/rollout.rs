@@ -621,8 +621,11 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     dns.set_srv("_control._tcp.agiproxy.test", &records, 1);
     dns.set_addrs("replica.agiproxy.test", &["127.0.0.1".parse().unwrap()], 1);
     let start = now_ms() + 300;
+    // Steps long enough, and a minimum low enough, that step 1 (10 %) is
+    // judged on a loaded CI host too: at 1.5 s and 5 sessions a colour it
+    // once saw 1 green session and never judged (CI, under parallel builds).
     let rollout = format!(
-        "      from: blue\n      to: green\n      steps: [10, 50, 100]\n      step_duration: 1500ms\n      start: \"{}\"\n      judge: {{ interval: 500ms, min_sessions: 5, peers: \"dns:_control._tcp.agiproxy.test\" }}\n",
+        "      from: blue\n      to: green\n      steps: [10, 50, 100]\n      step_duration: 2500ms\n      start: \"{}\"\n      judge: {{ interval: 500ms, min_sessions: 3, peers: \"dns:_control._tcp.agiproxy.test\" }}\n",
         agiproxy_config::format_ms(start),
     );
     let text = config(&rollout, blue.addr(), green.addr()).replacen(
@@ -646,7 +649,7 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     let long_addr = rs[1].addr;
     let long = tokio::spawn(async move {
         caller("ivr/long", &uid)
-            .exec_takes(Duration::from_millis(10_000))
+            .exec_takes(Duration::from_millis(12_000))
             .run(long_addr)
             .await
     });
@@ -705,7 +708,7 @@ async fn healthy_green_is_promoted_and_blue_finishes_its_calls_and_gets_no_new_o
     assert_eq!(view(&rs[0]).await.active_blue, 0);
     // Keys carry whole seconds: a call made in the second promotion began
     // counts at that second's start, under the step before.
-    while now_ms() < start + 3 * 1500 + 1000 {
+    while now_ms() < start + 3 * 2500 + 1000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(view(&rs[1]).await.active_blue, 1);

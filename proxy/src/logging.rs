@@ -98,6 +98,8 @@ pub fn dropped_lines() -> u64 {
 
 static PANICS: AtomicU64 = AtomicU64::new(0);
 
+const WRITER_THREAD: &str = "agiproxy-log";
+
 /// Panics so far (`agiproxy_panics_total`): each is a bug. A session's
 /// ends that call; a health check's is a failed check; either way the
 /// process goes on, so without a count nobody would know.
@@ -127,6 +129,11 @@ fn log_panics() {
             std::backtrace::BacktraceStatus::Captured => backtrace.to_string(),
             _ => "set RUST_BACKTRACE=1 for one".to_string(),
         };
+        if thread.name() == Some(WRITER_THREAD) {
+            // The writer itself: a line queued for it would never go out.
+            eprintln!("agiproxy: panic in the log writer at {location}: {what} (log lines from now on are lost)\n{backtrace}");
+            return;
+        }
         tracing::error!(
             what,
             location,
@@ -150,7 +157,7 @@ pub fn init(format: LogFormat, default_filter: &str, buffer_lines: usize) -> Log
     let writer = {
         let queue = Arc::clone(&queue);
         thread::Builder::new()
-            .name("agiproxy-log".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || queue.write_out(std::io::stderr()))
             .expect("spawning the log writer thread")
     };

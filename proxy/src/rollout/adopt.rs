@@ -103,7 +103,8 @@ pub async fn ask_peers(config: &Config, access: &PeerAccess, budget: Duration) -
         }
     }
     if let Some(own) = config.control.address {
-        addrs.retain(|a| !is_own(*a, own));
+        let host = host_addresses();
+        addrs.retain(|a| !is_own(*a, own, &host));
     }
     let no_answer = || format!("no answer within {budget:?}");
     let firsts = addrs.iter().map(|&addr| async move {
@@ -330,13 +331,28 @@ fn take_decision(
 
 /// Whether the peer `addr` is this replica, whose control API binds
 /// `own`: that address, or with `own` unspecified (`[::]:9090`, a pod's),
-/// its port on one of this host's addresses (only those can be bound; a
-/// bind with port 0 does no I/O and returns at once).
-fn is_own(addr: SocketAddr, own: SocketAddr) -> bool {
+/// its port on a loopback address or one of `host`'s, in a family `own`
+/// takes (`[::]` takes IPv4 too, `0.0.0.0` not IPv6). Not "any address a
+/// socket can bind": with `ip_nonlocal_bind` (keepalived hosts) that is
+/// every address, and every peer would have been taken for this one
+/// (review).
+fn is_own(addr: SocketAddr, own: SocketAddr, host: &[std::net::IpAddr]) -> bool {
     if !own.ip().is_unspecified() {
         return addr == own;
     }
-    addr.port() == own.port() && std::net::UdpSocket::bind((addr.ip(), 0)).is_ok()
+    let ip = addr.ip().to_canonical();
+    if own.is_ipv4() && ip.is_ipv6() {
+        return false;
+    }
+    addr.port() == own.port() && (ip.is_loopback() || host.contains(&ip))
+}
+
+/// This host's interface addresses (none when they cannot be read: then
+/// only loopback peers are known as this replica).
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    if_addrs::get_if_addrs()
+        .map(|ifs| ifs.iter().map(|i| i.ip().to_canonical()).collect())
+        .unwrap_or_default()
 }
 
 /// Adds `carried` (read from `peer`) to `into`, each override once. Of
@@ -448,13 +464,21 @@ mod tests {
     #[test]
     fn this_replica_is_known_among_its_peers() {
         let at = |s: &str| s.parse::<SocketAddr>().unwrap();
-        assert!(is_own(at("127.0.0.1:9090"), at("127.0.0.1:9090")));
-        assert!(!is_own(at("127.0.0.2:9090"), at("127.0.0.1:9090")));
-        assert!(is_own(at("127.0.0.2:9090"), at("[::]:9090")));
-        assert!(is_own(at("[::1]:9090"), at("0.0.0.0:9090")));
-        assert!(!is_own(at("127.0.0.1:9091"), at("[::]:9090")));
-        // TEST-NET-3: never an address of this host.
-        assert!(!is_own(at("203.0.113.7:9090"), at("[::]:9090")));
+        let host = host_addresses();
+        let own = |a: &str, o: &str| is_own(at(a), at(o), &host);
+        assert!(own("127.0.0.1:9090", "127.0.0.1:9090"));
+        assert!(!own("127.0.0.2:9090", "127.0.0.1:9090"));
+        assert!(own("127.0.0.2:9090", "[::]:9090"));
+        assert!(own("[::1]:9090", "[::]:9090"));
+        assert!(!own("[::1]:9090", "0.0.0.0:9090"), "0.0.0.0 takes no IPv6");
+        assert!(!own("127.0.0.1:9091", "[::]:9090"));
+        // TEST-NET-3: never an address of this host, bindable or not.
+        assert!(!own("203.0.113.7:9090", "[::]:9090"));
+        // An interface address of this host, with the port.
+        let first = host.iter().find(|ip| !ip.is_loopback()).copied();
+        if let Some(ip) = first {
+            assert!(is_own(SocketAddr::new(ip, 9090), at("[::]:9090"), &host));
+        }
     }
 
     #[test]

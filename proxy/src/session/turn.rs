@@ -47,6 +47,10 @@ enum Pending {
     Put(u64),
     /// `GET SOUNDFILE`: `200 result=0 size=N` starts Asterisk's payload.
     Get,
+    /// A `PUT SOUNDFILE` payload given up: the module still owes its final
+    /// answer, and may take lines as payload until it gives up itself (no
+    /// ordinary command runs: a `failure` line would be read as payload).
+    Abandoned,
 }
 
 #[derive(Debug, Default)]
@@ -295,7 +299,10 @@ impl Turn {
     /// module sends when it gives up waiting.
     pub fn abandon_payload(&mut self) {
         self.state = match self.state {
-            State::CommandPayload(_) => State::AsteriskOwesReply,
+            State::CommandPayload(_) => {
+                self.pending = Pending::Abandoned;
+                State::AsteriskOwesReply
+            }
             State::DropPayload(_) => State::BackendOwesCommand,
             s => s,
         };
@@ -742,6 +749,25 @@ mod tests {
         t.on_backend_line(b"PUT  SOUNDFILE x.gsm 3\n");
         t.on_asterisk_line(b"200 result=0\n");
         assert!(t.in_payload());
+    }
+
+    /// The module of an abandoned payload is no ordinary command: a
+    /// `failure` line left for it would be read as payload (review).
+    #[test]
+    fn an_abandoned_payload_is_no_running_command() {
+        let mut t = Turn::default();
+        t.on_backend_line(b"PUT SOUNDFILE x.gsm 100\n");
+        t.on_asterisk_line(b"200 result=0\n");
+        assert!(t.in_payload());
+        t.abandon_payload();
+        assert!(t.asterisk_owes_reply());
+        assert!(!t.asterisk_runs_command());
+        assert!(!t.streams_reply(&[b'2'; 64]));
+        assert_eq!(
+            t.on_asterisk_line(b"200 result=-1\n"),
+            AsteriskLine::ReplyDone
+        );
+        assert!(t.backend_owes_command());
     }
 
     #[test]

@@ -161,6 +161,12 @@ pub struct Relay<'s> {
     a_streaming: bool,
     /// Bytes of the streamed reply line so far.
     a_streamed: u64,
+    /// When Asterisk last sent bytes of a line it has not ended (or, held
+    /// back, when the backend last took some): Asterisk writes a line in
+    /// one go, and truncates one it cannot write within 100 ms
+    /// (fastagi-protocol.md), so a line that stops is over, and the session
+    /// would wait for its end for ever.
+    a_line_at: Option<Instant>,
     /// Bytes for the backend that its socket has not taken yet.
     b_out: Vec<u8>,
     a_eof: bool,
@@ -206,6 +212,7 @@ impl<'s> Relay<'s> {
             a_partial: Vec::new(),
             a_streaming: false,
             a_streamed: 0,
+            a_line_at: None,
             b_out: Vec::new(),
             a_eof: false,
             a_dead: false,
@@ -357,6 +364,19 @@ impl<'s> Relay<'s> {
                         self.give_up_stalled_backend();
                         continue;
                     }
+                    if self
+                        .asterisk_line_deadline()
+                        .is_some_and(|d| d <= Instant::now())
+                    {
+                        // Cut off (Asterisk truncates a line it cannot write
+                        // in 100 ms): it waits for a command now, the
+                        // backend for the rest of the line.
+                        tracing::warn!(
+                            peer = %peer_of(self.a),
+                            "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
+                        );
+                        return Box::pin(self.fail(Reason::AsteriskProtocol)).await;
+                    }
                     if self.keepalive_at.is_some() {
                         // Asterisk has run this command long enough.
                         self.keep_alive();
@@ -421,13 +441,28 @@ impl<'s> Relay<'s> {
         } else {
             self.keepalive_at
         };
-        match self.b_held_since {
+        let d = match self.b_held_since {
             Some(since) => {
                 let stalled = since + self.intake_window();
                 Some(d.map_or(stalled, |d| d.min(stalled)))
             }
             None => d,
+        };
+        match self.asterisk_line_deadline() {
+            Some(line) => Some(d.map_or(line, |d| d.min(line))),
+            None => d,
         }
+    }
+
+    /// When Asterisk's unfinished line counts as cut off: `next_command`
+    /// after its last bytes, while Asterisk is read (not while the relay
+    /// holds it back for the backend: that silence is the relay's).
+    fn asterisk_line_deadline(&self) -> Option<Instant> {
+        let at = self.a_line_at?;
+        // Not once half-closed towards it: its close is all that is waited
+        // for then, within its own bound.
+        (!self.a_shut && self.want_read_a() && (self.a_streaming || !self.a_partial.is_empty()))
+            .then(|| at + self.opts.next_command)
     }
 
     /// Starts the backend's intake clock when Asterisk is held back for it,
@@ -666,12 +701,15 @@ impl<'s> Relay<'s> {
             return;
         }
         // What the backend's socket had not taken yet (the rest of a reply)
-        // goes first: `HANGUP` never lands inside a cut reply.
+        // goes first: `HANGUP` never lands inside a cut reply. Nor after
+        // part of a streamed one, which it would end (`...vvvHANGUP`): the
+        // backend then gets the close alone.
         let rest = std::mem::take(&mut self.b_out);
+        let hangup: &[u8] = if self.a_streaming { b"" } else { b"HANGUP\n" };
         let b = &mut *self.b;
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
             b.write_all(&rest).await?;
-            b.write_all(b"HANGUP\n").await
+            b.write_all(hangup).await
         })
         .await;
         self.shut_backend();
@@ -862,12 +900,69 @@ mod tests {
         assert!(relay.a_out.is_empty());
         assert!(moved(&relay), "PUT: Asterisk took payload");
 
-        // Not for ordinary bytes.
+        // The tail of a payload or of a long reply, left for the backend
+        // when its reply was complete: the backend's clock for its next
+        // command starts once it has taken it (review).
         relay.turn = Turn::default();
+        assert!(relay.turn.backend_owes_command());
+        relay.deadline = Some(Instant::now());
+        relay.b_out.extend_from_slice(&[b'A'; 1000]);
+        relay.flush_b();
+        assert!(moved(&relay), "the backend took the reply's tail");
+
+        // Not for a command on its way to Asterisk.
         relay.deadline = Some(Instant::now());
         relay.a_out.extend_from_slice(b"NOOP\n");
         relay.flush_a();
         assert!(!moved(&relay));
+    }
+
+    /// A line from Asterisk that stops before its end is over (Asterisk
+    /// cuts a line it cannot write within 100 ms, and then waits for a
+    /// command): the session ends `next_command` later, Asterisk told
+    /// FAILURE. It waited for the line's end for ever (review).
+    #[tokio::test]
+    async fn a_line_from_asterisk_that_stops_before_its_end_ends_the_session() {
+        let (mut asterisk, mut a) = pair().await;
+        let (mut backend, mut b) = pair().await;
+        let opts = RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command: Duration::from_millis(300),
+            forward_hangup: true,
+            keepalive: None,
+        };
+        let mut relay = Relay::new(&mut a, &mut b, opts);
+        relay.turn.on_backend_line(b"GET FULL VARIABLE ${X}\n");
+        // A long reply (streamed), cut off.
+        let mut cut = b"200 result=1 (".to_vec();
+        cut.resize(20_000, b'v');
+        asterisk.write_all(&cut).await.unwrap();
+        let cut_off = crate::drain::Cut::default();
+        let end = tokio::time::timeout(Duration::from_secs(5), relay.run(&cut_off))
+            .await
+            .expect("the session ends");
+        assert!(matches!(end, RelayEnd::Failed(Reason::AsteriskProtocol)));
+        drop(relay);
+        drop(a);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), asterisk.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"failure\n");
+        // The backend got the line as far as it came, and no HANGUP glued
+        // to it.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got,
+            cut,
+            "{:?}",
+            String::from_utf8_lossy(&got[got.len().saturating_sub(20)..])
+        );
     }
 
     /// Half-closed towards an Asterisk that owes nothing (the backend

@@ -27,6 +27,8 @@ impl Relay<'_> {
             }
             Some(Ok(_)) => {
                 self.ingest_asterisk(buf.filled());
+                self.a_line_at =
+                    (self.a_streaming || !self.a_partial.is_empty()).then(Instant::now);
                 if self.turn.in_reply_payload() && self.pending_failure.is_none() {
                     // A flowing `GET SOUNDFILE` payload pushes the deadline
                     // on; one that stops is bounded like any silence. (Not
@@ -226,13 +228,22 @@ impl Relay<'_> {
         match self.b.try_write(&self.b_out) {
             Ok(n) => {
                 self.b_out.drain(..n);
-                if n > 0 && self.turn.in_reply_payload() && self.pending_failure.is_none() {
-                    // A `GET SOUNDFILE` payload still flows while the
-                    // backend takes it: Asterisk is not read once 256 KiB
-                    // wait, and its deadline must not run out for a slow
-                    // backend; the intake rule judges that one (audit: a
-                    // backend reading 20 KB/s failed in 0.7 s).
+                if n > 0
+                    && (self.turn.in_reply_payload() || self.turn.backend_owes_command())
+                    && self.pending_failure.is_none()
+                {
+                    // A `GET SOUNDFILE` payload (or a long reply) still
+                    // flows while the backend takes it: Asterisk is not
+                    // read once 256 KiB wait, and the backend's deadline
+                    // must not run out while it is still taking the
+                    // payload or the reply's tail; the intake rule judges
+                    // a backend that stops (audit: a backend reading
+                    // 20 KB/s failed in 0.7 s; review: then at the tail).
                     self.deadline = Some(Instant::now() + self.opts.next_command);
+                }
+                if n > 0 && self.a_line_at.is_some() {
+                    // Held back, Asterisk's silence is the relay's.
+                    self.a_line_at = Some(Instant::now());
                 }
                 if self.b_held_since.is_some() {
                     self.b_intake += n;
