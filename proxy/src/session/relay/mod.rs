@@ -460,9 +460,13 @@ impl<'s> Relay<'s> {
     fn asterisk_line_deadline(&self) -> Option<Instant> {
         let at = self.a_line_at?;
         // Not once half-closed towards it: its close is all that is waited
-        // for then, within its own bound.
-        (!self.a_shut && self.want_read_a() && (self.a_streaming || !self.a_partial.is_empty()))
-            .then(|| at + self.opts.next_command)
+        // for then, within its own bound. Nor in a `GET SOUNDFILE` payload,
+        // whose stop has its own (`next_command_timeout`).
+        (!self.a_shut
+            && !self.turn.in_reply_payload()
+            && self.want_read_a()
+            && (self.a_streaming || !self.a_partial.is_empty()))
+        .then(|| at + self.opts.next_command)
     }
 
     /// Starts the backend's intake clock when Asterisk is held back for it,
