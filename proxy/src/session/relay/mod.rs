@@ -793,6 +793,16 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// What a session's relay gets, with this `next_command`.
+    fn options(next_command: Duration) -> RelayOptions {
+        RelayOptions {
+            first_command_deadline: Instant::now() + Duration::from_secs(60),
+            next_command,
+            forward_hangup: true,
+            keepalive: None,
+        }
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -807,12 +817,7 @@ mod tests {
     async fn hangup_to_the_backend_goes_behind_the_rest_of_a_reply() {
         let (_asterisk, mut a) = pair().await;
         let (mut backend, mut b) = pair().await;
-        let opts = RelayOptions {
-            first_command_deadline: Instant::now() + Duration::from_secs(60),
-            next_command: Duration::from_secs(60),
-            forward_hangup: true,
-            keepalive: None,
-        };
+        let opts = options(Duration::from_secs(60));
         let mut relay = Relay::new(&mut a, &mut b, opts);
         relay.b_out.extend_from_slice(b"of a long value)\n");
         relay.close_backend_politely().await;
@@ -833,12 +838,7 @@ mod tests {
     async fn a_failure_during_a_running_command_is_a_failure_line() {
         let (mut asterisk, mut a) = pair().await;
         let (mut backend, mut b) = pair().await;
-        let opts = RelayOptions {
-            first_command_deadline: Instant::now() + Duration::from_secs(60),
-            next_command: Duration::from_secs(60),
-            forward_hangup: true,
-            keepalive: None,
-        };
+        let opts = options(Duration::from_secs(60));
         let mut relay = Relay::new(&mut a, &mut b, opts);
         relay.turn.on_backend_line(b"EXEC Dial PJSIP/100\n");
         assert!(relay.turn.asterisk_runs_command());
@@ -873,12 +873,7 @@ mod tests {
     async fn a_payload_taken_by_its_receiver_moves_the_deadline() {
         let (_asterisk, mut a) = pair().await;
         let (_backend, mut b) = pair().await;
-        let opts = RelayOptions {
-            first_command_deadline: Instant::now() + Duration::from_secs(60),
-            next_command: Duration::from_secs(60),
-            forward_hangup: true,
-            keepalive: None,
-        };
+        let opts = options(Duration::from_secs(60));
         let mut relay = Relay::new(&mut a, &mut b, opts);
         let moved =
             |relay: &Relay| relay.deadline.unwrap() > Instant::now() + Duration::from_secs(30);
@@ -929,12 +924,7 @@ mod tests {
     async fn a_line_from_asterisk_that_stops_before_its_end_ends_the_session() {
         let (mut asterisk, mut a) = pair().await;
         let (mut backend, mut b) = pair().await;
-        let opts = RelayOptions {
-            first_command_deadline: Instant::now() + Duration::from_secs(60),
-            next_command: Duration::from_millis(300),
-            forward_hangup: true,
-            keepalive: None,
-        };
+        let opts = options(Duration::from_millis(300));
         let mut relay = Relay::new(&mut a, &mut b, opts);
         relay.turn.on_backend_line(b"GET FULL VARIABLE ${X}\n");
         // A long reply (streamed), cut off.
@@ -977,12 +967,7 @@ mod tests {
     async fn a_half_closed_asterisk_that_never_closes_is_let_go() {
         let (mut asterisk, mut a) = pair().await;
         let (backend, mut b) = pair().await;
-        let opts = RelayOptions {
-            first_command_deadline: Instant::now() + Duration::from_secs(60),
-            next_command: Duration::from_millis(300),
-            forward_hangup: true,
-            keepalive: None,
-        };
+        let opts = options(Duration::from_millis(300));
         // Asterisk's bytes wait (a partial line), then the backend closes.
         asterisk.write_all(b"HANG").await.unwrap();
         drop(backend);
