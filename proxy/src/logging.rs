@@ -131,7 +131,12 @@ fn log_panics() {
         };
         if thread.name() == Some(WRITER_THREAD) {
             // The writer itself: a line queued for it would never go out.
-            eprintln!("agiproxy: panic in the log writer at {location}: {what} (log lines from now on are lost)\n{backtrace}");
+            // `eprintln!` panics on a write error, and a panic in the hook
+            // aborts the process.
+            let _ = writeln!(
+                std::io::stderr(),
+                "agiproxy: panic in the log writer at {location}: {what} (log lines from now on are lost)\n{backtrace}"
+            );
             return;
         }
         tracing::error!(

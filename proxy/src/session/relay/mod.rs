@@ -240,6 +240,7 @@ impl<'s> Relay<'s> {
     pub fn begin(&mut self, early: &[u8], first: &[u8]) {
         if !early.is_empty() {
             self.ingest_asterisk(early);
+            self.a_line_at = (self.a_streaming || !self.a_partial.is_empty()).then(Instant::now);
         }
         if !first.is_empty() {
             self.ingest_backend(first);
@@ -474,7 +475,13 @@ impl<'s> Relay<'s> {
     fn track_backend_intake(&mut self) {
         if self.b_shut || self.pending_failure.is_some() || self.b_out.is_empty() {
             self.b_held_since = None;
-        } else if self.b_held_since.is_none() && self.b_out.len() >= MAX_PENDING {
+        } else if self.b_held_since.is_none()
+            && (self.b_out.len() >= MAX_PENDING || self.turn.backend_owes_command())
+        {
+            // Also below the hold-back mark while the backend owes a
+            // command: each byte it takes of what waits moves its deadline
+            // on (`flush_b`), so the intake rule is its bound then (review:
+            // a trickling reader of a long reply's tail escaped both).
             self.b_held_since = Some(Instant::now());
             self.b_intake = 0;
         }
@@ -980,6 +987,104 @@ mod tests {
         assert!(matches!(end, RelayEnd::Closed));
         assert!(started.elapsed() >= Duration::from_millis(250));
         assert!(relay.a_shut, "half-closed first");
+    }
+
+    /// A backend on small socket buffers that reads `chunk` bytes every
+    /// `every`: a slow reader.
+    async fn trickling_backend(
+        chunk: usize,
+        every: Duration,
+    ) -> (TcpStream, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut backend = sock.connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; chunk];
+            for _ in 0..400 {
+                tokio::time::sleep(every).await;
+                if matches!(backend.read(&mut buf).await, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+        });
+        (ours, reader)
+    }
+
+    /// A backend that owes a command and takes what waits for it (the tail
+    /// of a long reply) a trickle at a time: each byte taken moves its
+    /// deadline on, so the intake rule (64 KiB within the window) is its
+    /// bound; a trickle below it escaped both (review: still running after
+    /// 12 s with `next_command: 1s`).
+    #[tokio::test]
+    async fn a_backend_trickling_through_a_replys_tail_is_bounded() {
+        let (_asterisk, mut a) = pair().await;
+        let (mut b, reader) = trickling_backend(1024, Duration::from_millis(150)).await;
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_secs(1)));
+        assert!(relay.turn.backend_owes_command());
+        relay.deadline = Some(Instant::now() + Duration::from_secs(1));
+        relay.b_out.extend_from_slice(&[b'v'; 250_000]);
+        let cut = crate::drain::Cut::default();
+        let end = tokio::time::timeout(Duration::from_secs(12), relay.run(&cut))
+            .await
+            .expect("bounded by the intake rule (5 s) and the FAILURE exchange (2 s)");
+        assert!(
+            matches!(end, RelayEnd::Failed(Reason::NextCommandTimeout)),
+            "{end:?}"
+        );
+        reader.abort();
+    }
+
+    /// A line from Asterisk cut off while it is read is over, however
+    /// slowly the backend takes what came of it (review: each byte taken
+    /// kept the line alive).
+    #[tokio::test]
+    async fn a_cut_line_is_not_kept_alive_by_a_slow_backend() {
+        let (mut asterisk, mut a) = pair().await;
+        let (mut b, reader) = trickling_backend(1024, Duration::from_millis(150)).await;
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_secs(1)));
+        relay.turn.on_backend_line(b"GET FULL VARIABLE ${X}\n");
+        let mut line = b"200 result=1 (".to_vec();
+        line.resize(150_000, b'v');
+        asterisk.write_all(&line).await.unwrap();
+        let cut = crate::drain::Cut::default();
+        let started = std::time::Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(6), relay.run(&cut))
+            .await
+            .expect("the session ends");
+        assert!(
+            matches!(end, RelayEnd::Failed(Reason::AsteriskProtocol)),
+            "{end:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        reader.abort();
+    }
+
+    /// Part of a line among the bytes Asterisk sent while the backend was
+    /// being found has the same bound (review: it had none).
+    #[tokio::test]
+    async fn a_cut_line_in_the_early_bytes_is_bounded() {
+        let (_asterisk, mut a) = pair().await;
+        let (_backend, mut b) = pair().await;
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_millis(300)));
+        relay.begin(b"200 result=1 (cut", b"NOOP\n");
+        assert!(!relay.a_partial.is_empty());
+        let cut = crate::drain::Cut::default();
+        let end = tokio::time::timeout(Duration::from_secs(3), relay.run(&cut))
+            .await
+            .expect("the session ends");
+        assert!(
+            matches!(end, RelayEnd::Failed(Reason::AsteriskProtocol)),
+            "{end:?}"
+        );
     }
 
     /// The guard of the early close: only an empty socket may be closed

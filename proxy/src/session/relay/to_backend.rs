@@ -227,6 +227,7 @@ impl Relay<'_> {
     pub(super) fn flush_b(&mut self) {
         match self.b.try_write(&self.b_out) {
             Ok(n) => {
+                let was_held = self.b_out.len() >= MAX_PENDING;
                 self.b_out.drain(..n);
                 if n > 0
                     && (self.turn.in_reply_payload() || self.turn.backend_owes_command())
@@ -241,8 +242,9 @@ impl Relay<'_> {
                     // 20 KB/s failed in 0.7 s; review: then at the tail).
                     self.deadline = Some(Instant::now() + self.opts.next_command);
                 }
-                if n > 0 && self.a_line_at.is_some() {
-                    // Held back, Asterisk's silence is the relay's.
+                if n > 0 && was_held && self.a_line_at.is_some() {
+                    // Held back, Asterisk's silence is the relay's (not
+                    // otherwise: a slow reader kept a cut line alive, review).
                     self.a_line_at = Some(Instant::now());
                 }
                 if self.b_held_since.is_some() {
