@@ -167,6 +167,9 @@ pub struct Relay<'s> {
     /// (fastagi-protocol.md), so a line that stops is over, and the session
     /// would wait for its end for ever.
     a_line_at: Option<Instant>,
+    /// That line was held back for the backend at some point (then its
+    /// cut is more likely the backend's doing than Asterisk's).
+    a_line_held: bool,
     /// Bytes for the backend that its socket has not taken yet.
     b_out: Vec<u8>,
     a_eof: bool,
@@ -213,6 +216,7 @@ impl<'s> Relay<'s> {
             a_streaming: false,
             a_streamed: 0,
             a_line_at: None,
+            a_line_held: false,
             b_out: Vec::new(),
             a_eof: false,
             a_dead: false,
@@ -372,10 +376,20 @@ impl<'s> Relay<'s> {
                         // Cut off (Asterisk truncates a line it cannot write
                         // in 100 ms): it waits for a command now, the
                         // backend for the rest of the line.
-                        tracing::warn!(
-                            peer = %peer_of(self.a),
-                            "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
-                        );
+                        if self.a_line_held {
+                            // Asterisk cuts a line it cannot write in 100 ms,
+                            // and this one was held back for the backend.
+                            tracing::warn!(
+                                peer = %peer_of(self.a),
+                                backend = %peer_of(self.b),
+                                "Asterisk's line stopped before its end after it was held back for a slow backend (Asterisk cuts a line it cannot write within 100 ms): ending the session"
+                            );
+                        } else {
+                            tracing::warn!(
+                                peer = %peer_of(self.a),
+                                "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
+                            );
+                        }
                         return Box::pin(self.fail(Reason::AsteriskProtocol)).await;
                     }
                     if self.keepalive_at.is_some() {

@@ -29,6 +29,7 @@ impl Relay<'_> {
                 self.ingest_asterisk(buf.filled());
                 self.a_line_at =
                     (self.a_streaming || !self.a_partial.is_empty()).then(Instant::now);
+                self.a_line_held &= self.a_line_at.is_some();
                 if self.turn.in_reply_payload() && self.pending_failure.is_none() {
                     // A flowing `GET SOUNDFILE` payload pushes the deadline
                     // on; one that stops is bounded like any silence. (Not
@@ -241,6 +242,9 @@ impl Relay<'_> {
                     // a backend that stops (audit: a backend reading
                     // 20 KB/s failed in 0.7 s; review: then at the tail).
                     self.deadline = Some(Instant::now() + self.opts.next_command);
+                }
+                if was_held && self.a_line_at.is_some() {
+                    self.a_line_held = true;
                 }
                 if n > 0 && was_held && self.a_line_at.is_some() {
                     // Held back, Asterisk's silence is the relay's (not
