@@ -161,6 +161,8 @@ pub struct Relay<'s> {
     a_streaming: bool,
     /// Bytes of the streamed reply line so far.
     a_streamed: u64,
+    /// What went to the backend ends inside a line.
+    b_mid_line: bool,
     /// When Asterisk last sent bytes of a line it has not ended (or, held
     /// back, when the backend last took some): Asterisk writes a line in
     /// one go, and truncates one it cannot write within 100 ms
@@ -215,6 +217,7 @@ impl<'s> Relay<'s> {
             a_partial: Vec::new(),
             a_streaming: false,
             a_streamed: 0,
+            b_mid_line: false,
             a_line_at: None,
             a_line_held: false,
             b_out: Vec::new(),
@@ -727,10 +730,11 @@ impl<'s> Relay<'s> {
         }
         // What the backend's socket had not taken yet (the rest of a reply)
         // goes first: `HANGUP` never lands inside a cut reply. Nor after
-        // part of a streamed one, which it would end (`...vvvHANGUP`): the
-        // backend then gets the close alone.
+        // part of a line (a streamed reply, the rest of a line Asterisk
+        // closed inside, a payload that stopped), which it would end
+        // (`...vvvHANGUP`): the backend then gets the close alone.
         let rest = std::mem::take(&mut self.b_out);
-        let hangup: &[u8] = if self.a_streaming { b"" } else { b"HANGUP\n" };
+        let hangup: &[u8] = if self.b_mid_line { b"" } else { b"HANGUP\n" };
         let b = &mut *self.b;
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
             b.write_all(&rest).await?;
@@ -1051,6 +1055,24 @@ mod tests {
             "{end:?}"
         );
         reader.abort();
+    }
+
+    /// `HANGUP` is never glued to part of a line the backend got: the rest
+    /// of a line Asterisk closed inside ends the stream as it came.
+    #[tokio::test]
+    async fn no_hangup_is_glued_to_part_of_a_line() {
+        let (_asterisk, mut a) = pair().await;
+        let (mut backend, mut b) = pair().await;
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_secs(60)));
+        relay.send_b(b"200 result=1 (cut");
+        relay.close_backend_politely().await;
+        drop(relay);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), backend.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"200 result=1 (cut");
     }
 
     /// A line from Asterisk cut off while it is read is over, however

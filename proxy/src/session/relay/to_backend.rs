@@ -186,6 +186,7 @@ impl Relay<'_> {
         if bytes.is_empty() || self.b_shut {
             return;
         }
+        self.b_mid_line = bytes.last() != Some(&b'\n');
         self.stats.bytes_from_asterisk += bytes.len() as u64;
         if self.b_out.is_empty() {
             match self.b.try_write(bytes) {
@@ -210,6 +211,7 @@ impl Relay<'_> {
         if self.b_shut {
             return;
         }
+        self.b_mid_line = tail.last() != Some(&b'\n');
         self.stats.bytes_from_asterisk += (head.len() + tail.len()) as u64;
         if self.b_out.is_empty() {
             let parts = [IoSlice::new(head), IoSlice::new(tail)];
