@@ -287,15 +287,11 @@ impl<'s> Relay<'s> {
                 );
                 // No real Asterisk gets here, so no exchange (`SET
                 // VARIABLE` and its reply) that would keep reading a
-                // hostile stream: the backend is ended politely (only
-                // closed when it holds part of a streamed line, which a
-                // `HANGUP` would be glued to), the peer gets the FAILURE
-                // line and the close.
-                if self.a_streaming {
-                    self.shut_backend();
-                } else {
-                    Box::pin(self.close_backend_politely()).await;
-                }
+                // hostile stream: the backend is ended politely (no
+                // `HANGUP` after part of a streamed line: see
+                // `close_backend_politely`), the peer gets the FAILURE line
+                // and the close.
+                Box::pin(self.close_backend_politely()).await;
                 let _ = self.a.try_write(b"FAILURE\n");
                 return RelayEnd::Failed(Reason::AsteriskProtocol);
             }
@@ -666,7 +662,7 @@ impl<'s> Relay<'s> {
             "telling Asterisk FAILURE after commit"
         );
         self.close_backend_politely().await;
-        if self.turn.asterisk_runs_command() && !self.a_eof && !self.a_shut && !self.a_dead {
+        if self.turn.asterisk_runs_command() && self.asterisk_open() {
             // Given up while Asterisk runs a command (a stalled backend
             // during an `EXEC Dial`): `SET VARIABLE` would go unanswered
             // and, unsure it was heard, no FAILURE followed: a SUCCESS
@@ -682,8 +678,13 @@ impl<'s> Relay<'s> {
         RelayEnd::Failed(reason)
     }
 
+    /// Asterisk's side can still be written to and read from.
+    fn asterisk_open(&self) -> bool {
+        !self.a_eof && !self.a_shut && !self.a_dead
+    }
+
     async fn abort(&mut self) -> RelayEnd {
-        let a_open = !self.a_eof && !self.a_shut && !self.a_dead;
+        let a_open = self.asterisk_open();
         if self.turn.backend_owes_command() && a_open && self.a_out.is_empty() {
             return self.fail(Reason::ShuttingDown).await;
         }
