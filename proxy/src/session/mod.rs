@@ -3,9 +3,11 @@
 //! Every failure before commit is spoken to Asterisk as FAILURE.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tokio::net::TcpStream;
 
 use agiproxy_config::{Mode, Route};
@@ -64,7 +66,24 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
-    run(&shared, &snap, &mut a, proxied, &mut rec, &mut admission).await;
+    let ran = AssertUnwindSafe(run(
+        &shared,
+        &snap,
+        &mut a,
+        proxied,
+        &mut rec,
+        &mut admission,
+    ))
+    .catch_unwind()
+    .await;
+    if ran.is_err() {
+        // A bug (the panic hook has logged and counted it). The task would
+        // have closed Asterisk's connection, which reads as SUCCESS: tell
+        // FAILURE as for any other failure. What `run` held (the backend's
+        // socket, the header) is already dropped. Best effort: a panic in
+        // the middle of a line or a sound-file payload garbles this.
+        Box::pin(fail(&mut a, &mut rec, Reason::Internal)).await;
+    }
     rec.duration = started.elapsed();
     // A refused header is no session of a call: not timed.
     let timed = rec.header_error.is_none();
@@ -172,6 +191,8 @@ async fn find_backend<'s>(
     };
     let header_done = Instant::now();
     rec.script = header.get("agi_network_script").unwrap_or("").to_string();
+    #[cfg(test)]
+    tests::panic_if_asked(&rec.script, "before-backend");
 
     let Some(ri) = snap.router.route(&header, rec.peer.ip()) else {
         Box::pin(fail(a, rec, Reason::NoRoute)).await;
@@ -275,6 +296,8 @@ async fn relay(
     rec: &mut SessionRecord,
     mut at: Attached,
 ) {
+    #[cfg(test)]
+    tests::panic_if_asked(&rec.script, "after-attach");
     let t = &route.timeouts;
     let (end, stats) = match route.mode {
         Mode::Raw => {
@@ -450,4 +473,86 @@ pub async fn reject(
     }
     rec.duration = started.elapsed();
     finish(&shared, rec, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use crate::server::Server;
+
+    /// Panics where a session of the script `panic-<at>` reaches `at`: the
+    /// only way to reach the guard, since no input is known to panic.
+    pub(super) fn panic_if_asked(script: &str, at: &str) {
+        if script.strip_prefix("panic-") == Some(at) {
+            panic!("deliberately, for the test, at {at}");
+        }
+    }
+
+    /// A session whose task panics tells Asterisk FAILURE, before a backend
+    /// is found and after one is attached (before the guard, the task's end
+    /// closed Asterisk's connection: SUCCESS, the dialplan's fallback never
+    /// ran), and the backend's connection is closed.
+    #[tokio::test]
+    async fn a_session_that_panics_tells_asterisk_failure() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = agiproxy_config::from_yaml_str(&format!(
+            "version: 1\nlisteners:\n  - {{ name: a, address: \"127.0.0.1:0\" }}\n\
+             routes: [{{ name: all, pool: p }}]\n\
+             pools: [{{ name: p, backends: [{{ address: \"{}\" }}] }}]\n",
+            backend.local_addr().unwrap()
+        ))
+        .unwrap();
+        let server = Server::start(config).await.unwrap();
+        let proxy = server.local_addrs()[0];
+        // The backend sends its first command and then reads to the end.
+        let served = tokio::spawn(async move {
+            let (s, _) = backend.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            let mut line = String::new();
+            while s.read_line(&mut line).await.unwrap() > 0 && !line.ends_with("\n\n") {}
+            s.get_mut().write_all(b"ANSWER\n").await.unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        for at in ["before-backend", "after-attach"] {
+            let mut a = BufReader::new(tokio::net::TcpStream::connect(proxy).await.unwrap());
+            a.get_mut()
+                .write_all(
+                    format!("agi_network: yes\nagi_network_script: panic-{at}\nagi_request: agi://x/panic-{at}\n\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), a.read_line(&mut line));
+            assert!(
+                read.await.unwrap().unwrap() > 0,
+                "{at}: closed, read as SUCCESS"
+            );
+            assert_eq!(line, "SET VARIABLE AGIPROXY_ERROR \"internal\"\n", "{at}");
+            a.get_mut().write_all(b"200 result=1\n").await.unwrap();
+            line.clear();
+            a.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "FAILURE\n", "{at}");
+            a.get_mut().write_all(b"HANGUP\n").await.unwrap();
+        }
+        // The second session had reached the backend, whose command was
+        // never relayed.
+        let rest = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the backend's connection is closed")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        let failures = server.metrics().failure(super::Reason::Internal);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while failures.get() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(failures.get(), 2);
+    }
 }

@@ -78,10 +78,13 @@ pub enum Reason {
     /// A load balancer listed in `proxy_protocol.from` sent no valid PROXY
     /// protocol header before Asterisk's.
     ProxyProtocol,
+    /// A bug in agiproxy (a panic) ended the session: logged as `panic:`
+    /// and counted in `agiproxy_panics_total`.
+    Internal,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::NoRoute,
         Reason::NoBackend,
         Reason::PoolFull,
@@ -99,6 +102,7 @@ impl Reason {
         Reason::HeaderMalformed,
         Reason::ShuttingDown,
         Reason::ProxyProtocol,
+        Reason::Internal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -120,6 +124,7 @@ impl Reason {
             Reason::HeaderMalformed => "header_malformed",
             Reason::ShuttingDown => "shutting_down",
             Reason::ProxyProtocol => "proxy_protocol",
+            Reason::Internal => "internal",
         }
     }
 }
