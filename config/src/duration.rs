@@ -31,6 +31,16 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Parses a duration given outside the config (a command-line flag), with
+/// the config's rules; `0` (any unit, or none) is zero.
+pub fn parse_flag(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    if trimmed.trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse(trimmed)
+}
+
 /// Formats a duration the way the config writes it (`1s 500ms`), for messages and `describe`.
 pub fn format(d: Duration) -> String {
     humantime::format_duration(d).to_string()
@@ -39,6 +49,16 @@ pub fn format(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_may_be_zero() {
+        for zero in ["0", "0s", "0ms", " 0 "] {
+            assert_eq!(parse_flag(zero), Ok(Duration::ZERO), "{zero}");
+        }
+        assert_eq!(parse_flag("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_flag("5").is_err());
+        assert!(parse_flag("soon").is_err());
+    }
 
     #[test]
     fn units_are_understood() {

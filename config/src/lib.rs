@@ -28,7 +28,7 @@ mod validate;
 
 use std::path::Path;
 
-pub use duration::MAX_DURATION;
+pub use duration::{parse_flag as parse_duration_flag, MAX_DURATION};
 pub use error::{ConfigError, ConfigErrors};
 pub use file::{read_file, FileError};
 pub use model::{

@@ -346,7 +346,7 @@ impl ControlPlane for ControlHandle {
     }
 
     fn ready(&self) -> bool {
-        !self.server.is_draining()
+        !self.server.is_stopping()
     }
 
     fn metrics_text(&self) -> String {

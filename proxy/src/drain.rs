@@ -25,6 +25,10 @@ pub struct Drain {
     /// for sessions (audit: with no session in flight, the process exited
     /// first and the queued calls were reset: SUCCESS to Asterisk).
     pub listeners: TaskTracker,
+    /// Set when a stop is announced (`run --shutdown-delay`): not ready
+    /// any more, still serving, so that load balancers stop sending before
+    /// the listeners close.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Drain {
@@ -34,6 +38,17 @@ impl Drain {
 
     pub fn is_draining(&self) -> bool {
         self.stop_accepting.is_cancelled()
+    }
+
+    /// Announces the stop: `/readyz` fails from now on; calls are still
+    /// accepted until [`Drain::start`].
+    pub fn announce_stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Stopping: announced, or draining.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed) || self.is_draining()
     }
 
     /// Stops accepting; sessions in flight go on.

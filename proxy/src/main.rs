@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
@@ -132,6 +133,20 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// The longest this process drains, whatever `timeouts.drain` a
+        /// reload brings: the drain lasts the shorter of the two. Set it to
+        /// the drain its stop was planned for (the chart sets it from the
+        /// pod's grace period), so that calls past it are cut with FAILURE,
+        /// not killed with the process.
+        #[arg(long, value_name = "DURATION", env = "AGIPROXY_MAX_DRAIN", value_parser = duration_flag)]
+        max_drain: Option<Duration>,
+        /// On SIGTERM or SIGINT, first answer `/readyz` with 503 and go on
+        /// accepting and serving calls for this long, so that load balancers
+        /// (kube-proxy, a cloud balancer's health check) stop sending here
+        /// before the listeners close; then drain. A second signal drains at
+        /// once [default: 0s].
+        #[arg(long, value_name = "DURATION", env = "AGIPROXY_SHUTDOWN_DELAY", value_parser = duration_flag)]
+        shutdown_delay: Option<Duration>,
         #[command(flatten)]
         serving: Serving,
     },
@@ -170,14 +185,27 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, serving } => {
+        Command::Run {
+            config,
+            max_drain,
+            shutdown_delay,
+            serving,
+        } => {
             let serving = serving.or(cli.serving);
             let log = logging::init(
                 serving.log_format(),
                 serving.log_level(),
                 serving.log_buffer_lines(),
             );
-            let r = runtime(serving.workers).and_then(|rt| rt.block_on(run(config)));
+            let r = runtime(serving.workers).and_then(|rt| {
+                rt.block_on(run(
+                    config,
+                    Stop {
+                        max_drain,
+                        delay: shutdown_delay.unwrap_or_default(),
+                    },
+                ))
+            });
             // The queued lines first, so that an error is the last line.
             drop(log);
             report(r)
@@ -483,7 +511,18 @@ async fn adopted_config(
     }
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
+/// How `run` stops on a signal: `run --shutdown-delay` and `--max-drain`.
+struct Stop {
+    max_drain: Option<Duration>,
+    delay: Duration,
+}
+
+/// A duration flag: the config's spelling, or 0.
+fn duration_flag(text: &str) -> Result<Duration, String> {
+    agiproxy_config::parse_duration_flag(text)
+}
+
+async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
     // Read and parsed on a blocking thread, within bounds (a regular file
     // only, at most the largest limits.max_config_bytes; the config's own
     // limit is then checked by the parse).
@@ -607,19 +646,47 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
     };
 
+    // Until a signal, or a drain asked through the API; then, for a signal,
+    // the shutdown delay: not ready, still serving.
+    let mut delay_ends: Option<tokio::time::Instant> = None;
     loop {
+        let delay_end = delay_ends.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file, looking at the credential files");
                 credentials.now();
                 let _ = server.reload_file().await;
             }
-            _ = signals.recv() => break,
+            _ = signals.recv() => {
+                if delay_ends.is_some() || stop.delay.is_zero() {
+                    break;
+                }
+                server.announce_stop();
+                tracing::info!(
+                    delay = ?stop.delay,
+                    active = server.active_sessions(),
+                    "stopping: /readyz answers 503; calls are still served for the shutdown delay, then the drain (a second signal drains now)"
+                );
+                delay_ends = Some(tokio::time::Instant::now() + stop.delay);
+            }
+            _ = tokio::time::sleep_until(delay_end), if delay_ends.is_some() => break,
             _ = server.draining() => break,
         }
     }
-    // The running config's deadline: a reload may have changed it.
-    let drain_deadline = server.snapshot().config.timeouts.drain;
+    // The running config's deadline: a reload may have changed it; within
+    // what this process was started for.
+    let configured = server.snapshot().config.timeouts.drain;
+    let drain_deadline = match stop.max_drain {
+        Some(max) if max < configured => {
+            tracing::warn!(
+                configured = ?configured,
+                max_drain = ?max,
+                "timeouts.drain is longer than --max-drain (the drain this process's stop was planned for, e.g. its pod's grace period): draining for --max-drain; a new drain reaches new processes (roll the pods)"
+            );
+            max
+        }
+        _ => configured,
+    };
     server.stop_accepting();
     tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
     tokio::select! {

@@ -911,6 +911,17 @@ impl Server {
     }
 
     /// Stops accepting at once; sessions in flight go on.
+    /// Announces a stop ahead of the drain: not ready any more (`/readyz`
+    /// answers 503), calls still served.
+    pub fn announce_stop(&self) {
+        self.shared.drain.announce_stop();
+    }
+
+    /// Announced to stop, or draining: not ready.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.drain.is_stopping()
+    }
+
     pub fn stop_accepting(&self) {
         self.shared.drain.start();
     }

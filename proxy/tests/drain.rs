@@ -32,6 +32,17 @@ async fn spawn_proxy(
     log_level: &str,
     stderr: Stdio,
 ) -> (Running, SocketAddr, tempfile::TempDir) {
+    spawn_proxy_with(body, workers, log_level, stderr, &[]).await
+}
+
+/// The same, with more arguments for `run`.
+async fn spawn_proxy_with(
+    body: &str,
+    workers: &str,
+    log_level: &str,
+    stderr: Stdio,
+    args: &[&str],
+) -> (Running, SocketAddr, tempfile::TempDir) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let control = if body.starts_with("control:") {
@@ -48,6 +59,7 @@ async fn spawn_proxy(
             .args(["run", "-c"])
             .arg(&path)
             .args(["--log-level", log_level])
+            .args(args)
             .env("AGIPROXY_WORKERS", workers)
             .stdout(Stdio::null())
             .stderr(stderr),
@@ -385,4 +397,80 @@ async fn a_draining_replica_publishes_its_deadline() {
     signal(&child, libc::SIGINT);
     wait_exit(&mut child, Duration::from_secs(5));
     call.abort();
+}
+
+/// `run --shutdown-delay`: at SIGTERM `/readyz` fails at once while calls
+/// are still served, for the delay; then the listeners close. `--max-drain`:
+/// a drain longer than it (a reload may bring one the pod's grace period
+/// was not planned for) ends at it, the cut call told FAILURE, not killed
+/// with the process (chart audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_delay_serves_unready_and_max_drain_bounds_the_drain() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
+    let control: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let body = format!(
+        "control:\n  address: \"{control}\"\ntimeouts:\n  drain: 30s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        b.addr()
+    );
+    let (mut child, addr, _dir) = spawn_proxy_with(
+        &body,
+        "2",
+        "warn",
+        Stdio::inherit(),
+        &["--shutdown-delay", "1500ms", "--max-drain", "1s"],
+    )
+    .await;
+    let ready = || async {
+        chaos_tests::http::get(control, "/readyz")
+            .await
+            .map(|r| r.status)
+    };
+    assert_eq!(ready().await, Some(200));
+    // Dial runs 4 s: past the delay and the drain.
+    let long = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .reply_with(|_| Reply::ok().after(Duration::from_secs(4)))
+            .call_timeout(Duration::from_secs(20))
+            .run(addr)
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.stats().accepted() < 1 {
+        assert!(Instant::now() < deadline, "the call reached no backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    signal(&child, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ready().await, Some(503), "not ready once stopping");
+    // Still served during the delay.
+    let during = FakeAsterisk::new()
+        .reply_with(|_| Reply::ok())
+        .call_timeout(Duration::from_secs(5))
+        .run(addr)
+        .await;
+    assert_eq!(during.status, AgiStatus::Success, "{during:?}");
+    assert_eq!(during.commands, vec!["EXEC Dial PJSIP/100"], "{during:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    // Then refused.
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(4), "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    // The drain lasts --max-drain (1 s), not the config's 30 s: the long
+    // call is cut while Dial runs, FAILURE once it returns.
+    let out = long.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Failure, "{out:?}");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
