@@ -1244,3 +1244,80 @@ async fn a_peer_splitting_by_another_key_is_warned_of() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The file is the GitOps way to run a rollout, so a reload from it may
+/// take an override away and may not reach back (rollout audit): an
+/// override deleted from the file goes (before, a scheduled `promote`
+/// deleted from it stayed scheduled); one whose time is past when the file
+/// is read is refused, as the API refuses it (before, it was applied and
+/// re-coloured the calls made since, on that replica alone); the judged
+/// rollback's time, which `ctl rollout status` prints, is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_may_take_an_override_away_but_not_reach_back() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let rollout = |overrides: &str| {
+        format!(
+            "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      skew: 1s\n      overrides: [{overrides}]\n",
+            agiproxy_config::format_ms(now_ms() - 60_000)
+        )
+    };
+    let promote = format!(
+        "{{ action: promote, at: \"{}\" }}",
+        agiproxy_config::format_ms(now_ms() + 3_600_000)
+    );
+    let start_line = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("start:"))
+            .unwrap()
+            .to_string()
+    };
+    let text = config(&rollout(&promote), blue.addr(), green.addr());
+    let (r, dir) = replica_of_a_file(&text).await;
+    let file = dir.path().join("agiproxy.yaml");
+    let reload = |body: String| {
+        let r = &r;
+        let file = &file;
+        async move {
+            std::fs::write(file, body).unwrap();
+            r.client
+                .call(&r.api, "POST", "/v1/reload", &[], None)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(view(&r).await.overrides.len(), 1);
+    // The same rollout (the same start), the promote deleted.
+    let without = config(&rollout(""), blue.addr(), green.addr()).replace(
+        &start_line(&config(&rollout(""), blue.addr(), green.addr())),
+        &start_line(&text),
+    );
+    let resp = reload(without.clone()).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let v = view(&r).await;
+    assert!(v.overrides.is_empty(), "the deleted promote stayed: {v:?}");
+    assert!(v.differs_from_file.is_none(), "{v:?}");
+    // A rollback written for 30 s ago: refused, the rollout as it was.
+    let past = format!(
+        "{{ action: rollback, at: \"{}\" }}",
+        agiproxy_config::format_ms(now_ms() - 30_000)
+    );
+    let reaching = without.replace("overrides: []", &format!("overrides: [{past}]"));
+    assert_ne!(reaching, without);
+    let resp = reload(reaching).await;
+    let body = String::from_utf8_lossy(&resp.body).to_string();
+    assert_eq!(resp.status, 400, "{body}");
+    assert!(body.contains("routes[0].rollout.overrides"), "{body}");
+    assert!(body.contains("cannot take effect in the past"), "{body}");
+    let v = view(&r).await;
+    assert_eq!(v.state, "progressing", "{v:?}");
+    assert!(v.overrides.is_empty(), "{v:?}");
+    // Written for later, it is taken.
+    let later = format!(
+        "{{ action: rollback, at: \"{}\" }}",
+        agiproxy_config::format_ms(now_ms() + 60_000)
+    );
+    let resp = reload(without.replace("overrides: []", &format!("overrides: [{later}]"))).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(view(&r).await.overrides.len(), 1);
+}

@@ -470,6 +470,18 @@ impl Server {
         } else {
             None
         };
+        // The file's rollouts as last read, before this read replaces them:
+        // an override they had and the new text lacks was deleted from it.
+        let file_had = match mode {
+            Mode::File => self
+                .changes
+                .file_rollouts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|(_, r)| r.clone()),
+            _ => None,
+        };
         let mut attempts = 0;
         let (mut table, current, config, text, hash, carried, dropped) = loop {
             attempts += 1;
@@ -511,7 +523,11 @@ impl Server {
                 .await?;
             self.note_parsed(hash, &config);
             let carried = if mode == Mode::File {
-                crate::rollout::overrides::carried_overrides(&running, &config)
+                crate::rollout::overrides::carried_unless_from_file(
+                    &running,
+                    &config,
+                    file_had.as_deref(),
+                )
             } else {
                 Vec::new()
             };
@@ -545,7 +561,11 @@ impl Server {
                 let config = self
                     .compile_checked(text.clone(), &current, &running)
                     .await?;
-                let lost = crate::rollout::overrides::carried_overrides(&running, &config);
+                let lost = crate::rollout::overrides::carried_unless_from_file(
+                    &running,
+                    &config,
+                    file_had.as_deref(),
+                );
                 if !lost.is_empty() {
                     release(config);
                     return Err(ApplyError::Uneditable(format!(
@@ -557,6 +577,23 @@ impl Server {
                 }
                 (config, text, hash)
             };
+            // A text sent whole is taken as it is (its `dropped` says what
+            // it drops); the file and edits may not change the past.
+            if mode != Mode::Text {
+                let past = crate::session::rollout::past_changes(
+                    &running,
+                    &config,
+                    crate::session::rollout::now_ms(),
+                    |route| {
+                        let r = current.router.routes().iter().find(|r| &*r.name == route)?;
+                        r.rollout.as_deref()?.live.judged_ms()
+                    },
+                );
+                if !past.is_empty() {
+                    release(config);
+                    return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(past)));
+                }
+            }
             if dry_run {
                 release(config);
                 return Ok(Applied {

@@ -102,8 +102,30 @@ pub fn carried_overrides(
     running: &agiproxy_config::Config,
     new: &agiproxy_config::Config,
 ) -> Vec<Carried> {
+    carried_unless_from_file(running, new, None)
+}
+
+/// [`carried_overrides`] for a text read from the file, except those the
+/// file had when last read (`file_had`), by route, action and written `at`:
+/// one the file had and no longer has was deleted from it, and goes
+/// (before, a scheduled `promote` deleted from the file stayed scheduled,
+/// a deleted `pause` held the rollout: audit). Whether its going changes
+/// where calls went is for `past_changes` to judge.
+pub fn carried_unless_from_file(
+    running: &agiproxy_config::Config,
+    new: &agiproxy_config::Config,
+    file_had: Option<&crate::server::FileRollouts>,
+) -> Vec<Carried> {
     let mut out = Vec::new();
     for (_, route, before, ro) in same_rollouts(running, new) {
+        let from_file = |action: OverrideAction, written: i64| {
+            file_had.and_then(|f| f.rollout(route)).is_some_and(|f| {
+                let skew = f.skew.as_millis() as i64;
+                f.overrides
+                    .iter()
+                    .any(|o| o.action == action && o.at_ms - skew == written)
+            })
+        };
         if before.overrides.is_empty() {
             continue;
         }
@@ -135,7 +157,7 @@ pub fn carried_overrides(
                 Some(i) => {
                     has.swap_remove(i);
                 }
-                None if moot(o) => {}
+                None if moot(o) || from_file(written.0, written.1) => {}
                 None => out.push(Carried {
                     route: route.to_string(),
                     action: o.action,

@@ -249,6 +249,110 @@ pub fn split_key_changes(
     errors
 }
 
+/// Where `p` sends new calls: green's share, and whether it is rolled back
+/// (canaries go green until then). Pending and halted, progressing and
+/// promoted at 100 %, send calls alike.
+fn placement(p: Position) -> (u32, bool) {
+    (p.weight_bp, p.state == State::RolledBack)
+}
+
+/// The first time in `from..=to` (Unix ms) at which `a` and `b`, each with
+/// its judged rollback, place a call made then differently, if any. Exact:
+/// both are constant between their change points (steps, overrides, judged
+/// rollbacks), and those are all visited.
+pub fn first_difference(
+    (a, judged_a): (&Rollout, Option<i64>),
+    (b, judged_b): (&Rollout, Option<i64>),
+    from: i64,
+    to: i64,
+) -> Option<i64> {
+    let mut t = from;
+    // Each turn passes at least one change point of either.
+    let turns = 2 * (a.steps.len() + b.steps.len() + a.overrides.len() + b.overrides.len()) + 8;
+    for _ in 0..turns {
+        if t > to {
+            return None;
+        }
+        let (pa, pb) = (position(a, t, judged_a), position(b, t, judged_b));
+        if placement(pa) != placement(pb) {
+            return Some(t);
+        }
+        let points = [pa.next_change_ms, pb.next_change_ms, judged_a, judged_b];
+        let overrides = a.overrides.iter().chain(&b.overrides).map(|o| o.at_ms);
+        let next = points
+            .into_iter()
+            .flatten()
+            .chain(overrides)
+            .filter(|c| *c > t)
+            .min()?;
+        t = next;
+    }
+    None
+}
+
+/// A change of the same rollout's overrides (`live::same_rollouts`) that
+/// changes where calls already placed went: a new override whose time is
+/// past, or one in force deleted (a `pause` deleted instead of a `resume`
+/// written). Every call made since would change colour on its next AGI, on
+/// this replica alone (an audit: 162 of 300); the API refuses such a time,
+/// and so is the file. `judged`: a route's judged rollback, which the new
+/// config keeps. One error per route.
+pub fn past_changes(
+    old: &agiproxy_config::Config,
+    new: &agiproxy_config::Config,
+    now_ms: i64,
+    judged: impl Fn(&str) -> Option<i64>,
+) -> Vec<agiproxy_config::ConfigError> {
+    let mut errors = Vec::new();
+    for (i, name, before, ro) in live::same_rollouts(old, new) {
+        let j = judged(name);
+        // A new skew moves overrides alike; `skew_changes` judges that.
+        let shift = before.skew.as_millis() as i64 - ro.skew.as_millis() as i64;
+        let mut shifted;
+        let ro = if shift == 0 {
+            ro
+        } else {
+            shifted = ro.clone();
+            for o in &mut shifted.overrides {
+                o.at_ms = o.at_ms.saturating_add(shift);
+            }
+            &shifted
+        };
+        let from = before
+            .overrides
+            .iter()
+            .chain(&ro.overrides)
+            .map(|o| o.at_ms)
+            .fold(before.start_ms, i64::min);
+        let Some(t) = first_difference((before, j), (ro, j), from, now_ms) else {
+            continue;
+        };
+        let (was, is) = (position(before, t, j), position(ro, t, j));
+        let show = |p: Position| match p.state {
+            State::RolledBack => "rolled back".to_string(),
+            _ => format!("{}% to green", f64::from(p.weight_bp) / 100.0),
+        };
+        errors.push(agiproxy_config::ConfigError::new(
+            format!("routes[{i}].rollout.overrides"),
+            format!(
+                "this change of the overrides changes where calls made since {} went ({} \
+                 before, {} now): each would change colour on its next AGI; an override \
+                 cannot take effect in the past. Write a new one for a time later than now \
+                 minus the skew ({:?}; a file reaches every replica within moments, a \
+                 ConfigMap within a minute or two: leave room, or raise skew), keep those in \
+                 force (end a pause with a resume), or copy the time `ctl rollout status` \
+                 prints for a rollback in force; a refused file is not read again until it \
+                 changes",
+                agiproxy_config::format_ms(t),
+                show(was),
+                show(is),
+                ro.skew,
+            ),
+        ));
+    }
+    errors
+}
+
 /// A new `skew` moves every override of a rollout by the difference, past
 /// ones included (they are stored with the skew added). A change that would
 /// move one across `now_ms` is refused: an override in force would stop

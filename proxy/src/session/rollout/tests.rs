@@ -300,6 +300,72 @@ fn a_skew_change_that_moves_an_override_across_now_is_refused() {
     assert!(super::skew_changes(&old, &old, written + 5_000).is_empty());
 }
 
+/// Overrides changed by a file (rollout audit): what changes where calls
+/// made before now went is refused; what changes only the future, or
+/// writes down what already happened (the judged rollback's time), is not.
+#[test]
+fn an_override_change_that_reaches_back_is_refused() {
+    let at = |ms: i64, action: &str| {
+        format!(
+            "{{ action: {action}, at: \"{}\" }}",
+            agiproxy_config::format_ms(ms)
+        )
+    };
+    let with = |list: &[String]| {
+        config(
+            "[10, 25, 50]",
+            &format!("      overrides: [{}]\n", list.join(", ")),
+        )
+    };
+    let none = with(&[]);
+    let now = T0 + 25_000; // step 2 (50 %), steps 10 s long
+    let check = |old: &Config, new: &Config, judged: Option<i64>| {
+        super::past_changes(old, new, now, |_| judged)
+    };
+    // A rollback written for the past: refused, naming the time.
+    let past = with(&[at(now - 8_000, "rollback")]);
+    let e = check(&none, &past, None);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].path, "routes[0].rollout.overrides");
+    let effect = agiproxy_config::format_ms(now - 7_000); // skew 1 s
+    assert!(e[0].message.contains(&effect), "{}", e[0].message);
+    assert!(e[0].message.contains("rolled back now"), "{}", e[0].message);
+    // For the future: taken. Deleted while not due yet: taken.
+    let future = with(&[at(now + 8_000, "rollback")]);
+    assert!(check(&none, &future, None).is_empty());
+    // Before the start, a promote due then is in the future (the first
+    // version compared at the earliest time even when that was after now,
+    // and refused every API override of a rollout not started).
+    let before_start = with(&[at(T0 - 1_000, "promote")]);
+    assert!(super::past_changes(&none, &before_start, T0 - 5_000, |_| None).is_empty());
+    assert!(check(&future, &none, None).is_empty());
+    // A pause in force since step 0, deleted: the calls made at 25 % and
+    // 50 % since were placed at 10 %. Refused; a resume written is taken.
+    let paused = with(&[at(T0 + 2_000, "pause")]);
+    assert_eq!(check(&paused, &none, None).len(), 1);
+    let resumed = with(&[at(T0 + 2_000, "pause"), at(now + 2_000, "resume")]);
+    assert!(check(&paused, &resumed, None).is_empty());
+    // A pause in force that no step passed under: deleting it moves no
+    // call placed so far (only what comes next).
+    let late_pause = with(&[at(now - 3_000, "pause")]);
+    assert!(check(&late_pause, &none, None).is_empty());
+    // The judged rollback's time written down: taken; a second earlier
+    // reaches back.
+    let judged = now - 5_000;
+    let written = with(&[at(judged - 1_000, "rollback")]);
+    assert!(check(&none, &written, Some(judged)).is_empty());
+    let earlier = with(&[at(judged - 2_000, "rollback")]);
+    assert_eq!(check(&none, &earlier, Some(judged)).len(), 1);
+    // A new skew that moves overrides alike is `skew_changes`' to judge.
+    let mut skewed = past.clone();
+    let ro = skewed.routes[0].rollout.as_deref_mut().unwrap();
+    ro.skew = std::time::Duration::from_secs(3);
+    for o in &mut ro.overrides {
+        o.at_ms += 2_000;
+    }
+    assert!(check(&past, &skewed, None).is_empty());
+}
+
 /// A new `split_key` while the rollout splits calls re-hashed every call in
 /// progress on the other key: 133 of 300 changed colour at 30 % (audit),
 /// nothing said. Refused while green's share is strictly between 0 and
