@@ -1321,3 +1321,41 @@ async fn a_file_may_take_an_override_away_but_not_reach_back() {
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(view(&r).await.overrides.len(), 1);
 }
+
+/// `ctl rollout ACTION ROUTE --identity ID` (the request's `identity`): an
+/// action meant for a rollout that a reload replaced is refused with 409
+/// and changes nothing (reload audit: a `promote` landed on the new rollout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_for_a_replaced_rollout_is_refused() {
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let rollout = format!(
+        "      from: blue\n      to: green\n      steps: [25, 100]\n      step_duration: 10m\n      start: \"{}\"\n      skew: 1s\n",
+        agiproxy_config::format_ms(now_ms() - 60_000)
+    );
+    let text = config(&rollout, blue.addr(), green.addr());
+    let (r, _dir) = replica_of_a_file(&text).await;
+    let identity = view(&r).await.identity.expect("an identity");
+    let at = agiproxy_config::format_ms(now_ms() + 60_000);
+    let post = |id: &str| {
+        let body = format!("{{\"at\": \"{at}\", \"identity\": \"{id}\"}}").into_bytes();
+        let r = &r;
+        async move {
+            r.client
+                .call(&r.api, "POST", "/v1/rollouts/ivr/pause", &[], Some(body))
+                .await
+                .unwrap()
+        }
+    };
+    let resp = post("0000000000000000").await;
+    let answer = String::from_utf8_lossy(&resp.body).to_string();
+    assert_eq!(resp.status, 409, "{answer}");
+    assert!(
+        answer.contains(&format!("runs rollout {identity}")),
+        "{answer}"
+    );
+    assert!(view(&r).await.overrides.is_empty());
+    let resp = post(&identity).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(view(&r).await.overrides.len(), 1);
+}

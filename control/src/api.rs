@@ -336,4 +336,10 @@ pub struct RolloutOverrideRequest {
     /// every replica so they all write the same override.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
+    /// The rollout's identity (`ctl rollout status` prints it): when given,
+    /// the action is refused (409) unless the route still runs that
+    /// rollout, so that it cannot land on a new one a reload brought in
+    /// meanwhile. Without it, the rollout running when the request comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }

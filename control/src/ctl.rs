@@ -189,21 +189,37 @@ pub enum RolloutCommand {
     Pause {
         /// The route of the rollout.
         route: String,
+        /// Act only if the route still runs this rollout (the identity
+        /// `rollout status` prints); refused (409) if a reload replaced it.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
     /// Go on after a pause (the remaining steps shift by the pause).
     Resume {
         /// The route of the rollout.
         route: String,
+        /// Act only if the route still runs this rollout (the identity
+        /// `rollout status` prints); refused (409) if a reload replaced it.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
     /// Send every new call to green; calls on blue finish there.
     Promote {
         /// The route of the rollout.
         route: String,
+        /// Act only if the route still runs this rollout (the identity
+        /// `rollout status` prints); refused (409) if a reload replaced it.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
     /// Send every new call to blue; calls on green finish there.
     Rollback {
         /// The route of the rollout.
         route: String,
+        /// Act only if the route still runs this rollout (the identity
+        /// `rollout status` prints); refused (409) if a reload replaced it.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
 }
 
@@ -211,10 +227,21 @@ impl RolloutCommand {
     fn action(&self) -> Option<(&'static str, &str)> {
         match self {
             RolloutCommand::Status { .. } => None,
-            RolloutCommand::Pause { route } => Some(("pause", route)),
-            RolloutCommand::Resume { route } => Some(("resume", route)),
-            RolloutCommand::Promote { route } => Some(("promote", route)),
-            RolloutCommand::Rollback { route } => Some(("rollback", route)),
+            RolloutCommand::Pause { route, .. } => Some(("pause", route)),
+            RolloutCommand::Resume { route, .. } => Some(("resume", route)),
+            RolloutCommand::Promote { route, .. } => Some(("promote", route)),
+            RolloutCommand::Rollback { route, .. } => Some(("rollback", route)),
+        }
+    }
+
+    /// The rollout an action is meant for, when given.
+    fn identity(&self) -> Option<&str> {
+        match self {
+            RolloutCommand::Status { .. } => None,
+            RolloutCommand::Pause { identity, .. }
+            | RolloutCommand::Resume { identity, .. }
+            | RolloutCommand::Promote { identity, .. }
+            | RolloutCommand::Rollback { identity, .. } => identity.as_deref(),
         }
     }
 }
@@ -524,8 +551,11 @@ async fn run_inner<R: ClusterResolver>(args: CtlArgs, resolver: &R) -> Result<i3
             let at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
             // The time chosen; whether each replica took it is in its answer.
             eprintln!("{action} {route}: sending at {at} (in force the rollout's skew later on each replica that takes it)");
-            let body = serde_json::to_vec(&RolloutOverrideRequest { at: Some(at) })
-                .map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&RolloutOverrideRequest {
+                at: Some(at),
+                identity: cmd.identity().map(str::to_string),
+            })
+            .map_err(|e| e.to_string())?;
             Call::new(
                 "POST",
                 format!("/v1/rollouts/{}/{action}", seg(route)),

@@ -292,12 +292,12 @@ pub(crate) async fn rollout_override<P: ControlPlane>(
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("body: {e}; expected {{\"at\": \"2026-12-06T01:00:00Z\"}} or nothing"),
+                    format!("body: {e}; expected {{\"at\": \"2026-12-06T01:00:00Z\", \"identity\": \"5d0c3a9e41b7f268\"}} (both optional) or nothing"),
                 )
             }
         }
     };
-    match ctx.plane.rollout_override(&route, &action, req.at).await {
+    match ctx.plane.rollout_override(&route, &action, req).await {
         Ok(applied) => Json(applied).into_response(),
         Err(e) => control_error(e),
     }

@@ -79,13 +79,14 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// This replica's counters of a rollout as frozen at evaluation `tick`
     /// (what peers sum to judge).
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError>;
-    /// Writes `pause`, `resume`, `promote` or `rollback` at `at` (RFC 3339;
-    /// None: now) into the running config's rollout of `route`.
+    /// Writes `pause`, `resume`, `promote` or `rollback` at `req.at` (RFC
+    /// 3339; None: now) into the running config's rollout of `route`, the
+    /// rollout of `req.identity` (None: the one running when asked) alone.
     fn rollout_override(
         &self,
         route: &str,
         action: &str,
-        at: Option<String>,
+        req: crate::api::RolloutOverrideRequest,
     ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
     /// Drains the whole replica, as on SIGTERM.
     fn drain(&self);

@@ -57,6 +57,7 @@ fn control_error(e: ApplyError) -> ControlError {
             if_match: expected.is_some(),
         },
         ApplyError::Bind(e) => ControlError::Conflict(e.to_string()),
+        ApplyError::Conflict(m) => ControlError::Conflict(m),
         ApplyError::NotFound(m) => ControlError::NotFound(m),
         e @ (ApplyError::NoFile(_)
         | ApplyError::File(_)
@@ -456,12 +457,26 @@ impl ControlPlane for ControlHandle {
         &self,
         route: &str,
         action: &str,
-        at: Option<String>,
+        req: agiproxy_control::api::RolloutOverrideRequest,
     ) -> Result<Applied, ControlError> {
+        let at = req.at;
         // The edit runs on a blocking thread (the parse is bounded but not
         // free): it owns what it needs.
         let (r_route, r_action, r_at) = (route.to_string(), action.to_string(), at.clone());
         let snap = self.server.snapshot();
+        // The rollout acted on: the one named, which must be the one
+        // running, or the one running now. A reload that brings another
+        // before the swap refuses the action (audit: a `promote` meant for
+        // the old rollout promoted the new one at once, before its start).
+        let running = crate::rollout::view::identity_of(&snap, route);
+        if let (Some(asked), Some(runs)) = (&req.identity, &running) {
+            if asked != runs {
+                return Err(ControlError::Conflict(format!(
+                    "route {route} runs rollout {runs}, not {asked}: a reload replaced it; nothing \
+                     was changed: see `ctl rollout status {route}`, and act on the rollout running"
+                )));
+            }
+        }
         let fleet = crate::rollout::view::reads_peers(&snap, route);
         let skew = crate::rollout::view::skew(&snap, route);
         let at_ms = match at.as_deref() {
@@ -509,7 +524,7 @@ impl ControlPlane for ControlHandle {
                         skew,
                     )
                 },
-                crate::rollout::view::overrides_still_ahead(route),
+                crate::rollout::view::overrides_still_ahead(route, running),
             )
             .await;
         if r.is_ok() {

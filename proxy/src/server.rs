@@ -52,6 +52,10 @@ pub enum ApplyError {
     /// The running config text cannot be edited (it is not a YAML mapping).
     #[error("{0}")]
     Uneditable(String),
+    /// What the change was made for is no longer what runs (a rollout
+    /// action whose rollout a reload replaced).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<crate::rollout::overrides::EditError> for ApplyError {
@@ -415,7 +419,7 @@ impl Server {
             Ok(a) if !a.changed => "unchanged",
             Ok(_) => "applied",
             Err(ApplyError::Invalid(_)) => "invalid",
-            Err(ApplyError::Stale { .. }) => "stale",
+            Err(ApplyError::Stale { .. } | ApplyError::Conflict(_)) => "stale",
             Err(ApplyError::Bind(_)) => "bind_failed",
             // A split naming a route that does not exist: a request error,
             // not a refused config.

@@ -668,7 +668,7 @@ impl ControlPlane for FakePlane {
         &self,
         route: &str,
         _action: &str,
-        _at: Option<String>,
+        _req: agiproxy_control::api::RolloutOverrideRequest,
     ) -> Result<Applied, ControlError> {
         self.changes.fetch_add(1, Ordering::SeqCst);
         Err(ControlError::NotFound(format!(

@@ -241,6 +241,11 @@ pub fn why_override_changes_nothing(
 
 /// The `skew` of a route's rollout in `snap`: an override takes effect that
 /// long after its time.
+/// The identity of the rollout of `route`, if it has one.
+pub fn identity_of(snap: &Snapshot, route: &str) -> Option<String> {
+    rollout_of(snap, route).map(|ro| ro.live.identity.clone())
+}
+
 pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
     rollout_of(snap, route).map(|ro| ro.plan.skew)
 }
@@ -248,9 +253,25 @@ pub fn skew(snap: &Snapshot, route: &str) -> Option<std::time::Duration> {
 /// The check, at the swap, that the overrides a change adds to `route` are
 /// not yet in force: the text was made (and `at` checked) before a build
 /// that takes a second or more for a large config (audit).
-pub fn overrides_still_ahead(route: &str) -> crate::server::SwapCheck {
+pub fn overrides_still_ahead(route: &str, identity: Option<String>) -> crate::server::SwapCheck {
     let route = route.to_string();
     std::sync::Arc::new(move |running, new| {
+        if let Some(expected) = &identity {
+            let now = new.routes.iter().find(|r| r.name == route).and_then(|r| {
+                let ro = r.rollout.as_deref()?;
+                Some(crate::session::rollout::live::identity(
+                    &route, ro, &new.pools,
+                ))
+            });
+            if now.as_ref() != Some(expected) {
+                return Err(ApplyError::Conflict(format!(
+                    "the rollout on route {route} changed while the action was applied (a reload \
+                     brought {}): nothing was changed; see `ctl rollout status {route}`, and act \
+                     on the rollout running",
+                    now.map_or("none".to_string(), |i| format!("rollout {i}"))
+                )));
+            }
+        }
         let overrides = |c: &agiproxy_config::Config| {
             c.routes
                 .iter()
@@ -450,6 +471,40 @@ mod tests {
 
     const TEXT: &str = "version: 1\nroutes:\n  - name: ivr\n    rollout: { from: blue, to: green, steps: [10, 100], step_duration: 1h, start: \"2026-12-06T09:00:00Z\" }\npools:\n  - name: blue\n    backends: [{ address: \"127.0.0.1:1\" }]\n  - name: green\n    backends: [{ address: \"127.0.0.1:2\" }]\n";
 
+    /// An action is written into the rollout it was meant for alone: a
+    /// reload that replaced the rollout before the swap refuses it (reload
+    /// audit: a `promote` meant for the old rollout promoted the new one).
+    #[test]
+    fn an_action_does_not_land_on_a_rollout_a_reload_brought() {
+        let old = agiproxy_config::from_yaml_str(TEXT).unwrap();
+        let id = crate::session::rollout::live::identity(
+            "ivr",
+            old.routes[0].rollout.as_deref().unwrap(),
+            &old.pools,
+        );
+        let edited = with_override(
+            TEXT,
+            "ivr",
+            "promote",
+            Some("2099-01-01T00:00:00Z"),
+            false,
+            None,
+        )
+        .unwrap();
+        let same = agiproxy_config::from_yaml_str(&edited).unwrap();
+        let check = overrides_still_ahead("ivr", Some(id.clone()));
+        assert!(check(&old, &same).is_ok());
+        // A reload brought a new start meanwhile: the edit is made on it.
+        let replaced = edited.replace("2026-12-06T09:00:00Z", "2026-12-06T10:00:00Z");
+        let new = agiproxy_config::from_yaml_str(&replaced).unwrap();
+        match check(&old, &new) {
+            Err(ApplyError::Conflict(m)) => assert!(m.contains("changed while"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without an identity (older callers), as before.
+        assert!(overrides_still_ahead("ivr", None)(&old, &new).is_ok());
+    }
+
     #[test]
     fn without_at_a_rollout_on_several_replicas_is_refused() {
         let at = "2026-12-06T09:06:00Z";
@@ -524,7 +579,7 @@ mod tests {
         };
         let old = "{ action: pause, at: \"2026-12-06T09:30:00Z\" }";
         let running = with(old);
-        let check = overrides_still_ahead("ivr");
+        let check = overrides_still_ahead("ivr", None);
         assert!(check(&running, &running).is_ok(), "nothing added");
         let past = format!(
             "{old}, {{ action: promote, at: \"{}\" }}",
@@ -542,7 +597,7 @@ mod tests {
         );
         assert!(check(&running, &with(&ahead)).is_ok());
         // Another route's overrides are not this check's business.
-        assert!(overrides_still_ahead("menu")(&running, &with(&past)).is_ok());
+        assert!(overrides_still_ahead("menu", None)(&running, &with(&past)).is_ok());
     }
 
     /// What changes nothing is not written; a rollback of a schedule that
