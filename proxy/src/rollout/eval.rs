@@ -440,17 +440,26 @@ async fn evaluate(
 ) {
     let iv = plan.judge.interval;
     let own = live.published(k);
-    // Bounded like the reads: a lookup that hangs must not let this tick's
-    // evaluation land after the next one's.
-    let addrs = tokio::time::timeout(iv / 4, peers(&plan.judge.peers))
-        .await
-        .unwrap_or_default();
+    // One deadline for the lookup and the reads together: the decision is
+    // made by 3/8 of the interval, before it takes effect at 1/2 (audit: a
+    // lookup of iv/4 and reads of iv/4 after it decided at 5/8, after the
+    // rollback it decided had taken effect). A lookup that hangs must not
+    // let this tick's evaluation land after the next one's either.
+    let iv_ms = iv.as_millis() as i64;
+    let left = (t_k + 3 * iv_ms / 8 - now_ms()).clamp(0, iv_ms) as u64;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
+    let addrs = tokio::time::timeout_at(
+        deadline.min(tokio::time::Instant::now() + iv / 4),
+        peers(&plan.judge.peers),
+    )
+    .await
+    .unwrap_or_default();
     let path = format!("/v1/rollouts/{route}/counts?tick={k}");
     let asks = addrs.iter().map(|a| {
         let (client, path) = (&client, &path);
         async move {
             let sent = now_ms();
-            let r = tokio::time::timeout(iv / 4, client.get(*a, path)).await;
+            let r = tokio::time::timeout_at(deadline, client.get(*a, path)).await;
             (*a, r, sent, now_ms())
         }
     });
@@ -579,7 +588,10 @@ async fn evaluate(
     });
     match &verdict {
         Verdict::Fail(reason) => {
-            let at_ms = t_k + iv.as_millis() as i64 / 2;
+            // The same time on every replica that decides this tick; never
+            // in the past of this one (a starved runtime), where calls it
+            // placed since would change colour.
+            let at_ms = (t_k + iv_ms / 2).max(now_ms());
             if live.decide(Decision {
                 at_ms,
                 tick: k,

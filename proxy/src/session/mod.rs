@@ -110,8 +110,7 @@ pub struct Admission {
 fn finish(shared: &Shared, rec: SessionRecord, timed: bool) {
     if let Some((live, pick)) = &rec.rollout {
         live.session_ended(
-            pick.side,
-            pick.step,
+            pick,
             rec.outcome,
             rec.reason,
             rec.first_command_time.map(|d| d.as_millis() as u64),
@@ -205,7 +204,7 @@ async fn find_backend<'s>(
         .router
         .pool_for(ri, &header, rec.peer.ip(), rollout::now_ms());
     if let (Some(pick), Some(ro)) = (pick, &compiled.rollout) {
-        admission.rollout = Some(ro.live.session_started(pick.side));
+        admission.rollout = Some(ro.live.session_started(&pick));
         rec.rollout = Some((ro.live.clone(), pick));
     }
     let pool = &snap.pools[pi];

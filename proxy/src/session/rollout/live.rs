@@ -163,6 +163,19 @@ pub fn identity(route: &str, ro: &Rollout, pools: &[Pool]) -> String {
 
 const IDENTITY_SEED: u64 = 0x1d_e7;
 
+/// A new id for this replica's state of a rollout, by which peers tell it
+/// from themselves: random (std's `RandomState` keys come from the OS). A
+/// hash of the pid and the time collided between containers, where the
+/// proxy is pid 1, started in the same millisecond (audit: a peer's
+/// counters and rollback were then skipped as this replica's own).
+fn replica_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(MADE.fetch_add(1, Relaxed));
+    format!("{:016x}", h.finish())
+}
+
 /// The rollouts of `new` that are the same rollout (the same [`identity`])
 /// as `old`'s on the route of that name: the index of the route in `new`,
 /// its name, `old`'s rollout and `new`'s. `old` must have its routes (not a
@@ -197,19 +210,9 @@ impl RolloutLive {
         if let Some(p) = previous.filter(|p| p.identity == identity) {
             return p.clone();
         }
-        static MADE: AtomicU64 = AtomicU64::new(0);
-        let seed = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            super::schedule::now_ms(),
-            MADE.fetch_add(1, Relaxed)
-        );
         Arc::new(RolloutLive {
             identity,
-            id: format!(
-                "{:016x}",
-                crate::pool::hash::stable_hash(seed.as_bytes(), 0x1d)
-            ),
+            id: replica_id(),
             counters: (0..ro.steps.len()).map(|_| Default::default()).collect(),
             active: Default::default(),
             unkeyed: AtomicU64::new(0),
@@ -271,8 +274,22 @@ impl RolloutLive {
     /// Counts a session in flight on `side` until the guard drops: at the
     /// session's end, or when its task unwinds from a panic (a decrement in
     /// `session_ended` alone left the gauge high for good then).
-    pub fn session_started(self: &Arc<Self>, side: Side) -> InFlight {
+    ///
+    /// A session is counted for judgement here, when its colour is picked:
+    /// its failures come later, as they happen. Counted at their end, the
+    /// sessions of the colour whose calls last longer were missing from the
+    /// rates that its quick failures were already in (audit: green's calls
+    /// of 4.5 s against blue's of 0.5 s, both closing 5 % early, read 7.4 %
+    /// against 3.8 % and were rolled back). A canary is not counted: test
+    /// phones say nothing of green's share of the traffic.
+    pub fn session_started(self: &Arc<Self>, pick: &super::Pick) -> InFlight {
+        let side = pick.side;
         self.active[side as usize].fetch_add(1, Relaxed);
+        if !pick.canary {
+            if let Some(c) = pick.step.and_then(|s| self.counters.get(s)) {
+                c[side as usize].sessions.fetch_add(1, Relaxed);
+            }
+        }
         InFlight {
             live: Arc::clone(self),
             side,
@@ -283,21 +300,36 @@ impl RolloutLive {
         self.active[side as usize].load(Relaxed)
     }
 
-    /// Counts a finished session (its [`InFlight`] ends it in the
-    /// in-flight count).
+    /// Counts how a session counted at its start ended (its [`InFlight`]
+    /// ends it in the in-flight count). One the proxy itself ended (a
+    /// drain's deadline, its own descriptors, a bug) says nothing of its
+    /// colour: it is taken out of the count again.
     pub fn session_ended(
         &self,
-        side: Side,
-        step: Option<usize>,
+        pick: &super::Pick,
         outcome: Outcome,
         reason: Option<Reason>,
         first_command_ms: Option<u64>,
     ) {
-        let Some(c) = step.and_then(|s| self.counters.get(s)) else {
+        if pick.canary {
+            return;
+        }
+        let Some(c) = pick.step.and_then(|s| self.counters.get(s)) else {
             return;
         };
-        let c = &c[side as usize];
-        c.sessions.fetch_add(1, Relaxed);
+        let c = &c[pick.side as usize];
+        if matches!(
+            reason,
+            Some(
+                Reason::ShuttingDown
+                    | Reason::LocalResources
+                    | Reason::Overloaded
+                    | Reason::Internal
+            )
+        ) {
+            c.sessions.fetch_sub(1, Relaxed);
+            return;
+        }
         if outcome == Outcome::Failed {
             c.failures.fetch_add(1, Relaxed);
         }

@@ -439,8 +439,8 @@ fn a_session_leaves_the_in_flight_count_however_it_ends() {
     let cfg = config("[10, 50]", "");
     let r = router(&cfg, None);
     let live = r.routes()[0].rollout.as_ref().unwrap().live.clone();
-    let blue = live.session_started(Side::Blue);
-    let green = live.session_started(Side::Green);
+    let blue = live.session_started(&pick_of(Side::Blue, false));
+    let green = live.session_started(&pick_of(Side::Green, false));
     assert_eq!((live.active(Side::Blue), live.active(Side::Green)), (1, 1));
     drop(blue);
     assert_eq!(live.active(Side::Blue), 0);
@@ -450,4 +450,52 @@ fn a_session_leaves_the_in_flight_count_however_it_ends() {
     }));
     assert!(unwound.is_err());
     assert_eq!(live.active(Side::Green), 0);
+}
+
+fn pick_of(side: super::Side, canary: bool) -> super::Pick {
+    super::Pick {
+        pool: side as usize,
+        side,
+        step: Some(0),
+        canary,
+        unkeyed: false,
+    }
+}
+
+/// Judgement counts a session when its colour is picked, its failures as
+/// they happen (rollout audit: counted at their end, the colour whose calls
+/// last longer was judged on its quick failures alone, and rolled back);
+/// canaries are not counted, nor sessions the proxy itself ended.
+#[test]
+fn judgement_counts_sessions_from_their_start_and_only_of_the_traffic() {
+    use super::Side;
+    use crate::session::outcome::{Outcome, Reason};
+    let cfg = config("[10, 50]", "");
+    let r = router(&cfg, None);
+    let live = r.routes()[0].rollout.as_ref().unwrap().live.clone();
+    let long = pick_of(Side::Green, false);
+    let _running = live.session_started(&long);
+    let early = pick_of(Side::Green, false);
+    let closed = live.session_started(&early);
+    live.session_ended(&early, Outcome::Failed, Some(Reason::BackendClosed), None);
+    drop(closed);
+    // The call still running counts: one early close in two sessions.
+    let (_, green) = live.counts(0);
+    assert_eq!(
+        (green.sessions, green.early_closes, green.failures),
+        (2, 1, 1)
+    );
+    // A test phone's call, and one the drain cut: not counted.
+    let canary = pick_of(Side::Green, true);
+    drop(live.session_started(&canary));
+    live.session_ended(&canary, Outcome::Failed, Some(Reason::BackendClosed), None);
+    let cut = pick_of(Side::Green, false);
+    drop(live.session_started(&cut));
+    live.session_ended(&cut, Outcome::Failed, Some(Reason::ShuttingDown), None);
+    let (blue, green) = live.counts(0);
+    assert_eq!(
+        (green.sessions, green.early_closes, green.failures),
+        (2, 1, 1)
+    );
+    assert_eq!(blue.sessions, 0);
 }
