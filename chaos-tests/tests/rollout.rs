@@ -1359,3 +1359,42 @@ async fn an_action_for_a_replaced_rollout_is_refused() {
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(view(&r).await.overrides.len(), 1);
 }
+
+/// A reload that declares another rollout on a route (here new steps)
+/// re-colours calls in progress: said in a WARN naming the route and the
+/// time since when calls move (rollout audit: nothing was said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_a_running_rollout_says_what_it_moves() {
+    warnings();
+    let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let start = agiproxy_config::format_ms(now_ms() - 60_000);
+    let rollout = |steps: &str| {
+        format!(
+            "      from: blue\n      to: green\n      steps: {steps}\n      step_duration: 10m\n      start: \"{start}\"\n      skew: 1s\n"
+        )
+    };
+    let text = config(&rollout("[25, 100]"), blue.addr(), green.addr())
+        .replace("name: ivr", "name: replaced-ivr");
+    let (r, dir) = replica_of_a_file(&text).await;
+    std::fs::write(
+        dir.path().join("agiproxy.yaml"),
+        text.replace("[25, 100]", "[50, 100]"),
+    )
+    .unwrap();
+    let resp = r
+        .client
+        .call(&r.api, "POST", "/v1/reload", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let log = warnings();
+    let line = log
+        .lines()
+        .find(|l| l.contains("another rollout on route replaced-ivr"))
+        .unwrap_or_else(|| panic!("no WARN: {log}"));
+    assert!(
+        line.contains(&format!("calls made since {start}")),
+        "{line}"
+    );
+}

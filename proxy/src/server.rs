@@ -653,6 +653,7 @@ impl Server {
             }
         };
         let generation = current.meta.generation;
+        let replaced = crate::rollout::view::replaced_rollouts(&current, &config);
         // New listeners first: a bind failure refuses the whole change.
         // Draining, none is opened: it would accept calls and close at once
         // (resets, which Asterisk reads as SUCCESS), where a port nobody
@@ -733,6 +734,9 @@ impl Server {
             .set(generation as i64 + 1);
         warn_carried(&carried);
         warn_dropped(&dropped);
+        for (route, what) in replaced {
+            tracing::warn!(route = %route, "{what}");
+        }
         Ok(Applied {
             generation: generation + 1,
             hash,
