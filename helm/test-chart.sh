@@ -465,6 +465,18 @@ renders templates/pdb.yaml "  minAvailable: 1"
 refused "at '/workers'" --set workers=65536
 accepted --set workers=65535
 
+# --- durations: every spelling `agiproxy check` takes ------------------------------
+# timeouts.drain sets terminationGracePeriodSeconds (+ the preStop sleep, 5,
+# and the margin, 30): humantime's long unit names and unit combinations too.
+echo "== durations"
+for pair in 90mins=5435 2hrs=7235 3secs=38 300000millis=335 5000000000nanos=40 "1h 30m=5435" 1h30m=5435 \
+    "2 days=172835" 1week=604835 1.5s=37 750ms=36 5000000us=40 "1hr 1min 1sec=3696"; do
+    renders templates/deployment.yaml "      terminationGracePeriodSeconds: ${pair#*=}" \
+        --set-string "config.timeouts.drain=${pair%=*}"
+done
+refused 'config.timeouts.drain "5msecs": unknown unit "msecs"' --set-string config.timeouts.drain=5msecs
+refused "at '/config/timeouts/drain'" --set-string config.timeouts.drain=5
+
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"
 notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE

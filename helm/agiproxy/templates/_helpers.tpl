@@ -385,22 +385,29 @@ the chart's ports and probes.
 {{- end }}
 
 {{/*
-Seconds in an agiproxy duration string (humantime syntax: "5m", "300s",
-"1h 30m", "1.5s", "250ms"), rounded up. Called with the string.
+Seconds in an agiproxy duration string, rounded up: humantime's syntax as
+`agiproxy check` takes it, numbers (a fraction allowed) each followed by a
+unit, spaces between them optional ("5m", "300s", "1h 30m", "1h30m", "1.5s",
+"90mins", "2hrs", "300000millis"). The units, case as written: nsec ns nanos;
+usec us µs; msec ms millis; seconds second secs sec s; minutes minute mins
+min m; hours hour hrs hr h; days day d; weeks week w; months month M (30.44
+days); years year y (365.25 days). Called with a list: the string, and the
+value's name for messages.
 */}}
 {{- define "agiproxy.durationSeconds" -}}
-{{- $text := toString . | replace " " "" }}
+{{- $what := index . 1 }}
+{{- $text := toString (index . 0) | replace " " "" }}
 {{- $parts := regexFindAll "[0-9]+(\\.[0-9]+)?[a-zA-Zµ]+" $text -1 }}
 {{- if or (not $parts) (ne (join "" $parts) $text) }}
-{{- fail (printf "timeouts.drain %q: not a duration agiproxy understands (write e.g. 5m, 300s, 1h)" $text) }}
+{{- fail (printf "%s %q: not a duration agiproxy understands (write e.g. 5m, 300s, 1h 30m)" $what $text) }}
 {{- end }}
-{{- $units := dict "ns" 0.000000001 "nsec" 0.000000001 "us" 0.000001 "µs" 0.000001 "usec" 0.000001 "ms" 0.001 "msec" 0.001 "s" 1.0 "sec" 1.0 "second" 1.0 "seconds" 1.0 "m" 60.0 "min" 60.0 "minute" 60.0 "minutes" 60.0 "h" 3600.0 "hr" 3600.0 "hour" 3600.0 "hours" 3600.0 "d" 86400.0 "day" 86400.0 "days" 86400.0 "w" 604800.0 "week" 604800.0 "weeks" 604800.0 }}
+{{- $units := dict "nsec" 0.000000001 "ns" 0.000000001 "nanos" 0.000000001 "usec" 0.000001 "us" 0.000001 "µs" 0.000001 "msec" 0.001 "ms" 0.001 "millis" 0.001 "seconds" 1.0 "second" 1.0 "secs" 1.0 "sec" 1.0 "s" 1.0 "minutes" 60.0 "minute" 60.0 "mins" 60.0 "min" 60.0 "m" 60.0 "hours" 3600.0 "hour" 3600.0 "hrs" 3600.0 "hr" 3600.0 "h" 3600.0 "days" 86400.0 "day" 86400.0 "d" 86400.0 "weeks" 604800.0 "week" 604800.0 "w" 604800.0 "months" 2630016.0 "month" 2630016.0 "M" 2630016.0 "years" 31557600.0 "year" 31557600.0 "y" 31557600.0 }}
 {{- $total := 0.0 }}
 {{- range $parts }}
 {{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . }}
 {{- $unit := trimPrefix $number . }}
 {{- if not (hasKey $units $unit) }}
-{{- fail (printf "timeouts.drain %q: unknown unit %q (use ms, s, m, h or d)" $text $unit) }}
+{{- fail (printf "%s %q: unknown unit %q (agiproxy takes ns, us, ms, s, m, h, d, w and their long spellings: millis, secs, mins, hrs, days, weeks...)" $what $text $unit) }}
 {{- end }}
 {{- $total = addf $total (mulf (float64 $number) (index $units $unit)) }}
 {{- end }}
@@ -436,7 +443,7 @@ cuts a drain short.
 {{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.timeouts) .Values.config.timeouts.drain }}
 {{- $drain = .Values.config.timeouts.drain }}
 {{- end }}
-{{- add (include "agiproxy.preStopSeconds" . | int) (include "agiproxy.durationSeconds" $drain | int) (int .Values.terminationGraceMarginSeconds) }}
+{{- add (include "agiproxy.preStopSeconds" . | int) (include "agiproxy.durationSeconds" (list $drain "config.timeouts.drain") | int) (int .Values.terminationGraceMarginSeconds) }}
 {{- end }}
 {{- end }}
 
