@@ -199,6 +199,12 @@ for set in "${sets[@]}"; do
             grep -q '^  replicas: 3$' "$out" && pass || fail "$name: not 3 replicas"
             grep -q 'checksum/config' "$out" && fail "$name: checksum/config without rollOnConfigChange" || pass
             grep -q '^          startupProbe:' "$out" && pass || fail "$name: no startupProbe"
+            # A request near the documented worst case (331 MiB): under node
+            # pressure, pods above their request are evicted first, with no grace.
+            grep -A2 '^            requests:$' "$out" | grep -q '^              memory: 384Mi$' && pass \
+                || fail "$name: the memory request is not 384Mi (the documented worst case is 331 MiB)"
+            grep -q '^  maxUnavailable: 1$' "$out" && ! grep -q '^  minAvailable:' "$out" && pass \
+                || fail "$name: the PodDisruptionBudget is not maxUnavailable 1"
             ;;
         one-replica-values)
             expect_kinds "$out" "$name" PodDisruptionBudget=0
@@ -460,7 +466,15 @@ renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a
 # maxUnavailable 0 is what the user wrote (not the minAvailable default).
 renders templates/pdb.yaml "  maxUnavailable: 0" --set podDisruptionBudget.maxUnavailable=0
 renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxUnavailable=0%
-renders templates/pdb.yaml "  minAvailable: 1"
+# The default: one replica evicted at a time (minAvailable 1 of 3 let two go at once).
+renders templates/pdb.yaml "  maxUnavailable: 1"
+renders templates/pdb.yaml "  minAvailable: 2" --set podDisruptionBudget.minAvailable=2
+renders templates/pdb.yaml "  minAvailable: 0" --set podDisruptionBudget.minAvailable=0
+# image.tag is a string: YAML's 1.10 is the number 1.1, 20240101 is 2.0240101e+07.
+refused "at '/image/tag'" --set image.tag=20240101
+printf 'image:\n  tag: 1.10\n' >"$work/numeric-tag.yaml"
+refused "at '/image/tag': got number, want string" -f "$work/numeric-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set-string image.tag=20240101
 # agiproxy refuses more than 65535 workers.
 refused "at '/workers'" --set workers=65536
 accepted --set workers=65535
