@@ -491,6 +491,66 @@ done
 refused 'config.timeouts.drain "5msecs": unknown unit "msecs"' --set-string config.timeouts.drain=5msecs
 refused "at '/config/timeouts/drain'" --set-string config.timeouts.drain=5
 
+# --- stopping: the grace period covers what the pod does after deletion ------------
+echo "== stopping"
+lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
+        cat "$work/lacks.yaml" >&2
+        fail "lacks: helm template $* failed"
+    elif grep -qF -- "$want" "$work/lacks.yaml"; then
+        fail "lacks: helm template $* has \"$want\" in $template"
+    else
+        pass
+        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
+    fi
+}
+run_arg() { # FLAG VALUE ARGS...: the agiproxy container runs with FLAG VALUE
+    local flag="$1" value="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only templates/deployment.yaml "$@" >"$work/args.yaml" 2>&1; then
+        cat "$work/args.yaml" >&2
+        fail "run_arg: helm template $* failed"
+    elif [[ "$(grep -A1 -xF -- "            - $flag" "$work/args.yaml" | tail -n +2)" == "            - \"$value\"" ]]; then
+        pass
+        echo "   $* runs with $flag $value"
+    else
+        fail "run_arg: helm template $* does not run agiproxy with $flag $value"
+    fi
+}
+lb_local=(--set service.type=LoadBalancer --set service.externalTrafficPolicy=Local)
+# The drain the grace period was computed from bounds the drain of the
+# running pod (a longer drain hot-reloaded later would be SIGKILLed).
+run_arg --max-drain 300s
+run_arg --max-drain 5400s --set-string 'config.timeouts.drain=1h 30m'
+run_arg --max-drain 2s --set-string config.timeouts.drain=1500ms
+# Kubernetes >= 1.30: the built-in preStop sleep, no shutdown delay.
+renders templates/deployment.yaml "                seconds: 5" --kube-version 1.37.0
+lacks templates/deployment.yaml "- --shutdown-delay" --kube-version 1.37.0
+# Before 1.30 no preStop (the image has no sleep): agiproxy's own delay, in the grace period.
+lacks templates/deployment.yaml "preStop:" --kube-version 1.29.0
+run_arg --shutdown-delay 5s --kube-version 1.29.0
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.29.0
+# Behind an external load balancer with externalTrafficPolicy Local: 30 s,
+# the load balancer's health check needing 10-30 s to drop the node.
+renders templates/deployment.yaml "                seconds: 30" --kube-version 1.37.0 "${lb_local[@]}"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 360" --kube-version 1.37.0 "${lb_local[@]}"
+run_arg --shutdown-delay 30s --kube-version 1.29.0 "${lb_local[@]}"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 360" --kube-version 1.29.0 "${lb_local[@]}"
+run_arg --shutdown-delay 12s --kube-version 1.29.0 --set shutdownDelaySeconds=12
+# A sleep of 0 is no hook (API servers before 1.33 refuse sleep: {seconds: 0}).
+lacks templates/deployment.yaml "preStop:" --kube-version 1.37.0 --set preStop.sleepSeconds=0
+lacks templates/deployment.yaml "seconds: 0" --kube-version 1.37.0 --set preStop.sleepSeconds=0 --set preStop.mode=sleep
+run_arg --shutdown-delay 5s --kube-version 1.37.0 --set preStop.sleepSeconds=0
+# An explicit grace period must cover the preStop sleep, the delay and the drain.
+refused "terminationGracePeriodSeconds 300 is shorter than the preStop sleep (5s) + shutdownDelaySeconds (0s) + config.timeouts.drain (300s) + 5 s" \
+    --kube-version 1.37.0 --set terminationGracePeriodSeconds=300
+refused "set it to at least 335" --kube-version 1.29.0 --set terminationGracePeriodSeconds=334 --set shutdownDelaySeconds=30
+accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
+refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
+    --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
+
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"
 notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE

@@ -414,37 +414,103 @@ value's name for messages.
 {{- ceil $total | int }}
 {{- end }}
 
-{{/* Seconds agiproxy keeps serving before SIGTERM (0 without a preStop hook). */}}
-{{- define "agiproxy.preStopMode" -}}
-{{- $mode := default "auto" .Values.preStop.mode }}
-{{- if eq $mode "auto" }}
-{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}sleep{{ else }}none{{ end }}
-{{- else if has $mode (list "sleep" "exec" "none") }}
-{{- $mode }}
-{{- else }}
-{{- fail (printf "preStop.mode %q: use auto, sleep, exec or none" $mode) }}
-{{- end }}
-{{- end }}
-
-{{- define "agiproxy.preStopSeconds" -}}
-{{- if eq (include "agiproxy.preStopMode" .) "none" }}0{{ else }}{{ int .Values.preStop.sleepSeconds }}{{ end }}
+{{/*
+"true" when the agi Service is a LoadBalancer or NodePort with
+externalTrafficPolicy Local: the cloud load balancer health-checks each node
+(kube-proxy's healthCheckNodePort) and needs 10-30 s (interval x unhealthy
+threshold) to stop sending a node new connections. Empty otherwise.
+*/}}
+{{- define "agiproxy.externalLocal" -}}
+{{- if and (has (default "ClusterIP" .Values.service.type) (list "LoadBalancer" "NodePort")) (eq (toString .Values.service.externalTrafficPolicy) "Local") }}true{{ end }}
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: the preStop sleep, then the drain
-(config.timeouts.drain, 5m when absent), then a margin, so SIGKILL never
-cuts a drain short.
+Seconds a terminating replica keeps accepting calls before it drains, when
+not given: 5 (kube-proxy on every node learning that the endpoint is gone),
+30 behind an external load balancer with externalTrafficPolicy Local.
 */}}
-{{- define "agiproxy.terminationGrace" -}}
-{{- if .Values.terminationGracePeriodSeconds }}
-{{- int .Values.terminationGracePeriodSeconds }}
+{{- define "agiproxy.serveSeconds" -}}
+{{- if include "agiproxy.externalLocal" . }}30{{ else }}5{{ end }}
+{{- end }}
+
+{{/* preStop.sleepSeconds: "" is serveSeconds. */}}
+{{- define "agiproxy.preStopSleep" -}}
+{{- $v := .Values.preStop.sleepSeconds }}
+{{- if or (kindIs "invalid" $v) (eq (toString $v) "") }}{{ include "agiproxy.serveSeconds" . }}{{ else }}{{ int $v }}{{ end }}
+{{- end }}
+
+{{/*
+The preStop hook: sleep (Kubernetes' built-in action), exec (`sleep` in the
+container) or none. auto is sleep on clusters >= 1.30, none before; a sleep
+of 0 seconds is no hook (API servers before 1.33 refuse `sleep: {seconds: 0}`).
+*/}}
+{{- define "agiproxy.preStopMode" -}}
+{{- $mode := default "auto" .Values.preStop.mode }}
+{{- if not (has $mode (list "auto" "sleep" "exec" "none")) }}
+{{- fail (printf "preStop.mode %q: use auto, sleep, exec or none" $mode) }}
+{{- end }}
+{{- if eq (include "agiproxy.preStopSleep" . | int) 0 }}none
+{{- else if eq $mode "auto" }}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}sleep{{ else }}none{{ end }}
 {{- else }}
+{{- $mode }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the preStop hook keeps the replica serving before SIGTERM (0 without one). */}}
+{{- define "agiproxy.preStopSeconds" -}}
+{{- if eq (include "agiproxy.preStopMode" .) "none" }}0{{ else }}{{ include "agiproxy.preStopSleep" . }}{{ end }}
+{{- end }}
+
+{{/*
+--shutdown-delay: seconds agiproxy keeps accepting after SIGTERM (/readyz
+answering 503 at once) before it drains. shutdownDelaySeconds "": when no
+preStop sleep is rendered (Kubernetes < 1.30 with preStop.mode auto, mode
+none, or a sleep of 0), serveSeconds (5, or 30 behind an external load
+balancer with externalTrafficPolicy Local); else 0.
+*/}}
+{{- define "agiproxy.shutdownDelay" -}}
+{{- $v := .Values.shutdownDelaySeconds }}
+{{- if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}{{ int $v }}
+{{- else if eq (include "agiproxy.preStopSeconds" . | int) 0 }}{{ include "agiproxy.serveSeconds" . }}
+{{- else }}0
+{{- end }}
+{{- end }}
+
+{{/* Seconds of config.timeouts.drain (5m when absent): --max-drain, and the grace period. */}}
+{{- define "agiproxy.drainSeconds" -}}
 {{- $drain := "5m" }}
 {{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.timeouts) .Values.config.timeouts.drain }}
 {{- $drain = .Values.config.timeouts.drain }}
 {{- end }}
-{{- add (include "agiproxy.preStopSeconds" . | int) (include "agiproxy.durationSeconds" (list $drain "config.timeouts.drain") | int) (int .Values.terminationGraceMarginSeconds) }}
+{{- include "agiproxy.durationSeconds" (list $drain "config.timeouts.drain") }}
 {{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, the shutdown delay, the
+drain (config.timeouts.drain, which the pods also get as --max-drain, so a
+longer drain hot-reloaded later cannot outlast it), then a margin, so SIGKILL
+never cuts a drain short. An explicit value must cover the same with at
+least 5 s to spare (agiproxy cuts the last calls at the drain deadline,
+telling Asterisk FAILURE, and exits).
+*/}}
+{{- define "agiproxy.terminationGrace" -}}
+{{- $preStop := include "agiproxy.preStopSeconds" . | int }}
+{{- $delay := include "agiproxy.shutdownDelay" . | int }}
+{{- $drain := include "agiproxy.drainSeconds" . | int }}
+{{- $derived := add $preStop $delay $drain (int .Values.terminationGraceMarginSeconds) }}
+{{- $grace := $derived }}
+{{- if not (eq (toString .Values.terminationGracePeriodSeconds) "") }}
+{{- $grace = int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- if ge $preStop $grace }}
+{{- fail (printf "preStop.sleepSeconds %d is not shorter than terminationGracePeriodSeconds %d: the API server refuses the hook (and the drain would get no time); lower the sleep, or leave terminationGracePeriodSeconds empty (the chart derives it)" $preStop $grace) }}
+{{- end }}
+{{- $needed := add $preStop $delay $drain 5 }}
+{{- if lt $grace $needed }}
+{{- fail (printf "terminationGracePeriodSeconds %d is shorter than the preStop sleep (%ds) + shutdownDelaySeconds (%ds) + config.timeouts.drain (%ds) + 5 s for agiproxy to cut the last calls: the kubelet would SIGKILL a drain, cutting calls with no FAILURE told; set it to at least %d, or leave it empty (the chart then derives %d, with terminationGraceMarginSeconds)" $grace $preStop $delay $drain $needed $derived) }}
+{{- end }}
+{{- $grace }}
 {{- end }}
 
 {{/* http or https for the control API, from config.control.tls. */}}
