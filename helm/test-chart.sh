@@ -551,6 +551,56 @@ accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
 refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
     --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
 
+# --- config changes: what old pods must not hot-reload is a new ConfigMap ---------
+echo "== config changes"
+cm_name() { # ARGS...: the ConfigMap's name, after checking the Deployment mounts it
+    local name
+    "$helm" template t "$chart" "$@" >"$work/cm.yaml" 2>"$work/cm.err" || { cat "$work/cm.err" >&2; echo "render-failed"; return; }
+    name="$(grep -A3 '^kind: ConfigMap$' "$work/cm.yaml" | sed -n 's/^  name: //p' | head -1)"
+    if grep -A1 '^          configMap:$' "$work/cm.yaml" | grep -qxF "            name: $name"; then
+        echo "$name"
+    else
+        echo "not-mounted:$name"
+    fi
+}
+same_cm() { # WHAT BASE-ARGS -- ARGS...: the change in ARGS keeps the ConfigMap's name
+    local what="$1" a b
+    shift
+    a="$(cm_name "${base[@]}")"
+    b="$(cm_name "${base[@]}" "$@")"
+    if [[ "$a" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$a" == "$b" ]]; then
+        pass
+        echo "   $what: the same ConfigMap ($a), changed in place"
+    else
+        fail "config changes: $what: ConfigMap $a, then $b; expected the same, mounted"
+    fi
+}
+new_cm() { # WHAT ARGS...: the change in ARGS is a new ConfigMap (old pods keep theirs)
+    local what="$1" a b
+    shift
+    a="$(cm_name "${base[@]}")"
+    b="$(cm_name "${base[@]}" "$@")"
+    if [[ "$a" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$b" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$a" != "$b" ]]; then
+        pass
+        echo "   $what: a new ConfigMap ($a, then $b): old pods keep theirs"
+    else
+        fail "config changes: $what: ConfigMap $a, then $b; expected a new one, mounted"
+    fi
+}
+base=()
+same_cm "a route's pool (in place)" --set 'config.routes[0].name=default' --set 'config.routes[0].pool=other' \
+    --set 'config.pools[0].name=other' --set 'config.pools[0].backends[0].address=10.0.0.1:4573'
+same_cm "timeouts.next_command (in place)" --set config.timeouts.next_command=90s
+new_cm "a listener's port" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4574' \
+    --set ports.agi=4574
+new_cm "another listener" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580'
+new_cm "config.control (read at start)" --set config.control.max_body_bytes=2097152
+base=(--set rollOnConfigChange=true)
+new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_command=90s
+# A token given by value is followed by agiproxy (its file): no rollout, which would drain every call.
+lacks templates/deployment.yaml "checksum/control-token" --set controlToken.value=abc
+
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"
 notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE

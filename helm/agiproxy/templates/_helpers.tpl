@@ -379,6 +379,25 @@ the chart's ports and probes.
 {{- toYaml $cfg }}
 {{- end }}
 
+{{/*
+The ConfigMap's name: the full name and 8 hex digits of a hash, so that the
+pods of each revision keep the ConfigMap they started with whenever a change
+must not reach them in place. With rollOnConfigChange, the hash of the whole
+config: every change is a new ConfigMap and a rollout, and old pods never
+hot-reload it. Otherwise the hash of what must not change under a running
+pod: the listeners (a changed port would close the one the Services still
+send calls to, while the pod is Ready), ports.agi, and control (read at start
+only); the rest of the config changes in place.
+*/}}
+{{- define "agiproxy.configMapName" -}}
+{{- $text := include "agiproxy.configYaml" . }}
+{{- if not .Values.rollOnConfigChange }}
+{{- $cfg := $text | fromYaml }}
+{{- $text = toYaml (dict "listeners" $cfg.listeners "control" $cfg.control "agi" (toString .Values.ports.agi)) }}
+{{- end }}
+{{- printf "%s-%s" (include "agiproxy.fullname" .) ($text | sha256sum | trunc 8) }}
+{{- end }}
+
 {{/* The config file's text. */}}
 {{- define "agiproxy.configYaml" -}}
 {{- include "agiproxy.configDict" . }}
