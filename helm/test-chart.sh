@@ -601,6 +601,58 @@ new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_comman
 # A token given by value is followed by agiproxy (its file): no rollout, which would drain every call.
 lacks templates/deployment.yaml "checksum/control-token" --set controlToken.value=abc
 
+# --- the config check hook: a config agiproxy refuses fails helm install/upgrade ---
+echo "== config check hook"
+hook="$work/hook.yaml"
+if "$helm" template t "$chart" --show-only templates/config-check.yaml >"$hook" 2>&1; then
+    [[ "$(grep -c '^    helm.sh/hook: pre-install,pre-upgrade$' "$hook")" == 2 ]] && pass \
+        || fail "config check: the ConfigMap and the Job are not both pre-install,pre-upgrade hooks"
+    # The ConfigMap exists before the Job (hook weights run in ascending order).
+    [[ "$(sed -n 's/^    helm.sh\/hook-weight: //p' "$hook" | tr -d '"' | tr '\n' ' ')" == "-10 0 " ]] && pass \
+        || fail "config check: hook weights are not -10 (ConfigMap) then 0 (Job)"
+    [[ "$(grep -c '^    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded$' "$hook")" == 2 ]] && pass \
+        || fail "config check: delete policy is not before-hook-creation,hook-succeeded"
+    grep -q '^  backoffLimit: 0$' "$hook" && grep -q '^  activeDeadlineSeconds: [0-9]' "$hook" && pass \
+        || fail "config check: the Job has no backoffLimit 0 and activeDeadlineSeconds"
+    grep -q '^        runAsNonRoot: true$' "$hook" && grep -q '^            readOnlyRootFilesystem: true$' "$hook" && pass \
+        || fail "config check: the Job's pod does not run with the Deployment's security contexts"
+    grep -q 'app.kubernetes.io/name: agiproxy$' <(sed -n '/^  template:/,$p' "$hook") \
+        && fail "config check: the Job's pod carries the Deployment's selector labels (Services and the PDB would pick it)" || pass
+    # What the Job runs: the image's binary, `check -c` on the file its ConfigMap mounts.
+    cmd="$(sed -n '/^          command:/,/^          resources:/p' "$hook" | sed -n 's/^            - //p' | tr -d '"' | tr '\n' ' ')"
+    [[ "$cmd" == "/agiproxy check -c /etc/agiproxy/agiproxy.yaml " ]] && pass \
+        || fail "config check: the Job runs \"$cmd\", not /agiproxy check -c /etc/agiproxy/agiproxy.yaml"
+    grep -A2 '^          configMap:$' "$hook" | grep -q '^            name: t-agiproxy-config-check$' \
+        && grep -A1 '^            - name: config$' "$hook" | grep -q 'mountPath: /etc/agiproxy$' && pass \
+        || fail "config check: the Job does not mount its ConfigMap at /etc/agiproxy"
+else
+    cat "$hook" >&2
+    fail "config check: no hook rendered by default"
+fi
+# The hook's config is the candidate config: agiproxy check refuses a route
+# naming an unknown pool, which renders and passes helm lint.
+bad=(--set 'config.routes[0].name=default' --set 'config.routes[0].pool=nosuchpool')
+if "$helm" template t "$chart" --show-only templates/config-check.yaml "${bad[@]}" >"$hook" 2>&1; then
+    extract_config "$hook" >"$work/hook.agiproxy.yaml"
+    if [[ -s "$work/hook.agiproxy.yaml" ]] && ! "$agiproxy" check -c "$work/hook.agiproxy.yaml" >"$work/hook.check" 2>&1 \
+        && grep -q nosuchpool "$work/hook.check"; then
+        pass
+        echo "   the hook's check refuses routes[0].pool=nosuchpool: $(grep -m1 nosuchpool "$work/hook.check" | sed 's/^ *//')"
+    else
+        cat "$work/hook.check" >&2 2>/dev/null || true
+        fail "config check: agiproxy check did not refuse the hook's config with an unknown pool"
+    fi
+else
+    cat "$hook" >&2
+    fail "config check: helm template with an unknown pool failed (the hook should be what refuses it)"
+fi
+if "$helm" template t "$chart" --set configCheck.enabled=false >"$work/nohook.yaml" 2>&1 \
+    && ! grep -q '^kind: Job$' "$work/nohook.yaml"; then
+    pass
+else
+    fail "config check: configCheck.enabled=false still renders the Job (or fails)"
+fi
+
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"
 notes() { # FILE ARGS...: helm install --dry-run=client's NOTES into FILE
