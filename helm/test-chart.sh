@@ -220,6 +220,9 @@ for set in "${sets[@]}"; do
             expect_kinds "$out" "$name" Secret=0
             grep -q 'secretName: agiproxy-control$' "$out" && pass || fail "$name: existing Secret not mounted"
             ;;
+        full-values)
+            expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=0
+            ;;
         loadbalancer-values)
             grep -q '^  type: LoadBalancer$' "$out" && pass || fail "$name: no LoadBalancer Service"
             ;;
@@ -241,7 +244,13 @@ for set in "${sets[@]}"; do
                 || fail "$name: the two Services' ipFamilies are not [IPv6]"
             ;;
         monitors-values)
-            expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
+            expect_kinds "$out" "$name" ServiceMonitor=0 PodMonitor=1 PrometheusRule=1
+            # The PodMonitor's job (NAMESPACE/NAME by the operator) is the one the rules select.
+            grep -A3 '^        - action: replace$' "$out" | grep -q '^          replacement: t-agiproxy-headless$' \
+                && grep -A3 '^        - action: replace$' "$out" | grep -q '^          targetLabel: job$' && pass \
+                || fail "$name: the PodMonitor does not relabel job to t-agiproxy-headless"
+            grep -q 'job="t-agiproxy-headless",namespace="telephony"' "$out" && pass \
+                || fail "$name: the rules do not select job=\"t-agiproxy-headless\""
             # Every metric an alert or the dashboard reads is one the docs'
             # metrics tables name (a typo in a rule never fires).
             metrics="$(grep -o 'agiproxy_[a-z_]*' "$out" | grep -v '^agiproxy_$' | sort -u)"
@@ -550,6 +559,10 @@ refused "set it to at least 335" --kube-version 1.29.0 --set terminationGracePer
 accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
 refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
     --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
+
+# Both monitors: every series twice under one job (rules and dashboard double count).
+refused "podMonitor.enabled and serviceMonitor.enabled are both true" \
+    --set podMonitor.enabled=true --set serviceMonitor.enabled=true
 
 # --- config changes: what old pods must not hot-reload is a new ConfigMap ---------
 echo "== config changes"
