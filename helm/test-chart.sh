@@ -560,6 +560,14 @@ accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
 refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
     --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
 
+# Required anti-affinity with no replica allowed to go first: a rollout
+# deadlocks once replicas >= nodes (draining pods still hold their node).
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 0" --set podAntiAffinityPreset=hard
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 25%" --set podAntiAffinityPreset=hard \
+    --set strategy.rollingUpdate.maxUnavailable=25%
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=1
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxUnavailable=34%
+
 # Both monitors: every series twice under one job (rules and dashboard double count).
 refused "podMonitor.enabled and serviceMonitor.enabled are both true" \
     --set podMonitor.enabled=true --set serviceMonitor.enabled=true
