@@ -568,6 +568,17 @@ refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 2
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=1
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxUnavailable=34%
 
+# Under an HPA, scaling down takes one replica per 10 minutes at most: each
+# one drains its calls (Kubernetes' default would take every excess one at once).
+hpa=(--set autoscaling.enabled=true)
+renders templates/hpa.yaml "      - periodSeconds: 600" "${hpa[@]}"
+renders templates/hpa.yaml "        value: 1" "${hpa[@]}"
+renders templates/hpa.yaml "      stabilizationWindowSeconds: 600" "${hpa[@]}"
+lacks templates/hpa.yaml "scaleDown:" "${hpa[@]}" --set autoscaling.behavior.scaleDown=null
+renders templates/hpa.yaml "          name: agiproxy_active_sessions" "${hpa[@]}" --set autoscaling.targetCPUUtilizationPercentage= \
+    --set 'autoscaling.extraMetrics[0].type=Pods' --set 'autoscaling.extraMetrics[0].pods.metric.name=agiproxy_active_sessions' \
+    --set 'autoscaling.extraMetrics[0].pods.target.type=AverageValue' --set-string 'autoscaling.extraMetrics[0].pods.target.averageValue=5000'
+
 # Both monitors: every series twice under one job (rules and dashboard double count).
 refused "podMonitor.enabled and serviceMonitor.enabled are both true" \
     --set podMonitor.enabled=true --set serviceMonitor.enabled=true
