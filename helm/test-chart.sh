@@ -17,7 +17,16 @@
 #     an IPv4 control API with IPv6 in ipFamilies, a control socket where no
 #     writable directory can be mounted) fail `helm template` with the
 #     chart's message;
-#   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
+#   - `agiproxy check` on the config file each rendering puts in the ConfigMap;
+#   - what keeps calls alive through changes: the grace period of every
+#     timeouts.drain spelling, --max-drain, the shutdown delay (before 1.30,
+#     30 s behind an external load balancer with externalTrafficPolicy
+#     Local), no 0 s preStop sleep, too short a grace period and hard
+#     anti-affinity with maxUnavailable 0 refused, a new ConfigMap for
+#     listener/control changes (any change with rollOnConfigChange), no
+#     token checksum, the config check hook (whose check refuses an unknown
+#     pool), PDB maxUnavailable 1, the PodMonitor's job, the HPA's
+#     scale-down, a string image.tag, the memory request.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
