@@ -17,7 +17,16 @@
 #     an IPv4 control API with IPv6 in ipFamilies, a control socket where no
 #     writable directory can be mounted) fail `helm template` with the
 #     chart's message;
-#   - `agiproxy check` on the config file each rendering puts in the ConfigMap.
+#   - `agiproxy check` on the config file each rendering puts in the ConfigMap;
+#   - what keeps calls alive through changes: the grace period of every
+#     timeouts.drain spelling, --max-drain, the shutdown delay (before 1.30,
+#     30 s behind an external load balancer with externalTrafficPolicy
+#     Local), no 0 s preStop sleep, too short a grace period and hard
+#     anti-affinity with maxUnavailable 0 refused, a new ConfigMap for
+#     listener/control changes (any change with rollOnConfigChange), no
+#     token checksum, the config check hook (whose check refuses an unknown
+#     pool), PDB maxUnavailable 1, the PodMonitor's job, the HPA's
+#     scale-down, a string image.tag, the memory request.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
@@ -199,6 +208,12 @@ for set in "${sets[@]}"; do
             grep -q '^  replicas: 3$' "$out" && pass || fail "$name: not 3 replicas"
             grep -q 'checksum/config' "$out" && fail "$name: checksum/config without rollOnConfigChange" || pass
             grep -q '^          startupProbe:' "$out" && pass || fail "$name: no startupProbe"
+            # A request near the documented worst case (331 MiB): under node
+            # pressure, pods above their request are evicted first, with no grace.
+            grep -A2 '^            requests:$' "$out" | grep -q '^              memory: 384Mi$' && pass \
+                || fail "$name: the memory request is not 384Mi (the documented worst case is 331 MiB)"
+            grep -q '^  maxUnavailable: 1$' "$out" && ! grep -q '^  minAvailable:' "$out" && pass \
+                || fail "$name: the PodDisruptionBudget is not maxUnavailable 1"
             ;;
         one-replica-values)
             expect_kinds "$out" "$name" PodDisruptionBudget=0
@@ -213,6 +228,9 @@ for set in "${sets[@]}"; do
         existing-secret-values)
             expect_kinds "$out" "$name" Secret=0
             grep -q 'secretName: agiproxy-control$' "$out" && pass || fail "$name: existing Secret not mounted"
+            ;;
+        full-values)
+            expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=0
             ;;
         loadbalancer-values)
             grep -q '^  type: LoadBalancer$' "$out" && pass || fail "$name: no LoadBalancer Service"
@@ -235,7 +253,13 @@ for set in "${sets[@]}"; do
                 || fail "$name: the two Services' ipFamilies are not [IPv6]"
             ;;
         monitors-values)
-            expect_kinds "$out" "$name" ServiceMonitor=1 PodMonitor=1 PrometheusRule=1
+            expect_kinds "$out" "$name" ServiceMonitor=0 PodMonitor=1 PrometheusRule=1
+            # The PodMonitor's job (NAMESPACE/NAME by the operator) is the one the rules select.
+            grep -A3 '^        - action: replace$' "$out" | grep -q '^          replacement: t-agiproxy-headless$' \
+                && grep -A3 '^        - action: replace$' "$out" | grep -q '^          targetLabel: job$' && pass \
+                || fail "$name: the PodMonitor does not relabel job to t-agiproxy-headless"
+            grep -q 'job="t-agiproxy-headless",namespace="telephony"' "$out" && pass \
+                || fail "$name: the rules do not select job=\"t-agiproxy-headless\""
             # Every metric an alert or the dashboard reads is one the docs'
             # metrics tables name (a typo in a rule never fires).
             metrics="$(grep -o 'agiproxy_[a-z_]*' "$out" | grep -v '^agiproxy_$' | sort -u)"
@@ -460,10 +484,215 @@ renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a
 # maxUnavailable 0 is what the user wrote (not the minAvailable default).
 renders templates/pdb.yaml "  maxUnavailable: 0" --set podDisruptionBudget.maxUnavailable=0
 renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxUnavailable=0%
-renders templates/pdb.yaml "  minAvailable: 1"
+# The default: one replica evicted at a time (minAvailable 1 of 3 let two go at once).
+renders templates/pdb.yaml "  maxUnavailable: 1"
+renders templates/pdb.yaml "  minAvailable: 2" --set podDisruptionBudget.minAvailable=2
+renders templates/pdb.yaml "  minAvailable: 0" --set podDisruptionBudget.minAvailable=0
+# image.tag is a string: YAML's 1.10 is the number 1.1, 20240101 is 2.0240101e+07.
+refused "at '/image/tag'" --set image.tag=20240101
+printf 'image:\n  tag: 1.10\n' >"$work/numeric-tag.yaml"
+refused "at '/image/tag': got number, want string" -f "$work/numeric-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set-string image.tag=20240101
 # agiproxy refuses more than 65535 workers.
 refused "at '/workers'" --set workers=65536
 accepted --set workers=65535
+
+# --- durations: every spelling `agiproxy check` takes ------------------------------
+# timeouts.drain sets terminationGracePeriodSeconds (+ the preStop sleep, 5,
+# and the margin, 30): humantime's long unit names and unit combinations too.
+echo "== durations"
+for pair in 90mins=5435 2hrs=7235 3secs=38 300000millis=335 5000000000nanos=40 "1h 30m=5435" 1h30m=5435 \
+    "2 days=172835" 1week=604835 1.5s=37 750ms=36 5000000us=40 "1hr 1min 1sec=3696"; do
+    renders templates/deployment.yaml "      terminationGracePeriodSeconds: ${pair#*=}" \
+        --set-string "config.timeouts.drain=${pair%=*}"
+done
+refused 'config.timeouts.drain "5msecs": unknown unit "msecs"' --set-string config.timeouts.drain=5msecs
+refused "at '/config/timeouts/drain'" --set-string config.timeouts.drain=5
+
+# --- stopping: the grace period covers what the pod does after deletion ------------
+echo "== stopping"
+lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
+        cat "$work/lacks.yaml" >&2
+        fail "lacks: helm template $* failed"
+    elif grep -qF -- "$want" "$work/lacks.yaml"; then
+        fail "lacks: helm template $* has \"$want\" in $template"
+    else
+        pass
+        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
+    fi
+}
+run_arg() { # FLAG VALUE ARGS...: the agiproxy container runs with FLAG VALUE
+    local flag="$1" value="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only templates/deployment.yaml "$@" >"$work/args.yaml" 2>&1; then
+        cat "$work/args.yaml" >&2
+        fail "run_arg: helm template $* failed"
+    elif [[ "$(grep -A1 -xF -- "            - $flag" "$work/args.yaml" | tail -n +2)" == "            - \"$value\"" ]]; then
+        pass
+        echo "   $* runs with $flag $value"
+    else
+        fail "run_arg: helm template $* does not run agiproxy with $flag $value"
+    fi
+}
+lb_local=(--set service.type=LoadBalancer --set service.externalTrafficPolicy=Local)
+# The drain the grace period was computed from bounds the drain of the
+# running pod (a longer drain hot-reloaded later would be SIGKILLed).
+run_arg --max-drain 300s
+run_arg --max-drain 5400s --set-string 'config.timeouts.drain=1h 30m'
+run_arg --max-drain 2s --set-string config.timeouts.drain=1500ms
+# Kubernetes >= 1.30: the built-in preStop sleep, no shutdown delay.
+renders templates/deployment.yaml "                seconds: 5" --kube-version 1.37.0
+lacks templates/deployment.yaml "- --shutdown-delay" --kube-version 1.37.0
+# Before 1.30 no preStop (the image has no sleep): agiproxy's own delay, in the grace period.
+lacks templates/deployment.yaml "preStop:" --kube-version 1.29.0
+run_arg --shutdown-delay 5s --kube-version 1.29.0
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.29.0
+# Behind an external load balancer with externalTrafficPolicy Local: 30 s,
+# the load balancer's health check needing 10-30 s to drop the node.
+renders templates/deployment.yaml "                seconds: 30" --kube-version 1.37.0 "${lb_local[@]}"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 360" --kube-version 1.37.0 "${lb_local[@]}"
+run_arg --shutdown-delay 30s --kube-version 1.29.0 "${lb_local[@]}"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 360" --kube-version 1.29.0 "${lb_local[@]}"
+run_arg --shutdown-delay 12s --kube-version 1.29.0 --set shutdownDelaySeconds=12
+# A sleep of 0 is no hook (API servers before 1.33 refuse sleep: {seconds: 0}).
+lacks templates/deployment.yaml "preStop:" --kube-version 1.37.0 --set preStop.sleepSeconds=0
+lacks templates/deployment.yaml "seconds: 0" --kube-version 1.37.0 --set preStop.sleepSeconds=0 --set preStop.mode=sleep
+run_arg --shutdown-delay 5s --kube-version 1.37.0 --set preStop.sleepSeconds=0
+# An explicit grace period must cover the preStop sleep, the delay and the drain.
+refused "terminationGracePeriodSeconds 300 is shorter than the preStop sleep (5s) + shutdownDelaySeconds (0s) + config.timeouts.drain (300s) + 5 s" \
+    --kube-version 1.37.0 --set terminationGracePeriodSeconds=300
+refused "set it to at least 335" --kube-version 1.29.0 --set terminationGracePeriodSeconds=334 --set shutdownDelaySeconds=30
+accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
+refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
+    --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
+
+# Required anti-affinity with no replica allowed to go first: a rollout
+# deadlocks once replicas >= nodes (draining pods still hold their node).
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 0" --set podAntiAffinityPreset=hard
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 25%" --set podAntiAffinityPreset=hard \
+    --set strategy.rollingUpdate.maxUnavailable=25%
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=1
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxUnavailable=34%
+
+# Under an HPA, scaling down takes one replica per 10 minutes at most: each
+# one drains its calls (Kubernetes' default would take every excess one at once).
+hpa=(--set autoscaling.enabled=true)
+renders templates/hpa.yaml "      - periodSeconds: 600" "${hpa[@]}"
+renders templates/hpa.yaml "        value: 1" "${hpa[@]}"
+renders templates/hpa.yaml "      stabilizationWindowSeconds: 600" "${hpa[@]}"
+lacks templates/hpa.yaml "scaleDown:" "${hpa[@]}" --set autoscaling.behavior.scaleDown=null
+renders templates/hpa.yaml "          name: agiproxy_active_sessions" "${hpa[@]}" --set autoscaling.targetCPUUtilizationPercentage= \
+    --set 'autoscaling.extraMetrics[0].type=Pods' --set 'autoscaling.extraMetrics[0].pods.metric.name=agiproxy_active_sessions' \
+    --set 'autoscaling.extraMetrics[0].pods.target.type=AverageValue' --set-string 'autoscaling.extraMetrics[0].pods.target.averageValue=5000'
+
+# Both monitors: every series twice under one job (rules and dashboard double count).
+refused "podMonitor.enabled and serviceMonitor.enabled are both true" \
+    --set podMonitor.enabled=true --set serviceMonitor.enabled=true
+
+# --- config changes: what old pods must not hot-reload is a new ConfigMap ---------
+echo "== config changes"
+cm_name() { # ARGS...: the ConfigMap's name, after checking the Deployment mounts it
+    local name
+    "$helm" template t "$chart" "$@" >"$work/cm.yaml" 2>"$work/cm.err" || { cat "$work/cm.err" >&2; echo "render-failed"; return; }
+    name="$(grep -A3 '^kind: ConfigMap$' "$work/cm.yaml" | sed -n 's/^  name: //p' | head -1)"
+    if grep -A1 '^          configMap:$' "$work/cm.yaml" | grep -qxF "            name: $name"; then
+        echo "$name"
+    else
+        echo "not-mounted:$name"
+    fi
+}
+same_cm() { # WHAT BASE-ARGS -- ARGS...: the change in ARGS keeps the ConfigMap's name
+    local what="$1" a b
+    shift
+    a="$(cm_name "${base[@]}")"
+    b="$(cm_name "${base[@]}" "$@")"
+    if [[ "$a" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$a" == "$b" ]]; then
+        pass
+        echo "   $what: the same ConfigMap ($a), changed in place"
+    else
+        fail "config changes: $what: ConfigMap $a, then $b; expected the same, mounted"
+    fi
+}
+new_cm() { # WHAT ARGS...: the change in ARGS is a new ConfigMap (old pods keep theirs)
+    local what="$1" a b
+    shift
+    a="$(cm_name "${base[@]}")"
+    b="$(cm_name "${base[@]}" "$@")"
+    if [[ "$a" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$b" =~ ^t-agiproxy-[0-9a-f]{8}$ && "$a" != "$b" ]]; then
+        pass
+        echo "   $what: a new ConfigMap ($a, then $b): old pods keep theirs"
+    else
+        fail "config changes: $what: ConfigMap $a, then $b; expected a new one, mounted"
+    fi
+}
+base=()
+same_cm "a route's pool (in place)" --set 'config.routes[0].name=default' --set 'config.routes[0].pool=other' \
+    --set 'config.pools[0].name=other' --set 'config.pools[0].backends[0].address=10.0.0.1:4573'
+same_cm "timeouts.next_command (in place)" --set config.timeouts.next_command=90s
+new_cm "a listener's port" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4574' \
+    --set ports.agi=4574
+new_cm "another listener" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573' \
+    --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580'
+new_cm "config.control (read at start)" --set config.control.max_body_bytes=2097152
+base=(--set rollOnConfigChange=true)
+new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_command=90s
+# A token given by value is followed by agiproxy (its file): no rollout, which would drain every call.
+lacks templates/deployment.yaml "checksum/control-token" --set controlToken.value=abc
+
+# --- the config check hook: a config agiproxy refuses fails helm install/upgrade ---
+echo "== config check hook"
+hook="$work/hook.yaml"
+if "$helm" template t "$chart" --show-only templates/config-check.yaml >"$hook" 2>&1; then
+    [[ "$(grep -c '^    helm.sh/hook: pre-install,pre-upgrade$' "$hook")" == 2 ]] && pass \
+        || fail "config check: the ConfigMap and the Job are not both pre-install,pre-upgrade hooks"
+    # The ConfigMap exists before the Job (hook weights run in ascending order).
+    [[ "$(sed -n 's/^    helm.sh\/hook-weight: //p' "$hook" | tr -d '"' | tr '\n' ' ')" == "-10 0 " ]] && pass \
+        || fail "config check: hook weights are not -10 (ConfigMap) then 0 (Job)"
+    [[ "$(grep -c '^    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded$' "$hook")" == 2 ]] && pass \
+        || fail "config check: delete policy is not before-hook-creation,hook-succeeded"
+    grep -q '^  backoffLimit: 0$' "$hook" && grep -q '^  activeDeadlineSeconds: [0-9]' "$hook" && pass \
+        || fail "config check: the Job has no backoffLimit 0 and activeDeadlineSeconds"
+    grep -q '^        runAsNonRoot: true$' "$hook" && grep -q '^            readOnlyRootFilesystem: true$' "$hook" && pass \
+        || fail "config check: the Job's pod does not run with the Deployment's security contexts"
+    grep -q 'app.kubernetes.io/name: agiproxy$' <(sed -n '/^  template:/,$p' "$hook") \
+        && fail "config check: the Job's pod carries the Deployment's selector labels (Services and the PDB would pick it)" || pass
+    # What the Job runs: the image's binary, `check -c` on the file its ConfigMap mounts.
+    cmd="$(sed -n '/^          command:/,/^          resources:/p' "$hook" | sed -n 's/^            - //p' | tr -d '"' | tr '\n' ' ')"
+    [[ "$cmd" == "/agiproxy check -c /etc/agiproxy/agiproxy.yaml " ]] && pass \
+        || fail "config check: the Job runs \"$cmd\", not /agiproxy check -c /etc/agiproxy/agiproxy.yaml"
+    grep -A2 '^          configMap:$' "$hook" | grep -q '^            name: t-agiproxy-config-check$' \
+        && grep -A1 '^            - name: config$' "$hook" | grep -q 'mountPath: /etc/agiproxy$' && pass \
+        || fail "config check: the Job does not mount its ConfigMap at /etc/agiproxy"
+else
+    cat "$hook" >&2
+    fail "config check: no hook rendered by default"
+fi
+# The hook's config is the candidate config: agiproxy check refuses a route
+# naming an unknown pool, which renders and passes helm lint.
+bad=(--set 'config.routes[0].name=default' --set 'config.routes[0].pool=nosuchpool')
+if "$helm" template t "$chart" --show-only templates/config-check.yaml "${bad[@]}" >"$hook" 2>&1; then
+    extract_config "$hook" >"$work/hook.agiproxy.yaml"
+    if [[ -s "$work/hook.agiproxy.yaml" ]] && ! "$agiproxy" check -c "$work/hook.agiproxy.yaml" >"$work/hook.check" 2>&1 \
+        && grep -q nosuchpool "$work/hook.check"; then
+        pass
+        echo "   the hook's check refuses routes[0].pool=nosuchpool: $(grep -m1 nosuchpool "$work/hook.check" | sed 's/^ *//')"
+    else
+        cat "$work/hook.check" >&2 2>/dev/null || true
+        fail "config check: agiproxy check did not refuse the hook's config with an unknown pool"
+    fi
+else
+    cat "$hook" >&2
+    fail "config check: helm template with an unknown pool failed (the hook should be what refuses it)"
+fi
+if "$helm" template t "$chart" --set configCheck.enabled=false >"$work/nohook.yaml" 2>&1 \
+    && ! grep -q '^kind: Job$' "$work/nohook.yaml"; then
+    pass
+else
+    fail "config check: configCheck.enabled=false still renders the Job (or fails)"
+fi
 
 # --- NOTES: the commands it prints work ------------------------------------------
 echo "== NOTES"

@@ -379,65 +379,157 @@ the chart's ports and probes.
 {{- toYaml $cfg }}
 {{- end }}
 
+{{/*
+The ConfigMap's name: the full name and 8 hex digits of a hash, so that the
+pods of each revision keep the ConfigMap they started with whenever a change
+must not reach them in place. With rollOnConfigChange, the hash of the whole
+config: every change is a new ConfigMap and a rollout, and old pods never
+hot-reload it. Otherwise the hash of what must not change under a running
+pod: the listeners (a changed port would close the one the Services still
+send calls to, while the pod is Ready), ports.agi, and control (read at start
+only); the rest of the config changes in place.
+*/}}
+{{- define "agiproxy.configMapName" -}}
+{{- $text := include "agiproxy.configYaml" . }}
+{{- if not .Values.rollOnConfigChange }}
+{{- $cfg := $text | fromYaml }}
+{{- $text = toYaml (dict "listeners" $cfg.listeners "control" $cfg.control "agi" (toString .Values.ports.agi)) }}
+{{- end }}
+{{- printf "%s-%s" (include "agiproxy.fullname" .) ($text | sha256sum | trunc 8) }}
+{{- end }}
+
 {{/* The config file's text. */}}
 {{- define "agiproxy.configYaml" -}}
 {{- include "agiproxy.configDict" . }}
 {{- end }}
 
 {{/*
-Seconds in an agiproxy duration string (humantime syntax: "5m", "300s",
-"1h 30m", "1.5s", "250ms"), rounded up. Called with the string.
+Seconds in an agiproxy duration string, rounded up: humantime's syntax as
+`agiproxy check` takes it, numbers (a fraction allowed) each followed by a
+unit, spaces between them optional ("5m", "300s", "1h 30m", "1h30m", "1.5s",
+"90mins", "2hrs", "300000millis"). The units, case as written: nsec ns nanos;
+usec us µs; msec ms millis; seconds second secs sec s; minutes minute mins
+min m; hours hour hrs hr h; days day d; weeks week w; months month M (30.44
+days); years year y (365.25 days). Called with a list: the string, and the
+value's name for messages.
 */}}
 {{- define "agiproxy.durationSeconds" -}}
-{{- $text := toString . | replace " " "" }}
+{{- $what := index . 1 }}
+{{- $text := toString (index . 0) | replace " " "" }}
 {{- $parts := regexFindAll "[0-9]+(\\.[0-9]+)?[a-zA-Zµ]+" $text -1 }}
 {{- if or (not $parts) (ne (join "" $parts) $text) }}
-{{- fail (printf "timeouts.drain %q: not a duration agiproxy understands (write e.g. 5m, 300s, 1h)" $text) }}
+{{- fail (printf "%s %q: not a duration agiproxy understands (write e.g. 5m, 300s, 1h 30m)" $what $text) }}
 {{- end }}
-{{- $units := dict "ns" 0.000000001 "nsec" 0.000000001 "us" 0.000001 "µs" 0.000001 "usec" 0.000001 "ms" 0.001 "msec" 0.001 "s" 1.0 "sec" 1.0 "second" 1.0 "seconds" 1.0 "m" 60.0 "min" 60.0 "minute" 60.0 "minutes" 60.0 "h" 3600.0 "hr" 3600.0 "hour" 3600.0 "hours" 3600.0 "d" 86400.0 "day" 86400.0 "days" 86400.0 "w" 604800.0 "week" 604800.0 "weeks" 604800.0 }}
+{{- $units := dict "nsec" 0.000000001 "ns" 0.000000001 "nanos" 0.000000001 "usec" 0.000001 "us" 0.000001 "µs" 0.000001 "msec" 0.001 "ms" 0.001 "millis" 0.001 "seconds" 1.0 "second" 1.0 "secs" 1.0 "sec" 1.0 "s" 1.0 "minutes" 60.0 "minute" 60.0 "mins" 60.0 "min" 60.0 "m" 60.0 "hours" 3600.0 "hour" 3600.0 "hrs" 3600.0 "hr" 3600.0 "h" 3600.0 "days" 86400.0 "day" 86400.0 "d" 86400.0 "weeks" 604800.0 "week" 604800.0 "w" 604800.0 "months" 2630016.0 "month" 2630016.0 "M" 2630016.0 "years" 31557600.0 "year" 31557600.0 "y" 31557600.0 }}
 {{- $total := 0.0 }}
 {{- range $parts }}
 {{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" . }}
 {{- $unit := trimPrefix $number . }}
 {{- if not (hasKey $units $unit) }}
-{{- fail (printf "timeouts.drain %q: unknown unit %q (use ms, s, m, h or d)" $text $unit) }}
+{{- fail (printf "%s %q: unknown unit %q (agiproxy takes ns, us, ms, s, m, h, d, w and their long spellings: millis, secs, mins, hrs, days, weeks...)" $what $text $unit) }}
 {{- end }}
 {{- $total = addf $total (mulf (float64 $number) (index $units $unit)) }}
 {{- end }}
 {{- ceil $total | int }}
 {{- end }}
 
-{{/* Seconds agiproxy keeps serving before SIGTERM (0 without a preStop hook). */}}
-{{- define "agiproxy.preStopMode" -}}
-{{- $mode := default "auto" .Values.preStop.mode }}
-{{- if eq $mode "auto" }}
-{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}sleep{{ else }}none{{ end }}
-{{- else if has $mode (list "sleep" "exec" "none") }}
-{{- $mode }}
-{{- else }}
-{{- fail (printf "preStop.mode %q: use auto, sleep, exec or none" $mode) }}
-{{- end }}
-{{- end }}
-
-{{- define "agiproxy.preStopSeconds" -}}
-{{- if eq (include "agiproxy.preStopMode" .) "none" }}0{{ else }}{{ int .Values.preStop.sleepSeconds }}{{ end }}
+{{/*
+"true" when the agi Service is a LoadBalancer or NodePort with
+externalTrafficPolicy Local: the cloud load balancer health-checks each node
+(kube-proxy's healthCheckNodePort) and needs 10-30 s (interval x unhealthy
+threshold) to stop sending a node new connections. Empty otherwise.
+*/}}
+{{- define "agiproxy.externalLocal" -}}
+{{- if and (has (default "ClusterIP" .Values.service.type) (list "LoadBalancer" "NodePort")) (eq (toString .Values.service.externalTrafficPolicy) "Local") }}true{{ end }}
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: the preStop sleep, then the drain
-(config.timeouts.drain, 5m when absent), then a margin, so SIGKILL never
-cuts a drain short.
+Seconds a terminating replica keeps accepting calls before it drains, when
+not given: 5 (kube-proxy on every node learning that the endpoint is gone),
+30 behind an external load balancer with externalTrafficPolicy Local.
 */}}
-{{- define "agiproxy.terminationGrace" -}}
-{{- if .Values.terminationGracePeriodSeconds }}
-{{- int .Values.terminationGracePeriodSeconds }}
+{{- define "agiproxy.serveSeconds" -}}
+{{- if include "agiproxy.externalLocal" . }}30{{ else }}5{{ end }}
+{{- end }}
+
+{{/* preStop.sleepSeconds: "" is serveSeconds. */}}
+{{- define "agiproxy.preStopSleep" -}}
+{{- $v := .Values.preStop.sleepSeconds }}
+{{- if or (kindIs "invalid" $v) (eq (toString $v) "") }}{{ include "agiproxy.serveSeconds" . }}{{ else }}{{ int $v }}{{ end }}
+{{- end }}
+
+{{/*
+The preStop hook: sleep (Kubernetes' built-in action), exec (`sleep` in the
+container) or none. auto is sleep on clusters >= 1.30, none before; a sleep
+of 0 seconds is no hook (API servers before 1.33 refuse `sleep: {seconds: 0}`).
+*/}}
+{{- define "agiproxy.preStopMode" -}}
+{{- $mode := default "auto" .Values.preStop.mode }}
+{{- if not (has $mode (list "auto" "sleep" "exec" "none")) }}
+{{- fail (printf "preStop.mode %q: use auto, sleep, exec or none" $mode) }}
+{{- end }}
+{{- if eq (include "agiproxy.preStopSleep" . | int) 0 }}none
+{{- else if eq $mode "auto" }}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}sleep{{ else }}none{{ end }}
 {{- else }}
+{{- $mode }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds the preStop hook keeps the replica serving before SIGTERM (0 without one). */}}
+{{- define "agiproxy.preStopSeconds" -}}
+{{- if eq (include "agiproxy.preStopMode" .) "none" }}0{{ else }}{{ include "agiproxy.preStopSleep" . }}{{ end }}
+{{- end }}
+
+{{/*
+--shutdown-delay: seconds agiproxy keeps accepting after SIGTERM (/readyz
+answering 503 at once) before it drains. shutdownDelaySeconds "": when no
+preStop sleep is rendered (Kubernetes < 1.30 with preStop.mode auto, mode
+none, or a sleep of 0), serveSeconds (5, or 30 behind an external load
+balancer with externalTrafficPolicy Local); else 0.
+*/}}
+{{- define "agiproxy.shutdownDelay" -}}
+{{- $v := .Values.shutdownDelaySeconds }}
+{{- if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}{{ int $v }}
+{{- else if eq (include "agiproxy.preStopSeconds" . | int) 0 }}{{ include "agiproxy.serveSeconds" . }}
+{{- else }}0
+{{- end }}
+{{- end }}
+
+{{/* Seconds of config.timeouts.drain (5m when absent): --max-drain, and the grace period. */}}
+{{- define "agiproxy.drainSeconds" -}}
 {{- $drain := "5m" }}
 {{- if and (kindIs "map" .Values.config) (kindIs "map" .Values.config.timeouts) .Values.config.timeouts.drain }}
 {{- $drain = .Values.config.timeouts.drain }}
 {{- end }}
-{{- add (include "agiproxy.preStopSeconds" . | int) (include "agiproxy.durationSeconds" $drain | int) (int .Values.terminationGraceMarginSeconds) }}
+{{- include "agiproxy.durationSeconds" (list $drain "config.timeouts.drain") }}
 {{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, the shutdown delay, the
+drain (config.timeouts.drain, which the pods also get as --max-drain, so a
+longer drain hot-reloaded later cannot outlast it), then a margin, so SIGKILL
+never cuts a drain short. An explicit value must cover the same with at
+least 5 s to spare (agiproxy cuts the last calls at the drain deadline,
+telling Asterisk FAILURE, and exits).
+*/}}
+{{- define "agiproxy.terminationGrace" -}}
+{{- $preStop := include "agiproxy.preStopSeconds" . | int }}
+{{- $delay := include "agiproxy.shutdownDelay" . | int }}
+{{- $drain := include "agiproxy.drainSeconds" . | int }}
+{{- $derived := add $preStop $delay $drain (int .Values.terminationGraceMarginSeconds) }}
+{{- $grace := $derived }}
+{{- if not (eq (toString .Values.terminationGracePeriodSeconds) "") }}
+{{- $grace = int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- if ge $preStop $grace }}
+{{- fail (printf "preStop.sleepSeconds %d is not shorter than terminationGracePeriodSeconds %d: the API server refuses the hook (and the drain would get no time); lower the sleep, or leave terminationGracePeriodSeconds empty (the chart derives it)" $preStop $grace) }}
+{{- end }}
+{{- $needed := add $preStop $delay $drain 5 }}
+{{- if lt $grace $needed }}
+{{- fail (printf "terminationGracePeriodSeconds %d is shorter than the preStop sleep (%ds) + shutdownDelaySeconds (%ds) + config.timeouts.drain (%ds) + 5 s for agiproxy to cut the last calls: the kubelet would SIGKILL a drain, cutting calls with no FAILURE told; set it to at least %d, or leave it empty (the chart then derives %d, with terminationGraceMarginSeconds)" $grace $preStop $delay $drain $needed $derived) }}
+{{- end }}
+{{- $grace }}
 {{- end }}
 
 {{/* http or https for the control API, from config.control.tls. */}}
