@@ -43,6 +43,9 @@ pub(crate) struct ListenerEntry {
     pub(crate) configured: SocketAddr,
     pub(crate) bound: SocketAddr,
     pub(crate) stop: CancellationToken,
+    /// Ends (its sender dropped) once the socket is closed: a change that
+    /// binds the address again waits for it.
+    pub(crate) closed: tokio::sync::oneshot::Receiver<()>,
 }
 
 /// A configured listener, bound, not yet accepting.
@@ -151,17 +154,20 @@ pub(crate) fn spawn_listener(shared: &Arc<Shared>, bound: Bound) -> ListenerEntr
     let addr = bound.socket.local_addr().unwrap_or(configured);
     let stop = shared.drain.stop_accepting.child_token();
     tracing::info!(address = %addr, "listening for Asterisk");
+    let (closing, closed) = tokio::sync::oneshot::channel();
     // Tracked, so that a drain waits for it to serve its queue.
     shared.drain.listeners.spawn(accept_loop(
         shared.clone(),
         configured,
         bound.socket,
         stop.clone(),
+        closing,
     ));
     ListenerEntry {
         configured,
         bound: addr,
         stop,
+        closed,
     }
 }
 
@@ -170,6 +176,7 @@ async fn accept_loop(
     configured: SocketAddr,
     socket: std::net::TcpListener,
     stop: CancellationToken,
+    closing: tokio::sync::oneshot::Sender<()>,
 ) {
     let listener = match TcpListener::from_std(socket) {
         Ok(l) => l,
@@ -230,6 +237,8 @@ async fn accept_loop(
             tracing::warn!(address = %address, error = %e, "listener closed; connections queued on it are reset")
         }
     }
+    // The socket is closed by now: its address may be bound again.
+    drop(closing);
 }
 
 /// Accepts every connection queued on `listener` (non-blocking) and hands

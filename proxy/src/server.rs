@@ -187,6 +187,9 @@ struct Changes {
     /// The `control:` block the process started with: the one in effect
     /// until a restart, whatever later configs say.
     control_in_effect: agiproxy_config::Control,
+    /// Listeners a change removed, until their sockets are closed (they
+    /// serve what the kernel queued first).
+    retiring: Mutex<Vec<(SocketAddr, tokio::sync::oneshot::Receiver<()>)>>,
     /// One parse of a config text at a time, edits' included: each may take
     /// a few hundred MB and a second for the largest text allowed.
     parses: Arc<Semaphore>,
@@ -267,6 +270,7 @@ impl Server {
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
+            retiring: Mutex::new(Vec::new()),
             control: std::sync::OnceLock::new(),
             control_in_effect,
             parses: Arc::new(Semaphore::new(1)),
@@ -672,6 +676,7 @@ impl Server {
         } else {
             let mut held: Vec<Held> = table.iter().map(|e| Held::Listener(e.bound)).collect();
             held.extend(self.changes.control.get().copied().map(Held::ControlApi));
+            self.retired_closed(&config, &kept).await;
             bind_all(&config, &kept, &held)?
         };
         let meta = ConfigMeta::new(generation + 1, source, text);
@@ -716,18 +721,25 @@ impl Server {
             table.push(spawn_listener(&self.shared, b));
         }
         // Then close the listeners the new config no longer has.
-        table.retain(|e| {
-            let keep = next
-                .config
-                .listeners
-                .iter()
-                .any(|l| l.address == e.configured);
-            if !keep {
-                tracing::info!(address = %e.bound, "listener removed by config change");
-                e.stop.cancel();
-            }
-            keep
-        });
+        let (kept, gone): (Vec<ListenerEntry>, Vec<ListenerEntry>) =
+            std::mem::take(&mut *table).into_iter().partition(|e| {
+                next.config
+                    .listeners
+                    .iter()
+                    .any(|l| l.address == e.configured)
+            });
+        *table = kept;
+        let mut retiring = self
+            .changes
+            .retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for e in gone {
+            tracing::info!(address = %e.bound, "listener removed by config change");
+            e.stop.cancel();
+            retiring.push((e.configured, e.closed));
+        }
+        drop(retiring);
         self.shared
             .metrics
             .config_generation
@@ -967,6 +979,39 @@ impl Server {
         self.shared.drain.is_stopping()
     }
 
+    /// Waits (at most 2 s) for the listeners a change removed on the
+    /// addresses `config` opens to have closed: their accept loops serve the
+    /// kernel's queue first, and a change that put the address back at once
+    /// failed to bind it, blaming "another process" (reload audit: 5 of 60
+    /// quick flips refused).
+    async fn retired_closed(&self, config: &Config, kept: &[SocketAddr]) {
+        let waits: Vec<_> = {
+            let mut retiring = self
+                .changes
+                .retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            retiring.retain_mut(|(_, closed)| {
+                !matches!(
+                    closed.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                )
+            });
+            let (wanted, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *retiring)
+                .into_iter()
+                .partition(|(a, _)| {
+                    !kept.contains(a) && config.listeners.iter().any(|l| l.address == *a)
+                });
+            *retiring = rest;
+            wanted
+        };
+        if waits.is_empty() {
+            return;
+        }
+        let all = futures_util::future::join_all(waits.into_iter().map(|(_, closed)| closed));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), all).await;
+    }
+
     pub fn stop_accepting(&self) {
         self.shared.drain.start();
     }
@@ -1163,6 +1208,41 @@ async fn retire_session_series(shared: std::sync::Weak<Shared>) {
 mod tests {
     use super::*;
     use agiproxy_config::{ConfigError, ConfigErrors};
+
+    /// A listener removed and put back at once is bound again: the change
+    /// waits for the removed one's socket to close (reload audit: 5 of 60
+    /// quick flips were refused, "is another process using it?").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_removed_and_put_back_at_once_is_bound_again() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = |extra: bool| {
+            let extra = if extra {
+                format!("  - {{ name: extra, address: \"127.0.0.1:{port}\" }}\n")
+            } else {
+                String::new()
+            };
+            format!(
+                "version: 1\nlisteners:\n  - {{ name: a, address: \"127.0.0.1:0\" }}\n{extra}\
+                 routes: [{{ name: all, pool: p }}]\n\
+                 pools: [{{ name: p, backends: [{{ address: \"127.0.0.1:1\" }}] }}]\n"
+            )
+        };
+        let config = agiproxy_config::from_yaml_str(&text(true)).unwrap();
+        let server = Server::start(config).await.unwrap();
+        for round in 0..100 {
+            for extra in [false, true] {
+                if let Err(e) = server.apply(&text(extra), "test", false, None).await {
+                    panic!("round {round}, extra {extra}: {e}");
+                }
+            }
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    }
 
     /// Errors as long as the keys they quote are cut to `LOG_ERRORS_BYTES`
     /// on a character boundary, with a note; ordinary ones are kept whole.
