@@ -626,7 +626,10 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
         followed,
         credentials::EVERY,
     );
-    let _watch = agiproxy::watch::watch(server.clone())?;
+    // Best-effort: a watch that cannot be set up (inotify's limits) is a
+    // WARN, never the end of a process that already accepts calls; the file
+    // is still looked at every 30 s and on SIGHUP.
+    let _watch = agiproxy::watch::watch(server.clone(), agiproxy::watch::EVERY).await;
 
     let (stop_control, control_task) = match control {
         Some(api) => {
