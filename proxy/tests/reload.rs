@@ -1157,3 +1157,37 @@ async fn regression_a_watch_that_cannot_be_set_up_does_not_end_a_serving_proxy()
         "no descriptor limit left the proxy serving without a watch"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_reload_on_sighup_does_not_hold_back_a_stop() {
+    // SIGHUP's reload ran inside the signal loop: while it parsed (or
+    // waited for its turn), SIGTERM was not acted on and the listeners kept
+    // accepting calls, seconds late.
+    let p = PlainFile::start("agiproxy-hup-").await;
+    let listener: SocketAddr = status(&p.api).unwrap()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = p._proxy.id() as i32;
+    replace(
+        &p.file,
+        &many_routes(&p.control, "b", p.a.addr(), p.b.addr(), 30_000),
+    );
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let sent = Instant::now();
+    let deadline = sent + Duration::from_secs(30);
+    while std::net::TcpStream::connect(listener).is_ok() {
+        assert!(Instant::now() < deadline, "never stopped accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "stopped accepting {took:?} after SIGTERM"
+    );
+}
