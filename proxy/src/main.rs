@@ -626,7 +626,23 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
         followed,
         credentials::EVERY,
     );
-    let _watch = agiproxy::watch::watch(server.clone())?;
+    // Best-effort: a watch that cannot be set up (inotify's limits) is a
+    // WARN, never the end of a process that already accepts calls; the file
+    // is still looked at every 30 s and on SIGHUP.
+    let _watch = agiproxy::watch::watch(server.clone(), agiproxy::watch::EVERY).await;
+    // SIGHUP's reload runs as a task of its own: while it waits for its turn
+    // or parses, the loop below still acts on a stop signal and the shutdown
+    // delay. SIGHUPs meanwhile coalesce: one reload runs, at most one waits.
+    let reload_asked = Arc::new(tokio::sync::Notify::new());
+    let reloads = {
+        let (server, asked) = (server.clone(), reload_asked.clone());
+        tokio::spawn(async move {
+            loop {
+                asked.notified().await;
+                let _ = server.reload_file().await;
+            }
+        })
+    };
 
     let (stop_control, control_task) = match control {
         Some(api) => {
@@ -655,7 +671,7 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the config file, looking at the credential files");
                 credentials.now();
-                let _ = server.reload_file().await;
+                reload_asked.notify_one();
             }
             _ = signals.recv() => {
                 if delay_ends.is_some() || stop.delay.is_zero() {
@@ -673,6 +689,9 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
             _ = server.draining() => break,
         }
     }
+    // SIGHUP is ignored once the drain starts: a reload still waiting or
+    // running is dropped (`abandoned` if it had begun to apply).
+    reloads.abort();
     // The running config's deadline: a reload may have changed it; within
     // what this process was started for.
     let configured = server.snapshot().config.timeouts.drain;

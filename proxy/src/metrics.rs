@@ -13,6 +13,10 @@ use crate::session::outcome::{Outcome, Reason};
 
 pub mod retention;
 
+/// Every `reason` of `config_watch_losses_total`, exported at 0 from the
+/// start (see [`RELOAD_RESULTS`]).
+pub const WATCH_LOSS_REASONS: [&str; 2] = ["directory", "error"];
+
 /// What `connect_attempts_total` counts, by its `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectResult {
@@ -93,6 +97,11 @@ pub struct Metrics {
     pub credential_reloads: IntCounterVec,
     pub credential_expiry: IntGaugeVec,
     pub config_generation: IntGauge,
+    /// The config file's watch lost or refused, by `reason`
+    /// ([`WATCH_LOSS_REASONS`]).
+    pub config_watch_losses: IntCounterVec,
+    /// 1 while the config file's directory is watched.
+    pub config_watch_up: IntGauge,
     pub control_requests: IntCounterVec,
     pub control_refused: IntCounterVec,
 }
@@ -135,6 +144,19 @@ impl Metrics {
         let config_generation =
             IntGauge::new("config_generation", "Generation of the running config")
                 .expect("valid metric");
+        let config_watch_losses = IntCounterVec::new(
+            Opts::new(
+                "config_watch_losses_total",
+                "The config file's watch lost, by reason: directory (its directory was removed, moved or replaced, or the path now leads to another one: watched again), error (the watch could not be set up, or failed: inotify limits most often; the file is still looked at every 30 s and on SIGHUP)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let config_watch_up = IntGauge::new(
+            "config_watch_up",
+            "1 while the config file's directory is watched (changes applied within a second); 0 without a watch (looked at every 30 s)",
+        )
+        .expect("valid metric");
         let control_requests = IntCounterVec::new(
             Opts::new(
                 "control_requests_total",
@@ -265,6 +287,8 @@ impl Metrics {
             Box::new(credential_reloads.clone()),
             Box::new(credential_expiry.clone()),
             Box::new(config_generation.clone()),
+            Box::new(config_watch_losses.clone()),
+            Box::new(config_watch_up.clone()),
             Box::new(control_requests.clone()),
             Box::new(control_refused.clone()),
             Box::new(build_info),
@@ -291,6 +315,9 @@ impl Metrics {
         // Label values known in advance start at 0 (see RELOAD_RESULTS).
         for result in RELOAD_RESULTS {
             config_reloads.with_label_values(&[result]);
+        }
+        for reason in WATCH_LOSS_REASONS {
+            config_watch_losses.with_label_values(&[reason]);
         }
         for reason in crate::session::header::HeaderError::REASONS {
             header_errors.with_label_values(&[reason]);
@@ -330,6 +357,8 @@ impl Metrics {
             credential_reloads,
             credential_expiry,
             config_generation,
+            config_watch_losses,
+            config_watch_up,
             control_requests,
             control_refused,
         }

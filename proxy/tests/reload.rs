@@ -942,3 +942,253 @@ async fn a_restarted_replica_knows_its_peers_judged_rollback_before_its_first_ca
         rollout_view(&c.api(0))["next_step_at"]
     );
 }
+
+/// `config(control, pool, a, b)` with `n` more routes ahead of `all`, none
+/// of which a call to `ivr/main` (no arguments) matches: about 80 bytes
+/// each, a regex each; at 30,000, 2.4 MB and a parse of 2 s in a debug
+/// build.
+fn many_routes(control: &str, pool: &str, a: SocketAddr, b: SocketAddr, n: usize) -> String {
+    let mut routes = String::with_capacity(n * 80);
+    for i in 0..n {
+        routes.push_str(&format!(
+            "  - {{ name: r{i}, match: {{ args: {{ \"1\": \"^\\\\w+(?:a|b)+r{i}$\" }} }}, pool: a }}\n"
+        ));
+    }
+    config(control, pool, a, b).replace("routes:\n", &format!("routes:\n{routes}"))
+}
+
+/// Replaces `file` with `text` atomically (a temporary file renamed over it).
+fn replace(file: &Path, text: &str) {
+    let tmp = file.with_extension("yaml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_change_made_while_the_process_starts_is_applied() {
+    // The file is read at the top of `run`; the watch was set up only after
+    // the parse, the listeners and the control API, its last content the
+    // one read at start: a ConfigMap swap meanwhile was never seen
+    // (`differs_from_file` false, the old routes served for good).
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let dir = tempfile::Builder::new()
+        .prefix("agiproxy-starting-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join("agiproxy.yaml");
+    let text = many_routes(&control, "a", a.addr(), b.addr(), 30_000);
+    std::fs::write(&file, &text).unwrap();
+    let _proxy = start(&file);
+    std::thread::sleep(Duration::from_millis(120));
+    replace(&file, &text.replace("pool: a\npools:", "pool: b\npools:"));
+    // The start (a parse of seconds), then the file as it is now.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&api).is_none() {
+        assert!(Instant::now() < deadline, "not started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Generation 2 (or 1, had the start been slow enough to read the new
+    // file): the calls say which config runs.
+    wait_generation(&api, 2, Duration::from_secs(10));
+    let st = status(&api).unwrap();
+    assert_eq!(st["differs_from_file"], false, "{st}");
+    call_through(&api).await;
+    assert_eq!((a.stats().accepted(), b.stats().accepted()), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_the_watch_follows_its_directory_removed_and_put_back() {
+    // inotify follows the directory's inode: after `rm -rf etc && mv
+    // etc.new etc` the watch was on a removed directory, and no later edit
+    // was seen (no WARN, no metric).
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let root = tempfile::Builder::new()
+        .prefix("agiproxy-etc-")
+        .tempdir()
+        .unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let file = etc.join("agiproxy.yaml");
+    let text = |pool: &str, route: &str| {
+        config(&control, pool, a.addr(), b.addr()).replace("name: all", route)
+    };
+    std::fs::write(&file, text("a", "name: all")).unwrap();
+    let _proxy = start(&file);
+    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+
+    let new = root.path().join("etc.new");
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(new.join("agiproxy.yaml"), text("b", "name: all")).unwrap();
+    std::fs::remove_dir_all(&etc).unwrap();
+    std::fs::rename(&new, &etc).unwrap();
+    assert_eq!(wait_generation(&api, 2, Duration::from_secs(5)), 2);
+    // Later edits, in place and by rename, are seen at once.
+    std::fs::write(&file, text("a", "name: all2")).unwrap();
+    assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
+    replace(&file, &text("b", "name: all3"));
+    assert_eq!(wait_generation(&api, 4, Duration::from_secs(5)), 4);
+    // Said and counted.
+    assert_eq!(
+        metric(
+            &api,
+            "agiproxy_config_watch_losses_total{reason=\"directory\"}"
+        ),
+        1
+    );
+    assert_eq!(metric(&api, "agiproxy_config_watch_up"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_file_moved_away_and_back_unchanged_keeps_an_api_change() {
+    // A failed read (the file moved away for a moment) forgot the file's
+    // content: the same file back counted as a change and was applied,
+    // undoing `ctl config apply`.
+    let p = PlainFile::start("agiproxy-away-").await;
+    let api = &p.api;
+    let files = tempfile::Builder::new()
+        .prefix("agiproxy-hold-")
+        .tempdir()
+        .unwrap();
+    let change = files.path().join("change.yaml");
+    std::fs::write(&change, p.text("b")).unwrap();
+    let out = apply(api, &change, None);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let hold = files.path().join("hold.yaml");
+    std::fs::rename(&p.file, &hold).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(api, "agiproxy_config_reloads_total{result=\"error\"}") < 1 {
+        assert!(Instant::now() < deadline, "the missing file was not seen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::rename(&hold, &p.file).unwrap();
+    // Read again (the rename is an event), found unchanged.
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = status(api).unwrap();
+    assert_eq!(
+        (st["generation"].as_u64(), st["source"].as_str()),
+        (Some(2), Some("api")),
+        "{st}"
+    );
+    call_through(api).await;
+    assert_eq!((p.a.stats().accepted(), p.b.stats().accepted()), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_watch_that_cannot_be_set_up_does_not_end_a_serving_proxy() {
+    // inotify exhausted (fs.inotify.max_user_instances), seen here as too
+    // few descriptors: the watch failed after the listeners accepted calls,
+    // and the process exited 1 (its calls closed: SUCCESS to Asterisk).
+    use std::os::unix::process::CommandExt;
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let (dir, file) = common::config_file(
+        "fds",
+        "agiproxy.yaml",
+        &config(
+            "  address: \"127.0.0.1:0\"\n  token_env: AGIPROXY_TOKEN",
+            "a",
+            a.addr(),
+            a.addr(),
+        ),
+    );
+    let mut off = None;
+    for limit in 8..64u64 {
+        let log = dir.path().join(format!("run-{limit}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agiproxy"));
+        cmd.args(["run", "--log-level", "info", "-c"])
+            .arg(&file)
+            .env("AGIPROXY_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        // SAFETY: setrlimit(2) only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut proxy = Running::spawn(&mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (exited, text) = loop {
+            let exited = proxy.try_wait().unwrap();
+            let text = std::fs::read_to_string(&log).unwrap();
+            let settled =
+                text.contains("watching the config file") || text.contains("file watch off");
+            if exited.is_some() || Instant::now() > deadline {
+                break (exited, text);
+            }
+            if settled {
+                // Still running a moment after.
+                std::thread::sleep(Duration::from_millis(300));
+                let exited = proxy.try_wait().unwrap();
+                break (exited, std::fs::read_to_string(&log).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(status) = exited {
+            assert!(
+                !text.contains("listening for Asterisk"),
+                "exited ({status}) after accepting calls with {limit} descriptors:\n{text}"
+            );
+            continue;
+        }
+        if text.contains("file watch off") {
+            assert!(text.contains("listening for Asterisk"), "{text}");
+            off = Some(limit);
+        }
+        if text.contains("watching the config file") {
+            break;
+        }
+    }
+    assert!(
+        off.is_some(),
+        "no descriptor limit left the proxy serving without a watch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_reload_on_sighup_does_not_hold_back_a_stop() {
+    // SIGHUP's reload ran inside the signal loop: while it parsed (or
+    // waited for its turn), SIGTERM was not acted on and the listeners kept
+    // accepting calls, seconds late.
+    let p = PlainFile::start("agiproxy-hup-").await;
+    let listener: SocketAddr = status(&p.api).unwrap()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pid = p._proxy.id() as i32;
+    replace(
+        &p.file,
+        &many_routes(&p.control, "b", p.a.addr(), p.b.addr(), 30_000),
+    );
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let sent = Instant::now();
+    let deadline = sent + Duration::from_secs(30);
+    while std::net::TcpStream::connect(listener).is_ok() {
+        assert!(Instant::now() < deadline, "never stopped accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "stopped accepting {took:?} after SIGTERM"
+    );
+}
