@@ -1245,34 +1245,31 @@ async fn a_peer_splitting_by_another_key_is_warned_of() {
     }
 }
 
-/// The file is the GitOps way to run a rollout, so a reload from it may
-/// take an override away and may not reach back (rollout audit): an
-/// override deleted from the file goes (before, a scheduled `promote`
-/// deleted from it stayed scheduled); one whose time is past when the file
-/// is read is refused, as the API refuses it (before, it was applied and
-/// re-coloured the calls made since, on that replica alone); the judged
-/// rollback's time, which `ctl rollout status` prints, is taken.
+/// The file is the GitOps way to run a rollout: a reload from it may take
+/// an override away (before, a scheduled `promote` deleted from it stayed
+/// scheduled), and one whose time is past when the file is read is applied
+/// and warned of, naming since when calls move (before, nothing was said),
+/// so that every replica runs the file and a late rollback still happens.
+/// A replica that took a later time of the same action than the fleet's
+/// comes back in line when the file has the fleet's (review: a refusal
+/// there kept it out of every later change).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_may_take_an_override_away_but_not_reach_back() {
+async fn a_file_may_take_an_override_away_and_reaching_back_is_said() {
+    warnings();
     let blue = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
     let green = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let start = agiproxy_config::format_ms(now_ms() - 60_000);
     let rollout = |overrides: &str| {
         format!(
-            "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{}\"\n      skew: 1s\n      overrides: [{overrides}]\n",
-            agiproxy_config::format_ms(now_ms() - 60_000)
+            "      from: blue\n      to: green\n      steps: [25, 50, 100]\n      step_duration: 10m\n      start: \"{start}\"\n      skew: 1s\n      overrides: [{overrides}]\n"
         )
     };
     let promote = format!(
         "{{ action: promote, at: \"{}\" }}",
         agiproxy_config::format_ms(now_ms() + 3_600_000)
     );
-    let start_line = |text: &str| {
-        text.lines()
-            .find(|l| l.contains("start:"))
-            .unwrap()
-            .to_string()
-    };
-    let text = config(&rollout(&promote), blue.addr(), green.addr());
+    let text =
+        config(&rollout(&promote), blue.addr(), green.addr()).replace("name: ivr", "name: gitops");
     let (r, dir) = replica_of_a_file(&text).await;
     let file = dir.path().join("agiproxy.yaml");
     let reload = |body: String| {
@@ -1286,40 +1283,67 @@ async fn a_file_may_take_an_override_away_but_not_reach_back() {
                 .unwrap()
         }
     };
-    assert_eq!(view(&r).await.overrides.len(), 1);
+    assert_eq!(view_of(&r, "gitops").await.overrides.len(), 1);
     // The same rollout (the same start), the promote deleted.
-    let without = config(&rollout(""), blue.addr(), green.addr()).replace(
-        &start_line(&config(&rollout(""), blue.addr(), green.addr())),
-        &start_line(&text),
-    );
+    let without = text.replace(&promote, "");
     let resp = reload(without.clone()).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let v = view(&r).await;
+    let v = view_of(&r, "gitops").await;
     assert!(v.overrides.is_empty(), "the deleted promote stayed: {v:?}");
     assert!(v.differs_from_file.is_none(), "{v:?}");
-    // A rollback written for 30 s ago: refused, the rollout as it was.
-    let past = format!(
-        "{{ action: rollback, at: \"{}\" }}",
-        agiproxy_config::format_ms(now_ms() - 30_000)
-    );
-    let reaching = without.replace("overrides: []", &format!("overrides: [{past}]"));
-    assert_ne!(reaching, without);
-    let resp = reload(reaching).await;
-    let body = String::from_utf8_lossy(&resp.body).to_string();
-    assert_eq!(resp.status, 400, "{body}");
-    assert!(body.contains("routes[0].rollout.overrides"), "{body}");
-    assert!(body.contains("cannot take effect in the past"), "{body}");
-    let v = view(&r).await;
-    assert_eq!(v.state, "progressing", "{v:?}");
-    assert!(v.overrides.is_empty(), "{v:?}");
-    // Written for later, it is taken.
-    let later = format!(
-        "{{ action: rollback, at: \"{}\" }}",
-        agiproxy_config::format_ms(now_ms() + 60_000)
-    );
-    let resp = reload(without.replace("overrides: []", &format!("overrides: [{later}]"))).await;
+    // An API promote at T1, then the file with the fleet's earlier T0
+    // (both past): applied, the replica in line, a later edit applied too.
+    let t1 = agiproxy_config::format_ms(now_ms());
+    let resp = r
+        .client
+        .call(
+            &r.api,
+            "POST",
+            "/v1/rollouts/gitops/promote",
+            &[],
+            Some(format!("{{\"at\": \"{t1}\"}}").into_bytes()),
+        )
+        .await
+        .unwrap();
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    assert_eq!(view(&r).await.overrides.len(), 1);
+    let t0 = agiproxy_config::format_ms(now_ms() - 30_000);
+    let fleet = without.replace(
+        "overrides: []",
+        &format!("overrides: [{{ action: promote, at: \"{t0}\" }}]"),
+    );
+    assert_ne!(fleet, without);
+    let resp = reload(fleet.clone()).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let v = view_of(&r, "gitops").await;
+    assert_eq!(v.state, "promoted", "{v:?}");
+    assert_eq!(v.overrides.len(), 1, "{v:?}");
+    assert!(v.overrides[0].contains(&t0), "{v:?}");
+    assert!(v.differs_from_file.is_none(), "{v:?}");
+    let log = warnings();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rollout overrides changed in the past") && l.contains("routes[0]"))
+        .unwrap_or_else(|| panic!("no WARN: {log}"));
+    let effect = agiproxy_config::format_ms(agiproxy_config::parse_time(&t0).unwrap() + 1_000);
+    assert!(
+        line.contains(&format!("calls made since {effect}")),
+        "{line}"
+    );
+    let resp = reload(fleet.replace("consecutive_failures: 100", "consecutive_failures: 99")).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(r.server.snapshot().config.pools[0].eject_after, 99);
+}
+
+/// The rollout of `route` on `r`.
+async fn view_of(r: &Replica, route: &str) -> RolloutView {
+    let path = format!("/v1/rollouts/{route}");
+    let resp = r
+        .client
+        .call(&r.api, "GET", &path, &[], None)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    serde_json::from_slice(&resp.body).unwrap()
 }
 
 /// `ctl rollout ACTION ROUTE --identity ID` (the request's `identity`): an

@@ -206,6 +206,11 @@ struct Changes {
     /// file's, with that hash: the file's rollouts while it still is (see
     /// [`Server::file_rollouts`]).
     file_rollouts: Mutex<Option<(u64, Arc<FileRollouts>)>>,
+    /// The rollouts of the file text last applied (or found to be the
+    /// running text): an override they had and a new text of the file lacks
+    /// was deleted from the file. Not the last parsed: a text refused, or
+    /// read while another waited its turn, is no history (review).
+    file_applied: Mutex<Option<Arc<FileRollouts>>>,
     started: Instant,
 }
 
@@ -265,6 +270,7 @@ impl Server {
         let meta = ConfigMeta::new(1, &origin.source, origin.text);
         crate::fds::init();
         let file_hash = file.as_ref().map(|(h, _)| *h);
+        let file_applied = file.as_ref().map(|(_, r)| r.clone());
         let file_rollouts = file;
         let control_in_effect = config.control.clone();
         let shared = Arc::new(Shared::new(Snapshot::build(config, meta, None)));
@@ -278,6 +284,7 @@ impl Server {
             file: origin.file,
             file_hash: Mutex::new(file_hash),
             file_rollouts: Mutex::new(file_rollouts),
+            file_applied: Mutex::new(file_applied),
             started: Instant::now(),
         });
         shared.snapshot.load().activate();
@@ -483,12 +490,22 @@ impl Server {
         let file_had = match mode {
             Mode::File => self
                 .changes
-                .file_rollouts
+                .file_applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|(_, r)| r.clone()),
+                .clone(),
             _ => None,
+        };
+        // The new file text's rollouts, kept as `file_applied` once it is.
+        let mut file_parsed: Option<Arc<FileRollouts>> = None;
+        let noted = |rollouts: Option<Arc<FileRollouts>>| {
+            if mode == Mode::File && !dry_run {
+                *self
+                    .changes
+                    .file_applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = rollouts;
+            }
         };
         let mut attempts = 0;
         let (mut table, current, config, text, hash, carried, dropped) = loop {
@@ -516,6 +533,9 @@ impl Server {
             if hash == current.meta.hash {
                 // The running text: valid, and nothing to do.
                 self.note_parsed(hash, &current.config);
+                if mode == Mode::File {
+                    noted(Some(Arc::new(FileRollouts::of(&current.rollout_config()))));
+                }
                 return Ok(Applied {
                     generation,
                     hash,
@@ -530,6 +550,9 @@ impl Server {
                 .compile_checked(text.clone(), &current, &running)
                 .await?;
             self.note_parsed(hash, &config);
+            if mode == Mode::File {
+                file_parsed = Some(Arc::new(FileRollouts::of(&config)));
+            }
             let carried = if mode == Mode::File {
                 crate::rollout::overrides::carried_unless_from_file(
                     &running,
@@ -556,6 +579,7 @@ impl Server {
                     if !dry_run {
                         warn_carried(&carried);
                     }
+                    noted(file_parsed);
                     return Ok(Applied {
                         generation,
                         hash,
@@ -585,23 +609,6 @@ impl Server {
                 }
                 (config, text, hash)
             };
-            // A text sent whole is taken as it is (its `dropped` says what
-            // it drops); the file and edits may not change the past.
-            if mode != Mode::Text {
-                let past = crate::session::rollout::past_changes(
-                    &running,
-                    &config,
-                    crate::session::rollout::now_ms(),
-                    |route| {
-                        let r = current.router.routes().iter().find(|r| &*r.name == route)?;
-                        r.rollout.as_deref()?.live.judged_ms()
-                    },
-                );
-                if !past.is_empty() {
-                    release(config);
-                    return Err(ApplyError::Invalid(agiproxy_config::ConfigErrors(past)));
-                }
-            }
             if dry_run {
                 release(config);
                 return Ok(Applied {
@@ -633,6 +640,7 @@ impl Server {
                 // A whole new text does not depend on the running one: the
                 // last one applied wins, as when changes queued on the lock.
                 if now.meta.hash == hash {
+                    noted(file_parsed);
                     return Ok(Applied {
                         generation: now.meta.generation,
                         hash,
@@ -658,6 +666,16 @@ impl Server {
         };
         let generation = current.meta.generation;
         let replaced = crate::rollout::view::replaced_rollouts(&current, &config);
+        // Applied, and said: a file read late must still converge with the
+        // replicas that read it in time (a refusal left a replica out for
+        // good, and one started later took the file: review), and a
+        // rollback must take effect.
+        let past = crate::session::rollout::past_changes(
+            &current.rollout_config(),
+            &config,
+            crate::session::rollout::now_ms(),
+            |route| crate::rollout::view::judged_of(&current, route),
+        );
         // New listeners first: a bind failure refuses the whole change.
         // Draining, none is opened: it would accept calls and close at once
         // (resets, which Asterisk reads as SUCCESS), where a port nobody
@@ -749,6 +767,10 @@ impl Server {
         for (route, what) in replaced {
             tracing::warn!(route = %route, "{what}");
         }
+        for e in past {
+            tracing::warn!(path = %e.path, "{}", e.message);
+        }
+        noted(file_parsed);
         Ok(Applied {
             generation: generation + 1,
             hash,

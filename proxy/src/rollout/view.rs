@@ -263,12 +263,16 @@ pub fn replaced_rollouts(snap: &Snapshot, new: &agiproxy_config::Config) -> Vec<
             continue;
         }
         let judged = ro.live.judged_ms();
+        // From the earliest time either places differently: the new one may
+        // have started before the old (review: a pending rollout replaced by
+        // one started 5 minutes ago moved calls with nothing said).
         let from = ro
             .plan
             .overrides
             .iter()
+            .chain(&next.overrides)
             .map(|o| o.at_ms)
-            .fold(ro.plan.start_ms, i64::min);
+            .fold(ro.plan.start_ms.min(next.start_ms), i64::min);
         let Some(t) =
             crate::session::rollout::first_difference((&ro.plan, judged), (next, None), from, now)
         else {
@@ -291,6 +295,11 @@ pub fn replaced_rollouts(snap: &Snapshot, new: &agiproxy_config::Config) -> Vec<
         ));
     }
     out
+}
+
+/// When the judged rollback of `route`'s rollout takes effect, if any.
+pub fn judged_of(snap: &Snapshot, route: &str) -> Option<i64> {
+    rollout_of(snap, route)?.live.judged_ms()
 }
 
 /// The identity of the rollout of `route`, if it has one.

@@ -293,10 +293,14 @@ pub fn first_difference(
 /// A change of the same rollout's overrides (`live::same_rollouts`) that
 /// changes where calls already placed went: a new override whose time is
 /// past, or one in force deleted (a `pause` deleted instead of a `resume`
-/// written). Every call made since would change colour on its next AGI, on
-/// this replica alone (an audit: 162 of 300); the API refuses such a time,
-/// and so is the file. `judged`: a route's judged rollback, which the new
-/// config keeps. One error per route.
+/// written). Every call made since changes colour on its next AGI, on this
+/// replica when it reads the file (an audit: 162 of 300, nothing said). It
+/// is applied and warned of, not refused: every replica then runs the file,
+/// a rollback written late still takes effect, and a replica that wrote a
+/// later time of the same action comes back in line with the fleet's
+/// (`carried_overrides`' moot case). The API refuses a past time, where the
+/// command can simply be run again. `judged`: a route's judged rollback,
+/// which the new config keeps. One warning per route.
 pub fn past_changes(
     old: &agiproxy_config::Config,
     new: &agiproxy_config::Config,
@@ -335,14 +339,12 @@ pub fn past_changes(
         errors.push(agiproxy_config::ConfigError::new(
             format!("routes[{i}].rollout.overrides"),
             format!(
-                "this change of the overrides changes where calls made since {} went ({} \
-                 before, {} now): each would change colour on its next AGI; an override \
-                 cannot take effect in the past. Write a new one for a time later than now \
-                 minus the skew ({:?}; a file reaches every replica within moments, a \
-                 ConfigMap within a minute or two: leave room, or raise skew), keep those in \
-                 force (end a pause with a resume), or copy the time `ctl rollout status` \
-                 prints for a rollback in force; a refused file is not read again until it \
-                 changes",
+                "rollout overrides changed in the past: calls made since {} change colour on \
+                 their next AGI ({} then before this change, {} now); applied, so that every \
+                 replica runs the same rollout. Write overrides for a time later than every \
+                 replica reads the file (a ConfigMap takes a minute or two: leave room, or \
+                 raise skew, now {:?}), end a pause with a resume instead of deleting it, and \
+                 copy the time `ctl rollout status` prints for a rollback in force",
                 agiproxy_config::format_ms(t),
                 show(was),
                 show(is),
