@@ -478,6 +478,18 @@ impl ControlPlane for ControlHandle {
         )
     }
 
+    fn rollout(&self, route: &str) -> Option<RolloutView> {
+        crate::rollout::view::view(
+            &self.server.snapshot(),
+            route,
+            self.server.file_rollouts().as_deref(),
+        )
+    }
+
+    fn rollout_routes(&self) -> Vec<String> {
+        crate::rollout::view::routes(&self.server.snapshot())
+    }
+
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError> {
         crate::rollout::view::tick(&self.server.snapshot(), route, tick)
             .ok_or_else(|| ControlError::NotFound(format!("no rollout on route {route:?}")))
