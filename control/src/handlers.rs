@@ -24,6 +24,12 @@ pub(crate) struct Ctx<P> {
     /// Every route's method and path, for the guard to tell a method a
     /// path does not serve.
     pub(crate) served: Vec<(axum::http::Method, &'static str)>,
+    /// The bytes of request bodies held at once (see [`crate::budget`]).
+    pub(crate) budget: Arc<crate::budget::BodyBudget>,
+    /// `control.max_body_bytes`.
+    pub(crate) max_body: usize,
+    /// `control.request_timeout`.
+    pub(crate) timeout: std::time::Duration,
 }
 
 /// `work` on a blocking thread: views that walk the whole config (every

@@ -89,6 +89,12 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn rollout_routes(&self) -> Vec<String> {
         self.rollouts().into_iter().map(|r| r.route).collect()
     }
+    /// The running `limits.max_config_bytes`: the request bodies held at
+    /// once (read, or waiting for their parse) are at most
+    /// [`crate::budget::BODIES_AT_ONCE`] of it. None: of the body limit.
+    fn config_bytes_limit(&self) -> Option<usize> {
+        None
+    }
     /// This replica's counters of a rollout as frozen at evaluation `tick`
     /// (what peers sum to judge).
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError>;

@@ -402,8 +402,10 @@ impl ControlPlane for ControlHandle {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
+        // The body's one copy from here on (audit: three were made of
+        // each before it waited its turn to be parsed).
         self.server
-            .apply(&text, crate::server::API_SOURCE, dry_run, if_match)
+            .apply_text(text.into(), crate::server::API_SOURCE, dry_run, if_match)
             .await
             .map(applied)
             .map_err(control_error)
@@ -488,6 +490,10 @@ impl ControlPlane for ControlHandle {
 
     fn rollout_routes(&self) -> Vec<String> {
         crate::rollout::view::routes(&self.server.snapshot())
+    }
+
+    fn config_bytes_limit(&self) -> Option<usize> {
+        Some(self.server.snapshot().config.limits.max_config_bytes)
     }
 
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError> {

@@ -373,7 +373,18 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let text: Arc<str> = Arc::from(text);
+        self.apply_text(Arc::from(text), source, dry_run, if_match)
+            .await
+    }
+
+    /// [`Server::apply`] of a text held once (a request body), not copied.
+    pub async fn apply_text(
+        &self,
+        text: Arc<str>,
+        source: &str,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
         let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
         let mode = if source == API_SOURCE {
             Mode::Text
