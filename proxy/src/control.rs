@@ -402,8 +402,8 @@ impl ControlPlane for ControlHandle {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
-        // The body's one copy from here on (audit: three were made of
-        // each before it waited its turn to be parsed).
+        // The body moves in: no copy of it stays here (audit: three
+        // were held of each while it waited its turn to be parsed; two now).
         self.server
             .apply_text(text.into(), crate::server::API_SOURCE, dry_run, if_match)
             .await

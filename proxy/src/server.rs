@@ -377,7 +377,9 @@ impl Server {
             .await
     }
 
-    /// [`Server::apply`] of a text held once (a request body), not copied.
+    /// [`Server::apply`] of a text already shared (a request body): no
+    /// copy is kept beside it. (The change still makes its own from it:
+    /// an [`Edit`] returns a `String`.)
     pub async fn apply_text(
         &self,
         text: Arc<str>,
