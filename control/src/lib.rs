@@ -3,6 +3,7 @@
 //! that drives one replica or a whole cluster.
 
 pub mod api;
+pub mod budget;
 pub mod client;
 mod conn;
 pub mod ctl;

@@ -43,6 +43,9 @@ fn stale(current: u64, if_match: bool) -> String {
 
 /// What the control API may ask of the runtime.
 pub trait ControlPlane: Send + Sync + 'static {
+    /// Served on a blocking thread (as are the rollout views and the
+    /// metrics): it may walk the whole config, and anyone may ask it in a
+    /// loop.
     fn status(&self) -> Status;
     /// Config loaded, listeners bound, not draining.
     fn ready(&self) -> bool;
@@ -76,6 +79,22 @@ pub trait ControlPlane: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Applied, ControlError>> + Send;
     /// Every rollout route as this replica runs it.
     fn rollouts(&self) -> Vec<RolloutView>;
+    /// The rollout of `route` as this replica runs it, if it has one. The
+    /// default picks it from [`ControlPlane::rollouts`]; a runtime with
+    /// many rollouts builds that one alone.
+    fn rollout(&self, route: &str) -> Option<RolloutView> {
+        self.rollouts().into_iter().find(|r| r.route == route)
+    }
+    /// The routes that have a rollout (a 404 names them).
+    fn rollout_routes(&self) -> Vec<String> {
+        self.rollouts().into_iter().map(|r| r.route).collect()
+    }
+    /// The running `limits.max_config_bytes`: the request bodies held at
+    /// once (read, or waiting for their parse) are at most
+    /// [`crate::budget::BODIES_AT_ONCE`] of it. None: of the body limit.
+    fn config_bytes_limit(&self) -> Option<usize> {
+        None
+    }
     /// This replica's counters of a rollout as frozen at evaluation `tick`
     /// (what peers sum to judge).
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError>;

@@ -1,5 +1,6 @@
 //! The control API server: axum routes over the `ControlPlane` on a TCP
-//! listener (optional TLS) and/or a Unix socket, a body limit, a request
+//! listener (optional TLS) and/or a Unix socket, a body limit and a budget
+//! on the bodies held at once (see `budget`), a request
 //! deadline, and bounds on each connection (a share of the cap per peer, a
 //! write deadline, a lifetime: see `conn`).
 //!
@@ -669,8 +670,16 @@ fn build<P: ControlPlane>(
             .iter()
             .map(|e| (e.method.clone(), e.path))
             .collect(),
+        budget: Default::default(),
+        max_body,
+        timeout,
     });
     let app = router
+        // Inside the guard: a request without a credential takes no share.
+        .route_layer(middleware::from_fn_with_state(
+            ctx.clone(),
+            crate::budget::hold_bodies::<P>,
+        ))
         // Over every route at once, so none can be added without it.
         .route_layer(middleware::from_fn_with_state(ctx.clone(), guard::<P>))
         .fallback(|| async {

@@ -17,11 +17,45 @@ use crate::snapshot::Snapshot;
 /// What the control API drives.
 pub struct ControlHandle {
     server: Server,
+    /// The listeners' names and bound addresses as last read (see
+    /// [`ControlHandle::listeners`]).
+    listeners: std::sync::Mutex<Vec<(String, std::net::SocketAddr)>>,
 }
 
 impl ControlHandle {
     pub fn new(server: Server) -> Arc<ControlHandle> {
-        Arc::new(ControlHandle { server })
+        let listeners = server.bound_listeners().unwrap_or_default();
+        Arc::new(ControlHandle {
+            server,
+            listeners: std::sync::Mutex::new(listeners),
+        })
+    }
+
+    /// Each listener's name and bound address, both of one config (audit:
+    /// the names of one snapshot were zipped with the addresses of another
+    /// read later, and a change in progress turned bound ports into the
+    /// configured port 0). While a change holds the listener table, the
+    /// listing read before it: the change's new listeners are not serving
+    /// yet.
+    fn listeners(&self, snap: &Snapshot) -> Vec<(String, std::net::SocketAddr)> {
+        let mut last = self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.server.bound_listeners() {
+            Some(now) => last.clone_from(&now),
+            // Read at no time yet: the snapshot's own, as configured.
+            None if last.is_empty() => {
+                return snap
+                    .config
+                    .listeners
+                    .iter()
+                    .map(|l| (l.name.clone(), l.address))
+                    .collect()
+            }
+            None => {}
+        }
+        last.clone()
     }
 }
 
@@ -313,7 +347,6 @@ fn with_split(text: &str, route: &str, split: &[SplitWeight]) -> Result<String, 
 impl ControlPlane for ControlHandle {
     fn status(&self) -> Status {
         let snap = self.server.snapshot();
-        let addrs = self.server.local_addrs();
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.server.uptime().as_secs_f64(),
@@ -326,12 +359,10 @@ impl ControlPlane for ControlHandle {
             listeners: if self.server.is_draining() {
                 Vec::new()
             } else {
-                snap.config
-                    .listeners
-                    .iter()
-                    .zip(addrs)
-                    .map(|(l, a)| ListenerView {
-                        name: l.name.clone(),
+                self.listeners(&snap)
+                    .into_iter()
+                    .map(|(name, a)| ListenerView {
+                        name,
                         address: a.to_string(),
                     })
                     .collect()
@@ -372,8 +403,10 @@ impl ControlPlane for ControlHandle {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ControlError> {
+        // The body moves in: no copy of it stays here (audit: three
+        // were held of each while it waited its turn to be parsed; two now).
         self.server
-            .apply(&text, crate::server::API_SOURCE, dry_run, if_match)
+            .apply_text(text.into(), crate::server::API_SOURCE, dry_run, if_match)
             .await
             .map(applied)
             .map_err(control_error)
@@ -446,6 +479,22 @@ impl ControlPlane for ControlHandle {
             &self.server.snapshot(),
             self.server.file_rollouts().as_deref(),
         )
+    }
+
+    fn rollout(&self, route: &str) -> Option<RolloutView> {
+        crate::rollout::view::view(
+            &self.server.snapshot(),
+            route,
+            self.server.file_rollouts().as_deref(),
+        )
+    }
+
+    fn rollout_routes(&self) -> Vec<String> {
+        crate::rollout::view::routes(&self.server.snapshot())
+    }
+
+    fn config_bytes_limit(&self) -> Option<usize> {
+        Some(self.server.snapshot().config.limits.max_config_bytes)
     }
 
     fn rollout_tick(&self, route: &str, tick: i64) -> Result<RolloutTick, ControlError> {
@@ -558,6 +607,8 @@ impl ControlPlane for ControlHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
 
     #[test]
     fn split_replaces_the_pool_of_one_route() {
@@ -597,5 +648,70 @@ mod tests {
             with_split(&format!("\u{feff}{text}"), "b", &split).unwrap(),
             out
         );
+    }
+
+    /// Status names each listener with its own bound address, also while
+    /// a change holds the listener table (audit: the names of one snapshot
+    /// were zipped with addresses read later, and during a change a bound
+    /// port read as the configured port 0), and two listeners asking for
+    /// port 0 on one address each with its own port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_pairs_each_listener_with_its_bound_address_during_a_change() {
+        let text = "version: 1\nlisteners:\n  - { name: a, address: \"127.0.0.1:0\" }\n  - { name: b, address: \"127.0.0.1:0\" }\nroutes:\n  - name: r\n    pool: p\npools:\n  - name: p\n    backends: [{ address: \"127.0.0.1:1\" }]\n";
+        let server = Server::start(agiproxy_config::from_yaml_str(text).unwrap())
+            .await
+            .unwrap();
+        let handle = ControlHandle::new(server.clone());
+        let listed = |h: &ControlHandle| -> Vec<(String, std::net::SocketAddr)> {
+            h.status()
+                .listeners
+                .into_iter()
+                .map(|l| (l.name, l.address.parse().unwrap()))
+                .collect()
+        };
+        let before = listed(&handle);
+        assert_eq!(before.len(), 2, "{before:?}");
+        assert_eq!((before[0].0.as_str(), before[1].0.as_str()), ("a", "b"));
+        assert_ne!(before[0].1.port(), 0, "{before:?}");
+        assert_ne!(before[0].1, before[1].1, "{before:?}");
+        for (_, a) in &before {
+            tokio::net::TcpStream::connect(a).await.unwrap();
+        }
+        // A change held at its swap check: the listener table is held.
+        let (entered, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (entered, released) = (Mutex::new(entered), Mutex::new(released));
+        let changed = format!("{text}# changed\n");
+        let change = tokio::spawn({
+            let server = server.clone();
+            async move {
+                server
+                    .apply_edit_checked(
+                        "test",
+                        None,
+                        move |_| Ok(changed.clone()),
+                        Arc::new(move |_, _| {
+                            let _ = entered.lock().unwrap().send(());
+                            let wait = Duration::from_secs(30);
+                            let _ = released.lock().unwrap().recv_timeout(wait);
+                            Err(ApplyError::NotFound("held by the test".into()))
+                        }),
+                    )
+                    .await
+            }
+        });
+        let wait = Duration::from_secs(30);
+        tokio::task::spawn_blocking(move || held.recv_timeout(wait))
+            .await
+            .unwrap()
+            .expect("the change reached its swap check");
+        let during = listed(&handle);
+        release.send(()).unwrap();
+        assert!(matches!(
+            change.await.unwrap(),
+            Err(ApplyError::NotFound(_))
+        ));
+        assert_eq!(during, before);
+        assert_eq!(listed(&handle), before);
     }
 }

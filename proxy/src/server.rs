@@ -316,6 +316,28 @@ impl Server {
             .collect()
     }
 
+    /// Each listener's name and bound address, in config order, from the
+    /// snapshot read while the listener table is held: a change swaps the
+    /// snapshot and updates the table under that lock, so both are of one
+    /// config. The n-th listener of an address (several may ask for port
+    /// 0) is the n-th entry of it. None while a change holds the table
+    /// (from its binds to its swap).
+    pub fn bound_listeners(&self) -> Option<Vec<(String, SocketAddr)>> {
+        let table = self.changes.listeners.try_lock().ok()?;
+        let snap = self.shared.snapshot.load();
+        let listeners = &snap.config.listeners;
+        let listed = listeners.iter().enumerate().map(|(i, l)| {
+            let n = listeners[..i]
+                .iter()
+                .filter(|o| o.address == l.address)
+                .count();
+            let mut of_address = table.iter().filter(|e| e.configured == l.address);
+            let bound = of_address.nth(n).map_or(l.address, |e| e.bound);
+            (l.name.clone(), bound)
+        });
+        Some(listed.collect())
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
@@ -366,7 +388,20 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let text: Arc<str> = Arc::from(text);
+        self.apply_text(Arc::from(text), source, dry_run, if_match)
+            .await
+    }
+
+    /// [`Server::apply`] of a text already shared (a request body): no
+    /// copy is kept beside it. (The change still makes its own from it:
+    /// an [`Edit`] returns a `String`.)
+    pub async fn apply_text(
+        &self,
+        text: Arc<str>,
+        source: &str,
+        dry_run: bool,
+        if_match: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
         let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
         let mode = if source == API_SOURCE {
             Mode::Text
