@@ -128,7 +128,7 @@ impl ControlPlane for Plane {
         &self,
         _: &str,
         _: &str,
-        _: Option<String>,
+        _: agiproxy_control::api::RolloutOverrideRequest,
     ) -> Result<Applied, ControlError> {
         unimplemented!()
     }
