@@ -665,6 +665,9 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
     // Until a signal, or a drain asked through the API; then, for a signal,
     // the shutdown delay: not ready, still serving.
     let mut delay_ends: Option<tokio::time::Instant> = None;
+    // A signal came (not only a drain asked through the API): the next one
+    // stops at once.
+    let mut signalled = false;
     loop {
         let delay_end = delay_ends.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
@@ -674,6 +677,7 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
                 reload_asked.notify_one();
             }
             _ = signals.recv() => {
+                signalled = true;
                 if delay_ends.is_some() || stop.delay.is_zero() {
                     break;
                 }
@@ -708,17 +712,31 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
     };
     server.stop_accepting();
     tracing::info!(deadline = ?drain_deadline, active = server.active_sessions(), "draining: listeners closed, waiting for sessions");
-    tokio::select! {
-        clean = server.drain(drain_deadline) => {
-            if clean {
-                tracing::info!("drained, exiting");
-            } else {
-                tracing::warn!("drain deadline passed; remaining sessions were cut");
+    let drained = server.drain(drain_deadline);
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            clean = &mut drained => {
+                if clean {
+                    tracing::info!("drained, exiting");
+                } else {
+                    tracing::warn!("drain deadline passed; remaining sessions were cut");
+                }
+                break;
             }
-        }
-        _ = signals.recv() => {
-            tracing::warn!(active = server.active_sessions(), "second signal: stopping now");
-            server.abort();
+            _ = signals.recv() => {
+                if !signalled {
+                    // A drain asked through the API, then the SIGTERM of
+                    // the pod's deletion: it drains on (review: the calls
+                    // were killed at once, read as SUCCESS).
+                    signalled = true;
+                    tracing::info!(active = server.active_sessions(), "signal during a drain asked through the API: draining on (another signal stops now)");
+                    continue;
+                }
+                tracing::warn!(active = server.active_sessions(), "second signal: stopping now");
+                server.abort();
+                break;
+            }
         }
     }
     // Stops the control API, which removes its socket file.

@@ -474,3 +474,51 @@ async fn a_shutdown_delay_serves_unready_and_max_drain_bounds_the_drain() {
     assert!(status.success(), "{status:?}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
+
+/// A drain asked through the API, then the pod's SIGTERM (Kubernetes sends
+/// one when the drained pod is deleted): it drains on; only another signal
+/// stops at once (review: the SIGTERM ended every call in flight at once,
+/// which Asterisk reads as SUCCESS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_signal_after_an_api_drain_drains_on() {
+    let b = FakeBackend::start(Behaviour::script(&["EXEC Dial PJSIP/100"])).await;
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("control.sock");
+    let body = format!(
+        "control:\n  socket: \"{}\"\ntimeouts:\n  drain: 30s\nroutes:\n  - name: all\n    pool: p\npools:\n  - name: p\n    backends:\n      - {{ address: \"{}\" }}\n",
+        socket.display(),
+        b.addr()
+    );
+    let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
+    // Dial runs 2 s.
+    let call = tokio::spawn(async move {
+        FakeAsterisk::new()
+            .reply_with(|_| Reply::ok().after(Duration::from_secs(2)))
+            .call_timeout(Duration::from_secs(20))
+            .run(addr)
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.stats().accepted() < 1 {
+        assert!(Instant::now() < deadline, "the call reached no backend");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+        .args(["ctl", "--socket"])
+        .arg(&socket)
+        .arg("drain-replica")
+        .output()
+        .unwrap();
+    assert!(drained.status.success(), "{drained:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the SIGTERM after the API's drain stopped the process"
+    );
+    let out = call.await.unwrap();
+    assert_eq!(out.status, AgiStatus::Success, "{out:?}");
+    assert!(out.violations.is_empty(), "{out:?}");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}

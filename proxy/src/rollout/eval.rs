@@ -446,7 +446,10 @@ async fn evaluate(
     // rollback it decided had taken effect). A lookup that hangs must not
     // let this tick's evaluation land after the next one's either.
     let iv_ms = iv.as_millis() as i64;
-    let left = (t_k + 3 * iv_ms / 8 - now_ms()).clamp(0, iv_ms) as u64;
+    // At least an eighth: an evaluation that starts late (a rollout applied
+    // in the middle of an interval) still reads its peers, and decides no
+    // earlier than it could (`at_ms` is never in the past).
+    let left = (t_k + 3 * iv_ms / 8 - now_ms()).clamp(iv_ms / 8, iv_ms) as u64;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(left);
     let addrs = tokio::time::timeout_at(
         deadline.min(tokio::time::Instant::now() + iv / 4),
@@ -503,7 +506,10 @@ async fn evaluate(
                 continue;
             }
             Err(_) => {
-                missing.push(format!("{addr}: no answer within {:?}", iv / 4));
+                missing.push(format!(
+                    "{addr}: no answer by {} (3/8 of the interval)",
+                    agiproxy_config::format_ms(t_k + 3 * iv_ms / 8)
+                ));
                 continue;
             }
         };

@@ -304,7 +304,7 @@ fn a_skew_change_that_moves_an_override_across_now_is_refused() {
 /// made before now went is refused; what changes only the future, or
 /// writes down what already happened (the judged rollback's time), is not.
 #[test]
-fn an_override_change_that_reaches_back_is_refused() {
+fn an_override_change_that_reaches_back_is_found() {
     let at = |ms: i64, action: &str| {
         format!(
             "{{ action: {action}, at: \"{}\" }}",
