@@ -467,6 +467,19 @@ accepted --set 'ipFamilies={IPv4,IPv6}' --set 'config.control.address=[fd00::fff
 refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
 accepted --set 'ipFamilies={IPv4,IPv6}'
 accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'
+lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
+        cat "$work/lacks.yaml" >&2
+        fail "lacks: helm template $* failed"
+    elif grep -qF -- "$want" "$work/lacks.yaml"; then
+        fail "lacks: helm template $* has \"$want\" in $template"
+    else
+        pass
+        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
+    fi
+}
 # What given values must render.
 renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a line TEXT
     local template="$1" want="$2"
@@ -488,11 +501,35 @@ renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxU
 renders templates/pdb.yaml "  maxUnavailable: 1"
 renders templates/pdb.yaml "  minAvailable: 2" --set podDisruptionBudget.minAvailable=2
 renders templates/pdb.yaml "  minAvailable: 0" --set podDisruptionBudget.minAvailable=0
-# image.tag is a string: YAML's 1.10 is the number 1.1, 20240101 is 2.0240101e+07.
-refused "at '/image/tag'" --set image.tag=20240101
+# Under an HPA that may scale above one replica, a budget even at minReplicas 1.
+renders templates/pdb.yaml "  maxUnavailable: 1" --set autoscaling.enabled=true --set autoscaling.minReplicas=1
+# An unready replica may always be evicted (else it blocks every drain), where the field exists (1.27+).
+renders templates/pdb.yaml "  unhealthyPodEvictionPolicy: AlwaysAllow" --kube-version 1.27.0
+lacks templates/pdb.yaml "unhealthyPodEvictionPolicy" --kube-version 1.26.0
+lacks templates/pdb.yaml "unhealthyPodEvictionPolicy" --kube-version 1.37.0 --set podDisruptionBudget.unhealthyPodEvictionPolicy=
+# image.tag: a string, or an integer taken as its digits (--set gives an
+# int64, a values file a float64 printed 2.0240101e+07 by toString); other
+# numbers are refused (YAML's 1.10 is the number 1.1).
 printf 'image:\n  tag: 1.10\n' >"$work/numeric-tag.yaml"
-refused "at '/image/tag': got number, want string" -f "$work/numeric-tag.yaml"
+refused "at '/image/tag'" -f "$work/numeric-tag.yaml"
 renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set-string image.tag=20240101
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set image.tag=20240101
+printf 'image:\n  tag: 20240101\n' >"$work/integer-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' -f "$work/integer-tag.yaml"
+printf 'image:\n  tag: 20240101120000\n' >"$work/long-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101120000"' -f "$work/long-tag.yaml"
+# A values file for an older chart with a memory limit under today's default
+# request (384Mi): the request is lowered to the limit (the API server
+# refuses a request above its limit); a request given above it is refused.
+renders templates/deployment.yaml '              memory: 256Mi' --set resources.limits.memory=256Mi
+lacks templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=256Mi
+renders templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=1Gi
+lacks templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=268435456
+refused "resources.requests.memory 300Mi is above resources.limits.memory 256Mi" \
+    --set resources.limits.memory=256Mi --set resources.requests.memory=300Mi
+refused "resources.requests.cpu 1 is above resources.limits.cpu 500m" \
+    --set resources.limits.cpu=500m --set resources.requests.cpu=1
+renders templates/deployment.yaml '              cpu: 50m' --set resources.limits.cpu=50m
 # agiproxy refuses more than 65535 workers.
 refused "at '/workers'" --set workers=65536
 accepted --set workers=65535
@@ -511,19 +548,6 @@ refused "at '/config/timeouts/drain'" --set-string config.timeouts.drain=5
 
 # --- stopping: the grace period covers what the pod does after deletion ------------
 echo "== stopping"
-lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
-    local template="$1" want="$2"
-    shift 2
-    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
-        cat "$work/lacks.yaml" >&2
-        fail "lacks: helm template $* failed"
-    elif grep -qF -- "$want" "$work/lacks.yaml"; then
-        fail "lacks: helm template $* has \"$want\" in $template"
-    else
-        pass
-        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
-    fi
-}
 run_arg() { # FLAG VALUE ARGS...: the agiproxy container runs with FLAG VALUE
     local flag="$1" value="$2"
     shift 2
@@ -568,6 +592,14 @@ refused "set it to at least 335" --kube-version 1.29.0 --set terminationGracePer
 accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
 refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
     --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
+# null (~) is unset, as "": the grace period is derived.
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.37.0 --set terminationGracePeriodSeconds=null
+printf 'terminationGracePeriodSeconds: ~\nterminationGraceMarginSeconds: ~\n' >"$work/null-grace.yaml"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.37.0 -f "$work/null-grace.yaml"
+# The margin must leave agiproxy its 5 s: the schema says so, not a message blaming
+# terminationGracePeriodSeconds, which the user never set.
+refused "at '/terminationGraceMarginSeconds'" --set terminationGraceMarginSeconds=4
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 310" --kube-version 1.37.0 --set terminationGraceMarginSeconds=5
 
 # Required anti-affinity with no replica allowed to go first: a rollout
 # deadlocks once replicas >= nodes (draining pods still hold their node).
@@ -576,6 +608,10 @@ refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 2
     --set strategy.rollingUpdate.maxUnavailable=25%
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=1
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxUnavailable=34%
+# maxSurge 0 and maxUnavailable 25% of 3 (0): Kubernetes then takes maxUnavailable as 1.
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=25%
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 25%" --set podAntiAffinityPreset=hard \
+    --set strategy.rollingUpdate.maxSurge=10% --set strategy.rollingUpdate.maxUnavailable=25%
 
 # Under an HPA, scaling down takes one replica per 10 minutes at most: each
 # one drains its calls (Kubernetes' default would take every excess one at once).
@@ -636,6 +672,19 @@ new_cm "a listener's port" --set 'config.listeners[0].name=asterisk' --set 'conf
     --set ports.agi=4574
 new_cm "another listener" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573' \
     --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580'
+# Only the listeners' addresses: agiproxy matches listeners by address and
+# applies the rest in place (docs/configuration.md); rolling the fleet for a
+# CIDR added to proxy_protocol.from would drain every call.
+two=(--set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573'
+    --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580')
+base=("${two[@]}" --set 'config.listeners[1].proxy_protocol.from={10.0.0.0/8}')
+same_cm "a listener's proxy_protocol.from (in place)" --set 'config.listeners[1].proxy_protocol.from={10.0.0.0/8,192.168.0.0/16}'
+same_cm "a listener's name (in place)" --set 'config.listeners[1].name=lb'
+base=("${two[@]}")
+same_cm "the listeners' order (in place)" --set 'config.listeners[0].name=nlb' --set 'config.listeners[0].address=0.0.0.0:4580' \
+    --set 'config.listeners[1].name=asterisk' --set 'config.listeners[1].address=0.0.0.0:4573'
+new_cm "a listener moved" --set 'config.listeners[1].address=0.0.0.0:4581'
+base=()
 new_cm "config.control (read at start)" --set config.control.max_body_bytes=2097152
 base=(--set rollOnConfigChange=true)
 new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_command=90s
@@ -663,9 +712,19 @@ if "$helm" template t "$chart" --show-only templates/config-check.yaml >"$hook" 
     cmd="$(sed -n '/^          command:/,/^          resources:/p' "$hook" | sed -n 's/^            - //p' | tr -d '"' | tr '\n' ' ')"
     [[ "$cmd" == "/agiproxy check -c /etc/agiproxy/agiproxy.yaml " ]] && pass \
         || fail "config check: the Job runs \"$cmd\", not /agiproxy check -c /etc/agiproxy/agiproxy.yaml"
-    grep -A2 '^          configMap:$' "$hook" | grep -q '^            name: t-agiproxy-config-check$' \
+    hook_name="$(sed -n '/^kind: Job$/,$p' "$hook" | sed -n 's/^  name: //p' | head -1)"
+    [[ "$hook_name" =~ ^t-agiproxy-config-check-[0-9a-f]{8}$ ]] && pass \
+        || fail "config check: the Job is named \"$hook_name\", not t-agiproxy-config-check-HASH"
+    [[ "$(sed -n '/^kind: ConfigMap$/,/^---/p' "$hook" | sed -n 's/^  name: //p' | head -1)" == "$hook_name" ]] && pass \
+        || fail "config check: the hook ConfigMap's name is not the Job's"
+    grep -A2 '^          configMap:$' "$hook" | grep -qxF "            name: $hook_name" \
         && grep -A1 '^            - name: config$' "$hook" | grep -q 'mountPath: /etc/agiproxy$' && pass \
         || fail "config check: the Job does not mount its ConfigMap at /etc/agiproxy"
+    # Sidecar injection off: an injected proxy never exits, the Job never completes.
+    grep -q '^        sidecar.istio.io/inject: "false"$' "$hook" && grep -q '^        linkerd.io/inject: disabled$' "$hook" && pass \
+        || fail "config check: the Job's pod does not turn Istio's and Linkerd's sidecar injection off"
+    # The chart's ServiceAccount does not exist yet at pre-install: the namespace's default.
+    grep -q 'serviceAccountName:' "$hook" && fail "config check: the Job's pod names the chart's ServiceAccount (not there yet before install)" || pass
 else
     cat "$hook" >&2
     fail "config check: no hook rendered by default"
@@ -687,6 +746,36 @@ else
     cat "$hook" >&2
     fail "config check: helm template with an unknown pool failed (the hook should be what refuses it)"
 fi
+# Its pod runs like the Deployment's where scheduling and pulling need it.
+arm=(--set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=kubernetes.io/arch'
+    --set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=In'
+    --set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values={arm64}')
+like=(--set podAnnotations.team=voice --set podLabels.tier=telephony --set 'podLabels.app\.kubernetes\.io/name=agiproxy'
+    --set serviceAccount.create=false --set serviceAccount.name=pull-sa --set priorityClassName=calls "${arm[@]}"
+    --set configCheck.podAnnotations.extra=e1 --set configCheck.podLabels.check=c1)
+renders templates/config-check.yaml "        team: voice" "${like[@]}"
+renders templates/config-check.yaml "        tier: telephony" "${like[@]}"
+renders templates/config-check.yaml "        extra: e1" "${like[@]}"
+renders templates/config-check.yaml "        check: c1" "${like[@]}"
+renders templates/config-check.yaml "        app.kubernetes.io/name: agiproxy-config-check" "${like[@]}"
+"$helm" template t "$chart" --show-only templates/config-check.yaml "${like[@]}" >"$work/hook-like.yaml" 2>&1
+grep -qx '        app.kubernetes.io/name: agiproxy' "$work/hook-like.yaml" \
+    && fail "config check: podLabels' app.kubernetes.io/name (a selector label) reaches the Job's pod: Services and the PDB would pick it" || pass
+renders templates/config-check.yaml "      serviceAccountName: pull-sa" "${like[@]}"
+renders templates/config-check.yaml "      priorityClassName: calls" "${like[@]}"
+renders templates/config-check.yaml "                - arm64" "${like[@]}"
+accepted --set configCheck.podAnnotations.a=b --set configCheck.podLabels.c=d
+# A new hash for a new image or config: with helm template | kubectl apply the
+# hook is a plain Job, whose pod template cannot change ("field is immutable").
+hook_names() { "$helm" template t "$chart" --show-only templates/config-check.yaml "$@" | sed -n 's/^  name: //p' | sort -u | tr '\n' ' '; }
+a="$(hook_names)"
+for change in "--set image.tag=0.1.1" "--set config.timeouts.next_command=90s" "--set configCheck.podAnnotations.x=y"; do
+    # shellcheck disable=SC2086
+    b="$(hook_names $change)"
+    [[ "$a" != "$b" && "$(wc -w <<<"$b")" == 1 ]] && pass && echo "   hook after $change: $b (was $a)" \
+        || fail "config check: $change keeps the hook's name ($a, then $b): kubectl apply would hit an immutable Job"
+done
+[[ "$(hook_names)" == "$a" ]] && pass || fail "config check: the hook's name is not stable across renders"
 if "$helm" template t "$chart" --set configCheck.enabled=false >"$work/nohook.yaml" 2>&1 \
     && ! grep -q '^kind: Job$' "$work/nohook.yaml"; then
     pass
