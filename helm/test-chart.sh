@@ -688,6 +688,65 @@ base=()
 new_cm "config.control (read at start)" --set config.control.max_body_bytes=2097152
 base=(--set rollOnConfigChange=true)
 new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_command=90s
+# Pods of an older ReplicaSet that still has replicas (a rollout going on or
+# stalled, an HPA scale-up, an eviction's replacement) mount their revision's
+# ConfigMap: on helm upgrade the chart reads the live ReplicaSets (lookup)
+# and renders those ConfigMaps again, so Helm does not delete them. Against
+# a mock API (helm/mock-kube-api.py): the Deployment mounts -bbbbbbbb, a
+# ReplicaSet with 2 replicas -aaaaaaaa, one scaled to 0 -00000000.
+cat >"$work/live.json" <<'JSON'
+{
+ "/apis/apps/v1/namespaces/telephony/deployments/t-agiproxy": {"apiVersion": "apps/v1", "kind": "Deployment",
+   "metadata": {"name": "t-agiproxy", "namespace": "telephony", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "spec": {"replicas": 3, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-bbbbbbbb"}}]}}}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/t-agiproxy-a": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "t-agiproxy-a", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "t-agiproxy"}]},
+   "spec": {"replicas": 2, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-aaaaaaaa"}}]}}}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/t-agiproxy-0": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "t-agiproxy-0", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "t-agiproxy"}]},
+   "spec": {"replicas": 0, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-00000000"}}]}}},
+   "status": {"replicas": 0}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/other-1": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "other-1", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "other"}]},
+   "spec": {"replicas": 1, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-cccccccc"}}]}}}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-aaaaaaaa": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-aaaaaaaa", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: a\n"}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-bbbbbbbb": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-bbbbbbbb", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: b\n"}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-00000000": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-00000000", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: 0\n"}}
+}
+JSON
+python3 "$here/mock-kube-api.py" "$work/mock.port" "$work/live.json" &
+mock=$!
+for _ in $(seq 50); do [[ -s "$work/mock.port" ]] && break; sleep 0.1; done
+printf 'apiVersion: v1\nkind: Config\nclusters: [{name: m, cluster: {server: "http://127.0.0.1:%s"}}]\nusers: [{name: m, user: {token: t}}]\ncontexts: [{name: m, context: {cluster: m, user: m, namespace: telephony}}]\ncurrent-context: m\n' \
+    "$(cat "$work/mock.port" 2>/dev/null)" >"$work/kubeconfig"
+if KUBECONFIG="$work/kubeconfig" "$helm" template t "$chart" -n telephony --dry-run=server --disable-openapi-validation \
+    --show-only templates/configmap.yaml >"$work/kept.yaml" 2>&1; then
+    kept="$(sed -n 's/^  name: //p' "$work/kept.yaml" | sort | tr '\n' ' ')"
+    current="$(cm_name)"
+    want="$(printf '%s\n' "$current" t-agiproxy-aaaaaaaa t-agiproxy-bbbbbbbb | sort | tr '\n' ' ')"
+    [[ "$kept" == "$want" ]] && pass && echo "   ConfigMaps with older ReplicaSets live: $kept" \
+        || fail "config changes: with older ReplicaSets live the ConfigMaps are \"$kept\", expected \"$want\" (the current one, and those of the Deployment and of each ReplicaSet with replicas)"
+    grep -q '^    revision: a$' "$work/kept.yaml" && grep -q '^    revision: b$' "$work/kept.yaml" && pass \
+        || fail "config changes: a kept ConfigMap does not carry its live data"
+else
+    cat "$work/kept.yaml" >&2
+    fail "config changes: helm template --dry-run=server against the mock API failed"
+fi
+kill "$mock" 2>/dev/null || true
+wait "$mock" 2>/dev/null || true
+# Without lookup (helm template): only this revision's.
+[[ "$("$helm" template t "$chart" --show-only templates/configmap.yaml | grep -c '^kind: ConfigMap$')" == 1 ]] && pass \
+    || fail "config changes: helm template renders more than one ConfigMap"
 # A token given by value is followed by agiproxy (its file): no rollout, which would drain every call.
 lacks templates/deployment.yaml "checksum/control-token" --set controlToken.value=abc
 
