@@ -882,6 +882,17 @@ has "$work/notes-default.txt" "delete pod NAME" "kubectl delete pod not shown as
 has "$work/notes-default.txt" "ctl --url http://127.0.0.1:9090 \\" "drain-replica not shown against one pod's --url"
 has "$work/notes-default.txt" "until its readiness probe fails" "the refused calls of drain-replica not explained"
 
+# Config changes: the hook checks them, and which ones roll the fleet.
+has "$work/notes-default.txt" "Job first runs \`agiproxy check\` on it with the release's image" \
+    "the config check hook is not mentioned (NOTES tells to run agiproxy check by hand)"
+has "$work/notes-default.txt" "A change to the listeners' addresses, ports.agi" \
+    "NOTES does not say which config changes roll the pods"
+hasnt "$work/notes-default.txt" "replicas apply the new ConfigMap in place" "NOTES says every config change is applied in place"
+notes "$work/notes-roll.txt" --set rollOnConfigChange=true
+has "$work/notes-roll.txt" "every config change is a new ConfigMap and a" "rollOnConfigChange: NOTES does not say every change rolls"
+notes "$work/notes-memory.txt" --set resources.limits.memory=256Mi
+has "$work/notes-memory.txt" "so the pods request 256Mi instead" "a memory request lowered to the limit is not told"
+
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"
 
