@@ -22,11 +22,17 @@
 #     timeouts.drain spelling, --max-drain, the shutdown delay (before 1.30,
 #     30 s behind an external load balancer with externalTrafficPolicy
 #     Local), no 0 s preStop sleep, too short a grace period and hard
-#     anti-affinity with maxUnavailable 0 refused, a new ConfigMap for
-#     listener/control changes (any change with rollOnConfigChange), no
-#     token checksum, the config check hook (whose check refuses an unknown
-#     pool), PDB maxUnavailable 1, the PodMonitor's job, the HPA's
-#     scale-down, a string image.tag, the memory request.
+#     anti-affinity with maxUnavailable 0 refused (accepted with maxSurge
+#     0), a new ConfigMap for listener-address/control changes (any change
+#     with rollOnConfigChange) and none for proxy_protocol, names or order,
+#     the ConfigMaps of older ReplicaSets kept (lookup, against the mock API
+#     helm/mock-kube-api.py), no token checksum, the config check hook
+#     (hash-named, its pod like the Deployment's, sidecar injection off; its
+#     check refuses an unknown pool), the PDB (maxUnavailable 1, under an
+#     HPA from minReplicas 1, unhealthyPodEvictionPolicy on 1.27+), the
+#     PodMonitor's job, the HPA's scale-down, integer and string image.tag,
+#     a null grace period, the margin's minimum, the memory request (lowered
+#     to a smaller limit), NOTES on config changes.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
