@@ -786,7 +786,7 @@ if "$helm" template t "$chart" --show-only templates/config-check.yaml >"$hook" 
         && grep -A1 '^            - name: config$' "$hook" | grep -q 'mountPath: /etc/agiproxy$' && pass \
         || fail "config check: the Job does not mount its ConfigMap at /etc/agiproxy"
     # Sidecar injection off: an injected proxy never exits, the Job never completes.
-    grep -q '^        sidecar.istio.io/inject: "false"$' "$hook" && grep -q '^        linkerd.io/inject: disabled$' "$hook" && pass \
+    [[ "$(grep -c '^        sidecar.istio.io/inject: "false"$' "$hook")" == 2 ]] && grep -q '^        linkerd.io/inject: disabled$' "$hook" && pass \
         || fail "config check: the Job's pod does not turn Istio's and Linkerd's sidecar injection off"
     # The chart's ServiceAccount does not exist yet at pre-install: the namespace's default.
     grep -q 'serviceAccountName:' "$hook" && fail "config check: the Job's pod names the chart's ServiceAccount (not there yet before install)" || pass
