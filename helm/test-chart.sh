@@ -22,11 +22,17 @@
 #     timeouts.drain spelling, --max-drain, the shutdown delay (before 1.30,
 #     30 s behind an external load balancer with externalTrafficPolicy
 #     Local), no 0 s preStop sleep, too short a grace period and hard
-#     anti-affinity with maxUnavailable 0 refused, a new ConfigMap for
-#     listener/control changes (any change with rollOnConfigChange), no
-#     token checksum, the config check hook (whose check refuses an unknown
-#     pool), PDB maxUnavailable 1, the PodMonitor's job, the HPA's
-#     scale-down, a string image.tag, the memory request.
+#     anti-affinity with maxUnavailable 0 refused (accepted with maxSurge
+#     0), a new ConfigMap for listener-address/control changes (any change
+#     with rollOnConfigChange) and none for proxy_protocol, names or order,
+#     the ConfigMaps of older ReplicaSets kept (lookup, against the mock API
+#     helm/mock-kube-api.py), no token checksum, the config check hook
+#     (hash-named, its pod like the Deployment's, sidecar injection off; its
+#     check refuses an unknown pool), the PDB (maxUnavailable 1, under an
+#     HPA from minReplicas 1, unhealthyPodEvictionPolicy on 1.27+), the
+#     PodMonitor's job, the HPA's scale-down, integer and string image.tag,
+#     a null grace period, the margin's minimum, the memory request (lowered
+#     to a smaller limit), NOTES on config changes.
 #
 #   bash helm/test-chart.sh [MY-VALUES.yaml ...]
 #
@@ -467,6 +473,19 @@ accepted --set 'ipFamilies={IPv4,IPv6}' --set 'config.control.address=[fd00::fff
 refused "at '/ipFamilies/0'" --set 'ipFamilies={IPv5}'
 accepted --set 'ipFamilies={IPv4,IPv6}'
 accepted --set 'ipFamilies={IPv6}' --set 'config.listeners[0].name=a' --set 'config.listeners[0].address=[fd00::1]:4573'
+lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
+    local template="$1" want="$2"
+    shift 2
+    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
+        cat "$work/lacks.yaml" >&2
+        fail "lacks: helm template $* failed"
+    elif grep -qF -- "$want" "$work/lacks.yaml"; then
+        fail "lacks: helm template $* has \"$want\" in $template"
+    else
+        pass
+        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
+    fi
+}
 # What given values must render.
 renders() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE prints a line TEXT
     local template="$1" want="$2"
@@ -488,11 +507,35 @@ renders templates/pdb.yaml "  maxUnavailable: 0%" --set podDisruptionBudget.maxU
 renders templates/pdb.yaml "  maxUnavailable: 1"
 renders templates/pdb.yaml "  minAvailable: 2" --set podDisruptionBudget.minAvailable=2
 renders templates/pdb.yaml "  minAvailable: 0" --set podDisruptionBudget.minAvailable=0
-# image.tag is a string: YAML's 1.10 is the number 1.1, 20240101 is 2.0240101e+07.
-refused "at '/image/tag'" --set image.tag=20240101
+# Under an HPA that may scale above one replica, a budget even at minReplicas 1.
+renders templates/pdb.yaml "  maxUnavailable: 1" --set autoscaling.enabled=true --set autoscaling.minReplicas=1
+# An unready replica may always be evicted (else it blocks every drain), where the field exists (1.27+).
+renders templates/pdb.yaml "  unhealthyPodEvictionPolicy: AlwaysAllow" --kube-version 1.27.0
+lacks templates/pdb.yaml "unhealthyPodEvictionPolicy" --kube-version 1.26.0
+lacks templates/pdb.yaml "unhealthyPodEvictionPolicy" --kube-version 1.37.0 --set podDisruptionBudget.unhealthyPodEvictionPolicy=
+# image.tag: a string, or an integer taken as its digits (--set gives an
+# int64, a values file a float64 printed 2.0240101e+07 by toString); other
+# numbers are refused (YAML's 1.10 is the number 1.1).
 printf 'image:\n  tag: 1.10\n' >"$work/numeric-tag.yaml"
-refused "at '/image/tag': got number, want string" -f "$work/numeric-tag.yaml"
+refused "at '/image/tag'" -f "$work/numeric-tag.yaml"
 renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set-string image.tag=20240101
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' --set image.tag=20240101
+printf 'image:\n  tag: 20240101\n' >"$work/integer-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101"' -f "$work/integer-tag.yaml"
+printf 'image:\n  tag: 20240101120000\n' >"$work/long-tag.yaml"
+renders templates/deployment.yaml '          image: "agiproxy:20240101120000"' -f "$work/long-tag.yaml"
+# A values file for an older chart with a memory limit under today's default
+# request (384Mi): the request is lowered to the limit (the API server
+# refuses a request above its limit); a request given above it is refused.
+renders templates/deployment.yaml '              memory: 256Mi' --set resources.limits.memory=256Mi
+lacks templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=256Mi
+renders templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=1Gi
+lacks templates/deployment.yaml '              memory: 384Mi' --set resources.limits.memory=268435456
+refused "resources.requests.memory 300Mi is above resources.limits.memory 256Mi" \
+    --set resources.limits.memory=256Mi --set resources.requests.memory=300Mi
+refused "resources.requests.cpu 1 is above resources.limits.cpu 500m" \
+    --set resources.limits.cpu=500m --set resources.requests.cpu=1
+renders templates/deployment.yaml '              cpu: 50m' --set resources.limits.cpu=50m
 # agiproxy refuses more than 65535 workers.
 refused "at '/workers'" --set workers=65536
 accepted --set workers=65535
@@ -511,19 +554,6 @@ refused "at '/config/timeouts/drain'" --set-string config.timeouts.drain=5
 
 # --- stopping: the grace period covers what the pod does after deletion ------------
 echo "== stopping"
-lacks() { # TEMPLATE TEXT ARGS...: helm template --show-only TEMPLATE has no line containing TEXT
-    local template="$1" want="$2"
-    shift 2
-    if ! "$helm" template t "$chart" --show-only "$template" "$@" >"$work/lacks.yaml" 2>&1; then
-        cat "$work/lacks.yaml" >&2
-        fail "lacks: helm template $* failed"
-    elif grep -qF -- "$want" "$work/lacks.yaml"; then
-        fail "lacks: helm template $* has \"$want\" in $template"
-    else
-        pass
-        echo "   $* renders no \"$(echo "$want" | sed 's/^ *//')\""
-    fi
-}
 run_arg() { # FLAG VALUE ARGS...: the agiproxy container runs with FLAG VALUE
     local flag="$1" value="$2"
     shift 2
@@ -568,6 +598,14 @@ refused "set it to at least 335" --kube-version 1.29.0 --set terminationGracePer
 accepted --kube-version 1.37.0 --set terminationGracePeriodSeconds=310
 refused "preStop.sleepSeconds 400 is not shorter than terminationGracePeriodSeconds 400" \
     --set preStop.sleepSeconds=400 --set terminationGracePeriodSeconds=400
+# null (~) is unset, as "": the grace period is derived.
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.37.0 --set terminationGracePeriodSeconds=null
+printf 'terminationGracePeriodSeconds: ~\nterminationGraceMarginSeconds: ~\n' >"$work/null-grace.yaml"
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 335" --kube-version 1.37.0 -f "$work/null-grace.yaml"
+# The margin must leave agiproxy its 5 s: the schema says so, not a message blaming
+# terminationGracePeriodSeconds, which the user never set.
+refused "at '/terminationGraceMarginSeconds'" --set terminationGraceMarginSeconds=4
+renders templates/deployment.yaml "      terminationGracePeriodSeconds: 310" --kube-version 1.37.0 --set terminationGraceMarginSeconds=5
 
 # Required anti-affinity with no replica allowed to go first: a rollout
 # deadlocks once replicas >= nodes (draining pods still hold their node).
@@ -576,6 +614,10 @@ refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 2
     --set strategy.rollingUpdate.maxUnavailable=25%
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=1
 accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxUnavailable=34%
+# maxSurge 0 and maxUnavailable 25% of 3 (0): Kubernetes then takes maxUnavailable as 1.
+accepted --set podAntiAffinityPreset=hard --set strategy.rollingUpdate.maxSurge=0 --set strategy.rollingUpdate.maxUnavailable=25%
+refused "podAntiAffinityPreset hard with strategy.rollingUpdate.maxUnavailable 25%" --set podAntiAffinityPreset=hard \
+    --set strategy.rollingUpdate.maxSurge=10% --set strategy.rollingUpdate.maxUnavailable=25%
 
 # Under an HPA, scaling down takes one replica per 10 minutes at most: each
 # one drains its calls (Kubernetes' default would take every excess one at once).
@@ -636,9 +678,81 @@ new_cm "a listener's port" --set 'config.listeners[0].name=asterisk' --set 'conf
     --set ports.agi=4574
 new_cm "another listener" --set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573' \
     --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580'
+# Only the listeners' addresses: agiproxy matches listeners by address and
+# applies the rest in place (docs/configuration.md); rolling the fleet for a
+# CIDR added to proxy_protocol.from would drain every call.
+two=(--set 'config.listeners[0].name=asterisk' --set 'config.listeners[0].address=0.0.0.0:4573'
+    --set 'config.listeners[1].name=nlb' --set 'config.listeners[1].address=0.0.0.0:4580')
+base=("${two[@]}" --set 'config.listeners[1].proxy_protocol.from={10.0.0.0/8}')
+same_cm "a listener's proxy_protocol.from (in place)" --set 'config.listeners[1].proxy_protocol.from={10.0.0.0/8,192.168.0.0/16}'
+same_cm "a listener's name (in place)" --set 'config.listeners[1].name=lb'
+base=("${two[@]}")
+same_cm "the listeners' order (in place)" --set 'config.listeners[0].name=nlb' --set 'config.listeners[0].address=0.0.0.0:4580' \
+    --set 'config.listeners[1].name=asterisk' --set 'config.listeners[1].address=0.0.0.0:4573'
+new_cm "a listener moved" --set 'config.listeners[1].address=0.0.0.0:4581'
+base=()
 new_cm "config.control (read at start)" --set config.control.max_body_bytes=2097152
 base=(--set rollOnConfigChange=true)
 new_cm "rollOnConfigChange: a route's timeout" --set config.timeouts.next_command=90s
+# Pods of an older ReplicaSet that still has replicas (a rollout going on or
+# stalled, an HPA scale-up, an eviction's replacement) mount their revision's
+# ConfigMap: on helm upgrade the chart reads the live ReplicaSets (lookup)
+# and renders those ConfigMaps again, so Helm does not delete them. Against
+# a mock API (helm/mock-kube-api.py): the Deployment mounts -bbbbbbbb, a
+# ReplicaSet with 2 replicas -aaaaaaaa, one scaled to 0 -00000000.
+cat >"$work/live.json" <<'JSON'
+{
+ "/apis/apps/v1/namespaces/telephony/deployments/t-agiproxy": {"apiVersion": "apps/v1", "kind": "Deployment",
+   "metadata": {"name": "t-agiproxy", "namespace": "telephony", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "spec": {"replicas": 3, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-bbbbbbbb"}}]}}}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/t-agiproxy-a": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "t-agiproxy-a", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "t-agiproxy"}]},
+   "spec": {"replicas": 2, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-aaaaaaaa"}}]}}}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/t-agiproxy-0": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "t-agiproxy-0", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "t-agiproxy"}]},
+   "spec": {"replicas": 0, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-00000000"}}]}}},
+   "status": {"replicas": 0}},
+ "/apis/apps/v1/namespaces/telephony/replicasets/other-1": {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+   "metadata": {"name": "other-1", "namespace": "telephony", "ownerReferences": [{"kind": "Deployment", "name": "other"}]},
+   "spec": {"replicas": 1, "template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "t-agiproxy-cccccccc"}}]}}}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-aaaaaaaa": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-aaaaaaaa", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: a\n"}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-bbbbbbbb": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-bbbbbbbb", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: b\n"}},
+ "/api/v1/namespaces/telephony/configmaps/t-agiproxy-00000000": {"apiVersion": "v1", "kind": "ConfigMap",
+   "metadata": {"name": "t-agiproxy-00000000", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+     "annotations": {"meta.helm.sh/release-name": "t", "meta.helm.sh/release-namespace": "telephony"}},
+   "data": {"agiproxy.yaml": "revision: 0\n"}}
+}
+JSON
+python3 "$here/mock-kube-api.py" "$work/mock.port" "$work/live.json" &
+mock=$!
+for _ in $(seq 50); do [[ -s "$work/mock.port" ]] && break; sleep 0.1; done
+printf 'apiVersion: v1\nkind: Config\nclusters: [{name: m, cluster: {server: "http://127.0.0.1:%s"}}]\nusers: [{name: m, user: {token: t}}]\ncontexts: [{name: m, context: {cluster: m, user: m, namespace: telephony}}]\ncurrent-context: m\n' \
+    "$(cat "$work/mock.port" 2>/dev/null)" >"$work/kubeconfig"
+if KUBECONFIG="$work/kubeconfig" "$helm" template t "$chart" -n telephony --dry-run=server --disable-openapi-validation \
+    --show-only templates/configmap.yaml >"$work/kept.yaml" 2>&1; then
+    kept="$(sed -n 's/^  name: //p' "$work/kept.yaml" | sort | tr '\n' ' ')"
+    current="$(cm_name)"
+    want="$(printf '%s\n' "$current" t-agiproxy-aaaaaaaa t-agiproxy-bbbbbbbb | sort | tr '\n' ' ')"
+    [[ "$kept" == "$want" ]] && pass && echo "   ConfigMaps with older ReplicaSets live: $kept" \
+        || fail "config changes: with older ReplicaSets live the ConfigMaps are \"$kept\", expected \"$want\" (the current one, and those of the Deployment and of each ReplicaSet with replicas)"
+    grep -q '^    revision: a$' "$work/kept.yaml" && grep -q '^    revision: b$' "$work/kept.yaml" && pass \
+        || fail "config changes: a kept ConfigMap does not carry its live data"
+else
+    cat "$work/kept.yaml" >&2
+    fail "config changes: helm template --dry-run=server against the mock API failed"
+fi
+kill "$mock" 2>/dev/null || true
+wait "$mock" 2>/dev/null || true
+# Without lookup (helm template): only this revision's.
+[[ "$("$helm" template t "$chart" --show-only templates/configmap.yaml | grep -c '^kind: ConfigMap$')" == 1 ]] && pass \
+    || fail "config changes: helm template renders more than one ConfigMap"
 # A token given by value is followed by agiproxy (its file): no rollout, which would drain every call.
 lacks templates/deployment.yaml "checksum/control-token" --set controlToken.value=abc
 
@@ -663,9 +777,19 @@ if "$helm" template t "$chart" --show-only templates/config-check.yaml >"$hook" 
     cmd="$(sed -n '/^          command:/,/^          resources:/p' "$hook" | sed -n 's/^            - //p' | tr -d '"' | tr '\n' ' ')"
     [[ "$cmd" == "/agiproxy check -c /etc/agiproxy/agiproxy.yaml " ]] && pass \
         || fail "config check: the Job runs \"$cmd\", not /agiproxy check -c /etc/agiproxy/agiproxy.yaml"
-    grep -A2 '^          configMap:$' "$hook" | grep -q '^            name: t-agiproxy-config-check$' \
+    hook_name="$(sed -n '/^kind: Job$/,$p' "$hook" | sed -n 's/^  name: //p' | head -1)"
+    [[ "$hook_name" =~ ^t-agiproxy-config-check-[0-9a-f]{8}$ ]] && pass \
+        || fail "config check: the Job is named \"$hook_name\", not t-agiproxy-config-check-HASH"
+    [[ "$(sed -n '/^kind: ConfigMap$/,/^---/p' "$hook" | sed -n 's/^  name: //p' | head -1)" == "$hook_name" ]] && pass \
+        || fail "config check: the hook ConfigMap's name is not the Job's"
+    grep -A2 '^          configMap:$' "$hook" | grep -qxF "            name: $hook_name" \
         && grep -A1 '^            - name: config$' "$hook" | grep -q 'mountPath: /etc/agiproxy$' && pass \
         || fail "config check: the Job does not mount its ConfigMap at /etc/agiproxy"
+    # Sidecar injection off: an injected proxy never exits, the Job never completes.
+    [[ "$(grep -c '^        sidecar.istio.io/inject: "false"$' "$hook")" == 2 ]] && grep -q '^        linkerd.io/inject: disabled$' "$hook" && pass \
+        || fail "config check: the Job's pod does not turn Istio's and Linkerd's sidecar injection off"
+    # The chart's ServiceAccount does not exist yet at pre-install: the namespace's default.
+    grep -q 'serviceAccountName:' "$hook" && fail "config check: the Job's pod names the chart's ServiceAccount (not there yet before install)" || pass
 else
     cat "$hook" >&2
     fail "config check: no hook rendered by default"
@@ -687,6 +811,36 @@ else
     cat "$hook" >&2
     fail "config check: helm template with an unknown pool failed (the hook should be what refuses it)"
 fi
+# Its pod runs like the Deployment's where scheduling and pulling need it.
+arm=(--set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=kubernetes.io/arch'
+    --set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=In'
+    --set 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values={arm64}')
+like=(--set podAnnotations.team=voice --set podLabels.tier=telephony --set 'podLabels.app\.kubernetes\.io/name=agiproxy'
+    --set serviceAccount.create=false --set serviceAccount.name=pull-sa --set priorityClassName=calls "${arm[@]}"
+    --set configCheck.podAnnotations.extra=e1 --set configCheck.podLabels.check=c1)
+renders templates/config-check.yaml "        team: voice" "${like[@]}"
+renders templates/config-check.yaml "        tier: telephony" "${like[@]}"
+renders templates/config-check.yaml "        extra: e1" "${like[@]}"
+renders templates/config-check.yaml "        check: c1" "${like[@]}"
+renders templates/config-check.yaml "        app.kubernetes.io/name: agiproxy-config-check" "${like[@]}"
+"$helm" template t "$chart" --show-only templates/config-check.yaml "${like[@]}" >"$work/hook-like.yaml" 2>&1
+grep -qx '        app.kubernetes.io/name: agiproxy' "$work/hook-like.yaml" \
+    && fail "config check: podLabels' app.kubernetes.io/name (a selector label) reaches the Job's pod: Services and the PDB would pick it" || pass
+renders templates/config-check.yaml "      serviceAccountName: pull-sa" "${like[@]}"
+renders templates/config-check.yaml "      priorityClassName: calls" "${like[@]}"
+renders templates/config-check.yaml "                - arm64" "${like[@]}"
+accepted --set configCheck.podAnnotations.a=b --set configCheck.podLabels.c=d
+# A new hash for a new image or config: with helm template | kubectl apply the
+# hook is a plain Job, whose pod template cannot change ("field is immutable").
+hook_names() { "$helm" template t "$chart" --show-only templates/config-check.yaml "$@" | sed -n 's/^  name: //p' | sort -u | tr '\n' ' '; }
+a="$(hook_names)"
+for change in "--set image.tag=0.1.1" "--set config.timeouts.next_command=90s" "--set configCheck.podAnnotations.x=y"; do
+    # shellcheck disable=SC2086
+    b="$(hook_names $change)"
+    [[ "$a" != "$b" && "$(wc -w <<<"$b")" == 1 ]] && pass && echo "   hook after $change: $b (was $a)" \
+        || fail "config check: $change keeps the hook's name ($a, then $b): kubectl apply would hit an immutable Job"
+done
+[[ "$(hook_names)" == "$a" ]] && pass || fail "config check: the hook's name is not stable across renders"
 if "$helm" template t "$chart" --set configCheck.enabled=false >"$work/nohook.yaml" 2>&1 \
     && ! grep -q '^kind: Job$' "$work/nohook.yaml"; then
     pass
@@ -733,6 +887,17 @@ fi
 has "$work/notes-default.txt" "delete pod NAME" "kubectl delete pod not shown as the way to take one replica out"
 has "$work/notes-default.txt" "ctl --url http://127.0.0.1:9090 \\" "drain-replica not shown against one pod's --url"
 has "$work/notes-default.txt" "until its readiness probe fails" "the refused calls of drain-replica not explained"
+
+# Config changes: the hook checks them, and which ones roll the fleet.
+has "$work/notes-default.txt" "Job first runs \`agiproxy check\` on it with the release's image" \
+    "the config check hook is not mentioned (NOTES tells to run agiproxy check by hand)"
+has "$work/notes-default.txt" "A change to the listeners' addresses, ports.agi" \
+    "NOTES does not say which config changes roll the pods"
+hasnt "$work/notes-default.txt" "replicas apply the new ConfigMap in place" "NOTES says every config change is applied in place"
+notes "$work/notes-roll.txt" --set rollOnConfigChange=true
+has "$work/notes-roll.txt" "every config change is a new ConfigMap and a" "rollOnConfigChange: NOTES does not say every change rolls"
+notes "$work/notes-memory.txt" --set resources.limits.memory=256Mi
+has "$work/notes-memory.txt" "so the pods request 256Mi instead" "a memory request lowered to the limit is not told"
 
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$chart/files/dashboard.json" \
     && pass || fail "files/dashboard.json is not JSON"

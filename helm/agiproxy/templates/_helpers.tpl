@@ -56,7 +56,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion (toString .Values.image.tag)) }}
+{{- $tag := .Values.image.tag }}
+{{- /* A number (--set image.tag=20240101 gives an int64, a values file's
+20240101 a float64): its digits; the schema refuses non-integer numbers. */}}
+{{- if kindIs "float64" $tag }}{{ $tag = printf "%.0f" $tag }}{{ end }}
+{{- if kindIs "invalid" $tag }}{{ $tag = "" }}{{ end }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion (toString $tag)) }}
 {{- end }}
 {{- end }}
 
@@ -385,15 +390,22 @@ pods of each revision keep the ConfigMap they started with whenever a change
 must not reach them in place. With rollOnConfigChange, the hash of the whole
 config: every change is a new ConfigMap and a rollout, and old pods never
 hot-reload it. Otherwise the hash of what must not change under a running
-pod: the listeners (a changed port would close the one the Services still
-send calls to, while the pod is Ready), ports.agi, and control (read at start
-only); the rest of the config changes in place.
+pod: the listeners' addresses, sorted (a listener moved or removed would
+close the port the Services still send calls to, while the pod is Ready;
+the chart cannot tell an added listener from a moved one, so an added
+address rolls too), ports.agi, and control (read at start only). A
+listener's other fields (name, proxy_protocol) and the rest of the config
+change in place.
 */}}
 {{- define "agiproxy.configMapName" -}}
 {{- $text := include "agiproxy.configYaml" . }}
 {{- if not .Values.rollOnConfigChange }}
 {{- $cfg := $text | fromYaml }}
-{{- $text = toYaml (dict "listeners" $cfg.listeners "control" $cfg.control "agi" (toString .Values.ports.agi)) }}
+{{- $addresses := list }}
+{{- range $cfg.listeners }}
+{{- if kindIs "map" . }}{{ $addresses = append $addresses (toString .address) }}{{ end }}
+{{- end }}
+{{- $text = toYaml (dict "listeners" ($addresses | sortAlpha | uniq) "control" $cfg.control "agi" (toString .Values.ports.agi)) }}
 {{- end }}
 {{- printf "%s-%s" (include "agiproxy.fullname" .) ($text | sha256sum | trunc 8) }}
 {{- end }}
@@ -517,10 +529,14 @@ telling Asterisk FAILURE, and exits).
 {{- $preStop := include "agiproxy.preStopSeconds" . | int }}
 {{- $delay := include "agiproxy.shutdownDelay" . | int }}
 {{- $drain := include "agiproxy.drainSeconds" . | int }}
-{{- $derived := add $preStop $delay $drain (int .Values.terminationGraceMarginSeconds) }}
+{{- /* null (~) is unset, as "": the margin's default, the derived grace period. */}}
+{{- $margin := .Values.terminationGraceMarginSeconds }}
+{{- if or (kindIs "invalid" $margin) (eq (toString $margin) "") }}{{ $margin = 30 }}{{ end }}
+{{- $derived := add $preStop $delay $drain (int $margin) }}
 {{- $grace := $derived }}
-{{- if not (eq (toString .Values.terminationGracePeriodSeconds) "") }}
-{{- $grace = int .Values.terminationGracePeriodSeconds }}
+{{- $given := .Values.terminationGracePeriodSeconds }}
+{{- if and (not (kindIs "invalid" $given)) (ne (toString $given) "") }}
+{{- $grace = int $given }}
 {{- end }}
 {{- if ge $preStop $grace }}
 {{- fail (printf "preStop.sleepSeconds %d is not shorter than terminationGracePeriodSeconds %d: the API server refuses the hook (and the drain would get no time); lower the sleep, or leave terminationGracePeriodSeconds empty (the chart derives it)" $preStop $grace) }}
@@ -545,4 +561,208 @@ telling Asterisk FAILURE, and exits).
 {{- else }}
 {{- printf "job=%q,namespace=%q" (include "agiproxy.headlessName" .) .Release.Namespace }}
 {{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity (100m, 384Mi, 1.5Gi, 268435456, 1e9) as a plain
+number (printed with %f), or empty when it cannot be read. Called with the
+quantity.
+*/}}
+{{- define "agiproxy.quantity" -}}
+{{- $q := toString . | trim }}
+{{- $number := regexFind "^([0-9]+(\\.[0-9]*)?|\\.[0-9]+)" $q }}
+{{- $suffix := trimPrefix $number $q }}
+{{- $scale := dict "" 1.0 "n" 0.000000001 "u" 0.000001 "m" 0.001 "k" 1000.0 "M" 1000000.0 "G" 1000000000.0 "T" 1000000000000.0 "P" 1000000000000000.0 "E" 1000000000000000000.0 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- if and $number (hasKey $scale $suffix) }}
+{{- printf "%f" (mulf (float64 $number) (index $scale $suffix)) }}
+{{- else if and $number (regexMatch "^[eE][+-]?[0-9]+$" $suffix) }}
+{{- $exp := atoi (trimPrefix "+" (substr 1 -1 $suffix)) }}
+{{- $value := float64 $number }}
+{{- range until (int (ternary (sub 0 $exp) $exp (lt $exp 0))) }}
+{{- $value = ternary (divf $value 10) (mulf $value 10) (lt $exp 0) }}
+{{- end }}
+{{- printf "%f" $value }}
+{{- end }}
+{{- end }}
+
+{{/*
+A container's resources with no request above its limit (the API server
+refuses such a pod). A request left at the chart's default (values.yaml:
+keep the defaults below in step) is lowered to the limit: a values file
+written for an older chart, with a lower limit than today's default request
+(e.g. limits.memory 256Mi, the request now defaulting to 384Mi), still
+renders. A request given above its limit fails the render. As YAML; called
+with a list: the resources, the chart's default requests (a dict), and the
+value's name for messages.
+*/}}
+{{- define "agiproxy.resources" -}}
+{{- $r := deepCopy (index . 0 | default dict) }}
+{{- $defaults := index . 1 }}
+{{- $what := index . 2 }}
+{{- if and (kindIs "map" $r.requests) (kindIs "map" $r.limits) }}
+{{- range $name, $limit := $r.limits }}
+{{- if hasKey $r.requests $name }}
+{{- $request := index $r.requests $name }}
+{{- $rq := include "agiproxy.quantity" $request }}
+{{- $lq := include "agiproxy.quantity" $limit }}
+{{- if and $rq $lq (gt (float64 $rq) (float64 $lq)) }}
+{{- if eq (toString $request) (toString (get $defaults $name)) }}
+{{- $_ := set $r.requests $name $limit }}
+{{- else }}
+{{- fail (printf "%s.requests.%s %v is above %s.limits.%s %v: the API server refuses a container whose request exceeds its limit; lower the request or raise the limit" $what $name $request $what $name $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $r }}{{ toYaml $r }}{{ end }}
+{{- end }}
+
+{{/* The agiproxy container's resources (the chart's default requests: 100m, 384Mi). */}}
+{{- define "agiproxy.podResources" -}}
+{{- include "agiproxy.resources" (list .Values.resources (dict "cpu" "100m" "memory" "384Mi") "resources") }}
+{{- end }}
+
+{{/*
+The config check Job's spec (templates/config-check.yaml). Its pod runs like
+the Deployment's where that matters for it to be scheduled and pulled at
+all: imagePullSecrets, the security contexts, nodeSelector, tolerations,
+affinity.nodeAffinity (e.g. the nodes of the image's architecture),
+priorityClassName, podAnnotations and podLabels (without the Deployment's
+selector labels: no Service, PDB or monitor picks this pod), with
+configCheck.podAnnotations and podLabels over them (by default Istio's and
+Linkerd's sidecar injection off: an injected proxy never exits, and the
+Job would run into activeDeadlineSeconds). Not the pod (anti-)affinity
+terms, which are about the replicas. The service account: an existing one
+(serviceAccount.create false) is used, so pull secrets attached to it
+apply; the chart's own does not exist yet before install (hooks run before
+the release's objects are made), so with create true the pod runs as the
+namespace's default account, without a token (the chart's account carries
+only annotations, which the check does not need). Called with a dict: ctx
+(the root context) and name (the ConfigMap's).
+*/}}
+{{- define "agiproxy.configCheckJobSpec" -}}
+{{- $ := .ctx }}
+{{- $v := $.Values }}
+{{- $selector := include "agiproxy.selectorLabels" $ | fromYaml }}
+{{- $labels := dict }}
+{{- range $key, $value := ($v.podLabels | default dict) }}
+{{- if not (hasKey $selector $key) }}{{ $_ := set $labels $key $value }}{{ end }}
+{{- end }}
+{{- $labels = mergeOverwrite $labels (deepCopy ($v.configCheck.podLabels | default dict)) }}
+{{- $_ := set $labels "app.kubernetes.io/name" (printf "%s-config-check" (include "agiproxy.name" $ | trunc 50 | trimSuffix "-")) }}
+{{- $_ := set $labels "app.kubernetes.io/instance" $.Release.Name }}
+{{- $_ := set $labels "app.kubernetes.io/component" "config-check" }}
+{{- $annotations := mergeOverwrite (deepCopy ($v.podAnnotations | default dict)) (deepCopy ($v.configCheck.podAnnotations | default dict)) }}
+backoffLimit: 0
+activeDeadlineSeconds: {{ $v.configCheck.activeDeadlineSeconds }}
+template:
+  metadata:
+    labels:
+      {{- toYaml $labels | nindent 6 }}
+    {{- with $annotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  spec:
+    restartPolicy: Never
+    {{- if not $v.serviceAccount.create }}
+    serviceAccountName: {{ include "agiproxy.serviceAccountName" $ }}
+    {{- end }}
+    automountServiceAccountToken: false
+    enableServiceLinks: false
+    {{- with $v.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.priorityClassName }}
+    priorityClassName: {{ . }}
+    {{- end }}
+    {{- with $v.podSecurityContext }}
+    securityContext:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: check
+        image: {{ include "agiproxy.image" $ | quote }}
+        imagePullPolicy: {{ $v.image.pullPolicy }}
+        command:
+          - {{ $v.binary | quote }}
+        args:
+          - check
+          - -c
+          - {{ include "agiproxy.configFile" $ }}
+        {{- with include "agiproxy.resources" (list $v.configCheck.resources (dict "cpu" "10m" "memory" "32Mi") "configCheck.resources") }}
+        resources:
+          {{- . | nindent 10 }}
+        {{- end }}
+        {{- with $v.securityContext }}
+        securityContext:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        volumeMounts:
+          - name: config
+            mountPath: {{ include "agiproxy.configDir" $ }}
+            readOnly: true
+    volumes:
+      - name: config
+        configMap:
+          name: {{ .name }}
+    {{- if and (kindIs "map" $v.affinity) $v.affinity.nodeAffinity }}
+    affinity:
+      nodeAffinity:
+        {{- toYaml $v.affinity.nodeAffinity | nindent 8 }}
+    {{- end }}
+    {{- with $v.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $v.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+The ConfigMaps (besides this revision's) that pods of the live Deployment
+may still need to start: those mounted by the Deployment's current pod
+template and by each of its ReplicaSets that still has replicas (read with
+lookup on helm install/upgrade; none with helm template). A rollout still
+going (or stalled after a failed `helm upgrade --wait`) keeps old
+ReplicaSets, whose new pods (an HPA scale-up, an eviction's replacement)
+mount their revision's ConfigMap: deleting it would leave them in
+ContainerCreating. So templates/configmap.yaml renders these again, their
+data copied as is, and Helm deletes each one only on the first upgrade
+after no ReplicaSet with replicas uses it. As YAML: names, a list.
+*/}}
+{{- define "agiproxy.keptConfigMaps" -}}
+{{- $full := include "agiproxy.fullname" . }}
+{{- $current := include "agiproxy.configMapName" . }}
+{{- $names := list }}
+{{- $templates := list }}
+{{- $deployment := lookup "apps/v1" "Deployment" .Release.Namespace $full }}
+{{- if $deployment }}
+{{- $templates = append $templates (dig "spec" "template" dict $deployment) }}
+{{- $sets := lookup "apps/v1" "ReplicaSet" .Release.Namespace "" }}
+{{- range (dig "items" list $sets) }}
+{{- $owned := false }}
+{{- range (dig "metadata" "ownerReferences" list .) }}
+{{- if and (eq (toString .kind) "Deployment") (eq (toString .name) $full) }}{{ $owned = true }}{{ end }}
+{{- end }}
+{{- if and $owned (or (gt (int (dig "spec" "replicas" 0 .)) 0) (gt (int (dig "status" "replicas" 0 .)) 0)) }}
+{{- $templates = append $templates (dig "spec" "template" dict .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $templates }}
+{{- range (dig "spec" "volumes" list .) }}
+{{- if and (eq (toString .name) "config") (kindIs "map" .configMap) }}
+{{- $n := toString .configMap.name }}
+{{- if and (ne $n $current) (or (eq $n $full) (hasPrefix (printf "%s-" $full) $n)) (not (has $n $names)) }}
+{{- $names = append $names $n }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml (dict "names" $names) }}
 {{- end }}
