@@ -277,7 +277,7 @@ for set in "${sets[@]}"; do
                 grep -qw -- "$m" "$repo/docs/control-api.md" "$repo/docs/blue-green.md" "$repo/docs/operations.md" && pass \
                     || fail "$name: the rules or the dashboard read $m, which no metrics table names"
             done
-            for alert in AgiproxyCredentialsRefused AgiproxyCertificateExpiresSoon AgiproxyLogLinesDropped AgiproxyPanicked \
+            for alert in AgiproxyCredentialsRefused AgiproxyCertificateExpiresSoon AgiproxyLogLinesDropped AgiproxyPanicked AgiproxyConfigWatchDown \
                 AgiproxyRolloutRolledBack AgiproxyRolloutReplicasDisagree AgiproxyRolloutClocksApart \
                 AgiproxyRolloutPeersUnread; do
                 grep -q "alert: $alert$" "$out" && pass || fail "$name: no $alert rule"
