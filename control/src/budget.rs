@@ -11,15 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::body::HttpBody;
-use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
 use tokio::sync::Notify;
-
-use crate::handlers::{error, S};
-use crate::plane::ControlPlane;
 
 /// Largest config texts held at once, before and while waiting their turn
 /// for the one parse at a time.
@@ -83,60 +75,6 @@ impl Drop for BodyShare {
         drop(held);
         self.budget.freed.notify_waiters();
     }
-}
-
-/// Holds a share of the budget for a request that may carry a body, from
-/// before its body is read to its answer (the handler holds the text
-/// until then). Laid inside the access guard: a request without a
-/// credential never takes a share.
-pub(crate) async fn hold_bodies<P: ControlPlane>(
-    State(ctx): S<P>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let max_body = ctx.max_body;
-    // `Content-Length` when given (hyper holds the body to it), else the
-    // body limit; nothing for a request with no body.
-    let bytes = HttpBody::size_hint(req.body())
-        .exact()
-        .map_or(max_body, |n| usize::try_from(n).unwrap_or(usize::MAX))
-        .min(max_body);
-    if bytes == 0 || req.method() == Method::GET || req.method() == Method::HEAD {
-        return next.run(req).await;
-    }
-    let unit = ctx
-        .plane
-        .config_bytes_limit()
-        .unwrap_or(max_body)
-        .min(max_body);
-    let cap = BODIES_AT_ONCE.saturating_mul(unit);
-    let share = match ctx.budget.try_take(bytes, cap) {
-        Some(share) => share,
-        None => match tokio::time::timeout(ctx.timeout / 2, ctx.budget.take(bytes, cap)).await {
-            Ok(share) => share,
-            Err(_) => {
-                tracing::debug!(
-                    bytes,
-                    budget = cap,
-                    "control API request refused: the bodies of other requests fill the budget"
-                );
-                let mut resp = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "other requests' bodies fill this replica's budget for them \
-                         ({cap} bytes: {BODIES_AT_ONCE} times limits.max_config_bytes); \
-                         nothing was read or changed: send it again"
-                    ),
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                return resp;
-            }
-        },
-    };
-    let resp = next.run(req).await;
-    drop(share);
-    resp
 }
 
 #[cfg(test)]

@@ -348,3 +348,63 @@ pub(crate) async fn drain<P: ControlPlane>(State(ctx): S<P>) -> Response {
     )
         .into_response()
 }
+
+/// Holds a share of the budget for a request that may carry a body, from
+/// before its body is read to its answer (the handler holds the text
+/// until then). Laid inside the access guard: a request without a
+/// credential never takes a share.
+pub(crate) async fn hold_bodies<P: ControlPlane>(
+    State(ctx): S<P>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::budget::BODIES_AT_ONCE;
+    let max_body = ctx.max_body;
+    // `Content-Length` when given (hyper holds the body to it), else the
+    // body limit; nothing for a request with no body.
+    let bytes = axum::body::HttpBody::size_hint(req.body())
+        .exact()
+        .map_or(max_body, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        .min(max_body);
+    if bytes == 0
+        || req.method() == axum::http::Method::GET
+        || req.method() == axum::http::Method::HEAD
+    {
+        return next.run(req).await;
+    }
+    let unit = ctx
+        .plane
+        .config_bytes_limit()
+        .unwrap_or(max_body)
+        .min(max_body);
+    let cap = crate::budget::BODIES_AT_ONCE.saturating_mul(unit);
+    let share = match ctx.budget.try_take(bytes, cap) {
+        Some(share) => share,
+        None => match tokio::time::timeout(ctx.timeout / 2, ctx.budget.take(bytes, cap)).await {
+            Ok(share) => share,
+            Err(_) => {
+                tracing::debug!(
+                    bytes,
+                    budget = cap,
+                    "control API request refused: the bodies of other requests fill the budget"
+                );
+                let mut resp = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "other requests' bodies fill this replica's budget for them \
+                         ({cap} bytes: {BODIES_AT_ONCE} times limits.max_config_bytes); \
+                         nothing was read or changed: send it again"
+                    ),
+                );
+                resp.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::header::HeaderValue::from_static("1"),
+                );
+                return resp;
+            }
+        },
+    };
+    let resp = next.run(req).await;
+    drop(share);
+    resp
+}

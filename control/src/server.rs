@@ -678,7 +678,7 @@ fn build<P: ControlPlane>(
         // Inside the guard: a request without a credential takes no share.
         .route_layer(middleware::from_fn_with_state(
             ctx.clone(),
-            crate::budget::hold_bodies::<P>,
+            crate::handlers::hold_bodies::<P>,
         ))
         // Over every route at once, so none can be added without it.
         .route_layer(middleware::from_fn_with_state(ctx.clone(), guard::<P>))

@@ -13,13 +13,12 @@
 //! change lock is taken only to swap. A caller that gives up (the API's
 //! request timeout) stops waiting; the parse it started runs out, bounded.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agiproxy_config::{Config, Rollout};
+use agiproxy_config::Config;
 use tokio::sync::{broadcast, Semaphore};
 
 pub use crate::listener::ServerError;
@@ -124,29 +123,7 @@ pub struct Origin {
     pub file: Option<PathBuf>,
 }
 
-/// The rollouts a config file declares, by route name: what the running
-/// ones are compared with (`rollout::view`). Taken from a parse of the
-/// file's text when it is read (at start, by the watch or a reload) and
-/// kept, so that no request reads or parses the file.
-#[derive(Debug, Default)]
-pub struct FileRollouts(HashMap<String, Rollout>);
-
-impl FileRollouts {
-    pub fn of(config: &Config) -> FileRollouts {
-        FileRollouts(
-            config
-                .routes
-                .iter()
-                .filter_map(|r| Some((r.name.clone(), (**r.rollout.as_ref()?).clone())))
-                .collect(),
-        )
-    }
-
-    /// The file's rollout of `route`, if it has one.
-    pub fn rollout(&self, route: &str) -> Option<&Rollout> {
-        self.0.get(route)
-    }
-}
+pub use crate::rollout::file::FileRollouts;
 
 /// Records the peers' judged rollbacks in the rollouts of `snap`, before
 /// any call (the identities were compared when they were read).
@@ -700,7 +677,7 @@ impl Server {
             }
         };
         let generation = current.meta.generation;
-        let replaced = crate::rollout::view::replaced_rollouts(&current, &config);
+        let replaced = crate::rollout::replaced::replaced_rollouts(&current, &config);
         // Applied, and said: a file read late must still converge with the
         // replicas that read it in time (a refusal left a replica out for
         // good, and one started later took the file: review), and a
@@ -709,7 +686,7 @@ impl Server {
             &current.rollout_config(),
             &config,
             crate::session::rollout::now_ms(),
-            |route| crate::rollout::view::judged_of(&current, route),
+            |route| crate::rollout::replaced::judged_of(&current, route),
         );
         // New listeners first: a bind failure refuses the whole change.
         // Draining, none is opened: it would accept calls and close at once

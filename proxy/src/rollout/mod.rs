@@ -5,7 +5,9 @@
 
 pub mod adopt;
 pub mod eval;
+pub mod file;
 pub mod overrides;
+pub mod replaced;
 pub mod view;
 
 pub use crate::session::rollout::{

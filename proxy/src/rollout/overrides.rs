@@ -114,7 +114,7 @@ pub fn carried_overrides(
 pub fn carried_unless_from_file(
     running: &agiproxy_config::Config,
     new: &agiproxy_config::Config,
-    file_had: Option<&crate::server::FileRollouts>,
+    file_had: Option<&super::file::FileRollouts>,
 ) -> Vec<Carried> {
     let mut out = Vec::new();
     for (_, route, before, ro) in same_rollouts(running, new) {

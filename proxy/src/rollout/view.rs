@@ -8,8 +8,9 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
 use super::eval::{decision_view, to_api};
+use super::file::FileRollouts;
 use super::overrides::{edit_text, push_override, rollout_mut};
-use crate::server::{ApplyError, FileRollouts};
+use crate::server::ApplyError;
 use crate::session::rollout::{now_ms, CompiledRollout, Side, State};
 use crate::session::router::CompiledRoute;
 use crate::snapshot::Snapshot;
@@ -276,67 +277,6 @@ pub fn why_override_changes_nothing(
 
 /// The `skew` of a route's rollout in `snap`: an override takes effect that
 /// long after its time.
-/// What replacing the rollouts of `snap` with those of `new` does to calls
-/// already made (rollout audit: a new `steps`, `start` or interval, even an
-/// edit reverted, re-coloured calls in progress and dropped a judged
-/// rollback with nothing said): one line per route whose new rollout (another
-/// identity) places calls made before now otherwise, for a WARN. The same
-/// rollout is `past_changes`' to judge.
-pub fn replaced_rollouts(snap: &Snapshot, new: &agiproxy_config::Config) -> Vec<(String, String)> {
-    let now = now_ms();
-    let mut out = Vec::new();
-    let fresh: std::collections::HashMap<&str, &agiproxy_config::Rollout> = new
-        .routes
-        .iter()
-        .filter_map(|r| Some((r.name.as_str(), r.rollout.as_deref()?)))
-        .collect();
-    for (r, ro) in rollouts(snap) {
-        let Some(next) = fresh.get(&*r.name) else {
-            continue;
-        };
-        if crate::session::rollout::live::identity(&r.name, next, &new.pools) == ro.live.identity {
-            continue;
-        }
-        let judged = ro.live.judged_ms();
-        // From the earliest time either places differently: the new one may
-        // have started before the old (review: a pending rollout replaced by
-        // one started 5 minutes ago moved calls with nothing said).
-        let from = ro
-            .plan
-            .overrides
-            .iter()
-            .chain(&next.overrides)
-            .map(|o| o.at_ms)
-            .fold(ro.plan.start_ms.min(next.start_ms), i64::min);
-        let Some(t) =
-            crate::session::rollout::first_difference((&ro.plan, judged), (next, None), from, now)
-        else {
-            continue;
-        };
-        let dropped = match judged.filter(|j| *j <= now) {
-            Some(j) => format!(
-                "; its judged rollback (in force from {}) is dropped",
-                format_ms(j)
-            ),
-            None => String::new(),
-        };
-        out.push((
-            r.name.to_string(),
-            format!(
-                "the new config declares another rollout on route {} (a new start, steps, step_duration, pools or judge.interval): calls made since {} change colour on their next AGI{dropped}; if that was not meant, put the rollout back as it was",
-                r.name,
-                format_ms(t)
-            ),
-        ));
-    }
-    out
-}
-
-/// When the judged rollback of `route`'s rollout takes effect, if any.
-pub fn judged_of(snap: &Snapshot, route: &str) -> Option<i64> {
-    rollout_of(snap, route)?.live.judged_ms()
-}
-
 /// The identity of the rollout of `route`, if it has one.
 pub fn identity_of(snap: &Snapshot, route: &str) -> Option<String> {
     rollout_of(snap, route).map(|ro| ro.live.identity.clone())
