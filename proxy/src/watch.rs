@@ -39,8 +39,6 @@
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -255,43 +253,59 @@ struct Place {
     dir: PathBuf,
     name: OsString,
     tx: mpsc::UnboundedSender<Change>,
-    /// Which watch may send: a replaced one's late events (its directory's
-    /// removal, say) are dropped.
-    epoch: Arc<AtomicU64>,
 }
 
 impl Place {
-    /// Blocking: watches the directory anew (an inotify instance and a
-    /// watch, which inotify resolves through symlinks now), and `stat`s it.
-    fn install(&self) -> Result<(notify::RecommendedWatcher, Option<Stamp>), WatchError> {
-        let mine = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        let (epoch, tx) = (self.epoch.clone(), self.tx.clone());
-        let (dir, file, name) = (self.dir.clone(), self.file.clone(), self.name.clone());
+    /// Blocking: watches the directory anew (a watch, which inotify
+    /// resolves through symlinks now), and `stat`s it. One inotify instance
+    /// (and notify's thread) for the process's life, made here the first
+    /// time: one per re-watch took an instance each time (128 per user by
+    /// default), and a failed thread spawn in a new one panics twice in
+    /// notify, which aborts the process (review). Given back whatever
+    /// happens, so that a failed watch keeps the instance for the next try.
+    fn install(
+        &self,
+        existing: Option<notify::RecommendedWatcher>,
+    ) -> (
+        Option<notify::RecommendedWatcher>,
+        Result<Option<Stamp>, WatchError>,
+    ) {
         let failed = |source| WatchError {
             path: self.dir.clone(),
             source,
         };
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if epoch.load(Ordering::SeqCst) != mine {
-                    return;
+        let mut watcher = match existing {
+            Some(w) => w,
+            None => {
+                let tx = self.tx.clone();
+                let (dir, file, name) = (self.dir.clone(), self.file.clone(), self.name.clone());
+                let made =
+                    notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                        let change = match event {
+                            Ok(e) => classify(&e, &dir, &file, &name),
+                            Err(_) => Some(Change::Lost(Loss::Error)),
+                        };
+                        if let Some(change) = change {
+                            let _ = tx.send(change);
+                        }
+                    });
+                match made {
+                    Ok(w) => w,
+                    Err(e) => return (None, Err(failed(e))),
                 }
-                let change = match event {
-                    Ok(e) => classify(&e, &dir, &file, &name),
-                    Err(_) => Some(Change::Lost(Loss::Error)),
-                };
-                if let Some(change) = change {
-                    let _ = tx.send(change);
-                }
-            })
-            .map_err(failed)?;
+            }
+        };
+        // The old watch (of a directory gone or replaced) goes first: notify
+        // drops events of a watch it no longer has. One queued before that
+        // (the directory's removal, say) asks for one more re-watch.
+        let _ = watcher.unwatch(&self.dir);
         // Before the watch: a swap between the two is seen as another
         // directory at the next look (watched again), never missed.
         let stamp = Stamp::of(&self.dir);
-        watcher
-            .watch(&self.dir, RecursiveMode::NonRecursive)
-            .map_err(failed)?;
-        Ok((watcher, stamp))
+        match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+            Ok(()) => (Some(watcher), Ok(stamp)),
+            Err(e) => (Some(watcher), Err(failed(e))),
+        }
     }
 }
 
@@ -301,8 +315,10 @@ struct Follow {
     server: Server,
     place: Place,
     source: String,
-    /// None while the directory is not watched.
+    /// The inotify instance, once made (kept for the process's life).
     watcher: Option<notify::RecommendedWatcher>,
+    /// Whether the directory the path names is watched now.
+    watched: bool,
     /// The watched directory, as `stat`ed when the watch was set up.
     dir: Option<Stamp>,
     /// The file as last looked at by the periodic look.
@@ -318,19 +334,8 @@ impl Follow {
     /// Watches the directory anew, off the runtime. `why`: the loss that
     /// asked for it (logged and counted), None at start.
     async fn rewatch(&mut self, why: Option<Loss>) {
-        // A replaced watch is dropped first (one inotify instance at a
-        // time), and no longer sends (the epoch moves on in `install`).
-        self.place.epoch.fetch_add(1, Ordering::SeqCst);
-        self.watcher = None;
-        let place = self.place.clone();
-        let installed = tokio::task::spawn_blocking(move || place.install())
-            .await
-            .unwrap_or_else(|e| {
-                Err(WatchError {
-                    path: self.place.dir.clone(),
-                    source: notify::Error::generic(&e.to_string()),
-                })
-            });
+        self.watched = false;
+        let installed = self.install().await;
         let metrics = self.server.metrics();
         if let Some(loss) = why {
             metrics
@@ -340,8 +345,8 @@ impl Follow {
         }
         let dir = self.place.dir.display();
         match (installed, why) {
-            (Ok((watcher, stamp)), why) => {
-                self.watcher = Some(watcher);
+            (Ok(stamp), why) => {
+                self.watched = true;
                 self.dir = stamp;
                 self.retry = None;
                 metrics.config_watch_up.set(1);
@@ -370,14 +375,27 @@ impl Follow {
         }
     }
 
+    /// [`Place::install`] off the runtime, with this task's instance.
+    async fn install(&mut self) -> Result<Option<Stamp>, WatchError> {
+        let place = self.place.clone();
+        let existing = self.watcher.take();
+        match tokio::task::spawn_blocking(move || place.install(existing)).await {
+            Ok((watcher, result)) => {
+                self.watcher = watcher;
+                result
+            }
+            Err(e) => Err(WatchError {
+                path: self.place.dir.clone(),
+                source: notify::Error::generic(&e.to_string()),
+            }),
+        }
+    }
+
     /// Tried again while the watch is off; logged once, when it is back.
     /// Whether it is.
     async fn retry(&mut self) -> bool {
-        self.place.epoch.fetch_add(1, Ordering::SeqCst);
-        let place = self.place.clone();
-        if let Ok(Ok((watcher, stamp))) = tokio::task::spawn_blocking(move || place.install()).await
-        {
-            self.watcher = Some(watcher);
+        if let Ok(stamp) = self.install().await {
+            self.watched = true;
             self.dir = stamp;
             self.retry = None;
             self.server.metrics().config_watch_up.set(1);
@@ -396,10 +414,15 @@ impl Follow {
         // Refused reads are counted and logged by the server; the last
         // good content stays what a change is judged against: a file moved
         // away and back, unchanged, is no change (an API change stays).
+        // What the server last read of the file, by anyone (SIGHUP, `ctl
+        // reload`): a file already read and applied there is no change here
+        // (review: the look re-applied it over a later API change).
+        let before = self.server.file_hash().or(self.last);
         let Ok(text) = self.server.read_config_file().await else {
             return;
         };
         let now = text_hash(&text);
+        self.last = before;
         if self.last != Some(now) {
             self.last = Some(now);
             let _ = self.server.apply(&text, &self.source, false, None).await;
@@ -415,19 +438,40 @@ impl Follow {
         else {
             return;
         };
-        if self.watcher.is_none() {
+        if !self.watched {
             // The file is looked at below.
             self.retry().await;
         } else if match (&self.dir, &dir) {
             (Some(was), Some(now)) => !was.same_inode(now),
             (_, None) => true,
-            (None, Some(_)) => false,
+            // Not there when watched (it was being replaced): there now,
+            // maybe another one (review: a later swap was never seen).
+            (None, Some(_)) => true,
         } {
             self.rewatch(Some(Loss::Directory)).await;
         }
         if file != self.stamp {
-            self.stamp = file;
-            self.read().await;
+            // Without the events' close, a writer may be between two
+            // writes (`cat new > file` writes in pieces): read once the file
+            // has been still for `WRITER_QUIET` (review: a half-written file
+            // was applied). Bounded; the next look sees what is left.
+            let mut seen = file;
+            let mut still = false;
+            let waited = tokio::time::Instant::now();
+            while !still && waited.elapsed() < MAX_SETTLE {
+                tokio::time::sleep(WRITER_QUIET).await;
+                let path = self.place.file.clone();
+                let again = tokio::task::spawn_blocking(move || Stamp::of(&path))
+                    .await
+                    .ok()
+                    .flatten();
+                still = again == seen;
+                seen = again;
+            }
+            if still {
+                self.stamp = seen;
+                self.read().await;
+            }
         }
     }
 
@@ -462,7 +506,7 @@ impl Follow {
                 }
                 _ = tick.tick() => self.look().await,
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if retry_at.is_some() && self.watcher.is_none() =>
+                    if retry_at.is_some() && !self.watched =>
                 {
                     // What changed while nothing was watched.
                     if self.retry().await {
@@ -486,6 +530,9 @@ pub async fn watch(server: Server, every: Duration) -> Option<ConfigWatch> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // As notify reports it (`current_dir` joined): a relative path's
+    // directory was never recognised in its events (review).
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
     let name = file.file_name().map(OsString::from).unwrap_or_default();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut follow = Follow {
@@ -501,9 +548,9 @@ pub async fn watch(server: Server, every: Duration) -> Option<ConfigWatch> {
             dir,
             name,
             tx,
-            epoch: Arc::new(AtomicU64::new(0)),
         },
         watcher: None,
+        watched: false,
         dir: None,
         stamp: None,
         retry: None,
@@ -695,6 +742,42 @@ mod tests {
         let tmp = file.with_extension("new");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, file).unwrap();
+    }
+
+    /// A file already read and applied by someone else (SIGHUP, `ctl
+    /// reload`) is no change to the watcher: the look that finds it later
+    /// does not apply it again over an API change made since (review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_read_by_sighup_is_not_applied_again_over_a_later_api_change() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for rel in ["rel1", "rel2"] {
+            std::fs::create_dir(r.join(rel)).unwrap();
+        }
+        std::fs::write(r.join("rel1/agiproxy.yaml"), config_text("one")).unwrap();
+        std::fs::write(r.join("rel2/agiproxy.yaml"), config_text("two")).unwrap();
+        std::os::unix::fs::symlink("rel1", r.join("current")).unwrap();
+        let server = serve(&r.join("current/agiproxy.yaml")).await;
+        let every = Duration::from_millis(300);
+        let _watch = watch(server.clone(), every).await.unwrap();
+        tokio::time::sleep(every / 2).await;
+        // A swap no event shows, read at once by a SIGHUP...
+        std::os::unix::fs::symlink("rel2", r.join("current.new")).unwrap();
+        std::fs::rename(r.join("current.new"), r.join("current")).unwrap();
+        server.reload_file().await.unwrap();
+        assert_eq!(server.snapshot().meta.generation, 2);
+        // ...then a change through the API.
+        let api = config_text("api");
+        server
+            .apply(&api, crate::server::API_SOURCE, false, None)
+            .await
+            .unwrap();
+        assert_eq!(server.snapshot().meta.generation, 3);
+        // The look finds the swap (and the file's new stamp), past the
+        // writer's quiet time: the API's change stays.
+        tokio::time::sleep(10 * every + WRITER_QUIET).await;
+        assert_eq!(server.snapshot().meta.generation, 3);
+        assert_eq!(&*server.snapshot().meta.text, api.as_str());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
