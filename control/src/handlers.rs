@@ -30,7 +30,14 @@ pub(crate) struct Ctx<P> {
     pub(crate) max_body: usize,
     /// `control.request_timeout`.
     pub(crate) timeout: std::time::Duration,
+    /// Views and metrics built on blocking threads at once: a request the
+    /// timeout cut leaves its work running, so a flood that reconnects
+    /// could pile up CPU-bound threads against the runtime's (review).
+    pub(crate) views: Arc<tokio::sync::Semaphore>,
 }
+
+/// Views (and `/metrics`) built at once, each on a blocking thread.
+pub(crate) const VIEWS_AT_ONCE: usize = 2;
 
 /// `work` on a blocking thread: views that walk the whole config (every
 /// rollout, every listener) are asked by anyone in a loop, and a runtime
@@ -41,14 +48,21 @@ async fn off_runtime<P: ControlPlane, T: Send + 'static>(
     work: impl FnOnce(&P) -> T + Send + 'static,
 ) -> Result<T, Response> {
     let plane = ctx.plane.clone();
-    tokio::task::spawn_blocking(move || work(&plane))
-        .await
-        .map_err(|_| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the view could not be built",
-            )
-        })
+    // Held by the work itself, to its end, also when the request is gone.
+    let Ok(turn) = ctx.views.clone().acquire_owned().await else {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+    };
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        work(&plane)
+    })
+    .await
+    .map_err(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the view could not be built",
+        )
+    })
 }
 
 pub(crate) type S<P> = State<Arc<Ctx<P>>>;
@@ -129,8 +143,7 @@ pub(crate) async fn metrics<P: ControlPlane>(State(ctx): S<P>) -> Response {
     // Rendering walks every series (every backend of every pool): off the
     // runtime's threads, so that scrapes, or a client asking for /metrics
     // in a loop, do not hold up calls.
-    let plane = ctx.plane.clone();
-    let Ok(text) = tokio::task::spawn_blocking(move || plane.metrics_text()).await else {
+    let Ok(text) = off_runtime(&ctx, |p| p.metrics_text()).await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
     };
     (
@@ -265,8 +278,11 @@ pub(crate) async fn split<P: ControlPlane>(
 }
 
 pub(crate) async fn rollouts<P: ControlPlane>(State(ctx): S<P>) -> Response {
-    match off_runtime(&ctx, |p| p.rollouts()).await {
-        Ok(all) => Json(all).into_response(),
+    // Encoded on the blocking thread too: megabytes for thousands of
+    // rollouts (review).
+    match off_runtime(&ctx, |p| serde_json::to_vec(&p.rollouts())).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => e,
     }
 }

@@ -673,6 +673,7 @@ fn build<P: ControlPlane>(
         budget: Default::default(),
         max_body,
         timeout,
+        views: Arc::new(tokio::sync::Semaphore::new(crate::handlers::VIEWS_AT_ONCE)),
     });
     let app = router
         // Inside the guard: a request without a credential takes no share.

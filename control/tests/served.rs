@@ -32,6 +32,10 @@ struct Plane {
     until: usize,
     hold: Duration,
     go: AtomicBool,
+    /// Status calls being built now, at most, and how long each takes.
+    building: AtomicUsize,
+    most_building: AtomicUsize,
+    status_takes: Duration,
 }
 
 impl Plane {
@@ -46,6 +50,10 @@ impl Plane {
 impl ControlPlane for Plane {
     fn status(&self) -> Status {
         self.built_here();
+        let now = self.building.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_building.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.status_takes);
+        self.building.fetch_sub(1, Ordering::SeqCst);
         Status {
             version: "test".into(),
             uptime_seconds: 1.0,
@@ -175,6 +183,30 @@ async fn status_and_rollout_views_are_built_off_the_runtime_threads() {
         built.iter().all(|t| *t != here),
         "a view was built on the runtime's thread"
     );
+}
+
+/// Views built on blocking threads are at most two at a time: a flood of
+/// the open `/v1/status` (whose cut requests leave their work running)
+/// cannot pile up CPU-bound threads against the runtime's (review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_are_built_two_at_a_time() {
+    let plane = Arc::new(Plane {
+        status_takes: Duration::from_millis(100),
+        ..Plane::default()
+    });
+    let app = agiproxy_control::server::router(plane.clone(), None, MIB, Duration::from_secs(30));
+    let asks: Vec<_> = (0..8)
+        .map(|_| {
+            let req = Request::get("/v1/status").body(Body::empty()).unwrap();
+            tokio::spawn(app.clone().oneshot(req))
+        })
+        .collect();
+    for a in asks {
+        assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(plane.built_on.lock().unwrap().len(), 8);
+    let most = plane.most_building.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&most), "{most} views built at once");
 }
 
 /// Concurrent config bodies wait for their share of the budget (three

@@ -125,6 +125,26 @@ pub struct Origin {
 
 pub use crate::rollout::file::FileRollouts;
 
+/// Each listener of `snap` with the address it is bound to in `table`
+/// (both of one config: read under the table's lock). The n-th listener of
+/// an address (several may ask for port 0) is the n-th entry of it.
+fn listing(table: &[ListenerEntry], snap: &Snapshot) -> Vec<(String, SocketAddr)> {
+    let listeners = &snap.config.listeners;
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let n = listeners[..i]
+                .iter()
+                .filter(|o| o.address == l.address)
+                .count();
+            let mut of_address = table.iter().filter(|e| e.configured == l.address);
+            let bound = of_address.nth(n).map_or(l.address, |e| e.bound);
+            (l.name.clone(), bound)
+        })
+        .collect()
+}
+
 /// Records the peers' judged rollbacks in the rollouts of `snap`, before
 /// any call (the identities were compared when they were read).
 fn adopt_decisions(snap: &Snapshot, decisions: &[(String, crate::session::rollout::Decision)]) {
@@ -164,6 +184,8 @@ struct Changes {
     /// The `control:` block the process started with: the one in effect
     /// until a restart, whatever later configs say.
     control_in_effect: agiproxy_config::Control,
+    /// Each listener's name and bound address, as of the last change.
+    listing: Mutex<Vec<(String, SocketAddr)>>,
     /// Listeners a change removed, until their sockets are closed (they
     /// serve what the kernel queued first).
     retiring: Mutex<Vec<(SocketAddr, tokio::sync::oneshot::Receiver<()>)>>,
@@ -254,6 +276,7 @@ impl Server {
         let changes = Arc::new(Changes {
             listeners: tokio::sync::Mutex::new(Vec::new()),
             retiring: Mutex::new(Vec::new()),
+            listing: Mutex::new(Vec::new()),
             control: std::sync::OnceLock::new(),
             control_in_effect,
             parses: Arc::new(Semaphore::new(1)),
@@ -271,6 +294,8 @@ impl Server {
         for b in bound {
             table.push(spawn_listener(&shared, b));
         }
+        *changes.listing.lock().unwrap_or_else(|p| p.into_inner()) =
+            listing(&table, &shared.snapshot.load());
         drop(table);
         tokio::spawn(retire_session_series(Arc::downgrade(&shared)));
         Ok(Server { shared, changes })
@@ -293,26 +318,22 @@ impl Server {
             .collect()
     }
 
-    /// Each listener's name and bound address, in config order, from the
-    /// snapshot read while the listener table is held: a change swaps the
-    /// snapshot and updates the table under that lock, so both are of one
-    /// config. The n-th listener of an address (several may ask for port
-    /// 0) is the n-th entry of it. None while a change holds the table
-    /// (from its binds to its swap).
+    /// Each listener's name and bound address, in config order, as the
+    /// last change (or the start) left them: both of one config (see
+    /// [`listing`]). While a change holds the table, the listing before it:
+    /// its new listeners are not serving yet. Always Some.
     pub fn bound_listeners(&self) -> Option<Vec<(String, SocketAddr)>> {
-        let table = self.changes.listeners.try_lock().ok()?;
-        let snap = self.shared.snapshot.load();
-        let listeners = &snap.config.listeners;
-        let listed = listeners.iter().enumerate().map(|(i, l)| {
-            let n = listeners[..i]
-                .iter()
-                .filter(|o| o.address == l.address)
-                .count();
-            let mut of_address = table.iter().filter(|e| e.configured == l.address);
-            let bound = of_address.nth(n).map_or(l.address, |e| e.bound);
-            (l.name.clone(), bound)
-        });
-        Some(listed.collect())
+        // Kept by the last change (or the start) under the table's lock:
+        // read at any time, also while a change holds the table (review:
+        // a status at start, while the watch's first read applied a
+        // change, fell back to the configured port 0).
+        Some(
+            self.changes
+                .listing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -770,6 +791,11 @@ impl Server {
             retiring.push((e.configured, e.closed));
         }
         drop(retiring);
+        *self
+            .changes
+            .listing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = listing(&table, &next);
         self.shared
             .metrics
             .config_generation
