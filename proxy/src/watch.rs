@@ -744,20 +744,27 @@ mod tests {
         std::fs::rename(&tmp, file).unwrap();
     }
 
+    /// Two releases, `rel1` (config "one") and `rel2` ("two"), and
+    /// `current -> rel1`; a server of `current/agiproxy.yaml`.
+    async fn two_releases() -> (tempfile::TempDir, Server) {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for (rel, name) in [("rel1", "one"), ("rel2", "two")] {
+            std::fs::create_dir(r.join(rel)).unwrap();
+            std::fs::write(r.join(rel).join("agiproxy.yaml"), config_text(name)).unwrap();
+        }
+        std::os::unix::fs::symlink("rel1", r.join("current")).unwrap();
+        let server = serve(&r.join("current/agiproxy.yaml")).await;
+        (root, server)
+    }
+
     /// A file already read and applied by someone else (SIGHUP, `ctl
     /// reload`) is no change to the watcher: the look that finds it later
     /// does not apply it again over an API change made since (review).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_read_by_sighup_is_not_applied_again_over_a_later_api_change() {
-        let root = tempfile::tempdir().unwrap();
+        let (root, server) = two_releases().await;
         let r = root.path();
-        for rel in ["rel1", "rel2"] {
-            std::fs::create_dir(r.join(rel)).unwrap();
-        }
-        std::fs::write(r.join("rel1/agiproxy.yaml"), config_text("one")).unwrap();
-        std::fs::write(r.join("rel2/agiproxy.yaml"), config_text("two")).unwrap();
-        std::os::unix::fs::symlink("rel1", r.join("current")).unwrap();
-        let server = serve(&r.join("current/agiproxy.yaml")).await;
         let every = Duration::from_millis(300);
         let _watch = watch(server.clone(), every).await.unwrap();
         tokio::time::sleep(every / 2).await;
@@ -785,15 +792,8 @@ mod tests {
         // A Capistrano-style release: the config is `current/agiproxy.yaml`,
         // `current -> rel1` swapped to `rel2`. inotify watched rel1's inode:
         // the swap, and every edit after it, was never seen.
-        let root = tempfile::tempdir().unwrap();
+        let (root, server) = two_releases().await;
         let r = root.path();
-        for rel in ["rel1", "rel2"] {
-            std::fs::create_dir(r.join(rel)).unwrap();
-        }
-        std::fs::write(r.join("rel1/agiproxy.yaml"), config_text("one")).unwrap();
-        std::fs::write(r.join("rel2/agiproxy.yaml"), config_text("two")).unwrap();
-        std::os::unix::fs::symlink("rel1", r.join("current")).unwrap();
-        let server = serve(&r.join("current/agiproxy.yaml")).await;
         let every = Duration::from_millis(300);
         let _watch = watch(server.clone(), every).await.unwrap();
         assert_eq!(server.metrics().config_watch_up.get(), 1);

@@ -98,10 +98,19 @@ async fn one_long_command(
     addr: SocketAddr,
     backend: &FakeBackend,
 ) -> tokio::task::JoinHandle<chaos_tests::CallOutcome> {
+    a_command_of(addr, backend, Duration::from_secs(30)).await
+}
+
+/// A call whose command Asterisk runs for `runs`, once it is on `backend`.
+async fn a_command_of(
+    addr: SocketAddr,
+    backend: &FakeBackend,
+    runs: Duration,
+) -> tokio::task::JoinHandle<chaos_tests::CallOutcome> {
     let call = tokio::spawn(async move {
         FakeAsterisk::new()
-            .reply_with(|_| Reply::ok().after(Duration::from_secs(30)))
-            .call_timeout(Duration::from_secs(40))
+            .reply_with(move |_| Reply::ok().after(runs))
+            .call_timeout(runs + Duration::from_secs(10))
             .run(addr)
             .await
     });
@@ -427,18 +436,7 @@ async fn a_shutdown_delay_serves_unready_and_max_drain_bounds_the_drain() {
     };
     assert_eq!(ready().await, Some(200));
     // Dial runs 4 s: past the delay and the drain.
-    let long = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .reply_with(|_| Reply::ok().after(Duration::from_secs(4)))
-            .call_timeout(Duration::from_secs(20))
-            .run(addr)
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.stats().accepted() < 1 {
-        assert!(Instant::now() < deadline, "the call reached no backend");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let long = a_command_of(addr, &b, Duration::from_secs(4)).await;
     let t = Instant::now();
     signal(&child, libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -491,18 +489,7 @@ async fn the_first_signal_after_an_api_drain_drains_on() {
     );
     let (mut child, addr, _dir) = spawn_proxy(&body, "2", "warn", Stdio::inherit()).await;
     // Dial runs 2 s.
-    let call = tokio::spawn(async move {
-        FakeAsterisk::new()
-            .reply_with(|_| Reply::ok().after(Duration::from_secs(2)))
-            .call_timeout(Duration::from_secs(20))
-            .run(addr)
-            .await
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.stats().accepted() < 1 {
-        assert!(Instant::now() < deadline, "the call reached no backend");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let call = a_command_of(addr, &b, Duration::from_secs(2)).await;
     let drained = Command::new(env!("CARGO_BIN_EXE_agiproxy"))
         .args(["ctl", "--socket"])
         .arg(&socket)
