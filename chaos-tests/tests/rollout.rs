@@ -997,17 +997,7 @@ async fn a_reload_from_the_file_keeps_an_api_override_of_the_same_rollout() {
 
     // `ctl rollout rollback ivr`: one time for every replica.
     let at = agiproxy_config::format_ms(now_ms());
-    let resp = r
-        .client
-        .call(
-            &r.api,
-            "POST",
-            "/v1/rollouts/ivr/rollback",
-            &[],
-            Some(format!("{{\"at\": \"{at}\"}}").into_bytes()),
-        )
-        .await
-        .unwrap();
+    let resp = act(&r, "ivr", "rollback", &at).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     // In force one skew after `at`; keys carry whole seconds: a call of the
     // next second on is placed after the rollback.
@@ -1294,17 +1284,7 @@ async fn a_file_may_take_an_override_away_and_reaching_back_is_said() {
     // An API promote at T1, then the file with the fleet's earlier T0
     // (both past): applied, the replica in line, a later edit applied too.
     let t1 = agiproxy_config::format_ms(now_ms());
-    let resp = r
-        .client
-        .call(
-            &r.api,
-            "POST",
-            "/v1/rollouts/gitops/promote",
-            &[],
-            Some(format!("{{\"at\": \"{t1}\"}}").into_bytes()),
-        )
-        .await
-        .unwrap();
+    let resp = act(&r, "gitops", "promote", &t1).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     let t0 = agiproxy_config::format_ms(now_ms() - 30_000);
     let fleet = without.replace(
@@ -1332,6 +1312,21 @@ async fn a_file_may_take_an_override_away_and_reaching_back_is_said() {
     let resp = reload(fleet.replace("consecutive_failures: 100", "consecutive_failures: 99")).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     assert_eq!(r.server.snapshot().config.pools[0].eject_after, 99);
+}
+
+/// `POST /v1/rollouts/{route}/{action}` with `{"at": at}` on `r`.
+async fn act(
+    r: &Replica,
+    route: &str,
+    action: &str,
+    at: &str,
+) -> agiproxy_control::client::Response {
+    let path = format!("/v1/rollouts/{route}/{action}");
+    let body = format!("{{\"at\": \"{at}\"}}").into_bytes();
+    r.client
+        .call(&r.api, "POST", &path, &[], Some(body))
+        .await
+        .unwrap()
 }
 
 /// The rollout of `route` on `r`.
