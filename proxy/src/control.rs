@@ -17,45 +17,11 @@ use crate::snapshot::Snapshot;
 /// What the control API drives.
 pub struct ControlHandle {
     server: Server,
-    /// The listeners' names and bound addresses as last read (see
-    /// [`ControlHandle::listeners`]).
-    listeners: std::sync::Mutex<Vec<(String, std::net::SocketAddr)>>,
 }
 
 impl ControlHandle {
     pub fn new(server: Server) -> Arc<ControlHandle> {
-        let listeners = server.bound_listeners().unwrap_or_default();
-        Arc::new(ControlHandle {
-            server,
-            listeners: std::sync::Mutex::new(listeners),
-        })
-    }
-
-    /// Each listener's name and bound address, both of one config (audit:
-    /// the names of one snapshot were zipped with the addresses of another
-    /// read later, and a change in progress turned bound ports into the
-    /// configured port 0). While a change holds the listener table, the
-    /// listing read before it: the change's new listeners are not serving
-    /// yet.
-    fn listeners(&self, snap: &Snapshot) -> Vec<(String, std::net::SocketAddr)> {
-        let mut last = self
-            .listeners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match self.server.bound_listeners() {
-            Some(now) => last.clone_from(&now),
-            // Read at no time yet: the snapshot's own, as configured.
-            None if last.is_empty() => {
-                return snap
-                    .config
-                    .listeners
-                    .iter()
-                    .map(|l| (l.name.clone(), l.address))
-                    .collect()
-            }
-            None => {}
-        }
-        last.clone()
+        Arc::new(ControlHandle { server })
     }
 }
 
@@ -359,7 +325,8 @@ impl ControlPlane for ControlHandle {
             listeners: if self.server.is_draining() {
                 Vec::new()
             } else {
-                self.listeners(&snap)
+                self.server
+                    .bound_listeners()
                     .into_iter()
                     .map(|(name, a)| ListenerView {
                         name,

@@ -321,19 +321,17 @@ impl Server {
     /// Each listener's name and bound address, in config order, as the
     /// last change (or the start) left them: both of one config (see
     /// [`listing`]). While a change holds the table, the listing before it:
-    /// its new listeners are not serving yet. Always Some.
-    pub fn bound_listeners(&self) -> Option<Vec<(String, SocketAddr)>> {
+    /// its new listeners are not serving yet.
+    pub fn bound_listeners(&self) -> Vec<(String, SocketAddr)> {
         // Kept by the last change (or the start) under the table's lock:
         // read at any time, also while a change holds the table (review:
         // a status at start, while the watch's first read applied a
         // change, fell back to the configured port 0).
-        Some(
-            self.changes
-                .listing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        self.changes
+            .listing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -518,8 +516,8 @@ impl Server {
         } else {
             None
         };
-        // The file's rollouts as last read, before this read replaces them:
-        // an override they had and the new text lacks was deleted from it.
+        // The rollouts of the file text last applied: an override they had
+        // and the new text lacks was deleted from the file.
         let file_had = match mode {
             Mode::File => self
                 .changes
