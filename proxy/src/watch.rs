@@ -758,6 +758,32 @@ mod tests {
         (root, server)
     }
 
+    /// The periodic look has no close event to tell when a writer is done:
+    /// it reads a file once it has been still for `WRITER_QUIET` (review:
+    /// a file found between two writes was applied half-written).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_look_reads_a_file_once_it_is_still() {
+        let (root, server) = two_releases().await;
+        let r = root.path();
+        let every = Duration::from_millis(300);
+        let _watch = watch(server.clone(), every).await.unwrap();
+        tokio::time::sleep(every / 2).await;
+        // A release no event shows (the watch is on rel1), its file
+        // written in two steps 700 ms apart.
+        std::fs::create_dir(r.join("rel3")).unwrap();
+        std::fs::write(r.join("rel3/agiproxy.yaml"), config_text("partial")).unwrap();
+        std::os::unix::fs::symlink("rel3", r.join("current.new")).unwrap();
+        std::fs::rename(r.join("current.new"), r.join("current")).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        std::fs::write(r.join("rel3/agiproxy.yaml"), config_text("full")).unwrap();
+        assert_eq!(generation_reaches(&server, 2, 4 * WRITER_QUIET).await, 2);
+        // Only the whole file was applied.
+        tokio::time::sleep(WRITER_QUIET).await;
+        let snap = server.snapshot();
+        assert_eq!(snap.meta.generation, 2);
+        assert_eq!(&*snap.meta.text, config_text("full").as_str());
+    }
+
     /// A file already read and applied by someone else (SIGHUP, `ctl
     /// reload`) is no change to the watcher: the look that finds it later
     /// does not apply it again over an API change made since (review).
