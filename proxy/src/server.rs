@@ -303,19 +303,7 @@ impl Server {
 
     /// Bound addresses, in config order (a port 0 in the config is resolved here).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        let snap = self.shared.snapshot.load();
-        let table = self.changes.listeners.try_lock();
-        snap.config
-            .listeners
-            .iter()
-            .map(|l| match &table {
-                Ok(t) => t
-                    .iter()
-                    .find(|e| e.configured == l.address)
-                    .map_or(l.address, |e| e.bound),
-                Err(_) => l.address,
-            })
-            .collect()
+        self.bound_listeners().into_iter().map(|(_, a)| a).collect()
     }
 
     /// Each listener's name and bound address, in config order, as the

@@ -206,6 +206,16 @@ impl Snapshot {
     pub fn pool(&self, name: &str) -> Option<&PoolState> {
         self.pools.iter().find(|p| &*p.name == name)
     }
+
+    /// The rollout of the route named `route`, if it has one.
+    pub fn rollout(&self, route: &str) -> Option<&crate::session::rollout::CompiledRollout> {
+        self.router
+            .routes()
+            .iter()
+            .find(|r| &*r.name == route)?
+            .rollout
+            .as_deref()
+    }
 }
 
 #[cfg(test)]

@@ -69,12 +69,5 @@ pub fn replaced_rollouts(snap: &Snapshot, new: &agiproxy_config::Config) -> Vec<
 
 /// When the judged rollback of `route`'s rollout takes effect, if any.
 pub fn judged_of(snap: &Snapshot, route: &str) -> Option<i64> {
-    snap.router
-        .routes()
-        .iter()
-        .find(|r| &*r.name == route)?
-        .rollout
-        .as_deref()?
-        .live
-        .judged_ms()
+    snap.rollout(route)?.live.judged_ms()
 }

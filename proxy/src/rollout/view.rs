@@ -216,9 +216,7 @@ pub fn reads_peers(snap: &Snapshot, route: &str) -> bool {
 
 /// The rollout of the route named `route`, if it has one.
 fn rollout_of<'s>(snap: &'s Snapshot, route: &str) -> Option<&'s CompiledRollout> {
-    rollouts(snap)
-        .find(|(r, _)| &*r.name == route)
-        .map(|(_, ro)| ro)
+    snap.rollout(route)
 }
 
 /// Why an override `action` taking effect at `effect_ms` would change
