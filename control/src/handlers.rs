@@ -236,7 +236,7 @@ pub(crate) async fn pools<P: ControlPlane>(State(ctx): S<P>) -> Response {
 }
 
 pub(crate) async fn pool<P: ControlPlane>(State(ctx): S<P>, Path(name): Path<String>) -> Response {
-    match ctx.plane.pools().into_iter().find(|p| p.name == name) {
+    match ctx.plane.pool(&name) {
         Some(p) => Json(p).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no pool {name:?}")),
     }

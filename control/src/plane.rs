@@ -63,6 +63,11 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Re-reads the config file and applies it.
     fn reload_file(&self) -> impl Future<Output = Result<Applied, ControlError>> + Send;
     fn pools(&self) -> Vec<PoolView>;
+    /// One pool's view. Override it where building every pool's view is
+    /// costly (a fleet's pools of discovered backends): this default does.
+    fn pool(&self, name: &str) -> Option<PoolView> {
+        self.pools().into_iter().find(|p| p.name == name)
+    }
     /// Drain (no new sessions, existing ones finish) or re-enable a backend.
     fn set_backend_draining(
         &self,

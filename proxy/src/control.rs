@@ -391,6 +391,10 @@ impl ControlPlane for ControlHandle {
         self.server.snapshot().pools.iter().map(pool_view).collect()
     }
 
+    fn pool(&self, name: &str) -> Option<PoolView> {
+        self.server.snapshot().pool(name).map(pool_view)
+    }
+
     fn set_backend_draining(
         &self,
         pool: &str,

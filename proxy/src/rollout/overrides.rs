@@ -117,7 +117,8 @@ pub fn carried_unless_from_file(
     file_had: Option<&super::file::FileRollouts>,
 ) -> Vec<Carried> {
     let mut out = Vec::new();
-    for (_, route, before, ro) in same_rollouts(running, new) {
+    for (_, was, before, ro) in same_rollouts(running, new) {
+        let route = was.name.as_str();
         let from_file = |action: OverrideAction, written: i64| {
             file_had.and_then(|f| f.rollout(route)).is_some_and(|f| {
                 let skew = f.skew.as_millis() as i64;

@@ -4,11 +4,11 @@
 //! evaluation tick for the other replicas to read. Carried across reloads
 //! while the rollout's [`identity`] stays.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use agiproxy_config::{Config, Pool, Rollout};
+use agiproxy_config::{Config, Pool, Rollout, Route};
 
 use super::judge::{Counts, BUCKETS_MS};
 use crate::session::outcome::{Outcome, Reason};
@@ -179,21 +179,25 @@ fn replica_id() -> String {
 /// The rollouts of `new` that are the same rollout (the same [`identity`])
 /// as `old`'s on the route of that name: the index of the route in `new`,
 /// its name, `old`'s rollout and `new`'s. `old` must have its routes (not a
-/// snapshot's config: `Snapshot::rollout_config`).
+/// snapshot's config: `Snapshot::rollout_config`). `old`'s routes are
+/// indexed by name once: looking each up by a scan made every reload of a
+/// large table O(rollouts × routes), several times over.
 pub fn same_rollouts<'a>(
     old: &'a Config,
     new: &'a Config,
-) -> impl Iterator<Item = (usize, &'a str, &'a Rollout, &'a Rollout)> + 'a {
+) -> impl Iterator<Item = (usize, &'a Route, &'a Rollout, &'a Rollout)> + 'a {
+    let before: HashMap<&str, &Route> = old
+        .routes
+        .iter()
+        .filter(|r| r.rollout.is_some())
+        .map(|r| (r.name.as_str(), r))
+        .collect();
     new.routes.iter().enumerate().filter_map(move |(i, route)| {
         let ro = route.rollout.as_deref()?;
-        let before = old
-            .routes
-            .iter()
-            .find(|r| r.name == route.name)?
-            .rollout
-            .as_deref()?;
+        let was = *before.get(route.name.as_str())?;
+        let before = was.rollout.as_deref()?;
         (identity(&route.name, before, &old.pools) == identity(&route.name, ro, &new.pools))
-            .then_some((i, route.name.as_str(), before, ro))
+            .then_some((i, was, before, ro))
     })
 }
 

@@ -213,10 +213,8 @@ pub fn split_key_changes(
     position: impl Fn(&str) -> Option<Position>,
 ) -> Vec<agiproxy_config::ConfigError> {
     let mut errors = Vec::new();
-    for (i, name, _, _) in live::same_rollouts(old, new) {
-        let Some(was) = old.routes.iter().find(|r| r.name == name) else {
-            continue;
-        };
+    for (i, was, _, _) in live::same_rollouts(old, new) {
+        let name = was.name.as_str();
         let is = &new.routes[i];
         if was.split_key == is.split_key {
             continue;
@@ -308,8 +306,8 @@ pub fn past_changes(
     judged: impl Fn(&str) -> Option<i64>,
 ) -> Vec<agiproxy_config::ConfigError> {
     let mut errors = Vec::new();
-    for (i, name, before, ro) in live::same_rollouts(old, new) {
-        let j = judged(name);
+    for (i, was, before, ro) in live::same_rollouts(old, new) {
+        let j = judged(&was.name);
         // A new skew moves overrides alike; `skew_changes` judges that.
         let shift = before.skew.as_millis() as i64 - ro.skew.as_millis() as i64;
         let mut shifted;
