@@ -1047,6 +1047,124 @@ async fn regression_the_watch_follows_its_directory_removed_and_put_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_relative_config_path_is_watched() {
+    // `-c agiproxy.yaml` and `-c etc/agiproxy.yaml`: notify reports events
+    // with absolute paths, so a relative directory removed or replaced was
+    // never recognised in them, and edits after it waited for the 30 s look
+    // (review).
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    for relative in ["agiproxy.yaml", "etc/agiproxy.yaml"] {
+        let port = free_port("127.0.0.1");
+        let api = format!("http://127.0.0.1:{port}");
+        let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+        let root = tempfile::Builder::new()
+            .prefix("agiproxy-relative-")
+            .tempdir()
+            .unwrap();
+        let file = root.path().join(relative);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+        let _proxy = Running::spawn(
+            Command::new(env!("CARGO_BIN_EXE_agiproxy"))
+                .args(["run", "--log-level", "warn", "-c", relative])
+                .current_dir(root.path())
+                .env("AGIPROXY_TOKEN", TOKEN)
+                .stdout(Stdio::null()),
+        );
+        assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+        // In place, then by rename: each seen well before the look.
+        std::fs::write(&file, config(&control, "b", a.addr(), b.addr())).unwrap();
+        assert_eq!(
+            wait_generation(&api, 2, Duration::from_secs(5)),
+            2,
+            "{relative}: an edit in place"
+        );
+        replace(&file, &config(&control, "a", a.addr(), b.addr()));
+        assert_eq!(
+            wait_generation(&api, 3, Duration::from_secs(5)),
+            3,
+            "{relative}: a rename over it"
+        );
+        assert_eq!(metric(&api, "agiproxy_config_watch_up"), 1, "{relative}");
+        let Some(etc) = Some(file.parent().unwrap()).filter(|d| *d != root.path()) else {
+            continue;
+        };
+        // The directory replaced (`rm -rf etc && mv etc.new etc`), then
+        // edited in place.
+        let new = root.path().join("etc.new");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(
+            new.join("agiproxy.yaml"),
+            config(&control, "b", a.addr(), b.addr()),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(etc).unwrap();
+        std::fs::rename(&new, etc).unwrap();
+        assert_eq!(wait_generation(&api, 4, Duration::from_secs(5)), 4);
+        std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+        assert_eq!(
+            wait_generation(&api, 5, Duration::from_secs(5)),
+            5,
+            "{relative}: an edit once the directory was replaced"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_directory_missing_for_a_while_is_watched_when_it_is_back() {
+    // The directory removed, and made again only later (a deploy tool that
+    // deletes, then copies): the watch is off meanwhile (said, counted,
+    // `config_watch_up` 0), is tried again with a backoff, and the file
+    // written into the new directory is applied without waiting for the
+    // 30 s look; later edits are seen at once.
+    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+    let port = free_port("127.0.0.1");
+    let api = format!("http://127.0.0.1:{port}");
+    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+    let root = tempfile::Builder::new()
+        .prefix("agiproxy-gone-")
+        .tempdir()
+        .unwrap();
+    let etc = root.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let file = etc.join("agiproxy.yaml");
+    std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+    let _proxy = start(&file);
+    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+
+    std::fs::remove_dir_all(&etc).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&api, "agiproxy_config_watch_up") != 0 {
+        assert!(Instant::now() < deadline, "the lost watch was not said");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Missing for a few retries (1 s, then 2 s, ...).
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = status(&api).unwrap();
+    assert_eq!(st["generation"].as_u64(), Some(1), "{st}");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::write(&file, config(&control, "b", a.addr(), b.addr())).unwrap();
+    assert_eq!(wait_generation(&api, 2, Duration::from_secs(10)), 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&api, "agiproxy_config_watch_up") != 1 {
+        assert!(Instant::now() < deadline, "the watch did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+    assert_eq!(wait_generation(&api, 3, Duration::from_secs(5)), 3);
+    assert!(
+        metric(
+            &api,
+            "agiproxy_config_watch_losses_total{reason=\"directory\"}"
+        ) >= 1
+    );
+    call_through(&api).await;
+    assert_eq!((a.stats().accepted(), b.stats().accepted()), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_a_file_moved_away_and_back_unchanged_keeps_an_api_change() {
     // A failed read (the file moved away for a moment) forgot the file's
     // content: the same file back counted as a change and was applied,
