@@ -1,6 +1,6 @@
 //! The control API's endpoints: each reads its request, calls the
 //! [`ControlPlane`] and answers JSON (errors as [`ErrorBody`]). Who may
-//! call which is decided before them, by the guard in `server.rs`.
+//! call which is decided before them, by the guard in `server.rs` (this crate's).
 
 use std::sync::Arc;
 
