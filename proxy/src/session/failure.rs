@@ -7,6 +7,7 @@
 //! it gets to it.
 
 use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,96 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a late reply, how long Asterisk gets to close once `FAILURE` is
 /// written: a silent peer (a flood's) is not held the whole bound again.
 const LATE_CLOSE: Duration = Duration::from_millis(500);
+/// How long Asterisk's sound-file module gets to answer when its payload
+/// will not be completed (the module gives up after 10 s).
+pub const MODULE_ANSWER_WAIT: Duration = Duration::from_secs(15);
+/// How long a `failure` line left for a running command may take to write.
+const FAILURE_LINE_WRITE: Duration = Duration::from_millis(200);
+
+/// What Asterisk reads next, as far as telling it FAILURE goes. The relay
+/// keeps it in a [`LastKnown`] owned outside its future, so that the
+/// session's panic guard still knows it once that future has unwound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AsteriskReads {
+    /// It waits for a command: `SET VARIABLE`, its reply, `FAILURE`.
+    Command = 0,
+    /// It runs a command (an `EXEC Dial` may take hours) and reads the next
+    /// line when the command returns: anything written now is that line, so
+    /// only a `failure` line (FAILURE without `AGIPROXY_ERROR`).
+    AfterCommand = 1,
+    /// It runs `PUT SOUNDFILE`: its ready answer, then its module takes
+    /// lines as payload until it gives up and answers again.
+    AfterReady = 2,
+    /// Its sound-file module takes lines as payload: only once it has
+    /// answered (given up) does it read a command.
+    AfterPayload = 3,
+    /// Part of a command line went out and the rest is lost: whatever is
+    /// written would end it (a command glued together), so nothing is.
+    RestOfLine = 4,
+}
+
+/// The cell behind [`AsteriskReads`]: one relaxed atomic store per change,
+/// no lock, no allocation (the relay sets it per command and per reply).
+#[derive(Debug, Default)]
+pub struct LastKnown(AtomicU8);
+
+impl LastKnown {
+    pub fn set(&self, reads: AsteriskReads) {
+        self.0.store(reads as u8, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> AsteriskReads {
+        match self.0.load(Ordering::Relaxed) {
+            0 => AsteriskReads::Command,
+            1 => AsteriskReads::AfterCommand,
+            2 => AsteriskReads::AfterReady,
+            3 => AsteriskReads::AfterPayload,
+            _ => AsteriskReads::RestOfLine,
+        }
+    }
+}
+
+/// Tells Asterisk FAILURE for `reason` the way `reads` allows (see
+/// [`AsteriskReads`]); an error as for [`tell_failure`]. For the session's
+/// panic guard: the relay, which knew more, tells its own failures.
+pub async fn tell_failure_when(
+    asterisk: &mut TcpStream,
+    reason: Reason,
+    reads: AsteriskReads,
+) -> io::Result<()> {
+    match reads {
+        AsteriskReads::Command => tell_failure(asterisk, reason, true).await,
+        AsteriskReads::AfterCommand => {
+            let write = asterisk.write_all(b"failure\n");
+            match tokio::time::timeout(FAILURE_LINE_WRITE, write).await {
+                Ok(r) => r,
+                Err(_) => Err(io::ErrorKind::TimedOut.into()),
+            }
+        }
+        AsteriskReads::AfterReady | AsteriskReads::AfterPayload => {
+            // Its ready answer (`200 result=0`, or an error that ends the
+            // command), then the module's answer when it gives up.
+            let mut ready_due = reads == AsteriskReads::AfterReady;
+            let answered = read_lines(asterisk, MODULE_ANSWER_WAIT, |line| {
+                let ready = line == b"200 result=0" || line.starts_with(b"200 result=0 ");
+                let more = ready_due && ready;
+                ready_due = false;
+                more
+            });
+            let surely_waits = match tokio::time::timeout(MODULE_ANSWER_WAIT, answered).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) if e.kind() != io::ErrorKind::TimedOut => return Err(e),
+                // No answer: told all the same (as the relay does), unsure.
+                _ => false,
+            };
+            tell_failure(asterisk, reason, surely_waits).await
+        }
+        AsteriskReads::RestOfLine => Err(io::Error::other(
+            "part of a command line went to Asterisk: nothing can follow it",
+        )),
+    }
+}
 
 /// Sends the reason and the FAILURE line, then waits for Asterisk to close.
 /// Asterisk must be waiting for a command (never mid-line). An error means
@@ -104,13 +195,25 @@ fn set_variable_line(buf: &mut [u8; 128], reason: &str) -> usize {
 /// byte), so it may read past the reply: the caller only sends FAILURE and
 /// drains after it, so nothing that follows is lost to anyone.
 async fn read_reply(asterisk: &mut TcpStream) -> io::Result<()> {
+    read_lines(asterisk, ANSWER_TIMEOUT, |_| false).await
+}
+
+/// Reads Asterisk's lines, skipping unsolicited `HANGUP` lines, up to the
+/// end of the one for which `more` (given the line without its newline,
+/// empty for a line too long to keep) says no more are awaited. Each read
+/// gets `within`.
+async fn read_lines(
+    asterisk: &mut TcpStream,
+    within: Duration,
+    mut more: impl FnMut(&[u8]) -> bool,
+) -> io::Result<()> {
     let mut buf = [0u8; 512];
     // Bytes of the unfinished line at the start of `buf`.
     let mut kept = 0;
     // The unfinished line outgrew `buf`: it is no HANGUP, whatever follows.
     let mut long = false;
     loop {
-        let n = tokio::time::timeout(ANSWER_TIMEOUT, asterisk.read(&mut buf[kept..]))
+        let n = tokio::time::timeout(within, asterisk.read(&mut buf[kept..]))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
@@ -119,9 +222,12 @@ async fn read_reply(asterisk: &mut TcpStream) -> io::Result<()> {
         let end = kept + n;
         let mut start = 0;
         while let Some(nl) = memchr::memchr(b'\n', &buf[start..end]) {
-            if long || &buf[start..start + nl] != b"HANGUP" {
+            let line = &buf[start..start + nl];
+            let line = if long { &b""[..] } else { line };
+            if (long || line != b"HANGUP") && !more(line) {
                 return Ok(());
             }
+            long = false;
             start += nl + 1;
         }
         buf.copy_within(start..end, 0);
@@ -257,6 +363,47 @@ mod tests {
             String::from_utf8_lossy(&got),
             "SET VARIABLE AGIPROXY_ERROR \"overloaded\"\nFAILURE\n"
         );
+    }
+
+    /// Inside `PUT SOUNDFILE` nothing is written before the module has
+    /// answered (its ready, then its giving up): a line written earlier
+    /// would be taken as payload.
+    #[tokio::test]
+    async fn inside_a_sound_file_transfer_failure_waits_for_the_modules_answer() {
+        for (reads, says) in [
+            (
+                AsteriskReads::AfterReady,
+                &[&b"200 result=0\n"[..], b"HANGUP\n200 result=-1\n"][..],
+            ),
+            (AsteriskReads::AfterReady, &[b"200 result=-10\n"]),
+            (AsteriskReads::AfterPayload, &[b"200 result=-1\n"]),
+        ] {
+            let (mut ast, mut proxy) = pair().await;
+            let chunks: Vec<Vec<u8>> = says.iter().map(|c| c.to_vec()).collect();
+            let fake = tokio::spawn(async move {
+                let mut got = Vec::new();
+                for c in chunks {
+                    // Nothing may come before the module's answer.
+                    let mut b = [0u8; 64];
+                    let early = tokio::time::timeout(Duration::from_millis(200), ast.read(&mut b));
+                    assert!(early.await.is_err(), "written before the answer");
+                    ast.write_all(&c).await.unwrap();
+                }
+                got.extend(first_line(&mut ast).await);
+                ast.write_all(b"200 result=1\n").await.unwrap();
+                let _ = ast.read_to_end(&mut got).await;
+                got
+            });
+            tell_failure_when(&mut proxy, Reason::Internal, reads)
+                .await
+                .unwrap();
+            drop(proxy);
+            assert_eq!(
+                String::from_utf8_lossy(&fake.await.unwrap()),
+                "SET VARIABLE AGIPROXY_ERROR \"internal\"\nFAILURE\n",
+                "{reads:?} {says:?}"
+            );
+        }
     }
 
     #[tokio::test]

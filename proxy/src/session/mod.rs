@@ -32,7 +32,7 @@ pub mod shared;
 pub mod turn;
 
 use connect::{attach, AttachError, AttachPlan, Attached};
-use failure::tell_failure;
+use failure::{tell_failure_when, AsteriskReads, LastKnown};
 use header::{discard_rest, read_header, Discarded, HeaderError, HeaderLimits, ReadSoFar};
 use outcome::{Outcome, Reason};
 pub use record::SessionRecord;
@@ -66,6 +66,9 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let mut rec = SessionRecord::new(peer, listener, snap.meta.generation);
+    // What Asterisk reads next, kept by the relay outside `run`'s future:
+    // the guard below still knows it once that future has unwound.
+    let reads = LastKnown::default();
     let ran = AssertUnwindSafe(run(
         &shared,
         &snap,
@@ -73,16 +76,20 @@ pub(crate) async fn serve(
         proxied,
         &mut rec,
         &mut admission,
+        &reads,
     ))
     .catch_unwind()
     .await;
     if ran.is_err() {
         // A bug (the panic hook has logged and counted it). The task would
         // have closed Asterisk's connection, which reads as SUCCESS: tell
-        // FAILURE as for any other failure. What `run` held (the backend's
-        // socket, the header) is already dropped. Best effort: a panic in
-        // the middle of a line or a sound-file payload garbles this.
-        Box::pin(fail(&mut a, &mut rec, Reason::Internal)).await;
+        // FAILURE as the relay would have at that point (a `failure` line
+        // while Asterisk runs a command, after the sound-file module's
+        // answer inside a payload). What `run` held (the backend's socket,
+        // the header) is already dropped. Only part of a command line sent
+        // (its rest lost with the relay) leaves nothing to tell: a close.
+        let reads = reads.get();
+        Box::pin(fail_when(&mut a, &mut rec, Reason::Internal, reads)).await;
     }
     rec.duration = started.elapsed();
     // A refused header is no session of a call: not timed.
@@ -148,6 +155,7 @@ async fn run(
     proxied: bool,
     rec: &mut SessionRecord,
     admission: &mut Admission,
+    reads: &LastKnown,
 ) {
     // Two phases, the first boxed: reading the header and searching for a
     // backend hold far more state than relaying, and a session spends its
@@ -159,7 +167,7 @@ async fn run(
     let Some((at, route)) = Box::pin(found).await else {
         return;
     };
-    relay(shared, route, snap.config.tcp_keepalive, a, rec, at).await;
+    relay(shared, route, snap.config.tcp_keepalive, a, rec, at, reads).await;
 }
 
 /// Reads the header, routes it and attaches a backend; `None` when the
@@ -294,6 +302,7 @@ async fn relay(
     a: &mut TcpStream,
     rec: &mut SessionRecord,
     mut at: Attached,
+    reads: &LastKnown,
 ) {
     #[cfg(test)]
     tests::panic_if_asked(&rec.script, "after-attach");
@@ -321,8 +330,13 @@ async fn relay(
                 next_command: t.next_command,
                 forward_hangup: route.forward_hangup,
                 keepalive,
+                #[cfg(test)]
+                panic_at: ["command-sent", "command-runs"]
+                    .into_iter()
+                    .find(|at| rec.script.strip_prefix("panic-") == Some(at)),
             };
             let mut relay = Relay::new(a, &mut at.stream, opts);
+            relay.watched_by(reads);
             relay.begin(
                 &std::mem::take(&mut at.early),
                 &std::mem::take(&mut at.first),
@@ -354,10 +368,27 @@ async fn relay(
 }
 
 async fn fail(a: &mut TcpStream, rec: &mut SessionRecord, reason: Reason) {
+    // Before commit Asterisk waits for its first command.
+    fail_when(a, rec, reason, AsteriskReads::Command).await
+}
+
+/// Tells Asterisk FAILURE as `reads` allows (see [`AsteriskReads`]).
+async fn fail_when(
+    a: &mut TcpStream,
+    rec: &mut SessionRecord,
+    reason: Reason,
+    reads: AsteriskReads,
+) {
     rec.outcome = Outcome::Failed;
     rec.reason = Some(reason);
-    // Before commit Asterisk waits for its first command.
-    if let Err(e) = tell_failure(a, reason, true).await {
+    if reads == AsteriskReads::RestOfLine {
+        tracing::warn!(
+            peer = %rec.peer,
+            reason = reason.as_str(),
+            "part of a command line had gone to Asterisk and its rest is lost: FAILURE cannot be told, closing"
+        );
+    }
+    if let Err(e) = tell_failure_when(a, reason, reads).await {
         tracing::debug!(peer = %rec.peer, error = %e, "Asterisk went away while told FAILURE");
         if matches!(
             e.kind(),
@@ -547,6 +578,88 @@ mod tests {
             .expect("the backend's connection is closed")
             .unwrap();
         assert!(rest.is_empty(), "{rest:?}");
+        let failures = server.metrics().failure(super::Reason::Internal);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while failures.get() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(failures.get(), 2);
+    }
+
+    /// A session that panics while Asterisk runs a command (an `EXEC Dial`)
+    /// leaves a `failure` line, which Asterisk reads when the command
+    /// returns: AGISTATUS=FAILURE. The guard wrote `SET VARIABLE` at once,
+    /// in the middle of the command: Asterisk ran it as the next command,
+    /// and the Dial's reply was read as its answer.
+    #[tokio::test]
+    async fn a_session_that_panics_while_a_command_runs_fails_after_it() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = agiproxy_config::from_yaml_str(&format!(
+            "version: 1\nlisteners:\n  - {{ name: a, address: \"127.0.0.1:0\" }}\n\
+             routes: [{{ name: all, pool: p }}]\n\
+             pools: [{{ name: p, backends: [{{ address: \"{}\" }}] }}]\n",
+            backend.local_addr().unwrap()
+        ))
+        .unwrap();
+        let server = Server::start(config).await.unwrap();
+        let proxy = server.local_addrs()[0];
+        let points = ["command-sent", "command-runs"];
+        // The backend sends an `EXEC Dial` and then reads to the end.
+        let served = tokio::spawn(async move {
+            for _ in points {
+                let (s, _) = backend.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    let mut line = String::new();
+                    while s.read_line(&mut line).await.unwrap() > 0 && !line.ends_with("\n\n") {}
+                    s.get_mut()
+                        .write_all(b"EXEC Dial PJSIP/100\n")
+                        .await
+                        .unwrap();
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                });
+            }
+        });
+        for at in points {
+            let mut a = BufReader::new(tokio::net::TcpStream::connect(proxy).await.unwrap());
+            a.get_mut()
+                .write_all(
+                    format!("agi_network: yes\nagi_network_script: panic-{at}\nagi_request: agi://x/panic-{at}\n\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), a.read_line(&mut line));
+            read.await.unwrap().unwrap();
+            assert_eq!(line, "EXEC Dial PJSIP/100\n", "{at}");
+            // The Dial runs for a while (Asterisk reads nothing meanwhile),
+            // then answers, and reads the next command.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            a.get_mut().write_all(b"200 result=0\n").await.unwrap();
+            line.clear();
+            let read = tokio::time::timeout(Duration::from_secs(5), a.read_line(&mut line));
+            assert!(
+                read.await.expect("never hung").unwrap() > 0,
+                "{at}: closed, read as SUCCESS"
+            );
+            assert!(
+                line.to_ascii_lowercase().starts_with("failure"),
+                "{at}: Asterisk's next command is {line:?}, not a failure line"
+            );
+            // As Asterisk: HANGUP and a close; nothing more comes.
+            let _ = a.get_mut().write_all(b"HANGUP\n").await;
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), a.read_to_end(&mut rest));
+            let _ = read.await.expect("closed");
+            assert!(
+                rest.is_empty(),
+                "{at}: {:?}",
+                String::from_utf8_lossy(&rest)
+            );
+        }
+        served.await.unwrap();
         let failures = server.metrics().failure(super::Reason::Internal);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while failures.get() < 2 && tokio::time::Instant::now() < deadline {

@@ -269,6 +269,20 @@ impl Turn {
         self.state == State::AsteriskOwesReply && self.pending == Pending::Plain
     }
 
+    /// `PUT SOUNDFILE` was sent and its ready answer is not in yet: after
+    /// it, the module takes lines as payload.
+    pub fn awaits_put_ready(&self) -> bool {
+        self.state == State::AsteriskOwesReply && matches!(self.pending, Pending::Put(_))
+    }
+
+    /// Asterisk's sound-file module takes lines as payload (or may still,
+    /// after a payload was given up) until it answers: no line written to
+    /// it is read as a command before that answer.
+    pub fn module_takes_payload(&self) -> bool {
+        matches!(self.state, State::CommandPayload(_))
+            || (self.state == State::AsteriskOwesReply && self.pending == Pending::Abandoned)
+    }
+
     /// The backend's next lines are payload (passed or dropped), not commands.
     pub fn in_payload(&self) -> bool {
         matches!(self.state, State::CommandPayload(_) | State::DropPayload(_))

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::failure;
+use super::failure::{self, AsteriskReads, LastKnown};
 use super::keepalive;
 use super::outcome::Reason;
 use super::turn::{AsteriskLine, BackendLine, PayloadLine, Turn};
@@ -68,7 +68,7 @@ const STREAM_REPLY_AFTER: usize = 8 * 1024;
 const MAX_STREAMED_REPLY: u64 = 16 << 20;
 /// How long Asterisk's sound-file module gets to answer a `PUT SOUNDFILE`
 /// whose payload the backend abandoned (the module gives up after 10 s).
-const ABANDONED_PAYLOAD_WAIT: Duration = Duration::from_secs(15);
+const ABANDONED_PAYLOAD_WAIT: Duration = failure::MODULE_ANSWER_WAIT;
 /// Bytes that may wait for a slow peer before we stop reading the other side.
 const MAX_PENDING: usize = 256 * 1024;
 /// While Asterisk is not read because the backend does not take its
@@ -95,6 +95,11 @@ pub struct RelayOptions {
     pub forward_hangup: bool,
     /// TCP keepalive for both sockets once a command runs long.
     pub keepalive: Option<agiproxy_config::Keepalive>,
+    /// Where the relay panics, for the tests of the session's panic guard:
+    /// `command-sent` (just after a command went to Asterisk),
+    /// `command-runs` (a turn later, while Asterisk runs it).
+    #[cfg(test)]
+    pub panic_at: Option<&'static str>,
 }
 
 /// What the relay waits for in one turn.
@@ -202,6 +207,9 @@ pub struct Relay<'s> {
     /// (`MAX_PENDING` waiting for it), and what it has taken since.
     b_held_since: Option<Instant>,
     b_intake: usize,
+    /// Where what Asterisk reads next is kept for the session's panic
+    /// guard (see [`watched_by`](Self::watched_by)).
+    watch: Option<&'s LastKnown>,
     pub stats: RelayStats,
 }
 
@@ -236,7 +244,43 @@ impl<'s> Relay<'s> {
             keepalive_on: false,
             b_held_since: None,
             b_intake: 0,
+            watch: None,
             stats: RelayStats::default(),
+        }
+    }
+
+    /// Keeps `cell` told what Asterisk reads next (a command, the line after
+    /// its running command, ...): a cell outside the relay's future, so
+    /// that the session's panic guard knows it after that future unwound,
+    /// and tells FAILURE as this relay would (writing `SET VARIABLE` in the
+    /// middle of a command, it had Asterisk run it as the next command and
+    /// took that command's reply for its answer).
+    pub fn watched_by(&mut self, cell: &'s LastKnown) {
+        cell.set(self.asterisk_reads());
+        self.watch = Some(cell);
+    }
+
+    /// What Asterisk reads next, from the turn: set before a command goes to
+    /// Asterisk and when its reply is complete (never later than the
+    /// change; a stale `AfterCommand` only costs `AGIPROXY_ERROR`).
+    fn asterisk_reads(&self) -> AsteriskReads {
+        if self.turn.module_takes_payload() {
+            AsteriskReads::AfterPayload
+        } else if self.turn.awaits_put_ready() {
+            AsteriskReads::AfterReady
+        } else if !self.a_out.is_empty() {
+            AsteriskReads::RestOfLine
+        } else if self.turn.backend_owes_command() || self.turn.dropping_payload() {
+            AsteriskReads::Command
+        } else {
+            AsteriskReads::AfterCommand
+        }
+    }
+
+    /// Tells the watching cell, if any, what Asterisk reads next.
+    pub(super) fn mark(&self) {
+        if let Some(cell) = self.watch {
+            cell.set(self.asterisk_reads());
         }
     }
 
@@ -268,6 +312,10 @@ impl<'s> Relay<'s> {
         // once, later only when it fires early.
         let mut armed_at = self.deadline.unwrap_or_else(far_future);
         loop {
+            #[cfg(test)]
+            if self.opts.panic_at == Some("command-runs") && self.turn.asterisk_runs_command() {
+                panic!("deliberately, for the test, while Asterisk runs a command");
+            }
             if let Some(end) = self.finished() {
                 return end;
             }
@@ -375,21 +423,27 @@ impl<'s> Relay<'s> {
                         // Cut off (Asterisk truncates a line it cannot write
                         // in 100 ms): it waits for a command now, the
                         // backend for the rest of the line.
-                        if self.a_line_held {
+                        let reason = if self.a_line_held {
                             // Asterisk cuts a line it cannot write in 100 ms,
-                            // and this one was held back for the backend.
+                            // and this one was held back for the backend:
+                            // the backend's slowness, as for one that stops
+                            // taking replies, not a broken Asterisk.
                             tracing::warn!(
                                 peer = %peer_of(self.a),
                                 backend = %peer_of(self.b),
+                                reason = Reason::NextCommandTimeout.as_str(),
                                 "Asterisk's line stopped before its end after it was held back for a slow backend (Asterisk cuts a line it cannot write within 100 ms): ending the session"
                             );
+                            Reason::NextCommandTimeout
                         } else {
                             tracing::warn!(
                                 peer = %peer_of(self.a),
+                                reason = Reason::AsteriskProtocol.as_str(),
                                 "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
                             );
-                        }
-                        return Box::pin(self.fail(Reason::AsteriskProtocol)).await;
+                            Reason::AsteriskProtocol
+                        };
+                        return Box::pin(self.fail(reason)).await;
                     }
                     if self.keepalive_at.is_some() {
                         // Asterisk has run this command long enough.
@@ -826,6 +880,7 @@ mod tests {
             next_command,
             forward_hangup: true,
             keepalive: None,
+            panic_at: None,
         }
     }
 
@@ -1102,6 +1157,60 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        reader.abort();
+    }
+
+    /// A line from Asterisk that stops after the relay held it back for a
+    /// slow backend (Asterisk cuts a line it cannot write within 100 ms) is
+    /// the backend's doing, not Asterisk's: `next_command_timeout`, as for a
+    /// backend that stops taking replies. It was `asterisk_protocol`, which
+    /// tells the dialplan and the metrics the client is no real Asterisk.
+    #[tokio::test]
+    async fn a_line_cut_while_held_back_for_the_backend_is_not_asterisks_fault() {
+        let (mut asterisk, mut a) = pair().await;
+        // A backend on small buffers that reads nothing for 1 s (Asterisk
+        // is held back meanwhile: 256 KiB wait for it), then all it gets.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut backend = sock.connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut b, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&b)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let mut got = Vec::new();
+            let _ = backend.read_to_end(&mut got).await;
+        });
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_millis(300)));
+        relay.turn.on_backend_line(b"GET FULL VARIABLE ${X}\n");
+        // A long reply, cut off after 600 KB (no newline).
+        let mut cut = b"200 result=1 (".to_vec();
+        cut.resize(600_000, b'v');
+        let writer = tokio::spawn(async move {
+            asterisk.write_all(&cut).await.unwrap();
+            // Asterisk waits for a command now: the `failure` line.
+            let mut got = Vec::new();
+            let _ = asterisk.read_to_end(&mut got).await;
+            got
+        });
+        let cut_off = crate::drain::Cut::default();
+        let end = tokio::time::timeout(Duration::from_secs(8), relay.run(&cut_off))
+            .await
+            .expect("the session ends");
+        assert!(relay.a_line_held, "the line was held back");
+        assert!(
+            matches!(end, RelayEnd::Failed(Reason::NextCommandTimeout)),
+            "{end:?}"
+        );
+        drop(relay);
+        drop(a);
+        let got = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"failure\n");
         reader.abort();
     }
 

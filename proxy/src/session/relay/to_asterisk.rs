@@ -184,7 +184,10 @@ impl Relay<'_> {
             self.refuse_command(line.len() - 1);
             return false;
         }
-        match self.turn.on_backend_line(line) {
+        let kind = self.turn.on_backend_line(line);
+        // Before any of it is written: Asterisk may read it from now on.
+        self.mark();
+        match kind {
             BackendLine::Crlf => {
                 self.stats.crlf_fixed += 1;
                 self.stats.commands += 1;
@@ -194,6 +197,14 @@ impl Relay<'_> {
                 self.stats.commands += 1;
                 self.send_a(line);
             }
+        }
+        if !self.a_out.is_empty() {
+            // Part of it waits for Asterisk's socket.
+            self.mark();
+        }
+        #[cfg(test)]
+        if self.opts.panic_at == Some("command-sent") {
+            panic!("deliberately, for the test, just after a command went to Asterisk");
         }
         true
     }
@@ -320,6 +331,10 @@ impl Relay<'_> {
         match self.a.try_write(&self.a_out) {
             Ok(n) => {
                 self.a_out.drain(..n);
+                if self.a_out.is_empty() {
+                    // The rest of a command line is out, if one waited.
+                    self.mark();
+                }
                 if n > 0
                     && self.turn.in_payload()
                     && !self.turn.dropping_payload()

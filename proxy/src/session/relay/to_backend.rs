@@ -172,6 +172,7 @@ impl Relay<'_> {
     }
 
     pub(super) fn reply_done(&mut self) {
+        self.mark();
         if self.pending_failure.is_none() {
             self.deadline = Some(Instant::now() + self.opts.next_command);
         }
