@@ -1,7 +1,8 @@
 //! Asterisk -> backend: replies (a `520-` block whole), `HANGUP` forwarded
 //! or withheld, `GET SOUNDFILE` payloads passed as bytes; Asterisk is read
 //! promptly, whatever the backend does (up to `MAX_PENDING` waiting for it,
-//! and a backend that then stops taking it is given up: `backend_stalled`).
+//! and a backend that then stops taking it is given up: `Relay::backend_stalled`,
+//! reason `next_command_timeout`).
 
 use std::io;
 use std::mem::MaybeUninit;
