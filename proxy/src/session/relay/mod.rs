@@ -266,10 +266,13 @@ impl<'s> Relay<'s> {
     fn asterisk_reads(&self) -> AsteriskReads {
         if self.turn.module_takes_payload() {
             AsteriskReads::AfterPayload
+        } else if !self.a_out.is_empty() {
+            // Also of a `PUT SOUNDFILE` line: until all of it is out, its
+            // module has not started (review: `AfterReady` had the guard
+            // write `SET VARIABLE` onto the cut line).
+            AsteriskReads::RestOfLine
         } else if self.turn.awaits_put_ready() {
             AsteriskReads::AfterReady
-        } else if !self.a_out.is_empty() {
-            AsteriskReads::RestOfLine
         } else if self.turn.backend_owes_command() || self.turn.dropping_payload() {
             AsteriskReads::Command
         } else {
@@ -889,6 +892,38 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// A `PUT SOUNDFILE` line that Asterisk's full socket took only part
+    /// of leaves Asterisk in the middle of a line, as any command does: the
+    /// panic guard must write nothing (review: the cell said `AfterReady`,
+    /// and the guard, after 15 s without the module's answer, wrote `SET
+    /// VARIABLE` onto the cut line, glued into one command).
+    #[tokio::test]
+    async fn a_sound_file_command_asterisk_took_part_of_is_the_rest_of_a_line() {
+        // Asterisk on small buffers, reading nothing.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let _asterisk = sock.connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut a, _) = l.accept().await.unwrap();
+        socket2::SockRef::from(&a)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let (_backend, mut b) = pair().await;
+        let cell = LastKnown::default();
+        let mut relay = Relay::new(&mut a, &mut b, options(Duration::from_secs(60)));
+        relay.watched_by(&cell);
+        let cmd = format!("PUT SOUNDFILE {}.gsm 100\n", "x".repeat(16_000));
+        relay.begin(b"", cmd.as_bytes());
+        assert!(relay.turn.awaits_put_ready());
+        assert!(
+            !relay.a_out.is_empty() && relay.a_out.len() < cmd.len(),
+            "part of the line went out: {} of {}",
+            cmd.len() - relay.a_out.len(),
+            cmd.len()
+        );
+        assert_eq!(cell.get(), AsteriskReads::RestOfLine);
     }
 
     /// A backend given up on while part of a reply still waits in `b_out`
