@@ -13,6 +13,29 @@ use super::{
 use crate::listener::{bind_all, spawn_listener, Held, ListenerEntry};
 use crate::snapshot::{text_hash, ConfigMeta, Snapshot};
 
+/// A change ready to be swapped in, the listener table locked (see
+/// [`Server::commit`]).
+struct Ready<'a> {
+    table: tokio::sync::MutexGuard<'a, Vec<ListenerEntry>>,
+    /// The snapshot it replaces.
+    current: Arc<Snapshot>,
+    config: Config,
+    text: Arc<str>,
+    hash: u64,
+    /// Overrides kept from the running config (a text from the file).
+    carried: Vec<crate::rollout::overrides::Carried>,
+    /// Overrides a whole text from the API drops.
+    dropped: Vec<crate::rollout::overrides::Carried>,
+}
+
+/// What [`Server::prepare`] came to.
+enum Prepared<'a> {
+    /// Boxed: a config is large beside an answer.
+    Ready(Box<Ready<'a>>),
+    /// Nothing to swap in: the answer.
+    Done(Applied),
+}
+
 impl Server {
     /// Validates and applies a config text. With `dry_run`, validates only.
     /// `if_match`: refuse unless this generation is the running one.
@@ -148,7 +171,6 @@ impl Server {
         mode: Mode,
         check: Option<SwapCheck>,
     ) -> Result<Applied, ApplyError> {
-        let edit = mode == Mode::Edit;
         // Edits take turns (see `Changes::edits`). One that finds another
         // change (a new text, the file) applied while it was parsed is made
         // again on the newer text, a bounded number of times: no lost
@@ -183,8 +205,45 @@ impl Server {
                     .unwrap_or_else(|p| p.into_inner()) = rollouts;
             }
         };
+        let ready = match self
+            .prepare(
+                text,
+                dry_run,
+                if_match,
+                mode,
+                file_had.as_deref(),
+                &mut file_parsed,
+            )
+            .await?
+        {
+            Prepared::Done(applied) => {
+                noted(file_parsed);
+                return Ok(applied);
+            }
+            Prepared::Ready(ready) => ready,
+        };
+        let applied = self.commit(ready, source, check).await?;
+        noted(file_parsed);
+        Ok(applied)
+    }
+
+    /// Makes the change's text and config, until it can be swapped in:
+    /// [`Prepared::Ready`] with the listener table locked, or
+    /// [`Prepared::Done`] when nothing is to be swapped (the running text
+    /// already; a dry run). `file_parsed`: the new file text's rollouts, for
+    /// `Changes::file_applied`.
+    async fn prepare(
+        &self,
+        text: Edit,
+        dry_run: bool,
+        if_match: Option<u64>,
+        mode: Mode,
+        file_had: Option<&FileRollouts>,
+        file_parsed: &mut Option<Arc<FileRollouts>>,
+    ) -> Result<Prepared<'_>, ApplyError> {
+        let edit = mode == Mode::Edit;
         let mut attempts = 0;
-        let (mut table, current, config, text, hash, carried, dropped) = loop {
+        loop {
             attempts += 1;
             let current = self.shared.snapshot.load_full();
             let generation = current.meta.generation;
@@ -210,15 +269,15 @@ impl Server {
                 // The running text: valid, and nothing to do.
                 self.note_parsed(hash, &current.config);
                 if mode == Mode::File {
-                    noted(Some(Arc::new(FileRollouts::of(&current.rollout_config()))));
+                    *file_parsed = Some(Arc::new(FileRollouts::of(&current.rollout_config())));
                 }
-                return Ok(Applied {
+                return Ok(Prepared::Done(Applied {
                     generation,
                     hash,
                     dry_run,
                     changed: false,
                     dropped: Vec::new(),
-                });
+                }));
             }
             // The running rollouts (a snapshot's config has no routes).
             let running = current.rollout_config();
@@ -227,14 +286,10 @@ impl Server {
                 .await?;
             self.note_parsed(hash, &config);
             if mode == Mode::File {
-                file_parsed = Some(Arc::new(FileRollouts::of(&config)));
+                *file_parsed = Some(Arc::new(FileRollouts::of(&config)));
             }
             let carried = if mode == Mode::File {
-                crate::rollout::overrides::carried_unless_from_file(
-                    &running,
-                    &config,
-                    file_had.as_deref(),
-                )
+                crate::rollout::overrides::carried_unless_from_file(&running, &config, file_had)
             } else {
                 Vec::new()
             };
@@ -255,14 +310,13 @@ impl Server {
                     if !dry_run {
                         warn_carried(&carried);
                     }
-                    noted(file_parsed);
-                    return Ok(Applied {
+                    return Ok(Prepared::Done(Applied {
                         generation,
                         hash,
                         dry_run,
                         changed: false,
                         dropped: Vec::new(),
-                    });
+                    }));
                 }
                 // The same checks as the file's own config had: a carried
                 // override moved across now by a new skew is refused.
@@ -270,9 +324,7 @@ impl Server {
                     .compile_checked(text.clone(), &current, &running)
                     .await?;
                 let lost = crate::rollout::overrides::carried_unless_from_file(
-                    &running,
-                    &config,
-                    file_had.as_deref(),
+                    &running, &config, file_had,
                 );
                 if !lost.is_empty() {
                     release(config);
@@ -287,18 +339,26 @@ impl Server {
             };
             if dry_run {
                 release(config);
-                return Ok(Applied {
+                return Ok(Prepared::Done(Applied {
                     generation,
                     hash,
                     dry_run,
                     changed: true,
                     dropped,
-                });
+                }));
             }
             let table = self.changes.listeners.lock().await;
             let now = self.shared.snapshot.load_full();
             if now.meta.generation == generation {
-                break (table, current, config, text, hash, carried, dropped);
+                return Ok(Prepared::Ready(Box::new(Ready {
+                    table,
+                    current,
+                    config,
+                    text,
+                    hash,
+                    carried,
+                    dropped,
+                })));
             }
             // Another change went in while this one was parsed.
             if let Some(expected) = if_match {
@@ -316,14 +376,13 @@ impl Server {
                 // A whole new text does not depend on the running one: the
                 // last one applied wins, as when changes queued on the lock.
                 if now.meta.hash == hash {
-                    noted(file_parsed);
-                    return Ok(Applied {
+                    return Ok(Prepared::Done(Applied {
                         generation: now.meta.generation,
                         hash,
                         dry_run,
                         changed: false,
                         dropped: Vec::new(),
-                    });
+                    }));
                 }
                 if !edit {
                     // Dropped from the config it replaces.
@@ -332,14 +391,42 @@ impl Server {
                     } else {
                         dropped
                     };
-                    break (table, now, config, text, hash, carried, dropped);
+                    return Ok(Prepared::Ready(Box::new(Ready {
+                        table,
+                        current: now,
+                        config,
+                        text,
+                        hash,
+                        carried,
+                        dropped,
+                    })));
                 }
                 return Err(ApplyError::Stale {
                     current: now.meta.generation,
                     expected: None,
                 });
             }
-        };
+        }
+    }
+
+    /// Swaps `ready` in: binds its new listeners (all or none), builds the
+    /// snapshot off the runtime, runs the caller's `check`, swaps, and closes
+    /// the listeners it no longer has.
+    async fn commit(
+        &self,
+        ready: Box<Ready<'_>>,
+        source: &str,
+        check: Option<SwapCheck>,
+    ) -> Result<Applied, ApplyError> {
+        let Ready {
+            mut table,
+            current,
+            config,
+            text,
+            hash,
+            carried,
+            dropped,
+        } = *ready;
         let generation = current.meta.generation;
         let replaced = crate::rollout::replaced::replaced_rollouts(&current, &config);
         // Applied, and said: a file read late must still converge with the
@@ -451,7 +538,6 @@ impl Server {
         for e in past {
             tracing::warn!(path = %e.path, "{}", e.message);
         }
-        noted(file_parsed);
         Ok(Applied {
             generation: generation + 1,
             hash,
