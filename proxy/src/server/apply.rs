@@ -57,8 +57,7 @@ impl Server {
     }
 
     /// [`Server::apply`] of a text already shared (a request body): no
-    /// copy is kept beside it. (The change still makes its own from it:
-    /// an [`Edit`] returns a `String`.)
+    /// copy is made of it.
     pub async fn apply_text(
         &self,
         text: Arc<str>,
@@ -66,7 +65,7 @@ impl Server {
         dry_run: bool,
         if_match: Option<u64>,
     ) -> Result<Applied, ApplyError> {
-        let edit: Edit = Arc::new(move |_: &str| Ok(text.to_string()));
+        let edit: Edit = Arc::new(move |_: &str| Ok(text.clone()));
         let mode = if source == API_SOURCE {
             Mode::Text
         } else {
@@ -84,7 +83,8 @@ impl Server {
         if_match: Option<u64>,
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
     ) -> Result<Applied, ApplyError> {
-        self.change(source, false, if_match, Mode::Edit, Arc::new(edit), None)
+        let edit: Edit = Arc::new(move |running: &str| edit(running).map(Arc::from));
+        self.change(source, false, if_match, Mode::Edit, edit, None)
             .await
     }
 
@@ -97,15 +97,9 @@ impl Server {
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
         check: SwapCheck,
     ) -> Result<Applied, ApplyError> {
-        self.change(
-            source,
-            false,
-            if_match,
-            Mode::Edit,
-            Arc::new(edit),
-            Some(check),
-        )
-        .await
+        let edit: Edit = Arc::new(move |running: &str| edit(running).map(Arc::from));
+        self.change(source, false, if_match, Mode::Edit, edit, Some(check))
+            .await
     }
 
     async fn change(
@@ -258,11 +252,9 @@ impl Server {
                 // and as one of the parses (a large config's parse takes
                 // hundreds of MB: eight edits at once took 1.35 GB).
                 let (f, running) = (text.clone(), current.clone());
-                self.parse_turn(move || f(&running.meta.text))
-                    .await??
-                    .into()
+                self.parse_turn(move || f(&running.meta.text)).await??
             } else {
-                text("")?.into()
+                text("")?
             };
             let hash = text_hash(&text);
             if hash == current.meta.hash {

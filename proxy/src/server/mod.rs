@@ -71,8 +71,10 @@ impl From<crate::rollout::overrides::EditError> for ApplyError {
     }
 }
 
-/// Makes the text of a change from the running config's text.
-type Edit = Arc<dyn Fn(&str) -> Result<String, ApplyError> + Send + Sync>;
+/// Makes the text of a change from the running config's text. Shared: a
+/// whole text given is handed on as it is, not copied (a body waiting for
+/// its parse was held twice, beside the budget that counts it once).
+type Edit = Arc<dyn Fn(&str) -> Result<Arc<str>, ApplyError> + Send + Sync>;
 
 /// What a change must still meet when it is swapped in, given the running
 /// config and the new one:
@@ -614,6 +616,34 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(warned(), want, "{port} {route}");
+        }
+        server.abort();
+    }
+
+    /// A whole text (a request body) is parsed and kept as it was given:
+    /// no copy of it is made on the way, so a body waiting its turn for
+    /// the parse is held once, as the control API's budget counts it (a
+    /// copy was made when the change began, and held beside the body).
+    #[tokio::test]
+    async fn a_whole_text_is_applied_without_a_copy() {
+        let text = |route: &str| {
+            format!(
+                "version: 1\nlisteners:\n  - name: a\n    address: \"127.0.0.1:0\"\nroutes:\n  - name: {route}\n    pool: p\npools:\n  - name: p\n    backends: [{{ address: \"127.0.0.1:1\" }}]\n"
+            )
+        };
+        let config = agiproxy_config::from_yaml_str(&text("r")).unwrap();
+        let server = Server::start(config).await.unwrap();
+        for (route, source) in [("s", API_SOURCE), ("t", "test")] {
+            let body: Arc<str> = Arc::from(text(route));
+            let applied = server
+                .apply_text(body.clone(), source, false, None)
+                .await
+                .unwrap();
+            assert!(applied.changed, "{source}");
+            assert!(
+                Arc::ptr_eq(&server.snapshot().meta.text, &body),
+                "{source}: the running text is a copy of the body"
+            );
         }
         server.abort();
     }
