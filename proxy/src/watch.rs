@@ -425,7 +425,10 @@ impl Follow {
         self.last = before;
         if self.last != Some(now) {
             self.last = Some(now);
-            let _ = self.server.apply(&text, &self.source, false, None).await;
+            let _ = self
+                .server
+                .apply_text(text.into(), &self.source, false, None)
+                .await;
         }
     }
 

@@ -633,7 +633,8 @@ impl Server {
     pub async fn reload_file(&self) -> Result<Applied, ApplyError> {
         let text = self.read_config_file().await?;
         let source = self.file_source();
-        self.apply(&text, &source, false, None).await
+        // Moved in, not copied beside it while it waits for its parse.
+        self.apply_text(text.into(), &source, false, None).await
     }
 }
 
