@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::outcome::Reason;
 use super::relay::{read_now, MAX_COMMAND_LINE};
+use super::throttled;
 use crate::drain::Cut;
 use crate::fds;
 use crate::metrics::{ConnectResult, Metrics};
@@ -207,7 +208,9 @@ pub async fn attach(
                 reason = Reason::BackendClosed;
             }
             Wait::Timeout => {
-                tracing::info!(backend = %backend.addr, pool = %pool.name, timeout = ?t.first_command, "backend sent no first command in time");
+                if throttled::NO_FIRST_COMMAND.admit("") {
+                    tracing::info!(backend = %backend.addr, pool = %pool.name, timeout = ?t.first_command, "backend sent no first command in time");
+                }
                 pool.lease_failed(&lease, "no first command in time");
                 close_politely(stream);
                 reason = Reason::FirstCommandTimeout;

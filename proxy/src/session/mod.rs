@@ -29,6 +29,7 @@ pub mod rollout;
 pub mod router;
 mod script_regex;
 pub mod shared;
+pub mod throttled;
 pub mod turn;
 
 use connect::{attach, AttachError, AttachPlan, Attached};

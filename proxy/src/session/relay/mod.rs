@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use super::failure::{self, AsteriskReads, LastKnown};
 use super::keepalive;
 use super::outcome::Reason;
+use super::throttled;
 use super::turn::{AsteriskLine, BackendLine, PayloadLine, Turn};
 use crate::drain::Cut;
 
@@ -331,11 +332,13 @@ impl<'s> Relay<'s> {
                 } else {
                     MAX_ASTERISK_LINE
                 };
-                tracing::warn!(
-                    peer = %peer_of(self.a),
-                    limit,
-                    "Asterisk side sent a line over the limit: ending the session"
-                );
+                if throttled::ASTERISK_LINE.admit("over_limit") {
+                    tracing::warn!(
+                        peer = %peer_of(self.a),
+                        limit,
+                        "Asterisk side sent a line over the limit: ending the session"
+                    );
+                }
                 // No real Asterisk gets here, so no exchange (`SET
                 // VARIABLE` and its reply) that would keep reading a
                 // hostile stream: the backend is ended politely (no
@@ -431,19 +434,23 @@ impl<'s> Relay<'s> {
                             // and this one was held back for the backend:
                             // the backend's slowness, as for one that stops
                             // taking replies, not a broken Asterisk.
-                            tracing::warn!(
-                                peer = %peer_of(self.a),
-                                backend = %peer_of(self.b),
-                                reason = Reason::NextCommandTimeout.as_str(),
-                                "Asterisk's line stopped before its end after it was held back for a slow backend (Asterisk cuts a line it cannot write within 100 ms): ending the session"
-                            );
+                            if throttled::ASTERISK_LINE.admit("held_back") {
+                                tracing::warn!(
+                                    peer = %peer_of(self.a),
+                                    backend = %peer_of(self.b),
+                                    reason = Reason::NextCommandTimeout.as_str(),
+                                    "Asterisk's line stopped before its end after it was held back for a slow backend (Asterisk cuts a line it cannot write within 100 ms): ending the session"
+                                );
+                            }
                             Reason::NextCommandTimeout
                         } else {
-                            tracing::warn!(
-                                peer = %peer_of(self.a),
-                                reason = Reason::AsteriskProtocol.as_str(),
-                                "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
-                            );
+                            if throttled::ASTERISK_LINE.admit("cut_off") {
+                                tracing::warn!(
+                                    peer = %peer_of(self.a),
+                                    reason = Reason::AsteriskProtocol.as_str(),
+                                    "Asterisk's line stopped before its end (cut off, or not an Asterisk): ending the session"
+                                );
+                            }
                             Reason::AsteriskProtocol
                         };
                         return Box::pin(self.fail(reason)).await;
@@ -576,15 +583,17 @@ impl<'s> Relay<'s> {
     /// (as for an abandoned payload, bounded by `ABANDONED_PAYLOAD_WAIT`
     /// should it run a command meanwhile).
     fn give_up_stalled_backend(&mut self) {
-        tracing::warn!(
-            backend = %peer_of(self.b),
-            peer = %peer_of(self.a),
-            waiting = self.b_out.len(),
-            taken = self.b_intake,
-            within_s = self.intake_window().as_secs_f64(),
-            "backend stopped taking Asterisk's replies (fewer than {BACKEND_MIN_INTAKE} bytes taken within next_command, at least {} s): ending the session",
-            MIN_INTAKE_WINDOW.as_secs()
-        );
+        if throttled::BACKEND_LINE.admit("stopped_taking") {
+            tracing::warn!(
+                backend = %peer_of(self.b),
+                peer = %peer_of(self.a),
+                waiting = self.b_out.len(),
+                taken = self.b_intake,
+                within_s = self.intake_window().as_secs_f64(),
+                "backend stopped taking Asterisk's replies (fewer than {BACKEND_MIN_INTAKE} bytes taken within next_command, at least {} s): ending the session",
+                MIN_INTAKE_WINDOW.as_secs()
+            );
+        }
         self.b_held_since = None;
         // A `PUT SOUNDFILE` payload it was sending is given up too: the
         // module's early answer then ends it (as in `give_up_payload`).
@@ -714,10 +723,12 @@ impl<'s> Relay<'s> {
 
     /// Asterisk waits for a command: tell it FAILURE, end the backend politely.
     async fn fail(&mut self, reason: Reason) -> RelayEnd {
-        tracing::info!(
-            reason = reason.as_str(),
-            "telling Asterisk FAILURE after commit"
-        );
+        if throttled::FAILURE_AFTER_COMMIT.admit(reason.as_str()) {
+            tracing::info!(
+                reason = reason.as_str(),
+                "telling Asterisk FAILURE after commit"
+            );
+        }
         self.close_backend_politely().await;
         if self.turn.asterisk_runs_command() && self.asterisk_open() {
             // Given up while Asterisk runs a command (a stalled backend
@@ -773,7 +784,7 @@ impl<'s> Relay<'s> {
         })
         .await;
         let told = matches!(told, Ok(Ok(())));
-        if told {
+        if told && throttled::FAILURE_AFTER_COMMIT.admit(reason.as_str()) {
             tracing::info!(
                 reason = reason.as_str(),
                 "telling Asterisk FAILURE after its running command"

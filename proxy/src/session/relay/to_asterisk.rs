@@ -222,6 +222,14 @@ impl Relay<'_> {
     /// bound: the FAILURE told later names neither (audit). Once per
     /// session (what follows is dropped), so the `getpeername` is no cost.
     fn warn_protocol(&self, line: &'static str, got: usize, limit: usize) {
+        let kind = if line == "command" {
+            "command"
+        } else {
+            "payload"
+        };
+        if !throttled::BACKEND_LINE.admit(kind) {
+            return;
+        }
         tracing::warn!(
             backend = %peer_of(self.b),
             peer = %peer_of(self.a),
