@@ -496,6 +496,12 @@ fn spawn_in_slot(
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Tells what the control API's throttled lines held back (at exit).
+pub fn flush_throttled() {
+    ACCEPT_LINES.flush();
+    HANDSHAKE_LINES.flush();
+}
+
 static ACCEPT_LINES: crate::throttle::Throttle = crate::throttle::Throttle::new(
     Duration::from_secs(10),
     1,

@@ -118,8 +118,10 @@ impl Throttle {
         });
     }
 
-    /// The summary of what was held back since the last one, if anything was.
-    fn flush(&self) {
+    /// The summary of what was held back since the last one, if anything was:
+    /// at the interval's end, and at exit (a count held back when the process
+    /// stops within its interval was never told).
+    pub fn flush(&self) {
         let mut counts = [0u64; MAX_KINDS];
         for (n, skipped) in counts.iter_mut().zip(&self.skipped) {
             *n = skipped.swap(0, Relaxed);

@@ -744,6 +744,9 @@ async fn run(path: PathBuf, stop: Stop) -> anyhow::Result<()> {
         let _ = stop.send(());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
     }
+    // Counts of throttled lines still held back: told now, not lost.
+    agiproxy::session::throttled::flush_all();
+    agiproxy_control::server::flush_throttled();
     Ok(())
 }
 

@@ -236,3 +236,35 @@ async fn an_over_long_asterisk_line_per_call_logs_five_warnings_and_a_count() {
     );
     assert_eq!(proxy.failures("asterisk_protocol").await, CALLS);
 }
+
+/// A count held back when the process stops within its interval is told at
+/// exit: its timer would have told it 10 s later, after the process had
+/// gone, and the count was lost (review of the throttles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_held_back_is_told_when_the_process_stops() {
+    let backend = FakeBackend::start(Behaviour::ResetAfterCommands(1)).await;
+    let mut proxy = start_proxy(backend.addr()).await;
+    let started = Instant::now();
+    proxy.calls().await;
+    let pid = proxy._child.id() as libc::pid_t;
+    // SAFETY: a signal to the child this test started and still holds.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let mut held_back = None;
+    // Every line up to the exit (the channel closes with stderr).
+    while let Ok(line) = proxy.lines.recv_timeout(Duration::from_secs(8)) {
+        if line.contains("more sessions told FAILURE after commit") {
+            held_back = Some(line);
+        }
+    }
+    let line = held_back.expect("the count held back was not told at exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "told by the interval's timer, not at exit"
+    );
+    assert!(
+        line.contains(&format!("{} more sessions told FAILURE", CALLS - 5)),
+        "{line}"
+    );
+    let status = proxy._child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -409,7 +409,7 @@ async fn fail_when(
 /// Refused headers come in floods (2,000 slow connections: 20,000 lines,
 /// 10 MB, in 50 s): the first few of each [`HEADER_WARN_EVERY`] are logged,
 /// the rest summed up in one line (`header_errors_total` counts them all).
-static HEADER_WARNINGS: Throttle = Throttle::new(
+pub(crate) static HEADER_WARNINGS: Throttle = Throttle::new(
     HEADER_WARN_EVERY,
     5,
     &[

@@ -58,6 +58,21 @@ macro_rules! throttle {
     };
 }
 
+/// Tells what every throttled line of the data plane held back: at exit,
+/// after the drain, so that a count held back within the last interval is
+/// not lost with the process (its timer would have told it later).
+pub fn flush_all() {
+    for t in [
+        &FAILURE_AFTER_COMMIT,
+        &NO_FIRST_COMMAND,
+        &ASTERISK_LINE,
+        &BACKEND_LINE,
+        &super::HEADER_WARNINGS,
+    ] {
+        t.flush();
+    }
+}
+
 throttle!(
     /// `telling Asterisk FAILURE after commit` and `… after its running
     /// command`, by reason.
