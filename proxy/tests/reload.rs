@@ -1000,29 +1000,65 @@ async fn regression_a_change_made_while_the_process_starts_is_applied() {
     assert_eq!((a.stats().accepted(), b.stats().accepted()), (0, 1));
 }
 
+/// A proxy serving the config `etc/agiproxy.yaml` under a temporary root:
+/// pool `a` of two backends, a control API on a free port (generation 1).
+struct EtcDir {
+    a: FakeBackend,
+    b: FakeBackend,
+    api: String,
+    /// The config's `control:` block.
+    control: String,
+    root: tempfile::TempDir,
+    etc: PathBuf,
+    file: PathBuf,
+    proxy: Running,
+}
+
+impl EtcDir {
+    async fn serve(prefix: &str) -> EtcDir {
+        let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+        let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
+        let port = free_port("127.0.0.1");
+        let api = format!("http://127.0.0.1:{port}");
+        let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
+        let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let file = etc.join("agiproxy.yaml");
+        std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
+        let proxy = start(&file);
+        assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+        EtcDir {
+            a,
+            b,
+            api,
+            control,
+            root,
+            etc,
+            file,
+            proxy,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_the_watch_follows_its_directory_removed_and_put_back() {
     // inotify follows the directory's inode: after `rm -rf etc && mv
     // etc.new etc` the watch was on a removed directory, and no later edit
     // was seen (no WARN, no metric).
-    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let port = free_port("127.0.0.1");
-    let api = format!("http://127.0.0.1:{port}");
-    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
-    let root = tempfile::Builder::new()
-        .prefix("agiproxy-etc-")
-        .tempdir()
-        .unwrap();
-    let etc = root.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    let file = etc.join("agiproxy.yaml");
+    let EtcDir {
+        a,
+        b,
+        api,
+        control,
+        root,
+        etc,
+        file,
+        proxy: _proxy,
+    } = EtcDir::serve("agiproxy-etc-").await;
     let text = |pool: &str, route: &str| {
         config(&control, pool, a.addr(), b.addr()).replace("name: all", route)
     };
-    std::fs::write(&file, text("a", "name: all")).unwrap();
-    let _proxy = start(&file);
-    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
 
     let new = root.path().join("etc.new");
     std::fs::create_dir(&new).unwrap();
@@ -1118,21 +1154,16 @@ async fn regression_a_directory_missing_for_a_while_is_watched_when_it_is_back()
     // `config_watch_up` 0), is tried again with a backoff, and the file
     // written into the new directory is applied without waiting for the
     // 30 s look; later edits are seen at once.
-    let a = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let b = FakeBackend::start(Behaviour::script(&["NOOP"])).await;
-    let port = free_port("127.0.0.1");
-    let api = format!("http://127.0.0.1:{port}");
-    let control = format!("  address: \"127.0.0.1:{port}\"\n  token_env: AGIPROXY_TOKEN");
-    let root = tempfile::Builder::new()
-        .prefix("agiproxy-gone-")
-        .tempdir()
-        .unwrap();
-    let etc = root.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    let file = etc.join("agiproxy.yaml");
-    std::fs::write(&file, config(&control, "a", a.addr(), b.addr())).unwrap();
-    let _proxy = start(&file);
-    assert_eq!(wait_generation(&api, 1, Duration::from_secs(10)), 1);
+    let EtcDir {
+        a,
+        b,
+        api,
+        control,
+        root: _root,
+        etc,
+        file,
+        proxy: _proxy,
+    } = EtcDir::serve("agiproxy-gone-").await;
 
     std::fs::remove_dir_all(&etc).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

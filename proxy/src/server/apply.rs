@@ -83,9 +83,7 @@ impl Server {
         if_match: Option<u64>,
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
     ) -> Result<Applied, ApplyError> {
-        let edit: Edit = Arc::new(move |running: &str| edit(running).map(Arc::from));
-        self.change(source, false, if_match, Mode::Edit, edit, None)
-            .await
+        self.edit_change(source, if_match, edit, None).await
     }
 
     /// [`Server::apply_edit`], refused if the new config fails `check` when
@@ -97,8 +95,18 @@ impl Server {
         edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
         check: SwapCheck,
     ) -> Result<Applied, ApplyError> {
+        self.edit_change(source, if_match, edit, Some(check)).await
+    }
+
+    async fn edit_change(
+        &self,
+        source: &str,
+        if_match: Option<u64>,
+        edit: impl Fn(&str) -> Result<String, ApplyError> + Send + Sync + 'static,
+        check: Option<SwapCheck>,
+    ) -> Result<Applied, ApplyError> {
         let edit: Edit = Arc::new(move |running: &str| edit(running).map(Arc::from));
-        self.change(source, false, if_match, Mode::Edit, edit, Some(check))
+        self.change(source, false, if_match, Mode::Edit, edit, check)
             .await
     }
 
