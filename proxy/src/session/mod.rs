@@ -523,12 +523,9 @@ mod tests {
         }
     }
 
-    /// A session whose task panics tells Asterisk FAILURE, before a backend
-    /// is found and after one is attached (before the guard, the task's end
-    /// closed Asterisk's connection: SUCCESS, the dialplan's fallback never
-    /// ran), and the backend's connection is closed.
-    #[tokio::test]
-    async fn a_session_that_panics_tells_asterisk_failure() {
+    /// A proxy (its listener's address) in front of one backend, whose
+    /// listener the test accepts on.
+    async fn one_backend() -> (TcpListener, Server, std::net::SocketAddr) {
         let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = agiproxy_config::from_yaml_str(&format!(
             "version: 1\nlisteners:\n  - {{ name: a, address: \"127.0.0.1:0\" }}\n\
@@ -539,6 +536,16 @@ mod tests {
         .unwrap();
         let server = Server::start(config).await.unwrap();
         let proxy = server.local_addrs()[0];
+        (backend, server, proxy)
+    }
+
+    /// A session whose task panics tells Asterisk FAILURE, before a backend
+    /// is found and after one is attached (before the guard, the task's end
+    /// closed Asterisk's connection: SUCCESS, the dialplan's fallback never
+    /// ran), and the backend's connection is closed.
+    #[tokio::test]
+    async fn a_session_that_panics_tells_asterisk_failure() {
+        let (backend, server, proxy) = one_backend().await;
         // The backend sends its first command and then reads to the end.
         let served = tokio::spawn(async move {
             let (s, _) = backend.accept().await.unwrap();
@@ -594,16 +601,7 @@ mod tests {
     /// and the Dial's reply was read as its answer.
     #[tokio::test]
     async fn a_session_that_panics_while_a_command_runs_fails_after_it() {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let config = agiproxy_config::from_yaml_str(&format!(
-            "version: 1\nlisteners:\n  - {{ name: a, address: \"127.0.0.1:0\" }}\n\
-             routes: [{{ name: all, pool: p }}]\n\
-             pools: [{{ name: p, backends: [{{ address: \"{}\" }}] }}]\n",
-            backend.local_addr().unwrap()
-        ))
-        .unwrap();
-        let server = Server::start(config).await.unwrap();
-        let proxy = server.local_addrs()[0];
+        let (backend, server, proxy) = one_backend().await;
         let points = ["command-sent", "command-runs"];
         // The backend sends an `EXEC Dial` and then reads to the end.
         let served = tokio::spawn(async move {
