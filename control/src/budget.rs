@@ -121,7 +121,8 @@ impl BodyBudget {
                     st.queue.pop_front();
                     let share = self.share(&mut st, bytes);
                     drop(st);
-                    std::mem::forget(waiting);
+                    // Out of the line already: its drop finds nothing to do.
+                    drop(waiting);
                     // The next in line may fit beside this one.
                     self.freed.notify_waiters();
                     return share;

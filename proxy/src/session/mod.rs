@@ -539,6 +539,23 @@ mod tests {
         (backend, server, proxy)
     }
 
+    /// A call whose script, `panic-{at}`, has its session panic at `at`
+    /// (see `panic_if_asked` and `RelayOptions::panic_at`): its header sent.
+    async fn panicking_call(
+        proxy: std::net::SocketAddr,
+        at: &str,
+    ) -> BufReader<tokio::net::TcpStream> {
+        let mut a = BufReader::new(tokio::net::TcpStream::connect(proxy).await.unwrap());
+        a.get_mut()
+            .write_all(
+                format!("agi_network: yes\nagi_network_script: panic-{at}\nagi_request: agi://x/panic-{at}\n\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        a
+    }
+
     /// A session whose task panics tells Asterisk FAILURE, before a backend
     /// is found and after one is attached (before the guard, the task's end
     /// closed Asterisk's connection: SUCCESS, the dialplan's fallback never
@@ -558,14 +575,7 @@ mod tests {
             rest
         });
         for at in ["before-backend", "after-attach"] {
-            let mut a = BufReader::new(tokio::net::TcpStream::connect(proxy).await.unwrap());
-            a.get_mut()
-                .write_all(
-                    format!("agi_network: yes\nagi_network_script: panic-{at}\nagi_request: agi://x/panic-{at}\n\n")
-                        .as_bytes(),
-                )
-                .await
-                .unwrap();
+            let mut a = panicking_call(proxy, at).await;
             let mut line = String::new();
             let read = tokio::time::timeout(Duration::from_secs(5), a.read_line(&mut line));
             assert!(
@@ -621,14 +631,7 @@ mod tests {
             }
         });
         for at in points {
-            let mut a = BufReader::new(tokio::net::TcpStream::connect(proxy).await.unwrap());
-            a.get_mut()
-                .write_all(
-                    format!("agi_network: yes\nagi_network_script: panic-{at}\nagi_request: agi://x/panic-{at}\n\n")
-                        .as_bytes(),
-                )
-                .await
-                .unwrap();
+            let mut a = panicking_call(proxy, at).await;
             let mut line = String::new();
             let read = tokio::time::timeout(Duration::from_secs(5), a.read_line(&mut line));
             read.await.unwrap().unwrap();
